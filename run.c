@@ -122,6 +122,18 @@ static void usage_error(const char *fmt, ...) {
     exit(2);
 }
 
+/* Loader errors go into a buffer instead of ending the process, so that a
+   fuzzer can feed the loader any bytes; main() prints them with die(). */
+#define ERROR_SIZE 256
+
+static int fail(char *err, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, ERROR_SIZE, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
 /* calloc that reports what it was for instead of returning NULL. */
 static void *xcalloc(size_t count, size_t size, const char *what) {
     if (size != 0 && count > SIZE_MAX / size) {
@@ -225,7 +237,7 @@ static size_t add_size(size_t a, size_t b) {
 }
 
 /* Checks the fields both formats share; names the first one that is wrong. */
-static void validate_config(const Config *c, const char *path) {
+static int validate_config(const Config *c, char *err) {
     struct { const char *name; int value, max; } fields[] = {
         {"dim", c->dim, MAX_DIM},           {"hidden_dim", c->hidden_dim, MAX_HIDDEN},
         {"n_layers", c->n_layers, MAX_LAYERS}, {"n_heads", c->n_heads, MAX_HEADS},
@@ -234,124 +246,97 @@ static void validate_config(const Config *c, const char *path) {
     };
     for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
         if (fields[i].value <= 0 || fields[i].value > fields[i].max)
-            die(path, "header field %s = %d is out of range (1..%d)", fields[i].name,
-                fields[i].value, fields[i].max);
+            return fail(err, "header field %s = %d is out of range (1..%d)", fields[i].name,
+                        fields[i].value, fields[i].max);
     if (c->n_heads % c->n_kv_heads != 0)
-        die(path, "n_kv_heads = %d does not divide n_heads = %d", c->n_kv_heads, c->n_heads);
+        return fail(err, "n_kv_heads = %d does not divide n_heads = %d", c->n_kv_heads, c->n_heads);
     if (c->head_dim % 2 != 0)
-        die(path, "head_dim = %d is odd; RoPE rotates pairs", c->head_dim);
+        return fail(err, "head_dim = %d is odd; RoPE rotates pairs", c->head_dim);
     if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta))
-        die(path, "rope_theta = %g is not a positive number", c->rope_theta);
+        return fail(err, "rope_theta = %g is not a positive number", c->rope_theta);
     if (!(c->norm_eps > 0.0f) || !(c->norm_eps < 1.0f))
-        die(path, "norm_eps = %g is not in (0, 1)", c->norm_eps);
+        return fail(err, "norm_eps = %g is not in (0, 1)", c->norm_eps);
+    return 0;
 }
 
 /* Reserves n floats at *offset (first rounded up to `align`) and returns the
-   tensor's offset; *offset moves past it. Overflow saturates to SIZE_MAX. */
-static size_t place_tensor(size_t *offset, size_t n_floats, size_t align) {
+   tensor's address in data (NULL while only measuring); *offset moves past
+   it. Overflow saturates to SIZE_MAX, which no file size can equal. */
+static const float *place_tensor(const unsigned char *data, size_t *offset, size_t n_floats, size_t align) {
     size_t start = add_size(*offset, (align - *offset % align) % align);
     *offset = add_size(start, mul_size(n_floats, sizeof(float)));
-    return start;
+    return data && *offset != SIZE_MAX ? (const float *)(data + start) : NULL;
 }
 
-/* Lays out our own format: computes every tensor's offset, checks that the
-   file is exactly as long as the header says, then points the weights in. */
-static void map_checkpoint(Transformer *t, const unsigned char *data) {
-    Config *c = &t->config;
+/* Walks our own layout: with data NULL it only measures the file the header
+   implies; with data it also points w into it. Returns the end offset. */
+static size_t layout_checkpoint(const Config *c, const unsigned char *data, Weights *w) {
     size_t dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size;
     size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     size_t off = HEADER_SIZE;
-    size_t o_embedding = place_tensor(&off, vocab * dim, TENSOR_ALIGN);
-    size_t (*o_layer)[9] = xcalloc(c->n_layers, sizeof *o_layer, "layer offsets");
+    w->token_embedding = place_tensor(data, &off, vocab * dim, TENSOR_ALIGN);
     for (int l = 0; l < c->n_layers; l++) {
         size_t sizes[9] = {dim, q_dim * dim, kv_dim * dim, kv_dim * dim, dim * q_dim,
                            dim, hidden * dim, dim * hidden, hidden * dim};
-        for (int i = 0; i < 9; i++) o_layer[l][i] = place_tensor(&off, sizes[i], TENSOR_ALIGN);
-    }
-    size_t o_final_norm = place_tensor(&off, dim, TENSOR_ALIGN);
-    size_t o_classifier = c->tied_classifier ? o_embedding : place_tensor(&off, vocab * dim, TENSOR_ALIGN);
-    if (off != t->file_size) {
-        free(o_layer);
-        if (off == SIZE_MAX) die(t->path, "the header describes a model too large to address");
-        die(t->path, "file is %zu bytes but the header needs %zu", t->file_size, off);
-    }
-    Weights *w = &t->weights;
-    w->token_embedding = (const float *)(data + o_embedding);
-    w->layers = xcalloc(c->n_layers, sizeof(LayerWeights), "layer table");
-    for (int l = 0; l < c->n_layers; l++) {
         const float *p[9];
-        for (int i = 0; i < 9; i++) p[i] = (const float *)(data + o_layer[l][i]);
-        w->layers[l] = (LayerWeights){p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
+        for (int i = 0; i < 9; i++) p[i] = place_tensor(data, &off, sizes[i], TENSOR_ALIGN);
+        if (data) w->layers[l] = (LayerWeights){p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
     }
-    w->final_norm = (const float *)(data + o_final_norm);
-    w->classifier = (const float *)(data + o_classifier);
-    free(o_layer);
+    w->final_norm = place_tensor(data, &off, dim, TENSOR_ALIGN);
+    w->classifier = c->tied_classifier ? w->token_embedding
+                                       : place_tensor(data, &off, vocab * dim, TENSOR_ALIGN);
+    return off;
 }
 
-/* Lays out a llama2.c legacy file: tensors packed (no alignment), stored
-   tensor-major, so layer l of wq starts l * (dim * dim) floats in. */
-static void map_legacy_checkpoint(Transformer *t, const unsigned char *data) {
-    Config *c = &t->config;
+/* Walks a llama2.c legacy layout: tensors packed (no alignment) and stored
+   tensor-major, so layer l of wq starts l * dim * dim floats into wq. */
+static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *data, Weights *w) {
     size_t dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size, L = c->n_layers;
     size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     size_t per_layer[9] = {dim, dim * dim, kv_dim * dim, kv_dim * dim, dim * dim,
                            dim, hidden * dim, dim * hidden, hidden * dim};
-    size_t off = LEGACY_HEADER_SIZE, start[9];
-    size_t o_embedding = place_tensor(&off, vocab * dim, 1);
-    for (int i = 0; i < 9; i++) start[i] = place_tensor(&off, mul_size(L, per_layer[i]), 1);
-    size_t o_final_norm = place_tensor(&off, dim, 1);
-    place_tensor(&off, mul_size(2, (size_t)c->max_seq_len * (c->head_dim / 2)), 1); // RoPE tables
-    size_t o_classifier = c->tied_classifier ? o_embedding : place_tensor(&off, vocab * dim, 1);
-    if (off != t->file_size) {
-        if (off == SIZE_MAX) die(t->path, "the header describes a model too large to address");
-        die(t->path, "file is %zu bytes but the llama2.c header needs %zu", t->file_size, off);
-    }
-    Weights *w = &t->weights;
-    w->token_embedding = (const float *)(data + o_embedding);
-    w->layers = xcalloc(c->n_layers, sizeof(LayerWeights), "layer table");
-    for (size_t l = 0; l < L; l++) {
+    size_t off = LEGACY_HEADER_SIZE;
+    const float *start[9];
+    w->token_embedding = place_tensor(data, &off, vocab * dim, 1);
+    for (int i = 0; i < 9; i++) start[i] = place_tensor(data, &off, mul_size(L, per_layer[i]), 1);
+    w->final_norm = place_tensor(data, &off, dim, 1);
+    place_tensor(data, &off, mul_size(2, (size_t)c->max_seq_len * (c->head_dim / 2)), 1); // RoPE tables, unused
+    w->classifier = c->tied_classifier ? w->token_embedding : place_tensor(data, &off, vocab * dim, 1);
+    for (size_t l = 0; data && l < L; l++) {
         const float *p[9];
-        for (int i = 0; i < 9; i++) p[i] = (const float *)(data + start[i]) + l * per_layer[i];
+        for (int i = 0; i < 9; i++) p[i] = start[i] + l * per_layer[i];
         w->layers[l] = (LayerWeights){p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
     }
-    w->final_norm = (const float *)(data + o_final_norm);
-    w->classifier = (const float *)(data + o_classifier);
+    return off;
 }
 
-/* Reads the header of either format into t->config. */
-static void read_header(Transformer *t, const unsigned char *data) {
-    Config *c = &t->config;
-    memset(c, 0, sizeof *c);
-    if (t->file_size >= 4 && memcmp(data, CHECKPOINT_MAGIC, 4) == 0) {
-        if (t->file_size < HEADER_SIZE)
-            die(t->path, "file is %zu bytes, shorter than the %d-byte header", t->file_size, HEADER_SIZE);
-        uint32_t version = read_u32(data + 4);
-        if (version != CHECKPOINT_VERSION)
-            die(t->path, "checkpoint version %u, but this build reads version %d (re-export with export.py)",
-                version, CHECKPOINT_VERSION);
-        c->dim = read_i32(data + 8);
-        c->hidden_dim = read_i32(data + 12);
-        c->n_layers = read_i32(data + 16);
-        c->n_heads = read_i32(data + 20);
-        c->n_kv_heads = read_i32(data + 24);
-        c->head_dim = read_i32(data + 28);
-        c->vocab_size = read_i32(data + 32);
-        c->max_seq_len = read_i32(data + 36);
-        c->rope_theta = read_f32(data + 40);
-        c->norm_eps = read_f32(data + 44);
-        uint32_t tied = read_u32(data + 48), weight_type = read_u32(data + 52);
-        uint32_t group_size = read_u32(data + 56);
-        if (tied > 1) die(t->path, "tied_classifier = %u, expected 0 or 1", tied);
-        if (weight_type != 0) die(t->path, "weight type %u is not supported by this build (f32 = 0 only)", weight_type);
-        if (group_size != 0) die(t->path, "group_size = %u, expected 0 for f32 weights", group_size);
-        c->tied_classifier = (int)tied;
-        validate_config(c, t->path);
-        return;
-    }
-    if (t->file_size >= 4 && memcmp(data, "ak42", 4) == 0)
-        die(t->path, "a llama2.c version 1/2 export; convert it with export.py --llama2c, or export it with llama2.c's legacy format");
-    if (t->file_size < LEGACY_HEADER_SIZE)
-        die(t->path, "file is %zu bytes, too short to be a checkpoint", t->file_size);
+/* Reads our header; size is at least HEADER_SIZE. */
+static int read_header(Config *c, const unsigned char *data, char *err) {
+    uint32_t version = read_u32(data + 4);
+    if (version != CHECKPOINT_VERSION)
+        return fail(err, "checkpoint version %u, but this build reads version %d (re-export with export.py)",
+                    version, CHECKPOINT_VERSION);
+    c->dim = read_i32(data + 8);
+    c->hidden_dim = read_i32(data + 12);
+    c->n_layers = read_i32(data + 16);
+    c->n_heads = read_i32(data + 20);
+    c->n_kv_heads = read_i32(data + 24);
+    c->head_dim = read_i32(data + 28);
+    c->vocab_size = read_i32(data + 32);
+    c->max_seq_len = read_i32(data + 36);
+    c->rope_theta = read_f32(data + 40);
+    c->norm_eps = read_f32(data + 44);
+    uint32_t tied = read_u32(data + 48), weight_type = read_u32(data + 52), group_size = read_u32(data + 56);
+    if (tied > 1) return fail(err, "tied_classifier = %u, expected 0 or 1", tied);
+    if (weight_type != 0) return fail(err, "weight type %u is not supported by this build (f32 = 0 only)", weight_type);
+    if (group_size != 0) return fail(err, "group_size = %u, expected 0 for f32 weights", group_size);
+    c->tied_classifier = (int)tied;
+    return validate_config(c, err);
+}
+
+/* Reads a llama2.c header; size is at least LEGACY_HEADER_SIZE. Its fixed
+   head_dim, theta and eps are the ones llama2.c trains with. */
+static int read_legacy_header(Config *c, const unsigned char *data, char *err) {
     int32_t h[7];
     for (int i = 0; i < 7; i++) h[i] = read_i32(data + 4 * i);
     c->legacy = 1;
@@ -363,13 +348,41 @@ static void read_header(Transformer *t, const unsigned char *data) {
     c->tied_classifier = h[5] > 0;
     c->vocab_size = h[5] == INT32_MIN ? 0 : abs(h[5]);
     c->max_seq_len = h[6];
-    c->head_dim = c->n_heads > 0 ? c->dim / c->n_heads : 0;
     c->rope_theta = 10000.0f;
     c->norm_eps = 1e-5f;
     if (c->n_heads <= 0 || c->dim <= 0 || c->dim % c->n_heads != 0)
-        die(t->path, "not a checkpoint: no \"%s\" magic, and as a llama2.c header dim = %d is not a multiple of n_heads = %d",
-            CHECKPOINT_MAGIC, c->dim, c->n_heads);
-    validate_config(c, t->path);
+        return fail(err, "not a checkpoint: no \"%s\" magic, and as a llama2.c header dim = %d is not a multiple of n_heads = %d",
+                    CHECKPOINT_MAGIC, c->dim, c->n_heads);
+    c->head_dim = c->dim / c->n_heads;
+    return validate_config(c, err);
+}
+
+/* Validates a checkpoint held in memory and points t's weights into it:
+   the whole header is checked, and the size must equal what the header
+   implies, before any weight is touched. Returns 0, or -1 with err set. */
+static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t size, char *err) {
+    Config *c = &t->config;
+    memset(c, 0, sizeof *c);
+    t->file_size = size;
+    int own = size >= 4 && memcmp(data, CHECKPOINT_MAGIC, 4) == 0;
+    if (own && size < HEADER_SIZE)
+        return fail(err, "file is %zu bytes, shorter than the %d-byte header", size, HEADER_SIZE);
+    if (!own && size >= 4 && memcmp(data, "ak42", 4) == 0)
+        return fail(err, "a llama2.c version 1/2 export; convert it with export.py --llama2c, or export it in llama2.c's legacy format");
+    if (!own && size < LEGACY_HEADER_SIZE)
+        return fail(err, "file is %zu bytes, too short to be a checkpoint", size);
+    if ((own ? read_header(c, data, err) : read_legacy_header(c, data, err)) != 0) return -1;
+
+    size_t (*layout)(const Config *, const unsigned char *, Weights *) =
+        own ? layout_checkpoint : layout_legacy_checkpoint;
+    Weights measured;
+    size_t needed = layout(c, NULL, &measured);
+    if (needed == SIZE_MAX) return fail(err, "the header describes a model too large to address");
+    if (needed != size)
+        return fail(err, "file is %zu bytes but the %sheader needs %zu", size, own ? "" : "llama2.c ", needed);
+    t->weights.layers = xcalloc(c->n_layers, sizeof(LayerWeights), "the layer table");
+    layout(c, data, &t->weights);
+    return 0;
 }
 
 /* Allocates the activations and a KV cache of ctx positions. calloc maps
@@ -403,14 +416,11 @@ static void load_transformer(Transformer *t, const char *path) {
     if (fstat(fd, &st) != 0) die(path, "cannot stat: %s", strerror(errno));
     if (!S_ISREG(st.st_mode)) die(path, "not a regular file");
     if (st.st_size == 0) die(path, "file is empty");
-    t->file_size = (size_t)st.st_size;
-    t->data = mmap(NULL, t->file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
-    const unsigned char *data = t->data;
-    read_header(t, data);
-    if (t->config.legacy) map_legacy_checkpoint(t, data);
-    else map_checkpoint(t, data);
+    char err[ERROR_SIZE];
+    if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
 }
 
 static void free_transformer(Transformer *t) {
@@ -1011,7 +1021,7 @@ static char *find_tokenizer(const Options *o) {
 }
 
 static void load_tokenizer_or_die(Tokenizer *tok, const char *path, int vocab_size) {
-    char err[256] = "";
+    char err[ERROR_SIZE] = "";
     if (tokenizer_load(tok, path, vocab_size, err, sizeof err) != 0) die(path, "%s", err);
 }
 
