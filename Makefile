@@ -13,7 +13,7 @@ OPENMP ?= -fopenmp
 # else whatever python3 is on the PATH.
 PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
 
-.PHONY: all test clean
+.PHONY: all test sanitize fuzz clean
 
 all: run
 
@@ -27,5 +27,34 @@ run-noomp: run.c tokenizer.c
 test: run run-noomp
 	$(PYTHON) -m pytest -q test_all.py tests
 
+# AddressSanitizer and UndefinedBehaviorSanitizer under the whole test suite.
+# -O1 -g keeps reports readable; any finding aborts the run. No OpenMP, so
+# that every report comes from our code and not from the thread runtime.
+SANITIZE = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+run-asan: run.c tokenizer.c
+	$(CC) $(SANITIZE) $(WARNINGS) -Wno-unknown-pragmas -o $@ run.c -lm
+
+sanitize: run-asan
+	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan \
+	    $(PYTHON) -m pytest -q test_all.py tests
+
+# libFuzzer targets (clang): the checkpoint loader and the tokenizer, each
+# for FUZZ_SECONDS from seeds that fuzz/make_seeds.py writes, plus the
+# committed regression inputs under fuzz/regressions/. A finding fails the run;
+# add its input to fuzz/regressions/ so the tests replay it from then on.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = checkpoint tokenizer
+FUZZ_FLAGS = -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Wall -Wextra -Wno-unused-function
+fuzz/fuzz_%: fuzz/fuzz_%.c run.c tokenizer.c
+	clang $(FUZZ_FLAGS) -o $@ $< -lm
+
+fuzz: $(FUZZ_TARGETS:%=fuzz/fuzz_%)
+	$(PYTHON) fuzz/make_seeds.py fuzz/work
+	for t in $(FUZZ_TARGETS); do \
+	    mkdir -p fuzz/work/$$t fuzz/work/$$t-findings && \
+	    ./fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 \
+	        -artifact_prefix=fuzz/work/$$t-findings/ fuzz/work/$$t fuzz/regressions/$$t || exit 1; \
+	done
+
 clean:
-	rm -f run run-noomp tests/tokenizer_driver
+	rm -rf run run-noomp run-asan tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/work

@@ -423,11 +423,14 @@ static void load_transformer(Transformer *t, const char *path) {
     if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
 }
 
-static void free_transformer(Transformer *t) {
-    RunState *s = &t->state;
+static void free_run_state(RunState *s) {
     float *buffers[] = {s->x, s->xb, s->q, s->att_out, s->hb, s->hb2, s->scores,
                         s->rope_cos, s->rope_sin, s->logits, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
+}
+
+static void free_transformer(Transformer *t) {
+    free_run_state(&t->state);
     free(t->weights.layers);
     munmap(t->data, t->file_size);
 }

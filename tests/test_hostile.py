@@ -6,6 +6,7 @@ signal ended the process (a negative return code from subprocess).
 """
 
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -18,14 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 
-RUN = ROOT / "run"
+RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
 HEADER_FIELDS = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                  "vocab_size", "max_seq_len"]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def build():
-    subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True)
+    if "RUN_BINARY" not in os.environ:
+        subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True)
 
 
 def run(args, cwd, stdin=None):
