@@ -1,0 +1,1270 @@
+/*
+ * tokenizer.c: text to token ids and back, for run.c.
+ *
+ * run.c includes this file (a unity build); so do the fuzzers and
+ * tests/tokenizer_driver.c. It needs libc only and has no main().
+ *
+ * Two kinds of tokenizer, both exact re-implementations of a reference:
+ *
+ *   sentencepiece BPE (Llama 2)   == sentencepiece's encode/decode
+ *     normalize (spaces become U+2581 "▁", a dummy "▁" prefix), then merge
+ *     adjacent symbols, the pair whose merged piece has the highest score
+ *     first; what no piece covers falls back to <0xXX> byte tokens.
+ *
+ *   byte-level BPE (GPT-2, SmolLM2, Llama 3) == Hugging Face tokenizers
+ *     split off special tokens, pre-tokenize with the GPT-2 regex (written
+ *     out by hand below), then merge byte tokens by merge rank.
+ *
+ * Both merge loops keep the symbols in a linked list and the candidate pairs
+ * in a binary heap, so encoding is O(n log n) in the length of the text.
+ *
+ * File format ("LTOK", written by export.py; little-endian):
+ *
+ *   offset  size  type     field
+ *   ------  ----  -------  ------------------------------------------------
+ *        0     4  char[4]  magic "LTOK"
+ *        4     4  u32      version = 1
+ *        8     4  u32      kind            0 sentencepiece BPE, 1 byte-level BPE
+ *       12     4  i32      vocab_size      number of token records
+ *       16     4  i32      bos_id          -1: none
+ *       20     4  i32      eos_id          -1: none
+ *       24     4  i32      pad_id          -1: none
+ *       28     4  i32      unk_id          -1: none (sentencepiece needs one)
+ *       32     4  u32      flags           bit 0  add BOS when encoding a prompt
+ *                                          bit 1  add dummy prefix ("▁" / " ")
+ *                                          bit 2  remove extra whitespaces (sp)
+ *                                          bit 3  byte fallback (sp)
+ *                                          bit 4  ignore merges: a pre-token that
+ *                                                 is a token is kept whole (bl)
+ *       36     4  u32      pretokenizer    0 none, 1 GPT-2 regex,
+ *                                          2 digits one by one, then GPT-2 regex
+ *       40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml
+ *       44     4  u32      n_merges        0 for sentencepiece
+ *       48     4  u32      max_token_length  bytes in the longest token
+ *       52    12  zero     reserved
+ *       64        vocab_size token records, id 0 first:
+ *                   u32   len             1 .. max_token_length
+ *                   f32   score           sentencepiece merge score (bl: 0)
+ *                   u8    type            1 normal, 2 unknown, 3 control,
+ *                                         4 user-defined, 5 unused, 6 byte
+ *                   u8    bytes[len]      the token's text; sentencepiece
+ *                                         keeps "▁", byte-level tokens are
+ *                                         raw bytes (GPT-2's byte-to-unicode
+ *                                         mapping undone); a byte token is
+ *                                         the text "<0xXX>"
+ *                 n_merges merge records, rank = index (byte-level only):
+ *                   i32   left, right, result    token ids; the bytes of
+ *                                         result are left's then right's
+ *                 the file ends here.
+ *
+ * Byte-level: type 3 (control) marks special added tokens, type 4 added
+ * tokens that are not special; both are matched whole in the input text,
+ * longest first, and only special ones are skipped when decoding.
+ *
+ * The legacy llama2.c tokenizer.bin is read too (no magic): i32
+ * max_token_length, then per token f32 score, i32 len, bytes, with " " in
+ * place of "▁". It is read as a sentencepiece tokenizer: unk 0, BOS 1, EOS
+ * 2, add BOS, dummy prefix, <0xXX> pieces are byte tokens.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+// ----------------------------------------------------------------------------
+// Types
+
+enum { TOK_SENTENCEPIECE = 0, TOK_BYTELEVEL = 1 };
+enum {
+    PIECE_NORMAL = 1, PIECE_UNKNOWN = 2, PIECE_CONTROL = 3,
+    PIECE_USER = 4, PIECE_UNUSED = 5, PIECE_BYTE = 6
+};
+enum {
+    TOKF_ADD_BOS = 1u << 0,
+    TOKF_DUMMY_PREFIX = 1u << 1,
+    TOKF_REMOVE_EXTRA_WS = 1u << 2,
+    TOKF_BYTE_FALLBACK = 1u << 3,
+    TOKF_IGNORE_MERGES = 1u << 4,
+    TOKF_ALL = (1u << 5) - 1
+};
+enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_DIGITS_GPT2 = 2 };
+enum { CHAT_NONE = 0, CHAT_LLAMA2 = 1, CHAT_CHATML = 2 };
+
+// An open-addressing hash table from token bytes to token id.
+typedef struct {
+    int32_t *id;        // (cap) token id, -1 for an empty slot
+    uint32_t *hash;     // (cap) hash of that token's bytes
+    uint32_t cap;       // a power of two, at least twice the entries
+} TokIndex;
+
+// A byte-level merge: the pair (left, right) becomes result, at this rank.
+typedef struct {
+    int32_t left, right, result, rank;   // left = -1: empty slot
+} TokMerge;
+
+typedef struct {
+    // what run.c reads
+    int vocab_size;
+    int bos_id, eos_id, pad_id, unk_id;   // -1: none
+    int add_bos;            // 1: prompts start with bos_id
+    int chat_template;      // CHAT_*
+    int legacy;             // 1: read from a llama2.c tokenizer.bin
+    int max_token_length;   // bytes in the longest token
+    // the rest of the header
+    int kind;               // TOK_SENTENCEPIECE or TOK_BYTELEVEL
+    uint32_t flags;         // TOKF_*
+    int pretokenizer;       // PRETOK_*
+    int n_merges;
+    // the vocabulary
+    unsigned char *bytes;   // all tokens' bytes, back to back
+    uint32_t *offset;       // (vocab_size + 1) token i is bytes[offset[i]..offset[i+1])
+    float *score;           // (vocab_size) sentencepiece merge score
+    unsigned char *type;    // (vocab_size) PIECE_*
+    int byte_token[256];    // token of each byte value (<0xXX> or the byte itself), -1 none
+    int byte_value[256];    // unused; keeps the struct simple to extend
+    TokIndex all;           // every token; reserved sentencepiece types win
+    TokIndex bpe;           // sentencepiece: pieces merges may produce
+    TokIndex special;       // matched whole in the text before BPE
+    unsigned char special_first[32];   // bitmap of the first bytes of those
+    int *special_len;       // distinct lengths of those, longest first
+    int n_special_len;
+    TokMerge *merge;        // (merge_cap) byte-level merges by (left, right)
+    uint32_t merge_cap;
+    int has_unused;         // sentencepiece: some piece has type UNUSED
+    int fallback_ok;        // "▁" and U+FFFD are pieces: at most one token per input byte
+} Tokenizer;
+
+// Streaming decoder state: the bytes of a UTF-8 character not yet complete,
+// and sentencepiece's "drop the first leading space" bookkeeping.
+typedef struct {
+    unsigned char pending[4];
+    int n_pending;
+    int bos_ws;             // a leading "▁" may still be dropped
+    int bos_ws_seen;        // the last piece dropped one
+    int emitted;            // some text has been produced
+} TokenDecoder;
+
+// ----------------------------------------------------------------------------
+// Small helpers
+
+static const unsigned char TOK_SPACE[3] = {0xE2, 0x96, 0x81};   // U+2581 "▁"
+static const unsigned char TOK_REPLACEMENT[3] = {0xEF, 0xBF, 0xBD}; // U+FFFD
+
+static void tok_err(char *err, size_t err_size, const char *fmt, long a, long b)
+{
+    if (err && err_size) snprintf(err, err_size, fmt, a, b);
+}
+
+static uint32_t tok_rd32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static float tok_rdf32(const unsigned char *p)
+{
+    uint32_t u = tok_rd32(p);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint32_t tok_hash(const unsigned char *s, size_t n)
+{
+    // FNV-1a, 32 bit
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 16777619u;
+    return h;
+}
+
+static const unsigned char *tok_piece(const Tokenizer *t, int id, size_t *len)
+{
+    *len = t->offset[id + 1] - t->offset[id];
+    return t->bytes + t->offset[id];
+}
+
+/*
+ * Status of the UTF-8 sequence s[0..n), n >= 1, judged as the start of one
+ * character: 0 a complete valid character of n bytes, 1 a proper prefix of
+ * a valid character, -1 invalid. Valid means well-formed UTF-8 (no overlong
+ * forms, no surrogates, nothing above U+10FFFF), as both references judge.
+ */
+static int utf8_status(const unsigned char *s, int n)
+{
+    unsigned char c = s[0];
+    int need;
+    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+    if (c < 0x80) return n == 1 ? 0 : -1;
+    else if (c >= 0xC2 && c <= 0xDF) need = 2;
+    else if (c >= 0xE0 && c <= 0xEF) {
+        need = 3;
+        if (c == 0xE0) lo = 0xA0;
+        if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        need = 4;
+        if (c == 0xF0) lo = 0x90;
+        if (c == 0xF4) hi = 0x8F;
+    } else return -1;
+    for (int i = 1; i < n; i++) {
+        if (i >= need) return -1;
+        unsigned char l = i == 1 ? lo : 0x80, h = i == 1 ? hi : 0xBF;
+        if (s[i] < l || s[i] > h) return -1;
+    }
+    return n == need ? 0 : 1;
+}
+
+// Length of the valid UTF-8 character at s[0..n), or 0 if there is none.
+static int utf8_valid_len(const unsigned char *s, size_t n)
+{
+    int k = 1;
+    for (;;) {
+        int st = utf8_status(s, k);
+        if (st == 0) return k;
+        if (st < 0 || (size_t)k >= n) return 0;
+        k++;
+    }
+}
+
+// Decode the valid character at s (length len from utf8_valid_len).
+static uint32_t utf8_decode(const unsigned char *s, int len)
+{
+    switch (len) {
+    case 1: return s[0];
+    case 2: return (uint32_t)(s[0] & 0x1F) << 6 | (s[1] & 0x3F);
+    case 3: return (uint32_t)(s[0] & 0x0F) << 12 | (uint32_t)(s[1] & 0x3F) << 6 | (s[2] & 0x3F);
+    default: return (uint32_t)(s[0] & 0x07) << 18 | (uint32_t)(s[1] & 0x3F) << 12 |
+                    (uint32_t)(s[2] & 0x3F) << 6 | (s[3] & 0x3F);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Hash tables
+
+static int tok_index_init(TokIndex *ix, int n)
+{
+    uint32_t cap = 16;
+    while (cap < 2u * (uint32_t)n) cap <<= 1;
+    ix->cap = cap;
+    ix->id = malloc(cap * sizeof(int32_t));
+    ix->hash = malloc(cap * sizeof(uint32_t));
+    if (!ix->id || !ix->hash) return -1;
+    for (uint32_t i = 0; i < cap; i++) ix->id[i] = -1;
+    return 0;
+}
+
+static void tok_index_free(TokIndex *ix)
+{
+    free(ix->id);
+    free(ix->hash);
+    ix->id = NULL;
+    ix->hash = NULL;
+    ix->cap = 0;
+}
+
+// Id of the token in ix whose bytes are s[0..n), or -1.
+static int tok_index_get(const Tokenizer *t, const TokIndex *ix, const unsigned char *s, size_t n)
+{
+    if (!ix->cap) return -1;
+    uint32_t h = tok_hash(s, n), m = ix->cap - 1;
+    for (uint32_t i = h & m;; i = (i + 1) & m) {
+        int id = ix->id[i];
+        if (id < 0) return -1;
+        if (ix->hash[i] == h) {
+            size_t len;
+            const unsigned char *p = tok_piece(t, id, &len);
+            if (len == n && memcmp(p, s, n) == 0) return id;
+        }
+    }
+}
+
+// Adds token id unless a token with the same bytes is there; 1 if added.
+static int tok_index_put(const Tokenizer *t, TokIndex *ix, int id)
+{
+    size_t n;
+    const unsigned char *s = tok_piece(t, id, &n);
+    uint32_t h = tok_hash(s, n), m = ix->cap - 1;
+    for (uint32_t i = h & m;; i = (i + 1) & m) {
+        int other = ix->id[i];
+        if (other < 0) {
+            ix->id[i] = id;
+            ix->hash[i] = h;
+            return 1;
+        }
+        if (ix->hash[i] == h) {
+            size_t len;
+            const unsigned char *p = tok_piece(t, other, &len);
+            if (len == n && memcmp(p, s, n) == 0) return 0;
+        }
+    }
+}
+
+static uint32_t tok_pair_hash(int32_t a, int32_t b)
+{
+    uint64_t k = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
+    k *= 0x9E3779B97F4A7C15ull;
+    return (uint32_t)(k >> 32);
+}
+
+// The merge of (left, right), or NULL.
+static const TokMerge *tok_merge_get(const Tokenizer *t, int left, int right)
+{
+    if (!t->merge_cap) return NULL;
+    uint32_t m = t->merge_cap - 1;
+    for (uint32_t i = tok_pair_hash(left, right) & m;; i = (i + 1) & m) {
+        const TokMerge *e = &t->merge[i];
+        if (e->left < 0) return NULL;
+        if (e->left == left && e->right == right) return e;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// Loading
+
+void tokenizer_free(Tokenizer *t)
+{
+    free(t->bytes);
+    free(t->offset);
+    free(t->score);
+    free(t->type);
+    free(t->special_len);
+    free(t->merge);
+    tok_index_free(&t->all);
+    tok_index_free(&t->bpe);
+    tok_index_free(&t->special);
+    memset(t, 0, sizeof(*t));
+    t->bos_id = t->eos_id = t->pad_id = t->unk_id = -1;
+}
+
+// Value of a sentencepiece byte piece "<0xXX>" (upper-case hex), or -1.
+static int tok_byte_piece_value(const unsigned char *s, size_t n)
+{
+    if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>') return -1;
+    int v = 0;
+    for (int i = 3; i < 5; i++) {
+        int c = s[i], d;
+        if (c >= '0' && c <= '9') d = c - '0';
+        else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
+        else return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+/*
+ * Builds the lookup tables once the vocabulary arrays are filled in.
+ * Returns 0, or -1 with err set.
+ */
+static int tok_build(Tokenizer *t, char *err, size_t err_size)
+{
+    int n = t->vocab_size;
+    int is_sp = t->kind == TOK_SENTENCEPIECE;
+    for (int b = 0; b < 256; b++) t->byte_token[b] = -1;
+    if (tok_index_init(&t->all, n) || tok_index_init(&t->bpe, is_sp ? n : 0)) goto oom;
+    int n_special = 0, max_len = 0;
+    for (int id = 0; id < n; id++) {
+        size_t len;
+        const unsigned char *s = tok_piece(t, id, &len);
+        int ty = t->type[id];
+        if ((int)len > max_len) max_len = (int)len;
+        if (is_sp) {
+            // sentencepiece keeps two maps: reserved pieces (control, unknown,
+            // byte), looked up first, and the pieces merges may produce.
+            int reserved = ty == PIECE_CONTROL || ty == PIECE_UNKNOWN || ty == PIECE_BYTE;
+            if (!tok_index_put(t, reserved ? &t->all : &t->bpe, id)) {
+                tok_err(err, err_size, "token %ld is a duplicate", id, 0);
+                return -1;
+            }
+            if (ty == PIECE_BYTE) {
+                int v = tok_byte_piece_value(s, len);
+                if (v < 0) {
+                    tok_err(err, err_size, "byte token %ld is not of the form <0xXX>", id, 0);
+                    return -1;
+                }
+                if (t->byte_token[v] < 0) t->byte_token[v] = id;
+            }
+            if (ty == PIECE_UNUSED) t->has_unused = 1;
+            if (ty == PIECE_USER) n_special++;
+        } else {
+            tok_index_put(t, &t->all, id);
+            if (len == 1 && (ty == PIECE_NORMAL) && t->byte_token[s[0]] < 0) t->byte_token[s[0]] = id;
+            if (ty == PIECE_CONTROL || ty == PIECE_USER) n_special++;
+        }
+    }
+    if (is_sp) {
+        // every normal piece goes into the index of all tokens too, after the
+        // reserved ones (sentencepiece's PieceToId looks in that order)
+        for (int id = 0; id < n; id++) {
+            int ty = t->type[id];
+            if (!(ty == PIECE_CONTROL || ty == PIECE_UNKNOWN || ty == PIECE_BYTE)) tok_index_put(t, &t->all, id);
+        }
+        if (t->unk_id < 0 || t->type[t->unk_id] != PIECE_UNKNOWN) {
+            tok_err(err, err_size, "unk_id %ld is not an unknown-type token", t->unk_id, 0);
+            return -1;
+        }
+        int sp = tok_index_get(t, &t->bpe, TOK_SPACE, 3);
+        int rc = tok_index_get(t, &t->bpe, TOK_REPLACEMENT, 3);
+        t->fallback_ok = !(t->flags & TOKF_BYTE_FALLBACK) || (sp >= 0 && rc >= 0);
+    }
+    if (max_len != t->max_token_length) {
+        tok_err(err, err_size, "max_token_length is %ld but the longest token has %ld bytes",
+                t->max_token_length, max_len);
+        return -1;
+    }
+    // the pieces matched whole in the text: user-defined (sentencepiece),
+    // added tokens (byte-level)
+    if (n_special) {
+        if (tok_index_init(&t->special, n_special)) goto oom;
+        t->special_len = malloc(sizeof(int) * (size_t)n_special);
+        if (!t->special_len) goto oom;
+        for (int id = 0; id < n; id++) {
+            int ty = t->type[id];
+            if (!(ty == PIECE_USER || (!is_sp && ty == PIECE_CONTROL))) continue;
+            size_t len;
+            const unsigned char *s = tok_piece(t, id, &len);
+            if (!tok_index_put(t, &t->special, id)) continue;
+            t->special_first[s[0] >> 3] |= (unsigned char)(1u << (s[0] & 7));
+            int k = 0;
+            while (k < t->n_special_len && t->special_len[k] > (int)len) k++;
+            if (k < t->n_special_len && t->special_len[k] == (int)len) continue;
+            memmove(t->special_len + k + 1, t->special_len + k, sizeof(int) * (size_t)(t->n_special_len - k));
+            t->special_len[k] = (int)len;
+            t->n_special_len++;
+        }
+    }
+    return 0;
+oom:
+    tok_err(err, err_size, "out of memory", 0, 0);
+    return -1;
+}
+
+// Allocates the vocabulary arrays for n tokens of total_bytes bytes.
+static int tok_alloc(Tokenizer *t, int n, size_t total_bytes)
+{
+    t->vocab_size = n;
+    t->bytes = malloc(total_bytes ? total_bytes : 1);
+    t->offset = malloc(sizeof(uint32_t) * ((size_t)n + 1));
+    t->score = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    t->type = malloc((size_t)(n ? n : 1));
+    return t->bytes && t->offset && t->score && t->type ? 0 : -1;
+}
+
+#define TOK_MAX_VOCAB (1 << 24)
+#define TOK_MAX_TOKEN_LENGTH (1 << 16)
+#define TOK_MAX_TEXT ((size_t)1 << 29)   // bytes of text one encode call takes
+
+/*
+ * Reads a llama2.c tokenizer.bin. vocab_size < 0: read to the end.
+ * The pieces get back their "▁" (the file has " "), so that encoding and
+ * decoding follow sentencepiece exactly.
+ */
+static int tok_load_legacy(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
+                           char *err, size_t err_size)
+{
+    if (size < 4) {
+        tok_err(err, err_size, "file too short for a tokenizer (%ld bytes)", (long)size, 0);
+        return -1;
+    }
+    int32_t max_len = (int32_t)tok_rd32(data);
+    if (max_len < 1 || max_len > TOK_MAX_TOKEN_LENGTH) {
+        tok_err(err, err_size, "not a tokenizer: no LTOK magic, and max_token_length %ld is not sane",
+                max_len, 0);
+        return -1;
+    }
+    // first pass: count the records and the bytes they need with " " -> "▁"
+    size_t pos = 4, total = 0;
+    long count = 0;
+    while (pos < size) {
+        if (size - pos < 8) {
+            tok_err(err, err_size, "token %ld: record cut short at byte %ld", count, (long)pos);
+            return -1;
+        }
+        int32_t len = (int32_t)tok_rd32(data + pos + 4);
+        if (len < 1 || len > max_len) {
+            tok_err(err, err_size, "token %ld has length %ld, outside 1..max_token_length", count, len);
+            return -1;
+        }
+        if ((size_t)len > size - pos - 8) {
+            tok_err(err, err_size, "token %ld: record cut short at byte %ld", count, (long)pos);
+            return -1;
+        }
+        for (int32_t i = 0; i < len; i++) total += data[pos + 8 + i] == ' ' ? 3 : 1;
+        pos += 8 + (size_t)len;
+        count++;
+        if (count > TOK_MAX_VOCAB) {
+            tok_err(err, err_size, "more than %ld tokens", TOK_MAX_VOCAB, 0);
+            return -1;
+        }
+    }
+    if (vocab_size >= 0 && count != vocab_size) {
+        tok_err(err, err_size, "tokenizer has %ld tokens but the model has %ld", count, vocab_size);
+        return -1;
+    }
+    if (count < 3) {
+        tok_err(err, err_size, "tokenizer has %ld tokens; a llama2.c tokenizer has unk, BOS, EOS first",
+                count, 0);
+        return -1;
+    }
+    if (tok_alloc(t, (int)count, total)) {
+        tok_err(err, err_size, "out of memory", 0, 0);
+        return -1;
+    }
+    // second pass: fill in
+    pos = 4;
+    size_t out = 0;
+    int longest = 0;
+    for (int id = 0; id < count; id++) {
+        int32_t len = (int32_t)tok_rd32(data + pos + 4);
+        const unsigned char *s = data + pos + 8;
+        t->score[id] = tok_rdf32(data + pos);
+        t->offset[id] = (uint32_t)out;
+        if (id == 1 || id == 2) {
+            // llama2.c wrote BOS and EOS as "\n<s>\n" and "\n</s>\n"
+            while (len > 1 && s[0] == '\n') s++, len--;
+            while (len > 1 && s[len - 1] == '\n') len--;
+        }
+        for (int32_t i = 0; i < len; i++) {
+            if (s[i] == ' ') {
+                memcpy(t->bytes + out, TOK_SPACE, 3);
+                out += 3;
+            } else t->bytes[out++] = s[i];
+        }
+        int piece_len = (int)(out - t->offset[id]);
+        if (piece_len > longest) longest = piece_len;
+        if (id == 0) t->type[id] = PIECE_UNKNOWN;
+        else if (id <= 2) t->type[id] = PIECE_CONTROL;
+        else if (tok_byte_piece_value(t->bytes + t->offset[id], (size_t)piece_len) >= 0) t->type[id] = PIECE_BYTE;
+        else t->type[id] = PIECE_NORMAL;
+        pos += 8 + (size_t)tok_rd32(data + pos + 4);
+    }
+    t->offset[count] = (uint32_t)out;
+    t->kind = TOK_SENTENCEPIECE;
+    t->unk_id = 0;
+    t->bos_id = 1;
+    t->eos_id = 2;
+    t->pad_id = -1;
+    t->flags = TOKF_ADD_BOS | TOKF_DUMMY_PREFIX | TOKF_BYTE_FALLBACK;
+    t->pretokenizer = PRETOK_NONE;
+    t->chat_template = CHAT_LLAMA2;
+    t->legacy = 1;
+    t->max_token_length = longest;
+    return tok_build(t, err, err_size);
+}
+
+static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
+                         char *err, size_t err_size)
+{
+    if (size < 64) {
+        tok_err(err, err_size, "tokenizer header cut short (%ld of 64 bytes)", (long)size, 0);
+        return -1;
+    }
+    uint32_t version = tok_rd32(data + 4);
+    if (version != 1) {
+        tok_err(err, err_size, "tokenizer version %ld, this build reads version 1 (re-export with export.py)",
+                (long)version, 0);
+        return -1;
+    }
+    uint32_t kind = tok_rd32(data + 8);
+    int32_t n = (int32_t)tok_rd32(data + 12);
+    int32_t ids[4];
+    for (int i = 0; i < 4; i++) ids[i] = (int32_t)tok_rd32(data + 16 + 4 * i);
+    uint32_t flags = tok_rd32(data + 32), pretok = tok_rd32(data + 36);
+    uint32_t chat = tok_rd32(data + 40), n_merges = tok_rd32(data + 44);
+    uint32_t max_len = tok_rd32(data + 48);
+    if (kind > 1) {
+        tok_err(err, err_size, "unknown tokenizer kind %ld", (long)kind, 0);
+        return -1;
+    }
+    if (n < 1 || n > TOK_MAX_VOCAB) {
+        tok_err(err, err_size, "vocab_size %ld is not sane", n, 0);
+        return -1;
+    }
+    if (vocab_size >= 0 && n != vocab_size) {
+        tok_err(err, err_size, "tokenizer has %ld tokens but the model has %ld", n, vocab_size);
+        return -1;
+    }
+    static const char *names[4] = {"bos_id", "eos_id", "pad_id", "unk_id"};
+    for (int i = 0; i < 4; i++) {
+        if (ids[i] < -1 || ids[i] >= n) {
+            char fmt[64];
+            snprintf(fmt, sizeof(fmt), "%s %%ld is outside -1..%%ld", names[i]);
+            tok_err(err, err_size, fmt, ids[i], (long)n - 1);
+            return -1;
+        }
+    }
+    if (flags & ~(uint32_t)TOKF_ALL) {
+        tok_err(err, err_size, "unknown tokenizer flags 0x%lx", (long)flags, 0);
+        return -1;
+    }
+    if (pretok > PRETOK_DIGITS_GPT2 || (kind == TOK_SENTENCEPIECE && pretok != PRETOK_NONE)) {
+        tok_err(err, err_size, "unknown pretokenizer %ld", (long)pretok, 0);
+        return -1;
+    }
+    if (chat > CHAT_CHATML) {
+        tok_err(err, err_size, "unknown chat_template %ld", (long)chat, 0);
+        return -1;
+    }
+    if (max_len < 1 || max_len > TOK_MAX_TOKEN_LENGTH) {
+        tok_err(err, err_size, "max_token_length %ld is not sane", (long)max_len, 0);
+        return -1;
+    }
+    // first pass: validate the records
+    size_t pos = 64, total = 0;
+    for (int32_t id = 0; id < n; id++) {
+        if (size - pos < 9) {
+            tok_err(err, err_size, "token %ld: record cut short at byte %ld", id, (long)pos);
+            return -1;
+        }
+        uint32_t len = tok_rd32(data + pos);
+        unsigned ty = data[pos + 8];
+        if (len < 1 || len > max_len) {
+            tok_err(err, err_size, "token %ld has length %ld, outside 1..max_token_length", id, (long)len);
+            return -1;
+        }
+        if (len > size - pos - 9) {
+            tok_err(err, err_size, "token %ld: record cut short at byte %ld", id, (long)pos);
+            return -1;
+        }
+        if (ty < PIECE_NORMAL || ty > PIECE_BYTE) {
+            tok_err(err, err_size, "token %ld has unknown type %ld", id, (long)ty);
+            return -1;
+        }
+        total += len;
+        pos += 9 + len;
+    }
+    if (n_merges > (size - pos) / 12) {
+        tok_err(err, err_size, "%ld merges do not fit in the %ld bytes left", (long)n_merges, (long)(size - pos));
+        return -1;
+    }
+    if (size - pos != (size_t)n_merges * 12) {
+        tok_err(err, err_size, "%ld bytes after the last merge", (long)(size - pos - (size_t)n_merges * 12), 0);
+        return -1;
+    }
+    if (kind == TOK_SENTENCEPIECE && n_merges) {
+        tok_err(err, err_size, "a sentencepiece tokenizer has no merge records (%ld)", (long)n_merges, 0);
+        return -1;
+    }
+    if (tok_alloc(t, n, total)) {
+        tok_err(err, err_size, "out of memory", 0, 0);
+        return -1;
+    }
+    pos = 64;
+    size_t out = 0;
+    for (int32_t id = 0; id < n; id++) {
+        uint32_t len = tok_rd32(data + pos);
+        t->score[id] = tok_rdf32(data + pos + 4);
+        t->type[id] = data[pos + 8];
+        t->offset[id] = (uint32_t)out;
+        memcpy(t->bytes + out, data + pos + 9, len);
+        out += len;
+        pos += 9 + len;
+    }
+    t->offset[n] = (uint32_t)out;
+    t->kind = (int)kind;
+    t->bos_id = ids[0];
+    t->eos_id = ids[1];
+    t->pad_id = ids[2];
+    t->unk_id = ids[3];
+    t->flags = flags;
+    t->pretokenizer = (int)pretok;
+    t->chat_template = (int)chat;
+    t->max_token_length = (int)max_len;
+    t->n_merges = (int)n_merges;
+    t->legacy = 0;
+    if (tok_build(t, err, err_size)) return -1;
+    // merges: (left, right) -> result at rank = index
+    if (n_merges) {
+        uint32_t cap = 16;
+        while (cap < 2 * n_merges) cap <<= 1;
+        t->merge = malloc(sizeof(TokMerge) * cap);
+        if (!t->merge) {
+            tok_err(err, err_size, "out of memory", 0, 0);
+            return -1;
+        }
+        t->merge_cap = cap;
+        for (uint32_t i = 0; i < cap; i++) t->merge[i].left = -1;
+        for (uint32_t r = 0; r < n_merges; r++, pos += 12) {
+            int32_t l = (int32_t)tok_rd32(data + pos), rr = (int32_t)tok_rd32(data + pos + 4);
+            int32_t res = (int32_t)tok_rd32(data + pos + 8);
+            if (l < 0 || l >= n || rr < 0 || rr >= n || res < 0 || res >= n) {
+                tok_err(err, err_size, "merge %ld has a token id outside the vocabulary", (long)r, 0);
+                return -1;
+            }
+            size_t ll, rl, xl;
+            const unsigned char *ls = tok_piece(t, l, &ll), *rs = tok_piece(t, rr, &rl);
+            const unsigned char *xs = tok_piece(t, res, &xl);
+            if (xl != ll + rl || memcmp(xs, ls, ll) || memcmp(xs + ll, rs, rl)) {
+                tok_err(err, err_size, "merge %ld: result is not left followed by right", (long)r, 0);
+                return -1;
+            }
+            uint32_t m = cap - 1, i = tok_pair_hash(l, rr) & m;
+            while (t->merge[i].left >= 0 && !(t->merge[i].left == l && t->merge[i].right == rr)) i = (i + 1) & m;
+            if (t->merge[i].left >= 0) continue;   // a repeated pair keeps its first rank
+            t->merge[i] = (TokMerge){l, rr, res, (int32_t)r};
+        }
+    }
+    return 0;
+}
+
+/*
+ * Loads a tokenizer from memory (the bytes are copied; data may be freed).
+ * vocab_size: the model's, or -1 when unknown. Returns 0, or -1 with a
+ * short message in err.
+ */
+int tokenizer_load_memory(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
+                          char *err, size_t err_size)
+{
+    memset(t, 0, sizeof(*t));
+    t->bos_id = t->eos_id = t->pad_id = t->unk_id = -1;
+    if (err && err_size) err[0] = '\0';
+    int rc;
+    if (size >= 4 && memcmp(data, "LTOK", 4) == 0) rc = tok_load_ltok(t, data, size, vocab_size, err, err_size);
+    else rc = tok_load_legacy(t, data, size, vocab_size, err, err_size);
+    if (rc) {
+        tokenizer_free(t);
+        return -1;
+    }
+    t->add_bos = (t->flags & TOKF_ADD_BOS) && t->bos_id >= 0;
+    return 0;
+}
+
+int tokenizer_load(Tokenizer *t, const char *path, int vocab_size, char *err, size_t err_size)
+{
+    memset(t, 0, sizeof(*t));
+    t->bos_id = t->eos_id = t->pad_id = t->unk_id = -1;
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        if (err && err_size) snprintf(err, err_size, "cannot open tokenizer");
+        return -1;
+    }
+    unsigned char *data = NULL;
+    size_t size = 0, cap = 0;
+    for (;;) {
+        if (size == cap) {
+            cap = cap ? cap * 2 : 1 << 20;
+            unsigned char *p = realloc(data, cap);
+            if (!p) {
+                free(data);
+                fclose(f);
+                tok_err(err, err_size, "out of memory", 0, 0);
+                return -1;
+            }
+            data = p;
+        }
+        size_t got = fread(data + size, 1, cap - size, f);
+        size += got;
+        if (got == 0) break;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        free(data);
+        tok_err(err, err_size, "read error", 0, 0);
+        return -1;
+    }
+    int rc = tokenizer_load_memory(t, data, size, vocab_size, err, err_size);
+    free(data);
+    return rc;
+}
+
+// Id of the token whose bytes are exactly piece[0..len), or -1.
+int tokenizer_find(const Tokenizer *t, const char *piece, size_t len)
+{
+    return tok_index_get(t, &t->all, (const unsigned char *)piece, len);
+}
+
+// ----------------------------------------------------------------------------
+// Encoding: shared pieces
+
+// A growable array of token ids, writing into the caller's buffer first.
+typedef struct {
+    int *ids;
+    size_t n, cap;
+} TokOut;
+
+static int tok_emit(TokOut *o, int id)
+{
+    if (o->n == o->cap) return -1;
+    o->ids[o->n++] = id;
+    return 0;
+}
+
+// Length of the longest whole-matched piece (user-defined / added token) at
+// s[0..n), or 0.
+static size_t tok_match_special(const Tokenizer *t, const unsigned char *s, size_t n)
+{
+    if (!t->n_special_len || !(t->special_first[s[0] >> 3] & (1u << (s[0] & 7)))) return 0;
+    for (int k = 0; k < t->n_special_len; k++) {
+        size_t len = (size_t)t->special_len[k];
+        if (len <= n && tok_index_get(t, &t->special, s, len) >= 0) return len;
+    }
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// Encoding: sentencepiece BPE
+
+/*
+ * sentencepiece's normalizer with the identity rule set (what Llama uses):
+ * invalid UTF-8 bytes become U+FFFD one byte at a time, " " becomes "▁",
+ * a "▁" is put in front, and with remove_extra_whitespaces leading,
+ * trailing and repeated spaces go. out must hold 3 * len + 3 bytes.
+ * Returns the normalized length.
+ */
+static size_t sp_normalize(const Tokenizer *t, const unsigned char *in, size_t len, unsigned char *out)
+{
+    int rm = (t->flags & TOKF_REMOVE_EXTRA_WS) != 0;
+    size_t i = 0, o = 0;
+    if (rm) while (i < len && in[i] == ' ') i++;
+    if (i == len) return 0;
+    if (t->flags & TOKF_DUMMY_PREFIX) {
+        memcpy(out, TOK_SPACE, 3);
+        o = 3;
+    }
+    int prev_space = rm;
+    while (i < len) {
+        // one unit: a user-defined piece (kept as it is), or one character
+        const unsigned char *u = in + i;
+        size_t ulen = rm ? tok_match_special(t, u, len - i) : 0, consumed;
+        if (ulen) consumed = ulen;
+        else {
+            int cl = utf8_valid_len(u, len - i);
+            if (cl) consumed = ulen = (size_t)cl;
+            else {
+                u = TOK_REPLACEMENT;
+                ulen = 3;
+                consumed = 1;
+            }
+        }
+        size_t k = 0;
+        if (prev_space) while (k < ulen && u[k] == ' ') k++;
+        if (k < ulen) {
+            for (; k < ulen; k++) {
+                if (u[k] == ' ') {
+                    memcpy(out + o, TOK_SPACE, 3);
+                    o += 3;
+                } else out[o++] = u[k];
+            }
+            prev_space = u[ulen - 1] == ' ';
+        }
+        i += consumed;
+        if (!rm) prev_space = 0;
+    }
+    if (rm) while (o >= 3 && memcmp(out + o - 3, TOK_SPACE, 3) == 0) o -= 3;
+    return o;
+}
+
+typedef struct {
+    int32_t prev, next;     // neighbours in the list, -1 at the ends
+    uint32_t start, len;    // bytes of the normalized text; len 0: merged away
+    int32_t freeze;         // a user-defined piece: never merged
+} SpSymbol;
+
+typedef struct {
+    float score;            // score of the merged piece, higher first
+    int32_t left, right;    // symbols; ties go to the leftmost
+    uint32_t size;          // bytes of the merged piece, to spot stale pairs
+} SpPair;
+
+typedef struct {
+    SpPair *a;
+    size_t n, cap;
+} SpHeap;
+
+static int sp_pair_before(const SpPair *x, const SpPair *y)
+{
+    return x->score > y->score || (x->score == y->score && x->left < y->left);
+}
+
+static int sp_heap_push(SpHeap *h, SpPair p)
+{
+    if (h->n == h->cap) {
+        size_t cap = h->cap ? h->cap * 2 : 256;
+        SpPair *a = realloc(h->a, cap * sizeof(SpPair));
+        if (!a) return -1;
+        h->a = a;
+        h->cap = cap;
+    }
+    size_t i = h->n++;
+    while (i > 0) {
+        size_t up = (i - 1) / 2;
+        if (!sp_pair_before(&p, &h->a[up])) break;
+        h->a[i] = h->a[up];
+        i = up;
+    }
+    h->a[i] = p;
+    return 0;
+}
+
+static SpPair sp_heap_pop(SpHeap *h)
+{
+    SpPair top = h->a[0], last = h->a[--h->n];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= h->n) break;
+        if (c + 1 < h->n && sp_pair_before(&h->a[c + 1], &h->a[c])) c++;
+        if (!sp_pair_before(&h->a[c], &last)) break;
+        h->a[i] = h->a[c];
+        i = c;
+    }
+    if (h->n) h->a[i] = last;
+    return top;
+}
+
+// Where an unused piece came from: sentencepiece splits it back into these.
+typedef struct {
+    uint32_t lstart, llen, rstart, rlen;
+} SpRevMerge;
+
+typedef struct {
+    const Tokenizer *t;
+    const unsigned char *norm;
+    SpSymbol *sym;
+    SpHeap heap;
+    SpRevMerge *rev;        // (vocab_size) for unused pieces, allocated on need
+    unsigned char *rev_set; // (vocab_size)
+    int oom;
+} SpState;
+
+// Pushes the pair (left, right) if their concatenation is a piece.
+static void sp_maybe_add_pair(SpState *st, int left, int right)
+{
+    if (left < 0 || right < 0 || st->sym[left].freeze || st->sym[right].freeze) return;
+    const Tokenizer *t = st->t;
+    const SpSymbol *l = &st->sym[left], *r = &st->sym[right];
+    uint32_t size = l->len + r->len;
+    int id = tok_index_get(t, &t->bpe, st->norm + l->start, size);
+    if (id < 0) return;
+    if (sp_heap_push(&st->heap, (SpPair){t->score[id], left, right, size})) {
+        st->oom = 1;
+        return;
+    }
+    if (t->type[id] == PIECE_UNUSED) {
+        if (!st->rev) {
+            st->rev = malloc(sizeof(SpRevMerge) * (size_t)t->vocab_size);
+            st->rev_set = calloc((size_t)t->vocab_size, 1);
+            if (!st->rev || !st->rev_set) {
+                st->oom = 1;
+                return;
+            }
+        }
+        st->rev[id] = (SpRevMerge){l->start, l->len, r->start, r->len};
+        st->rev_set[id] = 1;
+    }
+}
+
+// sentencepiece's PieceToId: reserved pieces first, then the others, else unk.
+static int sp_piece_to_id(const Tokenizer *t, const unsigned char *s, size_t n)
+{
+    int id = tok_index_get(t, &t->all, s, n);
+    return id >= 0 ? id : t->unk_id;
+}
+
+typedef struct {
+    TokOut *out;
+    int prev_unk;
+} SpEmit;
+
+/*
+ * Emits the final symbol s[0..n) as sentencepiece does: unused pieces are
+ * split back into the pieces they were merged from; an unknown piece
+ * becomes one <0xXX> token per byte (byte fallback), or one unk token for
+ * a run of unknown pieces.
+ */
+static int sp_emit_piece(SpState *st, SpEmit *e, uint32_t start, uint32_t n)
+{
+    const Tokenizer *t = st->t;
+    const unsigned char *s = st->norm + start;
+    int id = sp_piece_to_id(t, s, n);
+    if (t->type[id] == PIECE_UNUSED && st->rev_set && st->rev_set[id]) {
+        SpRevMerge rm = st->rev[id];
+        if (sp_emit_piece(st, e, rm.lstart, rm.llen)) return -1;
+        return sp_emit_piece(st, e, rm.rstart, rm.rlen);
+    }
+    int is_unk = t->type[id] == PIECE_UNKNOWN;
+    if (t->type[id] == PIECE_CONTROL) {
+        if (tok_emit(e->out, id)) return -1;
+    } else if (is_unk && (t->flags & TOKF_BYTE_FALLBACK)) {
+        for (uint32_t i = 0; i < n; i++) {
+            int b = t->byte_token[s[i]];
+            if (tok_emit(e->out, b >= 0 ? b : t->unk_id)) return -1;
+        }
+    } else if (!(is_unk && e->prev_unk)) {
+        if (tok_emit(e->out, id)) return -1;
+    }
+    e->prev_unk = is_unk;
+    return 0;
+}
+
+// Returns 0, -1 when out of memory, -2 when out is full.
+static int sp_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out)
+{
+    if (len > TOK_MAX_TEXT) return -1;
+    unsigned char *norm = malloc(3 * len + 3 + 1);
+    if (!norm) return -1;
+    size_t n = sp_normalize(t, text, len, norm);
+    int rc = 0;
+    SpState st = {t, norm, NULL, {NULL, 0, 0}, NULL, NULL, 0};
+    if (n == 0) goto done;
+    st.sym = malloc(sizeof(SpSymbol) * n);
+    if (!st.sym) {
+        rc = -1;
+        goto done;
+    }
+    // split into characters, user-defined pieces whole
+    int count = 0;
+    for (size_t p = 0; p < n;) {
+        size_t m = tok_match_special(t, norm + p, n - p);
+        int freeze = m > 0;
+        if (!m) {
+            static const unsigned char one_char_len[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4};
+            m = one_char_len[norm[p] >> 4];
+            if (m > n - p) m = n - p;
+        }
+        st.sym[count] = (SpSymbol){count - 1, -1, (uint32_t)p, (uint32_t)m, freeze};
+        if (count) st.sym[count - 1].next = count;
+        count++;
+        p += m;
+    }
+    for (int i = 1; i < count; i++) sp_maybe_add_pair(&st, i - 1, i);
+    // merge the best pair until no adjacent pair forms a piece
+    while (st.heap.n && !st.oom) {
+        SpPair top = sp_heap_pop(&st.heap);
+        SpSymbol *l = &st.sym[top.left], *r = &st.sym[top.right];
+        if (l->len == 0 || r->len == 0 || l->len + r->len != top.size) continue;   // stale
+        l->len += r->len;
+        l->next = r->next;
+        if (r->next >= 0) st.sym[r->next].prev = top.left;
+        r->len = 0;
+        sp_maybe_add_pair(&st, l->prev, top.left);
+        sp_maybe_add_pair(&st, top.left, l->next);
+    }
+    if (st.oom) {
+        rc = -1;
+        goto done;
+    }
+    SpEmit e = {out, 0};
+    for (int i = 0; i >= 0; i = st.sym[i].next) {
+        if (sp_emit_piece(&st, &e, st.sym[i].start, st.sym[i].len)) {
+            rc = -2;
+            break;
+        }
+    }
+done:
+    free(norm);
+    free(st.sym);
+    free(st.heap.a);
+    free(st.rev);
+    free(st.rev_set);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// Encoding: the API
+
+static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out);
+
+/*
+ * Most tokens encode(text of len bytes) can produce, BOS included.
+ * tokenizer_encode's len + 3 covers every tokenizer whose vocabulary has
+ * "▁" and U+FFFD (Llama 2's has both) and every byte-level one.
+ */
+size_t tokenizer_max_tokens(const Tokenizer *t, size_t len)
+{
+    size_t per_byte = 1, extra = 1;   // BOS
+    if (t->kind == TOK_SENTENCEPIECE) {
+        // the dummy prefix; " " or a bad byte may become 3 byte tokens
+        if (t->fallback_ok) extra += 1;
+        else per_byte = 3, extra += 3;
+    } else if (t->flags & TOKF_DUMMY_PREFIX) per_byte = 2;  // a space before each segment
+    return per_byte * len + extra;
+}
+
+static int tok_encode_into(const Tokenizer *t, const char *text, size_t len, int add_bos, TokOut *o)
+{
+    if (add_bos && t->bos_id >= 0 && tok_emit(o, t->bos_id)) return -2;
+    if (t->kind == TOK_SENTENCEPIECE) return sp_encode(t, (const unsigned char *)text, len, o);
+    return bl_encode(t, (const unsigned char *)text, len, o);
+}
+
+/*
+ * Encodes text[0..len) into tokens, which must hold len + 3 ints (see
+ * tokenizer_max_tokens). add_bos: put bos_id first, if there is one.
+ * Returns the number of tokens, or -1 if memory ran out (or, only with a
+ * vocabulary that lacks "▁" or U+FFFD, if len + 3 tokens are too few).
+ */
+int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *tokens)
+{
+    if (len > TOK_MAX_TEXT) return -1;
+    size_t cap = len + 3;
+    if (tokenizer_max_tokens(t, len) <= cap) {
+        TokOut o = {tokens, 0, cap};
+        int rc = tok_encode_into(t, text, len, add_bos, &o);
+        return rc ? -1 : (int)o.n;
+    }
+    // a vocabulary that may need more: encode aside, copy if it fits
+    size_t big = tokenizer_max_tokens(t, len);
+    int *tmp = malloc(sizeof(int) * big);
+    if (!tmp) return -1;
+    TokOut o = {tmp, 0, big};
+    int rc = tok_encode_into(t, text, len, add_bos, &o);
+    if (rc || o.n > cap) {
+        free(tmp);
+        return -1;
+    }
+    memcpy(tokens, tmp, sizeof(int) * o.n);
+    free(tmp);
+    return (int)o.n;
+}
+
+/*
+ * As tokenizer_encode, into tokens[0..max_tokens). Returns the count, -1
+ * when out of memory, -2 when max_tokens is too few.
+ */
+int tokenizer_encode_n(const Tokenizer *t, const char *text, size_t len, int add_bos, int *tokens,
+                       size_t max_tokens)
+{
+    if (len > TOK_MAX_TEXT) return -1;
+    TokOut o = {tokens, 0, max_tokens};
+    int rc = tok_encode_into(t, text, len, add_bos, &o);
+    return rc ? rc : (int)o.n;
+}
+
+// ----------------------------------------------------------------------------
+// Encoding: byte-level BPE
+
+static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out)
+{
+    (void)t;
+    (void)text;
+    (void)len;
+    (void)out;
+    return -1;
+}
+
+// ----------------------------------------------------------------------------
+// Decoding
+
+void decoder_init(TokenDecoder *d)
+{
+    memset(d, 0, sizeof(*d));
+    d->bos_ws = 1;
+}
+
+// Appends to out[0..size) what fits; counts what was written.
+typedef struct {
+    char *out;
+    size_t size, n;
+} TokWriter;
+
+static void tok_put(TokWriter *w, const void *s, size_t n)
+{
+    size_t room = w->size - w->n;
+    if (n > room) n = room;
+    memcpy(w->out + w->n, s, n);
+    w->n += n;
+}
+
+/*
+ * Ends the pending bytes: sentencepiece turns each byte of an unfinished
+ * character into U+FFFD; Hugging Face (from_utf8_lossy) turns the whole
+ * unfinished character into one.
+ */
+static void tok_flush_pending(const Tokenizer *t, TokenDecoder *d, TokWriter *w)
+{
+    if (!d->n_pending) return;
+    int k = t->kind == TOK_SENTENCEPIECE ? d->n_pending : 1;
+    for (int i = 0; i < k; i++) tok_put(w, TOK_REPLACEMENT, 3);
+    d->n_pending = 0;
+}
+
+// Feeds one byte of decoded output through the UTF-8 assembler.
+static void tok_feed_byte(const Tokenizer *t, TokenDecoder *d, unsigned char b, TokWriter *w)
+{
+    d->pending[d->n_pending++] = b;
+    while (d->n_pending) {
+        int st = utf8_status(d->pending, d->n_pending);
+        if (st == 0) {
+            tok_put(w, d->pending, (size_t)d->n_pending);
+            d->n_pending = 0;
+        } else if (st > 0) {
+            break;
+        } else if (t->kind == TOK_SENTENCEPIECE || d->n_pending == 1) {
+            // sentencepiece: the first byte is U+FFFD, the rest is looked at again
+            tok_put(w, TOK_REPLACEMENT, 3);
+            memmove(d->pending, d->pending + 1, (size_t)--d->n_pending);
+        } else {
+            // from_utf8_lossy: the unfinished character is one U+FFFD,
+            // and the byte that broke it starts afresh
+            tok_put(w, TOK_REPLACEMENT, 3);
+            d->pending[0] = b;
+            d->n_pending = 1;
+        }
+    }
+}
+
+/*
+ * The text that token adds to the decoded string, written to out (at most
+ * out_size bytes; max_token_length + 16 always suffices). Returns the bytes
+ * written. Bytes of an unfinished UTF-8 character wait in d.
+ */
+size_t tokenizer_decode(const Tokenizer *t, TokenDecoder *d, int token, char *out, size_t out_size)
+{
+    TokWriter w = {out, out_size, 0};
+    if (token < 0 || token >= t->vocab_size) return 0;
+    size_t len;
+    const unsigned char *s = tok_piece(t, token, &len);
+    int ty = t->type[token];
+    if (t->kind == TOK_BYTELEVEL) {
+        // special tokens are skipped (skip_special_tokens=True); the rest is bytes
+        if (ty == PIECE_CONTROL) return 0;
+        for (size_t i = 0; i < len; i++) tok_feed_byte(t, d, s[i], &w);
+        return w.n;
+    }
+    // sentencepiece
+    if (ty == PIECE_BYTE) {
+        tok_feed_byte(t, d, (unsigned char)tok_byte_piece_value(s, len), &w);
+        if (w.n) d->emitted = 1;
+        return w.n;
+    }
+    tok_flush_pending(t, d, &w);
+    if (w.n) d->emitted = 1;
+    if (d->bos_ws_seen || d->emitted) d->bos_ws = 0;
+    d->bos_ws_seen = 0;
+    if (ty == PIECE_CONTROL) return w.n;
+    if (ty == PIECE_UNKNOWN) {
+        tok_put(&w, " \xE2\x81\x87 ", 5);   // sentencepiece's unk_surface " ⁇ "
+        d->emitted = 1;
+        return w.n;
+    }
+    if (d->bos_ws && (t->flags & (TOKF_DUMMY_PREFIX | TOKF_REMOVE_EXTRA_WS)) && len >= 3 &&
+        memcmp(s, TOK_SPACE, 3) == 0) {
+        s += 3;
+        len -= 3;
+        d->bos_ws_seen = !(t->flags & TOKF_REMOVE_EXTRA_WS);
+    }
+    size_t before = w.n;
+    for (size_t i = 0; i < len;) {
+        if (len - i >= 3 && memcmp(s + i, TOK_SPACE, 3) == 0) {
+            tok_put(&w, " ", 1);
+            i += 3;
+        } else {
+            size_t j = i + 1;
+            while (j < len && !(len - j >= 3 && memcmp(s + j, TOK_SPACE, 3) == 0)) j++;
+            tok_put(&w, s + i, j - i);
+            i = j;
+        }
+    }
+    if (w.n > before) d->emitted = 1;
+    return w.n;
+}
+
+// What is still pending at the end of the text.
+size_t tokenizer_decode_flush(const Tokenizer *t, TokenDecoder *d, char *out, size_t out_size)
+{
+    TokWriter w = {out, out_size, 0};
+    tok_flush_pending(t, d, &w);
+    if (w.n) d->emitted = 1;
+    return w.n;
+}
