@@ -227,7 +227,7 @@ static int utf8_valid_len(const unsigned char *s, size_t n)
 }
 
 // Decode the valid character at s (length len from utf8_valid_len).
-static uint32_t utf8_decode(const unsigned char *s, int len)
+uint32_t tok_utf8_decode(const unsigned char *s, int len)
 {
     switch (len) {
     case 1: return s[0];
@@ -307,7 +307,7 @@ static uint32_t tok_pair_hash(int32_t a, int32_t b)
 }
 
 // The merge of (left, right), or NULL.
-static const TokMerge *tok_merge_get(const Tokenizer *t, int left, int right)
+const TokMerge *tok_merge_get(const Tokenizer *t, int left, int right)
 {
     if (!t->merge_cap) return NULL;
     uint32_t m = t->merge_cap - 1;
