@@ -1,11 +1,716 @@
 #!/usr/bin/env python3
-"""export.py: the PyTorch reference Llama, and writers into run.c's file formats.
+"""export.py: the PyTorch reference Llama, and the writers of run.c's files.
 
-(skeleton: the model section is being written; the tokenizer section too)
+The file reads top to bottom in three sections:
+
+  Model export       ModelArgs and Llama, a plain PyTorch model that run.c is
+                     tested against; converters that read Meta, Hugging Face,
+                     llama2.c and reference files; the checkpoint writer.
+  Tokenizer export   tokenizer.bin, from sentencepiece or tokenizer.json.
+  Command line       export.py OUTPUT (--reference PT | --meta DIR | --hf DIR
+                                       | --llama2c FILE | --tokenizer-model FILE)
+
+Every converter returns (ModelArgs, state_dict) with the reference's parameter
+names, so one writer serves them all. It writes this checkpoint (the drawing is
+the one in docs/FORMATS.md and run.c; all little-endian, sizes in bytes):
+
+  offset  size  type     field
+  ------  ----  -------  ---------------------------------------------------------
+       0     4  char[4]  magic "LLAM"
+       4     4  u32      version = 1
+       8     4  i32      dim            width of the residual stream
+      12     4  i32      hidden_dim     width of the SwiGLU MLP
+      16     4  i32      n_layers
+      20     4  i32      n_heads        query heads
+      24     4  i32      n_kv_heads     key/value heads; divides n_heads (MHA, GQA, MQA)
+      28     4  i32      head_dim       not assumed to be dim / n_heads
+      32     4  i32      vocab_size
+      36     4  i32      max_seq_len
+      40     4  f32      rope_theta
+      44     4  f32      norm_eps
+      48     4  u32      tied_classifier 1: logits use token_embedding; 0: a classifier follows
+      52     4  u32      weight_type    0 = f32 (1 = int8, 2 = 4-bit, 3 = bf16: reserved)
+      56     4  u32      group_size     0 for f32
+      60   196  zero     header is 256 bytes
+     256        tensors, in this order, each starting at an offset that is a
+                multiple of 64 (zero bytes pad the gap):
+
+     token_embedding     (vocab_size, dim)                 f32
+     for each layer:
+       attn_norm         (dim)                             f32
+       wq                (n_heads * head_dim, dim)         weight_type
+       wk                (n_kv_heads * head_dim, dim)      weight_type
+       wv                (n_kv_heads * head_dim, dim)      weight_type
+       wo                (dim, n_heads * head_dim)         weight_type
+       ffn_norm          (dim)                             f32
+       w1 (gate)         (hidden_dim, dim)                 weight_type
+       w2 (down)         (dim, hidden_dim)                 weight_type
+       w3 (up)           (hidden_dim, dim)                 weight_type
+     final_norm          (dim)                             f32
+     classifier          (vocab_size, dim)                 weight_type, only if tied_classifier = 0
+
+     The file ends right after the last tensor.
+
+Matrices are row-major (out, in), as nn.Linear.weight: y = W x. RoPE rotates
+the interleaved pairs (x[2i], x[2i+1]) of each head by the angle
+pos * rope_theta^(-2i / head_dim), Meta's convention; Hugging Face's q/k rows
+are permuted into it here, so run.c knows one convention only.
 """
 
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
 # ----------------------------------------------------------------------------
-# Model export (owner: model section)
+# Model export
+#
+# Shapes below use B = batch, T = time (positions), H = heads, D = head_dim.
+
+
+class ExportError(Exception):
+    """A file that cannot be read or written as asked; str() is 'PATH: what is wrong'."""
+
+    def __init__(self, path, what):
+        super().__init__(f"{path}: {what}")
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    """The hyperparameters of a model: the fields of the checkpoint header."""
+
+    dim: int                    # width of the residual stream
+    hidden_dim: int             # width of the SwiGLU MLP
+    n_layers: int
+    n_heads: int                # query heads
+    n_kv_heads: int             # key/value heads; divides n_heads (MHA, GQA, MQA)
+    head_dim: int               # not assumed to be dim / n_heads
+    vocab_size: int
+    max_seq_len: int            # longest context run.c will allocate for
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tied: bool = False          # the classifier is the token embedding
+
+    def __post_init__(self):
+        # Numbers arrive from JSON, numpy and torch: store plain Python types,
+        # and refuse shapes that no forward pass could run.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type is int:        # the header stores i32
+                if int(value) != value or not 0 < value < 2**31:
+                    raise ValueError(f"{f.name} = {value}: expected a positive 32-bit integer")
+                value = int(value)
+            elif f.type is float:
+                value = float(value)
+                if not (math.isfinite(value) and value > 0):
+                    raise ValueError(f"{f.name} = {value}: expected a positive finite number")
+            else:
+                value = bool(value)
+            setattr(self, f.name, value)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads = {self.n_kv_heads} does not divide n_heads = {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = {self.head_dim}: RoPE rotates pairs, so it must be even")
+
+    def describe(self):
+        """One line for people: 'dim 64, hidden 172, 5 layers, ...'."""
+        return (f"dim {self.dim}, hidden {self.hidden_dim}, {self.n_layers} layers, "
+                f"{self.n_heads} heads ({self.n_kv_heads} kv) of {self.head_dim}, "
+                f"vocab {self.vocab_size} ({'tied' if self.tied else 'untied'}), "
+                f"seq {self.max_seq_len}, theta {self.rope_theta:g}, eps {self.norm_eps:g}")
+
+
+# The reference model. It is written for clarity, not speed: float32 all the way,
+# every position recomputed on every call, no KV cache. run.c must agree with it.
+
+
+def rope_cos_sin(seq_len, head_dim, theta):
+    """cos and sin of the RoPE angles pos * theta^(-2i/head_dim), each (seq_len, head_dim/2).
+
+    Computed in float64 and rounded once to float32 at the end, so the
+    reference is as close to the exact angles as float32 allows."""
+    pos = torch.arange(seq_len, dtype=torch.float64)
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(pos, freqs)                          # (T, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x[2i], x[2i+1]) of every head: x (B, T, H, D), cos/sin (T, D/2).
+
+    Each pair is a complex number x[2i] + i x[2i+1], multiplied by
+    cos + i sin; this is that product written out in real arithmetic."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]                       # (B, T, H, D/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]               # broadcast over heads
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2)                                # pairs back to (B, T, H, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # x / sqrt(mean(x^2) + eps), scaled per channel; always in float32
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA/MQA: query head h reads key/value head h // (n_heads / n_kv_heads),
+        # so each kv head is repeated for its consecutive group of query heads
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)         # (B, H, T, T)
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)               # key after query
+        scores = scores.masked_fill(future, float("-inf"))
+        out = scores.softmax(dim=-1) @ v                                  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)   # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # up
+
+    def forward(self, x):
+        # SwiGLU: the silu of the gate, times the up projection, projected down
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """The reference Llama. Its state_dict names are the ones every converter returns:
+
+      tok_embeddings.weight                    (vocab_size, dim)
+      layers.{i}.attention_norm.weight         (dim)
+      layers.{i}.attention.wq.weight           (n_heads * head_dim, dim)
+      layers.{i}.attention.wk.weight           (n_kv_heads * head_dim, dim)
+      layers.{i}.attention.wv.weight           (n_kv_heads * head_dim, dim)
+      layers.{i}.attention.wo.weight           (dim, n_heads * head_dim)
+      layers.{i}.ffn_norm.weight               (dim)
+      layers.{i}.feed_forward.w1.weight        (hidden_dim, dim)
+      layers.{i}.feed_forward.w2.weight        (dim, hidden_dim)
+      layers.{i}.feed_forward.w3.weight        (hidden_dim, dim)
+      norm.weight                              (dim)
+      output.weight                            (vocab_size, dim), absent when tied
+
+    These are Meta's names, so Meta checkpoints load as they are."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        if not args.tied:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens):
+        """tokens (B, T) int64, at positions 0..T-1 -> logits (B, T, vocab_size) float32."""
+        T = tokens.shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(f"{T} tokens is more than max_seq_len = {self.args.max_seq_len}")
+        cos, sin = rope_cos_sin(T, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)                       # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        h = self.norm(h)
+        classifier = self.tok_embeddings.weight if self.args.tied else self.output.weight
+        return F.linear(h, classifier)                        # (B, T, vocab_size)
+
+
+@torch.no_grad()
+def generate_greedy(model, prompt_ids, n):
+    """The n tokens that follow prompt_ids when each step takes the argmax (a list of ints)."""
+    ids = list(prompt_ids)
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+def random_model(args, seed=0):
+    """A reference Llama with random weights, the same for the same args and seed.
+
+    The embedding and the matrices are N(0, 0.02^2), the usual Llama init.
+    Norm weights are 1 + N(0, 0.1^2) rather than 1, so that an implementation
+    which forgets to scale by them gives different logits. The caller's
+    global RNG is left as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):     # Llama() draws a default init we overwrite
+        model = Llama(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.02 * noise)
+    return model.eval()
+
+
+# The checkpoint file (drawn at the top of this file). One table,
+# checkpoint_tensors(), gives the order and shapes; the writer, the reader and
+# the validation all walk it.
+
+MAGIC = b"LLAM"
+VERSION = 1
+HEADER_SIZE = 256
+ALIGN = 64                      # every tensor starts at a multiple of this
+WEIGHT_F32 = 0                  # weight_type; the only one written so far
+# magic, version, 8 x i32 (dim .. max_seq_len), rope_theta, norm_eps,
+# tied_classifier, weight_type, group_size: 60 bytes, then zeros up to 256
+HEADER = struct.Struct("<4sI8i2f3I")
+
+
+def checkpoint_tensors(args):
+    """The checkpoint's tensors in file order: a list of (state_dict name, shape)."""
+    d, h, qd, kvd = args.dim, args.hidden_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    tensors = [("tok_embeddings.weight", (args.vocab_size, d))]
+    for i in range(args.n_layers):
+        tensors += [
+            (f"layers.{i}.attention_norm.weight", (d,)),
+            (f"layers.{i}.attention.wq.weight", (qd, d)),
+            (f"layers.{i}.attention.wk.weight", (kvd, d)),
+            (f"layers.{i}.attention.wv.weight", (kvd, d)),
+            (f"layers.{i}.attention.wo.weight", (d, qd)),
+            (f"layers.{i}.ffn_norm.weight", (d,)),
+            (f"layers.{i}.feed_forward.w1.weight", (h, d)),
+            (f"layers.{i}.feed_forward.w2.weight", (d, h)),
+            (f"layers.{i}.feed_forward.w3.weight", (h, d)),
+        ]
+    tensors.append(("norm.weight", (d,)))
+    if not args.tied:
+        tensors.append(("output.weight", (args.vocab_size, d)))
+    return tensors
+
+
+def check_state_dict(args, state_dict, path):
+    """Raise ExportError naming path unless state_dict has exactly the tensors args implies."""
+    expected = dict(checkpoint_tensors(args))
+    missing = [name for name in expected if name not in state_dict]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ExportError(path, f"tensor {missing[0]} is missing{more}")
+    unexpected = [name for name in state_dict if name not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ExportError(path, f"unexpected tensor {unexpected[0]}{more}")
+    for name, shape in expected.items():
+        got = tuple(state_dict[name].shape)
+        if got != shape:
+            raise ExportError(path, f"{name}: expected shape {shape}, got {got}")
+
+
+def write_checkpoint(path, args, state_dict):
+    """Write the version 1 checkpoint (all f32) and return its size in bytes.
+
+    The state_dict is validated first, so a bad one leaves no file behind."""
+    check_state_dict(args, state_dict, path)
+    header = HEADER.pack(MAGIC, VERSION, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
+                         args.n_kv_heads, args.head_dim, args.vocab_size, args.max_seq_len,
+                         args.rope_theta, args.norm_eps, int(args.tied), WEIGHT_F32, 0)
+    with open(path, "wb") as f:
+        f.write(header.ljust(HEADER_SIZE, b"\0"))
+        for name, _ in checkpoint_tensors(args):
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            # weight_type 0 stores every tensor as f32. A quantized weight_type
+            # would encode the matrices here and leave the norms and the
+            # token embedding in f32.
+            f.write(_f32_bytes(state_dict[name]))
+        return f.tell()
+
+
+def _f32_bytes(tensor):
+    """The tensor as packed little-endian float32, row-major."""
+    return np.ascontiguousarray(tensor.detach().cpu().float().numpy(), dtype="<f4").tobytes()
+
+
+def read_checkpoint(path):
+    """Read a version 1 checkpoint back into (ModelArgs, state_dict): the writer's inverse."""
+    if os.path.getsize(path) < HEADER_SIZE:
+        raise ExportError(path, f"{os.path.getsize(path)} bytes: shorter than the 256-byte header")
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    magic, version, *ints, theta, eps, tied, weight_type, group_size = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ExportError(path, f'magic {magic!r}: expected "LLAM"')
+    if (version, weight_type, group_size) != (VERSION, WEIGHT_F32, 0):
+        raise ExportError(path, f"version {version}, weight_type {weight_type}, group_size {group_size}: "
+                                f"expected version {VERSION}, weight_type {WEIGHT_F32} (f32), group_size 0")
+    try:
+        args = ModelArgs(*ints, rope_theta=theta, norm_eps=eps, tied=tied)
+    except ValueError as e:
+        raise ExportError(path, f"bad header: {e}") from None
+    state_dict, offset = {}, HEADER_SIZE
+    for name, shape in checkpoint_tensors(args):
+        offset += -offset % ALIGN
+        nbytes = 4 * math.prod(shape)
+        if offset + nbytes > data.size:
+            raise ExportError(path, f"{data.size} bytes: truncated in {name}")
+        state_dict[name] = torch.from_numpy(data[offset:offset + nbytes].view("<f4").reshape(shape).copy())
+        offset += nbytes
+    if offset != data.size:
+        raise ExportError(path, f"{data.size} bytes: expected {offset} for {args.describe()}")
+    return args, state_dict
+
+
+# Converters. Each reads one source and returns (ModelArgs, state_dict) in the
+# reference's names and in float32, checked with check_state_dict.
+
+
+def _model_args(path, **fields):
+    """ModelArgs(**fields), with a bad field reported as an ExportError naming path."""
+    try:
+        return ModelArgs(**fields)
+    except (TypeError, ValueError) as e:
+        raise ExportError(path, str(e)) from None
+
+
+def _read_json(path):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ExportError(path, f"not JSON: {e}") from None
+
+
+def _torch_load(path):
+    """torch.load of a file that holds tensors and plain containers only (never code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:      # torch.load has no one error for "not a torch.save file"
+        raise ExportError(path, f"not a torch.save file of tensors ({type(e).__name__})") from None
+
+
+def save_reference(path, args, state_dict):
+    """Save a reference model: torch.save({"args": str, "state_dict": {name: tensor}}).
+
+    args is ModelArgs as a JSON object, kept a string because torch 1.13's
+    weights_only loader rejects Python floats; the tensors are float32 and
+    named as in Llama."""
+    torch.save({"args": json.dumps(dataclasses.asdict(args)),
+                "state_dict": {k: v.detach().float().contiguous() for k, v in state_dict.items()}}, path)
+
+
+def load_reference(path):
+    """Read a save_reference() file."""
+    saved = _torch_load(path)
+    if not isinstance(saved, dict) or set(saved) != {"args", "state_dict"}:
+        raise ExportError(path, 'expected a dict with keys "args" and "state_dict" (see save_reference)')
+    try:
+        fields = json.loads(saved["args"])
+    except (TypeError, json.JSONDecodeError):
+        raise ExportError(path, '"args" is not a JSON object of ModelArgs fields') from None
+    args = _model_args(path, **fields)
+    state_dict = {k: v.float() for k, v in saved["state_dict"].items()}
+    check_state_dict(args, state_dict, path)
+    return args, state_dict
+
+
+# Meta's own release: params.json beside consolidated.00.pth, .01.pth, ... one
+# file per model-parallel rank. Names are already ours, RoPE already interleaved.
+
+META_MAX_SEQ_LEN = 2048         # params.json does not say; --max-seq-len overrides
+
+
+def _merge_meta_shards(name, shards, dim):
+    """Concatenate one tensor's model-parallel slices back into the whole tensor.
+
+    Column-parallel layers (wq, wk, wv, w1, w3, output) split their output rows,
+    row-parallel ones (wo, w2) their input columns. Norms are replicated. The
+    token embedding is split on dim (Llama 2) or on vocab (Llama 3): its width
+    tells which."""
+    if len(shards) == 1 or shards[0].dim() == 1:
+        return shards[0]
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return torch.cat(shards, dim=1)
+    if name == "tok_embeddings.weight" and shards[0].shape[1] != dim:
+        return torch.cat(shards, dim=1)
+    return torch.cat(shards, dim=0)
+
+
+def load_meta(directory):
+    """Read Meta's params.json and consolidated.*.pth from directory.
+
+    hidden_dim is read off the w1 weight rather than recomputed from
+    multiple_of and ffn_dim_multiplier; vocab_size off the embedding (Llama 2's
+    params.json says -1). max_seq_len is META_MAX_SEQ_LEN."""
+    params_path = os.path.join(directory, "params.json")
+    params = _read_json(params_path)
+    if params.get("use_scaled_rope"):
+        raise ExportError(params_path, "use_scaled_rope (Llama 3.1 RoPE scaling) is not implemented")
+    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"consolidated\.\d+\.pth", n))
+    if not names:
+        raise ExportError(directory, "no consolidated.*.pth files")
+    shards = [_torch_load(os.path.join(directory, n)) for n in names]
+    for name, shard in zip(names[1:], shards[1:]):
+        if set(shard) != set(shards[0]):
+            raise ExportError(os.path.join(directory, name), f"holds other tensors than {names[0]}")
+    try:
+        dim, n_heads, n_layers, norm_eps = params["dim"], params["n_heads"], params["n_layers"], params["norm_eps"]
+    except KeyError as e:
+        raise ExportError(params_path, f"{e.args[0]} is missing") from None
+    state_dict = {name: _merge_meta_shards(name, [s[name] for s in shards], dim).float()
+                  for name in shards[0]
+                  if name != "rope.freqs"}     # Llama 1's RoPE table: we compute it
+    try:
+        hidden_dim = state_dict["layers.0.feed_forward.w1.weight"].shape[0]
+        vocab_size = state_dict["tok_embeddings.weight"].shape[0]
+    except KeyError as e:
+        raise ExportError(directory, f"tensor {e.args[0]} is missing") from None
+    args = _model_args(params_path, dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=params.get("n_kv_heads") or n_heads, head_dim=dim // n_heads,
+                       vocab_size=vocab_size, max_seq_len=META_MAX_SEQ_LEN,
+                       rope_theta=params.get("rope_theta", 10000.0), norm_eps=norm_eps,
+                       tied="output.weight" not in state_dict)
+    check_state_dict(args, state_dict, directory)
+    return args, state_dict
+
+
+# Hugging Face: config.json, and the weights as safetensors or pytorch_model.bin,
+# whole or sharded with an index. Names differ, and q/k rows are permuted.
+
+HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_LAYER_NAMES = {            # model.layers.{i}.X.weight -> layers.{i}.Y.weight
+    "input_layernorm": "attention_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+}
+
+
+def _hf_name(name):
+    """Our name for a Hugging Face tensor; None for a tensor with no place in the checkpoint."""
+    if name in HF_NAMES:
+        return HF_NAMES[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    if m and m.group(2) in HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.weight"
+    if re.fullmatch(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", name):
+        return None                 # older files save the RoPE frequencies: we compute them
+    raise ValueError(f"unexpected tensor {name}")
+
+
+def _hf_tensors(directory):
+    """Every tensor of a Hugging Face directory, as (file, name, tensor).
+
+    The index, when there is one, names the shard files; otherwise the
+    weights are one model.safetensors or one pytorch_model.bin."""
+    for weights in ("model.safetensors", "pytorch_model.bin"):
+        index_path = os.path.join(directory, weights + ".index.json")
+        if os.path.exists(index_path):
+            files = sorted(set(_read_json(index_path)["weight_map"].values()))
+        elif os.path.exists(os.path.join(directory, weights)):
+            files = [weights]
+        else:
+            continue
+        for file in files:
+            path = os.path.join(directory, file)
+            if weights == "model.safetensors":
+                from safetensors import safe_open   # only this path needs the package
+                with safe_open(path, framework="pt") as st:
+                    for name in st.keys():
+                        yield path, name, st.get_tensor(name)
+            else:
+                for name, tensor in _torch_load(path).items():
+                    yield path, name, tensor
+        return
+    raise ExportError(directory, "no model.safetensors or pytorch_model.bin (nor a sharded index of either)")
+
+
+def hf_to_interleaved(w, n_heads, head_dim):
+    """Permute the rows of an HF q_proj or k_proj weight to Meta's RoPE layout.
+
+    Hugging Face rotates the halves (x[j], x[j + head_dim/2]) of each head,
+    Meta the neighbours (x[2j], x[2j+1]). Within each head, HF row j becomes
+    row 2j and HF row head_dim/2 + j becomes row 2j + 1. q and k move alike,
+    so the scores q.k are unchanged and RoPE pairs the same numbers."""
+    return w.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
+
+
+def load_hf(directory):
+    """Read a Hugging Face LlamaForCausalLM directory (bf16 and f16 become float32).
+
+    Refuses what the reference does not compute: RoPE scaling, biases, other
+    activations. Optional config fields take LlamaConfig's defaults."""
+    config_path = os.path.join(directory, "config.json")
+    config = _read_json(config_path)
+    if config.get("model_type") != "llama":
+        raise ExportError(config_path, f"model_type {config.get('model_type')!r}: only 'llama' is supported")
+    scaling = config.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
+        raise ExportError(config_path, f"rope_scaling {scaling} is not implemented (plain RoPE only)")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ExportError(config_path, "attention_bias and mlp_bias are not supported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ExportError(config_path, f"hidden_act {config['hidden_act']!r}: only 'silu' is supported")
+    try:
+        n_heads = config["num_attention_heads"]
+        args = _model_args(
+            config_path, dim=config["hidden_size"], hidden_dim=config["intermediate_size"],
+            n_layers=config["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+            vocab_size=config["vocab_size"], max_seq_len=config.get("max_position_embeddings", 2048),
+            rope_theta=config.get("rope_theta", 10000.0), norm_eps=config.get("rms_norm_eps", 1e-6),
+            tied=config.get("tie_word_embeddings", False))
+    except KeyError as e:
+        raise ExportError(config_path, f"{e.args[0]} is missing") from None
+
+    state_dict = {}
+    for path, hf_name, tensor in _hf_tensors(directory):
+        try:
+            name = _hf_name(hf_name)
+        except ValueError as e:
+            raise ExportError(path, str(e)) from None
+        if name is None or (name == "output.weight" and args.tied):
+            continue                # a tied lm_head is the embedding, saved twice
+        tensor = tensor.float()
+        if name.endswith("attention.wq.weight"):
+            tensor = hf_to_interleaved(tensor, args.n_heads, args.head_dim)
+        elif name.endswith("attention.wk.weight"):
+            tensor = hf_to_interleaved(tensor, args.n_kv_heads, args.head_dim)
+        state_dict[name] = tensor
+    check_state_dict(args, state_dict, directory)
+    return args, state_dict
+
+
+# llama2.c's legacy checkpoint (read unchanged, see docs/FORMATS.md): seven
+# int32, then float32 tensors packed with no gaps, one tensor kind for all
+# layers at a time. Two RoPE tables sit between the final norm and the
+# optional classifier; readers skip them.
+#
+#      0    28  i32[7]   dim, hidden_dim, n_layers, n_heads, n_kv_heads,
+#                        vocab_size (negative: an untied classifier follows), max_seq_len
+#     28        f32 tensors, packed, tensor-major:
+#               token_embedding (vocab, dim), rms_att (layer, dim),
+#               wq (layer, dim, dim), wk (layer, kv_dim, dim), wv (layer, kv_dim, dim),
+#               wo (layer, dim, dim), rms_ffn (layer, dim),
+#               w1 (layer, hidden, dim), w2 (layer, dim, hidden), w3 (layer, hidden, dim),
+#               rms_final (dim), freq_cis_real (seq_len, head_size/2),
+#               freq_cis_imag (seq_len, head_size/2), [wcls (vocab, dim)]
+
+LLAMA2C_HEADER = struct.Struct("<7i")
+LLAMA2C_THETA, LLAMA2C_EPS = 10000.0, 1e-5      # fixed by llama2.c's run.c
+
+
+def _llama2c_tensors(args):
+    """The legacy file's tensors in file order, as (our name or a freq_cis table, shape).
+
+    A (layer, ...) tensor is the layers' tensors one after another, so it
+    appears here as n_layers entries in a row."""
+    d, h, kvd, L = args.dim, args.hidden_dim, args.n_kv_heads * args.head_dim, range(args.n_layers)
+    tensors = [("tok_embeddings.weight", (args.vocab_size, d))]
+    for name, shape in [("attention_norm", (d,)), ("attention.wq", (d, d)), ("attention.wk", (kvd, d)),
+                        ("attention.wv", (kvd, d)), ("attention.wo", (d, d)), ("ffn_norm", (d,)),
+                        ("feed_forward.w1", (h, d)), ("feed_forward.w2", (d, h)),
+                        ("feed_forward.w3", (h, d))]:
+        tensors += [(f"layers.{i}.{name}.weight", shape) for i in L]
+    rope = (args.max_seq_len, args.head_dim // 2)
+    tensors += [("norm.weight", (d,)), ("freq_cis_real", rope), ("freq_cis_imag", rope)]
+    if not args.tied:
+        tensors.append(("output.weight", (args.vocab_size, d)))
+    return tensors
+
+
+def load_llama2c(path):
+    """Read a llama2.c legacy checkpoint: head_dim = dim / n_heads, theta 10000, eps 1e-5."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(LLAMA2C_HEADER.size)
+    if len(header) < LLAMA2C_HEADER.size:
+        raise ExportError(path, f"{size} bytes: too short for the 28-byte llama2.c header")
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = LLAMA2C_HEADER.unpack(header)
+    if n_heads <= 0 or dim % n_heads:
+        raise ExportError(path, f"n_heads = {n_heads} does not divide dim = {dim}: not a llama2.c file?")
+    args = _model_args(path, dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, head_dim=dim // n_heads, vocab_size=abs(vocab_size),
+                       max_seq_len=max_seq_len, rope_theta=LLAMA2C_THETA, norm_eps=LLAMA2C_EPS,
+                       tied=vocab_size > 0)
+    tensors = _llama2c_tensors(args)
+    expected = LLAMA2C_HEADER.size + 4 * sum(math.prod(shape) for _, shape in tensors)
+    if size != expected:
+        raise ExportError(path, f"{size} bytes: expected {expected} for {args.describe()}")
+    floats = np.fromfile(path, dtype="<f4", offset=LLAMA2C_HEADER.size)
+    state_dict, at = {}, 0
+    for name, shape in tensors:
+        n = math.prod(shape)
+        if not name.startswith("freq_cis"):
+            state_dict[name] = torch.from_numpy(floats[at:at + n].reshape(shape).copy())
+        at += n
+    return args, state_dict
+
+
+def write_llama2c(path, args, state_dict):
+    """Write the llama2.c legacy format, the freq_cis tables included; return its size.
+
+    Only models the legacy format can describe: head_dim = dim / n_heads,
+    rope_theta 10000, norm_eps 1e-5."""
+    if args.n_heads * args.head_dim != args.dim:
+        raise ExportError(path, f"head_dim = {args.head_dim} is not dim / n_heads: llama2.c cannot hold it")
+    if args.rope_theta != LLAMA2C_THETA or np.float32(args.norm_eps) != np.float32(LLAMA2C_EPS):
+        raise ExportError(path, f"rope_theta {args.rope_theta:g}, norm_eps {args.norm_eps:g}: "
+                                f"llama2.c fixes them at {LLAMA2C_THETA:g} and {LLAMA2C_EPS:g}")
+    check_state_dict(args, state_dict, path)
+    # llama2.c's tables: cos and sin of pos * theta^(-2i/head_size)
+    cos, sin = rope_cos_sin(args.max_seq_len, args.head_dim, LLAMA2C_THETA)
+    tables = {"freq_cis_real": cos, "freq_cis_imag": sin}
+    with open(path, "wb") as f:
+        f.write(LLAMA2C_HEADER.pack(args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads,
+                                    args.vocab_size if args.tied else -args.vocab_size, args.max_seq_len))
+        for name, _ in _llama2c_tensors(args):
+            f.write(_f32_bytes(tables[name] if name in tables else state_dict[name]))
+        return f.tell()
+
 
 # ----------------------------------------------------------------------------
 # Tokenizer export (owner: tokenizer section)
@@ -272,3 +977,98 @@ def write_tokenizer_sentencepiece(model_path, out_path, vocab_size=None):
 
 # ----------------------------------------------------------------------------
 # Command line
+
+EXAMPLES = """\
+examples:
+  export.py model.bin --hf ~/TinyLlama-1.1B      model.bin, and tokenizer.bin beside it
+  export.py model.bin --llama2c stories15M.bin --max-seq-len 256
+  export.py tokenizer.bin --tokenizer-model tokenizer.model
+"""
+
+
+def _source_tokenizer(opts):
+    """The tokenizer file that comes with --meta or --hf, or None.
+
+    Meta ships tokenizer.model. Hugging Face Llama 2 repositories carry both
+    files, and the sentencepiece model is the original; Llama 3 ones only
+    tokenizer.json."""
+    if opts.meta:
+        candidates = [os.path.join(opts.meta, "tokenizer.model")]
+    elif opts.hf:
+        candidates = [os.path.join(opts.hf, "tokenizer.model"), os.path.join(opts.hf, "tokenizer.json")]
+    else:
+        return None
+    return next((path for path in candidates if os.path.exists(path)), None)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="export.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Write a run.c checkpoint (version 1, f32) from one model source and, when\n"
+                    "the source comes with one, its tokenizer; or write a tokenizer alone.")
+    parser.add_argument("output", metavar="OUTPUT",
+                        help="the file to write: the checkpoint, or the tokenizer with --tokenizer-model")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--reference", metavar="PT", help="a file written by save_reference()")
+    source.add_argument("--meta", metavar="DIR",
+                        help="Meta's release: params.json, consolidated.*.pth and maybe tokenizer.model")
+    source.add_argument("--hf", metavar="DIR",
+                        help="a Hugging Face LlamaForCausalLM: config.json, safetensors or pytorch_model.bin "
+                             "weights, and maybe tokenizer.model or tokenizer.json")
+    source.add_argument("--llama2c", metavar="FILE", help="a llama2.c legacy checkpoint")
+    source.add_argument("--tokenizer-model", metavar="FILE",
+                        help="write only this sentencepiece tokenizer.model, as OUTPUT")
+    parser.add_argument("--max-seq-len", metavar="N", type=int,
+                        help=f"context length for the header (default: the source's; "
+                             f"{META_MAX_SEQ_LEN} for --meta, whose params.json has none)")
+    parser.add_argument("--tokenizer-out", metavar="PATH",
+                        help="where the tokenizer of --meta or --hf goes "
+                             "(default: tokenizer.bin beside OUTPUT)")
+    opts = parser.parse_args(argv)
+    if opts.max_seq_len is not None and opts.max_seq_len <= 0:
+        parser.error("--max-seq-len must be positive")
+    if opts.tokenizer_out and not (opts.meta or opts.hf):
+        parser.error("--tokenizer-out goes with --meta or --hf; "
+                     "export a tokenizer alone with --tokenizer-model")
+
+    try:
+        if opts.tokenizer_model:
+            write_tokenizer_sentencepiece(opts.tokenizer_model, opts.output)
+            print(f"wrote {opts.output}: tokenizer of {opts.tokenizer_model}, "
+                  f"{os.path.getsize(opts.output)} bytes")
+            return 0
+
+        if opts.reference:
+            args, state_dict = load_reference(opts.reference)
+        elif opts.meta:
+            args, state_dict = load_meta(opts.meta)
+        elif opts.hf:
+            args, state_dict = load_hf(opts.hf)
+        else:
+            args, state_dict = load_llama2c(opts.llama2c)
+        if opts.max_seq_len:
+            args = dataclasses.replace(args, max_seq_len=opts.max_seq_len)
+        tokenizer = _source_tokenizer(opts)
+        if opts.tokenizer_out and not tokenizer:
+            raise ExportError(opts.meta or opts.hf, "no tokenizer here for --tokenizer-out")
+
+        size = write_checkpoint(opts.output, args, state_dict)
+        print(f"wrote {opts.output}: {args.describe()}, f32, {size} bytes")
+        if tokenizer:
+            out = opts.tokenizer_out or os.path.join(os.path.dirname(opts.output), "tokenizer.bin")
+            if tokenizer.endswith(".json"):
+                write_tokenizer_hf_json(tokenizer, out)
+            else:
+                write_tokenizer_sentencepiece(tokenizer, out)
+            print(f"wrote {out}: tokenizer of {tokenizer}, {os.path.getsize(out)} bytes")
+    except (ExportError, TokenizerExportError) as e:     # both read 'PATH: what is wrong'
+        print(f"export.py: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"export.py: {e.filename or opts.output}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
