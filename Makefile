@@ -51,7 +51,7 @@ fuzz/fuzz_%: fuzz/fuzz_%.c run.c tokenizer.c
 fuzz: $(FUZZ_TARGETS:%=fuzz/fuzz_%)
 	$(PYTHON) fuzz/make_seeds.py fuzz/work
 	for t in $(FUZZ_TARGETS); do \
-	    mkdir -p fuzz/work/$$t fuzz/work/$$t-findings && \
+	    mkdir -p fuzz/work/$$t fuzz/work/$$t-findings fuzz/regressions/$$t && \
 	    ./fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 \
 	        -artifact_prefix=fuzz/work/$$t-findings/ fuzz/work/$$t fuzz/regressions/$$t || exit 1; \
 	done

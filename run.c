@@ -1095,10 +1095,13 @@ int main(int argc, char **argv) {
     parse_options(&o, argc, argv);
 
     Transformer transformer;
-    int vocab_size = -1;
+    int vocab_size = -1, ctx = 0;
     if (o.model_path) {
         load_transformer(&transformer, o.model_path);
         vocab_size = transformer.config.vocab_size;
+        ctx = o.context ? o.context : transformer.config.max_seq_len;
+        if (ctx > transformer.config.max_seq_len)
+            usage_error("-c %d exceeds the model's max_seq_len of %d", ctx, transformer.config.max_seq_len);
     }
     char *prompt_text = o.prompt_file ? read_text_file(o.prompt_file) : NULL;
     const char *text = o.prompt ? o.prompt : prompt_text;
@@ -1121,9 +1124,6 @@ int main(int argc, char **argv) {
     }
 
     Config *c = &transformer.config;
-    int ctx = o.context ? o.context : c->max_seq_len;
-    if (ctx > c->max_seq_len)
-        usage_error("-c %d exceeds the model's max_seq_len of %d", ctx, c->max_seq_len);
     alloc_run_state(&transformer.state, c, ctx);
 
     Sampler sampler;

@@ -73,10 +73,14 @@ def tensor_starts(args):
     return starts, offset
 
 
-def with_field(data, index, fmt, value):
+def with_field(data, offset, fmt, value):
     b = bytearray(data)
-    struct.pack_into(fmt, b, 8 + 4 * index if isinstance(index, int) else index, value)
+    struct.pack_into(fmt, b, offset, value)
     return bytes(b)
+
+
+def field_offset(name):
+    return 8 + 4 * HEADER_FIELDS.index(name)
 
 
 def test_layout_is_as_drawn(good):
@@ -146,17 +150,17 @@ def test_llama2c_v1_magic(tmp_path):
 @pytest.mark.parametrize("field", range(len(HEADER_FIELDS)))
 @pytest.mark.parametrize("value", [0, -1, 2**31 - 1])
 def test_header_field_out_of_range(good, tmp_path, field, value):
-    path = write(tmp_path, with_field(good[1], field, "<i", value))
+    path = write(tmp_path, with_field(good[1], field_offset(HEADER_FIELDS[field]), "<i", value))
     assert_clean_error(run([path], tmp_path), 1, HEADER_FIELDS[field])
 
 
 def test_kv_heads_must_divide_heads(good, tmp_path):
-    path = write(tmp_path, with_field(good[1], 4, "<i", 3))
+    path = write(tmp_path, with_field(good[1], field_offset("n_kv_heads"), "<i", 3))
     assert_clean_error(run([path], tmp_path), 1, "does not divide")
 
 
 def test_odd_head_dim(good, tmp_path):
-    path = write(tmp_path, with_field(good[1], 5, "<i", 7))
+    path = write(tmp_path, with_field(good[1], field_offset("head_dim"), "<i", 7))
     assert_clean_error(run([path], tmp_path), 1, "head_dim = 7")
 
 
@@ -179,8 +183,8 @@ def test_bad_flag_fields(good, tmp_path, offset, value, fragment):
 
 def test_sizes_that_overflow(good, tmp_path):
     data = good[1]
-    for index, value in ((0, 65536), (6, 4_000_000), (2, 1024)):
-        data = with_field(data, index, "<i", value)
+    for name, value in (("dim", 65536), ("vocab_size", 4_000_000), ("n_layers", 1024)):
+        data = with_field(data, field_offset(name), "<i", value)
     assert_clean_error(run([write(tmp_path, data)], tmp_path), 1, "but the header needs")
 
 
