@@ -1029,11 +1029,10 @@ static void load_tokenizer_or_die(Tokenizer *tok, const char *path, int vocab_si
 }
 
 /* --tokenize: prints the prompt's ids and exits. */
-static int run_tokenize(const Options *o, const char *tok_path, int vocab_size, const char *text) {
+static int run_tokenize(const char *tok_path, int vocab_size, const char *text) {
     if (!tok_path) usage_error("--tokenize needs a tokenizer (-z PATH)");
     Tokenizer tok;
     load_tokenizer_or_die(&tok, tok_path, vocab_size);
-    (void)o;
     size_t len = strlen(text);
     int *ids = xcalloc(len + 3, sizeof(int), "the prompt");
     int n = tokenizer_encode(&tok, text, len, tok.add_bos, ids);
@@ -1089,52 +1088,30 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
     return 0;
 }
 
-#ifndef TESTING
-int main(int argc, char **argv) {
-    Options o;
-    parse_options(&o, argc, argv);
-
-    Transformer transformer;
-    int vocab_size = -1, ctx = 0;
-    if (o.model_path) {
-        load_transformer(&transformer, o.model_path);
-        vocab_size = transformer.config.vocab_size;
-        ctx = o.context ? o.context : transformer.config.max_seq_len;
-        if (ctx > transformer.config.max_seq_len)
-            usage_error("-c %d exceeds the model's max_seq_len of %d", ctx, transformer.config.max_seq_len);
-    }
-    char *prompt_text = o.prompt_file ? read_text_file(o.prompt_file) : NULL;
-    const char *text = o.prompt ? o.prompt : prompt_text;
-    char *tok_path = find_tokenizer(&o);
-
-    if (o.tokenize_only) {
-        if (!text) usage_error("--tokenize needs a prompt (-i or -f)");
-        return run_tokenize(&o, tok_path, vocab_size, text);
-    }
-
+/* Generation or chat with a loaded model; returns the exit status. */
+static int run_model(const Options *o, Transformer *transformer, const char *tok_path, const char *text) {
     Tokenizer tokenizer;
     int have_tokenizer = 0;
-    if (tok_path && !o.prompt_ids) {
-        load_tokenizer_or_die(&tokenizer, tok_path, vocab_size);
+    if (tok_path && !o->prompt_ids) {
+        load_tokenizer_or_die(&tokenizer, tok_path, transformer->config.vocab_size);
         have_tokenizer = 1;
-    } else if (text || !strcmp(o.mode, "chat")) {
-        die(o.model_path, "no tokenizer found beside the model or in ./tokenizer.bin; pass -z PATH");
-    } else if (!o.prompt_ids) {
+    } else if (text || !strcmp(o->mode, "chat")) {
+        die(o->model_path, "no tokenizer found beside the model or in ./tokenizer.bin; pass -z PATH");
+    } else if (!o->prompt_ids) {
         fprintf(stderr, "run: no tokenizer found; output is token ids (pass -z PATH for text)\n");
     }
-
-    Config *c = &transformer.config;
-    alloc_run_state(&transformer.state, c, ctx);
+    const Config *c = &transformer->config;
+    int ctx = transformer->state.ctx;
 
     Sampler sampler;
-    uint64_t seed = o.seed_given ? o.seed : (uint64_t)time(NULL);
-    init_sampler(&sampler, c->vocab_size, o.temperature, o.top_p, o.top_k, seed);
+    uint64_t seed = o->seed_given ? o->seed : (uint64_t)time(NULL);
+    init_sampler(&sampler, c->vocab_size, o->temperature, o->top_p, o->top_k, seed);
 
-    Session s = {.transformer = &transformer, .tokenizer = have_tokenizer ? &tokenizer : NULL,
-                 .sampler = &sampler, .logits_path = o.logits_path};
+    Session s = {.transformer = transformer, .tokenizer = have_tokenizer ? &tokenizer : NULL,
+                 .sampler = &sampler, .logits_path = o->logits_path};
     decoder_init(&s.decoder);
-    if (o.logits_path && !(s.logits_file = fopen(o.logits_path, "wb")))
-        die(o.logits_path, "cannot open for writing: %s", strerror(errno));
+    if (o->logits_path && !(s.logits_file = fopen(o->logits_path, "wb")))
+        die(o->logits_path, "cannot open for writing: %s", strerror(errno));
 
     /* llama2.c's models end a story by starting the next with BOS */
     int bos = have_tokenizer ? tokenizer.bos_id : 1;
@@ -1142,11 +1119,12 @@ int main(int argc, char **argv) {
     else if (have_tokenizer && tokenizer.eos_id >= 0) s.stop_tokens[s.n_stop_tokens++] = tokenizer.eos_id;
 
     int status = 0;
-    if (!strcmp(o.mode, "chat")) {
-        status = run_chat(&s, &o, tok_path, text);
+    if (!strcmp(o->mode, "chat")) {
+        status = run_chat(&s, o, tok_path, text);
+        print_statistics(&s);
     } else {
         TokenList prompt = {0};
-        if (o.prompt_ids) parse_token_ids(o.prompt_ids, c->vocab_size, &prompt);
+        if (o->prompt_ids) parse_token_ids(o->prompt_ids, c->vocab_size, &prompt);
         else if (text) {
             if (tokenizer.add_bos && tokenizer.bos_id >= 0) push_token(&prompt, tokenizer.bos_id);
             push_text(&prompt, &tokenizer, text);
@@ -1154,24 +1132,53 @@ int main(int argc, char **argv) {
         if (prompt.n == 0) push_token(&prompt, bos);
         if (prompt.n > ctx) {
             fprintf(stderr, "run: the prompt is %d tokens but the context holds %d (see -c)\n", prompt.n, ctx);
-            return 1;
+            status = 1;
+        } else {
+            int last = complete(&s, prompt.ids, prompt.n, o->steps, 1);
+            finish_output(&s);
+            if (s.context_full)
+                fprintf(stderr, "run: stopped: the context is full (%d positions)\n", ctx);
+            else if (o->steps > 0 && is_stop_token(&s, last))
+                fprintf(stderr, "run: stopped at end of sequence (token %d)\n", last);
+            print_statistics(&s);
         }
-        int last = complete(&s, prompt.ids, prompt.n, o.steps, 1);
-        finish_output(&s);
-        if (s.context_full)
-            fprintf(stderr, "run: stopped: the context is full (%d positions)\n", ctx);
-        else if (o.steps > 0 && is_stop_token(&s, last))
-            fprintf(stderr, "run: stopped at end of sequence (token %d)\n", last);
         free(prompt.ids);
     }
-    print_statistics(&s);
-
-    if (s.logits_file && fclose(s.logits_file) != 0) die(o.logits_path, "write failed: %s", strerror(errno));
+    if (s.logits_file && fclose(s.logits_file) != 0) die(o->logits_path, "write failed: %s", strerror(errno));
     free(sampler.candidates);
     if (have_tokenizer) tokenizer_free(&tokenizer);
+    return status;
+}
+
+#ifndef TESTING
+int main(int argc, char **argv) {
+    Options o;
+    parse_options(&o, argc, argv);
+
+    Transformer transformer;
+    int vocab_size = -1;
+    if (o.model_path) {
+        load_transformer(&transformer, o.model_path);
+        Config *c = &transformer.config;
+        vocab_size = c->vocab_size;
+        int ctx = o.context ? o.context : c->max_seq_len;
+        if (ctx > c->max_seq_len) usage_error("-c %d exceeds the model's max_seq_len of %d", ctx, c->max_seq_len);
+        if (!o.tokenize_only) alloc_run_state(&transformer.state, c, ctx);
+    }
+    char *prompt_text = o.prompt_file ? read_text_file(o.prompt_file) : NULL;
+    const char *text = o.prompt ? o.prompt : prompt_text;
+    char *tok_path = find_tokenizer(&o);
+
+    int status;
+    if (o.tokenize_only) {
+        if (!text) usage_error("--tokenize needs a prompt (-i or -f)");
+        status = run_tokenize(tok_path, vocab_size, text);
+    } else {
+        status = run_model(&o, &transformer, tok_path, text);
+    }
     free(tok_path);
     free(prompt_text);
-    free_transformer(&transformer);
+    if (o.model_path) free_transformer(&transformer);
     return status;
 }
 #endif

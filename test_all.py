@@ -122,6 +122,8 @@ def test_links_only_libc_libm_and_openmp():
         pytest.skip("ldd is not installed")
     libs = subprocess.run(["ldd", str(RUN)], capture_output=True, text=True, check=True).stdout
     allowed = ("linux-vdso", "libc.so", "libm.so", "libmvec.so", "libgomp.so", "ld-linux")
+    if "RUN_BINARY" in os.environ:  # make sanitize: the runtimes of the sanitizers too
+        allowed += ("libasan.so", "libubsan.so", "libstdc++.so", "libgcc_s.so")
     for line in libs.strip().splitlines():
         assert any(name in line for name in allowed), f"unexpected library: {line.strip()}"
 
