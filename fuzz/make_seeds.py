@@ -2,11 +2,19 @@
 that the fuzzer then mutates, so it starts deep inside the formats instead
 of at the magic bytes."""
 
+import struct
 import sys
+import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sentencepiece as spm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
+
+TEXTS = ["Once upon a time, a café.", "  tabs\tand\nnewlines  ", "naïve 東京 🙂👍🏽 <s> [INST]",
+         "\xa0\u200b\u0301x"]
 
 
 def checkpoint_seeds(out):
@@ -16,11 +24,30 @@ def checkpoint_seeds(out):
                                 norm_eps=1e-5, tied=tied)
         state = export.random_model(args, 0).state_dict()
         export.write_checkpoint(out / f"ours-tied{int(tied)}.bin", args, state)
-        args.head_dim = args.dim // args.n_heads
         export.write_llama2c(out / f"legacy-tied{int(tied)}.bin", args, state)
+
+
+def tokenizer_seeds(out):
+    """The fuzz input is: u32 length of the tokenizer file, the file, text."""
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(TEXTS * 50))
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=f"{tmp}/sp", vocab_size=300,
+                                       model_type="bpe", byte_fallback=True,
+                                       character_coverage=0.99, normalization_rule_name="identity",
+                                       minloglevel=2)
+        export.write_tokenizer_sentencepiece(f"{tmp}/sp.model", f"{tmp}/tok.bin")
+        files = {"ltok": Path(f"{tmp}/tok.bin").read_bytes()}
+    llama2 = ROOT.parent / "shared" / "tokenizers" / "llama2" / "tokenizer.bin"
+    if llama2.exists():
+        files["llama2c"] = llama2.read_bytes()
+    for name, data in files.items():
+        for i, text in enumerate(TEXTS):
+            (out / f"{name}-{i}").write_bytes(struct.pack("<I", len(data)) + data + text.encode())
 
 
 if __name__ == "__main__":
     root = Path(sys.argv[1])
-    (root / "checkpoint").mkdir(parents=True, exist_ok=True)
-    checkpoint_seeds(root / "checkpoint")
+    for target, write_seeds in (("checkpoint", checkpoint_seeds), ("tokenizer", tokenizer_seeds)):
+        (root / target).mkdir(parents=True, exist_ok=True)
+        write_seeds(root / target)
