@@ -763,6 +763,7 @@ def write_llama2c(path, args, state_dict):
 # read by tokenizer.c as it is; nothing here writes it.
 
 import json as _json
+import os as _os
 import struct as _struct
 
 TOKENIZER_MAGIC = b"LTOK"
@@ -974,6 +975,147 @@ def write_tokenizer_sentencepiece(model_path, out_path, vocab_size=None):
                            eos_id=special_id(tr["eos_piece"], PIECE_CONTROL),
                            pad_id=special_id(tr["pad_piece"], PIECE_CONTROL), unk_id=unk[0], flags=flags,
                            chat_template=CHAT_LLAMA2)
+
+
+# Byte-level BPE: GPT-2's tokenizer.json stores each token as text in which
+# every byte is a printable character (bytes_to_unicode below); the file
+# stores the bytes themselves.
+
+def gpt2_bytes_to_unicode():
+    """GPT-2's map from byte value to the character that stands for it."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _hf_token_bytes(text, char_to_byte):
+    """The bytes Hugging Face's ByteLevel decoder makes of a token: mapped
+    back through the byte alphabet when every character is in it, else the
+    token's own UTF-8."""
+    if all(c in char_to_byte for c in text):
+        return bytes(char_to_byte[c] for c in text)
+    return text.encode("utf-8")
+
+
+def _hf_pretokenizer(pre, path):
+    """(pretokenizer kind, add_prefix_space) for the pre_tokenizers run.c knows."""
+    def byte_level(p):
+        return isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True)
+
+    if byte_level(pre):
+        return PRETOK_GPT2, bool(pre.get("add_prefix_space", False))
+    if (isinstance(pre, dict) and pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2
+            and pre["pretokenizers"][0] == {"type": "Digits", "individual_digits": True}
+            and byte_level(pre["pretokenizers"][1])):
+        return PRETOK_DIGITS_GPT2, bool(pre["pretokenizers"][1].get("add_prefix_space", False))
+    raise TokenizerExportError(f"{path}: pre_tokenizer {_json.dumps(pre)[:200]} is not supported "
+                               "(ByteLevel with the GPT-2 regex, optionally after Digits(individual_digits))")
+
+
+def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None, eos_token=None):
+    """Converts a Hugging Face tokenizer.json with a byte-level BPE model
+    (GPT-2, SmolLM2) into an LTOK file. BOS and EOS are the tokens named by
+    bos_token / eos_token, else by tokenizer_config.json beside the file;
+    BOS is added to prompts when the post-processor puts it first. Refuses
+    what tokenizer.c would not reproduce exactly. Returns the file size."""
+    with open(json_path, "r", encoding="utf-8") as f:
+        tj = _json.load(f)
+    model = tj.get("model") or {}
+    if model.get("type", "BPE") != "BPE" or "merges" not in model:
+        raise TokenizerExportError(f"{json_path}: model type {model.get('type')!r}; only BPE is supported")
+    if tj.get("normalizer") is not None:
+        raise TokenizerExportError(f"{json_path}: a normalizer ({tj['normalizer'].get('type')}) is not supported")
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise TokenizerExportError(f"{json_path}: BPE {key} is not supported")
+    if model.get("byte_fallback") or model.get("dropout"):
+        raise TokenizerExportError(f"{json_path}: BPE byte_fallback / dropout is not supported")
+    decoder = tj.get("decoder")
+    if not (isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"):
+        raise TokenizerExportError(f"{json_path}: decoder {decoder and decoder.get('type')!r}; "
+                                   "only ByteLevel is supported")
+    pretok, prefix = _hf_pretokenizer(tj.get("pre_tokenizer"), json_path)
+
+    vocab = dict(model["vocab"])
+    added = tj.get("added_tokens") or []
+    for a in added:
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            raise TokenizerExportError(f"{json_path}: added token {a['content']!r} uses lstrip/rstrip/single_word")
+        vocab.setdefault(a["content"], a["id"])
+    n = max(vocab.values()) + 1
+    by_id = [None] * n
+    for text, i in vocab.items():
+        if by_id[i] is None:
+            by_id[i] = text
+    holes = [i for i, text in enumerate(by_id) if text is None]
+    if holes:
+        raise TokenizerExportError(f"{json_path}: no token has id {holes[0]} ({len(holes)} ids unused)")
+    if vocab_size is not None and n != vocab_size:
+        raise TokenizerExportError(f"{json_path}: {n} tokens but the model has {vocab_size}")
+
+    char_to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
+    tokens = [[_hf_token_bytes(text, char_to_byte), 0.0, PIECE_NORMAL] for text in by_id]
+    for a in added:
+        # matched in the text by their content; special ones decode to nothing
+        tokens[a["id"]] = [a["content"].encode("utf-8"), 0.0, PIECE_CONTROL if a.get("special") else PIECE_USER]
+    tokens = [tuple(x) for x in tokens]
+
+    merges = []
+    for r, m in enumerate(model["merges"]):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise TokenizerExportError(f"{json_path}: merge {r} ({left!r}, {right!r}) names a token not in the vocab")
+        merges.append((vocab[left], vocab[right], vocab[left + right]))
+    seen = set()
+    for r, (a, b, _) in enumerate(merges):
+        if (a, b) in seen:
+            raise TokenizerExportError(f"{json_path}: merge {r} repeats an earlier pair")
+        seen.add((a, b))
+
+    # BOS and EOS: from the arguments, else tokenizer_config.json
+    config = {}
+    config_path = _os.path.join(_os.path.dirname(_os.path.abspath(json_path)), "tokenizer_config.json")
+    if _os.path.isfile(config_path):
+        with open(config_path, "r", encoding="utf-8") as f:
+            config = _json.load(f)
+
+    def token_id(name, given):
+        value = given if given is not None else config.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value is None:
+            return -1
+        if value not in vocab:
+            raise TokenizerExportError(f"{json_path}: {name} {value!r} is not a token")
+        return vocab[value]
+
+    bos, eos = token_id("bos_token", bos_token), token_id("eos_token", eos_token)
+    flags = TOKF_DUMMY_PREFIX if prefix else 0
+    if model.get("ignore_merges"):
+        flags |= TOKF_IGNORE_MERGES
+    post = tj.get("post_processor")
+    if isinstance(post, dict) and post.get("type") == "TemplateProcessing":
+        single = post.get("single", [])
+        firsts = [s["SpecialToken"]["id"] for s in single[:1] if "SpecialToken" in s]
+        if len(single) != 1 + len(firsts) or not any("Sequence" in s for s in single):
+            raise TokenizerExportError(f"{json_path}: post_processor template {single} is not [BOS] $A")
+        if firsts:
+            bos = vocab[firsts[0]]
+            flags |= TOKF_ADD_BOS
+    elif post is not None and post.get("type") not in ("ByteLevel",):
+        raise TokenizerExportError(f"{json_path}: post_processor {post.get('type')} is not supported")
+    chat = CHAT_CHATML if "<|im_start|>" in vocab and "<|im_end|>" in vocab else CHAT_NONE
+    unk = model.get("unk_token")
+    unk_id = vocab[unk] if unk in vocab else -1
+    return write_tokenizer(out_path, TOK_BYTELEVEL, tokens, bos_id=bos, eos_id=eos, unk_id=unk_id,
+                           flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges)
+
 
 # ----------------------------------------------------------------------------
 # Command line

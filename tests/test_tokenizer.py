@@ -12,6 +12,7 @@ batches on stdin, so that thousands of strings cost one process.
 """
 
 import io
+import json
 import os
 import random
 import struct
@@ -542,8 +543,9 @@ def test_vocab_mismatch_message(driver, sp_models):
     assert run_info(driver, tok, sp.get_piece_size()).returncode == 0
 
 
-def test_bad_files_do_not_crash(driver, sp_models, tmp_path):
-    _, tok = sp_models["small"]
+@pytest.mark.parametrize("which", ["sentencepiece", "byte-level"])
+def test_bad_files_do_not_crash(driver, sp_models, bl_models, tmp_path, which):
+    tok = sp_models["small"][1] if which == "sentencepiece" else bl_models["small"][1]
     good = Path(tok).read_bytes()
     rng = random.Random(1)
     cases = [b"", b"LTOK", good[:63], good[:64], good[:-1], good + b"\0", b"\x10\0\0\0" + b"\0" * 3,
@@ -553,7 +555,9 @@ def test_bad_files_do_not_crash(driver, sp_models, tmp_path):
     for _ in range(300):
         b = bytearray(good)
         for _ in range(rng.randint(1, 4)):
-            i = rng.randrange(min(len(b), 200) if rng.random() < .7 else len(b))
+            r = rng.random()
+            i = rng.randrange(min(len(b), 200)) if r < .5 else rng.randrange(len(b)) if r < .8 else \
+                rng.randrange(max(0, len(b) - 400), len(b))
             b[i] = rng.randrange(256)
         cases.append(bytes(b))
     # header fields one by one set to awkward values
@@ -573,8 +577,7 @@ def test_bad_files_do_not_crash(driver, sp_models, tmp_path):
         else:
             accepted += 1
             # whatever loads must encode and decode without trouble
-            if data[:4] != b"LTOK" or data[8] == 0:   # byte-level encoding: not yet
-                encode_batch(driver, path, [b"hello world \xff", "日本 👍".encode()])
+            encode_batch(driver, path, [b"hello world \xff", "日本 👍 12 <|im_start|>".encode()])
             decode_batch(driver, path, [list(range(20)), [-5, 1 << 30, 3, 4]])
     assert accepted < len(cases)
 
@@ -594,3 +597,174 @@ def test_run_tokenize(sp_models):
         p = subprocess.run([str(run), "--tokenize", "-z", str(tok), "-i", text], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         assert [int(x) for x in p.stdout.split()] == sp_reference_encode(sp, text), text
+
+
+# ----------------------------------------------------------------------------
+# Byte-level BPE (GPT-2, SmolLM2) against Hugging Face tokenizers
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BL_CONFIGS = {
+    # name: (vocab size, Digits first, add_prefix_space, extra settings)
+    "gpt2": (3000, False, False, {}),
+    "smollm2": (3000, True, False, {}),   # Digits(individual_digits) then ByteLevel
+    "small": (400, False, False, {}),
+    "prefix": (1500, False, True, {}),
+    "bos": (1500, True, False, {"bos": True}),
+    "ignore_merges": (1500, False, False, {"ignore_merges": True}),
+    "added": (1500, False, False, {"added": ["foo bar", "ünï", "\u00e9t\u00e9"]}),
+}
+
+
+def train_bl(name, directory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    vocab, digits, prefix, extra = BL_CONFIGS[name]
+    tok = Tokenizer(models.BPE())
+    bl = pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), bl]) if digits else bl
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(4000, seed=len(name)), trainer=trainer)
+    if extra.get("bos"):
+        tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                           special_tokens=[("<|endoftext|>", 0)])
+    if extra.get("added"):
+        tok.add_tokens(extra["added"])
+    path = directory / f"{name}.json"
+    tok.save(str(path))
+    if extra.get("ignore_merges"):
+        j = json.loads(path.read_text())
+        j["model"]["ignore_merges"] = True
+        path.write_text(json.dumps(j))
+        tok = Tokenizer.from_file(str(path))
+    return tok, path
+
+
+@pytest.fixture(scope="session")
+def bl_models(tmp_path_factory):
+    """name -> (tokenizers.Tokenizer, path of the exported LTOK file)."""
+    pytest.importorskip("tokenizers")
+    d = tmp_path_factory.mktemp("bl")
+    out = {}
+    for name in BL_CONFIGS:
+        tok, path = train_bl(name, d)
+        ltok = d / f"{name}.tok"
+        export.write_tokenizer_hf_json(str(path), str(ltok))
+        out[name] = (tok, ltok)
+    return out
+
+
+def class_probe_strings(seed, n=1500):
+    """Strings that put random code points next to letters, digits, spaces
+    and apostrophes, where the pre-tokenizer's classes decide the split."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        c = random_unicode(rng, 1)
+        d = random_unicode(rng, 1)
+        out.append(rng.choice([f"x{c}y {c}{c}1 '{c}s", f"{c} {d}\t{c}{d}", f"1{c}2 {c}'ll", f" {c}{c} ",
+                               f"{c}\n{d} ", f"ab{c}cd{d}"]))
+    return out
+
+
+@pytest.mark.parametrize("name", list(BL_CONFIGS))
+def test_byte_level_trained(driver, bl_models, name):
+    tok, ltok = bl_models[name]
+    info = driver_info(driver, ltok)
+    texts = test_strings(len(name) * 7) + class_probe_strings(len(name)) + [
+        "<|im_start|>user\nhi<|im_end|>\n", "a<|endoftext|>b", "<|im_start|><|im_start|>", "<|im_sta",
+        "<|im_end|", "12345 678", " 1 2 3", "x\uff11\uff12\uff13", "foo bar foo  bar", "ünïünï", "'s'S 'RE're",
+        "don't 'll've'd'm", "  \n\n  x", "\n\n\n", "x \n", "\u3000\u3000a", "\u0085\u00a0 x"]
+    raw = [t.encode() for t in texts]
+    mine = encode_batch(driver, ltok, raw, bos=info["add_bos"])
+    bad = [(t, tok.encode(t).ids, m) for t, m in zip(texts, mine) if tok.encode(t).ids != m]
+    report("encodings", bad, len(texts))
+    refs = [tok.encode(t).ids for t in texts]
+    dec = decode_batch(driver, ltok, refs)
+    bad = [(ids, tok.decode(ids), m) for ids, m in zip(refs, dec) if tok.decode(ids).encode() != m]
+    report("decodings", bad, len(refs))
+    # random ids: any token, runs of single-byte tokens, special tokens between
+    rng = random.Random(len(name))
+    n = tok.get_vocab_size()
+    byte_ids = [i for i in range(n) if len(tok.id_to_token(i)) == 1]
+    lists = [[rng.randrange(n) for _ in range(rng.randint(0, 10))] for _ in range(1500)]
+    lists += [[rng.choice(byte_ids + [0, 1, 2]) for _ in range(rng.randint(1, 10))] for _ in range(1500)]
+    dec = decode_batch(driver, ltok, lists)
+    bad = [(ids, tok.decode(ids), m) for ids, m in zip(lists, dec) if tok.decode(ids).encode() != m]
+    report("random decodings", bad, len(lists))
+    # invalid UTF-8 (which the reference cannot take): bytes survive the
+    # round trip, and decoding replaces bad sequences as Python does
+    if not info["add_bos"] and not (info["flags"] & export.TOKF_DUMMY_PREFIX):
+        inv = invalid_utf8_strings(len(name))
+        dec = decode_batch(driver, ltok, encode_batch(driver, ltok, inv, bos=0))
+        bad = [(b, m) for b, m in zip(inv, dec) if b.decode("utf-8", "replace").encode() != m]
+        report("invalid UTF-8 round trips", bad, len(inv))
+    assert len(texts) + len(lists) > 5000
+
+
+def test_byte_level_header(driver, bl_models, tmp_path):
+    tok, ltok = bl_models["gpt2"]
+    info = driver_info(driver, ltok)
+    assert (info["kind"], info["chat_template"], info["add_bos"], info["bos_id"]) == (1, 2, 0, -1)
+    assert info["pretokenizer"] == export.PRETOK_GPT2
+    assert driver_info(driver, bl_models["smollm2"][1])["pretokenizer"] == export.PRETOK_DIGITS_GPT2
+    info = driver_info(driver, bl_models["bos"][1])
+    assert (info["add_bos"], info["bos_id"]) == (1, 0)
+    # BOS and EOS named by tokenizer_config.json beside tokenizer.json
+    d = tmp_path / "smol"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"}}))
+    export.write_tokenizer_hf_json(str(d / "tokenizer.json"), str(d / "t.tok"), vocab_size=tok.get_vocab_size())
+    info = driver_info(driver, d / "t.tok")
+    assert (info["bos_id"], info["eos_id"], info["add_bos"]) == (1, 2, 0)
+    # tokens are stored as raw bytes: "Ġ" is the space
+    t = export.read_tokenizer(ltok)
+    assert t["tokens"][tok.token_to_id("\u0120")][0] == b" "
+
+
+def test_byte_level_export_refuses(tmp_path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    base = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+    base.decoder = decoders.ByteLevel()
+    path = tmp_path / "t.json"
+    base.save(str(path))
+    export.write_tokenizer_hf_json(str(path), str(tmp_path / "ok.tok"))   # fine as it is
+    cases = [
+        ("normalizer", lambda j: j.update(normalizer={"type": "NFC"})),
+        ("pre_tokenizer", lambda j: j.update(pre_tokenizer={"type": "Whitespace"})),
+        ("only BPE", lambda j: j["model"].update(type="WordPiece")),
+        ("decoder", lambda j: j.update(decoder=None)),
+        ("continuing_subword_prefix", lambda j: j["model"].update(continuing_subword_prefix="##")),
+    ]
+    for message, change in cases:
+        j = json.loads(path.read_text())
+        change(j)
+        path.write_text(json.dumps(j))
+        with pytest.raises(export.TokenizerExportError, match=message):
+            export.write_tokenizer_hf_json(str(path), str(tmp_path / "bad.tok"))
+        base.save(str(path))
+
+
+def test_byte_level_speed(driver, bl_models):
+    tok, ltok = bl_models["smollm2"]
+    text = mixed_text(1 << 20, seed=12).decode("utf-8", "ignore").encode()
+    p = subprocess.run([driver, str(ltok), "bench"], input=text, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    n, seconds = p.stdout.split()
+    print(f"byte-level 1 MiB: {int(n)} tokens in {float(seconds):.3f} s")
+    assert float(seconds) < 1.0
+    assert encode_batch(driver, ltok, [text], bos=0)[0] == tok.encode(text.decode()).ids
+
+
+def test_unicode_tables_are_current():
+    # the committed tables are what tools/gen_unicode_tables.py measures now
+    pytest.importorskip("tokenizers")
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_unicode_tables.py")], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout in (ROOT / "tokenizer.c").read_text(), \
+        "tokenizer.c's Unicode tables are stale: run python3 tools/gen_unicode_tables.py --write"
