@@ -51,9 +51,12 @@ fuzz/fuzz_%: fuzz/fuzz_%.c run.c tokenizer.c
 fuzz: $(FUZZ_TARGETS:%=fuzz/fuzz_%)
 	$(PYTHON) fuzz/make_seeds.py fuzz/work
 	for t in $(FUZZ_TARGETS); do \
-	    mkdir -p fuzz/work/$$t fuzz/work/$$t-findings fuzz/regressions/$$t && \
+	    mkdir -p fuzz/work/$$t fuzz/work/$$t-findings fuzz/regressions/$$t; \
+	    echo "fuzzing $$t for $(FUZZ_SECONDS) s (log: fuzz/work/$$t.log)"; \
 	    ./fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=1 \
-	        -artifact_prefix=fuzz/work/$$t-findings/ fuzz/work/$$t fuzz/regressions/$$t || exit 1; \
+	        -artifact_prefix=fuzz/work/$$t-findings/ fuzz/work/$$t fuzz/regressions/$$t \
+	        > fuzz/work/$$t.log 2>&1 || { tail -60 fuzz/work/$$t.log; exit 1; }; \
+	    grep -E "^Done|number_of_executed_units" fuzz/work/$$t.log; \
 	done
 
 clean:
