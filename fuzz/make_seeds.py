@@ -27,6 +27,16 @@ def checkpoint_seeds(out):
         export.write_llama2c(out / f"legacy-tied{int(tied)}.bin", args, state)
 
 
+def llama2c_tokenizer(sp):
+    """llama2.c's tokenizer.bin: i32 max_token_length, then per token
+    f32 score, i32 length, bytes (with U+2581 for spaces, as it stores them)."""
+    pieces = [sp.id_to_piece(i).encode() for i in range(sp.get_piece_size())]
+    out = struct.pack("<i", max(map(len, pieces)))
+    for i, piece in enumerate(pieces):
+        out += struct.pack("<fi", sp.get_score(i), len(piece)) + piece
+    return out
+
+
 def tokenizer_seeds(out):
     """The fuzz input is: u32 length of the tokenizer file, the file, text."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -37,10 +47,8 @@ def tokenizer_seeds(out):
                                        character_coverage=0.99, normalization_rule_name="identity",
                                        minloglevel=2)
         export.write_tokenizer_sentencepiece(f"{tmp}/sp.model", f"{tmp}/tok.bin")
-        files = {"ltok": Path(f"{tmp}/tok.bin").read_bytes()}
-    llama2 = ROOT.parent / "shared" / "tokenizers" / "llama2" / "tokenizer.bin"
-    if llama2.exists():
-        files["llama2c"] = llama2.read_bytes()
+        files = {"ltok": Path(f"{tmp}/tok.bin").read_bytes(),
+                 "llama2c": llama2c_tokenizer(spm.SentencePieceProcessor(model_file=f"{tmp}/sp.model"))}
     for name, data in files.items():
         for i, text in enumerate(TEXTS):
             (out / f"{name}-{i}").write_bytes(struct.pack("<I", len(data)) + data + text.encode())
