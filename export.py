@@ -713,7 +713,7 @@ def write_llama2c(path, args, state_dict):
 
 
 # ----------------------------------------------------------------------------
-# Tokenizer export (owner: tokenizer section)
+# Tokenizer export
 #
 # One file format serves both kinds of tokenizer run.c knows: sentencepiece
 # BPE (Llama 2, from tokenizer.model) and byte-level BPE (GPT-2 style, from a

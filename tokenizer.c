@@ -16,7 +16,25 @@
  *     out by hand below), then merge byte tokens by merge rank.
  *
  * Both merge loops keep the symbols in a linked list and the candidate pairs
- * in a binary heap, so encoding is O(n log n) in the length of the text.
+ * in a binary heap, so encoding is O(n log n) in the length of the text
+ * (1 MB in well under 0.1 s on ordinary text); pieces are found through hash
+ * tables built once at load.
+ *
+ * The API (run.c's):
+ *   tokenizer_load(t, path, vocab_size, err, err_size)   0, or -1 and a message
+ *   tokenizer_load_memory(t, data, size, vocab_size, err, err_size)
+ *   tokenizer_free(t)
+ *   tokenizer_encode(t, text, len, add_bos, tokens)      count; tokens holds len + 3
+ *   tokenizer_encode_n(t, text, len, add_bos, tokens, max)   the same, bounded
+ *   tokenizer_max_tokens(t, len)                        most tokens len bytes can give
+ *   tokenizer_find(t, piece, len)                       id of that exact token, or -1
+ *   decoder_init(d), tokenizer_decode(t, d, id, out, n), tokenizer_decode_flush(t, d, out, n)
+ *     streamed text; the concatenation equals the reference's decode(ids)
+ *
+ * Where the references cannot be followed: text that is not valid UTF-8.
+ * sentencepiece itself turns each bad byte into U+FFFD, and so does this
+ * file; byte-level BPE keeps the bytes (the pre-tokenizer counts a bad byte
+ * as a character of class "other"), so decoding gives them back.
  *
  * File format ("LTOK", written by export.py; little-endian):
  *
@@ -123,7 +141,6 @@ typedef struct {
     float *score;           // (vocab_size) sentencepiece merge score
     unsigned char *type;    // (vocab_size) PIECE_*
     int byte_token[256];    // token of each byte value (<0xXX> or the byte itself), -1 none
-    int byte_value[256];    // unused; keeps the struct simple to extend
     TokIndex all;           // every token; reserved sentencepiece types win
     TokIndex bpe;           // sentencepiece: pieces merges may produce
     TokIndex special;       // matched whole in the text before BPE
@@ -488,7 +505,7 @@ static int tok_load_legacy(Tokenizer *t, const unsigned char *data, size_t size,
             tok_err(err, err_size, "token %ld: record cut short at byte %ld", count, (long)pos);
             return -1;
         }
-        for (int32_t i = 0; i < len; i++) total += data[pos + 8 + i] == ' ' ? 3 : 1;
+        for (size_t i = 0; i < (size_t)len; i++) total += data[pos + 8 + i] == ' ' ? 3 : 1;
         pos += 8 + (size_t)len;
         count++;
         if (count > TOK_MAX_VOCAB) {
@@ -1545,8 +1562,9 @@ static int bl_segment(BlState *st, const unsigned char *s, size_t n)
     size_t start = 0;
     for (size_t i = 0; i < n;) {
         BlChar c = bl_char(s, n, i);
-        if (c.cp != 0xFFFFFFFFu && c.cp >= 0x80 ? uni_in(UNI_NUMERIC, UNI_COUNT(UNI_NUMERIC), c.cp)
-                                                : (c.cp >= '0' && c.cp <= '9')) {
+        int numeric = c.cp < 0x80 ? (c.cp >= '0' && c.cp <= '9')
+                                  : c.cp != 0xFFFFFFFFu && uni_in(UNI_NUMERIC, UNI_COUNT(UNI_NUMERIC), c.cp);
+        if (numeric) {
             int rc = bl_piece(st, s + start, i - start);
             if (!rc) rc = bl_piece(st, s + i, (size_t)c.len);
             if (rc) return rc;

@@ -39,7 +39,9 @@ if not LLAMA2_DIR.is_dir():
 def driver(tmp_path_factory):
     out = tmp_path_factory.mktemp("driver") / "tokenizer_driver"
     cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
+    # TOKENIZER_DRIVER_CFLAGS adds flags, e.g. "-fsanitize=address,undefined"
+    extra = os.environ.get("TOKENIZER_DRIVER_CFLAGS", "").split()
+    cmd = [cc, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", *extra, "-o", str(out),
            str(ROOT / "tests" / "tokenizer_driver.c")]
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stderr}"
