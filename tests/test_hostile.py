@@ -7,6 +7,7 @@ signal ended the process (a negative return code from subprocess).
 
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -264,3 +265,27 @@ def test_random_bytes_never_crash(tmp_path):
             data = b"LLAM" + data
         p = run([write(tmp_path, data)], tmp_path)
         assert p.returncode == 1 and p.stderr.count("\n") == 1, (i, p.returncode, p.stderr)
+
+
+# ----------------------------------------------------------------------------
+# Under valgrind: the default build must run there, errors and all
+
+@pytest.mark.parametrize("case", ["good", "truncated", "bad_field", "legacy_zero_heads", "bad_flag"])
+def test_clean_under_valgrind(good, tmp_path, case):
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (.ci/run installs it)")
+    if "RUN_BINARY" in os.environ:
+        pytest.skip("valgrind and AddressSanitizer do not mix")
+    args = {
+        "good": [good[0], "--tokens", "1 2", "-n", 2],
+        "truncated": [write(tmp_path, good[1][:1000])],
+        "bad_field": [write(tmp_path, with_field(good[1], field_offset("n_heads"), "<i", 0))],
+        "legacy_zero_heads": [write(tmp_path, legacy((64, 172, 5, 0, 4, 512, 512), 100))],
+        "bad_flag": [good[0], "-p", "2"],
+    }[case]
+    p = subprocess.run(["valgrind", "-q", "--error-exitcode=99", str(RUN)] + [str(a) for a in args],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert "Illegal" not in p.stderr and "SIGILL" not in p.stderr, \
+        "valgrind cannot run AVX-512: keep it out of the default build (see the Makefile)"
+    assert p.returncode == {"good": 0, "bad_flag": 2}.get(case, 1), p.stderr
