@@ -738,6 +738,7 @@ def write_llama2c(path, args, state_dict):
 #                                                 is a token is kept whole (bl)
 #       36     4  u32      pretokenizer    0 none, 1 GPT-2 regex,
 #                                          2 digits one by one, then GPT-2 regex
+#                                          3 Llama 3 regex
 #       40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml
 #       44     4  u32      n_merges        0 for sentencepiece
 #       48     4  u32      max_token_length  bytes in the longest token
@@ -772,7 +773,7 @@ TOKENIZER_HEADER = _struct.Struct("<4sIIiiiiiIIIII12x")   # 64 bytes
 TOK_SENTENCEPIECE, TOK_BYTELEVEL = 0, 1
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_REMOVE_EXTRA_WS, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES = 1, 2, 4, 8, 16
-PRETOK_NONE, PRETOK_GPT2, PRETOK_DIGITS_GPT2 = 0, 1, 2
+PRETOK_NONE, PRETOK_GPT2, PRETOK_DIGITS_GPT2, PRETOK_LLAMA3 = 0, 1, 2, 3
 CHAT_NONE, CHAT_LLAMA2, CHAT_CHATML = 0, 1, 2
 
 
@@ -1003,19 +1004,27 @@ def _hf_token_bytes(text, char_to_byte):
     return text.encode("utf-8")
 
 
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def _hf_pretokenizer(pre, path):
     """(pretokenizer kind, add_prefix_space) for the pre_tokenizers run.c knows."""
-    def byte_level(p):
-        return isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True)
+    def byte_level(p, regex=True):
+        return isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True) == regex
 
+    seq = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else []
     if byte_level(pre):
         return PRETOK_GPT2, bool(pre.get("add_prefix_space", False))
-    if (isinstance(pre, dict) and pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 2
-            and pre["pretokenizers"][0] == {"type": "Digits", "individual_digits": True}
-            and byte_level(pre["pretokenizers"][1])):
-        return PRETOK_DIGITS_GPT2, bool(pre["pretokenizers"][1].get("add_prefix_space", False))
+    if (len(seq) == 2 and seq[0] == {"type": "Digits", "individual_digits": True} and byte_level(seq[1])):
+        return PRETOK_DIGITS_GPT2, bool(seq[1].get("add_prefix_space", False))
+    if (len(seq) == 2 and isinstance(seq[0], dict) and seq[0].get("type") == "Split"
+            and seq[0].get("pattern") == {"Regex": LLAMA3_PATTERN} and seq[0].get("behavior") == "Isolated"
+            and not seq[0].get("invert") and byte_level(seq[1], regex=False)):
+        return PRETOK_LLAMA3, bool(seq[1].get("add_prefix_space", False))
     raise TokenizerExportError(f"{path}: pre_tokenizer {_json.dumps(pre)[:200]} is not supported "
-                               "(ByteLevel with the GPT-2 regex, optionally after Digits(individual_digits))")
+                               "(ByteLevel with the GPT-2 regex, optionally after Digits(individual_digits); "
+                               "or Llama 3's Split regex, then ByteLevel)")
 
 
 def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None, eos_token=None):

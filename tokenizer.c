@@ -56,6 +56,7 @@
  *                                                 is a token is kept whole (bl)
  *       36     4  u32      pretokenizer    0 none, 1 GPT-2 regex,
  *                                          2 digits one by one, then GPT-2 regex
+ *                                          3 Llama 3 regex
  *       40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml
  *       44     4  u32      n_merges        0 for sentencepiece
  *       48     4  u32      max_token_length  bytes in the longest token
@@ -107,7 +108,7 @@ enum {
     TOKF_IGNORE_MERGES = 1u << 4,
     TOKF_ALL = (1u << 5) - 1
 };
-enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_DIGITS_GPT2 = 2 };
+enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_DIGITS_GPT2 = 2, PRETOK_LLAMA3 = 3 };
 enum { CHAT_NONE = 0, CHAT_LLAMA2 = 1, CHAT_CHATML = 2 };
 
 // An open-addressing hash table from token bytes to token id.
@@ -613,7 +614,7 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
         tok_err(err, err_size, "unknown tokenizer flags 0x%lx", (long)flags, 0);
         return -1;
     }
-    if (pretok > PRETOK_DIGITS_GPT2 || (kind == TOK_SENTENCEPIECE && pretok != PRETOK_NONE)) {
+    if (pretok > PRETOK_LLAMA3 || (kind == TOK_SENTENCEPIECE && pretok != PRETOK_NONE)) {
         tok_err(err, err_size, "unknown pretokenizer %ld", (long)pretok, 0);
         return -1;
     }
@@ -1423,6 +1424,67 @@ static size_t bl_gpt2_next(const unsigned char *s, size_t n, size_t i)
     return last;
 }
 
+static int bl_is_newline(const unsigned char *s, size_t n, size_t i)
+{
+    return i < n && (s[i] == '\r' || s[i] == '\n');
+}
+
+/*
+ * End of the pre-token that starts at i, by Llama 3's pattern
+ *   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+ *    ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+ */
+static size_t bl_llama3_next(const unsigned char *s, size_t n, size_t i)
+{
+    if (s[i] == '\'' && i + 1 < n) {
+        // case-insensitive, as Oniguruma folds: "ſ" (U+017F) matches "s" too
+        unsigned char a = s[i + 1], b = i + 2 < n ? s[i + 2] : 0;
+        unsigned char la = (unsigned char)(a | 0x20), lb = (unsigned char)(b | 0x20);
+        int alpha_a = (a | 0x20) >= 'a' && (a | 0x20) <= 'z', alpha_b = (b | 0x20) >= 'a' && (b | 0x20) <= 'z';
+        if (alpha_a && (la == 's' || la == 't' || la == 'm' || la == 'd')) return i + 2;
+        if (a == 0xC5 && b == 0xBF) return i + 3;
+        if (alpha_a && alpha_b && ((la == 'r' && lb == 'e') || (la == 'v' && lb == 'e') || (la == 'l' && lb == 'l')))
+            return i + 3;
+    }
+    BlChar c = bl_char(s, n, i);
+    // [^\r\n\p{L}\p{N}]?\p{L}+
+    if (c.cls == UC_LETTER) return bl_run_end(s, n, i, UC_LETTER);
+    if (c.cls != UC_NUMBER && !bl_is_newline(s, n, i) && i + (size_t)c.len < n &&
+        bl_char(s, n, i + (size_t)c.len).cls == UC_LETTER)
+        return bl_run_end(s, n, i + (size_t)c.len, UC_LETTER);
+    // \p{N}{1,3}
+    if (c.cls == UC_NUMBER) {
+        size_t j = i;
+        for (int k = 0; k < 3 && j < n; k++) {
+            BlChar d = bl_char(s, n, j);
+            if (d.cls != UC_NUMBER) break;
+            j += (size_t)d.len;
+        }
+        return j;
+    }
+    //  ?[^\s\p{L}\p{N}]+[\r\n]*
+    size_t o = s[i] == ' ' && i + 1 < n && bl_char(s, n, i + 1).cls == UC_OTHER ? i + 1 : i;
+    if (bl_char(s, n, o).cls == UC_OTHER) {
+        size_t j = bl_run_end(s, n, o, UC_OTHER);
+        while (bl_is_newline(s, n, j)) j++;
+        return j;
+    }
+    // white space: \s*[\r\n]+ ends after the run's last CR or LF; then as GPT-2
+    size_t j = i, last = i, after_newline = 0;
+    int count = 0;
+    while (j < n) {
+        BlChar d = bl_char(s, n, j);
+        if (d.cls != UC_SPACE) break;
+        last = j;
+        j += (size_t)d.len;
+        if (s[last] == '\r' || s[last] == '\n') after_newline = j;
+        count++;
+    }
+    if (after_newline) return after_newline;
+    if (j == n || count == 1) return j;
+    return last;
+}
+
 typedef struct {
     int32_t id;             // token
     int32_t prev, next;     // neighbours, -1 at the ends
@@ -1547,7 +1609,7 @@ static int bl_piece(BlState *st, const unsigned char *s, size_t n)
     }
     if (t->pretokenizer == PRETOK_NONE) return bl_word(st, s, n);
     for (size_t i = 0; i < n;) {
-        size_t j = bl_gpt2_next(s, n, i);
+        size_t j = t->pretokenizer == PRETOK_LLAMA3 ? bl_llama3_next(s, n, i) : bl_gpt2_next(s, n, i);
         int rc = bl_word(st, s + i, j - i);
         if (rc) return rc;
         i = j;

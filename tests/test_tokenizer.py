@@ -614,6 +614,8 @@ BL_CONFIGS = {
     "bos": (1500, True, False, {"bos": True}),
     "ignore_merges": (1500, False, False, {"ignore_merges": True}),
     "added": (1500, False, False, {"added": ["foo bar", "ünï", "\u00e9t\u00e9"]}),
+    # Split by Llama 3's regex, ByteLevel without its own; BOS; ignore_merges
+    "llama3": (3000, False, False, {"llama3": True, "bos": True, "ignore_merges": True}),
 }
 
 
@@ -623,6 +625,11 @@ def train_bl(name, directory):
     tok = Tokenizer(models.BPE())
     bl = pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True)
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), bl]) if digits else bl
+    if extra.get("llama3"):
+        from tokenizers import Regex
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(export.LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -676,7 +683,9 @@ def test_byte_level_trained(driver, bl_models, name):
     texts = test_strings(len(name) * 7) + class_probe_strings(len(name)) + [
         "<|im_start|>user\nhi<|im_end|>\n", "a<|endoftext|>b", "<|im_start|><|im_start|>", "<|im_sta",
         "<|im_end|", "12345 678", " 1 2 3", "x\uff11\uff12\uff13", "foo bar foo  bar", "ünïünï", "'s'S 'RE're",
-        "don't 'll've'd'm", "  \n\n  x", "\n\n\n", "x \n", "\u3000\u3000a", "\u0085\u00a0 x"]
+        "don't 'll've'd'm", "  \n\n  x", "\n\n\n", "x \n", "\u3000\u3000a", "\u0085\u00a0 x",
+        "I'M YOU'LL 'Ll 'ſ 'ſx", "(word) \tword \nword 1234567 a1b22c333", "x !!\n\n\ny ?\r\n", " \r\n \n ",
+        "\t\n\t", "a \n\t b"]
     raw = [t.encode() for t in texts]
     mine = encode_batch(driver, ltok, raw, bos=info["add_bos"])
     bad = [(t, tok.encode(t).ids, m) for t, m in zip(texts, mine) if tok.encode(t).ids != m]
@@ -712,6 +721,9 @@ def test_byte_level_header(driver, bl_models, tmp_path):
     assert driver_info(driver, bl_models["smollm2"][1])["pretokenizer"] == export.PRETOK_DIGITS_GPT2
     info = driver_info(driver, bl_models["bos"][1])
     assert (info["add_bos"], info["bos_id"]) == (1, 0)
+    info = driver_info(driver, bl_models["llama3"][1])
+    assert (info["pretokenizer"], info["add_bos"], info["flags"] & export.TOKF_IGNORE_MERGES) == \
+        (export.PRETOK_LLAMA3, 1, export.TOKF_IGNORE_MERGES)
     # BOS and EOS named by tokenizer_config.json beside tokenizer.json
     d = tmp_path / "smol"
     d.mkdir()
