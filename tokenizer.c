@@ -523,6 +523,10 @@ static int tok_load_legacy(Tokenizer *t, const unsigned char *data, size_t size,
                 count, 0);
         return -1;
     }
+    if (total > UINT32_MAX) {
+        tok_err(err, err_size, "tokens take more than 4 GiB", 0, 0);
+        return -1;
+    }
     if (tok_alloc(t, (int)count, total)) {
         tok_err(err, err_size, "out of memory", 0, 0);
         return -1;
@@ -660,6 +664,10 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
     }
     if (kind == TOK_SENTENCEPIECE && n_merges) {
         tok_err(err, err_size, "a sentencepiece tokenizer has no merge records (%ld)", (long)n_merges, 0);
+        return -1;
+    }
+    if (total > UINT32_MAX) {
+        tok_err(err, err_size, "tokens take more than 4 GiB", 0, 0);
         return -1;
     }
     if (tok_alloc(t, n, total)) {
