@@ -30,6 +30,7 @@
  *   tokenizer_find(t, piece, len)                       id of that exact token, or -1
  *   decoder_init(d), tokenizer_decode(t, d, id, out, n), tokenizer_decode_flush(t, d, out, n)
  *     streamed text; the concatenation equals the reference's decode(ids)
+ *   tokenizer_decode_size(t)                            an n that always suffices
  *
  * Where the references cannot be followed: text that is not valid UTF-8.
  * sentencepiece itself turns each bad byte into U+FFFD, and so does this
@@ -1769,9 +1770,22 @@ static void tok_feed_byte(const Tokenizer *t, TokenDecoder *d, unsigned char b, 
 }
 
 /*
+ * Bytes of out that tokenizer_decode may need for one token: max_token_length
+ * + 16 for sentencepiece; for byte-level 3 * max_token_length + 16, since a
+ * token that is not valid UTF-8 decodes to a U+FFFD (3 bytes) per bad byte
+ * (real vocabularies stay far below: their tokens are mostly valid text).
+ */
+size_t tokenizer_decode_size(const Tokenizer *t)
+{
+    size_t m = (size_t)t->max_token_length;
+    return (t->kind == TOK_BYTELEVEL ? 3 * m : m) + 16;
+}
+
+/*
  * The text that token adds to the decoded string, written to out (at most
- * out_size bytes; max_token_length + 16 always suffices). Returns the bytes
- * written. Bytes of an unfinished UTF-8 character wait in d.
+ * out_size bytes, tokenizer_decode_size(t) always suffices; what does not fit
+ * is dropped). Returns the bytes written. Bytes of an unfinished UTF-8
+ * character wait in d.
  */
 size_t tokenizer_decode(const Tokenizer *t, TokenDecoder *d, int token, char *out, size_t out_size)
 {

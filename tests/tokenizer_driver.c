@@ -13,7 +13,7 @@
  * BOS is 0 or 1 (the add_bos argument of tokenizer_encode).
  * The decoder checks as it goes that every chunk it streams is whole UTF-8
  * characters (unless a sentencepiece piece itself is not), and that the
- * chunks never overrun max_token_length + 16 bytes.
+ * chunks never overrun tokenizer_decode_size() bytes.
  * Exit status 0 on success; 1 with a message on stderr otherwise.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -103,7 +103,7 @@ int main(int argc, char **argv)
             pos += len;
         }
     } else if (strcmp(mode, "decode") == 0) {
-        size_t chunk_size = (size_t)t.max_token_length + 16;
+        size_t chunk_size = tokenizer_decode_size(&t);
         char *chunk = malloc(chunk_size + 64);
         unsigned char *text = malloc(1);
         size_t text_cap = 1;
