@@ -420,10 +420,11 @@ def test_sentencepiece_header(driver, sp_models):
         assert (ty == export.PIECE_UNKNOWN) == sp.is_unknown(i)
 
 
-def test_sentencepiece_find(driver, sp_models, tmp_path):
-    # tokenizer_find sees every token, control and user-defined ones included
-    sp, tok = sp_models["mid"]
-    src = tmp_path / "find.c"
+@pytest.fixture(scope="session")
+def find_exe(tmp_path_factory):
+    """A program printing tokenizer_find(TOK, word) for each word argument."""
+    d = tmp_path_factory.mktemp("find")
+    src = d / "find.c"
     src.write_text(f'#include "{ROOT}/tokenizer.c"\n' + r'''
 int main(int argc, char **argv) {
     Tokenizer t; char err[200];
@@ -433,12 +434,23 @@ int main(int argc, char **argv) {
     return 0;
 }
 ''')
-    exe = tmp_path / "find"
-    subprocess.run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(src)], check=True)
+    exe = d / "find"
+    subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(src)],
+                   check=True)
+    return exe
+
+
+def find_ids(find_exe, tok, words):
+    out = subprocess.run([str(find_exe), str(tok)] + words, capture_output=True, text=True, check=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_sentencepiece_find(sp_models, find_exe):
+    # tokenizer_find sees every token, control and user-defined ones included
+    sp, tok = sp_models["mid"]
     words = ["<s>", "</s>", "<unk>", "<ctrl>", "<sep>", "[INST]", "<0x41>", "\u2581", "no such piece"]
-    got = subprocess.run([str(exe), str(tok)] + words, capture_output=True, text=True, check=True).stdout.split()
     want = [sp.piece_to_id(w) if w != "no such piece" else -1 for w in words]
-    assert [int(g) for g in got] == want
+    assert find_ids(find_exe, tok, words) == want
 
 
 def test_export_refuses_what_it_cannot_reproduce(tmp_path):
@@ -736,6 +748,15 @@ def test_byte_level_header(driver, bl_models, tmp_path):
     # tokens are stored as raw bytes: "Ġ" is the space
     t = export.read_tokenizer(ltok)
     assert t["tokens"][tok.token_to_id("\u0120")][0] == b" "
+
+
+def test_byte_level_find(bl_models, find_exe):
+    tok, ltok = bl_models["gpt2"]
+    # tokens are found by their bytes: " ab", not "Ġab"
+    word = next(w for w in sorted(tok.get_vocab()) if w.startswith("\u0120") and len(w) > 2 and w[1:].isascii())
+    words = SPECIALS + ["a", " ", word.replace("\u0120", " "), word, "<|im_start"]
+    want = [tok.token_to_id(w) for w in SPECIALS + ["a", "\u0120", word]] + [-1, -1]
+    assert find_ids(find_exe, ltok, words) == want
 
 
 def test_byte_level_export_refuses(tmp_path):
