@@ -12,8 +12,10 @@
  *     first; what no piece covers falls back to <0xXX> byte tokens.
  *
  *   byte-level BPE (GPT-2, SmolLM2, Llama 3) == Hugging Face tokenizers
- *     split off special tokens, pre-tokenize with the GPT-2 regex (written
- *     out by hand below), then merge byte tokens by merge rank.
+ *     split off added tokens, pre-tokenize with the GPT-2 or Llama 3 regex
+ *     (written out by hand below, Unicode classes measured from tokenizers
+ *     by tools/gen_unicode_tables.py), then merge byte tokens by merge rank;
+ *     decoding is tokenizers' decode(ids, skip_special_tokens=True).
  *
  * Both merge loops keep the symbols in a linked list and the candidate pairs
  * in a binary heap, so encoding is O(n log n) in the length of the text
@@ -35,7 +37,11 @@
  * Where the references cannot be followed: text that is not valid UTF-8.
  * sentencepiece itself turns each bad byte into U+FFFD, and so does this
  * file; byte-level BPE keeps the bytes (the pre-tokenizer counts a bad byte
- * as a character of class "other"), so decoding gives them back.
+ * as a character of class "other"), so decoding gives them back. One known
+ * difference: tokenizers matches added tokens marked normalized=true (those
+ * added by add_tokens, not special ones) in a second pass, after the others;
+ * here all are matched in one pass, longest first, which differs only where
+ * two added tokens overlap in the text.
  *
  * File format ("LTOK", written by export.py; little-endian):
  *
