@@ -832,99 +832,29 @@ def read_tokenizer(path):
 # The few fields needed are read straight from the wire format, so that
 # neither protobuf nor sentencepiece has to be installed.
 
-def _pb_fields(buf):
-    """Yields (field_number, value) of a protobuf message: int for varints,
-    bytes for length-delimited and fixed-width fields."""
-    i, n = 0, len(buf)
-
-    def varint():
-        nonlocal i
-        shift = result = 0
-        while True:
-            if i >= n:
-                raise TokenizerExportError("tokenizer.model: truncated protobuf")
-            c = buf[i]
-            i += 1
-            result |= (c & 0x7F) << shift
-            shift += 7
-            if c < 0x80:
-                return result
-
-    while i < n:
-        key = varint()
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value = varint()
-        elif wire == 1 or wire == 5:
-            size = 8 if wire == 1 else 4
-            value, i = buf[i:i + size], i + size
-        elif wire == 2:
-            size = varint()
-            value, i = buf[i:i + size], i + size
-        else:
-            raise TokenizerExportError(f"tokenizer.model: unsupported protobuf wire type {wire}")
-        if i > n:
-            raise TokenizerExportError("tokenizer.model: truncated protobuf")
-        yield field, value
-
-
-def _pb_int32(v):
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
 def read_sentencepiece_model(path):
     """The parts of a sentencepiece ModelProto that tokenization depends on:
-    pieces [(text, score, type)], and the trainer and normalizer settings
-    (with the proto's defaults filled in)."""
+    pieces [(text, score, type)], and the trainer and normalizer settings.
+    Parsed with the protobuf classes sentencepiece ships (python3-protobuf)."""
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
     with open(path, "rb") as f:
-        buf = f.read()
-    pieces = []
-    trainer = dict(model_type=1, byte_fallback=False, treat_whitespace_as_suffix=False,
-                   unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
-                   unk_surface=" \u2047 ")
-    normalizer = dict(name="", precompiled_charsmap=b"", add_dummy_prefix=True,
-                      remove_extra_whitespaces=True, escape_whitespaces=True)
-    denormalizer_charsmap = b""
-    for field, value in _pb_fields(buf):
-        if field == 1:
-            piece, score, ty = None, 0.0, PIECE_NORMAL
-            for f2, v2 in _pb_fields(value):
-                if f2 == 1:
-                    piece = bytes(v2).decode("utf-8")
-                elif f2 == 2:
-                    score = _struct.unpack("<f", v2)[0]
-                elif f2 == 3:
-                    ty = v2
-            if piece is None:
-                raise TokenizerExportError(f"{path}: piece {len(pieces)} has no text")
-            pieces.append((piece, score, ty))
-        elif field == 2:
-            ints = {3: "model_type", 35: "byte_fallback", 24: "treat_whitespace_as_suffix"}
-            strs = {45: "unk_piece", 46: "bos_piece", 47: "eos_piece", 48: "pad_piece", 44: "unk_surface"}
-            for f2, v2 in _pb_fields(value):
-                if f2 in ints:
-                    trainer[ints[f2]] = _pb_int32(v2)
-                elif f2 in strs:
-                    trainer[strs[f2]] = bytes(v2).decode("utf-8")
-        elif field == 3:
-            for f2, v2 in _pb_fields(value):
-                if f2 == 1:
-                    normalizer["name"] = bytes(v2).decode("utf-8")
-                elif f2 == 2:
-                    normalizer["precompiled_charsmap"] = bytes(v2)
-                elif f2 == 3:
-                    normalizer["add_dummy_prefix"] = bool(v2)
-                elif f2 == 4:
-                    normalizer["remove_extra_whitespaces"] = bool(v2)
-                elif f2 == 5:
-                    normalizer["escape_whitespaces"] = bool(v2)
-        elif field == 5:
-            for f2, v2 in _pb_fields(value):
-                if f2 == 2:
-                    denormalizer_charsmap = bytes(v2)
+        try:
+            proto.ParseFromString(f.read())
+        except Exception as e:  # protobuf's DecodeError names no file
+            raise TokenizerExportError(f"{path}: not a sentencepiece model ({e})")
+    t, n = proto.trainer_spec, proto.normalizer_spec
+    trainer = dict(model_type=t.model_type, byte_fallback=t.byte_fallback,
+                   treat_whitespace_as_suffix=t.treat_whitespace_as_suffix,
+                   unk_piece=t.unk_piece, bos_piece=t.bos_piece, eos_piece=t.eos_piece,
+                   pad_piece=t.pad_piece, unk_surface=t.unk_surface)
+    normalizer = dict(name=n.name, precompiled_charsmap=n.precompiled_charsmap,
+                      add_dummy_prefix=n.add_dummy_prefix,
+                      remove_extra_whitespaces=n.remove_extra_whitespaces,
+                      escape_whitespaces=n.escape_whitespaces)
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
     return dict(pieces=pieces, trainer=trainer, normalizer=normalizer,
-                denormalizer_charsmap=denormalizer_charsmap)
+                denormalizer_charsmap=proto.denormalizer_spec.precompiled_charsmap)
 
 
 def write_tokenizer_sentencepiece(model_path, out_path, vocab_size=None):
