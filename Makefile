@@ -41,7 +41,7 @@ run-asan: run.c tokenizer.c Makefile
 
 sanitize: run-asan
 	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan \
-	    $(PYTHON) -m pytest -q test_all.py tests
+	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" $(PYTHON) -m pytest -q test_all.py tests
 
 # libFuzzer targets (clang): the checkpoint loader and the tokenizer, each
 # for FUZZ_SECONDS from seeds that fuzz/make_seeds.py writes, plus the
