@@ -289,3 +289,49 @@ def test_clean_under_valgrind(good, tmp_path, case):
     assert "Illegal" not in p.stderr and "SIGILL" not in p.stderr, \
         "valgrind cannot run AVX-512: keep it out of the default build (see the Makefile)"
     assert p.returncode == {"good": 0, "bad_flag": 2}.get(case, 1), p.stderr
+
+
+# ----------------------------------------------------------------------------
+# Tokenizers through ./run (tests/test_tokenizer.py goes deeper)
+
+def small_tokenizer(path, n=ARGS.vocab_size):
+    """A sentencepiece-kind vocabulary of n tokens: controls, 256 bytes if
+    they fit, then letters."""
+    tokens = [(b"<unk>", 0.0, 2), (b"<s>", 0.0, 3), (b"</s>", 0.0, 3)]
+    tokens += [(bytes([0xE2, 0x96, 0x81]) + bytes([97 + i % 26]) * (1 + i // 26), -float(i), 1)
+               for i in range(n - len(tokens))]
+    export.write_tokenizer(path, export.TOK_SENTENCEPIECE, tokens, bos_id=1, eos_id=2, unk_id=0,
+                           flags=export.TOKF_ADD_BOS | export.TOKF_DUMMY_PREFIX)
+    return path.read_bytes()
+
+
+def test_small_tokenizer_works(good, tmp_path):
+    small_tokenizer(tmp_path / "tok.bin")
+    p = run([good[0], "-z", tmp_path / "tok.bin", "-i", "ab", "-n", 2], tmp_path)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("vocab_mismatch", "tokens but the model has"),
+    ("truncated_header", "tok.bin"),
+    ("truncated_tokens", "tok.bin"),
+    ("empty", "tok.bin"),
+    ("directory", "tok"),
+    ("bad_magic_version", "tok.bin"),
+])
+def test_bad_tokenizers(good, tmp_path, case, fragment):
+    path = tmp_path / "tok.bin"
+    data = small_tokenizer(path, ARGS.vocab_size + (5 if case == "vocab_mismatch" else 0))
+    if case == "truncated_header":
+        path.write_bytes(data[:30])
+    elif case == "truncated_tokens":
+        path.write_bytes(data[:len(data) - 7])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "directory":
+        path.unlink()
+        path = tmp_path / "tokdir"
+        path.mkdir()
+    elif case == "bad_magic_version":
+        path.write_bytes(data[:4] + struct.pack("<I", 99) + data[8:])
+    assert_clean_error(run([good[0], "-z", path, "-i", "ab"], tmp_path), 1, fragment)
