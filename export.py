@@ -5,10 +5,14 @@ The file reads top to bottom in three sections:
 
   Model export       ModelArgs and Llama, a plain PyTorch model that run.c is
                      tested against; converters that read Meta, Hugging Face,
-                     llama2.c and reference files; the checkpoint writer.
-  Tokenizer export   tokenizer.bin, from sentencepiece or tokenizer.json.
+                     llama2.c, GGUF and reference files; the checkpoint writer.
+  Tokenizer export   tokenizer.bin, from sentencepiece or tokenizer.json,
+                     and (its own section) from a GGUF file's metadata.
   Command line       export.py OUTPUT (--reference PT | --meta DIR | --hf DIR
-                                       | --llama2c FILE | --tokenizer-model FILE)
+                                       | --llama2c FILE | --gguf FILE
+                                       | --tokenizer-model FILE)
+
+The GGUF path needs numpy and gguf only; everything else needs torch too.
 
 Every converter returns (ModelArgs, state_dict) with the reference's parameter
 names, so one writer serves them all. It writes this checkpoint (the drawing is
@@ -67,9 +71,25 @@ import struct
 import sys
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ModuleNotFoundError:
+    class _NoTorch:
+        """Stands in for torch, nn and F where torch is not installed, so that
+        this file still loads: --gguf needs numpy and gguf alone (make demo).
+        The classes below are defined on it; using any of them raises."""
+        Module = object
+
+        def no_grad(self):
+            return lambda f: f
+
+        def __getattr__(self, name):
+            raise ModuleNotFoundError("export.py: this needs torch (only --gguf runs without it)")
+
+    torch = nn = F = _NoTorch()
 
 # ----------------------------------------------------------------------------
 # Model export
@@ -360,8 +380,10 @@ def write_checkpoint(path, args, state_dict):
 
 
 def _f32_bytes(tensor):
-    """The tensor as packed little-endian float32, row-major."""
-    return np.ascontiguousarray(tensor.detach().cpu().float().numpy(), dtype="<f4").tobytes()
+    """The tensor (torch or numpy) as packed little-endian float32, row-major."""
+    if not isinstance(tensor, np.ndarray):
+        tensor = tensor.detach().cpu().float().numpy()
+    return np.ascontiguousarray(tensor, dtype="<f4").tobytes()
 
 
 def read_checkpoint(path):
@@ -712,6 +734,155 @@ def write_llama2c(path, args, state_dict):
         return f.tell()
 
 
+# llama.cpp's GGUF file: metadata (key -> value) and tensors, read with the
+# gguf package (numpy only: this path, unlike the others, needs no torch, so
+# that `make demo` can convert a model with numpy and gguf alone). Tensors
+# named blk.{i}.attn_q.weight etc. are stored (out, in) like ours; llama.cpp's
+# converter already permutes Hugging Face's q/k rows into Meta's interleaved
+# RoPE layout for the llama architecture (its LlamaModel.permute is our
+# hf_to_interleaved), so q and k are taken as they are. The quantized types
+# are decoded here to float32; each block of 32 weights in row order:
+#
+#   Q4_0  18 bytes   +--------+--------------------+
+#                    | f16 d  | u8 qs[16]          |   w[j]      = ((qs[j] & 15) - 8) * d
+#                    +--------+--------------------+   w[j + 16] = ((qs[j] >> 4) - 8) * d
+#   Q4_1  20 bytes   +--------+--------+--------------------+
+#                    | f16 d  | f16 m  | u8 qs[16]          |   w[j]      = (qs[j] & 15) * d + m
+#                    +--------+--------+--------------------+   w[j + 16] = (qs[j] >> 4) * d + m
+#   Q8_0  34 bytes   +--------+--------------------------------+
+#                    | f16 d  | i8 qs[32]                      |   w[j] = qs[j] * d
+#                    +--------+--------------------------------+
+#   F32, F16, BF16   one weight per element (BF16: the top half of an f32)
+#
+# (j = 0..15 for the 4-bit types, 0..31 for Q8_0; d and m are f16, the
+# arithmetic float32, as in ggml's dequantize_row_*.)
+
+GGUF_TYPES = {              # ggml type id: (name, weights per block, bytes per block)
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2),
+}
+GGUF_NAMES = {              # GGUF tensor name -> ours ({i}: the layer)
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+GGUF_LAYER_NAMES = {        # blk.{i}.X.weight -> layers.{i}.Y.weight
+    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+}
+
+
+def gguf_dequantize(raw, ggml_type):
+    """The float32 weights that the raw bytes of a GGUF tensor of ggml_type
+    hold, flat, in file order. raw: a uint8 array, a whole number of blocks."""
+    if ggml_type not in GGUF_TYPES:
+        raise ValueError(f"ggml type {ggml_type} is not one of F32, F16, BF16, Q4_0, Q4_1, Q8_0")
+    name, per_block, block_bytes = GGUF_TYPES[ggml_type]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    if raw.size % block_bytes:
+        raise ValueError(f"{raw.size} bytes are not a whole number of {name} blocks of {block_bytes}")
+    if name == "F32":
+        return raw.view("<f4").astype(np.float32)
+    if name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if name == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    blocks = raw.reshape(-1, block_bytes)
+    d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)                # (blocks, 1)
+    if name == "Q8_0":
+        return (blocks[:, 2:].copy().view(np.int8).astype(np.float32) * d).reshape(-1)
+    qs = blocks[:, block_bytes - 16:]                                      # (blocks, 16)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)    # (blocks, 32)
+    if name == "Q4_0":
+        return ((q - 8) * d).reshape(-1)
+    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+    return (q * d + m).reshape(-1)
+
+
+def _gguf_reader(source):
+    """A gguf.GGUFReader of source (a path, or a reader already open)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    try:
+        import gguf         # only this path needs the package
+    except ModuleNotFoundError:
+        raise ExportError(source, "reading GGUF needs the gguf package (pip install gguf)") from None
+    try:
+        return gguf.GGUFReader(source)
+    except OSError:
+        raise
+    except Exception as e:  # the reader raises ValueError, struct and numpy errors alike
+        raise ExportError(source, f"not a GGUF file ({type(e).__name__}: {e})") from None
+
+
+def gguf_metadata(source, key, default=None):
+    """The value of a GGUF metadata key (str, int, float, bool or list), or default."""
+    reader = _gguf_reader(source)
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def load_gguf(source):
+    """Read a GGUF file of the llama architecture (the tensors become float32 numpy arrays).
+
+    source: a path or an open gguf.GGUFReader. Everything comes from the
+    file's metadata; refuses what the reference does not compute (RoPE
+    scaling, partial rotary, biases, other architectures)."""
+    path = source if isinstance(source, (str, os.PathLike)) else source.data.filename
+    reader = _gguf_reader(source)
+
+    def meta(key, default=None):
+        value = gguf_metadata(reader, key, default)
+        if value is None:
+            raise ExportError(path, f"metadata {key} is missing")
+        return value
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ExportError(path, f"general.architecture {arch!r}: only 'llama' is supported")
+    scaling = meta("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ExportError(path, f"llama.rope.scaling.type {scaling!r} is not implemented (plain RoPE only)")
+    n_heads, dim = meta("llama.attention.head_count"), meta("llama.embedding_length")
+    head_dim = meta("llama.attention.key_length", meta("llama.rope.dimension_count", dim // max(n_heads, 1)))
+    if meta("llama.attention.value_length", head_dim) != head_dim:
+        raise ExportError(path, "llama.attention.value_length differs from key_length")
+    if meta("llama.rope.dimension_count", head_dim) != head_dim:
+        raise ExportError(path, f"llama.rope.dimension_count {meta('llama.rope.dimension_count')}: "
+                                f"RoPE over part of a head of {head_dim} is not implemented")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ExportError(path, "tensor token_embd.weight is missing")
+    vocab_size = int(tensors["token_embd.weight"].shape[-1])
+    args = _model_args(
+        path, dim=dim, hidden_dim=meta("llama.feed_forward_length"), n_layers=meta("llama.block_count"),
+        n_heads=n_heads, n_kv_heads=meta("llama.attention.head_count_kv", n_heads), head_dim=head_dim,
+        vocab_size=vocab_size, max_seq_len=meta("llama.context_length"),
+        rope_theta=meta("llama.rope.freq_base", 10000.0), norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
+        tied="output.weight" not in tensors)
+
+    state_dict = {}
+    for t in reader.tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
+        if t.name in GGUF_NAMES:
+            name = GGUF_NAMES[t.name]
+        elif m and m.group(2) in GGUF_LAYER_NAMES:
+            name = f"layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.weight"
+        else:               # rope_freqs (Llama 3.1 scaling), biases, other architectures' tensors
+            raise ExportError(path, f"unexpected tensor {t.name}")
+        shape = tuple(int(n) for n in reversed(t.shape))     # GGUF lists the fastest axis first
+        try:
+            weights = gguf_dequantize(t.data.view(np.uint8), int(t.tensor_type))
+        except ValueError as e:
+            raise ExportError(path, f"{t.name}: {e}") from None
+        if weights.size != math.prod(shape):
+            raise ExportError(path, f"{t.name}: {weights.size} weights for shape {shape}")
+        state_dict[name] = weights.reshape(shape)
+    check_state_dict(args, state_dict, path)
+    return args, state_dict
+
+
 # ----------------------------------------------------------------------------
 # Tokenizer export
 #
@@ -1057,6 +1228,109 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
 
 
 # ----------------------------------------------------------------------------
+# Tokenizer export from GGUF
+#
+# A GGUF file carries its tokenizer in its metadata, under llama.cpp's names:
+#
+#   tokenizer.ggml.model        "gpt2": byte-level BPE, the kind read here
+#   tokenizer.ggml.pre          the pre-tokenizer, by llama.cpp's name for it
+#   tokenizer.ggml.tokens       each token's text, in id order; normal tokens
+#                               in GPT-2's byte alphabet, added ones as they are
+#   tokenizer.ggml.token_type   1 normal, 3 control, 4 user-defined, 5 unused:
+#                               the LTOK piece types, with the same numbers
+#   tokenizer.ggml.merges       "left right", in rank order
+#   tokenizer.ggml.{bos,eos,padding,unknown}_token_id
+#   tokenizer.ggml.add_bos_token, tokenizer.ggml.add_space_prefix
+#   tokenizer.chat_template     Jinja; run.c knows ChatML and Llama 2's [INST]
+#
+# llama.cpp names a pre-tokenizer after the Hugging Face tokenizers it found
+# it in; each name below stands for the pre_tokenizer of tokenizer.json that
+# tokenizer.c implements (llama.cpp's regexes for these names agree).
+
+GGUF_PRETOKENIZERS = {      # tokenizer.ggml.pre -> (LTOK pretokenizer, extra flags)
+    "gpt-2": (PRETOK_GPT2, 0),                          # ByteLevel
+    "smollm": (PRETOK_DIGITS_GPT2, 0),                  # Digits(individual_digits), ByteLevel
+    "starcoder": (PRETOK_DIGITS_GPT2, 0),
+    "llama-bpe": (PRETOK_LLAMA3, TOKF_IGNORE_MERGES),   # Llama 3: its Split regex, ByteLevel
+}
+
+
+def gguf_chat_template(template):
+    """(chat_template kind, default system prompt) for a GGUF's Jinja chat template.
+
+    ChatML when the template writes <|im_start|>, Llama 2 when it writes
+    [INST]. The default system prompt is the text of a system turn written
+    out literally in the template, the one it puts first when a conversation
+    brings none (SmolLM2's does); "" when there is none."""
+    if not template:
+        return CHAT_NONE, ""
+    if "<|im_start|>" in template:
+        m = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S)
+        text = m.group(1) if m else ""
+        # a literal, not an expression such as ' + message['content'] + '
+        if any(c in text for c in "'\"{}+") or "\\" in text.replace("\\n", ""):
+            text = ""
+        return CHAT_CHATML, text.replace("\\n", "\n")
+    if "[INST]" in template:
+        return CHAT_LLAMA2, ""
+    return CHAT_NONE, ""
+
+
+def write_tokenizer_gguf(source, out_path, vocab_size=None):
+    """Converts the byte-level BPE tokenizer in a GGUF file's metadata into
+    an LTOK file. source: a path or an open gguf.GGUFReader. Refuses what
+    tokenizer.c would not reproduce exactly. Returns the file size."""
+    path = source if isinstance(source, (str, os.PathLike)) else source.data.filename
+    reader = _gguf_reader(source)
+
+    def meta(key, default=None):
+        return gguf_metadata(reader, key, default)
+
+    kind = meta("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise TokenizerExportError(f"{path}: tokenizer.ggml.model {kind!r}; only 'gpt2' (byte-level BPE) "
+                                   "is read from GGUF")
+    pre = meta("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRETOKENIZERS:
+        raise TokenizerExportError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported "
+                                   f"({', '.join(sorted(GGUF_PRETOKENIZERS))})")
+    pretok, flags = GGUF_PRETOKENIZERS[pre]
+    texts, types = meta("tokenizer.ggml.tokens", []), meta("tokenizer.ggml.token_type", [])
+    if not texts or len(types) != len(texts):
+        raise TokenizerExportError(f"{path}: {len(texts)} tokens but {len(types)} token types")
+    if vocab_size is not None and len(texts) != vocab_size:
+        raise TokenizerExportError(f"{path}: {len(texts)} tokens but the model has {vocab_size}")
+
+    char_to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
+    tokens, vocab = [], {}
+    for i, (text, ty) in enumerate(zip(texts, types)):
+        if ty not in (PIECE_NORMAL, PIECE_CONTROL, PIECE_USER, PIECE_UNUSED):
+            raise TokenizerExportError(f"{path}: token {i} {text!r} has type {ty}, "
+                                       "not normal, control, user-defined or unused")
+        # normal tokens are spelled in GPT-2's byte alphabet, added ones in plain UTF-8
+        data = _hf_token_bytes(text, char_to_byte) if ty == PIECE_NORMAL else text.encode("utf-8")
+        tokens.append((data, 0.0, ty))
+        vocab.setdefault(text, i)
+    merges = []
+    for r, m in enumerate(meta("tokenizer.ggml.merges", [])):
+        left, _, right = m.partition(" ")
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise TokenizerExportError(f"{path}: merge {r} ({left!r}, {right!r}) names a token not in the vocab")
+        merges.append((vocab[left], vocab[right], vocab[left + right]))
+
+    ids = [meta(f"tokenizer.ggml.{name}_token_id", -1) for name in ("bos", "eos", "padding", "unknown")]
+    if meta("tokenizer.ggml.add_bos_token", pre == "llama-bpe"):
+        flags |= TOKF_ADD_BOS
+    if meta("tokenizer.ggml.add_space_prefix", False):
+        flags |= TOKF_DUMMY_PREFIX
+    chat, _ = gguf_chat_template(meta("tokenizer.chat_template"))
+    if chat == CHAT_NONE and "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+        chat = CHAT_CHATML
+    return write_tokenizer(out_path, TOK_BYTELEVEL, tokens, bos_id=ids[0], eos_id=ids[1], pad_id=ids[2],
+                           unk_id=ids[3], flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges)
+
+
+# ----------------------------------------------------------------------------
 # Command line
 
 EXAMPLES = """\
@@ -1064,6 +1338,7 @@ examples:
   export.py model.bin --hf ~/TinyLlama-1.1B      model.bin, and tokenizer.bin beside it
   export.py model.bin --llama2c stories15M.bin --max-seq-len 256
   export.py tokenizer.bin --tokenizer-model tokenizer.model
+  export.py model.bin --gguf SmolLM2-135M-Instruct.Q4_1.gguf   dequantized; tokenizer.bin beside it
 """
 
 
@@ -1077,6 +1352,8 @@ def _source_tokenizer(opts):
         candidates = [os.path.join(opts.meta, "tokenizer.model")]
     elif opts.hf:
         candidates = [os.path.join(opts.hf, "tokenizer.model"), os.path.join(opts.hf, "tokenizer.json")]
+    elif opts.gguf:         # the tokenizer is in the file's metadata
+        return opts.gguf if gguf_metadata(opts.gguf_reader, "tokenizer.ggml.model") else None
     else:
         return None
     return next((path for path in candidates if os.path.exists(path)), None)
@@ -1097,19 +1374,22 @@ def main(argv=None):
                         help="a Hugging Face LlamaForCausalLM: config.json, safetensors or pytorch_model.bin "
                              "weights, and maybe tokenizer.model or tokenizer.json")
     source.add_argument("--llama2c", metavar="FILE", help="a llama2.c legacy checkpoint")
+    source.add_argument("--gguf", metavar="FILE",
+                        help="a llama.cpp GGUF file of the llama architecture (F32, F16, BF16, Q4_0, Q4_1 "
+                             "or Q8_0 tensors) with its tokenizer; needs numpy and gguf, not torch")
     source.add_argument("--tokenizer-model", metavar="FILE",
                         help="write only this sentencepiece tokenizer.model, as OUTPUT")
     parser.add_argument("--max-seq-len", metavar="N", type=int,
                         help=f"context length for the header (default: the source's; "
                              f"{META_MAX_SEQ_LEN} for --meta, whose params.json has none)")
     parser.add_argument("--tokenizer-out", metavar="PATH",
-                        help="where the tokenizer of --meta or --hf goes "
+                        help="where the tokenizer of --meta, --hf or --gguf goes "
                              "(default: tokenizer.bin beside OUTPUT)")
     opts = parser.parse_args(argv)
     if opts.max_seq_len is not None and opts.max_seq_len <= 0:
         parser.error("--max-seq-len must be positive")
-    if opts.tokenizer_out and not (opts.meta or opts.hf):
-        parser.error("--tokenizer-out goes with --meta or --hf; "
+    if opts.tokenizer_out and not (opts.meta or opts.hf or opts.gguf):
+        parser.error("--tokenizer-out goes with --meta, --hf or --gguf; "
                      "export a tokenizer alone with --tokenizer-model")
 
     try:
@@ -1125,19 +1405,24 @@ def main(argv=None):
             args, state_dict = load_meta(opts.meta)
         elif opts.hf:
             args, state_dict = load_hf(opts.hf)
+        elif opts.gguf:
+            opts.gguf_reader = _gguf_reader(opts.gguf)  # parsed once, for the model and the tokenizer
+            args, state_dict = load_gguf(opts.gguf_reader)
         else:
             args, state_dict = load_llama2c(opts.llama2c)
         if opts.max_seq_len:
             args = dataclasses.replace(args, max_seq_len=opts.max_seq_len)
         tokenizer = _source_tokenizer(opts)
         if opts.tokenizer_out and not tokenizer:
-            raise ExportError(opts.meta or opts.hf, "no tokenizer here for --tokenizer-out")
+            raise ExportError(opts.meta or opts.hf or opts.gguf, "no tokenizer here for --tokenizer-out")
 
         size = write_checkpoint(opts.output, args, state_dict)
         print(f"wrote {opts.output}: {args.describe()}, f32, {size} bytes")
         if tokenizer:
             out = opts.tokenizer_out or os.path.join(os.path.dirname(opts.output), "tokenizer.bin")
-            if tokenizer.endswith(".json"):
+            if opts.gguf:
+                write_tokenizer_gguf(opts.gguf_reader, out, args.vocab_size)
+            elif tokenizer.endswith(".json"):
                 write_tokenizer_hf_json(tokenizer, out)
             else:
                 write_tokenizer_sentencepiece(tokenizer, out)
