@@ -20,6 +20,7 @@
      ctx        positions the KV cache holds (<= max_seq_len)
 */
 
+#define _GNU_SOURCE // memmem, getline
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -586,10 +587,20 @@ static float *forward(Transformer *t, int token, int pos) {
 }
 
 /* ----------------------------------------------------------------------------
-   Sampling: turn logits into the next token. Temperature scales the logits,
-   softmax makes probabilities, then top-k keeps the k most likely tokens and
-   top-p the smallest set whose probability reaches p; one token is drawn
-   from what remains, renormalised. Temperature 0 is greedy (argmax). */
+   Sampling: turn logits into the next token. The steps, in this order:
+     1. penalties on the raw logits, over the last repeat_window tokens seen
+        (prompt included): repetition (a seen token's logit is divided by the
+        penalty if positive, multiplied if negative), then frequency (minus
+        count x penalty) and presence (minus the penalty once);
+     2. temperature: logits / T, then softmax (T = 0 is greedy: the argmax of
+        the penalised logits, ties to the lowest id, and steps 3-5 are moot);
+     3. top-k: keep the k most likely tokens;
+     4. top-p: keep the smallest prefix, by probability, whose sum reaches p;
+     5. min-p: drop tokens less likely than min_p x the most likely one;
+     6. draw one token from what is left, renormalised.
+   sampler_distribution() does steps 1-5 and sampler_draw() step 6, so the
+   tests can check each against a direct Python transcription; next_token()
+   in the generation section calls both. */
 
 typedef struct {
     float prob;
@@ -598,21 +609,36 @@ typedef struct {
 
 typedef struct {
     int vocab_size;
-    float temperature;   // 0 = greedy
-    float top_p;         // 1 = off
-    int top_k;           // 0 = off
-    uint64_t rng_state;  // xorshift64*; the same seed gives the same text
-    Candidate *candidates; // (vocab) scratch for top-k and top-p
+    float temperature;      // 0 = greedy
+    float top_p;            // 1 = off
+    int top_k;              // 0 = off
+    float min_p;            // 0 = off
+    float repeat_penalty;   // 1 = off
+    float frequency_penalty, presence_penalty; // 0 = off
+    int repeat_window;      // how many recent tokens the penalties look at
+    uint64_t rng_state;     // xorshift64*; the same seed gives the same text
+    Candidate *candidates;  // (vocab) what survives steps 3-5
+    int *counts;            // (vocab) scratch: occurrences in the window
 } Sampler;
 
-static void init_sampler(Sampler *s, int vocab_size, float temperature, float top_p, int top_k,
-                         uint64_t seed) {
-    s->vocab_size = vocab_size;
-    s->temperature = temperature;
-    s->top_p = top_p;
-    s->top_k = top_k;
+typedef struct {
+    float temperature, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty;
+    int top_k, repeat_window;
+} SamplerSettings;
+
+static void init_sampler(Sampler *s, int vocab_size, const SamplerSettings *o, uint64_t seed) {
+    *s = (Sampler){.vocab_size = vocab_size, .temperature = o->temperature, .top_p = o->top_p,
+                   .top_k = o->top_k, .min_p = o->min_p, .repeat_penalty = o->repeat_penalty,
+                   .frequency_penalty = o->frequency_penalty, .presence_penalty = o->presence_penalty,
+                   .repeat_window = o->repeat_window};
     s->rng_state = seed ? seed : 0x9E3779B97F4A7C15ull; // xorshift must not start at 0
-    s->candidates = xcalloc(vocab_size, sizeof(Candidate), "sampler");
+    s->candidates = xcalloc(vocab_size, sizeof(Candidate), "the sampler");
+    s->counts = xcalloc(vocab_size, sizeof(int), "the sampler");
+}
+
+static void free_sampler(Sampler *s) {
+    free(s->candidates);
+    free(s->counts);
 }
 
 /* A uniform float in [0, 1) from xorshift64*. */
@@ -635,48 +661,100 @@ static int by_prob_descending(const void *a, const void *b) {
     return ((const Candidate *)a)->index - ((const Candidate *)b)->index;
 }
 
-/* Draws the next token; logits are overwritten with probabilities. */
-static int sample(Sampler *s, float *logits) {
+/* Step 1, in place on logits (vocab). history holds the n_history tokens
+   seen so far; only the last repeat_window of them count. */
+static void apply_penalties(Sampler *s, float *logits, const int *history, int n_history) {
+    if (s->repeat_penalty == 1.0f && s->frequency_penalty == 0.0f && s->presence_penalty == 0.0f) return;
+    int start = n_history > s->repeat_window ? n_history - s->repeat_window : 0;
+    for (int i = start; i < n_history; i++) s->counts[history[i]]++;
+    for (int i = start; i < n_history; i++) {
+        int t = history[i], count = s->counts[t];
+        if (count == 0) continue; // already penalised
+        float x = logits[t];
+        x = x > 0 ? x / s->repeat_penalty : x * s->repeat_penalty;
+        logits[t] = x - count * s->frequency_penalty - s->presence_penalty;
+        s->counts[t] = 0;
+    }
+}
+
+/* Steps 1-5: fills s->candidates with the surviving tokens (most likely
+   first when top-k or top-p sorted them), probabilities renormalised to sum
+   to 1, and returns how many.
+   logits (vocab) are overwritten. Greedy leaves one candidate. */
+static int sampler_distribution(Sampler *s, float *logits, const int *history, int n_history) {
     int n = s->vocab_size;
-    if (s->temperature == 0.0f) return argmax(logits, n);
+    apply_penalties(s, logits, history, n_history);
+    if (s->temperature == 0.0f) {
+        s->candidates[0] = (Candidate){1.0f, argmax(logits, n)};
+        return 1;
+    }
     for (int i = 0; i < n; i++) logits[i] /= s->temperature;
     softmax(logits, n);
-    float r = random_f32(&s->rng_state);
-    if (s->top_k == 0 && s->top_p >= 1.0f) { // plain sampling from the whole distribution
-        float cdf = 0.0f;
-        for (int i = 0; i < n; i++) {
-            cdf += logits[i];
-            if (r < cdf) return i;
-        }
-        return n - 1; // rounding left r above the last partial sum
-    }
-    /* Sort candidates by probability. With top-p alone, tokens below
-       (1 - p) / (n - 1) can never be in the nucleus, so they are dropped
-       before sorting: that leaves a few hundred instead of the vocabulary. */
-    float cutoff = (s->top_k == 0 && n > 1) ? (1.0f - s->top_p) / (n - 1) : 0.0f;
+    /* Tokens that cannot survive are dropped before sorting: those below
+       min_p x the top probability, and with top-p alone, those below
+       (1 - p) / (n - 1), which no nucleus can reach. That leaves a few
+       hundred tokens to sort instead of the vocabulary. Dropping them first
+       gives the same set as steps 3-5 in order, since each keeps a prefix
+       of the sorted tokens. */
+    float cutoff = 0.0f;
+    if (s->top_k == 0 && s->top_p < 1.0f && n > 1) cutoff = (1.0f - s->top_p) / (n - 1);
+    if (s->min_p > 0.0f) cutoff = fmaxf(cutoff, s->min_p * logits[argmax(logits, n)]);
     int m = 0;
     for (int i = 0; i < n; i++)
         if (logits[i] >= cutoff) s->candidates[m++] = (Candidate){logits[i], i};
-    qsort(s->candidates, m, sizeof(Candidate), by_prob_descending);
-    if (s->top_k > 0 && s->top_k < m) m = s->top_k;
+    if (s->top_k > 0 || s->top_p < 1.0f) {
+        qsort(s->candidates, m, sizeof(Candidate), by_prob_descending);
+        if (s->top_k > 0 && s->top_k < m) m = s->top_k;                   // top-k
+        float sum = 0.0f;
+        for (int i = 0; i < m && s->top_p < 1.0f; i++) {                 // top-p
+            sum += s->candidates[i].prob;
+            if (sum >= s->top_p) m = i + 1;
+        }
+    }
     float kept = 0.0f;
-    int last = m - 1;
+    for (int i = 0; i < m; i++) kept += s->candidates[i].prob;
+    for (int i = 0; i < m; i++) s->candidates[i].prob /= kept;
+    return m;
+}
+
+/* Step 6: the candidate where the cumulative probability first exceeds r,
+   for r uniform in [0, 1). */
+static int sampler_draw(const Sampler *s, int m, float r) {
+    float cdf = 0.0f;
     for (int i = 0; i < m; i++) {
-        kept += s->candidates[i].prob;
-        if (kept >= s->top_p) { last = i; break; }
-    }
-    float target = r * kept, cdf = 0.0f;
-    for (int i = 0; i <= last; i++) {
         cdf += s->candidates[i].prob;
-        if (target < cdf) return s->candidates[i].index;
+        if (r < cdf) return s->candidates[i].index;
     }
-    return s->candidates[last].index;
+    return s->candidates[m - 1].index; // rounding left r above the last sum
 }
 
 /* ----------------------------------------------------------------------------
    Generation. A Session bundles what a run needs beyond the model: the
    tokenizer (may be absent: then text is shown as token ids), the sampler,
-   the streaming decoder, the logits file and the counters for statistics. */
+   the streaming decoder, what the user asked to see (logits file, token
+   probabilities), the tokens fed so far and the counters for statistics. */
+
+typedef struct {
+    int *ids;
+    int n, cap;
+} TokenList;
+
+static void push_token(TokenList *list, int id) {
+    if (list->n == list->cap) {
+        list->cap = list->cap ? 2 * list->cap : 256;
+        list->ids = realloc(list->ids, (size_t)list->cap * sizeof(int));
+        if (!list->ids) { fprintf(stderr, "run: out of memory for the token list\n"); exit(1); }
+    }
+    list->ids[list->n++] = id;
+}
+
+typedef struct {
+    char *text;
+    size_t len, cap;
+} TextBuffer;
+
+enum { PROBS_TEXT, PROBS_JSON };
+#define MAX_STOP_STRINGS 16
 
 typedef struct {
     Transformer *transformer;
@@ -685,10 +763,17 @@ typedef struct {
     TokenDecoder decoder;
     FILE *logits_file;          // --logits: one row of vocab floats per forward
     const char *logits_path;
+    int probs_k, probs_format;  // --probs: show the top k after each token
     int stop_tokens[4];         // generation ends when one of these is sampled
     int n_stop_tokens;
+    const char *stop_strings[MAX_STOP_STRINGS]; // ... or when the text contains one
+    int n_stop_strings;
+    TextBuffer held;            // generated text not yet printed: it may begin a stop string
+    TokenList history;          // every token fed so far, for the penalties
     int pos;                    // next position in the KV cache
     int context_full;           // 1 once the cache has no room left
+    int stopped;                // 1 once a stop token or stop string ended a turn
+    int generating;             // 1 while sampling: only then do stop strings count
     long n_prompt_tokens, n_generated_tokens;
     double prompt_seconds, generate_seconds, first_token_seconds;
 } Session;
@@ -699,15 +784,52 @@ static double now_seconds(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Prints a token to stdout as soon as it is known: its text when there is a
-   tokenizer (held back while a UTF-8 character is incomplete), else its id. */
+static void append_text(TextBuffer *b, const char *text, size_t n) {
+    if (b->len + n + 1 > b->cap) {
+        b->cap = 2 * (b->len + n + 1);
+        b->text = realloc(b->text, b->cap);
+        if (!b->text) { fprintf(stderr, "run: out of memory for the output\n"); exit(1); }
+    }
+    memcpy(b->text + b->len, text, n);
+    b->len += n;
+    b->text[b->len] = '\0';
+}
+
+/* Prints the held text, except a tail that could still grow into a stop
+   string; if a stop string has appeared, prints what precedes it, drops the
+   rest and marks the session stopped. */
+static void release_held_text(Session *s, int at_end) {
+    TextBuffer *b = &s->held;
+    size_t cut = b->len, keep = 0;
+    int n_stop_strings = s->generating ? s->n_stop_strings : 0;
+    for (int i = 0; i < n_stop_strings; i++) {
+        const char *hit = memmem(b->text, b->len, s->stop_strings[i], strlen(s->stop_strings[i]));
+        if (hit && (size_t)(hit - b->text) < cut) cut = (size_t)(hit - b->text), s->stopped = 1;
+    }
+    if (!s->stopped && !at_end) {
+        for (int i = 0; i < n_stop_strings; i++) { // the longest tail that begins a stop string
+            size_t n = strlen(s->stop_strings[i]);
+            for (size_t k = n - 1; k > keep; k--)
+                if (k <= b->len && memcmp(b->text + b->len - k, s->stop_strings[i], k) == 0) { keep = k; break; }
+        }
+        cut = b->len - keep;
+    }
+    fwrite(b->text, 1, cut, stdout);
+    memmove(b->text, b->text + b->len - keep, keep);
+    b->len = s->stopped ? 0 : keep;
+}
+
+/* Prints a token as soon as it is known: its text when there is a tokenizer
+   (held back while a UTF-8 character is incomplete, or while it may begin a
+   stop string), else its id. */
 static void emit_token(Session *s, int token) {
     if (!s->tokenizer) {
         printf("%d ", token);
     } else {
         char piece[1024];
         size_t n = tokenizer_decode(s->tokenizer, &s->decoder, token, piece, sizeof piece);
-        fwrite(piece, 1, n, stdout);
+        append_text(&s->held, piece, n);
+        release_held_text(s, 0);
     }
     fflush(stdout);
 }
@@ -716,7 +838,8 @@ static void finish_output(Session *s) {
     if (s->tokenizer) {
         char piece[64];
         size_t n = tokenizer_decode_flush(s->tokenizer, &s->decoder, piece, sizeof piece);
-        fwrite(piece, 1, n, stdout);
+        append_text(&s->held, piece, n);
+        release_held_text(s, 1);
     }
     putchar('\n');
     fflush(stdout);
@@ -727,9 +850,68 @@ static int is_stop_token(const Session *s, int token) {
     return 0;
 }
 
+/* Writes a token's text for --probs: its stored bytes, with quotes,
+   backslashes, control bytes and bytes that are not UTF-8 escaped, so that
+   text and JSON output stay one line of valid UTF-8. */
+static void print_token_text(FILE *f, const Session *s, int token) {
+    if (!s->tokenizer) { fprintf(f, "\"#%d\"", token); return; }
+    size_t len;
+    const unsigned char *p = tokenizer_piece(s->tokenizer, token, &len);
+    fputc('"', f);
+    for (size_t i = 0; i < len;) {
+        int n = utf8_valid_len(p + i, len - i);
+        if (n > 1) { fwrite(p + i, 1, n, f); i += n; continue; }
+        unsigned char c = p[i++];
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c >= 0x20 && c < 0x7f) fputc(c, f);
+        else fprintf(f, "\\u%04x", c);
+    }
+    fputc('"', f);
+}
+
+/* --probs: the chosen token and the k most likely, under the distribution
+   of sampling step 2 (penalised logits, temperature, softmax; temperature 1
+   when greedy), before top-k, top-p and min-p cut it. probs (vocab). */
+static void show_probs(const Session *s, const float *probs, int token) {
+    int vocab = s->transformer->config.vocab_size, k = s->probs_k < vocab ? s->probs_k : vocab;
+    int top[128];
+    for (int j = 0; j < k; j++) { // selection: k is small
+        int best = -1;
+        for (int i = 0; i < vocab; i++) {
+            int taken = 0;
+            for (int q = 0; q < j && !taken; q++) taken = top[q] == i;
+            if (!taken && (best < 0 || probs[i] > probs[best])) best = i;
+        }
+        top[j] = best;
+    }
+    int json = s->probs_format == PROBS_JSON;
+    fprintf(stderr, json ? "{\"pos\": %d, \"token\": %d, \"text\": " : "probs: pos %d, token %d ", s->pos, token);
+    print_token_text(stderr, s, token);
+    fprintf(stderr, json ? ", \"prob\": %.6f, \"top\": [" : " p=%.4f | top:", probs[token]);
+    for (int j = 0; j < k; j++) {
+        fprintf(stderr, json ? "%s{\"token\": %d, \"text\": " : " %s%d ", j && json ? ", " : "", top[j]);
+        print_token_text(stderr, s, top[j]);
+        fprintf(stderr, json ? ", \"prob\": %.6f}" : " %.4f", probs[top[j]]);
+    }
+    fprintf(stderr, json ? "]}\n" : "\n");
+}
+
+/* Samples the next token from logits (overwritten), showing --probs. */
+static int next_token(Session *s, float *logits) {
+    Sampler *sp = s->sampler;
+    int m = sampler_distribution(sp, logits, s->history.ids, s->history.n);
+    int token = m == 1 ? sp->candidates[0].index : sampler_draw(sp, m, random_f32(&sp->rng_state));
+    if (s->probs_k > 0) {
+        if (sp->temperature == 0.0f) softmax(logits, sp->vocab_size); // penalised logits, T = 1
+        show_probs(s, logits, token);
+    }
+    return token;
+}
+
 static float *forward_and_record(Session *s, int token) {
     Transformer *t = s->transformer;
     float *logits = forward(t, token, s->pos++);
+    push_token(&s->history, token);
     if (s->logits_file &&
         fwrite(logits, sizeof(float), t->config.vocab_size, s->logits_file) != (size_t)t->config.vocab_size)
         die(s->logits_path, "write failed: %s", strerror(errno));
@@ -737,9 +919,9 @@ static float *forward_and_record(Session *s, int token) {
 }
 
 /* Feeds the prompt into the cache from s->pos on, then samples up to max_new
-   tokens, feeding each back, and stops early at a stop token or when the
-   context is full. With echo, the prompt's own text is printed first.
-   Returns the last token sampled (-1 if none). */
+   tokens, feeding each back, and stops early at a stop token or string, or
+   when the context is full. With echo, the prompt's own text is printed
+   first. Returns the last token sampled (-1 if none). */
 static int complete(Session *s, const int *prompt, int n_prompt, int max_new, int echo) {
     int ctx = s->transformer->state.ctx;
     double start = now_seconds();
@@ -754,21 +936,57 @@ static int complete(Session *s, const int *prompt, int n_prompt, int max_new, in
     s->prompt_seconds += prompt_done - start;
 
     int token = -1;
+    s->stopped = 0;
+    s->generating = 1;
     for (int generated = 0; generated < max_new; generated++) {
-        token = sample(s->sampler, logits);
+        token = next_token(s, logits);
         if (s->n_generated_tokens == 0) s->first_token_seconds = now_seconds() - start;
         s->n_generated_tokens++;
-        if (is_stop_token(s, token)) break;
+        if (is_stop_token(s, token)) { s->stopped = 1; break; }
         emit_token(s, token);
-        if (generated + 1 == max_new) break; // the last token is shown, never fed back
+        if (s->stopped || generated + 1 == max_new) break; // the last token is shown, never fed back
         if (s->pos >= ctx) {
             s->context_full = 1;
             break;
         }
         logits = forward_and_record(s, token);
     }
+    s->generating = 0;
     s->generate_seconds += now_seconds() - prompt_done;
     return token;
+}
+
+/* -m score: the mean negative log-likelihood of tokens under the model, and
+   its exponential, the perplexity. A text longer than the context is read
+   in windows of ctx tokens that start stride tokens apart, each from an
+   empty cache; every token after the first is scored once, in the first
+   window that holds it with its predecessor, so a token has at least
+   ctx - stride tokens of context, except those of the first window. */
+static int score_text(Session *s, const int *tokens, int n, int stride) {
+    int ctx = s->transformer->state.ctx, vocab = s->transformer->config.vocab_size;
+    double nll = 0.0;
+    long scored = 0;
+    int scored_until = 1; // targets before this index are done
+    for (int begin = 0; scored_until < n; begin += stride) {
+        int end = begin + ctx < n ? begin + ctx : n;
+        s->pos = 0;
+        for (int i = begin; i < end - 1; i++) {
+            const float *logits = forward_and_record(s, tokens[i]);
+            if (i + 1 < scored_until) continue;
+            double max = logits[argmax(logits, vocab)], sum = 0.0;
+            for (int v = 0; v < vocab; v++) sum += exp(logits[v] - max);
+            nll += max + log(sum) - logits[tokens[i + 1]];
+            scored++;
+        }
+        scored_until = end;
+    }
+    if (scored == 0) {
+        fprintf(stderr, "run: nothing to score: the text is %d token%s\n", n, n == 1 ? "" : "s");
+        return 1;
+    }
+    printf("tokens scored %ld, mean nll %.6f, perplexity %.6f (context %d, stride %d)\n", scored,
+           nll / scored, exp(nll / scored), ctx, stride);
+    return 0;
 }
 
 static void print_statistics(const Session *s) {
@@ -789,20 +1007,6 @@ static void print_statistics(const Session *s) {
    so a user who types them gets ordinary text. */
 
 enum { TEMPLATE_NONE = 0, TEMPLATE_LLAMA2 = 1, TEMPLATE_CHATML = 2 };
-
-typedef struct {
-    int *ids;
-    int n, cap;
-} TokenList;
-
-static void push_token(TokenList *list, int id) {
-    if (list->n == list->cap) {
-        list->cap = list->cap ? 2 * list->cap : 256;
-        list->ids = realloc(list->ids, (size_t)list->cap * sizeof(int));
-        if (!list->ids) { fprintf(stderr, "run: out of memory for the prompt\n"); exit(1); }
-    }
-    list->ids[list->n++] = id;
-}
 
 static void push_text(TokenList *list, const Tokenizer *tok, const char *text) {
     size_t len = strlen(text);
@@ -867,27 +1071,42 @@ static void print_help(void) {
     printf(
         "usage: ./run MODEL [options]\n"
         "       ./run [MODEL] --tokenize -z TOKENIZER -i TEXT\n"
+        "       ./run MODEL -m score -f TEXT_FILE\n"
         "\n"
         "Runs a Llama-2-style checkpoint (ours, written by export.py, or llama2.c's\n"
         "legacy format). Text goes to stdout; statistics and notices to stderr.\n"
         "\n"
-        "options:\n"
+        "prompt and model:\n"
         "  -i TEXT       prompt (without -i or -f, generation starts from BOS alone)\n"
         "  -f PATH       read the prompt from a file\n"
         "  --tokens IDS  prompt as token ids, e.g. \"1 450 4996\" (no tokenizer needed)\n"
         "  -z PATH       tokenizer (default: tokenizer.bin beside MODEL, then ./tokenizer.bin)\n"
         "  -n N          new tokens to generate (default 256; stops earlier at end of\n"
-        "                sequence or when the context is full)\n"
-        "  -t F          temperature (default 1.0; 0 = greedy)\n"
-        "  -p F          top-p, in (0, 1] (default 0.9; 1 = off)\n"
-        "  -k N          top-k (default 0 = off)\n"
-        "  -s N          random seed (default: from the clock)\n"
+        "                sequence, at a stop string or when the context is full)\n"
         "  -c N          context length: positions the KV cache holds (default: the model's)\n"
-        "  -m MODE       generate (default) or chat\n"
+        "  -m MODE       generate (default), chat, or score (perplexity of the prompt text)\n"
         "  -y TEXT       system prompt for chat\n"
         "  --template T  chat template: llama2 or chatml (default: from the tokenizer)\n"
+        "  --stride N    score: windows of the context length start N tokens apart\n"
+        "                (default: half the context)\n"
+        "sampling, applied in this order:\n"
+        "  --repeat-penalty F     divide a positive logit (multiply a negative one) of a\n"
+        "                         token seen in the window by F (default 1 = off)\n"
+        "  --frequency-penalty F  subtract F x the token's count in the window (default 0)\n"
+        "  --presence-penalty F   subtract F once if the token is in the window (default 0)\n"
+        "  --repeat-window N      the last N tokens, prompt included (default 64)\n"
+        "  -t F          temperature (default 1.0; 0 = greedy)\n"
+        "  -k N          top-k (default 0 = off)\n"
+        "  -p F          top-p, in (0, 1] (default 0.9; 1 = off)\n"
+        "  --min-p F     drop tokens below F x the top probability (default 0 = off)\n"
+        "  -s N          random seed for the draw (default: from the clock)\n"
+        "  --stop TEXT   end generation where the output contains TEXT (repeatable)\n"
+        "output:\n"
         "  --logits PATH write raw little-endian float32 logits, one row of vocab_size\n"
         "                for every forward position (prompt, then each fed-back token)\n"
+        "  --probs K     after each generated token, show its probability and the K most\n"
+        "                likely tokens on stderr (after penalties and temperature)\n"
+        "  --probs-format text|json  one line per token, plain or JSON (default text)\n"
         "  --tokenize    print the prompt's token ids on one line and exit\n"
         "  -h, --help    this help\n"
         "\n"
@@ -898,8 +1117,10 @@ static void print_help(void) {
 typedef struct {
     const char *model_path, *tokenizer_path, *prompt, *prompt_file, *prompt_ids;
     const char *mode, *system_prompt, *template_name, *logits_path;
-    int steps, top_k, context, tokenize_only, seed_given;
-    float temperature, top_p;
+    int steps, context, stride, tokenize_only, seed_given, probs_k, probs_format;
+    SamplerSettings sampling;
+    const char *stop_strings[MAX_STOP_STRINGS];
+    int n_stop_strings;
     uint64_t seed;
 } Options;
 
@@ -924,7 +1145,10 @@ static float parse_float(const char *flag, const char *text, float min, float ma
 }
 
 static void parse_options(Options *o, int argc, char **argv) {
-    *o = (Options){.steps = 256, .temperature = 1.0f, .top_p = 0.9f, .mode = "generate"};
+    *o = (Options){.steps = 256, .mode = "generate",
+                   .sampling = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f,
+                                .repeat_window = 64}};
+    SamplerSettings *sp = &o->sampling;
     int i = 1;
     if (i < argc && argv[i][0] != '-') o->model_path = argv[i++];
     for (; i < argc; i++) {
@@ -939,11 +1163,26 @@ static void parse_options(Options *o, int argc, char **argv) {
         else if (!strcmp(flag, "--tokens")) o->prompt_ids = value;
         else if (!strcmp(flag, "-z")) o->tokenizer_path = value;
         else if (!strcmp(flag, "-n")) o->steps = (int)parse_long(flag, value, 0, INT32_MAX);
-        else if (!strcmp(flag, "-t")) o->temperature = parse_float(flag, value, 0.0f, 100.0f, 1);
-        else if (!strcmp(flag, "-p")) o->top_p = parse_float(flag, value, 0.0f, 1.0f, 0);
-        else if (!strcmp(flag, "-k")) o->top_k = (int)parse_long(flag, value, 0, INT32_MAX);
         else if (!strcmp(flag, "-c")) o->context = (int)parse_long(flag, value, 1, INT32_MAX);
-        else if (!strcmp(flag, "-s")) {
+        else if (!strcmp(flag, "--stride")) o->stride = (int)parse_long(flag, value, 1, INT32_MAX);
+        else if (!strcmp(flag, "-t")) sp->temperature = parse_float(flag, value, 0.0f, 100.0f, 1);
+        else if (!strcmp(flag, "-p")) sp->top_p = parse_float(flag, value, 0.0f, 1.0f, 0);
+        else if (!strcmp(flag, "-k")) sp->top_k = (int)parse_long(flag, value, 0, INT32_MAX);
+        else if (!strcmp(flag, "--min-p")) sp->min_p = parse_float(flag, value, 0.0f, 1.0f, 1);
+        else if (!strcmp(flag, "--repeat-penalty")) sp->repeat_penalty = parse_float(flag, value, 0.0f, 100.0f, 0);
+        else if (!strcmp(flag, "--frequency-penalty")) sp->frequency_penalty = parse_float(flag, value, -100.0f, 100.0f, 1);
+        else if (!strcmp(flag, "--presence-penalty")) sp->presence_penalty = parse_float(flag, value, -100.0f, 100.0f, 1);
+        else if (!strcmp(flag, "--repeat-window")) sp->repeat_window = (int)parse_long(flag, value, 0, INT32_MAX);
+        else if (!strcmp(flag, "--probs")) o->probs_k = (int)parse_long(flag, value, 0, 100);
+        else if (!strcmp(flag, "--probs-format")) {
+            if (strcmp(value, "text") && strcmp(value, "json"))
+                usage_error("--probs-format expects text or json, got '%s'", value);
+            o->probs_format = strcmp(value, "json") ? PROBS_TEXT : PROBS_JSON;
+        } else if (!strcmp(flag, "--stop")) {
+            if (!*value) usage_error("--stop needs a non-empty text");
+            if (o->n_stop_strings == MAX_STOP_STRINGS) usage_error("at most %d --stop strings", MAX_STOP_STRINGS);
+            o->stop_strings[o->n_stop_strings++] = value;
+        } else if (!strcmp(flag, "-s")) {
             char *end;
             errno = 0;
             unsigned long long seed = strtoull(value, &end, 10);
@@ -957,8 +1196,8 @@ static void parse_options(Options *o, int argc, char **argv) {
         else if (!strcmp(flag, "--logits")) o->logits_path = value;
         else usage_error("unknown option '%s'", flag);
     }
-    if (strcmp(o->mode, "generate") && strcmp(o->mode, "chat"))
-        usage_error("-m expects generate or chat, got '%s'", o->mode);
+    if (strcmp(o->mode, "generate") && strcmp(o->mode, "chat") && strcmp(o->mode, "score"))
+        usage_error("-m expects generate, chat or score, got '%s'", o->mode);
     if (o->template_name && strcmp(o->template_name, "llama2") && strcmp(o->template_name, "chatml"))
         usage_error("--template expects llama2 or chatml, got '%s'", o->template_name);
     if ((o->prompt != NULL) + (o->prompt_file != NULL) + (o->prompt_ids != NULL) > 1)
@@ -966,6 +1205,9 @@ static void parse_options(Options *o, int argc, char **argv) {
     if (!o->model_path && !o->tokenize_only) usage_error("no model given");
     if (o->tokenize_only && o->prompt_ids) usage_error("--tokenize takes a text prompt (-i or -f)");
     if (!strcmp(o->mode, "chat") && o->prompt_ids) usage_error("chat takes a text prompt (-i or -f)");
+    if (!strcmp(o->mode, "score") && !o->prompt && !o->prompt_file && !o->prompt_ids)
+        usage_error("score needs a text to score (-f, -i or --tokens)");
+    if (o->n_stop_strings && o->prompt_ids) usage_error("--stop needs text output, not --tokens");
 }
 
 /* The whole of a file as a NUL-terminated string. */
@@ -1105,10 +1347,12 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
 
     Sampler sampler;
     uint64_t seed = o->seed_given ? o->seed : (uint64_t)time(NULL);
-    init_sampler(&sampler, c->vocab_size, o->temperature, o->top_p, o->top_k, seed);
+    init_sampler(&sampler, c->vocab_size, &o->sampling, seed);
 
     Session s = {.transformer = transformer, .tokenizer = have_tokenizer ? &tokenizer : NULL,
-                 .sampler = &sampler, .logits_path = o->logits_path};
+                 .sampler = &sampler, .logits_path = o->logits_path, .probs_k = o->probs_k,
+                 .probs_format = o->probs_format, .n_stop_strings = o->n_stop_strings};
+    memcpy(s.stop_strings, o->stop_strings, sizeof s.stop_strings);
     decoder_init(&s.decoder);
     if (o->logits_path && !(s.logits_file = fopen(o->logits_path, "wb")))
         die(o->logits_path, "cannot open for writing: %s", strerror(errno));
@@ -1130,7 +1374,11 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
             push_text(&prompt, &tokenizer, text);
         }
         if (prompt.n == 0) push_token(&prompt, bos);
-        if (prompt.n > ctx) {
+        if (!strcmp(o->mode, "score")) {
+            int stride = o->stride ? o->stride : (ctx + 1) / 2;
+            if (stride > ctx) usage_error("--stride %d exceeds the context of %d", stride, ctx);
+            status = score_text(&s, prompt.ids, prompt.n, stride);
+        } else if (prompt.n > ctx) {
             fprintf(stderr, "run: the prompt is %d tokens but the context holds %d (see -c)\n", prompt.n, ctx);
             status = 1;
         } else {
@@ -1140,12 +1388,16 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
                 fprintf(stderr, "run: stopped: the context is full (%d positions)\n", ctx);
             else if (o->steps > 0 && is_stop_token(&s, last))
                 fprintf(stderr, "run: stopped at end of sequence (token %d)\n", last);
+            else if (s.stopped)
+                fprintf(stderr, "run: stopped at a stop string\n");
             print_statistics(&s);
         }
         free(prompt.ids);
     }
     if (s.logits_file && fclose(s.logits_file) != 0) die(o->logits_path, "write failed: %s", strerror(errno));
-    free(sampler.candidates);
+    free_sampler(&sampler);
+    free(s.history.ids);
+    free(s.held.text);
     if (have_tokenizer) tokenizer_free(&tokenizer);
     return status;
 }

@@ -30,6 +30,7 @@
  *   tokenizer_encode_n(t, text, len, add_bos, tokens, max)   the same, bounded
  *   tokenizer_max_tokens(t, len)                        most tokens len bytes can give
  *   tokenizer_find(t, piece, len)                       id of that exact token, or -1
+ *   tokenizer_piece(t, id, &len)                        the bytes a token is stored as
  *   decoder_init(d), tokenizer_decode(t, d, id, out, n), tokenizer_decode_flush(t, d, out, n)
  *     streamed text; the concatenation equals the reference's decode(ids)
  *   tokenizer_decode_size(t)                            an n that always suffices
@@ -798,6 +799,13 @@ int tokenizer_load(Tokenizer *t, const char *path, int vocab_size, char *err, si
     int rc = tokenizer_load_memory(t, data, size, vocab_size, err, err_size);
     free(data);
     return rc;
+}
+
+// The bytes a token is stored as (sentencepiece's "▁" and <0xXX> spelling
+// included); *len gets their count. id must be in [0, vocab_size).
+const unsigned char *tokenizer_piece(const Tokenizer *t, int id, size_t *len)
+{
+    return tok_piece(t, id, len);
 }
 
 // Id of the token whose bytes are exactly piece[0..len), or -1.
