@@ -597,7 +597,9 @@ static float *forward(Transformer *t, int token, int pos) {
      3. top-k: keep the k most likely tokens;
      4. top-p: keep the smallest prefix, by probability, whose sum reaches p;
      5. min-p: drop tokens less likely than min_p x the most likely one;
-     6. draw one token from what is left, renormalised.
+     6. draw one token from what is left, renormalised: the first whose
+        cumulative probability exceeds a uniform r, taking the tokens most
+        likely first when top-k or top-p sorted them, else in id order.
    sampler_distribution() does steps 1-5 and sampler_draw() step 6, so the
    tests can check each against a direct Python transcription; next_token()
    in the generation section calls both. */
@@ -958,9 +960,9 @@ static int complete(Session *s, const int *prompt, int n_prompt, int max_new, in
 
 /* -m score: the mean negative log-likelihood of tokens under the model, and
    its exponential, the perplexity. A text longer than the context is read
-   in windows of ctx tokens that start stride tokens apart, each from an
-   empty cache; every token after the first is scored once, in the first
-   window that holds it with its predecessor, so a token has at least
+   in windows of ctx tokens that start stride (< ctx) tokens apart, each
+   from an empty cache; every token after the first is scored once, in the
+   first window that holds it with its predecessor, so a token has at least
    ctx - stride tokens of context, except those of the first window. */
 static int score_text(Session *s, const int *tokens, int n, int stride) {
     int ctx = s->transformer->state.ctx, vocab = s->transformer->config.vocab_size;
@@ -1375,8 +1377,9 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
         }
         if (prompt.n == 0) push_token(&prompt, bos);
         if (!strcmp(o->mode, "score")) {
-            int stride = o->stride ? o->stride : (ctx + 1) / 2;
-            if (stride > ctx) usage_error("--stride %d exceeds the context of %d", stride, ctx);
+            int stride = o->stride ? o->stride : ctx / 2;
+            if (ctx < 2) usage_error("score needs a context of at least 2 positions");
+            if (stride >= ctx) usage_error("--stride %d must be below the context of %d", stride, ctx);
             status = score_text(&s, prompt.ids, prompt.n, stride);
         } else if (prompt.n > ctx) {
             fprintf(stderr, "run: the prompt is %d tokens but the context holds %d (see -c)\n", prompt.n, ctx);
