@@ -913,7 +913,8 @@ def load_gguf(source):
 #       40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml
 #       44     4  u32      n_merges        0 for sentencepiece
 #       48     4  u32      max_token_length  bytes in the longest token
-#       52    12  zero     reserved
+#       52     4  u32      system_len      bytes of the default system prompt (0: none)
+#       56     8  zero     reserved
 #       64        vocab_size token records, id 0 first:
 #                   u32   len             1 .. max_token_length
 #                   f32   score           sentencepiece merge score (bl: 0)
@@ -927,6 +928,9 @@ def load_gguf(source):
 #                 n_merges merge records, rank = index (byte-level only):
 #                   i32   left, right, result    token ids; the bytes of
 #                                         result are left's then right's
+#                 u8 system[system_len]   the chat template's default system
+#                                         prompt (UTF-8, no NUL), for chat
+#                                         when the user gives none
 #                 the file ends here.
 #
 # Byte-level: type 3 (control) marks special added tokens, type 4 added tokens
@@ -940,7 +944,7 @@ import struct as _struct
 
 TOKENIZER_MAGIC = b"LTOK"
 TOKENIZER_VERSION = 1
-TOKENIZER_HEADER = _struct.Struct("<4sIIiiiiiIIIII12x")   # 64 bytes
+TOKENIZER_HEADER = _struct.Struct("<4sIIiiiiiIIIIII8x")   # 64 bytes
 TOK_SENTENCEPIECE, TOK_BYTELEVEL = 0, 1
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_REMOVE_EXTRA_WS, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES = 1, 2, 4, 8, 16
@@ -953,9 +957,10 @@ class TokenizerExportError(ValueError):
 
 
 def write_tokenizer(path, kind, tokens, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=-1, flags=0,
-                    pretokenizer=PRETOK_NONE, chat_template=CHAT_NONE, merges=()):
+                    pretokenizer=PRETOK_NONE, chat_template=CHAT_NONE, merges=(), system_prompt=""):
     """Writes an LTOK file. tokens: [(bytes, score, type)] in id order;
-    merges: [(left, right, result)] in rank order. Returns the file size."""
+    merges: [(left, right, result)] in rank order; system_prompt: the chat
+    template's default system prompt ("" for none). Returns the file size."""
     n = len(tokens)
     for name, v in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id), ("unk_id", unk_id)):
         if not -1 <= v < n:
@@ -968,15 +973,20 @@ def write_tokenizer(path, kind, tokens, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=
     for r, (a, b, c) in enumerate(merges):
         if not (0 <= a < n and 0 <= b < n and 0 <= c < n) or tokens[c][0] != tokens[a][0] + tokens[b][0]:
             raise TokenizerExportError(f"merge {r} ({a}, {b}) -> {c} is not a concatenation of tokens")
+    system = system_prompt.encode("utf-8")
+    if b"\0" in system:
+        raise TokenizerExportError("the default system prompt contains a NUL character")
     max_len = max(len(b) for b, _, _ in tokens)
     with open(path, "wb") as f:
         f.write(TOKENIZER_HEADER.pack(TOKENIZER_MAGIC, TOKENIZER_VERSION, kind, n, bos_id, eos_id, pad_id,
-                                      unk_id, flags, pretokenizer, chat_template, len(merges), max_len))
+                                      unk_id, flags, pretokenizer, chat_template, len(merges), max_len,
+                                      len(system)))
         for b, score, ty in tokens:
             f.write(_struct.pack("<IfB", len(b), score, ty))
             f.write(b)
         for m in merges:
             f.write(_struct.pack("<iii", *m))
+        f.write(system)
         return f.tell()
 
 
@@ -985,7 +995,7 @@ def read_tokenizer(path):
     with open(path, "rb") as f:
         data = f.read()
     (magic, version, kind, n, bos, eos, pad, unk, flags, pretok, chat, n_merges,
-     max_len) = TOKENIZER_HEADER.unpack_from(data, 0)
+     max_len, system_len) = TOKENIZER_HEADER.unpack_from(data, 0)
     if magic != TOKENIZER_MAGIC or version != TOKENIZER_VERSION:
         raise TokenizerExportError(f"{path}: not an LTOK version {TOKENIZER_VERSION} file")
     pos, tokens = TOKENIZER_HEADER.size, []
@@ -995,8 +1005,10 @@ def read_tokenizer(path):
         tokens.append((data[pos:pos + length], score, ty))
         pos += length
     merges = [_struct.unpack_from("<iii", data, pos + 12 * r) for r in range(n_merges)]
+    system = data[pos + 12 * n_merges:pos + 12 * n_merges + system_len].decode("utf-8")
     return dict(kind=kind, tokens=tokens, bos_id=bos, eos_id=eos, pad_id=pad, unk_id=unk, flags=flags,
-                pretokenizer=pretok, chat_template=chat, merges=merges, max_token_length=max_len)
+                pretokenizer=pretok, chat_template=chat, merges=merges, max_token_length=max_len,
+                system_prompt=system)
 
 
 # sentencepiece's tokenizer.model is a protobuf (sentencepiece_model.proto).
@@ -1323,11 +1335,12 @@ def write_tokenizer_gguf(source, out_path, vocab_size=None):
         flags |= TOKF_ADD_BOS
     if meta("tokenizer.ggml.add_space_prefix", False):
         flags |= TOKF_DUMMY_PREFIX
-    chat, _ = gguf_chat_template(meta("tokenizer.chat_template"))
+    chat, system = gguf_chat_template(meta("tokenizer.chat_template"))
     if chat == CHAT_NONE and "<|im_start|>" in vocab and "<|im_end|>" in vocab:
         chat = CHAT_CHATML
     return write_tokenizer(out_path, TOK_BYTELEVEL, tokens, bos_id=ids[0], eos_id=ids[1], pad_id=ids[2],
-                           unk_id=ids[3], flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges)
+                           unk_id=ids[3], flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges,
+                           system_prompt=system)
 
 
 # ----------------------------------------------------------------------------

@@ -1005,10 +1005,25 @@ static void print_statistics(const Session *s) {
      llama2:  <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>
      chatml:  <|im_start|>system\n{system}<|im_end|>\n
               <|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n
-   Markers such as <s> and <|im_start|> enter as token ids, never as text,
-   so a user who types them gets ordinary text. */
+   Markers such as <s> and <|im_start|> enter as token ids. (Text a user
+   types is tokenized as Hugging Face does: a byte-level tokenizer matches
+   special tokens typed in it, sentencepiece does not.) Without -y, the system
+   prompt is the template's default that the tokenizer file carries (for
+   SmolLM2: "You are a helpful AI assistant named SmolLM, trained by Hugging
+   Face"), so the tokens are those of transformers' apply_chat_template. */
 
 enum { TEMPLATE_NONE = 0, TEMPLATE_LLAMA2 = 1, TEMPLATE_CHATML = 2 };
+
+/* The template: --template's name if given, else the tokenizer's, else Llama 2's. */
+static int chat_template(const char *name, const Tokenizer *tok) {
+    if (name) return strcmp(name, "chatml") ? TEMPLATE_LLAMA2 : TEMPLATE_CHATML;
+    return tok->chat_template == TEMPLATE_CHATML ? TEMPLATE_CHATML : TEMPLATE_LLAMA2;
+}
+
+/* The system prompt: -y's if given (-y "" means none), else the template's default. */
+static const char *chat_system_prompt(const char *given, const Tokenizer *tok) {
+    return given ? given : tok->system_prompt;
+}
 
 static void push_text(TokenList *list, const Tokenizer *tok, const char *text) {
     size_t len = strlen(text);
@@ -1058,6 +1073,20 @@ static void push_user_turn(TokenList *list, const Tokenizer *tok, const char *to
     free(text);
 }
 
+/* Closes the previous answer as the template writes it: its last token
+   if that was shown but never fed back (the -n limit or a stop string ended
+   the answer), then </s> or <|im_end|>\n. */
+static void push_answer_end(TokenList *list, const Session *s, const Tokenizer *tok, const char *tok_path,
+                            int template, int last) {
+    if (last >= 0 && !is_stop_token(s, last)) push_token(list, last);
+    if (template == TEMPLATE_CHATML) {
+        push_token(list, marker_token(tok, "<|im_end|>", tok_path));
+        push_text(list, tok, "\n");
+    } else if (tok->eos_id >= 0) {
+        push_token(list, tok->eos_id);
+    }
+}
+
 /* Reads one line from stdin into a growing buffer; 0 at end of input. */
 static int read_line(char **line, size_t *cap) {
     ssize_t n = getline(line, cap, stdin);
@@ -1087,7 +1116,8 @@ static void print_help(void) {
         "                sequence, at a stop string or when the context is full)\n"
         "  -c N          context length: positions the KV cache holds (default: the model's)\n"
         "  -m MODE       generate (default), chat, or score (perplexity of the prompt text)\n"
-        "  -y TEXT       system prompt for chat\n"
+        "  -y TEXT       system prompt for chat (default: the template's, if the tokenizer\n"
+        "                has one; -y \"\" for none)\n"
         "  --template T  chat template: llama2 or chatml (default: from the tokenizer)\n"
         "  --stride N    score: windows of the context length start N tokens apart\n"
         "                (default: half the context)\n"
@@ -1109,7 +1139,8 @@ static void print_help(void) {
         "  --probs K     after each generated token, show its probability and the K most\n"
         "                likely tokens on stderr (after penalties and temperature)\n"
         "  --probs-format text|json  one line per token, plain or JSON (default text)\n"
-        "  --tokenize    print the prompt's token ids on one line and exit\n"
+        "  --tokenize    print the prompt's token ids on one line and exit (with -m chat:\n"
+        "                the first turn, as the chat template wraps it)\n"
         "  -h, --help    this help\n"
         "\n"
         "Without a tokenizer, prompts are given with --tokens and output is token ids.\n"
@@ -1272,26 +1303,31 @@ static void load_tokenizer_or_die(Tokenizer *tok, const char *path, int vocab_si
     if (tokenizer_load(tok, path, vocab_size, err, sizeof err) != 0) die(path, "%s", err);
 }
 
-/* --tokenize: prints the prompt's ids and exits. */
-static int run_tokenize(const char *tok_path, int vocab_size, const char *text) {
+/* --tokenize: prints the prompt's ids and exits; with -m chat, the ids of
+   the first turn as the chat template wraps the prompt. */
+static int run_tokenize(const Options *o, const char *tok_path, int vocab_size, const char *text) {
     if (!tok_path) usage_error("--tokenize needs a tokenizer (-z PATH)");
     Tokenizer tok;
     load_tokenizer_or_die(&tok, tok_path, vocab_size);
-    size_t len = strlen(text);
-    int *ids = xcalloc(len + 3, sizeof(int), "the prompt");
-    int n = tokenizer_encode(&tok, text, len, tok.add_bos, ids);
-    if (n < 0) { fprintf(stderr, "run: out of memory tokenizing the prompt\n"); return 1; }
-    for (int i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+    TokenList prompt = {0};
+    if (!strcmp(o->mode, "chat")) {
+        push_user_turn(&prompt, &tok, tok_path, chat_template(o->template_name, &tok),
+                       chat_system_prompt(o->system_prompt, &tok), text, 1);
+    } else {
+        if (tok.add_bos && tok.bos_id >= 0) push_token(&prompt, tok.bos_id);
+        push_text(&prompt, &tok, text);
+    }
+    for (int i = 0; i < prompt.n; i++) printf(i ? " %d" : "%d", prompt.ids[i]);
     putchar('\n');
-    free(ids);
+    free(prompt.ids);
     tokenizer_free(&tok);
     return 0;
 }
 
 static int run_chat(Session *s, const Options *o, const char *tok_path, const char *first_prompt) {
     Tokenizer *tok = s->tokenizer;
-    int template = o->template_name ? (!strcmp(o->template_name, "chatml") ? TEMPLATE_CHATML : TEMPLATE_LLAMA2)
-                                    : (tok->chat_template == TEMPLATE_CHATML ? TEMPLATE_CHATML : TEMPLATE_LLAMA2);
+    int template = chat_template(o->template_name, tok);
+    const char *system = chat_system_prompt(o->system_prompt, tok);
     if (template == TEMPLATE_CHATML) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|im_end|>", tok_path);
     int interactive = first_prompt == NULL;
     char *line = NULL;
@@ -1306,13 +1342,8 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
             user = line;
         } else if (turn > 0) break;
         TokenList prompt = {0};
-        /* close the previous answer as the template would have written it */
-        if (turn > 0 && template == TEMPLATE_LLAMA2 && last >= 0 && last == tok->eos_id) push_token(&prompt, last);
-        if (turn > 0 && template == TEMPLATE_CHATML) {
-            if (last >= 0 && is_stop_token(s, last)) push_token(&prompt, last);
-            push_text(&prompt, tok, "\n");
-        }
-        push_user_turn(&prompt, tok, tok_path, template, o->system_prompt, user, turn == 0);
+        if (turn > 0) push_answer_end(&prompt, s, tok, tok_path, template, last);
+        push_user_turn(&prompt, tok, tok_path, template, system, user, turn == 0);
         if (s->pos + prompt.n > s->transformer->state.ctx) {
             fprintf(stderr, "run: this turn needs %d more positions but the context has %d left\n", prompt.n,
                     s->transformer->state.ctx - s->pos);
@@ -1427,7 +1458,7 @@ int main(int argc, char **argv) {
     int status;
     if (o.tokenize_only) {
         if (!text) usage_error("--tokenize needs a prompt (-i or -f)");
-        status = run_tokenize(tok_path, vocab_size, text);
+        status = run_tokenize(&o, tok_path, vocab_size, text);
     } else {
         status = run_model(&o, &transformer, tok_path, text);
     }

@@ -68,7 +68,8 @@
  *       40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml
  *       44     4  u32      n_merges        0 for sentencepiece
  *       48     4  u32      max_token_length  bytes in the longest token
- *       52    12  zero     reserved
+ *       52     4  u32      system_len      bytes of the default system prompt (0: none)
+ *       56     8  zero     reserved
  *       64        vocab_size token records, id 0 first:
  *                   u32   len             1 .. max_token_length
  *                   f32   score           sentencepiece merge score (bl: 0)
@@ -82,6 +83,9 @@
  *                 n_merges merge records, rank = index (byte-level only):
  *                   i32   left, right, result    token ids; the bytes of
  *                                         result are left's then right's
+ *                 u8 system[system_len]   the chat template's default system
+ *                                         prompt (UTF-8, no NUL), for chat
+ *                                         when the user gives none
  *                 the file ends here.
  *
  * Byte-level: type 3 (control) marks special added tokens, type 4 added
@@ -137,6 +141,7 @@ typedef struct {
     int bos_id, eos_id, pad_id, unk_id;   // -1: none
     int add_bos;            // 1: prompts start with bos_id
     int chat_template;      // CHAT_*
+    char *system_prompt;    // the template's default system prompt (NUL-terminated), NULL: none
     int legacy;             // 1: read from a llama2.c tokenizer.bin
     int max_token_length;   // bytes in the longest token
     // the rest of the header
@@ -355,6 +360,7 @@ void tokenizer_free(Tokenizer *t)
     free(t->type);
     free(t->special_len);
     free(t->merge);
+    free(t->system_prompt);
     tok_index_free(&t->all);
     tok_index_free(&t->bpe);
     tok_index_free(&t->special);
@@ -600,7 +606,7 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
     for (int i = 0; i < 4; i++) ids[i] = (int32_t)tok_rd32(data + 16 + 4 * i);
     uint32_t flags = tok_rd32(data + 32), pretok = tok_rd32(data + 36);
     uint32_t chat = tok_rd32(data + 40), n_merges = tok_rd32(data + 44);
-    uint32_t max_len = tok_rd32(data + 48);
+    uint32_t max_len = tok_rd32(data + 48), system_len = tok_rd32(data + 52);
     if (kind > 1) {
         tok_err(err, err_size, "unknown tokenizer kind %ld", (long)kind, 0);
         return -1;
@@ -666,8 +672,13 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
         tok_err(err, err_size, "%ld merges do not fit in the %ld bytes left", (long)n_merges, (long)(size - pos));
         return -1;
     }
-    if (size - pos != (size_t)n_merges * 12) {
-        tok_err(err, err_size, "%ld bytes after the last merge", (long)(size - pos - (size_t)n_merges * 12), 0);
+    if (size - pos - (size_t)n_merges * 12 != system_len) {
+        tok_err(err, err_size, "%ld bytes after the last merge, expected system_len = %ld",
+                (long)(size - pos - (size_t)n_merges * 12), (long)system_len);
+        return -1;
+    }
+    if (memchr(data + size - system_len, 0, system_len)) {
+        tok_err(err, err_size, "the default system prompt contains a NUL byte", 0, 0);
         return -1;
     }
     if (kind == TOK_SENTENCEPIECE && n_merges) {
@@ -736,6 +747,15 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
             if (t->merge[i].left >= 0) continue;   // a repeated pair keeps its first rank
             t->merge[i] = (TokMerge){l, rr, res, (int32_t)r};
         }
+    }
+    if (system_len) {
+        t->system_prompt = malloc((size_t)system_len + 1);
+        if (!t->system_prompt) {
+            tok_err(err, err_size, "out of memory", 0, 0);
+            return -1;
+        }
+        memcpy(t->system_prompt, data + size - system_len, system_len);
+        t->system_prompt[system_len] = '\0';
     }
     return 0;
 }

@@ -372,3 +372,114 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm2, smollm2_hf, tmp_p
     theirs = hf_logits(smollm2_hf, prompt + generated[:-1])
     assert_logits_close(ours, theirs)
     assert generated == hf_greedy(smollm2_hf, prompt, 50)
+
+
+def test_chat_template_default_system_prompt():
+    """export.gguf_chat_template finds the literal system turn a template
+    writes by default, and nothing in one that only copies messages."""
+    smol = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+            "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+            "'<|im_end|>' + '\n'}}{% endfor %}")
+    assert export.gguf_chat_template(smol) == \
+        (export.CHAT_CHATML, "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    escaped = "{{ '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}{{ messages }}"
+    assert export.gguf_chat_template(escaped) == (export.CHAT_CHATML, "You are Qwen.")
+    plain = "{{'<|im_start|>system\n' + message['content'] + '<|im_end|>'}}"
+    assert export.gguf_chat_template(plain) == (export.CHAT_CHATML, "")
+    assert export.gguf_chat_template("{{ '[INST] ' + content + ' [/INST]' }}") == (export.CHAT_LLAMA2, "")
+    assert export.gguf_chat_template(None) == (export.CHAT_NONE, "")
+
+
+def test_default_system_prompt_in_the_tokenizer_file(random_gguf, tmp_path):
+    """The LTOK file carries the default system prompt; ./run puts it first
+    in a chat unless -y gives another (-y "" gives none)."""
+    tok = export.read_tokenizer(random_gguf / "tokenizer.bin")
+    path = tmp_path / "tokenizer.bin"
+    export.write_tokenizer(path, tok["kind"], tok["tokens"], tok["bos_id"], tok["eos_id"], flags=tok["flags"],
+                           pretokenizer=tok["pretokenizer"], chat_template=tok["chat_template"],
+                           merges=tok["merges"], system_prompt="You are the capital.")
+    assert export.read_tokenizer(path)["system_prompt"] == "You are the capital."
+
+    def chat_ids(*flags):
+        p = run(["--tokenize", "-m", "chat", "-z", path, "-i", "the", *flags])
+        return [int(x) for x in p.stdout.split()]
+
+    def encode(text):
+        return [int(x) for x in run(["--tokenize", "-z", path, "-i", text]).stdout.split()]
+
+    user = [1] + encode("user\nthe") + [2] + encode("\n") + [1] + encode("assistant\n")
+    assert chat_ids() == [1] + encode("system\nYou are the capital.") + [2] + encode("\n") + user
+    assert chat_ids("-y", "the and") == [1] + encode("system\nthe and") + [2] + encode("\n") + user
+    assert chat_ids("-y", "") == user
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data + b"x", "bytes after the last merge, expected system_len = 20"),
+    (lambda data: data[:-1], "bytes after the last merge, expected system_len = 20"),
+    (lambda data: data[:-3] + b"\0ab", "the default system prompt contains a NUL byte"),
+])
+def test_bad_default_system_prompt_is_a_clean_error(random_gguf, tmp_path, damage, message):
+    tok = export.read_tokenizer(random_gguf / "tokenizer.bin")
+    path = tmp_path / "tokenizer.bin"
+    export.write_tokenizer(path, tok["kind"], tok["tokens"], tok["bos_id"], tok["eos_id"],
+                           pretokenizer=tok["pretokenizer"], merges=tok["merges"], system_prompt="You are the capital.")
+    path.write_bytes(damage(path.read_bytes()))
+    p = run(["--tokenize", "-z", path, "-i", "the"], check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME)
+
+
+@pytest.mark.parametrize("system", [None, "You are a pirate. Answer in one sentence."])
+def test_smollm2_chat_prompt_matches_apply_chat_template(smollm2, smollm2_tokenizer, system):
+    """The first chat turn, token for token as transformers renders SmolLM2's
+    own Jinja template (without -y, the template's default system turn)."""
+    question = "What is the capital of France?"
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    expected = smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    p = run([smollm2, "-m", "chat", "--tokenize", "-i", question] + (["-y", system] if system else []))
+    assert [int(x) for x in p.stdout.split()] == expected
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2, smollm2_tokenizer):
+    """Our tokenizer from the GGUF metadata against transformers' from the
+    same file. Texts without digits: transformers builds SmolLM2's GGUF
+    tokenizer without the Digits pre-tokenizer that the original
+    tokenizer.json has (and we keep), so the two part ways on numbers;
+    digits are checked above against tokenizers with the real pipeline."""
+    texts = ["What is the capital of France?", "Hello  world\n\n\tindented\r\nline", "naïve café — ünïcödé 😀 日本語",
+             "def f(x):\n    return x ** two  # comment", "<|im_start|>user\nhi<|im_end|>", "   ", "a\n \n b",
+             "It's, we're, they'll, I'd, don't... OK!", "https://example.com/path?q=one&r=two"]
+    for text in texts:
+        p = run(["--tokenize", "-z", DEMO / "tokenizer.bin", "-i", text])
+        assert [int(x) for x in p.stdout.split()] == smollm2_tokenizer.encode(text, add_special_tokens=False), text
+
+
+def test_smollm2_multi_turn_chat_matches_transformers(smollm2, smollm2_hf, smollm2_tokenizer, tmp_path):
+    """Two turns on stdin with the KV cache kept: every position ./run
+    computed up to the second answer, against transformers over the whole
+    conversation as apply_chat_template writes it, the first answer included."""
+    questions = ["What is the capital of France?", "And of Germany?"]
+    p = run([smollm2, "-m", "chat", "-t", 0, "-n", 40, "-c", 512, "--logits", tmp_path / "logits.bin"],
+            input="\n".join(questions) + "\n")
+    answers = p.stdout.split("\n")
+    assert len(answers) == 3 and answers[2] == "", p.stdout     # one line each, each turn ended by <|im_end|>
+    assert "Paris" in answers[0] and "Berlin" in answers[1], p.stdout
+    conversation = [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": answers[0]},
+                    {"role": "user", "content": questions[1]}]
+    ids = smollm2_tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+    ours = np.fromfile(tmp_path / "logits.bin", dtype="<f4").reshape(-1, 49152)
+    assert len(ours) > len(ids)
+    assert_logits_close(ours[:len(ids)], hf_logits(smollm2_hf, ids))
+
+
+@pytest.mark.skipif("RUN_BINARY" in os.environ, reason="make demo runs ./run, not the instrumented build")
+def test_make_demo_answers(smollm2):
+    p = subprocess.run(["make", "-s", "demo"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Paris" in p.stdout.splitlines()[-1], p.stdout
