@@ -86,7 +86,8 @@ $(DEMO_GGUF): | demo-pip
 
 .demo/pylib/gguf: | demo-pip
 	@echo "demo: fetching the converter's packages (gguf, pyyaml) into .demo/pylib"
-	@$(DEMO_PYTHON) -c "import numpy" 2>/dev/null || $(DEMO_PIP) .demo/pylib numpy
+	@$(DEMO_PYTHON) -c "import numpy" 2>/dev/null || \
+	    { echo "demo: $(DEMO_PYTHON) has no numpy; fetching it into .demo/pylib too"; $(DEMO_PIP) .demo/pylib numpy; }
 	@$(DEMO_PIP) .demo/pylib gguf==0.19.0 pyyaml
 
 .demo/smollm2.bin: $(DEMO_GGUF) export.py | .demo/pylib/gguf
