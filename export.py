@@ -12,7 +12,8 @@ The file reads top to bottom in three sections:
                                        | --llama2c FILE | --gguf FILE
                                        | --tokenizer-model FILE)
 
-The GGUF path needs numpy and gguf only; everything else needs torch too.
+The GGUF path needs numpy and gguf (with pyyaml, which gguf imports) only;
+everything else needs torch too.
 
 Every converter returns (ModelArgs, state_dict) with the reference's parameter
 names, so one writer serves them all. It writes this checkpoint (the drawing is
@@ -806,8 +807,8 @@ def _gguf_reader(source):
         return source
     try:
         import gguf         # only this path needs the package
-    except ModuleNotFoundError:
-        raise ExportError(source, "reading GGUF needs the gguf package (pip install gguf)") from None
+    except ModuleNotFoundError as e:     # gguf itself, or pyyaml, which it imports
+        raise ExportError(source, f"reading GGUF needs the gguf package (pip install gguf): {e}") from None
     try:
         return gguf.GGUFReader(source)
     except OSError:
