@@ -18,7 +18,7 @@ OPENMP ?= -fopenmp
 # else whatever python3 is on the PATH.
 PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
 
-.PHONY: all test sanitize fuzz demo demo-pip clean
+.PHONY: all test sanitize fuzz demo demo-pip bench bench-peers clean
 
 all: run
 
@@ -41,7 +41,8 @@ run-asan: run.c tokenizer.c Makefile
 
 sanitize: run-asan
 	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan \
-	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" $(PYTHON) -m pytest -q test_all.py tests
+	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" KERNEL_TEST_CFLAGS="$(SANITIZE)" \
+	    $(PYTHON) -m pytest -q test_all.py tests
 
 # libFuzzer targets (clang): the checkpoint loader and the tokenizer, each
 # for FUZZ_SECONDS from seeds that fuzz/make_seeds.py writes, plus the
@@ -99,5 +100,22 @@ demo: run .demo/smollm2.bin
 	@echo "demo: ./run .demo/smollm2.bin -m chat -t 0 -i \"$(DEMO_QUESTION)\""
 	@./run .demo/smollm2.bin -m chat -t 0 -i "$(DEMO_QUESTION)"
 
+# make bench: speed of ./run on random 110M and 1B-class models in every
+# weight type (prompt, generation, share of the read-bandwidth roofline,
+# memory), and llama.cpp's on the same weights when llama-cpp-python is
+# installed (make bench-peers). Models and outputs go to bench/out/.
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--models 110m --runs 5".
+# bench/membw measures read bandwidth; -march=native is right for a tool
+# that only measures the machine it is built on.
+bench/membw: bench/membw.c
+	$(CC) -O3 -march=native $(WARNINGS) $(OPENMP) -o $@ $<
+
+bench: run bench/membw
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
+# llama.cpp's Python binding, built from source by pip (several minutes).
+bench-peers:
+	$(PYTHON) -m pip install llama-cpp-python
+
 clean:
-	rm -rf run run-noomp run-asan tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/work
+	rm -rf run run-noomp run-asan bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/work

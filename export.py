@@ -34,13 +34,13 @@ the one in docs/FORMATS.md and run.c; all little-endian, sizes in bytes):
       40     4  f32      rope_theta
       44     4  f32      norm_eps
       48     4  u32      tied_classifier 1: logits use token_embedding; 0: a classifier follows
-      52     4  u32      weight_type    0 = f32 (1 = int8, 2 = 4-bit, 3 = bf16: reserved)
-      56     4  u32      group_size     0 for f32
+      52     4  u32      weight_type    0 f32, 1 q8_0, 2 q4_0, 3 bf16 (of the matrices)
+      56     4  u32      group_size     32 for q8_0 and q4_0, 0 for f32 and bf16
       60   196  zero     header is 256 bytes
      256        tensors, in this order, each starting at an offset that is a
                 multiple of 64 (zero bytes pad the gap):
 
-     token_embedding     (vocab_size, dim)                 f32
+     token_embedding     (vocab_size, dim)                 weight_type
      for each layer:
        attn_norm         (dim)                             f32
        wq                (n_heads * head_dim, dim)         weight_type
@@ -55,6 +55,22 @@ the one in docs/FORMATS.md and run.c; all little-endian, sizes in bytes):
      classifier          (vocab_size, dim)                 weight_type, only if tied_classifier = 0
 
      The file ends right after the last tensor.
+
+A matrix (rows, cols) of each weight type (norms are always f32):
+
+  f32   rows x cols float32
+  bf16  rows x cols bfloat16, the top 16 bits of the float32, rounded to nearest even
+  q8_0  values: rows x cols int8, then (from the next multiple of 64)
+        scales: rows x cols/32 float16, one per group of 32 weights of a row
+          group g of row r:  | q[0] | q[1] | ... | q[31] |     w[i] = d * q[i],  q in -127..127
+          d = max|w| / 127 over the group (as float16); q = round(w / d)
+  q4_0  values: rows x cols/2 bytes, 16 per group, then the scales as in q8_0
+          byte j of a group:  | q[j + 16] (high 4 bits) | q[j] (low 4 bits) |
+          w[i] = d * (q[i] - 8),  q in 0..15; d = m / -8 where m is the group's
+          weight of largest magnitude, so that m itself is exact (q = 0)
+  cols must be a multiple of 32 for q8_0 and q4_0 (so dim, hidden_dim and
+  n_heads * head_dim are). q8_0 and q4_0 hold llama.cpp's Q8_0 and Q4_0 blocks,
+  with the scales gathered apart from the values.
 
 Matrices are row-major (out, in), as nn.Linear.weight: y = W x. RoPE rotates
 the interleaved pairs (x[2i], x[2i+1]) of each head by the angle
@@ -316,7 +332,9 @@ MAGIC = b"LLAM"
 VERSION = 1
 HEADER_SIZE = 256
 ALIGN = 64                      # every tensor starts at a multiple of this
-WEIGHT_F32 = 0                  # weight_type; the only one written so far
+WEIGHT_TYPES = {"f32": 0, "q8_0": 1, "q4_0": 2, "bf16": 3}   # weight_type of the header
+WEIGHT_F32 = WEIGHT_TYPES["f32"]
+GROUP_SIZE = 32                 # weights per scale in q8_0 and q4_0
 # magic, version, 8 x i32 (dim .. max_seq_len), rope_theta, norm_eps,
 # tied_classifier, weight_type, group_size: 60 bytes, then zeros up to 256
 HEADER = struct.Struct("<4sI8i2f3I")
@@ -361,58 +379,218 @@ def check_state_dict(args, state_dict, path):
             raise ExportError(path, f"{name}: expected shape {shape}, got {got}")
 
 
-def write_checkpoint(path, args, state_dict):
-    """Write the version 1 checkpoint (all f32) and return its size in bytes.
-
-    The state_dict is validated first, so a bad one leaves no file behind."""
-    check_state_dict(args, state_dict, path)
-    header = HEADER.pack(MAGIC, VERSION, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
-                         args.n_kv_heads, args.head_dim, args.vocab_size, args.max_seq_len,
-                         args.rope_theta, args.norm_eps, int(args.tied), WEIGHT_F32, 0)
-    with open(path, "wb") as f:
-        f.write(header.ljust(HEADER_SIZE, b"\0"))
-        for name, _ in checkpoint_tensors(args):
-            f.write(b"\0" * (-f.tell() % ALIGN))
-            # weight_type 0 stores every tensor as f32. A quantized weight_type
-            # would encode the matrices here and leave the norms and the
-            # token embedding in f32.
-            f.write(_f32_bytes(state_dict[name]))
-        return f.tell()
+def _f32_array(tensor):
+    """The tensor (torch or numpy) as a float32 numpy array."""
+    if not isinstance(tensor, np.ndarray):
+        tensor = tensor.detach().cpu().float().numpy()
+    return np.ascontiguousarray(tensor, dtype=np.float32)
 
 
 def _f32_bytes(tensor):
     """The tensor (torch or numpy) as packed little-endian float32, row-major."""
-    if not isinstance(tensor, np.ndarray):
-        tensor = tensor.detach().cpu().float().numpy()
-    return np.ascontiguousarray(tensor, dtype="<f4").tobytes()
+    return _f32_array(tensor).astype("<f4", copy=False).tobytes()
 
 
-def read_checkpoint(path):
-    """Read a version 1 checkpoint back into (ModelArgs, state_dict): the writer's inverse."""
+def quantize_q8_0(w):
+    """(rows, cols) float32 -> (int8 values (rows, cols), float16 scales (rows, cols/32))."""
+    rows, cols = w.shape
+    groups = w.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    d = (np.abs(groups).max(axis=-1) / 127).astype(np.float16)
+    d32 = d.astype(np.float32)
+    inv = np.divide(1, d32, out=np.zeros_like(d32), where=d32 != 0)
+    q = np.clip(np.rint(groups * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(rows, cols), d
+
+
+def quantize_q4_0(w):
+    """(rows, cols) float32 -> (packed uint8 (rows, cols/2), float16 scales (rows, cols/32))."""
+    rows, cols = w.shape
+    groups = w.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    biggest = np.take_along_axis(groups, np.abs(groups).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    d = (biggest / -8).astype(np.float16)
+    d32 = d.astype(np.float32)
+    inv = np.divide(1, d32, out=np.zeros_like(d32), where=d32 != 0)
+    q = np.clip(np.rint(groups * inv[..., None]) + 8, 0, 15).astype(np.uint8)
+    half = GROUP_SIZE // 2
+    packed = q[..., :half] | (q[..., half:] << 4)
+    return packed.reshape(rows, cols // 2), d
+
+
+def to_bf16(w):
+    """float32 -> bfloat16 bits as uint16, rounded to nearest even."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def encode_matrix(w, dtype):
+    """A float32 matrix (rows, cols) in the checkpoint's weight type: the arrays
+    that are written one after the other, each from a multiple of ALIGN."""
+    if dtype == "f32":
+        return [w.astype("<f4", copy=False)]
+    if dtype == "bf16":
+        return [to_bf16(w).astype("<u2", copy=False)]
+    values, scales = quantize_q8_0(w) if dtype == "q8_0" else quantize_q4_0(w)
+    return [values, scales.astype("<f2", copy=False)]
+
+
+def decode_matrix(arrays, dtype):
+    """encode_matrix()'s inverse: the float32 weights the engine computes with."""
+    if dtype == "f32":
+        return arrays[0].astype(np.float32)
+    if dtype == "bf16":
+        return (arrays[0].astype(np.uint32) << 16).view(np.float32)
+    values, scales = arrays
+    rows = values.shape[0]
+    d = scales.astype(np.float32)[..., None]                          # (rows, groups, 1)
+    if dtype == "q8_0":
+        q = values.reshape(rows, -1, GROUP_SIZE).astype(np.float32)
+    else:
+        packed = values.reshape(rows, -1, GROUP_SIZE // 2)
+        q = np.concatenate((packed & 15, packed >> 4), axis=-1).astype(np.float32) - 8
+    return (d * q).reshape(rows, -1)
+
+
+def matrix_arrays(shape, dtype):
+    """(numpy dtype, shape) of each array of a (rows, cols) matrix in the weight type."""
+    rows, cols = shape
+    return {"f32": [("<f4", (rows, cols))], "bf16": [("<u2", (rows, cols))],
+            "q8_0": [("i1", (rows, cols)), ("<f2", (rows, cols // GROUP_SIZE))],
+            "q4_0": [("u1", (rows, cols // 2)), ("<f2", (rows, cols // GROUP_SIZE))]}[dtype]
+
+
+def check_dtype(args, dtype, path):
+    """Raise ExportError unless dtype is a weight type that can hold args' matrices."""
+    if dtype not in WEIGHT_TYPES:
+        raise ExportError(path, f"weight type {dtype!r}: expected one of {', '.join(WEIGHT_TYPES)}")
+    widths = {"dim": args.dim, "hidden_dim": args.hidden_dim, "n_heads * head_dim": args.n_heads * args.head_dim}
+    odd = [f"{name} = {v}" for name, v in widths.items() if v % GROUP_SIZE]
+    if dtype in ("q8_0", "q4_0") and odd:
+        raise ExportError(path, f"{dtype} needs matrix widths that are multiples of {GROUP_SIZE}; "
+                                f"{', '.join(odd)} is not")
+
+
+def write_checkpoint(path, args, state_dict, dtype="f32"):
+    """Write the version 1 checkpoint with its matrices in dtype ("f32",
+    "bf16", "q8_0" or "q4_0"; norms stay f32) and return its size in bytes.
+
+    The state_dict and dtype are validated first, so a bad one leaves no file behind."""
+    check_state_dict(args, state_dict, path)
+    check_dtype(args, dtype, path)
+    group = GROUP_SIZE if dtype in ("q8_0", "q4_0") else 0
+    header = HEADER.pack(MAGIC, VERSION, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
+                         args.n_kv_heads, args.head_dim, args.vocab_size, args.max_seq_len,
+                         args.rope_theta, args.norm_eps, int(args.tied), WEIGHT_TYPES[dtype], group)
+    with open(path, "wb") as f:
+        f.write(header.ljust(HEADER_SIZE, b"\0"))
+        for name, shape in checkpoint_tensors(args):
+            w = _f32_array(state_dict[name])
+            for array in (encode_matrix(w, dtype) if len(shape) == 2 else [w.astype("<f4")]):
+                f.write(b"\0" * (-f.tell() % ALIGN))
+                f.write(np.ascontiguousarray(array).tobytes())
+        return f.tell()
+
+
+def read_checkpoint_arrays(path):
+    """Read a version 1 checkpoint as stored: (ModelArgs, dtype, {name: [arrays]}),
+    where a norm is one float32 array and a matrix the arrays of its weight type."""
     if os.path.getsize(path) < HEADER_SIZE:
         raise ExportError(path, f"{os.path.getsize(path)} bytes: shorter than the 256-byte header")
     data = np.memmap(path, dtype=np.uint8, mode="r")
     magic, version, *ints, theta, eps, tied, weight_type, group_size = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ExportError(path, f'magic {magic!r}: expected "LLAM"')
-    if (version, weight_type, group_size) != (VERSION, WEIGHT_F32, 0):
+    dtype = {v: k for k, v in WEIGHT_TYPES.items()}.get(weight_type)
+    expected_group = GROUP_SIZE if dtype in ("q8_0", "q4_0") else 0
+    if version != VERSION or dtype is None or group_size != expected_group:
         raise ExportError(path, f"version {version}, weight_type {weight_type}, group_size {group_size}: "
-                                f"expected version {VERSION}, weight_type {WEIGHT_F32} (f32), group_size 0")
+                                f"expected version {VERSION}, a weight_type of 0..3 and its group_size")
     try:
         args = ModelArgs(*ints, rope_theta=theta, norm_eps=eps, tied=tied)
+        check_dtype(args, dtype, path)
     except ValueError as e:
         raise ExportError(path, f"bad header: {e}") from None
-    state_dict, offset = {}, HEADER_SIZE
+    tensors, offset = {}, HEADER_SIZE
     for name, shape in checkpoint_tensors(args):
-        offset += -offset % ALIGN
-        nbytes = 4 * math.prod(shape)
-        if offset + nbytes > data.size:
-            raise ExportError(path, f"{data.size} bytes: truncated in {name}")
-        state_dict[name] = torch.from_numpy(data[offset:offset + nbytes].view("<f4").reshape(shape).copy())
-        offset += nbytes
+        tensors[name] = []
+        for np_dtype, array_shape in (matrix_arrays(shape, dtype) if len(shape) == 2 else [("<f4", shape)]):
+            offset += -offset % ALIGN
+            nbytes = np.dtype(np_dtype).itemsize * math.prod(array_shape)
+            if offset + nbytes > data.size:
+                raise ExportError(path, f"{data.size} bytes: truncated in {name}")
+            tensors[name].append(data[offset:offset + nbytes].view(np_dtype).reshape(array_shape).copy())
+            offset += nbytes
     if offset != data.size:
         raise ExportError(path, f"{data.size} bytes: expected {offset} for {args.describe()}")
+    return args, dtype, tensors
+
+
+def read_checkpoint(path):
+    """Read a version 1 checkpoint back into (ModelArgs, state_dict): the writer's
+    inverse, with quantized and bf16 weights decoded to the float32 values that
+    run.c computes with."""
+    args, dtype, tensors = read_checkpoint_arrays(path)
+    state_dict = {name: torch.from_numpy(decode_matrix(arrays, dtype) if arrays[0].ndim == 2
+                                         else arrays[0].astype(np.float32))
+                  for name, arrays in tensors.items()}
     return args, state_dict
+
+
+def write_gguf(path, checkpoint):
+    """Write a checkpoint of ours as a llama.cpp GGUF file (architecture
+    "llama") that holds the same weights, bit for bit: q8_0 and q4_0 groups
+    become Q8_0 and Q4_0 blocks (the scale, then the group's values), bf16
+    BF16, f32 F32, norms F32. RoPE needs no permutation: llama.cpp's llama
+    rotates interleaved pairs too. The vocabulary is a stand-in (<unk>, <s>,
+    </s>, the 256 byte tokens, then "t259", "t260", ...): enough for
+    llama.cpp to load the file and run token ids, which is what bench/bench.py
+    does with it. Needs the gguf package. Returns the file size."""
+    import gguf
+    args, dtype, tensors = read_checkpoint_arrays(checkpoint)
+    if args.vocab_size < 259:
+        raise ExportError(path, f"vocab_size {args.vocab_size}: the stand-in vocabulary needs 259 tokens")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(args.max_seq_len)
+    writer.add_embedding_length(args.dim)
+    writer.add_block_count(args.n_layers)
+    writer.add_feed_forward_length(args.hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.n_kv_heads)
+    writer.add_key_length(args.head_dim)
+    writer.add_value_length(args.head_dim)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_vocab_size(args.vocab_size)
+    writer.add_tokenizer_model("llama")
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"t{i}" for i in range(len(pieces), args.vocab_size)]
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * args.vocab_size)
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (args.vocab_size - 259))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
+    for i in range(args.n_layers):
+        names.update({f"layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight"
+                      for theirs, ours in GGUF_LAYER_NAMES.items()})
+    block = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+             "bf16": gguf.GGMLQuantizationType.BF16}
+    for name, arrays in tensors.items():
+        if arrays[0].ndim == 1 or dtype == "f32":
+            writer.add_tensor(names[name], arrays[0].astype(np.float32))
+        elif dtype == "bf16":                                # bytes (rows, 2 cols)
+            writer.add_tensor(names[name], arrays[0].view(np.uint8), raw_dtype=block[dtype])
+        else:                                                # (rows, groups, 2 + value bytes)
+            values, scales = arrays
+            rows, groups = scales.shape
+            blocks = np.concatenate((scales.reshape(rows, groups, 1).view(np.uint8),
+                                     values.view(np.uint8).reshape(rows, groups, -1)), axis=2)
+            writer.add_tensor(names[name], blocks.reshape(rows, -1), raw_dtype=block[dtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return os.path.getsize(path)
 
 
 # Converters. Each reads one source and returns (ModelArgs, state_dict) in the
@@ -1376,7 +1554,7 @@ def _source_tokenizer(opts):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="export.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Write a run.c checkpoint (version 1, f32) from one model source and, when\n"
+        description="Write a run.c checkpoint (version 1) from one model source and, when\n"
                     "the source comes with one, its tokenizer; or write a tokenizer alone.")
     parser.add_argument("output", metavar="OUTPUT",
                         help="the file to write: the checkpoint, or the tokenizer with --tokenizer-model")
@@ -1396,6 +1574,9 @@ def main(argv=None):
     parser.add_argument("--max-seq-len", metavar="N", type=int,
                         help=f"context length for the header (default: the source's; "
                              f"{META_MAX_SEQ_LEN} for --meta, whose params.json has none)")
+    parser.add_argument("--dtype", choices=list(WEIGHT_TYPES), default="f32",
+                        help="how the matrices are stored: f32 (default), bf16, q8_0 (int8) or q4_0 "
+                             "(4-bit), the last two with a float16 scale per 32 weights; norms stay f32")
     parser.add_argument("--tokenizer-out", metavar="PATH",
                         help="where the tokenizer of --meta, --hf or --gguf goes "
                              "(default: tokenizer.bin beside OUTPUT)")
@@ -1430,8 +1611,8 @@ def main(argv=None):
         if opts.tokenizer_out and not tokenizer:
             raise ExportError(opts.meta or opts.hf or opts.gguf, "no tokenizer here for --tokenizer-out")
 
-        size = write_checkpoint(opts.output, args, state_dict)
-        print(f"wrote {opts.output}: {args.describe()}, f32, {size} bytes")
+        size = write_checkpoint(opts.output, args, state_dict, opts.dtype)
+        print(f"wrote {opts.output}: {args.describe()}, {opts.dtype}, {size} bytes")
         if tokenizer:
             out = opts.tokenizer_out or os.path.join(os.path.dirname(opts.output), "tokenizer.bin")
             if opts.gguf:

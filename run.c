@@ -10,6 +10,8 @@
 
    Rules of the file: C11, libc and libm only. OpenMP pragmas are optional:
    without -fopenmp they are ignored and everything still runs, on one core.
+   SIMD intrinsics sit behind #if, each beside the plain loop it speeds up
+   (see the Kernels section).
 
    Legend for sizes, as in the comments on every tensor pointer:
      dim        width of the residual stream
@@ -33,6 +35,9 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "tokenizer.c"
 
@@ -53,8 +58,8 @@
        40     4  f32      rope_theta
        44     4  f32      norm_eps
        48     4  u32      tied_classifier 1: logits reuse token_embedding
-       52     4  u32      weight_type     0 = f32 (others reserved)
-       56     4  u32      group_size      0 for f32
+       52     4  u32      weight_type     of the matrices: 0 f32, 1 q8_0, 2 q4_0, 3 bf16
+       56     4  u32      group_size      32 for q8_0 and q4_0, 0 for f32 and bf16
        60   196  zero                     the header is 256 bytes
       256        tensors, each at an offset that is a multiple of 64:
 
@@ -75,6 +80,20 @@
    Matrices are row-major (out, in), as nn.Linear stores them: y = W x.
    RoPE rotates the interleaved pairs (x[2i], x[2i+1]) of each head (Meta's
    convention); export.py permutes Hugging Face's q/k rows into it.
+
+   Norms are f32. Every matrix, the token embedding and the classifier
+   included, is stored in the weight type; a (rows, cols) matrix is
+     f32   rows x cols float32
+     bf16  rows x cols bfloat16: the top 16 bits of a float32
+     q8_0  values: rows x cols int8, then from the next multiple of 64
+           scales: rows x cols/32 float16, one per group of 32 weights of a row
+             group g of row r:  | q[0] | q[1] | ... | q[31] |
+             w[r][32g + i] = d[r][g] * q[i],   q in -127..127
+     q4_0  values: rows x cols/2 bytes, 16 per group; then the scales as q8_0
+             byte j of a group: | q[j + 16] (high nibble) | q[j] (low nibble) |
+             w[r][32g + i] = d[r][g] * (q[i] - 8),   q in 0..15
+   so q8_0 and q4_0 need dim, hidden_dim and q_dim to be multiples of 32.
+   They are llama.cpp's Q8_0 and Q4_0 blocks, scales gathered apart.
 
    llama2.c's legacy checkpoints are read as they are: a header of seven
    int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
@@ -153,6 +172,12 @@ static void *xcalloc(size_t count, size_t size, const char *what) {
 /* ----------------------------------------------------------------------------
    The model: one struct per concern. */
 
+enum { WEIGHT_F32 = 0, WEIGHT_Q8_0 = 1, WEIGHT_Q4_0 = 2, WEIGHT_BF16 = 3 };
+static const char *const WEIGHT_NAMES[] = {"f32", "q8_0", "q4_0", "bf16"};
+#define GROUP_SIZE 32 // weights per scale in q8_0 and q4_0
+#define DEFAULT_BATCH 64 // prompt tokens per forward pass (-b)
+#define MAX_BATCH 4096
+
 typedef struct {
     int dim;             // width of the residual stream
     int hidden_dim;      // width of the MLP
@@ -165,42 +190,65 @@ typedef struct {
     float rope_theta;
     float norm_eps;
     int tied_classifier; // 1: the classifier is the token embedding
+    int weight_type;     // WEIGHT_*: how the matrices are stored
     int legacy;          // 1: a llama2.c checkpoint (generation stops at BOS)
 } Config;
 
+/* A weight matrix (rows, cols) = (out, in), stored as its weight type says
+   (see the format above); w[r] is the row that makes output r. */
+typedef struct {
+    const void *values;      // f32, bf16, q8_0: (rows, cols); q4_0: (rows, cols / 2) bytes
+    const uint16_t *scales;  // (rows, cols / GROUP_SIZE) f16; q8_0 and q4_0 only
+    int rows, cols;
+    int type;                // WEIGHT_*
+} Matrix;
+
 typedef struct {
     const float *attn_norm; // (dim)
-    const float *wq;        // (q_dim, dim)
-    const float *wk;        // (kv_dim, dim)
-    const float *wv;        // (kv_dim, dim)
-    const float *wo;        // (dim, q_dim)
+    Matrix wq;              // (q_dim, dim)
+    Matrix wk;              // (kv_dim, dim)
+    Matrix wv;              // (kv_dim, dim)
+    Matrix wo;              // (dim, q_dim)
     const float *ffn_norm;  // (dim)
-    const float *w1;        // (hidden, dim) gate
-    const float *w2;        // (dim, hidden) down
-    const float *w3;        // (hidden, dim) up
+    Matrix w1;              // (hidden, dim) gate
+    Matrix w2;              // (dim, hidden) down
+    Matrix w3;              // (hidden, dim) up
 } LayerWeights;
 
 typedef struct {
-    const float *token_embedding; // (vocab, dim)
-    LayerWeights *layers;         // (n_layers)
-    const float *final_norm;      // (dim)
-    const float *classifier;      // (vocab, dim), the embedding when tied
+    Matrix token_embedding;   // (vocab, dim)
+    LayerWeights *layers;     // (n_layers)
+    const float *final_norm;  // (dim)
+    Matrix classifier;        // (vocab, dim), the embedding when tied
 } Weights;
 
+/* A vector quantized to int8 in groups of GROUP_SIZE, as the integer dot
+   products of q8_0 and q4_0 weights take it: x[i] ~ d[i / 32] * q[i]. */
 typedef struct {
-    float *x;           // (dim) residual stream
-    float *xb;          // (dim) normed input of a block, then its output
-    float *q;           // (q_dim) queries of this position
-    float *att_out;     // (q_dim) attention output, heads side by side
-    float *hb;          // (hidden) gate, then the SwiGLU product
-    float *hb2;         // (hidden) up
-    float *scores;      // (n_heads, ctx) attention weights
-    float *rope_cos;    // (head_dim / 2) rotation of this position
-    float *rope_sin;    // (head_dim / 2)
-    float *logits;      // (vocab)
+    int8_t *q;      // (n) values in -127..127
+    float *d;       // (n / GROUP_SIZE) scale of each group
+    int32_t *bias;  // (n / 4) -offset * (q[4j] + ... + q[4j+3]): where the AVX-512
+                    // VNNI sums start, so that unsigned weights come out signed
+} QuantizedVector;
+
+typedef struct {
+    float *x;           // (batch, dim) residual stream, one row per token
+    float *xb;          // (batch, dim) normed input of a block, then its output
+    float *q;           // (batch, q_dim) queries
+    float *att_out;     // (batch, q_dim) attention output, heads side by side
+    float *hb;          // (batch, hidden) gate, then the SwiGLU product
+    float *hb2;         // (batch, hidden) up
+    float *scores;      // (threads, n_heads / n_kv_heads, ctx) attention weights
+    float *rope_cos;    // (batch, head_dim / 2) rotation of each position
+    float *rope_sin;    // (batch, head_dim / 2)
+    float *logits;      // (logit_rows, vocab)
+    QuantizedVector xq; // (max(dim, q_dim, hidden)) input of a quantized matvec
     float *key_cache;   // (n_layers, ctx, kv_dim)
     float *value_cache; // (n_layers, ctx, kv_dim)
     int ctx;            // positions the cache holds
+    int batch;          // tokens one forward pass takes, at most
+    int logit_rows;     // rows the logits buffer holds
+    int threads;        // OpenMP threads (1 without OpenMP)
 } RunState;
 
 typedef struct {
@@ -253,6 +301,9 @@ static int validate_config(const Config *c, char *err) {
         return fail(err, "n_kv_heads = %d does not divide n_heads = %d", c->n_kv_heads, c->n_heads);
     if (c->head_dim % 2 != 0)
         return fail(err, "head_dim = %d is odd; RoPE rotates pairs", c->head_dim);
+    if ((size_t)c->n_heads * c->head_dim > MAX_DIM)
+        return fail(err, "n_heads x head_dim = %lld is out of range (1..%d)",
+                    (long long)c->n_heads * c->head_dim, MAX_DIM);
     if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta))
         return fail(err, "rope_theta = %g is not a positive number", c->rope_theta);
     if (!(c->norm_eps > 0.0f) || !(c->norm_eps < 1.0f))
@@ -260,13 +311,30 @@ static int validate_config(const Config *c, char *err) {
     return 0;
 }
 
-/* Reserves n floats at *offset (first rounded up to `align`) and returns the
-   tensor's address in data (NULL while only measuring); *offset moves past
-   it. Overflow saturates to SIZE_MAX, which no file size can equal. */
-static const float *place_tensor(const unsigned char *data, size_t *offset, size_t n_floats, size_t align) {
+/* Reserves n bytes at *offset (first rounded up to `align`) and returns their
+   address in data (NULL while only measuring); *offset moves past them.
+   Overflow saturates to SIZE_MAX, which no file size can equal. */
+static const void *place_bytes(const unsigned char *data, size_t *offset, size_t n, size_t align) {
     size_t start = add_size(*offset, (align - *offset % align) % align);
-    *offset = add_size(start, mul_size(n_floats, sizeof(float)));
-    return data && *offset != SIZE_MAX ? (const float *)(data + start) : NULL;
+    *offset = add_size(start, n);
+    return data && *offset != SIZE_MAX ? data + start : NULL;
+}
+
+static const float *place_floats(const unsigned char *data, size_t *offset, size_t n, size_t align) {
+    return place_bytes(data, offset, mul_size(n, sizeof(float)), align);
+}
+
+/* Reserves a (rows, cols) matrix of the given weight type: its values, then
+   for q8_0 and q4_0 its scales, each array aligned. */
+static Matrix place_matrix(const unsigned char *data, size_t *offset, size_t rows, size_t cols, int type,
+                           size_t align) {
+    Matrix m = {.rows = (int)rows, .cols = (int)cols, .type = type};
+    size_t n = mul_size(rows, cols);
+    size_t value_bytes[] = {mul_size(n, 4), n, n / 2, mul_size(n, 2)}; // by WEIGHT_*
+    m.values = place_bytes(data, offset, value_bytes[type], align);
+    if (type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0)
+        m.scales = place_bytes(data, offset, mul_size(n / GROUP_SIZE, 2), align);
+    return m;
 }
 
 /* Walks our own layout: with data NULL it only measures the file the header
@@ -274,39 +342,48 @@ static const float *place_tensor(const unsigned char *data, size_t *offset, size
 static size_t layout_checkpoint(const Config *c, const unsigned char *data, Weights *w) {
     size_t dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size;
     size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    int type = c->weight_type;
     size_t off = HEADER_SIZE;
-    w->token_embedding = place_tensor(data, &off, vocab * dim, TENSOR_ALIGN);
+    w->token_embedding = place_matrix(data, &off, vocab, dim, type, TENSOR_ALIGN);
     for (int l = 0; l < c->n_layers; l++) {
-        size_t sizes[9] = {dim, q_dim * dim, kv_dim * dim, kv_dim * dim, dim * q_dim,
-                           dim, hidden * dim, dim * hidden, hidden * dim};
-        const float *p[9];
-        for (int i = 0; i < 9; i++) p[i] = place_tensor(data, &off, sizes[i], TENSOR_ALIGN);
-        if (data) w->layers[l] = (LayerWeights){p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
+        LayerWeights lw;
+        lw.attn_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
+        lw.wq = place_matrix(data, &off, q_dim, dim, type, TENSOR_ALIGN);
+        lw.wk = place_matrix(data, &off, kv_dim, dim, type, TENSOR_ALIGN);
+        lw.wv = place_matrix(data, &off, kv_dim, dim, type, TENSOR_ALIGN);
+        lw.wo = place_matrix(data, &off, dim, q_dim, type, TENSOR_ALIGN);
+        lw.ffn_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
+        lw.w1 = place_matrix(data, &off, hidden, dim, type, TENSOR_ALIGN);
+        lw.w2 = place_matrix(data, &off, dim, hidden, type, TENSOR_ALIGN);
+        lw.w3 = place_matrix(data, &off, hidden, dim, type, TENSOR_ALIGN);
+        if (data) w->layers[l] = lw;
     }
-    w->final_norm = place_tensor(data, &off, dim, TENSOR_ALIGN);
+    w->final_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
     w->classifier = c->tied_classifier ? w->token_embedding
-                                       : place_tensor(data, &off, vocab * dim, TENSOR_ALIGN);
+                                       : place_matrix(data, &off, vocab, dim, type, TENSOR_ALIGN);
     return off;
 }
 
-/* Walks a llama2.c legacy layout: tensors packed (no alignment) and stored
-   tensor-major, so layer l of wq starts l * dim * dim floats into wq. */
+/* Walks a llama2.c legacy layout: f32 tensors packed (no alignment) and
+   stored tensor-major, so layer l of wq starts l * dim * dim floats into wq. */
 static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *data, Weights *w) {
     size_t dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size, L = c->n_layers;
     size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    size_t per_layer[9] = {dim, dim * dim, kv_dim * dim, kv_dim * dim, dim * dim,
-                           dim, hidden * dim, dim * hidden, hidden * dim};
+    size_t shapes[9][2] = {{1, dim},      {dim, dim}, {kv_dim, dim},    {kv_dim, dim}, {dim, dim},
+                           {1, dim},      {hidden, dim}, {dim, hidden}, {hidden, dim}};
     size_t off = LEGACY_HEADER_SIZE;
     const float *start[9];
-    w->token_embedding = place_tensor(data, &off, vocab * dim, 1);
-    for (int i = 0; i < 9; i++) start[i] = place_tensor(data, &off, mul_size(L, per_layer[i]), 1);
-    w->final_norm = place_tensor(data, &off, dim, 1);
-    place_tensor(data, &off, mul_size(2, (size_t)c->max_seq_len * (c->head_dim / 2)), 1); // RoPE tables, unused
-    w->classifier = c->tied_classifier ? w->token_embedding : place_tensor(data, &off, vocab * dim, 1);
+    w->token_embedding = place_matrix(data, &off, vocab, dim, WEIGHT_F32, 1);
+    for (int i = 0; i < 9; i++) start[i] = place_floats(data, &off, mul_size(L, shapes[i][0] * shapes[i][1]), 1);
+    w->final_norm = place_floats(data, &off, dim, 1);
+    place_floats(data, &off, mul_size(2, (size_t)c->max_seq_len * (c->head_dim / 2)), 1); // RoPE tables, unused
+    w->classifier = c->tied_classifier ? w->token_embedding : place_matrix(data, &off, vocab, dim, WEIGHT_F32, 1);
     for (size_t l = 0; data && l < L; l++) {
-        const float *p[9];
-        for (int i = 0; i < 9; i++) p[i] = start[i] + l * per_layer[i];
-        w->layers[l] = (LayerWeights){p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]};
+        Matrix m[9];
+        for (int i = 0; i < 9; i++)
+            m[i] = (Matrix){start[i] + l * shapes[i][0] * shapes[i][1], NULL, (int)shapes[i][0],
+                            (int)shapes[i][1], WEIGHT_F32};
+        w->layers[l] = (LayerWeights){m[0].values, m[1], m[2], m[3], m[4], m[5].values, m[6], m[7], m[8]};
     }
     return off;
 }
@@ -329,10 +406,20 @@ static int read_header(Config *c, const unsigned char *data, char *err) {
     c->norm_eps = read_f32(data + 44);
     uint32_t tied = read_u32(data + 48), weight_type = read_u32(data + 52), group_size = read_u32(data + 56);
     if (tied > 1) return fail(err, "tied_classifier = %u, expected 0 or 1", tied);
-    if (weight_type != 0) return fail(err, "weight type %u is not supported by this build (f32 = 0 only)", weight_type);
-    if (group_size != 0) return fail(err, "group_size = %u, expected 0 for f32 weights", group_size);
+    if (weight_type > WEIGHT_BF16)
+        return fail(err, "weight type %u is unknown (0 f32, 1 q8_0, 2 q4_0, 3 bf16)", weight_type);
+    int grouped = weight_type == WEIGHT_Q8_0 || weight_type == WEIGHT_Q4_0;
+    if (group_size != (grouped ? GROUP_SIZE : 0))
+        return fail(err, "group_size = %u, expected %d for %s weights", group_size, grouped ? GROUP_SIZE : 0,
+                    WEIGHT_NAMES[weight_type]);
     c->tied_classifier = (int)tied;
-    return validate_config(c, err);
+    c->weight_type = (int)weight_type;
+    if (validate_config(c, err) != 0) return -1;
+    if (grouped && (c->dim % GROUP_SIZE || c->hidden_dim % GROUP_SIZE || c->n_heads * c->head_dim % GROUP_SIZE))
+        return fail(err, "%s weights need dim, hidden_dim and n_heads x head_dim to be multiples of %d "
+                         "(here %d, %d and %d)", WEIGHT_NAMES[weight_type], GROUP_SIZE, c->dim,
+                    c->hidden_dim, c->n_heads * c->head_dim);
+    return 0;
 }
 
 /* Reads a llama2.c header; size is at least LEGACY_HEADER_SIZE. Its fixed
@@ -351,6 +438,7 @@ static int read_legacy_header(Config *c, const unsigned char *data, char *err) {
     c->max_seq_len = h[6];
     c->rope_theta = 10000.0f;
     c->norm_eps = 1e-5f;
+    c->weight_type = WEIGHT_F32;
     if (c->n_heads <= 0 || c->dim <= 0 || c->dim % c->n_heads != 0)
         return fail(err, "not a checkpoint: no \"%s\" magic, and as a llama2.c header dim = %d is not a multiple of n_heads = %d",
                     CHECKPOINT_MAGIC, c->dim, c->n_heads);
@@ -386,22 +474,39 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
     return 0;
 }
 
-/* Allocates the activations and a KV cache of ctx positions. calloc maps
-   zero pages lazily, so a long cache costs memory only as it fills. */
-static void alloc_run_state(RunState *s, const Config *c, int ctx) {
+static void choose_kernels(void);
+
+/* Allocates the activations for batches of up to `batch` tokens and a KV
+   cache of ctx positions. calloc maps zero pages lazily, so a long cache
+   costs memory only as it fills. */
+static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
     size_t cache = mul_size(mul_size(c->n_layers, ctx), kv_dim);
+    size_t widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim; // an input the matvecs quantize
+    if (q_dim > widest) widest = q_dim;
+    choose_kernels();
     s->ctx = ctx;
-    s->x = xcalloc(c->dim, sizeof(float), "activations");
-    s->xb = xcalloc(c->dim, sizeof(float), "activations");
-    s->q = xcalloc(q_dim, sizeof(float), "activations");
-    s->att_out = xcalloc(q_dim, sizeof(float), "activations");
-    s->hb = xcalloc(c->hidden_dim, sizeof(float), "activations");
-    s->hb2 = xcalloc(c->hidden_dim, sizeof(float), "activations");
-    s->scores = xcalloc(mul_size(c->n_heads, ctx), sizeof(float), "attention scores");
-    s->rope_cos = xcalloc(c->head_dim / 2, sizeof(float), "RoPE table");
-    s->rope_sin = xcalloc(c->head_dim / 2, sizeof(float), "RoPE table");
+    s->batch = batch < 1 ? 1 : batch > ctx ? ctx : batch;
+    s->threads = 1;
+#ifdef _OPENMP
+    s->threads = omp_get_max_threads();
+#endif
+    size_t b = s->batch;
+    s->x = xcalloc(b * c->dim, sizeof(float), "activations");
+    s->xb = xcalloc(b * c->dim, sizeof(float), "activations");
+    s->q = xcalloc(b * q_dim, sizeof(float), "activations");
+    s->att_out = xcalloc(b * q_dim, sizeof(float), "activations");
+    s->hb = xcalloc(b * c->hidden_dim, sizeof(float), "activations");
+    s->hb2 = xcalloc(b * c->hidden_dim, sizeof(float), "activations");
+    s->scores = xcalloc(mul_size((size_t)s->threads * (c->n_heads / c->n_kv_heads), ctx), sizeof(float),
+                        "attention scores");
+    s->rope_cos = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
+    s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
+    s->logit_rows = 1;
     s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
+    s->xq.q = xcalloc(widest, 1, "activations");
+    s->xq.d = xcalloc(widest / GROUP_SIZE + 1, sizeof(float), "activations");
+    s->xq.bias = xcalloc(widest / 4 + 1, sizeof(int32_t), "activations");
     s->key_cache = xcalloc(cache, sizeof(float), "the key cache");
     s->value_cache = xcalloc(cache, sizeof(float), "the value cache");
 }
@@ -417,7 +522,7 @@ static void load_transformer(Transformer *t, const char *path) {
     if (fstat(fd, &st) != 0) die(path, "cannot stat: %s", strerror(errno));
     if (!S_ISREG(st.st_mode)) die(path, "not a regular file");
     if (st.st_size == 0) die(path, "file is empty");
-    t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
     close(fd);
     if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
     char err[ERROR_SIZE];
@@ -425,8 +530,8 @@ static void load_transformer(Transformer *t, const char *path) {
 }
 
 static void free_run_state(RunState *s) {
-    float *buffers[] = {s->x, s->xb, s->q, s->att_out, s->hb, s->hb2, s->scores,
-                        s->rope_cos, s->rope_sin, s->logits, s->key_cache, s->value_cache};
+    void *buffers[] = {s->x, s->xb, s->q, s->att_out, s->hb, s->hb2, s->scores, s->rope_cos, s->rope_sin,
+                       s->logits, s->xq.q, s->xq.d, s->xq.bias, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
 }
 
@@ -437,51 +542,134 @@ static void free_transformer(Transformer *t) {
 }
 
 /* ----------------------------------------------------------------------------
-   Kernels. Outputs first, sizes explicit. Each is the plain reference
-   version; the forward pass below is a list of calls to them. */
+   Kernels. Outputs first, sizes explicit; forward() below is a list of calls
+   to them. Legend, beyond the model's sizes:
+     n           tokens in a batch: a prompt goes through in batches of up to
+                 RunState.batch tokens, each generated token alone (n = 1)
+     rows, cols  a weight matrix, (out, in): y = W x
 
-/* out = x / rms(x) * weight, with rms(x) = sqrt(mean(x^2) + eps). The sum
-   runs in double so that long rows lose no precision. out may alias x. */
-static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
-    double sum_sq = 0.0;
-    for (int i = 0; i < n; i++) sum_sq += (double)x[i] * x[i];
-    float scale = (float)(1.0 / sqrt(sum_sq / n + eps));
-    for (int i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+   Where the time goes. With n = 1 every weight is read once per token for a
+   few multiply-adds, so generation runs at the speed of memory: matvec_rows()
+   streams the weights, its threads each reading a contiguous share. A batch
+   reuses each weight n times, so the prompt runs at the speed of the
+   multiply-adds: gemm_rows() works in tiles that keep weights and inputs in
+   the L1 cache.
+
+   SIMD. The plain loops are written so that the compiler can vectorise them
+   without reordering a float sum (independent lanes, summed in a fixed order
+   at the end): the default build targets AVX2 (-march=x86-64-v3). The int8
+   dot products have AVX2 versions behind __AVX2__, and the hot kernels
+   AVX-512 versions (VNNI for int8) that are compiled function by function
+   and chosen once at startup when the CPU has AVX-512 F, BW, VL, DQ and
+   VNNI, so that the same binary still runs where it does not (and under
+   valgrind, which cannot execute AVX-512). RUN_AVX512=0 turns them off.
+   Every fast kernel keeps its plain version beside it, named *_ref; the
+   tests in tests/test_kernels.c hold the one to the other on random data. */
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX512 1
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+#define AVX512_INLINE AVX512 static inline __attribute__((always_inline))
+#else
+#define HAVE_AVX512 0
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HAVE_AVX2 1
+#else
+#define HAVE_AVX2 0
+#endif
+
+static int use_avx512; // chosen once, by choose_kernels()
+
+/* The plain versions of kernels that have faster ones: the tests' yardstick
+   (a build may not call them itself). */
+#define REFERENCE static __attribute__((unused))
+
+static void choose_kernels(void) {
+#if HAVE_AVX512
+    const char *env = getenv("RUN_AVX512");
+    __builtin_cpu_init();
+    use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("avx512vnni") && !(env && strcmp(env, "0") == 0);
+#endif
 }
 
-/* out (rows) = W (rows, cols) @ x (cols). By far the most time goes here:
-   every weight is read once per token, so rows are spread over threads. */
-static void matmul(float *out, const float *w, const float *x, int cols, int rows) {
-    #pragma omp parallel for
-    for (int r = 0; r < rows; r++) {
-        const float *row = w + (size_t)r * cols;
-        float sum = 0.0f;
-        for (int c = 0; c < cols; c++) sum += row[c] * x[c];
-        out[r] = sum;
+/* This thread's number and the team's size; 0 and 1 outside a parallel
+   region or without OpenMP. */
+static void thread_id(int *tid, int *nt) {
+#ifdef _OPENMP
+    *tid = omp_get_thread_num();
+    *nt = omp_get_num_threads();
+#else
+    *tid = 0;
+    *nt = 1;
+#endif
+}
+
+/* Work is split into chunks that threads take as they come free, about 16
+   per thread: on a busy machine, a thread the system pauses then holds up
+   only the chunk it has, not a fixed share. Chunk c of `chunks` covers units
+   [*lo, *hi) of `units`. */
+static int chunk_count(int units) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    return units < 16 * threads ? units : 16 * threads;
+}
+
+static void chunk_range(int units, int chunks, int c, int *lo, int *hi) {
+    *lo = (int)((long long)units * c / chunks);
+    *hi = (int)((long long)units * (c + 1) / chunks);
+}
+
+/* ---- Elementwise kernels, on n rows at a time */
+
+/* out = x / rms(x) * weight for each of the n rows of x (n, dim), with
+   rms(x) = sqrt(mean(x^2) + eps). The sum runs in double so that long rows
+   lose no precision. out may alias x. */
+static void rmsnorm(float *out, const float *x, const float *weight, int n, int dim, float eps) {
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * dim;
+        float *ot = out + (size_t)t * dim;
+        double sum_sq = 0.0;
+        for (int i = 0; i < dim; i++) sum_sq += (double)xt[i] * xt[i];
+        float scale = (float)(1.0 / sqrt(sum_sq / dim + eps));
+        for (int i = 0; i < dim; i++) ot[i] = xt[i] * scale * weight[i];
     }
 }
 
-/* The rotation RoPE applies at position pos: pair i of every head turns by
-   pos * theta^(-2i / head_dim). Angles are computed in double, once per
+/* The rotations RoPE applies at positions pos .. pos + n - 1: at position p,
+   pair i of every head turns by p * theta^(-2i / head_dim). cos_out and
+   sin_out are (n, head_dim / 2). Angles are computed in double, once per
    token, and shared by all layers. */
-static void rope_angles(float *cos_out, float *sin_out, int pos, int head_dim, float theta) {
-    for (int i = 0; i < head_dim / 2; i++) {
-        double angle = pos * pow(theta, -2.0 * i / head_dim);
-        cos_out[i] = (float)cos(angle);
-        sin_out[i] = (float)sin(angle);
-    }
+static void rope_angles(float *cos_out, float *sin_out, int pos, int n, int head_dim, float theta) {
+    int half = head_dim / 2;
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < half; i++) {
+            double angle = (double)(pos + t) * pow(theta, -2.0 * i / head_dim);
+            cos_out[(size_t)t * half + i] = (float)cos(angle);
+            sin_out[(size_t)t * half + i] = (float)sin(angle);
+        }
 }
 
-/* Rotates the interleaved pairs (x[2i], x[2i+1]) of each of n_heads heads. */
-static void rope(float *x, int n_heads, int head_dim, const float *cos_t, const float *sin_t) {
-    for (int h = 0; h < n_heads; h++) {
-        float *head = x + (size_t)h * head_dim;
-        for (int i = 0; i < head_dim / 2; i++) {
-            float a = head[2 * i], b = head[2 * i + 1];
-            head[2 * i] = a * cos_t[i] - b * sin_t[i];
-            head[2 * i + 1] = a * sin_t[i] + b * cos_t[i];
+/* Rotates the interleaved pairs (x[2i], x[2i+1]) of each of n_heads heads,
+   in each of the n rows of x (n, n_heads * head_dim), row t by row t of the
+   tables (n, head_dim / 2). */
+static void rope(float *x, int n, int n_heads, int head_dim, const float *cos_t, const float *sin_t) {
+    int half = head_dim / 2;
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < n_heads; h++) {
+            float *head = x + ((size_t)t * n_heads + h) * head_dim;
+            const float *c = cos_t + (size_t)t * half, *s = sin_t + (size_t)t * half;
+            for (int i = 0; i < half; i++) {
+                float a = head[2 * i], b = head[2 * i + 1];
+                head[2 * i] = a * c[i] - b * s[i];
+                head[2 * i + 1] = a * s[i] + b * c[i];
+            }
         }
-    }
 }
 
 /* x = exp(x - max) / sum, in place. */
@@ -497,37 +685,6 @@ static void softmax(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
-/* Causal attention of one query position over the n_pos cached positions.
-   out (n_heads, head_dim) = softmax(q k^T / sqrt(head_dim)) v, per head.
-   Query head h reads kv head h / (n_heads / n_kv_heads): with n_kv_heads ==
-   n_heads that is MHA, with fewer it is GQA, with one it is MQA.
-   keys and values are (n_pos, kv_dim); scores is (n_heads, ctx) scratch. */
-static void attention(float *out, float *scores, const float *q, const float *keys,
-                      const float *values, int n_pos, int ctx, int n_heads,
-                      int n_kv_heads, int head_dim) {
-    int kv_dim = n_kv_heads * head_dim, group = n_heads / n_kv_heads;
-    float scale = 1.0f / sqrtf((float)head_dim);
-    #pragma omp parallel for
-    for (int h = 0; h < n_heads; h++) {
-        const float *qh = q + (size_t)h * head_dim;
-        float *sh = scores + (size_t)h * ctx;
-        size_t kv_offset = (size_t)(h / group) * head_dim;
-        for (int p = 0; p < n_pos; p++) {
-            const float *k = keys + (size_t)p * kv_dim + kv_offset;
-            float dot = 0.0f;
-            for (int i = 0; i < head_dim; i++) dot += qh[i] * k[i];
-            sh[p] = dot * scale;
-        }
-        softmax(sh, n_pos);
-        float *oh = out + (size_t)h * head_dim;
-        memset(oh, 0, (size_t)head_dim * sizeof(float));
-        for (int p = 0; p < n_pos; p++) {
-            const float *v = values + (size_t)p * kv_dim + kv_offset;
-            for (int i = 0; i < head_dim; i++) oh[i] += sh[p] * v[i];
-        }
-    }
-}
-
 /* gate = silu(gate) * up, elementwise: the SwiGLU of the MLP. */
 static void swiglu(float *gate, const float *up, int n) {
     for (int i = 0; i < n; i++) {
@@ -541,49 +698,627 @@ static void add(float *x, const float *y, int n) {
     for (int i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* ----------------------------------------------------------------------------
-   The forward pass: one token at position pos in, logits over the vocabulary
-   out. Keys and values of this position go into the cache, so the token
-   attends to every earlier position without recomputing it. */
+/* ---- Number formats */
 
-static float *forward(Transformer *t, int token, int pos) {
+/* An IEEE half (the scales of q8_0 and q4_0) as a float, exactly. */
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) { // zero or subnormal: man x 2^-24
+        float f = (float)man * 0x1p-24f;
+        return sign ? -f : f;
+    }
+    bits = exp == 0x1f ? sign | 0x7f800000u | man << 13      // inf, nan
+                       : sign | (exp + 112) << 23 | man << 13; // rebias 15 -> 127
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* A bfloat16 is the top half of a float. */
+static float bf16_to_f32(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* out (kn) = columns k0 .. k0 + kn - 1 of row `row` of w, as floats. For
+   q8_0 and q4_0, k0 and kn are multiples of GROUP_SIZE. */
+static void dequantize_row(float *out, const Matrix *w, int row, int k0, int kn) {
+    size_t at = (size_t)row * w->cols + k0; // index of the first weight
+    if (w->type == WEIGHT_F32) {
+        memcpy(out, (const float *)w->values + at, (size_t)kn * sizeof(float));
+    } else if (w->type == WEIGHT_BF16) {
+        const uint16_t *b = (const uint16_t *)w->values + at;
+        for (int i = 0; i < kn; i++) out[i] = bf16_to_f32(b[i]);
+    } else if (w->type == WEIGHT_Q8_0) {
+        const int8_t *q = (const int8_t *)w->values + at;
+        for (int g = 0; g < kn / GROUP_SIZE; g++) {
+            float d = f16_to_f32(w->scales[at / GROUP_SIZE + g]);
+            for (int i = 0; i < GROUP_SIZE; i++) out[g * GROUP_SIZE + i] = d * q[g * GROUP_SIZE + i];
+        }
+    } else { // q4_0: byte j of a group holds weight j (low nibble) and j + 16 (high)
+        const uint8_t *q = (const uint8_t *)w->values + at / 2;
+        for (int g = 0; g < kn / GROUP_SIZE; g++) {
+            float d = f16_to_f32(w->scales[at / GROUP_SIZE + g]);
+            const uint8_t *b = q + g * GROUP_SIZE / 2;
+            float *o = out + g * GROUP_SIZE;
+            for (int j = 0; j < GROUP_SIZE / 2; j++) {
+                o[j] = d * ((b[j] & 15) - 8);
+                o[j + GROUP_SIZE / 2] = d * ((b[j] >> 4) - 8);
+            }
+        }
+    }
+}
+
+/* x (n, dim) = the embedding rows of n tokens. */
+static void embed(float *x, const Matrix *embedding, const int *tokens, int n) {
+    for (int t = 0; t < n; t++)
+        dequantize_row(x + (size_t)t * embedding->cols, embedding, tokens[t], 0, embedding->cols);
+}
+
+/* ---- Dot products of one weight row with one input vector (n = 1) */
+
+/* a . b, in order. */
+REFERENCE float dot_f32_ref(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* a . b in 32 independent lanes, which the compiler turns into vector
+   multiply-adds, summed at the end in a fixed order. */
+#define LANES 32
+static float dot_f32(const float *a, const float *b, int n) {
+    float acc[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
+    float sum = 0.0f;
+    for (; i < n; i++) sum += a[i] * b[i];
+    for (int j = 0; j < LANES; j++) sum += acc[j];
+    return sum;
+}
+
+/* w . x for a bfloat16 row w: each weight widened to float, exactly. */
+REFERENCE float dot_bf16_ref(const uint16_t *w, const float *x, int n) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
+    return sum;
+}
+
+static float dot_bf16(const uint16_t *w, const float *x, int n) {
+    float acc[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) acc[j] += bf16_to_f32(w[i + j]) * x[i + j];
+    float sum = 0.0f;
+    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
+    for (int j = 0; j < LANES; j++) sum += acc[j];
+    return sum;
+}
+
+/* Quantizes x (n, a multiple of GROUP_SIZE) for the int8 dot products: each
+   group gets d = max|x| / 127 and q = round(x / d), so x ~ d q with q in
+   -127..127. offset is what the AVX-512 kernels add to each weight to make it
+   unsigned (128 for q8_0, 8 for q4_0); bias takes it back out. Values that
+   are not finite come out clamped, never undefined. */
+static void quantize_vector(QuantizedVector *out, const float *x, int n, int offset) {
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        const float *xg = x + (size_t)g * GROUP_SIZE;
+        float amax = 0.0f;
+        for (int i = 0; i < GROUP_SIZE; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        out->d[g] = d;
+        for (int i = 0; i < GROUP_SIZE; i++)
+            out->q[g * GROUP_SIZE + i] = (int8_t)nearbyintf(fminf(fmaxf(xg[i] * inv, -127.0f), 127.0f));
+    }
+    for (int j = 0; j < n / 4; j++) {
+        const int8_t *q = out->q + 4 * j;
+        out->bias[j] = -offset * (q[0] + q[1] + q[2] + q[3]);
+    }
+}
+
+/* w . x for a q8_0 row: an exact integer dot product per group, scaled by
+   the weights' and the input's scales. */
+REFERENCE float dot_q8_ref(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+    float sum = 0.0f;
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        int32_t dot = 0;
+        for (int i = 0; i < GROUP_SIZE; i++) dot += w[g * GROUP_SIZE + i] * x->q[g * GROUP_SIZE + i];
+        sum += f16_to_f32(wd[g]) * x->d[g] * (float)dot;
+    }
+    return sum;
+}
+
+/* w . x for a q4_0 row: weights q - 8, q in 0..15, two to a byte. */
+REFERENCE float dot_q4_ref(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+    float sum = 0.0f;
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        const uint8_t *b = w + g * GROUP_SIZE / 2;
+        const int8_t *xg = x->q + g * GROUP_SIZE;
+        int32_t dot = 0;
+        for (int j = 0; j < GROUP_SIZE / 2; j++)
+            dot += ((b[j] & 15) - 8) * xg[j] + ((b[j] >> 4) - 8) * xg[j + GROUP_SIZE / 2];
+        sum += f16_to_f32(wd[g]) * x->d[g] * (float)dot;
+    }
+    return sum;
+}
+
+#if HAVE_AVX2
+/* The 32 products of int8 vectors a and b, summed in fours into 8 int32
+   lanes. maddubs multiplies unsigned by signed bytes, so a's signs move onto
+   b; |a| * |b| <= 127 * 127 keeps its 16-bit pair sums from saturating
+   (neither quantizer writes -128). */
+static inline __m256i dot32_i8_avx2(__m256i a, __m256i b) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+static inline float sum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static float dot_q8_avx2(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * GROUP_SIZE));
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + g * GROUP_SIZE));
+        __m256 scale = _mm256_set1_ps(_cvtsh_ss(wd[g]) * x->d[g]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(xv, wv)), scale, acc);
+    }
+    return sum_avx2(acc);
+}
+
+static float dot_q4_avx2(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(w + g * GROUP_SIZE / 2));
+        __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
+        __m256i wv = _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8)); // weights 0..31 of the group
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + g * GROUP_SIZE));
+        __m256 scale = _mm256_set1_ps(_cvtsh_ss(wd[g]) * x->d[g]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(xv, wv)), scale, acc);
+    }
+    return sum_avx2(acc);
+}
+#endif
+
+#if HAVE_AVX512
+/* AVX-512 VNNI: vpdpbusd multiplies unsigned weight bytes by signed input
+   bytes and adds each four products into an int32 lane, starting from the
+   input's bias, -offset * (the sum of those four inputs), so that the lane
+   holds the exact signed dot product of its four weights. One 64-byte step
+   covers two groups: lanes 0-7 the first, 8-15 the second, each lane then
+   scaled by its group's weight scale times input scale. */
+
+/* lanes 0-7 = s[2j], lanes 8-15 = s[2j + 1] */
+AVX512_INLINE __m512 pair_scales(__m512 s, int j) {
+    __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(2 * j)), s);
+}
+
+/* Two groups of weights (64) as unsigned bytes in the input's order; m
+   masks the second group off when only one is left. */
+AVX512_INLINE __m512i q8_bytes(const int8_t *w, __mmask64 m) {
+    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w), _mm512_set1_epi8((char)0x80)); // w + 128
+}
+AVX512_INLINE __m512i q4_bytes(const uint8_t *w, int both) {
+    __m256i b = both ? _mm256_loadu_si256((const __m256i *)w) // 2 x 16 bytes, or 1 x 16
+                     : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)w));
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+    z = _mm512_and_si512(z, _mm512_set1_epi8(15));          // [lo g, lo g+1, hi g, hi g+1]
+    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)); // [lo g, hi g, lo g+1, hi g+1]
+}
+
+/* acc += the dot products of groups 2j and 2j + 1 of the stretch of 16
+   groups that starts at weight k0, whose 16 combined scales are s; `both`
+   is 0 when only group 2j is left. */
+AVX512_INLINE __m512 dot_pair_avx512(__m512 acc, const void *w, const QuantizedVector *x, __m512 s, int k0,
+                                     int j, int both, const int q4) {
+    int k = k0 + 2 * j * GROUP_SIZE;
+    __mmask64 m = both ? ~0ull : 0xffffffffull;
+    __m512i wv = q4 ? q4_bytes((const uint8_t *)w + k / 2, both)
+                    : q8_bytes((const int8_t *)w + k, m);
+    __m512i xv = _mm512_maskz_loadu_epi8(m, x->q + k);
+    __m512i bias = _mm512_maskz_loadu_epi32(both ? 0xffff : 0xff, x->bias + k / 4);
+    __m512i dot = _mm512_dpbusd_epi32(bias, wv, xv); // exact: 4 weights x inputs per lane
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scales(s, j), acc);
+}
+
+/* acc plus the dot products of the last m < 16 groups of a row, which start
+   at group g: what the stretches of 16 leave, masked. A function of its own
+   (not inlined) because clang 14 with AddressSanitizer fails to compile it
+   inlined into the loop below. */
+AVX512_INLINE __m512 dot_tail_avx512(__m512 acc, const void *w, const uint16_t *wd, const QuantizedVector *x,
+                                     int g, int m, const int q4) {
+    __mmask16 gm = (__mmask16)((1u << m) - 1);
+    __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, wd + g)),
+                             _mm512_maskz_loadu_ps(gm, x->d + g));
+    for (int j = 0; 2 * j < m; j++) acc = dot_pair_avx512(acc, w, x, s, g * GROUP_SIZE, j, 2 * j + 1 < m, q4);
+    return acc;
+}
+AVX512 __attribute__((noinline)) static __m512 dot_tail_q8_avx512(__m512 acc, const void *w, const uint16_t *wd,
+                                                                  const QuantizedVector *x, int g, int m) {
+    return dot_tail_avx512(acc, w, wd, x, g, m, 0);
+}
+AVX512 __attribute__((noinline)) static __m512 dot_tail_q4_avx512(__m512 acc, const void *w, const uint16_t *wd,
+                                                                  const QuantizedVector *x, int g, int m) {
+    return dot_tail_avx512(acc, w, wd, x, g, m, 1);
+}
+
+/* w . x for a q8_0 (q4 = 0) or q4_0 (q4 = 1) row: stretches of 16 groups,
+   whose 16 scales load at once, then what is left. */
+AVX512_INLINE float dot_grouped_avx512(const void *w, const uint16_t *wd, const QuantizedVector *x, int n,
+                                       const int q4) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int groups = n / GROUP_SIZE, g = 0;
+    for (; g + 16 <= groups; g += 16) {
+        __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + g))),
+                                 _mm512_loadu_ps(x->d + g));
+        for (int j = 0; j < 8; j += 2) {
+            acc0 = dot_pair_avx512(acc0, w, x, s, g * GROUP_SIZE, j, 1, q4);
+            acc1 = dot_pair_avx512(acc1, w, x, s, g * GROUP_SIZE, j + 1, 1, q4);
+        }
+    }
+    if (g < groups) acc0 = (q4 ? dot_tail_q4_avx512 : dot_tail_q8_avx512)(acc0, w, wd, x, g, groups - g);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+AVX512 static float dot_q8_avx512(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+    return dot_grouped_avx512(w, wd, x, n, 0);
+}
+AVX512 static float dot_q4_avx512(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+    return dot_grouped_avx512(w, wd, x, n, 1);
+}
+#endif
+
+typedef float (*DotQ8)(const int8_t *, const uint16_t *, const QuantizedVector *, int);
+typedef float (*DotQ4)(const uint8_t *, const uint16_t *, const QuantizedVector *, int);
+
+/* The fastest int8 dot products this build and CPU have. */
+static DotQ8 choose_dot_q8(void) {
+#if HAVE_AVX512
+    if (use_avx512) return dot_q8_avx512;
+#endif
+#if HAVE_AVX2
+    return dot_q8_avx2;
+#else
+    return dot_q8_ref;
+#endif
+}
+
+static DotQ4 choose_dot_q4(void) {
+#if HAVE_AVX512
+    if (use_avx512) return dot_q4_avx512;
+#endif
+#if HAVE_AVX2
+    return dot_q4_avx2;
+#else
+    return dot_q4_ref;
+#endif
+}
+
+/* out[r] = W[r] . x for the rows r0 <= r < r1 of w: the matrix-vector
+   product of generation. x is the input as floats and, for q8_0 and q4_0
+   weights, quantized by quantize_vector(). */
+static void matvec_rows(float *out, const Matrix *w, int r0, int r1, const float *x, const QuantizedVector *xq) {
+    size_t cols = w->cols, groups = cols / GROUP_SIZE;
+    if (w->type == WEIGHT_F32) {
+        for (int r = r0; r < r1; r++) out[r] = dot_f32((const float *)w->values + r * cols, x, (int)cols);
+    } else if (w->type == WEIGHT_BF16) {
+        for (int r = r0; r < r1; r++) out[r] = dot_bf16((const uint16_t *)w->values + r * cols, x, (int)cols);
+    } else if (w->type == WEIGHT_Q8_0) {
+        DotQ8 dot = choose_dot_q8();
+        for (int r = r0; r < r1; r++)
+            out[r] = dot((const int8_t *)w->values + r * cols, w->scales + r * groups, xq, (int)cols);
+    } else {
+        DotQ4 dot = choose_dot_q4();
+        for (int r = r0; r < r1; r++)
+            out[r] = dot((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, xq, (int)cols);
+    }
+}
+
+/* ---- Matrix products for a batch (n > 1) */
+
+#define GEMM_ROWS 8     // weight rows per tile
+#define GEMM_TOKENS 3   // tokens per tile: 8 x 3 sums fill 24 of AVX-512's 32 registers
+#define GEMM_DEPTH 512  // columns per pass: a tile's 8 weight rows of them (16 KiB) stay in L1
+
+/* c (nt, nr; row stride ldc) = x (nt, depth; stride ldx) @ w (nr, depth;
+   stride ldw)^T, plus what c holds when accumulate is set: one tile. */
+static void gemm_tile_ref(float *c, int ldc, const float *w, int ldw, const float *x, int ldx, int depth,
+                          int nr, int nt, int accumulate) {
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) {
+            float sum = dot_f32(w + (size_t)r * ldw, x + (size_t)t * ldx, depth);
+            c[(size_t)t * ldc + r] = accumulate ? c[(size_t)t * ldc + r] + sum : sum;
+        }
+}
+
+#if HAVE_AVX512
+/* The sums of the 16 lanes of each of v[0..7], as 8 lanes. */
+AVX512_INLINE __m256 sum8_avx512(const __m512 v[8]) {
+    __m256 h[8];
+    for (int i = 0; i < 8; i++) h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]), _mm512_extractf32x8_ps(v[i], 1));
+    __m256 a = _mm256_hadd_ps(h[0], h[1]), b = _mm256_hadd_ps(h[2], h[3]);
+    __m256 c = _mm256_hadd_ps(h[4], h[5]), d = _mm256_hadd_ps(h[6], h[7]);
+    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d); // halves: [v0..v3], [v4..v7] partial sums
+    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+/* A full tile of GEMM_ROWS rows and nt tokens: each sum in 16 lanes, the
+   depth in steps of 16 (the last one masked). */
+AVX512_INLINE void gemm_tile_body_avx512(float *c, int ldc, const float *w, int ldw, const float *x, int ldx,
+                                         int depth, int accumulate, const int nt) {
+    __m512 acc[GEMM_TOKENS][GEMM_ROWS];
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < GEMM_ROWS; r++) acc[t][r] = _mm512_setzero_ps();
+    for (int k = 0; k < depth; k += 16) {
+        __mmask16 m = depth - k >= 16 ? 0xffff : (__mmask16)((1u << (depth - k)) - 1);
+        __m512 xv[GEMM_TOKENS];
+        for (int t = 0; t < nt; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + (size_t)t * ldx + k);
+        for (int r = 0; r < GEMM_ROWS; r++) {
+            __m512 wv = _mm512_maskz_loadu_ps(m, w + (size_t)r * ldw + k);
+            for (int t = 0; t < nt; t++) acc[t][r] = _mm512_fmadd_ps(wv, xv[t], acc[t][r]);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        __m256 sum = sum8_avx512(acc[t]);
+        if (accumulate) sum = _mm256_add_ps(sum, _mm256_loadu_ps(c + (size_t)t * ldc));
+        _mm256_storeu_ps(c + (size_t)t * ldc, sum);
+    }
+}
+
+AVX512 static void gemm_tile_avx512(float *c, int ldc, const float *w, int ldw, const float *x, int ldx,
+                                    int depth, int nt, int accumulate) {
+    if (nt == 3) gemm_tile_body_avx512(c, ldc, w, ldw, x, ldx, depth, accumulate, 3);
+    else if (nt == 2) gemm_tile_body_avx512(c, ldc, w, ldw, x, ldx, depth, accumulate, 2);
+    else gemm_tile_body_avx512(c, ldc, w, ldw, x, ldx, depth, accumulate, 1);
+}
+#endif
+
+/* out (n, rows r0 .. r1 - 1; row stride ldo) = x (n, cols) @ W^T: the
+   matrix product of a batch, for n > 1. r0 is a multiple of GEMM_ROWS.
+   Tiles of 8 weight rows by 3 tokens go through the columns in passes of
+   GEMM_DEPTH; quantized and bf16 weights are widened to floats once per pass
+   into `panel` and then reused by every token of the batch. Each output is
+   computed the same way whichever thread computes it. */
+static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const float *x, int n) {
+    _Alignas(64) float panel[GEMM_ROWS * GEMM_DEPTH];
+    int cols = w->cols;
+    for (int r = r0; r < r1; r += GEMM_ROWS) {
+        int nr = r1 - r < GEMM_ROWS ? r1 - r : GEMM_ROWS;
+        for (int k = 0; k < cols; k += GEMM_DEPTH) {
+            int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH;
+            const float *wt = panel; // (nr, depth), row stride ldw
+            int ldw = GEMM_DEPTH;
+            if (w->type == WEIGHT_F32) {
+                wt = (const float *)w->values + (size_t)r * cols + k;
+                ldw = cols;
+            } else {
+                for (int i = 0; i < nr; i++) dequantize_row(panel + i * GEMM_DEPTH, w, r + i, k, depth);
+            }
+            for (int t = 0; t < n; t += GEMM_TOKENS) {
+                int nt = n - t < GEMM_TOKENS ? n - t : GEMM_TOKENS;
+                float *c = out + (size_t)t * ldo + r;
+                const float *xt = x + (size_t)t * cols + k;
+#if HAVE_AVX512
+                if (use_avx512 && nr == GEMM_ROWS) {
+                    gemm_tile_avx512(c, ldo, wt, ldw, xt, cols, depth, nt, k > 0);
+                    continue;
+                }
+#endif
+                gemm_tile_ref(c, ldo, wt, ldw, xt, cols, depth, nr, nt, k > 0);
+            }
+        }
+    }
+}
+
+/* ---- Projections: matrix products with the threads around them */
+
+typedef struct {
+    float *out;       // (n, w->rows), row stride ldo
+    int ldo;
+    const Matrix *w;  // (rows, cols)
+} Projection;
+
+/* Rows r0 .. r1 - 1 of one projection of x (n, cols). */
+static void project_rows(const Projection *p, int r0, int r1, const float *x, int n, const QuantizedVector *xq) {
+    if (n == 1) matvec_rows(p->out, p->w, r0, r1, x, xq);
+    else gemm_rows(p->out, p->ldo, p->w, r0, r1, x, n);
+}
+
+/* A single token's input to q8_0 or q4_0 weights, quantized once for all
+   the rows that read it. */
+static void quantize_input(QuantizedVector *xq, const Matrix *w, const float *x, int n) {
+    if (n == 1 && (w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0))
+        quantize_vector(xq, x, w->cols, w->type == WEIGHT_Q8_0 ? 128 : 8);
+}
+
+static int row_blocks(const Matrix *w) { return (w->rows + GEMM_ROWS - 1) / GEMM_ROWS; }
+
+/* out_i (n, rows_i) = x (n, cols) @ W_i^T for n_proj matrices that read the
+   same input, in one pass: the rows of all of them, in blocks of GEMM_ROWS,
+   are shared out among the threads in chunks, so that there is one fork and
+   one join for all (q, k and v are one pass). xq is scratch for the
+   quantized x. A row comes out the same whichever thread computes it. */
+static void project(const Projection *p, int n_proj, const float *x, int n, QuantizedVector *xq) {
+    quantize_input(xq, p[0].w, x, n);
+    int units = 0;
+    for (int i = 0; i < n_proj; i++) units += row_blocks(p[i].w);
+    int chunks = chunk_count(units);
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int c = 0; c < chunks; c++) {
+        int lo, hi, base = 0;
+        chunk_range(units, chunks, c, &lo, &hi);
+        for (int i = 0; i < n_proj; i++) {
+            int blocks = row_blocks(p[i].w);
+            int a = (lo > base ? lo : base) - base, b = (hi < base + blocks ? hi : base + blocks) - base;
+            if (a < b) {
+                int r1 = b * GEMM_ROWS < p[i].w->rows ? b * GEMM_ROWS : p[i].w->rows;
+                project_rows(&p[i], a * GEMM_ROWS, r1, x, n, xq);
+            }
+            base += blocks;
+        }
+    }
+}
+
+/* out (n, rows) = x (n, cols) @ W^T. */
+static void matmul(float *out, const Matrix *w, const float *x, int n, QuantizedVector *xq) {
+    Projection p = {out, w->rows, w};
+    project(&p, 1, x, n, xq);
+}
+
+/* h (n, hidden) = silu(x @ W1^T) * (x @ W3^T): the gate and up projections
+   of the MLP and its SwiGLU in one pass, each chunk taking the same rows of
+   W1 and W3 and then multiplying them. up (n, hidden) is scratch. */
+static void gate_up(float *h, float *up, const Matrix *w1, const Matrix *w3, const float *x, int n,
+                    QuantizedVector *xq) {
+    quantize_input(xq, w1, x, n);
+    int hidden = w1->rows, units = row_blocks(w1), chunks = chunk_count(units);
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int c = 0; c < chunks; c++) {
+        int lo, hi;
+        chunk_range(units, chunks, c, &lo, &hi);
+        int r0 = lo * GEMM_ROWS, r1 = hi * GEMM_ROWS < hidden ? hi * GEMM_ROWS : hidden;
+        if (r0 < r1) {
+            Projection gate = {h, hidden, w1}, upp = {up, hidden, w3};
+            project_rows(&gate, r0, r1, x, n, xq);
+            project_rows(&upp, r0, r1, x, n, xq);
+            for (int t = 0; t < n; t++)
+                swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * hidden + r0, r1 - r0);
+        }
+    }
+}
+
+/* ---- Attention */
+
+/* scores[p] = scale * (q . keys[p]) for the n_pos positions of keys
+   (n_pos, head_dim; row stride `stride`). */
+REFERENCE void attention_scores_ref(float *scores, const float *q, const float *keys, int stride, int n_pos,
+                                 int head_dim, float scale) {
+    for (int p = 0; p < n_pos; p++) scores[p] = dot_f32(q, keys + (size_t)p * stride, head_dim) * scale;
+}
+
+#if HAVE_AVX512
+/* Eight positions at a time, each dot product in 16 lanes. */
+AVX512 static void attention_scores_avx512(float *scores, const float *q, const float *keys, int stride,
+                                           int n_pos, int head_dim, float scale) {
+    int p = 0;
+    for (; p + 8 <= n_pos; p += 8) {
+        __m512 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+        for (int i = 0; i < head_dim; i += 16) {
+            __mmask16 m = head_dim - i >= 16 ? 0xffff : (__mmask16)((1u << (head_dim - i)) - 1);
+            __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, keys + (size_t)(p + j) * stride + i), qv, acc[j]);
+        }
+        _mm256_storeu_ps(scores + p, _mm256_mul_ps(sum8_avx512(acc), _mm256_set1_ps(scale)));
+    }
+    for (; p < n_pos; p++) scores[p] = dot_f32(q, keys + (size_t)p * stride, head_dim) * scale;
+}
+#endif
+
+/* out (head_dim) = sum over p of weights[p] * values[p], values (n_pos,
+   head_dim; row stride `stride`). */
+static void attention_mix(float *out, const float *weights, const float *values, int stride, int n_pos,
+                          int head_dim) {
+    memset(out, 0, (size_t)head_dim * sizeof(float));
+    for (int p = 0; p < n_pos; p++) {
+        const float *v = values + (size_t)p * stride;
+        for (int i = 0; i < head_dim; i++) out[i] += weights[p] * v[i];
+    }
+}
+
+/* Causal attention for n queries at positions pos .. pos + n - 1, whose keys
+   and values are already in the cache: query t sees positions 0 .. pos + t.
+   out (n, q_dim) = softmax(q k^T / sqrt(head_dim)) v, per head, with q
+   (n, q_dim) and keys, values (ctx, kv_dim) of this layer. Query head h reads
+   kv head h / (n_heads / n_kv_heads): with n_kv_heads == n_heads that is MHA,
+   with fewer GQA, with one MQA. scores is (threads, ctx) scratch. Each
+   (token, kv head) is one task for the threads. */
+static void attention(float *out, float *scores, const float *q, const float *keys, const float *values,
+                      int pos, int n, int ctx, int n_heads, int n_kv_heads, int head_dim) {
+    int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, group = n_heads / n_kv_heads;
+    float scale = 1.0f / sqrtf((float)head_dim);
+    void (*score)(float *, const float *, const float *, int, int, int, float) = attention_scores_ref;
+#if HAVE_AVX512
+    if (use_avx512) score = attention_scores_avx512;
+#endif
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int t = 0; t < n; t++)
+        for (int kv = 0; kv < n_kv_heads; kv++) {
+            int tid, nt, n_pos = pos + t + 1;
+            thread_id(&tid, &nt);
+            float *s = scores + (size_t)tid * ctx;
+            for (int h = kv * group; h < (kv + 1) * group; h++) {
+                size_t at = (size_t)t * q_dim + (size_t)h * head_dim;
+                score(s, q + at, keys + (size_t)kv * head_dim, kv_dim, n_pos, head_dim, scale);
+                softmax(s, n_pos);
+                attention_mix(out + at, s, values + (size_t)kv * head_dim, kv_dim, n_pos, head_dim);
+            }
+        }
+}
+
+/* ----------------------------------------------------------------------------
+   The forward pass: n tokens at positions pos .. pos + n - 1 in, logits out.
+   Keys and values of these positions go into the cache, so each token
+   attends to every earlier position without recomputing it. The n tokens
+   go through every layer together, as a matrix (n, dim); n = 1 is a
+   generated token. Returns the logits of the last logit_rows tokens,
+   (logit_rows, vocab). */
+
+static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, int logit_rows) {
     const Config *c = &t->config;
     const Weights *w = &t->weights;
     RunState *s = &t->state;
-    int dim = c->dim, hidden = c->hidden_dim, head_dim = c->head_dim;
+    int dim = c->dim, head_dim = c->head_dim;
     int q_dim = c->n_heads * head_dim, kv_dim = c->n_kv_heads * head_dim;
+    if (logit_rows > s->logit_rows) {
+        free(s->logits);
+        s->logits = xcalloc((size_t)logit_rows * c->vocab_size, sizeof(float), "logits");
+        s->logit_rows = logit_rows;
+    }
 
-    memcpy(s->x, w->token_embedding + (size_t)token * dim, (size_t)dim * sizeof(float)); // embedding
-    rope_angles(s->rope_cos, s->rope_sin, pos, head_dim, c->rope_theta);
+    embed(s->x, &w->token_embedding, tokens, n);                            // token embedding
+    rope_angles(s->rope_cos, s->rope_sin, pos, n, head_dim, c->rope_theta); // rotations of these positions
 
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *lw = &w->layers[l];
         float *keys = s->key_cache + (size_t)l * s->ctx * kv_dim;     // (ctx, kv_dim)
         float *values = s->value_cache + (size_t)l * s->ctx * kv_dim; // (ctx, kv_dim)
-        float *k = keys + (size_t)pos * kv_dim, *v = values + (size_t)pos * kv_dim;
+        float *k = keys + (size_t)pos * kv_dim;                       // (n, kv_dim)
+        float *v = values + (size_t)pos * kv_dim;                     // (n, kv_dim)
+        Projection qkv[3] = {{s->q, q_dim, &lw->wq}, {k, kv_dim, &lw->wk}, {v, kv_dim, &lw->wv}};
 
-        rmsnorm(s->xb, s->x, lw->attn_norm, dim, c->norm_eps);        // attention norm
-        matmul(s->q, lw->wq, s->xb, dim, q_dim);                      // q = wq x
-        matmul(k, lw->wk, s->xb, dim, kv_dim);                        // k = wk x, into the cache
-        matmul(v, lw->wv, s->xb, dim, kv_dim);                        // v = wv x, into the cache
-        rope(s->q, c->n_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate queries
-        rope(k, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
-        attention(s->att_out, s->scores, s->q, keys, values, pos + 1, s->ctx,
-                  c->n_heads, c->n_kv_heads, head_dim);              // softmax(q k^T) v
-        matmul(s->xb, lw->wo, s->att_out, q_dim, dim);                // output projection
-        add(s->x, s->xb, dim);                                        // residual
+        rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
+        project(qkv, 3, s->xb, n, &s->xq);                                  // q, k, v; k and v into the cache
+        rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
+        rope(k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate keys
+        attention(s->att_out, s->scores, s->q, keys, values, pos, n, s->ctx,
+                  c->n_heads, c->n_kv_heads, head_dim);                    // softmax(q k^T) v
+        matmul(s->xb, &lw->wo, s->att_out, n, &s->xq);                      // output projection
+        add(s->x, s->xb, n * dim);                                          // residual
 
-        rmsnorm(s->xb, s->x, lw->ffn_norm, dim, c->norm_eps);         // MLP norm
-        matmul(s->hb, lw->w1, s->xb, dim, hidden);                    // gate = w1 x
-        matmul(s->hb2, lw->w3, s->xb, dim, hidden);                   // up = w3 x
-        swiglu(s->hb, s->hb2, hidden);                                // silu(gate) * up
-        matmul(s->xb, lw->w2, s->hb, hidden, dim);                    // down = w2 h
-        add(s->x, s->xb, dim);                                        // residual
+        rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);            // MLP norm
+        gate_up(s->hb, s->hb2, &lw->w1, &lw->w3, s->xb, n, &s->xq);         // silu(w1 x) * (w3 x)
+        matmul(s->xb, &lw->w2, s->hb, n, &s->xq);                           // down = w2 h
+        add(s->x, s->xb, n * dim);                                          // residual
     }
 
-    rmsnorm(s->x, s->x, w->final_norm, dim, c->norm_eps);             // final norm
-    matmul(s->logits, w->classifier, s->x, dim, c->vocab_size);       // classifier
+    float *last = s->x + (size_t)(n - logit_rows) * dim;                    // (logit_rows, dim)
+    rmsnorm(last, last, w->final_norm, logit_rows, dim, c->norm_eps);       // final norm
+    matmul(s->logits, &w->classifier, last, logit_rows, &s->xq);            // classifier
     return s->logits;
+}
+
+/* One token at position pos: its logits (vocab). */
+static float *forward(Transformer *t, int token, int pos) {
+    return forward_tokens(t, &token, 1, pos, 1);
 }
 
 /* ----------------------------------------------------------------------------
@@ -778,7 +1513,10 @@ typedef struct {
     int generating;             // 1 while sampling: only then do stop strings count
     long n_prompt_tokens, n_generated_tokens;
     double prompt_seconds, generate_seconds, first_token_seconds;
+    double load_seconds;        // from the start of main() to the first prompt
 } Session;
+
+static double process_start_seconds; // set first thing in main()
 
 static double now_seconds(void) {
     struct timespec ts;
@@ -920,6 +1658,25 @@ static float *forward_and_record(Session *s, int token) {
     return logits;
 }
 
+/* Feeds n tokens into the cache from s->pos on, in batches of up to the
+   run state's batch, recording their logits; returns the last one's. */
+static float *prefill(Session *s, const int *tokens, int n) {
+    Transformer *t = s->transformer;
+    int batch = t->state.batch, vocab = t->config.vocab_size;
+    float *logits = NULL;
+    for (int i = 0; i < n; i += batch) {
+        int m = n - i < batch ? n - i : batch, rows = s->logits_file ? m : 1;
+        logits = forward_tokens(t, tokens + i, m, s->pos, rows);
+        s->pos += m;
+        for (int j = 0; j < m; j++) push_token(&s->history, tokens[i + j]);
+        size_t count = (size_t)rows * vocab;
+        if (s->logits_file && fwrite(logits, sizeof(float), count, s->logits_file) != count)
+            die(s->logits_path, "write failed: %s", strerror(errno));
+        logits += count - vocab;
+    }
+    return logits;
+}
+
 /* Feeds the prompt into the cache from s->pos on, then samples up to max_new
    tokens, feeding each back, and stops early at a stop token or string, or
    when the context is full. With echo, the prompt's own text is printed
@@ -927,12 +1684,8 @@ static float *forward_and_record(Session *s, int token) {
 static int complete(Session *s, const int *prompt, int n_prompt, int max_new, int echo) {
     int ctx = s->transformer->state.ctx;
     double start = now_seconds();
-    if (echo) emit_token(s, prompt[0]);
-    float *logits = NULL;
-    for (int i = 0; i < n_prompt; i++) {
-        logits = forward_and_record(s, prompt[i]);
-        if (echo && i + 1 < n_prompt) emit_token(s, prompt[i + 1]);
-    }
+    for (int i = 0; echo && i < n_prompt; i++) emit_token(s, prompt[i]);
+    float *logits = prefill(s, prompt, n_prompt);
     double prompt_done = now_seconds();
     s->n_prompt_tokens += n_prompt;
     s->prompt_seconds += prompt_done - start;
@@ -992,11 +1745,11 @@ static int score_text(Session *s, const int *tokens, int n, int stride) {
 }
 
 static void print_statistics(const Session *s) {
-    fprintf(stderr, "run: prompt %ld tokens (%.1f tok/s), generated %ld tokens (%.1f tok/s), first token after %.0f ms\n",
+    fprintf(stderr, "run: prompt %ld tokens (%.1f tok/s), generated %ld tokens (%.1f tok/s), first token after %.0f ms, load %.0f ms\n",
             s->n_prompt_tokens, s->prompt_seconds > 0 ? s->n_prompt_tokens / s->prompt_seconds : 0.0,
             s->n_generated_tokens,
             s->generate_seconds > 0 ? s->n_generated_tokens / s->generate_seconds : 0.0,
-            s->first_token_seconds * 1000);
+            s->first_token_seconds * 1000, s->load_seconds * 1000);
 }
 
 /* ----------------------------------------------------------------------------
@@ -1115,6 +1868,7 @@ static void print_help(void) {
         "  -n N          new tokens to generate (default 256; stops earlier at end of\n"
         "                sequence, at a stop string or when the context is full)\n"
         "  -c N          context length: positions the KV cache holds (default: the model's)\n"
+        "  -b N          prompt tokens per forward pass (default 64; 1 = one at a time)\n"
         "  -m MODE       generate (default), chat, or score (perplexity of the prompt text)\n"
         "  -y TEXT       system prompt for chat (default: the template's, if the tokenizer\n"
         "                has one; -y \"\" for none)\n"
@@ -1150,7 +1904,7 @@ static void print_help(void) {
 typedef struct {
     const char *model_path, *tokenizer_path, *prompt, *prompt_file, *prompt_ids;
     const char *mode, *system_prompt, *template_name, *logits_path;
-    int steps, context, stride, tokenize_only, seed_given, probs_k, probs_format;
+    int steps, context, batch, stride, tokenize_only, seed_given, probs_k, probs_format;
     SamplerSettings sampling;
     const char *stop_strings[MAX_STOP_STRINGS];
     int n_stop_strings;
@@ -1178,7 +1932,7 @@ static float parse_float(const char *flag, const char *text, float min, float ma
 }
 
 static void parse_options(Options *o, int argc, char **argv) {
-    *o = (Options){.steps = 256, .mode = "generate",
+    *o = (Options){.steps = 256, .batch = DEFAULT_BATCH, .mode = "generate",
                    .sampling = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f,
                                 .repeat_window = 64}};
     SamplerSettings *sp = &o->sampling;
@@ -1197,6 +1951,7 @@ static void parse_options(Options *o, int argc, char **argv) {
         else if (!strcmp(flag, "-z")) o->tokenizer_path = value;
         else if (!strcmp(flag, "-n")) o->steps = (int)parse_long(flag, value, 0, INT32_MAX);
         else if (!strcmp(flag, "-c")) o->context = (int)parse_long(flag, value, 1, INT32_MAX);
+        else if (!strcmp(flag, "-b")) o->batch = (int)parse_long(flag, value, 1, MAX_BATCH);
         else if (!strcmp(flag, "--stride")) o->stride = (int)parse_long(flag, value, 1, INT32_MAX);
         else if (!strcmp(flag, "-t")) sp->temperature = parse_float(flag, value, 0.0f, 100.0f, 1);
         else if (!strcmp(flag, "-p")) sp->top_p = parse_float(flag, value, 0.0f, 1.0f, 0);
@@ -1387,6 +2142,7 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
                  .probs_format = o->probs_format, .n_stop_strings = o->n_stop_strings};
     memcpy(s.stop_strings, o->stop_strings, sizeof s.stop_strings);
     decoder_init(&s.decoder);
+    s.load_seconds = now_seconds() - process_start_seconds;
     if (o->logits_path && !(s.logits_file = fopen(o->logits_path, "wb")))
         die(o->logits_path, "cannot open for writing: %s", strerror(errno));
 
@@ -1438,6 +2194,7 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
 
 #ifndef TESTING
 int main(int argc, char **argv) {
+    process_start_seconds = now_seconds();
     Options o;
     parse_options(&o, argc, argv);
 
@@ -1449,7 +2206,7 @@ int main(int argc, char **argv) {
         vocab_size = c->vocab_size;
         int ctx = o.context ? o.context : c->max_seq_len;
         if (ctx > c->max_seq_len) usage_error("-c %d exceeds the model's max_seq_len of %d", ctx, c->max_seq_len);
-        if (!o.tokenize_only) alloc_run_state(&transformer.state, c, ctx);
+        if (!o.tokenize_only) alloc_run_state(&transformer.state, c, ctx, o.batch);
     }
     char *prompt_text = o.prompt_file ? read_text_file(o.prompt_file) : NULL;
     const char *text = o.prompt ? o.prompt : prompt_text;

@@ -1,9 +1,10 @@
-/* libFuzzer target: the checkpoint loader, then one forward pass.
+/* libFuzzer target: the checkpoint loader, then forward passes.
 
    Any bytes go to parse_checkpoint(); it must either refuse them with a
    message or accept a model whose every tensor lies inside the buffer. An
-   accepted model (small enough to be quick) then runs two positions through
-   forward(), so that ASan sees every weight read and UBSan every index. */
+   accepted model (small enough to be quick) then runs a batch of two tokens
+   and one more through forward_tokens(), so that ASan sees every weight read
+   and UBSan every index, in the batched and the one-token kernels. */
 
 #define TESTING
 #include "../run.c"
@@ -20,9 +21,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char err[ERROR_SIZE];
     if (parse_checkpoint(&t, copy, size, err) == 0) {
         if (size <= (1 << 20) && t.config.n_layers <= 8) {
-            int ctx = t.config.max_seq_len < 2 ? t.config.max_seq_len : 2;
-            alloc_run_state(&t.state, &t.config, ctx);
-            for (int pos = 0; pos < ctx; pos++) forward(&t, pos % t.config.vocab_size, pos);
+            /* a batch of two (the prompt path), then one token (generation) */
+            int ctx = t.config.max_seq_len < 3 ? t.config.max_seq_len : 3, batch = ctx < 2 ? ctx : 2;
+            int tokens[2] = {0, 1 % t.config.vocab_size};
+            alloc_run_state(&t.state, &t.config, ctx, batch);
+            forward_tokens(&t, tokens, batch, 0, batch);
+            if (ctx > batch) forward(&t, 2 % t.config.vocab_size, batch);
             free_run_state(&t.state);
         }
         free(t.weights.layers);

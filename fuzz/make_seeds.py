@@ -25,6 +25,12 @@ def checkpoint_seeds(out):
         state = export.random_model(args, 0).state_dict()
         export.write_checkpoint(out / f"ours-tied{int(tied)}.bin", args, state)
         export.write_llama2c(out / f"legacy-tied{int(tied)}.bin", args, state)
+    # every weight type, in a shape whose widths are multiples of 32
+    args = export.ModelArgs(dim=32, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                            vocab_size=10, max_seq_len=4, rope_theta=10000.0, norm_eps=1e-5, tied=True)
+    state = export.random_model(args, 0).state_dict()
+    for dtype in export.WEIGHT_TYPES:
+        export.write_checkpoint(out / f"ours-{dtype}.bin", args, state, dtype)
 
 
 def llama2c_tokenizer(sp):

@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""bench.py: how fast ./run is, against this machine's memory and llama.cpp.
+
+    make bench                        # all shapes and weight types
+    python3 bench/bench.py --models 110m --dtypes f32,q4_0 --runs 5
+
+For each model shape (random weights, written by export.py into bench/out/,
+which is git-ignored) and each weight type, ./run reads a 512-token prompt
+and then generates 256 tokens greedily, on every core; the median of --runs
+runs is reported:
+
+  pp       prompt processing, tokens per second
+  tg       generation, tokens per second
+  %bw      generation as a share of the read-bandwidth roofline: the bytes a
+           generated token must read (every matrix and norm it uses, and the
+           KV cache up to its position) times tg, over the read bandwidth that
+           bench/membw measures in the same run, with as many threads
+  ttft     milliseconds from starting ./run to its first generated token,
+           less the time the prompt took: loading, mapping and sampling
+  rss      peak resident memory over (weights + KV cache) in the file and
+           positions this run touches
+
+When llama-cpp-python is installed (make bench-peers), llama.cpp runs the
+same weights, converted to GGUF by export.write_gguf() with identical values,
+with the same prompt, threads and greedy continuation; its times are its own
+(llama_perf_context, no Python in them), and the ratios are ours over its.
+"""
+
+import argparse
+import dataclasses
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+sys.path.insert(0, str(ROOT))
+import export  # noqa: E402
+
+SHAPES = {
+    # name: the 110M Llama-2 shape of llama2.c's stories110M (tied), and a
+    # 1B-class GQA shape like TinyLlama-1.1B (untied)
+    "110m": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64,
+                 vocab_size=32000, max_seq_len=1024, tied=True),
+    "1b": dict(dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64,
+               vocab_size=32000, max_seq_len=1024, tied=False),
+}
+DTYPES = ["f32", "bf16", "q8_0", "q4_0"]
+GGUF_TYPES = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def machine():
+    """One line about this machine: CPU, cores, vector extensions, memory."""
+    cpu, flags = platform.processor() or "?", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    ext = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni") if f in flags]
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {' '.join(ext) or 'no AVX2'}, {mem:.0f} GiB"
+
+
+def model_path(shape, dtype):
+    return OUT / f"{shape}-{dtype}.bin"
+
+
+def make_models(shapes, dtypes):
+    """Writes the checkpoints that are missing: one random model per shape,
+    written in each weight type (and as GGUF when peers run)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    for shape in shapes:
+        missing = [d for d in dtypes if not model_path(shape, d).exists()]
+        if not missing:
+            continue
+        args = export.ModelArgs(**SHAPES[shape])
+        log(f"bench: writing {shape} ({args.describe()}) as {', '.join(missing)} into {OUT}")
+        state = export.random_model(args, seed=0).state_dict()
+        for dtype in missing:
+            tmp = model_path(shape, dtype).with_suffix(".tmp")
+            export.write_checkpoint(tmp, args, state, dtype)
+            tmp.rename(model_path(shape, dtype))
+        del state
+
+
+def read_bandwidth(threads):
+    p = subprocess.run([str(ROOT / "bench" / "membw"), "1024", "7"], capture_output=True, text=True, check=True,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    return float(p.stdout.split()[1])
+
+
+@dataclasses.dataclass
+class Result:
+    pp: float        # prompt tokens per second
+    tg: float        # generated tokens per second
+    ttft_ms: float   # first token after start, less the prompt
+    rss: float       # peak resident bytes
+
+
+STATS = re.compile(r"prompt (\d+) tokens \(([\d.]+) tok/s\), generated (\d+) tokens \(([\d.]+) tok/s\), "
+                   r"first token after (\d+) ms")
+
+
+def run_once(path, prompt, n_gen, threads):
+    """One ./run: its statistics line, and its peak RSS from wait4."""
+    cmd = [str(ROOT / "run"), str(path), "--tokens", " ".join(map(str, prompt)), "-n", str(n_gen), "-t", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    m = STATS.search(stderr)
+    if proc.returncode != 0 or not m:
+        raise SystemExit(f"bench: {' '.join(cmd[:2])} failed ({proc.returncode}): {stderr.strip()}")
+    n_prompt, pp, n_gen_done, tg, first_ms = m.groups()
+    load = re.search(r"load (\d+) ms", stderr)
+    prompt_ms = int(n_prompt) / float(pp) * 1000
+    # first token after start = loading + prompt + the first sample
+    ttft = (int(load.group(1)) if load else 0) + int(first_ms) - prompt_ms
+    return Result(float(pp), float(tg), ttft, usage.ru_maxrss * 1024.0)
+
+
+def median_result(results):
+    return Result(*(statistics.median(getattr(r, f.name) for r in results) for f in dataclasses.fields(Result)))
+
+
+def bytes_per_token(args, dtype, pos_from, n_gen):
+    """Bytes one generated token reads: every matrix (the classifier, not the
+    embedding table, of which it reads one row) and norm, plus the KV cache up
+    to its position, averaged over the generated positions."""
+    per_weight = {"f32": 4, "bf16": 2, "q8_0": 1 + 2 / 32, "q4_0": 0.5 + 2 / 32}[dtype]
+    d, h, qd, kvd = args.dim, args.hidden_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    matrices = args.n_layers * (qd * d + 2 * kvd * d + d * qd + 3 * h * d) + args.vocab_size * d
+    norms = (2 * args.n_layers + 1) * d * 4
+    mean_pos = pos_from + (n_gen + 1) / 2
+    kv = 2 * args.n_layers * mean_pos * kvd * 4
+    return matrices * per_weight + norms + kv
+
+
+def footprint(path, args, n_pos):
+    """The file's bytes plus the KV cache's for n_pos positions."""
+    return os.path.getsize(path) + 2 * args.n_layers * n_pos * args.n_kv_heads * args.head_dim * 4
+
+
+# ----------------------------------------------------------------------------
+# llama.cpp, through llama-cpp-python
+
+def have_peers():
+    try:
+        import llama_cpp  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def gguf_path(shape, dtype):
+    return OUT / f"{shape}-{dtype}.gguf"
+
+
+def run_llama_cpp(path, prompt, n_gen, threads, runs):
+    """Median prompt and generation speeds of llama.cpp on the same task,
+    from its own timers; also its greedy tokens, to check that it runs the
+    same model."""
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n_gen + 8, n_batch=len(prompt),
+                          n_ubatch=len(prompt), n_threads=threads, n_threads_batch=threads, verbose=False)
+    pps, tgs, tokens = [], [], []
+    for _ in range(runs + 1):  # the first run warms up
+        llm.reset()
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        llm.eval(prompt)
+        generated = []
+        for _ in range(n_gen):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            generated.append(token)
+            if len(generated) < n_gen:
+                llm.eval([token])
+        perf = llama_cpp.llama_perf_context(llm.ctx)
+        pps.append(perf.n_p_eval / perf.t_p_eval_ms * 1000)
+        tgs.append(perf.n_eval / perf.t_eval_ms * 1000)
+        tokens = generated
+    llm.close()
+    return statistics.median(pps[1:]), statistics.median(tgs[1:]), tokens
+
+
+# ----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(SHAPES), help="shapes, of: " + ", ".join(SHAPES))
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="weight types, of: " + ", ".join(DTYPES))
+    parser.add_argument("--runs", type=int, default=3, help="runs of each, median reported (default 3)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads (default: all cores)")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--gen", type=int, default=256, help="generated tokens (default 256)")
+    parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp even when installed")
+    opts = parser.parse_args(argv)
+    shapes, dtypes = opts.models.split(","), opts.dtypes.split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            parser.error(f"unknown model {s}")
+    for d in dtypes:
+        if d not in DTYPES:
+            parser.error(f"unknown weight type {d}")
+    peers = have_peers() and not opts.no_peers
+
+    subprocess.run(["make", "-s", "-C", str(ROOT), "run", "bench/membw"], check=True)
+    make_models(shapes, dtypes)
+    if peers:
+        for shape in shapes:
+            for dtype in dtypes:
+                if not gguf_path(shape, dtype).exists():
+                    log(f"bench: writing {gguf_path(shape, dtype).name}")
+                    export.write_gguf(gguf_path(shape, dtype), model_path(shape, dtype))
+
+    rng = np.random.default_rng(0)
+    prompt = [1] + rng.integers(3, 32000, opts.prompt - 1).tolist()
+    bandwidths = [read_bandwidth(opts.threads)]
+    print(f"machine: {machine()}")
+    print(f"threads: {opts.threads}; prompt {opts.prompt} tokens, then {opts.gen} generated, greedy; "
+          f"median of {opts.runs} runs")
+    print(f"read bandwidth (bench/membw, {opts.threads} threads, median of 7): {bandwidths[0]:.1f} GB/s")
+    header = f"{'model':5} {'type':5} {'MB':>6} {'pp tok/s':>9} {'tg tok/s':>9} {'%bw':>5} {'ttft':>6} {'rss':>6}"
+    if peers:
+        header += f" | {'llama.cpp pp':>12} {'tg':>7} | {'pp x':>5} {'tg x':>5}  same tokens"
+    print(header)
+    for shape in shapes:
+        args = export.ModelArgs(**SHAPES[shape])
+        for dtype in dtypes:
+            path = model_path(shape, dtype)
+            run_once(path, prompt[:8], 2, opts.threads)  # warm the page cache
+            res = median_result([run_once(path, prompt, opts.gen, opts.threads) for _ in range(opts.runs)])
+            bw = statistics.median(bandwidths)  # those measured so far
+            share = res.tg * bytes_per_token(args, dtype, opts.prompt, opts.gen) / (bw * 1e9)
+            rss = res.rss / footprint(path, args, opts.prompt + opts.gen)
+            line = (f"{shape:5} {dtype:5} {os.path.getsize(path) / 1e6:6.0f} {res.pp:9.1f} {res.tg:9.1f} "
+                    f"{100 * share:4.0f}% {res.ttft_ms:4.0f}ms {rss:6.3f}")
+            if peers:
+                pp, tg, theirs = run_llama_cpp(gguf_path(shape, dtype), prompt, opts.gen, opts.threads, opts.runs)
+                ours = [int(t) for t in subprocess.run(
+                    [str(ROOT / "run"), str(path), "--tokens", " ".join(map(str, prompt)), "-n", "16", "-t", "0"],
+                    capture_output=True, text=True, check=True).stdout.split()[len(prompt):]]
+                same = sum(a == b for a, b in zip(ours, theirs[:16]))
+                line += f" | {pp:12.1f} {tg:7.1f} | {res.pp / pp:5.2f} {res.tg / tg:5.2f}  {same}/16"
+            print(line, flush=True)
+        bandwidths.append(read_bandwidth(opts.threads))
+    print(f"read bandwidth again after each model: {', '.join(f'{b:.1f}' for b in bandwidths[1:])} GB/s "
+          f"(each %bw uses the median of those measured before it)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+/* test_kernels.c: run.c's fast kernels against their plain versions.
+
+   Includes run.c with TESTING (no main), then feeds every kernel that has a
+   faster version (portable vectorised C, AVX2, AVX-512) random data of
+   awkward sizes: lengths that are not multiples of the vector width, group
+   counts that leave a tail, tiles cut short at the edges of the matrix. The
+   plain *_ref kernels are checked in turn against double-precision sums.
+   Prints each disagreement and exits 1 if there was any, 0 otherwise.
+
+   tests/test_kernels.py builds it with the Makefile's flags, without AVX2,
+   and (under make sanitize) with AddressSanitizer and UBSan, and runs it;
+   where the CPU has AVX-512 the AVX-512 kernels are compared as well.
+
+   Tolerances: a float sum of n products differs from the exact one by at
+   most about n * 2^-24 of the sum of their magnitudes; summing in another
+   order (lanes, tiles) is another such rounding. The bound below, 1e-5 of
+   the sum of magnitudes, covers n up to about 100 such roundings per term
+   and still fails on any wrong index, scale or sign, which moves a result
+   by a whole product. Integer dot products must agree exactly before
+   scaling. */
+
+#define TESTING
+#include "../run.c"
+
+static int failures, checks;
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static uint32_t next_u32(void) {
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float uniform(void) { return (float)next_u32() / 4294967296.0f * 2.0f - 1.0f; } // [-1, 1)
+static int below(int n) { return (int)(next_u32() % (uint32_t)n); }
+
+/* got must be within tol of want; prints the first few failures of each kind. */
+static void expect(const char *what, int a, int b, int c, double got, double want, double tol) {
+    checks++;
+    if (fabs(got - want) <= tol && isfinite(got)) return;
+    if (++failures <= 30)
+        fprintf(stderr, "FAIL %s (%d, %d, %d): got %.9g, want %.9g, |diff| %.3g > %.3g\n", what, a, b, c, got,
+                want, fabs(got - want), tol);
+}
+
+/* A random half-precision scale between about 2^-12 and 2^4, either sign. */
+static uint16_t random_f16(void) {
+    uint16_t exp = (uint16_t)(3 + below(16)), man = (uint16_t)below(1024);
+    return (uint16_t)((next_u32() & 1) << 15 | exp << 10 | man);
+}
+
+static float *random_floats(size_t n) {
+    float *x = xcalloc(n ? n : 1, sizeof(float), "test data");
+    for (size_t i = 0; i < n; i++) x[i] = uniform();
+    return x;
+}
+
+/* A random (rows, cols) matrix of the weight type, its arrays allocated. */
+static Matrix random_matrix(int type, int rows, int cols) {
+    size_t n = (size_t)rows * cols;
+    Matrix m = {.rows = rows, .cols = cols, .type = type};
+    if (type == WEIGHT_F32) {
+        m.values = random_floats(n);
+    } else if (type == WEIGHT_BF16) {
+        uint16_t *b = xcalloc(n, 2, "test data");
+        for (size_t i = 0; i < n; i++) { float f = uniform(); uint32_t u; memcpy(&u, &f, 4); b[i] = (uint16_t)(u >> 16); }
+        m.values = b;
+    } else {
+        size_t bytes = type == WEIGHT_Q8_0 ? n : n / 2;
+        uint8_t *q = xcalloc(bytes, 1, "test data");
+        for (size_t i = 0; i < bytes; i++) q[i] = type == WEIGHT_Q8_0 ? (uint8_t)(below(255) - 127) : (uint8_t)next_u32();
+        uint16_t *d = xcalloc(n / GROUP_SIZE, 2, "test data");
+        for (size_t i = 0; i < n / GROUP_SIZE; i++) d[i] = random_f16();
+        m.values = q;
+        m.scales = d;
+    }
+    return m;
+}
+
+static void free_matrix(Matrix *m) {
+    free((void *)m->values);
+    free((void *)m->scales);
+}
+
+static QuantizedVector alloc_quantized(int n) {
+    return (QuantizedVector){xcalloc(n, 1, "q"), xcalloc(n / GROUP_SIZE + 1, sizeof(float), "d"),
+                             xcalloc(n / 4 + 1, sizeof(int32_t), "bias")};
+}
+
+static void free_quantized(QuantizedVector *q) {
+    free(q->q);
+    free(q->d);
+    free(q->bias);
+}
+
+/* ---- Number formats */
+
+static void test_f16(void) {
+    for (uint32_t h = 0; h < 65536; h++) {
+        int exp = h >> 10 & 31, man = h & 1023;
+        double want = exp == 0 ? ldexp(man, -24) : exp == 31 ? (man ? NAN : INFINITY) : ldexp(1024 + man, exp - 25);
+        if (h & 0x8000) want = -want;
+        float got = f16_to_f32((uint16_t)h);
+        checks++;
+        if (isnan(want) ? !isnan(got) : got != want) {
+            if (++failures <= 30) fprintf(stderr, "FAIL f16_to_f32(0x%04x) = %g, want %g\n", h, got, want);
+        }
+#if HAVE_AVX2
+        float hw = _cvtsh_ss((uint16_t)h);
+        checks++;
+        if (memcmp(&hw, &got, 4) != 0 && !(isnan(hw) && isnan(got)) && ++failures <= 30)
+            fprintf(stderr, "FAIL f16_to_f32(0x%04x) = %g, F16C says %g\n", h, got, hw);
+#endif
+    }
+}
+
+/* ---- Dot products */
+
+static double abs_dot(const float *a, const float *b, int n) {
+    double s = 0;
+    for (int i = 0; i < n; i++) s += fabs((double)a[i] * b[i]);
+    return s;
+}
+
+static void test_dot_f32(void) {
+    for (int n = 0; n <= 300; n += 1 + n / 8) {
+        float *a = random_floats(n), *b = random_floats(n);
+        double exact = 0;
+        for (int i = 0; i < n; i++) exact += (double)a[i] * b[i];
+        double tol = 1e-5 * abs_dot(a, b, n) + 1e-30;
+        expect("dot_f32_ref", n, 0, 0, dot_f32_ref(a, b, n), exact, tol);
+        expect("dot_f32", n, 0, 0, dot_f32(a, b, n), exact, tol);
+        uint16_t *w = xcalloc(n ? n : 1, 2, "w");
+        float *wf = xcalloc(n ? n : 1, sizeof(float), "wf");
+        for (int i = 0; i < n; i++) { w[i] = (uint16_t)next_u32() & 0xbfff; wf[i] = bf16_to_f32(w[i]); } // |w| < 2
+        exact = 0;
+        for (int i = 0; i < n; i++) exact += (double)wf[i] * b[i];
+        tol = 1e-5 * abs_dot(wf, b, n) + 1e-30;
+        expect("dot_bf16_ref", n, 0, 0, dot_bf16_ref(w, b, n), exact, tol);
+        expect("dot_bf16", n, 0, 0, dot_bf16(w, b, n), exact, tol);
+        free(a), free(b), free(w), free(wf);
+    }
+}
+
+static void test_quantize_vector(void) {
+    int sizes[] = {32, 64, 96, 768, 2080};
+    for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++) {
+        int n = sizes[s];
+        float *x = random_floats(n);
+        for (int i = 0; i < n; i++) x[i] *= (float)(1 + below(1000)); // groups of different ranges
+        if (n > 64) {
+            x[3] = INFINITY, x[40] = NAN, x[41] = -INFINITY;             // must not be undefined behaviour
+            for (int i = 64; i < 96; i++) x[i] = 0.0f;                  // an all-zero group
+        }
+        QuantizedVector q = alloc_quantized(n);
+        quantize_vector(&q, x, n, 128);
+        for (int i = 0; i < n; i++) {
+            float d = q.d[i / GROUP_SIZE];
+            checks++;
+            if (q.q[i] == -128) failures++, fprintf(stderr, "FAIL quantize_vector: q = -128\n");
+            if (isfinite(x[i]) && isfinite(d))
+                expect("quantize_vector |x - d q|", n, i, 0, (double)d * q.q[i], x[i], d * 0.5001 + 1e-30);
+        }
+        for (int j = 0; j < n / 4; j++)
+            expect("quantize_vector bias", n, j, 0, q.bias[j],
+                   -128.0 * (q.q[4 * j] + q.q[4 * j + 1] + q.q[4 * j + 2] + q.q[4 * j + 3]), 0);
+        free(x);
+        free_quantized(&q);
+    }
+}
+
+/* The exact value of a q8_0 or q4_0 row times quantized x: integer sums
+   per group, scaled in double. */
+static double exact_grouped(const Matrix *w, int row, const QuantizedVector *x, double *magnitude) {
+    int groups = w->cols / GROUP_SIZE;
+    float deq[GROUP_SIZE];
+    double sum = 0;
+    *magnitude = 0;
+    for (int g = 0; g < groups; g++) {
+        dequantize_row(deq, w, row, g * GROUP_SIZE, GROUP_SIZE); // d * q exactly: q has 8 bits, d 11
+        for (int i = 0; i < GROUP_SIZE; i++) {
+            double term = (double)deq[i] * x->d[g] * x->q[g * GROUP_SIZE + i];
+            sum += term;
+            *magnitude += fabs(term);
+        }
+    }
+    return sum;
+}
+
+static void test_dot_grouped(int type) {
+    const char *name = type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
+    for (int groups = 1; groups <= 70; groups += groups < 20 ? 1 : 7) {
+        int n = groups * GROUP_SIZE;
+        Matrix w = random_matrix(type, 3, n);
+        float *x = random_floats(n);
+        QuantizedVector q = alloc_quantized(n);
+        quantize_vector(&q, x, n, type == WEIGHT_Q8_0 ? 128 : 8);
+        for (int r = 0; r < w.rows; r++) {
+            double mag, exact = exact_grouped(&w, r, &q, &mag), tol = 1e-5 * mag + 1e-30;
+            const uint16_t *wd = w.scales + (size_t)r * groups;
+            char what[64];
+            float got[3] = {0};
+            int have[3] = {1, HAVE_AVX2, 0};
+            if (type == WEIGHT_Q8_0) {
+                const int8_t *row = (const int8_t *)w.values + (size_t)r * n;
+                got[0] = dot_q8_ref(row, wd, &q, n);
+#if HAVE_AVX2
+                got[1] = dot_q8_avx2(row, wd, &q, n);
+#endif
+#if HAVE_AVX512
+                if (use_avx512) got[2] = dot_q8_avx512(row, wd, &q, n), have[2] = 1;
+#endif
+            } else {
+                const uint8_t *row = (const uint8_t *)w.values + (size_t)r * n / 2;
+                got[0] = dot_q4_ref(row, wd, &q, n);
+#if HAVE_AVX2
+                got[1] = dot_q4_avx2(row, wd, &q, n);
+#endif
+#if HAVE_AVX512
+                if (use_avx512) got[2] = dot_q4_avx512(row, wd, &q, n), have[2] = 1;
+#endif
+            }
+            const char *kinds[] = {"ref", "avx2", "avx512"};
+            for (int k = 0; k < 3; k++) {
+                if (!have[k]) continue;
+                snprintf(what, sizeof what, "dot_%s_%s", name, kinds[k]);
+                expect(what, groups, r, 0, got[k], exact, tol);
+            }
+        }
+        free_matrix(&w);
+        free(x);
+        free_quantized(&q);
+    }
+}
+
+/* ---- Matrix products, through matvec_rows and gemm_rows */
+
+/* out (n, rows) in double: x (n, cols) @ dequantized W^T, and the sums of
+   magnitudes for the tolerance. */
+static void exact_matmul(double *out, double *mag, const Matrix *w, const float *x, int n) {
+    float *row = xcalloc(w->cols, sizeof(float), "row");
+    for (int r = 0; r < w->rows; r++) {
+        dequantize_row(row, w, r, 0, w->cols);
+        for (int t = 0; t < n; t++) {
+            out[(size_t)t * w->rows + r] = 0, mag[(size_t)t * w->rows + r] = 0;
+            for (int c = 0; c < w->cols; c++) {
+                double term = (double)row[c] * x[(size_t)t * w->cols + c];
+                out[(size_t)t * w->rows + r] += term;
+                mag[(size_t)t * w->rows + r] += fabs(term);
+            }
+        }
+    }
+    free(row);
+}
+
+static void test_gemm(int type, int avx512) {
+    static const char *names[] = {"f32", "q8_0", "q4_0", "bf16"};
+    int grouped = type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0;
+    int shapes[][3] = {   // rows, cols, tokens
+        {1, 32, 2}, {8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {9, 32, 1}, {40, 2048, 2},
+        {5, 5, 2}, {16, 17, 3}, {11, 515, 8}, {8, 1030, 6},   // odd widths, f32 and bf16 only
+    };
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        if (grouped && cols % GROUP_SIZE) continue;
+        use_avx512 = avx512;
+        Matrix w = random_matrix(type, rows, cols);
+        float *x = random_floats((size_t)n * cols), *out = random_floats((size_t)n * rows);
+        double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
+        exact_matmul(want, mag, &w, x, n);
+        char what[64];
+        snprintf(what, sizeof what, "gemm_rows %s%s", names[type], avx512 ? " avx512" : "");
+        gemm_rows(out, rows, &w, 0, rows, x, n);
+        for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
+        /* a batch of one goes through matvec_rows, with the input quantized for q8_0 and q4_0 */
+        QuantizedVector q = alloc_quantized(cols);
+        quantize_input(&q, &w, x, 1);
+        float *xd = x;
+        if (grouped) { // the exact result is then that of the quantized input
+            xd = xcalloc(cols, sizeof(float), "xd");
+            for (int c = 0; c < cols; c++) xd[c] = q.d[c / GROUP_SIZE] * q.q[c];
+            exact_matmul(want, mag, &w, xd, 1);
+        }
+        snprintf(what, sizeof what, "matvec_rows %s%s", names[type], avx512 ? " avx512" : "");
+        int r0 = rows > 8 ? 8 : 0; // a range that starts past row 0
+        matvec_rows(out, &w, r0, rows, x, &q);
+        for (int r = r0; r < rows; r++) expect(what, rows, cols, r, out[r], want[r], 1e-5 * mag[r] + 1e-30);
+        if (xd != x) free(xd);
+        free_quantized(&q);
+        free_matrix(&w);
+        free(x), free(out), free(want), free(mag);
+    }
+}
+
+/* project() of three matrices equals three separate products, bit for bit,
+   and gate_up() equals two products and swiglu(). */
+static void test_fused(int type, int n) {
+    int cols = 96, rows[3] = {40, 16, 24};
+    Matrix w[3];
+    float *x = random_floats((size_t)n * cols), *fused[3], *single[3];
+    QuantizedVector q = alloc_quantized(cols);
+    Projection p[3];
+    for (int i = 0; i < 3; i++) {
+        w[i] = random_matrix(type, rows[i], cols);
+        fused[i] = random_floats((size_t)n * rows[i]);
+        single[i] = random_floats((size_t)n * rows[i]);
+        p[i] = (Projection){fused[i], rows[i], &w[i]};
+    }
+    project(p, 3, x, n, &q);
+    for (int i = 0; i < 3; i++) {
+        matmul(single[i], &w[i], x, n, &q);
+        checks++;
+        if (memcmp(fused[i], single[i], (size_t)n * rows[i] * sizeof(float)) != 0 && ++failures)
+            fprintf(stderr, "FAIL project() differs from matmul() for matrix %d, type %d, n %d\n", i, type, n);
+    }
+    Matrix w3 = random_matrix(type, rows[0], cols);
+    float *up = random_floats((size_t)n * rows[0]), *up2 = random_floats((size_t)n * rows[0]);
+    gate_up(fused[0], up, &w[0], &w3, x, n, &q);
+    matmul(single[0], &w[0], x, n, &q);
+    matmul(up2, &w3, x, n, &q);
+    swiglu(single[0], up2, n * rows[0]);
+    checks++;
+    if (memcmp(fused[0], single[0], (size_t)n * rows[0] * sizeof(float)) != 0 && ++failures)
+        fprintf(stderr, "FAIL gate_up() differs from matmul() and swiglu(), type %d, n %d\n", type, n);
+    for (int i = 0; i < 3; i++) free_matrix(&w[i]), free(fused[i]), free(single[i]);
+    free_matrix(&w3);
+    free(x), free(up), free(up2);
+    free_quantized(&q);
+}
+
+/* ---- Attention */
+
+static void test_attention_scores(void) {
+    int head_dims[] = {8, 16, 64, 72, 128};
+    for (size_t h = 0; h < sizeof head_dims / sizeof *head_dims; h++)
+        for (int n_pos = 1; n_pos <= 40; n_pos += 3) {
+            int hd = head_dims[h], stride = hd * 3;
+            float *q = random_floats(hd), *keys = random_floats((size_t)n_pos * stride);
+            float ref[64], fast[64];
+            attention_scores_ref(ref, q, keys, stride, n_pos, hd, 0.125f);
+#if HAVE_AVX512
+            if (use_avx512) attention_scores_avx512(fast, q, keys, stride, n_pos, hd, 0.125f);
+            else memcpy(fast, ref, sizeof ref);
+#else
+            memcpy(fast, ref, sizeof ref);
+#endif
+            for (int p = 0; p < n_pos; p++) {
+                double exact = 0;
+                for (int i = 0; i < hd; i++) exact += (double)q[i] * keys[(size_t)p * stride + i];
+                double tol = 1e-5 * 0.125 * abs_dot(q, keys + (size_t)p * stride, hd) + 1e-30;
+                expect("attention_scores_ref", hd, n_pos, p, ref[p], 0.125 * exact, tol);
+                expect("attention_scores_avx512", hd, n_pos, p, fast[p], 0.125 * exact, tol);
+            }
+            free(q), free(keys);
+        }
+}
+
+int main(void) {
+    choose_kernels();
+    int have_avx512 = use_avx512;
+    printf("test_kernels: AVX2 %s, AVX-512 %s\n", HAVE_AVX2 ? "compiled" : "not compiled",
+           have_avx512 ? "on this CPU" : "not used");
+    test_f16();
+    test_dot_f32();
+    test_quantize_vector();
+    test_dot_grouped(WEIGHT_Q8_0);
+    test_dot_grouped(WEIGHT_Q4_0);
+    for (int type = 0; type < 4; type++) {
+        test_gemm(type, 0);
+        if (have_avx512) test_gemm(type, 1);
+        use_avx512 = have_avx512;
+        for (int n = 1; n <= 4; n += 3) test_fused(type, n);
+    }
+    test_attention_scores();
+    printf("test_kernels: %d checks, %d failures\n", checks, failures);
+    return failures ? 1 : 0;
+}
