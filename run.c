@@ -235,16 +235,21 @@ typedef struct {
     float *x;           // (batch, dim) residual stream, one row per token
     float *xb;          // (batch, dim) normed input of a block, then its output
     float *q;           // (batch, q_dim) queries
+    float *k;           // (batch, kv_dim) keys, before they go into the cache
+    float *v;           // (batch, kv_dim) values, likewise
     float *att_out;     // (batch, q_dim) attention output, heads side by side
     float *hb;          // (batch, hidden) gate, then the SwiGLU product
     float *hb2;         // (batch, hidden) up
-    float *scores;      // (threads, n_heads / n_kv_heads, ctx) attention weights
+    float *scratch;     // (threads, scratch_size) attention weights, and keys and
+                        // values widened from f16
+    size_t scratch_size;
     float *rope_cos;    // (batch, head_dim / 2) rotation of each position
     float *rope_sin;    // (batch, head_dim / 2)
     float *logits;      // (logit_rows, vocab)
     QuantizedVector xq; // (max(dim, q_dim, hidden)) input of a quantized matvec
-    float *key_cache;   // (n_layers, ctx, kv_dim)
-    float *value_cache; // (n_layers, ctx, kv_dim)
+    void *key_cache;    // (n_layers, n_kv_heads, ctx, head_dim) f32, or f16 if kv_f16
+    void *value_cache;  // (n_layers, n_kv_heads, ctx, head_dim) likewise
+    int kv_f16;         // 1: the cache holds f16 (for q8_0 and q4_0 weights)
     int ctx;            // positions the cache holds
     int batch;          // tokens one forward pass takes, at most
     int logit_rows;     // rows the logits buffer holds
@@ -475,6 +480,7 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
 }
 
 static void choose_kernels(void);
+static int use_avx512; // the kernels' choice: 1 when the AVX-512 ones run
 
 /* Allocates the activations for batches of up to `batch` tokens and a KV
    cache of ctx positions. calloc maps zero pages lazily, so a long cache
@@ -498,8 +504,11 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->att_out = xcalloc(b * q_dim, sizeof(float), "activations");
     s->hb = xcalloc(b * c->hidden_dim, sizeof(float), "activations");
     s->hb2 = xcalloc(b * c->hidden_dim, sizeof(float), "activations");
-    s->scores = xcalloc(mul_size((size_t)s->threads * (c->n_heads / c->n_kv_heads), ctx), sizeof(float),
-                        "attention scores");
+    s->kv_f16 = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
+    s->k = xcalloc(b * kv_dim, sizeof(float), "activations");
+    s->v = xcalloc(b * kv_dim, sizeof(float), "activations");
+    s->scratch_size = s->kv_f16 && !use_avx512 ? (size_t)ctx * (1 + 2 * (size_t)c->head_dim) : (size_t)ctx;
+    s->scratch = xcalloc(mul_size(s->threads, s->scratch_size), sizeof(float), "attention scratch");
     s->rope_cos = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
     s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
     s->logit_rows = 1;
@@ -507,8 +516,8 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->xq.q = xcalloc(widest, 1, "activations");
     s->xq.d = xcalloc(widest / GROUP_SIZE + 1, sizeof(float), "activations");
     s->xq.bias = xcalloc(widest / 4 + 1, sizeof(int32_t), "activations");
-    s->key_cache = xcalloc(cache, sizeof(float), "the key cache");
-    s->value_cache = xcalloc(cache, sizeof(float), "the value cache");
+    s->key_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the key cache");
+    s->value_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the value cache");
 }
 
 /* Opens and maps a checkpoint. The mapping is read-only and private: weights
@@ -530,8 +539,8 @@ static void load_transformer(Transformer *t, const char *path) {
 }
 
 static void free_run_state(RunState *s) {
-    void *buffers[] = {s->x, s->xb, s->q, s->att_out, s->hb, s->hb2, s->scores, s->rope_cos, s->rope_sin,
-                       s->logits, s->xq.q, s->xq.d, s->xq.bias, s->key_cache, s->value_cache};
+    void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->att_out, s->hb, s->hb2, s->scratch, s->rope_cos,
+                       s->rope_sin, s->logits, s->xq.q, s->xq.d, s->xq.bias, s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
 }
 
@@ -608,22 +617,6 @@ static void thread_id(int *tid, int *nt) {
 #endif
 }
 
-/* Work is split into chunks that threads take as they come free, about 16
-   per thread: on a busy machine, a thread the system pauses then holds up
-   only the chunk it has, not a fixed share. Chunk c of `chunks` covers units
-   [*lo, *hi) of `units`. */
-static int chunk_count(int units) {
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
-    return units < 16 * threads ? units : 16 * threads;
-}
-
-static void chunk_range(int units, int chunks, int c, int *lo, int *hi) {
-    *lo = (int)((long long)units * c / chunks);
-    *hi = (int)((long long)units * (c + 1) / chunks);
-}
 
 /* ---- Elementwise kernels, on n rows at a time */
 
@@ -807,11 +800,15 @@ static void quantize_vector(QuantizedVector *out, const float *x, int n, int off
     for (int g = 0; g < n / GROUP_SIZE; g++) {
         const float *xg = x + (size_t)g * GROUP_SIZE;
         float amax = 0.0f;
-        for (int i = 0; i < GROUP_SIZE; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        for (int i = 0; i < GROUP_SIZE; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax; // skips NaN
         float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
         out->d[g] = d;
-        for (int i = 0; i < GROUP_SIZE; i++)
-            out->q[g * GROUP_SIZE + i] = (int8_t)nearbyintf(fminf(fmaxf(xg[i] * inv, -127.0f), 127.0f));
+        for (int i = 0; i < GROUP_SIZE; i++) {
+            float v = xg[i] * inv;
+            v = v < 127.0f ? v : 127.0f;   // NaN becomes 127 here, so the cast below is defined
+            v = v > -127.0f ? v : -127.0f;
+            out->q[g * GROUP_SIZE + i] = (int8_t)nearbyintf(v);
+        }
     }
     for (int j = 0; j < n / 4; j++) {
         const int8_t *q = out->q + 4 * j;
@@ -913,9 +910,9 @@ AVX512_INLINE __m512i q4_bytes(const uint8_t *w, int both) {
     return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)); // [lo g, hi g, lo g+1, hi g+1]
 }
 
-/* acc += the dot products of groups 2j and 2j + 1 of the stretch of 16
-   groups that starts at weight k0, whose 16 combined scales are s; `both`
-   is 0 when only group 2j is left. */
+/* acc += the dot products of groups 2j and 2j + 1 of the stretch of groups
+   that starts at weight k0, whose combined scales (weight times input) are
+   the lanes of s; `both` is 0 when only group 2j is left. */
 AVX512_INLINE __m512 dot_pair_avx512(__m512 acc, const void *w, const QuantizedVector *x, __m512 s, int k0,
                                      int j, int both, const int q4) {
     int k = k0 + 2 * j * GROUP_SIZE;
@@ -928,8 +925,8 @@ AVX512_INLINE __m512 dot_pair_avx512(__m512 acc, const void *w, const QuantizedV
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scales(s, j), acc);
 }
 
-/* acc plus the dot products of the last m < 16 groups of a row, which start
-   at group g: what the stretches of 16 leave, masked. A function of its own
+/* acc plus the dot products of the last m < 8 groups of a row, which start
+   at group g: what the stretches of 8 leave, masked. A function of its own
    (not inlined) because clang 14 with AddressSanitizer fails to compile it
    inlined into the loop below. */
 AVX512_INLINE __m512 dot_tail_avx512(__m512 acc, const void *w, const uint16_t *wd, const QuantizedVector *x,
@@ -949,19 +946,21 @@ AVX512 __attribute__((noinline)) static __m512 dot_tail_q4_avx512(__m512 acc, co
     return dot_tail_avx512(acc, w, wd, x, g, m, 1);
 }
 
-/* w . x for a q8_0 (q4 = 0) or q4_0 (q4 = 1) row: stretches of 16 groups,
-   whose 16 scales load at once, then what is left. */
+/* w . x for a q8_0 (q4 = 0) or q4_0 (q4 = 1) row: stretches of 8 groups,
+   whose 8 scales load at once, then what is left (dims that are not a
+   multiple of 256). */
 AVX512_INLINE float dot_grouped_avx512(const void *w, const uint16_t *wd, const QuantizedVector *x, int n,
                                        const int q4) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     int groups = n / GROUP_SIZE, g = 0;
-    for (; g + 16 <= groups; g += 16) {
-        __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + g))),
-                                 _mm512_loadu_ps(x->d + g));
-        for (int j = 0; j < 8; j += 2) {
-            acc0 = dot_pair_avx512(acc0, w, x, s, g * GROUP_SIZE, j, 1, q4);
-            acc1 = dot_pair_avx512(acc1, w, x, s, g * GROUP_SIZE, j + 1, 1, q4);
-        }
+    for (; g + 8 <= groups; g += 8) {
+        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g))),
+                                 _mm256_loadu_ps(x->d + g));
+        __m512 s16 = _mm512_castps256_ps512(s);
+        acc0 = dot_pair_avx512(acc0, w, x, s16, g * GROUP_SIZE, 0, 1, q4);
+        acc1 = dot_pair_avx512(acc1, w, x, s16, g * GROUP_SIZE, 1, 1, q4);
+        acc0 = dot_pair_avx512(acc0, w, x, s16, g * GROUP_SIZE, 2, 1, q4);
+        acc1 = dot_pair_avx512(acc1, w, x, s16, g * GROUP_SIZE, 3, 1, q4);
     }
     if (g < groups) acc0 = (q4 ? dot_tail_q4_avx512 : dot_tail_q8_avx512)(acc0, w, wd, x, g, groups - g);
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
@@ -1140,29 +1139,25 @@ static void quantize_input(QuantizedVector *xq, const Matrix *w, const float *x,
 
 static int row_blocks(const Matrix *w) { return (w->rows + GEMM_ROWS - 1) / GEMM_ROWS; }
 
+
 /* out_i (n, rows_i) = x (n, cols) @ W_i^T for n_proj matrices that read the
    same input, in one pass: the rows of all of them, in blocks of GEMM_ROWS,
-   are shared out among the threads in chunks, so that there is one fork and
-   one join for all (q, k and v are one pass). xq is scratch for the
+   are shared out among the threads, so that there is one fork and one join
+   for all (q, k and v are one pass). OpenMP's guided schedule hands each
+   thread a long run of blocks first, which the prefetchers stream at full
+   speed, then shorter ones to even out the end; a thread that a busy
+   machine pauses holds up only its last run. xq is scratch for the
    quantized x. A row comes out the same whichever thread computes it. */
 static void project(const Projection *p, int n_proj, const float *x, int n, QuantizedVector *xq) {
     quantize_input(xq, p[0].w, x, n);
     int units = 0;
     for (int i = 0; i < n_proj; i++) units += row_blocks(p[i].w);
-    int chunks = chunk_count(units);
-    #pragma omp parallel for schedule(dynamic, 1)
-    for (int c = 0; c < chunks; c++) {
-        int lo, hi, base = 0;
-        chunk_range(units, chunks, c, &lo, &hi);
-        for (int i = 0; i < n_proj; i++) {
-            int blocks = row_blocks(p[i].w);
-            int a = (lo > base ? lo : base) - base, b = (hi < base + blocks ? hi : base + blocks) - base;
-            if (a < b) {
-                int r1 = b * GEMM_ROWS < p[i].w->rows ? b * GEMM_ROWS : p[i].w->rows;
-                project_rows(&p[i], a * GEMM_ROWS, r1, x, n, xq);
-            }
-            base += blocks;
-        }
+    #pragma omp parallel for schedule(guided)
+    for (int u = 0; u < units; u++) {
+        int i = 0, block = u;
+        while (block >= row_blocks(p[i].w)) block -= row_blocks(p[i++].w);
+        int r0 = block * GEMM_ROWS, r1 = r0 + GEMM_ROWS < p[i].w->rows ? r0 + GEMM_ROWS : p[i].w->rows;
+        project_rows(&p[i], r0, r1, x, n, xq);
     }
 }
 
@@ -1173,94 +1168,226 @@ static void matmul(float *out, const Matrix *w, const float *x, int n, Quantized
 }
 
 /* h (n, hidden) = silu(x @ W1^T) * (x @ W3^T): the gate and up projections
-   of the MLP and its SwiGLU in one pass, each chunk taking the same rows of
-   W1 and W3 and then multiplying them. up (n, hidden) is scratch. */
+   of the MLP and its SwiGLU in one pass, each block of rows of W1 taken
+   with the same rows of W3. up (n, hidden) is scratch. */
 static void gate_up(float *h, float *up, const Matrix *w1, const Matrix *w3, const float *x, int n,
                     QuantizedVector *xq) {
     quantize_input(xq, w1, x, n);
-    int hidden = w1->rows, units = row_blocks(w1), chunks = chunk_count(units);
-    #pragma omp parallel for schedule(dynamic, 1)
-    for (int c = 0; c < chunks; c++) {
-        int lo, hi;
-        chunk_range(units, chunks, c, &lo, &hi);
-        int r0 = lo * GEMM_ROWS, r1 = hi * GEMM_ROWS < hidden ? hi * GEMM_ROWS : hidden;
-        if (r0 < r1) {
-            Projection gate = {h, hidden, w1}, upp = {up, hidden, w3};
-            project_rows(&gate, r0, r1, x, n, xq);
-            project_rows(&upp, r0, r1, x, n, xq);
-            for (int t = 0; t < n; t++)
-                swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * hidden + r0, r1 - r0);
-        }
+    int hidden = w1->rows;
+    Projection gate = {h, hidden, w1}, upp = {up, hidden, w3};
+    #pragma omp parallel for schedule(guided)
+    for (int u = 0; u < row_blocks(w1); u++) {
+        int r0 = u * GEMM_ROWS, r1 = r0 + GEMM_ROWS < hidden ? r0 + GEMM_ROWS : hidden;
+        project_rows(&gate, r0, r1, x, n, xq);
+        project_rows(&upp, r0, r1, x, n, xq);
+        for (int t = 0; t < n; t++) swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * hidden + r0, r1 - r0);
     }
 }
 
 /* ---- Attention */
 
-/* scores[p] = scale * (q . keys[p]) for the n_pos positions of keys
-   (n_pos, head_dim; row stride `stride`). */
-REFERENCE void attention_scores_ref(float *scores, const float *q, const float *keys, int stride, int n_pos,
-                                 int head_dim, float scale) {
-    for (int p = 0; p < n_pos; p++) scores[p] = dot_f32(q, keys + (size_t)p * stride, head_dim) * scale;
+/* An IEEE half from a float, rounded to nearest even (the f16 KV cache). */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = x >> 16 & 0x8000, abs = x & 0x7fffffff;
+    if (abs > 0x7f800000) return (uint16_t)(sign | 0x7e00);      // nan
+    if (abs >= 0x477ff000) return (uint16_t)(sign | 0x7c00);     // 65520 and up round to inf
+    if (abs < 0x38800000) {                                        // below 2^-14: subnormal, in 2^-24 steps
+        float a;
+        memcpy(&a, &abs, sizeof a);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 0x1p24f));
+    }
+    return (uint16_t)(sign | (abs + 0xfff + (abs >> 13 & 1) - 0x38000000) >> 13); // rebias 127 -> 15
+}
+
+/* Keys and values of n new tokens, k and v (n, kv_dim), into the cache of
+   one layer, keys and values (n_kv_heads, ctx, head_dim), at positions
+   pos .. pos + n - 1: each head's positions lie one after another, so that
+   attention reads them as one stream. */
+static void cache_store(void *keys, void *values, const float *k, const float *v, int pos, int n, int ctx,
+                        int n_kv_heads, int head_dim, int f16) {
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < n_kv_heads; h++) {
+            size_t from = ((size_t)t * n_kv_heads + h) * head_dim, to = ((size_t)h * ctx + pos + t) * head_dim;
+            if (f16) {
+                for (int i = 0; i < head_dim; i++) {
+                    ((uint16_t *)keys)[to + i] = f32_to_f16(k[from + i]);
+                    ((uint16_t *)values)[to + i] = f32_to_f16(v[from + i]);
+                }
+            } else {
+                memcpy((float *)keys + to, k + from, (size_t)head_dim * sizeof(float));
+                memcpy((float *)values + to, v + from, (size_t)head_dim * sizeof(float));
+            }
+        }
+}
+
+/* out (n) = the halves in as floats. */
+static void widen_f16(float *out, const uint16_t *in, size_t n) {
+    size_t i = 0;
+#if HAVE_AVX2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+#endif
+    for (; i < n; i++) out[i] = f16_to_f32(in[i]);
+}
+
+/* scores[p] = scale * (q . keys[p]) for the n_pos rows of keys (n_pos,
+   head_dim). */
+REFERENCE void attention_scores_ref(float *scores, const float *q, const float *keys, int n_pos, int head_dim,
+                                    float scale) {
+    for (int p = 0; p < n_pos; p++) scores[p] = dot_f32(q, keys + (size_t)p * head_dim, head_dim) * scale;
+}
+
+/* out (head_dim) = sum over p of weights[p] * values[p], values (n_pos,
+   head_dim). The sums stay in registers for the whole pass over the
+   positions: 64 lanes at a time, then the rest one by one. */
+#define MIX_LANES 64
+REFERENCE void attention_mix_ref(float *out, const float *weights, const float *values, int n_pos, int head_dim) {
+    int i0 = 0;
+    for (; i0 + MIX_LANES <= head_dim; i0 += MIX_LANES) {
+        float acc[MIX_LANES] = {0};
+        for (int p = 0; p < n_pos; p++) {
+            const float *v = values + (size_t)p * head_dim + i0;
+            for (int j = 0; j < MIX_LANES; j++) acc[j] += weights[p] * v[j];
+        }
+        memcpy(out + i0, acc, sizeof acc);
+    }
+    for (int i = i0; i < head_dim; i++) {
+        float sum = 0.0f;
+        for (int p = 0; p < n_pos; p++) sum += weights[p] * values[(size_t)p * head_dim + i];
+        out[i] = sum;
+    }
 }
 
 #if HAVE_AVX512
-/* Eight positions at a time, each dot product in 16 lanes. */
-AVX512 static void attention_scores_avx512(float *scores, const float *q, const float *keys, int stride,
-                                           int n_pos, int head_dim, float scale) {
+/* 16 floats of the cache from element i on, f32 or f16, masked. */
+AVX512_INLINE __m512 load_kv(const void *base, size_t i, __mmask16 m, const int f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i))
+               : _mm512_maskz_loadu_ps(m, (const float *)base + i);
+}
+
+/* The lanes of 16 that `left` elements fill: all, some, or none. */
+static inline __mmask16 tail_mask(int left) {
+    return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+}
+
+/* attention_scores_ref() on the cache as it is stored: eight positions at a
+   time, each dot product in 16 lanes. */
+AVX512_INLINE void attention_scores_body(float *scores, const float *q, const void *keys, int n_pos, int head_dim,
+                                         float scale, const int f16) {
     int p = 0;
     for (; p + 8 <= n_pos; p += 8) {
         __m512 acc[8];
         for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
         for (int i = 0; i < head_dim; i += 16) {
-            __mmask16 m = head_dim - i >= 16 ? 0xffff : (__mmask16)((1u << (head_dim - i)) - 1);
+            __mmask16 m = tail_mask(head_dim - i);
             __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
             for (int j = 0; j < 8; j++)
-                acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, keys + (size_t)(p + j) * stride + i), qv, acc[j]);
+                acc[j] = _mm512_fmadd_ps(load_kv(keys, (size_t)(p + j) * head_dim + i, m, f16), qv, acc[j]);
         }
         _mm256_storeu_ps(scores + p, _mm256_mul_ps(sum8_avx512(acc), _mm256_set1_ps(scale)));
     }
-    for (; p < n_pos; p++) scores[p] = dot_f32(q, keys + (size_t)p * stride, head_dim) * scale;
+    for (; p < n_pos; p++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < head_dim; i += 16) {
+            __mmask16 m = tail_mask(head_dim - i);
+            acc = _mm512_fmadd_ps(load_kv(keys, (size_t)p * head_dim + i, m, f16), _mm512_maskz_loadu_ps(m, q + i), acc);
+        }
+        scores[p] = _mm512_reduce_add_ps(acc) * scale;
+    }
+}
+
+/* attention_mix_ref() on the cache as it is stored: 64 lanes of sums in
+   registers per pass over the positions. */
+AVX512_INLINE void attention_mix_body(float *out, const float *weights, const void *values, int n_pos,
+                                      int head_dim, const int f16) {
+    for (int i0 = 0; i0 < head_dim; i0 += 64) {
+        __mmask16 m[4];
+        __m512 acc[4];
+        for (int c = 0; c < 4; c++) m[c] = tail_mask(head_dim - i0 - 16 * c), acc[c] = _mm512_setzero_ps();
+        for (int p = 0; p < n_pos; p++) {
+            __m512 w = _mm512_set1_ps(weights[p]);
+            for (int c = 0; c < 4; c++)
+                if (m[c]) acc[c] = _mm512_fmadd_ps(w, load_kv(values, (size_t)p * head_dim + i0 + 16 * c, m[c], f16), acc[c]);
+        }
+        for (int c = 0; c < 4; c++) _mm512_mask_storeu_ps(out + i0 + 16 * c, m[c], acc[c]);
+    }
+}
+
+/* The common head sizes get code of their own, with the loops over a head
+   unrolled: three times faster than with head_dim unknown. */
+#define FOR_HEAD_DIM(call) \
+    switch (head_dim) { \
+    case 64: if (f16) call(64, 1); else call(64, 0); break; \
+    case 128: if (f16) call(128, 1); else call(128, 0); break; \
+    default: if (f16) call(head_dim, 1); else call(head_dim, 0); \
+    }
+
+AVX512 static void attention_scores_avx512(float *scores, const float *q, const void *keys, int n_pos,
+                                           int head_dim, float scale, int f16) {
+#define SCORES(hd, h) attention_scores_body(scores, q, keys, n_pos, hd, scale, h)
+    FOR_HEAD_DIM(SCORES)
+#undef SCORES
+}
+
+AVX512 static void attention_mix_avx512(float *out, const float *weights, const void *values, int n_pos,
+                                        int head_dim, int f16) {
+#define MIX(hd, h) attention_mix_body(out, weights, values, n_pos, hd, h)
+    FOR_HEAD_DIM(MIX)
+#undef MIX
 }
 #endif
 
-/* out (head_dim) = sum over p of weights[p] * values[p], values (n_pos,
-   head_dim; row stride `stride`). */
-static void attention_mix(float *out, const float *weights, const float *values, int stride, int n_pos,
-                          int head_dim) {
-    memset(out, 0, (size_t)head_dim * sizeof(float));
-    for (int p = 0; p < n_pos; p++) {
-        const float *v = values + (size_t)p * stride;
-        for (int i = 0; i < head_dim; i++) out[i] += weights[p] * v[i];
-    }
-}
+#define ATTENTION_QUERIES 16 // queries per attention task; they share the widened f16 keys and values
 
 /* Causal attention for n queries at positions pos .. pos + n - 1, whose keys
    and values are already in the cache: query t sees positions 0 .. pos + t.
    out (n, q_dim) = softmax(q k^T / sqrt(head_dim)) v, per head, with q
-   (n, q_dim) and keys, values (ctx, kv_dim) of this layer. Query head h reads
-   kv head h / (n_heads / n_kv_heads): with n_kv_heads == n_heads that is MHA,
-   with fewer GQA, with one MQA. scores is (threads, ctx) scratch. Each
-   (token, kv head) is one task for the threads. */
-static void attention(float *out, float *scores, const float *q, const float *keys, const float *values,
-                      int pos, int n, int ctx, int n_heads, int n_kv_heads, int head_dim) {
-    int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim, group = n_heads / n_kv_heads;
+   (n, q_dim) and keys, values (n_kv_heads, ctx, head_dim) of this layer, f32
+   or (kv_f16) f16. Query head h reads kv head h / (n_heads / n_kv_heads):
+   with n_kv_heads == n_heads that is MHA, with fewer GQA, with one MQA. A
+   task for the threads is one kv head and up to 16 queries. scratch is
+   (threads, scratch_size): the weights of one query, then, for an f16 cache
+   on the plain path, the task's keys and values widened to f32. */
+static void attention(float *out, float *scratch, size_t scratch_size, const float *q, const void *keys,
+                      const void *values, int kv_f16, int pos, int n, int ctx, int n_heads, int n_kv_heads,
+                      int head_dim) {
+    int q_dim = n_heads * head_dim, group = n_heads / n_kv_heads;
+    int blocks = (n + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
     float scale = 1.0f / sqrtf((float)head_dim);
-    void (*score)(float *, const float *, const float *, int, int, int, float) = attention_scores_ref;
-#if HAVE_AVX512
-    if (use_avx512) score = attention_scores_avx512;
-#endif
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int t = 0; t < n; t++)
+    for (int b = 0; b < blocks; b++)
         for (int kv = 0; kv < n_kv_heads; kv++) {
-            int tid, nt, n_pos = pos + t + 1;
+            int tid, nt, t0 = b * ATTENTION_QUERIES, t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
             thread_id(&tid, &nt);
-            float *s = scores + (size_t)tid * ctx;
-            for (int h = kv * group; h < (kv + 1) * group; h++) {
-                size_t at = (size_t)t * q_dim + (size_t)h * head_dim;
-                score(s, q + at, keys + (size_t)kv * head_dim, kv_dim, n_pos, head_dim, scale);
-                softmax(s, n_pos);
-                attention_mix(out + at, s, values + (size_t)kv * head_dim, kv_dim, n_pos, head_dim);
+            float *weights = scratch + (size_t)tid * scratch_size;       // (ctx)
+            size_t head = (size_t)kv * ctx * head_dim, elem = kv_f16 ? 2 : sizeof(float);
+            const void *k = (const char *)keys + head * elem, *v = (const char *)values + head * elem;
+#if HAVE_AVX512
+            if (use_avx512) {
+                for (int t = t0; t < t1; t++)
+                    for (int h = kv * group; h < (kv + 1) * group; h++) {
+                        size_t at = (size_t)t * q_dim + (size_t)h * head_dim;
+                        attention_scores_avx512(weights, q + at, k, pos + t + 1, head_dim, scale, kv_f16);
+                        softmax(weights, pos + t + 1);
+                        attention_mix_avx512(out + at, weights, v, pos + t + 1, head_dim, kv_f16);
+                    }
+                continue;
             }
+#endif
+            if (kv_f16) { // widen the positions these queries see, once for all of them
+                float *wk = weights + ctx, *wv = wk + (size_t)ctx * head_dim;
+                widen_f16(wk, k, (size_t)(pos + t1) * head_dim);
+                widen_f16(wv, v, (size_t)(pos + t1) * head_dim);
+                k = wk, v = wv;
+            }
+            for (int t = t0; t < t1; t++)
+                for (int h = kv * group; h < (kv + 1) * group; h++) {
+                    size_t at = (size_t)t * q_dim + (size_t)h * head_dim;
+                    attention_scores_ref(weights, q + at, k, pos + t + 1, head_dim, scale);
+                    softmax(weights, pos + t + 1);
+                    attention_mix_ref(out + at, weights, v, pos + t + 1, head_dim);
+                }
         }
 }
 
@@ -1289,17 +1416,17 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
 
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *lw = &w->layers[l];
-        float *keys = s->key_cache + (size_t)l * s->ctx * kv_dim;     // (ctx, kv_dim)
-        float *values = s->value_cache + (size_t)l * s->ctx * kv_dim; // (ctx, kv_dim)
-        float *k = keys + (size_t)pos * kv_dim;                       // (n, kv_dim)
-        float *v = values + (size_t)pos * kv_dim;                     // (n, kv_dim)
-        Projection qkv[3] = {{s->q, q_dim, &lw->wq}, {k, kv_dim, &lw->wk}, {v, kv_dim, &lw->wv}};
+        size_t layer = (size_t)l * s->ctx * kv_dim * (s->kv_f16 ? 2 : sizeof(float));
+        void *keys = (char *)s->key_cache + layer;                    // (n_kv_heads, ctx, head_dim)
+        void *values = (char *)s->value_cache + layer;                // (n_kv_heads, ctx, head_dim)
+        Projection qkv[3] = {{s->q, q_dim, &lw->wq}, {s->k, kv_dim, &lw->wk}, {s->v, kv_dim, &lw->wv}};
 
         rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
-        project(qkv, 3, s->xb, n, &s->xq);                                  // q, k, v; k and v into the cache
+        project(qkv, 3, s->xb, n, &s->xq);                                  // q, k, v in one pass
         rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
-        rope(k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate keys
-        attention(s->att_out, s->scores, s->q, keys, values, pos, n, s->ctx,
+        rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
+        cache_store(keys, values, s->k, s->v, pos, n, s->ctx, c->n_kv_heads, head_dim, s->kv_f16); // into the cache
+        attention(s->att_out, s->scratch, s->scratch_size, s->q, keys, values, s->kv_f16, pos, n, s->ctx,
                   c->n_heads, c->n_kv_heads, head_dim);                    // softmax(q k^T) v
         matmul(s->xb, &lw->wo, s->att_out, n, &s->xq);                      // output projection
         add(s->x, s->xb, n * dim);                                          // residual

@@ -15,10 +15,11 @@ runs is reported:
            generated token must read (every matrix and norm it uses, and the
            KV cache up to its position) times tg, over the read bandwidth that
            bench/membw measures in the same run, with as many threads
-  ttft     milliseconds from starting ./run to its first generated token,
-           less the time the prompt took: loading, mapping and sampling
-  rss      peak resident memory over (weights + KV cache) in the file and
-           positions this run touches
+  ttft     milliseconds from the start of ./run to its first token, for a
+           one-token prompt: loading, mapping, one forward pass and sampling
+  rss      peak resident memory (GNU time's %M, when /usr/bin/time is
+           there) over the weights' file plus the KV cache of the run's
+           positions
 
 When llama-cpp-python is installed (make bench-peers), llama.cpp runs the
 same weights, converted to GGUF by export.write_gguf() with identical values,
@@ -115,23 +116,26 @@ STATS = re.compile(r"prompt (\d+) tokens \(([\d.]+) tok/s\), generated (\d+) tok
                    r"first token after (\d+) ms")
 
 
+# Peak RSS: not from wait4, whose ru_maxrss keeps the high-water mark of
+# the forked Python across exec; GNU time forks ./run from a small process.
+TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
+
+
 def run_once(path, prompt, n_gen, threads):
-    """One ./run: its statistics line, and its peak RSS from wait4."""
-    cmd = [str(ROOT / "run"), str(path), "--tokens", " ".join(map(str, prompt)), "-n", str(n_gen), "-t", "0"]
+    """One ./run: prompt and generation speed from its statistics line, and
+    its peak RSS; then the time to first token of a one-token prompt."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    m = STATS.search(stderr)
-    if proc.returncode != 0 or not m:
-        raise SystemExit(f"bench: {' '.join(cmd[:2])} failed ({proc.returncode}): {stderr.strip()}")
-    n_prompt, pp, n_gen_done, tg, first_ms = m.groups()
-    load = re.search(r"load (\d+) ms", stderr)
-    prompt_ms = int(n_prompt) / float(pp) * 1000
-    # first token after start = loading + prompt + the first sample
-    ttft = (int(load.group(1)) if load else 0) + int(first_ms) - prompt_ms
-    return Result(float(pp), float(tg), ttft, usage.ru_maxrss * 1024.0)
+    cmd = [str(ROOT / "run"), str(path), "--tokens", " ".join(map(str, prompt)), "-n", str(n_gen), "-t", "0"]
+    p = subprocess.run(([TIME, "-f", "maxrss_kb %M"] if TIME else []) + cmd, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, env=env, text=True)
+    m = STATS.search(p.stderr)
+    if p.returncode != 0 or not m:
+        raise SystemExit(f"bench: {' '.join(cmd[:2])} failed ({p.returncode}): {p.stderr.strip()}")
+    rss = re.search(r"maxrss_kb (\d+)", p.stderr)
+    first = subprocess.run(cmd[:2] + ["--tokens", "1", "-n", "1", "-t", "0"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, env=env, text=True, check=True).stderr
+    ttft = sum(int(v) for v in re.search(r"first token after (\d+) ms, load (\d+) ms", first).groups())
+    return Result(float(m.group(2)), float(m.group(4)), ttft, int(rss.group(1)) * 1024.0 if rss else float("nan"))
 
 
 def median_result(results):
@@ -147,13 +151,18 @@ def bytes_per_token(args, dtype, pos_from, n_gen):
     matrices = args.n_layers * (qd * d + 2 * kvd * d + d * qd + 3 * h * d) + args.vocab_size * d
     norms = (2 * args.n_layers + 1) * d * 4
     mean_pos = pos_from + (n_gen + 1) / 2
-    kv = 2 * args.n_layers * mean_pos * kvd * 4
+    kv = 2 * args.n_layers * mean_pos * kvd * kv_bytes(dtype)
     return matrices * per_weight + norms + kv
 
 
-def footprint(path, args, n_pos):
+def kv_bytes(dtype):
+    """Bytes per cached key or value element: run.c keeps f16 for q8_0 and q4_0."""
+    return 2 if dtype in ("q8_0", "q4_0") else 4
+
+
+def footprint(path, args, dtype, n_pos):
     """The file's bytes plus the KV cache's for n_pos positions."""
-    return os.path.getsize(path) + 2 * args.n_layers * n_pos * args.n_kv_heads * args.head_dim * 4
+    return os.path.getsize(path) + 2 * args.n_layers * n_pos * args.n_kv_heads * args.head_dim * kv_bytes(dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -185,7 +194,8 @@ def run_llama_cpp(path, prompt, n_gen, threads, runs):
         llm.eval(prompt)
         generated = []
         for _ in range(n_gen):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            token = int(np.argmax(logits))
             generated.append(token)
             if len(generated) < n_gen:
                 llm.eval([token])
@@ -246,7 +256,7 @@ def main(argv=None):
             res = median_result([run_once(path, prompt, opts.gen, opts.threads) for _ in range(opts.runs)])
             bw = statistics.median(bandwidths)  # those measured so far
             share = res.tg * bytes_per_token(args, dtype, opts.prompt, opts.gen) / (bw * 1e9)
-            rss = res.rss / footprint(path, args, opts.prompt + opts.gen)
+            rss = res.rss / footprint(path, args, dtype, opts.prompt + opts.gen)
             line = (f"{shape:5} {dtype:5} {os.path.getsize(path) / 1e6:6.0f} {res.pp:9.1f} {res.tg:9.1f} "
                     f"{100 * share:4.0f}% {res.ttft_ms:4.0f}ms {rss:6.3f}")
             if peers:

@@ -328,30 +328,104 @@ static void test_fused(int type, int n) {
     free_quantized(&q);
 }
 
-/* ---- Attention */
+/* ---- Attention and the f16 cache */
 
-static void test_attention_scores(void) {
-    int head_dims[] = {8, 16, 64, 72, 128};
+static void test_f16_store(void) {
+    for (uint32_t h = 0; h < 65536; h++) { // every half survives the round trip
+        float f = f16_to_f32((uint16_t)h);
+        if (isnan(f)) continue;
+        expect("f32_to_f16(f16_to_f32(h))", (int)h, 0, 0, f32_to_f16(f), h, 0);
+    }
+    for (int i = 0; i < 200000; i++) { // random floats of every magnitude, and the halfway points
+        uint32_t bits = next_u32();
+        if (i % 4 == 0) bits = (bits & 0x8000ffffu) | (uint32_t)(0x33 + below(0x47 - 0x33 + 1)) << 23; // near half's range
+        if (i % 4 == 1) bits = (bits & 0xffffe000u) | 0x1000;                                              // exact ties
+        float f;
+        memcpy(&f, &bits, sizeof f);
+        if (isnan(f)) continue;
+        uint16_t got = f32_to_f16(f);
+        /* the nearest half, ties to even, by search */
+        float g = f16_to_f32(got);
+        uint16_t up = (uint16_t)(got + 1), down = (uint16_t)(got - 1);
+        int ok = 1;
+        if (isfinite(g) && (got & 0x7fff) != 0x7bff) {
+            float gu = f16_to_f32(up);
+            if (fabs((double)gu - f) < fabs((double)g - f) ||
+                (fabs((double)gu - f) == fabs((double)g - f) && (got & 1))) ok = 0;
+        }
+        if ((got & 0x7fff) != 0 && isfinite(g)) {
+            float gd = f16_to_f32(down);
+            if (fabs((double)gd - f) < fabs((double)g - f) ||
+                (fabs((double)gd - f) == fabs((double)g - f) && (got & 1))) ok = 0;
+        }
+        if (isinf(g) && fabs((double)f) < 65520.0) ok = 0;
+        checks++;
+        if (!ok && ++failures <= 30) fprintf(stderr, "FAIL f32_to_f16(%.9g) = 0x%04x (%g)\n", f, got, g);
+#if HAVE_AVX2
+        checks++;
+        uint16_t hw = _cvtss_sh(f, 0);
+        if (hw != got && ++failures <= 30) fprintf(stderr, "FAIL f32_to_f16(%.9g) = 0x%04x, F16C says 0x%04x\n", f, got, hw);
+#endif
+    }
+    uint16_t halves[37];
+    float wide[37];
+    for (int i = 0; i < 37; i++) halves[i] = random_f16();
+    widen_f16(wide, halves, 37);
+    for (int i = 0; i < 37; i++) expect("widen_f16", i, 0, 0, wide[i], f16_to_f32(halves[i]), 0);
+}
+
+static void test_attention_kernels(void) {
+    int head_dims[] = {8, 16, 48, 64, 72, 128};
     for (size_t h = 0; h < sizeof head_dims / sizeof *head_dims; h++)
         for (int n_pos = 1; n_pos <= 40; n_pos += 3) {
-            int hd = head_dims[h], stride = hd * 3;
-            float *q = random_floats(hd), *keys = random_floats((size_t)n_pos * stride);
-            float ref[64], fast[64];
-            attention_scores_ref(ref, q, keys, stride, n_pos, hd, 0.125f);
+            int hd = head_dims[h];
+            size_t n = (size_t)n_pos * hd;
+            float *q = random_floats(hd), *keys = random_floats(n), *values = random_floats(n);
+            float *weights = random_floats(n_pos), scores[64], out[128];
+            uint16_t *keys16 = xcalloc(n, 2, "keys"), *values16 = xcalloc(n, 2, "values");
+            for (size_t i = 0; i < n; i++) keys16[i] = f32_to_f16(keys[i]), values16[i] = f32_to_f16(values[i]);
+            for (int f16 = 0; f16 < 2; f16++) {
+                float *k = keys, *v = values;
+                if (f16) { // the exact results are then those of the rounded cache
+                    k = xcalloc(n, sizeof(float), "k"), v = xcalloc(n, sizeof(float), "v");
+                    widen_f16(k, keys16, n);
+                    widen_f16(v, values16, n);
+                }
+                for (int fast = 0; fast < 2; fast++) {
+                    const char *kind = fast ? (f16 ? "avx512 f16" : "avx512 f32") : "ref";
+                    char what[64];
+                    if (fast && !use_avx512) continue;
+                    if (!fast && f16) continue; // the plain kernels read f32: the cache is widened first
 #if HAVE_AVX512
-            if (use_avx512) attention_scores_avx512(fast, q, keys, stride, n_pos, hd, 0.125f);
-            else memcpy(fast, ref, sizeof ref);
-#else
-            memcpy(fast, ref, sizeof ref);
+                    if (fast) attention_scores_avx512(scores, q, f16 ? (void *)keys16 : keys, n_pos, hd, 0.125f, f16);
+                    else
 #endif
-            for (int p = 0; p < n_pos; p++) {
-                double exact = 0;
-                for (int i = 0; i < hd; i++) exact += (double)q[i] * keys[(size_t)p * stride + i];
-                double tol = 1e-5 * 0.125 * abs_dot(q, keys + (size_t)p * stride, hd) + 1e-30;
-                expect("attention_scores_ref", hd, n_pos, p, ref[p], 0.125 * exact, tol);
-                expect("attention_scores_avx512", hd, n_pos, p, fast[p], 0.125 * exact, tol);
+                        attention_scores_ref(scores, q, k, n_pos, hd, 0.125f);
+#if HAVE_AVX512
+                    if (fast) attention_mix_avx512(out, weights, f16 ? (void *)values16 : values, n_pos, hd, f16);
+                    else
+#endif
+                        attention_mix_ref(out, weights, v, n_pos, hd);
+                    for (int p = 0; p < n_pos; p++) {
+                        double exact = 0;
+                        for (int i = 0; i < hd; i++) exact += (double)q[i] * k[(size_t)p * hd + i];
+                        snprintf(what, sizeof what, "attention_scores %s", kind);
+                        expect(what, hd, n_pos, p, scores[p], 0.125 * exact,
+                               1e-5 * 0.125 * abs_dot(q, k + (size_t)p * hd, hd) + 1e-30);
+                    }
+                    for (int i = 0; i < hd; i++) {
+                        double exact = 0, mag = 0;
+                        for (int p = 0; p < n_pos; p++) {
+                            exact += (double)weights[p] * v[(size_t)p * hd + i];
+                            mag += fabs((double)weights[p] * v[(size_t)p * hd + i]);
+                        }
+                        snprintf(what, sizeof what, "attention_mix %s", kind);
+                        expect(what, hd, n_pos, i, out[i], exact, 1e-5 * mag + 1e-30);
+                    }
+                }
+                if (f16) free(k), free(v);
             }
-            free(q), free(keys);
+            free(q), free(keys), free(values), free(weights), free(keys16), free(values16);
         }
 }
 
@@ -371,7 +445,8 @@ int main(void) {
         use_avx512 = have_avx512;
         for (int n = 1; n <= 4; n += 3) test_fused(type, n);
     }
-    test_attention_scores();
+    test_f16_store();
+    test_attention_kernels();
     printf("test_kernels: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }

@@ -7,7 +7,10 @@ weights, decoded (export.read_checkpoint). Against the decoded weights:
   prompt rows   the prompt goes through run.c in batches, as matrices, with
                 float32 activations: the same arithmetic as the reference up
                 to the order of summation, so 1e-4 x max|logit|, as in
-                test_all.py.
+                test_all.py, for bf16. q8_0 and q4_0 models keep keys and
+                values in an f16 cache (half the memory traffic of
+                attention): each off by up to 2^-12 of itself, which moves
+                the logits by about 4e-4 x max|logit| here. Bound: 2e-3.
   generated     one token at a time. bf16: float32 activations again, 1e-4.
                 q8_0 and q4_0 quantize each activation vector to int8 in
                 groups of 32 (step max|x| / 127, so about 0.2% rms error per
@@ -47,6 +50,7 @@ CONFIGS = {
     "mqa_untied": (96, 224, 3, 6, 1, 16, 300, False),
 }
 ACTIVATION_TOL = 0.03                                     # relative rms, int8 activations
+F16_CACHE_TOL = 2e-3                                      # x max|logit|, the f16 KV cache
 FLOAT_TOL = {"bf16": 0.02, "q8_0": 0.05}                  # relative rms against float32
 
 
@@ -95,7 +99,11 @@ def test_matches_its_decoded_weights_and_float32(exported, name, dtype, tmp_path
     exact = reference_logits(decoded, sequence)[:len(ours)]
     float32 = reference_logits(model, sequence)[:len(ours)]
     n = len(prompt)
-    assert_logits_close(ours[:n], exact[:n])                      # the batched prompt
+    if dtype == "bf16":
+        assert_logits_close(ours[:n], exact[:n])                  # the batched prompt
+    else:
+        err = np.abs(ours[:n] - exact[:n]).max(1) / np.abs(exact[:n]).max(1)
+        assert err.max() <= F16_CACHE_TOL, err.max()
     if dtype == "bf16":
         assert_logits_close(ours[n:], exact[n:])
     else:
