@@ -222,13 +222,16 @@ typedef struct {
     Matrix classifier;        // (vocab, dim), the embedding when tied
 } Weights;
 
-/* A vector quantized to int8 in groups of GROUP_SIZE, as the integer dot
-   products of q8_0 and q4_0 weights take it: x[i] ~ d[i / 32] * q[i]. */
+/* Vectors quantized to int8 in groups of GROUP_SIZE, as the integer dot
+   products of q8_0 and q4_0 weights take them: x[i] ~ d[i / 32] * q[i].
+   One vector of n values, or a batch of them, one after another. */
 typedef struct {
-    int8_t *q;      // (n) values in -127..127
-    float *d;       // (n / GROUP_SIZE) scale of each group
-    int32_t *bias;  // (n / 4) -offset * (q[4j] + ... + q[4j+3]): where the AVX-512
-                    // VNNI sums start, so that unsigned weights come out signed
+    int8_t *q;           // (n) values in -127..127
+    float *d;            // (n / GROUP_SIZE) scale of each group
+    int32_t *bias;       // (n / 4) -offset * (q[4j] + ... + q[4j+3]), and
+    int32_t *group_bias; // (n / GROUP_SIZE) -offset * (the group's sum): where the
+                         // AVX-512 VNNI sums start, so that the weights, made
+                         // unsigned by adding offset, come out signed
 } QuantizedVector;
 
 typedef struct {
@@ -246,7 +249,9 @@ typedef struct {
     float *rope_cos;    // (batch, head_dim / 2) rotation of each position
     float *rope_sin;    // (batch, head_dim / 2)
     float *logits;      // (logit_rows, vocab)
-    QuantizedVector xq; // (max(dim, q_dim, hidden)) input of a quantized matvec
+    QuantizedVector xq; // (batch, max(dim, q_dim, hidden)) input of q8_0, q4_0 products
+    void *panels;       // (threads, panel_size) weights packed for the batched VNNI products
+    size_t panel_size;
     void *key_cache;    // (n_layers, n_kv_heads, ctx, head_dim) f32, or f16 if kv_f16
     void *value_cache;  // (n_layers, n_kv_heads, ctx, head_dim) likewise
     int kv_f16;         // 1: the cache holds f16 (for q8_0 and q4_0 weights)
@@ -481,6 +486,7 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
 
 static void choose_kernels(void);
 static int use_avx512; // the kernels' choice: 1 when the AVX-512 ones run
+static size_t qgemm_panel_size(int cols);
 
 /* Allocates the activations for batches of up to `batch` tokens and a KV
    cache of ctx positions. calloc maps zero pages lazily, so a long cache
@@ -513,9 +519,13 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
     s->logit_rows = 1;
     s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
-    s->xq.q = xcalloc(widest, 1, "activations");
-    s->xq.d = xcalloc(widest / GROUP_SIZE + 1, sizeof(float), "activations");
-    s->xq.bias = xcalloc(widest / 4 + 1, sizeof(int32_t), "activations");
+    s->xq.q = xcalloc(b * widest, 1, "activations");
+    s->xq.d = xcalloc(b * widest / GROUP_SIZE + 1, sizeof(float), "activations");
+    s->xq.bias = xcalloc(b * widest / 4 + 1, sizeof(int32_t), "activations");
+    s->xq.group_bias = xcalloc(b * widest / GROUP_SIZE + 1, sizeof(int32_t), "activations");
+    s->panel_size = (c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0) && use_avx512 && b > 1
+                    ? qgemm_panel_size((int)widest) : 0;
+    s->panels = xcalloc(mul_size(s->threads, s->panel_size), 1, "packed weights");
     s->key_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the key cache");
     s->value_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the value cache");
 }
@@ -540,7 +550,8 @@ static void load_transformer(Transformer *t, const char *path) {
 
 static void free_run_state(RunState *s) {
     void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->att_out, s->hb, s->hb2, s->scratch, s->rope_cos,
-                       s->rope_sin, s->logits, s->xq.q, s->xq.d, s->xq.bias, s->key_cache, s->value_cache};
+                       s->rope_sin, s->logits, s->xq.q, s->xq.d, s->xq.bias, s->xq.group_bias, s->panels,
+                       s->key_cache, s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
 }
 
@@ -814,6 +825,17 @@ static void quantize_vector(QuantizedVector *out, const float *x, int n, int off
         const int8_t *q = out->q + 4 * j;
         out->bias[j] = -offset * (q[0] + q[1] + q[2] + q[3]);
     }
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        int32_t sum = 0;
+        for (int j = 0; j < GROUP_SIZE / 4; j++) sum += out->bias[g * GROUP_SIZE / 4 + j];
+        out->group_bias[g] = sum;
+    }
+}
+
+/* Row t of a batch of quantized vectors of n values each. */
+static QuantizedVector quantized_row(const QuantizedVector *x, int t, int n) {
+    return (QuantizedVector){x->q + (size_t)t * n, x->d + (size_t)t * (n / GROUP_SIZE),
+                             x->bias + (size_t)t * (n / 4), x->group_bias + (size_t)t * (n / GROUP_SIZE)};
 }
 
 /* w . x for a q8_0 row: an exact integer dot product per group, scaled by
@@ -890,6 +912,11 @@ static float dot_q4_avx2(const uint8_t *w, const uint16_t *wd, const QuantizedVe
    holds the exact signed dot product of its four weights. One 64-byte step
    covers two groups: lanes 0-7 the first, 8-15 the second, each lane then
    scaled by its group's weight scale times input scale. */
+
+/* The lanes of 16 that `left` elements fill: all, some, or none. */
+static inline __mmask16 tail_mask(int left) {
+    return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+}
 
 /* lanes 0-7 = s[2j], lanes 8-15 = s[2j + 1] */
 AVX512_INLINE __m512 pair_scales(__m512 s, int j) {
@@ -1116,6 +1143,144 @@ static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, cons
     }
 }
 
+/* ---- Matrix products of q8_0 and q4_0 weights for a batch (n > 1) */
+
+/* out (n, rows r0 .. r1 - 1; row stride ldo) = x @ W^T for q8_0 or q4_0
+   weights and a batch x of n quantized rows: the dot products of
+   matvec_rows(), token by token, for every row. The fast version is
+   qgemm_rows_avx512() below; both give each output the same integer sums. */
+static void qgemm_rows_ref(float *out, int ldo, const Matrix *w, int r0, int r1, const QuantizedVector *x, int n) {
+    size_t cols = w->cols, groups = cols / GROUP_SIZE;
+    DotQ8 dot8 = choose_dot_q8();
+    DotQ4 dot4 = choose_dot_q4();
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < n; t++) {
+            QuantizedVector xt = quantized_row(x, t, (int)cols);
+            out[(size_t)t * ldo + r] = w->type == WEIGHT_Q8_0
+                ? dot8((const int8_t *)w->values + r * cols, w->scales + r * groups, &xt, (int)cols)
+                : dot4((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, &xt, (int)cols);
+        }
+}
+
+#define QGEMM_ROWS 32   // weight rows per packed panel: two vectors of 16 outputs
+#define QGEMM_TOKENS 4  // tokens per tile: 4 x 2 int32 sums and 4 x 2 float sums in registers
+
+/* Bytes of one thread's panel for rows of cols weights: the values and the
+   scales of QGEMM_ROWS rows. */
+static size_t qgemm_panel_size(int cols) {
+    size_t padded = (size_t)(cols + 63) / 64 * 64;
+    return QGEMM_ROWS * padded + QGEMM_ROWS * (padded / GROUP_SIZE) * sizeof(float);
+}
+
+#if HAVE_AVX512
+/* The 16 x 16 transpose of 32-bit elements: r[i] lane j -> r[j] lane i. */
+AVX512_INLINE void transpose16_avx512(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    for (int e = 0; e < 4; e++) { // b[4q + e], lane L: rows 4q .. 4q + 3 of element 4L + e
+        __m512i c = _mm512_shuffle_i32x4(b[e], b[4 + e], 0x88), c2 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0xdd);
+        __m512i d = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0x88), d2 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0xdd);
+        r[e] = _mm512_shuffle_i32x4(c, d, 0x88);
+        r[8 + e] = _mm512_shuffle_i32x4(c, d, 0xdd);
+        r[4 + e] = _mm512_shuffle_i32x4(c2, d2, 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(c2, d2, 0xdd);
+    }
+}
+
+/* Packs rows r0 .. r0 + 31 of a q8_0 or q4_0 matrix (rows past its end as
+   zeros) for qgemm_tile_avx512():
+     values  (cols / 4, 32) u32: the 4 unsigned weight bytes (q + 128, or the
+             nibble) of columns 4j .. 4j + 3 of each row, rows side by side
+     scales  (groups, 32) f32: each row's scale of each group, widened */
+AVX512 static void qgemm_pack_avx512(uint32_t *values, float *scales, const Matrix *w, int r0) {
+    int cols = w->cols, groups = cols / GROUP_SIZE, q4 = w->type == WEIGHT_Q4_0;
+    for (int half = 0; half < 2; half++)
+        for (int k = 0; k < cols; k += 64) {
+            int both = cols - k >= 64;
+            __m512i seg[16];
+            for (int i = 0; i < 16; i++) {
+                int r = r0 + 16 * half + i;
+                if (r >= w->rows) { seg[i] = _mm512_setzero_si512(); continue; }
+                size_t at = (size_t)r * cols + k;
+                seg[i] = q4 ? q4_bytes((const uint8_t *)w->values + at / 2, both)
+                            : q8_bytes((const int8_t *)w->values + at, both ? ~0ull : 0xffffffffull);
+            }
+            transpose16_avx512(seg);
+            for (int j = 0; j < 16; j++)
+                _mm512_storeu_si512(values + (size_t)(k / 4 + j) * QGEMM_ROWS + 16 * half, seg[j]);
+        }
+    for (int i = 0; i < QGEMM_ROWS; i++)
+        for (int g = 0; g < groups; g++)
+            scales[g * QGEMM_ROWS + i] = r0 + i < w->rows ? f16_to_f32(w->scales[(size_t)(r0 + i) * groups + g]) : 0.0f;
+}
+
+/* out[t][r] for nt tokens t0 .. t0 + nt - 1 and the 32 packed rows (the
+   first `rows` of them stored): for each group, int32 sums of 16 rows at
+   once (vpdpbusd: 4 weights of 16 rows times 4 inputs of one token,
+   broadcast), started at the token's group bias, then scaled and added to
+   float sums. */
+AVX512_INLINE void qgemm_tile_body(float *out, int ldo, int rows, const uint32_t *values, const float *scales,
+                                   const QuantizedVector *x, int t0, int cols, const int nt) {
+    int groups = cols / GROUP_SIZE;
+    __m512 acc[QGEMM_TOKENS][2];
+    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i sum[QGEMM_TOKENS][2];
+        for (int t = 0; t < nt; t++)
+            sum[t][0] = sum[t][1] = _mm512_set1_epi32(x->group_bias[(size_t)(t0 + t) * groups + g]);
+        const uint32_t *v = values + (size_t)g * (GROUP_SIZE / 4) * QGEMM_ROWS;
+        for (int j = 0; j < GROUP_SIZE / 4; j++) {
+            __m512i w0 = _mm512_loadu_si512(v + j * QGEMM_ROWS), w1 = _mm512_loadu_si512(v + j * QGEMM_ROWS + 16);
+            for (int t = 0; t < nt; t++) {
+                int32_t four;
+                memcpy(&four, x->q + (size_t)(t0 + t) * cols + g * GROUP_SIZE + 4 * j, sizeof four);
+                __m512i xb = _mm512_set1_epi32(four);
+                sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
+                sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
+            }
+        }
+        __m512 s0 = _mm512_loadu_ps(scales + g * QGEMM_ROWS), s1 = _mm512_loadu_ps(scales + g * QGEMM_ROWS + 16);
+        for (int t = 0; t < nt; t++) {
+            __m512 d = _mm512_set1_ps(x->d[(size_t)(t0 + t) * groups + g]);
+            acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][0]), _mm512_mul_ps(s0, d), acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][1]), _mm512_mul_ps(s1, d), acc[t][1]);
+        }
+    }
+    __mmask16 m0 = tail_mask(rows), m1 = tail_mask(rows - 16);
+    for (int t = 0; t < nt; t++) {
+        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo, m0, acc[t][0]);
+        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo + 16, m1, acc[t][1]);
+    }
+}
+
+/* qgemm_rows_ref() for rows r0 .. r1 - 1 (r0 a multiple of 32, at most 32
+   rows), packed once into panel and then run for every token. */
+AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const QuantizedVector *x,
+                                     int n, void *panel) {
+    int cols = w->cols, padded = (cols + 63) / 64 * 64;
+    uint32_t *values = panel;
+    float *scales = (float *)((char *)panel + (size_t)QGEMM_ROWS * padded);
+    qgemm_pack_avx512(values, scales, w, r0);
+    for (int t = 0; t < n; t += QGEMM_TOKENS) {
+        int nt = n - t < QGEMM_TOKENS ? n - t : QGEMM_TOKENS;
+        float *o = out + r0;
+        if (nt == 4) qgemm_tile_body(o, ldo, r1 - r0, values, scales, x, t, cols, 4);
+        else if (nt == 3) qgemm_tile_body(o, ldo, r1 - r0, values, scales, x, t, cols, 3);
+        else if (nt == 2) qgemm_tile_body(o, ldo, r1 - r0, values, scales, x, t, cols, 2);
+        else qgemm_tile_body(o, ldo, r1 - r0, values, scales, x, t, cols, 1);
+    }
+}
+#endif
+
 /* ---- Projections: matrix products with the threads around them */
 
 typedef struct {
@@ -1124,20 +1289,47 @@ typedef struct {
     const Matrix *w;  // (rows, cols)
 } Projection;
 
-/* Rows r0 .. r1 - 1 of one projection of x (n, cols). */
-static void project_rows(const Projection *p, int r0, int r1, const float *x, int n, const QuantizedVector *xq) {
-    if (n == 1) matvec_rows(p->out, p->w, r0, r1, x, xq);
-    else gemm_rows(p->out, p->ldo, p->w, r0, r1, x, n);
+static int is_grouped(const Matrix *w) { return w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0; }
+
+/* Rows r0 .. r1 - 1 (a block of at most ROW_BLOCK) of one projection of x
+   (n, cols), quantized in xq for q8_0 and q4_0. panels is the threads'
+   scratch for packed weights. */
+static void project_rows(const Projection *p, int r0, int r1, const float *x, int n, const QuantizedVector *xq,
+                         void *panels, size_t panel_size) {
+    if (n == 1) {
+        matvec_rows(p->out, p->w, r0, r1, x, xq);
+    } else if (!is_grouped(p->w)) {
+        gemm_rows(p->out, p->ldo, p->w, r0, r1, x, n);
+    } else {
+#if HAVE_AVX512
+        if (use_avx512 && panel_size) {
+            int tid, nt;
+            thread_id(&tid, &nt);
+            qgemm_rows_avx512(p->out, p->ldo, p->w, r0, r1, xq, n, (char *)panels + tid * panel_size);
+            return;
+        }
+#endif
+        (void)panels;
+        qgemm_rows_ref(p->out, p->ldo, p->w, r0, r1, xq, n);
+    }
 }
 
-/* A single token's input to q8_0 or q4_0 weights, quantized once for all
-   the rows that read it. */
+/* The input x (n, cols) of q8_0 or q4_0 weights, quantized once for all
+   the rows that read it; a batch's rows in parallel. */
 static void quantize_input(QuantizedVector *xq, const Matrix *w, const float *x, int n) {
-    if (n == 1 && (w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0))
-        quantize_vector(xq, x, w->cols, w->type == WEIGHT_Q8_0 ? 128 : 8);
+    if (!is_grouped(w)) return;
+    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8;
+    #pragma omp parallel for if (n > 1)
+    for (int t = 0; t < n; t++) {
+        QuantizedVector row = quantized_row(xq, t, cols);
+        quantize_vector(&row, x + (size_t)t * cols, cols, offset);
+    }
 }
 
-static int row_blocks(const Matrix *w) { return (w->rows + GEMM_ROWS - 1) / GEMM_ROWS; }
+/* Weight rows go to the threads in blocks of ROW_BLOCK, a multiple of the
+   gemm tiles' GEMM_ROWS and of the packed QGEMM_ROWS. */
+#define ROW_BLOCK 32
+static int row_blocks(const Matrix *w) { return (w->rows + ROW_BLOCK - 1) / ROW_BLOCK; }
 
 
 /* out_i (n, rows_i) = x (n, cols) @ W_i^T for n_proj matrices that read the
@@ -1148,7 +1340,8 @@ static int row_blocks(const Matrix *w) { return (w->rows + GEMM_ROWS - 1) / GEMM
    speed, then shorter ones to even out the end; a thread that a busy
    machine pauses holds up only its last run. xq is scratch for the
    quantized x. A row comes out the same whichever thread computes it. */
-static void project(const Projection *p, int n_proj, const float *x, int n, QuantizedVector *xq) {
+static void project(const Projection *p, int n_proj, const float *x, int n, QuantizedVector *xq, void *panels,
+                    size_t panel_size) {
     quantize_input(xq, p[0].w, x, n);
     int units = 0;
     for (int i = 0; i < n_proj; i++) units += row_blocks(p[i].w);
@@ -1156,30 +1349,31 @@ static void project(const Projection *p, int n_proj, const float *x, int n, Quan
     for (int u = 0; u < units; u++) {
         int i = 0, block = u;
         while (block >= row_blocks(p[i].w)) block -= row_blocks(p[i++].w);
-        int r0 = block * GEMM_ROWS, r1 = r0 + GEMM_ROWS < p[i].w->rows ? r0 + GEMM_ROWS : p[i].w->rows;
-        project_rows(&p[i], r0, r1, x, n, xq);
+        int r0 = block * ROW_BLOCK, r1 = r0 + ROW_BLOCK < p[i].w->rows ? r0 + ROW_BLOCK : p[i].w->rows;
+        project_rows(&p[i], r0, r1, x, n, xq, panels, panel_size);
     }
 }
 
 /* out (n, rows) = x (n, cols) @ W^T. */
-static void matmul(float *out, const Matrix *w, const float *x, int n, QuantizedVector *xq) {
+static void matmul(float *out, const Matrix *w, const float *x, int n, QuantizedVector *xq, void *panels,
+                   size_t panel_size) {
     Projection p = {out, w->rows, w};
-    project(&p, 1, x, n, xq);
+    project(&p, 1, x, n, xq, panels, panel_size);
 }
 
 /* h (n, hidden) = silu(x @ W1^T) * (x @ W3^T): the gate and up projections
    of the MLP and its SwiGLU in one pass, each block of rows of W1 taken
    with the same rows of W3. up (n, hidden) is scratch. */
 static void gate_up(float *h, float *up, const Matrix *w1, const Matrix *w3, const float *x, int n,
-                    QuantizedVector *xq) {
+                    QuantizedVector *xq, void *panels, size_t panel_size) {
     quantize_input(xq, w1, x, n);
     int hidden = w1->rows;
     Projection gate = {h, hidden, w1}, upp = {up, hidden, w3};
     #pragma omp parallel for schedule(guided)
     for (int u = 0; u < row_blocks(w1); u++) {
-        int r0 = u * GEMM_ROWS, r1 = r0 + GEMM_ROWS < hidden ? r0 + GEMM_ROWS : hidden;
-        project_rows(&gate, r0, r1, x, n, xq);
-        project_rows(&upp, r0, r1, x, n, xq);
+        int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < hidden ? r0 + ROW_BLOCK : hidden;
+        project_rows(&gate, r0, r1, x, n, xq, panels, panel_size);
+        project_rows(&upp, r0, r1, x, n, xq, panels, panel_size);
         for (int t = 0; t < n; t++) swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * hidden + r0, r1 - r0);
     }
 }
@@ -1264,11 +1458,6 @@ REFERENCE void attention_mix_ref(float *out, const float *weights, const float *
 AVX512_INLINE __m512 load_kv(const void *base, size_t i, __mmask16 m, const int f16) {
     return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i))
                : _mm512_maskz_loadu_ps(m, (const float *)base + i);
-}
-
-/* The lanes of 16 that `left` elements fill: all, some, or none. */
-static inline __mmask16 tail_mask(int left) {
-    return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
 }
 
 /* attention_scores_ref() on the cache as it is stored: eight positions at a
@@ -1422,24 +1611,24 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
         Projection qkv[3] = {{s->q, q_dim, &lw->wq}, {s->k, kv_dim, &lw->wk}, {s->v, kv_dim, &lw->wv}};
 
         rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
-        project(qkv, 3, s->xb, n, &s->xq);                                  // q, k, v in one pass
+        project(qkv, 3, s->xb, n, &s->xq, s->panels, s->panel_size);        // q, k, v in one pass
         rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
         rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
         cache_store(keys, values, s->k, s->v, pos, n, s->ctx, c->n_kv_heads, head_dim, s->kv_f16); // into the cache
         attention(s->att_out, s->scratch, s->scratch_size, s->q, keys, values, s->kv_f16, pos, n, s->ctx,
                   c->n_heads, c->n_kv_heads, head_dim);                    // softmax(q k^T) v
-        matmul(s->xb, &lw->wo, s->att_out, n, &s->xq);                      // output projection
+        matmul(s->xb, &lw->wo, s->att_out, n, &s->xq, s->panels, s->panel_size); // output projection
         add(s->x, s->xb, n * dim);                                          // residual
 
         rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);            // MLP norm
-        gate_up(s->hb, s->hb2, &lw->w1, &lw->w3, s->xb, n, &s->xq);         // silu(w1 x) * (w3 x)
-        matmul(s->xb, &lw->w2, s->hb, n, &s->xq);                           // down = w2 h
+        gate_up(s->hb, s->hb2, &lw->w1, &lw->w3, s->xb, n, &s->xq, s->panels, s->panel_size); // silu(w1 x) * (w3 x)
+        matmul(s->xb, &lw->w2, s->hb, n, &s->xq, s->panels, s->panel_size); // down = w2 h
         add(s->x, s->xb, n * dim);                                          // residual
     }
 
     float *last = s->x + (size_t)(n - logit_rows) * dim;                    // (logit_rows, dim)
     rmsnorm(last, last, w->final_norm, logit_rows, dim, c->norm_eps);       // final norm
-    matmul(s->logits, &w->classifier, last, logit_rows, &s->xq);            // classifier
+    matmul(s->logits, &w->classifier, last, logit_rows, &s->xq, s->panels, s->panel_size); // classifier
     return s->logits;
 }
 

@@ -84,13 +84,15 @@ static void free_matrix(Matrix *m) {
 
 static QuantizedVector alloc_quantized(int n) {
     return (QuantizedVector){xcalloc(n, 1, "q"), xcalloc(n / GROUP_SIZE + 1, sizeof(float), "d"),
-                             xcalloc(n / 4 + 1, sizeof(int32_t), "bias")};
+                             xcalloc(n / 4 + 1, sizeof(int32_t), "bias"),
+                             xcalloc(n / GROUP_SIZE + 1, sizeof(int32_t), "group bias")};
 }
 
 static void free_quantized(QuantizedVector *q) {
     free(q->q);
     free(q->d);
     free(q->bias);
+    free(q->group_bias);
 }
 
 /* ---- Number formats */
@@ -164,6 +166,11 @@ static void test_quantize_vector(void) {
         for (int j = 0; j < n / 4; j++)
             expect("quantize_vector bias", n, j, 0, q.bias[j],
                    -128.0 * (q.q[4 * j] + q.q[4 * j + 1] + q.q[4 * j + 2] + q.q[4 * j + 3]), 0);
+        for (int g = 0; g < n / GROUP_SIZE; g++) {
+            double sum = 0;
+            for (int i = 0; i < GROUP_SIZE; i++) sum += q.q[g * GROUP_SIZE + i];
+            expect("quantize_vector group bias", n, g, 0, q.group_bias[g], -128.0 * sum, 0);
+        }
         free(x);
         free_quantized(&q);
     }
@@ -270,8 +277,31 @@ static void test_gemm(int type, int avx512) {
         exact_matmul(want, mag, &w, x, n);
         char what[64];
         snprintf(what, sizeof what, "gemm_rows %s%s", names[type], avx512 ? " avx512" : "");
-        gemm_rows(out, rows, &w, 0, rows, x, n);
+        gemm_rows(out, rows, &w, 0, rows, x, n); // f32 inputs, weights widened: all types
         for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
+        if (grouped) { /* the batch quantized, through qgemm_rows: the exact result is that of the quantized input */
+            QuantizedVector qb = alloc_quantized(n * cols);
+            float *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
+            quantize_input(&qb, &w, x, n);
+            for (int i = 0; i < n * cols; i++) xd[i] = qb.d[i / GROUP_SIZE] * qb.q[i];
+            exact_matmul(want, mag, &w, xd, n);
+            for (int fast = 0; fast < 1 + avx512; fast++) {
+                snprintf(what, sizeof what, "qgemm_rows %s%s", names[type], fast ? " avx512" : "");
+                for (int i = 0; i < n * rows; i++) out[i] = NAN;
+#if HAVE_AVX512
+                if (fast) {
+                    void *panel = xcalloc(qgemm_panel_size(cols), 1, "panel");
+                    for (int r = 0; r < rows; r += QGEMM_ROWS)
+                        qgemm_rows_avx512(out, rows, &w, r, r + QGEMM_ROWS < rows ? r + QGEMM_ROWS : rows, &qb, n, panel);
+                    free(panel);
+                }
+#endif
+                if (!fast) qgemm_rows_ref(out, rows, &w, 0, rows, &qb, n);
+                for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
+            }
+            free(xd);
+            free_quantized(&qb);
+        }
         /* a batch of one goes through matvec_rows, with the input quantized for q8_0 and q4_0 */
         QuantizedVector q = alloc_quantized(cols);
         quantize_input(&q, &w, x, 1);
@@ -298,7 +328,13 @@ static void test_fused(int type, int n) {
     int cols = 96, rows[3] = {40, 16, 24};
     Matrix w[3];
     float *x = random_floats((size_t)n * cols), *fused[3], *single[3];
-    QuantizedVector q = alloc_quantized(cols);
+    QuantizedVector q = alloc_quantized(n * cols);
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    size_t panel_size = qgemm_panel_size(cols);
+    void *panels = xcalloc((size_t)threads, panel_size, "panels");
     Projection p[3];
     for (int i = 0; i < 3; i++) {
         w[i] = random_matrix(type, rows[i], cols);
@@ -306,25 +342,25 @@ static void test_fused(int type, int n) {
         single[i] = random_floats((size_t)n * rows[i]);
         p[i] = (Projection){fused[i], rows[i], &w[i]};
     }
-    project(p, 3, x, n, &q);
+    project(p, 3, x, n, &q, panels, panel_size);
     for (int i = 0; i < 3; i++) {
-        matmul(single[i], &w[i], x, n, &q);
+        matmul(single[i], &w[i], x, n, &q, panels, panel_size);
         checks++;
         if (memcmp(fused[i], single[i], (size_t)n * rows[i] * sizeof(float)) != 0 && ++failures)
             fprintf(stderr, "FAIL project() differs from matmul() for matrix %d, type %d, n %d\n", i, type, n);
     }
     Matrix w3 = random_matrix(type, rows[0], cols);
     float *up = random_floats((size_t)n * rows[0]), *up2 = random_floats((size_t)n * rows[0]);
-    gate_up(fused[0], up, &w[0], &w3, x, n, &q);
-    matmul(single[0], &w[0], x, n, &q);
-    matmul(up2, &w3, x, n, &q);
+    gate_up(fused[0], up, &w[0], &w3, x, n, &q, panels, panel_size);
+    matmul(single[0], &w[0], x, n, &q, panels, panel_size);
+    matmul(up2, &w3, x, n, &q, panels, panel_size);
     swiglu(single[0], up2, n * rows[0]);
     checks++;
     if (memcmp(fused[0], single[0], (size_t)n * rows[0] * sizeof(float)) != 0 && ++failures)
         fprintf(stderr, "FAIL gate_up() differs from matmul() and swiglu(), type %d, n %d\n", type, n);
     for (int i = 0; i < 3; i++) free_matrix(&w[i]), free(fused[i]), free(single[i]);
     free_matrix(&w3);
-    free(x), free(up), free(up2);
+    free(x), free(up), free(up2), free(panels);
     free_quantized(&q);
 }
 
