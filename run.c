@@ -234,6 +234,17 @@ typedef struct {
                          // unsigned by adding offset, come out signed
 } QuantizedVector;
 
+/* What the matrix products need besides their f32 input: the input
+   quantized (for q8_0 and q4_0) or rounded to bf16 (batched bf16 products
+   on AVX-512), and each thread's weights packed for the batched kernels.
+   widest = max(dim, q_dim, hidden), the widest input of a product. */
+typedef struct {
+    QuantizedVector q;  // (batch, widest)
+    uint16_t *bf16;     // (batch, widest rounded up to 32)
+    void *panels;       // (threads, panel_size)
+    size_t panel_size;
+} ProductScratch;
+
 typedef struct {
     float *x;           // (batch, dim) residual stream, one row per token
     float *xb;          // (batch, dim) normed input of a block, then its output
@@ -249,9 +260,7 @@ typedef struct {
     float *rope_cos;    // (batch, head_dim / 2) rotation of each position
     float *rope_sin;    // (batch, head_dim / 2)
     float *logits;      // (logit_rows, vocab)
-    QuantizedVector xq; // (batch, max(dim, q_dim, hidden)) input of q8_0, q4_0 products
-    void *panels;       // (threads, panel_size) weights packed for the batched VNNI products
-    size_t panel_size;
+    ProductScratch products; // the input of each product in other forms, packed weights
     void *key_cache;    // (n_layers, n_kv_heads, ctx, head_dim) f32, or f16 if kv_f16
     void *value_cache;  // (n_layers, n_kv_heads, ctx, head_dim) likewise
     int kv_f16;         // 1: the cache holds f16 (for q8_0 and q4_0 weights)
@@ -486,7 +495,9 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
 
 static void choose_kernels(void);
 static int use_avx512; // the kernels' choice: 1 when the AVX-512 ones run
+static int use_avx512_bf16;
 static size_t qgemm_panel_size(int cols);
+static size_t bgemm_panel_size(int cols);
 
 /* Allocates the activations for batches of up to `batch` tokens and a KV
    cache of ctx positions. calloc maps zero pages lazily, so a long cache
@@ -519,13 +530,19 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
     s->logit_rows = 1;
     s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
-    s->xq.q = xcalloc(b * widest, 1, "activations");
-    s->xq.d = xcalloc(b * widest / GROUP_SIZE + 1, sizeof(float), "activations");
-    s->xq.bias = xcalloc(b * widest / 4 + 1, sizeof(int32_t), "activations");
-    s->xq.group_bias = xcalloc(b * widest / GROUP_SIZE + 1, sizeof(int32_t), "activations");
-    s->panel_size = (c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0) && use_avx512 && b > 1
-                    ? qgemm_panel_size((int)widest) : 0;
-    s->panels = xcalloc(mul_size(s->threads, s->panel_size), 1, "packed weights");
+    ProductScratch *ps = &s->products;
+    int grouped = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
+    size_t qn = grouped ? b * widest : 0; // quantized inputs, for q8_0 and q4_0 only
+    ps->q.q = xcalloc(qn + 1, 1, "activations");
+    ps->q.d = xcalloc(qn / GROUP_SIZE + 1, sizeof(float), "activations");
+    ps->q.bias = xcalloc(qn / 4 + 1, sizeof(int32_t), "activations");
+    ps->q.group_bias = xcalloc(qn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
+    ps->panel_size = 0; // packed weights, where the batched AVX-512 products need them
+    if (grouped && use_avx512 && b > 1) ps->panel_size = qgemm_panel_size((int)widest);
+    if (c->weight_type == WEIGHT_BF16 && use_avx512_bf16 && b > 1) ps->panel_size = bgemm_panel_size((int)widest);
+    size_t bn = ps->panel_size && c->weight_type == WEIGHT_BF16 ? b * ((widest + 31) / 32 * 32) : 0;
+    ps->bf16 = xcalloc(bn + 1, sizeof(uint16_t), "activations");
+    ps->panels = xcalloc(mul_size(s->threads, ps->panel_size) + 1, 1, "packed weights");
     s->key_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the key cache");
     s->value_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the value cache");
 }
@@ -550,8 +567,9 @@ static void load_transformer(Transformer *t, const char *path) {
 
 static void free_run_state(RunState *s) {
     void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->att_out, s->hb, s->hb2, s->scratch, s->rope_cos,
-                       s->rope_sin, s->logits, s->xq.q, s->xq.d, s->xq.bias, s->xq.group_bias, s->panels,
-                       s->key_cache, s->value_cache};
+                       s->rope_sin, s->logits, s->products.q.q, s->products.q.d, s->products.q.bias,
+                       s->products.q.group_bias, s->products.bf16, s->products.panels, s->key_cache,
+                       s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
 }
 
@@ -591,6 +609,8 @@ static void free_transformer(Transformer *t) {
 #define HAVE_AVX512 1
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 #define AVX512_INLINE AVX512 static inline __attribute__((always_inline))
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma,f16c")))
+#define AVX512_BF16_INLINE AVX512_BF16 static inline __attribute__((always_inline))
 #else
 #define HAVE_AVX512 0
 #endif
@@ -601,6 +621,7 @@ static void free_transformer(Transformer *t) {
 #endif
 
 static int use_avx512; // chosen once, by choose_kernels()
+static int use_avx512_bf16; // ... and its bfloat16 dot products (vdpbf16ps)
 
 /* The plain versions of kernels that have faster ones: the tests' yardstick
    (a build may not call them itself). */
@@ -613,6 +634,7 @@ static void choose_kernels(void) {
     use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                  __builtin_cpu_supports("avx512vnni") && !(env && strcmp(env, "0") == 0);
+    use_avx512_bf16 = use_avx512 && __builtin_cpu_supports("avx512bf16");
 #endif
 }
 
@@ -1281,6 +1303,91 @@ AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r
 }
 #endif
 
+/* ---- Matrix products of bf16 weights for a batch (n > 1) */
+
+/* A float as a bfloat16, rounded to nearest even (NaN stays NaN). */
+static uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)(bits >> 16 | 0x40);
+    return (uint16_t)((bits + 0x7fff + (bits >> 16 & 1)) >> 16);
+}
+
+#define BGEMM_ROWS 32   // weight rows per packed panel: two vectors of 16 outputs
+#define BGEMM_TOKENS 8  // tokens per tile: 8 x 2 sums in registers
+
+/* Bytes of one thread's panel for rows of cols bf16 weights. */
+static size_t bgemm_panel_size(int cols) { return (size_t)BGEMM_ROWS * ((cols + 31) / 32 * 32) * 2; }
+
+#if HAVE_AVX512
+/* Packs rows r0 .. r0 + 31 of a bf16 matrix (rows past its end, and
+   columns past cols up to a multiple of 32, as zeros) for the vdpbf16ps
+   tiles: (cols / 2, 32) u32, each the 2 weights of columns 2j, 2j + 1 of a
+   row, rows side by side. */
+AVX512 static void bgemm_pack_avx512(uint32_t *panel, const Matrix *w, int r0) {
+    int cols = w->cols;
+    for (int half = 0; half < 2; half++)
+        for (int k = 0; k < cols; k += 32) {
+            __mmask32 m = cols - k >= 32 ? 0xffffffffu : (__mmask32)((1u << (cols - k)) - 1);
+            __m512i seg[16];
+            for (int i = 0; i < 16; i++) {
+                int r = r0 + 16 * half + i;
+                seg[i] = r < w->rows ? _mm512_maskz_loadu_epi16(m, (const uint16_t *)w->values + (size_t)r * cols + k)
+                                     : _mm512_setzero_si512();
+            }
+            transpose16_avx512(seg);
+            for (int j = 0; j < 16; j++)
+                _mm512_storeu_si512(panel + (size_t)(k / 2 + j) * BGEMM_ROWS + 16 * half, seg[j]);
+        }
+}
+
+/* out[t][r] for nt tokens from t0 and the 32 packed rows (the first `rows`
+   stored): vdpbf16ps adds 2 weights of 16 rows times 2 broadcast inputs of
+   one token, all bf16, into float sums. */
+AVX512_BF16_INLINE void bgemm_tile_body(float *out, int ldo, int rows, const uint32_t *panel, const uint16_t *x, int t0,
+                                   int cols, const int nt) {
+    int pairs = (cols + 1) / 2, stride = (cols + 31) / 32 * 32; // x rows are padded like the panel
+    __m512 acc[BGEMM_TOKENS][2];
+    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int j = 0; j < pairs; j++) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + (size_t)j * BGEMM_ROWS);
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (size_t)j * BGEMM_ROWS + 16);
+        for (int t = 0; t < nt; t++) {
+            int32_t two;
+            memcpy(&two, x + (size_t)(t0 + t) * stride + 2 * j, sizeof two);
+            __m512bh xb = (__m512bh)_mm512_set1_epi32(two);
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, xb);
+            acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, xb);
+        }
+    }
+    __mmask16 m0 = tail_mask(rows), m1 = tail_mask(rows - 16);
+    for (int t = 0; t < nt; t++) {
+        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo, m0, acc[t][0]);
+        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo + 16, m1, acc[t][1]);
+    }
+}
+#endif
+
+#if HAVE_AVX512
+/* out (n, rows r0 .. r1 - 1; row stride ldo) = x @ W^T for bf16 weights and
+   a batch x (n, cols padded to 32) already rounded to bf16, for rows r0 ..
+   r1 - 1 (r0 a multiple of 32, at most 32 rows). The inputs' rounding is the
+   price of twice the multiply-adds per instruction; gemm_rows(), on f32
+   inputs, is the plain version. */
+AVX512_BF16 static void bgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const uint16_t *x,
+                                          int n, void *panel) {
+    bgemm_pack_avx512(panel, w, r0);
+    for (int t = 0; t < n; t += BGEMM_TOKENS) {
+        int nt = n - t < BGEMM_TOKENS ? n - t : BGEMM_TOKENS;
+        switch (nt) {
+#define TILE(k) case k: bgemm_tile_body(out + r0, ldo, r1 - r0, panel, x, t, w->cols, k); break;
+        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
+#undef TILE
+        }
+    }
+}
+#endif
+
 /* ---- Projections: matrix products with the threads around them */
 
 typedef struct {
@@ -1292,37 +1399,48 @@ typedef struct {
 static int is_grouped(const Matrix *w) { return w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0; }
 
 /* Rows r0 .. r1 - 1 (a block of at most ROW_BLOCK) of one projection of x
-   (n, cols), quantized in xq for q8_0 and q4_0. panels is the threads'
-   scratch for packed weights. */
-static void project_rows(const Projection *p, int r0, int r1, const float *x, int n, const QuantizedVector *xq,
-                         void *panels, size_t panel_size) {
+   (n, cols), which prepare_input() has put into ps in the forms it needs. */
+static void project_rows(const Projection *p, int r0, int r1, const float *x, int n, const ProductScratch *ps) {
+    int type = p->w->type;
     if (n == 1) {
-        matvec_rows(p->out, p->w, r0, r1, x, xq);
-    } else if (!is_grouped(p->w)) {
-        gemm_rows(p->out, p->ldo, p->w, r0, r1, x, n);
-    } else {
-#if HAVE_AVX512
-        if (use_avx512 && panel_size) {
-            int tid, nt;
-            thread_id(&tid, &nt);
-            qgemm_rows_avx512(p->out, p->ldo, p->w, r0, r1, xq, n, (char *)panels + tid * panel_size);
-            return;
-        }
-#endif
-        (void)panels;
-        qgemm_rows_ref(p->out, p->ldo, p->w, r0, r1, xq, n);
+        matvec_rows(p->out, p->w, r0, r1, x, &ps->q);
+        return;
     }
+#if HAVE_AVX512
+    int tid, nt;
+    thread_id(&tid, &nt);
+    void *panel = (char *)ps->panels + tid * ps->panel_size;
+    if (ps->panel_size && is_grouped(p->w)) {
+        qgemm_rows_avx512(p->out, p->ldo, p->w, r0, r1, &ps->q, n, panel);
+        return;
+    }
+    if (ps->panel_size && type == WEIGHT_BF16) {
+        bgemm_rows_avx512(p->out, p->ldo, p->w, r0, r1, ps->bf16, n, panel);
+        return;
+    }
+
+#endif
+    if (type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) qgemm_rows_ref(p->out, p->ldo, p->w, r0, r1, &ps->q, n);
+    else gemm_rows(p->out, p->ldo, p->w, r0, r1, x, n);
 }
 
-/* The input x (n, cols) of q8_0 or q4_0 weights, quantized once for all
-   the rows that read it; a batch's rows in parallel. */
-static void quantize_input(QuantizedVector *xq, const Matrix *w, const float *x, int n) {
-    if (!is_grouped(w)) return;
-    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8;
-    #pragma omp parallel for if (n > 1)
-    for (int t = 0; t < n; t++) {
-        QuantizedVector row = quantized_row(xq, t, cols);
-        quantize_vector(&row, x + (size_t)t * cols, cols, offset);
+/* The input x (n, cols) of w in the form its products take, once for all
+   the rows that read it, a batch's rows in parallel: quantized for q8_0 and
+   q4_0 weights, rounded to bf16 (rows padded with zeros to a multiple of
+   32) for the batched bf16 kernels. */
+static void prepare_input(ProductScratch *ps, const Matrix *w, const float *x, int n) {
+    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8, stride = (cols + 31) / 32 * 32;
+    if (is_grouped(w)) {
+        #pragma omp parallel for if (n > 1)
+        for (int t = 0; t < n; t++) {
+            QuantizedVector row = quantized_row(&ps->q, t, cols);
+            quantize_vector(&row, x + (size_t)t * cols, cols, offset);
+        }
+    } else if (w->type == WEIGHT_BF16 && n > 1 && ps->panel_size) {
+        #pragma omp parallel for
+        for (int t = 0; t < n; t++)
+            for (int i = 0; i < stride; i++)
+                ps->bf16[(size_t)t * stride + i] = i < cols ? f32_to_bf16(x[(size_t)t * cols + i]) : 0;
     }
 }
 
@@ -1340,9 +1458,8 @@ static int row_blocks(const Matrix *w) { return (w->rows + ROW_BLOCK - 1) / ROW_
    speed, then shorter ones to even out the end; a thread that a busy
    machine pauses holds up only its last run. xq is scratch for the
    quantized x. A row comes out the same whichever thread computes it. */
-static void project(const Projection *p, int n_proj, const float *x, int n, QuantizedVector *xq, void *panels,
-                    size_t panel_size) {
-    quantize_input(xq, p[0].w, x, n);
+static void project(const Projection *p, int n_proj, const float *x, int n, ProductScratch *ps) {
+    prepare_input(ps, p[0].w, x, n);
     int units = 0;
     for (int i = 0; i < n_proj; i++) units += row_blocks(p[i].w);
     #pragma omp parallel for schedule(guided)
@@ -1350,30 +1467,29 @@ static void project(const Projection *p, int n_proj, const float *x, int n, Quan
         int i = 0, block = u;
         while (block >= row_blocks(p[i].w)) block -= row_blocks(p[i++].w);
         int r0 = block * ROW_BLOCK, r1 = r0 + ROW_BLOCK < p[i].w->rows ? r0 + ROW_BLOCK : p[i].w->rows;
-        project_rows(&p[i], r0, r1, x, n, xq, panels, panel_size);
+        project_rows(&p[i], r0, r1, x, n, ps);
     }
 }
 
 /* out (n, rows) = x (n, cols) @ W^T. */
-static void matmul(float *out, const Matrix *w, const float *x, int n, QuantizedVector *xq, void *panels,
-                   size_t panel_size) {
+static void matmul(float *out, const Matrix *w, const float *x, int n, ProductScratch *ps) {
     Projection p = {out, w->rows, w};
-    project(&p, 1, x, n, xq, panels, panel_size);
+    project(&p, 1, x, n, ps);
 }
 
 /* h (n, hidden) = silu(x @ W1^T) * (x @ W3^T): the gate and up projections
    of the MLP and its SwiGLU in one pass, each block of rows of W1 taken
    with the same rows of W3. up (n, hidden) is scratch. */
 static void gate_up(float *h, float *up, const Matrix *w1, const Matrix *w3, const float *x, int n,
-                    QuantizedVector *xq, void *panels, size_t panel_size) {
-    quantize_input(xq, w1, x, n);
+                    ProductScratch *ps) {
+    prepare_input(ps, w1, x, n);
     int hidden = w1->rows;
     Projection gate = {h, hidden, w1}, upp = {up, hidden, w3};
     #pragma omp parallel for schedule(guided)
     for (int u = 0; u < row_blocks(w1); u++) {
         int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < hidden ? r0 + ROW_BLOCK : hidden;
-        project_rows(&gate, r0, r1, x, n, xq, panels, panel_size);
-        project_rows(&upp, r0, r1, x, n, xq, panels, panel_size);
+        project_rows(&gate, r0, r1, x, n, ps);
+        project_rows(&upp, r0, r1, x, n, ps);
         for (int t = 0; t < n; t++) swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * hidden + r0, r1 - r0);
     }
 }
@@ -1586,7 +1702,8 @@ static void attention(float *out, float *scratch, size_t scratch_size, const flo
    attends to every earlier position without recomputing it. The n tokens
    go through every layer together, as a matrix (n, dim); n = 1 is a
    generated token. Returns the logits of the last logit_rows tokens,
-   (logit_rows, vocab). */
+   (logit_rows, vocab); with logit_rows = 0 (a prompt's batch before the
+   last) the classifier is skipped and it returns NULL. */
 
 static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, int logit_rows) {
     const Config *c = &t->config;
@@ -1611,24 +1728,25 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
         Projection qkv[3] = {{s->q, q_dim, &lw->wq}, {s->k, kv_dim, &lw->wk}, {s->v, kv_dim, &lw->wv}};
 
         rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
-        project(qkv, 3, s->xb, n, &s->xq, s->panels, s->panel_size);        // q, k, v in one pass
+        project(qkv, 3, s->xb, n, &s->products);                            // q, k, v in one pass
         rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
         rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
         cache_store(keys, values, s->k, s->v, pos, n, s->ctx, c->n_kv_heads, head_dim, s->kv_f16); // into the cache
         attention(s->att_out, s->scratch, s->scratch_size, s->q, keys, values, s->kv_f16, pos, n, s->ctx,
                   c->n_heads, c->n_kv_heads, head_dim);                    // softmax(q k^T) v
-        matmul(s->xb, &lw->wo, s->att_out, n, &s->xq, s->panels, s->panel_size); // output projection
+        matmul(s->xb, &lw->wo, s->att_out, n, &s->products);                // output projection
         add(s->x, s->xb, n * dim);                                          // residual
 
         rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);            // MLP norm
-        gate_up(s->hb, s->hb2, &lw->w1, &lw->w3, s->xb, n, &s->xq, s->panels, s->panel_size); // silu(w1 x) * (w3 x)
-        matmul(s->xb, &lw->w2, s->hb, n, &s->xq, s->panels, s->panel_size); // down = w2 h
+        gate_up(s->hb, s->hb2, &lw->w1, &lw->w3, s->xb, n, &s->products);   // silu(w1 x) * (w3 x)
+        matmul(s->xb, &lw->w2, s->hb, n, &s->products);                     // down = w2 h
         add(s->x, s->xb, n * dim);                                          // residual
     }
 
+    if (logit_rows == 0) return NULL;
     float *last = s->x + (size_t)(n - logit_rows) * dim;                    // (logit_rows, dim)
     rmsnorm(last, last, w->final_norm, logit_rows, dim, c->norm_eps);       // final norm
-    matmul(s->logits, &w->classifier, last, logit_rows, &s->xq, s->panels, s->panel_size); // classifier
+    matmul(s->logits, &w->classifier, last, logit_rows, &s->products);      // classifier
     return s->logits;
 }
 
@@ -1981,14 +2099,14 @@ static float *prefill(Session *s, const int *tokens, int n) {
     int batch = t->state.batch, vocab = t->config.vocab_size;
     float *logits = NULL;
     for (int i = 0; i < n; i += batch) {
-        int m = n - i < batch ? n - i : batch, rows = s->logits_file ? m : 1;
-        logits = forward_tokens(t, tokens + i, m, s->pos, rows);
+        int m = n - i < batch ? n - i : batch, rows = s->logits_file ? m : i + m == n; // only the last batch's
+        logits = forward_tokens(t, tokens + i, m, s->pos, rows);                         // last row is needed
         s->pos += m;
         for (int j = 0; j < m; j++) push_token(&s->history, tokens[i + j]);
         size_t count = (size_t)rows * vocab;
         if (s->logits_file && fwrite(logits, sizeof(float), count, s->logits_file) != count)
             die(s->logits_path, "write failed: %s", strerror(errno));
-        logits += count - vocab;
+        if (rows) logits += count - vocab;
     }
     return logits;
 }

@@ -95,6 +95,36 @@ static void free_quantized(QuantizedVector *q) {
     free(q->group_bias);
 }
 
+/* n rows of x quantized for the products of w (q8_0 or q4_0), as prepare_input() does. */
+static void quantize_batch(QuantizedVector *q, const Matrix *w, const float *x, int n) {
+    for (int t = 0; t < n; t++) {
+        QuantizedVector row = quantized_row(q, t, w->cols);
+        quantize_vector(&row, x + (size_t)t * w->cols, w->cols, w->type == WEIGHT_Q8_0 ? 128 : 8);
+    }
+}
+
+/* A ProductScratch for n inputs of cols values, with packed panels for the
+   batched AVX-512 kernels of the weight type where this CPU has them, as
+   alloc_run_state() makes it. */
+static ProductScratch alloc_products(int n, int cols, int type) {
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    ProductScratch ps = {alloc_quantized(n * cols), xcalloc((size_t)n * ((cols + 31) / 32 * 32) + 1, 2, "bf16"),
+                         NULL, 0};
+    if ((type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) && use_avx512 && n > 1) ps.panel_size = qgemm_panel_size(cols);
+    if (type == WEIGHT_BF16 && use_avx512_bf16 && n > 1) ps.panel_size = bgemm_panel_size(cols);
+    ps.panels = xcalloc((size_t)threads * ps.panel_size + 1, 1, "panels");
+    return ps;
+}
+
+static void free_products(ProductScratch *ps) {
+    free_quantized(&ps->q);
+    free(ps->bf16);
+    free(ps->panels);
+}
+
 /* ---- Number formats */
 
 static void test_f16(void) {
@@ -279,10 +309,31 @@ static void test_gemm(int type, int avx512) {
         snprintf(what, sizeof what, "gemm_rows %s%s", names[type], avx512 ? " avx512" : "");
         gemm_rows(out, rows, &w, 0, rows, x, n); // f32 inputs, weights widened: all types
         for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
+#if HAVE_AVX512
+        if (type == WEIGHT_BF16 && avx512 && use_avx512_bf16 && n > 1) { /* inputs rounded to bf16 */
+            ProductScratch ps = alloc_products(n, cols, type);
+            prepare_input(&ps, &w, x, n);
+            float *xr = xcalloc((size_t)n * cols, sizeof(float), "xr");
+            int stride = (cols + 31) / 32 * 32;
+            for (int t = 0; t < n; t++)
+                for (int c = 0; c < cols; c++) xr[(size_t)t * cols + c] = bf16_to_f32(ps.bf16[(size_t)t * stride + c]);
+            double *want2 = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag2 = xcalloc((size_t)n * rows, sizeof(double), "mag");
+            exact_matmul(want2, mag2, &w, xr, n);
+            for (int i = 0; i < n * rows; i++) out[i] = NAN;
+            for (int r = 0; r < rows; r += BGEMM_ROWS)
+                bgemm_rows_avx512(out, rows, &w, r, r + BGEMM_ROWS < rows ? r + BGEMM_ROWS : rows, ps.bf16, n, ps.panels);
+            for (int i = 0; i < n * rows; i++)
+                expect("bgemm_rows avx512", rows, cols, i, out[i], want2[i], 1e-5 * mag2[i] + 1e-30);
+            for (int i = 0; i < n * cols; i++) // and the rounding itself: nearest, so within half a unit, 2^-8 of the value
+                expect("f32_to_bf16", n, cols, i, xr[i], x[i], fabs(x[i]) * 0x1p-8);
+            free(xr), free(want2), free(mag2);
+            free_products(&ps);
+        }
+#endif
         if (grouped) { /* the batch quantized, through qgemm_rows: the exact result is that of the quantized input */
             QuantizedVector qb = alloc_quantized(n * cols);
             float *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
-            quantize_input(&qb, &w, x, n);
+            quantize_batch(&qb, &w, x, n);
             for (int i = 0; i < n * cols; i++) xd[i] = qb.d[i / GROUP_SIZE] * qb.q[i];
             exact_matmul(want, mag, &w, xd, n);
             for (int fast = 0; fast < 1 + avx512; fast++) {
@@ -304,7 +355,7 @@ static void test_gemm(int type, int avx512) {
         }
         /* a batch of one goes through matvec_rows, with the input quantized for q8_0 and q4_0 */
         QuantizedVector q = alloc_quantized(cols);
-        quantize_input(&q, &w, x, 1);
+        quantize_batch(&q, &w, x, 1);
         float *xd = x;
         if (grouped) { // the exact result is then that of the quantized input
             xd = xcalloc(cols, sizeof(float), "xd");
@@ -328,13 +379,7 @@ static void test_fused(int type, int n) {
     int cols = 96, rows[3] = {40, 16, 24};
     Matrix w[3];
     float *x = random_floats((size_t)n * cols), *fused[3], *single[3];
-    QuantizedVector q = alloc_quantized(n * cols);
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
-    size_t panel_size = qgemm_panel_size(cols);
-    void *panels = xcalloc((size_t)threads, panel_size, "panels");
+    ProductScratch ps = alloc_products(n, cols, type);
     Projection p[3];
     for (int i = 0; i < 3; i++) {
         w[i] = random_matrix(type, rows[i], cols);
@@ -342,26 +387,26 @@ static void test_fused(int type, int n) {
         single[i] = random_floats((size_t)n * rows[i]);
         p[i] = (Projection){fused[i], rows[i], &w[i]};
     }
-    project(p, 3, x, n, &q, panels, panel_size);
+    project(p, 3, x, n, &ps);
     for (int i = 0; i < 3; i++) {
-        matmul(single[i], &w[i], x, n, &q, panels, panel_size);
+        matmul(single[i], &w[i], x, n, &ps);
         checks++;
         if (memcmp(fused[i], single[i], (size_t)n * rows[i] * sizeof(float)) != 0 && ++failures)
             fprintf(stderr, "FAIL project() differs from matmul() for matrix %d, type %d, n %d\n", i, type, n);
     }
     Matrix w3 = random_matrix(type, rows[0], cols);
     float *up = random_floats((size_t)n * rows[0]), *up2 = random_floats((size_t)n * rows[0]);
-    gate_up(fused[0], up, &w[0], &w3, x, n, &q, panels, panel_size);
-    matmul(single[0], &w[0], x, n, &q, panels, panel_size);
-    matmul(up2, &w3, x, n, &q, panels, panel_size);
+    gate_up(fused[0], up, &w[0], &w3, x, n, &ps);
+    matmul(single[0], &w[0], x, n, &ps);
+    matmul(up2, &w3, x, n, &ps);
     swiglu(single[0], up2, n * rows[0]);
     checks++;
     if (memcmp(fused[0], single[0], (size_t)n * rows[0] * sizeof(float)) != 0 && ++failures)
         fprintf(stderr, "FAIL gate_up() differs from matmul() and swiglu(), type %d, n %d\n", type, n);
     for (int i = 0; i < 3; i++) free_matrix(&w[i]), free(fused[i]), free(single[i]);
     free_matrix(&w3);
-    free(x), free(up), free(up2), free(panels);
-    free_quantized(&q);
+    free(x), free(up), free(up2);
+    free_products(&ps);
 }
 
 /* ---- Attention and the f16 cache */

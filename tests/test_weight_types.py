@@ -4,10 +4,14 @@ Each checkpoint is compared with two PyTorch references: the model it was
 exported from (float32), and the same model with the checkpoint's own
 weights, decoded (export.read_checkpoint). Against the decoded weights:
 
-  bf16          float32 activations: the same arithmetic as the reference
-                up to the order of summation, so 1e-4 x max|logit|, as in
-                test_all.py, for the prompt (in batches, as matrices) and the
-                generated tokens (one at a time).
+  bf16          generated tokens (one at a time) multiply float32
+                activations, and batches of the prompt, on AVX-512 with
+                BF16, activations rounded to bf16 (8 significant bits, 0.2%
+                at most per value: vdpbf16ps, two multiply-adds per lane).
+                That rounding, carried through the layers and into the
+                cache, measures up to 0.5% of the logits' rms on these
+                models. Bound: 2% relative rms per row. (Without AVX-512
+                BF16 the prompt is float32 too, and matches to 1e-4.)
   q8_0, q4_0    every activation vector that meets these weights is
                 quantized to int8 in groups of 32 (step max|x| / 127, about
                 0.2% rms error per value) for integer dot products, in the
@@ -49,6 +53,8 @@ CONFIGS = {
     "mqa_untied": (96, 224, 3, 6, 1, 16, 300, False),
 }
 ACTIVATION_TOL = 0.03                                     # relative rms, int8 activations
+BF16_TOL = 0.02                                           # relative rms, bf16 activations
+ROUNDED_TOL = {"bf16": BF16_TOL, "q8_0": ACTIVATION_TOL, "q4_0": ACTIVATION_TOL}
 FLOAT_TOL = {"bf16": 0.02, "q8_0": 0.05}                  # relative rms against float32
 
 
@@ -96,10 +102,7 @@ def test_matches_its_decoded_weights_and_float32(exported, name, dtype, tmp_path
     sequence = prompt + generated[:-1]
     exact = reference_logits(decoded, sequence)[:len(ours)]
     float32 = reference_logits(model, sequence)[:len(ours)]
-    if dtype == "bf16":
-        assert_logits_close(ours, exact)
-    else:
-        assert relative_rms(ours, exact).max() <= ACTIVATION_TOL
+    assert relative_rms(ours, exact).max() <= ROUNDED_TOL[dtype]
     err, weights_only = relative_rms(ours, float32).max(), relative_rms(exact, float32).max()
     assert err <= FLOAT_TOL.get(dtype, weights_only + ACTIVATION_TOL), (err, weights_only)
 
@@ -108,7 +111,8 @@ def test_matches_its_decoded_weights_and_float32(exported, name, dtype, tmp_path
 def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
     """The prompt as matrices (batches of 16 here, so that one is partial)
     gives the logits of feeding it token by token (-b 1), within 1e-4: the
-    same integer sums for q8_0 and q4_0, other float orders."""
+    same integer sums for q8_0 and q4_0, other float orders. bf16's batches
+    round their activations (see above): within BF16_TOL."""
     args, _, path, _ = exported("gqa4_untied", dtype)
     prompt = prompt_for(args.vocab_size, n=40)
     rows = {}
@@ -116,8 +120,11 @@ def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
         _, logits_path = generate_ids(path, prompt, 4, tmp_path, extra=("-b", batch))
         rows[batch] = read_logits(logits_path, args.vocab_size)
     assert rows["1"].shape == rows["16"].shape == (len(prompt) + 3, args.vocab_size)
-    assert_logits_close(rows["16"], rows["1"])
-    assert_logits_close(rows["64"], rows["1"])
+    for batch in ("16", "64"):
+        if dtype == "bf16":
+            assert relative_rms(rows[batch], rows["1"]).max() <= BF16_TOL
+        else:
+            assert_logits_close(rows[batch], rows["1"])
 
 
 @pytest.mark.parametrize("dtype", ["f32"] + DTYPES)
@@ -144,7 +151,10 @@ def test_portable_kernels_agree(exported, dtype, tmp_path):
         subprocess.run(cmd + [str(out)], check=True, capture_output=True, env=dict(os.environ, RUN_AVX512=flag))
         rows.append(read_logits(out, args.vocab_size))
     assert rows[0].shape == rows[1].shape
-    assert_logits_close(rows[1], rows[0])
+    if dtype == "bf16":                                            # f32 against bf16 activations
+        assert relative_rms(rows[1], rows[0]).max() <= BF16_TOL
+    else:
+        assert_logits_close(rows[1], rows[0])
 
 
 # ----------------------------------------------------------------------------
