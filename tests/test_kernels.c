@@ -112,7 +112,7 @@ static ProductScratch alloc_products(int n, int cols, int type) {
     threads = omp_get_max_threads();
 #endif
     ProductScratch ps = {alloc_quantized(n * cols), xcalloc((size_t)n * ((cols + 31) / 32 * 32) + 1, 2, "bf16"),
-                         NULL, 0};
+                         NULL, 0, xcalloc((size_t)threads * n * ROW_BLOCK, sizeof(float), "up"), n};
     if ((type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) && use_avx512 && n > 1) ps.panel_size = qgemm_panel_size(cols);
     if (type == WEIGHT_BF16 && use_avx512_bf16 && n > 1) ps.panel_size = bgemm_panel_size(cols);
     ps.panels = xcalloc((size_t)threads * ps.panel_size + 1, 1, "panels");
@@ -123,6 +123,7 @@ static void free_products(ProductScratch *ps) {
     free_quantized(&ps->q);
     free(ps->bf16);
     free(ps->panels);
+    free(ps->up);
 }
 
 /* ---- Number formats */
@@ -321,7 +322,7 @@ static void test_gemm(int type, int avx512) {
             exact_matmul(want2, mag2, &w, xr, n);
             for (int i = 0; i < n * rows; i++) out[i] = NAN;
             for (int r = 0; r < rows; r += BGEMM_ROWS)
-                bgemm_rows_avx512(out, rows, &w, r, r + BGEMM_ROWS < rows ? r + BGEMM_ROWS : rows, ps.bf16, n, ps.panels);
+                bgemm_rows_avx512(out + r, rows, &w, r, r + BGEMM_ROWS < rows ? r + BGEMM_ROWS : rows, ps.bf16, n, ps.panels);
             for (int i = 0; i < n * rows; i++)
                 expect("bgemm_rows avx512", rows, cols, i, out[i], want2[i], 1e-5 * mag2[i] + 1e-30);
             for (int i = 0; i < n * cols; i++) // and the rounding itself: nearest, so within half a unit, 2^-8 of the value
@@ -343,7 +344,7 @@ static void test_gemm(int type, int avx512) {
                 if (fast) {
                     void *panel = xcalloc(qgemm_panel_size(cols), 1, "panel");
                     for (int r = 0; r < rows; r += QGEMM_ROWS)
-                        qgemm_rows_avx512(out, rows, &w, r, r + QGEMM_ROWS < rows ? r + QGEMM_ROWS : rows, &qb, n, panel);
+                        qgemm_rows_avx512(out + r, rows, &w, r, r + QGEMM_ROWS < rows ? r + QGEMM_ROWS : rows, &qb, n, panel);
                     free(panel);
                 }
 #endif
@@ -364,7 +365,7 @@ static void test_gemm(int type, int avx512) {
         }
         snprintf(what, sizeof what, "matvec_rows %s%s", names[type], avx512 ? " avx512" : "");
         int r0 = rows > 8 ? 8 : 0; // a range that starts past row 0
-        matvec_rows(out, &w, r0, rows, x, &q);
+        matvec_rows(out + r0, &w, r0, rows, x, &q);
         for (int r = r0; r < rows; r++) expect(what, rows, cols, r, out[r], want[r], 1e-5 * mag[r] + 1e-30);
         if (xd != x) free(xd);
         free_quantized(&q);
@@ -395,8 +396,8 @@ static void test_fused(int type, int n) {
             fprintf(stderr, "FAIL project() differs from matmul() for matrix %d, type %d, n %d\n", i, type, n);
     }
     Matrix w3 = random_matrix(type, rows[0], cols);
-    float *up = random_floats((size_t)n * rows[0]), *up2 = random_floats((size_t)n * rows[0]);
-    gate_up(fused[0], up, &w[0], &w3, x, n, &ps);
+    float *up2 = random_floats((size_t)n * rows[0]);
+    gate_up(fused[0], &w[0], &w3, x, n, &ps);
     matmul(single[0], &w[0], x, n, &ps);
     matmul(up2, &w3, x, n, &ps);
     swiglu(single[0], up2, n * rows[0]);
@@ -405,7 +406,7 @@ static void test_fused(int type, int n) {
         fprintf(stderr, "FAIL gate_up() differs from matmul() and swiglu(), type %d, n %d\n", type, n);
     for (int i = 0; i < 3; i++) free_matrix(&w[i]), free(fused[i]), free(single[i]);
     free_matrix(&w3);
-    free(x), free(up), free(up2);
+    free(x), free(up2);
     free_products(&ps);
 }
 
