@@ -1662,6 +1662,45 @@ AVX512_INLINE void attention_mix_body(float *out, const float *weights, const vo
     default: if (f16) call(head_dim, 1); else call(head_dim, 0); \
     }
 
+/* exp(x) for x <= 0, 16 at a time: x = k ln 2 + r with |r| <= ln 2 / 2,
+   exp(r) by its Taylor polynomial to r^7 (relative error below 2e-7, about
+   what expf() rounds to), times 2^k put straight into the exponent; below
+   -87 the result is 0. */
+AVX512_INLINE __m512 exp_nonpositive_avx512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);   // ln 2 in two parts, so that
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);        // r keeps its low bits
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+}
+
+/* softmax() for attention's weights, 16 at a time with the exp above. */
+AVX512 static void softmax_avx512(float *x, int n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - i), x + i));
+    __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(m)), sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 t = tail_mask(n - i);
+        __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, x + i), max));
+        _mm512_mask_storeu_ps(x + i, t, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 t = tail_mask(n - i);
+        _mm512_mask_storeu_ps(x + i, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, x + i), inv));
+    }
+}
+
 AVX512 static void attention_scores_avx512(float *scores, const float *q, const void *keys, int n_pos,
                                            int head_dim, float scale, int f16) {
 #define SCORES(hd, h) attention_scores_body(scores, q, keys, n_pos, hd, scale, h)
@@ -1709,7 +1748,7 @@ static void attention(float *out, float *scratch, size_t scratch_size, const flo
                     for (int h = kv * group; h < (kv + 1) * group; h++) {
                         size_t at = (size_t)t * q_dim + (size_t)h * head_dim;
                         attention_scores_avx512(weights, q + at, k, pos + t + 1, head_dim, scale, kv_f16);
-                        softmax(weights, pos + t + 1);
+                        softmax_avx512(weights, pos + t + 1);
                         attention_mix_avx512(out + at, weights, v, pos + t + 1, head_dim, kv_f16);
                     }
                 continue;

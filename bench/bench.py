@@ -11,10 +11,11 @@ runs is reported:
 
   pp       prompt processing, tokens per second
   tg       generation, tokens per second
-  %bw      generation as a share of the read-bandwidth roofline: the bytes a
-           generated token must read (every matrix and norm it uses, and the
-           KV cache up to its position) times tg, over the read bandwidth that
-           bench/membw measures in the same run, with as many threads
+  GB/s     read bandwidth, measured by bench/membw between the runs, with
+           as many threads (the median)
+  %bw      generation as a share of that roofline: the bytes a generated
+           token must read (every matrix and norm it uses, and the KV cache
+           up to its position) times tg, over the read bandwidth
   ttft     milliseconds from the start of ./run to its first token, for a
            one-token prompt: loading, mapping, one forward pass and sampling
   rss      peak resident memory (GNU time's %M, when /usr/bin/time is
@@ -24,7 +25,9 @@ runs is reported:
 When llama-cpp-python is installed (make bench-peers), llama.cpp runs the
 same weights, converted to GGUF by export.write_gguf() with identical values,
 with the same prompt, threads and greedy continuation; its times are its own
-(llama_perf_context, no Python in them), and the ratios are ours over its.
+(llama_perf_context, no Python in them). Its runs alternate with ours, and
+the ratios (ours over its) are medians of run-by-run ratios, so that a
+burst of load from elsewhere on the machine hits both.
 """
 
 import argparse
@@ -180,31 +183,34 @@ def gguf_path(shape, dtype):
     return OUT / f"{shape}-{dtype}.gguf"
 
 
-def run_llama_cpp(path, prompt, n_gen, threads, runs):
-    """Median prompt and generation speeds of llama.cpp on the same task,
-    from its own timers; also its greedy tokens, to check that it runs the
-    same model."""
-    import llama_cpp
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n_gen + 8, n_batch=len(prompt),
-                          n_ubatch=len(prompt), n_threads=threads, n_threads_batch=threads, verbose=False)
-    pps, tgs, tokens = [], [], []
-    for _ in range(runs + 1):  # the first run warms up
+class LlamaCpp:
+    """llama.cpp on a GGUF file, loaded once; run() does the task once and
+    returns its prompt and generation speeds from llama.cpp's own timers, and
+    its greedy tokens (to check that it runs the same model)."""
+
+    def __init__(self, path, prompt, n_gen, threads):
+        import llama_cpp
+        self.lib, self.prompt, self.n_gen = llama_cpp, prompt, n_gen
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n_gen + 8, n_batch=len(prompt),
+                                   n_ubatch=len(prompt), n_threads=threads, n_threads_batch=threads,
+                                   verbose=False)
+
+    def run(self):
+        lib, llm = self.lib, self.llm
         llm.reset()
-        llama_cpp.llama_perf_context_reset(llm.ctx)
-        llm.eval(prompt)
+        lib.llama_perf_context_reset(llm.ctx)
+        llm.eval(self.prompt)
         generated = []
-        for _ in range(n_gen):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-            token = int(np.argmax(logits))
-            generated.append(token)
-            if len(generated) < n_gen:
-                llm.eval([token])
-        perf = llama_cpp.llama_perf_context(llm.ctx)
-        pps.append(perf.n_p_eval / perf.t_p_eval_ms * 1000)
-        tgs.append(perf.n_eval / perf.t_eval_ms * 1000)
-        tokens = generated
-    llm.close()
-    return statistics.median(pps[1:]), statistics.median(tgs[1:]), tokens
+        for _ in range(self.n_gen):
+            logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            generated.append(int(np.argmax(logits)))
+            if len(generated) < self.n_gen:
+                llm.eval([generated[-1]])
+        perf = lib.llama_perf_context(llm.ctx)
+        return perf.n_p_eval / perf.t_p_eval_ms * 1000, perf.n_eval / perf.t_eval_ms * 1000, generated
+
+    def close(self):
+        self.llm.close()
 
 
 # ----------------------------------------------------------------------------
@@ -239,12 +245,10 @@ def main(argv=None):
 
     rng = np.random.default_rng(0)
     prompt = [1] + rng.integers(3, 32000, opts.prompt - 1).tolist()
-    bandwidths = [read_bandwidth(opts.threads)]
     print(f"machine: {machine()}")
     print(f"threads: {opts.threads}; prompt {opts.prompt} tokens, then {opts.gen} generated, greedy; "
-          f"median of {opts.runs} runs")
-    print(f"read bandwidth (bench/membw, {opts.threads} threads, median of 7): {bandwidths[0]:.1f} GB/s")
-    header = f"{'model':5} {'type':5} {'MB':>6} {'pp tok/s':>9} {'tg tok/s':>9} {'%bw':>5} {'ttft':>6} {'rss':>6}"
+          f"median of {opts.runs} runs, each run of ours followed by one of llama.cpp's and a bandwidth reading")
+    header = f"{'model':5} {'type':5} {'MB':>6} {'pp tok/s':>9} {'tg tok/s':>9} {'GB/s':>5} {'%bw':>5} {'ttft':>6} {'rss':>6}"
     if peers:
         header += f" | {'llama.cpp pp':>12} {'tg':>7} | {'pp x':>5} {'tg x':>5}  same tokens"
     print(header)
@@ -253,24 +257,33 @@ def main(argv=None):
         for dtype in dtypes:
             path = model_path(shape, dtype)
             run_once(path, prompt[:8], 2, opts.threads)  # warm the page cache
-            res = median_result([run_once(path, prompt, opts.gen, opts.threads) for _ in range(opts.runs)])
-            bw = statistics.median(bandwidths)  # those measured so far
+            peer = LlamaCpp(gguf_path(shape, dtype), prompt, opts.gen, opts.threads) if peers else None
+            if peer:
+                theirs = peer.run()[2]                   # warms it up
+            ours, bandwidths, pp_ratio, tg_ratio, peer_pp, peer_tg = [], [], [], [], [], []
+            for _ in range(opts.runs):                  # interleaved, so that all see the same load
+                ours.append(run_once(path, prompt, opts.gen, opts.threads))
+                if peer:
+                    pp, tg, _ = peer.run()
+                    peer_pp.append(pp), peer_tg.append(tg)
+                    pp_ratio.append(ours[-1].pp / pp), tg_ratio.append(ours[-1].tg / tg)
+                bandwidths.append(read_bandwidth(opts.threads))
+            res, bw = median_result(ours), statistics.median(bandwidths)
             share = res.tg * bytes_per_token(args, dtype, opts.prompt, opts.gen) / (bw * 1e9)
             rss = res.rss / footprint(path, args, dtype, opts.prompt + opts.gen)
             line = (f"{shape:5} {dtype:5} {os.path.getsize(path) / 1e6:6.0f} {res.pp:9.1f} {res.tg:9.1f} "
-                    f"{100 * share:4.0f}% {res.ttft_ms:4.0f}ms {rss:6.3f}")
-            if peers:
-                pp, tg, theirs = run_llama_cpp(gguf_path(shape, dtype), prompt, opts.gen, opts.threads, opts.runs)
-                ours = [int(t) for t in subprocess.run(
+                    f"{bw:5.1f} {100 * share:4.0f}% {res.ttft_ms:4.0f}ms {rss:6.3f}")
+            if peer:
+                peer.close()
+                mine = [int(t) for t in subprocess.run(
                     [str(ROOT / "run"), str(path), "--tokens", " ".join(map(str, prompt)), "-n", "16", "-t", "0"],
                     capture_output=True, text=True, check=True).stdout.split()[len(prompt):]]
-                same = sum(a == b for a, b in zip(ours, theirs[:16]))
-                line += f" | {pp:12.1f} {tg:7.1f} | {res.pp / pp:5.2f} {res.tg / tg:5.2f}  {same}/16"
+                same = sum(a == b for a, b in zip(mine, theirs[:16]))
+                line += (f" | {statistics.median(peer_pp):12.1f} {statistics.median(peer_tg):7.1f} | "
+                         f"{statistics.median(pp_ratio):5.2f} {statistics.median(tg_ratio):5.2f}  {same}/16")
             print(line, flush=True)
-        bandwidths.append(read_bandwidth(opts.threads))
-    print(f"read bandwidth again after each model: {', '.join(f'{b:.1f}' for b in bandwidths[1:])} GB/s "
-          f"(each %bw uses the median of those measured before it)")
-
+    print("GB/s: read bandwidth (bench/membw), median of the readings between runs; "
+          "ratios: medians of ours over llama.cpp's, run by run")
 
 if __name__ == "__main__":
     sys.exit(main())

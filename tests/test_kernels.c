@@ -456,6 +456,19 @@ static void test_f16_store(void) {
     for (int i = 0; i < 37; i++) expect("widen_f16", i, 0, 0, wide[i], f16_to_f32(halves[i]), 0);
 }
 
+static void test_softmax(void) {
+#if HAVE_AVX512
+    if (!use_avx512) return;
+    for (int n = 1; n <= 300; n += 1 + n / 5) {
+        float a[300], b[300];
+        for (int i = 0; i < n; i++) a[i] = b[i] = uniform() * (float)(1 + below(40)); // spreads up to e^80
+        softmax(a, n);
+        softmax_avx512(b, n);
+        for (int i = 0; i < n; i++) expect("softmax_avx512", n, i, 0, b[i], a[i], 1e-6 * a[i] + 1e-30);
+    }
+#endif
+}
+
 static void test_attention_kernels(void) {
     int head_dims[] = {8, 16, 48, 64, 72, 128};
     for (size_t h = 0; h < sizeof head_dims / sizeof *head_dims; h++)
@@ -528,6 +541,7 @@ int main(void) {
         for (int n = 1; n <= 4; n += 3) test_fused(type, n);
     }
     test_f16_store();
+    test_softmax();
     test_attention_kernels();
     printf("test_kernels: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;

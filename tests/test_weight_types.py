@@ -110,9 +110,12 @@ def test_matches_its_decoded_weights_and_float32(exported, name, dtype, tmp_path
 @pytest.mark.parametrize("dtype", ["f32"] + DTYPES)
 def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
     """The prompt as matrices (batches of 16 here, so that one is partial)
-    gives the logits of feeding it token by token (-b 1), within 1e-4: the
-    same integer sums for q8_0 and q4_0, other float orders. bf16's batches
-    round their activations (see above): within BF16_TOL."""
+    gives the logits of feeding it token by token (-b 1): within 1e-4 for
+    f32. bf16's batches round their activations (see above): within
+    BF16_TOL. q8_0 and q4_0 take the same integer dot products either way,
+    summed in other float orders; where that moves an activation across a
+    rounding boundary of the next int8 quantization, it lands one step off,
+    which the layers and positions after it carry on: within ACTIVATION_TOL."""
     args, _, path, _ = exported("gqa4_untied", dtype)
     prompt = prompt_for(args.vocab_size, n=40)
     rows = {}
@@ -121,10 +124,10 @@ def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
         rows[batch] = read_logits(logits_path, args.vocab_size)
     assert rows["1"].shape == rows["16"].shape == (len(prompt) + 3, args.vocab_size)
     for batch in ("16", "64"):
-        if dtype == "bf16":
-            assert relative_rms(rows[batch], rows["1"]).max() <= BF16_TOL
-        else:
+        if dtype == "f32":
             assert_logits_close(rows[batch], rows["1"])
+        else:
+            assert relative_rms(rows[batch], rows["1"]).max() <= ROUNDED_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", ["f32"] + DTYPES)
@@ -151,10 +154,10 @@ def test_portable_kernels_agree(exported, dtype, tmp_path):
         subprocess.run(cmd + [str(out)], check=True, capture_output=True, env=dict(os.environ, RUN_AVX512=flag))
         rows.append(read_logits(out, args.vocab_size))
     assert rows[0].shape == rows[1].shape
-    if dtype == "bf16":                                            # f32 against bf16 activations
-        assert relative_rms(rows[1], rows[0]).max() <= BF16_TOL
-    else:
+    if dtype == "f32":
         assert_logits_close(rows[1], rows[0])
+    else:                                        # bf16: f32 against bf16 activations; q8_0, q4_0: see above
+        assert relative_rms(rows[1], rows[0]).max() <= ROUNDED_TOL[dtype]
 
 
 # ----------------------------------------------------------------------------
