@@ -18,7 +18,7 @@ OPENMP ?= -fopenmp
 # else whatever python3 is on the PATH.
 PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
 
-.PHONY: all test sanitize fuzz demo demo-pip bench bench-peers clean
+.PHONY: all test sanitize fuzz demo demo-pip explain bench bench-peers clean
 
 all: run
 
@@ -99,6 +99,16 @@ demo: run .demo/smollm2.bin
 	@echo "demo: SmolLM2 is ready in .demo/; a chat turn, greedy:"
 	@echo "demo: ./run .demo/smollm2.bin -m chat -t 0 -i \"$(DEMO_QUESTION)\""
 	@./run .demo/smollm2.bin -m chat -t 0 -i "$(DEMO_QUESTION)"
+
+# make explain: the demo model at work, for a class. A short greedy
+# completion with --trace (what each layer does at each position) and
+# --probs 5 (the distribution each new token was drawn from) on the
+# terminal; the text itself (stdout) is kept aside and shown at the end, so
+# that it does not break the lines in between.
+EXPLAIN_PROMPT ?= The capital of France is
+explain: run .demo/smollm2.bin
+	./run .demo/smollm2.bin -t 0 -n 4 --probs 5 --trace -i "$(EXPLAIN_PROMPT)" 2>&1 >.demo/explain.txt
+	@echo "text: $$(cat .demo/explain.txt)"
 
 # make bench: speed of ./run on random 110M and 1B-class models in every
 # weight type (prompt, generation, share of the read-bandwidth roofline,

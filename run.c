@@ -248,6 +248,26 @@ typedef struct {
     int batch;
 } ProductScratch;
 
+/* --trace: what each layer did to each token of the last forward pass,
+   filled in by forward_tokens() when RunState.trace is set (NULL, and no
+   cost, otherwise) and printed by the generation code, which knows the
+   tokens' text. */
+#define TRACE_TOP 3 // attended positions shown per token and layer
+enum { TRACE_ATTENTION, TRACE_MLP };
+typedef struct {
+    float rms[2][3];        // [attention, MLP] x [residual before, the block's output, residual after]
+    int top[TRACE_TOP];     // the positions attended most, by weight averaged over heads; -1: none
+    float top_weight[TRACE_TOP];
+} TraceRow;
+
+typedef struct {
+    TraceRow *rows;     // (batch, n_layers)
+    float *entropy;     // (batch, n_layers, n_heads) of each head's attention weights, in bits
+    float *weights;     // (ctx) one head's attention weights
+    float *mean;        // (ctx) the weights averaged over heads
+    float *keys;        // (ctx, head_dim) one kv head's keys, widened from an f16 cache
+} Trace;
+
 typedef struct {
     float *x;           // (batch, dim) residual stream, one row per token
     float *xb;          // (batch, dim) normed input of a block, then its output
@@ -269,6 +289,7 @@ typedef struct {
     int batch;          // tokens one forward pass takes, at most
     int logit_rows;     // rows the logits buffer holds
     int threads;        // OpenMP threads (1 without OpenMP)
+    Trace *trace;       // --trace statistics of the last pass; NULL when off
 } RunState;
 
 typedef struct {
@@ -566,12 +587,28 @@ static void load_transformer(Transformer *t, const char *path) {
     if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
 }
 
+/* Turns --trace on: room for the statistics of a whole batch. */
+static void alloc_trace(RunState *s, const Config *c) {
+    Trace *tr = xcalloc(1, sizeof *tr, "the trace");
+    size_t rows = mul_size(s->batch, c->n_layers);
+    tr->rows = xcalloc(rows, sizeof *tr->rows, "the trace");
+    tr->entropy = xcalloc(mul_size(rows, c->n_heads), sizeof(float), "the trace");
+    tr->weights = xcalloc(s->ctx, sizeof(float), "the trace");
+    tr->mean = xcalloc(s->ctx, sizeof(float), "the trace");
+    tr->keys = xcalloc(mul_size(s->ctx, c->head_dim), sizeof(float), "the trace");
+    s->trace = tr;
+}
+
 static void free_run_state(RunState *s) {
     void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
                        s->rope_sin, s->logits, s->products.q.q, s->products.q.d, s->products.q.bias,
                        s->products.q.group_bias, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
                        s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
+    if (s->trace) {
+        free(s->trace->rows), free(s->trace->entropy), free(s->trace->weights);
+        free(s->trace->mean), free(s->trace->keys), free(s->trace);
+    }
 }
 
 static void free_transformer(Transformer *t) {
@@ -1771,6 +1808,81 @@ static void attention(float *out, float *scratch, size_t scratch_size, const flo
 }
 
 /* ----------------------------------------------------------------------------
+   The trace (--trace), for watching a model work: per token and layer, how
+   the residual stream grows, how spread out each head's attention is, and
+   where it looks. Two calls in forward_tokens(), each behind `if
+   (s->trace)`, fill it in; with --trace off they cost one untaken branch per
+   layer. The statistics are recomputed here with the plain kernels, apart
+   from the fast path, so that the kernels stay as they are. */
+
+/* sqrt(mean(x^2)) of a row of n. */
+static float rms(const float *x, int n) {
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += (double)x[i] * x[i];
+    return (float)sqrt(sum / n);
+}
+
+/* After a block's residual add: the stream x (n, dim) as it is now and the
+   block's output (n, dim) that was added to it. The stream before is
+   x - output, up to the rounding of one addition. */
+static void trace_residual(Trace *tr, int layer, int n_layers, int block, const float *x, const float *output,
+                           int n, int dim) {
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * dim, *ot = output + (size_t)t * dim;
+        double before = 0.0;
+        for (int i = 0; i < dim; i++) before += (double)(xt[i] - ot[i]) * (xt[i] - ot[i]);
+        float *r = tr->rows[(size_t)t * n_layers + layer].rms[block];
+        r[0] = (float)sqrt(before / dim), r[1] = rms(ot, dim), r[2] = rms(xt, dim);
+    }
+}
+
+/* Before attention overwrites the queries q (n, q_dim): each head's
+   attention weights, softmax(q k^T / sqrt(head_dim)) over the positions it
+   sees, recomputed from the cache as attention() will read it; their
+   entropy per head, and the TRACE_TOP positions of the most weight
+   averaged over the heads. */
+static void trace_attention(Trace *tr, int layer, const Config *c, const float *q, const void *keys, int kv_f16,
+                            int pos, int n, int ctx) {
+    int head_dim = c->head_dim, group = c->n_heads / c->n_kv_heads;
+    float scale = 1.0f / sqrtf((float)head_dim);
+    for (int t = 0; t < n; t++) {
+        int n_pos = pos + t + 1;
+        TraceRow *row = &tr->rows[(size_t)t * c->n_layers + layer];
+        float *entropy = tr->entropy + ((size_t)t * c->n_layers + layer) * c->n_heads;
+        memset(tr->mean, 0, (size_t)n_pos * sizeof(float));
+        for (int h = 0; h < c->n_heads; h++) {
+            size_t head = (size_t)(h / group) * ctx * head_dim;
+            const float *k = (const float *)keys + head;
+            if (kv_f16) {
+                for (size_t i = 0; i < (size_t)n_pos * head_dim; i++)
+                    tr->keys[i] = f16_to_f32(((const uint16_t *)keys)[head + i]);
+                k = tr->keys;
+            }
+            attention_scores_ref(tr->weights, q + ((size_t)t * c->n_heads + h) * head_dim, k, n_pos, head_dim,
+                                 scale);
+            softmax(tr->weights, n_pos);
+            double bits = 0.0;
+            for (int p = 0; p < n_pos; p++) {
+                float w = tr->weights[p];
+                if (w > 0.0f) bits -= w * log2((double)w);
+                tr->mean[p] += w / c->n_heads;
+            }
+            entropy[h] = (float)bits;
+        }
+        for (int j = 0; j < TRACE_TOP; j++) { // selection: TRACE_TOP is small; ties to the earlier position
+            int best = -1;
+            for (int p = 0; p < n_pos; p++) {
+                int taken = 0;
+                for (int i = 0; i < j && !taken; i++) taken = row->top[i] == p;
+                if (!taken && (best < 0 || tr->mean[p] > tr->mean[best])) best = p;
+            }
+            row->top[j] = best;
+            row->top_weight[j] = best >= 0 ? tr->mean[best] : 0.0f;
+        }
+    }
+}
+
+/* ----------------------------------------------------------------------------
    The forward pass: n tokens at positions pos .. pos + n - 1 in, logits out.
    Keys and values of these positions go into the cache, so each token
    attends to every earlier position without recomputing it. The n tokens
@@ -1806,15 +1918,18 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
         rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
         rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
         cache_store(keys, values, s->k, s->v, pos, n, s->ctx, c->n_kv_heads, head_dim, s->kv_f16); // into the cache
+        if (s->trace) trace_attention(s->trace, l, c, s->q, keys, s->kv_f16, pos, n, s->ctx); // --trace: weights
         attention(s->q, s->scratch, s->scratch_size, s->q, keys, values, s->kv_f16, pos, n, s->ctx,
                   c->n_heads, c->n_kv_heads, head_dim);                    // softmax(q k^T) v, over q
         matmul(s->xb, &lw->wo, s->q, n, &s->products);                      // output projection
         add(s->x, s->xb, n * dim);                                          // residual
+        if (s->trace) trace_residual(s->trace, l, c->n_layers, TRACE_ATTENTION, s->x, s->xb, n, dim); // --trace
 
         rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);            // MLP norm
         gate_up(s->hb, &lw->w1, &lw->w3, s->xb, n, &s->products);           // silu(w1 x) * (w3 x)
         matmul(s->xb, &lw->w2, s->hb, n, &s->products);                     // down = w2 h
         add(s->x, s->xb, n * dim);                                          // residual
+        if (s->trace) trace_residual(s->trace, l, c->n_layers, TRACE_MLP, s->x, s->xb, n, dim); // --trace
     }
 
     if (logit_rows == 0) return NULL;
@@ -2156,9 +2271,43 @@ static int next_token(Session *s, float *logits) {
     return token;
 }
 
+/* --trace: after a forward pass over tokens (n) from position pos, a line
+   for each token, then one for each layer with what it did there:
+
+     trace pos=P token=ID text="..."
+     trace pos=P layer=L rms_in=R attn=A rms_mid=R mlp=M rms_out=R entropy=E0,E1,.. top=P0:W0,P1:W1,..
+
+   rms_in, rms_mid and rms_out are the RMS of the residual stream entering
+   the layer, after attention's output (of RMS attn) was added, and after the
+   MLP's (mlp) was; entropy is each head's attention, in bits (0: all weight
+   on one position; log2(P + 1): spread evenly); top, the positions attended
+   most, with their weight averaged over heads. */
+static void print_trace(const Session *s, const int *tokens, int n, int pos) {
+    const Config *c = &s->transformer->config;
+    const Trace *tr = s->transformer->state.trace;
+    for (int t = 0; t < n; t++) {
+        fprintf(stderr, "trace pos=%d token=%d text=", pos + t, tokens[t]);
+        print_token_text(stderr, s, tokens[t]);
+        fputc('\n', stderr);
+        for (int l = 0; l < c->n_layers; l++) {
+            const TraceRow *row = &tr->rows[(size_t)t * c->n_layers + l];
+            const float *entropy = tr->entropy + ((size_t)t * c->n_layers + l) * c->n_heads;
+            fprintf(stderr, "trace pos=%d layer=%d rms_in=%.6g attn=%.6g rms_mid=%.6g mlp=%.6g rms_out=%.6g entropy=",
+                    pos + t, l, row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1],
+                    row->rms[TRACE_ATTENTION][2], row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]);
+            for (int h = 0; h < c->n_heads; h++) fprintf(stderr, h ? ",%.4f" : "%.4f", entropy[h]);
+            fprintf(stderr, " top=");
+            for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++)
+                fprintf(stderr, j ? ",%d:%.4f" : "%d:%.4f", row->top[j], row->top_weight[j]);
+            fputc('\n', stderr);
+        }
+    }
+}
+
 static float *forward_and_record(Session *s, int token) {
     Transformer *t = s->transformer;
     float *logits = forward(t, token, s->pos++);
+    if (t->state.trace) print_trace(s, &token, 1, s->pos - 1);
     push_token(&s->history, token);
     if (s->logits_file &&
         fwrite(logits, sizeof(float), t->config.vocab_size, s->logits_file) != (size_t)t->config.vocab_size)
@@ -2175,6 +2324,7 @@ static float *prefill(Session *s, const int *tokens, int n) {
     for (int i = 0; i < n; i += batch) {
         int m = n - i < batch ? n - i : batch, rows = s->logits_file ? m : i + m == n; // only the last batch's
         logits = forward_tokens(t, tokens + i, m, s->pos, rows);                         // last row is needed
+        if (t->state.trace) print_trace(s, tokens + i, m, s->pos);
         s->pos += m;
         for (int j = 0; j < m; j++) push_token(&s->history, tokens[i + j]);
         size_t count = (size_t)rows * vocab;
@@ -2401,6 +2551,9 @@ static void print_help(void) {
         "  --probs K     after each generated token, show its probability and the K most\n"
         "                likely tokens on stderr (after penalties and temperature)\n"
         "  --probs-format text|json  one line per token, plain or JSON (default text)\n"
+        "  --trace       for each position and layer, one line on stderr: RMS of the\n"
+        "                residual stream before and after attention and the MLP, each\n"
+        "                head's attention entropy (bits), the positions attended most\n"
         "  --tokenize    print the prompt's token ids on one line and exit (with -m chat:\n"
         "                the first turn, as the chat template wraps it)\n"
         "  -h, --help    this help\n"
@@ -2412,7 +2565,7 @@ static void print_help(void) {
 typedef struct {
     const char *model_path, *tokenizer_path, *prompt, *prompt_file, *prompt_ids;
     const char *mode, *system_prompt, *template_name, *logits_path;
-    int steps, context, batch, stride, tokenize_only, seed_given, probs_k, probs_format;
+    int steps, context, batch, stride, tokenize_only, seed_given, probs_k, probs_format, trace;
     SamplerSettings sampling;
     const char *stop_strings[MAX_STOP_STRINGS];
     int n_stop_strings;
@@ -2450,6 +2603,7 @@ static void parse_options(Options *o, int argc, char **argv) {
         const char *flag = argv[i];
         if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) { print_help(); exit(0); }
         if (!strcmp(flag, "--tokenize")) { o->tokenize_only = 1; continue; }
+        if (!strcmp(flag, "--trace")) { o->trace = 1; continue; }
         if (flag[0] != '-') usage_error("unexpected argument '%s'", flag);
         if (i + 1 >= argc) usage_error("%s needs a value", flag);
         const char *value = argv[++i];
@@ -2715,6 +2869,7 @@ int main(int argc, char **argv) {
         int ctx = o.context ? o.context : c->max_seq_len;
         if (ctx > c->max_seq_len) usage_error("-c %d exceeds the model's max_seq_len of %d", ctx, c->max_seq_len);
         if (!o.tokenize_only) alloc_run_state(&transformer.state, c, ctx, o.batch);
+        if (!o.tokenize_only && o.trace) alloc_trace(&transformer.state, c);
     }
     char *prompt_text = o.prompt_file ? read_text_file(o.prompt_file) : NULL;
     const char *text = o.prompt ? o.prompt : prompt_text;

@@ -490,6 +490,20 @@ def test_make_demo_answers(smollm2):
     assert "Paris" in p.stdout.splitlines()[-1], p.stdout
 
 
+@pytest.mark.skipif("RUN_BINARY" in os.environ, reason="make explain runs ./run, not the instrumented build")
+def test_make_explain_shows_trace_and_probs(smollm2):
+    """make explain: a trace header and 30 layer lines for each of the 5
+    prompt positions and the 3 fed-back tokens, --probs for the 4 generated
+    ones, then the text."""
+    p = subprocess.run(["make", "-s", "explain"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines() + p.stderr.splitlines()
+    assert sum(" layer=" in line for line in lines if line.startswith("trace pos=")) == 8 * 30
+    assert sum(line.startswith("trace pos=") and " token=" in line for line in lines) == 8
+    assert sum(line.startswith("probs: pos ") for line in lines) == 4
+    assert "text: The capital of France is Paris." in lines
+
+
 PERPLEXITY_TEXT = (
     "The river runs through the old town, past the market and the church, and under three stone "
     "bridges before it reaches the sea. In spring the water rises and the fishermen wait on the "
