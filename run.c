@@ -236,11 +236,13 @@ typedef struct {
 } QuantizedVector;
 
 /* What the matrix products need besides their f32 input: the input
-   quantized (for q8_0 and q4_0) or rounded to bf16 (batched bf16 products
+   quantized (for q8_0 and q4_0; in two parts for q8_0) or rounded to bf16 (batched bf16 products
    on AVX-512), and each thread's weights packed for the batched kernels.
    widest = max(dim, q_dim, hidden), the widest input of a product. */
 typedef struct {
     QuantizedVector q;  // (batch, widest)
+    QuantizedVector rest; // (batch, widest) q8_0 only: what q leaves, x - d q, quantized in turn
+    float *remainder;   // (batch, widest) q8_0 only: x - d q, before it is quantized
     uint16_t *bf16;     // (batch, widest rounded up to 32)
     void *panels;       // (threads, panel_size)
     size_t panel_size;
@@ -557,6 +559,12 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     ps->q.d = xcalloc(qn / GROUP_SIZE + 1, sizeof(float), "activations");
     ps->q.bias = xcalloc(qn / 4 + 1, sizeof(int32_t), "activations");
     ps->q.group_bias = xcalloc(qn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
+    size_t rn = c->weight_type == WEIGHT_Q8_0 ? qn : 0; // the second part, for q8_0 only
+    ps->rest.q = xcalloc(rn + 1, 1, "activations");
+    ps->rest.d = xcalloc(rn / GROUP_SIZE + 1, sizeof(float), "activations");
+    ps->rest.bias = xcalloc(rn / 4 + 1, sizeof(int32_t), "activations");
+    ps->rest.group_bias = xcalloc(rn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
+    ps->remainder = xcalloc(rn + 1, sizeof(float), "activations");
     ps->panel_size = 0; // packed weights, where the batched AVX-512 products need them
     if (grouped && use_avx512 && b > 1) ps->panel_size = qgemm_panel_size((int)widest);
     if (c->weight_type == WEIGHT_BF16 && use_avx512_bf16 && b > 1) ps->panel_size = bgemm_panel_size((int)widest);
@@ -602,7 +610,8 @@ static void alloc_trace(RunState *s, const Config *c) {
 static void free_run_state(RunState *s) {
     void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
                        s->rope_sin, s->logits, s->products.q.q, s->products.q.d, s->products.q.bias,
-                       s->products.q.group_bias, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
+                       s->products.q.group_bias, s->products.rest.q, s->products.rest.d, s->products.rest.bias,
+                       s->products.rest.group_bias, s->products.remainder, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
                        s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
     if (s->trace) {
@@ -915,6 +924,22 @@ static void quantize_vector(QuantizedVector *out, const float *x, int n, int off
     }
 }
 
+/* The input of q8_0 products in two int8 parts, x ~ d q + d' q': the
+   part quantize_vector() leaves, x - d q (at most d / 2 per value), is
+   quantized in turn into rest, with remainder (n) as scratch. One part is
+   what llama.cpp's Q8_0 products take: 8 bits per group of 32, so one large
+   value in a group (the normed input of some models' MLPs has a few)
+   leaves the other 31 with a bit or two, and SmolLM2-135M's greedy text
+   then strays from its f32 model's within a few tokens. Two parts carry
+   about 15 bits at twice the integer work, and generation, which waits on
+   memory, hardly slows. q4_0 products keep one part: their weights' 4 bits
+   dominate. */
+static void quantize_remainder(QuantizedVector *rest, float *remainder, const float *x, const QuantizedVector *q,
+                               int n, int offset) {
+    for (int i = 0; i < n; i++) remainder[i] = x[i] - q->d[i / GROUP_SIZE] * q->q[i];
+    quantize_vector(rest, remainder, n, offset);
+}
+
 /* Row t of a batch of quantized vectors of n values each. */
 static QuantizedVector quantized_row(const QuantizedVector *x, int t, int n) {
     return (QuantizedVector){x->q + (size_t)t * n, x->d + (size_t)t * (n / GROUP_SIZE),
@@ -1119,8 +1144,10 @@ static DotQ4 choose_dot_q4(void) {
 
 /* out[r - r0] = W[r] . x for the rows r0 <= r < r1 of w: the matrix-vector
    product of generation. x is the input as floats and, for q8_0 and q4_0
-   weights, quantized by quantize_vector(). */
-static void matvec_rows(float *out, const Matrix *w, int r0, int r1, const float *x, const QuantizedVector *xq) {
+   weights, quantized by quantize_vector(); for q8_0, rest is its second
+   part (quantize_remainder()). */
+static void matvec_rows(float *out, const Matrix *w, int r0, int r1, const float *x, const QuantizedVector *xq,
+                        const QuantizedVector *rest) {
     size_t cols = w->cols, groups = cols / GROUP_SIZE;
     if (w->type == WEIGHT_F32) {
         for (int r = r0; r < r1; r++) out[r - r0] = dot_f32((const float *)w->values + r * cols, x, (int)cols);
@@ -1128,8 +1155,11 @@ static void matvec_rows(float *out, const Matrix *w, int r0, int r1, const float
         for (int r = r0; r < r1; r++) out[r - r0] = dot_bf16((const uint16_t *)w->values + r * cols, x, (int)cols);
     } else if (w->type == WEIGHT_Q8_0) {
         DotQ8 dot = choose_dot_q8();
-        for (int r = r0; r < r1; r++)
-            out[r - r0] = dot((const int8_t *)w->values + r * cols, w->scales + r * groups, xq, (int)cols);
+        for (int r = r0; r < r1; r++) {
+            const int8_t *row = (const int8_t *)w->values + r * cols;
+            out[r - r0] = dot(row, w->scales + r * groups, xq, (int)cols) +
+                          dot(row, w->scales + r * groups, rest, (int)cols); // the row again, from L1
+        }
     } else {
         DotQ4 dot = choose_dot_q4();
         for (int r = r0; r < r1; r++)
@@ -1237,19 +1267,27 @@ static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, cons
 /* ---- Matrix products of q8_0 and q4_0 weights for a batch (n > 1) */
 
 /* out (n, r1 - r0; row stride ldo) = x @ (rows r0 .. r1 - 1 of W)^T for
-   q8_0 or q4_0 weights and a batch x of n quantized rows: the dot products of
-   matvec_rows(), token by token, for every row. The fast version is
-   qgemm_rows_avx512() below; both give each output the same integer sums. */
-static void qgemm_rows_ref(float *out, int ldo, const Matrix *w, int r0, int r1, const QuantizedVector *x, int n) {
+   q8_0 or q4_0 weights and a batch x of n quantized rows (and for q8_0
+   their second parts, rest): the dot products of matvec_rows(), token by
+   token, for every row. The fast version is qgemm_rows_avx512() below; both
+   give each output the same integer sums. */
+static void qgemm_rows_ref(float *out, int ldo, const Matrix *w, int r0, int r1, const QuantizedVector *x,
+                           const QuantizedVector *rest, int n) {
     size_t cols = w->cols, groups = cols / GROUP_SIZE;
     DotQ8 dot8 = choose_dot_q8();
     DotQ4 dot4 = choose_dot_q4();
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < n; t++) {
             QuantizedVector xt = quantized_row(x, t, (int)cols);
-            out[(size_t)t * ldo + r - r0] = w->type == WEIGHT_Q8_0
-                ? dot8((const int8_t *)w->values + r * cols, w->scales + r * groups, &xt, (int)cols)
-                : dot4((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, &xt, (int)cols);
+            if (w->type == WEIGHT_Q8_0) {
+                QuantizedVector rt = quantized_row(rest, t, (int)cols);
+                const int8_t *row = (const int8_t *)w->values + r * cols;
+                out[(size_t)t * ldo + r - r0] = dot8(row, w->scales + r * groups, &xt, (int)cols) +
+                                                dot8(row, w->scales + r * groups, &rt, (int)cols);
+            } else {
+                out[(size_t)t * ldo + r - r0] =
+                    dot4((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, &xt, (int)cols);
+            }
         }
 }
 
@@ -1318,12 +1356,16 @@ AVX512 static void qgemm_pack_avx512(uint32_t *values, float *scales, const Matr
    first `rows` of them stored): for each group, int32 sums of 16 rows at
    once (vpdpbusd: 4 weights of 16 rows times 4 inputs of one token,
    broadcast), started at the token's group bias, then scaled and added to
-   float sums. */
+   float sums, which start at zero or, with accumulate, at what out holds. */
 AVX512_INLINE void qgemm_tile_body(float *out, int ldo, int rows, const uint32_t *values, const float *scales,
-                                   const QuantizedVector *x, int t0, int cols, const int nt) {
+                                   const QuantizedVector *x, int t0, int cols, const int nt, int accumulate) {
     int groups = cols / GROUP_SIZE;
     __m512 acc[QGEMM_TOKENS][2];
-    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    __mmask16 m0 = tail_mask(rows), m1 = tail_mask(rows - 16);
+    for (int t = 0; t < nt; t++) {
+        acc[t][0] = accumulate ? _mm512_maskz_loadu_ps(m0, out + (size_t)(t0 + t) * ldo) : _mm512_setzero_ps();
+        acc[t][1] = accumulate ? _mm512_maskz_loadu_ps(m1, out + (size_t)(t0 + t) * ldo + 16) : _mm512_setzero_ps();
+    }
     for (int g = 0; g < groups; g++) {
         __m512i sum[QGEMM_TOKENS][2];
         for (int t = 0; t < nt; t++)
@@ -1346,7 +1388,6 @@ AVX512_INLINE void qgemm_tile_body(float *out, int ldo, int rows, const uint32_t
             acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][1]), _mm512_mul_ps(s1, d), acc[t][1]);
         }
     }
-    __mmask16 m0 = tail_mask(rows), m1 = tail_mask(rows - 16);
     for (int t = 0; t < nt; t++) {
         _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo, m0, acc[t][0]);
         _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo + 16, m1, acc[t][1]);
@@ -1354,20 +1395,23 @@ AVX512_INLINE void qgemm_tile_body(float *out, int ldo, int rows, const uint32_t
 }
 
 /* qgemm_rows_ref() for rows r0 .. r1 - 1 (r0 a multiple of 32, at most 32
-   rows), packed once into panel and then run for every token. */
+   rows), packed once into panel and then run for every token: over x, then
+   for q8_0 over rest, added on. */
 AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const QuantizedVector *x,
-                                     int n, void *panel) {
+                                     const QuantizedVector *rest, int n, void *panel) {
     int cols = w->cols, padded = (cols + 63) / 64 * 64;
     uint32_t *values = panel;
     float *scales = (float *)((char *)panel + (size_t)QGEMM_ROWS * padded);
     qgemm_pack_avx512(values, scales, w, r0);
-    for (int t = 0; t < n; t += QGEMM_TOKENS) {
-        int nt = n - t < QGEMM_TOKENS ? n - t : QGEMM_TOKENS;
-        float *o = out;
-        if (nt == 4) qgemm_tile_body(o, ldo, r1 - r0, values, scales, x, t, cols, 4);
-        else if (nt == 3) qgemm_tile_body(o, ldo, r1 - r0, values, scales, x, t, cols, 3);
-        else if (nt == 2) qgemm_tile_body(o, ldo, r1 - r0, values, scales, x, t, cols, 2);
-        else qgemm_tile_body(o, ldo, r1 - r0, values, scales, x, t, cols, 1);
+    for (int part = 0; part < (w->type == WEIGHT_Q8_0 ? 2 : 1); part++) {
+        const QuantizedVector *in = part ? rest : x;
+        for (int t = 0; t < n; t += QGEMM_TOKENS) {
+            int nt = n - t < QGEMM_TOKENS ? n - t : QGEMM_TOKENS;
+            if (nt == 4) qgemm_tile_body(out, ldo, r1 - r0, values, scales, in, t, cols, 4, part);
+            else if (nt == 3) qgemm_tile_body(out, ldo, r1 - r0, values, scales, in, t, cols, 3, part);
+            else if (nt == 2) qgemm_tile_body(out, ldo, r1 - r0, values, scales, in, t, cols, 2, part);
+            else qgemm_tile_body(out, ldo, r1 - r0, values, scales, in, t, cols, 1, part);
+        }
     }
 }
 #endif
@@ -1473,7 +1517,7 @@ static int is_grouped(const Matrix *w) { return w->type == WEIGHT_Q8_0 || w->typ
 static void project_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const float *x, int n,
                          const ProductScratch *ps) {
     if (n == 1) {
-        matvec_rows(out, w, r0, r1, x, &ps->q);
+        matvec_rows(out, w, r0, r1, x, &ps->q, &ps->rest);
         return;
     }
 #if HAVE_AVX512
@@ -1481,7 +1525,7 @@ static void project_rows(float *out, int ldo, const Matrix *w, int r0, int r1, c
     thread_id(&tid, &nt);
     void *panel = (char *)ps->panels + tid * ps->panel_size;
     if (ps->panel_size && is_grouped(w)) {
-        qgemm_rows_avx512(out, ldo, w, r0, r1, &ps->q, n, panel);
+        qgemm_rows_avx512(out, ldo, w, r0, r1, &ps->q, &ps->rest, n, panel);
         return;
     }
     if (ps->panel_size && w->type == WEIGHT_BF16) {
@@ -1489,13 +1533,13 @@ static void project_rows(float *out, int ldo, const Matrix *w, int r0, int r1, c
         return;
     }
 #endif
-    if (is_grouped(w)) qgemm_rows_ref(out, ldo, w, r0, r1, &ps->q, n);
+    if (is_grouped(w)) qgemm_rows_ref(out, ldo, w, r0, r1, &ps->q, &ps->rest, n);
     else gemm_rows(out, ldo, w, r0, r1, x, n);
 }
 
 /* The input x (n, cols) of w in the form its products take, once for all
-   the rows that read it, a batch's rows in parallel: quantized for q8_0 and
-   q4_0 weights, rounded to bf16 (rows padded with zeros to a multiple of
+   the rows that read it, a batch's rows in parallel: quantized for q8_0 (in
+   two parts) and q4_0 weights, rounded to bf16 (rows padded with zeros to a multiple of
    32) for the batched bf16 kernels. */
 static void prepare_input(ProductScratch *ps, const Matrix *w, const float *x, int n) {
     int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8, stride = (cols + 31) / 32 * 32;
@@ -1504,6 +1548,10 @@ static void prepare_input(ProductScratch *ps, const Matrix *w, const float *x, i
         for (int t = 0; t < n; t++) {
             QuantizedVector row = quantized_row(&ps->q, t, cols);
             quantize_vector(&row, x + (size_t)t * cols, cols, offset);
+            if (w->type == WEIGHT_Q8_0) {
+                QuantizedVector rest = quantized_row(&ps->rest, t, cols);
+                quantize_remainder(&rest, ps->remainder + (size_t)t * cols, x + (size_t)t * cols, &row, cols, offset);
+            }
         }
     } else if (w->type == WEIGHT_BF16 && n > 1 && ps->panel_size) {
         #pragma omp parallel for

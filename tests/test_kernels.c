@@ -95,12 +95,22 @@ static void free_quantized(QuantizedVector *q) {
     free(q->group_bias);
 }
 
-/* n rows of x quantized for the products of w (q8_0 or q4_0), as prepare_input() does. */
-static void quantize_batch(QuantizedVector *q, const Matrix *w, const float *x, int n) {
+/* n rows of x quantized for the products of w (q8_0 or q4_0), as
+   prepare_input() does: into q, and for q8_0 the second part into rest. xd
+   (n, cols) gets the values they stand for, d q (+ d' q'). */
+static void quantize_batch(QuantizedVector *q, QuantizedVector *rest, float *xd, const Matrix *w, const float *x,
+                           int n) {
+    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8;
+    float *remainder = xcalloc(cols, sizeof(float), "remainder");
     for (int t = 0; t < n; t++) {
-        QuantizedVector row = quantized_row(q, t, w->cols);
-        quantize_vector(&row, x + (size_t)t * w->cols, w->cols, w->type == WEIGHT_Q8_0 ? 128 : 8);
+        QuantizedVector row = quantized_row(q, t, cols), rest_row = quantized_row(rest, t, cols);
+        quantize_vector(&row, x + (size_t)t * cols, cols, offset);
+        if (w->type == WEIGHT_Q8_0) quantize_remainder(&rest_row, remainder, x + (size_t)t * cols, &row, cols, offset);
+        for (int c = 0; c < cols; c++)
+            xd[(size_t)t * cols + c] = row.d[c / GROUP_SIZE] * row.q[c] +
+                (w->type == WEIGHT_Q8_0 ? rest_row.d[c / GROUP_SIZE] * rest_row.q[c] : 0.0f);
     }
+    free(remainder);
 }
 
 /* A ProductScratch for n inputs of cols values, with packed panels for the
@@ -111,7 +121,9 @@ static ProductScratch alloc_products(int n, int cols, int type) {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    ProductScratch ps = {alloc_quantized(n * cols), xcalloc((size_t)n * ((cols + 31) / 32 * 32) + 1, 2, "bf16"),
+    ProductScratch ps = {alloc_quantized(n * cols), alloc_quantized(n * cols),
+                         xcalloc((size_t)n * cols + 1, sizeof(float), "remainder"),
+                         xcalloc((size_t)n * ((cols + 31) / 32 * 32) + 1, 2, "bf16"),
                          NULL, 0, xcalloc((size_t)threads * n * ROW_BLOCK, sizeof(float), "up"), n};
     if ((type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) && use_avx512 && n > 1) ps.panel_size = qgemm_panel_size(cols);
     if (type == WEIGHT_BF16 && use_avx512_bf16 && n > 1) ps.panel_size = bgemm_panel_size(cols);
@@ -121,6 +133,8 @@ static ProductScratch alloc_products(int n, int cols, int type) {
 
 static void free_products(ProductScratch *ps) {
     free_quantized(&ps->q);
+    free_quantized(&ps->rest);
+    free(ps->remainder);
     free(ps->bf16);
     free(ps->panels);
     free(ps->up);
@@ -202,6 +216,19 @@ static void test_quantize_vector(void) {
             for (int i = 0; i < GROUP_SIZE; i++) sum += q.q[g * GROUP_SIZE + i];
             expect("quantize_vector group bias", n, g, 0, q.group_bias[g], -128.0 * sum, 0);
         }
+        /* the second part: x ~ d q + d' q', d' at most d / 254, within d' / 2 */
+        QuantizedVector rest = alloc_quantized(n);
+        float *remainder = xcalloc(n, sizeof(float), "remainder");
+        quantize_remainder(&rest, remainder, x, &q, n, 128);
+        for (int i = 0; i < n; i++) {
+            float d = q.d[i / GROUP_SIZE], d2 = rest.d[i / GROUP_SIZE];
+            if (!isfinite(x[i]) || !isfinite(d) || !isfinite(d2)) continue;
+            expect("quantize_remainder d'", n, i, 0, d2, 0.0, d / 254.0 * 1.0001 + 1e-30);
+            expect("quantize_remainder |x - d q - d' q'|", n, i, 0, (double)d * q.q[i] + (double)d2 * rest.q[i], x[i],
+                   d2 * 0.5001 + 1e-6 * fabs(x[i]) + 1e-30);
+        }
+        free(remainder);
+        free_quantized(&rest);
         free(x);
         free_quantized(&q);
     }
@@ -332,10 +359,9 @@ static void test_gemm(int type, int avx512) {
         }
 #endif
         if (grouped) { /* the batch quantized, through qgemm_rows: the exact result is that of the quantized input */
-            QuantizedVector qb = alloc_quantized(n * cols);
+            QuantizedVector qb = alloc_quantized(n * cols), rb = alloc_quantized(n * cols);
             float *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
-            quantize_batch(&qb, &w, x, n);
-            for (int i = 0; i < n * cols; i++) xd[i] = qb.d[i / GROUP_SIZE] * qb.q[i];
+            quantize_batch(&qb, &rb, xd, &w, x, n);
             exact_matmul(want, mag, &w, xd, n);
             for (int fast = 0; fast < 1 + avx512; fast++) {
                 snprintf(what, sizeof what, "qgemm_rows %s%s", names[type], fast ? " avx512" : "");
@@ -344,31 +370,33 @@ static void test_gemm(int type, int avx512) {
                 if (fast) {
                     void *panel = xcalloc(qgemm_panel_size(cols), 1, "panel");
                     for (int r = 0; r < rows; r += QGEMM_ROWS)
-                        qgemm_rows_avx512(out + r, rows, &w, r, r + QGEMM_ROWS < rows ? r + QGEMM_ROWS : rows, &qb, n, panel);
+                        qgemm_rows_avx512(out + r, rows, &w, r, r + QGEMM_ROWS < rows ? r + QGEMM_ROWS : rows, &qb, &rb,
+                                          n, panel);
                     free(panel);
                 }
 #endif
-                if (!fast) qgemm_rows_ref(out, rows, &w, 0, rows, &qb, n);
+                if (!fast) qgemm_rows_ref(out, rows, &w, 0, rows, &qb, &rb, n);
                 for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
             }
             free(xd);
             free_quantized(&qb);
+            free_quantized(&rb);
         }
         /* a batch of one goes through matvec_rows, with the input quantized for q8_0 and q4_0 */
-        QuantizedVector q = alloc_quantized(cols);
-        quantize_batch(&q, &w, x, 1);
+        QuantizedVector q = alloc_quantized(cols), rest = alloc_quantized(cols);
         float *xd = x;
         if (grouped) { // the exact result is then that of the quantized input
             xd = xcalloc(cols, sizeof(float), "xd");
-            for (int c = 0; c < cols; c++) xd[c] = q.d[c / GROUP_SIZE] * q.q[c];
+            quantize_batch(&q, &rest, xd, &w, x, 1);
             exact_matmul(want, mag, &w, xd, 1);
         }
         snprintf(what, sizeof what, "matvec_rows %s%s", names[type], avx512 ? " avx512" : "");
         int r0 = rows > 8 ? 8 : 0; // a range that starts past row 0
-        matvec_rows(out + r0, &w, r0, rows, x, &q);
+        matvec_rows(out + r0, &w, r0, rows, x, &q, &rest);
         for (int r = r0; r < rows; r++) expect(what, rows, cols, r, out[r], want[r], 1e-5 * mag[r] + 1e-30);
         if (xd != x) free(xd);
         free_quantized(&q);
+        free_quantized(&rest);
         free_matrix(&w);
         free(x), free(out), free(want), free(mag);
     }

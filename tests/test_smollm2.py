@@ -490,6 +490,35 @@ def test_make_demo_answers(smollm2):
     assert "Paris" in p.stdout.splitlines()[-1], p.stdout
 
 
+@pytest.fixture(scope="module")
+def smollm2_q8(smollm2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q8") / "smollm2-q8_0.bin"
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(out), "--gguf", str(GGUF_DIR / GGUF_NAME),
+                        "--dtype", "q8_0", "--tokenizer-out", str(out.with_suffix(".tok"))],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+# make demo's question and the README's commands for the demo model
+DEMO_PROMPTS = [("chat", "What is the capital of France?", None),
+                ("chat", "What is the capital of France?", "You are a pirate."),
+                ("generate", "Once upon a time", None)]
+
+
+@pytest.mark.parametrize("mode,text,system", DEMO_PROMPTS)
+def test_smollm2_int8_greedy_equals_f32(smollm2, smollm2_q8, mode, text, system):
+    """SmolLM2 in q8_0 writes the same first 30 greedy tokens as in f32 on
+    the demo's prompts (as token ids, so nothing stops at end of turn).
+    This needs q8_0's inputs in two parts: with one int8 part per group, as
+    llama.cpp's Q8_0, the first answer derails at its first token."""
+    flags = ["-m", mode, "--tokenize", "-z", DEMO / "tokenizer.bin", "-i", text] + (["-y", system] if system else [])
+    prompt = run([smollm2] + flags).stdout.split()
+    f32 = run([smollm2, "--tokens", " ".join(prompt), "-t", 0, "-n", 30]).stdout.split()[len(prompt):]
+    q8 = run([smollm2_q8, "--tokens", " ".join(prompt), "-t", 0, "-n", 30]).stdout.split()[len(prompt):]
+    assert len(f32) == 30 and q8 == f32
+
+
 @pytest.mark.skipif("RUN_BINARY" in os.environ, reason="make explain runs ./run, not the instrumented build")
 def test_make_explain_shows_trace_and_probs(smollm2):
     """make explain: a trace header and 30 layer lines for each of the 5
