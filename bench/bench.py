@@ -11,11 +11,14 @@ runs is reported:
 
   pp       prompt processing, tokens per second
   tg       generation, tokens per second
-  GB/s     read bandwidth, measured by bench/membw between the runs, with
-           as many threads (the median)
+  GB/s     read bandwidth, measured by bench/membw before and after every
+           run, with as many threads (the median of all readings)
   %bw      generation as a share of that roofline: the bytes a generated
            token must read (every matrix and norm it uses, and the KV cache
-           up to its position) times tg, over the read bandwidth
+           up to its position) times tg, over the mean of the two readings
+           around that run; the median over runs. Pairing each run with
+           the readings beside it matters here: a shared machine's
+           bandwidth swings by half from one minute to the next
   ttft     milliseconds from the start of ./run to its first token, for a
            one-token prompt: loading, mapping, one forward pass and sampling
   rss      peak resident memory (GNU time's %M, when /usr/bin/time is
@@ -25,9 +28,10 @@ runs is reported:
 When llama-cpp-python is installed (make bench-peers), llama.cpp runs the
 same weights, converted to GGUF by export.write_gguf() with identical values,
 with the same prompt, threads and greedy continuation; its times are its own
-(llama_perf_context, no Python in them). Its runs alternate with ours, and
-the ratios (ours over its) are medians of run-by-run ratios, so that a
-burst of load from elsewhere on the machine hits both.
+(llama_perf_context, no Python in them), and its %bw is reckoned the same
+way (with its f16 KV cache). Its runs alternate with ours, and the ratios
+(ours over its) are medians of run-by-run ratios, so that a burst of load
+from elsewhere on the machine hits both.
 """
 
 import argparse
@@ -145,7 +149,7 @@ def median_result(results):
     return Result(*(statistics.median(getattr(r, f.name) for r in results) for f in dataclasses.fields(Result)))
 
 
-def bytes_per_token(args, dtype, pos_from, n_gen):
+def bytes_per_token(args, dtype, pos_from, n_gen, peer=False):
     """Bytes one generated token reads: every matrix (the classifier, not the
     embedding table, of which it reads one row) and norm, plus the KV cache up
     to its position, averaged over the generated positions."""
@@ -154,13 +158,14 @@ def bytes_per_token(args, dtype, pos_from, n_gen):
     matrices = args.n_layers * (qd * d + 2 * kvd * d + d * qd + 3 * h * d) + args.vocab_size * d
     norms = (2 * args.n_layers + 1) * d * 4
     mean_pos = pos_from + (n_gen + 1) / 2
-    kv = 2 * args.n_layers * mean_pos * kvd * kv_bytes(dtype)
+    kv = 2 * args.n_layers * mean_pos * kvd * kv_bytes(dtype, peer)
     return matrices * per_weight + norms + kv
 
 
-def kv_bytes(dtype):
-    """Bytes per cached key or value element: run.c keeps f16 for q8_0 and q4_0."""
-    return 2 if dtype in ("q8_0", "q4_0") else 4
+def kv_bytes(dtype, peer=False):
+    """Bytes per cached key or value element: run.c keeps f16 for q8_0 and
+    q4_0, llama.cpp f16 for all."""
+    return 2 if peer or dtype in ("q8_0", "q4_0") else 4
 
 
 def footprint(path, args, dtype, n_pos):
@@ -247,10 +252,10 @@ def main(argv=None):
     prompt = [1] + rng.integers(3, 32000, opts.prompt - 1).tolist()
     print(f"machine: {machine()}")
     print(f"threads: {opts.threads}; prompt {opts.prompt} tokens, then {opts.gen} generated, greedy; "
-          f"median of {opts.runs} runs, each run of ours followed by one of llama.cpp's and a bandwidth reading")
+          f"median of {opts.runs} runs; a bandwidth reading before and after each run, ours and llama.cpp's in turn")
     header = f"{'model':5} {'type':5} {'MB':>6} {'pp tok/s':>9} {'tg tok/s':>9} {'GB/s':>5} {'%bw':>5} {'ttft':>6} {'rss':>6}"
     if peers:
-        header += f" | {'llama.cpp pp':>12} {'tg':>7} | {'pp x':>5} {'tg x':>5}  same tokens"
+        header += f" | {'llama.cpp pp':>12} {'tg':>7} {'%bw':>5} | {'pp x':>5} {'tg x':>5}  same tokens"
     print(header)
     for shape in shapes:
         args = export.ModelArgs(**SHAPES[shape])
@@ -260,30 +265,36 @@ def main(argv=None):
             peer = LlamaCpp(gguf_path(shape, dtype), prompt, opts.gen, opts.threads) if peers else None
             if peer:
                 theirs = peer.run()[2]                   # warms it up
-            ours, bandwidths, pp_ratio, tg_ratio, peer_pp, peer_tg = [], [], [], [], [], []
+            ours, pp_ratio, tg_ratio, peer_pp, peer_tg, share, peer_share = [], [], [], [], [], [], []
+            bandwidths = [read_bandwidth(opts.threads)]
+            our_bytes = bytes_per_token(args, dtype, opts.prompt, opts.gen)
             for _ in range(opts.runs):                  # interleaved, so that all see the same load
                 ours.append(run_once(path, prompt, opts.gen, opts.threads))
+                bandwidths.append(read_bandwidth(opts.threads))
+                share.append(ours[-1].tg * our_bytes / (statistics.mean(bandwidths[-2:]) * 1e9))
                 if peer:
                     pp, tg, _ = peer.run()
+                    bandwidths.append(read_bandwidth(opts.threads))
                     peer_pp.append(pp), peer_tg.append(tg)
                     pp_ratio.append(ours[-1].pp / pp), tg_ratio.append(ours[-1].tg / tg)
-                bandwidths.append(read_bandwidth(opts.threads))
+                    theirs_bytes = bytes_per_token(args, dtype, opts.prompt, opts.gen, peer=True)
+                    peer_share.append(tg * theirs_bytes / (statistics.mean(bandwidths[-2:]) * 1e9))
             res, bw = median_result(ours), statistics.median(bandwidths)
-            share = res.tg * bytes_per_token(args, dtype, opts.prompt, opts.gen) / (bw * 1e9)
             rss = res.rss / footprint(path, args, dtype, opts.prompt + opts.gen)
             line = (f"{shape:5} {dtype:5} {os.path.getsize(path) / 1e6:6.0f} {res.pp:9.1f} {res.tg:9.1f} "
-                    f"{bw:5.1f} {100 * share:4.0f}% {res.ttft_ms:4.0f}ms {rss:6.3f}")
+                    f"{bw:5.1f} {100 * statistics.median(share):4.0f}% {res.ttft_ms:4.0f}ms {rss:6.3f}")
             if peer:
                 peer.close()
                 mine = [int(t) for t in subprocess.run(
                     [str(ROOT / "run"), str(path), "--tokens", " ".join(map(str, prompt)), "-n", "16", "-t", "0"],
                     capture_output=True, text=True, check=True).stdout.split()[len(prompt):]]
                 same = sum(a == b for a, b in zip(mine, theirs[:16]))
-                line += (f" | {statistics.median(peer_pp):12.1f} {statistics.median(peer_tg):7.1f} | "
+                line += (f" | {statistics.median(peer_pp):12.1f} {statistics.median(peer_tg):7.1f} "
+                         f"{100 * statistics.median(peer_share):4.0f}% | "
                          f"{statistics.median(pp_ratio):5.2f} {statistics.median(tg_ratio):5.2f}  {same}/16")
             print(line, flush=True)
-    print("GB/s: read bandwidth (bench/membw), median of the readings between runs; "
-          "ratios: medians of ours over llama.cpp's, run by run")
+    print("GB/s: read bandwidth (bench/membw), median of the readings; %bw: median of each run's share of "
+          "the readings beside it; ratios: medians of ours over llama.cpp's, run by run")
 
 if __name__ == "__main__":
     sys.exit(main())
