@@ -1050,18 +1050,26 @@ AVX512_INLINE __m512i q4_bytes(const uint8_t *w, int both) {
 }
 
 /* acc += the dot products of groups 2j and 2j + 1 of the stretch of groups
-   that starts at weight k0, whose combined scales (weight times input) are
-   the lanes of s; `both` is 0 when only group 2j is left. */
-AVX512_INLINE __m512 dot_pair_avx512(__m512 acc, const void *w, const QuantizedVector *x, __m512 s, int k0,
-                                     int j, int both, const int q4) {
+   that starts at weight k0, with their weights wv already loaded (as
+   unsigned bytes), and their combined scales (weight times input) the
+   lanes of s; `both` is 0 when only group 2j is left. */
+AVX512_INLINE __m512 dot_pair_bytes_avx512(__m512 acc, __m512i wv, const QuantizedVector *x, __m512 s, int k0, int j,
+                                           int both) {
     int k = k0 + 2 * j * GROUP_SIZE;
     __mmask64 m = both ? ~0ull : 0xffffffffull;
-    __m512i wv = q4 ? q4_bytes((const uint8_t *)w + k / 2, both)
-                    : q8_bytes((const int8_t *)w + k, m);
     __m512i xv = _mm512_maskz_loadu_epi8(m, x->q + k);
     __m512i bias = _mm512_maskz_loadu_epi32(both ? 0xffff : 0xff, x->bias + k / 4);
     __m512i dot = _mm512_dpbusd_epi32(bias, wv, xv); // exact: 4 weights x inputs per lane
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scales(s, j), acc);
+}
+
+/* The same, loading the weights of the two groups from w. */
+AVX512_INLINE __m512 dot_pair_avx512(__m512 acc, const void *w, const QuantizedVector *x, __m512 s, int k0,
+                                     int j, int both, const int q4) {
+    int k = k0 + 2 * j * GROUP_SIZE;
+    __m512i wv = q4 ? q4_bytes((const uint8_t *)w + k / 2, both)
+                    : q8_bytes((const int8_t *)w + k, both ? ~0ull : 0xffffffffull);
+    return dot_pair_bytes_avx512(acc, wv, x, s, k0, j, both);
 }
 
 /* acc plus the dot products of the last m < 8 groups of a row, which start
@@ -1114,6 +1122,33 @@ AVX512 static float dot_q8_avx512(const int8_t *w, const uint16_t *wd, const Qua
 AVX512 static float dot_q4_avx512(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
     return dot_grouped_avx512(w, wd, x, n, 1);
 }
+
+/* dot_q8_avx512(w, x) + dot_q8_avx512(w, rest), the two parts of a q8_0
+   input (quantize_remainder()), in one pass: each weight is loaded once for
+   both products, which is what generation's matrix-vector products need
+   to keep up with memory. */
+AVX512 static float dot_q8_both_avx512(const int8_t *w, const uint16_t *wd, const QuantizedVector *x,
+                                       const QuantizedVector *rest, int n) {
+    __m512 acc = _mm512_setzero_ps(), acc_rest = _mm512_setzero_ps();
+    int groups = n / GROUP_SIZE, g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        for (int line = 0; line < 4; line++) PREFETCH(w + g * GROUP_SIZE + 64 * line);
+        PREFETCH(wd + g);
+        __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g)));
+        __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(ws, _mm256_loadu_ps(x->d + g)));
+        __m512 s_rest = _mm512_castps256_ps512(_mm256_mul_ps(ws, _mm256_loadu_ps(rest->d + g)));
+        for (int j = 0; j < 4; j++) {
+            __m512i wv = q8_bytes(w + (g + 2 * j) * GROUP_SIZE, ~0ull);
+            acc = dot_pair_bytes_avx512(acc, wv, x, s, g * GROUP_SIZE, j, 1);
+            acc_rest = dot_pair_bytes_avx512(acc_rest, wv, rest, s_rest, g * GROUP_SIZE, j, 1);
+        }
+    }
+    if (g < groups) {
+        acc = dot_tail_q8_avx512(acc, w, wd, x, g, groups - g);
+        acc_rest = dot_tail_q8_avx512(acc_rest, w, wd, rest, g, groups - g);
+    }
+    return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(acc_rest);
+}
 #endif
 
 typedef float (*DotQ8)(const int8_t *, const uint16_t *, const QuantizedVector *, int);
@@ -1157,6 +1192,12 @@ static void matvec_rows(float *out, const Matrix *w, int r0, int r1, const float
         DotQ8 dot = choose_dot_q8();
         for (int r = r0; r < r1; r++) {
             const int8_t *row = (const int8_t *)w->values + r * cols;
+#if HAVE_AVX512
+            if (use_avx512) {
+                out[r - r0] = dot_q8_both_avx512(row, w->scales + r * groups, xq, rest, (int)cols);
+                continue;
+            }
+#endif
             out[r - r0] = dot(row, w->scales + r * groups, xq, (int)cols) +
                           dot(row, w->scales + r * groups, rest, (int)cols); // the row again, from L1
         }
