@@ -12,17 +12,21 @@ weights, decoded (export.read_checkpoint). Against the decoded weights:
                 cache, measures up to 0.5% of the logits' rms on these
                 models. Bound: 2% relative rms per row. (Without AVX-512
                 BF16 the prompt is float32 too, and matches to 1e-4.)
-  q8_0, q4_0    every activation vector that meets these weights is
+  q4_0          every activation vector that meets these weights is
                 quantized to int8 in groups of 32 (step max|x| / 127, about
                 0.2% rms error per value) for integer dot products, in the
                 prompt's batches as in generation; and keys and values go
-                into an f16 cache (half the memory traffic of attention;
-                alone it moves the logits by about 4e-4 x max|logit|). The
-                noise, carried through the layers, measures about 1% of the
-                logits' rms on these models. Bound: 3% relative rms per row.
+                into an f16 cache (half the memory traffic of attention).
+                The noise, carried through the layers, measures about 1.3%
+                of the logits' rms on these models. Bound: 3% relative rms
+                per row.
+  q8_0          the same, with each activation vector in two int8 parts
+                (about 15 bits; run.c's quantize_remainder()), so that
+                mostly the f16 cache is left: measured 3e-4 relative rms.
+                Bound: 2e-3.
 
-Against float32 (what the weight type costs): bf16 measures 0.5%, bound 2%.
-q8_0 measures 1.6%, bound 5%. q4_0's weights are 4-bit: on random Gaussian
+Against float32 (what the weight type costs): bf16 measures 0.6%, bound 2%.
+q8_0 measures 1.8%, all of it its weights' rounding, bound 5%. q4_0's weights are 4-bit: on random Gaussian
 matrices each one's rounding error is about 7.5% of its rms, and the logits
 of these random models, products of ten or so such matrices, carry about 27%
 (trained models, which lean on the residual stream, lose far less). So q4_0
@@ -53,8 +57,9 @@ CONFIGS = {
     "mqa_untied": (96, 224, 3, 6, 1, 16, 300, False),
 }
 ACTIVATION_TOL = 0.03                                     # relative rms, int8 activations
+TWO_PART_TOL = 0.002                                      # relative rms, q8_0's two-part activations
 BF16_TOL = 0.02                                           # relative rms, bf16 activations
-ROUNDED_TOL = {"bf16": BF16_TOL, "q8_0": ACTIVATION_TOL, "q4_0": ACTIVATION_TOL}
+ROUNDED_TOL = {"bf16": BF16_TOL, "q8_0": TWO_PART_TOL, "q4_0": ACTIVATION_TOL}
 FLOAT_TOL = {"bf16": 0.02, "q8_0": 0.05}                  # relative rms against float32
 
 
@@ -115,7 +120,8 @@ def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
     BF16_TOL. q8_0 and q4_0 take the same integer dot products either way,
     summed in other float orders; where that moves an activation across a
     rounding boundary of the next int8 quantization, it lands one step off,
-    which the layers and positions after it carry on: within ACTIVATION_TOL."""
+    which the layers and positions after it carry on: within ACTIVATION_TOL
+    for q4_0 (measured up to 0.8%), TWO_PART_TOL for q8_0 (measured 8e-5)."""
     args, _, path, _ = exported("gqa4_untied", dtype)
     prompt = prompt_for(args.vocab_size, n=40)
     rows = {}
