@@ -242,7 +242,6 @@ typedef struct {
 typedef struct {
     QuantizedVector q;  // (batch, widest)
     QuantizedVector rest; // (batch, widest) q8_0 only: what q leaves, x - d q, quantized in turn
-    float *remainder;   // (batch, widest) q8_0 only: x - d q, before it is quantized
     uint16_t *bf16;     // (batch, widest rounded up to 32)
     void *panels;       // (threads, panel_size)
     size_t panel_size;
@@ -564,7 +563,6 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     ps->rest.d = xcalloc(rn / GROUP_SIZE + 1, sizeof(float), "activations");
     ps->rest.bias = xcalloc(rn / 4 + 1, sizeof(int32_t), "activations");
     ps->rest.group_bias = xcalloc(rn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
-    ps->remainder = xcalloc(rn + 1, sizeof(float), "activations");
     ps->panel_size = 0; // packed weights, where the batched AVX-512 products need them
     if (grouped && use_avx512 && b > 1) ps->panel_size = qgemm_panel_size((int)widest);
     if (c->weight_type == WEIGHT_BF16 && use_avx512_bf16 && b > 1) ps->panel_size = bgemm_panel_size((int)widest);
@@ -611,7 +609,7 @@ static void free_run_state(RunState *s) {
     void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
                        s->rope_sin, s->logits, s->products.q.q, s->products.q.d, s->products.q.bias,
                        s->products.q.group_bias, s->products.rest.q, s->products.rest.d, s->products.rest.bias,
-                       s->products.rest.group_bias, s->products.remainder, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
+                       s->products.rest.group_bias, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
                        s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
     if (s->trace) {
@@ -900,25 +898,24 @@ static float dot_bf16(const uint16_t *w, const float *x, int n) {
     return sum + sum_lanes(acc);
 }
 
-/* Quantizes x (n, a multiple of GROUP_SIZE) for the int8 dot products: each
-   group gets d = max|x| / 127 and q = round(x / d), so x ~ d q with q in
-   -127..127. offset is what the AVX-512 kernels add to each weight to make it
-   unsigned (128 for q8_0, 8 for q4_0); bias takes it back out. Values that
-   are not finite come out clamped, never undefined. */
-static void quantize_vector(QuantizedVector *out, const float *x, int n, int offset) {
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
-        const float *xg = x + (size_t)g * GROUP_SIZE;
-        float amax = 0.0f;
-        for (int i = 0; i < GROUP_SIZE; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax; // skips NaN
-        float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        out->d[g] = d;
-        for (int i = 0; i < GROUP_SIZE; i++) {
-            float v = xg[i] * inv;
-            v = v < 127.0f ? v : 127.0f;   // NaN becomes 127 here, so the cast below is defined
-            v = v > -127.0f ? v : -127.0f;
-            out->q[g * GROUP_SIZE + i] = (int8_t)nearbyintf(v);
-        }
+/* One group of 32: d = max|x| / 127 and q = round(x / d), so x ~ d q with
+   q in -127..127. Values that are not finite come out clamped, never
+   undefined. */
+static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_SIZE]) {
+    float amax = 0.0f;
+    for (int i = 0; i < GROUP_SIZE; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax; // skips NaN
+    *d = amax / 127.0f;
+    float inv = *d > 0.0f ? 1.0f / *d : 0.0f;
+    for (int i = 0; i < GROUP_SIZE; i++) {
+        float v = x[i] * inv;
+        v = v < 127.0f ? v : 127.0f;   // NaN becomes 127 here, so the cast below is defined
+        v = v > -127.0f ? v : -127.0f;
+        q[i] = (int8_t)nearbyintf(v);
     }
+}
+
+/* The sums the AVX-512 kernels start from, once out->q is filled. */
+static void quantize_biases(QuantizedVector *out, int n, int offset) {
     for (int j = 0; j < n / 4; j++) {
         const int8_t *q = out->q + 4 * j;
         out->bias[j] = -offset * (q[0] + q[1] + q[2] + q[3]);
@@ -930,9 +927,18 @@ static void quantize_vector(QuantizedVector *out, const float *x, int n, int off
     }
 }
 
+/* Quantizes x (n, a multiple of GROUP_SIZE) for the int8 dot products,
+   group by group. offset is what the AVX-512 kernels add to each weight to
+   make it unsigned (128 for q8_0, 8 for q4_0); bias takes it back out. */
+static void quantize_vector(QuantizedVector *out, const float *x, int n, int offset) {
+    for (int g = 0; g < n / GROUP_SIZE; g++)
+        quantize_group(out->q + g * GROUP_SIZE, &out->d[g], x + (size_t)g * GROUP_SIZE);
+    quantize_biases(out, n, offset);
+}
+
 /* The input of q8_0 products in two int8 parts, x ~ d q + d' q': the
    part quantize_vector() leaves, x - d q (at most d / 2 per value), is
-   quantized in turn into rest, with remainder (n) as scratch. One part is
+   quantized in turn into rest, group by group. One part is
    what llama.cpp's Q8_0 products take: 8 bits per group of 32, so one large
    value in a group (the normed input of some models' MLPs has a few)
    leaves the other 31 with a bit or two, and SmolLM2-135M's greedy text
@@ -940,10 +946,13 @@ static void quantize_vector(QuantizedVector *out, const float *x, int n, int off
    about 15 bits at twice the integer work, and generation, which waits on
    memory, hardly slows. q4_0 products keep one part: their weights' 4 bits
    dominate. */
-static void quantize_remainder(QuantizedVector *rest, float *remainder, const float *x, const QuantizedVector *q,
-                               int n, int offset) {
-    for (int i = 0; i < n; i++) remainder[i] = x[i] - q->d[i / GROUP_SIZE] * q->q[i];
-    quantize_vector(rest, remainder, n, offset);
+static void quantize_remainder(QuantizedVector *rest, const float *x, const QuantizedVector *q, int n, int offset) {
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        float left[GROUP_SIZE];
+        for (int i = 0; i < GROUP_SIZE; i++) left[i] = x[g * GROUP_SIZE + i] - q->d[g] * q->q[g * GROUP_SIZE + i];
+        quantize_group(rest->q + g * GROUP_SIZE, &rest->d[g], left);
+    }
+    quantize_biases(rest, n, offset);
 }
 
 /* Row t of a batch of quantized vectors of n values each. */
@@ -1183,6 +1192,24 @@ static DotQ4 choose_dot_q4(void) {
 #endif
 }
 
+/* w . x + w . rest for a q8_0 row and the two parts of its input
+   (quantize_remainder()). */
+REFERENCE float dot_q8_both_ref(const int8_t *w, const uint16_t *wd, const QuantizedVector *x,
+                                const QuantizedVector *rest, int n) {
+    return dot_q8_ref(w, wd, x, n) + dot_q8_ref(w, wd, rest, n);
+}
+
+/* The same, fastest: one pass over the row on AVX-512, else the row's dot
+   product with each part, the second reading it from L1. */
+static float dot_q8_both(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, const QuantizedVector *rest,
+                         int n) {
+#if HAVE_AVX512
+    if (use_avx512) return dot_q8_both_avx512(w, wd, x, rest, n);
+#endif
+    DotQ8 dot = choose_dot_q8();
+    return dot(w, wd, x, n) + dot(w, wd, rest, n);
+}
+
 /* out[r - r0] = W[r] . x for the rows r0 <= r < r1 of w: the matrix-vector
    product of generation. x is the input as floats and, for q8_0 and q4_0
    weights, quantized by quantize_vector(); for q8_0, rest is its second
@@ -1195,18 +1222,9 @@ static void matvec_rows(float *out, const Matrix *w, int r0, int r1, const float
     } else if (w->type == WEIGHT_BF16) {
         for (int r = r0; r < r1; r++) out[r - r0] = dot_bf16((const uint16_t *)w->values + r * cols, x, (int)cols);
     } else if (w->type == WEIGHT_Q8_0) {
-        DotQ8 dot = choose_dot_q8();
-        for (int r = r0; r < r1; r++) {
-            const int8_t *row = (const int8_t *)w->values + r * cols;
-#if HAVE_AVX512
-            if (use_avx512) {
-                out[r - r0] = dot_q8_both_avx512(row, w->scales + r * groups, xq, rest, (int)cols);
-                continue;
-            }
-#endif
-            out[r - r0] = dot(row, w->scales + r * groups, xq, (int)cols) +
-                          dot(row, w->scales + r * groups, rest, (int)cols); // the row again, from L1
-        }
+        for (int r = r0; r < r1; r++)
+            out[r - r0] = dot_q8_both((const int8_t *)w->values + r * cols, w->scales + r * groups, xq, rest,
+                                      (int)cols);
     } else {
         DotQ4 dot = choose_dot_q4();
         for (int r = r0; r < r1; r++)
@@ -1321,16 +1339,14 @@ static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, cons
 static void qgemm_rows_ref(float *out, int ldo, const Matrix *w, int r0, int r1, const QuantizedVector *x,
                            const QuantizedVector *rest, int n) {
     size_t cols = w->cols, groups = cols / GROUP_SIZE;
-    DotQ8 dot8 = choose_dot_q8();
     DotQ4 dot4 = choose_dot_q4();
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < n; t++) {
             QuantizedVector xt = quantized_row(x, t, (int)cols);
             if (w->type == WEIGHT_Q8_0) {
                 QuantizedVector rt = quantized_row(rest, t, (int)cols);
-                const int8_t *row = (const int8_t *)w->values + r * cols;
-                out[(size_t)t * ldo + r - r0] = dot8(row, w->scales + r * groups, &xt, (int)cols) +
-                                                dot8(row, w->scales + r * groups, &rt, (int)cols);
+                out[(size_t)t * ldo + r - r0] =
+                    dot_q8_both((const int8_t *)w->values + r * cols, w->scales + r * groups, &xt, &rt, (int)cols);
             } else {
                 out[(size_t)t * ldo + r - r0] =
                     dot4((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, &xt, (int)cols);
@@ -1599,7 +1615,7 @@ static void prepare_input(ProductScratch *ps, const Matrix *w, const float *x, i
             quantize_vector(&row, x + (size_t)t * cols, cols, offset);
             if (w->type == WEIGHT_Q8_0) {
                 QuantizedVector rest = quantized_row(&ps->rest, t, cols);
-                quantize_remainder(&rest, ps->remainder + (size_t)t * cols, x + (size_t)t * cols, &row, cols, offset);
+                quantize_remainder(&rest, x + (size_t)t * cols, &row, cols, offset);
             }
         }
     } else if (w->type == WEIGHT_BF16 && n > 1 && ps->panel_size) {
@@ -1950,9 +1966,8 @@ static void trace_attention(Trace *tr, int layer, const Config *c, const float *
         for (int h = 0; h < c->n_heads; h++) {
             size_t head = (size_t)(h / group) * ctx * head_dim;
             const float *k = (const float *)keys + head;
-            if (kv_f16) {
-                for (size_t i = 0; i < (size_t)n_pos * head_dim; i++)
-                    tr->keys[i] = f16_to_f32(((const uint16_t *)keys)[head + i]);
+            if (kv_f16) { // widened once for the query heads that share it
+                if (h % group == 0) widen_f16(tr->keys, (const uint16_t *)keys + head, (size_t)n_pos * head_dim);
                 k = tr->keys;
             }
             attention_scores_ref(tr->weights, q + ((size_t)t * c->n_heads + h) * head_dim, k, n_pos, head_dim,

@@ -101,16 +101,14 @@ static void free_quantized(QuantizedVector *q) {
 static void quantize_batch(QuantizedVector *q, QuantizedVector *rest, float *xd, const Matrix *w, const float *x,
                            int n) {
     int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8;
-    float *remainder = xcalloc(cols, sizeof(float), "remainder");
     for (int t = 0; t < n; t++) {
         QuantizedVector row = quantized_row(q, t, cols), rest_row = quantized_row(rest, t, cols);
         quantize_vector(&row, x + (size_t)t * cols, cols, offset);
-        if (w->type == WEIGHT_Q8_0) quantize_remainder(&rest_row, remainder, x + (size_t)t * cols, &row, cols, offset);
+        if (w->type == WEIGHT_Q8_0) quantize_remainder(&rest_row, x + (size_t)t * cols, &row, cols, offset);
         for (int c = 0; c < cols; c++)
             xd[(size_t)t * cols + c] = row.d[c / GROUP_SIZE] * row.q[c] +
                 (w->type == WEIGHT_Q8_0 ? rest_row.d[c / GROUP_SIZE] * rest_row.q[c] : 0.0f);
     }
-    free(remainder);
 }
 
 /* A ProductScratch for n inputs of cols values, with packed panels for the
@@ -122,7 +120,6 @@ static ProductScratch alloc_products(int n, int cols, int type) {
     threads = omp_get_max_threads();
 #endif
     ProductScratch ps = {alloc_quantized(n * cols), alloc_quantized(n * cols),
-                         xcalloc((size_t)n * cols + 1, sizeof(float), "remainder"),
                          xcalloc((size_t)n * ((cols + 31) / 32 * 32) + 1, 2, "bf16"),
                          NULL, 0, xcalloc((size_t)threads * n * ROW_BLOCK, sizeof(float), "up"), n};
     if ((type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) && use_avx512 && n > 1) ps.panel_size = qgemm_panel_size(cols);
@@ -134,7 +131,6 @@ static ProductScratch alloc_products(int n, int cols, int type) {
 static void free_products(ProductScratch *ps) {
     free_quantized(&ps->q);
     free_quantized(&ps->rest);
-    free(ps->remainder);
     free(ps->bf16);
     free(ps->panels);
     free(ps->up);
@@ -218,8 +214,7 @@ static void test_quantize_vector(void) {
         }
         /* the second part: x ~ d q + d' q', d' at most d / 254, within d' / 2 */
         QuantizedVector rest = alloc_quantized(n);
-        float *remainder = xcalloc(n, sizeof(float), "remainder");
-        quantize_remainder(&rest, remainder, x, &q, n, 128);
+        quantize_remainder(&rest, x, &q, n, 128);
         for (int i = 0; i < n; i++) {
             float d = q.d[i / GROUP_SIZE], d2 = rest.d[i / GROUP_SIZE];
             if (!isfinite(x[i]) || !isfinite(d) || !isfinite(d2)) continue;
@@ -227,7 +222,6 @@ static void test_quantize_vector(void) {
             expect("quantize_remainder |x - d q - d' q'|", n, i, 0, (double)d * q.q[i] + (double)d2 * rest.q[i], x[i],
                    d2 * 0.5001 + 1e-6 * fabs(x[i]) + 1e-30);
         }
-        free(remainder);
         free_quantized(&rest);
         free(x);
         free_quantized(&q);
@@ -295,6 +289,32 @@ static void test_dot_grouped(int type) {
         free_matrix(&w);
         free(x);
         free_quantized(&q);
+    }
+}
+
+/* dot_q8_both (fused on AVX-512) and its reference against the exact sum
+   of a row times both parts of a q8_0 input, rows 0..2 of stretches of 8
+   groups and of tails. */
+static void test_dot_q8_both(void) {
+    for (int groups = 1; groups <= 70; groups += groups < 20 ? 1 : 7) {
+        int n = groups * GROUP_SIZE;
+        Matrix w = random_matrix(WEIGHT_Q8_0, 3, n);
+        float *x = random_floats(n);
+        QuantizedVector q = alloc_quantized(n), rest = alloc_quantized(n);
+        quantize_vector(&q, x, n, 128);
+        quantize_remainder(&rest, x, &q, n, 128);
+        for (int r = 0; r < w.rows; r++) {
+            double mag, mag_rest, exact = exact_grouped(&w, r, &q, &mag) + exact_grouped(&w, r, &rest, &mag_rest);
+            double tol = 1e-5 * (mag + mag_rest) + 1e-30;
+            const int8_t *row = (const int8_t *)w.values + (size_t)r * n;
+            const uint16_t *wd = w.scales + (size_t)r * groups;
+            expect("dot_q8_both_ref", groups, r, 0, dot_q8_both_ref(row, wd, &q, &rest, n), exact, tol);
+            expect("dot_q8_both", groups, r, 0, dot_q8_both(row, wd, &q, &rest, n), exact, tol);
+        }
+        free_matrix(&w);
+        free(x);
+        free_quantized(&q);
+        free_quantized(&rest);
     }
 }
 
@@ -562,6 +582,7 @@ int main(void) {
     test_quantize_vector();
     test_dot_grouped(WEIGHT_Q8_0);
     test_dot_grouped(WEIGHT_Q4_0);
+    test_dot_q8_both();
     for (int type = 0; type < 4; type++) {
         test_gemm(type, 0);
         if (have_avx512) test_gemm(type, 1);
