@@ -601,7 +601,7 @@ static void alloc_trace(RunState *s, const Config *c) {
     tr->entropy = xcalloc(mul_size(rows, c->n_heads), sizeof(float), "the trace");
     tr->weights = xcalloc(s->ctx, sizeof(float), "the trace");
     tr->mean = xcalloc(s->ctx, sizeof(float), "the trace");
-    tr->keys = xcalloc(mul_size(s->ctx, c->head_dim), sizeof(float), "the trace");
+    tr->keys = xcalloc(s->kv_f16 ? mul_size(s->ctx, c->head_dim) : 1, sizeof(float), "the trace");
     s->trace = tr;
 }
 
