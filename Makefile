@@ -14,11 +14,14 @@ WARNINGS = -Wall -Wextra
 # OpenMP spreads matrix rows and attention heads over the cores. It is
 # optional: run-noomp is built without it and must give the same logits.
 OPENMP ?= -fopenmp
-# The tests' Python: the project-local environment that .ci/run sets up,
-# else whatever python3 is on the PATH.
-PYTHON ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
+# The tests' Python: the project-local environment .venv/, which the targets
+# that need it create first when it is missing (make setup, below).
+# PYTHON=python3 uses another Python as it is, with no setup.
+VENV_PYTHON = .venv/bin/python
+PYTHON ?= $(VENV_PYTHON)
+SETUP = $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/ready)
 
-.PHONY: all test sanitize fuzz demo demo-pip explain bench bench-peers clean
+.PHONY: all setup test sanitize fuzz demo demo-pip explain bench bench-peers clean
 
 all: run
 
@@ -29,7 +32,15 @@ run: run.c tokenizer.c Makefile
 run-noomp: run.c tokenizer.c Makefile
 	$(CC) $(CFLAGS) $(WARNINGS) -Wno-unknown-pragmas -o $@ run.c -lm
 
-test: run run-noomp
+# make setup: Debian's packages (torch, numpy, sentencepiece, pytest, valgrind;
+# installed as root or with sudo, else named) and .venv/ with the pinned PyPI
+# packages of tests/requirements.txt. .ci/run uses the same script.
+.venv/ready: tests/requirements.txt tools/setup_tests.sh
+	sh tools/setup_tests.sh
+
+setup: .venv/ready
+
+test: run run-noomp $(SETUP)
 	$(PYTHON) -m pytest -q test_all.py tests
 
 # AddressSanitizer and UndefinedBehaviorSanitizer under the whole test suite.
@@ -39,7 +50,7 @@ SANITIZE = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sani
 run-asan: run.c tokenizer.c Makefile
 	$(CC) $(SANITIZE) $(WARNINGS) -Wno-unknown-pragmas -o $@ run.c -lm
 
-sanitize: run-asan
+sanitize: run-asan $(SETUP)
 	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan \
 	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" KERNEL_TEST_CFLAGS="$(SANITIZE)" \
 	    $(PYTHON) -m pytest -q test_all.py tests
@@ -54,7 +65,7 @@ FUZZ_FLAGS = -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=al
 fuzz/fuzz_%: fuzz/fuzz_%.c run.c tokenizer.c
 	clang $(FUZZ_FLAGS) -o $@ $< -lm
 
-fuzz: $(FUZZ_TARGETS:%=fuzz/fuzz_%)
+fuzz: $(FUZZ_TARGETS:%=fuzz/fuzz_%) $(SETUP)
 	$(PYTHON) fuzz/make_seeds.py fuzz/work
 	for t in $(FUZZ_TARGETS); do \
 	    mkdir -p fuzz/work/$$t fuzz/work/$$t-findings fuzz/regressions/$$t; \
@@ -120,11 +131,11 @@ explain: run .demo/smollm2.bin
 bench/membw: bench/membw.c
 	$(CC) -O3 -march=native $(WARNINGS) $(OPENMP) -o $@ $<
 
-bench: run bench/membw
+bench: run bench/membw $(SETUP)
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 # llama.cpp's Python binding, built from source by pip (several minutes).
-bench-peers:
+bench-peers: $(SETUP)
 	$(PYTHON) -m pip install llama-cpp-python
 
 clean:

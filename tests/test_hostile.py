@@ -273,7 +273,7 @@ def test_random_bytes_never_crash(tmp_path):
 @pytest.mark.parametrize("case", ["good", "truncated", "bad_field", "legacy_zero_heads", "bad_flag"])
 def test_clean_under_valgrind(good, tmp_path, case):
     if shutil.which("valgrind") is None:
-        pytest.skip("valgrind is not installed (.ci/run installs it)")
+        pytest.skip("valgrind is not installed (make setup installs it)")
     if "RUN_BINARY" in os.environ:
         pytest.skip("valgrind and AddressSanitizer do not mix")
     args = {
