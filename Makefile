@@ -1,19 +1,42 @@
 # Builds ./run and runs the tests. `make` is all a user needs.
 
 CC ?= cc
-# -O3 -march=x86-64-v3: the kernels are plain C loops that the compiler
-# vectorises with AVX2 and FMA. Not -march=native: on an AVX-512 machine that
-# puts AVX-512 instructions everywhere, and valgrind (3.19, Debian's) cannot
-# execute them, so `valgrind ./run` would die of SIGILL before checking
-# anything. Wider kernels (AVX-512, VNNI) must be compiled per function with
-# __attribute__((target(...))) and chosen once at startup from the CPU's
-# features; under valgrind the CPU then reports none, and the AVX2 path runs.
+# Flags by machine: the architecture the compiler builds for (its target
+# triple, so that `make CC=aarch64-linux-gnu-gcc` cross-compiles) and the
+# operating system that runs make.
+ARCH := $(firstword $(subst -, ,$(shell $(CC) -dumpmachine 2>/dev/null)) $(shell uname -m))
+OS := $(shell uname -s)
+# x86-64: -O3 -march=x86-64-v3: the plain kernels are C loops that the
+# compiler vectorises with AVX2 and FMA. Not -march=native: on an AVX-512
+# machine that puts AVX-512 instructions everywhere, and valgrind (3.19,
+# Debian's) cannot execute them, so `valgrind ./run` would die of SIGILL
+# before checking anything. Wider kernels (AVX-512, VNNI) are compiled per
+# function with __attribute__((target(...))) and chosen once at startup from
+# the CPU's features; under valgrind the CPU then reports none, and the AVX2
+# path runs. Elsewhere (aarch64, arm64 Macs, ...): -O3 and the compiler's own
+# tuning; run.c's x86 kernels are compiled out and the plain ones serve.
 # No -ffast-math, because the tests hold the logits to a PyTorch reference.
+ifeq ($(ARCH),x86_64)
 CFLAGS ?= -O3 -march=x86-64-v3
+else
+CFLAGS ?= -O3
+endif
 WARNINGS = -Wall -Wextra
-# OpenMP spreads matrix rows and attention heads over the cores. It is
-# optional: run-noomp is built without it and must give the same logits.
-OPENMP ?= -fopenmp
+# OpenMP spreads matrix rows and attention heads over the cores, when the
+# compiler has it: -fopenmp if a program with it compiles and links; on macOS,
+# whose clang has no OpenMP of its own, Homebrew's libomp when it is installed.
+# Without it ./run is built without threads (said at build time), and the
+# pragmas are ignored, so their warning is too. run-noomp is always built
+# without it and must give the same logits.
+ifeq ($(origin OPENMP),undefined)
+OPENMP := $(shell printf '\043include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n' | \
+            $(CC) -fopenmp -x c - -o /dev/null >/dev/null 2>&1 && echo -fopenmp)
+ifeq ($(OPENMP)$(OS),Darwin)
+LIBOMP := $(shell brew --prefix libomp 2>/dev/null)
+OPENMP := $(if $(LIBOMP),-Xpreprocessor -fopenmp -I$(LIBOMP)/include -L$(LIBOMP)/lib -lomp)
+endif
+endif
+NO_OPENMP = -Wno-unknown-pragmas
 # The tests' Python: the project-local environment .venv/, which the targets
 # that need it create first when it is missing (make setup, below).
 # PYTHON=python3 uses another Python as it is, with no setup.
@@ -21,16 +44,16 @@ VENV_PYTHON = .venv/bin/python
 PYTHON ?= $(VENV_PYTHON)
 SETUP = $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/ready)
 
-.PHONY: all setup test sanitize fuzz demo demo-pip explain bench bench-peers clean
+.PHONY: all setup test test-arm sanitize fuzz demo demo-pip explain bench bench-peers clean
 
 all: run
 
 run: run.c tokenizer.c Makefile
-	$(CC) $(CFLAGS) $(WARNINGS) $(OPENMP) -o $@ run.c -lm
+	$(if $(OPENMP),,@echo "make: $(CC) has no OpenMP, so ./run is built without threads$(if $(filter Darwin,$(OS)), (brew install libomp gives it some))")
+	$(CC) $(CFLAGS) $(WARNINGS) $(or $(OPENMP),$(NO_OPENMP)) -o $@ $< -lm
 
-# The same engine without OpenMP: the pragmas are ignored, so their warning is too.
 run-noomp: run.c tokenizer.c Makefile
-	$(CC) $(CFLAGS) $(WARNINGS) -Wno-unknown-pragmas -o $@ run.c -lm
+	$(CC) $(CFLAGS) $(WARNINGS) $(NO_OPENMP) -o $@ $< -lm
 
 # make setup: Debian's packages (torch, numpy, sentencepiece, pytest, valgrind;
 # installed as root or with sudo, else named) and .venv/ with the pinned PyPI
@@ -43,12 +66,35 @@ setup: .venv/ready
 test: run run-noomp $(SETUP)
 	$(PYTHON) -m pytest -q test_all.py tests
 
+# make test-arm: ./run cross-compiled for aarch64 out of tree, in
+# build-aarch64/, with the flags `make CC=aarch64-linux-gnu-gcc` chooses, and
+# run under qemu-aarch64 by the tests that need no Python on the engine side:
+# random models of every weight type and llama2.c checkpoints, against the
+# same references as on x86, and the tokenizer driver. Debian's packages:
+# gcc-aarch64-linux-gnu libc6-dev-arm64-cross libgomp1-arm64-cross qemu-user.
+ARM_BUILD = build-aarch64
+ARM_CC = aarch64-linux-gnu-gcc
+ARM_QEMU = qemu-aarch64 -L /usr/aarch64-linux-gnu
+ARM_TESTS = test_all.py tests/test_weight_types.py tests/test_tokenizer.py
+ARM_SELECT = (matches or openmp or llama2c or legacy or batched or sentencepiece or llama2 or byte) and not (links or speed or find)
+test-arm: $(SETUP)
+	mkdir -p $(ARM_BUILD)
+	$(MAKE) --no-print-directory -C $(ARM_BUILD) -f $(CURDIR)/Makefile VPATH=$(CURDIR) CC=$(ARM_CC) run run-noomp
+	$(ARM_CC) -std=c11 -O2 $(WARNINGS) -Werror -o $(ARM_BUILD)/tokenizer_driver tests/tokenizer_driver.c
+	for exe in run run-noomp tokenizer_driver; do \
+	    printf '#!/bin/sh\nexec $(ARM_QEMU) %s "$$@"\n' $(CURDIR)/$(ARM_BUILD)/$$exe > $(ARM_BUILD)/qemu-$$exe; \
+	    chmod +x $(ARM_BUILD)/qemu-$$exe; \
+	done
+	RUN_BINARY=$(CURDIR)/$(ARM_BUILD)/qemu-run RUN_NOOMP_BINARY=$(CURDIR)/$(ARM_BUILD)/qemu-run-noomp \
+	TOKENIZER_DRIVER_BINARY=$(CURDIR)/$(ARM_BUILD)/qemu-tokenizer_driver \
+	    $(PYTHON) -m pytest -q $(ARM_TESTS) -k "$(ARM_SELECT)"
+
 # AddressSanitizer and UndefinedBehaviorSanitizer under the whole test suite.
 # -O1 -g keeps reports readable; any finding aborts the run. No OpenMP, so
 # that every report comes from our code and not from the thread runtime.
 SANITIZE = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 run-asan: run.c tokenizer.c Makefile
-	$(CC) $(SANITIZE) $(WARNINGS) -Wno-unknown-pragmas -o $@ run.c -lm
+	$(CC) $(SANITIZE) $(WARNINGS) $(NO_OPENMP) -o $@ $< -lm
 
 sanitize: run-asan $(SETUP)
 	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan \
@@ -139,4 +185,4 @@ bench-peers: $(SETUP)
 	$(PYTHON) -m pip install llama-cpp-python
 
 clean:
-	rm -rf run run-noomp run-asan bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/work
+	rm -rf run run-noomp run-asan $(ARM_BUILD) bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/work

@@ -37,6 +37,10 @@ if not LLAMA2_DIR.is_dir():
 
 @pytest.fixture(scope="session")
 def driver(tmp_path_factory):
+    # TOKENIZER_DRIVER_BINARY: a driver built elsewhere (make test-arm: the
+    # aarch64 build under qemu)
+    if "TOKENIZER_DRIVER_BINARY" in os.environ:
+        return os.environ["TOKENIZER_DRIVER_BINARY"]
     out = tmp_path_factory.mktemp("driver") / "tokenizer_driver"
     cc = os.environ.get("CC", "cc")
     # TOKENIZER_DRIVER_CFLAGS adds flags, e.g. "-fsanitize=address,undefined"

@@ -6,8 +6,10 @@
 #      password-less sudo, else named in a one-line instruction.
 #   2. A project-local virtual environment, .venv/, that sees those packages,
 #      with the pinned PyPI packages of tests/requirements.txt.
-# On a machine without apt-get, python3 must already import torch, numpy,
-# sentencepiece and pytest.
+# The environment is built on Debian's /usr/bin/python3, the one its packages
+# are for, even when another python3 comes first on the PATH. On a machine
+# without apt-get, python3 must already import torch, numpy, sentencepiece
+# and pytest.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -23,6 +25,7 @@ missing_debian_packages() {
 }
 
 if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    python=/usr/bin/python3
     missing=$(missing_debian_packages)
     if [ -n "$missing" ]; then
         if [ "$(id -u)" = 0 ]; then
@@ -36,17 +39,19 @@ if command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
         fi
         say "installing Debian packages:$missing"
         $as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        # shellcheck disable=SC2086
         $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
     fi
-elif ! python3 -c "import torch, numpy, sentencepiece, pytest" 2>/dev/null; then
-    say "the tests need python3 with torch, numpy, sentencepiece and pytest" \
+else
+    python=python3
+fi
+if ! "$python" -c "import torch, numpy, sentencepiece, pytest" 2>/dev/null; then
+    say "the tests need $python with torch, numpy, sentencepiece and pytest" \
         "(pip install torch numpy sentencepiece pytest), then run make test again"
     exit 1
 fi
 
 say "creating .venv/ with the pinned packages of tests/requirements.txt"
 rm -f .venv/ready
-python3 -m venv --system-site-packages .venv
+"$python" -m venv --clear --system-site-packages .venv
 .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 touch .venv/ready
