@@ -619,7 +619,7 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
    at most max_size bytes: a FIFO would block open() (O_NONBLOCK keeps it
    from waiting) and a device such as /dev/zero never ends. */
 static int open_input(const char *path, long long max_size, const char *what, struct stat *st) {
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) die(path, "cannot open: %s", strerror(errno));
     if (fstat(fd, st) != 0) die(path, "cannot stat: %s", strerror(errno));
     if (!S_ISREG(st->st_mode)) die(path, "not a regular file");
@@ -3043,7 +3043,7 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
    file is removed again if the run fails (see unfinished_output). */
 static FILE *open_output(const char *path, const Transformer *model, const char *tok_path,
                          const char *prompt_path) {
-    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0666);
+    int fd = open(path, O_WRONLY | O_CREAT, 0666);
     if (fd < 0) die(path, "cannot open for writing: %s", strerror(errno));
     struct stat out, in;
     if (fstat(fd, &out) != 0) die(path, "cannot stat: %s", strerror(errno));

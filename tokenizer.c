@@ -796,7 +796,7 @@ int tokenizer_load(Tokenizer *t, const char *path, int vocab_size, char *err, si
 {
     memset(t, 0, sizeof(*t));
     t->bos_id = t->eos_id = t->pad_id = t->unk_id = -1;
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) {
         if (err && err_size) snprintf(err, err_size, "cannot open tokenizer: %s", strerror(errno));
         return -1;
