@@ -101,12 +101,13 @@ sanitize: run-asan $(SETUP)
 	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" KERNEL_TEST_CFLAGS="$(SANITIZE)" \
 	    $(PYTHON) -m pytest -q test_all.py tests
 
-# libFuzzer targets (clang): the checkpoint loader and the tokenizer, each
+# libFuzzer targets (clang): the checkpoint loader, the tokenizer, and the
+# command line with the sampler (any flags, any logits, NaN and inf), each
 # for FUZZ_SECONDS from seeds that fuzz/make_seeds.py writes, plus the
 # committed regression inputs under fuzz/regressions/. A finding fails the run;
 # add its input to fuzz/regressions/ so the tests replay it from then on.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS = checkpoint tokenizer
+FUZZ_TARGETS = checkpoint tokenizer cli
 FUZZ_FLAGS = -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Wall -Wextra -Wno-unused-function
 fuzz/fuzz_%: fuzz/fuzz_%.c run.c tokenizer.c
 	clang $(FUZZ_FLAGS) -o $@ $< -lm
@@ -185,4 +186,4 @@ bench-peers: $(SETUP)
 	$(PYTHON) -m pip install llama-cpp-python
 
 clean:
-	rm -rf run run-noomp run-asan $(ARM_BUILD) bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/work
+	rm -rf run run-noomp run-asan $(ARM_BUILD) bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/fuzz_cli fuzz/work

@@ -25,7 +25,9 @@
 #define _GNU_SOURCE // memmem, getline
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -122,12 +124,27 @@
    Errors. Every failure is one line on stderr, then a non-zero exit:
    status 1 for a bad file or a failed run, 2 for a bad command line. */
 
+static void make_one_line(char *text) {
+    for (; *text; text++)
+        if ((unsigned char)*text < 0x20 || *text == 0x7f) *text = '?';
+}
+
+/* Prints "run: [path: ]message[suffix]" as one line: a control character
+   that a path or value from the user brings in (a newline above all) is
+   shown as '?'. */
+static void report(const char *path, const char *suffix, const char *fmt, va_list ap) {
+    char line[8192];
+    int n = path ? snprintf(line, sizeof line, "%s: ", path) : 0;
+    if (n < 0 || (size_t)n >= sizeof line) n = 0;
+    vsnprintf(line + n, sizeof line - n, fmt, ap);
+    make_one_line(line);
+    fprintf(stderr, "run: %s%s\n", line, suffix);
+}
+
 static void die(const char *path, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "run: %s: ", path);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    report(path, "", fmt, ap);
     va_end(ap);
     exit(1);
 }
@@ -135,11 +152,18 @@ static void die(const char *path, const char *fmt, ...) {
 static void usage_error(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "run: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, " (see ./run --help)\n");
+    report(NULL, " (see ./run --help)", fmt, ap);
     va_end(ap);
     exit(2);
+}
+
+/* A failed run leaves no half-written file: while the --logits file is
+   being written its path is kept here, and every exit but a successful
+   one removes it (at exit, or in the SIGBUS handler). */
+static const char *unfinished_output;
+
+static void remove_unfinished_output(void) {
+    if (unfinished_output) unlink(unfinished_output);
 }
 
 /* Loader errors go into a buffer instead of ending the process, so that a
@@ -300,6 +324,8 @@ typedef struct {
     const char *path;
     void *data;         // the memory-mapped file; weights point into it
     size_t file_size;
+    dev_t device;       // the file's identity, so that no output overwrites it
+    ino_t inode;
 } Transformer;
 
 /* ----------------------------------------------------------------------------
@@ -522,6 +548,20 @@ static int use_avx512_bf16;
 static size_t qgemm_panel_size(int cols);
 static size_t bgemm_panel_size(int cols);
 
+/* OMP_NUM_THREADS can ask for any number of threads, and the thread
+   runtime crashes trying to start 100000 of them; more than a few per core
+   only adds switching, so more than 4 per core are cut to that, once, with
+   a notice. */
+static void limit_threads(void) {
+#ifdef _OPENMP
+    int asked = omp_get_max_threads(), most = 4 * omp_get_num_procs();
+    if (asked > most) {
+        fprintf(stderr, "run: OMP_NUM_THREADS asks for %d threads; using %d (4 per core)\n", asked, most);
+        omp_set_num_threads(most);
+    }
+#endif
+}
+
 /* Allocates the activations for batches of up to `batch` tokens and a KV
    cache of ctx positions. calloc maps zero pages lazily, so a long cache
    costs memory only as it fills. */
@@ -575,20 +615,53 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->value_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the value cache");
 }
 
+/* Opens an input file for reading, refusing anything but a regular file of
+   at most max_size bytes: a FIFO would block open() (O_NONBLOCK keeps it
+   from waiting) and a device such as /dev/zero never ends. */
+static int open_input(const char *path, long long max_size, const char *what, struct stat *st) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) die(path, "cannot open: %s", strerror(errno));
+    if (fstat(fd, st) != 0) die(path, "cannot stat: %s", strerror(errno));
+    if (!S_ISREG(st->st_mode)) die(path, "not a regular file");
+    if (st->st_size > max_size)
+        die(path, "%s of %lld bytes is too large (at most %lld MiB)", what, (long long)st->st_size, max_size >> 20);
+    return fd;
+}
+
+/* Another program that truncates the model while it is mapped makes the
+   kernels' next read past the new end raise SIGBUS. The handler says so in
+   one line, prepared beforehand, since it may only call async-signal-safe
+   functions (write, unlink, _exit). */
+static char mapped_file_changed[4096];
+static size_t mapped_file_changed_len;
+
+static void on_sigbus(int signal) {
+    (void)signal;
+    ssize_t written = write(STDERR_FILENO, mapped_file_changed, mapped_file_changed_len);
+    (void)written; // nothing more can be done if stderr is gone
+    if (unfinished_output) unlink(unfinished_output);
+    _exit(1);
+}
+
 /* Opens and maps a checkpoint. The mapping is read-only and private: weights
    are never copied, and pages load from the file as the kernels touch them. */
 static void load_transformer(Transformer *t, const char *path) {
     memset(t, 0, sizeof *t);
     t->path = path;
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) die(path, "cannot open: %s", strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0) die(path, "cannot stat: %s", strerror(errno));
-    if (!S_ISREG(st.st_mode)) die(path, "not a regular file");
+    int fd = open_input(path, INT64_MAX, "a checkpoint", &st);
     if (st.st_size == 0) die(path, "file is empty");
+    t->device = st.st_dev, t->inode = st.st_ino;
     t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
     close(fd);
     if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
+    snprintf(mapped_file_changed, sizeof mapped_file_changed - 1,
+             "run: %s: the file changed while mapped (truncated by another program?)", path);
+    make_one_line(mapped_file_changed);
+    strcat(mapped_file_changed, "\n");
+    mapped_file_changed_len = strlen(mapped_file_changed);
+    struct sigaction sa = {.sa_handler = on_sigbus};
+    sigaction(SIGBUS, &sa, NULL);
     char err[ERROR_SIZE];
     if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
 }
@@ -2072,7 +2145,10 @@ static float *forward(Transformer *t, int token, int pos) {
         likely first when top-k or top-p sorted them, else in id order.
    sampler_distribution() does steps 1-5 and sampler_draw() step 6, so the
    tests can check each against a direct Python transcription; next_token()
-   in the generation section calls both. */
+   in the generation section calls both. Logits that are not all finite
+   (NaN or inf: a damaged model) give no distribution, and the run ends;
+   finite ones always give one, however large they are and however small
+   the temperature or the penalties: no step can overflow. */
 
 typedef struct {
     float prob;
@@ -2127,6 +2203,11 @@ static int argmax(const float *x, int n) {
     return best;
 }
 
+static int all_finite(const float *x, int n) {
+    for (int i = 0; i < n; i++) if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
 static int by_prob_descending(const void *a, const void *b) {
     float pa = ((const Candidate *)a)->prob, pb = ((const Candidate *)b)->prob;
     if (pa != pb) return pa < pb ? 1 : -1;
@@ -2142,35 +2223,52 @@ static void apply_penalties(Sampler *s, float *logits, const int *history, int n
     for (int i = start; i < n_history; i++) {
         int t = history[i], count = s->counts[t];
         if (count == 0) continue; // already penalised
-        float x = logits[t];
+        double x = logits[t]; // in double, then clamped: a huge logit saturates instead of becoming inf
         x = x > 0 ? x / s->repeat_penalty : x * s->repeat_penalty;
-        logits[t] = x - count * s->frequency_penalty - s->presence_penalty;
+        x -= count * (double)s->frequency_penalty + s->presence_penalty;
+        logits[t] = (float)fmin(fmax(x, -FLT_MAX), FLT_MAX);
         s->counts[t] = 0;
     }
 }
 
+/* Step 2: x = softmax(x / temperature), in place, temperature > 0. Each
+   logit's distance below the largest is divided in double, where nothing
+   finite overflows: the largest gets exp(0) = 1, so the sum is at least 1
+   and every probability is finite. */
+static void tempered_softmax(float *x, int n, float temperature) {
+    double max = x[argmax(x, n)], sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        x[i] = (float)exp((x[i] - max) / temperature);
+        sum += x[i];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
 /* Steps 1-5: fills s->candidates with the surviving tokens (most likely
    first when top-k or top-p sorted them), probabilities renormalised to sum
-   to 1, and returns how many.
-   logits (vocab) are overwritten. Greedy leaves one candidate. */
+   to 1, and returns how many: at least one, or 0 when a logit is not
+   finite. logits (vocab) are overwritten. Greedy leaves one candidate. */
 static int sampler_distribution(Sampler *s, float *logits, const int *history, int n_history) {
     int n = s->vocab_size;
+    if (!all_finite(logits, n)) return 0;
     apply_penalties(s, logits, history, n_history);
     if (s->temperature == 0.0f) {
         s->candidates[0] = (Candidate){1.0f, argmax(logits, n)};
         return 1;
     }
-    for (int i = 0; i < n; i++) logits[i] /= s->temperature;
-    softmax(logits, n);
+    tempered_softmax(logits, n, s->temperature);
     /* Tokens that cannot survive are dropped before sorting: those below
        min_p x the top probability, and with top-p alone, those below
        (1 - p) / (n - 1), which no nucleus can reach. That leaves a few
        hundred tokens to sort instead of the vocabulary. Dropping them first
        gives the same set as steps 3-5 in order, since each keeps a prefix
-       of the sorted tokens. */
-    float cutoff = 0.0f;
+       of the sorted tokens. The most likely token always survives (a nucleus
+       starts with it), so the cutoff never exceeds its probability. */
+    float top = logits[argmax(logits, n)], cutoff = 0.0f;
     if (s->top_k == 0 && s->top_p < 1.0f && n > 1) cutoff = (1.0f - s->top_p) / (n - 1);
-    if (s->min_p > 0.0f) cutoff = fmaxf(cutoff, s->min_p * logits[argmax(logits, n)]);
+    if (s->min_p > 0.0f) cutoff = fmaxf(cutoff, s->min_p * top);
+    cutoff = fminf(cutoff, top);
     int m = 0;
     for (int i = 0; i < n; i++)
         if (logits[i] >= cutoff) s->candidates[m++] = (Candidate){logits[i], i};
@@ -2190,7 +2288,7 @@ static int sampler_distribution(Sampler *s, float *logits, const int *history, i
 }
 
 /* Step 6: the candidate where the cumulative probability first exceeds r,
-   for r uniform in [0, 1). */
+   for r uniform in [0, 1); m >= 1. */
 static int sampler_draw(const Sampler *s, int m, float r) {
     float cdf = 0.0f;
     for (int i = 0; i < m; i++) {
@@ -2294,6 +2392,20 @@ static void release_held_text(Session *s, int at_end) {
     b->len = s->stopped ? 0 : keep;
 }
 
+/* stdout carries the text, so a write that fails there (a full disk, a
+   closed stdout, a pipe whose reader left while SIGPIPE is ignored) ends the
+   run at once with status 1, instead of running on with nothing written;
+   so does one on stderr, which carries --probs and --trace, though nothing
+   can be said about it there. Called after each token, and at the end with
+   closing = 1, when an error that only the close reports shows too. */
+static void check_output(int closing) {
+    if (fflush(stdout) != 0 || ferror(stdout) || (closing && fclose(stdout) != 0)) {
+        fprintf(stderr, "run: writing the output: %s\n", strerror(errno));
+        exit(1);
+    }
+    if (ferror(stderr)) exit(1);
+}
+
 /* Prints a token as soon as it is known: its text when there is a tokenizer
    (held back while a UTF-8 character is incomplete, or while it may begin a
    stop string), else its id. */
@@ -2306,7 +2418,7 @@ static void emit_token(Session *s, int token) {
         append_text(&s->held, piece, n);
         release_held_text(s, 0);
     }
-    fflush(stdout);
+    check_output(0);
 }
 
 static void finish_output(Session *s) {
@@ -2317,7 +2429,7 @@ static void finish_output(Session *s) {
         release_held_text(s, 1);
     }
     putchar('\n');
-    fflush(stdout);
+    check_output(0);
 }
 
 static int is_stop_token(const Session *s, int token) {
@@ -2375,9 +2487,10 @@ static void show_probs(const Session *s, const float *probs, int token) {
 static int next_token(Session *s, float *logits) {
     Sampler *sp = s->sampler;
     int m = sampler_distribution(sp, logits, s->history.ids, s->history.n);
+    if (m == 0) die(s->transformer->path, "the logits at position %d are not finite (NaN or inf)", s->pos - 1);
     int token = m == 1 ? sp->candidates[0].index : sampler_draw(sp, m, random_f32(&sp->rng_state));
     if (s->probs_k > 0) {
-        if (sp->temperature == 0.0f) softmax(logits, sp->vocab_size); // penalised logits, T = 1
+        if (sp->temperature == 0.0f) tempered_softmax(logits, sp->vocab_size, 1.0f); // penalised logits, T = 1
         show_probs(s, logits, token);
     }
     return token;
@@ -2497,6 +2610,8 @@ static int score_text(Session *s, const int *tokens, int n, int stride) {
         s->pos = 0;
         for (int i = begin; i < end - 1; i++) {
             const float *logits = forward_and_record(s, tokens[i]);
+            if (!all_finite(logits, vocab))
+                die(s->transformer->path, "the logits at position %d are not finite (NaN or inf)", i);
             if (i + 1 < scored_until) continue;
             double max = logits[argmax(logits, vocab)], sum = 0.0;
             for (int v = 0; v < vocab; v++) sum += exp(logits[v] - max);
@@ -2548,11 +2663,19 @@ static const char *chat_system_prompt(const char *given, const Tokenizer *tok) {
     return given ? given : tok->system_prompt;
 }
 
+/* Appends the tokens of text, in room that tokenizer_max_tokens() sizes. */
 static void push_text(TokenList *list, const Tokenizer *tok, const char *text) {
     size_t len = strlen(text);
-    int *ids = xcalloc(len + 3, sizeof(int), "the prompt");
-    int n = tokenizer_encode(tok, text, len, 0, ids);
-    if (n < 0) { fprintf(stderr, "run: out of memory tokenizing the prompt\n"); exit(1); }
+    if (len > TOK_MAX_TEXT) {
+        fprintf(stderr, "run: the prompt is %zu bytes; at most %zu MiB are tokenized at once\n", len,
+                TOK_MAX_TEXT >> 20);
+        exit(1);
+    }
+    size_t room = tokenizer_max_tokens(tok, len);
+    int *ids = xcalloc(room, sizeof(int), "the prompt's tokens");
+    int n = tokenizer_encode_n(tok, text, len, 0, ids, room);
+    if (n == -1) { fprintf(stderr, "run: out of memory tokenizing the prompt\n"); exit(1); }
+    if (n < 0) { fprintf(stderr, "run: the prompt gives more than the %zu tokens expected\n", room); exit(1); }
     for (int i = 0; i < n; i++) push_token(list, ids[i]);
     free(ids);
 }
@@ -2632,8 +2755,9 @@ static void print_help(void) {
         "\n"
         "prompt and model:\n"
         "  -i TEXT       prompt (without -i or -f, generation starts from BOS alone)\n"
-        "  -f PATH       read the prompt from a file\n"
-        "  --tokens IDS  prompt as token ids, e.g. \"1 450 4996\" (no tokenizer needed)\n"
+        "  -f PATH       read the prompt from a file (a regular file, at most 64 MiB)\n"
+        "  --tokens IDS  prompt as token ids, e.g. \"1 450 4996\" (no tokenizer needed;\n"
+        "                the output is token ids, or text when -z names a tokenizer)\n"
         "  -z PATH       tokenizer (default: tokenizer.bin beside MODEL, then ./tokenizer.bin)\n"
         "  -n N          new tokens to generate (default 256; stops earlier at end of\n"
         "                sequence, at a stop string or when the context is full)\n"
@@ -2659,7 +2783,8 @@ static void print_help(void) {
         "  --stop TEXT   end generation where the output contains TEXT (repeatable)\n"
         "output:\n"
         "  --logits PATH write raw little-endian float32 logits, one row of vocab_size\n"
-        "                for every forward position (prompt, then each fed-back token)\n"
+        "                for every forward position (prompt, then each fed-back token);\n"
+        "                a run that fails removes it\n"
         "  --probs K     after each generated token, show its probability and the K most\n"
         "                likely tokens on stderr (after penalties and temperature)\n"
         "  --probs-format text|json  one line per token, plain or JSON (default text)\n"
@@ -2671,7 +2796,8 @@ static void print_help(void) {
         "  -h, --help    this help\n"
         "\n"
         "Without a tokenizer, prompts are given with --tokens and output is token ids.\n"
-        "Exit status: 0 ok, 1 bad file or failed run, 2 bad command line.\n");
+        "Exit status: 0 ok, 1 bad file or failed run (a write to stdout that fails\n"
+        "included), 2 bad command line.\n");
 }
 
 typedef struct {
@@ -2684,27 +2810,36 @@ typedef struct {
     uint64_t seed;
 } Options;
 
-static long parse_long(const char *flag, const char *text, long min, long max) {
+/* The parsers below never exit: a bad value is -1 with the reason in err
+   (ERROR_SIZE), which main() prints with usage_error(), so that a fuzzer can
+   feed them any command line. */
+
+static int parse_int(int *out, const char *flag, const char *text, long min, long max, char *err) {
     char *end;
     errno = 0;
     long v = strtol(text, &end, 10);
     if (errno || end == text || *end != '\0' || v < min || v > max)
-        usage_error("%s expects an integer in [%ld, %ld], got '%s'", flag, min, max, text);
-    return v;
+        return fail(err, "%s expects an integer in [%ld, %ld], got '%s'", flag, min, max, text);
+    *out = (int)v;
+    return 0;
 }
 
-static float parse_float(const char *flag, const char *text, float min, float max, int min_inclusive) {
+static int parse_float(float *out, const char *flag, const char *text, float min, float max, int min_inclusive,
+                       char *err) {
     char *end;
     errno = 0;
     float v = strtof(text, &end);
     int below = min_inclusive ? v < min : v <= min;
     if (errno || end == text || *end != '\0' || !isfinite(v) || below || v > max)
-        usage_error("%s expects a number in %c%g, %g], got '%s'", flag, min_inclusive ? '[' : '(',
-                    min, max, text);
-    return v;
+        return fail(err, "%s expects a number in %c%g, %g], got '%s'", flag, min_inclusive ? '[' : '(', min, max,
+                    text);
+    *out = v;
+    return 0;
 }
 
-static void parse_options(Options *o, int argc, char **argv) {
+/* Reads the command line into o. Returns 0 to run, 1 when -h asks for the
+   help, -1 (with err) for a bad command line. */
+static int parse_options(Options *o, int argc, char **argv, char *err) {
     *o = (Options){.steps = 256, .batch = DEFAULT_BATCH, .mode = "generate",
                    .sampling = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f,
                                 .repeat_window = 64}};
@@ -2713,89 +2848,96 @@ static void parse_options(Options *o, int argc, char **argv) {
     if (i < argc && argv[i][0] != '-') o->model_path = argv[i++];
     for (; i < argc; i++) {
         const char *flag = argv[i];
-        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) { print_help(); exit(0); }
+        if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) return 1;
         if (!strcmp(flag, "--tokenize")) { o->tokenize_only = 1; continue; }
         if (!strcmp(flag, "--trace")) { o->trace = 1; continue; }
-        if (flag[0] != '-') usage_error("unexpected argument '%s'", flag);
-        if (i + 1 >= argc) usage_error("%s needs a value", flag);
+        if (flag[0] != '-') return fail(err, "unexpected argument '%s'", flag);
+        if (i + 1 >= argc) return fail(err, "%s needs a value", flag);
         const char *value = argv[++i];
+        int bad = 0;
         if (!strcmp(flag, "-i")) o->prompt = value;
         else if (!strcmp(flag, "-f")) o->prompt_file = value;
         else if (!strcmp(flag, "--tokens")) o->prompt_ids = value;
         else if (!strcmp(flag, "-z")) o->tokenizer_path = value;
-        else if (!strcmp(flag, "-n")) o->steps = (int)parse_long(flag, value, 0, INT32_MAX);
-        else if (!strcmp(flag, "-c")) o->context = (int)parse_long(flag, value, 1, INT32_MAX);
-        else if (!strcmp(flag, "-b")) o->batch = (int)parse_long(flag, value, 1, MAX_BATCH);
-        else if (!strcmp(flag, "--stride")) o->stride = (int)parse_long(flag, value, 1, INT32_MAX);
-        else if (!strcmp(flag, "-t")) sp->temperature = parse_float(flag, value, 0.0f, 100.0f, 1);
-        else if (!strcmp(flag, "-p")) sp->top_p = parse_float(flag, value, 0.0f, 1.0f, 0);
-        else if (!strcmp(flag, "-k")) sp->top_k = (int)parse_long(flag, value, 0, INT32_MAX);
-        else if (!strcmp(flag, "--min-p")) sp->min_p = parse_float(flag, value, 0.0f, 1.0f, 1);
-        else if (!strcmp(flag, "--repeat-penalty")) sp->repeat_penalty = parse_float(flag, value, 0.0f, 100.0f, 0);
-        else if (!strcmp(flag, "--frequency-penalty")) sp->frequency_penalty = parse_float(flag, value, -100.0f, 100.0f, 1);
-        else if (!strcmp(flag, "--presence-penalty")) sp->presence_penalty = parse_float(flag, value, -100.0f, 100.0f, 1);
-        else if (!strcmp(flag, "--repeat-window")) sp->repeat_window = (int)parse_long(flag, value, 0, INT32_MAX);
-        else if (!strcmp(flag, "--probs")) o->probs_k = (int)parse_long(flag, value, 0, 100);
+        else if (!strcmp(flag, "-n")) bad = parse_int(&o->steps, flag, value, 0, INT32_MAX, err);
+        else if (!strcmp(flag, "-c")) bad = parse_int(&o->context, flag, value, 1, INT32_MAX, err);
+        else if (!strcmp(flag, "-b")) bad = parse_int(&o->batch, flag, value, 1, MAX_BATCH, err);
+        else if (!strcmp(flag, "--stride")) bad = parse_int(&o->stride, flag, value, 1, INT32_MAX, err);
+        else if (!strcmp(flag, "-t")) bad = parse_float(&sp->temperature, flag, value, 0.0f, 100.0f, 1, err);
+        else if (!strcmp(flag, "-p")) bad = parse_float(&sp->top_p, flag, value, 0.0f, 1.0f, 0, err);
+        else if (!strcmp(flag, "-k")) bad = parse_int(&sp->top_k, flag, value, 0, INT32_MAX, err);
+        else if (!strcmp(flag, "--min-p")) bad = parse_float(&sp->min_p, flag, value, 0.0f, 1.0f, 1, err);
+        else if (!strcmp(flag, "--repeat-penalty"))
+            bad = parse_float(&sp->repeat_penalty, flag, value, 0.0f, 100.0f, 0, err);
+        else if (!strcmp(flag, "--frequency-penalty"))
+            bad = parse_float(&sp->frequency_penalty, flag, value, -100.0f, 100.0f, 1, err);
+        else if (!strcmp(flag, "--presence-penalty"))
+            bad = parse_float(&sp->presence_penalty, flag, value, -100.0f, 100.0f, 1, err);
+        else if (!strcmp(flag, "--repeat-window")) bad = parse_int(&sp->repeat_window, flag, value, 0, INT32_MAX, err);
+        else if (!strcmp(flag, "--probs")) bad = parse_int(&o->probs_k, flag, value, 0, 100, err);
         else if (!strcmp(flag, "--probs-format")) {
             if (strcmp(value, "text") && strcmp(value, "json"))
-                usage_error("--probs-format expects text or json, got '%s'", value);
+                return fail(err, "--probs-format expects text or json, got '%s'", value);
             o->probs_format = strcmp(value, "json") ? PROBS_TEXT : PROBS_JSON;
         } else if (!strcmp(flag, "--stop")) {
-            if (!*value) usage_error("--stop needs a non-empty text");
-            if (o->n_stop_strings == MAX_STOP_STRINGS) usage_error("at most %d --stop strings", MAX_STOP_STRINGS);
+            if (!*value) return fail(err, "--stop needs a non-empty text");
+            if (o->n_stop_strings == MAX_STOP_STRINGS) return fail(err, "at most %d --stop strings", MAX_STOP_STRINGS);
             o->stop_strings[o->n_stop_strings++] = value;
         } else if (!strcmp(flag, "-s")) {
             char *end;
             errno = 0;
             unsigned long long seed = strtoull(value, &end, 10);
             if (errno || end == value || *end != '\0' || value[0] == '-')
-                usage_error("-s expects a non-negative integer, got '%s'", value);
+                return fail(err, "-s expects a non-negative integer, got '%s'", value);
             o->seed = seed;
             o->seed_given = 1;
         } else if (!strcmp(flag, "-m")) o->mode = value;
         else if (!strcmp(flag, "-y")) o->system_prompt = value;
         else if (!strcmp(flag, "--template")) o->template_name = value;
         else if (!strcmp(flag, "--logits")) o->logits_path = value;
-        else usage_error("unknown option '%s'", flag);
+        else return fail(err, "unknown option '%s'", flag);
+        if (bad) return -1;
     }
     if (strcmp(o->mode, "generate") && strcmp(o->mode, "chat") && strcmp(o->mode, "score"))
-        usage_error("-m expects generate, chat or score, got '%s'", o->mode);
+        return fail(err, "-m expects generate, chat or score, got '%s'", o->mode);
     if (o->template_name && strcmp(o->template_name, "llama2") && strcmp(o->template_name, "chatml"))
-        usage_error("--template expects llama2 or chatml, got '%s'", o->template_name);
+        return fail(err, "--template expects llama2 or chatml, got '%s'", o->template_name);
     if ((o->prompt != NULL) + (o->prompt_file != NULL) + (o->prompt_ids != NULL) > 1)
-        usage_error("give the prompt once: -i, -f or --tokens");
-    if (!o->model_path && !o->tokenize_only) usage_error("no model given");
-    if (o->tokenize_only && o->prompt_ids) usage_error("--tokenize takes a text prompt (-i or -f)");
-    if (!strcmp(o->mode, "chat") && o->prompt_ids) usage_error("chat takes a text prompt (-i or -f)");
+        return fail(err, "give the prompt once: -i, -f or --tokens");
+    if (!o->model_path && !o->tokenize_only) return fail(err, "no model given");
+    if (o->tokenize_only && o->prompt_ids) return fail(err, "--tokenize takes a text prompt (-i or -f)");
+    if (!strcmp(o->mode, "chat") && o->prompt_ids) return fail(err, "chat takes a text prompt (-i or -f)");
     if (!strcmp(o->mode, "score") && !o->prompt && !o->prompt_file && !o->prompt_ids)
-        usage_error("score needs a text to score (-f, -i or --tokens)");
-    if (o->n_stop_strings && o->prompt_ids) usage_error("--stop needs text output, not --tokens");
+        return fail(err, "score needs a text to score (-f, -i or --tokens)");
+    if (o->n_stop_strings && o->prompt_ids && !o->tokenizer_path)
+        return fail(err, "--stop needs text output: with --tokens, name a tokenizer (-z)");
+    return 0;
 }
 
-/* The whole of a file as a NUL-terminated string. */
+#define MAX_PROMPT_FILE ((long long)64 << 20) // bytes: far more than any context holds
+
+/* The whole of a prompt file as a NUL-terminated string. */
 static char *read_text_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) die(path, "cannot open: %s", strerror(errno));
-    size_t cap = 4096, n = 0;
-    char *text = xcalloc(cap, 1, "the prompt file");
-    size_t got;
-    while ((got = fread(text + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) {
-            cap *= 2;
-            text = realloc(text, cap);
-            if (!text) die(path, "out of memory reading the file");
-        }
+    struct stat st;
+    int fd = open_input(path, MAX_PROMPT_FILE, "a prompt file", &st);
+    size_t size = (size_t)st.st_size, n = 0;
+    char *text = xcalloc(size + 1, 1, "the prompt file");
+    while (n < size) { // a file that shrinks meanwhile gives what it still has
+        ssize_t got = read(fd, text + n, size - n);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) die(path, "read failed: %s", strerror(errno));
+        if (got == 0) break;
+        n += (size_t)got;
     }
-    if (ferror(f)) die(path, "read failed: %s", strerror(errno));
-    fclose(f);
+    close(fd);
     text[n] = '\0';
     if (strlen(text) != n) die(path, "the prompt file contains a NUL byte");
     return text;
 }
 
-/* Parses "1 2 3" or "1,2,3" into ids, each checked against the vocabulary. */
-static int parse_token_ids(const char *text, int vocab_size, TokenList *list) {
+/* Parses "1 2 3" or "1,2,3" into ids, each checked against the vocabulary;
+   returns how many, or -1 (with err) for a bad id. */
+static int parse_token_ids(const char *text, int vocab_size, TokenList *list, char *err) {
     const char *p = text;
     while (*p) {
         if (*p == ' ' || *p == ',' || *p == '\t' || *p == '\n') { p++; continue; }
@@ -2803,7 +2945,7 @@ static int parse_token_ids(const char *text, int vocab_size, TokenList *list) {
         errno = 0;
         long id = strtol(p, &end, 10);
         if (end == p || errno || id < 0 || id >= vocab_size)
-            usage_error("--tokens: '%.20s' is not a token id in [0, %d)", p, vocab_size);
+            return fail(err, "--tokens: '%.20s' is not a token id in [0, %d)", p, vocab_size);
         push_token(list, (int)id);
         p = end;
     }
@@ -2858,7 +3000,7 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
     int template = chat_template(o->template_name, tok);
     const char *system = chat_system_prompt(o->system_prompt, tok);
     if (template == TEMPLATE_CHATML) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|im_end|>", tok_path);
-    int interactive = first_prompt == NULL;
+    int interactive = first_prompt == NULL, status = 0;
     char *line = NULL;
     size_t cap = 0;
     int last = -1;
@@ -2873,11 +3015,13 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
         TokenList prompt = {0};
         if (turn > 0) push_answer_end(&prompt, s, tok, tok_path, template, last);
         push_user_turn(&prompt, tok, tok_path, template, system, user, turn == 0);
-        if (s->pos + prompt.n > s->transformer->state.ctx) {
-            fprintf(stderr, "run: this turn needs %d more positions but the context has %d left\n", prompt.n,
-                    s->transformer->state.ctx - s->pos);
+        if (s->pos + prompt.n > s->transformer->state.ctx) { // a line that does not fit is refused, not cut
+            fprintf(stderr, "run: this turn needs %d more positions but the context has %d left%s\n", prompt.n,
+                    s->transformer->state.ctx - s->pos, interactive ? "; try a shorter line" : " (see -c)");
             free(prompt.ids);
-            break;
+            if (!interactive) { status = 1; break; }
+            turn--;
+            continue;
         }
         decoder_init(&s->decoder);
         last = complete(s, prompt.ids, prompt.n, o->steps, 0);
@@ -2889,14 +3033,41 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
         }
     }
     free(line);
-    return 0;
+    return status;
+}
+
+/* Opens the --logits file. A path that names the model or another input
+   of the run (the same device and inode) is refused before anything is
+   truncated: writing over the model would pull the mapped weights from
+   under the engine, and the tokenizer or prompt would be lost. A regular
+   file is removed again if the run fails (see unfinished_output). */
+static FILE *open_output(const char *path, const Transformer *model, const char *tok_path,
+                         const char *prompt_path) {
+    int fd = open(path, O_WRONLY | O_CREAT, 0666);
+    if (fd < 0) die(path, "cannot open for writing: %s", strerror(errno));
+    struct stat out, in;
+    if (fstat(fd, &out) != 0) die(path, "cannot stat: %s", strerror(errno));
+    if (out.st_dev == model->device && out.st_ino == model->inode)
+        die(path, "is the model file %s; --logits must name another file", model->path);
+    const char *inputs[][2] = {{"tokenizer", tok_path}, {"prompt", prompt_path}};
+    for (int i = 0; i < 2; i++)
+        if (inputs[i][1] && stat(inputs[i][1], &in) == 0 && in.st_dev == out.st_dev && in.st_ino == out.st_ino)
+            die(path, "is the %s file %s; --logits must name another file", inputs[i][0], inputs[i][1]);
+    if (S_ISREG(out.st_mode)) {
+        if (ftruncate(fd, 0) != 0) die(path, "cannot truncate: %s", strerror(errno));
+        unfinished_output = path;
+        atexit(remove_unfinished_output);
+    }
+    FILE *f = fdopen(fd, "wb");
+    if (!f) die(path, "cannot open for writing: %s", strerror(errno));
+    return f;
 }
 
 /* Generation or chat with a loaded model; returns the exit status. */
 static int run_model(const Options *o, Transformer *transformer, const char *tok_path, const char *text) {
     Tokenizer tokenizer;
     int have_tokenizer = 0;
-    if (tok_path && !o->prompt_ids) {
+    if (tok_path && (!o->prompt_ids || o->tokenizer_path)) { // --tokens -z: ids in, text out
         load_tokenizer_or_die(&tokenizer, tok_path, transformer->config.vocab_size);
         have_tokenizer = 1;
     } else if (text || !strcmp(o->mode, "chat")) {
@@ -2917,8 +3088,7 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
     memcpy(s.stop_strings, o->stop_strings, sizeof s.stop_strings);
     decoder_init(&s.decoder);
     s.load_seconds = now_seconds() - process_start_seconds;
-    if (o->logits_path && !(s.logits_file = fopen(o->logits_path, "wb")))
-        die(o->logits_path, "cannot open for writing: %s", strerror(errno));
+    if (o->logits_path) s.logits_file = open_output(o->logits_path, transformer, tok_path, o->prompt_file);
 
     /* llama2.c's models end a story by starting the next with BOS */
     int bos = have_tokenizer ? tokenizer.bos_id : 1;
@@ -2928,10 +3098,11 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
     int status = 0;
     if (!strcmp(o->mode, "chat")) {
         status = run_chat(&s, o, tok_path, text);
-        print_statistics(&s);
+        if (status == 0) print_statistics(&s);
     } else {
         TokenList prompt = {0};
-        if (o->prompt_ids) parse_token_ids(o->prompt_ids, c->vocab_size, &prompt);
+        char err[ERROR_SIZE];
+        if (o->prompt_ids && parse_token_ids(o->prompt_ids, c->vocab_size, &prompt, err) < 0) usage_error("%s", err);
         else if (text) {
             if (tokenizer.add_bos && tokenizer.bos_id >= 0) push_token(&prompt, tokenizer.bos_id);
             push_text(&prompt, &tokenizer, text);
@@ -2959,6 +3130,7 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
         free(prompt.ids);
     }
     if (s.logits_file && fclose(s.logits_file) != 0) die(o->logits_path, "write failed: %s", strerror(errno));
+    if (status == 0) unfinished_output = NULL; // complete: it stays
     free_sampler(&sampler);
     free(s.history.ids);
     free(s.held.text);
@@ -2966,11 +3138,29 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
     return status;
 }
 
+/* A standard stream that the caller closed (./run >&-) is taken by
+   /dev/null, opened read-only: no file opened later becomes stdout (the
+   --logits file would get the text), reading gives end of input, and a
+   write fails (EBADF) as it would have, for check_output() to report. */
+static void hold_standard_streams(void) {
+    for (int fd = 0; fd <= 2; fd++)
+        if (fcntl(fd, F_GETFD) < 0) open("/dev/null", O_RDONLY); // takes the lowest free descriptor: fd
+}
+
 #ifndef TESTING
 int main(int argc, char **argv) {
     process_start_seconds = now_seconds();
+    hold_standard_streams();
     Options o;
-    parse_options(&o, argc, argv);
+    char err[ERROR_SIZE];
+    int parsed = parse_options(&o, argc, argv, err);
+    if (parsed < 0) usage_error("%s", err);
+    if (parsed == 1) {
+        print_help();
+        check_output(1);
+        return 0;
+    }
+    limit_threads();
 
     Transformer transformer;
     int vocab_size = -1;
@@ -2997,6 +3187,7 @@ int main(int argc, char **argv) {
     free(tok_path);
     free(prompt_text);
     if (o.model_path) free_transformer(&transformer);
+    check_output(1);
     return status;
 }
 #endif

@@ -98,11 +98,15 @@
  * 2, add BOS, dummy prefix, <0xXX> pieces are byte tokens.
  */
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 // ----------------------------------------------------------------------------
 // Types
@@ -484,6 +488,7 @@ static int tok_alloc(Tokenizer *t, int n, size_t total_bytes)
 #define TOK_MAX_VOCAB (1 << 24)
 #define TOK_MAX_TOKEN_LENGTH (1 << 16)
 #define TOK_MAX_TEXT ((size_t)1 << 29)   // bytes of text one encode call takes
+#define TOK_MAX_FILE ((off_t)1 << 30)    // bytes of a tokenizer file; real ones are a few MB
 
 /*
  * Reads a llama2.c tokenizer.bin. vocab_size < 0: read to the end.
@@ -782,41 +787,39 @@ int tokenizer_load_memory(Tokenizer *t, const unsigned char *data, size_t size, 
     return 0;
 }
 
+/*
+ * Loads a tokenizer file: a regular file of at most TOK_MAX_FILE bytes (a
+ * FIFO or a device is refused; O_NONBLOCK keeps open() from waiting on a
+ * FIFO). Returns 0, or -1 with a short message in err.
+ */
 int tokenizer_load(Tokenizer *t, const char *path, int vocab_size, char *err, size_t err_size)
 {
     memset(t, 0, sizeof(*t));
     t->bos_id = t->eos_id = t->pad_id = t->unk_id = -1;
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        if (err && err_size) snprintf(err, err_size, "cannot open tokenizer");
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) {
+        if (err && err_size) snprintf(err, err_size, "cannot open tokenizer: %s", strerror(errno));
         return -1;
     }
-    unsigned char *data = NULL;
-    size_t size = 0, cap = 0;
-    for (;;) {
-        if (size == cap) {
-            cap = cap ? cap * 2 : 1 << 20;
-            unsigned char *p = realloc(data, cap);
-            if (!p) {
-                free(data);
-                fclose(f);
-                tok_err(err, err_size, "out of memory", 0, 0);
-                return -1;
-            }
-            data = p;
-        }
-        size_t got = fread(data + size, 1, cap - size, f);
-        size += got;
-        if (got == 0) break;
+    struct stat st;
+    const char *bad = NULL;
+    if (fstat(fd, &st) != 0) bad = "cannot stat tokenizer";
+    else if (!S_ISREG(st.st_mode)) bad = "the tokenizer is not a regular file";
+    else if (st.st_size > TOK_MAX_FILE) bad = "a tokenizer file is at most 1 GiB";
+    unsigned char *data = bad ? NULL : malloc((size_t)st.st_size + 1);
+    if (!bad && !data) bad = "out of memory";
+    size_t size = 0;
+    while (!bad && size < (size_t)st.st_size) {   // a file that shrinks meanwhile gives what it has
+        ssize_t got = read(fd, data + size, (size_t)st.st_size - size);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) bad = "read error";
+        if (got <= 0) break;
+        size += (size_t)got;
     }
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        free(data);
-        tok_err(err, err_size, "read error", 0, 0);
-        return -1;
-    }
-    int rc = tokenizer_load_memory(t, data, size, vocab_size, err, err_size);
+    close(fd);
+    int rc = -1;
+    if (bad) tok_err(err, err_size, bad, 0, 0);
+    else rc = tokenizer_load_memory(t, data, size, vocab_size, err, err_size);
     free(data);
     return rc;
 }

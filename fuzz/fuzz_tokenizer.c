@@ -30,9 +30,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char err[256];
     if (tokenizer_load_memory(&t, file, n, -1, err, sizeof err) != 0) return 0;
 
-    int *ids = malloc((text_len + 3) * sizeof(int));
+    size_t room = tokenizer_max_tokens(&t, text_len); // more than text_len / 2, the ids below
+    int *ids = malloc(room * sizeof(int));
     if (ids) {
-        int count = tokenizer_encode(&t, (const char *)text, text_len, t.add_bos, ids);
+        int count = tokenizer_encode_n(&t, (const char *)text, text_len, t.add_bos, ids, room);
+        if (count == -2) __builtin_trap(); // tokenizer_max_tokens() promised room enough
         if (count > 0) decode_all(&t, ids, (size_t)count);
         /* arbitrary ids: every id in the vocabulary, in an order the text picks */
         size_t m = text_len / 2;

@@ -60,8 +60,28 @@ def tokenizer_seeds(out):
             (out / f"{name}-{i}").write_bytes(struct.pack("<I", len(data)) + data + text.encode())
 
 
+def cli_seeds(out):
+    """The fuzz input is: arguments separated by NUL, a double NUL, then
+    float32 logits."""
+    inf, nan = float("inf"), float("nan")
+    cases = [
+        (["model.bin", "-t", "0.7", "-k", "40", "-p", "0.9"], [0.5 * i for i in range(-8, 24)]),
+        (["model.bin", "-t", "0", "--probs", "5"], [1.0, nan, 2.0, 0.0]),
+        (["model.bin", "-t", "1e-37", "--repeat-penalty", "1e-37"], [3e38, -3e38, 100.0, 0.0, inf]),
+        (["model.bin", "-p", "0.001", "--min-p", "1", "-t", "100"], [0.0] * 64),
+        (["model.bin", "-m", "score", "--tokens", "1 2,3", "--stride", "4", "-c", "8"], [-inf, 1.0, 2.0]),
+        (["--tokenize", "-z", "t", "-i", "x", "-m", "chat", "-y", "", "--template", "chatml"], [1.0, 1.0]),
+        (["model.bin", "--frequency-penalty", "-100", "--presence-penalty", "100", "--repeat-window", "0",
+          "-s", "123", "--stop", "x", "--probs-format", "json", "-n", "5", "-b", "4096"], [3.0, -1.0, 0.5]),
+    ]
+    for i, (args, logits) in enumerate(cases):
+        data = b"\0".join(a.encode() for a in args) + b"\0\0" + struct.pack(f"<{len(logits)}f", *logits)
+        (out / f"cli-{i}").write_bytes(data)
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
-    for target, write_seeds in (("checkpoint", checkpoint_seeds), ("tokenizer", tokenizer_seeds)):
+    for target, write_seeds in (("checkpoint", checkpoint_seeds), ("tokenizer", tokenizer_seeds),
+                                ("cli", cli_seeds)):
         (root / target).mkdir(parents=True, exist_ok=True)
         write_seeds(root / target)

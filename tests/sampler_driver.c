@@ -7,7 +7,8 @@
            vocab logits
            n_draws, then that many r in [0, 1)
    stdout: m, then m lines "index prob" (the distribution after steps 1-5),
-           then one line per draw: the token sampler_draw() picks for r. */
+           then one line per draw: the token sampler_draw() picks for r
+           (-1 when m is 0: logits that are not finite give no distribution). */
 
 #define TESTING
 #include "../run.c"
@@ -32,7 +33,7 @@ int main(void) {
     for (int i = 0; i < n_draws; i++) {
         float r;
         if (scanf("%f", &r) != 1) return 2;
-        printf("%d\n", sampler_draw(&s, m, r));
+        printf("%d\n", m > 0 ? sampler_draw(&s, m, r) : -1);
     }
     free_sampler(&s);
     free(history);

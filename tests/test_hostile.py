@@ -7,6 +7,7 @@ signal ended the process (a negative return code from subprocess).
 
 import math
 import os
+import signal
 import shutil
 import struct
 import subprocess
@@ -335,3 +336,316 @@ def test_bad_tokenizers(good, tmp_path, case, fragment):
     elif case == "bad_magic_version":
         path.write_bytes(data[:4] + struct.pack("<I", 99) + data[8:])
     assert_clean_error(run([good[0], "-z", path, "-i", "ab"], tmp_path), 1, fragment)
+
+
+# ----------------------------------------------------------------------------
+# Logits that are not finite, and sampling settings at the edge of overflow
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """The good model with one classifier weight NaN: token 3's logit is NaN
+    at every position."""
+    d = tmp_path_factory.mktemp("nan")
+    state = export.random_model(ARGS, 0).state_dict()
+    state["output.weight"][3, 0] = float("nan")
+    export.write_checkpoint(d / "model.bin", ARGS, state)
+    small_tokenizer(d / "tokenizer.bin")
+    return d / "model.bin"
+
+
+@pytest.mark.parametrize("flags,position", [
+    (["--tokens", "1 2", "-n", 3], 1),
+    (["--tokens", "1 2", "-n", 3, "-t", 0], 1),
+    (["--tokens", "1 2", "-n", 3, "-t", 0, "--probs", 3], 1),
+    (["--tokens", "1 2 5", "-n", 3, "-p", 0.5, "-k", 4, "--min-p", 0.1], 2),
+    (["-i", "ab", "-n", 3], 2),
+    (["-m", "chat", "-i", "ab", "-n", 3], 3),
+    (["-m", "score", "--tokens", "1 2 3 4"], 0),
+])
+def test_logits_not_finite(nan_model, tmp_path, flags, position):
+    p = run([nan_model, *flags], tmp_path)
+    assert_clean_error(p, 1, str(nan_model), f"logits at position {position} are not finite")
+    assert "perplexity" not in p.stdout
+
+
+def test_logits_not_finite_leave_no_logits_file(nan_model, tmp_path):
+    out = tmp_path / "logits.bin"
+    p = run([nan_model, "--tokens", "1 2", "-n", 3, "--logits", out], tmp_path)
+    assert_clean_error(p, 1, "not finite")
+    assert not out.exists(), "a failed run left its --logits file behind"
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tmp_path_factory):
+    """Logits in the hundreds, which a tiny temperature or penalty scales
+    past the float range."""
+    d = tmp_path_factory.mktemp("sharp")
+    state = export.random_model(ARGS, 0).state_dict()
+    state["output.weight"] *= 1000
+    export.write_checkpoint(d / "model.bin", ARGS, state)
+    return d / "model.bin"
+
+
+@pytest.mark.parametrize("flags", [
+    ["-t", "1e-37"], ["-t", "1e-37", "--probs", 3], ["--repeat-penalty", "1e-37", "-t", 0],
+    ["--repeat-penalty", "1e-37", "--presence-penalty", "-100", "--frequency-penalty", "-100"],
+])
+def test_sampling_at_the_edges(sharp_model, tmp_path, flags):
+    """Tiny temperatures and penalties scale logits past the float range;
+    the sampler must still pick a valid token (ASan: no read outside the
+    candidates). A temperature of 1e-37 is greedy."""
+    p = run([sharp_model, "--tokens", "1 2", "-n", 6, "-s", 1, *flags], tmp_path)
+    assert p.returncode == 0, p.stderr
+    ids = [int(x) for x in p.stdout.split()]
+    assert len(ids) == 8 and all(0 <= i < ARGS.vocab_size for i in ids)
+    assert "nan" not in p.stderr
+    if flags[:2] == ["-t", "1e-37"]:
+        greedy = run([sharp_model, "--tokens", "1 2", "-n", 6, "-t", 0], tmp_path)
+        assert p.stdout == greedy.stdout
+
+
+def test_top_p_below_every_probability(good, tmp_path):
+    """A flat distribution (temperature 100) and a top-p below 1 / vocab:
+    the nucleus is the most likely token alone, and it must not be lost."""
+    p = run([good[0], "--tokens", "1 2", "-n", 6, "-t", 100, "-p", "0.001"], tmp_path)
+    greedy = run([good[0], "--tokens", "1 2", "-n", 6, "-t", 0], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == greedy.stdout
+
+
+# ----------------------------------------------------------------------------
+# Writes to stdout that fail
+
+@pytest.fixture(scope="module")
+def text_model(good, tmp_path_factory):
+    """The good model, with the small tokenizer beside it."""
+    d = tmp_path_factory.mktemp("text")
+    shutil.copy(good[0], d / "model.bin")
+    small_tokenizer(d / "tokenizer.bin")
+    return d / "model.bin"
+
+
+OUTPUTS = {
+    "text": ["-i", "ab", "-n", 3],
+    "token_ids": ["--tokens", "1 2", "-n", 3],
+    "tokenize": ["--tokenize", "-i", "ab"],
+    "score": ["-m", "score", "-i", "ab ab ab"],
+    "chat": ["-m", "chat", "-i", "ab", "-n", 3],
+    "help": ["--help"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUTS))
+def test_stdout_full(text_model, tmp_path, case):
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([str(RUN), str(text_model)] + [str(a) for a in OUTPUTS[case]], cwd=tmp_path,
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert_clean_error(p, 1, "writing the output: No space left on device")
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUTS))
+def test_stdout_closed(text_model, tmp_path, case):
+    p = subprocess.run([str(RUN), str(text_model)] + [str(a) for a in OUTPUTS[case]], cwd=tmp_path,
+                       stderr=subprocess.PIPE, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                       preexec_fn=lambda: os.close(1))
+    assert_clean_error(p, 1, "writing the output: Bad file descriptor")
+
+
+def test_stdout_closed_keeps_the_logits_file_clean(text_model, tmp_path):
+    """With stdout closed, the --logits file must not become stdout."""
+    out = tmp_path / "logits.bin"
+    p = subprocess.run([str(RUN), str(text_model), "--tokens", "1 2", "-n", "3", "--logits", str(out)],
+                       cwd=tmp_path, stderr=subprocess.PIPE, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(1))
+    assert_clean_error(p, 1, "writing the output")
+    assert not out.exists() or out.stat().st_size % (4 * ARGS.vocab_size) == 0
+
+
+def test_stdout_pipe_closed_with_sigpipe_ignored(tmp_path):
+    """A reader that leaves, with SIGPIPE ignored: the first failed write
+    ends the run, instead of generating to the end of a long context."""
+    args = export.ModelArgs(**{**ARGS.__dict__, "max_seq_len": 32768})
+    export.write_checkpoint(tmp_path / "long.bin", args, export.random_model(args, 0).state_dict())
+    p = subprocess.Popen([str(RUN), str(tmp_path / "long.bin"), "--tokens", "1", "-n", "32000"], cwd=tmp_path,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGPIPE, signal.SIG_IGN))
+    p.stdout.read(16)
+    p.stdout.close()
+    try:
+        _, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        pytest.fail("generation went on after its reader had left")
+    assert p.returncode == 1, err
+    assert err.decode() == "run: writing the output: Broken pipe\n"
+
+
+def test_stderr_full_fails(text_model, tmp_path):
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([str(RUN), str(text_model), "-i", "ab", "-n", "3", "--probs", "2"], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=full, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1
+
+
+# ----------------------------------------------------------------------------
+# Chat turns that do not fit the context
+
+def test_chat_turn_too_long(text_model, tmp_path):
+    p = run([text_model, "-m", "chat", "-i", " ".join(["ab"] * 20), "-c", 16], tmp_path)
+    assert_clean_error(p, 1, "this turn needs", "context has 16 left")
+
+
+def test_chat_system_prompt_too_long(text_model, tmp_path):
+    p = run([text_model, "-m", "chat", "-y", " ".join(["ab"] * 20), "-i", "ab"], tmp_path)
+    assert_clean_error(p, 1, "this turn needs")
+
+
+def test_interactive_chat_refuses_a_long_line_and_goes_on(text_model, tmp_path):
+    lines = " ".join(["ab"] * 20) + "\nab\n"
+    p = subprocess.run([str(RUN), str(text_model), "-m", "chat", "-n", "2", "-t", "0"], cwd=tmp_path, input=lines,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "this turn needs" in p.stderr and "shorter line" in p.stderr
+    one = subprocess.run([str(RUN), str(text_model), "-m", "chat", "-n", "2", "-t", "0"], cwd=tmp_path,
+                         input="ab\n", capture_output=True, text=True, timeout=60, check=True)
+    assert p.stdout == one.stdout and one.stdout.strip(), "the short line, asked first, gets the same answer"
+
+
+# ----------------------------------------------------------------------------
+# A vocabulary without "▁": the prompt needs more tokens than bytes
+
+def test_prompt_with_more_tokens_than_bytes(tmp_path):
+    """Every space becomes the three byte tokens of "▁" (sentencepiece's byte
+    fallback), so "a a a a" needs 16 tokens for 7 bytes."""
+    tokens = [(b"<unk>", 0.0, 2), (b"<s>", 0.0, 3), (b"</s>", 0.0, 3)]
+    tokens += [(f"<0x{b:02X}>".encode(), 0.0, 6) for b in range(256)]
+    tokens += [(bytes([97 + i]), -float(i), 1) for i in range(26)]
+    export.write_tokenizer(tmp_path / "tok.bin", export.TOK_SENTENCEPIECE, tokens, bos_id=1, eos_id=2, unk_id=0,
+                           flags=export.TOKF_ADD_BOS | export.TOKF_DUMMY_PREFIX | export.TOKF_BYTE_FALLBACK)
+    space = [3 + b for b in "\u2581".encode()]
+    p = run(["--tokenize", "-z", tmp_path / "tok.bin", "-i", "a a a a"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert [int(x) for x in p.stdout.split()] == [1] + (space + [3 + 256 + 0]) * 4
+    args = export.ModelArgs(**{**ARGS.__dict__, "vocab_size": len(tokens), "max_seq_len": 64})
+    export.write_checkpoint(tmp_path / "model.bin", args, export.random_model(args, 0).state_dict())
+    p = run([tmp_path / "model.bin", "-z", tmp_path / "tok.bin", "-i", "a a a a", "-n", 2], tmp_path)
+    assert p.returncode == 0, p.stderr
+
+
+# ----------------------------------------------------------------------------
+# The model file, written over or truncated while mapped
+
+def test_logits_path_is_the_model(good, tmp_path):
+    model = tmp_path / "model.bin"
+    shutil.copy(good[0], model)
+    os.link(model, tmp_path / "hardlink.bin")
+    os.symlink(model, tmp_path / "symlink.bin")
+    for path in (model, tmp_path / "hardlink.bin", tmp_path / "symlink.bin"):
+        p = run([model, "--tokens", "1", "-n", 2, "--logits", path], tmp_path)
+        assert_clean_error(p, 1, str(path), "is the model file")
+        assert model.read_bytes() == good[1]
+
+
+def test_logits_path_is_the_tokenizer_or_prompt(text_model, tmp_path):
+    tok = text_model.parent / "tokenizer.bin"
+    before = tok.read_bytes()
+    p = run([text_model, "--tokens", "1", "-n", 2, "--logits", tok], tmp_path)
+    assert_clean_error(p, 1, "is the tokenizer file")
+    assert tok.read_bytes() == before
+    (tmp_path / "prompt.txt").write_text("ab ab")
+    p = run([text_model, "-f", tmp_path / "prompt.txt", "-n", 2, "--logits", tmp_path / "prompt.txt"], tmp_path)
+    assert_clean_error(p, 1, "is the prompt file")
+    assert (tmp_path / "prompt.txt").read_text() == "ab ab"
+
+
+def test_model_truncated_while_mapped(text_model, tmp_path):
+    """Another program truncates the model between two chat turns: the next
+    forward pass reads past the file's new end (SIGBUS), which must be a
+    one-line error, not a crash."""
+    model = tmp_path / "model.bin"
+    shutil.copy(text_model, model)
+    p = subprocess.Popen([str(RUN), str(model), "-m", "chat", "-z", str(text_model.parent / "tokenizer.bin"),
+                          "-n", "2"], cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdin.write(b"ab\n")
+    p.stdin.flush()
+    assert p.stdout.readline()  # the first answer: the model has been read
+    os.truncate(model, 0)
+    _, err = p.communicate(b"ab\n", timeout=60)
+    assert p.returncode == 1, (p.returncode, err)
+    assert err.decode().endswith(f"run: {model}: the file changed while mapped (truncated by another program?)\n")
+
+
+# ----------------------------------------------------------------------------
+# Threads: OMP_NUM_THREADS beyond reason
+
+def test_absurd_thread_count(good, tmp_path):
+    p = subprocess.run([str(RUN), str(good[0]), "--tokens", "1 2", "-n", "3"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "OMP_NUM_THREADS": "100000"})
+    assert p.returncode == 0, p.stderr
+    if "RUN_BINARY" not in os.environ:  # the sanitizer build has no OpenMP
+        assert "OMP_NUM_THREADS asks for 100000 threads; using" in p.stderr
+
+
+# ----------------------------------------------------------------------------
+# Inputs that are not regular files, or too large
+
+@pytest.mark.parametrize("role", ["model", "tokenizer", "prompt"])
+def test_fifo_input(text_model, tmp_path, role):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = {"model": [fifo],
+            "tokenizer": [text_model, "-z", fifo, "-i", "ab"],
+            "prompt": [text_model, "-f", fifo]}[role]
+    p = subprocess.run([str(RUN)] + [str(a) for a in args], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=20, stdin=subprocess.DEVNULL)
+    assert_clean_error(p, 1, str(fifo), "not a regular file")
+
+
+@pytest.mark.parametrize("role", ["model", "tokenizer", "prompt"])
+def test_device_input(text_model, tmp_path, role):
+    args = {"model": ["/dev/zero"],
+            "tokenizer": [text_model, "-z", "/dev/zero", "-i", "ab"],
+            "prompt": [text_model, "-f", "/dev/zero"]}[role]
+    assert_clean_error(run(args, tmp_path), 1, "/dev/zero", "not a regular file")
+
+
+def test_prompt_file_too_large(text_model, tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate((64 << 20) + 1)  # sparse: costs no disk
+    assert_clean_error(run([text_model, "-f", big], tmp_path), 1, "big.txt", "too large (at most 64 MiB)")
+
+
+def test_tokenizer_file_too_large(text_model, tmp_path):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate((1 << 30) + 1)
+    assert_clean_error(run([text_model, "-z", big, "-i", "ab"], tmp_path), 1, "big.bin", "at most 1 GiB")
+
+
+# ----------------------------------------------------------------------------
+# -z with --tokens: the named tokenizer turns the output into text
+
+def test_tokens_with_tokenizer_give_text(text_model, tmp_path):
+    tok = text_model.parent / "tokenizer.bin"
+    ids = run([text_model, "--tokens", "1 5 6", "-n", 4, "-t", 0], tmp_path)
+    text = run([text_model, "--tokens", "1 5 6", "-n", 4, "-t", 0, "-z", tok], tmp_path)
+    assert ids.returncode == 0 and text.returncode == 0, (ids.stderr, text.stderr)
+    # the small tokenizer's pieces: <unk> (" \u2047 " as sentencepiece decodes it), <s>, </s>, then "▁" + letters
+    pieces = [" \u2047 ", "", ""] + ["\u2581" + chr(97 + i % 26) * (1 + i // 26) for i in range(ARGS.vocab_size - 3)]
+    expected = "".join(pieces[int(i)] for i in ids.stdout.split()).replace("\u2581", " ").lstrip(" ")
+    assert text.stdout == expected + "\n"
+
+
+def test_tokens_with_missing_tokenizer(good, tmp_path):
+    p = run([good[0], "--tokens", "1 2", "-z", tmp_path / "absent.bin"], tmp_path)
+    assert_clean_error(p, 1, "absent.bin")
+
+
+def test_tokens_with_tokenizer_take_stop_strings(text_model, tmp_path):
+    p = run([text_model, "--tokens", "1 5", "-n", 4, "-z", text_model.parent / "tokenizer.bin", "--stop", "zz"],
+            tmp_path)
+    assert p.returncode == 0, p.stderr

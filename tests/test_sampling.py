@@ -124,6 +124,38 @@ def test_sampler_matches_definition(driver, name):
             assert pick == reference_draw(theirs, r, by_prob) or near_step
 
 
+@pytest.mark.parametrize("name", ["plain", "greedy", "top_p", "k_p_min", "repeat"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_logits_not_finite_give_no_distribution(driver, name, bad):
+    logits = np.random.default_rng(0).normal(size=50).tolist()
+    logits[7] = bad
+    dist, picks = run_driver(driver, logits, [1, 2, 7], [0.5], **CASES[name])
+    assert dist == {} and picks == [-1]
+
+
+EDGES = {  # settings that scale finite logits past the float range, or cut every token
+    "tiny_temperature": (dict(t=1e-37), [3e38, -3e38, 0.0, 1.0, 2e38]),
+    "tiny_repeat_penalty": (dict(t=1.0, repeat_penalty=1e-37), [100.0, 1.0, -3e38, 5.0]),
+    "huge_penalties": (dict(t=0.5, repeat_penalty=100.0, frequency=-100.0, presence=-100.0), [-3e38, 0.0, 3e38]),
+    "top_p_below_uniform": (dict(t=1.0, top_p=0.001), [0.0] * 300),
+    "min_p_one": (dict(t=1.0, min_p=1.0), [0.0] * 300),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDGES))
+def test_sampler_at_the_edges(driver, name):
+    """Finite logits always give a distribution, the definition's."""
+    settings, logits = EDGES[name]
+    history = [0, 1, 0]
+    ours, picks = run_driver(driver, logits, history, [0.0, 0.5, 0.999], **settings)
+    with np.errstate(over="ignore"):
+        theirs = reference_distribution(logits, history, **settings)
+    assert set(ours) == set(theirs)
+    for tok in theirs:
+        assert abs(ours[tok] - theirs[tok]) < 1e-5, (tok, ours[tok], theirs[tok])
+    assert all(pick in theirs for pick in picks)
+
+
 # ----------------------------------------------------------------------------
 # --probs, perplexity and stop strings through ./run
 
