@@ -41,6 +41,9 @@
 #include <omp.h>
 #endif
 
+#ifndef MAP_POPULATE
+#define MAP_POPULATE 0 // Linux's read-ahead of a whole mapping; elsewhere (macOS) pages load as touched
+#endif
 #include "tokenizer.c"
 
 /* ----------------------------------------------------------------------------
@@ -3151,6 +3154,7 @@ static void hold_standard_streams(void) {
 int main(int argc, char **argv) {
     process_start_seconds = now_seconds();
     hold_standard_streams();
+    signal(SIGPIPE, SIG_IGN); // a reader that leaves is a failed write: one line, status 1, not a signal
     Options o;
     char err[ERROR_SIZE];
     int parsed = parse_options(&o, argc, argv, err);

@@ -481,6 +481,20 @@ def test_stdout_pipe_closed_with_sigpipe_ignored(tmp_path):
     assert err.decode() == "run: writing the output: Broken pipe\n"
 
 
+def test_stdout_pipe_closed_is_an_error_not_a_signal(tmp_path):
+    """`./run ... | head`: the reader leaves, SIGPIPE as it comes (default);
+    the run ends with one line and status 1, not killed by the signal."""
+    args = export.ModelArgs(**{**ARGS.__dict__, "max_seq_len": 32768})
+    export.write_checkpoint(tmp_path / "long.bin", args, export.random_model(args, 0).state_dict())
+    p = subprocess.Popen([str(RUN), str(tmp_path / "long.bin"), "--tokens", "1", "-n", "32000"], cwd=tmp_path,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(4)
+    p.stdout.close()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err
+    assert err.decode() == "run: writing the output: Broken pipe\n"
+
+
 def test_stderr_full_fails(text_model, tmp_path):
     with open("/dev/full", "w") as full:
         p = subprocess.run([str(RUN), str(text_model), "-i", "ab", "-n", "3", "--probs", "2"], cwd=tmp_path,
