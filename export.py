@@ -80,6 +80,7 @@ are permuted into it here, so run.c knows one convention only.
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -87,38 +88,69 @@ import re
 import struct
 import sys
 
-import numpy as np
 
+class ExportError(Exception):
+    """Anything a user can get wrong: an input that cannot be read or used, an
+    output that cannot be written, a package that is not installed. str() is
+    the one line export.py prints after "export.py: ", 'WHICH: what is wrong'
+    (WHICH names the file, or is left out when there is none)."""
+
+    def __init__(self, which, what):
+        message = str(what) if which is None else f"{which}: {what}"
+        super().__init__(" ".join(message.splitlines()))
+
+
+# Third-party packages. Each conversion needs only some of them (--help none,
+# --gguf numpy and gguf, --hf torch and maybe safetensors and sentencepiece),
+# so a missing one is reported when a conversion needs it, not on import.
+
+PIP_NAMES = {"yaml": "pyyaml", "google": "protobuf"}     # where the import name is not the PyPI name
+
+
+def missing_package(module):
+    """The ExportError for a package that is not installed (module: its import name)."""
+    name = PIP_NAMES.get(module.split(".")[0], module.split(".")[0])
+    return ExportError(None, f"this conversion needs the Python package '{name}' (pip install {name})")
+
+
+def need(module):
+    """Import module, one that only some conversions use."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:     # the module, or one that it imports
+        raise missing_package(e.name or module) from None
+
+
+class _Missing:
+    """Stands in for numpy, or for torch, nn and F, where it is not installed,
+    so that this file still loads. Using it raises missing_package(). Module
+    is there so that the reference model's classes below can be defined."""
+    Module = object
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):      # Python's own probing (copy, pickle, ...)
+            raise AttributeError(attr)
+        raise missing_package(self._module)
+
+
+try:
+    import numpy as np
+except ModuleNotFoundError as e:
+    np = _Missing(e.name or "numpy")
 try:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-except ModuleNotFoundError:
-    class _NoTorch:
-        """Stands in for torch, nn and F where torch is not installed, so that
-        this file still loads: --gguf needs numpy and gguf alone (make demo).
-        The classes below are defined on it; using any of them raises."""
-        Module = object
-
-        def no_grad(self):
-            return lambda f: f
-
-        def __getattr__(self, name):
-            raise ModuleNotFoundError("export.py: this needs torch (only --gguf runs without it)")
-
-    torch = nn = F = _NoTorch()
+except ModuleNotFoundError as e:
+    torch = nn = F = _Missing(e.name or "torch")
 
 # ----------------------------------------------------------------------------
 # Model export
 #
 # Shapes below use B = batch, T = time (positions), H = heads, D = head_dim.
-
-
-class ExportError(Exception):
-    """A file that cannot be read or written as asked; str() is 'PATH: what is wrong'."""
-
-    def __init__(self, path, what):
-        super().__init__(f"{path}: {what}")
 
 
 @dataclasses.dataclass
@@ -297,13 +329,13 @@ class Llama(nn.Module):
         return F.linear(h, classifier)                        # (B, T, vocab_size)
 
 
-@torch.no_grad()
 def generate_greedy(model, prompt_ids, n):
     """The n tokens that follow prompt_ids when each step takes the argmax (a list of ints)."""
     ids = list(prompt_ids)
-    for _ in range(n):
-        logits = model(torch.tensor([ids]))
-        ids.append(int(logits[0, -1].argmax()))
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt_ids):]
 
 
@@ -615,8 +647,9 @@ def _read_json(path):
 
 def _torch_load(path):
     """torch.load of a file that holds tensors and plain containers only (never code)."""
+    load = torch.load           # first, so that a missing torch is reported as such
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise
     except Exception as e:      # torch.load has no one error for "not a torch.save file"
@@ -757,7 +790,8 @@ def _hf_tensors(directory):
         for file in files:
             path = os.path.join(directory, file)
             if weights == "model.safetensors":
-                from safetensors import safe_open   # only this path needs the package
+                need("torch")               # the tensors come as torch's
+                safe_open = need("safetensors").safe_open
                 with safe_open(path, framework="pt") as st:
                     for name in st.keys():
                         yield path, name, st.get_tensor(name)
@@ -983,10 +1017,7 @@ def _gguf_reader(source):
     """A gguf.GGUFReader of source (a path, or a reader already open)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
-    try:
-        import gguf         # only this path needs the package
-    except ModuleNotFoundError as e:     # gguf itself, or pyyaml, which it imports
-        raise ExportError(source, f"reading GGUF needs the gguf package (pip install gguf): {e}") from None
+    gguf = need("gguf")     # it imports numpy and pyyaml
     try:
         return gguf.GGUFReader(source)
     except OSError:
@@ -1131,30 +1162,28 @@ PRETOK_NONE, PRETOK_GPT2, PRETOK_DIGITS_GPT2, PRETOK_LLAMA3 = 0, 1, 2, 3
 CHAT_NONE, CHAT_LLAMA2, CHAT_CHATML = 0, 1, 2
 
 
-class TokenizerExportError(ValueError):
-    """A tokenizer run.c cannot reproduce exactly; the message says why."""
-
-
 def write_tokenizer(path, kind, tokens, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=-1, flags=0,
-                    pretokenizer=PRETOK_NONE, chat_template=CHAT_NONE, merges=(), system_prompt=""):
+                    pretokenizer=PRETOK_NONE, chat_template=CHAT_NONE, merges=(), system_prompt="", source=None):
     """Writes an LTOK file. tokens: [(bytes, score, type)] in id order;
     merges: [(left, right, result)] in rank order; system_prompt: the chat
-    template's default system prompt ("" for none). Returns the file size."""
+    template's default system prompt ("" for none); source: the file they
+    come from, which an ExportError names (default: path). Returns the file size."""
+    source = path if source is None else source
     n = len(tokens)
     for name, v in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id), ("unk_id", unk_id)):
         if not -1 <= v < n:
-            raise TokenizerExportError(f"{name} {v} is outside -1..{n - 1}")
+            raise ExportError(source, f"{name} {v} is outside -1..{n - 1}")
     for i, (b, _, ty) in enumerate(tokens):
         if not b:
-            raise TokenizerExportError(f"token {i} is empty")
+            raise ExportError(source, f"token {i} is empty")
         if not PIECE_NORMAL <= ty <= PIECE_BYTE:
-            raise TokenizerExportError(f"token {i} has unknown type {ty}")
+            raise ExportError(source, f"token {i} has unknown type {ty}")
     for r, (a, b, c) in enumerate(merges):
         if not (0 <= a < n and 0 <= b < n and 0 <= c < n) or tokens[c][0] != tokens[a][0] + tokens[b][0]:
-            raise TokenizerExportError(f"merge {r} ({a}, {b}) -> {c} is not a concatenation of tokens")
+            raise ExportError(source, f"merge {r} ({a}, {b}) -> {c} is not a concatenation of tokens")
     system = system_prompt.encode("utf-8")
     if b"\0" in system:
-        raise TokenizerExportError("the default system prompt contains a NUL character")
+        raise ExportError(source, "the default system prompt contains a NUL character")
     max_len = max(len(b) for b, _, _ in tokens)
     with open(path, "wb") as f:
         f.write(TOKENIZER_HEADER.pack(TOKENIZER_MAGIC, TOKENIZER_VERSION, kind, n, bos_id, eos_id, pad_id,
@@ -1176,7 +1205,7 @@ def read_tokenizer(path):
     (magic, version, kind, n, bos, eos, pad, unk, flags, pretok, chat, n_merges,
      max_len, system_len) = TOKENIZER_HEADER.unpack_from(data, 0)
     if magic != TOKENIZER_MAGIC or version != TOKENIZER_VERSION:
-        raise TokenizerExportError(f"{path}: not an LTOK version {TOKENIZER_VERSION} file")
+        raise ExportError(path, f"not an LTOK version {TOKENIZER_VERSION} file")
     pos, tokens = TOKENIZER_HEADER.size, []
     for _ in range(n):
         length, score, ty = _struct.unpack_from("<IfB", data, pos)
@@ -1190,21 +1219,19 @@ def read_tokenizer(path):
                 system_prompt=system)
 
 
-# sentencepiece's tokenizer.model is a protobuf (sentencepiece_model.proto).
-# The few fields needed are read straight from the wire format, so that
-# neither protobuf nor sentencepiece has to be installed.
+# sentencepiece's tokenizer.model is a protobuf (sentencepiece_model.proto),
+# read with the classes that the sentencepiece package ships (they need protobuf).
 
 def read_sentencepiece_model(path):
     """The parts of a sentencepiece ModelProto that tokenization depends on:
     pieces [(text, score, type)], and the trainer and normalizer settings.
     Parsed with the protobuf classes sentencepiece ships (python3-protobuf)."""
-    from sentencepiece import sentencepiece_model_pb2
-    proto = sentencepiece_model_pb2.ModelProto()
+    proto = need("sentencepiece.sentencepiece_model_pb2").ModelProto()
     with open(path, "rb") as f:
         try:
             proto.ParseFromString(f.read())
         except Exception as e:  # protobuf's DecodeError names no file
-            raise TokenizerExportError(f"{path}: not a sentencepiece model ({e})")
+            raise ExportError(path, f"not a sentencepiece model ({e})")
     t, n = proto.trainer_spec, proto.normalizer_spec
     trainer = dict(model_type=t.model_type, byte_fallback=t.byte_fallback,
                    treat_whitespace_as_suffix=t.treat_whitespace_as_suffix,
@@ -1229,19 +1256,18 @@ def write_tokenizer_sentencepiece(model_path, out_path, vocab_size=None):
     tr, nm = m["trainer"], m["normalizer"]
     if tr["model_type"] != 2:
         kinds = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
-        raise TokenizerExportError(f"{model_path}: a {kinds.get(tr['model_type'], '?')} model; "
-                                   "only sentencepiece BPE is supported")
+        raise ExportError(model_path, f"a {kinds.get(tr['model_type'], '?')} model; "
+                                      "only sentencepiece BPE is supported")
     if nm["precompiled_charsmap"] or m["denormalizer_charsmap"]:
-        raise TokenizerExportError(f"{model_path}: normalization rule '{nm['name']}' is not supported "
-                                   "(train with normalization_rule_name=identity, as Llama does)")
+        raise ExportError(model_path, f"normalization rule '{nm['name']}' is not supported "
+                                      "(train with normalization_rule_name=identity, as Llama does)")
     if tr["treat_whitespace_as_suffix"] or not nm["escape_whitespaces"]:
-        raise TokenizerExportError(f"{model_path}: treat_whitespace_as_suffix / escape_whitespaces=false "
-                                   "are not supported")
+        raise ExportError(model_path, "treat_whitespace_as_suffix / escape_whitespaces=false are not supported")
     if tr["unk_surface"] != " \u2047 ":
-        raise TokenizerExportError(f"{model_path}: a custom unk_surface is not supported")
+        raise ExportError(model_path, "a custom unk_surface is not supported")
     pieces = m["pieces"]
     if vocab_size is not None and len(pieces) != vocab_size:
-        raise TokenizerExportError(f"{model_path}: {len(pieces)} pieces but the model has {vocab_size} tokens")
+        raise ExportError(model_path, f"{len(pieces)} pieces but the model has {vocab_size} tokens")
     tokens = [(p.encode("utf-8"), score, ty) for p, score, ty in pieces]
 
     # sentencepiece's PieceToId: reserved pieces (control, unknown, byte) first
@@ -1255,7 +1281,7 @@ def write_tokenizer_sentencepiece(model_path, out_path, vocab_size=None):
 
     unk = [i for i, (_, _, ty) in enumerate(pieces) if ty == PIECE_UNKNOWN]
     if len(unk) != 1:
-        raise TokenizerExportError(f"{model_path}: {len(unk)} unknown pieces; sentencepiece needs exactly one")
+        raise ExportError(model_path, f"{len(unk)} unknown pieces; sentencepiece needs exactly one")
     bos = special_id(tr["bos_piece"], PIECE_CONTROL)
     flags = TOKF_ADD_BOS if bos >= 0 else 0
     if nm["add_dummy_prefix"]:
@@ -1267,7 +1293,7 @@ def write_tokenizer_sentencepiece(model_path, out_path, vocab_size=None):
     return write_tokenizer(out_path, TOK_SENTENCEPIECE, tokens, bos_id=bos,
                            eos_id=special_id(tr["eos_piece"], PIECE_CONTROL),
                            pad_id=special_id(tr["pad_piece"], PIECE_CONTROL), unk_id=unk[0], flags=flags,
-                           chat_template=CHAT_LLAMA2)
+                           chat_template=CHAT_LLAMA2, source=model_path)
 
 
 # Byte-level BPE: GPT-2's tokenizer.json stores each token as text in which
@@ -1314,9 +1340,9 @@ def _hf_pretokenizer(pre, path):
             and seq[0].get("pattern") == {"Regex": LLAMA3_PATTERN} and seq[0].get("behavior") == "Isolated"
             and not seq[0].get("invert") and byte_level(seq[1], regex=False)):
         return PRETOK_LLAMA3, bool(seq[1].get("add_prefix_space", False))
-    raise TokenizerExportError(f"{path}: pre_tokenizer {_json.dumps(pre)[:200]} is not supported "
-                               "(ByteLevel with the GPT-2 regex, optionally after Digits(individual_digits); "
-                               "or Llama 3's Split regex, then ByteLevel)")
+    raise ExportError(path, f"pre_tokenizer {_json.dumps(pre)[:200]} is not supported "
+                            "(ByteLevel with the GPT-2 regex, optionally after Digits(individual_digits); "
+                            "or Llama 3's Split regex, then ByteLevel)")
 
 
 def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None, eos_token=None):
@@ -1329,25 +1355,24 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
         tj = _json.load(f)
     model = tj.get("model") or {}
     if model.get("type", "BPE") != "BPE" or "merges" not in model:
-        raise TokenizerExportError(f"{json_path}: model type {model.get('type')!r}; only BPE is supported")
+        raise ExportError(json_path, f"model type {model.get('type')!r}; only BPE is supported")
     if tj.get("normalizer") is not None:
-        raise TokenizerExportError(f"{json_path}: a normalizer ({tj['normalizer'].get('type')}) is not supported")
+        raise ExportError(json_path, f"a normalizer ({tj['normalizer'].get('type')}) is not supported")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            raise TokenizerExportError(f"{json_path}: BPE {key} is not supported")
+            raise ExportError(json_path, f"BPE {key} is not supported")
     if model.get("byte_fallback") or model.get("dropout"):
-        raise TokenizerExportError(f"{json_path}: BPE byte_fallback / dropout is not supported")
+        raise ExportError(json_path, "BPE byte_fallback / dropout is not supported")
     decoder = tj.get("decoder")
     if not (isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"):
-        raise TokenizerExportError(f"{json_path}: decoder {decoder and decoder.get('type')!r}; "
-                                   "only ByteLevel is supported")
+        raise ExportError(json_path, f"decoder {decoder and decoder.get('type')!r}; only ByteLevel is supported")
     pretok, prefix = _hf_pretokenizer(tj.get("pre_tokenizer"), json_path)
 
     vocab = dict(model["vocab"])
     added = tj.get("added_tokens") or []
     for a in added:
         if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
-            raise TokenizerExportError(f"{json_path}: added token {a['content']!r} uses lstrip/rstrip/single_word")
+            raise ExportError(json_path, f"added token {a['content']!r} uses lstrip/rstrip/single_word")
         vocab.setdefault(a["content"], a["id"])
     n = max(vocab.values()) + 1
     by_id = [None] * n
@@ -1356,9 +1381,9 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
             by_id[i] = text
     holes = [i for i, text in enumerate(by_id) if text is None]
     if holes:
-        raise TokenizerExportError(f"{json_path}: no token has id {holes[0]} ({len(holes)} ids unused)")
+        raise ExportError(json_path, f"no token has id {holes[0]} ({len(holes)} ids unused)")
     if vocab_size is not None and n != vocab_size:
-        raise TokenizerExportError(f"{json_path}: {n} tokens but the model has {vocab_size}")
+        raise ExportError(json_path, f"{n} tokens but the model has {vocab_size}")
 
     char_to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
     tokens = [[_hf_token_bytes(text, char_to_byte), 0.0, PIECE_NORMAL] for text in by_id]
@@ -1371,12 +1396,12 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
     for r, m in enumerate(model["merges"]):
         left, right = m.split(" ", 1) if isinstance(m, str) else m
         if left not in vocab or right not in vocab or left + right not in vocab:
-            raise TokenizerExportError(f"{json_path}: merge {r} ({left!r}, {right!r}) names a token not in the vocab")
+            raise ExportError(json_path, f"merge {r} ({left!r}, {right!r}) names a token not in the vocab")
         merges.append((vocab[left], vocab[right], vocab[left + right]))
     seen = set()
     for r, (a, b, _) in enumerate(merges):
         if (a, b) in seen:
-            raise TokenizerExportError(f"{json_path}: merge {r} repeats an earlier pair")
+            raise ExportError(json_path, f"merge {r} repeats an earlier pair")
         seen.add((a, b))
 
     # BOS and EOS: from the arguments, else tokenizer_config.json
@@ -1393,7 +1418,7 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
         if value is None:
             return -1
         if value not in vocab:
-            raise TokenizerExportError(f"{json_path}: {name} {value!r} is not a token")
+            raise ExportError(json_path, f"{name} {value!r} is not a token")
         return vocab[value]
 
     bos, eos = token_id("bos_token", bos_token), token_id("eos_token", eos_token)
@@ -1405,17 +1430,17 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
         single = post.get("single", [])
         firsts = [s["SpecialToken"]["id"] for s in single[:1] if "SpecialToken" in s]
         if len(single) != 1 + len(firsts) or not any("Sequence" in s for s in single):
-            raise TokenizerExportError(f"{json_path}: post_processor template {single} is not [BOS] $A")
+            raise ExportError(json_path, f"post_processor template {single} is not [BOS] $A")
         if firsts:
             bos = vocab[firsts[0]]
             flags |= TOKF_ADD_BOS
     elif post is not None and post.get("type") not in ("ByteLevel",):
-        raise TokenizerExportError(f"{json_path}: post_processor {post.get('type')} is not supported")
+        raise ExportError(json_path, f"post_processor {post.get('type')} is not supported")
     chat = CHAT_CHATML if "<|im_start|>" in vocab and "<|im_end|>" in vocab else CHAT_NONE
     unk = model.get("unk_token")
     unk_id = vocab[unk] if unk in vocab else -1
     return write_tokenizer(out_path, TOK_BYTELEVEL, tokens, bos_id=bos, eos_id=eos, unk_id=unk_id,
-                           flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges)
+                           flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges, source=json_path)
 
 
 # ----------------------------------------------------------------------------
@@ -1479,25 +1504,24 @@ def write_tokenizer_gguf(source, out_path, vocab_size=None):
 
     kind = meta("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise TokenizerExportError(f"{path}: tokenizer.ggml.model {kind!r}; only 'gpt2' (byte-level BPE) "
-                                   "is read from GGUF")
+        raise ExportError(path, f"tokenizer.ggml.model {kind!r}; only 'gpt2' (byte-level BPE) is read from GGUF")
     pre = meta("tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRETOKENIZERS:
-        raise TokenizerExportError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported "
-                                   f"({', '.join(sorted(GGUF_PRETOKENIZERS))})")
+        raise ExportError(path, f"tokenizer.ggml.pre {pre!r} is not supported "
+                                f"({', '.join(sorted(GGUF_PRETOKENIZERS))})")
     pretok, flags = GGUF_PRETOKENIZERS[pre]
     texts, types = meta("tokenizer.ggml.tokens", []), meta("tokenizer.ggml.token_type", [])
     if not texts or len(types) != len(texts):
-        raise TokenizerExportError(f"{path}: {len(texts)} tokens but {len(types)} token types")
+        raise ExportError(path, f"{len(texts)} tokens but {len(types)} token types")
     if vocab_size is not None and len(texts) != vocab_size:
-        raise TokenizerExportError(f"{path}: {len(texts)} tokens but the model has {vocab_size}")
+        raise ExportError(path, f"{len(texts)} tokens but the model has {vocab_size}")
 
     char_to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
     tokens, vocab = [], {}
     for i, (text, ty) in enumerate(zip(texts, types)):
         if ty not in (PIECE_NORMAL, PIECE_CONTROL, PIECE_USER, PIECE_UNUSED):
-            raise TokenizerExportError(f"{path}: token {i} {text!r} has type {ty}, "
-                                       "not normal, control, user-defined or unused")
+            raise ExportError(path, f"token {i} {text!r} has type {ty}, "
+                                    "not normal, control, user-defined or unused")
         # normal tokens are spelled in GPT-2's byte alphabet, added ones in plain UTF-8
         data = _hf_token_bytes(text, char_to_byte) if ty == PIECE_NORMAL else text.encode("utf-8")
         tokens.append((data, 0.0, ty))
@@ -1506,7 +1530,7 @@ def write_tokenizer_gguf(source, out_path, vocab_size=None):
     for r, m in enumerate(meta("tokenizer.ggml.merges", [])):
         left, _, right = m.partition(" ")
         if left not in vocab or right not in vocab or left + right not in vocab:
-            raise TokenizerExportError(f"{path}: merge {r} ({left!r}, {right!r}) names a token not in the vocab")
+            raise ExportError(path, f"merge {r} ({left!r}, {right!r}) names a token not in the vocab")
         merges.append((vocab[left], vocab[right], vocab[left + right]))
 
     ids = [meta(f"tokenizer.ggml.{name}_token_id", -1) for name in ("bos", "eos", "padding", "unknown")]
@@ -1519,7 +1543,7 @@ def write_tokenizer_gguf(source, out_path, vocab_size=None):
         chat = CHAT_CHATML
     return write_tokenizer(out_path, TOK_BYTELEVEL, tokens, bos_id=ids[0], eos_id=ids[1], pad_id=ids[2],
                            unk_id=ids[3], flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges,
-                           system_prompt=system)
+                           system_prompt=system, source=path)
 
 
 # ----------------------------------------------------------------------------
@@ -1622,7 +1646,7 @@ def main(argv=None):
             else:
                 write_tokenizer_sentencepiece(tokenizer, out)
             print(f"wrote {out}: tokenizer of {tokenizer}, {os.path.getsize(out)} bytes")
-    except (ExportError, TokenizerExportError) as e:     # both read 'PATH: what is wrong'
+    except ExportError as e:
         print(f"export.py: {e}", file=sys.stderr)
         return 1
     except OSError as e:

@@ -1,0 +1,211 @@
+"""export.py given what a user can get wrong, and when writing fails.
+
+Every bad input ends with exit status 1 and one line on stderr,
+"export.py: WHICH: what is wrong", where WHICH names the file at fault, and
+leaves nothing behind: no output, no temporary file, and an existing file of
+the output's name as it was. Most cases call export.main() in this process
+(torch is imported once); an exception escaping it, the traceback a user
+would see, fails the case. The cases that need a process of their own run
+export.py as one: a missing package, a write that the file size limit cuts
+off, a FIFO as the input.
+
+The sources are built here, small and by hand (no transformers): a reference
+file, a llama2.c file, a Hugging Face directory (safetensors, one file or two
+shards), a Meta directory, a GGUF file and a byte-level tokenizer.json.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT = ROOT / "export.py"
+sys.path.insert(0, str(ROOT))
+import export  # noqa: E402
+
+ARGS = export.ModelArgs(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                        vocab_size=260, max_seq_len=64)
+
+
+def shape(args):
+    """The fields of args that every source holds exactly (Meta's has no max_seq_len)."""
+    return (args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim,
+            args.vocab_size, args.tied)
+
+
+def hf_state_dict(state_dict):
+    """Our state_dict under Hugging Face's names (the q/k rows left as they are:
+    these cases are about files, not about logits)."""
+    theirs = {ours: hf for hf, ours in export.HF_NAMES.items()}
+    for i in range(ARGS.n_layers):
+        theirs.update({f"layers.{i}.{ours}.weight": f"model.layers.{i}.{hf}.weight"
+                       for hf, ours in export.HF_LAYER_NAMES.items()})
+    return {theirs[name]: tensor.contiguous() for name, tensor in state_dict.items()}
+
+
+def tokenizer_json():
+    """A byte-level BPE tokenizer.json that export.py converts: the 256 bytes
+    in GPT-2's alphabet and four merges."""
+    alphabet = export.gpt2_bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    merges = []
+    for left, right in [("t", "h"), ("th", "e"), ("a", "b"), ("ab", "c")]:
+        vocab[left + right] = len(vocab)
+        merges.append(f"{left} {right}")
+    return {"version": "1.0", "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "post_processor": {"type": "ByteLevel"}, "decoder": {"type": "ByteLevel"},
+            "model": {"type": "BPE", "vocab": vocab, "merges": merges}}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Valid sources of one small random model, never changed by the cases."""
+    d = tmp_path_factory.mktemp("sources")
+    state_dict = export.random_model(ARGS).state_dict()
+    export.save_reference(d / "ref.pt", ARGS, state_dict)
+    export.write_llama2c(d / "llama2c.bin", ARGS, state_dict)
+    export.write_checkpoint(d / "model.bin", ARGS, state_dict)
+    export.write_gguf(d / "model.gguf", d / "model.bin")
+
+    hf = d / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": ARGS.dim, "intermediate_size": ARGS.hidden_dim,
+        "num_hidden_layers": ARGS.n_layers, "num_attention_heads": ARGS.n_heads,
+        "num_key_value_heads": ARGS.n_kv_heads, "vocab_size": ARGS.vocab_size,
+        "max_position_embeddings": ARGS.max_seq_len, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "hidden_act": "silu", "tie_word_embeddings": False}))
+    save_file(hf_state_dict(state_dict), hf / "model.safetensors")
+    (hf / "tokenizer.json").write_text(json.dumps(tokenizer_json()))
+
+    sharded = d / "hf-sharded"
+    sharded.mkdir()
+    shutil.copy(hf / "config.json", sharded)
+    tensors = hf_state_dict(state_dict)
+    names = sorted(tensors)
+    weight_map = {}
+    for k, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        file = f"model-0000{k + 1}-of-00002.safetensors"
+        save_file({name: tensors[name] for name in part}, sharded / file)
+        weight_map.update({name: file for name in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    meta = d / "meta"
+    meta.mkdir()
+    (meta / "params.json").write_text(json.dumps({"dim": ARGS.dim, "n_layers": ARGS.n_layers,
+                                                  "n_heads": ARGS.n_heads, "n_kv_heads": ARGS.n_kv_heads,
+                                                  "norm_eps": 1e-5, "vocab_size": -1}))
+    torch.save(state_dict, meta / "consolidated.00.pth")
+    return d
+
+
+class Case:
+    """A copy of the sources to damage, and an empty directory for the outputs."""
+
+    def __init__(self, sources, tmp_path):
+        self.src = tmp_path / "src"
+        shutil.copytree(sources, self.src)
+        self.out_dir = tmp_path / "out"
+        self.out_dir.mkdir()
+        self.out = self.out_dir / "model.bin"
+
+    def edit_json(self, name, change):
+        path = self.src / name
+        value = json.loads(path.read_text())
+        changed = change(value)
+        path.write_text(json.dumps(value if changed is None else changed))
+        return path
+
+
+@pytest.fixture
+def case(sources, tmp_path):
+    return Case(sources, tmp_path)
+
+
+def export_main(capsys, *argv):
+    """export.main(argv) in this process: (status, stdout, stderr)."""
+    status = export.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line(status, err, which, what, expected_status=1):
+    assert status == expected_status, f"status {status}: {err}"
+    assert err.startswith("export.py: ") and err.count("\n") == 1, f"expected one line: {err!r}"
+    assert "Traceback" not in err, err
+    assert str(which) in err, f"{which} not named in {err!r}"
+    assert what in err, f"{what!r} not in {err!r}"
+
+
+def assert_nothing_written(case):
+    left = sorted(p.name for p in case.out_dir.iterdir())
+    assert left == [], f"left behind: {left}"
+
+
+# ----------------------------------------------------------------------------
+# 4. Missing packages (defect 11)
+
+# Runs export.py (argv[1:]) with the packages named in BLOCKED made unimportable.
+HIDE_PACKAGES = """
+import runpy, sys
+BLOCKED = set(sys.argv[1].split(","))
+
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Hide())
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def export_without(packages, *argv):
+    return subprocess.run([sys.executable, "-c", HIDE_PACKAGES, ",".join(packages), EXPORT, *map(str, argv)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_needs(p, package, case):
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == (f"export.py: this conversion needs the Python package '{package}' "
+                        f"(pip install {package})\n")
+    assert_nothing_written(case)
+
+
+def test_help_needs_no_third_party_package():
+    # -I -S: no site-packages at all, so neither numpy nor torch
+    bare = [sys.executable, "-I", "-S"]
+    assert subprocess.run(bare + ["-c", "import numpy"], capture_output=True).returncode != 0
+    p = subprocess.run(bare + [EXPORT, "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout.startswith("usage: export.py") and "--gguf FILE" in p.stdout
+
+
+def test_a_conversion_without_numpy_says_so(case):
+    p = subprocess.run([sys.executable, "-I", "-S", EXPORT, case.out, "--llama2c", case.src / "llama2c.bin"],
+                       capture_output=True, text=True, timeout=60)
+    assert_needs(p, "numpy", case)
+
+
+def test_hf_without_safetensors_says_so(case):
+    assert_needs(export_without(["safetensors"], case.out, "--hf", case.src / "hf"), "safetensors", case)
+
+
+def test_tokenizer_model_without_sentencepiece_or_protobuf_says_so(case):
+    model = case.src / "tokenizer.model"
+    model.write_bytes(b"")
+    assert_needs(export_without(["torch", "sentencepiece"], case.out, "--tokenizer-model", model),
+                 "sentencepiece", case)
+    assert_needs(export_without(["torch", "google"], case.out, "--tokenizer-model", model), "protobuf", case)
+
+
+def test_gguf_without_pyyaml_says_so(case):
+    assert_needs(export_without(["torch", "yaml"], case.out, "--gguf", case.src / "model.gguf"), "pyyaml", case)
