@@ -79,14 +79,18 @@ are permuted into it here, so run.c knows one convention only.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import math
 import os
 import re
+import signal
+import stat
 import struct
 import sys
+import tempfile
 
 
 class ExportError(Exception):
@@ -1558,21 +1562,163 @@ examples:
 """
 
 
-def _source_tokenizer(opts):
-    """The tokenizer file that comes with --meta or --hf, or None.
+def _source_tokenizer(opts, gguf_reader):
+    """The tokenizer file that comes with --meta, --hf or --gguf, or None.
 
     Meta ships tokenizer.model. Hugging Face Llama 2 repositories carry both
     files, and the sentencepiece model is the original; Llama 3 ones only
-    tokenizer.json."""
+    tokenizer.json. A GGUF file carries its tokenizer in its metadata."""
     if opts.meta:
         candidates = [os.path.join(opts.meta, "tokenizer.model")]
     elif opts.hf:
         candidates = [os.path.join(opts.hf, "tokenizer.model"), os.path.join(opts.hf, "tokenizer.json")]
-    elif opts.gguf:         # the tokenizer is in the file's metadata
-        return opts.gguf if gguf_metadata(opts.gguf_reader, "tokenizer.ggml.model") else None
+    elif opts.gguf:
+        return opts.gguf if gguf_metadata(gguf_reader, "tokenizer.ggml.model") else None
     else:
         return None
     return next((path for path in candidates if os.path.exists(path)), None)
+
+
+class Outputs:
+    """The files one command writes, all or none. Each is written to a
+    temporary file beside its target (.NAME.tmp-XXXXXXXX, in the same
+    directory, so that a rename moves it) and renamed over the target only
+    when every output has been written. If anything fails first, a
+    KeyboardInterrupt included, the temporaries are removed and the targets
+    are as they were.
+
+        with Outputs() as outputs:
+            with outputs.writing("model.bin") as tmp:
+                write_checkpoint(tmp, ...)
+    """
+
+    def __init__(self):
+        self.pending = {}           # target -> temporary file
+
+    def add(self, target):
+        """Claim target as an output (early, so that an output that cannot be
+        written fails before a long conversion); returns its temporary file."""
+        path = os.path.realpath(target)     # through a symlink, as open() would write
+        if path in self.pending:
+            raise ExportError(target, "named as two outputs")
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as e:
+            raise ExportError(target, e.strerror) from None
+        if mode is not None and stat.S_ISDIR(mode):
+            raise ExportError(target, "is a directory")
+        if mode is not None and not stat.S_ISREG(mode):     # a rename would replace /dev/null itself
+            raise ExportError(target, "not a regular file")
+        if mode is not None and not os.access(path, os.W_OK):
+            raise ExportError(target, "Permission denied")
+        directory, name = os.path.split(path)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-")
+        except OSError as e:
+            raise ExportError(target, e.strerror) from None
+        os.close(fd)
+        self.pending[path] = tmp
+        return tmp
+
+    @contextlib.contextmanager
+    def writing(self, target):
+        """Write target: yields the temporary file to write; a failure to
+        write it (a full disk, say) is an ExportError naming target."""
+        tmp = self.pending.get(os.path.realpath(target)) or self.add(target)
+        try:
+            yield tmp
+        except OSError as e:
+            if e.filename not in (None, tmp):     # not the output's: an input's
+                raise
+            raise ExportError(target, e.strerror or str(e)) from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None:
+            self.discard()
+            return False
+        path = None
+        try:
+            for path, tmp in self.pending.items():
+                _settle(tmp, path)
+            for path in list(self.pending):
+                os.replace(self.pending.pop(path), path)
+        except OSError as e:
+            self.discard()
+            raise ExportError(path, e.strerror) from None
+        return False
+
+    def discard(self):
+        """Remove the temporary files that are still there."""
+        for tmp in self.pending.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.pending.clear()
+
+
+def _settle(tmp, target):
+    """Make a finished temporary file ready to replace target: the target's
+    mode, or the one a new file gets (mkstemp's is 0600), and its contents on
+    disk before the rename."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+LOADERS = {"reference": load_reference, "meta": load_meta, "hf": load_hf, "llama2c": load_llama2c,
+           "gguf": load_gguf}
+
+
+def convert(opts):
+    """Write what the command line asks, all of it or nothing; returns the
+    lines that say what was written."""
+    with Outputs() as outputs:
+        if opts.tokenizer_model:
+            with outputs.writing(opts.output) as tmp:
+                size = write_tokenizer_sentencepiece(opts.tokenizer_model, tmp)
+            return [f"wrote {opts.output}: tokenizer of {opts.tokenizer_model}, {size} bytes"]
+
+        kind = next(k for k in LOADERS if getattr(opts, k))
+        source = getattr(opts, kind)
+        outputs.add(opts.output)
+        gguf_reader = _gguf_reader(source) if opts.gguf else None   # parsed once, for both
+        tokenizer = _source_tokenizer(opts, gguf_reader)
+        if opts.tokenizer_out and not tokenizer:
+            raise ExportError(source, "no tokenizer here for --tokenizer-out")
+        tokenizer_out = opts.tokenizer_out or os.path.join(os.path.dirname(opts.output), "tokenizer.bin")
+        if tokenizer:
+            outputs.add(tokenizer_out)
+
+        args, state_dict = LOADERS[kind](gguf_reader or source)
+        if opts.max_seq_len:
+            args = dataclasses.replace(args, max_seq_len=opts.max_seq_len)
+        check_dtype(args, opts.dtype, source)
+        with outputs.writing(opts.output) as tmp:
+            size = write_checkpoint(tmp, args, state_dict, opts.dtype)
+        report = [f"wrote {opts.output}: {args.describe()}, {opts.dtype}, {size} bytes"]
+        if tokenizer:
+            with outputs.writing(tokenizer_out) as tmp:
+                if opts.gguf:
+                    size = write_tokenizer_gguf(gguf_reader, tmp, args.vocab_size)
+                elif tokenizer.endswith(".json"):
+                    size = write_tokenizer_hf_json(tokenizer, tmp)
+                else:
+                    size = write_tokenizer_sentencepiece(tokenizer, tmp)
+            report.append(f"wrote {tokenizer_out}: tokenizer of {tokenizer}, {size} bytes")
+        return report
 
 
 def main(argv=None):
@@ -1612,48 +1758,29 @@ def main(argv=None):
                      "export a tokenizer alone with --tokenizer-model")
 
     try:
-        if opts.tokenizer_model:
-            write_tokenizer_sentencepiece(opts.tokenizer_model, opts.output)
-            print(f"wrote {opts.output}: tokenizer of {opts.tokenizer_model}, "
-                  f"{os.path.getsize(opts.output)} bytes")
-            return 0
-
-        if opts.reference:
-            args, state_dict = load_reference(opts.reference)
-        elif opts.meta:
-            args, state_dict = load_meta(opts.meta)
-        elif opts.hf:
-            args, state_dict = load_hf(opts.hf)
-        elif opts.gguf:
-            opts.gguf_reader = _gguf_reader(opts.gguf)  # parsed once, for the model and the tokenizer
-            args, state_dict = load_gguf(opts.gguf_reader)
-        else:
-            args, state_dict = load_llama2c(opts.llama2c)
-        if opts.max_seq_len:
-            args = dataclasses.replace(args, max_seq_len=opts.max_seq_len)
-        tokenizer = _source_tokenizer(opts)
-        if opts.tokenizer_out and not tokenizer:
-            raise ExportError(opts.meta or opts.hf or opts.gguf, "no tokenizer here for --tokenizer-out")
-
-        size = write_checkpoint(opts.output, args, state_dict, opts.dtype)
-        print(f"wrote {opts.output}: {args.describe()}, {opts.dtype}, {size} bytes")
-        if tokenizer:
-            out = opts.tokenizer_out or os.path.join(os.path.dirname(opts.output), "tokenizer.bin")
-            if opts.gguf:
-                write_tokenizer_gguf(opts.gguf_reader, out, args.vocab_size)
-            elif tokenizer.endswith(".json"):
-                write_tokenizer_hf_json(tokenizer, out)
-            else:
-                write_tokenizer_sentencepiece(tokenizer, out)
-            print(f"wrote {out}: tokenizer of {tokenizer}, {os.path.getsize(out)} bytes")
+        report = convert(opts)
     except ExportError as e:
         print(f"export.py: {e}", file=sys.stderr)
         return 1
-    except OSError as e:
+    except OSError as e:        # reading an input
         print(f"export.py: {e.filename or opts.output}: {e.strerror}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("export.py: out of memory; nothing was written", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("export.py: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    try:
+        print("\n".join(report), flush=True)
+    except OSError as e:        # > /dev/full: the files are written, but the user was not told
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # or exit's flush fails again
+        print(f"export.py: stdout: {e.strerror}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
+    for signum in (signal.SIGTERM, signal.SIGHUP):      # end as Ctrl-C does, the temporary files removed
+        signal.signal(signum, signal.default_int_handler)
     sys.exit(main())

@@ -15,6 +15,8 @@ shards), a Meta directory, a GGUF file and a byte-level tokenizer.json.
 """
 
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -147,6 +149,130 @@ def assert_one_line(status, err, which, what, expected_status=1):
 def assert_nothing_written(case):
     left = sorted(p.name for p in case.out_dir.iterdir())
     assert left == [], f"left behind: {left}"
+
+
+# ----------------------------------------------------------------------------
+# 1. The sources as built convert: the damage below is what the cases test.
+
+@pytest.mark.parametrize("flag,source", [("--reference", "ref.pt"), ("--llama2c", "llama2c.bin"),
+                                         ("--hf", "hf"), ("--hf", "hf-sharded"), ("--meta", "meta")])
+def test_the_undamaged_sources_convert(case, capsys, flag, source):
+    status, out, err = export_main(capsys, case.out, flag, case.src / source)
+    assert status == 0, err
+    assert shape(export.read_checkpoint(case.out)[0]) == shape(ARGS)
+    written = sorted(p.name for p in case.out_dir.iterdir())
+    assert written == (["model.bin", "tokenizer.bin"] if source == "hf" else ["model.bin"])
+    assert out.count("\n") == len(written) and err == ""
+
+
+# ----------------------------------------------------------------------------
+# 3. All outputs or none (defect 9)
+
+def test_a_tokenizer_that_fails_leaves_no_checkpoint(case, capsys):
+    case.edit_json("hf/tokenizer.json", lambda t: t["model"].update(merges=["t x"]))
+    status, _, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert_one_line(status, err, case.src / "hf" / "tokenizer.json", "not in the vocab")
+    assert_nothing_written(case)
+
+
+def test_existing_outputs_are_untouched_when_the_command_fails(case, capsys):
+    case.out.write_bytes(b"the model that was here")
+    (case.out_dir / "tokenizer.bin").write_bytes(b"the tokenizer that was here")
+    case.edit_json("hf/tokenizer.json", lambda t: t.update(decoder=None))
+    status, _, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert_one_line(status, err, case.src / "hf" / "tokenizer.json", "decoder")
+    assert sorted(p.name for p in case.out_dir.iterdir()) == ["model.bin", "tokenizer.bin"]
+    assert case.out.read_bytes() == b"the model that was here"
+    assert (case.out_dir / "tokenizer.bin").read_bytes() == b"the tokenizer that was here"
+
+
+def test_existing_outputs_are_replaced_when_the_command_succeeds(case, capsys):
+    case.out.write_bytes(b"the model that was here")
+    (case.out_dir / "tokenizer.bin").write_bytes(b"the tokenizer that was here")
+    assert export_main(capsys, case.out, "--hf", case.src / "hf")[0] == 0
+    assert shape(export.read_checkpoint(case.out)[0]) == shape(ARGS)
+    assert export.read_tokenizer(case.out_dir / "tokenizer.bin")["kind"] == export.TOK_BYTELEVEL
+    assert sorted(p.name for p in case.out_dir.iterdir()) == ["model.bin", "tokenizer.bin"]
+
+
+def test_a_write_that_fails_part_way_leaves_no_partial_file(case, capsys, monkeypatch):
+    """A disk that fills after the header and the first tensor: the error
+    names the output, and neither it nor its temporary file is left."""
+    encode = export.encode_matrix
+    calls = []
+
+    def encode_until_the_disk_is_full(w, dtype):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, os.strerror(28))
+        return encode(w, dtype)
+
+    monkeypatch.setattr(export, "encode_matrix", encode_until_the_disk_is_full)
+    case.out.write_bytes(b"the model that was here")
+    status, _, err = export_main(capsys, case.out, "--llama2c", case.src / "llama2c.bin")
+    assert_one_line(status, err, case.out, "No space left on device")
+    assert len(calls) == 2
+    assert [p.name for p in case.out_dir.iterdir()] == ["model.bin"]
+    assert case.out.read_bytes() == b"the model that was here"
+
+
+def test_a_write_cut_off_by_the_file_size_limit_leaves_no_partial_file(case):
+    """A real failing write(2): RLIMIT_FSIZE stops the checkpoint at 64 KiB
+    (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    assert (case.src / "model.bin").stat().st_size > 1 << 16
+    p = subprocess.run([sys.executable, EXPORT, case.out, "--llama2c", case.src / "llama2c.bin"],
+                       capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert_one_line(p.returncode, p.stderr, case.out, "File too large")
+    assert_nothing_written(case)
+
+
+def test_an_interrupted_conversion_leaves_nothing(case, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "write_tokenizer_hf_json", interrupt)
+    status, out, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert status == 130 and err == "export.py: interrupted; nothing was written\n", err
+    assert_nothing_written(case)
+
+
+def test_a_report_that_stdout_cannot_take_is_an_error(case):
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, EXPORT, case.out, "--llama2c", case.src / "llama2c.bin"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr == "export.py: stdout: No space left on device\n", p.stderr
+
+
+@pytest.mark.parametrize("output,what", [("missing/model.bin", "No such file or directory"),
+                                         (".", "is a directory"), ("/dev/null", "not a regular file"),
+                                         ("tokenizer.bin", "named as two outputs")])
+def test_an_output_that_cannot_be_written_is_refused_first(case, capsys, output, what):
+    out = output if output.startswith("/") else case.out_dir / output
+    status, _, err = export_main(capsys, out, "--hf", case.src / "hf")
+    assert_one_line(status, err, out, what)
+    assert_nothing_written(case)
+
+
+def test_new_files_get_the_usual_permissions(case, capsys):
+    # written through a temporary file, which mkstemp creates 0600
+    umask = os.umask(0o022)
+    try:
+        assert export_main(capsys, case.out, "--llama2c", case.src / "llama2c.bin")[0] == 0
+    finally:
+        os.umask(umask)
+    assert case.out.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_output_through_a_symlink_is_written_where_it_points(case, capsys):
+    target = case.out_dir / "real.bin"
+    target.write_bytes(b"old")
+    case.out.symlink_to(target.name)
+    assert export_main(capsys, case.out, "--llama2c", case.src / "llama2c.bin")[0] == 0
+    assert case.out.is_symlink()
+    assert target.read_bytes() == (case.src / "model.bin").read_bytes()
 
 
 # ----------------------------------------------------------------------------
