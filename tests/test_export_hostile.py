@@ -18,13 +18,15 @@ import json
 import os
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORT = ROOT / "export.py"
@@ -163,6 +165,242 @@ def test_the_undamaged_sources_convert(case, capsys, flag, source):
     written = sorted(p.name for p in case.out_dir.iterdir())
     assert written == (["model.bin", "tokenizer.bin"] if source == "hf" else ["model.bin"])
     assert out.count("\n") == len(written) and err == ""
+
+
+# ----------------------------------------------------------------------------
+# 2. Bad inputs (defect 8): one line naming the input, nothing written.
+#
+# Each entry: a name, a function that damages the case's sources and returns
+# the source arguments, the file the message must name (relative to the
+# sources) and a fragment of what it must say.
+
+FLAGS = {"ref.pt": "--reference", "llama2c.bin": "--llama2c", "hf": "--hf", "hf-sharded": "--hf",
+         "meta": "--meta", "model.gguf": "--gguf"}
+
+
+def source_args(c, name):
+    """The arguments that convert the source that the file name is part of."""
+    top = name.split("/")[0]
+    return [FLAGS[top], c.src / top]
+
+
+def write(name, data):
+    """Replace the file's contents with data (bytes, or a function of the old ones)."""
+    def damage(c):
+        path = c.src / name
+        path.write_bytes(data(path.read_bytes()) if callable(data) else data)
+        return source_args(c, name)
+    return damage
+
+
+def edit_json(name, change):
+    return lambda c: (c.edit_json(name, change), source_args(c, name))[1]
+
+
+def hf_config(change):
+    return edit_json("hf/config.json", change)
+
+
+def hf_tokenizer(change):
+    return edit_json("hf/tokenizer.json", change)
+
+
+def meta_params(change):
+    return edit_json("meta/params.json", change)
+
+
+def hf_weights(change):
+    def damage(c):
+        path = c.src / "hf" / "model.safetensors"
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path)
+        return source_args(c, "hf")
+    return damage
+
+
+def meta_shard(change):
+    def damage(c):
+        path = c.src / "meta" / "consolidated.00.pth"
+        torch.save(change(torch.load(path)), path)
+        return source_args(c, "meta")
+    return damage
+
+
+def reference(saved):
+    def damage(c):
+        torch.save(saved, c.src / "ref.pt")
+        return source_args(c, "ref.pt")
+    return damage
+
+
+def llama2c_header(*fields):
+    return write("llama2c.bin", lambda data: struct.pack("<7i", *fields) + data[28:])
+
+
+def gguf_with(metadata):
+    """A GGUF file of the llama architecture with these string metadata."""
+    def damage(c):
+        import gguf
+        path = c.src / "bad.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        for key, value in metadata.items():
+            writer.add_string(key, value)
+        writer.add_tensor("token_embd.weight", np.zeros((ARGS.vocab_size, ARGS.dim), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return ["--gguf", path]
+    return damage
+
+
+def shard_removed(c):
+    (c.src / "hf-sharded" / "model-00002-of-00002.safetensors").unlink()
+    return source_args(c, "hf-sharded")
+
+
+BAD_INPUTS = [
+    # Hugging Face config.json
+    ("config not an object", hf_config(lambda c: [1, 2]), "hf/config.json", "expected a JSON object"),
+    ("config not JSON", write("hf/config.json", b"{\"model_type\": "), "hf/config.json", "not JSON"),
+    ("config not UTF-8", write("hf/config.json", b"\xff\xfe{}"), "hf/config.json", "not JSON"),
+    ("rope_scaling a string", hf_config(lambda c: c.update(rope_scaling="linear")), "hf/config.json",
+     "rope_scaling"),
+    ("hidden_size a string", hf_config(lambda c: c.update(hidden_size="32")), "hf/config.json", "hidden_size"),
+    ("num_attention_heads 0", hf_config(lambda c: c.update(num_attention_heads=0)), "hf/config.json",
+     "num_attention_heads"),
+    ("rope_theta a string", hf_config(lambda c: c.update(rope_theta="1e4")), "hf/config.json", "rope_theta"),
+    ("tie_word_embeddings a string", hf_config(lambda c: c.update(tie_word_embeddings="false")),
+     "hf/config.json", "tie_word_embeddings"),
+    ("rope_theta beyond float32", hf_config(lambda c: c.update(rope_theta=1e300)), "hf/config.json",
+     "rope_theta"),
+    ("more layers than run.c's", hf_config(lambda c: c.update(num_hidden_layers=1025)), "hf/config.json",
+     "n_layers"),
+    ("context beyond run.c's", hf_config(lambda c: c.update(max_position_embeddings=1 << 21)), "hf",
+     "--max-seq-len"),
+    # Hugging Face weights
+    ("safetensors truncated", write("hf/model.safetensors", lambda data: data[:len(data) // 2]),
+     "hf/model.safetensors", "not a safetensors file"),
+    ("safetensors garbage", write("hf/model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" * 9),
+     "hf/model.safetensors", "not a safetensors file"),
+    ("safetensors empty", write("hf/model.safetensors", b""), "hf/model.safetensors", "not a safetensors file"),
+    ("a tensor missing", hf_weights(lambda t: t.pop("model.norm.weight")), "hf", "norm.weight is missing"),
+    ("a k_proj of the wrong shape", hf_weights(lambda t: t.update({
+        "model.layers.0.self_attn.k_proj.weight": torch.zeros(3)})), "hf/model.safetensors", "expected shape"),
+    ("an integer tensor", hf_weights(lambda t: t.update({"model.norm.weight": torch.zeros(32, dtype=torch.int32)})),
+     "hf/model.safetensors", "not a floating-point type"),
+    ("the index names a missing shard", shard_removed, "hf-sharded/model-00002-of-00002.safetensors",
+     "No such file"),
+    ("the index is not an object", write("hf-sharded/model.safetensors.index.json", b"[1]"),
+     "hf-sharded/model.safetensors.index.json", "expected a JSON object"),
+    ("the index names no files", edit_json("hf-sharded/model.safetensors.index.json",
+                                           lambda index: {"weight_map": {"model.norm.weight": 3}}),
+     "hf-sharded/model.safetensors.index.json", "weight_map"),
+    # Hugging Face tokenizer.json (after the checkpoint is written: nothing may be left)
+    ("tokenizer.json not JSON", write("hf/tokenizer.json", b"{nope"), "hf/tokenizer.json", "not JSON"),
+    ("tokenizer.json a list", hf_tokenizer(lambda t: []), "hf/tokenizer.json", "expected a JSON object"),
+    ("model a string", hf_tokenizer(lambda t: t.update(model="BPE")), "hf/tokenizer.json", "model"),
+    ("a negative id", hf_tokenizer(lambda t: t["model"]["vocab"].update(zz=-5)), "hf/tokenizer.json", "'zz'"),
+    ("a huge id", hf_tokenizer(lambda t: t["model"]["vocab"].update(zz=10**12)), "hf/tokenizer.json",
+     "no token has id"),
+    ("an id that is a string", hf_tokenizer(lambda t: t["model"]["vocab"].update(zz="3")),
+     "hf/tokenizer.json", "'zz'"),
+    ("a merge of one token", hf_tokenizer(lambda t: t["model"].update(merges=["abc"])), "hf/tokenizer.json",
+     "merge 0"),
+    ("an added token without content", hf_tokenizer(lambda t: t.update(added_tokens=[{"id": 1}])),
+     "hf/tokenizer.json", "added token"),
+    ("post_processor a string", hf_tokenizer(lambda t: t.update(post_processor="x")), "hf/tokenizer.json",
+     "post_processor"),
+    ("an empty vocabulary", hf_tokenizer(lambda t: t["model"].update(vocab={}, merges=[])),
+     "hf/tokenizer.json", "no tokens"),
+    ("tokenizer_config.json's bos_token a list", write("hf/tokenizer_config.json", b'{"bos_token": ["x"]}'),
+     "hf/tokenizer_config.json", "bos_token"),
+    ("tokenizer.model garbage", write("hf/tokenizer.model", b"\x0a\xff\xff"), "hf/tokenizer.model",
+     "not a sentencepiece model"),
+    # Meta
+    ("params.json not an object", meta_params(lambda p: []), "meta/params.json", "expected a JSON object"),
+    ("n_heads 0", meta_params(lambda p: p.update(n_heads=0)), "meta/params.json", "n_heads"),
+    ("dim a string", meta_params(lambda p: p.update(dim="32")), "meta/params.json", "dim"),
+    ("a shard that is a list", meta_shard(lambda sd: [1]), "meta/consolidated.00.pth", "dict of tensors"),
+    ("a shard holding a number", meta_shard(lambda sd: {**sd, "norm.weight": 5}), "meta/consolidated.00.pth",
+     "norm.weight is not a tensor"),
+    # the reference file
+    ("reference garbage", write("ref.pt", b"x" * 100), "ref.pt", "not a torch.save file"),
+    ("reference args a list", reference({"args": "[1]", "state_dict": {}}), "ref.pt", '"args"'),
+    ("reference state_dict a list", reference({"args": json.dumps(vars(ARGS)), "state_dict": [1]}), "ref.pt",
+     "dict of tensors"),
+    # llama2.c
+    ("llama2.c header cut short", write("llama2c.bin", b"\1" * 20), "llama2c.bin", "too short"),
+    ("llama2.c n_heads 0", llama2c_header(32, 64, 2, 0, 2, 260, 64), "llama2c.bin", "n_heads = 0"),
+    ("llama2.c n_layers beyond run.c's", llama2c_header(32, 64, 1025, 4, 2, 260, 64), "llama2c.bin", "n_layers"),
+    ("llama2.c vocab_size -2^31", llama2c_header(32, 64, 2, 4, 2, -2**31, 64), "llama2c.bin", "vocab_size"),
+    ("llama2.c truncated", write("llama2c.bin", lambda data: data[:-4]), "llama2c.bin", "bytes: expected"),
+    # GGUF
+    ("GGUF truncated", write("model.gguf", lambda data: data[:len(data) // 2]), "model.gguf", "not a GGUF file"),
+    ("GGUF header cut short", write("model.gguf", lambda data: data[:200]), "model.gguf", "not a GGUF file"),
+    ("GGUF empty", write("model.gguf", b""), "model.gguf", "not a GGUF file"),
+    ("GGUF counts that are strings", gguf_with({"llama.embedding_length": "32", "llama.attention.head_count": "x"}),
+     "bad.gguf", "expected positive integers"),
+    # files that are not files
+    ("a directory as --llama2c", lambda c: ["--llama2c", c.src / "hf"], "hf", "is a directory"),
+    ("/dev/zero as --llama2c", lambda c: ["--llama2c", "/dev/zero"], "/dev/zero", "not a regular file"),
+    ("a file as --hf", lambda c: ["--hf", c.src / "ref.pt"], "ref.pt", "not a directory"),
+    ("no such --meta", lambda c: ["--meta", c.src / "nowhere"], "nowhere", "No such"),
+]
+
+
+@pytest.mark.parametrize("damage,which,what", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_and_writes_nothing(case, capsys, damage, which, what):
+    source_args = damage(case)
+    status, out, err = export_main(capsys, case.out, *source_args)
+    which = which if which.startswith("/") else case.src / which
+    assert_one_line(status, err, which, what)
+    assert out == ""
+    assert_nothing_written(case)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", str(2**20 + 1), str(2**40)])
+def test_max_seq_len_out_of_range_is_a_usage_error(case, capsys, value):
+    with pytest.raises(SystemExit) as exit:
+        export.main([str(case.out), "--llama2c", str(case.src / "llama2c.bin"), "--max-seq-len", value])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-seq-len" in err and value in err and "Traceback" not in err
+    assert_nothing_written(case)
+
+
+def test_max_seq_len_brings_a_long_context_within_run_c(case, capsys):
+    case.edit_json("hf/config.json", lambda c: c.update(max_position_embeddings=1 << 21))
+    status, _, err = export_main(capsys, case.out, "--hf", case.src / "hf", "--max-seq-len", 1 << 20)
+    assert status == 0, err
+    assert export.read_checkpoint(case.out)[0].max_seq_len == 1 << 20
+
+
+def test_a_bad_input_through_the_command_line_is_one_line(case):
+    """The same, from the outside: a process that exits 1 with one line, no traceback."""
+    case.edit_json("hf/config.json", lambda c: c.update(rope_scaling="linear"))
+    p = subprocess.run([sys.executable, EXPORT, case.out, "--hf", case.src / "hf"],
+                       capture_output=True, text=True, timeout=120)
+    assert_one_line(p.returncode, p.stderr, case.src / "hf" / "config.json", "rope_scaling")
+    assert_nothing_written(case)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_a_special_file_as_input_is_refused_not_read(case, special):
+    """A FIFO would block export.py in open(), /dev/zero fill its memory: in a
+    process of its own, with its memory limited, in case it is read."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    path = special
+    if special == "fifo":
+        path = case.src / "tokenizer.fifo"
+        os.mkfifo(path)
+    p = subprocess.run([sys.executable, EXPORT, case.out, "--tokenizer-model", path],
+                       capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert_one_line(p.returncode, p.stderr, path, "not a regular file")
+    assert_nothing_written(case)
 
 
 # ----------------------------------------------------------------------------
