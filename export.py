@@ -81,6 +81,7 @@ are permuted into it here, so run.c knows one convention only.
 import argparse
 import contextlib
 import dataclasses
+import errno
 import importlib
 import json
 import math
@@ -1968,6 +1969,9 @@ def main(argv=None):
                         help="where the tokenizer of --meta, --hf or --gguf goes "
                              "(default: tokenizer.bin beside OUTPUT)")
     opts = parser.parse_args(argv)
+    for name, value in vars(opts).items():
+        if value == "":
+            parser.error(f"{'OUTPUT' if name == 'output' else '--' + name.replace('_', '-')} is an empty path")
     if opts.tokenizer_out and not (opts.meta or opts.hf or opts.gguf):
         parser.error("--tokenizer-out goes with --meta, --hf or --gguf; "
                      "export a tokenizer alone with --tokenizer-model")
@@ -1983,10 +1987,13 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("export.py: interrupted; nothing was written", file=sys.stderr)
         return 130
-    try:
+    try:                        # > /dev/full, >&-: the files are written, but the user is not told
+        if sys.stdout is None:  # closed when Python started
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         print("\n".join(report), flush=True)
-    except OSError as e:        # > /dev/full: the files are written, but the user was not told
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # or exit's flush fails again
+    except OSError as e:
+        if sys.stdout is not None:      # or the flush at exit fails again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print(f"export.py: stdout: {e.strerror}", file=sys.stderr)
         return 1
     return 0

@@ -360,13 +360,26 @@ def test_bad_input_is_one_line_and_writes_nothing(case, capsys, damage, which, w
     assert_nothing_written(case)
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "abc", str(2**20 + 1), str(2**40)])
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "", str(2**20 + 1), str(2**40)])
 def test_max_seq_len_out_of_range_is_a_usage_error(case, capsys, value):
     with pytest.raises(SystemExit) as exit:
         export.main([str(case.out), "--llama2c", str(case.src / "llama2c.bin"), "--max-seq-len", value])
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "--max-seq-len" in err and value in err and "Traceback" not in err
+    assert_nothing_written(case)
+
+
+@pytest.mark.parametrize("argv,which", [
+    (lambda c: ["", "--llama2c", c.src / "llama2c.bin"], "OUTPUT"),
+    (lambda c: [c.out, "--hf", ""], "--hf"),
+    (lambda c: [c.out, "--hf", c.src / "hf", "--tokenizer-out", ""], "--tokenizer-out")],
+    ids=["OUTPUT", "--hf", "--tokenizer-out"])
+def test_an_empty_path_is_a_usage_error(case, capsys, argv, which):
+    with pytest.raises(SystemExit) as exit:
+        export.main([str(a) for a in argv(case)])
+    assert exit.value.code == 2
+    assert f"{which} is an empty path" in capsys.readouterr().err
     assert_nothing_written(case)
 
 
@@ -477,11 +490,13 @@ def test_an_interrupted_conversion_leaves_nothing(case, capsys, monkeypatch):
     assert_nothing_written(case)
 
 
-def test_a_report_that_stdout_cannot_take_is_an_error(case):
-    with open("/dev/full", "w") as full:
-        p = subprocess.run([sys.executable, EXPORT, case.out, "--llama2c", case.src / "llama2c.bin"],
-                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
-    assert p.returncode == 1 and p.stderr == "export.py: stdout: No space left on device\n", p.stderr
+@pytest.mark.parametrize("shell_redirect,error", [("> /dev/full", "No space left on device"),
+                                                  (">&-", "Bad file descriptor")])
+def test_a_report_that_stdout_cannot_take_is_an_error(case, shell_redirect, error):
+    command = f'"$0" "$1" "$2" --llama2c "$3" {shell_redirect}'
+    p = subprocess.run(["sh", "-c", command, sys.executable, EXPORT, case.out, case.src / "llama2c.bin"],
+                       stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr == f"export.py: stdout: {error}\n", p.stderr
 
 
 @pytest.mark.parametrize("output,what", [("missing/model.bin", "No such file or directory"),
