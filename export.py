@@ -1822,9 +1822,15 @@ class Outputs:
         return self
 
     def __exit__(self, kind, error, traceback):
-        if kind is not None:
+        try:
+            if kind is None:
+                self.commit()
+        finally:
             self.discard()
-            return False
+        return False
+
+    def commit(self):
+        """Rename every temporary file over its target."""
         path = None
         try:
             for path, tmp in self.pending.items():
@@ -1832,12 +1838,10 @@ class Outputs:
             for path in list(self.pending):
                 os.replace(self.pending.pop(path), path)
         except OSError as e:
-            self.discard()
             raise ExportError(path, e.strerror) from None
-        return False
 
     def discard(self):
-        """Remove the temporary files that are still there."""
+        """Remove the temporary files that are not renamed (all of them, after a failure)."""
         for tmp in self.pending.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

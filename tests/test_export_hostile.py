@@ -490,6 +490,31 @@ def test_an_interrupted_conversion_leaves_nothing(case, capsys, monkeypatch):
     assert_nothing_written(case)
 
 
+# Runs export.py (argv[1:]) as __main__, sending itself SIGTERM once the
+# first output is written and synced, as the outputs are being committed.
+TERMINATE_WHILE_COMMITTING = """
+import os, runpy, signal, sys
+fsync = os.fsync
+
+def fsync_then_terminate(fd):
+    fsync(fd)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+os.fsync = fsync_then_terminate
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigterm_while_committing_leaves_nothing(case):
+    case.out.write_bytes(b"the model that was here")
+    p = subprocess.run([sys.executable, "-c", TERMINATE_WHILE_COMMITTING, EXPORT, case.out, "--hf", case.src / "hf"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130 and p.stderr == "export.py: interrupted; nothing was written\n", p.stderr
+    assert [p.name for p in case.out_dir.iterdir()] == ["model.bin"]
+    assert case.out.read_bytes() == b"the model that was here"
+
+
 @pytest.mark.parametrize("shell_redirect,error", [("> /dev/full", "No space left on device"),
                                                   (">&-", "Bad file descriptor")])
 def test_a_report_that_stdout_cannot_take_is_an_error(case, shell_redirect, error):
