@@ -1799,7 +1799,7 @@ class Outputs:
             raise ExportError(target, "Permission denied")
         directory, name = os.path.split(path)
         try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.tmp-")
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name[:200]}.tmp-")   # within NAME_MAX
         except OSError as e:
             raise ExportError(target, e.strerror) from None
         os.close(fd)
