@@ -79,34 +79,79 @@ are permuted into it here, so run.c knows one convention only.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import importlib
 import json
 import math
+import numbers
 import os
 import re
+import signal
+import stat
 import struct
 import sys
+import tempfile
 
-import numpy as np
 
+class ExportError(Exception):
+    """Anything a user can get wrong: an input that cannot be read or used, an
+    output that cannot be written, a package that is not installed. str() is
+    the one line export.py prints after "export.py: ", 'WHICH: what is wrong'
+    (WHICH names the file, or is left out when there is none)."""
+
+    def __init__(self, which, what):
+        message = str(what) if which is None else f"{which}: {what}"
+        super().__init__(" ".join(message.splitlines()))
+
+
+# Third-party packages. Each conversion needs only some of them (--help none,
+# --gguf numpy and gguf, --hf torch and maybe safetensors and sentencepiece),
+# so a missing one is reported when a conversion needs it, not on import.
+
+PIP_NAMES = {"yaml": "pyyaml", "google": "protobuf"}     # where the import name is not the PyPI name
+
+
+def missing_package(module):
+    """The ExportError for a package that is not installed (module: its import name)."""
+    name = PIP_NAMES.get(module.split(".")[0], module.split(".")[0])
+    return ExportError(None, f"this conversion needs the Python package '{name}' (pip install {name})")
+
+
+def need(module):
+    """Import module, one that only some conversions use."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:     # the module, or one that it imports
+        raise missing_package(e.name or module) from None
+
+
+class _Missing:
+    """Stands in for numpy, or for torch, nn and F, where it is not installed,
+    so that this file still loads. Using it raises missing_package(). Module
+    is there so that the reference model's classes below can be defined."""
+    Module = object
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):      # Python's own probing (copy, pickle, ...)
+            raise AttributeError(attr)
+        raise missing_package(self._module)
+
+
+try:
+    import numpy as np
+except ModuleNotFoundError as e:
+    np = _Missing(e.name or "numpy")
 try:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-except ModuleNotFoundError:
-    class _NoTorch:
-        """Stands in for torch, nn and F where torch is not installed, so that
-        this file still loads: --gguf needs numpy and gguf alone (make demo).
-        The classes below are defined on it; using any of them raises."""
-        Module = object
-
-        def no_grad(self):
-            return lambda f: f
-
-        def __getattr__(self, name):
-            raise ModuleNotFoundError("export.py: this needs torch (only --gguf runs without it)")
-
-    torch = nn = F = _NoTorch()
+except ModuleNotFoundError as e:
+    torch = nn = F = _Missing(e.name or "torch")
 
 # ----------------------------------------------------------------------------
 # Model export
@@ -114,11 +159,14 @@ except ModuleNotFoundError:
 # Shapes below use B = batch, T = time (positions), H = heads, D = head_dim.
 
 
-class ExportError(Exception):
-    """A file that cannot be read or written as asked; str() is 'PATH: what is wrong'."""
-
-    def __init__(self, path, what):
-        super().__init__(f"{path}: {what}")
+F32_MAX = 3.4028234663852886e38
+# The largest sizes that run.c loads (its MAX_DIM, MAX_HIDDEN, ...): ModelArgs
+# refuses more, so that nothing is written that run.c would refuse. The
+# longest context is checked when a checkpoint is written, after
+# --max-seq-len has had its say; until then max_seq_len is any i32.
+MAX_SIZES = {"dim": 1 << 16, "hidden_dim": 1 << 18, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+             "head_dim": 4096, "vocab_size": 1 << 22}
+MAX_SEQ_LEN = 1 << 20
 
 
 @dataclasses.dataclass
@@ -138,25 +186,33 @@ class ModelArgs:
     tied: bool = False          # the classifier is the token embedding
 
     def __post_init__(self):
-        # Numbers arrive from JSON, numpy and torch: store plain Python types,
-        # and refuse shapes that no forward pass could run.
+        # Numbers arrive from JSON, numpy, torch and file headers: store plain
+        # Python types, and refuse anything else (a string, a bool for a
+        # count) and shapes that no forward pass could run.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
             if f.type is int:        # the header stores i32
-                if int(value) != value or not 0 < value < 2**31:
-                    raise ValueError(f"{f.name} = {value}: expected a positive 32-bit integer")
+                most = MAX_SIZES.get(f.name, 2**31 - 1)
+                if not (number and value == int(value) and 0 < value <= most):
+                    raise ValueError(f"{f.name} = {value!r}: expected an integer from 1 to {most}")
                 value = int(value)
-            elif f.type is float:
+            elif f.type is float:    # the header stores f32: neither 0 nor inf there
+                if not (number and 0 < value <= F32_MAX and struct.unpack("<f", struct.pack("<f", value))[0]):
+                    raise ValueError(f"{f.name} = {value!r}: expected a positive number that float32 holds")
                 value = float(value)
-                if not (math.isfinite(value) and value > 0):
-                    raise ValueError(f"{f.name} = {value}: expected a positive finite number")
             else:
+                if not (isinstance(value, numbers.Integral) and value in (0, 1)):
+                    raise ValueError(f"{f.name} = {value!r}: expected true or false")
                 value = bool(value)
             setattr(self, f.name, value)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads = {self.n_kv_heads} does not divide n_heads = {self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim = {self.head_dim}: RoPE rotates pairs, so it must be even")
+        if self.n_heads * self.head_dim > MAX_SIZES["dim"]:
+            raise ValueError(f"n_heads * head_dim = {self.n_heads * self.head_dim}: expected at most "
+                             f"{MAX_SIZES['dim']}")
 
     def describe(self):
         """One line for people: 'dim 64, hidden 172, 5 layers, ...'."""
@@ -297,13 +353,13 @@ class Llama(nn.Module):
         return F.linear(h, classifier)                        # (B, T, vocab_size)
 
 
-@torch.no_grad()
 def generate_greedy(model, prompt_ids, n):
     """The n tokens that follow prompt_ids when each step takes the argmax (a list of ints)."""
     ids = list(prompt_ids)
-    for _ in range(n):
-        logits = model(torch.tensor([ids]))
-        ids.append(int(logits[0, -1].argmax()))
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt_ids):]
 
 
@@ -469,6 +525,13 @@ def check_dtype(args, dtype, path):
                                 f"{', '.join(odd)} is not")
 
 
+def check_max_seq_len(args, path):
+    """Raise ExportError naming path unless run.c allows a context of args.max_seq_len."""
+    if args.max_seq_len > MAX_SEQ_LEN:
+        raise ExportError(path, f"max_seq_len = {args.max_seq_len} is more than run.c's {MAX_SEQ_LEN} "
+                                "(give a shorter one with --max-seq-len)")
+
+
 def write_checkpoint(path, args, state_dict, dtype="f32"):
     """Write the version 1 checkpoint with its matrices in dtype ("f32",
     "bf16", "q8_0" or "q4_0"; norms stay f32) and return its size in bytes.
@@ -476,6 +539,7 @@ def write_checkpoint(path, args, state_dict, dtype="f32"):
     The state_dict and dtype are validated first, so a bad one leaves no file behind."""
     check_state_dict(args, state_dict, path)
     check_dtype(args, dtype, path)
+    check_max_seq_len(args, path)
     group = GROUP_SIZE if dtype in ("q8_0", "q4_0") else 0
     header = HEADER.pack(MAGIC, VERSION, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
                          args.n_kv_heads, args.head_dim, args.vocab_size, args.max_seq_len,
@@ -605,22 +669,105 @@ def _model_args(path, **fields):
         raise ExportError(path, str(e)) from None
 
 
+# Reading the user's files. Each reader checks what it reads and raises
+# ExportError naming the file; the library errors (OSError, json, torch,
+# safetensors, gguf, protobuf) are turned into one where the file is read.
+
+def _regular_file(path):
+    """path, checked to name a regular file: a FIFO would block, /dev/zero never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ExportError(path, e.strerror) from None
+    if stat.S_ISDIR(mode):
+        raise ExportError(path, "is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise ExportError(path, "not a regular file")
+    return path
+
+
+def _directory(path):
+    """path, checked to name a directory."""
+    if not os.path.isdir(path):
+        raise ExportError(path, "not a directory" if os.path.exists(path) else "No such directory")
+    return path
+
+
+def _read_bytes(path):
+    """The contents of the regular file path."""
+    _regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ExportError(path, e.strerror) from None
+
+
+JSON_KINDS = {  # what a JSON field must hold, by the Python type asked for: (description, test)
+    int: ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    dict: ("an object", lambda v: isinstance(v, dict)),
+    list: ("an array", lambda v: isinstance(v, list)),
+}
+REQUIRED = object()
+
+
 def _read_json(path):
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ExportError(path, f"not JSON: {e}") from None
+    """The JSON object (a dict) that the file path holds."""
+    try:
+        value = json.loads(_read_bytes(path).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ExportError(path, f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ExportError(path, f"expected a JSON object, not {json.dumps(value)[:40]}")
+    return value
+
+
+def _json_field(obj, key, kind, path, default=REQUIRED):
+    """obj[key], checked to be of kind (a key of JSON_KINDS), from a JSON object
+    read from path; default where the key is absent or null."""
+    value = obj.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise ExportError(path, f"{key} is missing")
+        return default
+    description, test = JSON_KINDS[kind]
+    if not test(value):
+        raise ExportError(path, f"{key} = {json.dumps(value)[:60]}: expected {description}")
+    return value
 
 
 def _torch_load(path):
     """torch.load of a file that holds tensors and plain containers only (never code)."""
+    load = torch.load           # first, so that a missing torch is reported as such
+    _regular_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
+        return load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ExportError(path, e.strerror or str(e)) from None
     except Exception as e:      # torch.load has no one error for "not a torch.save file"
         raise ExportError(path, f"not a torch.save file of tensors ({type(e).__name__})") from None
+
+
+def _check_tensors(path, saved):
+    """saved, read from path, checked to be a dict of floating-point tensors by name."""
+    if not isinstance(saved, dict):
+        raise ExportError(path, f"expected a dict of tensors by name, not a {type(saved).__name__}")
+    for name, value in saved.items():
+        if not isinstance(name, str):
+            raise ExportError(path, f"tensor name {name!r} is not a string")
+        _check_tensor(path, name, value)
+    return saved
+
+
+def _check_tensor(path, name, value):
+    """Raise ExportError naming path unless value is a floating-point tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise ExportError(path, f"{name} is not a tensor but a {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ExportError(path, f"{name}: {value.dtype} is not a floating-point type")
 
 
 def save_reference(path, args, state_dict):
@@ -641,9 +788,11 @@ def load_reference(path):
     try:
         fields = json.loads(saved["args"])
     except (TypeError, json.JSONDecodeError):
-        raise ExportError(path, '"args" is not a JSON object of ModelArgs fields') from None
+        fields = None
+    if not isinstance(fields, dict):
+        raise ExportError(path, '"args" is not a JSON object of ModelArgs fields')
     args = _model_args(path, **fields)
-    state_dict = {k: v.float() for k, v in saved["state_dict"].items()}
+    state_dict = {k: v.float() for k, v in _check_tensors(path, saved["state_dict"]).items()}
     check_state_dict(args, state_dict, path)
     return args, state_dict
 
@@ -661,7 +810,7 @@ def _merge_meta_shards(name, shards, dim):
     row-parallel ones (wo, w2) their input columns. Norms are replicated. The
     token embedding is split on dim (Llama 2) or on vocab (Llama 3): its width
     tells which."""
-    if len(shards) == 1 or shards[0].dim() == 1:
+    if len(shards) == 1 or shards[0].dim() < 2:
         return shards[0]
     if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
         return torch.cat(shards, dim=1)
@@ -676,21 +825,28 @@ def load_meta(directory):
     hidden_dim is read off the w1 weight rather than recomputed from
     multiple_of and ffn_dim_multiplier; vocab_size off the embedding (Llama 2's
     params.json says -1). max_seq_len is META_MAX_SEQ_LEN."""
-    params_path = os.path.join(directory, "params.json")
+    params_path = os.path.join(_directory(directory), "params.json")
     params = _read_json(params_path)
-    if params.get("use_scaled_rope"):
+
+    def field(key, kind, default=REQUIRED):
+        return _json_field(params, key, kind, params_path, default)
+
+    if field("use_scaled_rope", bool, False):
         raise ExportError(params_path, "use_scaled_rope (Llama 3.1 RoPE scaling) is not implemented")
+    dim, n_heads, n_layers = field("dim", int), field("n_heads", int), field("n_layers", int)
+    norm_eps = field("norm_eps", float)
     names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"consolidated\.\d+\.pth", n))
     if not names:
         raise ExportError(directory, "no consolidated.*.pth files")
-    shards = [_torch_load(os.path.join(directory, n)) for n in names]
-    for name, shard in zip(names[1:], shards[1:]):
+    paths = [os.path.join(directory, n) for n in names]
+    shards = [_check_tensors(path, _torch_load(path)) for path in paths]
+    for path, shard in zip(paths[1:], shards[1:]):
         if set(shard) != set(shards[0]):
-            raise ExportError(os.path.join(directory, name), f"holds other tensors than {names[0]}")
-    try:
-        dim, n_heads, n_layers, norm_eps = params["dim"], params["n_heads"], params["n_layers"], params["norm_eps"]
-    except KeyError as e:
-        raise ExportError(params_path, f"{e.args[0]} is missing") from None
+            raise ExportError(path, f"holds other tensors than {names[0]}")
+        for name, tensor in shard.items():
+            if tensor.shape != shards[0][name].shape:
+                raise ExportError(path, f"{name}: shape {tuple(tensor.shape)}, but {tuple(shards[0][name].shape)} "
+                                        f"in {names[0]}")
     state_dict = {name: _merge_meta_shards(name, [s[name] for s in shards], dim).float()
                   for name in shards[0]
                   if name != "rope.freqs"}     # Llama 1's RoPE table: we compute it
@@ -700,9 +856,9 @@ def load_meta(directory):
     except KeyError as e:
         raise ExportError(directory, f"tensor {e.args[0]} is missing") from None
     args = _model_args(params_path, dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
-                       n_kv_heads=params.get("n_kv_heads") or n_heads, head_dim=dim // n_heads,
+                       n_kv_heads=field("n_kv_heads", int, n_heads), head_dim=dim // n_heads,
                        vocab_size=vocab_size, max_seq_len=META_MAX_SEQ_LEN,
-                       rope_theta=params.get("rope_theta", 10000.0), norm_eps=norm_eps,
+                       rope_theta=field("rope_theta", float, 10000.0), norm_eps=norm_eps,
                        tied="output.weight" not in state_dict)
     check_state_dict(args, state_dict, directory)
     return args, state_dict
@@ -749,7 +905,10 @@ def _hf_tensors(directory):
     for weights in ("model.safetensors", "pytorch_model.bin"):
         index_path = os.path.join(directory, weights + ".index.json")
         if os.path.exists(index_path):
-            files = sorted(set(_read_json(index_path)["weight_map"].values()))
+            weight_map = _json_field(_read_json(index_path), "weight_map", dict, index_path)
+            if not all(isinstance(file, str) and file for file in weight_map.values()):
+                raise ExportError(index_path, "weight_map: expected a file name for each tensor")
+            files = sorted(set(weight_map.values()))
         elif os.path.exists(os.path.join(directory, weights)):
             files = [weights]
         else:
@@ -757,15 +916,30 @@ def _hf_tensors(directory):
         for file in files:
             path = os.path.join(directory, file)
             if weights == "model.safetensors":
-                from safetensors import safe_open   # only this path needs the package
-                with safe_open(path, framework="pt") as st:
-                    for name in st.keys():
-                        yield path, name, st.get_tensor(name)
+                yield from ((path, name, tensor) for name, tensor in _read_safetensors(path))
             else:
-                for name, tensor in _torch_load(path).items():
+                for name, tensor in _check_tensors(path, _torch_load(path)).items():
                     yield path, name, tensor
         return
     raise ExportError(directory, "no model.safetensors or pytorch_model.bin (nor a sharded index of either)")
+
+
+def _read_safetensors(path):
+    """Each (name, torch tensor) of a safetensors file, read as they are asked for."""
+    need("torch")               # the tensors come as torch's
+    safe_open = need("safetensors").safe_open
+    _regular_file(path)
+    try:
+        st = safe_open(path, framework="pt")
+        names = list(st.keys())
+    except Exception as e:      # SafetensorError and OSError name no file
+        raise ExportError(path, f"not a safetensors file ({e})") from None
+    for name in names:
+        try:
+            tensor = st.get_tensor(name)
+        except Exception as e:
+            raise ExportError(path, f"{name}: {e}") from None
+        yield name, tensor
 
 
 def hf_to_interleaved(w, n_heads, head_dim):
@@ -783,31 +957,30 @@ def load_hf(directory):
 
     Refuses what the reference does not compute: RoPE scaling, biases, other
     activations. Optional config fields take LlamaConfig's defaults."""
-    config_path = os.path.join(directory, "config.json")
+    config_path = os.path.join(_directory(directory), "config.json")
     config = _read_json(config_path)
+
+    def field(key, kind, default=REQUIRED):
+        return _json_field(config, key, kind, config_path, default)
+
     if config.get("model_type") != "llama":
         raise ExportError(config_path, f"model_type {config.get('model_type')!r}: only 'llama' is supported")
-    scaling = config.get("rope_scaling")
+    scaling = field("rope_scaling", dict, {})
     if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
         raise ExportError(config_path, f"rope_scaling {scaling} is not implemented (plain RoPE only)")
-    if config.get("attention_bias") or config.get("mlp_bias"):
+    if field("attention_bias", bool, False) or field("mlp_bias", bool, False):
         raise ExportError(config_path, "attention_bias and mlp_bias are not supported")
     if config.get("hidden_act", "silu") != "silu":
         raise ExportError(config_path, f"hidden_act {config['hidden_act']!r}: only 'silu' is supported")
-    try:
-        n_heads = config["num_attention_heads"]
-        args = _model_args(
-            config_path, dim=config["hidden_size"], hidden_dim=config["intermediate_size"],
-            n_layers=config["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
-            vocab_size=config["vocab_size"], max_seq_len=config.get("max_position_embeddings", 2048),
-            rope_theta=config.get("rope_theta", 10000.0), norm_eps=config.get("rms_norm_eps", 1e-6),
-            tied=config.get("tie_word_embeddings", False))
-    except KeyError as e:
-        raise ExportError(config_path, f"{e.args[0]} is missing") from None
+    dim, n_heads = field("hidden_size", int), field("num_attention_heads", int)
+    args = _model_args(
+        config_path, dim=dim, hidden_dim=field("intermediate_size", int), n_layers=field("num_hidden_layers", int),
+        n_heads=n_heads, n_kv_heads=field("num_key_value_heads", int, n_heads),
+        head_dim=field("head_dim", int, dim // n_heads), vocab_size=field("vocab_size", int),
+        max_seq_len=field("max_position_embeddings", int, 2048), rope_theta=field("rope_theta", float, 10000.0),
+        norm_eps=field("rms_norm_eps", float, 1e-6), tied=field("tie_word_embeddings", bool, False))
 
-    state_dict = {}
+    shapes, state_dict = dict(checkpoint_tensors(args)), {}
     for path, hf_name, tensor in _hf_tensors(directory):
         try:
             name = _hf_name(hf_name)
@@ -815,6 +988,11 @@ def load_hf(directory):
             raise ExportError(path, str(e)) from None
         if name is None or (name == "output.weight" and args.tied):
             continue                # a tied lm_head is the embedding, saved twice
+        _check_tensor(path, hf_name, tensor)
+        if tuple(tensor.shape) != shapes[name]:
+            raise ExportError(path, f"{hf_name}: expected shape {shapes[name]}, got {tuple(tensor.shape)}")
+        if name in state_dict:
+            raise ExportError(path, f"{hf_name} appears twice")
         tensor = tensor.float()
         if name.endswith("attention.wq.weight"):
             tensor = hf_to_interleaved(tensor, args.n_heads, args.head_dim)
@@ -865,9 +1043,12 @@ def _llama2c_tensors(args):
 
 def load_llama2c(path):
     """Read a llama2.c legacy checkpoint: head_dim = dim / n_heads, theta 10000, eps 1e-5."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        header = f.read(LLAMA2C_HEADER.size)
+    size = os.path.getsize(_regular_file(path))
+    try:
+        with open(path, "rb") as f:
+            header = f.read(LLAMA2C_HEADER.size)
+    except OSError as e:
+        raise ExportError(path, e.strerror) from None
     if len(header) < LLAMA2C_HEADER.size:
         raise ExportError(path, f"{size} bytes: too short for the 28-byte llama2.c header")
     dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = LLAMA2C_HEADER.unpack(header)
@@ -881,7 +1062,10 @@ def load_llama2c(path):
     expected = LLAMA2C_HEADER.size + 4 * sum(math.prod(shape) for _, shape in tensors)
     if size != expected:
         raise ExportError(path, f"{size} bytes: expected {expected} for {args.describe()}")
-    floats = np.fromfile(path, dtype="<f4", offset=LLAMA2C_HEADER.size)
+    try:
+        floats = np.fromfile(path, dtype="<f4", offset=LLAMA2C_HEADER.size)
+    except OSError as e:
+        raise ExportError(path, e.strerror) from None
     state_dict, at = {}, 0
     for name, shape in tensors:
         n = math.prod(shape)
@@ -983,14 +1167,12 @@ def _gguf_reader(source):
     """A gguf.GGUFReader of source (a path, or a reader already open)."""
     if not isinstance(source, (str, os.PathLike)):
         return source
-    try:
-        import gguf         # only this path needs the package
-    except ModuleNotFoundError as e:     # gguf itself, or pyyaml, which it imports
-        raise ExportError(source, f"reading GGUF needs the gguf package (pip install gguf): {e}") from None
+    gguf = need("gguf")     # it imports numpy and pyyaml
+    _regular_file(source)
     try:
         return gguf.GGUFReader(source)
-    except OSError:
-        raise
+    except OSError as e:
+        raise ExportError(source, e.strerror or str(e)) from None
     except Exception as e:  # the reader raises ValueError, struct and numpy errors alike
         raise ExportError(source, f"not a GGUF file ({type(e).__name__}: {e})") from None
 
@@ -1024,7 +1206,10 @@ def load_gguf(source):
     if scaling != "none":
         raise ExportError(path, f"llama.rope.scaling.type {scaling!r} is not implemented (plain RoPE only)")
     n_heads, dim = meta("llama.attention.head_count"), meta("llama.embedding_length")
-    head_dim = meta("llama.attention.key_length", meta("llama.rope.dimension_count", dim // max(n_heads, 1)))
+    if not all(isinstance(n, int) and n > 0 for n in (n_heads, dim)):
+        raise ExportError(path, f"llama.attention.head_count {n_heads!r}, llama.embedding_length {dim!r}: "
+                                "expected positive integers")
+    head_dim = meta("llama.attention.key_length", meta("llama.rope.dimension_count", dim // n_heads))
     if meta("llama.attention.value_length", head_dim) != head_dim:
         raise ExportError(path, "llama.attention.value_length differs from key_length")
     if meta("llama.rope.dimension_count", head_dim) != head_dim:
@@ -1131,30 +1316,30 @@ PRETOK_NONE, PRETOK_GPT2, PRETOK_DIGITS_GPT2, PRETOK_LLAMA3 = 0, 1, 2, 3
 CHAT_NONE, CHAT_LLAMA2, CHAT_CHATML = 0, 1, 2
 
 
-class TokenizerExportError(ValueError):
-    """A tokenizer run.c cannot reproduce exactly; the message says why."""
-
-
 def write_tokenizer(path, kind, tokens, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=-1, flags=0,
-                    pretokenizer=PRETOK_NONE, chat_template=CHAT_NONE, merges=(), system_prompt=""):
+                    pretokenizer=PRETOK_NONE, chat_template=CHAT_NONE, merges=(), system_prompt="", source=None):
     """Writes an LTOK file. tokens: [(bytes, score, type)] in id order;
     merges: [(left, right, result)] in rank order; system_prompt: the chat
-    template's default system prompt ("" for none). Returns the file size."""
+    template's default system prompt ("" for none); source: the file they
+    come from, which an ExportError names (default: path). Returns the file size."""
+    source = path if source is None else source
     n = len(tokens)
+    if not n:
+        raise ExportError(source, "no tokens")
     for name, v in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id), ("unk_id", unk_id)):
-        if not -1 <= v < n:
-            raise TokenizerExportError(f"{name} {v} is outside -1..{n - 1}")
+        if not (isinstance(v, int) and -1 <= v < n):
+            raise ExportError(source, f"{name} {v!r} is outside -1..{n - 1}")
     for i, (b, _, ty) in enumerate(tokens):
         if not b:
-            raise TokenizerExportError(f"token {i} is empty")
+            raise ExportError(source, f"token {i} is empty")
         if not PIECE_NORMAL <= ty <= PIECE_BYTE:
-            raise TokenizerExportError(f"token {i} has unknown type {ty}")
+            raise ExportError(source, f"token {i} has unknown type {ty}")
     for r, (a, b, c) in enumerate(merges):
         if not (0 <= a < n and 0 <= b < n and 0 <= c < n) or tokens[c][0] != tokens[a][0] + tokens[b][0]:
-            raise TokenizerExportError(f"merge {r} ({a}, {b}) -> {c} is not a concatenation of tokens")
+            raise ExportError(source, f"merge {r} ({a}, {b}) -> {c} is not a concatenation of tokens")
     system = system_prompt.encode("utf-8")
     if b"\0" in system:
-        raise TokenizerExportError("the default system prompt contains a NUL character")
+        raise ExportError(source, "the default system prompt contains a NUL character")
     max_len = max(len(b) for b, _, _ in tokens)
     with open(path, "wb") as f:
         f.write(TOKENIZER_HEADER.pack(TOKENIZER_MAGIC, TOKENIZER_VERSION, kind, n, bos_id, eos_id, pad_id,
@@ -1176,7 +1361,7 @@ def read_tokenizer(path):
     (magic, version, kind, n, bos, eos, pad, unk, flags, pretok, chat, n_merges,
      max_len, system_len) = TOKENIZER_HEADER.unpack_from(data, 0)
     if magic != TOKENIZER_MAGIC or version != TOKENIZER_VERSION:
-        raise TokenizerExportError(f"{path}: not an LTOK version {TOKENIZER_VERSION} file")
+        raise ExportError(path, f"not an LTOK version {TOKENIZER_VERSION} file")
     pos, tokens = TOKENIZER_HEADER.size, []
     for _ in range(n):
         length, score, ty = _struct.unpack_from("<IfB", data, pos)
@@ -1190,21 +1375,21 @@ def read_tokenizer(path):
                 system_prompt=system)
 
 
-# sentencepiece's tokenizer.model is a protobuf (sentencepiece_model.proto).
-# The few fields needed are read straight from the wire format, so that
-# neither protobuf nor sentencepiece has to be installed.
+# sentencepiece's tokenizer.model is a protobuf (sentencepiece_model.proto),
+# read with the classes that the sentencepiece package ships (they need protobuf).
 
 def read_sentencepiece_model(path):
     """The parts of a sentencepiece ModelProto that tokenization depends on:
     pieces [(text, score, type)], and the trainer and normalizer settings.
     Parsed with the protobuf classes sentencepiece ships (python3-protobuf)."""
-    from sentencepiece import sentencepiece_model_pb2
-    proto = sentencepiece_model_pb2.ModelProto()
-    with open(path, "rb") as f:
-        try:
-            proto.ParseFromString(f.read())
-        except Exception as e:  # protobuf's DecodeError names no file
-            raise TokenizerExportError(f"{path}: not a sentencepiece model ({e})")
+    proto = need("sentencepiece.sentencepiece_model_pb2").ModelProto()
+    data = _read_bytes(path)
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:      # protobuf's DecodeError names no file
+        raise ExportError(path, f"not a sentencepiece model ({e})") from None
+    if not proto.pieces:
+        raise ExportError(path, "not a sentencepiece model (no pieces)")
     t, n = proto.trainer_spec, proto.normalizer_spec
     trainer = dict(model_type=t.model_type, byte_fallback=t.byte_fallback,
                    treat_whitespace_as_suffix=t.treat_whitespace_as_suffix,
@@ -1229,19 +1414,18 @@ def write_tokenizer_sentencepiece(model_path, out_path, vocab_size=None):
     tr, nm = m["trainer"], m["normalizer"]
     if tr["model_type"] != 2:
         kinds = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
-        raise TokenizerExportError(f"{model_path}: a {kinds.get(tr['model_type'], '?')} model; "
-                                   "only sentencepiece BPE is supported")
+        raise ExportError(model_path, f"a {kinds.get(tr['model_type'], '?')} model; "
+                                      "only sentencepiece BPE is supported")
     if nm["precompiled_charsmap"] or m["denormalizer_charsmap"]:
-        raise TokenizerExportError(f"{model_path}: normalization rule '{nm['name']}' is not supported "
-                                   "(train with normalization_rule_name=identity, as Llama does)")
+        raise ExportError(model_path, f"normalization rule '{nm['name']}' is not supported "
+                                      "(train with normalization_rule_name=identity, as Llama does)")
     if tr["treat_whitespace_as_suffix"] or not nm["escape_whitespaces"]:
-        raise TokenizerExportError(f"{model_path}: treat_whitespace_as_suffix / escape_whitespaces=false "
-                                   "are not supported")
+        raise ExportError(model_path, "treat_whitespace_as_suffix / escape_whitespaces=false are not supported")
     if tr["unk_surface"] != " \u2047 ":
-        raise TokenizerExportError(f"{model_path}: a custom unk_surface is not supported")
+        raise ExportError(model_path, "a custom unk_surface is not supported")
     pieces = m["pieces"]
     if vocab_size is not None and len(pieces) != vocab_size:
-        raise TokenizerExportError(f"{model_path}: {len(pieces)} pieces but the model has {vocab_size} tokens")
+        raise ExportError(model_path, f"{len(pieces)} pieces but the model has {vocab_size} tokens")
     tokens = [(p.encode("utf-8"), score, ty) for p, score, ty in pieces]
 
     # sentencepiece's PieceToId: reserved pieces (control, unknown, byte) first
@@ -1255,7 +1439,7 @@ def write_tokenizer_sentencepiece(model_path, out_path, vocab_size=None):
 
     unk = [i for i, (_, _, ty) in enumerate(pieces) if ty == PIECE_UNKNOWN]
     if len(unk) != 1:
-        raise TokenizerExportError(f"{model_path}: {len(unk)} unknown pieces; sentencepiece needs exactly one")
+        raise ExportError(model_path, f"{len(unk)} unknown pieces; sentencepiece needs exactly one")
     bos = special_id(tr["bos_piece"], PIECE_CONTROL)
     flags = TOKF_ADD_BOS if bos >= 0 else 0
     if nm["add_dummy_prefix"]:
@@ -1267,7 +1451,7 @@ def write_tokenizer_sentencepiece(model_path, out_path, vocab_size=None):
     return write_tokenizer(out_path, TOK_SENTENCEPIECE, tokens, bos_id=bos,
                            eos_id=special_id(tr["eos_piece"], PIECE_CONTROL),
                            pad_id=special_id(tr["pad_piece"], PIECE_CONTROL), unk_id=unk[0], flags=flags,
-                           chat_template=CHAT_LLAMA2)
+                           chat_template=CHAT_LLAMA2, source=model_path)
 
 
 # Byte-level BPE: GPT-2's tokenizer.json stores each token as text in which
@@ -1305,7 +1489,8 @@ def _hf_pretokenizer(pre, path):
     def byte_level(p, regex=True):
         return isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True) == regex
 
-    seq = pre.get("pretokenizers", []) if isinstance(pre, dict) and pre.get("type") == "Sequence" else []
+    seq = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else []
+    seq = seq if isinstance(seq, list) else []
     if byte_level(pre):
         return PRETOK_GPT2, bool(pre.get("add_prefix_space", False))
     if (len(seq) == 2 and seq[0] == {"type": "Digits", "individual_digits": True} and byte_level(seq[1])):
@@ -1314,9 +1499,19 @@ def _hf_pretokenizer(pre, path):
             and seq[0].get("pattern") == {"Regex": LLAMA3_PATTERN} and seq[0].get("behavior") == "Isolated"
             and not seq[0].get("invert") and byte_level(seq[1], regex=False)):
         return PRETOK_LLAMA3, bool(seq[1].get("add_prefix_space", False))
-    raise TokenizerExportError(f"{path}: pre_tokenizer {_json.dumps(pre)[:200]} is not supported "
-                               "(ByteLevel with the GPT-2 regex, optionally after Digits(individual_digits); "
-                               "or Llama 3's Split regex, then ByteLevel)")
+    raise ExportError(path, f"pre_tokenizer {_json.dumps(pre)[:200]} is not supported "
+                            "(ByteLevel with the GPT-2 regex, optionally after Digits(individual_digits); "
+                            "or Llama 3's Split regex, then ByteLevel)")
+
+
+def _json_type(value):
+    """What a tokenizer.json component is, for a message: its "type", else the value."""
+    return value.get("type") if isinstance(value, dict) else value
+
+
+def _is_id(value):
+    """Whether a JSON value is a token id: an integer from 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None, eos_token=None):
@@ -1325,40 +1520,46 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
     bos_token / eos_token, else by tokenizer_config.json beside the file;
     BOS is added to prompts when the post-processor puts it first. Refuses
     what tokenizer.c would not reproduce exactly. Returns the file size."""
-    with open(json_path, "r", encoding="utf-8") as f:
-        tj = _json.load(f)
-    model = tj.get("model") or {}
+    tj = _read_json(json_path)
+    model = _json_field(tj, "model", dict, json_path)
     if model.get("type", "BPE") != "BPE" or "merges" not in model:
-        raise TokenizerExportError(f"{json_path}: model type {model.get('type')!r}; only BPE is supported")
+        raise ExportError(json_path, f"model type {model.get('type')!r}; only BPE is supported")
     if tj.get("normalizer") is not None:
-        raise TokenizerExportError(f"{json_path}: a normalizer ({tj['normalizer'].get('type')}) is not supported")
+        raise ExportError(json_path, f"a normalizer ({_json_type(tj['normalizer'])}) is not supported")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
-            raise TokenizerExportError(f"{json_path}: BPE {key} is not supported")
+            raise ExportError(json_path, f"BPE {key} is not supported")
     if model.get("byte_fallback") or model.get("dropout"):
-        raise TokenizerExportError(f"{json_path}: BPE byte_fallback / dropout is not supported")
+        raise ExportError(json_path, "BPE byte_fallback / dropout is not supported")
     decoder = tj.get("decoder")
-    if not (isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"):
-        raise TokenizerExportError(f"{json_path}: decoder {decoder and decoder.get('type')!r}; "
-                                   "only ByteLevel is supported")
+    if _json_type(decoder) != "ByteLevel":
+        raise ExportError(json_path, f"decoder {_json_type(decoder)!r}; only ByteLevel is supported")
     pretok, prefix = _hf_pretokenizer(tj.get("pre_tokenizer"), json_path)
 
-    vocab = dict(model["vocab"])
-    added = tj.get("added_tokens") or []
+    vocab = dict(_json_field(model, "vocab", dict, json_path))
+    for text, i in vocab.items():
+        if not _is_id(i):
+            raise ExportError(json_path, f"token {text!r} has id {i!r}: expected an integer from 0 up")
+    added = _json_field(tj, "added_tokens", list, json_path, [])
     for a in added:
+        if not (isinstance(a, dict) and isinstance(a.get("content"), str) and a["content"] and _is_id(a.get("id"))):
+            raise ExportError(json_path, f"added token {_json.dumps(a)[:80]}: expected its content and id")
         if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
-            raise TokenizerExportError(f"{json_path}: added token {a['content']!r} uses lstrip/rstrip/single_word")
+            raise ExportError(json_path, f"added token {a['content']!r} uses lstrip/rstrip/single_word")
         vocab.setdefault(a["content"], a["id"])
-    n = max(vocab.values()) + 1
+    ids = set(vocab.values()) | {a["id"] for a in added}
+    if not ids:
+        raise ExportError(json_path, "no tokens")
+    n = max(ids) + 1
+    if n > len(ids):            # found without a list as long as the largest id
+        hole = min(set(range(len(ids) + 1)) - ids)
+        raise ExportError(json_path, f"no token has id {hole} ({n - len(ids)} ids unused)")
     by_id = [None] * n
     for text, i in vocab.items():
         if by_id[i] is None:
             by_id[i] = text
-    holes = [i for i, text in enumerate(by_id) if text is None]
-    if holes:
-        raise TokenizerExportError(f"{json_path}: no token has id {holes[0]} ({len(holes)} ids unused)")
     if vocab_size is not None and n != vocab_size:
-        raise TokenizerExportError(f"{json_path}: {n} tokens but the model has {vocab_size}")
+        raise ExportError(json_path, f"{n} tokens but the model has {vocab_size}")
 
     char_to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
     tokens = [[_hf_token_bytes(text, char_to_byte), 0.0, PIECE_NORMAL] for text in by_id]
@@ -1368,23 +1569,25 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
     tokens = [tuple(x) for x in tokens]
 
     merges = []
-    for r, m in enumerate(model["merges"]):
-        left, right = m.split(" ", 1) if isinstance(m, str) else m
+    for r, m in enumerate(_json_field(model, "merges", list, json_path)):
+        pair = m.split(" ", 1) if isinstance(m, str) else m
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise ExportError(json_path, f"merge {r} {_json.dumps(m)[:80]} is not a pair of tokens")
+        left, right = pair
         if left not in vocab or right not in vocab or left + right not in vocab:
-            raise TokenizerExportError(f"{json_path}: merge {r} ({left!r}, {right!r}) names a token not in the vocab")
+            raise ExportError(json_path, f"merge {r} ({left!r}, {right!r}) names a token not in the vocab")
         merges.append((vocab[left], vocab[right], vocab[left + right]))
     seen = set()
     for r, (a, b, _) in enumerate(merges):
         if (a, b) in seen:
-            raise TokenizerExportError(f"{json_path}: merge {r} repeats an earlier pair")
+            raise ExportError(json_path, f"merge {r} repeats an earlier pair")
         seen.add((a, b))
 
     # BOS and EOS: from the arguments, else tokenizer_config.json
     config = {}
     config_path = _os.path.join(_os.path.dirname(_os.path.abspath(json_path)), "tokenizer_config.json")
     if _os.path.isfile(config_path):
-        with open(config_path, "r", encoding="utf-8") as f:
-            config = _json.load(f)
+        config = _read_json(config_path)
 
     def token_id(name, given):
         value = given if given is not None else config.get(name)
@@ -1392,8 +1595,8 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
             value = value.get("content")
         if value is None:
             return -1
-        if value not in vocab:
-            raise TokenizerExportError(f"{json_path}: {name} {value!r} is not a token")
+        if not (isinstance(value, str) and value in vocab):
+            raise ExportError(json_path if given is not None else config_path, f"{name} {value!r} is not a token")
         return vocab[value]
 
     bos, eos = token_id("bos_token", bos_token), token_id("eos_token", eos_token)
@@ -1401,21 +1604,25 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
     if model.get("ignore_merges"):
         flags |= TOKF_IGNORE_MERGES
     post = tj.get("post_processor")
-    if isinstance(post, dict) and post.get("type") == "TemplateProcessing":
-        single = post.get("single", [])
-        firsts = [s["SpecialToken"]["id"] for s in single[:1] if "SpecialToken" in s]
+    if _json_type(post) == "TemplateProcessing":
+        single = post.get("single")
+        if not (isinstance(single, list) and all(isinstance(s, dict) for s in single)):
+            raise ExportError(json_path, f"post_processor template {_json.dumps(single)[:80]} is not [BOS] $A")
+        firsts = [s["SpecialToken"].get("id") for s in single[:1] if isinstance(s.get("SpecialToken"), dict)]
         if len(single) != 1 + len(firsts) or not any("Sequence" in s for s in single):
-            raise TokenizerExportError(f"{json_path}: post_processor template {single} is not [BOS] $A")
+            raise ExportError(json_path, f"post_processor template {single} is not [BOS] $A")
         if firsts:
+            if not (isinstance(firsts[0], str) and firsts[0] in vocab):
+                raise ExportError(json_path, f"post_processor's first token {firsts[0]!r} is not a token")
             bos = vocab[firsts[0]]
             flags |= TOKF_ADD_BOS
-    elif post is not None and post.get("type") not in ("ByteLevel",):
-        raise TokenizerExportError(f"{json_path}: post_processor {post.get('type')} is not supported")
+    elif post is not None and _json_type(post) != "ByteLevel":
+        raise ExportError(json_path, f"post_processor {_json_type(post)} is not supported")
     chat = CHAT_CHATML if "<|im_start|>" in vocab and "<|im_end|>" in vocab else CHAT_NONE
     unk = model.get("unk_token")
-    unk_id = vocab[unk] if unk in vocab else -1
+    unk_id = vocab[unk] if isinstance(unk, str) and unk in vocab else -1
     return write_tokenizer(out_path, TOK_BYTELEVEL, tokens, bos_id=bos, eos_id=eos, unk_id=unk_id,
-                           flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges)
+                           flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges, source=json_path)
 
 
 # ----------------------------------------------------------------------------
@@ -1474,52 +1681,57 @@ def write_tokenizer_gguf(source, out_path, vocab_size=None):
     path = source if isinstance(source, (str, os.PathLike)) else source.data.filename
     reader = _gguf_reader(source)
 
-    def meta(key, default=None):
-        return gguf_metadata(reader, key, default)
+    def meta(key, default, kind, item=None):
+        """The value of key, checked to be a kind (a list: of items of item)."""
+        value = gguf_metadata(reader, key, default)
+        if not isinstance(value, kind) or (item and not all(isinstance(x, item) for x in value)):
+            raise ExportError(path, f"metadata {key}: expected " +
+                              (f"a list of {item.__name__}" if item else kind.__name__))
+        return value
 
-    kind = meta("tokenizer.ggml.model")
+    kind = meta("tokenizer.ggml.model", None, (str, type(None)))
     if kind != "gpt2":
-        raise TokenizerExportError(f"{path}: tokenizer.ggml.model {kind!r}; only 'gpt2' (byte-level BPE) "
-                                   "is read from GGUF")
-    pre = meta("tokenizer.ggml.pre", "default")
+        raise ExportError(path, f"tokenizer.ggml.model {kind!r}; only 'gpt2' (byte-level BPE) is read from GGUF")
+    pre = meta("tokenizer.ggml.pre", "default", str)
     if pre not in GGUF_PRETOKENIZERS:
-        raise TokenizerExportError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported "
-                                   f"({', '.join(sorted(GGUF_PRETOKENIZERS))})")
+        raise ExportError(path, f"tokenizer.ggml.pre {pre!r} is not supported "
+                                f"({', '.join(sorted(GGUF_PRETOKENIZERS))})")
     pretok, flags = GGUF_PRETOKENIZERS[pre]
-    texts, types = meta("tokenizer.ggml.tokens", []), meta("tokenizer.ggml.token_type", [])
+    texts = meta("tokenizer.ggml.tokens", [], list, str)
+    types = meta("tokenizer.ggml.token_type", [], list, int)
     if not texts or len(types) != len(texts):
-        raise TokenizerExportError(f"{path}: {len(texts)} tokens but {len(types)} token types")
+        raise ExportError(path, f"{len(texts)} tokens but {len(types)} token types")
     if vocab_size is not None and len(texts) != vocab_size:
-        raise TokenizerExportError(f"{path}: {len(texts)} tokens but the model has {vocab_size}")
+        raise ExportError(path, f"{len(texts)} tokens but the model has {vocab_size}")
 
     char_to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
     tokens, vocab = [], {}
     for i, (text, ty) in enumerate(zip(texts, types)):
         if ty not in (PIECE_NORMAL, PIECE_CONTROL, PIECE_USER, PIECE_UNUSED):
-            raise TokenizerExportError(f"{path}: token {i} {text!r} has type {ty}, "
-                                       "not normal, control, user-defined or unused")
+            raise ExportError(path, f"token {i} {text!r} has type {ty}, "
+                                    "not normal, control, user-defined or unused")
         # normal tokens are spelled in GPT-2's byte alphabet, added ones in plain UTF-8
         data = _hf_token_bytes(text, char_to_byte) if ty == PIECE_NORMAL else text.encode("utf-8")
         tokens.append((data, 0.0, ty))
         vocab.setdefault(text, i)
     merges = []
-    for r, m in enumerate(meta("tokenizer.ggml.merges", [])):
+    for r, m in enumerate(meta("tokenizer.ggml.merges", [], list, str)):
         left, _, right = m.partition(" ")
         if left not in vocab or right not in vocab or left + right not in vocab:
-            raise TokenizerExportError(f"{path}: merge {r} ({left!r}, {right!r}) names a token not in the vocab")
+            raise ExportError(path, f"merge {r} ({left!r}, {right!r}) names a token not in the vocab")
         merges.append((vocab[left], vocab[right], vocab[left + right]))
 
-    ids = [meta(f"tokenizer.ggml.{name}_token_id", -1) for name in ("bos", "eos", "padding", "unknown")]
-    if meta("tokenizer.ggml.add_bos_token", pre == "llama-bpe"):
+    ids = [meta(f"tokenizer.ggml.{name}_token_id", -1, int) for name in ("bos", "eos", "padding", "unknown")]
+    if meta("tokenizer.ggml.add_bos_token", pre == "llama-bpe", bool):
         flags |= TOKF_ADD_BOS
-    if meta("tokenizer.ggml.add_space_prefix", False):
+    if meta("tokenizer.ggml.add_space_prefix", False, bool):
         flags |= TOKF_DUMMY_PREFIX
-    chat, system = gguf_chat_template(meta("tokenizer.chat_template"))
+    chat, system = gguf_chat_template(meta("tokenizer.chat_template", None, (str, type(None))))
     if chat == CHAT_NONE and "<|im_start|>" in vocab and "<|im_end|>" in vocab:
         chat = CHAT_CHATML
     return write_tokenizer(out_path, TOK_BYTELEVEL, tokens, bos_id=ids[0], eos_id=ids[1], pad_id=ids[2],
                            unk_id=ids[3], flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges,
-                           system_prompt=system)
+                           system_prompt=system, source=path)
 
 
 # ----------------------------------------------------------------------------
@@ -1534,21 +1746,201 @@ examples:
 """
 
 
-def _source_tokenizer(opts):
-    """The tokenizer file that comes with --meta or --hf, or None.
+def _source_tokenizer(opts, gguf_reader):
+    """The tokenizer file that comes with --meta, --hf or --gguf, or None.
 
     Meta ships tokenizer.model. Hugging Face Llama 2 repositories carry both
     files, and the sentencepiece model is the original; Llama 3 ones only
-    tokenizer.json."""
+    tokenizer.json. A GGUF file carries its tokenizer in its metadata."""
     if opts.meta:
         candidates = [os.path.join(opts.meta, "tokenizer.model")]
     elif opts.hf:
         candidates = [os.path.join(opts.hf, "tokenizer.model"), os.path.join(opts.hf, "tokenizer.json")]
-    elif opts.gguf:         # the tokenizer is in the file's metadata
-        return opts.gguf if gguf_metadata(opts.gguf_reader, "tokenizer.ggml.model") else None
+    elif opts.gguf:
+        return opts.gguf if gguf_metadata(gguf_reader, "tokenizer.ggml.model") else None
     else:
         return None
     return next((path for path in candidates if os.path.exists(path)), None)
+
+
+class Outputs:
+    """The files one command writes, all or none. Each is written to a
+    temporary file beside its target (.NAME.tmp-XXXXXXXX, in the same
+    directory, so that a rename moves it) and renamed over the target only
+    when every output has been written. If anything fails first, a
+    KeyboardInterrupt included, the temporaries are removed and the targets
+    are as they were.
+
+        with Outputs() as outputs:
+            with outputs.writing("model.bin") as tmp:
+                write_checkpoint(tmp, ...)
+    """
+
+    def __init__(self):
+        self.pending = {}           # target -> temporary file
+
+    def add(self, target):
+        """Claim target as an output (early, so that an output that cannot be
+        written fails before a long conversion); returns its temporary file."""
+        path = os.path.realpath(target)     # through a symlink, as open() would write
+        if path in self.pending:
+            raise ExportError(target, "named as two outputs")
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as e:
+            raise ExportError(target, e.strerror) from None
+        if mode is not None and stat.S_ISDIR(mode):
+            raise ExportError(target, "is a directory")
+        if mode is not None and not stat.S_ISREG(mode):     # a rename would replace /dev/null itself
+            raise ExportError(target, "not a regular file")
+        if mode is not None and not os.access(path, os.W_OK):
+            raise ExportError(target, "Permission denied")
+        directory, name = os.path.split(path)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name[:200]}.tmp-")   # within NAME_MAX
+        except OSError as e:
+            raise ExportError(target, e.strerror) from None
+        os.close(fd)
+        self.pending[path] = tmp
+        return tmp
+
+    @contextlib.contextmanager
+    def writing(self, target):
+        """Write target: yields the temporary file to write; a failure to
+        write it (a full disk, say) is an ExportError naming target."""
+        tmp = self.pending.get(os.path.realpath(target)) or self.add(target)
+        try:
+            yield tmp
+        except OSError as e:
+            if e.filename not in (None, tmp):     # not the output's: an input's
+                raise
+            raise ExportError(target, e.strerror or str(e)) from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            if kind is None:
+                self.commit()
+        finally:
+            self.discard()
+        return False
+
+    def commit(self):
+        """Rename every temporary file over its target."""
+        path = None
+        try:
+            for path, tmp in self.pending.items():
+                _settle(tmp, path)
+            for path in list(self.pending):
+                os.replace(self.pending.pop(path), path)
+        except OSError as e:
+            raise ExportError(path, e.strerror) from None
+
+    def discard(self):
+        """Remove the temporary files that are not renamed (all of them, after a failure)."""
+        for tmp in self.pending.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self.pending.clear()
+
+
+def _settle(tmp, target):
+    """Make a finished temporary file ready to replace target: the target's
+    mode, or the one a new file gets (mkstemp's is 0600), and its contents on
+    disk before the rename."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """While path is read: an error that a malformed file can still raise
+    from a library or from the checks' blind spots (a KeyError, a TypeError
+    on a value of the wrong type) becomes an ExportError naming path. The
+    readers check what they expect; this is the net under them."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except OSError as e:
+        raise ExportError(e.filename or path, e.strerror or str(e)) from None
+    except MemoryError:
+        raise ExportError(path, "out of memory reading it") from None
+    except Exception as e:
+        raise ExportError(path, f"cannot be read ({type(e).__name__}: {e})") from None
+
+
+LOADERS = {"reference": load_reference, "meta": load_meta, "hf": load_hf, "llama2c": load_llama2c,
+           "gguf": load_gguf}
+
+
+def convert(opts):
+    """Write what the command line asks, all of it or nothing; returns the
+    lines that say what was written."""
+    with Outputs() as outputs:
+        if opts.tokenizer_model:
+            with _reading(opts.tokenizer_model), outputs.writing(opts.output) as tmp:
+                size = write_tokenizer_sentencepiece(opts.tokenizer_model, tmp)
+            return [f"wrote {opts.output}: tokenizer of {opts.tokenizer_model}, {size} bytes"]
+
+        kind = next(k for k in LOADERS if getattr(opts, k))
+        source = getattr(opts, kind)
+        outputs.add(opts.output)
+        with _reading(source):
+            gguf_reader = _gguf_reader(source) if opts.gguf else None   # parsed once, for both
+            tokenizer = _source_tokenizer(opts, gguf_reader)
+        if opts.tokenizer_out and not tokenizer:
+            raise ExportError(source, "no tokenizer here for --tokenizer-out")
+        tokenizer_out = opts.tokenizer_out or os.path.join(os.path.dirname(opts.output), "tokenizer.bin")
+        if tokenizer:
+            outputs.add(tokenizer_out)
+
+        with _reading(source):
+            args, state_dict = LOADERS[kind](gguf_reader or source)
+            if opts.max_seq_len:
+                args = dataclasses.replace(args, max_seq_len=opts.max_seq_len)
+            check_dtype(args, opts.dtype, source)
+            check_max_seq_len(args, source)
+        with outputs.writing(opts.output) as tmp:
+            size = write_checkpoint(tmp, args, state_dict, opts.dtype)
+        report = [f"wrote {opts.output}: {args.describe()}, {opts.dtype}, {size} bytes"]
+        if tokenizer:
+            with _reading(tokenizer), outputs.writing(tokenizer_out) as tmp:
+                if opts.gguf:
+                    size = write_tokenizer_gguf(gguf_reader, tmp, args.vocab_size)
+                elif tokenizer.endswith(".json"):
+                    size = write_tokenizer_hf_json(tokenizer, tmp)
+                else:
+                    size = write_tokenizer_sentencepiece(tokenizer, tmp)
+            report.append(f"wrote {tokenizer_out}: tokenizer of {tokenizer}, {size} bytes")
+        return report
+
+
+def _integer_up_to(most):
+    """An argparse type: an integer from 1 to most."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"expected an integer from 1 to {most}, got {text!r}")
+        return value
+    return parse
 
 
 def main(argv=None):
@@ -1571,8 +1963,8 @@ def main(argv=None):
                              "or Q8_0 tensors) with its tokenizer; needs numpy and gguf, not torch")
     source.add_argument("--tokenizer-model", metavar="FILE",
                         help="write only this sentencepiece tokenizer.model, as OUTPUT")
-    parser.add_argument("--max-seq-len", metavar="N", type=int,
-                        help=f"context length for the header (default: the source's; "
+    parser.add_argument("--max-seq-len", metavar="N", type=_integer_up_to(MAX_SEQ_LEN),
+                        help=f"context length for the header, at most {MAX_SEQ_LEN} (default: the source's; "
                              f"{META_MAX_SEQ_LEN} for --meta, whose params.json has none)")
     parser.add_argument("--dtype", choices=list(WEIGHT_TYPES), default="f32",
                         help="how the matrices are stored: f32 (default), bf16, q8_0 (int8) or q4_0 "
@@ -1581,55 +1973,37 @@ def main(argv=None):
                         help="where the tokenizer of --meta, --hf or --gguf goes "
                              "(default: tokenizer.bin beside OUTPUT)")
     opts = parser.parse_args(argv)
-    if opts.max_seq_len is not None and opts.max_seq_len <= 0:
-        parser.error("--max-seq-len must be positive")
+    for name, value in vars(opts).items():
+        if value == "":
+            parser.error(f"{'OUTPUT' if name == 'output' else '--' + name.replace('_', '-')} is an empty path")
     if opts.tokenizer_out and not (opts.meta or opts.hf or opts.gguf):
         parser.error("--tokenizer-out goes with --meta, --hf or --gguf; "
                      "export a tokenizer alone with --tokenizer-model")
 
     try:
-        if opts.tokenizer_model:
-            write_tokenizer_sentencepiece(opts.tokenizer_model, opts.output)
-            print(f"wrote {opts.output}: tokenizer of {opts.tokenizer_model}, "
-                  f"{os.path.getsize(opts.output)} bytes")
-            return 0
-
-        if opts.reference:
-            args, state_dict = load_reference(opts.reference)
-        elif opts.meta:
-            args, state_dict = load_meta(opts.meta)
-        elif opts.hf:
-            args, state_dict = load_hf(opts.hf)
-        elif opts.gguf:
-            opts.gguf_reader = _gguf_reader(opts.gguf)  # parsed once, for the model and the tokenizer
-            args, state_dict = load_gguf(opts.gguf_reader)
-        else:
-            args, state_dict = load_llama2c(opts.llama2c)
-        if opts.max_seq_len:
-            args = dataclasses.replace(args, max_seq_len=opts.max_seq_len)
-        tokenizer = _source_tokenizer(opts)
-        if opts.tokenizer_out and not tokenizer:
-            raise ExportError(opts.meta or opts.hf or opts.gguf, "no tokenizer here for --tokenizer-out")
-
-        size = write_checkpoint(opts.output, args, state_dict, opts.dtype)
-        print(f"wrote {opts.output}: {args.describe()}, {opts.dtype}, {size} bytes")
-        if tokenizer:
-            out = opts.tokenizer_out or os.path.join(os.path.dirname(opts.output), "tokenizer.bin")
-            if opts.gguf:
-                write_tokenizer_gguf(opts.gguf_reader, out, args.vocab_size)
-            elif tokenizer.endswith(".json"):
-                write_tokenizer_hf_json(tokenizer, out)
-            else:
-                write_tokenizer_sentencepiece(tokenizer, out)
-            print(f"wrote {out}: tokenizer of {tokenizer}, {os.path.getsize(out)} bytes")
-    except (ExportError, TokenizerExportError) as e:     # both read 'PATH: what is wrong'
+        report = convert(opts)
+    except ExportError as e:
         print(f"export.py: {e}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print("export.py: out of memory; nothing was written", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("export.py: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    try:                        # > /dev/full, >&-: the files are written, but the user is not told
+        if sys.stdout is None:  # closed when Python started
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        print("\n".join(report), flush=True)
     except OSError as e:
-        print(f"export.py: {e.filename or opts.output}: {e.strerror}", file=sys.stderr)
+        if sys.stdout is not None:      # or the flush at exit fails again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"export.py: stdout: {e.strerror}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
+    for signum in (signal.SIGTERM, signal.SIGHUP):      # end as Ctrl-C does, the temporary files removed
+        signal.signal(signum, signal.default_int_handler)
     sys.exit(main())

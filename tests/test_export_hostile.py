@@ -1,0 +1,615 @@
+"""export.py given what a user can get wrong, and when writing fails.
+
+Every bad input ends with exit status 1 and one line on stderr,
+"export.py: WHICH: what is wrong", where WHICH names the file at fault, and
+leaves nothing behind: no output, no temporary file, and an existing file of
+the output's name as it was. Most cases call export.main() in this process
+(torch is imported once); an exception escaping it, the traceback a user
+would see, fails the case. The cases that need a process of their own run
+export.py as one: a missing package, a write that the file size limit cuts
+off, a FIFO as the input.
+
+The sources are built here, small and by hand (no transformers): a reference
+file, a llama2.c file, a Hugging Face directory (safetensors, one file or two
+shards), a Meta directory, a GGUF file and a byte-level tokenizer.json.
+"""
+
+import json
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORT = ROOT / "export.py"
+sys.path.insert(0, str(ROOT))
+import export  # noqa: E402
+
+ARGS = export.ModelArgs(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                        vocab_size=260, max_seq_len=64)
+
+
+def shape(args):
+    """The fields of args that every source holds exactly (Meta's has no max_seq_len)."""
+    return (args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim,
+            args.vocab_size, args.tied)
+
+
+def hf_state_dict(state_dict):
+    """Our state_dict under Hugging Face's names (the q/k rows left as they are:
+    these cases are about files, not about logits)."""
+    theirs = {ours: hf for hf, ours in export.HF_NAMES.items()}
+    for i in range(ARGS.n_layers):
+        theirs.update({f"layers.{i}.{ours}.weight": f"model.layers.{i}.{hf}.weight"
+                       for hf, ours in export.HF_LAYER_NAMES.items()})
+    return {theirs[name]: tensor.contiguous() for name, tensor in state_dict.items()}
+
+
+def tokenizer_json():
+    """A byte-level BPE tokenizer.json that export.py converts: the 256 bytes
+    in GPT-2's alphabet and four merges."""
+    alphabet = export.gpt2_bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    merges = []
+    for left, right in [("t", "h"), ("th", "e"), ("a", "b"), ("ab", "c")]:
+        vocab[left + right] = len(vocab)
+        merges.append(f"{left} {right}")
+    return {"version": "1.0", "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            "post_processor": {"type": "ByteLevel"}, "decoder": {"type": "ByteLevel"},
+            "model": {"type": "BPE", "vocab": vocab, "merges": merges}}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Valid sources of one small random model, never changed by the cases."""
+    d = tmp_path_factory.mktemp("sources")
+    state_dict = export.random_model(ARGS).state_dict()
+    export.save_reference(d / "ref.pt", ARGS, state_dict)
+    export.write_llama2c(d / "llama2c.bin", ARGS, state_dict)
+    export.write_checkpoint(d / "model.bin", ARGS, state_dict)
+    export.write_gguf(d / "model.gguf", d / "model.bin")
+
+    hf = d / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": ARGS.dim, "intermediate_size": ARGS.hidden_dim,
+        "num_hidden_layers": ARGS.n_layers, "num_attention_heads": ARGS.n_heads,
+        "num_key_value_heads": ARGS.n_kv_heads, "vocab_size": ARGS.vocab_size,
+        "max_position_embeddings": ARGS.max_seq_len, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "hidden_act": "silu", "tie_word_embeddings": False}))
+    save_file(hf_state_dict(state_dict), hf / "model.safetensors")
+    (hf / "tokenizer.json").write_text(json.dumps(tokenizer_json()))
+
+    sharded = d / "hf-sharded"
+    sharded.mkdir()
+    shutil.copy(hf / "config.json", sharded)
+    tensors = hf_state_dict(state_dict)
+    names = sorted(tensors)
+    weight_map = {}
+    for k, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        file = f"model-0000{k + 1}-of-00002.safetensors"
+        save_file({name: tensors[name] for name in part}, sharded / file)
+        weight_map.update({name: file for name in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    meta = d / "meta"
+    meta.mkdir()
+    (meta / "params.json").write_text(json.dumps({"dim": ARGS.dim, "n_layers": ARGS.n_layers,
+                                                  "n_heads": ARGS.n_heads, "n_kv_heads": ARGS.n_kv_heads,
+                                                  "norm_eps": 1e-5, "vocab_size": -1}))
+    torch.save(state_dict, meta / "consolidated.00.pth")
+    return d
+
+
+class Case:
+    """A copy of the sources to damage, and an empty directory for the outputs."""
+
+    def __init__(self, sources, tmp_path):
+        self.src = tmp_path / "src"
+        shutil.copytree(sources, self.src)
+        self.out_dir = tmp_path / "out"
+        self.out_dir.mkdir()
+        self.out = self.out_dir / "model.bin"
+
+    def edit_json(self, name, change):
+        path = self.src / name
+        value = json.loads(path.read_text())
+        changed = change(value)
+        path.write_text(json.dumps(value if changed is None else changed))
+        return path
+
+
+@pytest.fixture
+def case(sources, tmp_path):
+    return Case(sources, tmp_path)
+
+
+def export_main(capsys, *argv):
+    """export.main(argv) in this process: (status, stdout, stderr)."""
+    status = export.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line(status, err, which, what, expected_status=1):
+    assert status == expected_status, f"status {status}: {err}"
+    assert err.startswith("export.py: ") and err.count("\n") == 1, f"expected one line: {err!r}"
+    assert "Traceback" not in err, err
+    assert str(which) in err, f"{which} not named in {err!r}"
+    assert what in err, f"{what!r} not in {err!r}"
+
+
+def assert_nothing_written(case):
+    left = sorted(p.name for p in case.out_dir.iterdir())
+    assert left == [], f"left behind: {left}"
+
+
+# ----------------------------------------------------------------------------
+# 1. The sources as built convert: the damage below is what the cases test.
+
+@pytest.mark.parametrize("flag,source", [("--reference", "ref.pt"), ("--llama2c", "llama2c.bin"),
+                                         ("--hf", "hf"), ("--hf", "hf-sharded"), ("--meta", "meta")])
+def test_the_undamaged_sources_convert(case, capsys, flag, source):
+    status, out, err = export_main(capsys, case.out, flag, case.src / source)
+    assert status == 0, err
+    assert shape(export.read_checkpoint(case.out)[0]) == shape(ARGS)
+    written = sorted(p.name for p in case.out_dir.iterdir())
+    assert written == (["model.bin", "tokenizer.bin"] if source == "hf" else ["model.bin"])
+    assert out.count("\n") == len(written) and err == ""
+
+
+# ----------------------------------------------------------------------------
+# 2. Bad inputs (defect 8): one line naming the input, nothing written.
+#
+# Each entry: a name, a function that damages the case's sources and returns
+# the source arguments, the file the message must name (relative to the
+# sources) and a fragment of what it must say.
+
+FLAGS = {"ref.pt": "--reference", "llama2c.bin": "--llama2c", "hf": "--hf", "hf-sharded": "--hf",
+         "meta": "--meta", "model.gguf": "--gguf"}
+
+
+def source_args(c, name):
+    """The arguments that convert the source that the file name is part of."""
+    top = name.split("/")[0]
+    return [FLAGS[top], c.src / top]
+
+
+def write(name, data):
+    """Replace the file's contents with data (bytes, or a function of the old ones)."""
+    def damage(c):
+        path = c.src / name
+        path.write_bytes(data(path.read_bytes()) if callable(data) else data)
+        return source_args(c, name)
+    return damage
+
+
+def edit_json(name, change):
+    return lambda c: (c.edit_json(name, change), source_args(c, name))[1]
+
+
+def hf_config(change):
+    return edit_json("hf/config.json", change)
+
+
+def hf_tokenizer(change):
+    return edit_json("hf/tokenizer.json", change)
+
+
+def meta_params(change):
+    return edit_json("meta/params.json", change)
+
+
+def hf_weights(change):
+    def damage(c):
+        path = c.src / "hf" / "model.safetensors"
+        tensors = load_file(path)
+        change(tensors)
+        save_file(tensors, path)
+        return source_args(c, "hf")
+    return damage
+
+
+def meta_shard(change):
+    def damage(c):
+        path = c.src / "meta" / "consolidated.00.pth"
+        torch.save(change(torch.load(path)), path)
+        return source_args(c, "meta")
+    return damage
+
+
+def reference(saved):
+    def damage(c):
+        torch.save(saved, c.src / "ref.pt")
+        return source_args(c, "ref.pt")
+    return damage
+
+
+def llama2c_header(*fields):
+    return write("llama2c.bin", lambda data: struct.pack("<7i", *fields) + data[28:])
+
+
+def gguf_with(metadata):
+    """A GGUF file of the llama architecture with these string metadata."""
+    def damage(c):
+        import gguf
+        path = c.src / "bad.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        for key, value in metadata.items():
+            writer.add_string(key, value)
+        writer.add_tensor("token_embd.weight", np.zeros((ARGS.vocab_size, ARGS.dim), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return ["--gguf", path]
+    return damage
+
+
+def shard_removed(c):
+    (c.src / "hf-sharded" / "model-00002-of-00002.safetensors").unlink()
+    return source_args(c, "hf-sharded")
+
+
+BAD_INPUTS = [
+    # Hugging Face config.json
+    ("config not an object", hf_config(lambda c: [1, 2]), "hf/config.json", "expected a JSON object"),
+    ("config not JSON", write("hf/config.json", b"{\"model_type\": "), "hf/config.json", "not JSON"),
+    ("config not UTF-8", write("hf/config.json", b"\xff\xfe{}"), "hf/config.json", "not JSON"),
+    ("rope_scaling a string", hf_config(lambda c: c.update(rope_scaling="linear")), "hf/config.json",
+     "rope_scaling"),
+    ("hidden_size a string", hf_config(lambda c: c.update(hidden_size="32")), "hf/config.json", "hidden_size"),
+    ("num_attention_heads 0", hf_config(lambda c: c.update(num_attention_heads=0)), "hf/config.json",
+     "num_attention_heads"),
+    ("rope_theta a string", hf_config(lambda c: c.update(rope_theta="1e4")), "hf/config.json", "rope_theta"),
+    ("tie_word_embeddings a string", hf_config(lambda c: c.update(tie_word_embeddings="false")),
+     "hf/config.json", "tie_word_embeddings"),
+    ("rope_theta beyond float32", hf_config(lambda c: c.update(rope_theta=1e300)), "hf/config.json",
+     "rope_theta"),
+    ("more layers than run.c's", hf_config(lambda c: c.update(num_hidden_layers=1025)), "hf/config.json",
+     "n_layers"),
+    ("context beyond run.c's", hf_config(lambda c: c.update(max_position_embeddings=1 << 21)), "hf",
+     "--max-seq-len"),
+    # Hugging Face weights
+    ("safetensors truncated", write("hf/model.safetensors", lambda data: data[:len(data) // 2]),
+     "hf/model.safetensors", "not a safetensors file"),
+    ("safetensors garbage", write("hf/model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" * 9),
+     "hf/model.safetensors", "not a safetensors file"),
+    ("safetensors empty", write("hf/model.safetensors", b""), "hf/model.safetensors", "not a safetensors file"),
+    ("a tensor missing", hf_weights(lambda t: t.pop("model.norm.weight")), "hf", "norm.weight is missing"),
+    ("a k_proj of the wrong shape", hf_weights(lambda t: t.update({
+        "model.layers.0.self_attn.k_proj.weight": torch.zeros(3)})), "hf/model.safetensors", "expected shape"),
+    ("an integer tensor", hf_weights(lambda t: t.update({"model.norm.weight": torch.zeros(32, dtype=torch.int32)})),
+     "hf/model.safetensors", "not a floating-point type"),
+    ("the index names a missing shard", shard_removed, "hf-sharded/model-00002-of-00002.safetensors",
+     "No such file"),
+    ("the index is not an object", write("hf-sharded/model.safetensors.index.json", b"[1]"),
+     "hf-sharded/model.safetensors.index.json", "expected a JSON object"),
+    ("the index names no files", edit_json("hf-sharded/model.safetensors.index.json",
+                                           lambda index: {"weight_map": {"model.norm.weight": 3}}),
+     "hf-sharded/model.safetensors.index.json", "weight_map"),
+    # Hugging Face tokenizer.json (after the checkpoint is written: nothing may be left)
+    ("tokenizer.json not JSON", write("hf/tokenizer.json", b"{nope"), "hf/tokenizer.json", "not JSON"),
+    ("tokenizer.json a list", hf_tokenizer(lambda t: []), "hf/tokenizer.json", "expected a JSON object"),
+    ("model a string", hf_tokenizer(lambda t: t.update(model="BPE")), "hf/tokenizer.json", "model"),
+    ("a negative id", hf_tokenizer(lambda t: t["model"]["vocab"].update(zz=-5)), "hf/tokenizer.json", "'zz'"),
+    ("a huge id", hf_tokenizer(lambda t: t["model"]["vocab"].update(zz=10**12)), "hf/tokenizer.json",
+     "no token has id"),
+    ("an id that is a string", hf_tokenizer(lambda t: t["model"]["vocab"].update(zz="3")),
+     "hf/tokenizer.json", "'zz'"),
+    ("a merge of one token", hf_tokenizer(lambda t: t["model"].update(merges=["abc"])), "hf/tokenizer.json",
+     "merge 0"),
+    ("an added token without content", hf_tokenizer(lambda t: t.update(added_tokens=[{"id": 1}])),
+     "hf/tokenizer.json", "added token"),
+    ("post_processor a string", hf_tokenizer(lambda t: t.update(post_processor="x")), "hf/tokenizer.json",
+     "post_processor"),
+    ("an empty vocabulary", hf_tokenizer(lambda t: t["model"].update(vocab={}, merges=[])),
+     "hf/tokenizer.json", "no tokens"),
+    ("tokenizer_config.json's bos_token a list", write("hf/tokenizer_config.json", b'{"bos_token": ["x"]}'),
+     "hf/tokenizer_config.json", "bos_token"),
+    ("tokenizer.model garbage", write("hf/tokenizer.model", b"\x0a\xff\xff"), "hf/tokenizer.model",
+     "not a sentencepiece model"),
+    # Meta
+    ("params.json not an object", meta_params(lambda p: []), "meta/params.json", "expected a JSON object"),
+    ("n_heads 0", meta_params(lambda p: p.update(n_heads=0)), "meta/params.json", "n_heads"),
+    ("dim a string", meta_params(lambda p: p.update(dim="32")), "meta/params.json", "dim"),
+    ("a shard that is a list", meta_shard(lambda sd: [1]), "meta/consolidated.00.pth", "dict of tensors"),
+    ("a shard holding a number", meta_shard(lambda sd: {**sd, "norm.weight": 5}), "meta/consolidated.00.pth",
+     "norm.weight is not a tensor"),
+    # the reference file
+    ("reference garbage", write("ref.pt", b"x" * 100), "ref.pt", "not a torch.save file"),
+    ("reference args a list", reference({"args": "[1]", "state_dict": {}}), "ref.pt", '"args"'),
+    ("reference state_dict a list", reference({"args": json.dumps(vars(ARGS)), "state_dict": [1]}), "ref.pt",
+     "dict of tensors"),
+    # llama2.c
+    ("llama2.c header cut short", write("llama2c.bin", b"\1" * 20), "llama2c.bin", "too short"),
+    ("llama2.c n_heads 0", llama2c_header(32, 64, 2, 0, 2, 260, 64), "llama2c.bin", "n_heads = 0"),
+    ("llama2.c n_layers beyond run.c's", llama2c_header(32, 64, 1025, 4, 2, 260, 64), "llama2c.bin", "n_layers"),
+    ("llama2.c vocab_size -2^31", llama2c_header(32, 64, 2, 4, 2, -2**31, 64), "llama2c.bin", "vocab_size"),
+    ("llama2.c truncated", write("llama2c.bin", lambda data: data[:-4]), "llama2c.bin", "bytes: expected"),
+    # GGUF
+    ("GGUF truncated", write("model.gguf", lambda data: data[:len(data) // 2]), "model.gguf", "not a GGUF file"),
+    ("GGUF header cut short", write("model.gguf", lambda data: data[:200]), "model.gguf", "not a GGUF file"),
+    ("GGUF empty", write("model.gguf", b""), "model.gguf", "not a GGUF file"),
+    ("GGUF counts that are strings", gguf_with({"llama.embedding_length": "32", "llama.attention.head_count": "x"}),
+     "bad.gguf", "expected positive integers"),
+    # files that are not files
+    ("a directory as --llama2c", lambda c: ["--llama2c", c.src / "hf"], "hf", "is a directory"),
+    ("/dev/zero as --llama2c", lambda c: ["--llama2c", "/dev/zero"], "/dev/zero", "not a regular file"),
+    ("a file as --hf", lambda c: ["--hf", c.src / "ref.pt"], "ref.pt", "not a directory"),
+    ("no such --meta", lambda c: ["--meta", c.src / "nowhere"], "nowhere", "No such"),
+]
+
+
+@pytest.mark.parametrize("damage,which,what", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_and_writes_nothing(case, capsys, damage, which, what):
+    source_args = damage(case)
+    status, out, err = export_main(capsys, case.out, *source_args)
+    which = which if which.startswith("/") else case.src / which
+    assert_one_line(status, err, which, what)
+    assert out == ""
+    assert_nothing_written(case)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "", str(2**20 + 1), str(2**40)])
+def test_max_seq_len_out_of_range_is_a_usage_error(case, capsys, value):
+    with pytest.raises(SystemExit) as exit:
+        export.main([str(case.out), "--llama2c", str(case.src / "llama2c.bin"), "--max-seq-len", value])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-seq-len" in err and value in err and "Traceback" not in err
+    assert_nothing_written(case)
+
+
+@pytest.mark.parametrize("argv,which", [
+    (lambda c: ["", "--llama2c", c.src / "llama2c.bin"], "OUTPUT"),
+    (lambda c: [c.out, "--hf", ""], "--hf"),
+    (lambda c: [c.out, "--hf", c.src / "hf", "--tokenizer-out", ""], "--tokenizer-out")],
+    ids=["OUTPUT", "--hf", "--tokenizer-out"])
+def test_an_empty_path_is_a_usage_error(case, capsys, argv, which):
+    with pytest.raises(SystemExit) as exit:
+        export.main([str(a) for a in argv(case)])
+    assert exit.value.code == 2
+    assert f"{which} is an empty path" in capsys.readouterr().err
+    assert_nothing_written(case)
+
+
+def test_max_seq_len_brings_a_long_context_within_run_c(case, capsys):
+    case.edit_json("hf/config.json", lambda c: c.update(max_position_embeddings=1 << 21))
+    status, _, err = export_main(capsys, case.out, "--hf", case.src / "hf", "--max-seq-len", 1 << 20)
+    assert status == 0, err
+    assert export.read_checkpoint(case.out)[0].max_seq_len == 1 << 20
+
+
+def test_a_bad_input_through_the_command_line_is_one_line(case):
+    """The same, from the outside: a process that exits 1 with one line, no traceback."""
+    case.edit_json("hf/config.json", lambda c: c.update(rope_scaling="linear"))
+    p = subprocess.run([sys.executable, EXPORT, case.out, "--hf", case.src / "hf"],
+                       capture_output=True, text=True, timeout=120)
+    assert_one_line(p.returncode, p.stderr, case.src / "hf" / "config.json", "rope_scaling")
+    assert_nothing_written(case)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_a_special_file_as_input_is_refused_not_read(case, special):
+    """A FIFO would block export.py in open(), /dev/zero fill its memory: in a
+    process of its own, with its memory limited, in case it is read."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    path = special
+    if special == "fifo":
+        path = case.src / "tokenizer.fifo"
+        os.mkfifo(path)
+    p = subprocess.run([sys.executable, EXPORT, case.out, "--tokenizer-model", path],
+                       capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert_one_line(p.returncode, p.stderr, path, "not a regular file")
+    assert_nothing_written(case)
+
+
+# ----------------------------------------------------------------------------
+# 3. All outputs or none (defect 9)
+
+def test_a_tokenizer_that_fails_leaves_no_checkpoint(case, capsys):
+    case.edit_json("hf/tokenizer.json", lambda t: t["model"].update(merges=["t x"]))
+    status, _, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert_one_line(status, err, case.src / "hf" / "tokenizer.json", "not in the vocab")
+    assert_nothing_written(case)
+
+
+def test_existing_outputs_are_untouched_when_the_command_fails(case, capsys):
+    case.out.write_bytes(b"the model that was here")
+    (case.out_dir / "tokenizer.bin").write_bytes(b"the tokenizer that was here")
+    case.edit_json("hf/tokenizer.json", lambda t: t.update(decoder=None))
+    status, _, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert_one_line(status, err, case.src / "hf" / "tokenizer.json", "decoder")
+    assert sorted(p.name for p in case.out_dir.iterdir()) == ["model.bin", "tokenizer.bin"]
+    assert case.out.read_bytes() == b"the model that was here"
+    assert (case.out_dir / "tokenizer.bin").read_bytes() == b"the tokenizer that was here"
+
+
+def test_existing_outputs_are_replaced_when_the_command_succeeds(case, capsys):
+    case.out.write_bytes(b"the model that was here")
+    (case.out_dir / "tokenizer.bin").write_bytes(b"the tokenizer that was here")
+    assert export_main(capsys, case.out, "--hf", case.src / "hf")[0] == 0
+    assert shape(export.read_checkpoint(case.out)[0]) == shape(ARGS)
+    assert export.read_tokenizer(case.out_dir / "tokenizer.bin")["kind"] == export.TOK_BYTELEVEL
+    assert sorted(p.name for p in case.out_dir.iterdir()) == ["model.bin", "tokenizer.bin"]
+
+
+def test_a_write_that_fails_part_way_leaves_no_partial_file(case, capsys, monkeypatch):
+    """A disk that fills after the header and the first tensor: the error
+    names the output, and neither it nor its temporary file is left."""
+    encode = export.encode_matrix
+    calls = []
+
+    def encode_until_the_disk_is_full(w, dtype):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, os.strerror(28))
+        return encode(w, dtype)
+
+    monkeypatch.setattr(export, "encode_matrix", encode_until_the_disk_is_full)
+    case.out.write_bytes(b"the model that was here")
+    status, _, err = export_main(capsys, case.out, "--llama2c", case.src / "llama2c.bin")
+    assert_one_line(status, err, case.out, "No space left on device")
+    assert len(calls) == 2
+    assert [p.name for p in case.out_dir.iterdir()] == ["model.bin"]
+    assert case.out.read_bytes() == b"the model that was here"
+
+
+def test_a_write_cut_off_by_the_file_size_limit_leaves_no_partial_file(case):
+    """A real failing write(2): RLIMIT_FSIZE stops the checkpoint at 64 KiB
+    (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    assert (case.src / "model.bin").stat().st_size > 1 << 16
+    p = subprocess.run([sys.executable, EXPORT, case.out, "--llama2c", case.src / "llama2c.bin"],
+                       capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert_one_line(p.returncode, p.stderr, case.out, "File too large")
+    assert_nothing_written(case)
+
+
+def test_an_interrupted_conversion_leaves_nothing(case, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "write_tokenizer_hf_json", interrupt)
+    status, out, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert status == 130 and err == "export.py: interrupted; nothing was written\n", err
+    assert_nothing_written(case)
+
+
+# Runs export.py (argv[1:]) as __main__, sending itself SIGTERM once the
+# first output is written and synced, as the outputs are being committed.
+TERMINATE_WHILE_COMMITTING = """
+import os, runpy, signal, sys
+fsync = os.fsync
+
+def fsync_then_terminate(fd):
+    fsync(fd)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+os.fsync = fsync_then_terminate
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigterm_while_committing_leaves_nothing(case):
+    case.out.write_bytes(b"the model that was here")
+    p = subprocess.run([sys.executable, "-c", TERMINATE_WHILE_COMMITTING, EXPORT, case.out, "--hf", case.src / "hf"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130 and p.stderr == "export.py: interrupted; nothing was written\n", p.stderr
+    assert [p.name for p in case.out_dir.iterdir()] == ["model.bin"]
+    assert case.out.read_bytes() == b"the model that was here"
+
+
+@pytest.mark.parametrize("shell_redirect,error", [("> /dev/full", "No space left on device"),
+                                                  (">&-", "Bad file descriptor")])
+def test_a_report_that_stdout_cannot_take_is_an_error(case, shell_redirect, error):
+    command = f'"$0" "$1" "$2" --llama2c "$3" {shell_redirect}'
+    p = subprocess.run(["sh", "-c", command, sys.executable, EXPORT, case.out, case.src / "llama2c.bin"],
+                       stderr=subprocess.PIPE, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr == f"export.py: stdout: {error}\n", p.stderr
+
+
+@pytest.mark.parametrize("output,what", [("missing/model.bin", "No such file or directory"),
+                                         (".", "is a directory"), ("/dev/null", "not a regular file"),
+                                         ("tokenizer.bin", "named as two outputs")])
+def test_an_output_that_cannot_be_written_is_refused_first(case, capsys, output, what):
+    out = output if output.startswith("/") else case.out_dir / output
+    status, _, err = export_main(capsys, out, "--hf", case.src / "hf")
+    assert_one_line(status, err, out, what)
+    assert_nothing_written(case)
+
+
+def test_new_files_get_the_usual_permissions(case, capsys):
+    # written through a temporary file, which mkstemp creates 0600
+    umask = os.umask(0o022)
+    try:
+        assert export_main(capsys, case.out, "--llama2c", case.src / "llama2c.bin")[0] == 0
+    finally:
+        os.umask(umask)
+    assert case.out.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_output_through_a_symlink_is_written_where_it_points(case, capsys):
+    target = case.out_dir / "real.bin"
+    target.write_bytes(b"old")
+    case.out.symlink_to(target.name)
+    assert export_main(capsys, case.out, "--llama2c", case.src / "llama2c.bin")[0] == 0
+    assert case.out.is_symlink()
+    assert target.read_bytes() == (case.src / "model.bin").read_bytes()
+
+
+# ----------------------------------------------------------------------------
+# 4. Missing packages (defect 11)
+
+# Runs export.py (argv[1:]) with the packages named in BLOCKED made unimportable.
+HIDE_PACKAGES = """
+import runpy, sys
+BLOCKED = set(sys.argv[1].split(","))
+
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Hide())
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def export_without(packages, *argv):
+    return subprocess.run([sys.executable, "-c", HIDE_PACKAGES, ",".join(packages), EXPORT, *map(str, argv)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_needs(p, package, case):
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == (f"export.py: this conversion needs the Python package '{package}' "
+                        f"(pip install {package})\n")
+    assert_nothing_written(case)
+
+
+def test_help_needs_no_third_party_package():
+    # -I -S: no site-packages at all, so neither numpy nor torch
+    bare = [sys.executable, "-I", "-S"]
+    assert subprocess.run(bare + ["-c", "import numpy"], capture_output=True).returncode != 0
+    p = subprocess.run(bare + [EXPORT, "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert p.stdout.startswith("usage: export.py") and "--gguf FILE" in p.stdout
+
+
+def test_a_conversion_without_numpy_says_so(case):
+    p = subprocess.run([sys.executable, "-I", "-S", EXPORT, case.out, "--llama2c", case.src / "llama2c.bin"],
+                       capture_output=True, text=True, timeout=60)
+    assert_needs(p, "numpy", case)
+
+
+def test_hf_without_safetensors_says_so(case):
+    assert_needs(export_without(["safetensors"], case.out, "--hf", case.src / "hf"), "safetensors", case)
+
+
+def test_tokenizer_model_without_sentencepiece_or_protobuf_says_so(case):
+    model = case.src / "tokenizer.model"
+    model.write_bytes(b"")
+    assert_needs(export_without(["torch", "sentencepiece"], case.out, "--tokenizer-model", model),
+                 "sentencepiece", case)
+    assert_needs(export_without(["torch", "google"], case.out, "--tokenizer-model", model), "protobuf", case)
+
+
+def test_gguf_without_pyyaml_says_so(case):
+    assert_needs(export_without(["torch", "yaml"], case.out, "--gguf", case.src / "model.gguf"), "pyyaml", case)
