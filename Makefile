@@ -29,7 +29,13 @@ run: run.c tokenizer.c Makefile
 run-noomp: run.c tokenizer.c Makefile
 	$(CC) $(CFLAGS) $(WARNINGS) -Wno-unknown-pragmas -o $@ run.c -lm
 
-test: run run-noomp
+# The engine on the plain kernels alone, the loops the book part of run.c
+# shows: -DPLAIN leaves out its appendix of fast kernels. The tests hold its
+# logits to ./run's.
+run-plain: run.c tokenizer.c Makefile
+	$(CC) $(CFLAGS) $(WARNINGS) $(OPENMP) -DPLAIN -o $@ run.c -lm
+
+test: run run-noomp run-plain
 	$(PYTHON) -m pytest -q test_all.py tests
 
 # AddressSanitizer and UndefinedBehaviorSanitizer under the whole test suite.
@@ -39,8 +45,12 @@ SANITIZE = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sani
 run-asan: run.c tokenizer.c Makefile
 	$(CC) $(SANITIZE) $(WARNINGS) -Wno-unknown-pragmas -o $@ run.c -lm
 
-sanitize: run-asan
-	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan \
+# The plain kernels under the sanitizers too: RUN_PLAIN_BINARY below.
+run-asan-plain: run.c tokenizer.c Makefile
+	$(CC) $(SANITIZE) $(WARNINGS) -Wno-unknown-pragmas -DPLAIN -o $@ run.c -lm
+
+sanitize: run-asan run-asan-plain
+	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan RUN_PLAIN_BINARY=$(CURDIR)/run-asan-plain \
 	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" KERNEL_TEST_CFLAGS="$(SANITIZE)" \
 	    $(PYTHON) -m pytest -q test_all.py tests
 
@@ -128,4 +138,4 @@ bench-peers:
 	$(PYTHON) -m pip install llama-cpp-python
 
 clean:
-	rm -rf run run-noomp run-asan bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/work
+	rm -rf run run-noomp run-plain run-asan run-asan-plain bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/work
