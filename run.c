@@ -303,19 +303,8 @@ typedef struct {
 /* ----------------------------------------------------------------------------
    Loading. The whole header is validated, and the file size must equal what
    the header implies, before any weight is touched; all sizes are computed
-   in size_t with overflow checks. */
-
-static uint32_t read_u32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-           (uint32_t)p[3] << 24;
-}
-static int32_t read_i32(const unsigned char *p) { return (int32_t)read_u32(p); }
-static float read_f32(const unsigned char *p) {
-    uint32_t bits = read_u32(p);
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+   in size_t with overflow checks. The fields are read with tokenizer.c's
+   read_u32(), read_i32() and read_f32(), little-endian. */
 
 /* a * b, or SIZE_MAX when it overflows (SIZE_MAX then fails every size check) */
 static size_t mul_size(size_t a, size_t b) {
@@ -1697,8 +1686,6 @@ static void print_statistics(const Session *s) {
    prompt is the template's default that the tokenizer file carries (for
    SmolLM2: "You are a helpful AI assistant named SmolLM, trained by Hugging
    Face"), so the tokens are those of transformers' apply_chat_template. */
-
-enum { TEMPLATE_NONE = 0, TEMPLATE_LLAMA2 = 1, TEMPLATE_CHATML = 2 };
 
 /* The template: --template's name if given, else the tokenizer's, else Llama 2's. */
 static int chat_template(const char *name, const Tokenizer *tok) {
