@@ -2475,26 +2475,37 @@ static float dot_q4_avx2(const uint8_t *w, const uint16_t *wd, const QuantizedVe
     return sum_avx2(acc);
 }
 
-/* matmul_q8_0() and matmul_q4_0() with these dot products, for one token
-   or a batch. */
+/* matmul_q8_0() and matmul_q4_0() with these dot products: one token's
+   rows straight through, a batch's row by row and token by token. */
 static void matmul_q8_0_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     size_t cols = w->cols, groups = cols / GROUP_SIZE;
+    const int8_t *values = w->values;
+    if (in->n == 1) {
+        for (int r = r0; r < r1; r++)
+            out[r - r0] = dot_q8_avx2(values + r * cols, w->scales + r * groups, &in->q, (int)cols) +
+                          dot_q8_avx2(values + r * cols, w->scales + r * groups, &in->rest, (int)cols);
+        return;
+    }
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < in->n; t++) {
             QuantizedVector x = quantized_row(&in->q, t, (int)cols), rest = quantized_row(&in->rest, t, (int)cols);
-            const int8_t *row = (const int8_t *)w->values + r * cols;
-            out[(size_t)t * ldo + r - r0] = dot_q8_avx2(row, w->scales + r * groups, &x, (int)cols) +
-                                            dot_q8_avx2(row, w->scales + r * groups, &rest, (int)cols);
+            out[(size_t)t * ldo + r - r0] = dot_q8_avx2(values + r * cols, w->scales + r * groups, &x, (int)cols) +
+                                            dot_q8_avx2(values + r * cols, w->scales + r * groups, &rest, (int)cols);
         }
 }
 
 static void matmul_q4_0_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     size_t cols = w->cols, groups = cols / GROUP_SIZE;
+    const uint8_t *values = w->values;
+    if (in->n == 1) {
+        for (int r = r0; r < r1; r++)
+            out[r - r0] = dot_q4_avx2(values + r * cols / 2, w->scales + r * groups, &in->q, (int)cols);
+        return;
+    }
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < in->n; t++) {
             QuantizedVector x = quantized_row(&in->q, t, (int)cols);
-            out[(size_t)t * ldo + r - r0] =
-                dot_q4_avx2((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, &x, (int)cols);
+            out[(size_t)t * ldo + r - r0] = dot_q4_avx2(values + r * cols / 2, w->scales + r * groups, &x, (int)cols);
         }
 }
 #endif
