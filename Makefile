@@ -63,7 +63,13 @@ run-noomp: run.c tokenizer.c Makefile
 
 setup: .venv/ready
 
-test: run run-noomp $(SETUP)
+# The engine on the plain kernels alone, the loops the book part of run.c
+# shows: -DPLAIN leaves out its appendix of fast kernels. The tests hold its
+# logits to ./run's.
+run-plain: run.c tokenizer.c Makefile
+	$(CC) $(CFLAGS) $(WARNINGS) $(or $(OPENMP),$(NO_OPENMP)) -DPLAIN -o $@ $< -lm
+
+test: run run-noomp run-plain $(SETUP)
 	$(PYTHON) -m pytest -q test_all.py tests
 
 # make test-arm: ./run cross-compiled for aarch64 out of tree, in
@@ -96,8 +102,12 @@ SANITIZE = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sani
 run-asan: run.c tokenizer.c Makefile
 	$(CC) $(SANITIZE) $(WARNINGS) $(NO_OPENMP) -o $@ $< -lm
 
-sanitize: run-asan $(SETUP)
-	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan \
+# The plain kernels under the sanitizers too: RUN_PLAIN_BINARY below.
+run-asan-plain: run.c tokenizer.c Makefile
+	$(CC) $(SANITIZE) $(WARNINGS) $(NO_OPENMP) -DPLAIN -o $@ $< -lm
+
+sanitize: run-asan run-asan-plain $(SETUP)
+	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan RUN_PLAIN_BINARY=$(CURDIR)/run-asan-plain \
 	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" KERNEL_TEST_CFLAGS="$(SANITIZE)" \
 	    $(PYTHON) -m pytest -q test_all.py tests
 
@@ -186,4 +196,4 @@ bench-peers: $(SETUP)
 	$(PYTHON) -m pip install llama-cpp-python
 
 clean:
-	rm -rf run run-noomp run-asan $(ARM_BUILD) bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/fuzz_cli fuzz/work
+	rm -rf run run-noomp run-plain run-asan run-asan-plain $(ARM_BUILD) bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/fuzz_cli fuzz/work

@@ -2,16 +2,22 @@
 
    ./run model.bin -i "Once upon a time"
 
-   The file reads from top to bottom like a chapter: the checkpoint format,
-   the three structs that hold a model (Config, Weights, RunState), loading
-   and validation, the kernels, forward(), then sampling, generation, chat
-   and the command line. The tokenizer lives in tokenizer.c and is included
-   below as part of this one translation unit.
+   The file reads from top to bottom like a book: the checkpoint format,
+   the structs that hold a model (Config, Weights, RunState), loading and
+   validation, the kernels as the plain loops that define them,
+   forward_tokens(), then sampling, generation, chat and the command line.
+   The tokenizer lives in tokenizer.c and is included below as part of this
+   one translation unit.
+
+   After main() come the reader of llama2.c's legacy checkpoints and an
+   appendix that holds the fast kernels: SIMD (AVX2, AVX-512),
+   tiles, packing and prefetching. They compute what the plain kernels do,
+   only faster, and are chosen once at startup; a reader may skip them.
+   Built with -DPLAIN (make run-plain), the engine runs on the plain
+   kernels alone, and the appendix may be deleted.
 
    Rules of the file: C11, libc and libm only. OpenMP pragmas are optional:
    without -fopenmp they are ignored and everything still runs, on one core.
-   SIMD intrinsics sit behind #if, each beside the plain loop it speeds up
-   (see the Kernels section).
 
    Legend for sizes, as in the comments on every tensor pointer:
      dim        width of the residual stream
@@ -20,6 +26,9 @@
      q_dim      n_heads * head_dim, kv_dim = n_kv_heads * head_dim
      vocab      vocab_size
      ctx        positions the KV cache holds (<= max_seq_len)
+     n          tokens in a forward pass: a prompt goes through in batches
+                of up to RunState.batch tokens, each generated token alone
+     rows, cols a weight matrix, (out, in): y = W x
 */
 
 #define _GNU_SOURCE // memmem, getline
@@ -160,15 +169,6 @@ static void usage_error(const char *fmt, ...) {
     exit(2);
 }
 
-/* A failed run leaves no half-written file: while the --logits file is
-   being written its path is kept here, and every exit but a successful
-   one removes it (at exit, or in the SIGBUS handler). */
-static const char *unfinished_output;
-
-static void remove_unfinished_output(void) {
-    if (unfinished_output) unlink(unfinished_output);
-}
-
 /* Loader errors go into a buffer instead of ending the process, so that a
    fuzzer can feed the loader any bytes; main() prints them with die(). */
 #define ERROR_SIZE 256
@@ -256,45 +256,37 @@ typedef struct {
 typedef struct {
     int8_t *q;           // (n) values in -127..127
     float *d;            // (n / GROUP_SIZE) scale of each group
-    int32_t *bias;       // (n / 4) -offset * (q[4j] + ... + q[4j+3]), and
-    int32_t *group_bias; // (n / GROUP_SIZE) -offset * (the group's sum): where the
-                         // AVX-512 VNNI sums start, so that the weights, made
-                         // unsigned by adding offset, come out signed
+    int32_t *bias;       // (n / 4) and (n / GROUP_SIZE): sums that the fast
+    int32_t *group_bias; // kernels of the appendix start from, filled by them
 } QuantizedVector;
 
-/* What the matrix products need besides their f32 input: the input
-   quantized (for q8_0 and q4_0; in two parts for q8_0) or rounded to bf16 (batched bf16 products
-   on AVX-512), and each thread's weights packed for the batched kernels.
+/* The input x (n, cols) of the matrix products under way, in the forms the
+   kernels take (prepare_input()), and room for them to work; the fast ones
+   may round x to bf16 and repack each thread's block of weights.
    widest = max(dim, q_dim, hidden), the widest input of a product. */
 typedef struct {
-    QuantizedVector q;  // (batch, widest)
+    const float *x;       // (n, cols)
+    int n;
+    QuantizedVector q;    // (batch, widest)
     QuantizedVector rest; // (batch, widest) q8_0 only: what q leaves, x - d q, quantized in turn
-    uint16_t *bf16;     // (batch, widest rounded up to 32)
-    void *panels;       // (threads, panel_size)
-    size_t panel_size;
-    float *up;          // (threads, batch, ROW_BLOCK) gate_up()'s up projection, a block at a time
+    uint16_t *bf16;       // (batch, widest + 32) bf16 weights only
+    void *panels;         // (threads, panel_size) bytes, for a batch
+    size_t panel_size;    // ROW_BLOCK rows of widest + 64 floats
+    float *up;            // (threads, batch, ROW_BLOCK) gate_up()'s up projection, a block at a time
     int batch;
 } ProductScratch;
 
-/* --trace: what each layer did to each token of the last forward pass,
-   filled in by forward_tokens() when RunState.trace is set (NULL, and no
-   cost, otherwise) and printed by the generation code, which knows the
-   tokens' text. */
-#define TRACE_TOP 3 // attended positions shown per token and layer
-enum { TRACE_ATTENTION, TRACE_MLP };
+/* One layer's KV cache: keys and values (n_kv_heads, ctx, head_dim), f32,
+   or f16 when f16 is set, each head's positions one after another. Query
+   head h reads kv head h / (n_heads / n_kv_heads). */
 typedef struct {
-    float rms[2][3];        // [attention, MLP] x [residual before, the block's output, residual after]
-    int top[TRACE_TOP];     // the positions attended most, by weight averaged over heads; -1: none
-    float top_weight[TRACE_TOP];
-} TraceRow;
+    void *keys, *values;
+    int f16;
+    int ctx, n_heads, n_kv_heads, head_dim;
+} KVCache;
 
-typedef struct {
-    TraceRow *rows;     // (batch, n_layers)
-    float *entropy;     // (batch, n_layers, n_heads) of each head's attention weights, in bits
-    float *weights;     // (ctx) one head's attention weights
-    float *mean;        // (ctx) the weights averaged over heads
-    float *keys;        // (ctx, head_dim) one kv head's keys, widened from an f16 cache
-} Trace;
+typedef struct Trace Trace; // --trace's statistics: see the trace, after forward_tokens()
+enum { TRACE_ATTENTION, TRACE_MLP }; // a layer's two blocks
 
 typedef struct {
     float *x;           // (batch, dim) residual stream, one row per token
@@ -303,9 +295,7 @@ typedef struct {
     float *k;           // (batch, kv_dim) keys, before they go into the cache
     float *v;           // (batch, kv_dim) values, likewise
     float *hb;          // (batch, hidden) gate, then the SwiGLU product
-    float *scratch;     // (threads, scratch_size) attention weights, and keys and
-                        // values widened from f16
-    size_t scratch_size;
+    float *scratch;     // (threads, attention_scratch_size()) attention's
     float *rope_cos;    // (batch, head_dim / 2) rotation of each position
     float *rope_sin;    // (batch, head_dim / 2)
     float *logits;      // (logit_rows, vocab)
@@ -334,19 +324,8 @@ typedef struct {
 /* ----------------------------------------------------------------------------
    Loading. The whole header is validated, and the file size must equal what
    the header implies, before any weight is touched; all sizes are computed
-   in size_t with overflow checks. */
-
-static uint32_t read_u32(const unsigned char *p) {
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-           (uint32_t)p[3] << 24;
-}
-static int32_t read_i32(const unsigned char *p) { return (int32_t)read_u32(p); }
-static float read_f32(const unsigned char *p) {
-    uint32_t bits = read_u32(p);
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+   in size_t with overflow checks. The fields are read with tokenizer.c's
+   read_u32(), read_i32() and read_f32(), little-endian. */
 
 /* a * b, or SIZE_MAX when it overflows (SIZE_MAX then fails every size check) */
 static size_t mul_size(size_t a, size_t b) {
@@ -435,30 +414,6 @@ static size_t layout_checkpoint(const Config *c, const unsigned char *data, Weig
     return off;
 }
 
-/* Walks a llama2.c legacy layout: f32 tensors packed (no alignment) and
-   stored tensor-major, so layer l of wq starts l * dim * dim floats into wq. */
-static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *data, Weights *w) {
-    size_t dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size, L = c->n_layers;
-    size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    size_t shapes[9][2] = {{1, dim},      {dim, dim}, {kv_dim, dim},    {kv_dim, dim}, {dim, dim},
-                           {1, dim},      {hidden, dim}, {dim, hidden}, {hidden, dim}};
-    size_t off = LEGACY_HEADER_SIZE;
-    const float *start[9];
-    w->token_embedding = place_matrix(data, &off, vocab, dim, WEIGHT_F32, 1);
-    for (int i = 0; i < 9; i++) start[i] = place_floats(data, &off, mul_size(L, shapes[i][0] * shapes[i][1]), 1);
-    w->final_norm = place_floats(data, &off, dim, 1);
-    place_floats(data, &off, mul_size(2, (size_t)c->max_seq_len * (c->head_dim / 2)), 1); // RoPE tables, unused
-    w->classifier = c->tied_classifier ? w->token_embedding : place_matrix(data, &off, vocab, dim, WEIGHT_F32, 1);
-    for (size_t l = 0; data && l < L; l++) {
-        Matrix m[9];
-        for (int i = 0; i < 9; i++)
-            m[i] = (Matrix){start[i] + l * shapes[i][0] * shapes[i][1], NULL, (int)shapes[i][0],
-                            (int)shapes[i][1], WEIGHT_F32};
-        w->layers[l] = (LayerWeights){m[0].values, m[1], m[2], m[3], m[4], m[5].values, m[6], m[7], m[8]};
-    }
-    return off;
-}
-
 /* Reads our header; size is at least HEADER_SIZE. */
 static int read_header(Config *c, const unsigned char *data, char *err) {
     uint32_t version = read_u32(data + 4);
@@ -493,29 +448,10 @@ static int read_header(Config *c, const unsigned char *data, char *err) {
     return 0;
 }
 
-/* Reads a llama2.c header; size is at least LEGACY_HEADER_SIZE. Its fixed
-   head_dim, theta and eps are the ones llama2.c trains with. */
-static int read_legacy_header(Config *c, const unsigned char *data, char *err) {
-    int32_t h[7];
-    for (int i = 0; i < 7; i++) h[i] = read_i32(data + 4 * i);
-    c->legacy = 1;
-    c->dim = h[0];
-    c->hidden_dim = h[1];
-    c->n_layers = h[2];
-    c->n_heads = h[3];
-    c->n_kv_heads = h[4];
-    c->tied_classifier = h[5] > 0;
-    c->vocab_size = h[5] == INT32_MIN ? 0 : abs(h[5]);
-    c->max_seq_len = h[6];
-    c->rope_theta = 10000.0f;
-    c->norm_eps = 1e-5f;
-    c->weight_type = WEIGHT_F32;
-    if (c->n_heads <= 0 || c->dim <= 0 || c->dim % c->n_heads != 0)
-        return fail(err, "not a checkpoint: no \"%s\" magic, and as a llama2.c header dim = %d is not a multiple of n_heads = %d",
-                    CHECKPOINT_MAGIC, c->dim, c->n_heads);
-    c->head_dim = c->dim / c->n_heads;
-    return validate_config(c, err);
-}
+/* llama2.c's legacy checkpoints: their header and layout, read by the
+   functions at the end of the file (a format of the past, not the model). */
+static int read_legacy_header(Config *c, const unsigned char *data, char *err);
+static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *data, Weights *w);
 
 /* Validates a checkpoint held in memory and points t's weights into it:
    the whole header is checked, and the size must equal what the header
@@ -545,79 +481,6 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
     return 0;
 }
 
-static void choose_kernels(void);
-static int use_avx512; // the kernels' choice: 1 when the AVX-512 ones run
-static int use_avx512_bf16;
-static size_t qgemm_panel_size(int cols);
-static size_t bgemm_panel_size(int cols);
-
-/* OMP_NUM_THREADS can ask for any number of threads, and the thread
-   runtime crashes trying to start 100000 of them; more than a few per core
-   only adds switching, so more than 4 per core are cut to that, once, with
-   a notice. */
-static void limit_threads(void) {
-#ifdef _OPENMP
-    int asked = omp_get_max_threads(), most = 4 * omp_get_num_procs();
-    if (asked > most) {
-        fprintf(stderr, "run: OMP_NUM_THREADS asks for %d threads; using %d (4 per core)\n", asked, most);
-        omp_set_num_threads(most);
-    }
-#endif
-}
-
-/* Allocates the activations for batches of up to `batch` tokens and a KV
-   cache of ctx positions. calloc maps zero pages lazily, so a long cache
-   costs memory only as it fills. */
-static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
-    size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    size_t cache = mul_size(mul_size(c->n_layers, ctx), kv_dim);
-    size_t widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim; // an input the matvecs quantize
-    if (q_dim > widest) widest = q_dim;
-    choose_kernels();
-    s->ctx = ctx;
-    s->batch = batch < 1 ? 1 : batch > ctx ? ctx : batch;
-    s->threads = 1;
-#ifdef _OPENMP
-    s->threads = omp_get_max_threads();
-#endif
-    size_t b = s->batch;
-    s->x = xcalloc(b * c->dim, sizeof(float), "activations");
-    s->xb = xcalloc(b * c->dim, sizeof(float), "activations");
-    s->q = xcalloc(b * q_dim, sizeof(float), "activations");
-    s->hb = xcalloc(b * c->hidden_dim, sizeof(float), "activations");
-    s->kv_f16 = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
-    s->k = xcalloc(b * kv_dim, sizeof(float), "activations");
-    s->v = xcalloc(b * kv_dim, sizeof(float), "activations");
-    s->scratch_size = s->kv_f16 && !use_avx512 ? (size_t)ctx * (1 + 2 * (size_t)c->head_dim) : (size_t)ctx;
-    s->scratch = xcalloc(mul_size(s->threads, s->scratch_size), sizeof(float), "attention scratch");
-    s->rope_cos = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
-    s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
-    s->logit_rows = 1;
-    s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
-    ProductScratch *ps = &s->products;
-    int grouped = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
-    size_t qn = grouped ? b * widest : 0; // quantized inputs, for q8_0 and q4_0 only
-    ps->q.q = xcalloc(qn + 1, 1, "activations");
-    ps->q.d = xcalloc(qn / GROUP_SIZE + 1, sizeof(float), "activations");
-    ps->q.bias = xcalloc(qn / 4 + 1, sizeof(int32_t), "activations");
-    ps->q.group_bias = xcalloc(qn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
-    size_t rn = c->weight_type == WEIGHT_Q8_0 ? qn : 0; // the second part, for q8_0 only
-    ps->rest.q = xcalloc(rn + 1, 1, "activations");
-    ps->rest.d = xcalloc(rn / GROUP_SIZE + 1, sizeof(float), "activations");
-    ps->rest.bias = xcalloc(rn / 4 + 1, sizeof(int32_t), "activations");
-    ps->rest.group_bias = xcalloc(rn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
-    ps->panel_size = 0; // packed weights, where the batched AVX-512 products need them
-    if (grouped && use_avx512 && b > 1) ps->panel_size = qgemm_panel_size((int)widest);
-    if (c->weight_type == WEIGHT_BF16 && use_avx512_bf16 && b > 1) ps->panel_size = bgemm_panel_size((int)widest);
-    size_t bn = ps->panel_size && c->weight_type == WEIGHT_BF16 ? b * ((widest + 31) / 32 * 32) : 0;
-    ps->bf16 = xcalloc(bn + 1, sizeof(uint16_t), "activations");
-    ps->panels = xcalloc(mul_size(s->threads, ps->panel_size) + 1, 1, "packed weights");
-    ps->batch = (int)b;
-    ps->up = xcalloc(s->threads * b * ROW_BLOCK, sizeof(float), "activations");
-    s->key_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the key cache");
-    s->value_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the value cache");
-}
-
 /* Opens an input file for reading, refusing anything but a regular file of
    at most max_size bytes: a FIFO would block open() (O_NONBLOCK keeps it
    from waiting) and a device such as /dev/zero never ends. */
@@ -629,21 +492,6 @@ static int open_input(const char *path, long long max_size, const char *what, st
     if (st->st_size > max_size)
         die(path, "%s of %lld bytes is too large (at most %lld MiB)", what, (long long)st->st_size, max_size >> 20);
     return fd;
-}
-
-/* Another program that truncates the model while it is mapped makes the
-   kernels' next read past the new end raise SIGBUS. The handler says so in
-   one line, prepared beforehand, since it may only call async-signal-safe
-   functions (write, unlink, _exit). */
-static char mapped_file_changed[4096];
-static size_t mapped_file_changed_len;
-
-static void on_sigbus(int signal) {
-    (void)signal;
-    ssize_t written = write(STDERR_FILENO, mapped_file_changed, mapped_file_changed_len);
-    (void)written; // nothing more can be done if stderr is gone
-    if (unfinished_output) unlink(unfinished_output);
-    _exit(1);
 }
 
 /* Opens and maps a checkpoint. The mapping is read-only and private: weights
@@ -658,119 +506,24 @@ static void load_transformer(Transformer *t, const char *path) {
     t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
     close(fd);
     if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
-    snprintf(mapped_file_changed, sizeof mapped_file_changed - 1,
-             "run: %s: the file changed while mapped (truncated by another program?)", path);
-    make_one_line(mapped_file_changed);
-    strcat(mapped_file_changed, "\n");
-    mapped_file_changed_len = strlen(mapped_file_changed);
-    struct sigaction sa = {.sa_handler = on_sigbus};
-    sigaction(SIGBUS, &sa, NULL);
     char err[ERROR_SIZE];
     if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
 }
 
-/* Turns --trace on: room for the statistics of a whole batch. */
-static void alloc_trace(RunState *s, const Config *c) {
-    Trace *tr = xcalloc(1, sizeof *tr, "the trace");
-    size_t rows = mul_size(s->batch, c->n_layers);
-    tr->rows = xcalloc(rows, sizeof *tr->rows, "the trace");
-    tr->entropy = xcalloc(mul_size(rows, c->n_heads), sizeof(float), "the trace");
-    tr->weights = xcalloc(s->ctx, sizeof(float), "the trace");
-    tr->mean = xcalloc(s->ctx, sizeof(float), "the trace");
-    tr->keys = xcalloc(s->kv_f16 ? mul_size(s->ctx, c->head_dim) : 1, sizeof(float), "the trace");
-    s->trace = tr;
-}
-
-static void free_run_state(RunState *s) {
-    void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
-                       s->rope_sin, s->logits, s->products.q.q, s->products.q.d, s->products.q.bias,
-                       s->products.q.group_bias, s->products.rest.q, s->products.rest.d, s->products.rest.bias,
-                       s->products.rest.group_bias, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
-                       s->value_cache};
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
-    if (s->trace) {
-        free(s->trace->rows), free(s->trace->entropy), free(s->trace->weights);
-        free(s->trace->mean), free(s->trace->keys), free(s->trace);
-    }
-}
-
-static void free_transformer(Transformer *t) {
-    free_run_state(&t->state);
-    free(t->weights.layers);
-    munmap(t->data, t->file_size);
-}
-
 /* ----------------------------------------------------------------------------
-   Kernels. Outputs first, sizes explicit; forward() below is a list of calls
-   to them. Legend, beyond the model's sizes:
-     n           tokens in a batch: a prompt goes through in batches of up to
-                 RunState.batch tokens, each generated token alone (n = 1)
-     rows, cols  a weight matrix, (out, in): y = W x
+   Kernels, as the plain loops that define them: outputs first, sizes
+   explicit (see the legend at the top); forward_tokens() is a list of calls
+   to them. The fast kernels of the appendix compute the same, faster, and
+   the tests hold them to these. */
 
-   Where the time goes. With n = 1 every weight is read once per token for a
-   few multiply-adds, so generation runs at the speed of memory: matvec_rows()
-   streams the weights, its threads each reading a contiguous share. A batch
-   reuses each weight n times, so the prompt runs at the speed of the
-   multiply-adds: gemm_rows() works in tiles that keep weights and inputs in
-   the L1 cache.
-
-   SIMD. The plain loops are written so that the compiler can vectorise them
-   without reordering a float sum (independent lanes, summed in a fixed order
-   at the end): the default build targets AVX2 (-march=x86-64-v3). The int8
-   dot products have AVX2 versions behind __AVX2__, and the hot kernels
-   AVX-512 versions (VNNI for int8) that are compiled function by function
-   and chosen once at startup when the CPU has AVX-512 F, BW, VL, DQ and
-   VNNI, so that the same binary still runs where it does not (and under
-   valgrind, which cannot execute AVX-512). RUN_AVX512=0 turns them off.
-   Every fast kernel keeps its plain version beside it, named *_ref; the
-   tests in tests/test_kernels.c hold the one to the other on random data. */
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define HAVE_AVX512 1
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
-#define AVX512_INLINE AVX512 static inline __attribute__((always_inline))
-#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma,f16c")))
-#define AVX512_BF16_INLINE AVX512_BF16 static inline __attribute__((always_inline))
-#else
-#define HAVE_AVX512 0
-#endif
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define HAVE_AVX2 1
-#else
-#define HAVE_AVX2 0
-#endif
-
-static int use_avx512; // chosen once, by choose_kernels()
-static int use_avx512_bf16; // ... and its bfloat16 dot products (vdpbf16ps)
-
-/* The plain versions of kernels that have faster ones: the tests' yardstick
-   (a build may not call them itself). */
-#define REFERENCE static __attribute__((unused))
-
-static void choose_kernels(void) {
-#if HAVE_AVX512
-    const char *env = getenv("RUN_AVX512");
-    __builtin_cpu_init();
-    use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                 __builtin_cpu_supports("avx512vnni") && !(env && strcmp(env, "0") == 0);
-    use_avx512_bf16 = use_avx512 && __builtin_cpu_supports("avx512bf16");
-#endif
-}
-
-/* This thread's number and the team's size; 0 and 1 outside a parallel
-   region or without OpenMP. */
-static void thread_id(int *tid, int *nt) {
+/* This thread's number: 0 outside a parallel region or without OpenMP. */
+static int thread_num(void) {
 #ifdef _OPENMP
-    *tid = omp_get_thread_num();
-    *nt = omp_get_num_threads();
+    return omp_get_thread_num();
 #else
-    *tid = 0;
-    *nt = 1;
+    return 0;
 #endif
 }
-
 
 /* ---- Elementwise kernels, on n rows at a time */
 
@@ -861,6 +614,21 @@ static float f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* An IEEE half from a float, rounded to nearest even (the f16 KV cache). */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = x >> 16 & 0x8000, abs = x & 0x7fffffff;
+    if (abs > 0x7f800000) return (uint16_t)(sign | 0x7e00);      // nan
+    if (abs >= 0x477ff000) return (uint16_t)(sign | 0x7c00);     // 65520 and up round to inf
+    if (abs < 0x38800000) {                                        // below 2^-14: subnormal, in 2^-24 steps
+        float a;
+        memcpy(&a, &abs, sizeof a);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 0x1p24f));
+    }
+    return (uint16_t)(sign | (abs + 0xfff + (abs >> 13 & 1) - 0x38000000) >> 13); // rebias 127 -> 15
+}
+
 /* A bfloat16 is the top half of a float. */
 static float bf16_to_f32(uint16_t b) {
     uint32_t bits = (uint32_t)b << 16;
@@ -904,75 +672,8 @@ static void embed(float *x, const Matrix *embedding, const int *tokens, int n) {
         dequantize_row(x + (size_t)t * embedding->cols, embedding, tokens[t], 0, embedding->cols);
 }
 
-/* ---- Dot products of one weight row with one input vector (n = 1) */
 
-/* a . b, in order. */
-REFERENCE float dot_f32_ref(const float *a, const float *b, int n) {
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-/* Software prefetch: the weights a matrix-vector product streams are asked
-   for this far ahead of the loads, which keeps more of them in flight than
-   the hardware prefetchers do (measured: 16 -> 33 GB/s on one core here).
-   A prefetch never faults, so reading past the end of a matrix is safe. */
-#define PREFETCH_AHEAD 4096 // bytes
-/* Packing weights for the batched kernels reads 16 rows side by side, 64
-   bytes of each at a time: streams the hardware does not follow far, so
-   each row is asked for a few lines ahead (measured: bf16 prompt +12%). */
-#define PACK_AHEAD 256 // bytes
-#if defined(__GNUC__) || defined(__clang__)
-#define PREFETCH(p) __builtin_prefetch((const char *)(p) + PREFETCH_AHEAD)
-#define PREFETCH_PACK(p) __builtin_prefetch((const char *)(p) + PACK_AHEAD)
-#else
-#define PREFETCH(p) ((void)0)
-#define PREFETCH_PACK(p) ((void)0)
-#endif
-
-/* The sum of LANES partial sums, as a tree: halves added together, which
-   the compiler does in a few vector adds, always in the same order. */
-#define LANES 32
-static float sum_lanes(float acc[LANES]) {
-    for (int half = LANES / 2; half > 0; half /= 2)
-        for (int j = 0; j < half; j++) acc[j] += acc[j + half];
-    return acc[0];
-}
-
-/* a . b in 32 independent lanes, which the compiler turns into vector
-   multiply-adds, summed at the end in a fixed order. a is the streamed
-   operand (the weights). */
-static float dot_f32(const float *a, const float *b, int n) {
-    float acc[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        PREFETCH(a + i);
-        PREFETCH(a + i + 16);
-        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
-    }
-    float sum = 0.0f;
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum + sum_lanes(acc);
-}
-
-/* w . x for a bfloat16 row w: each weight widened to float, exactly. */
-REFERENCE float dot_bf16_ref(const uint16_t *w, const float *x, int n) {
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
-    return sum;
-}
-
-static float dot_bf16(const uint16_t *w, const float *x, int n) {
-    float acc[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        PREFETCH(w + i);
-        for (int j = 0; j < LANES; j++) acc[j] += bf16_to_f32(w[i + j]) * x[i + j];
-    }
-    float sum = 0.0f;
-    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
-    return sum + sum_lanes(acc);
-}
+/* ---- Quantized inputs, for the integer dot products of q8_0 and q4_0 */
 
 /* One group of 32: d = max|x| / 127 and q = round(x / d), so x ~ d q with
    q in -127..127. Values that are not finite come out clamped, never
@@ -990,45 +691,23 @@ static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_S
     }
 }
 
-/* The sums the AVX-512 kernels start from, once out->q is filled. */
-static void quantize_biases(QuantizedVector *out, int n, int offset) {
-    for (int j = 0; j < n / 4; j++) {
-        const int8_t *q = out->q + 4 * j;
-        out->bias[j] = -offset * (q[0] + q[1] + q[2] + q[3]);
-    }
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
-        int32_t sum = 0;
-        for (int i = 0; i < GROUP_SIZE; i++) sum += out->q[g * GROUP_SIZE + i];
-        out->group_bias[g] = -offset * sum;
-    }
-}
-
-/* Quantizes x (n, a multiple of GROUP_SIZE) for the int8 dot products,
-   group by group. offset is what the AVX-512 kernels add to each weight to
-   make it unsigned (128 for q8_0, 8 for q4_0); bias takes it back out. */
-static void quantize_vector(QuantizedVector *out, const float *x, int n, int offset) {
+/* Quantizes x (n, a multiple of GROUP_SIZE) group by group. */
+static void quantize_vector(QuantizedVector *out, const float *x, int n) {
     for (int g = 0; g < n / GROUP_SIZE; g++)
         quantize_group(out->q + g * GROUP_SIZE, &out->d[g], x + (size_t)g * GROUP_SIZE);
-    quantize_biases(out, n, offset);
 }
 
-/* The input of q8_0 products in two int8 parts, x ~ d q + d' q': the
-   part quantize_vector() leaves, x - d q (at most d / 2 per value), is
-   quantized in turn into rest, group by group. One part is
-   what llama.cpp's Q8_0 products take: 8 bits per group of 32, so one large
-   value in a group (the normed input of some models' MLPs has a few)
-   leaves the other 31 with a bit or two, and SmolLM2-135M's greedy text
-   then strays from its f32 model's within a few tokens. Two parts carry
-   about 15 bits at twice the integer work, and generation, which waits on
-   memory, hardly slows. q4_0 products keep one part: their weights' 4 bits
-   dominate. */
-static void quantize_remainder(QuantizedVector *rest, const float *x, const QuantizedVector *q, int n, int offset) {
+/* The input of q8_0 products in two int8 parts, x ~ d q + d' q': what
+   quantize_vector() leaves, x - d q (at most d / 2 per value), quantized
+   in turn into rest. One part (llama.cpp's Q8_0) leaves a group with one
+   large value a bit or two for the other 31, and SmolLM2-135M's greedy
+   text strays from its f32 model's; two carry about 15 bits. */
+static void quantize_remainder(QuantizedVector *rest, const float *x, const QuantizedVector *q, int n) {
     for (int g = 0; g < n / GROUP_SIZE; g++) {
         float left[GROUP_SIZE];
         for (int i = 0; i < GROUP_SIZE; i++) left[i] = x[g * GROUP_SIZE + i] - q->d[g] * q->q[g * GROUP_SIZE + i];
         quantize_group(rest->q + g * GROUP_SIZE, &rest->d[g], left);
     }
-    quantize_biases(rest, n, offset);
 }
 
 /* Row t of a batch of quantized vectors of n values each. */
@@ -1037,9 +716,61 @@ static QuantizedVector quantized_row(const QuantizedVector *x, int t, int n) {
                              x->bias + (size_t)t * (n / 4), x->group_bias + (size_t)t * (n / GROUP_SIZE)};
 }
 
-/* w . x for a q8_0 row: an exact integer dot product per group, scaled by
-   the weights' and the input's scales. */
-REFERENCE float dot_q8_ref(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+/* Puts the input x (n, cols) of w's products into in, in the forms the
+   kernels take: quantized for q8_0 (in two parts) and q4_0 weights, the
+   rows of a batch in parallel. */
+static void prepare_input(ProductScratch *in, const Matrix *w, const float *x, int n) {
+    int cols = w->cols;
+    in->x = x, in->n = n;
+    if (w->type != WEIGHT_Q8_0 && w->type != WEIGHT_Q4_0) return;
+    #pragma omp parallel for if (n > 1)
+    for (int t = 0; t < n; t++) {
+        QuantizedVector row = quantized_row(&in->q, t, cols);
+        quantize_vector(&row, x + (size_t)t * cols, cols);
+        if (w->type == WEIGHT_Q8_0) {
+            QuantizedVector rest = quantized_row(&in->rest, t, cols);
+            quantize_remainder(&rest, x + (size_t)t * cols, &row, cols);
+        }
+    }
+}
+
+/* ---- Matrix products
+
+   out (n, rows) = x (n, cols) @ W^T: for each row r of W and each token t,
+   the dot product of row r with x[t]. A kernel computes the rows r0 ..
+   r1 - 1, into out (n, r1 - r0; row stride ldo), from the input that
+   prepare_input() put into in; matmul() below shares the rows out among
+   the threads. One kernel per weight type. */
+
+static void matmul_f32(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int cols = w->cols;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < in->n; t++) {
+            const float *row = (const float *)w->values + (size_t)r * cols;
+            const float *x = in->x + (size_t)t * cols;
+            float sum = 0.0f;
+            for (int i = 0; i < cols; i++) sum += row[i] * x[i];
+            out[(size_t)t * ldo + r - r0] = sum;
+        }
+}
+
+/* Each bf16 weight widened to float, exactly. */
+static void matmul_bf16(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int cols = w->cols;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < in->n; t++) {
+            const uint16_t *row = (const uint16_t *)w->values + (size_t)r * cols;
+            const float *x = in->x + (size_t)t * cols;
+            float sum = 0.0f;
+            for (int i = 0; i < cols; i++) sum += bf16_to_f32(row[i]) * x[i];
+            out[(size_t)t * ldo + r - r0] = sum;
+        }
+}
+
+/* w . x for a row w of q8_0 weights with scales wd, and a quantized x of
+   n values: per group, an exact integer dot product, scaled by the
+   weights' and the input's scales. */
+static float dot_q8_0(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
     float sum = 0.0f;
     for (int g = 0; g < n / GROUP_SIZE; g++) {
         int32_t dot = 0;
@@ -1049,8 +780,8 @@ REFERENCE float dot_q8_ref(const int8_t *w, const uint16_t *wd, const QuantizedV
     return sum;
 }
 
-/* w . x for a q4_0 row: weights q - 8, q in 0..15, two to a byte. */
-REFERENCE float dot_q4_ref(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+/* The same for q4_0: weights q - 8, q in 0..15, two to a byte. */
+static float dot_q4_0(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
     float sum = 0.0f;
     for (int g = 0; g < n / GROUP_SIZE; g++) {
         const uint8_t *b = w + g * GROUP_SIZE / 2;
@@ -1063,673 +794,152 @@ REFERENCE float dot_q4_ref(const uint8_t *w, const uint16_t *wd, const Quantized
     return sum;
 }
 
-#if HAVE_AVX2
-/* The 32 products of int8 vectors a and b, summed in fours into 8 int32
-   lanes. maddubs multiplies unsigned by signed bytes, so a's signs move onto
-   b; |a| * |b| <= 127 * 127 keeps its 16-bit pair sums from saturating
-   (neither quantizer writes -128). */
-static inline __m256i dot32_i8_avx2(__m256i a, __m256i b) {
-    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-}
-
-static inline float sum_avx2(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-static float dot_q8_avx2(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
-        PREFETCH(w + g * GROUP_SIZE);
-        if (g % 32 == 0) PREFETCH(wd + g);
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * GROUP_SIZE));
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + g * GROUP_SIZE));
-        __m256 scale = _mm256_set1_ps(_cvtsh_ss(wd[g]) * x->d[g]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(xv, wv)), scale, acc);
-    }
-    return sum_avx2(acc);
-}
-
-static float dot_q4_avx2(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
-        if (g % 2 == 0) PREFETCH(w + g * GROUP_SIZE / 2);
-        if (g % 32 == 0) PREFETCH(wd + g);
-        __m128i b = _mm_loadu_si128((const __m128i *)(w + g * GROUP_SIZE / 2));
-        __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
-        __m256i wv = _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8)); // weights 0..31 of the group
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + g * GROUP_SIZE));
-        __m256 scale = _mm256_set1_ps(_cvtsh_ss(wd[g]) * x->d[g]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(xv, wv)), scale, acc);
-    }
-    return sum_avx2(acc);
-}
-#endif
-
-#if HAVE_AVX512
-/* AVX-512 VNNI: vpdpbusd multiplies unsigned weight bytes by signed input
-   bytes and adds each four products into an int32 lane, starting from the
-   input's bias, -offset * (the sum of those four inputs), so that the lane
-   holds the exact signed dot product of its four weights. One 64-byte step
-   covers two groups: lanes 0-7 the first, 8-15 the second, each lane then
-   scaled by its group's weight scale times input scale. */
-
-/* The lanes of 16 that `left` elements fill: all, some, or none. */
-static inline __mmask16 tail_mask(int left) {
-    return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-}
-
-/* lanes 0-7 = s[2j], lanes 8-15 = s[2j + 1] */
-AVX512_INLINE __m512 pair_scales(__m512 s, int j) {
-    __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(2 * j)), s);
-}
-
-/* Two groups of weights (64) as unsigned bytes in the input's order; m
-   masks the second group off when only one is left. */
-AVX512_INLINE __m512i q8_bytes(const int8_t *w, __mmask64 m) {
-    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w), _mm512_set1_epi8((char)0x80)); // w + 128
-}
-AVX512_INLINE __m512i q4_bytes(const uint8_t *w, int both) {
-    __m256i b = both ? _mm256_loadu_si256((const __m256i *)w) // 2 x 16 bytes, or 1 x 16
-                     : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)w));
-    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
-    z = _mm512_and_si512(z, _mm512_set1_epi8(15));          // [lo g, lo g+1, hi g, hi g+1]
-    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)); // [lo g, hi g, lo g+1, hi g+1]
-}
-
-/* acc += the dot products of groups 2j and 2j + 1 of the stretch of groups
-   that starts at weight k0, with their weights wv already loaded (as
-   unsigned bytes), and their combined scales (weight times input) the
-   lanes of s; `both` is 0 when only group 2j is left. */
-AVX512_INLINE __m512 dot_pair_bytes_avx512(__m512 acc, __m512i wv, const QuantizedVector *x, __m512 s, int k0, int j,
-                                           int both) {
-    int k = k0 + 2 * j * GROUP_SIZE;
-    __mmask64 m = both ? ~0ull : 0xffffffffull;
-    __m512i xv = _mm512_maskz_loadu_epi8(m, x->q + k);
-    __m512i bias = _mm512_maskz_loadu_epi32(both ? 0xffff : 0xff, x->bias + k / 4);
-    __m512i dot = _mm512_dpbusd_epi32(bias, wv, xv); // exact: 4 weights x inputs per lane
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scales(s, j), acc);
-}
-
-/* The same, loading the weights of the two groups from w. */
-AVX512_INLINE __m512 dot_pair_avx512(__m512 acc, const void *w, const QuantizedVector *x, __m512 s, int k0,
-                                     int j, int both, const int q4) {
-    int k = k0 + 2 * j * GROUP_SIZE;
-    __m512i wv = q4 ? q4_bytes((const uint8_t *)w + k / 2, both)
-                    : q8_bytes((const int8_t *)w + k, both ? ~0ull : 0xffffffffull);
-    return dot_pair_bytes_avx512(acc, wv, x, s, k0, j, both);
-}
-
-/* acc plus the dot products of the last m < 8 groups of a row, which start
-   at group g: what the stretches of 8 leave, masked. A function of its own
-   (not inlined) because clang 14 with AddressSanitizer fails to compile it
-   inlined into the loop below. */
-AVX512_INLINE __m512 dot_tail_avx512(__m512 acc, const void *w, const uint16_t *wd, const QuantizedVector *x,
-                                     int g, int m, const int q4) {
-    __mmask16 gm = (__mmask16)((1u << m) - 1);
-    __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, wd + g)),
-                             _mm512_maskz_loadu_ps(gm, x->d + g));
-    for (int j = 0; 2 * j < m; j++) acc = dot_pair_avx512(acc, w, x, s, g * GROUP_SIZE, j, 2 * j + 1 < m, q4);
-    return acc;
-}
-AVX512 __attribute__((noinline)) static __m512 dot_tail_q8_avx512(__m512 acc, const void *w, const uint16_t *wd,
-                                                                  const QuantizedVector *x, int g, int m) {
-    return dot_tail_avx512(acc, w, wd, x, g, m, 0);
-}
-AVX512 __attribute__((noinline)) static __m512 dot_tail_q4_avx512(__m512 acc, const void *w, const uint16_t *wd,
-                                                                  const QuantizedVector *x, int g, int m) {
-    return dot_tail_avx512(acc, w, wd, x, g, m, 1);
-}
-
-/* w . x for a q8_0 (q4 = 0) or q4_0 (q4 = 1) row: stretches of 8 groups,
-   whose 8 scales load at once, then what is left (dims that are not a
-   multiple of 256). */
-AVX512_INLINE float dot_grouped_avx512(const void *w, const uint16_t *wd, const QuantizedVector *x, int n,
-                                       const int q4) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int groups = n / GROUP_SIZE, g = 0;
-    for (; g + 8 <= groups; g += 8) {
-        const char *bytes = (const char *)w + (q4 ? g * GROUP_SIZE / 2 : g * GROUP_SIZE);
-        for (int line = 0; line < (q4 ? 2 : 4); line++) PREFETCH(bytes + 64 * line);
-        PREFETCH(wd + g);
-        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g))),
-                                 _mm256_loadu_ps(x->d + g));
-        __m512 s16 = _mm512_castps256_ps512(s);
-        acc0 = dot_pair_avx512(acc0, w, x, s16, g * GROUP_SIZE, 0, 1, q4);
-        acc1 = dot_pair_avx512(acc1, w, x, s16, g * GROUP_SIZE, 1, 1, q4);
-        acc0 = dot_pair_avx512(acc0, w, x, s16, g * GROUP_SIZE, 2, 1, q4);
-        acc1 = dot_pair_avx512(acc1, w, x, s16, g * GROUP_SIZE, 3, 1, q4);
-    }
-    if (g < groups) acc0 = (q4 ? dot_tail_q4_avx512 : dot_tail_q8_avx512)(acc0, w, wd, x, g, groups - g);
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-}
-
-AVX512 static float dot_q8_avx512(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
-    return dot_grouped_avx512(w, wd, x, n, 0);
-}
-AVX512 static float dot_q4_avx512(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
-    return dot_grouped_avx512(w, wd, x, n, 1);
-}
-
-/* dot_q8_avx512(w, x) + dot_q8_avx512(w, rest), the two parts of a q8_0
-   input (quantize_remainder()), in one pass: each weight is loaded once for
-   both products, which is what generation's matrix-vector products need
-   to keep up with memory. */
-AVX512 static float dot_q8_both_avx512(const int8_t *w, const uint16_t *wd, const QuantizedVector *x,
-                                       const QuantizedVector *rest, int n) {
-    __m512 acc = _mm512_setzero_ps(), acc_rest = _mm512_setzero_ps();
-    int groups = n / GROUP_SIZE, g = 0;
-    for (; g + 8 <= groups; g += 8) {
-        for (int line = 0; line < 4; line++) PREFETCH(w + g * GROUP_SIZE + 64 * line);
-        PREFETCH(wd + g);
-        __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g)));
-        __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(ws, _mm256_loadu_ps(x->d + g)));
-        __m512 s_rest = _mm512_castps256_ps512(_mm256_mul_ps(ws, _mm256_loadu_ps(rest->d + g)));
-        for (int j = 0; j < 4; j++) {
-            __m512i wv = q8_bytes(w + (g + 2 * j) * GROUP_SIZE, ~0ull);
-            acc = dot_pair_bytes_avx512(acc, wv, x, s, g * GROUP_SIZE, j, 1);
-            acc_rest = dot_pair_bytes_avx512(acc_rest, wv, rest, s_rest, g * GROUP_SIZE, j, 1);
-        }
-    }
-    if (g < groups) {
-        acc = dot_tail_q8_avx512(acc, w, wd, x, g, groups - g);
-        acc_rest = dot_tail_q8_avx512(acc_rest, w, wd, rest, g, groups - g);
-    }
-    return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(acc_rest);
-}
-#endif
-
-typedef float (*DotQ8)(const int8_t *, const uint16_t *, const QuantizedVector *, int);
-typedef float (*DotQ4)(const uint8_t *, const uint16_t *, const QuantizedVector *, int);
-
-/* The fastest int8 dot products this build and CPU have. */
-static DotQ8 choose_dot_q8(void) {
-#if HAVE_AVX512
-    if (use_avx512) return dot_q8_avx512;
-#endif
-#if HAVE_AVX2
-    return dot_q8_avx2;
-#else
-    return dot_q8_ref;
-#endif
-}
-
-static DotQ4 choose_dot_q4(void) {
-#if HAVE_AVX512
-    if (use_avx512) return dot_q4_avx512;
-#endif
-#if HAVE_AVX2
-    return dot_q4_avx2;
-#else
-    return dot_q4_ref;
-#endif
-}
-
-/* w . x + w . rest for a q8_0 row and the two parts of its input
-   (quantize_remainder()). */
-REFERENCE float dot_q8_both_ref(const int8_t *w, const uint16_t *wd, const QuantizedVector *x,
-                                const QuantizedVector *rest, int n) {
-    return dot_q8_ref(w, wd, x, n) + dot_q8_ref(w, wd, rest, n);
-}
-
-/* The same, fastest: one pass over the row on AVX-512, else the row's dot
-   product with each part, the second reading it from L1. */
-static float dot_q8_both(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, const QuantizedVector *rest,
-                         int n) {
-#if HAVE_AVX512
-    if (use_avx512) return dot_q8_both_avx512(w, wd, x, rest, n);
-#endif
-    DotQ8 dot = choose_dot_q8();
-    return dot(w, wd, x, n) + dot(w, wd, rest, n);
-}
-
-/* out[r - r0] = W[r] . x for the rows r0 <= r < r1 of w: the matrix-vector
-   product of generation. x is the input as floats and, for q8_0 and q4_0
-   weights, quantized by quantize_vector(); for q8_0, rest is its second
-   part (quantize_remainder()). */
-static void matvec_rows(float *out, const Matrix *w, int r0, int r1, const float *x, const QuantizedVector *xq,
-                        const QuantizedVector *rest) {
-    size_t cols = w->cols, groups = cols / GROUP_SIZE;
-    if (w->type == WEIGHT_F32) {
-        for (int r = r0; r < r1; r++) out[r - r0] = dot_f32((const float *)w->values + r * cols, x, (int)cols);
-    } else if (w->type == WEIGHT_BF16) {
-        for (int r = r0; r < r1; r++) out[r - r0] = dot_bf16((const uint16_t *)w->values + r * cols, x, (int)cols);
-    } else if (w->type == WEIGHT_Q8_0) {
-        for (int r = r0; r < r1; r++)
-            out[r - r0] = dot_q8_both((const int8_t *)w->values + r * cols, w->scales + r * groups, xq, rest,
-                                      (int)cols);
-    } else {
-        DotQ4 dot = choose_dot_q4();
-        for (int r = r0; r < r1; r++)
-            out[r - r0] = dot((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, xq, (int)cols);
-    }
-}
-
-/* ---- Matrix products for a batch (n > 1) */
-
-#define GEMM_ROWS 8     // weight rows per tile
-#define GEMM_TOKENS 3   // tokens per tile: 8 x 3 sums fill 24 of AVX-512's 32 registers
-#define GEMM_DEPTH 512  // columns per pass: a tile's 8 weight rows of them (16 KiB) stay in L1
-
-/* c (nt, nr; row stride ldc) = x (nt, depth; stride ldx) @ w (nr, depth;
-   stride ldw)^T, plus what c holds when accumulate is set: one tile. */
-static void gemm_tile_ref(float *c, int ldc, const float *w, int ldw, const float *x, int ldx, int depth,
-                          int nr, int nt, int accumulate) {
-    for (int t = 0; t < nt; t++)
-        for (int r = 0; r < nr; r++) {
-            float sum = dot_f32(w + (size_t)r * ldw, x + (size_t)t * ldx, depth);
-            c[(size_t)t * ldc + r] = accumulate ? c[(size_t)t * ldc + r] + sum : sum;
-        }
-}
-
-#if HAVE_AVX512
-/* The sums of the 16 lanes of each of v[0..7], as 8 lanes. */
-AVX512_INLINE __m256 sum8_avx512(const __m512 v[8]) {
-    __m256 h[8];
-    for (int i = 0; i < 8; i++) h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]), _mm512_extractf32x8_ps(v[i], 1));
-    __m256 a = _mm256_hadd_ps(h[0], h[1]), b = _mm256_hadd_ps(h[2], h[3]);
-    __m256 c = _mm256_hadd_ps(h[4], h[5]), d = _mm256_hadd_ps(h[6], h[7]);
-    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d); // halves: [v0..v3], [v4..v7] partial sums
-    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
-}
-
-/* A full tile of GEMM_ROWS rows and nt tokens: each sum in 16 lanes, the
-   depth in steps of 16 (the last one masked). */
-AVX512_INLINE void gemm_tile_body_avx512(float *c, int ldc, const float *w, int ldw, const float *x, int ldx,
-                                         int depth, int accumulate, const int nt) {
-    __m512 acc[GEMM_TOKENS][GEMM_ROWS];
-    for (int t = 0; t < nt; t++)
-        for (int r = 0; r < GEMM_ROWS; r++) acc[t][r] = _mm512_setzero_ps();
-    for (int k = 0; k < depth; k += 16) {
-        __mmask16 m = depth - k >= 16 ? 0xffff : (__mmask16)((1u << (depth - k)) - 1);
-        __m512 xv[GEMM_TOKENS];
-        for (int t = 0; t < nt; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + (size_t)t * ldx + k);
-        for (int r = 0; r < GEMM_ROWS; r++) {
-            __m512 wv = _mm512_maskz_loadu_ps(m, w + (size_t)r * ldw + k);
-            for (int t = 0; t < nt; t++) acc[t][r] = _mm512_fmadd_ps(wv, xv[t], acc[t][r]);
-        }
-    }
-    for (int t = 0; t < nt; t++) {
-        __m256 sum = sum8_avx512(acc[t]);
-        if (accumulate) sum = _mm256_add_ps(sum, _mm256_loadu_ps(c + (size_t)t * ldc));
-        _mm256_storeu_ps(c + (size_t)t * ldc, sum);
-    }
-}
-
-AVX512 static void gemm_tile_avx512(float *c, int ldc, const float *w, int ldw, const float *x, int ldx,
-                                    int depth, int nt, int accumulate) {
-    if (nt == 3) gemm_tile_body_avx512(c, ldc, w, ldw, x, ldx, depth, accumulate, 3);
-    else if (nt == 2) gemm_tile_body_avx512(c, ldc, w, ldw, x, ldx, depth, accumulate, 2);
-    else gemm_tile_body_avx512(c, ldc, w, ldw, x, ldx, depth, accumulate, 1);
-}
-#endif
-
-/* out (n, r1 - r0; row stride ldo) = x (n, cols) @ (rows r0 .. r1 - 1 of
-   W)^T: the matrix product of a batch, for n > 1. r0 is a multiple of
-   GEMM_ROWS.
-   Tiles of 8 weight rows by 3 tokens go through the columns in passes of
-   GEMM_DEPTH; quantized and bf16 weights are widened to floats once per pass
-   into `panel` and then reused by every token of the batch. Each output is
-   computed the same way whichever thread computes it. */
-static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const float *x, int n) {
-    _Alignas(64) float panel[GEMM_ROWS * GEMM_DEPTH];
+/* Each token's input in its two parts (quantize_remainder()), a product with each. */
+static void matmul_q8_0(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int cols = w->cols;
-    for (int r = r0; r < r1; r += GEMM_ROWS) {
-        int nr = r1 - r < GEMM_ROWS ? r1 - r : GEMM_ROWS;
-        for (int k = 0; k < cols; k += GEMM_DEPTH) {
-            int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH;
-            const float *wt = panel; // (nr, depth), row stride ldw
-            int ldw = GEMM_DEPTH;
-            if (w->type == WEIGHT_F32) {
-                wt = (const float *)w->values + (size_t)r * cols + k;
-                ldw = cols;
-            } else {
-                for (int i = 0; i < nr; i++) dequantize_row(panel + i * GEMM_DEPTH, w, r + i, k, depth);
-            }
-            for (int t = 0; t < n; t += GEMM_TOKENS) {
-                int nt = n - t < GEMM_TOKENS ? n - t : GEMM_TOKENS;
-                float *c = out + (size_t)t * ldo + (r - r0);
-                const float *xt = x + (size_t)t * cols + k;
-#if HAVE_AVX512
-                if (use_avx512 && nr == GEMM_ROWS) {
-                    gemm_tile_avx512(c, ldo, wt, ldw, xt, cols, depth, nt, k > 0);
-                    continue;
+    for (int r = r0; r < r1; r++) {
+        const int8_t *row = (const int8_t *)w->values + (size_t)r * cols;
+        const uint16_t *scales = w->scales + (size_t)r * (cols / GROUP_SIZE);
+        for (int t = 0; t < in->n; t++) {
+            QuantizedVector x = quantized_row(&in->q, t, cols), rest = quantized_row(&in->rest, t, cols);
+            out[(size_t)t * ldo + r - r0] = dot_q8_0(row, scales, &x, cols) + dot_q8_0(row, scales, &rest, cols);
+        }
+    }
+}
+
+static void matmul_q4_0(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int cols = w->cols;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->values + (size_t)r * cols / 2;
+        const uint16_t *scales = w->scales + (size_t)r * (cols / GROUP_SIZE);
+        for (int t = 0; t < in->n; t++) {
+            QuantizedVector x = quantized_row(&in->q, t, cols);
+            out[(size_t)t * ldo + r - r0] = dot_q4_0(row, scales, &x, cols);
+        }
+    }
+}
+
+/* ---- Attention */
+
+/* Keys and values of n new tokens, k and v (n, kv_dim), into the cache at
+   positions pos .. pos + n - 1. */
+static void cache_store(const KVCache *kv, const float *k, const float *v, int pos, int n) {
+    int head_dim = kv->head_dim;
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            size_t from = ((size_t)t * kv->n_kv_heads + h) * head_dim, to = ((size_t)h * kv->ctx + pos + t) * head_dim;
+            if (kv->f16) {
+                for (int i = 0; i < head_dim; i++) {
+                    ((uint16_t *)kv->keys)[to + i] = f32_to_f16(k[from + i]);
+                    ((uint16_t *)kv->values)[to + i] = f32_to_f16(v[from + i]);
                 }
-#endif
-                gemm_tile_ref(c, ldo, wt, ldw, xt, cols, depth, nr, nt, k > 0);
-            }
-        }
-    }
-}
-
-/* ---- Matrix products of q8_0 and q4_0 weights for a batch (n > 1) */
-
-/* out (n, r1 - r0; row stride ldo) = x @ (rows r0 .. r1 - 1 of W)^T for
-   q8_0 or q4_0 weights and a batch x of n quantized rows (and for q8_0
-   their second parts, rest): the dot products of matvec_rows(), token by
-   token, for every row. The fast version is qgemm_rows_avx512() below; both
-   give each output the same integer sums. */
-static void qgemm_rows_ref(float *out, int ldo, const Matrix *w, int r0, int r1, const QuantizedVector *x,
-                           const QuantizedVector *rest, int n) {
-    size_t cols = w->cols, groups = cols / GROUP_SIZE;
-    DotQ4 dot4 = choose_dot_q4();
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < n; t++) {
-            QuantizedVector xt = quantized_row(x, t, (int)cols);
-            if (w->type == WEIGHT_Q8_0) {
-                QuantizedVector rt = quantized_row(rest, t, (int)cols);
-                out[(size_t)t * ldo + r - r0] =
-                    dot_q8_both((const int8_t *)w->values + r * cols, w->scales + r * groups, &xt, &rt, (int)cols);
             } else {
-                out[(size_t)t * ldo + r - r0] =
-                    dot4((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, &xt, (int)cols);
+                memcpy((float *)kv->keys + to, k + from, (size_t)head_dim * sizeof(float));
+                memcpy((float *)kv->values + to, v + from, (size_t)head_dim * sizeof(float));
             }
         }
 }
 
-#define QGEMM_ROWS 32   // weight rows per packed panel: two vectors of 16 outputs
-#define QGEMM_TOKENS 4  // tokens per tile: 4 x 2 int32 sums and 4 x 2 float sums in registers
-
-/* Bytes of one thread's panel for rows of cols weights: the values and the
-   scales of QGEMM_ROWS rows. */
-static size_t qgemm_panel_size(int cols) {
-    size_t padded = (size_t)(cols + 63) / 64 * 64;
-    return QGEMM_ROWS * padded + QGEMM_ROWS * (padded / GROUP_SIZE) * sizeof(float);
+/* Element i of a cache's keys or values, as a float. */
+static float cache_at(const void *cache, size_t i, int f16) {
+    return f16 ? f16_to_f32(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
 }
 
-#if HAVE_AVX512
-/* The 16 x 16 transpose of 32-bit elements: r[i] lane j -> r[j] lane i. */
-AVX512_INLINE void transpose16_avx512(__m512i r[16]) {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 16; i += 2) {
-        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
-        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
-        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
-        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
-    }
-    for (int e = 0; e < 4; e++) { // b[4q + e], lane L: rows 4q .. 4q + 3 of element 4L + e
-        __m512i c = _mm512_shuffle_i32x4(b[e], b[4 + e], 0x88), c2 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0xdd);
-        __m512i d = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0x88), d2 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0xdd);
-        r[e] = _mm512_shuffle_i32x4(c, d, 0x88);
-        r[8 + e] = _mm512_shuffle_i32x4(c, d, 0xdd);
-        r[4 + e] = _mm512_shuffle_i32x4(c2, d2, 0x88);
-        r[12 + e] = _mm512_shuffle_i32x4(c2, d2, 0xdd);
+/* scores (n_pos) = q . k / sqrt(head_dim) for the keys k of positions 0 ..
+   n_pos - 1 of kv head h, q (head_dim). */
+static void attention_scores(float *scores, const float *q, const KVCache *kv, int h, int n_pos) {
+    size_t head = (size_t)h * kv->ctx * kv->head_dim;
+    float scale = 1.0f / sqrtf((float)kv->head_dim);
+    for (int p = 0; p < n_pos; p++) {
+        float sum = 0.0f;
+        for (int i = 0; i < kv->head_dim; i++)
+            sum += q[i] * cache_at(kv->keys, head + (size_t)p * kv->head_dim + i, kv->f16);
+        scores[p] = sum * scale;
     }
 }
 
-/* Packs rows r0 .. r0 + 31 of a q8_0 or q4_0 matrix (rows past its end as
-   zeros) for qgemm_tile_avx512():
-     values  (cols / 4, 32) u32: the 4 unsigned weight bytes (q + 128, or the
-             nibble) of columns 4j .. 4j + 3 of each row, rows side by side
-     scales  (groups, 32) f32: each row's scale of each group, widened */
-AVX512 static void qgemm_pack_avx512(uint32_t *values, float *scales, const Matrix *w, int r0) {
-    int cols = w->cols, groups = cols / GROUP_SIZE, q4 = w->type == WEIGHT_Q4_0;
-    for (int half = 0; half < 2; half++)
-        for (int k = 0; k < cols; k += 64) {
-            int both = cols - k >= 64;
-            __m512i seg[16];
-            for (int i = 0; i < 16; i++) {
-                int r = r0 + 16 * half + i;
-                if (r >= w->rows) { seg[i] = _mm512_setzero_si512(); continue; }
-                size_t at = (size_t)r * cols + k;
-                PREFETCH_PACK((const char *)w->values + (q4 ? at / 2 : at));
-                seg[i] = q4 ? q4_bytes((const uint8_t *)w->values + at / 2, both)
-                            : q8_bytes((const int8_t *)w->values + at, both ? ~0ull : 0xffffffffull);
-            }
-            transpose16_avx512(seg);
-            for (int j = 0; j < 16; j++)
-                _mm512_storeu_si512(values + (size_t)(k / 4 + j) * QGEMM_ROWS + 16 * half, seg[j]);
-        }
-    for (int i = 0; i < QGEMM_ROWS; i++)
-        for (int g = 0; g < groups; g++)
-            scales[g * QGEMM_ROWS + i] = r0 + i < w->rows ? f16_to_f32(w->scales[(size_t)(r0 + i) * groups + g]) : 0.0f;
+/* out (head_dim) = the sum over positions p < n_pos of weights[p] times
+   the value of position p of kv head h. */
+static void attention_mix(float *out, const float *weights, const KVCache *kv, int h, int n_pos) {
+    size_t head = (size_t)h * kv->ctx * kv->head_dim;
+    for (int i = 0; i < kv->head_dim; i++) out[i] = 0.0f;
+    for (int p = 0; p < n_pos; p++)
+        for (int i = 0; i < kv->head_dim; i++)
+            out[i] += weights[p] * cache_at(kv->values, head + (size_t)p * kv->head_dim + i, kv->f16);
 }
 
-/* out[t][r] for nt tokens t0 .. t0 + nt - 1 and the 32 packed rows (the
-   first `rows` of them stored): for each group, int32 sums of 16 rows at
-   once (vpdpbusd: 4 weights of 16 rows times 4 inputs of one token,
-   broadcast), started at the token's group bias, then scaled and added to
-   float sums, which start at zero or, with accumulate, at what out holds. */
-AVX512_INLINE void qgemm_tile_body(float *out, int ldo, int rows, const uint32_t *values, const float *scales,
-                                   const QuantizedVector *x, int t0, int cols, const int nt, int accumulate) {
-    int groups = cols / GROUP_SIZE;
-    __m512 acc[QGEMM_TOKENS][2];
-    __mmask16 m0 = tail_mask(rows), m1 = tail_mask(rows - 16);
-    for (int t = 0; t < nt; t++) {
-        acc[t][0] = accumulate ? _mm512_maskz_loadu_ps(m0, out + (size_t)(t0 + t) * ldo) : _mm512_setzero_ps();
-        acc[t][1] = accumulate ? _mm512_maskz_loadu_ps(m1, out + (size_t)(t0 + t) * ldo + 16) : _mm512_setzero_ps();
-    }
-    for (int g = 0; g < groups; g++) {
-        __m512i sum[QGEMM_TOKENS][2];
-        for (int t = 0; t < nt; t++)
-            sum[t][0] = sum[t][1] = _mm512_set1_epi32(x->group_bias[(size_t)(t0 + t) * groups + g]);
-        const uint32_t *v = values + (size_t)g * (GROUP_SIZE / 4) * QGEMM_ROWS;
-        for (int j = 0; j < GROUP_SIZE / 4; j++) {
-            __m512i w0 = _mm512_loadu_si512(v + j * QGEMM_ROWS), w1 = _mm512_loadu_si512(v + j * QGEMM_ROWS + 16);
-            for (int t = 0; t < nt; t++) {
-                int32_t four;
-                memcpy(&four, x->q + (size_t)(t0 + t) * cols + g * GROUP_SIZE + 4 * j, sizeof four);
-                __m512i xb = _mm512_set1_epi32(four);
-                sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
-                sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
-            }
-        }
-        __m512 s0 = _mm512_loadu_ps(scales + g * QGEMM_ROWS), s1 = _mm512_loadu_ps(scales + g * QGEMM_ROWS + 16);
-        for (int t = 0; t < nt; t++) {
-            __m512 d = _mm512_set1_ps(x->d[(size_t)(t0 + t) * groups + g]);
-            acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][0]), _mm512_mul_ps(s0, d), acc[t][0]);
-            acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][1]), _mm512_mul_ps(s1, d), acc[t][1]);
-        }
-    }
-    for (int t = 0; t < nt; t++) {
-        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo, m0, acc[t][0]);
-        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo + 16, m1, acc[t][1]);
-    }
+/* Floats of attention scratch per thread: one query's weights (ctx), and
+   for an f16 cache room to widen a kv head's keys and values (2 ctx head_dim). */
+static size_t attention_scratch_size(int ctx, int head_dim, int f16) {
+    return (size_t)ctx * (f16 ? 1 + 2 * (size_t)head_dim : 1);
 }
 
-/* qgemm_rows_ref() for rows r0 .. r1 - 1 (r0 a multiple of 32, at most 32
-   rows), packed once into panel and then run for every token: over x, then
-   for q8_0 over rest, added on. */
-AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const QuantizedVector *x,
-                                     const QuantizedVector *rest, int n, void *panel) {
-    int cols = w->cols, padded = (cols + 63) / 64 * 64;
-    uint32_t *values = panel;
-    float *scales = (float *)((char *)panel + (size_t)QGEMM_ROWS * padded);
-    qgemm_pack_avx512(values, scales, w, r0);
-    for (int part = 0; part < (w->type == WEIGHT_Q8_0 ? 2 : 1); part++) {
-        const QuantizedVector *in = part ? rest : x;
-        for (int t = 0; t < n; t += QGEMM_TOKENS) {
-            int nt = n - t < QGEMM_TOKENS ? n - t : QGEMM_TOKENS;
-            if (nt == 4) qgemm_tile_body(out, ldo, r1 - r0, values, scales, in, t, cols, 4, part);
-            else if (nt == 3) qgemm_tile_body(out, ldo, r1 - r0, values, scales, in, t, cols, 3, part);
-            else if (nt == 2) qgemm_tile_body(out, ldo, r1 - r0, values, scales, in, t, cols, 2, part);
-            else qgemm_tile_body(out, ldo, r1 - r0, values, scales, in, t, cols, 1, part);
-        }
-    }
-}
-#endif
-
-/* ---- Matrix products of bf16 weights for a batch (n > 1) */
-
-/* A float as a bfloat16, rounded to nearest even (NaN stays NaN). */
-static uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)(bits >> 16 | 0x40);
-    return (uint16_t)((bits + 0x7fff + (bits >> 16 & 1)) >> 16);
-}
-
-#define BGEMM_ROWS 32   // weight rows per packed panel: two vectors of 16 outputs
-#define BGEMM_TOKENS 8  // tokens per tile: 8 x 2 sums in registers
-
-/* Bytes of one thread's panel for rows of cols bf16 weights. */
-static size_t bgemm_panel_size(int cols) { return (size_t)BGEMM_ROWS * ((cols + 31) / 32 * 32) * 2; }
-
-#if HAVE_AVX512
-/* Packs rows r0 .. r0 + 31 of a bf16 matrix (rows past its end, and
-   columns past cols up to a multiple of 32, as zeros) for the vdpbf16ps
-   tiles: (cols / 2, 32) u32, each the 2 weights of columns 2j, 2j + 1 of a
-   row, rows side by side. */
-AVX512 static void bgemm_pack_avx512(uint32_t *panel, const Matrix *w, int r0) {
-    int cols = w->cols;
-    for (int half = 0; half < 2; half++)
-        for (int k = 0; k < cols; k += 32) {
-            __mmask32 m = cols - k >= 32 ? 0xffffffffu : (__mmask32)((1u << (cols - k)) - 1);
-            __m512i seg[16];
-            for (int i = 0; i < 16; i++) {
-                int r = r0 + 16 * half + i;
-                const uint16_t *at = (const uint16_t *)w->values + (size_t)r * cols + k;
-                PREFETCH_PACK(at);
-                seg[i] = r < w->rows ? _mm512_maskz_loadu_epi16(m, at) : _mm512_setzero_si512();
-            }
-            transpose16_avx512(seg);
-            for (int j = 0; j < 16; j++)
-                _mm512_storeu_si512(panel + (size_t)(k / 2 + j) * BGEMM_ROWS + 16 * half, seg[j]);
+/* Causal attention for n queries q (n, q_dim) at positions pos .. pos + n - 1,
+   whose keys and values are already in the cache: query t sees positions
+   0 .. pos + t. out (n, q_dim) = softmax(q k^T / sqrt(head_dim)) v, per
+   head; with n_kv_heads == n_heads that is MHA, with fewer GQA, with one
+   MQA. out may be q: each head's output replaces its query. scratch is
+   (threads, attention_scratch_size()). */
+static void attention_plain(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
+    int group = kv->n_heads / kv->n_kv_heads, q_dim = kv->n_heads * kv->head_dim;
+    size_t room = attention_scratch_size(kv->ctx, kv->head_dim, kv->f16);
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < kv->n_heads; h++) {
+            float *weights = scratch + (size_t)thread_num() * room; // (ctx)
+            size_t at = (size_t)t * q_dim + (size_t)h * kv->head_dim;
+            attention_scores(weights, q + at, kv, h / group, pos + t + 1);
+            softmax(weights, pos + t + 1);
+            attention_mix(out + at, weights, kv, h / group, pos + t + 1);
         }
 }
 
-/* out[t][r] for nt tokens from t0 and the 32 packed rows (the first `rows`
-   stored): vdpbf16ps adds 2 weights of 16 rows times 2 broadcast inputs of
-   one token, all bf16, into float sums. */
-AVX512_BF16_INLINE void bgemm_tile_body(float *out, int ldo, int rows, const uint32_t *panel, const uint16_t *x, int t0,
-                                   int cols, const int nt) {
-    int pairs = (cols + 1) / 2, stride = (cols + 31) / 32 * 32; // x rows are padded like the panel
-    __m512 acc[BGEMM_TOKENS][2];
-    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-    for (int j = 0; j < pairs; j++) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + (size_t)j * BGEMM_ROWS);
-        __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (size_t)j * BGEMM_ROWS + 16);
-        for (int t = 0; t < nt; t++) {
-            int32_t two;
-            memcpy(&two, x + (size_t)(t0 + t) * stride + 2 * j, sizeof two);
-            __m512bh xb = (__m512bh)_mm512_set1_epi32(two);
-            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, xb);
-            acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, xb);
-        }
-    }
-    __mmask16 m0 = tail_mask(rows), m1 = tail_mask(rows - 16);
-    for (int t = 0; t < nt; t++) {
-        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo, m0, acc[t][0]);
-        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo + 16, m1, acc[t][1]);
-    }
-}
-#endif
-
-#if HAVE_AVX512
-/* out (n, r1 - r0; row stride ldo) = x @ (rows r0 .. r1 - 1 of W)^T for bf16 weights and
-   a batch x (n, cols padded to 32) already rounded to bf16, for rows r0 ..
-   r1 - 1 (r0 a multiple of 32, at most 32 rows). The inputs' rounding is the
-   price of twice the multiply-adds per instruction; gemm_rows(), on f32
-   inputs, is the plain version. */
-AVX512_BF16 static void bgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const uint16_t *x,
-                                          int n, void *panel) {
-    bgemm_pack_avx512(panel, w, r0);
-    for (int t = 0; t < n; t += BGEMM_TOKENS) {
-        int nt = n - t < BGEMM_TOKENS ? n - t : BGEMM_TOKENS;
-        switch (nt) {
-#define TILE(k) case k: bgemm_tile_body(out, ldo, r1 - r0, panel, x, t, w->cols, k); break;
-        TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) TILE(8)
-#undef TILE
-        }
-    }
-}
-#endif
-
-/* ---- Projections: matrix products with the threads around them */
-
+/* ---- The kernel table: the kernels that have faster versions are called
+   through it. It starts at the plain kernels above; in a build with the
+   appendix, choose_fast_kernels() points it at the fastest ones this CPU
+   has, once, before the first forward pass. */
+typedef void MatmulKernel(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in);
+typedef void PrepareKernel(ProductScratch *in, const Matrix *w, const float *x, int n);
+typedef void AttentionKernel(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch);
 typedef struct {
-    float *out;       // (n, w->rows), row stride ldo
-    int ldo;
-    const Matrix *w;  // (rows, cols)
-} Projection;
+    MatmulKernel *matmul[4];   // by weight type, WEIGHT_*
+    PrepareKernel *prepare;
+    AttentionKernel *attention;
+} Kernels;
 
-static int is_grouped(const Matrix *w) { return w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0; }
-
-/* out (n, r1 - r0; row stride ldo) = rows r0 .. r1 - 1 (a block of at most
-   ROW_BLOCK) of x (n, cols) @ W^T, x in the forms prepare_input() put into
-   ps: the kernel for n, the weight type and the CPU. */
-static void project_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const float *x, int n,
-                         const ProductScratch *ps) {
-    if (n == 1) {
-        matvec_rows(out, w, r0, r1, x, &ps->q, &ps->rest);
-        return;
-    }
-#if HAVE_AVX512
-    int tid, nt;
-    thread_id(&tid, &nt);
-    void *panel = (char *)ps->panels + tid * ps->panel_size;
-    if (ps->panel_size && is_grouped(w)) {
-        qgemm_rows_avx512(out, ldo, w, r0, r1, &ps->q, &ps->rest, n, panel);
-        return;
-    }
-    if (ps->panel_size && w->type == WEIGHT_BF16) {
-        bgemm_rows_avx512(out, ldo, w, r0, r1, ps->bf16, n, panel);
-        return;
-    }
+static Kernels kernels = {{matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16}, prepare_input, attention_plain};
+#ifndef PLAIN
+static void choose_fast_kernels(void); // the appendix
 #endif
-    if (is_grouped(w)) qgemm_rows_ref(out, ldo, w, r0, r1, &ps->q, &ps->rest, n);
-    else gemm_rows(out, ldo, w, r0, r1, x, n);
-}
 
-/* The input x (n, cols) of w in the form its products take, once for all
-   the rows that read it, a batch's rows in parallel: quantized for q8_0 (in
-   two parts) and q4_0 weights, rounded to bf16 (rows padded with zeros to a multiple of
-   32) for the batched bf16 kernels. */
-static void prepare_input(ProductScratch *ps, const Matrix *w, const float *x, int n) {
-    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8, stride = (cols + 31) / 32 * 32;
-    if (is_grouped(w)) {
-        #pragma omp parallel for if (n > 1)
-        for (int t = 0; t < n; t++) {
-            QuantizedVector row = quantized_row(&ps->q, t, cols);
-            quantize_vector(&row, x + (size_t)t * cols, cols, offset);
-            if (w->type == WEIGHT_Q8_0) {
-                QuantizedVector rest = quantized_row(&ps->rest, t, cols);
-                quantize_remainder(&rest, x + (size_t)t * cols, &row, cols, offset);
-            }
-        }
-    } else if (w->type == WEIGHT_BF16 && n > 1 && ps->panel_size) {
-        #pragma omp parallel for
-        for (int t = 0; t < n; t++)
-            for (int i = 0; i < stride; i++)
-                ps->bf16[(size_t)t * stride + i] = i < cols ? f32_to_bf16(x[(size_t)t * cols + i]) : 0;
-    }
-}
+/* ---- Matrix products with the threads around them */
+
+/* One product of matmul(): out (n, w->rows) = x (n, cols) @ W^T. */
+typedef struct {
+    float *out;
+    const Matrix *w;
+} Product;
 
 static int row_blocks(const Matrix *w) { return (w->rows + ROW_BLOCK - 1) / ROW_BLOCK; }
 
-
-/* out_i (n, rows_i) = x (n, cols) @ W_i^T for n_proj matrices that read the
-   same input, in one pass: the rows of all of them, in blocks of GEMM_ROWS,
-   are shared out among the threads, so that there is one fork and one join
-   for all (q, k and v are one pass). OpenMP's guided schedule hands each
-   thread a long run of blocks first, which the prefetchers stream at full
-   speed, then shorter ones to even out the end; a thread that a busy
-   machine pauses holds up only its last run. xq is scratch for the
-   quantized x. A row comes out the same whichever thread computes it. */
-static void project(const Projection *p, int n_proj, const float *x, int n, ProductScratch *ps) {
-    prepare_input(ps, p[0].w, x, n);
-    int units = 0;
-    for (int i = 0; i < n_proj; i++) units += row_blocks(p[i].w);
+/* The count products p, which read the same input x (n, cols), in one
+   pass: the rows of all of them, in blocks of ROW_BLOCK, are shared out
+   among the threads, one fork and one join for all (q, k and v are one
+   pass). The guided schedule hands out long runs of blocks first, which
+   the prefetchers stream at full speed, then shorter ones to even out the
+   end. A row comes out the same whichever thread computes it. */
+static void matmul(const Product *p, int count, const float *x, int n, ProductScratch *ps) {
+    kernels.prepare(ps, p[0].w, x, n);
+    int blocks = 0;
+    for (int i = 0; i < count; i++) blocks += row_blocks(p[i].w);
     #pragma omp parallel for schedule(guided)
-    for (int u = 0; u < units; u++) {
+    for (int u = 0; u < blocks; u++) {
         int i = 0, block = u;
         while (block >= row_blocks(p[i].w)) block -= row_blocks(p[i++].w);
-        int r0 = block * ROW_BLOCK, r1 = r0 + ROW_BLOCK < p[i].w->rows ? r0 + ROW_BLOCK : p[i].w->rows;
-        project_rows(p[i].out + r0, p[i].ldo, p[i].w, r0, r1, x, n, ps);
+        const Matrix *w = p[i].w;
+        int r0 = block * ROW_BLOCK, r1 = r0 + ROW_BLOCK < w->rows ? r0 + ROW_BLOCK : w->rows;
+        kernels.matmul[w->type](p[i].out + r0, w->rows, w, r0, r1, ps);
     }
-}
-
-/* out (n, rows) = x (n, cols) @ W^T. */
-static void matmul(float *out, const Matrix *w, const float *x, int n, ProductScratch *ps) {
-    Projection p = {out, w->rows, w};
-    project(&p, 1, x, n, ps);
 }
 
 /* h (n, hidden) = silu(x @ W1^T) * (x @ W3^T): the gate and up projections
@@ -1737,263 +947,82 @@ static void matmul(float *out, const Matrix *w, const float *x, int n, ProductSc
    with the same rows of W3, whose products wait in the thread's block of
    ps->up. */
 static void gate_up(float *h, const Matrix *w1, const Matrix *w3, const float *x, int n, ProductScratch *ps) {
-    prepare_input(ps, w1, x, n);
+    kernels.prepare(ps, w1, x, n);
+    MatmulKernel *kernel = kernels.matmul[w1->type];
     int hidden = w1->rows;
     #pragma omp parallel for schedule(guided)
     for (int u = 0; u < row_blocks(w1); u++) {
-        int tid, nt, r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < hidden ? r0 + ROW_BLOCK : hidden;
-        thread_id(&tid, &nt);
-        float *up = ps->up + (size_t)tid * ps->batch * ROW_BLOCK; // (n, ROW_BLOCK)
-        project_rows(h + r0, hidden, w1, r0, r1, x, n, ps);
-        project_rows(up, ROW_BLOCK, w3, r0, r1, x, n, ps);
+        int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < hidden ? r0 + ROW_BLOCK : hidden;
+        float *up = ps->up + (size_t)thread_num() * ps->batch * ROW_BLOCK; // (n, ROW_BLOCK)
+        kernel(h + r0, hidden, w1, r0, r1, ps);
+        kernel(up, ROW_BLOCK, w3, r0, r1, ps);
         for (int t = 0; t < n; t++) swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * ROW_BLOCK, r1 - r0);
     }
 }
 
-/* ---- Attention */
+/* ----------------------------------------------------------------------------
+   The forward pass: n tokens at positions pos .. pos + n - 1 in, logits out.
+   Keys and values of these positions go into the cache, so each token
+   attends to every earlier position without recomputing it. The n tokens
+   go through every layer together, as a matrix (n, dim); n = 1 is a
+   generated token. Returns the logits of the last logit_rows tokens,
+   (logit_rows, vocab); with logit_rows = 0 (a prompt's batch before the
+   last) the classifier is skipped and it returns NULL. */
 
-/* An IEEE half from a float, rounded to nearest even (the f16 KV cache). */
-static uint16_t f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    uint32_t sign = x >> 16 & 0x8000, abs = x & 0x7fffffff;
-    if (abs > 0x7f800000) return (uint16_t)(sign | 0x7e00);      // nan
-    if (abs >= 0x477ff000) return (uint16_t)(sign | 0x7c00);     // 65520 and up round to inf
-    if (abs < 0x38800000) {                                        // below 2^-14: subnormal, in 2^-24 steps
-        float a;
-        memcpy(&a, &abs, sizeof a);
-        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 0x1p24f));
-    }
-    return (uint16_t)(sign | (abs + 0xfff + (abs >> 13 & 1) - 0x38000000) >> 13); // rebias 127 -> 15
-}
+static void trace_attention(Trace *tr, int layer, const float *q, const KVCache *kv, int pos, int n);
+static void trace_residual(Trace *tr, int layer, int block, const float *x, const float *output, int n);
 
-/* Keys and values of n new tokens, k and v (n, kv_dim), into the cache of
-   one layer, keys and values (n_kv_heads, ctx, head_dim), at positions
-   pos .. pos + n - 1: each head's positions lie one after another, so that
-   attention reads them as one stream. */
-static void cache_store(void *keys, void *values, const float *k, const float *v, int pos, int n, int ctx,
-                        int n_kv_heads, int head_dim, int f16) {
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < n_kv_heads; h++) {
-            size_t from = ((size_t)t * n_kv_heads + h) * head_dim, to = ((size_t)h * ctx + pos + t) * head_dim;
-            if (f16) {
-                for (int i = 0; i < head_dim; i++) {
-                    ((uint16_t *)keys)[to + i] = f32_to_f16(k[from + i]);
-                    ((uint16_t *)values)[to + i] = f32_to_f16(v[from + i]);
-                }
-            } else {
-                memcpy((float *)keys + to, k + from, (size_t)head_dim * sizeof(float));
-                memcpy((float *)values + to, v + from, (size_t)head_dim * sizeof(float));
-            }
-        }
-}
-
-/* out (n) = the halves in as floats. */
-static void widen_f16(float *out, const uint16_t *in, size_t n) {
-    size_t i = 0;
-#if HAVE_AVX2
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
-#endif
-    for (; i < n; i++) out[i] = f16_to_f32(in[i]);
-}
-
-/* scores[p] = scale * (q . keys[p]) for the n_pos rows of keys (n_pos,
-   head_dim). */
-REFERENCE void attention_scores_ref(float *scores, const float *q, const float *keys, int n_pos, int head_dim,
-                                    float scale) {
-    for (int p = 0; p < n_pos; p++) scores[p] = dot_f32(q, keys + (size_t)p * head_dim, head_dim) * scale;
-}
-
-/* out (head_dim) = sum over p of weights[p] * values[p], values (n_pos,
-   head_dim). The sums stay in registers for the whole pass over the
-   positions: 64 lanes at a time, then the rest one by one. */
-#define MIX_LANES 64
-REFERENCE void attention_mix_ref(float *out, const float *weights, const float *values, int n_pos, int head_dim) {
-    int i0 = 0;
-    for (; i0 + MIX_LANES <= head_dim; i0 += MIX_LANES) {
-        float acc[MIX_LANES] = {0};
-        for (int p = 0; p < n_pos; p++) {
-            const float *v = values + (size_t)p * head_dim + i0;
-            for (int j = 0; j < MIX_LANES; j++) acc[j] += weights[p] * v[j];
-        }
-        memcpy(out + i0, acc, sizeof acc);
-    }
-    for (int i = i0; i < head_dim; i++) {
-        float sum = 0.0f;
-        for (int p = 0; p < n_pos; p++) sum += weights[p] * values[(size_t)p * head_dim + i];
-        out[i] = sum;
-    }
-}
-
-#if HAVE_AVX512
-/* 16 floats of the cache from element i on, f32 or f16, masked. */
-AVX512_INLINE __m512 load_kv(const void *base, size_t i, __mmask16 m, const int f16) {
-    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i))
-               : _mm512_maskz_loadu_ps(m, (const float *)base + i);
-}
-
-/* attention_scores_ref() on the cache as it is stored: eight positions at a
-   time, each dot product in 16 lanes. */
-AVX512_INLINE void attention_scores_body(float *scores, const float *q, const void *keys, int n_pos, int head_dim,
-                                         float scale, const int f16) {
-    int p = 0, elem = f16 ? 2 : 4;
-    for (; p + 8 <= n_pos; p += 8) {
-        const char *rows = (const char *)keys + (size_t)p * head_dim * elem; // 8 rows, one after another
-        for (int at = 0; at < 8 * head_dim * elem; at += 64) PREFETCH(rows + at);
-        __m512 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
-        for (int i = 0; i < head_dim; i += 16) {
-            __mmask16 m = tail_mask(head_dim - i);
-            __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
-            for (int j = 0; j < 8; j++)
-                acc[j] = _mm512_fmadd_ps(load_kv(keys, (size_t)(p + j) * head_dim + i, m, f16), qv, acc[j]);
-        }
-        _mm256_storeu_ps(scores + p, _mm256_mul_ps(sum8_avx512(acc), _mm256_set1_ps(scale)));
-    }
-    for (; p < n_pos; p++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < head_dim; i += 16) {
-            __mmask16 m = tail_mask(head_dim - i);
-            acc = _mm512_fmadd_ps(load_kv(keys, (size_t)p * head_dim + i, m, f16), _mm512_maskz_loadu_ps(m, q + i), acc);
-        }
-        scores[p] = _mm512_reduce_add_ps(acc) * scale;
-    }
-}
-
-/* attention_mix_ref() on the cache as it is stored: 64 lanes of sums in
-   registers per pass over the positions. */
-AVX512_INLINE void attention_mix_body(float *out, const float *weights, const void *values, int n_pos,
-                                      int head_dim, const int f16) {
-    for (int i0 = 0; i0 < head_dim; i0 += 64) {
-        __mmask16 m[4];
-        __m512 acc[4];
-        for (int c = 0; c < 4; c++) m[c] = tail_mask(head_dim - i0 - 16 * c), acc[c] = _mm512_setzero_ps();
-        for (int p = 0; p < n_pos; p++) {
-            const char *row = (const char *)values + ((size_t)p * head_dim + i0) * (f16 ? 2 : 4);
-            for (int at = 0; at < (head_dim - i0 < 64 ? head_dim - i0 : 64) * (f16 ? 2 : 4); at += 64) PREFETCH(row + at);
-            __m512 w = _mm512_set1_ps(weights[p]);
-            for (int c = 0; c < 4; c++)
-                if (m[c]) acc[c] = _mm512_fmadd_ps(w, load_kv(values, (size_t)p * head_dim + i0 + 16 * c, m[c], f16), acc[c]);
-        }
-        for (int c = 0; c < 4; c++) _mm512_mask_storeu_ps(out + i0 + 16 * c, m[c], acc[c]);
-    }
-}
-
-/* The common head sizes get code of their own, with the loops over a head
-   unrolled: three times faster than with head_dim unknown. */
-#define FOR_HEAD_DIM(call) \
-    switch (head_dim) { \
-    case 64: if (f16) call(64, 1); else call(64, 0); break; \
-    case 128: if (f16) call(128, 1); else call(128, 0); break; \
-    default: if (f16) call(head_dim, 1); else call(head_dim, 0); \
+static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, int logit_rows) {
+    const Config *c = &t->config;
+    const Weights *w = &t->weights;
+    RunState *s = &t->state;
+    int dim = c->dim, head_dim = c->head_dim, kv_dim = c->n_kv_heads * head_dim;
+    if (logit_rows > s->logit_rows) {
+        free(s->logits);
+        s->logits = xcalloc((size_t)logit_rows * c->vocab_size, sizeof(float), "logits");
+        s->logit_rows = logit_rows;
     }
 
-/* exp(x) for x <= 0, 16 at a time: x = k ln 2 + r with |r| <= ln 2 / 2,
-   exp(r) by its Taylor polynomial to r^7 (relative error below 2e-7, about
-   what expf() rounds to), times 2^k put straight into the exponent; below
-   -87 the result is 0. */
-AVX512_INLINE __m512 exp_nonpositive_avx512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);   // ln 2 in two parts, so that
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);        // r keeps its low bits
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
-}
+    embed(s->x, &w->token_embedding, tokens, n);                            // token embedding
+    rope_angles(s->rope_cos, s->rope_sin, pos, n, head_dim, c->rope_theta); // rotations of these positions
 
-/* softmax() for attention's weights, 16 at a time with the exp above. */
-AVX512 static void softmax_avx512(float *x, int n) {
-    __m512 m = _mm512_set1_ps(-INFINITY);
-    for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - i), x + i));
-    __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(m)), sum = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 t = tail_mask(n - i);
-        __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, x + i), max));
-        _mm512_mask_storeu_ps(x + i, t, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerWeights *lw = &w->layers[l];
+        size_t layer = (size_t)l * s->ctx * kv_dim * (s->kv_f16 ? 2 : sizeof(float));
+        KVCache kv = {(char *)s->key_cache + layer, (char *)s->value_cache + layer, s->kv_f16, s->ctx,
+                      c->n_heads, c->n_kv_heads, head_dim};                 // this layer's keys and values
+        Product qkv[3] = {{s->q, &lw->wq}, {s->k, &lw->wk}, {s->v, &lw->wv}};
+        Product wo = {s->xb, &lw->wo}, w2 = {s->xb, &lw->w2};
+
+        rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
+        matmul(qkv, 3, s->xb, n, &s->products);                             // q, k, v in one pass
+        rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
+        rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
+        cache_store(&kv, s->k, s->v, pos, n);                               // into the cache
+        if (s->trace) trace_attention(s->trace, l, s->q, &kv, pos, n);      // --trace: weights
+        kernels.attention(s->q, s->q, &kv, pos, n, s->scratch);             // softmax(q k^T) v, over q
+        matmul(&wo, 1, s->q, n, &s->products);                              // output projection
+        add(s->x, s->xb, n * dim);                                          // residual
+        if (s->trace) trace_residual(s->trace, l, TRACE_ATTENTION, s->x, s->xb, n); // --trace
+
+        rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);            // MLP norm
+        gate_up(s->hb, &lw->w1, &lw->w3, s->xb, n, &s->products);           // silu(w1 x) * (w3 x)
+        matmul(&w2, 1, s->hb, n, &s->products);                             // down = w2 h
+        add(s->x, s->xb, n * dim);                                          // residual
+        if (s->trace) trace_residual(s->trace, l, TRACE_MLP, s->x, s->xb, n); // --trace
     }
-    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 t = tail_mask(n - i);
-        _mm512_mask_storeu_ps(x + i, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, x + i), inv));
-    }
+
+    if (logit_rows == 0) return NULL;
+    float *last = s->x + (size_t)(n - logit_rows) * dim;                    // (logit_rows, dim)
+    Product classifier = {s->logits, &w->classifier};
+    rmsnorm(last, last, w->final_norm, logit_rows, dim, c->norm_eps);       // final norm
+    matmul(&classifier, 1, last, logit_rows, &s->products);                 // classifier
+    return s->logits;
 }
 
-AVX512 static void attention_scores_avx512(float *scores, const float *q, const void *keys, int n_pos,
-                                           int head_dim, float scale, int f16) {
-#define SCORES(hd, h) attention_scores_body(scores, q, keys, n_pos, hd, scale, h)
-    FOR_HEAD_DIM(SCORES)
-#undef SCORES
-}
-
-AVX512 static void attention_mix_avx512(float *out, const float *weights, const void *values, int n_pos,
-                                        int head_dim, int f16) {
-#define MIX(hd, h) attention_mix_body(out, weights, values, n_pos, hd, h)
-    FOR_HEAD_DIM(MIX)
-#undef MIX
-}
-#endif
-
-#define ATTENTION_QUERIES 16 // queries per attention task; they share the widened f16 keys and values
-
-/* Causal attention for n queries at positions pos .. pos + n - 1, whose keys
-   and values are already in the cache: query t sees positions 0 .. pos + t.
-   out (n, q_dim) = softmax(q k^T / sqrt(head_dim)) v, per head, with q
-   (n, q_dim) and keys, values (n_kv_heads, ctx, head_dim) of this layer, f32
-   or (kv_f16) f16. Query head h reads kv head h / (n_heads / n_kv_heads):
-   with n_kv_heads == n_heads that is MHA, with fewer GQA, with one MQA. out
-   may be q: each head's output replaces its query. A task for the threads
-   is one kv head and up to 16 queries. scratch is
-   (threads, scratch_size): the weights of one query, then, for an f16 cache
-   on the plain path, the task's keys and values widened to f32. */
-static void attention(float *out, float *scratch, size_t scratch_size, const float *q, const void *keys,
-                      const void *values, int kv_f16, int pos, int n, int ctx, int n_heads, int n_kv_heads,
-                      int head_dim) {
-    int q_dim = n_heads * head_dim, group = n_heads / n_kv_heads;
-    int blocks = (n + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
-    float scale = 1.0f / sqrtf((float)head_dim);
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int b = 0; b < blocks; b++)
-        for (int kv = 0; kv < n_kv_heads; kv++) {
-            int tid, nt, t0 = b * ATTENTION_QUERIES, t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
-            thread_id(&tid, &nt);
-            float *weights = scratch + (size_t)tid * scratch_size;       // (ctx)
-            size_t head = (size_t)kv * ctx * head_dim, elem = kv_f16 ? 2 : sizeof(float);
-            const void *k = (const char *)keys + head * elem, *v = (const char *)values + head * elem;
-#if HAVE_AVX512
-            if (use_avx512) {
-                for (int t = t0; t < t1; t++)
-                    for (int h = kv * group; h < (kv + 1) * group; h++) {
-                        size_t at = (size_t)t * q_dim + (size_t)h * head_dim;
-                        attention_scores_avx512(weights, q + at, k, pos + t + 1, head_dim, scale, kv_f16);
-                        softmax_avx512(weights, pos + t + 1);
-                        attention_mix_avx512(out + at, weights, v, pos + t + 1, head_dim, kv_f16);
-                    }
-                continue;
-            }
-#endif
-            if (kv_f16) { // widen the positions these queries see, once for all of them
-                float *wk = weights + ctx, *wv = wk + (size_t)ctx * head_dim;
-                widen_f16(wk, k, (size_t)(pos + t1) * head_dim);
-                widen_f16(wv, v, (size_t)(pos + t1) * head_dim);
-                k = wk, v = wv;
-            }
-            for (int t = t0; t < t1; t++)
-                for (int h = kv * group; h < (kv + 1) * group; h++) {
-                    size_t at = (size_t)t * q_dim + (size_t)h * head_dim;
-                    attention_scores_ref(weights, q + at, k, pos + t + 1, head_dim, scale);
-                    softmax(weights, pos + t + 1);
-                    attention_mix_ref(out + at, weights, v, pos + t + 1, head_dim);
-                }
-        }
+/* One token at position pos: its logits (vocab). */
+static float *forward(Transformer *t, int token, int pos) {
+    return forward_tokens(t, &token, 1, pos, 1);
 }
 
 /* ----------------------------------------------------------------------------
@@ -2002,7 +1031,43 @@ static void attention(float *out, float *scratch, size_t scratch_size, const flo
    where it looks. Two calls in forward_tokens(), each behind `if
    (s->trace)`, fill it in; with --trace off they cost one untaken branch per
    layer. The statistics are recomputed here with the plain kernels, apart
-   from the fast path, so that the kernels stay as they are. */
+   from the kernel table, so that the fast kernels stay as they are. */
+
+/* What each layer did to each token of the last forward pass, filled in by
+   forward_tokens() when RunState.trace is set (NULL, and no cost,
+   otherwise) and printed by the generation code, which knows the tokens'
+   text. */
+#define TRACE_TOP 3 // attended positions shown per token and layer
+typedef struct {
+    float rms[2][3];        // [attention, MLP] x [residual before, the block's output, residual after]
+    int top[TRACE_TOP];     // the positions attended most, by weight averaged over heads; -1: none
+    float top_weight[TRACE_TOP];
+} TraceRow;
+
+struct Trace {
+    TraceRow *rows;     // (batch, n_layers)
+    float *entropy;     // (batch, n_layers, n_heads) of each head's attention weights, in bits
+    float *weights;     // (ctx) one head's attention weights
+    float *mean;        // (ctx) the weights averaged over heads
+    int n_layers, dim;
+};
+
+/* Turns --trace on: room for the statistics of a whole batch. */
+static void alloc_trace(RunState *s, const Config *c) {
+    Trace *tr = xcalloc(1, sizeof *tr, "the trace");
+    size_t rows = mul_size(s->batch, c->n_layers);
+    tr->rows = xcalloc(rows, sizeof *tr->rows, "the trace");
+    tr->entropy = xcalloc(mul_size(rows, c->n_heads), sizeof(float), "the trace");
+    tr->weights = xcalloc(s->ctx, sizeof(float), "the trace");
+    tr->mean = xcalloc(s->ctx, sizeof(float), "the trace");
+    tr->n_layers = c->n_layers, tr->dim = c->dim;
+    s->trace = tr;
+}
+
+static void free_trace(Trace *tr) {
+    if (!tr) return;
+    free(tr->rows), free(tr->entropy), free(tr->weights), free(tr->mean), free(tr);
+}
 
 /* sqrt(mean(x^2)) of a row of n. */
 static float rms(const float *x, int n) {
@@ -2014,46 +1079,36 @@ static float rms(const float *x, int n) {
 /* After a block's residual add: the stream x (n, dim) as it is now and the
    block's output (n, dim) that was added to it. The stream before is
    x - output, up to the rounding of one addition. */
-static void trace_residual(Trace *tr, int layer, int n_layers, int block, const float *x, const float *output,
-                           int n, int dim) {
+static void trace_residual(Trace *tr, int layer, int block, const float *x, const float *output, int n) {
+    int dim = tr->dim;
     for (int t = 0; t < n; t++) {
         const float *xt = x + (size_t)t * dim, *ot = output + (size_t)t * dim;
         double before = 0.0;
         for (int i = 0; i < dim; i++) before += (double)(xt[i] - ot[i]) * (xt[i] - ot[i]);
-        float *r = tr->rows[(size_t)t * n_layers + layer].rms[block];
+        float *r = tr->rows[(size_t)t * tr->n_layers + layer].rms[block];
         r[0] = (float)sqrt(before / dim), r[1] = rms(ot, dim), r[2] = rms(xt, dim);
     }
 }
 
 /* Before attention overwrites the queries q (n, q_dim): each head's
    attention weights, softmax(q k^T / sqrt(head_dim)) over the positions it
-   sees, recomputed from the cache as attention() will read it; their
-   entropy per head, and the TRACE_TOP positions of the most weight
-   averaged over the heads. */
-static void trace_attention(Trace *tr, int layer, const Config *c, const float *q, const void *keys, int kv_f16,
-                            int pos, int n, int ctx) {
-    int head_dim = c->head_dim, group = c->n_heads / c->n_kv_heads;
-    float scale = 1.0f / sqrtf((float)head_dim);
+   sees, recomputed from the cache; their entropy per head, and the
+   TRACE_TOP positions of the most weight averaged over the heads. */
+static void trace_attention(Trace *tr, int layer, const float *q, const KVCache *kv, int pos, int n) {
+    int n_heads = kv->n_heads, group = n_heads / kv->n_kv_heads;
     for (int t = 0; t < n; t++) {
         int n_pos = pos + t + 1;
-        TraceRow *row = &tr->rows[(size_t)t * c->n_layers + layer];
-        float *entropy = tr->entropy + ((size_t)t * c->n_layers + layer) * c->n_heads;
+        TraceRow *row = &tr->rows[(size_t)t * tr->n_layers + layer];
+        float *entropy = tr->entropy + ((size_t)t * tr->n_layers + layer) * n_heads;
         memset(tr->mean, 0, (size_t)n_pos * sizeof(float));
-        for (int h = 0; h < c->n_heads; h++) {
-            size_t head = (size_t)(h / group) * ctx * head_dim;
-            const float *k = (const float *)keys + head;
-            if (kv_f16) { // widened once for the query heads that share it
-                if (h % group == 0) widen_f16(tr->keys, (const uint16_t *)keys + head, (size_t)n_pos * head_dim);
-                k = tr->keys;
-            }
-            attention_scores_ref(tr->weights, q + ((size_t)t * c->n_heads + h) * head_dim, k, n_pos, head_dim,
-                                 scale);
+        for (int h = 0; h < n_heads; h++) {
+            attention_scores(tr->weights, q + ((size_t)t * n_heads + h) * kv->head_dim, kv, h / group, n_pos);
             softmax(tr->weights, n_pos);
             double bits = 0.0;
             for (int p = 0; p < n_pos; p++) {
                 float w = tr->weights[p];
                 if (w > 0.0f) bits -= w * log2((double)w);
-                tr->mean[p] += w / c->n_heads;
+                tr->mean[p] += w / n_heads;
             }
             entropy[h] = (float)bits;
         }
@@ -2071,66 +1126,90 @@ static void trace_attention(Trace *tr, int layer, const Config *c, const float *
 }
 
 /* ----------------------------------------------------------------------------
-   The forward pass: n tokens at positions pos .. pos + n - 1 in, logits out.
-   Keys and values of these positions go into the cache, so each token
-   attends to every earlier position without recomputing it. The n tokens
-   go through every layer together, as a matrix (n, dim); n = 1 is a
-   generated token. Returns the logits of the last logit_rows tokens,
-   (logit_rows, vocab); with logit_rows = 0 (a prompt's batch before the
-   last) the classifier is skipped and it returns NULL. */
+   The run state's memory: the activations, the KV cache, and the room the
+   kernels work in. */
 
-static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, int logit_rows) {
-    const Config *c = &t->config;
-    const Weights *w = &t->weights;
-    RunState *s = &t->state;
-    int dim = c->dim, head_dim = c->head_dim;
-    int q_dim = c->n_heads * head_dim, kv_dim = c->n_kv_heads * head_dim;
-    if (logit_rows > s->logit_rows) {
-        free(s->logits);
-        s->logits = xcalloc((size_t)logit_rows * c->vocab_size, sizeof(float), "logits");
-        s->logit_rows = logit_rows;
+/* OMP_NUM_THREADS can ask for any number of threads, and the thread
+   runtime crashes trying to start 100000 of them; more than a few per core
+   only adds switching, so more than 4 per core are cut to that, once, with
+   a notice. */
+static void limit_threads(void) {
+#ifdef _OPENMP
+    int asked = omp_get_max_threads(), most = 4 * omp_get_num_procs();
+    if (asked > most) {
+        fprintf(stderr, "run: OMP_NUM_THREADS asks for %d threads; using %d (4 per core)\n", asked, most);
+        omp_set_num_threads(most);
     }
-
-    embed(s->x, &w->token_embedding, tokens, n);                            // token embedding
-    rope_angles(s->rope_cos, s->rope_sin, pos, n, head_dim, c->rope_theta); // rotations of these positions
-
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerWeights *lw = &w->layers[l];
-        size_t layer = (size_t)l * s->ctx * kv_dim * (s->kv_f16 ? 2 : sizeof(float));
-        void *keys = (char *)s->key_cache + layer;                    // (n_kv_heads, ctx, head_dim)
-        void *values = (char *)s->value_cache + layer;                // (n_kv_heads, ctx, head_dim)
-        Projection qkv[3] = {{s->q, q_dim, &lw->wq}, {s->k, kv_dim, &lw->wk}, {s->v, kv_dim, &lw->wv}};
-
-        rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
-        project(qkv, 3, s->xb, n, &s->products);                            // q, k, v in one pass
-        rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
-        rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
-        cache_store(keys, values, s->k, s->v, pos, n, s->ctx, c->n_kv_heads, head_dim, s->kv_f16); // into the cache
-        if (s->trace) trace_attention(s->trace, l, c, s->q, keys, s->kv_f16, pos, n, s->ctx); // --trace: weights
-        attention(s->q, s->scratch, s->scratch_size, s->q, keys, values, s->kv_f16, pos, n, s->ctx,
-                  c->n_heads, c->n_kv_heads, head_dim);                    // softmax(q k^T) v, over q
-        matmul(s->xb, &lw->wo, s->q, n, &s->products);                      // output projection
-        add(s->x, s->xb, n * dim);                                          // residual
-        if (s->trace) trace_residual(s->trace, l, c->n_layers, TRACE_ATTENTION, s->x, s->xb, n, dim); // --trace
-
-        rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);            // MLP norm
-        gate_up(s->hb, &lw->w1, &lw->w3, s->xb, n, &s->products);           // silu(w1 x) * (w3 x)
-        matmul(s->xb, &lw->w2, s->hb, n, &s->products);                     // down = w2 h
-        add(s->x, s->xb, n * dim);                                          // residual
-        if (s->trace) trace_residual(s->trace, l, c->n_layers, TRACE_MLP, s->x, s->xb, n, dim); // --trace
-    }
-
-    if (logit_rows == 0) return NULL;
-    float *last = s->x + (size_t)(n - logit_rows) * dim;                    // (logit_rows, dim)
-    rmsnorm(last, last, w->final_norm, logit_rows, dim, c->norm_eps);       // final norm
-    matmul(s->logits, &w->classifier, last, logit_rows, &s->products);      // classifier
-    return s->logits;
+#endif
 }
 
-/* One token at position pos: its logits (vocab). */
-static float *forward(Transformer *t, int token, int pos) {
-    return forward_tokens(t, &token, 1, pos, 1);
+/* Allocates the activations for batches of up to `batch` tokens and a KV
+   cache of ctx positions. calloc maps zero pages lazily, so a long cache
+   costs memory only as it fills, and room that a kernel does not use costs
+   none. */
+static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
+    size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    size_t cache = mul_size(mul_size(c->n_layers, ctx), kv_dim);
+    size_t widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim; // an input the matvecs quantize
+    if (q_dim > widest) widest = q_dim;
+    s->ctx = ctx;
+    s->batch = batch < 1 ? 1 : batch > ctx ? ctx : batch;
+    s->threads = 1;
+#ifdef _OPENMP
+    s->threads = omp_get_max_threads();
+#endif
+    size_t b = s->batch;
+    s->x = xcalloc(b * c->dim, sizeof(float), "activations");
+    s->xb = xcalloc(b * c->dim, sizeof(float), "activations");
+    s->q = xcalloc(b * q_dim, sizeof(float), "activations");
+    s->hb = xcalloc(b * c->hidden_dim, sizeof(float), "activations");
+    s->kv_f16 = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
+    s->k = xcalloc(b * kv_dim, sizeof(float), "activations");
+    s->v = xcalloc(b * kv_dim, sizeof(float), "activations");
+    s->scratch = xcalloc(mul_size(s->threads, attention_scratch_size(ctx, c->head_dim, s->kv_f16)), sizeof(float),
+                         "attention scratch");
+    s->rope_cos = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
+    s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
+    s->logit_rows = 1;
+    s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
+    ProductScratch *ps = &s->products;
+    int grouped = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
+    size_t qn = grouped ? b * widest : 0; // quantized inputs, for q8_0 and q4_0 only
+    ps->q.q = xcalloc(qn + 1, 1, "activations");
+    ps->q.d = xcalloc(qn / GROUP_SIZE + 1, sizeof(float), "activations");
+    ps->q.bias = xcalloc(qn / 4 + 1, sizeof(int32_t), "activations");
+    ps->q.group_bias = xcalloc(qn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
+    size_t rn = c->weight_type == WEIGHT_Q8_0 ? qn : 0; // the second part, for q8_0 only
+    ps->rest.q = xcalloc(rn + 1, 1, "activations");
+    ps->rest.d = xcalloc(rn / GROUP_SIZE + 1, sizeof(float), "activations");
+    ps->rest.bias = xcalloc(rn / 4 + 1, sizeof(int32_t), "activations");
+    ps->rest.group_bias = xcalloc(rn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
+    size_t bn = c->weight_type == WEIGHT_BF16 && b > 1 ? b * (widest + 32) : 0;
+    ps->bf16 = xcalloc(bn + 1, sizeof(uint16_t), "activations");
+    ps->panel_size = b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
+    ps->panels = xcalloc(mul_size(s->threads, ps->panel_size) + 1, 1, "packed weights");
+    ps->batch = (int)b;
+    ps->up = xcalloc(s->threads * b * ROW_BLOCK, sizeof(float), "activations");
+    s->key_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the key cache");
+    s->value_cache = xcalloc(cache, s->kv_f16 ? 2 : sizeof(float), "the value cache");
 }
+
+static void free_run_state(RunState *s) {
+    void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
+                       s->rope_sin, s->logits, s->products.q.q, s->products.q.d, s->products.q.bias,
+                       s->products.q.group_bias, s->products.rest.q, s->products.rest.d, s->products.rest.bias,
+                       s->products.rest.group_bias, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
+                       s->value_cache};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
+    free_trace(s->trace);
+}
+
+static void free_transformer(Transformer *t) {
+    free_run_state(&t->state);
+    free(t->weights.layers);
+    munmap(t->data, t->file_size);
+}
+
 
 /* ----------------------------------------------------------------------------
    Sampling: turn logits into the next token. The steps, in this order:
@@ -2653,8 +1732,6 @@ static void print_statistics(const Session *s) {
    SmolLM2: "You are a helpful AI assistant named SmolLM, trained by Hugging
    Face"), so the tokens are those of transformers' apply_chat_template. */
 
-enum { TEMPLATE_NONE = 0, TEMPLATE_LLAMA2 = 1, TEMPLATE_CHATML = 2 };
-
 /* The template: --template's name if given, else the tokenizer's, else Llama 2's. */
 static int chat_template(const char *name, const Tokenizer *tok) {
     if (name) return strcmp(name, "chatml") ? TEMPLATE_LLAMA2 : TEMPLATE_CHATML;
@@ -3039,6 +2116,40 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
     return status;
 }
 
+/* A failed run leaves no half-written file: while the --logits file is
+   being written its path is kept here, and every exit but a successful
+   one removes it (at exit, or in the SIGBUS handler). */
+static const char *unfinished_output;
+
+static void remove_unfinished_output(void) {
+    if (unfinished_output) unlink(unfinished_output);
+}
+
+/* Another program that truncates the model while it is mapped makes the
+   kernels' next read past the new end raise SIGBUS. catch_truncation()
+   installs a handler that says so in one line, prepared beforehand, since
+   it may only call async-signal-safe functions (write, unlink, _exit). */
+static char mapped_file_changed[4096];
+static size_t mapped_file_changed_len;
+
+static void on_sigbus(int signal) {
+    (void)signal;
+    ssize_t written = write(STDERR_FILENO, mapped_file_changed, mapped_file_changed_len);
+    (void)written; // nothing more can be done if stderr is gone
+    if (unfinished_output) unlink(unfinished_output);
+    _exit(1);
+}
+
+static void catch_truncation(const char *path) {
+    snprintf(mapped_file_changed, sizeof mapped_file_changed - 1,
+             "run: %s: the file changed while mapped (truncated by another program?)", path);
+    make_one_line(mapped_file_changed);
+    strcat(mapped_file_changed, "\n");
+    mapped_file_changed_len = strlen(mapped_file_changed);
+    struct sigaction sa = {.sa_handler = on_sigbus};
+    sigaction(SIGBUS, &sa, NULL);
+}
+
 /* Opens the --logits file. A path that names the model or another input
    of the run (the same device and inode) is refused before anything is
    truncated: writing over the model would pull the mapped weights from
@@ -3155,6 +2266,9 @@ int main(int argc, char **argv) {
     process_start_seconds = now_seconds();
     hold_standard_streams();
     signal(SIGPIPE, SIG_IGN); // a reader that leaves is a failed write: one line, status 1, not a signal
+#ifndef PLAIN
+    choose_fast_kernels();
+#endif
     Options o;
     char err[ERROR_SIZE];
     int parsed = parse_options(&o, argc, argv, err);
@@ -3170,6 +2284,7 @@ int main(int argc, char **argv) {
     int vocab_size = -1;
     if (o.model_path) {
         load_transformer(&transformer, o.model_path);
+        catch_truncation(o.model_path);
         Config *c = &transformer.config;
         vocab_size = c->vocab_size;
         int ctx = o.context ? o.context : c->max_seq_len;
@@ -3195,3 +2310,1078 @@ int main(int argc, char **argv) {
     return status;
 }
 #endif
+
+/* ----------------------------------------------------------------------------
+   llama2.c's legacy checkpoints, read as they are (see the format at the top). */
+
+/* Reads a llama2.c header; size is at least LEGACY_HEADER_SIZE. Its fixed
+   head_dim, theta and eps are the ones llama2.c trains with. */
+static int read_legacy_header(Config *c, const unsigned char *data, char *err) {
+    int32_t h[7];
+    for (int i = 0; i < 7; i++) h[i] = read_i32(data + 4 * i);
+    c->legacy = 1;
+    c->dim = h[0];
+    c->hidden_dim = h[1];
+    c->n_layers = h[2];
+    c->n_heads = h[3];
+    c->n_kv_heads = h[4];
+    c->tied_classifier = h[5] > 0;
+    c->vocab_size = h[5] == INT32_MIN ? 0 : abs(h[5]);
+    c->max_seq_len = h[6];
+    c->rope_theta = 10000.0f;
+    c->norm_eps = 1e-5f;
+    c->weight_type = WEIGHT_F32;
+    if (c->n_heads <= 0 || c->dim <= 0 || c->dim % c->n_heads != 0)
+        return fail(err, "not a checkpoint: no \"%s\" magic, and as a llama2.c header dim = %d is not a multiple of n_heads = %d",
+                    CHECKPOINT_MAGIC, c->dim, c->n_heads);
+    c->head_dim = c->dim / c->n_heads;
+    return validate_config(c, err);
+}
+
+/* Walks a llama2.c legacy layout: f32 tensors packed (no alignment) and
+   stored tensor-major, so layer l of wq starts l * dim * dim floats into wq. */
+static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *data, Weights *w) {
+    size_t dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size, L = c->n_layers;
+    size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    size_t shapes[9][2] = {{1, dim},      {dim, dim}, {kv_dim, dim},    {kv_dim, dim}, {dim, dim},
+                           {1, dim},      {hidden, dim}, {dim, hidden}, {hidden, dim}};
+    size_t off = LEGACY_HEADER_SIZE;
+    const float *start[9];
+    w->token_embedding = place_matrix(data, &off, vocab, dim, WEIGHT_F32, 1);
+    for (int i = 0; i < 9; i++) start[i] = place_floats(data, &off, mul_size(L, shapes[i][0] * shapes[i][1]), 1);
+    w->final_norm = place_floats(data, &off, dim, 1);
+    place_floats(data, &off, mul_size(2, (size_t)c->max_seq_len * (c->head_dim / 2)), 1); // RoPE tables, unused
+    w->classifier = c->tied_classifier ? w->token_embedding : place_matrix(data, &off, vocab, dim, WEIGHT_F32, 1);
+    for (size_t l = 0; data && l < L; l++) {
+        Matrix m[9];
+        for (int i = 0; i < 9; i++)
+            m[i] = (Matrix){start[i] + l * shapes[i][0] * shapes[i][1], NULL, (int)shapes[i][0],
+                            (int)shapes[i][1], WEIGHT_F32};
+        w->layers[l] = (LayerWeights){m[0].values, m[1], m[2], m[3], m[4], m[5].values, m[6], m[7], m[8]};
+    }
+    return off;
+}
+
+/* ============================================================================
+   Appendix: the fast kernels
+
+   Everything above runs on the plain kernels. This appendix holds kernels
+   that compute the same, faster, and a reader may skip it: SIMD intrinsics
+   (AVX2, AVX-512 with VNNI and BF16), tiles that keep weights and inputs in
+   the L1 cache, weights repacked for the batched kernels, and software
+   prefetch. choose_fast_kernels() at its end puts the fastest ones that
+   this build and CPU have into the kernel table, once, at startup.
+   Built with -DPLAIN, the appendix is left out.
+
+   Where the time goes. With n = 1 every weight is read once per token for a
+   few multiply-adds, so generation runs at the speed of memory: the
+   products stream the weights, each thread reading a contiguous share,
+   prefetched well ahead. A batch reuses each weight n times, so the prompt
+   runs at the speed of the multiply-adds: gemm_rows() works in tiles that
+   keep weights and inputs in the L1 cache, and on AVX-512 int8 and bf16
+   weights are repacked so that one instruction works on 16 rows.
+
+   SIMD. The portable loops here are written so that the compiler can
+   vectorise them without reordering a float sum (independent lanes, summed
+   in a fixed order at the end): the default build targets AVX2
+   (-march=x86-64-v3). The int8 dot products have AVX2 versions behind
+   __AVX2__, and the hot kernels AVX-512 versions (VNNI for int8) that are
+   compiled function by function and chosen when the CPU has AVX-512 F, BW,
+   VL, DQ and VNNI, so that the same binary still runs where it does not
+   (and under valgrind, which cannot execute AVX-512). RUN_AVX512=0 turns
+   them off. Constants that a kernel is specialised on (token counts, head
+   sizes) are passed as literals to an always-inlined body, one call per
+   value. tests/test_kernels.c holds every kernel here to its plain version
+   on random data.
+   ========================================================================= */
+
+#ifndef PLAIN
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX512 1
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+#define AVX512_INLINE AVX512 static inline __attribute__((always_inline))
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma,f16c")))
+#define AVX512_BF16_INLINE AVX512_BF16 static inline __attribute__((always_inline))
+static int use_avx512;      // chosen once, by choose_fast_kernels()
+static int use_avx512_bf16; // ... and its bfloat16 dot products (vdpbf16ps)
+#else
+#define HAVE_AVX512 0
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HAVE_AVX2 1
+#else
+#define HAVE_AVX2 0
+#endif
+
+/* Software prefetch: the weights a matrix-vector product streams are asked
+   for this far ahead of the loads, which keeps more of them in flight than
+   the hardware prefetchers do (measured: 16 -> 33 GB/s on one core here).
+   A prefetch never faults, so reading past the end of a matrix is safe. */
+#define PREFETCH_AHEAD 4096 // bytes
+/* Packing weights for the batched kernels reads 16 rows side by side, 64
+   bytes of each at a time: streams the hardware does not follow far, so
+   each row is asked for a few lines ahead (measured: bf16 prompt +12%). */
+#define PACK_AHEAD 256 // bytes
+
+static inline void prefetch(const void *p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch((const char *)p + PREFETCH_AHEAD);
+#else
+    (void)p;
+#endif
+}
+
+static inline void prefetch_pack(const void *p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch((const char *)p + PACK_AHEAD);
+#else
+    (void)p;
+#endif
+}
+
+/* ---- Dot products in lanes, for f32 and bf16 weights (any CPU) */
+
+/* The sum of LANES partial sums, as a tree: halves added together, which
+   the compiler does in a few vector adds, always in the same order. */
+#define LANES 32
+static float sum_lanes(float acc[LANES]) {
+    for (int half = LANES / 2; half > 0; half /= 2)
+        for (int j = 0; j < half; j++) acc[j] += acc[j + half];
+    return acc[0];
+}
+
+/* a . b in 32 independent lanes, which the compiler turns into vector
+   multiply-adds, summed at the end in a fixed order. a is the streamed
+   operand (the weights). */
+static float dot_f32(const float *a, const float *b, int n) {
+    float acc[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        prefetch(a + i);
+        prefetch(a + i + 16);
+        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
+    }
+    float sum = 0.0f;
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum + sum_lanes(acc);
+}
+
+/* w . x for a bfloat16 row w: each weight widened to float, exactly. */
+static float dot_bf16(const uint16_t *w, const float *x, int n) {
+    float acc[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        prefetch(w + i);
+        for (int j = 0; j < LANES; j++) acc[j] += bf16_to_f32(w[i + j]) * x[i + j];
+    }
+    float sum = 0.0f;
+    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
+    return sum + sum_lanes(acc);
+}
+
+/* ---- Matrix products for a batch (n > 1), in tiles (any CPU) */
+
+#define GEMM_ROWS 8     // weight rows per tile
+#define GEMM_TOKENS 3   // tokens per tile: 8 x 3 sums fill 24 of AVX-512's 32 registers
+#define GEMM_DEPTH 512  // columns per pass: a tile's 8 weight rows of them (16 KiB) stay in L1
+
+/* One tile: c (tokens, rows; row stride ldc) = x (tokens, depth; stride
+   ldx) @ w (rows, depth; stride ldw)^T, plus what c holds when accumulate
+   is set. */
+typedef struct {
+    float *c;
+    const float *w, *x;
+    int ldc, ldw, ldx;
+    int depth, rows, tokens, accumulate;
+} GemmTile;
+
+static void gemm_tile_fast(const GemmTile *g) {
+    for (int t = 0; t < g->tokens; t++)
+        for (int r = 0; r < g->rows; r++) {
+            float sum = dot_f32(g->w + (size_t)r * g->ldw, g->x + (size_t)t * g->ldx, g->depth);
+            float *c = g->c + (size_t)t * g->ldc + r;
+            *c = g->accumulate ? *c + sum : sum;
+        }
+}
+
+/* The kernel for tiles of a full GEMM_ROWS rows: gemm_tile_fast(), or
+   gemm_tile_avx512(). */
+static void (*gemm_tile_full)(const GemmTile *g) = gemm_tile_fast;
+
+/* matmul_f32()'s result for a batch x (n, cols) of in and f32, bf16, q8_0
+   or q4_0 weights, for rows r0 .. r1 - 1, r0 a multiple of GEMM_ROWS.
+   Tiles of 8 weight rows by 3 tokens go through the columns in passes of
+   GEMM_DEPTH; quantized and bf16 weights are widened to floats once per pass
+   into `panel` and then reused by every token of the batch. Each output is
+   computed the same way whichever thread computes it. */
+static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    _Alignas(64) float panel[GEMM_ROWS * GEMM_DEPTH];
+    int cols = w->cols, n = in->n;
+    for (int r = r0; r < r1; r += GEMM_ROWS) {
+        int nr = r1 - r < GEMM_ROWS ? r1 - r : GEMM_ROWS;
+        for (int k = 0; k < cols; k += GEMM_DEPTH) {
+            int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH;
+            GemmTile tile = {.w = panel, .ldc = ldo, .ldw = GEMM_DEPTH, .ldx = cols, .depth = depth, .rows = nr,
+                             .accumulate = k > 0}; // weights (nr, depth), row stride ldw
+            if (w->type == WEIGHT_F32) {
+                tile.w = (const float *)w->values + (size_t)r * cols + k;
+                tile.ldw = cols;
+            } else {
+                for (int i = 0; i < nr; i++) dequantize_row(panel + i * GEMM_DEPTH, w, r + i, k, depth);
+            }
+            for (int t = 0; t < n; t += GEMM_TOKENS) {
+                tile.tokens = n - t < GEMM_TOKENS ? n - t : GEMM_TOKENS;
+                tile.c = out + (size_t)t * ldo + (r - r0);
+                tile.x = in->x + (size_t)t * cols + k;
+                if (nr == GEMM_ROWS) gemm_tile_full(&tile);
+                else gemm_tile_fast(&tile);
+            }
+        }
+    }
+}
+
+/* f32 and bf16 weights: one token's dot products in lanes, a batch in tiles. */
+static void matmul_f32_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    if (in->n > 1) {
+        gemm_rows(out, ldo, w, r0, r1, in);
+        return;
+    }
+    size_t cols = w->cols;
+    for (int r = r0; r < r1; r++) out[r - r0] = dot_f32((const float *)w->values + r * cols, in->x, (int)cols);
+}
+
+static void matmul_bf16_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    if (in->n > 1) {
+        gemm_rows(out, ldo, w, r0, r1, in);
+        return;
+    }
+    size_t cols = w->cols;
+    for (int r = r0; r < r1; r++) out[r - r0] = dot_bf16((const uint16_t *)w->values + r * cols, in->x, (int)cols);
+}
+
+/* ---- Attention (any CPU) */
+
+/* out (n) = the halves in as floats. */
+static void widen_f16(float *out, const uint16_t *in, size_t n) {
+    size_t i = 0;
+#if HAVE_AVX2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+#endif
+    for (; i < n; i++) out[i] = f16_to_f32(in[i]);
+}
+
+/* scores[p] = scale * (q . keys[p]) for the n_pos rows of f32 keys
+   (n_pos, head_dim), each dot product in lanes. */
+static void attention_scores_fast(float *scores, const float *q, const float *keys, int n_pos, int head_dim,
+                                  float scale) {
+    for (int p = 0; p < n_pos; p++) scores[p] = dot_f32(q, keys + (size_t)p * head_dim, head_dim) * scale;
+}
+
+/* out (head_dim) = sum over p of weights[p] * values[p], values (n_pos,
+   head_dim) f32. The sums stay in registers for the whole pass over the
+   positions: 64 lanes at a time, then the rest one by one. */
+#define MIX_LANES 64
+static void attention_mix_fast(float *out, const float *weights, const float *values, int n_pos, int head_dim) {
+    int i0 = 0;
+    for (; i0 + MIX_LANES <= head_dim; i0 += MIX_LANES) {
+        float acc[MIX_LANES] = {0};
+        for (int p = 0; p < n_pos; p++) {
+            const float *v = values + (size_t)p * head_dim + i0;
+            for (int j = 0; j < MIX_LANES; j++) acc[j] += weights[p] * v[j];
+        }
+        memcpy(out + i0, acc, sizeof acc);
+    }
+    for (int i = i0; i < head_dim; i++) {
+        float sum = 0.0f;
+        for (int p = 0; p < n_pos; p++) sum += weights[p] * values[(size_t)p * head_dim + i];
+        out[i] = sum;
+    }
+}
+
+#define ATTENTION_QUERIES 16 // queries per attention task; they share the widened f16 keys and values
+
+/* attention_plain(), with the dot products in lanes and the tasks for the
+   threads one kv head and up to 16 queries: an f16 cache's keys and values
+   of the positions these queries see are widened to f32 once for all of
+   them, into the thread's scratch after the weights. */
+static void attention_fast(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
+    int ctx = kv->ctx, head_dim = kv->head_dim, q_dim = kv->n_heads * head_dim, group = kv->n_heads / kv->n_kv_heads;
+    int blocks = (n + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
+    size_t room = attention_scratch_size(ctx, head_dim, kv->f16), elem = kv->f16 ? 2 : sizeof(float);
+    float scale = 1.0f / sqrtf((float)head_dim);
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int b = 0; b < blocks; b++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int t0 = b * ATTENTION_QUERIES, t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
+            float *weights = scratch + (size_t)thread_num() * room; // (ctx)
+            size_t head = (size_t)h * ctx * head_dim;
+            const float *k = (const void *)((const char *)kv->keys + head * elem);
+            const float *v = (const void *)((const char *)kv->values + head * elem);
+            if (kv->f16) { // widen the positions these queries see, once for all of them
+                float *wk = weights + ctx, *wv = wk + (size_t)ctx * head_dim;
+                widen_f16(wk, (const uint16_t *)kv->keys + head, (size_t)(pos + t1) * head_dim);
+                widen_f16(wv, (const uint16_t *)kv->values + head, (size_t)(pos + t1) * head_dim);
+                k = wk, v = wv;
+            }
+            for (int t = t0; t < t1; t++)
+                for (int qh = h * group; qh < (h + 1) * group; qh++) {
+                    size_t at = (size_t)t * q_dim + (size_t)qh * head_dim;
+                    attention_scores_fast(weights, q + at, k, pos + t + 1, head_dim, scale);
+                    softmax(weights, pos + t + 1);
+                    attention_mix_fast(out + at, weights, v, pos + t + 1, head_dim);
+                }
+        }
+}
+
+/* ---- Integer dot products on AVX2 */
+
+#if HAVE_AVX2
+/* The 32 products of int8 vectors a and b, summed in fours into 8 int32
+   lanes. maddubs multiplies unsigned by signed bytes, so a's signs move onto
+   b; |a| * |b| <= 127 * 127 keeps its 16-bit pair sums from saturating
+   (neither quantizer writes -128). */
+static inline __m256i dot32_i8_avx2(__m256i a, __m256i b) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+static inline float sum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* dot_q8_0() */
+static float dot_q8_avx2(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        prefetch(w + g * GROUP_SIZE);
+        if (g % 32 == 0) prefetch(wd + g);
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * GROUP_SIZE));
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + g * GROUP_SIZE));
+        __m256 scale = _mm256_set1_ps(_cvtsh_ss(wd[g]) * x->d[g]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(xv, wv)), scale, acc);
+    }
+    return sum_avx2(acc);
+}
+
+/* dot_q4_0() */
+static float dot_q4_avx2(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        if (g % 2 == 0) prefetch(w + g * GROUP_SIZE / 2);
+        if (g % 32 == 0) prefetch(wd + g);
+        __m128i b = _mm_loadu_si128((const __m128i *)(w + g * GROUP_SIZE / 2));
+        __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
+        __m256i wv = _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8)); // weights 0..31 of the group
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + g * GROUP_SIZE));
+        __m256 scale = _mm256_set1_ps(_cvtsh_ss(wd[g]) * x->d[g]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(xv, wv)), scale, acc);
+    }
+    return sum_avx2(acc);
+}
+
+/* matmul_q8_0() and matmul_q4_0() with these dot products: one token's
+   rows straight through, a batch's row by row and token by token. */
+static void matmul_q8_0_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    size_t cols = w->cols, groups = cols / GROUP_SIZE;
+    const int8_t *values = w->values;
+    if (in->n == 1) {
+        for (int r = r0; r < r1; r++)
+            out[r - r0] = dot_q8_avx2(values + r * cols, w->scales + r * groups, &in->q, (int)cols) +
+                          dot_q8_avx2(values + r * cols, w->scales + r * groups, &in->rest, (int)cols);
+        return;
+    }
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < in->n; t++) {
+            QuantizedVector x = quantized_row(&in->q, t, (int)cols), rest = quantized_row(&in->rest, t, (int)cols);
+            out[(size_t)t * ldo + r - r0] = dot_q8_avx2(values + r * cols, w->scales + r * groups, &x, (int)cols) +
+                                            dot_q8_avx2(values + r * cols, w->scales + r * groups, &rest, (int)cols);
+        }
+}
+
+static void matmul_q4_0_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    size_t cols = w->cols, groups = cols / GROUP_SIZE;
+    const uint8_t *values = w->values;
+    if (in->n == 1) {
+        for (int r = r0; r < r1; r++)
+            out[r - r0] = dot_q4_avx2(values + r * cols / 2, w->scales + r * groups, &in->q, (int)cols);
+        return;
+    }
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < in->n; t++) {
+            QuantizedVector x = quantized_row(&in->q, t, (int)cols);
+            out[(size_t)t * ldo + r - r0] = dot_q4_avx2(values + r * cols / 2, w->scales + r * groups, &x, (int)cols);
+        }
+}
+#endif
+
+#if HAVE_AVX512
+/* ---- Integer dot products on AVX-512 VNNI (one token)
+
+   vpdpbusd multiplies unsigned weight bytes by signed input bytes and adds
+   each four products into an int32 lane, starting from the input's bias,
+   -offset * (the sum of those four inputs), so that the lane holds the
+   exact signed dot product of its four weights. One 64-byte step covers
+   two groups: lanes 0-7 the first, 8-15 the second, each lane then scaled
+   by its group's weight scale times input scale. */
+
+/* The sums vpdpbusd starts from, once out->q (n values) is filled: bias
+   (n / 4) -offset * (q[4j] + ... + q[4j + 3]), and group_bias
+   (n / GROUP_SIZE) -offset * (the group's sum), where offset is what the
+   kernels add to each weight to make it unsigned (128 for q8_0, 8 for
+   q4_0). */
+static void quantize_biases(QuantizedVector *out, int n, int offset) {
+    for (int j = 0; j < n / 4; j++) {
+        const int8_t *q = out->q + 4 * j;
+        out->bias[j] = -offset * (q[0] + q[1] + q[2] + q[3]);
+    }
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        int32_t sum = 0;
+        for (int i = 0; i < GROUP_SIZE; i++) sum += out->q[g * GROUP_SIZE + i];
+        out->group_bias[g] = -offset * sum;
+    }
+}
+
+/* The lanes of 16 that `left` elements fill: all, some, or none. */
+static inline __mmask16 tail_mask(int left) {
+    return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+}
+
+/* lanes 0-7 = s[2j], lanes 8-15 = s[2j + 1] */
+AVX512_INLINE __m512 pair_scales(__m512 s, int j) {
+    __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(2 * j)), s);
+}
+
+/* Two groups of weights (64) as unsigned bytes in the input's order; m
+   masks the second group off when only one is left. */
+AVX512_INLINE __m512i q8_bytes(const int8_t *w, __mmask64 m) {
+    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w), _mm512_set1_epi8((char)0x80)); // w + 128
+}
+AVX512_INLINE __m512i q4_bytes(const uint8_t *w, int both) {
+    __m256i b = both ? _mm256_loadu_si256((const __m256i *)w) // 2 x 16 bytes, or 1 x 16
+                     : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)w));
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+    z = _mm512_and_si512(z, _mm512_set1_epi8(15));          // [lo g, lo g+1, hi g, hi g+1]
+    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)); // [lo g, hi g, lo g+1, hi g+1]
+}
+
+/* acc += the dot products of the two groups that start at weight k, their
+   weights wv already loaded (as unsigned bytes), times x; each lane scaled
+   by s, its group's combined scale (weight times input, pair_scales());
+   `both` is 0 when only the first group is there. */
+AVX512_INLINE __m512 dot_pair_bytes_avx512(__m512 acc, __m512i wv, const QuantizedVector *x, __m512 s, int k,
+                                           int both) {
+    __mmask64 m = both ? ~0ull : 0xffffffffull;
+    __m512i xv = _mm512_maskz_loadu_epi8(m, x->q + k);
+    __m512i bias = _mm512_maskz_loadu_epi32(both ? 0xffff : 0xff, x->bias + k / 4);
+    __m512i dot = _mm512_dpbusd_epi32(bias, wv, xv); // exact: 4 weights x inputs per lane
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
+}
+
+/* The same, loading the weights of the two groups from the row w. */
+AVX512_INLINE __m512 dot_pair_avx512(__m512 acc, const void *w, const QuantizedVector *x, __m512 s, int k, int both,
+                                     const int q4) {
+    __m512i wv = q4 ? q4_bytes((const uint8_t *)w + k / 2, both)
+                    : q8_bytes((const int8_t *)w + k, both ? ~0ull : 0xffffffffull);
+    return dot_pair_bytes_avx512(acc, wv, x, s, k, both);
+}
+
+/* acc plus the dot products of the last m < 8 groups of a row, which start
+   at group g: what the stretches of 8 leave, masked. A function of its own
+   (not inlined) because clang 14 with AddressSanitizer fails to compile it
+   inlined into the loop below. */
+AVX512_INLINE __m512 dot_tail_avx512(__m512 acc, const void *w, const uint16_t *wd, const QuantizedVector *x,
+                                     int g, int m, const int q4) {
+    __mmask16 gm = (__mmask16)((1u << m) - 1);
+    __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, wd + g)),
+                             _mm512_maskz_loadu_ps(gm, x->d + g));
+    for (int j = 0; 2 * j < m; j++)
+        acc = dot_pair_avx512(acc, w, x, pair_scales(s, j), (g + 2 * j) * GROUP_SIZE, 2 * j + 1 < m, q4);
+    return acc;
+}
+AVX512 __attribute__((noinline)) static __m512 dot_tail_q8_avx512(__m512 acc, const void *w, const uint16_t *wd,
+                                                                  const QuantizedVector *x, int g, int m) {
+    return dot_tail_avx512(acc, w, wd, x, g, m, 0);
+}
+AVX512 __attribute__((noinline)) static __m512 dot_tail_q4_avx512(__m512 acc, const void *w, const uint16_t *wd,
+                                                                  const QuantizedVector *x, int g, int m) {
+    return dot_tail_avx512(acc, w, wd, x, g, m, 1);
+}
+
+/* dot_q4_0(): stretches of 8 groups, whose 8 scales load at once, then
+   what is left (dims that are not a multiple of 256). */
+AVX512 static float dot_q4_avx512(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int groups = n / GROUP_SIZE, g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        for (int line = 0; line < 2; line++) prefetch(w + g * GROUP_SIZE / 2 + 64 * line);
+        prefetch(wd + g);
+        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g))),
+                                 _mm256_loadu_ps(x->d + g));
+        __m512 s16 = _mm512_castps256_ps512(s);
+        acc0 = dot_pair_avx512(acc0, w, x, pair_scales(s16, 0), g * GROUP_SIZE, 1, 1);
+        acc1 = dot_pair_avx512(acc1, w, x, pair_scales(s16, 1), (g + 2) * GROUP_SIZE, 1, 1);
+        acc0 = dot_pair_avx512(acc0, w, x, pair_scales(s16, 2), (g + 4) * GROUP_SIZE, 1, 1);
+        acc1 = dot_pair_avx512(acc1, w, x, pair_scales(s16, 3), (g + 6) * GROUP_SIZE, 1, 1);
+    }
+    if (g < groups) acc0 = dot_tail_q4_avx512(acc0, w, wd, x, g, groups - g);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+/* dot_q8_0(w, x) + dot_q8_0(w, rest), the two parts of a q8_0 input
+   (quantize_remainder()), in one pass: each weight is loaded once for
+   both products, which is what generation's matrix-vector products need
+   to keep up with memory. */
+AVX512 static float dot_q8_both_avx512(const int8_t *w, const uint16_t *wd, const QuantizedVector *x,
+                                       const QuantizedVector *rest, int n) {
+    __m512 acc = _mm512_setzero_ps(), acc_rest = _mm512_setzero_ps();
+    int groups = n / GROUP_SIZE, g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        for (int line = 0; line < 4; line++) prefetch(w + g * GROUP_SIZE + 64 * line);
+        prefetch(wd + g);
+        __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g)));
+        __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(ws, _mm256_loadu_ps(x->d + g)));
+        __m512 s_rest = _mm512_castps256_ps512(_mm256_mul_ps(ws, _mm256_loadu_ps(rest->d + g)));
+        for (int j = 0; j < 4; j++) {
+            int k = (g + 2 * j) * GROUP_SIZE;
+            __m512i wv = q8_bytes(w + k, ~0ull);
+            acc = dot_pair_bytes_avx512(acc, wv, x, pair_scales(s, j), k, 1);
+            acc_rest = dot_pair_bytes_avx512(acc_rest, wv, rest, pair_scales(s_rest, j), k, 1);
+        }
+    }
+    if (g < groups) {
+        acc = dot_tail_q8_avx512(acc, w, wd, x, g, groups - g);
+        acc_rest = dot_tail_q8_avx512(acc_rest, w, wd, rest, g, groups - g);
+    }
+    return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(acc_rest);
+}
+
+/* ---- Matrix products for a batch (n > 1) on AVX-512 */
+
+/* The sums of the 16 lanes of each of v[0..7], as 8 lanes. */
+AVX512_INLINE __m256 sum8_avx512(const __m512 v[8]) {
+    __m256 h[8];
+    for (int i = 0; i < 8; i++) h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]), _mm512_extractf32x8_ps(v[i], 1));
+    __m256 a = _mm256_hadd_ps(h[0], h[1]), b = _mm256_hadd_ps(h[2], h[3]);
+    __m256 c = _mm256_hadd_ps(h[4], h[5]), d = _mm256_hadd_ps(h[6], h[7]);
+    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d); // halves: [v0..v3], [v4..v7] partial sums
+    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+/* A full tile of GEMM_ROWS rows and nt tokens: each sum in 16 lanes, the
+   depth in steps of 16 (the last one masked). */
+AVX512_INLINE void gemm_tile_body_avx512(const GemmTile *g, const int nt) {
+    float *c = g->c;
+    const float *w = g->w, *x = g->x;
+    int ldc = g->ldc, ldw = g->ldw, ldx = g->ldx, depth = g->depth;
+    __m512 acc[GEMM_TOKENS][GEMM_ROWS];
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < GEMM_ROWS; r++) acc[t][r] = _mm512_setzero_ps();
+    for (int k = 0; k < depth; k += 16) {
+        __mmask16 m = depth - k >= 16 ? 0xffff : (__mmask16)((1u << (depth - k)) - 1);
+        __m512 xv[GEMM_TOKENS];
+        for (int t = 0; t < nt; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + (size_t)t * ldx + k);
+        for (int r = 0; r < GEMM_ROWS; r++) {
+            __m512 wv = _mm512_maskz_loadu_ps(m, w + (size_t)r * ldw + k);
+            for (int t = 0; t < nt; t++) acc[t][r] = _mm512_fmadd_ps(wv, xv[t], acc[t][r]);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        __m256 sum = sum8_avx512(acc[t]);
+        if (g->accumulate) sum = _mm256_add_ps(sum, _mm256_loadu_ps(c + (size_t)t * ldc));
+        _mm256_storeu_ps(c + (size_t)t * ldc, sum);
+    }
+}
+
+/* gemm_tile_fast() for a tile of GEMM_ROWS rows. */
+AVX512 static void gemm_tile_avx512(const GemmTile *g) {
+    switch (g->tokens) {
+    case 3: gemm_tile_body_avx512(g, 3); break;
+    case 2: gemm_tile_body_avx512(g, 2); break;
+    default: gemm_tile_body_avx512(g, 1);
+    }
+}
+
+/* q8_0 and q4_0 weights: rows repacked so that vpdpbusd multiplies 16 of
+   them at once by 4 inputs of a token. A thread's panel holds 32 rows,
+   QGEMM_ROWS * (cols + 63) bytes of values and 4 * (cols + 63) of
+   scales, within ProductScratch.panel_size. */
+#define QGEMM_ROWS 32   // weight rows per packed panel: two vectors of 16 outputs
+#define QGEMM_TOKENS 4  // tokens per tile: 4 x 2 int32 sums and 4 x 2 float sums in registers
+
+/* The 16 x 16 transpose of 32-bit elements: r[i] lane j -> r[j] lane i. */
+AVX512_INLINE void transpose16_avx512(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+        b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+        b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+        b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    for (int e = 0; e < 4; e++) { // b[4q + e], lane L: rows 4q .. 4q + 3 of element 4L + e
+        __m512i c = _mm512_shuffle_i32x4(b[e], b[4 + e], 0x88), c2 = _mm512_shuffle_i32x4(b[e], b[4 + e], 0xdd);
+        __m512i d = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0x88), d2 = _mm512_shuffle_i32x4(b[8 + e], b[12 + e], 0xdd);
+        r[e] = _mm512_shuffle_i32x4(c, d, 0x88);
+        r[8 + e] = _mm512_shuffle_i32x4(c, d, 0xdd);
+        r[4 + e] = _mm512_shuffle_i32x4(c2, d2, 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(c2, d2, 0xdd);
+    }
+}
+
+/* Packs rows r0 .. r0 + 31 of a q8_0 or q4_0 matrix (rows past its end as
+   zeros) for qgemm_tile_body():
+     values  (cols / 4, 32) u32: the 4 unsigned weight bytes (q + 128, or the
+             nibble) of columns 4j .. 4j + 3 of each row, rows side by side
+     scales  (groups, 32) f32: each row's scale of each group, widened */
+AVX512 static void qgemm_pack_avx512(uint32_t *values, float *scales, const Matrix *w, int r0) {
+    int cols = w->cols, groups = cols / GROUP_SIZE, q4 = w->type == WEIGHT_Q4_0;
+    for (int half = 0; half < 2; half++)
+        for (int k = 0; k < cols; k += 64) {
+            int both = cols - k >= 64;
+            __m512i seg[16];
+            for (int i = 0; i < 16; i++) {
+                int r = r0 + 16 * half + i;
+                if (r >= w->rows) { seg[i] = _mm512_setzero_si512(); continue; }
+                size_t at = (size_t)r * cols + k;
+                prefetch_pack((const char *)w->values + (q4 ? at / 2 : at));
+                seg[i] = q4 ? q4_bytes((const uint8_t *)w->values + at / 2, both)
+                            : q8_bytes((const int8_t *)w->values + at, both ? ~0ull : 0xffffffffull);
+            }
+            transpose16_avx512(seg);
+            for (int j = 0; j < 16; j++)
+                _mm512_storeu_si512(values + (size_t)(k / 4 + j) * QGEMM_ROWS + 16 * half, seg[j]);
+        }
+    for (int i = 0; i < QGEMM_ROWS; i++)
+        for (int g = 0; g < groups; g++)
+            scales[g * QGEMM_ROWS + i] = r0 + i < w->rows ? f16_to_f32(w->scales[(size_t)(r0 + i) * groups + g]) : 0.0f;
+}
+
+/* One tile: out[t][r] for the tokens t0 .. t0 + nt - 1 of x and the 32
+   packed rows (the first `rows` of them stored). */
+typedef struct {
+    float *out;             // row stride ldo
+    int ldo, rows, cols, t0;
+    int accumulate;         // add to what out holds
+    const uint32_t *values; // the packed panel
+    const float *scales;
+    const QuantizedVector *x;
+} QgemmTile;
+
+/* For each group, int32 sums of 16 rows at once (vpdpbusd: 4 weights of
+   16 rows times 4 inputs of one token, broadcast), started at the token's
+   group bias, then scaled and added to float sums, which start at zero or,
+   with accumulate, at what out holds. */
+AVX512_INLINE void qgemm_tile_body(const QgemmTile *tile, const int nt) {
+    float *out = tile->out;
+    int ldo = tile->ldo, cols = tile->cols, t0 = tile->t0, accumulate = tile->accumulate;
+    const uint32_t *values = tile->values;
+    const float *scales = tile->scales;
+    const QuantizedVector *x = tile->x;
+    int groups = cols / GROUP_SIZE;
+    __m512 acc[QGEMM_TOKENS][2];
+    __mmask16 m0 = tail_mask(tile->rows), m1 = tail_mask(tile->rows - 16);
+    for (int t = 0; t < nt; t++) {
+        acc[t][0] = accumulate ? _mm512_maskz_loadu_ps(m0, out + (size_t)(t0 + t) * ldo) : _mm512_setzero_ps();
+        acc[t][1] = accumulate ? _mm512_maskz_loadu_ps(m1, out + (size_t)(t0 + t) * ldo + 16) : _mm512_setzero_ps();
+    }
+    for (int g = 0; g < groups; g++) {
+        __m512i sum[QGEMM_TOKENS][2];
+        for (int t = 0; t < nt; t++)
+            sum[t][0] = sum[t][1] = _mm512_set1_epi32(x->group_bias[(size_t)(t0 + t) * groups + g]);
+        const uint32_t *v = values + (size_t)g * (GROUP_SIZE / 4) * QGEMM_ROWS;
+        for (int j = 0; j < GROUP_SIZE / 4; j++) {
+            __m512i w0 = _mm512_loadu_si512(v + j * QGEMM_ROWS), w1 = _mm512_loadu_si512(v + j * QGEMM_ROWS + 16);
+            for (int t = 0; t < nt; t++) {
+                int32_t four;
+                memcpy(&four, x->q + (size_t)(t0 + t) * cols + g * GROUP_SIZE + 4 * j, sizeof four);
+                __m512i xb = _mm512_set1_epi32(four);
+                sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
+                sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
+            }
+        }
+        __m512 s0 = _mm512_loadu_ps(scales + g * QGEMM_ROWS), s1 = _mm512_loadu_ps(scales + g * QGEMM_ROWS + 16);
+        for (int t = 0; t < nt; t++) {
+            __m512 d = _mm512_set1_ps(x->d[(size_t)(t0 + t) * groups + g]);
+            acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][0]), _mm512_mul_ps(s0, d), acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][1]), _mm512_mul_ps(s1, d), acc[t][1]);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo, m0, acc[t][0]);
+        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo + 16, m1, acc[t][1]);
+    }
+}
+
+/* matmul_q8_0() or matmul_q4_0() for a batch, rows r0 .. r1 - 1 (r0 a
+   multiple of 32, at most 32 rows): packed once into the thread's panel and
+   then run for every token: over x, then for q8_0 over rest, added on.
+   Both give each output the same integer sums. */
+AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int cols = w->cols, padded = (cols + 63) / 64 * 64;
+    uint32_t *values = (uint32_t *)((char *)in->panels + (size_t)thread_num() * in->panel_size);
+    float *scales = (float *)((char *)values + (size_t)QGEMM_ROWS * padded);
+    qgemm_pack_avx512(values, scales, w, r0);
+    for (int part = 0; part < (w->type == WEIGHT_Q8_0 ? 2 : 1); part++) {
+        QgemmTile tile = {.out = out, .ldo = ldo, .rows = r1 - r0, .cols = cols, .accumulate = part,
+                          .values = values, .scales = scales, .x = part ? &in->rest : &in->q};
+        for (int t = 0; t < in->n; t += QGEMM_TOKENS) {
+            tile.t0 = t;
+            switch (in->n - t < QGEMM_TOKENS ? in->n - t : QGEMM_TOKENS) {
+            case 4: qgemm_tile_body(&tile, 4); break;
+            case 3: qgemm_tile_body(&tile, 3); break;
+            case 2: qgemm_tile_body(&tile, 2); break;
+            default: qgemm_tile_body(&tile, 1);
+            }
+        }
+    }
+}
+
+/* bf16 weights, on CPUs with AVX-512 BF16: rows repacked so that vdpbf16ps
+   multiplies 16 of them at once by 2 inputs of a token, rounded to bf16 by
+   prepare_input_avx512(). A thread's panel holds 32 rows, 64 * (cols + 31)
+   bytes, within ProductScratch.panel_size. */
+#define BGEMM_ROWS 32   // weight rows per packed panel: two vectors of 16 outputs
+#define BGEMM_TOKENS 8  // tokens per tile: 8 x 2 sums in registers
+
+/* A float as a bfloat16, rounded to nearest even (NaN stays NaN). */
+static uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)(bits >> 16 | 0x40);
+    return (uint16_t)((bits + 0x7fff + (bits >> 16 & 1)) >> 16);
+}
+
+/* Packs rows r0 .. r0 + 31 of a bf16 matrix (rows past its end, and
+   columns past cols up to a multiple of 32, as zeros) for the vdpbf16ps
+   tiles: (cols / 2, 32) u32, each the 2 weights of columns 2j, 2j + 1 of a
+   row, rows side by side. */
+AVX512 static void bgemm_pack_avx512(uint32_t *panel, const Matrix *w, int r0) {
+    int cols = w->cols;
+    for (int half = 0; half < 2; half++)
+        for (int k = 0; k < cols; k += 32) {
+            __mmask32 m = cols - k >= 32 ? 0xffffffffu : (__mmask32)((1u << (cols - k)) - 1);
+            __m512i seg[16];
+            for (int i = 0; i < 16; i++) {
+                int r = r0 + 16 * half + i;
+                const uint16_t *at = (const uint16_t *)w->values + (size_t)r * cols + k;
+                prefetch_pack(at);
+                seg[i] = r < w->rows ? _mm512_maskz_loadu_epi16(m, at) : _mm512_setzero_si512();
+            }
+            transpose16_avx512(seg);
+            for (int j = 0; j < 16; j++)
+                _mm512_storeu_si512(panel + (size_t)(k / 2 + j) * BGEMM_ROWS + 16 * half, seg[j]);
+        }
+}
+
+/* One tile: out[t][r] for the tokens t0 .. t0 + nt - 1 of x (rows padded to
+   a multiple of 32) and the 32 packed rows (the first `rows` stored). */
+typedef struct {
+    float *out;            // row stride ldo
+    int ldo, rows, cols, t0;
+    const uint32_t *panel;
+    const uint16_t *x;
+} BgemmTile;
+
+/* vdpbf16ps adds 2 weights of 16 rows times 2 broadcast inputs of one
+   token, all bf16, into float sums. */
+AVX512_BF16_INLINE void bgemm_tile_body(const BgemmTile *tile, const int nt) {
+    float *out = tile->out;
+    int ldo = tile->ldo, cols = tile->cols, t0 = tile->t0;
+    const uint32_t *panel = tile->panel;
+    const uint16_t *x = tile->x;
+    int pairs = (cols + 1) / 2, stride = (cols + 31) / 32 * 32; // x rows are padded like the panel
+    __m512 acc[BGEMM_TOKENS][2];
+    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int j = 0; j < pairs; j++) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + (size_t)j * BGEMM_ROWS);
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (size_t)j * BGEMM_ROWS + 16);
+        for (int t = 0; t < nt; t++) {
+            int32_t two;
+            memcpy(&two, x + (size_t)(t0 + t) * stride + 2 * j, sizeof two);
+            __m512bh xb = (__m512bh)_mm512_set1_epi32(two);
+            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, xb);
+            acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, xb);
+        }
+    }
+    __mmask16 m0 = tail_mask(tile->rows), m1 = tail_mask(tile->rows - 16);
+    for (int t = 0; t < nt; t++) {
+        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo, m0, acc[t][0]);
+        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo + 16, m1, acc[t][1]);
+    }
+}
+
+/* matmul_bf16() for a batch already rounded to bf16 (in->bf16), rows r0 ..
+   r1 - 1 (r0 a multiple of 32, at most 32 rows), packed once into the
+   thread's panel. The inputs' rounding is the price of twice the
+   multiply-adds per instruction; gemm_rows(), on f32 inputs, is the other
+   way. */
+AVX512_BF16 static void bgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
+                                          const ProductScratch *in) {
+    uint32_t *panel = (uint32_t *)((char *)in->panels + (size_t)thread_num() * in->panel_size);
+    bgemm_pack_avx512(panel, w, r0);
+    BgemmTile tile = {.out = out, .ldo = ldo, .rows = r1 - r0, .cols = w->cols, .panel = panel, .x = in->bf16};
+    for (int t = 0; t < in->n; t += BGEMM_TOKENS) {
+        tile.t0 = t;
+        switch (in->n - t < BGEMM_TOKENS ? in->n - t : BGEMM_TOKENS) {
+        case 8: bgemm_tile_body(&tile, 8); break;
+        case 7: bgemm_tile_body(&tile, 7); break;
+        case 6: bgemm_tile_body(&tile, 6); break;
+        case 5: bgemm_tile_body(&tile, 5); break;
+        case 4: bgemm_tile_body(&tile, 4); break;
+        case 3: bgemm_tile_body(&tile, 3); break;
+        case 2: bgemm_tile_body(&tile, 2); break;
+        default: bgemm_tile_body(&tile, 1);
+        }
+    }
+}
+
+/* ---- Attention on AVX-512: the cache read as it is stored, f32 or f16 */
+
+/* 16 floats of the cache from element i on, f32 or f16, masked. */
+AVX512_INLINE __m512 load_kv(const void *base, size_t i, __mmask16 m, const int f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i))
+               : _mm512_maskz_loadu_ps(m, (const float *)base + i);
+}
+
+/* attention_scores() for the keys (n_pos, head_dim) of one kv head: eight
+   positions at a time, each dot product in 16 lanes. */
+AVX512_INLINE void attention_scores_body(float *scores, const float *q, const void *keys, int n_pos,
+                                         const int head_dim, const int f16) {
+    int p = 0, elem = f16 ? 2 : 4;
+    float scale = 1.0f / sqrtf((float)head_dim);
+    for (; p + 8 <= n_pos; p += 8) {
+        const char *rows = (const char *)keys + (size_t)p * head_dim * elem; // 8 rows, one after another
+        for (int at = 0; at < 8 * head_dim * elem; at += 64) prefetch(rows + at);
+        __m512 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+        for (int i = 0; i < head_dim; i += 16) {
+            __mmask16 m = tail_mask(head_dim - i);
+            __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm512_fmadd_ps(load_kv(keys, (size_t)(p + j) * head_dim + i, m, f16), qv, acc[j]);
+        }
+        _mm256_storeu_ps(scores + p, _mm256_mul_ps(sum8_avx512(acc), _mm256_set1_ps(scale)));
+    }
+    for (; p < n_pos; p++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < head_dim; i += 16) {
+            __mmask16 m = tail_mask(head_dim - i);
+            acc = _mm512_fmadd_ps(load_kv(keys, (size_t)p * head_dim + i, m, f16), _mm512_maskz_loadu_ps(m, q + i), acc);
+        }
+        scores[p] = _mm512_reduce_add_ps(acc) * scale;
+    }
+}
+
+/* attention_mix() for the values (n_pos, head_dim) of one kv head: 64
+   lanes of sums in registers per pass over the positions. */
+AVX512_INLINE void attention_mix_body(float *out, const float *weights, const void *values, int n_pos,
+                                      const int head_dim, const int f16) {
+    for (int i0 = 0; i0 < head_dim; i0 += 64) {
+        __mmask16 m[4];
+        __m512 acc[4];
+        for (int c = 0; c < 4; c++) m[c] = tail_mask(head_dim - i0 - 16 * c), acc[c] = _mm512_setzero_ps();
+        for (int p = 0; p < n_pos; p++) {
+            const char *row = (const char *)values + ((size_t)p * head_dim + i0) * (f16 ? 2 : 4);
+            for (int at = 0; at < (head_dim - i0 < 64 ? head_dim - i0 : 64) * (f16 ? 2 : 4); at += 64) prefetch(row + at);
+            __m512 w = _mm512_set1_ps(weights[p]);
+            for (int c = 0; c < 4; c++)
+                if (m[c]) acc[c] = _mm512_fmadd_ps(w, load_kv(values, (size_t)p * head_dim + i0 + 16 * c, m[c], f16), acc[c]);
+        }
+        for (int c = 0; c < 4; c++) _mm512_mask_storeu_ps(out + i0 + 16 * c, m[c], acc[c]);
+    }
+}
+
+/* The common head sizes get code of their own, with the loops over a head
+   unrolled: three times faster than with head_dim unknown. */
+AVX512 static void attention_scores_avx512(float *scores, const float *q, const void *keys, int n_pos, int head_dim,
+                                           int f16) {
+    switch (head_dim) {
+    case 64:
+        if (f16) attention_scores_body(scores, q, keys, n_pos, 64, 1);
+        else attention_scores_body(scores, q, keys, n_pos, 64, 0);
+        break;
+    case 128:
+        if (f16) attention_scores_body(scores, q, keys, n_pos, 128, 1);
+        else attention_scores_body(scores, q, keys, n_pos, 128, 0);
+        break;
+    default:
+        if (f16) attention_scores_body(scores, q, keys, n_pos, head_dim, 1);
+        else attention_scores_body(scores, q, keys, n_pos, head_dim, 0);
+    }
+}
+
+AVX512 static void attention_mix_avx512(float *out, const float *weights, const void *values, int n_pos,
+                                        int head_dim, int f16) {
+    switch (head_dim) {
+    case 64:
+        if (f16) attention_mix_body(out, weights, values, n_pos, 64, 1);
+        else attention_mix_body(out, weights, values, n_pos, 64, 0);
+        break;
+    case 128:
+        if (f16) attention_mix_body(out, weights, values, n_pos, 128, 1);
+        else attention_mix_body(out, weights, values, n_pos, 128, 0);
+        break;
+    default:
+        if (f16) attention_mix_body(out, weights, values, n_pos, head_dim, 1);
+        else attention_mix_body(out, weights, values, n_pos, head_dim, 0);
+    }
+}
+
+/* exp(x) for x <= 0, 16 at a time: x = k ln 2 + r with |r| <= ln 2 / 2,
+   exp(r) by its Taylor polynomial to r^7 (relative error below 2e-7, about
+   what expf() rounds to), times 2^k put straight into the exponent; below
+   -87 the result is 0. */
+AVX512_INLINE __m512 exp_nonpositive_avx512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);   // ln 2 in two parts, so that
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);        // r keeps its low bits
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+}
+
+/* softmax() for attention's weights, 16 at a time with the exp above. */
+AVX512 static void softmax_avx512(float *x, int n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - i), x + i));
+    __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(m)), sum = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 t = tail_mask(n - i);
+        __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, x + i), max));
+        _mm512_mask_storeu_ps(x + i, t, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 t = tail_mask(n - i);
+        _mm512_mask_storeu_ps(x + i, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, x + i), inv));
+    }
+}
+
+/* attention_plain() with the kernels above; the tasks for the threads are
+   one kv head and up to 16 queries, as in attention_fast(). */
+static void attention_avx512(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
+    int ctx = kv->ctx, head_dim = kv->head_dim, q_dim = kv->n_heads * head_dim, group = kv->n_heads / kv->n_kv_heads;
+    int blocks = (n + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
+    size_t room = attention_scratch_size(ctx, head_dim, kv->f16), elem = kv->f16 ? 2 : sizeof(float);
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int b = 0; b < blocks; b++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            int t0 = b * ATTENTION_QUERIES, t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
+            float *weights = scratch + (size_t)thread_num() * room; // (ctx)
+            size_t head = (size_t)h * ctx * head_dim;
+            const void *k = (const char *)kv->keys + head * elem, *v = (const char *)kv->values + head * elem;
+            for (int t = t0; t < t1; t++)
+                for (int qh = h * group; qh < (h + 1) * group; qh++) {
+                    size_t at = (size_t)t * q_dim + (size_t)qh * head_dim;
+                    attention_scores_avx512(weights, q + at, k, pos + t + 1, head_dim, kv->f16);
+                    softmax_avx512(weights, pos + t + 1);
+                    attention_mix_avx512(out + at, weights, v, pos + t + 1, head_dim, kv->f16);
+                }
+        }
+}
+
+/* ---- The products on AVX-512 */
+
+/* prepare_input(), and for these kernels more: the sums that vpdpbusd
+   starts from, for q8_0 and q4_0 weights; for a batch and bf16 weights, on
+   CPUs with AVX-512 BF16, x rounded to bf16 (rows padded with zeros to a
+   multiple of 32). */
+static void prepare_input_avx512(ProductScratch *in, const Matrix *w, const float *x, int n) {
+    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8, stride = (cols + 31) / 32 * 32;
+    in->x = x, in->n = n;
+    if (w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0) {
+        #pragma omp parallel for if (n > 1)
+        for (int t = 0; t < n; t++) {
+            QuantizedVector row = quantized_row(&in->q, t, cols);
+            quantize_vector(&row, x + (size_t)t * cols, cols);
+            quantize_biases(&row, cols, offset);
+            if (w->type == WEIGHT_Q8_0) {
+                QuantizedVector rest = quantized_row(&in->rest, t, cols);
+                quantize_remainder(&rest, x + (size_t)t * cols, &row, cols);
+                quantize_biases(&rest, cols, offset);
+            }
+        }
+    } else if (w->type == WEIGHT_BF16 && n > 1 && use_avx512_bf16) {
+        #pragma omp parallel for
+        for (int t = 0; t < n; t++)
+            for (int i = 0; i < stride; i++)
+                in->bf16[(size_t)t * stride + i] = i < cols ? f32_to_bf16(x[(size_t)t * cols + i]) : 0;
+    }
+}
+
+/* q8_0 and q4_0: one token's dot products with VNNI, a batch packed. */
+static void matmul_q8_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    if (in->n > 1) {
+        qgemm_rows_avx512(out, ldo, w, r0, r1, in);
+        return;
+    }
+    size_t cols = w->cols, groups = cols / GROUP_SIZE;
+    for (int r = r0; r < r1; r++)
+        out[r - r0] = dot_q8_both_avx512((const int8_t *)w->values + r * cols, w->scales + r * groups, &in->q,
+                                         &in->rest, (int)cols);
+}
+
+static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    if (in->n > 1) {
+        qgemm_rows_avx512(out, ldo, w, r0, r1, in);
+        return;
+    }
+    size_t cols = w->cols, groups = cols / GROUP_SIZE;
+    for (int r = r0; r < r1; r++)
+        out[r - r0] = dot_q4_avx512((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, &in->q,
+                                    (int)cols);
+}
+
+/* bf16 on CPUs with AVX-512 BF16: one token in lanes, a batch packed. */
+static void matmul_bf16_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    if (in->n > 1) bgemm_rows_avx512(out, ldo, w, r0, r1, in);
+    else matmul_bf16_fast(out, ldo, w, r0, r1, in);
+}
+#endif
+
+/* ---- The choice */
+
+/* Puts the fastest kernels that this build and CPU have into the kernel
+   table. main() calls it once, before the first forward pass. */
+static void choose_fast_kernels(void) {
+    kernels = (Kernels){{matmul_f32_fast, matmul_q8_0, matmul_q4_0, matmul_bf16_fast}, prepare_input, attention_fast};
+    gemm_tile_full = gemm_tile_fast;
+#if HAVE_AVX2
+    kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx2;
+    kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx2;
+#endif
+#if HAVE_AVX512
+    const char *env = getenv("RUN_AVX512");
+    __builtin_cpu_init();
+    use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("avx512vnni") && !(env && strcmp(env, "0") == 0);
+    use_avx512_bf16 = use_avx512 && __builtin_cpu_supports("avx512bf16");
+    if (!use_avx512) return;
+    kernels.prepare = prepare_input_avx512;
+    kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
+    kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;
+    if (use_avx512_bf16) kernels.matmul[WEIGHT_BF16] = matmul_bf16_avx512;
+    kernels.attention = attention_avx512;
+    gemm_tile_full = gemm_tile_avx512;
+#endif
+}
+
+#endif // PLAIN

@@ -31,6 +31,7 @@ SHARED = ROOT.parent / "shared"
 # make sanitize points these at an instrumented build
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
 RUN_NOOMP = Path(os.environ.get("RUN_NOOMP_BINARY", ROOT / "run-noomp"))
+RUN_PLAIN = Path(os.environ.get("RUN_PLAIN_BINARY", ROOT / "run-plain"))
 REL_TOL = 1e-4
 N_GREEDY = 64
 
@@ -40,9 +41,9 @@ N_GREEDY = 64
 
 @pytest.fixture(scope="session", autouse=True)
 def build():
-    """Builds both binaries once, so the module also runs outside make."""
+    """Builds the binaries once, so the module also runs outside make."""
     if "RUN_BINARY" not in os.environ:
-        subprocess.run(["make", "-s", "run", "run-noomp"], cwd=ROOT, check=True)
+        subprocess.run(["make", "-s", "run", "run-noomp", "run-plain"], cwd=ROOT, check=True)
 
 
 def run(args, cwd, binary=RUN, check=True, **kw):
@@ -110,17 +111,18 @@ def make_model(args, seed=0):
 # Build
 
 def test_builds_without_warnings(tmp_path):
-    for flags in (["-fopenmp"], ["-Wno-unknown-pragmas"]):
+    for flags in (["-fopenmp"], ["-Wno-unknown-pragmas"], ["-DPLAIN", "-fopenmp"]):
         p = subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", *flags, "-o",
                             str(tmp_path / "run"), str(ROOT / "run.c"), "-lm"],
                            capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
 
 
-def test_links_only_libc_libm_and_openmp():
+@pytest.mark.parametrize("binary", [RUN, RUN_PLAIN], ids=["run", "run-plain"])
+def test_links_only_libc_libm_and_openmp(binary):
     if shutil.which("ldd") is None:
         pytest.skip("ldd is not installed")
-    libs = subprocess.run(["ldd", str(RUN)], capture_output=True, text=True, check=True).stdout
+    libs = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
     allowed = ("linux-vdso", "libc.so", "libm.so", "libmvec.so", "libgomp.so", "ld-linux")
     if "RUN_BINARY" in os.environ:  # make sanitize: the runtimes of the sanitizers too
         allowed += ("libasan.so", "libubsan.so", "libstdc++.so", "libgcc_s.so")

@@ -1,102 +1,100 @@
-/*
- * tokenizer.c: text to token ids and back, for run.c.
- *
- * run.c includes this file (a unity build); so do the fuzzers and
- * tests/tokenizer_driver.c. It needs libc only and has no main().
- *
- * Two kinds of tokenizer, both exact re-implementations of a reference:
- *
- *   sentencepiece BPE (Llama 2)   == sentencepiece's encode/decode
- *     normalize (spaces become U+2581 "▁", a dummy "▁" prefix), then merge
- *     adjacent symbols, the pair whose merged piece has the highest score
- *     first; what no piece covers falls back to <0xXX> byte tokens.
- *
- *   byte-level BPE (GPT-2, SmolLM2, Llama 3) == Hugging Face tokenizers
- *     split off added tokens, pre-tokenize with the GPT-2 or Llama 3 regex
- *     (written out by hand below, Unicode classes measured from tokenizers
- *     by tools/gen_unicode_tables.py), then merge byte tokens by merge rank;
- *     decoding is tokenizers' decode(ids, skip_special_tokens=True).
- *
- * Both merge loops keep the symbols in a linked list and the candidate pairs
- * in a binary heap, so encoding is O(n log n) in the length of the text
- * (1 MB in well under 0.1 s on ordinary text); pieces are found through hash
- * tables built once at load.
- *
- * The API (run.c's):
- *   tokenizer_load(t, path, vocab_size, err, err_size)   0, or -1 and a message
- *   tokenizer_load_memory(t, data, size, vocab_size, err, err_size)
- *   tokenizer_free(t)
- *   tokenizer_encode(t, text, len, add_bos, tokens)      count; tokens holds len + 3
- *   tokenizer_encode_n(t, text, len, add_bos, tokens, max)   the same, bounded
- *   tokenizer_max_tokens(t, len)                        most tokens len bytes can give
- *   tokenizer_find(t, piece, len)                       id of that exact token, or -1
- *   tokenizer_piece(t, id, &len)                        the bytes a token is stored as
- *   decoder_init(d), tokenizer_decode(t, d, id, out, n), tokenizer_decode_flush(t, d, out, n)
- *     streamed text; the concatenation equals the reference's decode(ids)
- *   tokenizer_decode_size(t)                            an n that always suffices
- *
- * Where the references cannot be followed: text that is not valid UTF-8.
- * sentencepiece itself turns each bad byte into U+FFFD, and so does this
- * file; byte-level BPE keeps the bytes (the pre-tokenizer counts a bad byte
- * as a character of class "other"), so decoding gives them back. One known
- * difference: tokenizers matches added tokens marked normalized=true (those
- * added by add_tokens, not special ones) in a second pass, after the others;
- * here all are matched in one pass, longest first, which differs only where
- * two added tokens overlap in the text.
- *
- * File format ("LTOK", written by export.py; little-endian):
- *
- *   offset  size  type     field
- *   ------  ----  -------  ------------------------------------------------
- *        0     4  char[4]  magic "LTOK"
- *        4     4  u32      version = 1
- *        8     4  u32      kind            0 sentencepiece BPE, 1 byte-level BPE
- *       12     4  i32      vocab_size      number of token records
- *       16     4  i32      bos_id          -1: none
- *       20     4  i32      eos_id          -1: none
- *       24     4  i32      pad_id          -1: none
- *       28     4  i32      unk_id          -1: none (sentencepiece needs one)
- *       32     4  u32      flags           bit 0  add BOS when encoding a prompt
- *                                          bit 1  add dummy prefix ("▁" / " ")
- *                                          bit 2  remove extra whitespaces (sp)
- *                                          bit 3  byte fallback (sp)
- *                                          bit 4  ignore merges: a pre-token that
- *                                                 is a token is kept whole (bl)
- *       36     4  u32      pretokenizer    0 none, 1 GPT-2 regex,
- *                                          2 digits one by one, then GPT-2 regex
- *                                          3 Llama 3 regex
- *       40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml
- *       44     4  u32      n_merges        0 for sentencepiece
- *       48     4  u32      max_token_length  bytes in the longest token
- *       52     4  u32      system_len      bytes of the default system prompt (0: none)
- *       56     8  zero     reserved
- *       64        vocab_size token records, id 0 first:
- *                   u32   len             1 .. max_token_length
- *                   f32   score           sentencepiece merge score (bl: 0)
- *                   u8    type            1 normal, 2 unknown, 3 control,
- *                                         4 user-defined, 5 unused, 6 byte
- *                   u8    bytes[len]      the token's text; sentencepiece
- *                                         keeps "▁", byte-level tokens are
- *                                         raw bytes (GPT-2's byte-to-unicode
- *                                         mapping undone); a byte token is
- *                                         the text "<0xXX>"
- *                 n_merges merge records, rank = index (byte-level only):
- *                   i32   left, right, result    token ids; the bytes of
- *                                         result are left's then right's
- *                 u8 system[system_len]   the chat template's default system
- *                                         prompt (UTF-8, no NUL), for chat
- *                                         when the user gives none
- *                 the file ends here.
- *
- * Byte-level: type 3 (control) marks special added tokens, type 4 added
- * tokens that are not special; both are matched whole in the input text,
- * longest first, and only special ones are skipped when decoding.
- *
- * The legacy llama2.c tokenizer.bin is read too (no magic): i32
- * max_token_length, then per token f32 score, i32 len, bytes, with " " in
- * place of "▁". It is read as a sentencepiece tokenizer: unk 0, BOS 1, EOS
- * 2, add BOS, dummy prefix, <0xXX> pieces are byte tokens.
- */
+/* tokenizer.c: text to token ids and back, for run.c.
+
+   run.c includes this file (a unity build); so do the fuzzers and
+   tests/tokenizer_driver.c. It needs libc only and has no main().
+
+   Two kinds of tokenizer, both exact re-implementations of a reference:
+
+     sentencepiece BPE (Llama 2)   == sentencepiece's encode/decode
+       normalize (spaces become U+2581 "▁", a dummy "▁" prefix), then merge
+       adjacent symbols, the pair whose merged piece has the highest score
+       first; what no piece covers falls back to <0xXX> byte tokens.
+
+     byte-level BPE (GPT-2, SmolLM2, Llama 3) == Hugging Face tokenizers
+       split off added tokens, pre-tokenize with the GPT-2 or Llama 3 regex
+       (written out by hand below, Unicode classes measured from tokenizers
+       by tools/gen_unicode_tables.py), then merge byte tokens by merge rank;
+       decoding is tokenizers' decode(ids, skip_special_tokens=True).
+
+   Both merge loops keep the symbols in a linked list and the candidate pairs
+   in a binary heap, so encoding is O(n log n) in the length of the text
+   (1 MB in well under 0.1 s on ordinary text); pieces are found through hash
+   tables built once at load.
+
+   The API (run.c's):
+     tokenizer_load(t, path, vocab_size, err, err_size)   0, or -1 and a message
+     tokenizer_load_memory(t, data, size, vocab_size, err, err_size)
+     tokenizer_free(t)
+     tokenizer_encode(t, text, len, add_bos, tokens)      count; tokens holds len + 3
+     tokenizer_encode_n(t, text, len, add_bos, tokens, max)   the same, bounded
+     tokenizer_max_tokens(t, len)                        most tokens len bytes can give
+     tokenizer_find(t, piece, len)                       id of that exact token, or -1
+     tokenizer_piece(t, id, &len)                        the bytes a token is stored as
+     decoder_init(d), tokenizer_decode(t, d, id, out, n), tokenizer_decode_flush(t, d, out, n)
+       streamed text; the concatenation equals the reference's decode(ids)
+     tokenizer_decode_size(t)                            an n that always suffices
+
+   Where the references cannot be followed: text that is not valid UTF-8.
+   sentencepiece itself turns each bad byte into U+FFFD, and so does this
+   file; byte-level BPE keeps the bytes (the pre-tokenizer counts a bad byte
+   as a character of class "other"), so decoding gives them back. One known
+   difference: tokenizers matches added tokens marked normalized=true (those
+   added by add_tokens, not special ones) in a second pass, after the others;
+   here all are matched in one pass, longest first, which differs only where
+   two added tokens overlap in the text.
+
+   File format ("LTOK", written by export.py; little-endian):
+
+     offset  size  type     field
+     ------  ----  -------  ------------------------------------------------
+          0     4  char[4]  magic "LTOK"
+          4     4  u32      version = 1
+          8     4  u32      kind            0 sentencepiece BPE, 1 byte-level BPE
+         12     4  i32      vocab_size      number of token records
+         16     4  i32      bos_id          -1: none
+         20     4  i32      eos_id          -1: none
+         24     4  i32      pad_id          -1: none
+         28     4  i32      unk_id          -1: none (sentencepiece needs one)
+         32     4  u32      flags           bit 0  add BOS when encoding a prompt
+                                            bit 1  add dummy prefix ("▁" / " ")
+                                            bit 2  remove extra whitespaces (sp)
+                                            bit 3  byte fallback (sp)
+                                            bit 4  ignore merges: a pre-token that
+                                                   is a token is kept whole (bl)
+         36     4  u32      pretokenizer    0 none, 1 GPT-2 regex,
+                                            2 digits one by one, then GPT-2 regex
+                                            3 Llama 3 regex
+         40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml
+         44     4  u32      n_merges        0 for sentencepiece
+         48     4  u32      max_token_length  bytes in the longest token
+         52     4  u32      system_len      bytes of the default system prompt (0: none)
+         56     8  zero     reserved
+         64        vocab_size token records, id 0 first:
+                     u32   len             1 .. max_token_length
+                     f32   score           sentencepiece merge score (bl: 0)
+                     u8    type            1 normal, 2 unknown, 3 control,
+                                           4 user-defined, 5 unused, 6 byte
+                     u8    bytes[len]      the token's text; sentencepiece
+                                           keeps "▁", byte-level tokens are
+                                           raw bytes (GPT-2's byte-to-unicode
+                                           mapping undone); a byte token is
+                                           the text "<0xXX>"
+                   n_merges merge records, rank = index (byte-level only):
+                     i32   left, right, result    token ids; the bytes of
+                                           result are left's then right's
+                   u8 system[system_len]   the chat template's default system
+                                           prompt (UTF-8, no NUL), for chat
+                                           when the user gives none
+                   the file ends here.
+
+   Byte-level: type 3 (control) marks special added tokens, type 4 added
+   tokens that are not special; both are matched whole in the input text,
+   longest first, and only special ones are skipped when decoding.
+
+   The legacy llama2.c tokenizer.bin is read too (no magic): i32
+   max_token_length, then per token f32 score, i32 len, bytes, with " " in
+   place of "▁". It is read as a sentencepiece tokenizer: unk 0, BOS 1, EOS
+   2, add BOS, dummy prefix, <0xXX> pieces are byte tokens. */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -108,8 +106,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-// ----------------------------------------------------------------------------
-// Types
+#include "unicode_tables.h"
+
+/* ----------------------------------------------------------------------------
+   Types */
 
 enum { TOK_SENTENCEPIECE = 0, TOK_BYTELEVEL = 1 };
 enum {
@@ -125,35 +125,35 @@ enum {
     TOKF_ALL = (1u << 5) - 1
 };
 enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_DIGITS_GPT2 = 2, PRETOK_LLAMA3 = 3 };
-enum { CHAT_NONE = 0, CHAT_LLAMA2 = 1, CHAT_CHATML = 2 };
+enum { TEMPLATE_NONE = 0, TEMPLATE_LLAMA2 = 1, TEMPLATE_CHATML = 2 }; // chat_template; run.c's chat too
 
-// An open-addressing hash table from token bytes to token id.
+/* An open-addressing hash table from token bytes to token id. */
 typedef struct {
     int32_t *id;        // (cap) token id, -1 for an empty slot
     uint32_t *hash;     // (cap) hash of that token's bytes
     uint32_t cap;       // a power of two, at least twice the entries
 } TokIndex;
 
-// A byte-level merge: the pair (left, right) becomes result, at this rank.
+/* A byte-level merge: the pair (left, right) becomes result, at this rank. */
 typedef struct {
     int32_t left, right, result, rank;   // left = -1: empty slot
 } TokMerge;
 
 typedef struct {
-    // what run.c reads
+    /* what run.c reads */
     int vocab_size;
     int bos_id, eos_id, pad_id, unk_id;   // -1: none
     int add_bos;            // 1: prompts start with bos_id
-    int chat_template;      // CHAT_*
+    int chat_template;      // TEMPLATE_*
     char *system_prompt;    // the template's default system prompt (NUL-terminated), NULL: none
     int legacy;             // 1: read from a llama2.c tokenizer.bin
     int max_token_length;   // bytes in the longest token
-    // the rest of the header
+    /* the rest of the header */
     int kind;               // TOK_SENTENCEPIECE or TOK_BYTELEVEL
     uint32_t flags;         // TOKF_*
     int pretokenizer;       // PRETOK_*
     int n_merges;
-    // the vocabulary
+    /* the vocabulary */
     unsigned char *bytes;   // all tokens' bytes, back to back
     uint32_t *offset;       // (vocab_size + 1) token i is bytes[offset[i]..offset[i+1])
     float *score;           // (vocab_size) sentencepiece merge score
@@ -171,8 +171,8 @@ typedef struct {
     int fallback_ok;        // "▁" and U+FFFD are pieces: at most one token per input byte
 } Tokenizer;
 
-// Streaming decoder state: the bytes of a UTF-8 character not yet complete,
-// and sentencepiece's "drop the first leading space" bookkeeping.
+/* Streaming decoder state: the bytes of a UTF-8 character not yet complete,
+   and sentencepiece's "drop the first leading space" bookkeeping. */
 typedef struct {
     unsigned char pending[4];
     int n_pending;
@@ -181,52 +181,47 @@ typedef struct {
     int emitted;            // some text has been produced
 } TokenDecoder;
 
-// ----------------------------------------------------------------------------
-// Small helpers
+/* ----------------------------------------------------------------------------
+   Small helpers */
 
 static const unsigned char TOK_SPACE[3] = {0xE2, 0x96, 0x81};   // U+2581 "▁"
 static const unsigned char TOK_REPLACEMENT[3] = {0xEF, 0xBF, 0xBD}; // U+FFFD
 
-static void tok_err(char *err, size_t err_size, const char *fmt, long a, long b)
-{
+static void tok_err(char *err, size_t err_size, const char *fmt, long a, long b) {
     if (err && err_size) snprintf(err, err_size, fmt, a, b);
 }
 
-static uint32_t tok_rd32(const unsigned char *p)
-{
+/* Little-endian fields, of the tokenizer file here and of run.c's checkpoint. */
+static uint32_t read_u32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static float tok_rdf32(const unsigned char *p)
-{
-    uint32_t u = tok_rd32(p);
+static int32_t read_i32(const unsigned char *p) { return (int32_t)read_u32(p); }
+
+static float read_f32(const unsigned char *p) {
+    uint32_t u = read_u32(p);
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
-static uint32_t tok_hash(const unsigned char *s, size_t n)
-{
-    // FNV-1a, 32 bit
+static uint32_t tok_hash(const unsigned char *s, size_t n) {
+    /* FNV-1a, 32 bit */
     uint32_t h = 2166136261u;
     for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 16777619u;
     return h;
 }
 
-static const unsigned char *tok_piece(const Tokenizer *t, int id, size_t *len)
-{
+static const unsigned char *tok_piece(const Tokenizer *t, int id, size_t *len) {
     *len = t->offset[id + 1] - t->offset[id];
     return t->bytes + t->offset[id];
 }
 
-/*
- * Status of the UTF-8 sequence s[0..n), n >= 1, judged as the start of one
- * character: 0 a complete valid character of n bytes, 1 a proper prefix of
- * a valid character, -1 invalid. Valid means well-formed UTF-8 (no overlong
- * forms, no surrogates, nothing above U+10FFFF), as both references judge.
- */
-static int utf8_status(const unsigned char *s, int n)
-{
+/* Status of the UTF-8 sequence s[0..n), n >= 1, judged as the start of one
+   character: 0 a complete valid character of n bytes, 1 a proper prefix of
+   a valid character, -1 invalid. Valid means well-formed UTF-8 (no overlong
+   forms, no surrogates, nothing above U+10FFFF), as both references judge. */
+static int utf8_status(const unsigned char *s, int n) {
     unsigned char c = s[0];
     int need;
     unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
@@ -249,9 +244,8 @@ static int utf8_status(const unsigned char *s, int n)
     return n == need ? 0 : 1;
 }
 
-// Length of the valid UTF-8 character at s[0..n), or 0 if there is none.
-static int utf8_valid_len(const unsigned char *s, size_t n)
-{
+/* Length of the valid UTF-8 character at s[0..n), or 0 if there is none. */
+static int utf8_valid_len(const unsigned char *s, size_t n) {
     int k = 1;
     for (;;) {
         int st = utf8_status(s, k);
@@ -261,9 +255,8 @@ static int utf8_valid_len(const unsigned char *s, size_t n)
     }
 }
 
-// Decode the valid character at s (length len from utf8_valid_len).
-static uint32_t tok_utf8_decode(const unsigned char *s, int len)
-{
+/* Decode the valid character at s (length len from utf8_valid_len). */
+static uint32_t tok_utf8_decode(const unsigned char *s, int len) {
     switch (len) {
     case 1: return s[0];
     case 2: return (uint32_t)(s[0] & 0x1F) << 6 | (s[1] & 0x3F);
@@ -273,11 +266,10 @@ static uint32_t tok_utf8_decode(const unsigned char *s, int len)
     }
 }
 
-// ----------------------------------------------------------------------------
-// Hash tables
+/* ----------------------------------------------------------------------------
+   Hash tables */
 
-static int tok_index_init(TokIndex *ix, int n)
-{
+static int tok_index_init(TokIndex *ix, int n) {
     uint32_t cap = 16;
     while (cap < 2u * (uint32_t)n) cap <<= 1;
     ix->cap = cap;
@@ -288,8 +280,7 @@ static int tok_index_init(TokIndex *ix, int n)
     return 0;
 }
 
-static void tok_index_free(TokIndex *ix)
-{
+static void tok_index_free(TokIndex *ix) {
     free(ix->id);
     free(ix->hash);
     ix->id = NULL;
@@ -297,9 +288,8 @@ static void tok_index_free(TokIndex *ix)
     ix->cap = 0;
 }
 
-// Id of the token in ix whose bytes are s[0..n), or -1.
-static int tok_index_get(const Tokenizer *t, const TokIndex *ix, const unsigned char *s, size_t n)
-{
+/* Id of the token in ix whose bytes are s[0..n), or -1. */
+static int tok_index_get(const Tokenizer *t, const TokIndex *ix, const unsigned char *s, size_t n) {
     if (!ix->cap) return -1;
     uint32_t h = tok_hash(s, n), m = ix->cap - 1;
     for (uint32_t i = h & m;; i = (i + 1) & m) {
@@ -313,9 +303,8 @@ static int tok_index_get(const Tokenizer *t, const TokIndex *ix, const unsigned 
     }
 }
 
-// Adds token id unless a token with the same bytes is there; 1 if added.
-static int tok_index_put(const Tokenizer *t, TokIndex *ix, int id)
-{
+/* Adds token id unless a token with the same bytes is there; 1 if added. */
+static int tok_index_put(const Tokenizer *t, TokIndex *ix, int id) {
     size_t n;
     const unsigned char *s = tok_piece(t, id, &n);
     uint32_t h = tok_hash(s, n), m = ix->cap - 1;
@@ -334,16 +323,14 @@ static int tok_index_put(const Tokenizer *t, TokIndex *ix, int id)
     }
 }
 
-static uint32_t tok_pair_hash(int32_t a, int32_t b)
-{
+static uint32_t tok_pair_hash(int32_t a, int32_t b) {
     uint64_t k = (uint64_t)(uint32_t)a << 32 | (uint32_t)b;
     k *= 0x9E3779B97F4A7C15ull;
     return (uint32_t)(k >> 32);
 }
 
-// The merge of (left, right), or NULL.
-static const TokMerge *tok_merge_get(const Tokenizer *t, int left, int right)
-{
+/* The merge of (left, right), or NULL. */
+static const TokMerge *tok_merge_get(const Tokenizer *t, int left, int right) {
     if (!t->merge_cap) return NULL;
     uint32_t m = t->merge_cap - 1;
     for (uint32_t i = tok_pair_hash(left, right) & m;; i = (i + 1) & m) {
@@ -353,11 +340,10 @@ static const TokMerge *tok_merge_get(const Tokenizer *t, int left, int right)
     }
 }
 
-// ----------------------------------------------------------------------------
-// Loading
+/* ----------------------------------------------------------------------------
+   Loading */
 
-void tokenizer_free(Tokenizer *t)
-{
+void tokenizer_free(Tokenizer *t) {
     free(t->bytes);
     free(t->offset);
     free(t->score);
@@ -372,9 +358,8 @@ void tokenizer_free(Tokenizer *t)
     t->bos_id = t->eos_id = t->pad_id = t->unk_id = -1;
 }
 
-// Value of a sentencepiece byte piece "<0xXX>" (upper-case hex), or -1.
-static int tok_byte_piece_value(const unsigned char *s, size_t n)
-{
+/* Value of a sentencepiece byte piece "<0xXX>" (upper-case hex), or -1. */
+static int tok_byte_piece_value(const unsigned char *s, size_t n) {
     if (n != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>') return -1;
     int v = 0;
     for (int i = 3; i < 5; i++) {
@@ -387,12 +372,9 @@ static int tok_byte_piece_value(const unsigned char *s, size_t n)
     return v;
 }
 
-/*
- * Builds the lookup tables once the vocabulary arrays are filled in.
- * Returns 0, or -1 with err set.
- */
-static int tok_build(Tokenizer *t, char *err, size_t err_size)
-{
+/* Builds the lookup tables once the vocabulary arrays are filled in.
+   Returns 0, or -1 with err set. */
+static int tok_build(Tokenizer *t, char *err, size_t err_size) {
     int n = t->vocab_size;
     int is_sp = t->kind == TOK_SENTENCEPIECE;
     for (int b = 0; b < 256; b++) t->byte_token[b] = -1;
@@ -404,8 +386,8 @@ static int tok_build(Tokenizer *t, char *err, size_t err_size)
         int ty = t->type[id];
         if ((int)len > max_len) max_len = (int)len;
         if (is_sp) {
-            // sentencepiece keeps two maps: reserved pieces (control, unknown,
-            // byte), looked up first, and the pieces merges may produce.
+            /* sentencepiece keeps two maps: reserved pieces (control, unknown,
+               byte), looked up first, and the pieces merges may produce. */
             int reserved = ty == PIECE_CONTROL || ty == PIECE_UNKNOWN || ty == PIECE_BYTE;
             if (!tok_index_put(t, reserved ? &t->all : &t->bpe, id)) {
                 tok_err(err, err_size, "token %ld is a duplicate", id, 0);
@@ -428,8 +410,8 @@ static int tok_build(Tokenizer *t, char *err, size_t err_size)
         }
     }
     if (is_sp) {
-        // every normal piece goes into the index of all tokens too, after the
-        // reserved ones (sentencepiece's PieceToId looks in that order)
+        /* every normal piece goes into the index of all tokens too, after the
+           reserved ones (sentencepiece's PieceToId looks in that order) */
         for (int id = 0; id < n; id++) {
             int ty = t->type[id];
             if (!(ty == PIECE_CONTROL || ty == PIECE_UNKNOWN || ty == PIECE_BYTE)) tok_index_put(t, &t->all, id);
@@ -447,8 +429,8 @@ static int tok_build(Tokenizer *t, char *err, size_t err_size)
                 t->max_token_length, max_len);
         return -1;
     }
-    // the pieces matched whole in the text: user-defined (sentencepiece),
-    // added tokens (byte-level)
+    /* the pieces matched whole in the text: user-defined (sentencepiece),
+       added tokens (byte-level) */
     if (n_special) {
         if (tok_index_init(&t->special, n_special)) goto oom;
         t->special_len = malloc(sizeof(int) * (size_t)n_special);
@@ -474,9 +456,8 @@ oom:
     return -1;
 }
 
-// Allocates the vocabulary arrays for n tokens of total_bytes bytes.
-static int tok_alloc(Tokenizer *t, int n, size_t total_bytes)
-{
+/* Allocates the vocabulary arrays for n tokens of total_bytes bytes. */
+static int tok_alloc(Tokenizer *t, int n, size_t total_bytes) {
     t->vocab_size = n;
     t->bytes = malloc(total_bytes ? total_bytes : 1);
     t->offset = malloc(sizeof(uint32_t) * ((size_t)n + 1));
@@ -490,25 +471,22 @@ static int tok_alloc(Tokenizer *t, int n, size_t total_bytes)
 #define TOK_MAX_TEXT ((size_t)1 << 29)   // bytes of text one encode call takes
 #define TOK_MAX_FILE ((off_t)1 << 30)    // bytes of a tokenizer file; real ones are a few MB
 
-/*
- * Reads a llama2.c tokenizer.bin. vocab_size < 0: read to the end.
- * The pieces get back their "▁" (the file has " "), so that encoding and
- * decoding follow sentencepiece exactly.
- */
+/* Reads a llama2.c tokenizer.bin. vocab_size < 0: read to the end.
+   The pieces get back their "▁" (the file has " "), so that encoding and
+   decoding follow sentencepiece exactly. */
 static int tok_load_legacy(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
-                           char *err, size_t err_size)
-{
+                           char *err, size_t err_size) {
     if (size < 4) {
         tok_err(err, err_size, "file too short for a tokenizer (%ld bytes)", (long)size, 0);
         return -1;
     }
-    int32_t max_len = (int32_t)tok_rd32(data);
+    int32_t max_len = read_i32(data);
     if (max_len < 1 || max_len > TOK_MAX_TOKEN_LENGTH) {
         tok_err(err, err_size, "not a tokenizer: no LTOK magic, and max_token_length %ld is not sane",
                 max_len, 0);
         return -1;
     }
-    // first pass: count the records and the bytes they need with " " -> "▁"
+    /* first pass: count the records and the bytes they need with " " -> "▁" */
     size_t pos = 4, total = 0;
     long count = 0;
     while (pos < size) {
@@ -516,7 +494,7 @@ static int tok_load_legacy(Tokenizer *t, const unsigned char *data, size_t size,
             tok_err(err, err_size, "token %ld: record cut short at byte %ld", count, (long)pos);
             return -1;
         }
-        int32_t len = (int32_t)tok_rd32(data + pos + 4);
+        int32_t len = read_i32(data + pos + 4);
         if (len < 1 || len > max_len) {
             tok_err(err, err_size, "token %ld has length %ld, outside 1..max_token_length", count, len);
             return -1;
@@ -550,17 +528,17 @@ static int tok_load_legacy(Tokenizer *t, const unsigned char *data, size_t size,
         tok_err(err, err_size, "out of memory", 0, 0);
         return -1;
     }
-    // second pass: fill in
+    /* second pass: fill in */
     pos = 4;
     size_t out = 0;
     int longest = 0;
     for (int id = 0; id < count; id++) {
-        int32_t len = (int32_t)tok_rd32(data + pos + 4);
+        int32_t len = read_i32(data + pos + 4);
         const unsigned char *s = data + pos + 8;
-        t->score[id] = tok_rdf32(data + pos);
+        t->score[id] = read_f32(data + pos);
         t->offset[id] = (uint32_t)out;
         if (id == 1 || id == 2) {
-            // llama2.c wrote BOS and EOS as "\n<s>\n" and "\n</s>\n"
+            /* llama2.c wrote BOS and EOS as "\n<s>\n" and "\n</s>\n" */
             while (len > 1 && s[0] == '\n') s++, len--;
             while (len > 1 && s[len - 1] == '\n') len--;
         }
@@ -576,7 +554,7 @@ static int tok_load_legacy(Tokenizer *t, const unsigned char *data, size_t size,
         else if (id <= 2) t->type[id] = PIECE_CONTROL;
         else if (tok_byte_piece_value(t->bytes + t->offset[id], (size_t)piece_len) >= 0) t->type[id] = PIECE_BYTE;
         else t->type[id] = PIECE_NORMAL;
-        pos += 8 + (size_t)tok_rd32(data + pos + 4);
+        pos += 8 + (size_t)read_u32(data + pos + 4);
     }
     t->offset[count] = (uint32_t)out;
     t->kind = TOK_SENTENCEPIECE;
@@ -586,32 +564,31 @@ static int tok_load_legacy(Tokenizer *t, const unsigned char *data, size_t size,
     t->pad_id = -1;
     t->flags = TOKF_ADD_BOS | TOKF_DUMMY_PREFIX | TOKF_BYTE_FALLBACK;
     t->pretokenizer = PRETOK_NONE;
-    t->chat_template = CHAT_LLAMA2;
+    t->chat_template = TEMPLATE_LLAMA2;
     t->legacy = 1;
     t->max_token_length = longest;
     return tok_build(t, err, err_size);
 }
 
 static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
-                         char *err, size_t err_size)
-{
+                         char *err, size_t err_size) {
     if (size < 64) {
         tok_err(err, err_size, "tokenizer header cut short (%ld of 64 bytes)", (long)size, 0);
         return -1;
     }
-    uint32_t version = tok_rd32(data + 4);
+    uint32_t version = read_u32(data + 4);
     if (version != 1) {
         tok_err(err, err_size, "tokenizer version %ld, this build reads version 1 (re-export with export.py)",
                 (long)version, 0);
         return -1;
     }
-    uint32_t kind = tok_rd32(data + 8);
-    int32_t n = (int32_t)tok_rd32(data + 12);
+    uint32_t kind = read_u32(data + 8);
+    int32_t n = read_i32(data + 12);
     int32_t ids[4];
-    for (int i = 0; i < 4; i++) ids[i] = (int32_t)tok_rd32(data + 16 + 4 * i);
-    uint32_t flags = tok_rd32(data + 32), pretok = tok_rd32(data + 36);
-    uint32_t chat = tok_rd32(data + 40), n_merges = tok_rd32(data + 44);
-    uint32_t max_len = tok_rd32(data + 48), system_len = tok_rd32(data + 52);
+    for (int i = 0; i < 4; i++) ids[i] = read_i32(data + 16 + 4 * i);
+    uint32_t flags = read_u32(data + 32), pretok = read_u32(data + 36);
+    uint32_t chat = read_u32(data + 40), n_merges = read_u32(data + 44);
+    uint32_t max_len = read_u32(data + 48), system_len = read_u32(data + 52);
     if (kind > 1) {
         tok_err(err, err_size, "unknown tokenizer kind %ld", (long)kind, 0);
         return -1;
@@ -641,7 +618,7 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
         tok_err(err, err_size, "unknown pretokenizer %ld", (long)pretok, 0);
         return -1;
     }
-    if (chat > CHAT_CHATML) {
+    if (chat > TEMPLATE_CHATML) {
         tok_err(err, err_size, "unknown chat_template %ld", (long)chat, 0);
         return -1;
     }
@@ -649,14 +626,14 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
         tok_err(err, err_size, "max_token_length %ld is not sane", (long)max_len, 0);
         return -1;
     }
-    // first pass: validate the records
+    /* first pass: validate the records */
     size_t pos = 64, total = 0;
     for (int32_t id = 0; id < n; id++) {
         if (size - pos < 9) {
             tok_err(err, err_size, "token %ld: record cut short at byte %ld", id, (long)pos);
             return -1;
         }
-        uint32_t len = tok_rd32(data + pos);
+        uint32_t len = read_u32(data + pos);
         unsigned ty = data[pos + 8];
         if (len < 1 || len > max_len) {
             tok_err(err, err_size, "token %ld has length %ld, outside 1..max_token_length", id, (long)len);
@@ -701,8 +678,8 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
     pos = 64;
     size_t out = 0;
     for (int32_t id = 0; id < n; id++) {
-        uint32_t len = tok_rd32(data + pos);
-        t->score[id] = tok_rdf32(data + pos + 4);
+        uint32_t len = read_u32(data + pos);
+        t->score[id] = read_f32(data + pos + 4);
         t->type[id] = data[pos + 8];
         t->offset[id] = (uint32_t)out;
         memcpy(t->bytes + out, data + pos + 9, len);
@@ -722,7 +699,7 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
     t->n_merges = (int)n_merges;
     t->legacy = 0;
     if (tok_build(t, err, err_size)) return -1;
-    // merges: (left, right) -> result at rank = index
+    /* merges: (left, right) -> result at rank = index */
     if (n_merges) {
         uint32_t cap = 16;
         while (cap < 2 * n_merges) cap <<= 1;
@@ -734,8 +711,8 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
         t->merge_cap = cap;
         for (uint32_t i = 0; i < cap; i++) t->merge[i].left = -1;
         for (uint32_t r = 0; r < n_merges; r++, pos += 12) {
-            int32_t l = (int32_t)tok_rd32(data + pos), rr = (int32_t)tok_rd32(data + pos + 4);
-            int32_t res = (int32_t)tok_rd32(data + pos + 8);
+            int32_t l = read_i32(data + pos), rr = read_i32(data + pos + 4);
+            int32_t res = read_i32(data + pos + 8);
             if (l < 0 || l >= n || rr < 0 || rr >= n || res < 0 || res >= n) {
                 tok_err(err, err_size, "merge %ld has a token id outside the vocabulary", (long)r, 0);
                 return -1;
@@ -765,14 +742,11 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
     return 0;
 }
 
-/*
- * Loads a tokenizer from memory (the bytes are copied; data may be freed).
- * vocab_size: the model's, or -1 when unknown. Returns 0, or -1 with a
- * short message in err.
- */
+/* Loads a tokenizer from memory (the bytes are copied; data may be freed).
+   vocab_size: the model's, or -1 when unknown. Returns 0, or -1 with a
+   short message in err. */
 int tokenizer_load_memory(Tokenizer *t, const unsigned char *data, size_t size, int vocab_size,
-                          char *err, size_t err_size)
-{
+                          char *err, size_t err_size) {
     memset(t, 0, sizeof(*t));
     t->bos_id = t->eos_id = t->pad_id = t->unk_id = -1;
     if (err && err_size) err[0] = '\0';
@@ -787,13 +761,10 @@ int tokenizer_load_memory(Tokenizer *t, const unsigned char *data, size_t size, 
     return 0;
 }
 
-/*
- * Loads a tokenizer file: a regular file of at most TOK_MAX_FILE bytes (a
- * FIFO or a device is refused; O_NONBLOCK keeps open() from waiting on a
- * FIFO). Returns 0, or -1 with a short message in err.
- */
-int tokenizer_load(Tokenizer *t, const char *path, int vocab_size, char *err, size_t err_size)
-{
+/* Loads a tokenizer file: a regular file of at most TOK_MAX_FILE bytes (a
+   FIFO or a device is refused; O_NONBLOCK keeps open() from waiting on a
+   FIFO). Returns 0, or -1 with a short message in err. */
+int tokenizer_load(Tokenizer *t, const char *path, int vocab_size, char *err, size_t err_size) {
     memset(t, 0, sizeof(*t));
     t->bos_id = t->eos_id = t->pad_id = t->unk_id = -1;
     int fd = open(path, O_RDONLY | O_NONBLOCK);
@@ -824,39 +795,35 @@ int tokenizer_load(Tokenizer *t, const char *path, int vocab_size, char *err, si
     return rc;
 }
 
-// The bytes a token is stored as (sentencepiece's "▁" and <0xXX> spelling
-// included); *len gets their count. id must be in [0, vocab_size).
-const unsigned char *tokenizer_piece(const Tokenizer *t, int id, size_t *len)
-{
+/* The bytes a token is stored as (sentencepiece's "▁" and <0xXX> spelling
+   included); *len gets their count. id must be in [0, vocab_size). */
+const unsigned char *tokenizer_piece(const Tokenizer *t, int id, size_t *len) {
     return tok_piece(t, id, len);
 }
 
-// Id of the token whose bytes are exactly piece[0..len), or -1.
-int tokenizer_find(const Tokenizer *t, const char *piece, size_t len)
-{
+/* Id of the token whose bytes are exactly piece[0..len), or -1. */
+int tokenizer_find(const Tokenizer *t, const char *piece, size_t len) {
     return tok_index_get(t, &t->all, (const unsigned char *)piece, len);
 }
 
-// ----------------------------------------------------------------------------
-// Encoding: shared pieces
+/* ----------------------------------------------------------------------------
+   Encoding: shared pieces */
 
-// A growable array of token ids, writing into the caller's buffer first.
+/* A growable array of token ids, writing into the caller's buffer first. */
 typedef struct {
     int *ids;
     size_t n, cap;
 } TokOut;
 
-static int tok_emit(TokOut *o, int id)
-{
+static int tok_emit(TokOut *o, int id) {
     if (o->n == o->cap) return -1;
     o->ids[o->n++] = id;
     return 0;
 }
 
-// Length of the longest whole-matched piece (user-defined / added token) at
-// s[0..n), or 0.
-static size_t tok_match_special(const Tokenizer *t, const unsigned char *s, size_t n)
-{
+/* Length of the longest whole-matched piece (user-defined / added token) at
+   s[0..n), or 0. */
+static size_t tok_match_special(const Tokenizer *t, const unsigned char *s, size_t n) {
     if (!t->n_special_len || !(t->special_first[s[0] >> 3] & (1u << (s[0] & 7)))) return 0;
     for (int k = 0; k < t->n_special_len; k++) {
         size_t len = (size_t)t->special_len[k];
@@ -865,18 +832,15 @@ static size_t tok_match_special(const Tokenizer *t, const unsigned char *s, size
     return 0;
 }
 
-// ----------------------------------------------------------------------------
-// Encoding: sentencepiece BPE
+/* ----------------------------------------------------------------------------
+   Encoding: sentencepiece BPE */
 
-/*
- * sentencepiece's normalizer with the identity rule set (what Llama uses):
- * invalid UTF-8 bytes become U+FFFD one byte at a time, " " becomes "▁",
- * a "▁" is put in front, and with remove_extra_whitespaces leading,
- * trailing and repeated spaces go. out must hold 3 * len + 3 bytes.
- * Returns the normalized length.
- */
-static size_t sp_normalize(const Tokenizer *t, const unsigned char *in, size_t len, unsigned char *out)
-{
+/* sentencepiece's normalizer with the identity rule set (what Llama uses):
+   invalid UTF-8 bytes become U+FFFD one byte at a time, " " becomes "▁",
+   a "▁" is put in front, and with remove_extra_whitespaces leading,
+   trailing and repeated spaces go. out must hold 3 * len + 3 bytes.
+   Returns the normalized length. */
+static size_t sp_normalize(const Tokenizer *t, const unsigned char *in, size_t len, unsigned char *out) {
     int rm = (t->flags & TOKF_REMOVE_EXTRA_WS) != 0;
     size_t i = 0, o = 0;
     if (rm) while (i < len && in[i] == ' ') i++;
@@ -887,7 +851,7 @@ static size_t sp_normalize(const Tokenizer *t, const unsigned char *in, size_t l
     }
     int prev_space = rm;
     while (i < len) {
-        // one unit: a user-defined piece (kept as it is), or one character
+        /* one unit: a user-defined piece (kept as it is), or one character */
         const unsigned char *u = in + i;
         size_t ulen = rm ? tok_match_special(t, u, len - i) : 0, consumed;
         if (ulen) consumed = ulen;
@@ -935,13 +899,11 @@ typedef struct {
     size_t n, cap;
 } SpHeap;
 
-static int sp_pair_before(const SpPair *x, const SpPair *y)
-{
+static int sp_pair_before(const SpPair *x, const SpPair *y) {
     return x->score > y->score || (x->score == y->score && x->left < y->left);
 }
 
-static int sp_heap_push(SpHeap *h, SpPair p)
-{
+static int sp_heap_push(SpHeap *h, SpPair p) {
     if (h->n == h->cap) {
         size_t cap = h->cap ? h->cap * 2 : 256;
         SpPair *a = realloc(h->a, cap * sizeof(SpPair));
@@ -960,8 +922,7 @@ static int sp_heap_push(SpHeap *h, SpPair p)
     return 0;
 }
 
-static SpPair sp_heap_pop(SpHeap *h)
-{
+static SpPair sp_heap_pop(SpHeap *h) {
     SpPair top = h->a[0], last = h->a[--h->n];
     size_t i = 0;
     for (;;) {
@@ -976,7 +937,7 @@ static SpPair sp_heap_pop(SpHeap *h)
     return top;
 }
 
-// Where an unused piece came from: sentencepiece splits it back into these.
+/* Where an unused piece came from: sentencepiece splits it back into these. */
 typedef struct {
     uint32_t lstart, llen, rstart, rlen;
 } SpRevMerge;
@@ -991,9 +952,8 @@ typedef struct {
     int oom;
 } SpState;
 
-// Pushes the pair (left, right) if their concatenation is a piece.
-static void sp_maybe_add_pair(SpState *st, int left, int right)
-{
+/* Pushes the pair (left, right) if their concatenation is a piece. */
+static void sp_maybe_add_pair(SpState *st, int left, int right) {
     if (left < 0 || right < 0 || st->sym[left].freeze || st->sym[right].freeze) return;
     const Tokenizer *t = st->t;
     const SpSymbol *l = &st->sym[left], *r = &st->sym[right];
@@ -1018,9 +978,8 @@ static void sp_maybe_add_pair(SpState *st, int left, int right)
     }
 }
 
-// sentencepiece's PieceToId: reserved pieces first, then the others, else unk.
-static int sp_piece_to_id(const Tokenizer *t, const unsigned char *s, size_t n)
-{
+/* sentencepiece's PieceToId: reserved pieces first, then the others, else unk. */
+static int sp_piece_to_id(const Tokenizer *t, const unsigned char *s, size_t n) {
     int id = tok_index_get(t, &t->all, s, n);
     return id >= 0 ? id : t->unk_id;
 }
@@ -1030,14 +989,11 @@ typedef struct {
     int prev_unk;
 } SpEmit;
 
-/*
- * Emits the final symbol s[0..n) as sentencepiece does: unused pieces are
- * split back into the pieces they were merged from; an unknown piece
- * becomes one <0xXX> token per byte (byte fallback), or one unk token for
- * a run of unknown pieces.
- */
-static int sp_emit_piece(SpState *st, SpEmit *e, uint32_t start, uint32_t n)
-{
+/* Emits the final symbol s[0..n) as sentencepiece does: unused pieces are
+   split back into the pieces they were merged from; an unknown piece
+   becomes one <0xXX> token per byte (byte fallback), or one unk token for
+   a run of unknown pieces. */
+static int sp_emit_piece(SpState *st, SpEmit *e, uint32_t start, uint32_t n) {
     const Tokenizer *t = st->t;
     const unsigned char *s = st->norm + start;
     int id = sp_piece_to_id(t, s, n);
@@ -1061,9 +1017,8 @@ static int sp_emit_piece(SpState *st, SpEmit *e, uint32_t start, uint32_t n)
     return 0;
 }
 
-// Returns 0, -1 when out of memory, -2 when out is full.
-static int sp_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out)
-{
+/* Returns 0, -1 when out of memory, -2 when out is full. */
+static int sp_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out) {
     if (len > TOK_MAX_TEXT) return -1;
     unsigned char *norm = malloc(3 * len + 3 + 1);
     if (!norm) return -1;
@@ -1076,7 +1031,7 @@ static int sp_encode(const Tokenizer *t, const unsigned char *text, size_t len, 
         rc = -1;
         goto done;
     }
-    // split into characters, user-defined pieces whole
+    /* split into characters, user-defined pieces whole */
     int count = 0;
     for (size_t p = 0; p < n;) {
         size_t m = tok_match_special(t, norm + p, n - p);
@@ -1092,7 +1047,7 @@ static int sp_encode(const Tokenizer *t, const unsigned char *text, size_t len, 
         p += m;
     }
     for (int i = 1; i < count; i++) sp_maybe_add_pair(&st, i - 1, i);
-    // merge the best pair until no adjacent pair forms a piece
+    /* merge the best pair until no adjacent pair forms a piece */
     while (st.heap.n && !st.oom) {
         SpPair top = sp_heap_pop(&st.heap);
         SpSymbol *l = &st.sym[top.left], *r = &st.sym[top.right];
@@ -1124,42 +1079,35 @@ done:
     return rc;
 }
 
-// ----------------------------------------------------------------------------
-// Encoding: the API
+/* ----------------------------------------------------------------------------
+   Encoding: the API */
 
 static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out);
 
-/*
- * Most tokens encode(text of len bytes) can produce, BOS included.
- * tokenizer_encode's len + 3 covers every tokenizer whose vocabulary has
- * "▁" and U+FFFD (Llama 2's has both) and every byte-level one.
- */
-size_t tokenizer_max_tokens(const Tokenizer *t, size_t len)
-{
+/* Most tokens encode(text of len bytes) can produce, BOS included.
+   tokenizer_encode's len + 3 covers every tokenizer whose vocabulary has
+   "▁" and U+FFFD (Llama 2's has both) and every byte-level one. */
+size_t tokenizer_max_tokens(const Tokenizer *t, size_t len) {
     size_t per_byte = 1, extra = 1;   // BOS
     if (t->kind == TOK_SENTENCEPIECE) {
-        // the dummy prefix; " " or a bad byte may become 3 byte tokens
+        /* the dummy prefix; " " or a bad byte may become 3 byte tokens */
         if (t->fallback_ok) extra += 1;
         else per_byte = 3, extra += 3;
     } else if (t->flags & TOKF_DUMMY_PREFIX) per_byte = 2;  // a space before each segment
     return per_byte * len + extra;
 }
 
-static int tok_encode_into(const Tokenizer *t, const char *text, size_t len, int add_bos, TokOut *o)
-{
+static int tok_encode_into(const Tokenizer *t, const char *text, size_t len, int add_bos, TokOut *o) {
     if (add_bos && t->bos_id >= 0 && tok_emit(o, t->bos_id)) return -2;
     if (t->kind == TOK_SENTENCEPIECE) return sp_encode(t, (const unsigned char *)text, len, o);
     return bl_encode(t, (const unsigned char *)text, len, o);
 }
 
-/*
- * Encodes text[0..len) into tokens, which must hold len + 3 ints (see
- * tokenizer_max_tokens). add_bos: put bos_id first, if there is one.
- * Returns the number of tokens, or -1 if memory ran out (or, only with a
- * vocabulary that lacks "▁" or U+FFFD, if len + 3 tokens are too few).
- */
-int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *tokens)
-{
+/* Encodes text[0..len) into tokens, which must hold len + 3 ints (see
+   tokenizer_max_tokens). add_bos: put bos_id first, if there is one.
+   Returns the number of tokens, or -1 if memory ran out (or, only with a
+   vocabulary that lacks "▁" or U+FFFD, if len + 3 tokens are too few). */
+int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *tokens) {
     if (len > TOK_MAX_TEXT) return -1;
     size_t cap = len + 3;
     if (tokenizer_max_tokens(t, len) <= cap) {
@@ -1167,7 +1115,7 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
         int rc = tok_encode_into(t, text, len, add_bos, &o);
         return rc ? -1 : (int)o.n;
     }
-    // a vocabulary that may need more: encode aside, copy if it fits
+    /* a vocabulary that may need more: encode aside, copy if it fits */
     size_t big = tokenizer_max_tokens(t, len);
     int *tmp = malloc(sizeof(int) * big);
     if (!tmp) return -1;
@@ -1182,181 +1130,24 @@ int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_b
     return (int)o.n;
 }
 
-/*
- * As tokenizer_encode, into tokens[0..max_tokens). Returns the count, -1
- * when out of memory, -2 when max_tokens is too few.
- */
+/* As tokenizer_encode, into tokens[0..max_tokens). Returns the count, -1
+   when out of memory, -2 when max_tokens is too few. */
 int tokenizer_encode_n(const Tokenizer *t, const char *text, size_t len, int add_bos, int *tokens,
-                       size_t max_tokens)
-{
+                       size_t max_tokens) {
     if (len > TOK_MAX_TEXT) return -1;
     TokOut o = {tokens, 0, max_tokens};
     int rc = tok_encode_into(t, text, len, add_bos, &o);
     return rc ? rc : (int)o.n;
 }
 
-// ----------------------------------------------------------------------------
-// Encoding: byte-level BPE
+/* ----------------------------------------------------------------------------
+   Encoding: byte-level BPE */
 
-// Unicode classes of the GPT-2 pre-tokenizer regex, as sorted ranges.
-// BEGIN GENERATED by tools/gen_unicode_tables.py: do not edit by hand
-// Classes measured from tokenizers 0.21.4.
-// \p{L}: 141028 code points in 677 ranges
-static const uint32_t UNI_LETTER[][2] = {
-    {0x41, 0x5A}, {0x61, 0x7A}, {0xAA, 0xAA}, {0xB5, 0xB5}, {0xBA, 0xBA}, {0xC0, 0xD6},
-    {0xD8, 0xF6}, {0xF8, 0x2C1}, {0x2C6, 0x2D1}, {0x2E0, 0x2E4}, {0x2EC, 0x2EC}, {0x2EE, 0x2EE},
-    {0x370, 0x374}, {0x376, 0x377}, {0x37A, 0x37D}, {0x37F, 0x37F}, {0x386, 0x386}, {0x388, 0x38A},
-    {0x38C, 0x38C}, {0x38E, 0x3A1}, {0x3A3, 0x3F5}, {0x3F7, 0x481}, {0x48A, 0x52F}, {0x531, 0x556},
-    {0x559, 0x559}, {0x560, 0x588}, {0x5D0, 0x5EA}, {0x5EF, 0x5F2}, {0x620, 0x64A}, {0x66E, 0x66F},
-    {0x671, 0x6D3}, {0x6D5, 0x6D5}, {0x6E5, 0x6E6}, {0x6EE, 0x6EF}, {0x6FA, 0x6FC}, {0x6FF, 0x6FF},
-    {0x710, 0x710}, {0x712, 0x72F}, {0x74D, 0x7A5}, {0x7B1, 0x7B1}, {0x7CA, 0x7EA}, {0x7F4, 0x7F5},
-    {0x7FA, 0x7FA}, {0x800, 0x815}, {0x81A, 0x81A}, {0x824, 0x824}, {0x828, 0x828}, {0x840, 0x858},
-    {0x860, 0x86A}, {0x870, 0x887}, {0x889, 0x88E}, {0x8A0, 0x8C9}, {0x904, 0x939}, {0x93D, 0x93D},
-    {0x950, 0x950}, {0x958, 0x961}, {0x971, 0x980}, {0x985, 0x98C}, {0x98F, 0x990}, {0x993, 0x9A8},
-    {0x9AA, 0x9B0}, {0x9B2, 0x9B2}, {0x9B6, 0x9B9}, {0x9BD, 0x9BD}, {0x9CE, 0x9CE}, {0x9DC, 0x9DD},
-    {0x9DF, 0x9E1}, {0x9F0, 0x9F1}, {0x9FC, 0x9FC}, {0xA05, 0xA0A}, {0xA0F, 0xA10}, {0xA13, 0xA28},
-    {0xA2A, 0xA30}, {0xA32, 0xA33}, {0xA35, 0xA36}, {0xA38, 0xA39}, {0xA59, 0xA5C}, {0xA5E, 0xA5E},
-    {0xA72, 0xA74}, {0xA85, 0xA8D}, {0xA8F, 0xA91}, {0xA93, 0xAA8}, {0xAAA, 0xAB0}, {0xAB2, 0xAB3},
-    {0xAB5, 0xAB9}, {0xABD, 0xABD}, {0xAD0, 0xAD0}, {0xAE0, 0xAE1}, {0xAF9, 0xAF9}, {0xB05, 0xB0C},
-    {0xB0F, 0xB10}, {0xB13, 0xB28}, {0xB2A, 0xB30}, {0xB32, 0xB33}, {0xB35, 0xB39}, {0xB3D, 0xB3D},
-    {0xB5C, 0xB5D}, {0xB5F, 0xB61}, {0xB71, 0xB71}, {0xB83, 0xB83}, {0xB85, 0xB8A}, {0xB8E, 0xB90},
-    {0xB92, 0xB95}, {0xB99, 0xB9A}, {0xB9C, 0xB9C}, {0xB9E, 0xB9F}, {0xBA3, 0xBA4}, {0xBA8, 0xBAA},
-    {0xBAE, 0xBB9}, {0xBD0, 0xBD0}, {0xC05, 0xC0C}, {0xC0E, 0xC10}, {0xC12, 0xC28}, {0xC2A, 0xC39},
-    {0xC3D, 0xC3D}, {0xC58, 0xC5A}, {0xC5D, 0xC5D}, {0xC60, 0xC61}, {0xC80, 0xC80}, {0xC85, 0xC8C},
-    {0xC8E, 0xC90}, {0xC92, 0xCA8}, {0xCAA, 0xCB3}, {0xCB5, 0xCB9}, {0xCBD, 0xCBD}, {0xCDD, 0xCDE},
-    {0xCE0, 0xCE1}, {0xCF1, 0xCF2}, {0xD04, 0xD0C}, {0xD0E, 0xD10}, {0xD12, 0xD3A}, {0xD3D, 0xD3D},
-    {0xD4E, 0xD4E}, {0xD54, 0xD56}, {0xD5F, 0xD61}, {0xD7A, 0xD7F}, {0xD85, 0xD96}, {0xD9A, 0xDB1},
-    {0xDB3, 0xDBB}, {0xDBD, 0xDBD}, {0xDC0, 0xDC6}, {0xE01, 0xE30}, {0xE32, 0xE33}, {0xE40, 0xE46},
-    {0xE81, 0xE82}, {0xE84, 0xE84}, {0xE86, 0xE8A}, {0xE8C, 0xEA3}, {0xEA5, 0xEA5}, {0xEA7, 0xEB0},
-    {0xEB2, 0xEB3}, {0xEBD, 0xEBD}, {0xEC0, 0xEC4}, {0xEC6, 0xEC6}, {0xEDC, 0xEDF}, {0xF00, 0xF00},
-    {0xF40, 0xF47}, {0xF49, 0xF6C}, {0xF88, 0xF8C}, {0x1000, 0x102A}, {0x103F, 0x103F}, {0x1050, 0x1055},
-    {0x105A, 0x105D}, {0x1061, 0x1061}, {0x1065, 0x1066}, {0x106E, 0x1070}, {0x1075, 0x1081}, {0x108E, 0x108E},
-    {0x10A0, 0x10C5}, {0x10C7, 0x10C7}, {0x10CD, 0x10CD}, {0x10D0, 0x10FA}, {0x10FC, 0x1248}, {0x124A, 0x124D},
-    {0x1250, 0x1256}, {0x1258, 0x1258}, {0x125A, 0x125D}, {0x1260, 0x1288}, {0x128A, 0x128D}, {0x1290, 0x12B0},
-    {0x12B2, 0x12B5}, {0x12B8, 0x12BE}, {0x12C0, 0x12C0}, {0x12C2, 0x12C5}, {0x12C8, 0x12D6}, {0x12D8, 0x1310},
-    {0x1312, 0x1315}, {0x1318, 0x135A}, {0x1380, 0x138F}, {0x13A0, 0x13F5}, {0x13F8, 0x13FD}, {0x1401, 0x166C},
-    {0x166F, 0x167F}, {0x1681, 0x169A}, {0x16A0, 0x16EA}, {0x16F1, 0x16F8}, {0x1700, 0x1711}, {0x171F, 0x1731},
-    {0x1740, 0x1751}, {0x1760, 0x176C}, {0x176E, 0x1770}, {0x1780, 0x17B3}, {0x17D7, 0x17D7}, {0x17DC, 0x17DC},
-    {0x1820, 0x1878}, {0x1880, 0x1884}, {0x1887, 0x18A8}, {0x18AA, 0x18AA}, {0x18B0, 0x18F5}, {0x1900, 0x191E},
-    {0x1950, 0x196D}, {0x1970, 0x1974}, {0x1980, 0x19AB}, {0x19B0, 0x19C9}, {0x1A00, 0x1A16}, {0x1A20, 0x1A54},
-    {0x1AA7, 0x1AA7}, {0x1B05, 0x1B33}, {0x1B45, 0x1B4C}, {0x1B83, 0x1BA0}, {0x1BAE, 0x1BAF}, {0x1BBA, 0x1BE5},
-    {0x1C00, 0x1C23}, {0x1C4D, 0x1C4F}, {0x1C5A, 0x1C7D}, {0x1C80, 0x1C8A}, {0x1C90, 0x1CBA}, {0x1CBD, 0x1CBF},
-    {0x1CE9, 0x1CEC}, {0x1CEE, 0x1CF3}, {0x1CF5, 0x1CF6}, {0x1CFA, 0x1CFA}, {0x1D00, 0x1DBF}, {0x1E00, 0x1F15},
-    {0x1F18, 0x1F1D}, {0x1F20, 0x1F45}, {0x1F48, 0x1F4D}, {0x1F50, 0x1F57}, {0x1F59, 0x1F59}, {0x1F5B, 0x1F5B},
-    {0x1F5D, 0x1F5D}, {0x1F5F, 0x1F7D}, {0x1F80, 0x1FB4}, {0x1FB6, 0x1FBC}, {0x1FBE, 0x1FBE}, {0x1FC2, 0x1FC4},
-    {0x1FC6, 0x1FCC}, {0x1FD0, 0x1FD3}, {0x1FD6, 0x1FDB}, {0x1FE0, 0x1FEC}, {0x1FF2, 0x1FF4}, {0x1FF6, 0x1FFC},
-    {0x2071, 0x2071}, {0x207F, 0x207F}, {0x2090, 0x209C}, {0x2102, 0x2102}, {0x2107, 0x2107}, {0x210A, 0x2113},
-    {0x2115, 0x2115}, {0x2119, 0x211D}, {0x2124, 0x2124}, {0x2126, 0x2126}, {0x2128, 0x2128}, {0x212A, 0x212D},
-    {0x212F, 0x2139}, {0x213C, 0x213F}, {0x2145, 0x2149}, {0x214E, 0x214E}, {0x2183, 0x2184}, {0x2C00, 0x2CE4},
-    {0x2CEB, 0x2CEE}, {0x2CF2, 0x2CF3}, {0x2D00, 0x2D25}, {0x2D27, 0x2D27}, {0x2D2D, 0x2D2D}, {0x2D30, 0x2D67},
-    {0x2D6F, 0x2D6F}, {0x2D80, 0x2D96}, {0x2DA0, 0x2DA6}, {0x2DA8, 0x2DAE}, {0x2DB0, 0x2DB6}, {0x2DB8, 0x2DBE},
-    {0x2DC0, 0x2DC6}, {0x2DC8, 0x2DCE}, {0x2DD0, 0x2DD6}, {0x2DD8, 0x2DDE}, {0x2E2F, 0x2E2F}, {0x3005, 0x3006},
-    {0x3031, 0x3035}, {0x303B, 0x303C}, {0x3041, 0x3096}, {0x309D, 0x309F}, {0x30A1, 0x30FA}, {0x30FC, 0x30FF},
-    {0x3105, 0x312F}, {0x3131, 0x318E}, {0x31A0, 0x31BF}, {0x31F0, 0x31FF}, {0x3400, 0x4DBF}, {0x4E00, 0xA48C},
-    {0xA4D0, 0xA4FD}, {0xA500, 0xA60C}, {0xA610, 0xA61F}, {0xA62A, 0xA62B}, {0xA640, 0xA66E}, {0xA67F, 0xA69D},
-    {0xA6A0, 0xA6E5}, {0xA717, 0xA71F}, {0xA722, 0xA788}, {0xA78B, 0xA7CD}, {0xA7D0, 0xA7D1}, {0xA7D3, 0xA7D3},
-    {0xA7D5, 0xA7DC}, {0xA7F2, 0xA801}, {0xA803, 0xA805}, {0xA807, 0xA80A}, {0xA80C, 0xA822}, {0xA840, 0xA873},
-    {0xA882, 0xA8B3}, {0xA8F2, 0xA8F7}, {0xA8FB, 0xA8FB}, {0xA8FD, 0xA8FE}, {0xA90A, 0xA925}, {0xA930, 0xA946},
-    {0xA960, 0xA97C}, {0xA984, 0xA9B2}, {0xA9CF, 0xA9CF}, {0xA9E0, 0xA9E4}, {0xA9E6, 0xA9EF}, {0xA9FA, 0xA9FE},
-    {0xAA00, 0xAA28}, {0xAA40, 0xAA42}, {0xAA44, 0xAA4B}, {0xAA60, 0xAA76}, {0xAA7A, 0xAA7A}, {0xAA7E, 0xAAAF},
-    {0xAAB1, 0xAAB1}, {0xAAB5, 0xAAB6}, {0xAAB9, 0xAABD}, {0xAAC0, 0xAAC0}, {0xAAC2, 0xAAC2}, {0xAADB, 0xAADD},
-    {0xAAE0, 0xAAEA}, {0xAAF2, 0xAAF4}, {0xAB01, 0xAB06}, {0xAB09, 0xAB0E}, {0xAB11, 0xAB16}, {0xAB20, 0xAB26},
-    {0xAB28, 0xAB2E}, {0xAB30, 0xAB5A}, {0xAB5C, 0xAB69}, {0xAB70, 0xABE2}, {0xAC00, 0xD7A3}, {0xD7B0, 0xD7C6},
-    {0xD7CB, 0xD7FB}, {0xF900, 0xFA6D}, {0xFA70, 0xFAD9}, {0xFB00, 0xFB06}, {0xFB13, 0xFB17}, {0xFB1D, 0xFB1D},
-    {0xFB1F, 0xFB28}, {0xFB2A, 0xFB36}, {0xFB38, 0xFB3C}, {0xFB3E, 0xFB3E}, {0xFB40, 0xFB41}, {0xFB43, 0xFB44},
-    {0xFB46, 0xFBB1}, {0xFBD3, 0xFD3D}, {0xFD50, 0xFD8F}, {0xFD92, 0xFDC7}, {0xFDF0, 0xFDFB}, {0xFE70, 0xFE74},
-    {0xFE76, 0xFEFC}, {0xFF21, 0xFF3A}, {0xFF41, 0xFF5A}, {0xFF66, 0xFFBE}, {0xFFC2, 0xFFC7}, {0xFFCA, 0xFFCF},
-    {0xFFD2, 0xFFD7}, {0xFFDA, 0xFFDC}, {0x10000, 0x1000B}, {0x1000D, 0x10026}, {0x10028, 0x1003A}, {0x1003C, 0x1003D},
-    {0x1003F, 0x1004D}, {0x10050, 0x1005D}, {0x10080, 0x100FA}, {0x10280, 0x1029C}, {0x102A0, 0x102D0}, {0x10300, 0x1031F},
-    {0x1032D, 0x10340}, {0x10342, 0x10349}, {0x10350, 0x10375}, {0x10380, 0x1039D}, {0x103A0, 0x103C3}, {0x103C8, 0x103CF},
-    {0x10400, 0x1049D}, {0x104B0, 0x104D3}, {0x104D8, 0x104FB}, {0x10500, 0x10527}, {0x10530, 0x10563}, {0x10570, 0x1057A},
-    {0x1057C, 0x1058A}, {0x1058C, 0x10592}, {0x10594, 0x10595}, {0x10597, 0x105A1}, {0x105A3, 0x105B1}, {0x105B3, 0x105B9},
-    {0x105BB, 0x105BC}, {0x105C0, 0x105F3}, {0x10600, 0x10736}, {0x10740, 0x10755}, {0x10760, 0x10767}, {0x10780, 0x10785},
-    {0x10787, 0x107B0}, {0x107B2, 0x107BA}, {0x10800, 0x10805}, {0x10808, 0x10808}, {0x1080A, 0x10835}, {0x10837, 0x10838},
-    {0x1083C, 0x1083C}, {0x1083F, 0x10855}, {0x10860, 0x10876}, {0x10880, 0x1089E}, {0x108E0, 0x108F2}, {0x108F4, 0x108F5},
-    {0x10900, 0x10915}, {0x10920, 0x10939}, {0x10980, 0x109B7}, {0x109BE, 0x109BF}, {0x10A00, 0x10A00}, {0x10A10, 0x10A13},
-    {0x10A15, 0x10A17}, {0x10A19, 0x10A35}, {0x10A60, 0x10A7C}, {0x10A80, 0x10A9C}, {0x10AC0, 0x10AC7}, {0x10AC9, 0x10AE4},
-    {0x10B00, 0x10B35}, {0x10B40, 0x10B55}, {0x10B60, 0x10B72}, {0x10B80, 0x10B91}, {0x10C00, 0x10C48}, {0x10C80, 0x10CB2},
-    {0x10CC0, 0x10CF2}, {0x10D00, 0x10D23}, {0x10D4A, 0x10D65}, {0x10D6F, 0x10D85}, {0x10E80, 0x10EA9}, {0x10EB0, 0x10EB1},
-    {0x10EC2, 0x10EC4}, {0x10F00, 0x10F1C}, {0x10F27, 0x10F27}, {0x10F30, 0x10F45}, {0x10F70, 0x10F81}, {0x10FB0, 0x10FC4},
-    {0x10FE0, 0x10FF6}, {0x11003, 0x11037}, {0x11071, 0x11072}, {0x11075, 0x11075}, {0x11083, 0x110AF}, {0x110D0, 0x110E8},
-    {0x11103, 0x11126}, {0x11144, 0x11144}, {0x11147, 0x11147}, {0x11150, 0x11172}, {0x11176, 0x11176}, {0x11183, 0x111B2},
-    {0x111C1, 0x111C4}, {0x111DA, 0x111DA}, {0x111DC, 0x111DC}, {0x11200, 0x11211}, {0x11213, 0x1122B}, {0x1123F, 0x11240},
-    {0x11280, 0x11286}, {0x11288, 0x11288}, {0x1128A, 0x1128D}, {0x1128F, 0x1129D}, {0x1129F, 0x112A8}, {0x112B0, 0x112DE},
-    {0x11305, 0x1130C}, {0x1130F, 0x11310}, {0x11313, 0x11328}, {0x1132A, 0x11330}, {0x11332, 0x11333}, {0x11335, 0x11339},
-    {0x1133D, 0x1133D}, {0x11350, 0x11350}, {0x1135D, 0x11361}, {0x11380, 0x11389}, {0x1138B, 0x1138B}, {0x1138E, 0x1138E},
-    {0x11390, 0x113B5}, {0x113B7, 0x113B7}, {0x113D1, 0x113D1}, {0x113D3, 0x113D3}, {0x11400, 0x11434}, {0x11447, 0x1144A},
-    {0x1145F, 0x11461}, {0x11480, 0x114AF}, {0x114C4, 0x114C5}, {0x114C7, 0x114C7}, {0x11580, 0x115AE}, {0x115D8, 0x115DB},
-    {0x11600, 0x1162F}, {0x11644, 0x11644}, {0x11680, 0x116AA}, {0x116B8, 0x116B8}, {0x11700, 0x1171A}, {0x11740, 0x11746},
-    {0x11800, 0x1182B}, {0x118A0, 0x118DF}, {0x118FF, 0x11906}, {0x11909, 0x11909}, {0x1190C, 0x11913}, {0x11915, 0x11916},
-    {0x11918, 0x1192F}, {0x1193F, 0x1193F}, {0x11941, 0x11941}, {0x119A0, 0x119A7}, {0x119AA, 0x119D0}, {0x119E1, 0x119E1},
-    {0x119E3, 0x119E3}, {0x11A00, 0x11A00}, {0x11A0B, 0x11A32}, {0x11A3A, 0x11A3A}, {0x11A50, 0x11A50}, {0x11A5C, 0x11A89},
-    {0x11A9D, 0x11A9D}, {0x11AB0, 0x11AF8}, {0x11BC0, 0x11BE0}, {0x11C00, 0x11C08}, {0x11C0A, 0x11C2E}, {0x11C40, 0x11C40},
-    {0x11C72, 0x11C8F}, {0x11D00, 0x11D06}, {0x11D08, 0x11D09}, {0x11D0B, 0x11D30}, {0x11D46, 0x11D46}, {0x11D60, 0x11D65},
-    {0x11D67, 0x11D68}, {0x11D6A, 0x11D89}, {0x11D98, 0x11D98}, {0x11EE0, 0x11EF2}, {0x11F02, 0x11F02}, {0x11F04, 0x11F10},
-    {0x11F12, 0x11F33}, {0x11FB0, 0x11FB0}, {0x12000, 0x12399}, {0x12480, 0x12543}, {0x12F90, 0x12FF0}, {0x13000, 0x1342F},
-    {0x13441, 0x13446}, {0x13460, 0x143FA}, {0x14400, 0x14646}, {0x16100, 0x1611D}, {0x16800, 0x16A38}, {0x16A40, 0x16A5E},
-    {0x16A70, 0x16ABE}, {0x16AD0, 0x16AED}, {0x16B00, 0x16B2F}, {0x16B40, 0x16B43}, {0x16B63, 0x16B77}, {0x16B7D, 0x16B8F},
-    {0x16D40, 0x16D6C}, {0x16E40, 0x16E7F}, {0x16F00, 0x16F4A}, {0x16F50, 0x16F50}, {0x16F93, 0x16F9F}, {0x16FE0, 0x16FE1},
-    {0x16FE3, 0x16FE3}, {0x17000, 0x187F7}, {0x18800, 0x18CD5}, {0x18CFF, 0x18D08}, {0x1AFF0, 0x1AFF3}, {0x1AFF5, 0x1AFFB},
-    {0x1AFFD, 0x1AFFE}, {0x1B000, 0x1B122}, {0x1B132, 0x1B132}, {0x1B150, 0x1B152}, {0x1B155, 0x1B155}, {0x1B164, 0x1B167},
-    {0x1B170, 0x1B2FB}, {0x1BC00, 0x1BC6A}, {0x1BC70, 0x1BC7C}, {0x1BC80, 0x1BC88}, {0x1BC90, 0x1BC99}, {0x1D400, 0x1D454},
-    {0x1D456, 0x1D49C}, {0x1D49E, 0x1D49F}, {0x1D4A2, 0x1D4A2}, {0x1D4A5, 0x1D4A6}, {0x1D4A9, 0x1D4AC}, {0x1D4AE, 0x1D4B9},
-    {0x1D4BB, 0x1D4BB}, {0x1D4BD, 0x1D4C3}, {0x1D4C5, 0x1D505}, {0x1D507, 0x1D50A}, {0x1D50D, 0x1D514}, {0x1D516, 0x1D51C},
-    {0x1D51E, 0x1D539}, {0x1D53B, 0x1D53E}, {0x1D540, 0x1D544}, {0x1D546, 0x1D546}, {0x1D54A, 0x1D550}, {0x1D552, 0x1D6A5},
-    {0x1D6A8, 0x1D6C0}, {0x1D6C2, 0x1D6DA}, {0x1D6DC, 0x1D6FA}, {0x1D6FC, 0x1D714}, {0x1D716, 0x1D734}, {0x1D736, 0x1D74E},
-    {0x1D750, 0x1D76E}, {0x1D770, 0x1D788}, {0x1D78A, 0x1D7A8}, {0x1D7AA, 0x1D7C2}, {0x1D7C4, 0x1D7CB}, {0x1DF00, 0x1DF1E},
-    {0x1DF25, 0x1DF2A}, {0x1E030, 0x1E06D}, {0x1E100, 0x1E12C}, {0x1E137, 0x1E13D}, {0x1E14E, 0x1E14E}, {0x1E290, 0x1E2AD},
-    {0x1E2C0, 0x1E2EB}, {0x1E4D0, 0x1E4EB}, {0x1E5D0, 0x1E5ED}, {0x1E5F0, 0x1E5F0}, {0x1E7E0, 0x1E7E6}, {0x1E7E8, 0x1E7EB},
-    {0x1E7ED, 0x1E7EE}, {0x1E7F0, 0x1E7FE}, {0x1E800, 0x1E8C4}, {0x1E900, 0x1E943}, {0x1E94B, 0x1E94B}, {0x1EE00, 0x1EE03},
-    {0x1EE05, 0x1EE1F}, {0x1EE21, 0x1EE22}, {0x1EE24, 0x1EE24}, {0x1EE27, 0x1EE27}, {0x1EE29, 0x1EE32}, {0x1EE34, 0x1EE37},
-    {0x1EE39, 0x1EE39}, {0x1EE3B, 0x1EE3B}, {0x1EE42, 0x1EE42}, {0x1EE47, 0x1EE47}, {0x1EE49, 0x1EE49}, {0x1EE4B, 0x1EE4B},
-    {0x1EE4D, 0x1EE4F}, {0x1EE51, 0x1EE52}, {0x1EE54, 0x1EE54}, {0x1EE57, 0x1EE57}, {0x1EE59, 0x1EE59}, {0x1EE5B, 0x1EE5B},
-    {0x1EE5D, 0x1EE5D}, {0x1EE5F, 0x1EE5F}, {0x1EE61, 0x1EE62}, {0x1EE64, 0x1EE64}, {0x1EE67, 0x1EE6A}, {0x1EE6C, 0x1EE72},
-    {0x1EE74, 0x1EE77}, {0x1EE79, 0x1EE7C}, {0x1EE7E, 0x1EE7E}, {0x1EE80, 0x1EE89}, {0x1EE8B, 0x1EE9B}, {0x1EEA1, 0x1EEA3},
-    {0x1EEA5, 0x1EEA9}, {0x1EEAB, 0x1EEBB}, {0x20000, 0x2A6DF}, {0x2A700, 0x2B739}, {0x2B740, 0x2B81D}, {0x2B820, 0x2CEA1},
-    {0x2CEB0, 0x2EBE0}, {0x2EBF0, 0x2EE5D}, {0x2F800, 0x2FA1D}, {0x30000, 0x3134A}, {0x31350, 0x323AF},
-};
-// \p{N}: 1911 code points in 144 ranges
-static const uint32_t UNI_NUMBER[][2] = {
-    {0x30, 0x39}, {0xB2, 0xB3}, {0xB9, 0xB9}, {0xBC, 0xBE}, {0x660, 0x669}, {0x6F0, 0x6F9},
-    {0x7C0, 0x7C9}, {0x966, 0x96F}, {0x9E6, 0x9EF}, {0x9F4, 0x9F9}, {0xA66, 0xA6F}, {0xAE6, 0xAEF},
-    {0xB66, 0xB6F}, {0xB72, 0xB77}, {0xBE6, 0xBF2}, {0xC66, 0xC6F}, {0xC78, 0xC7E}, {0xCE6, 0xCEF},
-    {0xD58, 0xD5E}, {0xD66, 0xD78}, {0xDE6, 0xDEF}, {0xE50, 0xE59}, {0xED0, 0xED9}, {0xF20, 0xF33},
-    {0x1040, 0x1049}, {0x1090, 0x1099}, {0x1369, 0x137C}, {0x16EE, 0x16F0}, {0x17E0, 0x17E9}, {0x17F0, 0x17F9},
-    {0x1810, 0x1819}, {0x1946, 0x194F}, {0x19D0, 0x19DA}, {0x1A80, 0x1A89}, {0x1A90, 0x1A99}, {0x1B50, 0x1B59},
-    {0x1BB0, 0x1BB9}, {0x1C40, 0x1C49}, {0x1C50, 0x1C59}, {0x2070, 0x2070}, {0x2074, 0x2079}, {0x2080, 0x2089},
-    {0x2150, 0x2182}, {0x2185, 0x2189}, {0x2460, 0x249B}, {0x24EA, 0x24FF}, {0x2776, 0x2793}, {0x2CFD, 0x2CFD},
-    {0x3007, 0x3007}, {0x3021, 0x3029}, {0x3038, 0x303A}, {0x3192, 0x3195}, {0x3220, 0x3229}, {0x3248, 0x324F},
-    {0x3251, 0x325F}, {0x3280, 0x3289}, {0x32B1, 0x32BF}, {0xA620, 0xA629}, {0xA6E6, 0xA6EF}, {0xA830, 0xA835},
-    {0xA8D0, 0xA8D9}, {0xA900, 0xA909}, {0xA9D0, 0xA9D9}, {0xA9F0, 0xA9F9}, {0xAA50, 0xAA59}, {0xABF0, 0xABF9},
-    {0xFF10, 0xFF19}, {0x10107, 0x10133}, {0x10140, 0x10178}, {0x1018A, 0x1018B}, {0x102E1, 0x102FB}, {0x10320, 0x10323},
-    {0x10341, 0x10341}, {0x1034A, 0x1034A}, {0x103D1, 0x103D5}, {0x104A0, 0x104A9}, {0x10858, 0x1085F}, {0x10879, 0x1087F},
-    {0x108A7, 0x108AF}, {0x108FB, 0x108FF}, {0x10916, 0x1091B}, {0x109BC, 0x109BD}, {0x109C0, 0x109CF}, {0x109D2, 0x109FF},
-    {0x10A40, 0x10A48}, {0x10A7D, 0x10A7E}, {0x10A9D, 0x10A9F}, {0x10AEB, 0x10AEF}, {0x10B58, 0x10B5F}, {0x10B78, 0x10B7F},
-    {0x10BA9, 0x10BAF}, {0x10CFA, 0x10CFF}, {0x10D30, 0x10D39}, {0x10D40, 0x10D49}, {0x10E60, 0x10E7E}, {0x10F1D, 0x10F26},
-    {0x10F51, 0x10F54}, {0x10FC5, 0x10FCB}, {0x11052, 0x1106F}, {0x110F0, 0x110F9}, {0x11136, 0x1113F}, {0x111D0, 0x111D9},
-    {0x111E1, 0x111F4}, {0x112F0, 0x112F9}, {0x11450, 0x11459}, {0x114D0, 0x114D9}, {0x11650, 0x11659}, {0x116C0, 0x116C9},
-    {0x116D0, 0x116E3}, {0x11730, 0x1173B}, {0x118E0, 0x118F2}, {0x11950, 0x11959}, {0x11BF0, 0x11BF9}, {0x11C50, 0x11C6C},
-    {0x11D50, 0x11D59}, {0x11DA0, 0x11DA9}, {0x11F50, 0x11F59}, {0x11FC0, 0x11FD4}, {0x12400, 0x1246E}, {0x16130, 0x16139},
-    {0x16A60, 0x16A69}, {0x16AC0, 0x16AC9}, {0x16B50, 0x16B59}, {0x16B5B, 0x16B61}, {0x16D70, 0x16D79}, {0x16E80, 0x16E96},
-    {0x1CCF0, 0x1CCF9}, {0x1D2C0, 0x1D2D3}, {0x1D2E0, 0x1D2F3}, {0x1D360, 0x1D378}, {0x1D7CE, 0x1D7FF}, {0x1E140, 0x1E149},
-    {0x1E2F0, 0x1E2F9}, {0x1E4F0, 0x1E4F9}, {0x1E5F1, 0x1E5FA}, {0x1E8C7, 0x1E8CF}, {0x1E950, 0x1E959}, {0x1EC71, 0x1ECAB},
-    {0x1ECAD, 0x1ECAF}, {0x1ECB1, 0x1ECB4}, {0x1ED01, 0x1ED2D}, {0x1ED2F, 0x1ED3D}, {0x1F100, 0x1F10C}, {0x1FBF0, 0x1FBF9},
-};
-// \s: 25 code points in 10 ranges
-static const uint32_t UNI_SPACE[][2] = {
-    {0x9, 0xD}, {0x20, 0x20}, {0x85, 0x85}, {0xA0, 0xA0}, {0x1680, 0x1680}, {0x2000, 0x200A},
-    {0x2028, 0x2029}, {0x202F, 0x202F}, {0x205F, 0x205F}, {0x3000, 0x3000},
-};
-// Rust's char::is_numeric (the Digits pre-tokenizer) holds exactly for \p{N}
-#define UNI_NUMERIC UNI_NUMBER
-// END GENERATED
-
+/* The classes of the GPT-2 pre-tokenizer regex; their code points,
+   UNI_LETTER, UNI_NUMBER, UNI_SPACE and UNI_NUMERIC, are in unicode_tables.h. */
 enum { UC_OTHER = 0, UC_LETTER = 1, UC_NUMBER = 2, UC_SPACE = 3 };
 
-static int uni_in(const uint32_t (*table)[2], size_t n, uint32_t c)
-{
+static int uni_in(const uint32_t (*table)[2], size_t n, uint32_t c) {
     size_t lo = 0, hi = n;
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
@@ -1369,9 +1160,8 @@ static int uni_in(const uint32_t (*table)[2], size_t n, uint32_t c)
 
 #define UNI_COUNT(table) (sizeof(table) / sizeof(table[0]))
 
-// Class of code point c for the regex: letter, number, white space, other.
-static int uni_class(uint32_t c)
-{
+/* Class of code point c for the regex: letter, number, white space, other. */
+static int uni_class(uint32_t c) {
     if (c < 0x80) {
         if ((c | 0x20) >= 'a' && (c | 0x20) <= 'z') return UC_LETTER;
         if (c >= '0' && c <= '9') return UC_NUMBER;
@@ -1384,15 +1174,14 @@ static int uni_class(uint32_t c)
     return UC_OTHER;
 }
 
-// One character of the text: its class and its length in bytes. A byte that
-// does not start a valid UTF-8 character is a character of its own, "other".
+/* One character of the text: its class and its length in bytes. A byte that
+   does not start a valid UTF-8 character is a character of its own, "other". */
 typedef struct {
     int cls, len;
     uint32_t cp;
 } BlChar;
 
-static BlChar bl_char(const unsigned char *s, size_t n, size_t i)
-{
+static BlChar bl_char(const unsigned char *s, size_t n, size_t i) {
     if (s[i] < 0x80) return (BlChar){uni_class(s[i]), 1, s[i]};
     int k = utf8_valid_len(s + i, n - i);
     if (!k) return (BlChar){UC_OTHER, 1, 0xFFFFFFFFu};
@@ -1400,9 +1189,8 @@ static BlChar bl_char(const unsigned char *s, size_t n, size_t i)
     return (BlChar){uni_class(cp), k, cp};
 }
 
-// End of the run of characters of class cls that starts at i.
-static size_t bl_run_end(const unsigned char *s, size_t n, size_t i, int cls)
-{
+/* End of the run of characters of class cls that starts at i. */
+static size_t bl_run_end(const unsigned char *s, size_t n, size_t i, int cls) {
     while (i < n) {
         BlChar c = bl_char(s, n, i);
         if (c.cls != cls) break;
@@ -1411,13 +1199,10 @@ static size_t bl_run_end(const unsigned char *s, size_t n, size_t i, int cls)
     return i;
 }
 
-/*
- * End of the pre-token that starts at i, by the GPT-2 pattern
- *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
- * written out: the alternatives are tried in order, as the regex does.
- */
-static size_t bl_gpt2_next(const unsigned char *s, size_t n, size_t i)
-{
+/* End of the pre-token that starts at i, by the GPT-2 pattern
+     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+   written out: the alternatives are tried in order, as the regex does. */
+static size_t bl_gpt2_next(const unsigned char *s, size_t n, size_t i) {
     if (s[i] == '\'' && i + 1 < n) {
         unsigned char a = s[i + 1], b = i + 2 < n ? s[i + 2] : 0;
         if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
@@ -1425,13 +1210,13 @@ static size_t bl_gpt2_next(const unsigned char *s, size_t n, size_t i)
     }
     BlChar c = bl_char(s, n, i);
     if (s[i] == ' ' && i + 1 < n) {
-        // " ?X+": a space joins the run of letters, numbers or others after it
+        /* " ?X+": a space joins the run of letters, numbers or others after it */
         BlChar d = bl_char(s, n, i + 1);
         if (d.cls != UC_SPACE) return bl_run_end(s, n, i + 1, d.cls);
     }
     if (c.cls != UC_SPACE) return bl_run_end(s, n, i, c.cls);
-    // white space: "\s+(?!\S)" takes the run but leaves its last character
-    // to a word that follows; "\s+" takes a lone one
+    /* white space: "\s+(?!\S)" takes the run but leaves its last character
+       to a word that follows; "\s+" takes a lone one */
     size_t j = i, last = i;
     int count = 0;
     while (j < n) {
@@ -1445,20 +1230,16 @@ static size_t bl_gpt2_next(const unsigned char *s, size_t n, size_t i)
     return last;
 }
 
-static int bl_is_newline(const unsigned char *s, size_t n, size_t i)
-{
+static int bl_is_newline(const unsigned char *s, size_t n, size_t i) {
     return i < n && (s[i] == '\r' || s[i] == '\n');
 }
 
-/*
- * End of the pre-token that starts at i, by Llama 3's pattern
- *   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
- *    ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
- */
-static size_t bl_llama3_next(const unsigned char *s, size_t n, size_t i)
-{
+/* End of the pre-token that starts at i, by Llama 3's pattern
+     (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+      ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
+static size_t bl_llama3_next(const unsigned char *s, size_t n, size_t i) {
     if (s[i] == '\'' && i + 1 < n) {
-        // case-insensitive, as Oniguruma folds: "ſ" (U+017F) matches "s" too
+        /* case-insensitive, as Oniguruma folds: "ſ" (U+017F) matches "s" too */
         unsigned char a = s[i + 1], b = i + 2 < n ? s[i + 2] : 0;
         unsigned char la = (unsigned char)(a | 0x20), lb = (unsigned char)(b | 0x20);
         int alpha_a = (a | 0x20) >= 'a' && (a | 0x20) <= 'z', alpha_b = (b | 0x20) >= 'a' && (b | 0x20) <= 'z';
@@ -1468,12 +1249,12 @@ static size_t bl_llama3_next(const unsigned char *s, size_t n, size_t i)
             return i + 3;
     }
     BlChar c = bl_char(s, n, i);
-    // [^\r\n\p{L}\p{N}]?\p{L}+
+    /* [^\r\n\p{L}\p{N}]?\p{L}+ */
     if (c.cls == UC_LETTER) return bl_run_end(s, n, i, UC_LETTER);
     if (c.cls != UC_NUMBER && !bl_is_newline(s, n, i) && i + (size_t)c.len < n &&
         bl_char(s, n, i + (size_t)c.len).cls == UC_LETTER)
         return bl_run_end(s, n, i + (size_t)c.len, UC_LETTER);
-    // \p{N}{1,3}
+    /* \p{N}{1,3} */
     if (c.cls == UC_NUMBER) {
         size_t j = i;
         for (int k = 0; k < 3 && j < n; k++) {
@@ -1483,14 +1264,14 @@ static size_t bl_llama3_next(const unsigned char *s, size_t n, size_t i)
         }
         return j;
     }
-    //  ?[^\s\p{L}\p{N}]+[\r\n]*
+    /*  ?[^\s\p{L}\p{N}]+[\r\n]* */
     size_t o = s[i] == ' ' && i + 1 < n && bl_char(s, n, i + 1).cls == UC_OTHER ? i + 1 : i;
     if (bl_char(s, n, o).cls == UC_OTHER) {
         size_t j = bl_run_end(s, n, o, UC_OTHER);
         while (bl_is_newline(s, n, j)) j++;
         return j;
     }
-    // white space: \s*[\r\n]+ ends after the run's last CR or LF; then as GPT-2
+    /* white space: \s*[\r\n]+ ends after the run's last CR or LF; then as GPT-2 */
     size_t j = i, last = i, after_newline = 0;
     int count = 0;
     while (j < n) {
@@ -1525,13 +1306,11 @@ typedef struct {
     size_t heap_cap;
 } BlState;
 
-static int bl_before(const BlMerge *a, const BlMerge *b)
-{
+static int bl_before(const BlMerge *a, const BlMerge *b) {
     return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
 }
 
-static int bl_push(BlState *st, size_t *n, BlMerge m)
-{
+static int bl_push(BlState *st, size_t *n, BlMerge m) {
     if (*n == st->heap_cap) {
         size_t cap = st->heap_cap ? st->heap_cap * 2 : 64;
         BlMerge *h = realloc(st->heap, cap * sizeof(BlMerge));
@@ -1550,8 +1329,7 @@ static int bl_push(BlState *st, size_t *n, BlMerge m)
     return 0;
 }
 
-static BlMerge bl_pop(BlState *st, size_t *n)
-{
+static BlMerge bl_pop(BlState *st, size_t *n) {
     BlMerge top = st->heap[0], last = st->heap[--*n];
     size_t i = 0;
     for (;;) {
@@ -1566,21 +1344,17 @@ static BlMerge bl_pop(BlState *st, size_t *n)
     return top;
 }
 
-// Pushes the merge of symbols a and b (a before b), if there is one.
-static int bl_maybe_push(BlState *st, size_t *n, int a, int b)
-{
+/* Pushes the merge of symbols a and b (a before b), if there is one. */
+static int bl_maybe_push(BlState *st, size_t *n, int a, int b) {
     if (a < 0 || b < 0) return 0;
     const TokMerge *m = tok_merge_get(st->t, st->sym[a].id, st->sym[b].id);
     return m ? bl_push(st, n, (BlMerge){m->rank, a, m->result}) : 0;
 }
 
-/*
- * BPE on one pre-token, as Hugging Face's Word::merge_all: start from its
- * bytes' tokens, repeatedly apply the lowest-ranked merge (leftmost first).
- * Returns 0, -1 out of memory, -2 output full.
- */
-static int bl_word(BlState *st, const unsigned char *w, size_t n)
-{
+/* BPE on one pre-token, as Hugging Face's Word::merge_all: start from its
+   bytes' tokens, repeatedly apply the lowest-ranked merge (leftmost first).
+   Returns 0, -1 out of memory, -2 output full. */
+static int bl_word(BlState *st, const unsigned char *w, size_t n) {
     const Tokenizer *t = st->t;
     if (t->flags & TOKF_IGNORE_MERGES) {
         int id = tok_index_get(t, &t->all, w, n);
@@ -1603,7 +1377,7 @@ static int bl_word(BlState *st, const unsigned char *w, size_t n)
         BlSymbol *a = &st->sym[top.pos];
         if (!a->alive || a->next < 0) continue;
         BlSymbol *b = &st->sym[a->next];
-        // stale unless the pair there still merges into the same token
+        /* stale unless the pair there still merges into the same token */
         const TokMerge *m = tok_merge_get(t, a->id, b->id);
         if (!m || m->result != top.result) continue;
         a->id = top.result;
@@ -1617,9 +1391,8 @@ static int bl_word(BlState *st, const unsigned char *w, size_t n)
     return 0;
 }
 
-// One piece of text between added tokens (and digits): prefix space, regex, BPE.
-static int bl_piece(BlState *st, const unsigned char *s, size_t n)
-{
+/* One piece of text between added tokens (and digits): prefix space, regex, BPE. */
+static int bl_piece(BlState *st, const unsigned char *s, size_t n) {
     const Tokenizer *t = st->t;
     if (!n) return 0;
     if ((t->flags & TOKF_DUMMY_PREFIX) && s[0] != ' ') {
@@ -1638,9 +1411,8 @@ static int bl_piece(BlState *st, const unsigned char *s, size_t n)
     return 0;
 }
 
-// A stretch between added tokens: digits split off one by one if asked.
-static int bl_segment(BlState *st, const unsigned char *s, size_t n)
-{
+/* A stretch between added tokens: digits split off one by one if asked. */
+static int bl_segment(BlState *st, const unsigned char *s, size_t n) {
     if (st->t->pretokenizer != PRETOK_DIGITS_GPT2) return bl_piece(st, s, n);
     size_t start = 0;
     for (size_t i = 0; i < n;) {
@@ -1658,12 +1430,11 @@ static int bl_segment(BlState *st, const unsigned char *s, size_t n)
     return bl_piece(st, s + start, n - start);
 }
 
-static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out)
-{
+static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out) {
     BlState st = {t, out, malloc(len + 1), malloc(sizeof(BlSymbol) * (len + 1)), NULL, 0};
     int rc = 0;
     if (!st.scratch || !st.sym) rc = -1;
-    // added tokens are matched first, longest at the leftmost place
+    /* added tokens are matched first, longest at the leftmost place */
     size_t seg = 0;
     for (size_t i = 0; i < len && !rc;) {
         size_t m = tok_match_special(t, text + i, len - i);
@@ -1683,27 +1454,25 @@ static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, 
     return rc;
 }
 
-// ----------------------------------------------------------------------------
-// Decoding
+/* ----------------------------------------------------------------------------
+   Decoding */
 
-void decoder_init(TokenDecoder *d)
-{
+void decoder_init(TokenDecoder *d) {
     memset(d, 0, sizeof(*d));
     d->bos_ws = 1;
 }
 
-// Appends to out[0..size) what fits; counts what was written.
+/* Appends to out[0..size) what fits; counts what was written. */
 typedef struct {
     char *out;
     size_t size, n;
 } TokWriter;
 
-// The byte that GPT-2's byte alphabet writes as character c, or -1.
-static int bl_alphabet_byte(uint32_t c)
-{
+/* The byte that GPT-2's byte alphabet writes as character c, or -1. */
+static int bl_alphabet_byte(uint32_t c) {
     if ((c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || (c >= 0xAE && c <= 0xFF)) return (int)c;
     if (c < 0x100 || c >= 0x144) return -1;
-    // the other bytes, in increasing order, are U+0100 onwards
+    /* the other bytes, in increasing order, are U+0100 onwards */
     int k = (int)(c - 0x100);
     for (int v = 0; v < 256; v++) {
         int printable = (v >= '!' && v <= '~') || (v >= 0xA1 && v <= 0xAC) || v >= 0xAE;
@@ -1712,18 +1481,15 @@ static int bl_alphabet_byte(uint32_t c)
     return -1;
 }
 
-/*
- * Hugging Face's ByteLevel decoder reads every token as byte-alphabet
- * characters when it can: an added token (stored as its text) made only of
- * such characters decodes to the bytes they stand for, "été" to "\xE9t\xE9".
- * Returns 1 (and feeds those bytes to the decoder when w is not NULL) if
- * every character of s is in the alphabet, else 0.
- */
+/* Hugging Face's ByteLevel decoder reads every token as byte-alphabet
+   characters when it can: an added token (stored as its text) made only of
+   such characters decodes to the bytes they stand for, "été" to "\xE9t\xE9".
+   Returns 1 (and feeds those bytes to the decoder when w is not NULL) if
+   every character of s is in the alphabet, else 0. */
 static void tok_feed_byte(const Tokenizer *t, TokenDecoder *d, unsigned char b, TokWriter *w);
 
 static int bl_feed_alphabet(const Tokenizer *t, TokenDecoder *d, const unsigned char *s, size_t len,
-                            TokWriter *w)
-{
+                            TokWriter *w) {
     for (size_t i = 0; i < len;) {
         int k = utf8_valid_len(s + i, len - i);
         int b = k ? bl_alphabet_byte(tok_utf8_decode(s + i, k)) : -1;
@@ -1735,30 +1501,25 @@ static int bl_feed_alphabet(const Tokenizer *t, TokenDecoder *d, const unsigned 
 }
 
 
-static void tok_put(TokWriter *w, const void *s, size_t n)
-{
+static void tok_put(TokWriter *w, const void *s, size_t n) {
     size_t room = w->size - w->n;
     if (n > room) n = room;
     memcpy(w->out + w->n, s, n);
     w->n += n;
 }
 
-/*
- * Ends the pending bytes: sentencepiece turns each byte of an unfinished
- * character into U+FFFD; Hugging Face (from_utf8_lossy) turns the whole
- * unfinished character into one.
- */
-static void tok_flush_pending(const Tokenizer *t, TokenDecoder *d, TokWriter *w)
-{
+/* Ends the pending bytes: sentencepiece turns each byte of an unfinished
+   character into U+FFFD; Hugging Face (from_utf8_lossy) turns the whole
+   unfinished character into one. */
+static void tok_flush_pending(const Tokenizer *t, TokenDecoder *d, TokWriter *w) {
     if (!d->n_pending) return;
     int k = t->kind == TOK_SENTENCEPIECE ? d->n_pending : 1;
     for (int i = 0; i < k; i++) tok_put(w, TOK_REPLACEMENT, 3);
     d->n_pending = 0;
 }
 
-// Feeds one byte of decoded output through the UTF-8 assembler.
-static void tok_feed_byte(const Tokenizer *t, TokenDecoder *d, unsigned char b, TokWriter *w)
-{
+/* Feeds one byte of decoded output through the UTF-8 assembler. */
+static void tok_feed_byte(const Tokenizer *t, TokenDecoder *d, unsigned char b, TokWriter *w) {
     d->pending[d->n_pending++] = b;
     while (d->n_pending) {
         int st = utf8_status(d->pending, d->n_pending);
@@ -1768,12 +1529,12 @@ static void tok_feed_byte(const Tokenizer *t, TokenDecoder *d, unsigned char b, 
         } else if (st > 0) {
             break;
         } else if (t->kind == TOK_SENTENCEPIECE || d->n_pending == 1) {
-            // sentencepiece: the first byte is U+FFFD, the rest is looked at again
+            /* sentencepiece: the first byte is U+FFFD, the rest is looked at again */
             tok_put(w, TOK_REPLACEMENT, 3);
             memmove(d->pending, d->pending + 1, (size_t)--d->n_pending);
         } else {
-            // from_utf8_lossy: the unfinished character is one U+FFFD,
-            // and the byte that broke it starts afresh
+            /* from_utf8_lossy: the unfinished character is one U+FFFD,
+               and the byte that broke it starts afresh */
             tok_put(w, TOK_REPLACEMENT, 3);
             d->pending[0] = b;
             d->n_pending = 1;
@@ -1781,33 +1542,27 @@ static void tok_feed_byte(const Tokenizer *t, TokenDecoder *d, unsigned char b, 
     }
 }
 
-/*
- * Bytes of out that tokenizer_decode may need for one token: max_token_length
- * + 16 for sentencepiece; for byte-level 3 * max_token_length + 16, since a
- * token that is not valid UTF-8 decodes to a U+FFFD (3 bytes) per bad byte
- * (real vocabularies stay far below: their tokens are mostly valid text).
- */
-size_t tokenizer_decode_size(const Tokenizer *t)
-{
+/* Bytes of out that tokenizer_decode may need for one token: max_token_length
+   + 16 for sentencepiece; for byte-level 3 * max_token_length + 16, since a
+   token that is not valid UTF-8 decodes to a U+FFFD (3 bytes) per bad byte
+   (real vocabularies stay far below: their tokens are mostly valid text). */
+size_t tokenizer_decode_size(const Tokenizer *t) {
     size_t m = (size_t)t->max_token_length;
     return (t->kind == TOK_BYTELEVEL ? 3 * m : m) + 16;
 }
 
-/*
- * The text that token adds to the decoded string, written to out (at most
- * out_size bytes, tokenizer_decode_size(t) always suffices; what does not fit
- * is dropped). Returns the bytes written. Bytes of an unfinished UTF-8
- * character wait in d.
- */
-size_t tokenizer_decode(const Tokenizer *t, TokenDecoder *d, int token, char *out, size_t out_size)
-{
+/* The text that token adds to the decoded string, written to out (at most
+   out_size bytes, tokenizer_decode_size(t) always suffices; what does not fit
+   is dropped). Returns the bytes written. Bytes of an unfinished UTF-8
+   character wait in d. */
+size_t tokenizer_decode(const Tokenizer *t, TokenDecoder *d, int token, char *out, size_t out_size) {
     TokWriter w = {out, out_size, 0};
     if (token < 0 || token >= t->vocab_size) return 0;
     size_t len;
     const unsigned char *s = tok_piece(t, token, &len);
     int ty = t->type[token];
     if (t->kind == TOK_BYTELEVEL) {
-        // special tokens are skipped (skip_special_tokens=True); the rest is bytes
+        /* special tokens are skipped (skip_special_tokens=True); the rest is bytes */
         if (ty == PIECE_CONTROL) return 0;
         if (ty == PIECE_USER && bl_feed_alphabet(t, d, s, len, NULL)) {
             bl_feed_alphabet(t, d, s, len, &w);
@@ -1816,7 +1571,7 @@ size_t tokenizer_decode(const Tokenizer *t, TokenDecoder *d, int token, char *ou
         for (size_t i = 0; i < len; i++) tok_feed_byte(t, d, s[i], &w);
         return w.n;
     }
-    // sentencepiece
+    /* sentencepiece */
     if (ty == PIECE_BYTE) {
         tok_feed_byte(t, d, (unsigned char)tok_byte_piece_value(s, len), &w);
         if (w.n) d->emitted = 1;
@@ -1854,9 +1609,8 @@ size_t tokenizer_decode(const Tokenizer *t, TokenDecoder *d, int token, char *ou
     return w.n;
 }
 
-// What is still pending at the end of the text.
-size_t tokenizer_decode_flush(const Tokenizer *t, TokenDecoder *d, char *out, size_t out_size)
-{
+/* What is still pending at the end of the text. */
+size_t tokenizer_decode_flush(const Tokenizer *t, TokenDecoder *d, char *out, size_t out_size) {
     TokWriter w = {out, out_size, 0};
     tok_flush_pending(t, d, &w);
     if (w.n) d->emitted = 1;

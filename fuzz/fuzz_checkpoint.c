@@ -4,7 +4,8 @@
    message or accept a model whose every tensor lies inside the buffer. An
    accepted model (small enough to be quick) then runs a batch of two tokens
    and one more through forward_tokens(), so that ASan sees every weight read
-   and UBSan every index, in the batched and the one-token kernels. */
+   and UBSan every index, in the batched and the one-token kernels, plain and
+   fast. */
 
 #define TESTING
 #include "../run.c"
@@ -21,13 +22,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char err[ERROR_SIZE];
     if (parse_checkpoint(&t, copy, size, err) == 0) {
         if (size <= (1 << 20) && t.config.n_layers <= 8) {
-            /* a batch of two (the prompt path), then one token (generation) */
+            /* a batch of two (the prompt path), then one token (generation),
+               on the plain kernels and then on the fast ones */
             int ctx = t.config.max_seq_len < 3 ? t.config.max_seq_len : 3, batch = ctx < 2 ? ctx : 2;
             int tokens[2] = {0, 1 % t.config.vocab_size};
-            alloc_run_state(&t.state, &t.config, ctx, batch);
-            forward_tokens(&t, tokens, batch, 0, batch);
-            if (ctx > batch) forward(&t, 2 % t.config.vocab_size, batch);
-            free_run_state(&t.state);
+            Kernels plain = kernels;
+            choose_fast_kernels();
+            Kernels fast = kernels;
+            for (int k = 0; k < 2; k++) {
+                kernels = k ? fast : plain;
+                alloc_run_state(&t.state, &t.config, ctx, batch);
+                forward_tokens(&t, tokens, batch, 0, batch);
+                if (ctx > batch) forward(&t, 2 % t.config.vocab_size, batch);
+                free_run_state(&t.state);
+            }
+            kernels = plain;
         }
         free(t.weights.layers);
     }

@@ -1,10 +1,12 @@
-/* test_kernels.c: run.c's fast kernels against their plain versions.
+/* test_kernels.c: run.c's kernels, plain and fast, against exact sums.
 
-   Includes run.c with TESTING (no main), then feeds every kernel that has a
-   faster version (portable vectorised C, AVX2, AVX-512) random data of
-   awkward sizes: lengths that are not multiples of the vector width, group
-   counts that leave a tail, tiles cut short at the edges of the matrix. The
-   plain *_ref kernels are checked in turn against double-precision sums.
+   Includes run.c with TESTING (no main), then feeds the plain kernels and
+   the fast ones of the appendix (portable vectorised C, AVX2, AVX-512) random
+   data of awkward sizes: lengths that are not multiples of the vector width,
+   group counts that leave a tail, tiles cut short at the edges of the
+   matrix; each result is held to a double-precision sum. The matrix
+   products and attention are run through both kernel tables: the plain one
+   run.c starts with, and the one choose_fast_kernels() fills in.
    Prints each disagreement and exits 1 if there was any, 0 otherwise.
 
    tests/test_kernels.py builds it with the Makefile's flags, without AVX2,
@@ -95,35 +97,38 @@ static void free_quantized(QuantizedVector *q) {
     free(q->group_bias);
 }
 
-/* n rows of x quantized for the products of w (q8_0 or q4_0), as
-   prepare_input() does: into q, and for q8_0 the second part into rest. xd
-   (n, cols) gets the values they stand for, d q (+ d' q'). */
-static void quantize_batch(QuantizedVector *q, QuantizedVector *rest, float *xd, const Matrix *w, const float *x,
-                           int n) {
-    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8;
+/* The values that the prepared input of w's products stands for, xd (n,
+   cols): for q8_0 and q4_0 weights the quantized x, d q (+ d' q'); for the
+   batched bf16 kernels of AVX-512 BF16, x rounded to bf16; else x itself. */
+static void prepared_values(float *xd, const ProductScratch *ps, const Matrix *w, const float *x, int n) {
+    int cols = w->cols, stride = (cols + 31) / 32 * 32;
     for (int t = 0; t < n; t++) {
-        QuantizedVector row = quantized_row(q, t, cols), rest_row = quantized_row(rest, t, cols);
-        quantize_vector(&row, x + (size_t)t * cols, cols, offset);
-        if (w->type == WEIGHT_Q8_0) quantize_remainder(&rest_row, x + (size_t)t * cols, &row, cols, offset);
-        for (int c = 0; c < cols; c++)
-            xd[(size_t)t * cols + c] = row.d[c / GROUP_SIZE] * row.q[c] +
-                (w->type == WEIGHT_Q8_0 ? rest_row.d[c / GROUP_SIZE] * rest_row.q[c] : 0.0f);
+        QuantizedVector row = quantized_row(&ps->q, t, cols), rest_row = quantized_row(&ps->rest, t, cols);
+        for (int c = 0; c < cols; c++) {
+            float *v = xd + (size_t)t * cols + c;
+            if (w->type == WEIGHT_Q8_0) *v = row.d[c / GROUP_SIZE] * row.q[c] + rest_row.d[c / GROUP_SIZE] * rest_row.q[c];
+            else if (w->type == WEIGHT_Q4_0) *v = row.d[c / GROUP_SIZE] * row.q[c];
+#if HAVE_AVX512
+            else if (w->type == WEIGHT_BF16 && n > 1 && kernels.matmul[WEIGHT_BF16] == matmul_bf16_avx512)
+                *v = bf16_to_f32(ps->bf16[(size_t)t * stride + c]);
+#endif
+            else *v = x[(size_t)t * cols + c];
+        }
     }
+    (void)stride;
 }
 
-/* A ProductScratch for n inputs of cols values, with packed panels for the
-   batched AVX-512 kernels of the weight type where this CPU has them, as
-   alloc_run_state() makes it. */
-static ProductScratch alloc_products(int n, int cols, int type) {
+/* A ProductScratch for n inputs of cols values, sized as alloc_run_state()
+   sizes it. */
+static ProductScratch alloc_products(int n, int cols) {
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    ProductScratch ps = {alloc_quantized(n * cols), alloc_quantized(n * cols),
-                         xcalloc((size_t)n * ((cols + 31) / 32 * 32) + 1, 2, "bf16"),
-                         NULL, 0, xcalloc((size_t)threads * n * ROW_BLOCK, sizeof(float), "up"), n};
-    if ((type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) && use_avx512 && n > 1) ps.panel_size = qgemm_panel_size(cols);
-    if (type == WEIGHT_BF16 && use_avx512_bf16 && n > 1) ps.panel_size = bgemm_panel_size(cols);
+    ProductScratch ps = {.q = alloc_quantized(n * cols), .rest = alloc_quantized(n * cols),
+                         .bf16 = xcalloc((size_t)n * (cols + 32) + 1, 2, "bf16"),
+                         .panel_size = ROW_BLOCK * (size_t)(cols + 64) * sizeof(float),
+                         .up = xcalloc((size_t)threads * n * ROW_BLOCK, sizeof(float), "up"), .batch = n};
     ps.panels = xcalloc((size_t)threads * ps.panel_size + 1, 1, "panels");
     return ps;
 }
@@ -165,13 +170,14 @@ static double abs_dot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* The fast f32 and bf16 dot products in lanes; the plain ones are inside
+   the plain matrix products, tested below. */
 static void test_dot_f32(void) {
     for (int n = 0; n <= 300; n += 1 + n / 8) {
         float *a = random_floats(n), *b = random_floats(n);
         double exact = 0;
         for (int i = 0; i < n; i++) exact += (double)a[i] * b[i];
         double tol = 1e-5 * abs_dot(a, b, n) + 1e-30;
-        expect("dot_f32_ref", n, 0, 0, dot_f32_ref(a, b, n), exact, tol);
         expect("dot_f32", n, 0, 0, dot_f32(a, b, n), exact, tol);
         uint16_t *w = xcalloc(n ? n : 1, 2, "w");
         float *wf = xcalloc(n ? n : 1, sizeof(float), "wf");
@@ -179,7 +185,6 @@ static void test_dot_f32(void) {
         exact = 0;
         for (int i = 0; i < n; i++) exact += (double)wf[i] * b[i];
         tol = 1e-5 * abs_dot(wf, b, n) + 1e-30;
-        expect("dot_bf16_ref", n, 0, 0, dot_bf16_ref(w, b, n), exact, tol);
         expect("dot_bf16", n, 0, 0, dot_bf16(w, b, n), exact, tol);
         free(a), free(b), free(w), free(wf);
     }
@@ -196,7 +201,7 @@ static void test_quantize_vector(void) {
             for (int i = 64; i < 96; i++) x[i] = 0.0f;                  // an all-zero group
         }
         QuantizedVector q = alloc_quantized(n);
-        quantize_vector(&q, x, n, 128);
+        quantize_vector(&q, x, n);
         for (int i = 0; i < n; i++) {
             float d = q.d[i / GROUP_SIZE];
             checks++;
@@ -204,17 +209,20 @@ static void test_quantize_vector(void) {
             if (isfinite(x[i]) && isfinite(d))
                 expect("quantize_vector |x - d q|", n, i, 0, (double)d * q.q[i], x[i], d * 0.5001 + 1e-30);
         }
+#if HAVE_AVX512
+        quantize_biases(&q, n, 128);
         for (int j = 0; j < n / 4; j++)
-            expect("quantize_vector bias", n, j, 0, q.bias[j],
+            expect("quantize_biases bias", n, j, 0, q.bias[j],
                    -128.0 * (q.q[4 * j] + q.q[4 * j + 1] + q.q[4 * j + 2] + q.q[4 * j + 3]), 0);
         for (int g = 0; g < n / GROUP_SIZE; g++) {
             double sum = 0;
             for (int i = 0; i < GROUP_SIZE; i++) sum += q.q[g * GROUP_SIZE + i];
-            expect("quantize_vector group bias", n, g, 0, q.group_bias[g], -128.0 * sum, 0);
+            expect("quantize_biases group bias", n, g, 0, q.group_bias[g], -128.0 * sum, 0);
         }
+#endif
         /* the second part: x ~ d q + d' q', d' at most d / 254, within d' / 2 */
         QuantizedVector rest = alloc_quantized(n);
-        quantize_remainder(&rest, x, &q, n, 128);
+        quantize_remainder(&rest, x, &q, n);
         for (int i = 0; i < n; i++) {
             float d = q.d[i / GROUP_SIZE], d2 = rest.d[i / GROUP_SIZE];
             if (!isfinite(x[i]) || !isfinite(d) || !isfinite(d2)) continue;
@@ -246,6 +254,16 @@ static double exact_grouped(const Matrix *w, int row, const QuantizedVector *x, 
     return sum;
 }
 
+/* Quantizes x (n) as prepare_input() does, with the sums the AVX-512
+   kernels start from. */
+static void quantize_for(QuantizedVector *q, const float *x, int n, int offset) {
+    quantize_vector(q, x, n);
+#if HAVE_AVX512
+    quantize_biases(q, n, offset);
+#endif
+    (void)offset;
+}
+
 static void test_dot_grouped(int type) {
     const char *name = type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
     for (int groups = 1; groups <= 70; groups += groups < 20 ? 1 : 7) {
@@ -253,7 +271,7 @@ static void test_dot_grouped(int type) {
         Matrix w = random_matrix(type, 3, n);
         float *x = random_floats(n);
         QuantizedVector q = alloc_quantized(n);
-        quantize_vector(&q, x, n, type == WEIGHT_Q8_0 ? 128 : 8);
+        quantize_for(&q, x, n, type == WEIGHT_Q8_0 ? 128 : 8);
         for (int r = 0; r < w.rows; r++) {
             double mag, exact = exact_grouped(&w, r, &q, &mag), tol = 1e-5 * mag + 1e-30;
             const uint16_t *wd = w.scales + (size_t)r * groups;
@@ -262,16 +280,13 @@ static void test_dot_grouped(int type) {
             int have[3] = {1, HAVE_AVX2, 0};
             if (type == WEIGHT_Q8_0) {
                 const int8_t *row = (const int8_t *)w.values + (size_t)r * n;
-                got[0] = dot_q8_ref(row, wd, &q, n);
+                got[0] = dot_q8_0(row, wd, &q, n);
 #if HAVE_AVX2
                 got[1] = dot_q8_avx2(row, wd, &q, n);
 #endif
-#if HAVE_AVX512
-                if (use_avx512) got[2] = dot_q8_avx512(row, wd, &q, n), have[2] = 1;
-#endif
             } else {
                 const uint8_t *row = (const uint8_t *)w.values + (size_t)r * n / 2;
-                got[0] = dot_q4_ref(row, wd, &q, n);
+                got[0] = dot_q4_0(row, wd, &q, n);
 #if HAVE_AVX2
                 got[1] = dot_q4_avx2(row, wd, &q, n);
 #endif
@@ -279,7 +294,7 @@ static void test_dot_grouped(int type) {
                 if (use_avx512) got[2] = dot_q4_avx512(row, wd, &q, n), have[2] = 1;
 #endif
             }
-            const char *kinds[] = {"ref", "avx2", "avx512"};
+            const char *kinds[] = {"plain", "avx2", "avx512"};
             for (int k = 0; k < 3; k++) {
                 if (!have[k]) continue;
                 snprintf(what, sizeof what, "dot_%s_%s", name, kinds[k]);
@@ -292,24 +307,30 @@ static void test_dot_grouped(int type) {
     }
 }
 
-/* dot_q8_both (fused on AVX-512) and its reference against the exact sum
-   of a row times both parts of a q8_0 input, rows 0..2 of stretches of 8
-   groups and of tails. */
+/* A q8_0 row times both parts of a q8_0 input, plain and (fused, on
+   AVX-512) fast, against the exact sum: rows 0..2 of stretches of 8 groups
+   and of tails. */
 static void test_dot_q8_both(void) {
     for (int groups = 1; groups <= 70; groups += groups < 20 ? 1 : 7) {
         int n = groups * GROUP_SIZE;
         Matrix w = random_matrix(WEIGHT_Q8_0, 3, n);
         float *x = random_floats(n);
         QuantizedVector q = alloc_quantized(n), rest = alloc_quantized(n);
-        quantize_vector(&q, x, n, 128);
-        quantize_remainder(&rest, x, &q, n, 128);
+        quantize_for(&q, x, n, 128);
+        quantize_remainder(&rest, x, &q, n);
+#if HAVE_AVX512
+        quantize_biases(&rest, n, 128);
+#endif
         for (int r = 0; r < w.rows; r++) {
             double mag, mag_rest, exact = exact_grouped(&w, r, &q, &mag) + exact_grouped(&w, r, &rest, &mag_rest);
             double tol = 1e-5 * (mag + mag_rest) + 1e-30;
             const int8_t *row = (const int8_t *)w.values + (size_t)r * n;
             const uint16_t *wd = w.scales + (size_t)r * groups;
-            expect("dot_q8_both_ref", groups, r, 0, dot_q8_both_ref(row, wd, &q, &rest, n), exact, tol);
-            expect("dot_q8_both", groups, r, 0, dot_q8_both(row, wd, &q, &rest, n), exact, tol);
+            expect("dot_q8_0 both parts", groups, r, 0, dot_q8_0(row, wd, &q, n) + dot_q8_0(row, wd, &rest, n), exact,
+                   tol);
+#if HAVE_AVX512
+            if (use_avx512) expect("dot_q8_both_avx512", groups, r, 0, dot_q8_both_avx512(row, wd, &q, &rest, n), exact, tol);
+#endif
         }
         free_matrix(&w);
         free(x);
@@ -318,7 +339,7 @@ static void test_dot_q8_both(void) {
     }
 }
 
-/* ---- Matrix products, through matvec_rows and gemm_rows */
+/* ---- Matrix products, through the kernel tables */
 
 /* out (n, rows) in double: x (n, cols) @ dequantized W^T, and the sums of
    magnitudes for the tolerance. */
@@ -338,116 +359,103 @@ static void exact_matmul(double *out, double *mag, const Matrix *w, const float 
     free(row);
 }
 
-static void test_gemm(int type, int avx512) {
+/* Every row block of w through the table's kernel for its type, as
+   matmul() takes them, for a batch of n and for one token; each output
+   against the exact product of the input as prepared (quantized, or
+   rounded to bf16, where the kernels take it so). */
+static void test_matmul(const char *table, int type) {
     static const char *names[] = {"f32", "q8_0", "q4_0", "bf16"};
     int grouped = type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0;
     int shapes[][3] = {   // rows, cols, tokens
         {1, 32, 2}, {8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {9, 32, 1}, {40, 2048, 2},
-        {5, 5, 2}, {16, 17, 3}, {11, 515, 8}, {8, 1030, 6},   // odd widths, f32 and bf16 only
+        {70, 96, 9}, {5, 5, 2}, {16, 17, 3}, {11, 515, 8}, {8, 1030, 6},   // odd widths, f32 and bf16 only
     };
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
-        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        int rows = shapes[s][0], cols = shapes[s][1];
         if (grouped && cols % GROUP_SIZE) continue;
-        use_avx512 = avx512;
         Matrix w = random_matrix(type, rows, cols);
-        float *x = random_floats((size_t)n * cols), *out = random_floats((size_t)n * rows);
-        double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
-        exact_matmul(want, mag, &w, x, n);
-        char what[64];
-        snprintf(what, sizeof what, "gemm_rows %s%s", names[type], avx512 ? " avx512" : "");
-        gemm_rows(out, rows, &w, 0, rows, x, n); // f32 inputs, weights widened: all types
-        for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
-#if HAVE_AVX512
-        if (type == WEIGHT_BF16 && avx512 && use_avx512_bf16 && n > 1) { /* inputs rounded to bf16 */
-            ProductScratch ps = alloc_products(n, cols, type);
-            prepare_input(&ps, &w, x, n);
-            float *xr = xcalloc((size_t)n * cols, sizeof(float), "xr");
-            int stride = (cols + 31) / 32 * 32;
-            for (int t = 0; t < n; t++)
-                for (int c = 0; c < cols; c++) xr[(size_t)t * cols + c] = bf16_to_f32(ps.bf16[(size_t)t * stride + c]);
-            double *want2 = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag2 = xcalloc((size_t)n * rows, sizeof(double), "mag");
-            exact_matmul(want2, mag2, &w, xr, n);
-            for (int i = 0; i < n * rows; i++) out[i] = NAN;
-            for (int r = 0; r < rows; r += BGEMM_ROWS)
-                bgemm_rows_avx512(out + r, rows, &w, r, r + BGEMM_ROWS < rows ? r + BGEMM_ROWS : rows, ps.bf16, n, ps.panels);
-            for (int i = 0; i < n * rows; i++)
-                expect("bgemm_rows avx512", rows, cols, i, out[i], want2[i], 1e-5 * mag2[i] + 1e-30);
-            for (int i = 0; i < n * cols; i++) // and the rounding itself: nearest, so within half a unit, 2^-8 of the value
-                expect("f32_to_bf16", n, cols, i, xr[i], x[i], fabs(x[i]) * 0x1p-8);
-            free(xr), free(want2), free(mag2);
-            free_products(&ps);
-        }
-#endif
-        if (grouped) { /* the batch quantized, through qgemm_rows: the exact result is that of the quantized input */
-            QuantizedVector qb = alloc_quantized(n * cols), rb = alloc_quantized(n * cols);
+        for (int n = shapes[s][2]; n >= 1; n = n > 1 ? 1 : 0) {
+            float *x = random_floats((size_t)n * cols), *out = random_floats((size_t)n * rows);
             float *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
-            quantize_batch(&qb, &rb, xd, &w, x, n);
+            double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
+            ProductScratch ps = alloc_products(n, cols);
+            kernels.prepare(&ps, &w, x, n);
+            prepared_values(xd, &ps, &w, x, n);
             exact_matmul(want, mag, &w, xd, n);
-            for (int fast = 0; fast < 1 + avx512; fast++) {
-                snprintf(what, sizeof what, "qgemm_rows %s%s", names[type], fast ? " avx512" : "");
-                for (int i = 0; i < n * rows; i++) out[i] = NAN;
+            for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
+                kernels.matmul[type](out + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &ps);
+            char what[64];
+            snprintf(what, sizeof what, "%s matmul %s, n = %d", table, names[type], n);
+            for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
 #if HAVE_AVX512
-                if (fast) {
-                    void *panel = xcalloc(qgemm_panel_size(cols), 1, "panel");
-                    for (int r = 0; r < rows; r += QGEMM_ROWS)
-                        qgemm_rows_avx512(out + r, rows, &w, r, r + QGEMM_ROWS < rows ? r + QGEMM_ROWS : rows, &qb, &rb,
-                                          n, panel);
-                    free(panel);
-                }
+            if (type == WEIGHT_BF16 && n > 1 && kernels.matmul[WEIGHT_BF16] == matmul_bf16_avx512)
+                for (int i = 0; i < n * cols; i++) // and the rounding itself: nearest, so within half a unit, 2^-8 of the value
+                    expect("f32_to_bf16", n, cols, i, xd[i], x[i], fabs(x[i]) * 0x1p-8);
 #endif
-                if (!fast) qgemm_rows_ref(out, rows, &w, 0, rows, &qb, &rb, n);
-                for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
-            }
-            free(xd);
-            free_quantized(&qb);
-            free_quantized(&rb);
+            free_products(&ps);
+            free(x), free(out), free(xd), free(want), free(mag);
         }
-        /* a batch of one goes through matvec_rows, with the input quantized for q8_0 and q4_0 */
-        QuantizedVector q = alloc_quantized(cols), rest = alloc_quantized(cols);
-        float *xd = x;
-        if (grouped) { // the exact result is then that of the quantized input
-            xd = xcalloc(cols, sizeof(float), "xd");
-            quantize_batch(&q, &rest, xd, &w, x, 1);
-            exact_matmul(want, mag, &w, xd, 1);
-        }
-        snprintf(what, sizeof what, "matvec_rows %s%s", names[type], avx512 ? " avx512" : "");
-        int r0 = rows > 8 ? 8 : 0; // a range that starts past row 0
-        matvec_rows(out + r0, &w, r0, rows, x, &q, &rest);
-        for (int r = r0; r < rows; r++) expect(what, rows, cols, r, out[r], want[r], 1e-5 * mag[r] + 1e-30);
-        if (xd != x) free(xd);
-        free_quantized(&q);
-        free_quantized(&rest);
         free_matrix(&w);
-        free(x), free(out), free(want), free(mag);
     }
 }
 
-/* project() of three matrices equals three separate products, bit for bit,
+/* gemm_rows() with each kind of tile: its results for every weight type
+   against the exact product. */
+static void test_gemm_rows(int avx512) {
+    static const char *names[] = {"f32", "q8_0", "q4_0", "bf16"};
+    int shapes[][3] = {{8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {16, 17, 3}, {11, 515, 8}};
+#if HAVE_AVX512
+    gemm_tile_full = avx512 ? gemm_tile_avx512 : gemm_tile_fast;
+#endif
+    for (int type = 0; type < 4; type++)
+        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+            int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+            if ((type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) && cols % GROUP_SIZE) continue;
+            Matrix w = random_matrix(type, rows, cols);
+            float *x = random_floats((size_t)n * cols), *out = random_floats((size_t)n * rows);
+            double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
+            ProductScratch ps = alloc_products(n, cols);
+            ps.x = x, ps.n = n;
+            exact_matmul(want, mag, &w, x, n);
+            gemm_rows(out, rows, &w, 0, rows, &ps);
+            char what[64];
+            snprintf(what, sizeof what, "gemm_rows %s%s", names[type], avx512 ? " avx512" : "");
+            for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
+            free_products(&ps);
+            free_matrix(&w);
+            free(x), free(out), free(want), free(mag);
+        }
+    gemm_tile_full = gemm_tile_fast;
+}
+
+/* matmul() of three matrices equals three separate products, bit for bit,
    and gate_up() equals two products and swiglu(). */
 static void test_fused(int type, int n) {
     int cols = 96, rows[3] = {40, 16, 24};
     Matrix w[3];
     float *x = random_floats((size_t)n * cols), *fused[3], *single[3];
-    ProductScratch ps = alloc_products(n, cols, type);
-    Projection p[3];
+    ProductScratch ps = alloc_products(n, cols);
+    Product p[3];
     for (int i = 0; i < 3; i++) {
         w[i] = random_matrix(type, rows[i], cols);
         fused[i] = random_floats((size_t)n * rows[i]);
         single[i] = random_floats((size_t)n * rows[i]);
-        p[i] = (Projection){fused[i], rows[i], &w[i]};
+        p[i] = (Product){fused[i], &w[i]};
     }
-    project(p, 3, x, n, &ps);
+    matmul(p, 3, x, n, &ps);
     for (int i = 0; i < 3; i++) {
-        matmul(single[i], &w[i], x, n, &ps);
+        Product one = {single[i], &w[i]};
+        matmul(&one, 1, x, n, &ps);
         checks++;
         if (memcmp(fused[i], single[i], (size_t)n * rows[i] * sizeof(float)) != 0 && ++failures)
-            fprintf(stderr, "FAIL project() differs from matmul() for matrix %d, type %d, n %d\n", i, type, n);
+            fprintf(stderr, "FAIL matmul() of three differs from one at a time for matrix %d, type %d, n %d\n", i, type, n);
     }
     Matrix w3 = random_matrix(type, rows[0], cols);
     float *up2 = random_floats((size_t)n * rows[0]);
     gate_up(fused[0], &w[0], &w3, x, n, &ps);
-    matmul(single[0], &w[0], x, n, &ps);
-    matmul(up2, &w3, x, n, &ps);
+    Product gate = {single[0], &w[0]}, up = {up2, &w3};
+    matmul(&gate, 1, x, n, &ps);
+    matmul(&up, 1, x, n, &ps);
     swiglu(single[0], up2, n * rows[0]);
     checks++;
     if (memcmp(fused[0], single[0], (size_t)n * rows[0] * sizeof(float)) != 0 && ++failures)
@@ -517,12 +525,15 @@ static void test_softmax(void) {
 #endif
 }
 
+/* The kernels for one head: scores and mix, plain (on the cache, f32 or
+   f16), fast in lanes (on f32) and on AVX-512 (on the cache). */
 static void test_attention_kernels(void) {
     int head_dims[] = {8, 16, 48, 64, 72, 128};
     for (size_t h = 0; h < sizeof head_dims / sizeof *head_dims; h++)
         for (int n_pos = 1; n_pos <= 40; n_pos += 3) {
             int hd = head_dims[h];
             size_t n = (size_t)n_pos * hd;
+            float scale = 1.0f / sqrtf((float)hd);
             float *q = random_floats(hd), *keys = random_floats(n), *values = random_floats(n);
             float *weights = random_floats(n_pos), scores[64], out[128];
             uint16_t *keys16 = xcalloc(n, 2, "keys"), *values16 = xcalloc(n, 2, "values");
@@ -534,27 +545,33 @@ static void test_attention_kernels(void) {
                     widen_f16(k, keys16, n);
                     widen_f16(v, values16, n);
                 }
-                for (int fast = 0; fast < 2; fast++) {
-                    const char *kind = fast ? (f16 ? "avx512 f16" : "avx512 f32") : "ref";
+                void *cache_k = f16 ? (void *)keys16 : keys, *cache_v = f16 ? (void *)values16 : values;
+                KVCache kv = {cache_k, cache_v, f16, n_pos, 1, 1, hd};
+                for (int kind = 0; kind < 3; kind++) {
+                    const char *names[] = {"plain", "fast", "avx512"};
                     char what[64];
-                    if (fast && !use_avx512) continue;
-                    if (!fast && f16) continue; // the plain kernels read f32: the cache is widened first
+                    if (kind == 1 && f16) continue; // the fast kernels in lanes read f32: the cache is widened first
+                    if (kind == 2 && !HAVE_AVX512) continue;
+                    if (kind == 0) {
+                        attention_scores(scores, q, &kv, 0, n_pos);
+                        attention_mix(out, weights, &kv, 0, n_pos);
+                    } else if (kind == 1) {
+                        attention_scores_fast(scores, q, k, n_pos, hd, scale);
+                        attention_mix_fast(out, weights, v, n_pos, hd);
+                    }
 #if HAVE_AVX512
-                    if (fast) attention_scores_avx512(scores, q, f16 ? (void *)keys16 : keys, n_pos, hd, 0.125f, f16);
-                    else
+                    if (kind == 2 && !use_avx512) continue;
+                    if (kind == 2) {
+                        attention_scores_avx512(scores, q, cache_k, n_pos, hd, f16);
+                        attention_mix_avx512(out, weights, cache_v, n_pos, hd, f16);
+                    }
 #endif
-                        attention_scores_ref(scores, q, k, n_pos, hd, 0.125f);
-#if HAVE_AVX512
-                    if (fast) attention_mix_avx512(out, weights, f16 ? (void *)values16 : values, n_pos, hd, f16);
-                    else
-#endif
-                        attention_mix_ref(out, weights, v, n_pos, hd);
                     for (int p = 0; p < n_pos; p++) {
                         double exact = 0;
                         for (int i = 0; i < hd; i++) exact += (double)q[i] * k[(size_t)p * hd + i];
-                        snprintf(what, sizeof what, "attention_scores %s", kind);
-                        expect(what, hd, n_pos, p, scores[p], 0.125 * exact,
-                               1e-5 * 0.125 * abs_dot(q, k + (size_t)p * hd, hd) + 1e-30);
+                        snprintf(what, sizeof what, "attention_scores %s%s", names[kind], f16 ? " f16" : "");
+                        expect(what, hd, n_pos, p, scores[p], scale * exact,
+                               1e-5 * scale * abs_dot(q, k + (size_t)p * hd, hd) + 1e-30);
                     }
                     for (int i = 0; i < hd; i++) {
                         double exact = 0, mag = 0;
@@ -562,7 +579,7 @@ static void test_attention_kernels(void) {
                             exact += (double)weights[p] * v[(size_t)p * hd + i];
                             mag += fabs((double)weights[p] * v[(size_t)p * hd + i]);
                         }
-                        snprintf(what, sizeof what, "attention_mix %s", kind);
+                        snprintf(what, sizeof what, "attention_mix %s%s", names[kind], f16 ? " f16" : "");
                         expect(what, hd, n_pos, i, out[i], exact, 1e-5 * mag + 1e-30);
                     }
                 }
@@ -572,9 +589,65 @@ static void test_attention_kernels(void) {
         }
 }
 
+/* The table's attention() for n queries at positions pos .. pos + n - 1 of
+   a cache of ctx positions (GQA: 6 query heads on 2 kv heads), against
+   softmax(q k^T / sqrt(head_dim)) v in double. */
+static void test_attention(const char *table) {
+    int shapes[][4] = {{16, 1, 0, 8}, {64, 5, 3, 40}, {72, 20, 0, 20}, {128, 3, 30, 40}, {64, 40, 0, 40}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+        for (int f16 = 0; f16 < 2; f16++) {
+            int hd = shapes[s][0], n = shapes[s][1], pos = shapes[s][2], ctx = shapes[s][3], heads = 6, kv_heads = 2;
+            size_t cache = (size_t)kv_heads * ctx * hd, q_dim = (size_t)heads * hd;
+            int threads = 1;
+#ifdef _OPENMP
+            threads = omp_get_max_threads();
+#endif
+            float *q = random_floats(n * q_dim), *out = random_floats(n * q_dim), *k = random_floats(cache);
+            float *v = random_floats(cache);
+            float *scratch = xcalloc(threads * attention_scratch_size(ctx, hd, f16), sizeof(float), "scratch");
+            uint16_t *k16 = xcalloc(cache, 2, "k16"), *v16 = xcalloc(cache, 2, "v16");
+            for (size_t i = 0; i < cache && f16; i++) { // the exact result is then that of the rounded cache
+                k16[i] = f32_to_f16(k[i]), v16[i] = f32_to_f16(v[i]);
+                k[i] = f16_to_f32(k16[i]), v[i] = f16_to_f32(v16[i]);
+            }
+            KVCache kv = {f16 ? (void *)k16 : k, f16 ? (void *)v16 : v, f16, ctx, heads, kv_heads, hd};
+            kernels.attention(out, q, &kv, pos, n, scratch);
+            char what[64];
+            snprintf(what, sizeof what, "%s attention%s", table, f16 ? " f16" : "");
+            double *w = xcalloc(ctx, sizeof(double), "w");
+            for (int t = 0; t < n; t++)
+                for (int h = 0; h < heads; h++) {
+                    const float *qh = q + t * q_dim + (size_t)h * hd;
+                    size_t head = (size_t)(h / (heads / kv_heads)) * ctx * hd;
+                    double max = -INFINITY, sum = 0;
+                    for (int p = 0; p <= pos + t; p++) {
+                        w[p] = 0;
+                        for (int i = 0; i < hd; i++) w[p] += (double)qh[i] * k[head + (size_t)p * hd + i];
+                        w[p] /= sqrt(hd);
+                        max = w[p] > max ? w[p] : max;
+                    }
+                    for (int p = 0; p <= pos + t; p++) sum += w[p] = exp(w[p] - max);
+                    for (int i = 0; i < hd; i++) {
+                        double exact = 0, mag = 0;
+                        for (int p = 0; p <= pos + t; p++) {
+                            exact += w[p] / sum * v[head + (size_t)p * hd + i];
+                            mag += w[p] / sum * fabs(v[head + (size_t)p * hd + i]);
+                        }
+                        expect(what, hd, t, h * hd + i, out[t * q_dim + (size_t)h * hd + i], exact, 1e-5 * mag + 1e-7);
+                    }
+                }
+            free(q), free(out), free(k), free(v), free(scratch), free(k16), free(v16), free(w);
+        }
+}
+
 int main(void) {
-    choose_kernels();
-    int have_avx512 = use_avx512;
+    Kernels plain = kernels;
+    choose_fast_kernels();
+    Kernels fast = kernels;
+    int have_avx512 = 0;
+#if HAVE_AVX512
+    have_avx512 = use_avx512;
+#endif
     printf("test_kernels: AVX2 %s, AVX-512 %s\n", HAVE_AVX2 ? "compiled" : "not compiled",
            have_avx512 ? "on this CPU" : "not used");
     test_f16();
@@ -583,12 +656,17 @@ int main(void) {
     test_dot_grouped(WEIGHT_Q8_0);
     test_dot_grouped(WEIGHT_Q4_0);
     test_dot_q8_both();
-    for (int type = 0; type < 4; type++) {
-        test_gemm(type, 0);
-        if (have_avx512) test_gemm(type, 1);
-        use_avx512 = have_avx512;
-        for (int n = 1; n <= 4; n += 3) test_fused(type, n);
+    test_gemm_rows(0);
+    if (have_avx512) test_gemm_rows(1);
+    for (int table = 0; table < 2; table++) {
+        kernels = table ? fast : plain;
+        for (int type = 0; type < 4; type++) {
+            test_matmul(table ? "fast" : "plain", type);
+            for (int n = 1; n <= 4; n += 3) test_fused(type, n);
+        }
+        test_attention(table ? "fast" : "plain");
     }
+    kernels = fast;
     test_f16_store();
     test_softmax();
     test_attention_kernels();

@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
-from test_all import RUN, RUN_NOOMP, generate_ids, read_logits, reference_logits, assert_logits_close  # noqa: E402
+from test_all import RUN, RUN_NOOMP, RUN_PLAIN, generate_ids, read_logits, reference_logits, assert_logits_close  # noqa: E402,E501
 
 DTYPES = ["bf16", "q8_0", "q4_0"]
 CONFIGS = {
@@ -164,6 +164,37 @@ def test_portable_kernels_agree(exported, dtype, tmp_path):
         assert_logits_close(rows[1], rows[0])
     else:                                        # bf16: f32 against bf16 activations; q8_0, q4_0: see above
         assert relative_rms(rows[1], rows[0]).max() <= ROUNDED_TOL[dtype]
+
+
+PLAIN_TOL = 1e-5                                          # f32: max |diff| / max |logit| of the row
+
+
+@pytest.mark.parametrize("dtype", ["f32"] + DTYPES)
+def test_plain_kernels_agree(exported, dtype, tmp_path):
+    """run-plain (-DPLAIN: the plain kernels of run.c alone, no appendix)
+    against ./run, teacher-forced over a prompt, in batches of 8 and token
+    by token. f32: the same products summed in another order, within 1e-5
+    of the row's largest logit. bf16, q8_0 and q4_0: the fast kernels may
+    round activations where the plain ones do not (bf16 batches on AVX-512
+    BF16), and int8 sums in another float order move an activation across a
+    rounding boundary of the next quantization now and then, as in
+    test_portable_kernels_agree: within the same bounds."""
+    args, _, path, _ = exported("gqa4_untied", dtype)
+    prompt = prompt_for(args.vocab_size, n=24)
+    for batch in ("8", "1"):
+        rows = []
+        for binary in (RUN, RUN_PLAIN):
+            out = tmp_path / f"logits-{binary.name}-{batch}.bin"
+            subprocess.run([str(binary), str(path), "--tokens", " ".join(map(str, prompt)), "-n", "1", "-t", "0",
+                            "-b", batch, "--logits", str(out)], check=True, capture_output=True)
+            rows.append(read_logits(out, args.vocab_size))
+        fast, plain = rows
+        assert fast.shape == plain.shape == (len(prompt), args.vocab_size)
+        if dtype == "f32":
+            err = np.abs(plain - fast).max(axis=1) / np.abs(fast).max(axis=1)
+            assert err.max() <= PLAIN_TOL, (batch, err.max())
+        else:
+            assert relative_rms(plain, fast).max() <= ROUNDED_TOL[dtype], batch
 
 
 # ----------------------------------------------------------------------------

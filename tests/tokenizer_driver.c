@@ -88,7 +88,7 @@ int main(int argc, char **argv)
         int add_bos = argc > 3 ? atoi(argv[3]) : 0;
         for (size_t pos = 0; pos < size;) {
             if (size - pos < 4) return die("encode: record cut short");
-            uint32_t len = tok_rd32(in + pos);
+            uint32_t len = read_u32(in + pos);
             pos += 4;
             if (len > size - pos) return die("encode: record cut short");
             // len + 3 as run.c allocates, unless the vocabulary needs more
@@ -109,7 +109,7 @@ int main(int argc, char **argv)
         size_t text_cap = 1;
         for (size_t pos = 0; pos < size;) {
             if (size - pos < 4) return die("decode: record cut short");
-            uint32_t n = tok_rd32(in + pos);
+            uint32_t n = read_u32(in + pos);
             pos += 4;
             if (n > (size - pos) / 4) return die("decode: record cut short");
             TokenDecoder d;
@@ -117,7 +117,7 @@ int main(int argc, char **argv)
             size_t len = 0;
             for (uint32_t i = 0; i <= n; i++) {
                 memset(chunk + chunk_size, 0x5A, 64);
-                size_t k = i < n ? tokenizer_decode(&t, &d, (int32_t)tok_rd32(in + pos + 4 * i), chunk, chunk_size)
+                size_t k = i < n ? tokenizer_decode(&t, &d, read_i32(in + pos + 4 * i), chunk, chunk_size)
                                  : tokenizer_decode_flush(&t, &d, chunk, chunk_size);
                 for (int g = 0; g < 64; g++)
                     if (chunk[chunk_size + g] != 0x5A) return die("decode wrote past out_size");
@@ -125,7 +125,7 @@ int main(int argc, char **argv)
                 if (k == chunk_size) return die("decode filled out_size: output may be cut");
                 int plain = i == n || t.kind == TOK_BYTELEVEL;
                 if (!plain) {
-                    int id = (int32_t)tok_rd32(in + pos + 4 * i);
+                    int id = read_i32(in + pos + 4 * i);
                     plain = id < 0 || id >= t.vocab_size || t.type[id] == PIECE_BYTE;
                     if (!plain) {
                         size_t pl;
