@@ -72,7 +72,8 @@ run-plain: run.c tokenizer.c Makefile
 test: run run-noomp run-plain $(SETUP)
 	$(PYTHON) -m pytest -q test_all.py tests
 
-# make test-arm: ./run cross-compiled for aarch64 out of tree, in
+# make test-arm: ./run cross-compiled for aarch64 out of tree (-B: through
+# VPATH, make would take the x86 ./run for the target), in
 # build-aarch64/, with the flags `make CC=aarch64-linux-gnu-gcc` chooses, and
 # run under qemu-aarch64 by the tests that need no Python on the engine side:
 # random models of every weight type and llama2.c checkpoints, against the
@@ -85,7 +86,7 @@ ARM_TESTS = test_all.py tests/test_weight_types.py tests/test_tokenizer.py
 ARM_SELECT = (matches or openmp or llama2c or legacy or batched or sentencepiece or llama2 or byte) and not (links or speed or find)
 test-arm: $(SETUP)
 	mkdir -p $(ARM_BUILD)
-	$(MAKE) --no-print-directory -C $(ARM_BUILD) -f $(CURDIR)/Makefile VPATH=$(CURDIR) CC=$(ARM_CC) run run-noomp
+	$(MAKE) --no-print-directory -B -C $(ARM_BUILD) -f $(CURDIR)/Makefile VPATH=$(CURDIR) CC=$(ARM_CC) run run-noomp
 	$(ARM_CC) -std=c11 -O2 $(WARNINGS) -Werror -o $(ARM_BUILD)/tokenizer_driver tests/tokenizer_driver.c
 	for exe in run run-noomp tokenizer_driver; do \
 	    printf '#!/bin/sh\nexec $(ARM_QEMU) %s "$$@"\n' $(CURDIR)/$(ARM_BUILD)/$$exe > $(ARM_BUILD)/qemu-$$exe; \

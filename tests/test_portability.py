@@ -93,7 +93,8 @@ def test_x86_64_linux_keeps_its_flags(tmp_path):
 def test_cross_build_for_aarch64_has_no_warnings(tmp_path):
     """make CC=aarch64-linux-gnu-gcc run, out of tree: the flags for aarch64,
     with OpenMP, and not one warning."""
-    p = subprocess.run(["make", "--no-print-directory", "-C", str(tmp_path), "-f", str(ROOT / "Makefile"),
+    # -B: through VPATH, make would otherwise take ROOT's ./run for the target
+    p = subprocess.run(["make", "--no-print-directory", "-B", "-C", str(tmp_path), "-f", str(ROOT / "Makefile"),
                         f"VPATH={ROOT}", "CC=aarch64-linux-gnu-gcc", "run"],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
