@@ -34,6 +34,8 @@ import tempfile
 # model.py and convert/ sit beside this file; python -I leaves its directory off sys.path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Beside what the command line uses, the names that the tests, bench/ and
+# fuzz/make_seeds.py reach as export.X.
 from convert.checkpoint import (HEADER, WEIGHT_TYPES, check_dtype, check_max_seq_len,  # noqa: E402
                                 decode_matrix, encode_matrix, read_checkpoint, read_checkpoint_arrays,
                                 write_checkpoint)
