@@ -160,7 +160,7 @@ $(DEMO_GGUF): | demo-pip
 	    { echo "demo: $(DEMO_PYTHON) has no numpy; fetching it into .demo/pylib too"; $(DEMO_PIP) .demo/pylib numpy; }
 	@$(DEMO_PIP) .demo/pylib gguf==0.19.0 pyyaml
 
-.demo/smollm2.bin: $(DEMO_GGUF) export.py | .demo/pylib/gguf
+.demo/smollm2.bin: $(DEMO_GGUF) export.py model.py $(wildcard convert/*.py) | .demo/pylib/gguf
 	@echo "demo: converting it to .demo/smollm2.bin (f32) and .demo/tokenizer.bin with export.py --gguf"
 	@PYTHONPATH=.demo/pylib $(DEMO_PYTHON) export.py $@ --gguf $(DEMO_GGUF) || { rm -f $@; exit 1; }
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPORT = ROOT / "export.py"
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
+from convert import checkpoint  # noqa: E402
 
 ARGS = export.ModelArgs(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
                         vocab_size=260, max_seq_len=64)
@@ -449,7 +450,7 @@ def test_existing_outputs_are_replaced_when_the_command_succeeds(case, capsys):
 def test_a_write_that_fails_part_way_leaves_no_partial_file(case, capsys, monkeypatch):
     """A disk that fills after the header and the first tensor: the error
     names the output, and neither it nor its temporary file is left."""
-    encode = export.encode_matrix
+    encode = checkpoint.encode_matrix
     calls = []
 
     def encode_until_the_disk_is_full(w, dtype):
@@ -458,7 +459,7 @@ def test_a_write_that_fails_part_way_leaves_no_partial_file(case, capsys, monkey
             raise OSError(28, os.strerror(28))
         return encode(w, dtype)
 
-    monkeypatch.setattr(export, "encode_matrix", encode_until_the_disk_is_full)
+    monkeypatch.setattr(checkpoint, "encode_matrix", encode_until_the_disk_is_full)
     case.out.write_bytes(b"the model that was here")
     status, _, err = export_main(capsys, case.out, "--llama2c", case.src / "llama2c.bin")
     assert_one_line(status, err, case.out, "No space left on device")

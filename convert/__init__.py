@@ -1,0 +1,2 @@
+"""The readers and writers behind export.py: checkpoint, model sources,
+tokenizers, GGUF output."""

@@ -1,0 +1,228 @@
+"""The checkpoint file of run.c (docs/FORMATS.md): writer, reader, and the
+encoding of each weight type."""
+
+import math
+import os
+import struct
+
+from convert.errors import ExportError, np, torch
+from model import MAX_SEQ_LEN, ModelArgs
+
+# The checkpoint file (drawn in docs/FORMATS.md and at the top of run.c). One table,
+# checkpoint_tensors(), gives the order and shapes; the writer, the reader and
+# the validation all walk it.
+
+MAGIC = b"LLAM"
+VERSION = 1
+HEADER_SIZE = 256
+ALIGN = 64                      # every tensor starts at a multiple of this
+WEIGHT_TYPES = {"f32": 0, "q8_0": 1, "q4_0": 2, "bf16": 3}   # weight_type of the header
+WEIGHT_F32 = WEIGHT_TYPES["f32"]
+GROUP_SIZE = 32                 # weights per scale in q8_0 and q4_0
+# magic, version, 8 x i32 (dim .. max_seq_len), rope_theta, norm_eps,
+# tied_classifier, weight_type, group_size: 60 bytes, then zeros up to 256
+HEADER = struct.Struct("<4sI8i2f3I")
+
+
+def checkpoint_tensors(args):
+    """The checkpoint's tensors in file order: a list of (state_dict name, shape)."""
+    d, h, qd, kvd = args.dim, args.hidden_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    tensors = [("tok_embeddings.weight", (args.vocab_size, d))]
+    for i in range(args.n_layers):
+        tensors += [
+            (f"layers.{i}.attention_norm.weight", (d,)),
+            (f"layers.{i}.attention.wq.weight", (qd, d)),
+            (f"layers.{i}.attention.wk.weight", (kvd, d)),
+            (f"layers.{i}.attention.wv.weight", (kvd, d)),
+            (f"layers.{i}.attention.wo.weight", (d, qd)),
+            (f"layers.{i}.ffn_norm.weight", (d,)),
+            (f"layers.{i}.feed_forward.w1.weight", (h, d)),
+            (f"layers.{i}.feed_forward.w2.weight", (d, h)),
+            (f"layers.{i}.feed_forward.w3.weight", (h, d)),
+        ]
+    tensors.append(("norm.weight", (d,)))
+    if not args.tied:
+        tensors.append(("output.weight", (args.vocab_size, d)))
+    return tensors
+
+
+def check_state_dict(args, state_dict, path):
+    """Raise ExportError naming path unless state_dict has exactly the tensors args implies."""
+    expected = dict(checkpoint_tensors(args))
+    missing = [name for name in expected if name not in state_dict]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ExportError(path, f"tensor {missing[0]} is missing{more}")
+    unexpected = [name for name in state_dict if name not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ExportError(path, f"unexpected tensor {unexpected[0]}{more}")
+    for name, shape in expected.items():
+        got = tuple(state_dict[name].shape)
+        if got != shape:
+            raise ExportError(path, f"{name}: expected shape {shape}, got {got}")
+
+
+def _f32_array(tensor):
+    """The tensor (torch or numpy) as a float32 numpy array."""
+    if not isinstance(tensor, np.ndarray):
+        tensor = tensor.detach().cpu().float().numpy()
+    return np.ascontiguousarray(tensor, dtype=np.float32)
+
+
+def _f32_bytes(tensor):
+    """The tensor (torch or numpy) as packed little-endian float32, row-major."""
+    return _f32_array(tensor).astype("<f4", copy=False).tobytes()
+
+
+def quantize_q8_0(w):
+    """(rows, cols) float32 -> (int8 values (rows, cols), float16 scales (rows, cols/32))."""
+    rows, cols = w.shape
+    groups = w.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    d = (np.abs(groups).max(axis=-1) / 127).astype(np.float16)
+    d32 = d.astype(np.float32)
+    inv = np.divide(1, d32, out=np.zeros_like(d32), where=d32 != 0)
+    q = np.clip(np.rint(groups * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(rows, cols), d
+
+
+def quantize_q4_0(w):
+    """(rows, cols) float32 -> (packed uint8 (rows, cols/2), float16 scales (rows, cols/32))."""
+    rows, cols = w.shape
+    groups = w.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
+    biggest = np.take_along_axis(groups, np.abs(groups).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    d = (biggest / -8).astype(np.float16)
+    d32 = d.astype(np.float32)
+    inv = np.divide(1, d32, out=np.zeros_like(d32), where=d32 != 0)
+    q = np.clip(np.rint(groups * inv[..., None]) + 8, 0, 15).astype(np.uint8)
+    half = GROUP_SIZE // 2
+    packed = q[..., :half] | (q[..., half:] << 4)
+    return packed.reshape(rows, cols // 2), d
+
+
+def to_bf16(w):
+    """float32 -> bfloat16 bits as uint16, rounded to nearest even."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def encode_matrix(w, dtype):
+    """A float32 matrix (rows, cols) in the checkpoint's weight type: the arrays
+    that are written one after the other, each from a multiple of ALIGN."""
+    if dtype == "f32":
+        return [w.astype("<f4", copy=False)]
+    if dtype == "bf16":
+        return [to_bf16(w).astype("<u2", copy=False)]
+    values, scales = quantize_q8_0(w) if dtype == "q8_0" else quantize_q4_0(w)
+    return [values, scales.astype("<f2", copy=False)]
+
+
+def decode_matrix(arrays, dtype):
+    """encode_matrix()'s inverse: the float32 weights the engine computes with."""
+    if dtype == "f32":
+        return arrays[0].astype(np.float32)
+    if dtype == "bf16":
+        return (arrays[0].astype(np.uint32) << 16).view(np.float32)
+    values, scales = arrays
+    rows = values.shape[0]
+    d = scales.astype(np.float32)[..., None]                          # (rows, groups, 1)
+    if dtype == "q8_0":
+        q = values.reshape(rows, -1, GROUP_SIZE).astype(np.float32)
+    else:
+        packed = values.reshape(rows, -1, GROUP_SIZE // 2)
+        q = np.concatenate((packed & 15, packed >> 4), axis=-1).astype(np.float32) - 8
+    return (d * q).reshape(rows, -1)
+
+
+def matrix_arrays(shape, dtype):
+    """(numpy dtype, shape) of each array of a (rows, cols) matrix in the weight type."""
+    rows, cols = shape
+    return {"f32": [("<f4", (rows, cols))], "bf16": [("<u2", (rows, cols))],
+            "q8_0": [("i1", (rows, cols)), ("<f2", (rows, cols // GROUP_SIZE))],
+            "q4_0": [("u1", (rows, cols // 2)), ("<f2", (rows, cols // GROUP_SIZE))]}[dtype]
+
+
+def check_dtype(args, dtype, path):
+    """Raise ExportError unless dtype is a weight type that can hold args' matrices."""
+    if dtype not in WEIGHT_TYPES:
+        raise ExportError(path, f"weight type {dtype!r}: expected one of {', '.join(WEIGHT_TYPES)}")
+    widths = {"dim": args.dim, "hidden_dim": args.hidden_dim, "n_heads * head_dim": args.n_heads * args.head_dim}
+    odd = [f"{name} = {v}" for name, v in widths.items() if v % GROUP_SIZE]
+    if dtype in ("q8_0", "q4_0") and odd:
+        raise ExportError(path, f"{dtype} needs matrix widths that are multiples of {GROUP_SIZE}; "
+                                f"{', '.join(odd)} is not")
+
+
+def check_max_seq_len(args, path):
+    """Raise ExportError naming path unless run.c allows a context of args.max_seq_len."""
+    if args.max_seq_len > MAX_SEQ_LEN:
+        raise ExportError(path, f"max_seq_len = {args.max_seq_len} is more than run.c's {MAX_SEQ_LEN} "
+                                "(give a shorter one with --max-seq-len)")
+
+
+def write_checkpoint(path, args, state_dict, dtype="f32"):
+    """Write the version 1 checkpoint with its matrices in dtype ("f32",
+    "bf16", "q8_0" or "q4_0"; norms stay f32) and return its size in bytes.
+
+    The state_dict and dtype are validated first, so a bad one leaves no file behind."""
+    check_state_dict(args, state_dict, path)
+    check_dtype(args, dtype, path)
+    check_max_seq_len(args, path)
+    group = GROUP_SIZE if dtype in ("q8_0", "q4_0") else 0
+    header = HEADER.pack(MAGIC, VERSION, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
+                         args.n_kv_heads, args.head_dim, args.vocab_size, args.max_seq_len,
+                         args.rope_theta, args.norm_eps, int(args.tied), WEIGHT_TYPES[dtype], group)
+    with open(path, "wb") as f:
+        f.write(header.ljust(HEADER_SIZE, b"\0"))
+        for name, shape in checkpoint_tensors(args):
+            w = _f32_array(state_dict[name])
+            for array in (encode_matrix(w, dtype) if len(shape) == 2 else [w.astype("<f4")]):
+                f.write(b"\0" * (-f.tell() % ALIGN))
+                f.write(np.ascontiguousarray(array).tobytes())
+        return f.tell()
+
+
+def read_checkpoint_arrays(path):
+    """Read a version 1 checkpoint as stored: (ModelArgs, dtype, {name: [arrays]}),
+    where a norm is one float32 array and a matrix the arrays of its weight type."""
+    if os.path.getsize(path) < HEADER_SIZE:
+        raise ExportError(path, f"{os.path.getsize(path)} bytes: shorter than the 256-byte header")
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    magic, version, *ints, theta, eps, tied, weight_type, group_size = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ExportError(path, f'magic {magic!r}: expected "LLAM"')
+    dtype = {v: k for k, v in WEIGHT_TYPES.items()}.get(weight_type)
+    expected_group = GROUP_SIZE if dtype in ("q8_0", "q4_0") else 0
+    if version != VERSION or dtype is None or group_size != expected_group:
+        raise ExportError(path, f"version {version}, weight_type {weight_type}, group_size {group_size}: "
+                                f"expected version {VERSION}, a weight_type of 0..3 and its group_size")
+    try:
+        args = ModelArgs(*ints, rope_theta=theta, norm_eps=eps, tied=tied)
+        check_dtype(args, dtype, path)
+    except ValueError as e:
+        raise ExportError(path, f"bad header: {e}") from None
+    tensors, offset = {}, HEADER_SIZE
+    for name, shape in checkpoint_tensors(args):
+        tensors[name] = []
+        for np_dtype, array_shape in (matrix_arrays(shape, dtype) if len(shape) == 2 else [("<f4", shape)]):
+            offset += -offset % ALIGN
+            nbytes = np.dtype(np_dtype).itemsize * math.prod(array_shape)
+            if offset + nbytes > data.size:
+                raise ExportError(path, f"{data.size} bytes: truncated in {name}")
+            tensors[name].append(data[offset:offset + nbytes].view(np_dtype).reshape(array_shape).copy())
+            offset += nbytes
+    if offset != data.size:
+        raise ExportError(path, f"{data.size} bytes: expected {offset} for {args.describe()}")
+    return args, dtype, tensors
+
+
+def read_checkpoint(path):
+    """Read a version 1 checkpoint back into (ModelArgs, state_dict): the writer's
+    inverse, with quantized and bf16 weights decoded to the float32 values that
+    run.c computes with."""
+    args, dtype, tensors = read_checkpoint_arrays(path)
+    state_dict = {name: torch.from_numpy(decode_matrix(arrays, dtype) if arrays[0].ndim == 2
+                                         else arrays[0].astype(np.float32))
+                  for name, arrays in tensors.items()}
+    return args, state_dict
+

@@ -1,0 +1,68 @@
+"""A checkpoint of ours written as a llama.cpp GGUF file."""
+
+import os
+
+from convert.checkpoint import read_checkpoint_arrays
+from convert.errors import ExportError, np
+from convert.sources import GGUF_LAYER_NAMES, GGUF_NAMES
+
+def write_gguf(path, checkpoint):
+    """Write a checkpoint of ours as a llama.cpp GGUF file (architecture
+    "llama") that holds the same weights, bit for bit: q8_0 and q4_0 groups
+    become Q8_0 and Q4_0 blocks (the scale, then the group's values), bf16
+    BF16, f32 F32, norms F32. RoPE needs no permutation: llama.cpp's llama
+    rotates interleaved pairs too. The vocabulary is a stand-in (<unk>, <s>,
+    </s>, the 256 byte tokens, then "t259", "t260", ...): enough for
+    llama.cpp to load the file and run token ids, which is what bench/bench.py
+    does with it. Needs the gguf package. Returns the file size."""
+    import gguf
+    args, dtype, tensors = read_checkpoint_arrays(checkpoint)
+    if args.vocab_size < 259:
+        raise ExportError(path, f"vocab_size {args.vocab_size}: the stand-in vocabulary needs 259 tokens")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(args.max_seq_len)
+    writer.add_embedding_length(args.dim)
+    writer.add_block_count(args.n_layers)
+    writer.add_feed_forward_length(args.hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.n_kv_heads)
+    writer.add_key_length(args.head_dim)
+    writer.add_value_length(args.head_dim)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_vocab_size(args.vocab_size)
+    writer.add_tokenizer_model("llama")
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"t{i}" for i in range(len(pieces), args.vocab_size)]
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * args.vocab_size)
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (args.vocab_size - 259))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
+    for i in range(args.n_layers):
+        names.update({f"layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight"
+                      for theirs, ours in GGUF_LAYER_NAMES.items()})
+    block = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+             "bf16": gguf.GGMLQuantizationType.BF16}
+    for name, arrays in tensors.items():
+        if arrays[0].ndim == 1 or dtype == "f32":
+            writer.add_tensor(names[name], arrays[0].astype(np.float32))
+        elif dtype == "bf16":                                # bytes (rows, 2 cols)
+            writer.add_tensor(names[name], arrays[0].view(np.uint8), raw_dtype=block[dtype])
+        else:                                                # (rows, groups, 2 + value bytes)
+            values, scales = arrays
+            rows, groups = scales.shape
+            blocks = np.concatenate((scales.reshape(rows, groups, 1).view(np.uint8),
+                                     values.view(np.uint8).reshape(rows, groups, -1)), axis=2)
+            writer.add_tensor(names[name], blocks.reshape(rows, -1), raw_dtype=block[dtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return os.path.getsize(path)
+
+
+# Converters. Each reads one source and returns (ModelArgs, state_dict) in the
+# reference's names and in float32, checked with check_state_dict.

@@ -1,0 +1,531 @@
+"""Readers of the model sources: reference, Meta, Hugging Face, llama2.c, GGUF."""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+
+from convert.checkpoint import _f32_bytes, check_state_dict, checkpoint_tensors
+from convert.errors import ExportError, need, np, torch
+from convert.files import REQUIRED, checked_directory, json_field, read_json, regular_file
+from model import ModelArgs, rope_cos_sin
+
+
+
+def _model_args(path, **fields):
+    """ModelArgs(**fields), with a bad field reported as an ExportError naming path."""
+    try:
+        return ModelArgs(**fields)
+    except (TypeError, ValueError) as e:
+        raise ExportError(path, str(e)) from None
+
+
+def _torch_load(path):
+    """torch.load of a file that holds tensors and plain containers only (never code)."""
+    load = torch.load           # first, so that a missing torch is reported as such
+    regular_file(path)
+    try:
+        return load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ExportError(path, e.strerror or str(e)) from None
+    except Exception as e:      # torch.load has no one error for "not a torch.save file"
+        raise ExportError(path, f"not a torch.save file of tensors ({type(e).__name__})") from None
+
+
+def _check_tensors(path, saved):
+    """saved, read from path, checked to be a dict of floating-point tensors by name."""
+    if not isinstance(saved, dict):
+        raise ExportError(path, f"expected a dict of tensors by name, not a {type(saved).__name__}")
+    for name, value in saved.items():
+        if not isinstance(name, str):
+            raise ExportError(path, f"tensor name {name!r} is not a string")
+        _check_tensor(path, name, value)
+    return saved
+
+
+def _check_tensor(path, name, value):
+    """Raise ExportError naming path unless value is a floating-point tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise ExportError(path, f"{name} is not a tensor but a {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ExportError(path, f"{name}: {value.dtype} is not a floating-point type")
+
+
+def save_reference(path, args, state_dict):
+    """Save a reference model: torch.save({"args": str, "state_dict": {name: tensor}}).
+
+    args is ModelArgs as a JSON object, kept a string because torch 1.13's
+    weights_only loader rejects Python floats; the tensors are float32 and
+    named as in Llama."""
+    torch.save({"args": json.dumps(dataclasses.asdict(args)),
+                "state_dict": {k: v.detach().float().contiguous() for k, v in state_dict.items()}}, path)
+
+
+def load_reference(path):
+    """Read a save_reference() file."""
+    saved = _torch_load(path)
+    if not isinstance(saved, dict) or set(saved) != {"args", "state_dict"}:
+        raise ExportError(path, 'expected a dict with keys "args" and "state_dict" (see save_reference)')
+    try:
+        fields = json.loads(saved["args"])
+    except (TypeError, json.JSONDecodeError):
+        fields = None
+    if not isinstance(fields, dict):
+        raise ExportError(path, '"args" is not a JSON object of ModelArgs fields')
+    args = _model_args(path, **fields)
+    state_dict = {k: v.float() for k, v in _check_tensors(path, saved["state_dict"]).items()}
+    check_state_dict(args, state_dict, path)
+    return args, state_dict
+
+
+# Meta's own release: params.json beside consolidated.00.pth, .01.pth, ... one
+# file per model-parallel rank. Names are already ours, RoPE already interleaved.
+
+META_MAX_SEQ_LEN = 2048         # params.json does not say; --max-seq-len overrides
+
+
+def _merge_meta_shards(name, shards, dim):
+    """Concatenate one tensor's model-parallel slices back into the whole tensor.
+
+    Column-parallel layers (wq, wk, wv, w1, w3, output) split their output rows,
+    row-parallel ones (wo, w2) their input columns. Norms are replicated. The
+    token embedding is split on dim (Llama 2) or on vocab (Llama 3): its width
+    tells which."""
+    if len(shards) == 1 or shards[0].dim() < 2:
+        return shards[0]
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return torch.cat(shards, dim=1)
+    if name == "tok_embeddings.weight" and shards[0].shape[1] != dim:
+        return torch.cat(shards, dim=1)
+    return torch.cat(shards, dim=0)
+
+
+def load_meta(directory):
+    """Read Meta's params.json and consolidated.*.pth from directory.
+
+    hidden_dim is read off the w1 weight rather than recomputed from
+    multiple_of and ffn_dim_multiplier; vocab_size off the embedding (Llama 2's
+    params.json says -1). max_seq_len is META_MAX_SEQ_LEN."""
+    params_path = os.path.join(checked_directory(directory), "params.json")
+    params = read_json(params_path)
+
+    def field(key, kind, default=REQUIRED):
+        return json_field(params, key, kind, params_path, default)
+
+    if field("use_scaled_rope", bool, False):
+        raise ExportError(params_path, "use_scaled_rope (Llama 3.1 RoPE scaling) is not implemented")
+    dim, n_heads, n_layers = field("dim", int), field("n_heads", int), field("n_layers", int)
+    norm_eps = field("norm_eps", float)
+    names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"consolidated\.\d+\.pth", n))
+    if not names:
+        raise ExportError(directory, "no consolidated.*.pth files")
+    paths = [os.path.join(directory, n) for n in names]
+    shards = [_check_tensors(path, _torch_load(path)) for path in paths]
+    for path, shard in zip(paths[1:], shards[1:]):
+        if set(shard) != set(shards[0]):
+            raise ExportError(path, f"holds other tensors than {names[0]}")
+        for name, tensor in shard.items():
+            if tensor.shape != shards[0][name].shape:
+                raise ExportError(path, f"{name}: shape {tuple(tensor.shape)}, but {tuple(shards[0][name].shape)} "
+                                        f"in {names[0]}")
+    state_dict = {name: _merge_meta_shards(name, [s[name] for s in shards], dim).float()
+                  for name in shards[0]
+                  if name != "rope.freqs"}     # Llama 1's RoPE table: we compute it
+    try:
+        hidden_dim = state_dict["layers.0.feed_forward.w1.weight"].shape[0]
+        vocab_size = state_dict["tok_embeddings.weight"].shape[0]
+    except KeyError as e:
+        raise ExportError(directory, f"tensor {e.args[0]} is missing") from None
+    args = _model_args(params_path, dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=field("n_kv_heads", int, n_heads), head_dim=dim // n_heads,
+                       vocab_size=vocab_size, max_seq_len=META_MAX_SEQ_LEN,
+                       rope_theta=field("rope_theta", float, 10000.0), norm_eps=norm_eps,
+                       tied="output.weight" not in state_dict)
+    check_state_dict(args, state_dict, directory)
+    return args, state_dict
+
+
+# Hugging Face: config.json, and the weights as safetensors or pytorch_model.bin,
+# whole or sharded with an index. Names differ, and q/k rows are permuted.
+
+HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_LAYER_NAMES = {            # model.layers.{i}.X.weight -> layers.{i}.Y.weight
+    "input_layernorm": "attention_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+}
+
+
+def _hf_name(name):
+    """Our name for a Hugging Face tensor; None for a tensor with no place in the checkpoint."""
+    if name in HF_NAMES:
+        return HF_NAMES[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    if m and m.group(2) in HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.weight"
+    if re.fullmatch(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", name):
+        return None                 # older files save the RoPE frequencies: we compute them
+    raise ValueError(f"unexpected tensor {name}")
+
+
+def _hf_tensors(directory):
+    """Every tensor of a Hugging Face directory, as (file, name, tensor).
+
+    The index, when there is one, names the shard files; otherwise the
+    weights are one model.safetensors or one pytorch_model.bin."""
+    for weights in ("model.safetensors", "pytorch_model.bin"):
+        index_path = os.path.join(directory, weights + ".index.json")
+        if os.path.exists(index_path):
+            weight_map = json_field(read_json(index_path), "weight_map", dict, index_path)
+            if not all(isinstance(file, str) and file for file in weight_map.values()):
+                raise ExportError(index_path, "weight_map: expected a file name for each tensor")
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(os.path.join(directory, weights)):
+            files = [weights]
+        else:
+            continue
+        for file in files:
+            path = os.path.join(directory, file)
+            if weights == "model.safetensors":
+                yield from ((path, name, tensor) for name, tensor in _read_safetensors(path))
+            else:
+                for name, tensor in _check_tensors(path, _torch_load(path)).items():
+                    yield path, name, tensor
+        return
+    raise ExportError(directory, "no model.safetensors or pytorch_model.bin (nor a sharded index of either)")
+
+
+def _read_safetensors(path):
+    """Each (name, torch tensor) of a safetensors file, read as they are asked for."""
+    need("torch")               # the tensors come as torch's
+    safe_open = need("safetensors").safe_open
+    regular_file(path)
+    try:
+        st = safe_open(path, framework="pt")
+        names = list(st.keys())
+    except Exception as e:      # SafetensorError and OSError name no file
+        raise ExportError(path, f"not a safetensors file ({e})") from None
+    for name in names:
+        try:
+            tensor = st.get_tensor(name)
+        except Exception as e:
+            raise ExportError(path, f"{name}: {e}") from None
+        yield name, tensor
+
+
+def hf_to_interleaved(w, n_heads, head_dim):
+    """Permute the rows of an HF q_proj or k_proj weight to Meta's RoPE layout.
+
+    Hugging Face rotates the halves (x[j], x[j + head_dim/2]) of each head,
+    Meta the neighbours (x[2j], x[2j+1]). Within each head, HF row j becomes
+    row 2j and HF row head_dim/2 + j becomes row 2j + 1. q and k move alike,
+    so the scores q.k are unchanged and RoPE pairs the same numbers."""
+    return w.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
+
+
+def load_hf(directory):
+    """Read a Hugging Face LlamaForCausalLM directory (bf16 and f16 become float32).
+
+    Refuses what the reference does not compute: RoPE scaling, biases, other
+    activations. Optional config fields take LlamaConfig's defaults."""
+    config_path = os.path.join(checked_directory(directory), "config.json")
+    config = read_json(config_path)
+
+    def field(key, kind, default=REQUIRED):
+        return json_field(config, key, kind, config_path, default)
+
+    if config.get("model_type") != "llama":
+        raise ExportError(config_path, f"model_type {config.get('model_type')!r}: only 'llama' is supported")
+    scaling = field("rope_scaling", dict, {})
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
+        raise ExportError(config_path, f"rope_scaling {scaling} is not implemented (plain RoPE only)")
+    if field("attention_bias", bool, False) or field("mlp_bias", bool, False):
+        raise ExportError(config_path, "attention_bias and mlp_bias are not supported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ExportError(config_path, f"hidden_act {config['hidden_act']!r}: only 'silu' is supported")
+    dim, n_heads = field("hidden_size", int), field("num_attention_heads", int)
+    args = _model_args(
+        config_path, dim=dim, hidden_dim=field("intermediate_size", int), n_layers=field("num_hidden_layers", int),
+        n_heads=n_heads, n_kv_heads=field("num_key_value_heads", int, n_heads),
+        head_dim=field("head_dim", int, dim // n_heads), vocab_size=field("vocab_size", int),
+        max_seq_len=field("max_position_embeddings", int, 2048), rope_theta=field("rope_theta", float, 10000.0),
+        norm_eps=field("rms_norm_eps", float, 1e-6), tied=field("tie_word_embeddings", bool, False))
+
+    shapes, state_dict = dict(checkpoint_tensors(args)), {}
+    for path, hf_name, tensor in _hf_tensors(directory):
+        try:
+            name = _hf_name(hf_name)
+        except ValueError as e:
+            raise ExportError(path, str(e)) from None
+        if name is None or (name == "output.weight" and args.tied):
+            continue                # a tied lm_head is the embedding, saved twice
+        _check_tensor(path, hf_name, tensor)
+        if tuple(tensor.shape) != shapes[name]:
+            raise ExportError(path, f"{hf_name}: expected shape {shapes[name]}, got {tuple(tensor.shape)}")
+        if name in state_dict:
+            raise ExportError(path, f"{hf_name} appears twice")
+        tensor = tensor.float()
+        if name.endswith("attention.wq.weight"):
+            tensor = hf_to_interleaved(tensor, args.n_heads, args.head_dim)
+        elif name.endswith("attention.wk.weight"):
+            tensor = hf_to_interleaved(tensor, args.n_kv_heads, args.head_dim)
+        state_dict[name] = tensor
+    check_state_dict(args, state_dict, directory)
+    return args, state_dict
+
+
+# llama2.c's legacy checkpoint (read unchanged, see docs/FORMATS.md): seven
+# int32, then float32 tensors packed with no gaps, one tensor kind for all
+# layers at a time. Two RoPE tables sit between the final norm and the
+# optional classifier; readers skip them.
+#
+#      0    28  i32[7]   dim, hidden_dim, n_layers, n_heads, n_kv_heads,
+#                        vocab_size (negative: an untied classifier follows), max_seq_len
+#     28        f32 tensors, packed, tensor-major:
+#               token_embedding (vocab, dim), rms_att (layer, dim),
+#               wq (layer, dim, dim), wk (layer, kv_dim, dim), wv (layer, kv_dim, dim),
+#               wo (layer, dim, dim), rms_ffn (layer, dim),
+#               w1 (layer, hidden, dim), w2 (layer, dim, hidden), w3 (layer, hidden, dim),
+#               rms_final (dim), freq_cis_real (seq_len, head_size/2),
+#               freq_cis_imag (seq_len, head_size/2), [wcls (vocab, dim)]
+
+LLAMA2C_HEADER = struct.Struct("<7i")
+LLAMA2C_THETA, LLAMA2C_EPS = 10000.0, 1e-5      # fixed by llama2.c's run.c
+
+
+def _llama2c_tensors(args):
+    """The legacy file's tensors in file order, as (our name or a freq_cis table, shape).
+
+    A (layer, ...) tensor is the layers' tensors one after another, so it
+    appears here as n_layers entries in a row."""
+    d, h, kvd, L = args.dim, args.hidden_dim, args.n_kv_heads * args.head_dim, range(args.n_layers)
+    tensors = [("tok_embeddings.weight", (args.vocab_size, d))]
+    for name, shape in [("attention_norm", (d,)), ("attention.wq", (d, d)), ("attention.wk", (kvd, d)),
+                        ("attention.wv", (kvd, d)), ("attention.wo", (d, d)), ("ffn_norm", (d,)),
+                        ("feed_forward.w1", (h, d)), ("feed_forward.w2", (d, h)),
+                        ("feed_forward.w3", (h, d))]:
+        tensors += [(f"layers.{i}.{name}.weight", shape) for i in L]
+    rope = (args.max_seq_len, args.head_dim // 2)
+    tensors += [("norm.weight", (d,)), ("freq_cis_real", rope), ("freq_cis_imag", rope)]
+    if not args.tied:
+        tensors.append(("output.weight", (args.vocab_size, d)))
+    return tensors
+
+
+def load_llama2c(path):
+    """Read a llama2.c legacy checkpoint: head_dim = dim / n_heads, theta 10000, eps 1e-5."""
+    size = os.path.getsize(regular_file(path))
+    try:
+        with open(path, "rb") as f:
+            header = f.read(LLAMA2C_HEADER.size)
+    except OSError as e:
+        raise ExportError(path, e.strerror) from None
+    if len(header) < LLAMA2C_HEADER.size:
+        raise ExportError(path, f"{size} bytes: too short for the 28-byte llama2.c header")
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = LLAMA2C_HEADER.unpack(header)
+    if n_heads <= 0 or dim % n_heads:
+        raise ExportError(path, f"n_heads = {n_heads} does not divide dim = {dim}: not a llama2.c file?")
+    args = _model_args(path, dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, head_dim=dim // n_heads, vocab_size=abs(vocab_size),
+                       max_seq_len=max_seq_len, rope_theta=LLAMA2C_THETA, norm_eps=LLAMA2C_EPS,
+                       tied=vocab_size > 0)
+    tensors = _llama2c_tensors(args)
+    expected = LLAMA2C_HEADER.size + 4 * sum(math.prod(shape) for _, shape in tensors)
+    if size != expected:
+        raise ExportError(path, f"{size} bytes: expected {expected} for {args.describe()}")
+    try:
+        floats = np.fromfile(path, dtype="<f4", offset=LLAMA2C_HEADER.size)
+    except OSError as e:
+        raise ExportError(path, e.strerror) from None
+    state_dict, at = {}, 0
+    for name, shape in tensors:
+        n = math.prod(shape)
+        if not name.startswith("freq_cis"):
+            state_dict[name] = torch.from_numpy(floats[at:at + n].reshape(shape).copy())
+        at += n
+    return args, state_dict
+
+
+def write_llama2c(path, args, state_dict):
+    """Write the llama2.c legacy format, the freq_cis tables included; return its size.
+
+    Only models the legacy format can describe: head_dim = dim / n_heads,
+    rope_theta 10000, norm_eps 1e-5."""
+    if args.n_heads * args.head_dim != args.dim:
+        raise ExportError(path, f"head_dim = {args.head_dim} is not dim / n_heads: llama2.c cannot hold it")
+    if args.rope_theta != LLAMA2C_THETA or np.float32(args.norm_eps) != np.float32(LLAMA2C_EPS):
+        raise ExportError(path, f"rope_theta {args.rope_theta:g}, norm_eps {args.norm_eps:g}: "
+                                f"llama2.c fixes them at {LLAMA2C_THETA:g} and {LLAMA2C_EPS:g}")
+    check_state_dict(args, state_dict, path)
+    # llama2.c's tables: cos and sin of pos * theta^(-2i/head_size)
+    cos, sin = rope_cos_sin(args.max_seq_len, args.head_dim, LLAMA2C_THETA)
+    tables = {"freq_cis_real": cos, "freq_cis_imag": sin}
+    with open(path, "wb") as f:
+        f.write(LLAMA2C_HEADER.pack(args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads,
+                                    args.vocab_size if args.tied else -args.vocab_size, args.max_seq_len))
+        for name, _ in _llama2c_tensors(args):
+            f.write(_f32_bytes(tables[name] if name in tables else state_dict[name]))
+        return f.tell()
+
+
+# llama.cpp's GGUF file: metadata (key -> value) and tensors, read with the
+# gguf package (numpy only: this path, unlike the others, needs no torch, so
+# that `make demo` can convert a model with numpy and gguf alone). Tensors
+# named blk.{i}.attn_q.weight etc. are stored (out, in) like ours; llama.cpp's
+# converter already permutes Hugging Face's q/k rows into Meta's interleaved
+# RoPE layout for the llama architecture (its LlamaModel.permute is our
+# hf_to_interleaved), so q and k are taken as they are. The quantized types
+# are decoded here to float32; each block of 32 weights in row order:
+#
+#   Q4_0  18 bytes   +--------+--------------------+
+#                    | f16 d  | u8 qs[16]          |   w[j]      = ((qs[j] & 15) - 8) * d
+#                    +--------+--------------------+   w[j + 16] = ((qs[j] >> 4) - 8) * d
+#   Q4_1  20 bytes   +--------+--------+--------------------+
+#                    | f16 d  | f16 m  | u8 qs[16]          |   w[j]      = (qs[j] & 15) * d + m
+#                    +--------+--------+--------------------+   w[j + 16] = (qs[j] >> 4) * d + m
+#   Q8_0  34 bytes   +--------+--------------------------------+
+#                    | f16 d  | i8 qs[32]                      |   w[j] = qs[j] * d
+#                    +--------+--------------------------------+
+#   F32, F16, BF16   one weight per element (BF16: the top half of an f32)
+#
+# (j = 0..15 for the 4-bit types, 0..31 for Q8_0; d and m are f16, the
+# arithmetic float32, as in ggml's dequantize_row_*.)
+
+GGUF_TYPES = {              # ggml type id: (name, weights per block, bytes per block)
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2),
+}
+GGUF_NAMES = {              # GGUF tensor name -> ours ({i}: the layer)
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+GGUF_LAYER_NAMES = {        # blk.{i}.X.weight -> layers.{i}.Y.weight
+    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+}
+
+
+def gguf_dequantize(raw, ggml_type):
+    """The float32 weights that the raw bytes of a GGUF tensor of ggml_type
+    hold, flat, in file order. raw: a uint8 array, a whole number of blocks."""
+    if ggml_type not in GGUF_TYPES:
+        raise ValueError(f"ggml type {ggml_type} is not one of F32, F16, BF16, Q4_0, Q4_1, Q8_0")
+    name, per_block, block_bytes = GGUF_TYPES[ggml_type]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    if raw.size % block_bytes:
+        raise ValueError(f"{raw.size} bytes are not a whole number of {name} blocks of {block_bytes}")
+    if name == "F32":
+        return raw.view("<f4").astype(np.float32)
+    if name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if name == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    blocks = raw.reshape(-1, block_bytes)
+    d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)                # (blocks, 1)
+    if name == "Q8_0":
+        return (blocks[:, 2:].copy().view(np.int8).astype(np.float32) * d).reshape(-1)
+    qs = blocks[:, block_bytes - 16:]                                      # (blocks, 16)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)    # (blocks, 32)
+    if name == "Q4_0":
+        return ((q - 8) * d).reshape(-1)
+    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+    return (q * d + m).reshape(-1)
+
+
+def _gguf_reader(source):
+    """A gguf.GGUFReader of source (a path, or a reader already open)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    gguf = need("gguf")     # it imports numpy and pyyaml
+    regular_file(source)
+    try:
+        return gguf.GGUFReader(source)
+    except OSError as e:
+        raise ExportError(source, e.strerror or str(e)) from None
+    except Exception as e:  # the reader raises ValueError, struct and numpy errors alike
+        raise ExportError(source, f"not a GGUF file ({type(e).__name__}: {e})") from None
+
+
+def gguf_metadata(source, key, default=None):
+    """The value of a GGUF metadata key (str, int, float, bool or list), or default."""
+    reader = _gguf_reader(source)
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def load_gguf(source):
+    """Read a GGUF file of the llama architecture (the tensors become float32 numpy arrays).
+
+    source: a path or an open gguf.GGUFReader. Everything comes from the
+    file's metadata; refuses what the reference does not compute (RoPE
+    scaling, partial rotary, biases, other architectures)."""
+    path = source if isinstance(source, (str, os.PathLike)) else source.data.filename
+    reader = _gguf_reader(source)
+
+    def meta(key, default=None):
+        value = gguf_metadata(reader, key, default)
+        if value is None:
+            raise ExportError(path, f"metadata {key} is missing")
+        return value
+
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ExportError(path, f"general.architecture {arch!r}: only 'llama' is supported")
+    scaling = meta("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ExportError(path, f"llama.rope.scaling.type {scaling!r} is not implemented (plain RoPE only)")
+    n_heads, dim = meta("llama.attention.head_count"), meta("llama.embedding_length")
+    if not all(isinstance(n, int) and n > 0 for n in (n_heads, dim)):
+        raise ExportError(path, f"llama.attention.head_count {n_heads!r}, llama.embedding_length {dim!r}: "
+                                "expected positive integers")
+    head_dim = meta("llama.attention.key_length", meta("llama.rope.dimension_count", dim // n_heads))
+    if meta("llama.attention.value_length", head_dim) != head_dim:
+        raise ExportError(path, "llama.attention.value_length differs from key_length")
+    if meta("llama.rope.dimension_count", head_dim) != head_dim:
+        raise ExportError(path, f"llama.rope.dimension_count {meta('llama.rope.dimension_count')}: "
+                                f"RoPE over part of a head of {head_dim} is not implemented")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ExportError(path, "tensor token_embd.weight is missing")
+    vocab_size = int(tensors["token_embd.weight"].shape[-1])
+    args = _model_args(
+        path, dim=dim, hidden_dim=meta("llama.feed_forward_length"), n_layers=meta("llama.block_count"),
+        n_heads=n_heads, n_kv_heads=meta("llama.attention.head_count_kv", n_heads), head_dim=head_dim,
+        vocab_size=vocab_size, max_seq_len=meta("llama.context_length"),
+        rope_theta=meta("llama.rope.freq_base", 10000.0), norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
+        tied="output.weight" not in tensors)
+
+    state_dict = {}
+    for t in reader.tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
+        if t.name in GGUF_NAMES:
+            name = GGUF_NAMES[t.name]
+        elif m and m.group(2) in GGUF_LAYER_NAMES:
+            name = f"layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.weight"
+        else:               # rope_freqs (Llama 3.1 scaling), biases, other architectures' tensors
+            raise ExportError(path, f"unexpected tensor {t.name}")
+        shape = tuple(int(n) for n in reversed(t.shape))     # GGUF lists the fastest axis first
+        try:
+            weights = gguf_dequantize(t.data.view(np.uint8), int(t.tensor_type))
+        except ValueError as e:
+            raise ExportError(path, f"{t.name}: {e}") from None
+        if weights.size != math.prod(shape):
+            raise ExportError(path, f"{t.name}: {weights.size} weights for shape {shape}")
+        state_dict[name] = weights.reshape(shape)
+    check_state_dict(args, state_dict, path)
+    return args, state_dict
+

@@ -1,0 +1,236 @@
+"""model.py: the plain PyTorch reference Llama that run.c is tested against.
+
+RoPE rotates the interleaved pairs (x[2i], x[2i+1]) of each head by the angle
+pos * rope_theta^(-2i / head_dim), Meta's convention; the converters permute
+Hugging Face's q/k rows into it, so run.c knows one convention only."""
+
+import dataclasses
+import math
+import numbers
+import struct
+
+from convert.errors import F, nn, torch
+
+# Shapes below use B = batch, T = time (positions), H = heads, D = head_dim.
+
+
+F32_MAX = 3.4028234663852886e38
+# The largest sizes that run.c loads (its MAX_DIM, MAX_HIDDEN, ...): ModelArgs
+# refuses more, so that nothing is written that run.c would refuse. The
+# longest context is checked when a checkpoint is written, after
+# --max-seq-len has had its say; until then max_seq_len is any i32.
+MAX_SIZES = {"dim": 1 << 16, "hidden_dim": 1 << 18, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+             "head_dim": 4096, "vocab_size": 1 << 22}
+MAX_SEQ_LEN = 1 << 20
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    """The hyperparameters of a model: the fields of the checkpoint header."""
+
+    dim: int                    # width of the residual stream
+    hidden_dim: int             # width of the SwiGLU MLP
+    n_layers: int
+    n_heads: int                # query heads
+    n_kv_heads: int             # key/value heads; divides n_heads (MHA, GQA, MQA)
+    head_dim: int               # not assumed to be dim / n_heads
+    vocab_size: int
+    max_seq_len: int            # longest context run.c will allocate for
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tied: bool = False          # the classifier is the token embedding
+
+    def __post_init__(self):
+        # Numbers arrive from JSON, numpy, torch and file headers: store plain
+        # Python types, and refuse anything else (a string, a bool for a
+        # count) and shapes that no forward pass could run.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if f.type is int:        # the header stores i32
+                most = MAX_SIZES.get(f.name, 2**31 - 1)
+                if not (number and value == int(value) and 0 < value <= most):
+                    raise ValueError(f"{f.name} = {value!r}: expected an integer from 1 to {most}")
+                value = int(value)
+            elif f.type is float:    # the header stores f32: neither 0 nor inf there
+                if not (number and 0 < value <= F32_MAX and struct.unpack("<f", struct.pack("<f", value))[0]):
+                    raise ValueError(f"{f.name} = {value!r}: expected a positive number that float32 holds")
+                value = float(value)
+            else:
+                if not (isinstance(value, numbers.Integral) and value in (0, 1)):
+                    raise ValueError(f"{f.name} = {value!r}: expected true or false")
+                value = bool(value)
+            setattr(self, f.name, value)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads = {self.n_kv_heads} does not divide n_heads = {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = {self.head_dim}: RoPE rotates pairs, so it must be even")
+        if self.n_heads * self.head_dim > MAX_SIZES["dim"]:
+            raise ValueError(f"n_heads * head_dim = {self.n_heads * self.head_dim}: expected at most "
+                             f"{MAX_SIZES['dim']}")
+
+    def describe(self):
+        """One line for people: 'dim 64, hidden 172, 5 layers, ...'."""
+        return (f"dim {self.dim}, hidden {self.hidden_dim}, {self.n_layers} layers, "
+                f"{self.n_heads} heads ({self.n_kv_heads} kv) of {self.head_dim}, "
+                f"vocab {self.vocab_size} ({'tied' if self.tied else 'untied'}), "
+                f"seq {self.max_seq_len}, theta {self.rope_theta:g}, eps {self.norm_eps:g}")
+
+
+# The reference model. It is written for clarity, not speed: float32 all the way,
+# every position recomputed on every call, no KV cache. run.c must agree with it.
+
+
+def rope_cos_sin(seq_len, head_dim, theta):
+    """cos and sin of the RoPE angles pos * theta^(-2i/head_dim), each (seq_len, head_dim/2).
+
+    Computed in float64 and rounded once to float32 at the end, so the
+    reference is as close to the exact angles as float32 allows."""
+    pos = torch.arange(seq_len, dtype=torch.float64)
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(pos, freqs)                          # (T, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the pairs (x[2i], x[2i+1]) of every head: x (B, T, H, D), cos/sin (T, D/2).
+
+    Each pair is a complex number x[2i] + i x[2i+1], multiplied by
+    cos + i sin; this is that product written out in real arithmetic."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]                       # (B, T, H, D/2)
+    cos, sin = cos[:, None, :], sin[:, None, :]               # broadcast over heads
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2)                                # pairs back to (B, T, H, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # x / sqrt(mean(x^2) + eps), scaled per channel; always in float32
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA/MQA: query head h reads key/value head h // (n_heads / n_kv_heads),
+        # so each kv head is repeated for its consecutive group of query heads
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)         # (B, H, T, T)
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)               # key after query
+        scores = scores.masked_fill(future, float("-inf"))
+        out = scores.softmax(dim=-1) @ v                                  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)   # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # up
+
+    def forward(self, x):
+        # SwiGLU: the silu of the gate, times the up projection, projected down
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """The reference Llama. Its state_dict names are the ones every converter returns:
+
+      tok_embeddings.weight                    (vocab_size, dim)
+      layers.{i}.attention_norm.weight         (dim)
+      layers.{i}.attention.wq.weight           (n_heads * head_dim, dim)
+      layers.{i}.attention.wk.weight           (n_kv_heads * head_dim, dim)
+      layers.{i}.attention.wv.weight           (n_kv_heads * head_dim, dim)
+      layers.{i}.attention.wo.weight           (dim, n_heads * head_dim)
+      layers.{i}.ffn_norm.weight               (dim)
+      layers.{i}.feed_forward.w1.weight        (hidden_dim, dim)
+      layers.{i}.feed_forward.w2.weight        (dim, hidden_dim)
+      layers.{i}.feed_forward.w3.weight        (hidden_dim, dim)
+      norm.weight                              (dim)
+      output.weight                            (vocab_size, dim), absent when tied
+
+    These are Meta's names, so Meta checkpoints load as they are."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        if not args.tied:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens):
+        """tokens (B, T) int64, at positions 0..T-1 -> logits (B, T, vocab_size) float32."""
+        T = tokens.shape[1]
+        if T > self.args.max_seq_len:
+            raise ValueError(f"{T} tokens is more than max_seq_len = {self.args.max_seq_len}")
+        cos, sin = rope_cos_sin(T, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)                       # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        h = self.norm(h)
+        classifier = self.tok_embeddings.weight if self.args.tied else self.output.weight
+        return F.linear(h, classifier)                        # (B, T, vocab_size)
+
+
+def generate_greedy(model, prompt_ids, n):
+    """The n tokens that follow prompt_ids when each step takes the argmax (a list of ints)."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+
+def random_model(args, seed=0):
+    """A reference Llama with random weights, the same for the same args and seed.
+
+    The embedding and the matrices are N(0, 0.02^2), the usual Llama init.
+    Norm weights are 1 + N(0, 0.1^2) rather than 1, so that an implementation
+    which forgets to scale by them gives different logits. The caller's
+    global RNG is left as it was."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):     # Llama() draws a default init we overwrite
+        model = Llama(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.02 * noise)
+    return model.eval()
+
