@@ -2506,9 +2506,10 @@ static void gemm_tile_fast(const GemmTile *g) {
         }
 }
 
-/* The kernel for tiles of a full GEMM_ROWS rows: gemm_tile_fast(), or
-   gemm_tile_avx512(). */
-static void (*gemm_tile_full)(const GemmTile *g) = gemm_tile_fast;
+/* The kernel for tiles of a full GEMM_ROWS rows where the CPU has one of its
+   own (gemm_tile_avx512()); NULL: gemm_tile_fast(), called directly, so that
+   the compiler inlines it into gemm_rows() with the tile's fields known. */
+static void (*gemm_tile_full)(const GemmTile *g);
 
 /* matmul_f32()'s result for a batch x (n, cols) of in and f32, bf16, q8_0
    or q4_0 weights, for rows r0 .. r1 - 1, r0 a multiple of GEMM_ROWS.
@@ -2535,7 +2536,7 @@ static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, cons
                 tile.tokens = n - t < GEMM_TOKENS ? n - t : GEMM_TOKENS;
                 tile.c = out + (size_t)t * ldo + (r - r0);
                 tile.x = in->x + (size_t)t * cols + k;
-                if (nr == GEMM_ROWS) gemm_tile_full(&tile);
+                if (nr == GEMM_ROWS && gemm_tile_full) gemm_tile_full(&tile);
                 else gemm_tile_fast(&tile);
             }
         }
@@ -3362,7 +3363,6 @@ static void matmul_bf16_avx512(float *out, int ldo, const Matrix *w, int r0, int
    table. main() calls it once, before the first forward pass. */
 static void choose_fast_kernels(void) {
     kernels = (Kernels){{matmul_f32_fast, matmul_q8_0, matmul_q4_0, matmul_bf16_fast}, prepare_input, attention_fast};
-    gemm_tile_full = gemm_tile_fast;
 #if HAVE_AVX2
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx2;
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx2;
