@@ -18,6 +18,7 @@ EXPLAIN_SCREENSHOT=PATH, the SmolLM2 page's screenshot is saved there
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -188,7 +189,9 @@ def chromium(page, tmp_path, *flags, fragment=""):
 
 
 def console_messages(stderr):
-    return [line for line in stderr.splitlines() if ":CONSOLE(" in line]
+    """The page's console output, which --enable-logging writes as lines
+    with INFO:CONSOLE:LINE] (INFO:CONSOLE(LINE)] in older Chromium)."""
+    return [line for line in stderr.splitlines() if re.search(r":CONSOLE[:(]\d+\)?\]", line)]
 
 
 class Elements(HTMLParser):
@@ -272,7 +275,8 @@ def test_the_browser_check_sees_a_broken_page(hf_model, tmp_path):
     _, model, _ = hf_model
     page, _ = explain(model, tmp_path, "--tokens", "1 2 3", n=1)
     broken = tmp_path / "broken.html"
-    broken.write_text(page.read_text().replace("drawAll();\ndocument.body", "drawAll();\nnoSuchFunction();\ndocument.body"))
+    script = page.read_text().replace("drawAll();\ndocument.body", "drawAll();\nnoSuchFunction();\ndocument.body")
+    broken.write_text(script)
     p = chromium(broken, tmp_path, "--dump-dom")
     assert console_messages(p.stderr) and 'data-ready="1"' not in p.stdout
 

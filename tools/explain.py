@@ -174,8 +174,8 @@ function drawTokens() {
 function drawAttention() {
   const svg = $("heatmap"), c = state.pos, n = c + 1;
   svg.textContent = "";
-  const cell = Math.max(10, Math.min(30, Math.floor(560 / n))), left = 130, top = 110;
-  svg.setAttribute("width", left + n * cell + 20);
+  const cell = Math.max(10, Math.min(48, Math.floor(620 / n))), left = 130, top = 110;
+  svg.setAttribute("width", Math.max(left + n * cell + 20, 700));
   svg.setAttribute("height", top + n * cell + 40);
   for (let k = 0; k < n; k++)
     el("text", {x: 0, y: 0, transform: "translate(" + (left + k * cell + cell / 2 + 4) + "," + (top - 6) + ") rotate(-60)"},
@@ -189,6 +189,9 @@ function drawAttention() {
       el("rect", {class: "cell", x: left + k * cell, y: top + q * cell, width: cell - 1, height: cell - 1,
                   fill: shade(w), "data-q": q, "data-k": k, "data-w": w,
                   "data-tip": show(D.tokens[q].text) + " \u2192 " + show(D.tokens[k].text) + ": " + (100 * w).toFixed(2) + "%"}, svg);
+      if (cell >= 36 && w >= 0.005)
+        el("text", {x: left + k * cell + cell / 2, y: top + q * cell + cell / 2 + 4, "text-anchor": "middle",
+                    style: "pointer-events: none; fill: " + (w > 0.55 ? "#fff" : "#1d2433")}, svg, Math.round(100 * w) + "%");
     }
   }
   el("rect", {x: left - 2, y: top + c * cell - 1, width: n * cell + 2, height: cell + 1, fill: "none",
@@ -211,7 +214,7 @@ function drawResidual() {
     if (v > 0) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
   const l0 = Math.floor(Math.log10(lo)), l1 = Math.ceil(Math.log10(hi));
   const x = i => left + i * (W - left - right) / L;
-  const y = v => top + (l1 - Math.log10(Math.max(v, lo))) * (H - top - bottom) / Math.max(l1 - l0, 1);
+  const y = v => top + (l1 - Math.log10(Math.max(v, 10 ** l0))) * (H - top - bottom) / Math.max(l1 - l0, 1);
   for (let e = l0; e <= l1; e++) {
     el("line", {x1: left, x2: W - right, y1: y(10 ** e), y2: y(10 ** e), stroke: "#e2e2dc"}, svg);
     el("text", {class: "axis", x: left - 6, y: y(10 ** e) + 4, "text-anchor": "end"}, svg, String(10 ** e >= 1 ? 10 ** e : (10 ** e).toFixed(-e)));
@@ -249,7 +252,7 @@ function drawLens() {
                     alternatives(D.lens[p][l])}, svg);
       el("rect", {x: left + p * cw, y: yy, width: cw - 1, height: ch - 1, fill: shade(top1[2]),
                   stroke: p === state.pos ? "#d2691e" : "none"}, g);
-      el("text", {x: left + p * cw + 4, y: yy + 13, fill: top1[2] > 0.55 ? "#fff" : "#1d2433"}, g,
+      el("text", {x: left + p * cw + 4, y: yy + 13, style: "fill: " + (top1[2] > 0.55 ? "#fff" : "#1d2433")}, g,
          show(top1[1]).slice(0, 9));
     }
   }
