@@ -1185,7 +1185,7 @@ static int attention_asked(const Trace *tr, int position) {
    position it asked for: the positions of one batch that it asked for
    are consecutive, at most slots of them, so each has a slot of its own. */
 static float *attention_kept(const Trace *tr, int position, int layer, int head) {
-    size_t slot = (size_t)(position - tr->asked.attention_first) % tr->slots;
+    size_t slot = (size_t)position % tr->slots;
     return tr->attention + ((slot * tr->n_layers + layer) * tr->n_heads + head) * (tr->asked.attention_last + 1);
 }
 
