@@ -163,7 +163,8 @@ function drawTokens() {
                      (t.pos === state.pos ? " chosen" : "");
     span.textContent = show(t.text);
     let tipText = "position " + t.pos + ", token id " + t.id + (t.generated ? ", written by the model" : ", prompt");
-    if (t.top) tipText += "\nits probability " + (100 * t.prob).toFixed(1) + "%; the most likely:\n" + alternatives(t.top);
+    if (t.top)
+      tipText += "\nits probability " + (100 * t.prob).toFixed(1) + "%; the most likely:\n" + alternatives(t.top);
     span.setAttribute("data-tip", tipText);
     span.setAttribute("data-pos", t.pos);
     if (D.attention[t.pos]) span.addEventListener("click", () => { state.pos = t.pos; drawAll(); });
@@ -178,7 +179,8 @@ function drawAttention() {
   svg.setAttribute("width", Math.max(left + n * cell + 20, 700));
   svg.setAttribute("height", top + n * cell + 40);
   for (let k = 0; k < n; k++)
-    el("text", {x: 0, y: 0, transform: "translate(" + (left + k * cell + cell / 2 + 4) + "," + (top - 6) + ") rotate(-60)"},
+    el("text", {x: 0, y: 0,
+                transform: "translate(" + (left + k * cell + cell / 2 + 4) + "," + (top - 6) + ") rotate(-60)"},
        svg, show(D.tokens[k].text).slice(0, 14));
   for (let q = 0; q < n; q++) {
     el("text", {x: left - 6, y: top + q * cell + cell / 2 + 4, "text-anchor": "end",
@@ -188,10 +190,12 @@ function drawAttention() {
       const w = weights ? weights[k] : 0;
       el("rect", {class: "cell", x: left + k * cell, y: top + q * cell, width: cell - 1, height: cell - 1,
                   fill: shade(w), "data-q": q, "data-k": k, "data-w": w,
-                  "data-tip": show(D.tokens[q].text) + " \u2192 " + show(D.tokens[k].text) + ": " + (100 * w).toFixed(2) + "%"}, svg);
+                  "data-tip": show(D.tokens[q].text) + " \u2192 " + show(D.tokens[k].text) + ": " +
+                              (100 * w).toFixed(2) + "%"}, svg);
       if (cell >= 36 && w >= 0.005)
         el("text", {x: left + k * cell + cell / 2, y: top + q * cell + cell / 2 + 4, "text-anchor": "middle",
-                    style: "pointer-events: none; fill: " + (w > 0.55 ? "#fff" : "#1d2433")}, svg, Math.round(100 * w) + "%");
+                    style: "pointer-events: none; fill: " + (w > 0.55 ? "#fff" : "#1d2433")},
+           svg, Math.round(100 * w) + "%");
     }
   }
   el("rect", {x: left - 2, y: top + c * cell - 1, width: n * cell + 2, height: cell + 1, fill: "none",
@@ -217,11 +221,13 @@ function drawResidual() {
   const y = v => top + (l1 - Math.log10(Math.max(v, 10 ** l0))) * (H - top - bottom) / Math.max(l1 - l0, 1);
   for (let e = l0; e <= l1; e++) {
     el("line", {x1: left, x2: W - right, y1: y(10 ** e), y2: y(10 ** e), stroke: "#e2e2dc"}, svg);
-    el("text", {class: "axis", x: left - 6, y: y(10 ** e) + 4, "text-anchor": "end"}, svg, String(10 ** e >= 1 ? 10 ** e : (10 ** e).toFixed(-e)));
+    el("text", {class: "axis", x: left - 6, y: y(10 ** e) + 4, "text-anchor": "end"},
+       svg, e >= 0 ? String(10 ** e) : (10 ** e).toFixed(-e));
   }
   for (let i = 0; i <= L; i += Math.max(1, Math.round(L / 10)))
     el("text", {class: "axis", x: x(i), y: H - bottom + 18, "text-anchor": "middle"}, svg, i === 0 ? "emb" : String(i));
-  el("text", {class: "axis", x: (W + left) / 2, y: H - 4, "text-anchor": "middle"}, svg, "after layer (log scale of RMS)");
+  el("text", {class: "axis", x: (W + left) / 2, y: H - 4, "text-anchor": "middle"},
+     svg, "after layer (log scale of RMS)");
   const line = (values, offset, color, width, cls) => el("polyline", {
     points: values.map((v, i) => x(i + offset) + "," + y(v)).join(" "), fill: "none", stroke: color,
     "stroke-width": width, class: cls}, svg);
@@ -233,7 +239,8 @@ function drawResidual() {
     line(s[name], offset, colors[name], name === "residual" ? 2.5 : 1.6, "series");
     s[name].forEach((v, i) => el("circle", {class: "rms-point", cx: x(i + offset), cy: y(v), r: 3.2, fill: colors[name],
       "data-series": name, "data-layer": i + offset - 1, "data-v": v,
-      "data-tip": name + (i + offset === 0 ? " (the embedding)" : " after layer " + (i + offset - 1)) + ": RMS " + v.toPrecision(4)}, svg));
+      "data-tip": name + (i + offset === 0 ? " (the embedding)" : " after layer " + (i + offset - 1)) +
+                  ": RMS " + v.toPrecision(4)}, svg));
   }
 }
 
@@ -247,7 +254,8 @@ function drawLens() {
     el("text", {class: "axis", x: left - 6, y: yy + 14, "text-anchor": "end"}, svg, "layer " + l);
     for (let p = 0; p < P; p++) {
       const top1 = D.lens[p][l][0];
-      const g = el("g", {class: "lens-cell", "data-layer": l, "data-pos": p, "data-token": top1[0], "data-prob": top1[2],
+      const g = el("g", {class: "lens-cell", "data-layer": l, "data-pos": p, "data-token": top1[0],
+        "data-prob": top1[2],
         "data-tip": "after layer " + l + ", at \u201c" + show(D.tokens[p].text) + "\u201d the next token would be:\n" +
                     alternatives(D.lens[p][l])}, svg);
       el("rect", {x: left + p * cw, y: yy, width: cw - 1, height: ch - 1, fill: shade(top1[2]),
