@@ -1026,12 +1026,24 @@ static float *forward(Transformer *t, int token, int pos) {
 }
 
 /* ----------------------------------------------------------------------------
-   The trace (--trace), for watching a model work: per token and layer, how
+   The trace, for watching a model work. --trace: per token and layer, how
    the residual stream grows, how spread out each head's attention is, and
-   where it looks. Two calls in forward_tokens(), each behind `if
-   (s->trace)`, fill it in; with --trace off they cost one untaken branch per
-   layer. The statistics are recomputed here with the plain kernels, apart
-   from the kernel table, so that the fast kernels stay as they are. */
+   where it looks. --lens K: the logit lens, what the model would predict
+   if it stopped after each layer. --attention P-Q: every head's attention
+   weights at positions P to Q, for heatmaps. Two calls in forward_tokens(),
+   each behind `if (s->trace)`, fill them in; with all three off they cost
+   one untaken branch per layer. Everything is recomputed here with the
+   plain kernels, apart from the kernel table, so that the fast kernels stay
+   as they are. */
+
+/* What the command line asked the trace for. */
+typedef struct {
+    int stats;                  // --trace
+    int lens_k;                 // --lens: tokens shown per position and layer; 0 = off
+    int attention_first;        // --attention: the positions whose weights are kept;
+    int attention_last;         // -1 = off
+    int json;                   // --trace-format json: JSON lines instead of text
+} TraceRequest;
 
 /* What each layer did to each token of the last forward pass, filled in by
    forward_tokens() when RunState.trace is set (NULL, and no cost,
@@ -1045,28 +1057,68 @@ typedef struct {
 } TraceRow;
 
 struct Trace {
+    TraceRequest asked;
     TraceRow *rows;     // (batch, n_layers)
     float *entropy;     // (batch, n_layers, n_heads) of each head's attention weights, in bits
     float *weights;     // (ctx) one head's attention weights
     float *mean;        // (ctx) the weights averaged over heads
-    int n_layers, dim;
+    int n_layers, n_heads, dim;
+    const Matrix *classifier;   // --lens: the model's last steps, applied to every layer's output
+    const float *final_norm;
+    float norm_eps;
+    int *lens_top;              // (batch, n_layers, lens_k) the likeliest next tokens, most first
+    float *lens_prob;           // (batch, n_layers, lens_k) their probabilities
+    float *lens_x;              // (dim) one row of the stream, final-normed
+    float *lens_logits;         // (vocab) its logits, then probabilities
+    ProductScratch lens_in;     // lens_x as the plain kernels take it
+    float *attention;           // --attention: (slots, n_layers, n_heads, attention_last + 1)
+    int slots;                  // positions of one batch that --attention can ask for
 };
 
-/* Turns --trace on: room for the statistics of a whole batch. */
-static void alloc_trace(RunState *s, const Config *c) {
+/* The plain matrix products by weight type, WEIGHT_*, as the kernel table starts. */
+static MatmulKernel *const plain_matmul[4] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16};
+
+/* Turns the trace on, with room for a whole batch. */
+static void alloc_trace(Transformer *t, const TraceRequest *asked) {
+    RunState *s = &t->state;
+    const Config *c = &t->config;
     Trace *tr = xcalloc(1, sizeof *tr, "the trace");
-    size_t rows = mul_size(s->batch, c->n_layers);
+    size_t rows = mul_size(s->batch, c->n_layers), heads = mul_size(rows, c->n_heads);
+    tr->asked = *asked;
     tr->rows = xcalloc(rows, sizeof *tr->rows, "the trace");
-    tr->entropy = xcalloc(mul_size(rows, c->n_heads), sizeof(float), "the trace");
+    tr->entropy = xcalloc(heads, sizeof(float), "the trace");
     tr->weights = xcalloc(s->ctx, sizeof(float), "the trace");
     tr->mean = xcalloc(s->ctx, sizeof(float), "the trace");
-    tr->n_layers = c->n_layers, tr->dim = c->dim;
+    tr->n_layers = c->n_layers, tr->n_heads = c->n_heads, tr->dim = c->dim;
+    tr->classifier = &t->weights.classifier, tr->final_norm = t->weights.final_norm, tr->norm_eps = c->norm_eps;
+    if (asked->lens_k) {
+        tr->lens_top = xcalloc(mul_size(rows, asked->lens_k), sizeof(int), "the logit lens");
+        tr->lens_prob = xcalloc(mul_size(rows, asked->lens_k), sizeof(float), "the logit lens");
+        tr->lens_x = xcalloc(c->dim, sizeof(float), "the logit lens");
+        tr->lens_logits = xcalloc(c->vocab_size, sizeof(float), "the logit lens");
+        QuantizedVector *parts[2] = {&tr->lens_in.q, &tr->lens_in.rest};
+        for (int i = 0; i < 2; i++) { // one row of dim, in the layout of quantized_row()
+            parts[i]->q = xcalloc(c->dim, 1, "the logit lens");
+            parts[i]->d = xcalloc(c->dim / GROUP_SIZE + 1, sizeof(float), "the logit lens");
+            parts[i]->bias = xcalloc(c->dim / 4 + 1, sizeof(int32_t), "the logit lens");
+            parts[i]->group_bias = xcalloc(c->dim / GROUP_SIZE + 1, sizeof(int32_t), "the logit lens");
+        }
+    }
+    if (asked->attention_last >= 0) {
+        int span = asked->attention_last - asked->attention_first + 1;
+        tr->slots = span < s->batch ? span : s->batch;
+        size_t per_slot = mul_size((size_t)c->n_layers * c->n_heads, (size_t)asked->attention_last + 1);
+        tr->attention = xcalloc(mul_size(tr->slots, per_slot), sizeof(float), "the attention weights");
+    }
     s->trace = tr;
 }
 
 static void free_trace(Trace *tr) {
     if (!tr) return;
-    free(tr->rows), free(tr->entropy), free(tr->weights), free(tr->mean), free(tr);
+    QuantizedVector *parts[2] = {&tr->lens_in.q, &tr->lens_in.rest};
+    for (int i = 0; i < 2; i++) free(parts[i]->q), free(parts[i]->d), free(parts[i]->bias), free(parts[i]->group_bias);
+    free(tr->rows), free(tr->entropy), free(tr->weights), free(tr->mean), free(tr->lens_top), free(tr->lens_prob);
+    free(tr->lens_x), free(tr->lens_logits), free(tr->attention), free(tr);
 }
 
 /* sqrt(mean(x^2)) of a row of n. */
@@ -1076,9 +1128,43 @@ static float rms(const float *x, int n) {
     return (float)sqrt(sum / n);
 }
 
+/* top (k) = the indices of the k largest of p (n), largest first, ties to
+   the lower index: an insertion into the k kept so far, which most values
+   pass over at one comparison. */
+static void top_indices(int *top, const float *p, int n, int k) {
+    int kept = 0;
+    for (int i = 0; i < n; i++) {
+        if (kept == k && !(p[i] > p[top[k - 1]])) continue;
+        int j = kept < k ? kept++ : k - 1;
+        for (; j > 0 && p[i] > p[top[j - 1]]; j--) top[j] = top[j - 1];
+        top[j] = i;
+    }
+}
+
+/* --lens, after layer `layer`: each of the n rows of the stream x (n, dim)
+   through the final norm, the classifier and a softmax, as if it were the
+   last layer, and the lens_k likeliest tokens. */
+static void lens(Trace *tr, int layer, const float *x, int n) {
+    const Matrix *w = tr->classifier;
+    int k = tr->asked.lens_k, vocab = w->rows;
+    for (int t = 0; t < n; t++) {
+        rmsnorm(tr->lens_x, x + (size_t)t * tr->dim, tr->final_norm, 1, tr->dim, tr->norm_eps);
+        prepare_input(&tr->lens_in, w, tr->lens_x, 1);
+        #pragma omp parallel for schedule(static)
+        for (int u = 0; u < row_blocks(w); u++) {
+            int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < vocab ? r0 + ROW_BLOCK : vocab;
+            plain_matmul[w->type](tr->lens_logits + r0, vocab, w, r0, r1, &tr->lens_in);
+        }
+        softmax(tr->lens_logits, vocab);
+        size_t at = ((size_t)t * tr->n_layers + layer) * k;
+        top_indices(tr->lens_top + at, tr->lens_logits, vocab, k);
+        for (int j = 0; j < k; j++) tr->lens_prob[at + j] = tr->lens_logits[tr->lens_top[at + j]];
+    }
+}
+
 /* After a block's residual add: the stream x (n, dim) as it is now and the
    block's output (n, dim) that was added to it. The stream before is
-   x - output, up to the rounding of one addition. */
+   x - output, up to the rounding of one addition. After the MLP, the lens. */
 static void trace_residual(Trace *tr, int layer, int block, const float *x, const float *output, int n) {
     int dim = tr->dim;
     for (int t = 0; t < n; t++) {
@@ -1088,12 +1174,26 @@ static void trace_residual(Trace *tr, int layer, int block, const float *x, cons
         float *r = tr->rows[(size_t)t * tr->n_layers + layer].rms[block];
         r[0] = (float)sqrt(before / dim), r[1] = rms(ot, dim), r[2] = rms(xt, dim);
     }
+    if (block == TRACE_MLP && tr->asked.lens_k) lens(tr, layer, x, n);
+}
+
+static int attention_asked(const Trace *tr, int position) {
+    return position >= tr->asked.attention_first && position <= tr->asked.attention_last;
+}
+
+/* Where --attention keeps the weights (position + 1) of one head at a
+   position it asked for: the positions of one batch that it asked for
+   are consecutive, at most slots of them, so each has a slot of its own. */
+static float *attention_kept(const Trace *tr, int position, int layer, int head) {
+    size_t slot = (size_t)position % tr->slots;
+    return tr->attention + ((slot * tr->n_layers + layer) * tr->n_heads + head) * (tr->asked.attention_last + 1);
 }
 
 /* Before attention overwrites the queries q (n, q_dim): each head's
    attention weights, softmax(q k^T / sqrt(head_dim)) over the positions it
-   sees, recomputed from the cache; their entropy per head, and the
-   TRACE_TOP positions of the most weight averaged over the heads. */
+   sees, recomputed from the cache; their entropy per head, the TRACE_TOP
+   positions of the most weight averaged over the heads, and the weights
+   themselves at the positions --attention asked for. */
 static void trace_attention(Trace *tr, int layer, const float *q, const KVCache *kv, int pos, int n) {
     int n_heads = kv->n_heads, group = n_heads / kv->n_kv_heads;
     for (int t = 0; t < n; t++) {
@@ -1104,6 +1204,8 @@ static void trace_attention(Trace *tr, int layer, const float *q, const KVCache 
         for (int h = 0; h < n_heads; h++) {
             attention_scores(tr->weights, q + ((size_t)t * n_heads + h) * kv->head_dim, kv, h / group, n_pos);
             softmax(tr->weights, n_pos);
+            if (attention_asked(tr, pos + t))
+                memcpy(attention_kept(tr, pos + t, layer, h), tr->weights, (size_t)n_pos * sizeof(float));
             double bits = 0.0;
             for (int p = 0; p < n_pos; p++) {
                 float w = tr->weights[p];
@@ -1544,15 +1646,7 @@ static void print_token_text(FILE *f, const Session *s, int token) {
 static void show_probs(const Session *s, const float *probs, int token) {
     int vocab = s->transformer->config.vocab_size, k = s->probs_k < vocab ? s->probs_k : vocab;
     int top[128];
-    for (int j = 0; j < k; j++) { // selection: k is small
-        int best = -1;
-        for (int i = 0; i < vocab; i++) {
-            int taken = 0;
-            for (int q = 0; q < j && !taken; q++) taken = top[q] == i;
-            if (!taken && (best < 0 || probs[i] > probs[best])) best = i;
-        }
-        top[j] = best;
-    }
+    top_indices(top, probs, vocab, k);
     int json = s->probs_format == PROBS_JSON;
     fprintf(stderr, json ? "{\"pos\": %d, \"token\": %d, \"text\": " : "probs: pos %d, token %d ", s->pos, token);
     print_token_text(stderr, s, token);
@@ -1578,36 +1672,144 @@ static int next_token(Session *s, float *logits) {
     return token;
 }
 
-/* --trace: after a forward pass over tokens (n) from position pos, a line
-   for each token, then one for each layer with what it did there:
+/* A number of a JSON line: 7 significant digits, as a float holds; null
+   when it is not finite (a damaged model), which JSON cannot write. */
+static void print_json_number(FILE *f, float v) {
+    if (isfinite(v)) fprintf(f, "%.7g", v);
+    else fputs("null", f);
+}
 
-     trace pos=P token=ID text="..."
-     trace pos=P layer=L rms_in=R attn=A rms_mid=R mlp=M rms_out=R entropy=E0,E1,.. top=P0:W0,P1:W1,..
+/* The start of a trace line of view `view` for position pos of token. */
+static void print_trace_head(const Session *s, const char *view, int pos, int layer, int token) {
+    const Trace *tr = s->transformer->state.trace;
+    if (!tr->asked.json) { fprintf(stderr, "%s pos=%d layer=%d", view, pos, layer); return; }
+    fprintf(stderr, "{\"view\": \"%s\", \"pos\": %d, \"layer\": %d, \"token\": %d, \"text\": ", view, pos, layer,
+            token);
+    print_token_text(stderr, s, token);
+}
 
-   rms_in, rms_mid and rms_out are the RMS of the residual stream entering
-   the layer, after attention's output (of RMS attn) was added, and after the
-   MLP's (mlp) was; entropy is each head's attention, in bits (0: all weight
-   on one position; log2(P + 1): spread evenly); top, the positions attended
-   most, with their weight averaged over heads. */
+/* --trace: what layer l did at position pos (row t of the last pass). */
+static void print_trace_stats(const Session *s, int t, int l, int pos, int token) {
+    const Config *c = &s->transformer->config;
+    const Trace *tr = s->transformer->state.trace;
+    const TraceRow *row = &tr->rows[(size_t)t * c->n_layers + l];
+    const float *entropy = tr->entropy + ((size_t)t * c->n_layers + l) * c->n_heads;
+    print_trace_head(s, "trace", pos, l, token);
+    if (tr->asked.json) {
+        const char *names[5] = {"rms_in", "attn", "rms_mid", "mlp", "rms_out"};
+        float values[5] = {row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1], row->rms[TRACE_ATTENTION][2],
+                           row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]};
+        for (int i = 0; i < 5; i++) {
+            fprintf(stderr, ", \"%s\": ", names[i]);
+            print_json_number(stderr, values[i]);
+        }
+        fprintf(stderr, ", \"entropy\": [");
+        for (int h = 0; h < c->n_heads; h++) {
+            fputs(h ? ", " : "", stderr);
+            print_json_number(stderr, entropy[h]);
+        }
+        fprintf(stderr, "], \"top\": [");
+        for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++) {
+            fprintf(stderr, "%s{\"pos\": %d, \"weight\": ", j ? ", " : "", row->top[j]);
+            print_json_number(stderr, row->top_weight[j]);
+            fputc('}', stderr);
+        }
+        fprintf(stderr, "]}\n");
+        return;
+    }
+    fprintf(stderr, " rms_in=%.6g attn=%.6g rms_mid=%.6g mlp=%.6g rms_out=%.6g entropy=",
+            row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1], row->rms[TRACE_ATTENTION][2],
+            row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]);
+    for (int h = 0; h < c->n_heads; h++) fprintf(stderr, h ? ",%.4f" : "%.4f", entropy[h]);
+    fprintf(stderr, " top=");
+    for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++)
+        fprintf(stderr, j ? ",%d:%.4f" : "%d:%.4f", row->top[j], row->top_weight[j]);
+    fputc('\n', stderr);
+}
+
+/* --lens: the likeliest next tokens had layer l been the last, at position
+   pos (row t of the last pass). */
+static void print_lens(const Session *s, int t, int l, int pos, int token) {
+    const Trace *tr = s->transformer->state.trace;
+    int k = tr->asked.lens_k, json = tr->asked.json;
+    size_t at = ((size_t)t * tr->n_layers + l) * k;
+    print_trace_head(s, "lens", pos, l, token);
+    fprintf(stderr, json ? ", \"top\": [" : " top:");
+    for (int j = 0; j < k; j++) {
+        fprintf(stderr, json ? "%s{\"token\": %d, \"text\": " : " %s%d ", j && json ? ", " : "", tr->lens_top[at + j]);
+        print_token_text(stderr, s, tr->lens_top[at + j]);
+        if (json) {
+            fprintf(stderr, ", \"prob\": ");
+            print_json_number(stderr, tr->lens_prob[at + j]);
+            fputc('}', stderr);
+        } else {
+            fprintf(stderr, " %.4f", tr->lens_prob[at + j]);
+        }
+    }
+    fprintf(stderr, json ? "]}\n" : "\n");
+}
+
+/* --attention: every head's weights over positions 0 .. pos at layer l. */
+static void print_attention(const Session *s, int l, int pos, int token) {
+    const Trace *tr = s->transformer->state.trace;
+    if (tr->asked.json) {
+        print_trace_head(s, "attention", pos, l, token);
+        fprintf(stderr, ", \"weights\": [");
+    }
+    for (int h = 0; h < tr->n_heads; h++) {
+        const float *w = attention_kept(tr, pos, l, h);
+        if (tr->asked.json) {
+            fputs(h ? ", [" : "[", stderr);
+            for (int p = 0; p <= pos; p++) {
+                fputs(p ? ", " : "", stderr);
+                print_json_number(stderr, w[p]);
+            }
+            fputc(']', stderr);
+        } else {
+            fprintf(stderr, "attention pos=%d layer=%d head=%d weights=", pos, l, h);
+            for (int p = 0; p <= pos; p++) fprintf(stderr, p ? ",%.4f" : "%.4f", w[p]);
+            fputc('\n', stderr);
+        }
+    }
+    if (tr->asked.json) fprintf(stderr, "]}\n");
+}
+
+/* After a forward pass over tokens (n) from position pos, what the trace
+   was asked for, position by position:
+
+     --trace: a line naming the token, then one for each layer
+
+       trace pos=P token=ID text="..."
+       trace pos=P layer=L rms_in=R attn=A rms_mid=R mlp=M rms_out=R entropy=E0,E1,.. top=P0:W0,P1:W1,..
+
+     rms_in, rms_mid and rms_out are the RMS of the residual stream entering
+     the layer, after attention's output (of RMS attn) was added, and after
+     the MLP's (mlp) was; entropy is each head's attention, in bits (0: all
+     weight on one position; log2(P + 1): spread evenly); top, the positions
+     attended most, with their weight averaged over heads;
+
+     --lens K: one line for each layer, its K likeliest next tokens
+
+       lens pos=P layer=L top: ID "..." PROB ID "..." PROB ..
+
+     --attention: for a position asked for, one line per layer and head
+
+       attention pos=P layer=L head=H weights=W0,W1,..,WP
+
+   With --trace-format json, each of these is one JSON object per position
+   and layer instead, with the token and its text (docs/VIEWS.md). */
 static void print_trace(const Session *s, const int *tokens, int n, int pos) {
     const Config *c = &s->transformer->config;
     const Trace *tr = s->transformer->state.trace;
     for (int t = 0; t < n; t++) {
-        fprintf(stderr, "trace pos=%d token=%d text=", pos + t, tokens[t]);
-        print_token_text(stderr, s, tokens[t]);
-        fputc('\n', stderr);
-        for (int l = 0; l < c->n_layers; l++) {
-            const TraceRow *row = &tr->rows[(size_t)t * c->n_layers + l];
-            const float *entropy = tr->entropy + ((size_t)t * c->n_layers + l) * c->n_heads;
-            fprintf(stderr, "trace pos=%d layer=%d rms_in=%.6g attn=%.6g rms_mid=%.6g mlp=%.6g rms_out=%.6g entropy=",
-                    pos + t, l, row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1],
-                    row->rms[TRACE_ATTENTION][2], row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]);
-            for (int h = 0; h < c->n_heads; h++) fprintf(stderr, h ? ",%.4f" : "%.4f", entropy[h]);
-            fprintf(stderr, " top=");
-            for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++)
-                fprintf(stderr, j ? ",%d:%.4f" : "%d:%.4f", row->top[j], row->top_weight[j]);
+        if (tr->asked.stats && !tr->asked.json) {
+            fprintf(stderr, "trace pos=%d token=%d text=", pos + t, tokens[t]);
+            print_token_text(stderr, s, tokens[t]);
             fputc('\n', stderr);
         }
+        for (int l = 0; tr->asked.stats && l < c->n_layers; l++) print_trace_stats(s, t, l, pos + t, tokens[t]);
+        for (int l = 0; tr->asked.lens_k && l < c->n_layers; l++) print_lens(s, t, l, pos + t, tokens[t]);
+        for (int l = 0; attention_asked(tr, pos + t) && l < c->n_layers; l++) print_attention(s, l, pos + t, tokens[t]);
     }
 }
 
@@ -1871,6 +2073,14 @@ static void print_help(void) {
         "  --trace       for each position and layer, one line on stderr: RMS of the\n"
         "                residual stream before and after attention and the MLP, each\n"
         "                head's attention entropy (bits), the positions attended most\n"
+        "  --lens K      logit lens: for each position and layer, the K most likely next\n"
+        "                tokens (1 <= K <= 100, at most the vocabulary) and their\n"
+        "                probabilities, had the model stopped after that layer\n"
+        "  --attention P or P-Q  every head's attention weights in every layer at\n"
+        "                position P (or each of P to Q that the run reaches), over\n"
+        "                positions 0 .. P\n"
+        "  --trace-format text|json  --trace, --lens and --attention as lines of text\n"
+        "                (default) or JSON objects, one per position and layer\n"
         "  --tokenize    print the prompt's token ids on one line and exit (with -m chat:\n"
         "                the first turn, as the chat template wraps it)\n"
         "  -h, --help    this help\n"
@@ -1883,7 +2093,8 @@ static void print_help(void) {
 typedef struct {
     const char *model_path, *tokenizer_path, *prompt, *prompt_file, *prompt_ids;
     const char *mode, *system_prompt, *template_name, *logits_path;
-    int steps, context, batch, stride, tokenize_only, seed_given, probs_k, probs_format, trace;
+    int steps, context, batch, stride, tokenize_only, seed_given, probs_k, probs_format;
+    TraceRequest views;         // --trace, --lens, --attention, --trace-format
     SamplerSettings sampling;
     const char *stop_strings[MAX_STOP_STRINGS];
     int n_stop_strings;
@@ -1917,10 +2128,24 @@ static int parse_float(float *out, const char *flag, const char *text, float min
     return 0;
 }
 
+/* --attention's P or P-Q: the positions whose attention weights to show. */
+static int parse_positions(TraceRequest *r, const char *text, char *err) {
+    char *end;
+    errno = 0;
+    long first = strtol(text, &end, 10), last = first;
+    if (!errno && end != text && *end == '-' && end[1] >= '0' && end[1] <= '9') last = strtol(end + 1, &end, 10);
+    if (errno || end == text || *end != '\0' || first < 0 || last < first || last >= MAX_SEQ_LEN)
+        return fail(err, "--attention expects a position P or positions P-Q, 0 <= P <= Q < %d, got '%s'",
+                    MAX_SEQ_LEN, text);
+    r->attention_first = (int)first, r->attention_last = (int)last;
+    return 0;
+}
+
 /* Reads the command line into o. Returns 0 to run, 1 when -h asks for the
    help, -1 (with err) for a bad command line. */
 static int parse_options(Options *o, int argc, char **argv, char *err) {
     *o = (Options){.steps = 256, .batch = DEFAULT_BATCH, .mode = "generate",
+                   .views = {.attention_first = -1, .attention_last = -1},
                    .sampling = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f,
                                 .repeat_window = 64}};
     SamplerSettings *sp = &o->sampling;
@@ -1930,7 +2155,7 @@ static int parse_options(Options *o, int argc, char **argv, char *err) {
         const char *flag = argv[i];
         if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) return 1;
         if (!strcmp(flag, "--tokenize")) { o->tokenize_only = 1; continue; }
-        if (!strcmp(flag, "--trace")) { o->trace = 1; continue; }
+        if (!strcmp(flag, "--trace")) { o->views.stats = 1; continue; }
         if (flag[0] != '-') return fail(err, "unexpected argument '%s'", flag);
         if (i + 1 >= argc) return fail(err, "%s needs a value", flag);
         const char *value = argv[++i];
@@ -1959,6 +2184,12 @@ static int parse_options(Options *o, int argc, char **argv, char *err) {
             if (strcmp(value, "text") && strcmp(value, "json"))
                 return fail(err, "--probs-format expects text or json, got '%s'", value);
             o->probs_format = strcmp(value, "json") ? PROBS_TEXT : PROBS_JSON;
+        } else if (!strcmp(flag, "--lens")) bad = parse_int(&o->views.lens_k, flag, value, 1, 100, err);
+        else if (!strcmp(flag, "--attention")) bad = parse_positions(&o->views, value, err);
+        else if (!strcmp(flag, "--trace-format")) {
+            if (strcmp(value, "text") && strcmp(value, "json"))
+                return fail(err, "--trace-format expects text or json, got '%s'", value);
+            o->views.json = !strcmp(value, "json");
         } else if (!strcmp(flag, "--stop")) {
             if (!*value) return fail(err, "--stop needs a non-empty text");
             if (o->n_stop_strings == MAX_STOP_STRINGS) return fail(err, "at most %d --stop strings", MAX_STOP_STRINGS);
@@ -2290,7 +2521,13 @@ int main(int argc, char **argv) {
         int ctx = o.context ? o.context : c->max_seq_len;
         if (ctx > c->max_seq_len) usage_error("-c %d exceeds the model's max_seq_len of %d", ctx, c->max_seq_len);
         if (!o.tokenize_only) alloc_run_state(&transformer.state, c, ctx, o.batch);
-        if (!o.tokenize_only && o.trace) alloc_trace(&transformer.state, c);
+        const TraceRequest *views = &o.views;
+        if (views->lens_k > vocab_size)
+            usage_error("--lens %d exceeds the model's vocabulary of %d tokens", views->lens_k, vocab_size);
+        if (views->attention_last >= ctx)
+            usage_error("--attention %d is beyond the context of %d positions (see -c)", views->attention_last, ctx);
+        if (!o.tokenize_only && (views->stats || views->lens_k || views->attention_last >= 0))
+            alloc_trace(&transformer, views);
     }
     char *prompt_text = o.prompt_file ? read_text_file(o.prompt_file) : NULL;
     const char *text = o.prompt ? o.prompt : prompt_text;
