@@ -19,7 +19,7 @@ def interleaved_to_hf(w, n_heads, head_dim):
     layout (pairs (x[2j], x[2j+1])) back to Hugging Face's (halves (x[j],
     x[j + head_dim/2])): within each head, row 2j becomes row j and row
     2j + 1 row head_dim/2 + j."""
-    return w.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
+    return w.reshape(n_heads, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(n_heads * head_dim, -1)
 
 
 def _f32_number(x):

@@ -14,17 +14,20 @@ from model import Llama, generate_greedy
 
 # Worst relative logit error allowed, per weight type of the checkpoint:
 # max over positions of max|ours - theirs| / max|theirs|. Measured with
-# export.py --verify (random models as the tests make them, and
-# stories260K):
+# export.py --verify on random models (transformers' LlamaForCausalLM and
+# model.py's, dim 64 to 256, 2 to 4 layers) and stories260K:
 #   f32   both sides compute in float32 and differ only in the order of
-#         summation: at most 3e-6 measured; 1e-4 leaves room for bigger
-#         models, and any layout bug (a RoPE permutation missed, a wrong
-#         eps) moves logits by 1e-2 and more.
-#   bf16, q8_0, q4_0: the weights are rounded (and run.c rounds activations
-#         for these types, see tests/test_weight_types.py); measured worst
-#         0.04 (bf16), 0.06 (q8_0), 0.5 (q4_0, on random Gaussian weights,
-#         the worst case; stories260K 0.2). The bounds are about twice that.
-TOLERANCE = {"f32": 1e-4, "bf16": 0.1, "q8_0": 0.15, "q4_0": 1.0}
+#         summation: 5e-7 to 1e-6 random, 3e-6 stories260K. A layout bug
+#         is far above 1e-4: q/k rows left in Hugging Face's RoPE layout
+#         measure 0.03 on a random model (its attention is nearly uniform,
+#         so RoPE hardly matters) and 1.6 on stories260K.
+#   bf16  weights rounded to 8 bits, activations too in run.c's bf16
+#         kernels: 0.004 to 0.008 random, 0.044 stories260K.
+#   q8_0  0.012 to 0.019 random (stories260K's hidden_dim 172 cannot be q8_0).
+#   q4_0  4-bit weights: 0.22 to 0.37 on random Gaussian weights, the worst
+#         case (trained models lose less); only gross errors show above it.
+# Each bound is about twice the largest measured.
+TOLERANCE = {"f32": 1e-4, "bf16": 0.1, "q8_0": 0.05, "q4_0": 0.75}
 N_PROMPT = 8                    # the prompt: BOS, then fixed ids
 N_GREEDY = 16                   # greedy tokens compared
 RUN_BINARY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run")

@@ -254,11 +254,11 @@ def test_gguf_in_llama_cpp(toks, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     model_bin = write_model(tmp_path, "gqa_untied", toks["sp"][0])
     to("gguf", model_bin, tmp_path / "m.gguf")
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False)
-    prompt = [1, 40, 80, 7, 99, 12, 150, 2]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False)
+    prompt = [1, 40, 80, 7, 99, 12, 150, 3]
     generated, _ = generate_ids(model_bin, prompt, 16, tmp_path)
     theirs = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1):
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
         theirs.append(token)
         if len(theirs) == 16:
             break
@@ -407,7 +407,7 @@ def test_verify_fails_on_a_broken_conversion(hf_source, stories, break_, tmp_pat
     assert "the files are written" in p.stderr
     assert out.exists()
     line = verify_lines(p)[0]
-    assert float(line.split("logit error ")[1].split()[0]) > 1e-2
+    assert float(line.split("logit error ")[1].split()[0]) > 10 * export.TOLERANCE["f32"]
 
 
 def test_verify_fails_without_run(hf_source, tmp_path, monkeypatch):
