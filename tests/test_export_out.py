@@ -248,6 +248,20 @@ def test_gguf_tokenizer_in_transformers(toks, tok, tmp_path):
     assert metadata["tokenizer.ggml.eos_token_id"] == ltok["eos_id"]
 
 
+def test_gguf_export_needs_no_torch(toks, tmp_path):
+    """export.py --to-gguf with torch made unimportable (numpy and gguf only,
+    as under make demo): the same file."""
+    model_bin = write_model(tmp_path, "gqa_untied", toks["bl"][0])
+    to("gguf", model_bin, tmp_path / "with.gguf")
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "torch.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stub), os.environ.get("PYTHONPATH", "")]))
+    p = export_py(model_bin, "--to-gguf", tmp_path / "without.gguf", env=env)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "without.gguf").read_bytes() == (tmp_path / "with.gguf").read_bytes()
+
+
 def test_gguf_in_llama_cpp(toks, tmp_path):
     """llama.cpp itself (llama-cpp-python) loads the file and continues a
     prompt greedily as ./run does."""
@@ -305,6 +319,52 @@ def test_hf_round_trip_is_byte_identical(toks, dtype, tmp_path):
         assert export.main([str(back), "--hf", str(tmp_path / tok / "hf"), "--dtype", dtype]) == 0
         assert back.read_bytes() == model_bin.read_bytes(), tok
         assert (back.parent / "tokenizer.bin").read_bytes() == (model_bin.parent / "tokenizer.bin").read_bytes(), tok
+
+
+@pytest.mark.parametrize("pretokenizer", ["digits", "llama3"])
+def test_hf_byte_level_pretokenizers(pretokenizer, tmp_path):
+    """SmolLM2's Digits-then-ByteLevel and Llama 3's Split-then-ByteLevel
+    (with its BOS and ignore_merges) come back out as tokenizer.json: the
+    exported tokenizer encodes as the one it was converted from."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    original = Tokenizer(models.BPE(ignore_merges=pretokenizer == "llama3"))
+    if pretokenizer == "digits":
+        original.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                          pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        original.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(export.LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    original.decoder = decoders.ByteLevel()
+    original.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if pretokenizer == "llama3":
+        original.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                                special_tokens=[("<|begin_of_text|>", 0)])
+    original.save(str(tmp_path / "tokenizer.json"))
+    export.write_tokenizer_hf_json(str(tmp_path / "tokenizer.json"), str(tmp_path / "tok.bin"))
+    model_bin = write_model(tmp_path / "m", "mha_tied", tmp_path / "tok.bin")
+    to("hf", model_bin, tmp_path / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS + ["x = 1234567 + 89;\n\n  done"]:
+        assert theirs.encode(text) == original.encode(text).ids, text
+    to("gguf", model_bin, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["tokenizer.ggml.pre"].contents() == {"digits": "smollm", "llama3": "llama-bpe"}[pretokenizer]
+
+
+def test_interrupted_hf_export_leaves_nothing(model_dir, monkeypatch, capsys):
+    """Ctrl-C after some files are written: no directory, no temporary."""
+    import convert.hf_out
+
+    def interrupted(directory, tok, path, max_seq_len):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(convert.hf_out, "_save_sentencepiece", interrupted)
+    before = sorted(os.listdir(model_dir.parent))
+    assert export.main([str(model_dir / "model.bin"), "--to-hf", str(model_dir.parent / "out")]) == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert sorted(os.listdir(model_dir.parent)) == before
 
 
 def test_interleaved_to_hf_inverts_hf_to_interleaved():
