@@ -61,6 +61,12 @@ WORDS = ("the a of and to in is was he she it they we you that for on with as at
          "story little girl boy day time dog cat sun tree house ran saw said happy big small").split()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def build():
+    """./run beside export.py, which --verify runs (make sanitize's RUN_BINARY runs the rest)."""
+    subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True)
+
+
 def corpus(n=3000, seed=0):
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice([".", "!", "?", ", 42."])
