@@ -22,6 +22,7 @@ converts the directory, and:
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,29 @@ def test_template_llama3_by_hand(llama3, tmp_path):
 
 def test_template_recognised():
     assert export.gguf_chat_template(LLAMA3_TEMPLATE) == (export.CHAT_LLAMA3, "")
+
+
+CHATML_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+@pytest.mark.parametrize("where,kind", [("list", export.CHAT_CHATML), ("jinja", export.CHAT_CHATML),
+                                        ("vocabulary", export.CHAT_LLAMA3)])
+def test_template_found_beside_tokenizer_json(llama3, tmp_path, where, kind):
+    """Where a Hugging Face tokenizer keeps its template: tokenizer_config.json's
+    chat_template as a list of named templates ("default" is used), a
+    chat_template.jinja file beside it, or none (the marker tokens decide)."""
+    _, d = llama3
+    shutil.copy(d / "tokenizer.json", tmp_path)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    if where == "list":
+        config["chat_template"] = [{"name": "tool_use", "template": LLAMA3_TEMPLATE},
+                                   {"name": "default", "template": CHATML_TEMPLATE}]
+    elif where == "jinja":
+        (tmp_path / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    export.write_tokenizer_hf_json(str(tmp_path / "tokenizer.json"), str(tmp_path / "t.bin"))
+    assert export.read_tokenizer(tmp_path / "t.bin")["chat_template"] == kind
 
 
 def bigram_model(path, vocab_size, chain, seed=0):
