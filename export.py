@@ -2,7 +2,7 @@
 """export.py: the command line that writes run.c's files.
 
   export.py OUTPUT (--reference PT | --meta DIR | --hf DIR | --llama2c FILE
-                    | --gguf FILE | --tokenizer-model FILE) [--verify]
+                    | --gguf FILE | --tokenizer-from SOURCE) [--verify]
   export.py MODEL (--to-gguf FILE | --to-hf DIR) [--tokenizer PATH] [--verify]
 
 The work is done beside it:
@@ -52,12 +52,12 @@ from convert.sources import (GGUF_LAYER_NAMES, GGUF_NAMES, HF_LAYER_NAMES, HF_NA
                              META_MAX_SEQ_LEN, _gguf_reader, gguf_dequantize, gguf_metadata,
                              hf_to_interleaved, load_gguf, load_hf, load_llama2c, load_meta,
                              load_reference, save_reference, write_llama2c)
-from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_NONE, LLAMA3_PATTERN,  # noqa: E402
-                                PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN, PRETOK_DIGITS_GPT2,
+from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, CHAT_NONE,  # noqa: E402
+                                LLAMA3_PATTERN, PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN, PRETOK_DIGITS_GPT2,
                                 PRETOK_GPT2, PRETOK_LLAMA3, TOK_BYTELEVEL, TOK_SENTENCEPIECE,
-                                TOKF_ADD_BOS, TOKF_BYTE_FALLBACK, TOKF_DUMMY_PREFIX,
+                                TOKF_ADD_BOS, TOKF_ADD_EOS, TOKF_BYTE_FALLBACK, TOKF_DUMMY_PREFIX,
                                 TOKF_IGNORE_MERGES, gguf_chat_template, gpt2_bytes_to_unicode,
-                                read_tokenizer, write_tokenizer, write_tokenizer_gguf,
+                                read_tokenizer, write_tokenizer, write_tokenizer_from, write_tokenizer_gguf,
                                 write_tokenizer_hf_json, write_tokenizer_sentencepiece)
 from convert.verify import TOLERANCE, Transformers, VerificationFailed, source_model, verify  # noqa: E402
 from convert.vocab_out import default_tokenizer, load_tokenizer  # noqa: E402
@@ -70,7 +70,9 @@ EXAMPLES = """\
 examples:
   export.py model.bin --hf ~/TinyLlama-1.1B      model.bin, and tokenizer.bin beside it
   export.py model.bin --llama2c stories15M.bin --max-seq-len 256
-  export.py tokenizer.bin --tokenizer-model tokenizer.model
+  export.py tokenizer.bin --tokenizer-from tokenizer.model
+  export.py tokenizer.bin --tokenizer-from ~/Llama-3.2-1B-Instruct   its tokenizer.json
+  export.py tokenizer.bin --tokenizer-from tinyllama.Q4_K_M.gguf     the tokenizer in its metadata
   export.py model.bin --gguf SmolLM2-135M-Instruct.Q4_1.gguf   dequantized; tokenizer.bin beside it
   export.py model.bin --hf ~/TinyLlama-1.1B --verify           then ./run checked against transformers
   export.py model.bin --to-gguf model.gguf       for llama.cpp and ollama (tokenizer.bin beside model.bin)
@@ -277,10 +279,10 @@ def convert(opts):
     if opts.to_gguf or opts.to_hf:
         return _convert_out(opts)
     with Outputs() as outputs:
-        if opts.tokenizer_model:
-            with _reading(opts.tokenizer_model), outputs.writing(opts.output) as tmp:
-                size = write_tokenizer_sentencepiece(opts.tokenizer_model, tmp)
-            return [f"wrote {opts.output}: tokenizer of {opts.tokenizer_model}, {size} bytes"]
+        if opts.tokenizer_from:
+            with _reading(opts.tokenizer_from), outputs.writing(opts.output) as tmp:
+                source, size = write_tokenizer_from(opts.tokenizer_from, tmp)
+            return [f"wrote {opts.output}: tokenizer of {source}, {size} bytes"]
 
         kind = next(k for k in LOADERS if getattr(opts, k))
         source = getattr(opts, kind)
@@ -397,7 +399,7 @@ def main(argv=None):
                     "the source comes with one, its tokenizer; or write a tokenizer alone; or\n"
                     "write a checkpoint and its tokenizer as a GGUF file or a Hugging Face directory.")
     parser.add_argument("output", metavar="OUTPUT",
-                        help="the file to write: the checkpoint, or the tokenizer with --tokenizer-model; "
+                        help="the file to write: the checkpoint, or the tokenizer with --tokenizer-from; "
                              "with --to-gguf or --to-hf, the checkpoint to read (MODEL)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--reference", metavar="PT", help="a file written by save_reference()")
@@ -410,8 +412,12 @@ def main(argv=None):
     source.add_argument("--gguf", metavar="FILE",
                         help="a llama.cpp GGUF file of the llama architecture (F32, F16, BF16, Q4_0, Q4_1 "
                              "or Q8_0 tensors) with its tokenizer; needs numpy and gguf, not torch")
-    source.add_argument("--tokenizer-model", metavar="FILE",
-                        help="write only this sentencepiece tokenizer.model, as OUTPUT")
+    source.add_argument("--tokenizer-from", metavar="SOURCE",
+                        help="write only a tokenizer, as OUTPUT, from a sentencepiece tokenizer.model, a "
+                             "Hugging Face tokenizer.json, a directory holding either (tokenizer.model "
+                             "first), or a GGUF file")
+    source.add_argument("--tokenizer-model", metavar="FILE", dest="tokenizer_from",
+                        help="the same as --tokenizer-from (its older name)")
     source.add_argument("--to-gguf", metavar="FILE",
                         help="write the checkpoint MODEL and its tokenizer as a llama.cpp GGUF file (llama "
                              "architecture; llama.cpp and ollama load it): the same numbers, f32 as F32, bf16 "
@@ -449,14 +455,14 @@ def main(argv=None):
             parser.error(f"{'OUTPUT' if name == 'output' else '--' + name.replace('_', '-')} is an empty path")
     if opts.tokenizer_out and not (opts.meta or opts.hf or opts.gguf):
         parser.error("--tokenizer-out goes with --meta, --hf or --gguf; "
-                     "export a tokenizer alone with --tokenizer-model")
+                     "export a tokenizer alone with --tokenizer-from")
     writing_out = opts.to_gguf or opts.to_hf
     if writing_out and (opts.dtype or opts.max_seq_len):
         parser.error("--dtype and --max-seq-len do not go with --to-gguf or --to-hf, "
                      "which keep the checkpoint's weight type and context length")
     if opts.tokenizer and not writing_out:
         parser.error("--tokenizer goes with --to-gguf or --to-hf")
-    if opts.verify and opts.tokenizer_model:
+    if opts.verify and opts.tokenizer_from:
         parser.error("--verify checks a model's conversion, not a tokenizer's")
     opts.dtype = opts.dtype or "f32"
 

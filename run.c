@@ -1927,6 +1927,10 @@ static void print_statistics(const Session *s) {
      llama2:  <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>
      chatml:  <|im_start|>system\n{system}<|im_end|>\n
               <|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n
+     llama3:  <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
+              <|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>
+              <|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
+              (system and user trimmed of surrounding whitespace, as its template does)
    Markers such as <s> and <|im_start|> enter as token ids. (Text a user
    types is tokenized as Hugging Face does: a byte-level tokenizer matches
    special tokens typed in it, sentencepiece does not.) Without -y, the system
@@ -1936,8 +1940,9 @@ static void print_statistics(const Session *s) {
 
 /* The template: --template's name if given, else the tokenizer's, else Llama 2's. */
 static int chat_template(const char *name, const Tokenizer *tok) {
-    if (name) return strcmp(name, "chatml") ? TEMPLATE_LLAMA2 : TEMPLATE_CHATML;
-    return tok->chat_template == TEMPLATE_CHATML ? TEMPLATE_CHATML : TEMPLATE_LLAMA2;
+    if (!name) return tok->chat_template == TEMPLATE_NONE ? TEMPLATE_LLAMA2 : tok->chat_template;
+    if (!strcmp(name, "chatml")) return TEMPLATE_CHATML;
+    return strcmp(name, "llama3") ? TEMPLATE_LLAMA2 : TEMPLATE_LLAMA3;
 }
 
 /* The system prompt: -y's if given (-y "" means none), else the template's default. */
@@ -1969,9 +1974,61 @@ static int marker_token(const Tokenizer *tok, const char *text, const char *tok_
     return id;
 }
 
+/* Whether the valid UTF-8 character c is whitespace to Python's str.isspace(),
+   which the trim filter of Jinja (the templates' language) strips. */
+static int is_python_space(uint32_t c) {
+    return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+           c == 0x3000;
+}
+
+/* The part of text between its leading and trailing whitespace: its start,
+   and its length in *len. */
+static const char *trimmed(const char *text, size_t *len) {
+    const unsigned char *s = (const unsigned char *)text;
+    size_t n = strlen(text), first = n, end = n;
+    for (size_t i = 0; i < n;) {
+        int k = utf8_valid_len(s + i, n - i);
+        size_t step = k ? (size_t)k : 1; // a byte that is not UTF-8 counts as text
+        if (!k || !is_python_space(tok_utf8_decode(s + i, k))) {
+            if (first == n) first = i;
+            end = i + step;
+        }
+        i += step;
+    }
+    *len = end - first;
+    return text + first;
+}
+
+/* Appends one Llama 3 message: <|start_header_id|>role<|end_header_id|>, then
+   "\n\n" and the content trimmed, tokenized together as the template's text
+   is, then <|eot_id|>. With content NULL, only the header and "\n\n" that
+   open the answer. */
+static void push_llama3_message(TokenList *list, const Tokenizer *tok, const char *tok_path, const char *role,
+                                const char *content) {
+    push_token(list, marker_token(tok, "<|start_header_id|>", tok_path));
+    push_text(list, tok, role);
+    push_token(list, marker_token(tok, "<|end_header_id|>", tok_path));
+    size_t len = 0;
+    const char *start = content ? trimmed(content, &len) : "";
+    char *text = xcalloc(len + 3, 1, "the prompt");
+    memcpy(text, "\n\n", 2);
+    memcpy(text + 2, start, len);
+    push_text(list, tok, text);
+    free(text);
+    if (content) push_token(list, marker_token(tok, "<|eot_id|>", tok_path));
+}
+
 /* Appends one user turn, as the template spells it, to list. */
 static void push_user_turn(TokenList *list, const Tokenizer *tok, const char *tok_path, int template,
                            const char *system, const char *user, int first_turn) {
+    if (template == TEMPLATE_LLAMA3) {
+        if (first_turn && tok->bos_id >= 0) push_token(list, tok->bos_id);
+        if (first_turn && system && *system) push_llama3_message(list, tok, tok_path, "system", system);
+        push_llama3_message(list, tok, tok_path, "user", user);
+        push_llama3_message(list, tok, tok_path, "assistant", NULL);
+        return;
+    }
     if (template == TEMPLATE_CHATML) {
         int start = marker_token(tok, "<|im_start|>", tok_path), end = marker_token(tok, "<|im_end|>", tok_path);
         if (first_turn && system && *system) {
@@ -2003,13 +2060,15 @@ static void push_user_turn(TokenList *list, const Tokenizer *tok, const char *to
 
 /* Closes the previous answer as the template writes it: its last token
    if that was shown but never fed back (the -n limit or a stop string ended
-   the answer), then </s> or <|im_end|>\n. */
+   the answer), then </s>, <|im_end|>\n or <|eot_id|>. */
 static void push_answer_end(TokenList *list, const Session *s, const Tokenizer *tok, const char *tok_path,
                             int template, int last) {
     if (last >= 0 && !is_stop_token(s, last)) push_token(list, last);
     if (template == TEMPLATE_CHATML) {
         push_token(list, marker_token(tok, "<|im_end|>", tok_path));
         push_text(list, tok, "\n");
+    } else if (template == TEMPLATE_LLAMA3) {
+        push_token(list, marker_token(tok, "<|eot_id|>", tok_path));
     } else if (tok->eos_id >= 0) {
         push_token(list, tok->eos_id);
     }
@@ -2048,7 +2107,9 @@ static void print_help(void) {
         "  -m MODE       generate (default), chat, or score (perplexity of the prompt text)\n"
         "  -y TEXT       system prompt for chat (default: the template's, if the tokenizer\n"
         "                has one; -y \"\" for none)\n"
-        "  --template T  chat template: llama2 or chatml (default: from the tokenizer)\n"
+        "  --template T  chat template: llama2, chatml or llama3 (default: from the\n"
+        "                tokenizer); a chatml or llama3 answer ends at <|im_end|> or\n"
+        "                <|eot_id|> too\n"
         "  --stride N    score: windows of the context length start N tokens apart\n"
         "                (default: half the context)\n"
         "sampling, applied in this order:\n"
@@ -2211,8 +2272,9 @@ static int parse_options(Options *o, int argc, char **argv, char *err) {
     }
     if (strcmp(o->mode, "generate") && strcmp(o->mode, "chat") && strcmp(o->mode, "score"))
         return fail(err, "-m expects generate, chat or score, got '%s'", o->mode);
-    if (o->template_name && strcmp(o->template_name, "llama2") && strcmp(o->template_name, "chatml"))
-        return fail(err, "--template expects llama2 or chatml, got '%s'", o->template_name);
+    if (o->template_name && strcmp(o->template_name, "llama2") && strcmp(o->template_name, "chatml") &&
+        strcmp(o->template_name, "llama3"))
+        return fail(err, "--template expects llama2, chatml or llama3, got '%s'", o->template_name);
     if ((o->prompt != NULL) + (o->prompt_file != NULL) + (o->prompt_ids != NULL) > 1)
         return fail(err, "give the prompt once: -i, -f or --tokens");
     if (!o->model_path && !o->tokenize_only) return fail(err, "no model given");
@@ -2296,8 +2358,9 @@ static int run_tokenize(const Options *o, const char *tok_path, int vocab_size, 
         push_user_turn(&prompt, &tok, tok_path, chat_template(o->template_name, &tok),
                        chat_system_prompt(o->system_prompt, &tok), text, 1);
     } else {
-        if (tok.add_bos && tok.bos_id >= 0) push_token(&prompt, tok.bos_id);
+        if (tok.add_bos) push_token(&prompt, tok.bos_id);
         push_text(&prompt, &tok, text);
+        if (tok.add_eos) push_token(&prompt, tok.eos_id);
     }
     for (int i = 0; i < prompt.n; i++) printf(i ? " %d" : "%d", prompt.ids[i]);
     putchar('\n');
@@ -2311,6 +2374,7 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
     int template = chat_template(o->template_name, tok);
     const char *system = chat_system_prompt(o->system_prompt, tok);
     if (template == TEMPLATE_CHATML) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|im_end|>", tok_path);
+    if (template == TEMPLATE_LLAMA3) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|eot_id|>", tok_path);
     int interactive = first_prompt == NULL, status = 0;
     char *line = NULL;
     size_t cap = 0;
@@ -2449,8 +2513,9 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
         char err[ERROR_SIZE];
         if (o->prompt_ids && parse_token_ids(o->prompt_ids, c->vocab_size, &prompt, err) < 0) usage_error("%s", err);
         else if (text) {
-            if (tokenizer.add_bos && tokenizer.bos_id >= 0) push_token(&prompt, tokenizer.bos_id);
+            if (tokenizer.add_bos) push_token(&prompt, tokenizer.bos_id);
             push_text(&prompt, &tokenizer, text);
+            if (tokenizer.add_eos) push_token(&prompt, tokenizer.eos_id);
         }
         if (prompt.n == 0) push_token(&prompt, bos);
         if (!strcmp(o->mode, "score")) {
