@@ -266,8 +266,9 @@ def _integer_up_to(most):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="export.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Write a run.c checkpoint (version 1) from one model source and, when\n"
-                    "the source comes with one, its tokenizer; or write a tokenizer alone.")
+        description="Write a run.c checkpoint (version 1; version 2 for q/k/v biases or scaled RoPE)\n"
+                    "from one model source and, when the source comes with one, its tokenizer;\n"
+                    "or write a tokenizer alone.")
     parser.add_argument("output", metavar="OUTPUT",
                         help="the file to write: the checkpoint, or the tokenizer with --tokenizer-model")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -275,12 +276,13 @@ def main(argv=None):
     source.add_argument("--meta", metavar="DIR",
                         help="Meta's release: params.json, consolidated.*.pth and maybe tokenizer.model")
     source.add_argument("--hf", metavar="DIR",
-                        help="a Hugging Face LlamaForCausalLM: config.json, safetensors or pytorch_model.bin "
+                        help="a Hugging Face LlamaForCausalLM or Qwen2ForCausalLM (RoPE plain, or scaled as "
+                             "Llama 3's or linearly): config.json, safetensors or pytorch_model.bin "
                              "weights, and maybe tokenizer.model or tokenizer.json")
     source.add_argument("--llama2c", metavar="FILE", help="a llama2.c legacy checkpoint")
     source.add_argument("--gguf", metavar="FILE",
-                        help="a llama.cpp GGUF file of the llama architecture (F32, F16, BF16, Q4_0, Q4_1 "
-                             "or Q8_0 tensors) with its tokenizer; needs numpy and gguf, not torch")
+                        help="a llama.cpp GGUF file of the llama or qwen2 architecture (F32, F16, BF16, Q4_0, "
+                             "Q4_1 or Q8_0 tensors) with its tokenizer; needs numpy and gguf, not torch")
     source.add_argument("--tokenizer-model", metavar="FILE",
                         help="write only this sentencepiece tokenizer.model, as OUTPUT")
     parser.add_argument("--max-seq-len", metavar="N", type=_integer_up_to(MAX_SEQ_LEN),
