@@ -395,9 +395,10 @@ def _integer_up_to(most):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="export.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Write a run.c checkpoint (version 1) from one model source and, when\n"
-                    "the source comes with one, its tokenizer; or write a tokenizer alone; or\n"
-                    "write a checkpoint and its tokenizer as a GGUF file or a Hugging Face directory.")
+        description="Write a run.c checkpoint (version 1; version 2 for q/k/v biases or scaled RoPE)\n"
+                    "from one model source and, when the source comes with one, its tokenizer;\n"
+                    "or write a tokenizer alone; or write a checkpoint and its tokenizer as a GGUF\n"
+                    "file or a Hugging Face directory.")
     parser.add_argument("output", metavar="OUTPUT",
                         help="the file to write: the checkpoint, or the tokenizer with --tokenizer-from; "
                              "with --to-gguf or --to-hf, the checkpoint to read (MODEL)")
@@ -406,12 +407,13 @@ def main(argv=None):
     source.add_argument("--meta", metavar="DIR",
                         help="Meta's release: params.json, consolidated.*.pth and maybe tokenizer.model")
     source.add_argument("--hf", metavar="DIR",
-                        help="a Hugging Face LlamaForCausalLM: config.json, safetensors or pytorch_model.bin "
+                        help="a Hugging Face LlamaForCausalLM or Qwen2ForCausalLM (RoPE plain, or scaled as "
+                             "Llama 3's or linearly): config.json, safetensors or pytorch_model.bin "
                              "weights, and maybe tokenizer.model or tokenizer.json")
     source.add_argument("--llama2c", metavar="FILE", help="a llama2.c legacy checkpoint")
     source.add_argument("--gguf", metavar="FILE",
-                        help="a llama.cpp GGUF file of the llama architecture (F32, F16, BF16, Q4_0, Q4_1 "
-                             "or Q8_0 tensors) with its tokenizer; needs numpy and gguf, not torch")
+                        help="a llama.cpp GGUF file of the llama or qwen2 architecture (F32, F16, BF16, Q4_0, "
+                             "Q4_1 or Q8_0 tensors) with its tokenizer; needs numpy and gguf, not torch")
     source.add_argument("--tokenizer-from", metavar="SOURCE",
                         help="write only a tokenizer, as OUTPUT, from a sentencepiece tokenizer.model, a "
                              "Hugging Face tokenizer.json, a directory holding either (tokenizer.model "

@@ -56,11 +56,12 @@
 #include "tokenizer.c"
 
 /* ----------------------------------------------------------------------------
-   The checkpoint format (version 1). Little-endian throughout.
+   The checkpoint format (version 2; version 1 is the same without flags).
+   Little-endian throughout.
 
    offset  size  type     field
         0     4  char[4]  magic "LLAM"
-        4     4  u32      version = 1
+        4     4  u32      version         1, or 2 when flags is not 0
         8     4  i32      dim
        12     4  i32      hidden_dim
        16     4  i32      n_layers
@@ -74,15 +75,20 @@
        48     4  u32      tied_classifier 1: logits reuse token_embedding
        52     4  u32      weight_type     of the matrices: 0 f32, 1 q8_0, 2 q4_0, 3 bf16
        56     4  u32      group_size      32 for q8_0 and q4_0, 0 for f32 and bf16
-       60   196  zero                     the header is 256 bytes
+       60     4  u32      flags           version 2: bit 0 q/k/v biases, bit 1 RoPE
+                                          frequencies stored; version 1: zero
+       64   192  zero                     the header is 256 bytes
       256        tensors, each at an offset that is a multiple of 64:
 
       +-----------------------------------------------+
       | token_embedding  (vocab, dim)                 |
+      | rope_inv_freq (head_dim / 2) f32   if bit 1   |
       +-----------------------------------------------+  \
       | attn_norm (dim)                               |   |
       | wq (q_dim, dim)   wk (kv_dim, dim)            |   |
-      | wv (kv_dim, dim)  wo (dim, q_dim)             |   |  once per layer
+      | wv (kv_dim, dim)                              |   |
+      | bq (q_dim)  bk, bv (kv_dim) f32    if bit 0   |   |  once per layer
+      | wo (dim, q_dim)                               |   |
       | ffn_norm (dim)                                |   |
       | w1 (hidden, dim)  w2 (dim, hidden)            |   |
       | w3 (hidden, dim)                              |   |
@@ -93,7 +99,9 @@
 
    Matrices are row-major (out, in), as nn.Linear stores them: y = W x.
    RoPE rotates the interleaved pairs (x[2i], x[2i+1]) of each head (Meta's
-   convention); export.py permutes Hugging Face's q/k rows into it.
+   convention) by pos * rope_inv_freq[i]: stored (Llama 3's or linear
+   scaling), else theta^(-2i / head_dim). export.py permutes Hugging Face's
+   q/k rows (and biases) into it. The biases are added after the products.
 
    Norms are f32. Every matrix, the token embedding and the classifier
    included, is stored in the weight type; a (rows, cols) matrix is
@@ -117,7 +125,9 @@
    ------------------------------------------------------------------------- */
 
 #define CHECKPOINT_MAGIC "LLAM"
-#define CHECKPOINT_VERSION 1
+#define CHECKPOINT_VERSION 2 // and 1, which has no flags
+#define FLAG_QKV_BIAS 1u       // bq, bk, bv follow each layer's wv
+#define FLAG_ROPE_FREQS 2u     // rope_inv_freq follows token_embedding
 #define HEADER_SIZE 256
 #define TENSOR_ALIGN 64
 #define LEGACY_HEADER_SIZE 28
@@ -219,6 +229,7 @@ typedef struct {
     float norm_eps;
     int tied_classifier; // 1: the classifier is the token embedding
     int weight_type;     // WEIGHT_*: how the matrices are stored
+    unsigned flags;      // FLAG_*: the optional tensors the file holds
     int legacy;          // 1: a llama2.c checkpoint (generation stops at BOS)
 } Config;
 
@@ -241,6 +252,7 @@ typedef struct {
     Matrix w1;              // (hidden, dim) gate
     Matrix w2;              // (dim, hidden) down
     Matrix w3;              // (hidden, dim) up
+    const float *bq, *bk, *bv; // (q_dim), (kv_dim), (kv_dim) biases; NULL without FLAG_QKV_BIAS
 } LayerWeights;
 
 typedef struct {
@@ -248,6 +260,7 @@ typedef struct {
     LayerWeights *layers;     // (n_layers)
     const float *final_norm;  // (dim)
     Matrix classifier;        // (vocab, dim), the embedding when tied
+    double *rope_inv_freq;    // (head_dim / 2) pair i turns by pos * rope_inv_freq[i]
 } Weights;
 
 /* Vectors quantized to int8 in groups of GROUP_SIZE, as the integer dot
@@ -388,19 +401,25 @@ static Matrix place_matrix(const unsigned char *data, size_t *offset, size_t row
 }
 
 /* Walks our own layout: with data NULL it only measures the file the header
-   implies; with data it also points w into it. Returns the end offset. */
+   implies; with data it also points w into it (and copies the RoPE
+   frequencies, when stored, into w->rope_inv_freq). Returns the end offset. */
 static size_t layout_checkpoint(const Config *c, const unsigned char *data, Weights *w) {
     size_t dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size;
     size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    int type = c->weight_type;
+    int type = c->weight_type, biased = c->flags & FLAG_QKV_BIAS, half = c->head_dim / 2;
     size_t off = HEADER_SIZE;
     w->token_embedding = place_matrix(data, &off, vocab, dim, type, TENSOR_ALIGN);
+    const float *inv_freq = c->flags & FLAG_ROPE_FREQS ? place_floats(data, &off, half, TENSOR_ALIGN) : NULL;
+    for (int i = 0; data && inv_freq && i < half; i++) w->rope_inv_freq[i] = inv_freq[i];
     for (int l = 0; l < c->n_layers; l++) {
         LayerWeights lw;
         lw.attn_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
         lw.wq = place_matrix(data, &off, q_dim, dim, type, TENSOR_ALIGN);
         lw.wk = place_matrix(data, &off, kv_dim, dim, type, TENSOR_ALIGN);
         lw.wv = place_matrix(data, &off, kv_dim, dim, type, TENSOR_ALIGN);
+        lw.bq = biased ? place_floats(data, &off, q_dim, TENSOR_ALIGN) : NULL;
+        lw.bk = biased ? place_floats(data, &off, kv_dim, TENSOR_ALIGN) : NULL;
+        lw.bv = biased ? place_floats(data, &off, kv_dim, TENSOR_ALIGN) : NULL;
         lw.wo = place_matrix(data, &off, dim, q_dim, type, TENSOR_ALIGN);
         lw.ffn_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
         lw.w1 = place_matrix(data, &off, hidden, dim, type, TENSOR_ALIGN);
@@ -416,10 +435,14 @@ static size_t layout_checkpoint(const Config *c, const unsigned char *data, Weig
 
 /* Reads our header; size is at least HEADER_SIZE. */
 static int read_header(Config *c, const unsigned char *data, char *err) {
-    uint32_t version = read_u32(data + 4);
-    if (version != CHECKPOINT_VERSION)
-        return fail(err, "checkpoint version %u, but this build reads version %d (re-export with export.py)",
+    uint32_t version = read_u32(data + 4), flags = version == CHECKPOINT_VERSION ? read_u32(data + 60) : 0;
+    if (version != 1 && version != CHECKPOINT_VERSION)
+        return fail(err, "checkpoint version %u, but this build reads versions 1 and %d (re-export with export.py)",
                     version, CHECKPOINT_VERSION);
+    if (flags & ~(FLAG_QKV_BIAS | FLAG_ROPE_FREQS))
+        return fail(err, "flags = 0x%x has bits this build does not know (1: q/k/v biases, 2: RoPE frequencies)",
+                    flags);
+    c->flags = flags;
     c->dim = read_i32(data + 8);
     c->hidden_dim = read_i32(data + 12);
     c->n_layers = read_i32(data + 16);
@@ -477,37 +500,11 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
     if (needed != size)
         return fail(err, "file is %zu bytes but the %sheader needs %zu", size, own ? "" : "llama2.c ", needed);
     t->weights.layers = xcalloc(c->n_layers, sizeof(LayerWeights), "the layer table");
+    t->weights.rope_inv_freq = xcalloc(c->head_dim / 2, sizeof(double), "the RoPE frequencies");
+    for (int i = 0; !(c->flags & FLAG_ROPE_FREQS) && i < c->head_dim / 2; i++) // unless stored: theta^(-2i/head_dim)
+        t->weights.rope_inv_freq[i] = pow(c->rope_theta, -2.0 * i / c->head_dim);
     layout(c, data, &t->weights);
     return 0;
-}
-
-/* Opens an input file for reading, refusing anything but a regular file of
-   at most max_size bytes: a FIFO would block open() (O_NONBLOCK keeps it
-   from waiting) and a device such as /dev/zero never ends. */
-static int open_input(const char *path, long long max_size, const char *what, struct stat *st) {
-    int fd = open(path, O_RDONLY | O_NONBLOCK);
-    if (fd < 0) die(path, "cannot open: %s", strerror(errno));
-    if (fstat(fd, st) != 0) die(path, "cannot stat: %s", strerror(errno));
-    if (!S_ISREG(st->st_mode)) die(path, "not a regular file");
-    if (st->st_size > max_size)
-        die(path, "%s of %lld bytes is too large (at most %lld MiB)", what, (long long)st->st_size, max_size >> 20);
-    return fd;
-}
-
-/* Opens and maps a checkpoint. The mapping is read-only and private: weights
-   are never copied, and pages load from the file as the kernels touch them. */
-static void load_transformer(Transformer *t, const char *path) {
-    memset(t, 0, sizeof *t);
-    t->path = path;
-    struct stat st;
-    int fd = open_input(path, INT64_MAX, "a checkpoint", &st);
-    if (st.st_size == 0) die(path, "file is empty");
-    t->device = st.st_dev, t->inode = st.st_ino;
-    t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-    close(fd);
-    if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
-    char err[ERROR_SIZE];
-    if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
 }
 
 /* ----------------------------------------------------------------------------
@@ -542,14 +539,13 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, int 
 }
 
 /* The rotations RoPE applies at positions pos .. pos + n - 1: at position p,
-   pair i of every head turns by p * theta^(-2i / head_dim). cos_out and
-   sin_out are (n, head_dim / 2). Angles are computed in double, once per
-   token, and shared by all layers. */
-static void rope_angles(float *cos_out, float *sin_out, int pos, int n, int head_dim, float theta) {
-    int half = head_dim / 2;
+   pair i of every head turns by p * inv_freq[i]. cos_out and sin_out are
+   (n, half). Angles are computed in double, once per token, and shared by
+   all layers. */
+static void rope_angles(float *cos_out, float *sin_out, int pos, int n, int half, const double *inv_freq) {
     for (int t = 0; t < n; t++)
         for (int i = 0; i < half; i++) {
-            double angle = (double)(pos + t) * pow(theta, -2.0 * i / head_dim);
+            double angle = (double)(pos + t) * inv_freq[i];
             cos_out[(size_t)t * half + i] = (float)cos(angle);
             sin_out[(size_t)t * half + i] = (float)sin(angle);
         }
@@ -596,6 +592,11 @@ static void swiglu(float *gate, const float *up, int n) {
 /* x += y: the residual connection. */
 static void add(float *x, const float *y, int n) {
     for (int i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* x (n, cols) += bias (cols), row by row. */
+static void add_bias(float *x, const float *bias, int n, int cols) {
+    for (int t = 0; t < n; t++) add(x + (size_t)t * cols, bias, cols);
 }
 
 /* ---- Number formats */
@@ -976,7 +977,7 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
     const Config *c = &t->config;
     const Weights *w = &t->weights;
     RunState *s = &t->state;
-    int dim = c->dim, head_dim = c->head_dim, kv_dim = c->n_kv_heads * head_dim;
+    int dim = c->dim, head_dim = c->head_dim, q_dim = c->n_heads * head_dim, kv_dim = c->n_kv_heads * head_dim;
     if (logit_rows > s->logit_rows) {
         free(s->logits);
         s->logits = xcalloc((size_t)logit_rows * c->vocab_size, sizeof(float), "logits");
@@ -984,7 +985,7 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
     }
 
     embed(s->x, &w->token_embedding, tokens, n);                            // token embedding
-    rope_angles(s->rope_cos, s->rope_sin, pos, n, head_dim, c->rope_theta); // rotations of these positions
+    rope_angles(s->rope_cos, s->rope_sin, pos, n, head_dim / 2, w->rope_inv_freq); // rotations of these positions
 
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *lw = &w->layers[l];
@@ -996,6 +997,9 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
 
         rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
         matmul(qkv, 3, s->xb, n, &s->products);                             // q, k, v in one pass
+        if (lw->bq) add_bias(s->q, lw->bq, n, q_dim);                       // their biases (Qwen2), if stored
+        if (lw->bk) add_bias(s->k, lw->bk, n, kv_dim);
+        if (lw->bv) add_bias(s->v, lw->bv, n, kv_dim);
         rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
         rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
         cache_store(&kv, s->k, s->v, pos, n);                               // into the cache
@@ -1228,6 +1232,38 @@ static void trace_attention(Trace *tr, int layer, const float *q, const KVCache 
 }
 
 /* ----------------------------------------------------------------------------
+   Opening a checkpoint: the file, checked and mapped, then parse_checkpoint(). */
+
+/* Opens an input file for reading, refusing anything but a regular file of
+   at most max_size bytes: a FIFO would block open() (O_NONBLOCK keeps it
+   from waiting) and a device such as /dev/zero never ends. */
+static int open_input(const char *path, long long max_size, const char *what, struct stat *st) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) die(path, "cannot open: %s", strerror(errno));
+    if (fstat(fd, st) != 0) die(path, "cannot stat: %s", strerror(errno));
+    if (!S_ISREG(st->st_mode)) die(path, "not a regular file");
+    if (st->st_size > max_size)
+        die(path, "%s of %lld bytes is too large (at most %lld MiB)", what, (long long)st->st_size, max_size >> 20);
+    return fd;
+}
+
+/* Opens and maps a checkpoint. The mapping is read-only and private: weights
+   are never copied, and pages load from the file as the kernels touch them. */
+static void load_transformer(Transformer *t, const char *path) {
+    memset(t, 0, sizeof *t);
+    t->path = path;
+    struct stat st;
+    int fd = open_input(path, INT64_MAX, "a checkpoint", &st);
+    if (st.st_size == 0) die(path, "file is empty");
+    t->device = st.st_dev, t->inode = st.st_ino;
+    t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+    close(fd);
+    if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
+    char err[ERROR_SIZE];
+    if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
+}
+
+/* ----------------------------------------------------------------------------
    The run state's memory: the activations, the KV cache, and the room the
    kernels work in. */
 
@@ -1309,6 +1345,7 @@ static void free_run_state(RunState *s) {
 static void free_transformer(Transformer *t) {
     free_run_state(&t->state);
     free(t->weights.layers);
+    free(t->weights.rope_inv_freq);
     munmap(t->data, t->file_size);
 }
 
@@ -2659,7 +2696,8 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
         for (int i = 0; i < 9; i++)
             m[i] = (Matrix){start[i] + l * shapes[i][0] * shapes[i][1], NULL, (int)shapes[i][0],
                             (int)shapes[i][1], WEIGHT_F32};
-        w->layers[l] = (LayerWeights){m[0].values, m[1], m[2], m[3], m[4], m[5].values, m[6], m[7], m[8]};
+        w->layers[l] = (LayerWeights){m[0].values, m[1], m[2], m[3], m[4], m[5].values, m[6], m[7], m[8],
+                                      NULL, NULL, NULL}; // no biases
     }
     return off;
 }
