@@ -116,13 +116,18 @@ META_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 
                        "original_max_position_embeddings": 8192}
 
 
+def _unscaled_frequencies(head_dim, theta):
+    """theta^(-2i/head_dim) for each pair, float64."""
+    return float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
 def rope_inverse_frequencies(head_dim, theta, scaling=None):
     """RoPE's inverse frequency of each pair, a float32 numpy array (head_dim/2):
     theta^(-2i/head_dim), then scaled as scaling says, a dict in Hugging Face's
     form ({"rope_type": "llama3" or "linear", "factor": ..., ...}) or None.
     Computed in float64, rounded once. A bad scaling raises ValueError naming
     the key at fault."""
-    inv_freq = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    inv_freq = _unscaled_frequencies(head_dim, theta)
     if scaling is None:
         return inv_freq.astype(np.float32)
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -147,6 +152,60 @@ def rope_inverse_frequencies(head_dim, theta, scaling=None):
     scaled = np.where(wavelength < original / high, inv_freq,
                       np.where(wavelength > original / low, inv_freq / factor, blended))
     return scaled.astype(np.float32)
+
+
+# The llama3 parameters tried by rope_scaling_of() when the blended band has
+# fewer than two pairs to fit them to: Llama 3.1's first, then nearby ones.
+LLAMA3_LOW_FACTORS = (1.0, 2.0, 0.5, 3.0, 4.0)
+LLAMA3_HIGH_FACTORS = (4.0, 2.0, 3.0, 8.0, 1.5, 6.0, 16.0, 32.0)
+LLAMA3_ORIGINAL_CONTEXTS = tuple(2 ** k for k in range(13, 21)) + tuple(2 ** k for k in range(12, 3, -1))
+
+
+def _round_numbers(value):
+    """value rounded to 1, 2, ... 9 significant digits, then itself: the
+    candidates for a scaling parameter measured from float32 frequencies."""
+    return dict.fromkeys([float(f"{value:.{digits}g}") for digits in range(1, 10)] + [float(value)])
+
+
+def rope_scaling_of(inv_freq, head_dim, theta):
+    """rope_inverse_frequencies()'s inverse: a scaling dict in Hugging Face's
+    form (linear, or llama3) for which rope_inverse_frequencies(head_dim,
+    theta, scaling) equals inv_freq (float32) exactly; None when no such
+    rule is found. Both rules divide the slowest pair by factor. llama3's
+    three other parameters are fixed only up to a common scale (its bands
+    and blend depend on original_max_position_embeddings / low_freq_factor
+    and / high_freq_factor); low_freq_factor is taken as 1 first."""
+    inv_freq = np.asarray(inv_freq, dtype=np.float32)
+    base = _unscaled_frequencies(head_dim, theta)
+    wanted = inv_freq.astype(np.float64)
+    if not (np.isfinite(wanted).all() and (wanted > 0).all()):
+        return None
+    candidates = []
+    for factor in _round_numbers(base[-1] / wanted[-1]):
+        candidates.append({"rope_type": "linear", "factor": factor})
+        # the blended pairs: s = original / (high - low) / wavelength - low / (high - low)
+        kept = inv_freq == base.astype(np.float32)
+        divided = inv_freq == (base / factor).astype(np.float32)
+        blended = ~kept & ~divided
+        contexts = []
+        if factor != 1 and blended.sum() >= 2:
+            s = (wanted[blended] / base[blended] - 1 / factor) / (1 - 1 / factor)
+            slope, intercept = np.polyfit(base[blended] / (2 * math.pi), s, 1)
+            if slope > 0 and intercept < 0:
+                for low in LLAMA3_LOW_FACTORS:      # slope = original / (high - low), intercept = -low / (...)
+                    high = low - low / intercept
+                    contexts += [(low, h, round(slope * (h - low))) for h in _round_numbers(high)]
+        contexts += [(low, high, original) for low in LLAMA3_LOW_FACTORS for high in LLAMA3_HIGH_FACTORS
+                     for original in LLAMA3_ORIGINAL_CONTEXTS if low < high]
+        candidates += [{"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                        "original_max_position_embeddings": original} for low, high, original in contexts]
+    for scaling in candidates:
+        try:
+            if np.array_equal(rope_inverse_frequencies(head_dim, theta, scaling), inv_freq):
+                return scaling
+        except ValueError:
+            continue
+    return None
 
 
 def apply_rope(x, cos, sin):

@@ -4,10 +4,12 @@ import os
 
 from convert.checkpoint import read_checkpoint_arrays
 from convert.errors import ExportError, np
+from convert.hf_out import interleaved_to_hf
 from convert.sources import GGUF_LAYER_NAMES, GGUF_NAMES
 from convert.tokenizers import (PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, TOK_SENTENCEPIECE,
-                                TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_IGNORE_MERGES, TOKF_REMOVE_EXTRA_WS)
+                                TOKF_ADD_BOS, TOKF_ADD_EOS, TOKF_DUMMY_PREFIX, TOKF_IGNORE_MERGES, TOKF_REMOVE_EXTRA_WS)
 from convert.vocab_out import chat_template_jinja, load_tokenizer, token_texts
+from model import rope_inverse_frequencies, rope_scaling_of
 
 # llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) for ours; llama.cpp
 # ignores merges (keeps a pre-token that is a token whole) for Llama 3's only.
@@ -16,24 +18,33 @@ GGUF_FILE_TYPES = {"f32": 0, "q4_0": 2, "q8_0": 7, "bf16": 32}     # general.fil
 
 
 def write_gguf(path, checkpoint, tokenizer=None):
-    """Write a checkpoint of ours as a llama.cpp GGUF file (architecture
-    "llama") that holds the same weights, bit for bit: q8_0 and q4_0 groups
-    become Q8_0 and Q4_0 blocks (the scale, then the group's values), bf16
-    BF16, f32 F32, norms F32. RoPE needs no permutation: llama.cpp's llama
-    rotates interleaved pairs too (its converter permutes Hugging Face's q/k
-    rows into Meta's layout, our hf_to_interleaved), and transformers' GGUF
-    loader permutes them back. tokenizer: our tokenizer.bin, written as
-    llama.cpp's tokenizer.ggml.* metadata with its chat template; None
-    writes a stand-in vocabulary (<unk>, <s>, </s>, the 256 byte tokens, then
-    "t259", "t260", ...): enough for llama.cpp to load the file and run token
-    ids, which is what bench/bench.py does with it. Needs the gguf package.
-    Returns the file size."""
+    """Write a checkpoint of ours as a llama.cpp GGUF file that holds the
+    same weights, bit for bit: q8_0 and q4_0 groups become Q8_0 and Q4_0
+    blocks (the scale, then the group's values), bf16 BF16, f32 F32; norms
+    and biases F32. The architecture is "llama", or "qwen2" for a model with
+    q/k/v biases. llama.cpp's llama rotates interleaved RoPE pairs as we do
+    (its converter permutes Hugging Face's q/k rows into Meta's layout, our
+    hf_to_interleaved, and transformers' GGUF loader permutes them back), so
+    its q/k go as they are; its qwen2 rotates Hugging Face's halves
+    ("NEOX"), so qwen2's q/k rows and biases go back to that layout. Scaled
+    RoPE: a linear scaling as rope.scaling.type and .factor, any other as
+    llama.cpp's rope_freqs.weight, what each pair's unscaled frequency is
+    divided by (for each pair the float32 divisor that our reader turns
+    back into the stored frequency, where one exists; else the nearest).
+    tokenizer: our tokenizer.bin, written as llama.cpp's tokenizer.ggml.*
+    metadata with its chat template; None writes a stand-in vocabulary
+    (<unk>, <s>, </s>, the 256 byte tokens, then "t259", "t260", ...):
+    enough for llama.cpp to load the file and run token ids, which is what
+    bench/bench.py does with it. Needs the gguf package. Returns the file
+    size."""
     import gguf
     args, dtype, tensors = read_checkpoint_arrays(checkpoint)
     tok = load_tokenizer(tokenizer, args.vocab_size) if tokenizer else None
     if tok is None and args.vocab_size < 259:
         raise ExportError(path, f"vocab_size {args.vocab_size}: the stand-in vocabulary needs 259 tokens")
-    writer = gguf.GGUFWriter(str(path), "llama")
+    arch = "qwen2" if args.attention_bias else "llama"
+    factor = _linear_factor(args, tensors["rope_inv_freq"][0]) if args.scaled_rope else None
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(os.path.splitext(os.path.basename(checkpoint))[0])
     writer.add_file_type(GGUF_FILE_TYPES[dtype])
     writer.add_context_length(args.max_seq_len)
@@ -47,6 +58,9 @@ def write_gguf(path, checkpoint, tokenizer=None):
     writer.add_rope_dimension_count(args.head_dim)
     writer.add_rope_freq_base(args.rope_theta)
     writer.add_layer_norm_rms_eps(args.norm_eps)
+    if factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
     writer.add_vocab_size(args.vocab_size)
     if tok is None:
         writer.add_tokenizer_model("llama")
@@ -61,11 +75,19 @@ def write_gguf(path, checkpoint, tokenizer=None):
         _add_tokenizer(writer, tok, tokenizer)
     names = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
     for i in range(args.n_layers):
-        names.update({f"layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight"
-                      for theirs, ours in GGUF_LAYER_NAMES.items()})
+        names.update({f"layers.{i}.{ours}.{kind}": f"blk.{i}.{theirs}.{kind}"
+                      for theirs, ours in GGUF_LAYER_NAMES.items() for kind in ("weight", "bias")})
+    names["rope_inv_freq"] = "rope_freqs.weight"
     block = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
              "bf16": gguf.GGMLQuantizationType.BF16}
     for name, arrays in tensors.items():
+        if name == "rope_inv_freq" and factor is not None:
+            continue
+        if name == "rope_inv_freq":
+            arrays = [_rope_divisors(arrays[0], args.head_dim, args.rope_theta)]
+        elif arch == "qwen2" and (".attention.wq." in name or ".attention.wk." in name):
+            heads = args.n_heads if ".wq." in name else args.n_kv_heads
+            arrays = [interleaved_to_hf(a, heads, args.head_dim) for a in arrays]
         if arrays[0].ndim == 1 or dtype == "f32":
             writer.add_tensor(names[name], arrays[0].astype(np.float32))
         elif dtype == "bf16":                                # bytes (rows, 2 cols)
@@ -81,6 +103,34 @@ def write_gguf(path, checkpoint, tokenizer=None):
     writer.write_tensors_to_file()
     writer.close()
     return os.path.getsize(path)
+
+
+def _linear_factor(args, inv_freq):
+    """The factor of the linear RoPE scaling that gives inv_freq, the
+    stored frequencies, exactly from GGUF's float32 factor; None if none does."""
+    scaling = rope_scaling_of(inv_freq, args.head_dim, args.rope_theta)
+    if scaling is None or scaling["rope_type"] != "linear":
+        return None
+    factor = float(np.float32(scaling["factor"]))
+    linear = rope_inverse_frequencies(args.head_dim, args.rope_theta, {"rope_type": "linear", "factor": factor})
+    return factor if np.array_equal(linear, inv_freq) else None
+
+
+def _rope_divisors(inv_freq, head_dim, theta):
+    """llama.cpp's rope_freqs for the stored frequencies inv_freq: for each
+    pair the float32 d, among the nearest few to base / inv_freq, for which
+    load_gguf's float32(base / d) is inv_freq; where none is, the nearest."""
+    base = rope_inverse_frequencies(head_dim, theta).astype(np.float64)
+    nearest = (base / inv_freq).astype(np.float32)
+    divisors, up, down = nearest.copy(), nearest, nearest
+    exact = (base / nearest).astype(np.float32) == inv_freq
+    for _ in range(4):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(0))
+        for candidate in (up, down):
+            found = ~exact & ((base / candidate).astype(np.float32) == inv_freq)
+            divisors[found] = candidate[found]
+            exact |= found
+    return divisors
 
 
 def _add_tokenizer(writer, tok, path):
@@ -109,7 +159,7 @@ def _add_tokenizer(writer, tok, path):
     writer.add_token_types([kind for _, _, kind in tok["tokens"]])
     writer.add_add_space_prefix(bool(flags & TOKF_DUMMY_PREFIX))
     writer.add_add_bos_token(bool(flags & TOKF_ADD_BOS))
-    writer.add_add_eos_token(False)
+    writer.add_add_eos_token(bool(flags & TOKF_ADD_EOS))
     for name, add in (("bos_id", writer.add_bos_token_id), ("eos_id", writer.add_eos_token_id),
                       ("unk_id", writer.add_unk_token_id), ("pad_id", writer.add_pad_token_id)):
         if tok[name] >= 0:

@@ -9,17 +9,18 @@ from convert.checkpoint import read_checkpoint_arrays, read_checkpoint
 from convert.errors import ExportError, need, np, torch
 from convert.sources import HF_LAYER_NAMES, HF_NAMES
 from convert.tokenizers import (PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, TOK_SENTENCEPIECE,
-                                TOKF_ADD_BOS, TOKF_BYTE_FALLBACK, TOKF_DUMMY_PREFIX, TOKF_IGNORE_MERGES,
+                                TOKF_ADD_BOS, TOKF_ADD_EOS, TOKF_BYTE_FALLBACK, TOKF_DUMMY_PREFIX, TOKF_IGNORE_MERGES,
                                 TOKF_REMOVE_EXTRA_WS, LLAMA3_PATTERN, PIECE_CONTROL, PIECE_USER)
 from convert.vocab_out import chat_template_jinja, load_tokenizer, token_texts
+from model import rope_scaling_of
 
 
 def interleaved_to_hf(w, n_heads, head_dim):
-    """hf_to_interleaved()'s inverse: q_proj or k_proj rows from Meta's RoPE
+    """hf_to_interleaved()'s inverse: q_proj or k_proj rows (or bias entries) from Meta's RoPE
     layout (pairs (x[2j], x[2j+1])) back to Hugging Face's (halves (x[j],
     x[j + head_dim/2])): within each head, row 2j becomes row j and row
     2j + 1 row head_dim/2 + j."""
-    return w.reshape(n_heads, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(n_heads * head_dim, -1)
+    return w.reshape(n_heads, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
 def _f32_number(x):
@@ -27,37 +28,61 @@ def _f32_number(x):
     return float(str(np.float32(x)))
 
 
-def hf_config(args, dtype, tok):
-    """config.json of a LlamaForCausalLM with args' shape (tok: the tokenizer dict, for its ids)."""
+def hf_config(args, dtype, tok, rope_scaling=None):
+    """config.json of a LlamaForCausalLM with args' shape, or of a
+    Qwen2ForCausalLM (Llama with q/k/v biases) when args has biases (tok:
+    the tokenizer dict, for its ids; rope_scaling: Hugging Face's dict for
+    scaled RoPE)."""
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len,
-        "rope_theta": _f32_number(args.rope_theta), "rope_scaling": None,
+        "rope_theta": _f32_number(args.rope_theta), "rope_scaling": rope_scaling,
         "rms_norm_eps": _f32_number(args.norm_eps), "tie_word_embeddings": args.tied,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "torch_dtype": "bfloat16" if dtype == "bf16" else "float32",
     }
+    if args.attention_bias:     # Qwen2Config: q/k/v biases always, heads of hidden_size / num_attention_heads
+        for key in ("head_dim", "attention_bias", "mlp_bias"):
+            del config[key]
+        config.update({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False})
     for key, name in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
         if tok[name] >= 0:
             config[key] = tok[name]
     return config
 
 
+def hf_rope_scaling(args, state_dict, path):
+    """config.json's rope_scaling for args (None for unscaled RoPE): the rule
+    (linear, or llama3 with its parameters) that gives the stored
+    frequencies exactly, as transformers has none but these. Raises
+    ExportError naming path when no rule does."""
+    if not args.scaled_rope:
+        return None
+    scaling = rope_scaling_of(state_dict["rope_inv_freq"].numpy(), args.head_dim, args.rope_theta)
+    if scaling is None:
+        raise ExportError(path, "its RoPE frequencies (rope_inv_freq) follow neither the linear nor the llama3 "
+                                "scaling of rope_theta, so config.json's rope_scaling cannot say them")
+    return scaling
+
+
 def hf_state_dict(args, state_dict, dtype):
     """Our state_dict (float32 torch tensors) under Hugging Face's names, q/k
-    rows in its RoPE layout; a tied model has no lm_head. bf16 matrices stay
+    rows and biases in its RoPE layout; a tied model has no lm_head, and no
+    tensor holds the RoPE frequencies (hf_rope_scaling says them). bf16 matrices stay
     bf16 (exactly: their values are bf16's), norms float32 as ours are."""
     names = {ours: theirs for theirs, ours in HF_NAMES.items()}
     for i in range(args.n_layers):
-        names.update({f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
-                      for theirs, ours in HF_LAYER_NAMES.items()})
+        names.update({f"layers.{i}.{ours}.{kind}": f"model.layers.{i}.{theirs}.{kind}"
+                      for theirs, ours in HF_LAYER_NAMES.items() for kind in ("weight", "bias")})
     out = {}
     for name, tensor in state_dict.items():
-        if name.endswith("attention.wq.weight"):
+        if name == "rope_inv_freq":         # config.json's rope_scaling says it
+            continue
+        if ".attention.wq." in name:        # the weight's rows and the bias alike
             tensor = interleaved_to_hf(tensor, args.n_heads, args.head_dim)
-        elif name.endswith("attention.wk.weight"):
+        elif ".attention.wk." in name:
             tensor = interleaved_to_hf(tensor, args.n_kv_heads, args.head_dim)
         if dtype == "bf16" and tensor.dim() == 2:
             tensor = tensor.to(torch.bfloat16)
@@ -67,8 +92,8 @@ def hf_state_dict(args, state_dict, dtype):
 
 def write_hf(directory, checkpoint, tokenizer):
     """Write checkpoint (ours) and tokenizer (our tokenizer.bin) into
-    directory, which exists and is empty, as a Hugging Face LlamaForCausalLM.
-    f32 and bf16 weights are written as they are; q8_0 and q4_0 ones as the
+    directory, which exists and is empty, as a Hugging Face LlamaForCausalLM
+    (Qwen2ForCausalLM with q/k/v biases). f32 and bf16 weights are written as they are; q8_0 and q4_0 ones as the
     float32 numbers they decode to (safetensors has no such blocks). Needs
     torch, safetensors, transformers and tokenizers (sentencepiece and
     protobuf too for a sentencepiece tokenizer). Returns the checkpoint's
@@ -78,8 +103,12 @@ def write_hf(directory, checkpoint, tokenizer):
     _, dtype, _ = read_checkpoint_arrays(checkpoint)
     args, state_dict = read_checkpoint(checkpoint)
     tok = load_tokenizer(tokenizer, args.vocab_size)
+    if args.attention_bias and args.head_dim * args.n_heads != args.dim:
+        raise ExportError(checkpoint, f"head_dim {args.head_dim} with q/k/v biases: transformers' Qwen2 "
+                                      f"takes heads of dim / n_heads = {args.dim // args.n_heads} only")
+    rope_scaling = hf_rope_scaling(args, state_dict, checkpoint)
     written = "bf16" if dtype == "bf16" else "f32"
-    _write_json(os.path.join(directory, "config.json"), hf_config(args, written, tok))
+    _write_json(os.path.join(directory, "config.json"), hf_config(args, written, tok, rope_scaling))
     generation = {key: tok[name] for key, name in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"))
                   if tok[name] >= 0}
     _write_json(os.path.join(directory, "generation_config.json"), generation)
@@ -135,7 +164,7 @@ def _save_sentencepiece(directory, tok, path, max_seq_len):
         f.write(proto.SerializeToString())
     fast = LlamaTokenizerFast(vocab_file=model_path, from_slow=True, legacy=True,
                               add_prefix_space=bool(flags & TOKF_DUMMY_PREFIX),
-                              add_bos_token=bool(flags & TOKF_ADD_BOS), add_eos_token=False,
+                              add_bos_token=bool(flags & TOKF_ADD_BOS), add_eos_token=bool(flags & TOKF_ADD_EOS),
                               model_max_length=max_seq_len, **_special_tokens(tok, texts))
     fast.chat_template = chat_template_jinja(tok)
     fast.save_pretrained(directory)
@@ -174,10 +203,13 @@ def _save_byte_level(directory, tok, path, max_seq_len):
         backend.pre_tokenizer = (byte_level if tok["pretokenizer"] == PRETOK_GPT2 else
                                  pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]))
     backend.decoder = decoders.ByteLevel()
-    if flags & TOKF_ADD_BOS:
-        bos = texts[tok["bos_id"]]
+    bos = texts[tok["bos_id"]] if flags & TOKF_ADD_BOS and tok["bos_id"] >= 0 else None
+    eos = texts[tok["eos_id"]] if flags & TOKF_ADD_EOS and tok["eos_id"] >= 0 else None
+    if bos or eos:          # BOS first, EOS last, as tokenizer.c adds them
+        ends = {text: tok[name] for text, name in ((bos, "bos_id"), (eos, "eos_id")) if text}
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok["bos_id"])])
+            single=" ".join(filter(None, (bos, "$A", eos))),
+            pair=" ".join(filter(None, (bos, "$A", eos, bos, "$B", eos))), special_tokens=list(ends.items()))
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
     backend.add_special_tokens([AddedToken(texts[i], special=True, normalized=False)

@@ -6,7 +6,7 @@ import os
 
 from convert.errors import ExportError
 from convert.files import regular_file
-from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, PIECE_CONTROL, PIECE_USER, TOK_BYTELEVEL,
+from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, PIECE_CONTROL, PIECE_USER, TOK_BYTELEVEL,
                                 TOK_SENTENCEPIECE, gpt2_bytes_to_unicode, read_tokenizer)
 
 # The chat templates run.c implements (see chat in run.c), in Jinja, with
@@ -45,12 +45,30 @@ def _chatml_jinja(default_system):
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
+def _llama3_jinja(default_system):
+    """Llama 3's headers: bos_token, then each message as <|start_header_id|>role
+    <|end_header_id|>, a blank line, its content trimmed and <|eot_id|> (an
+    empty system message left out, as ./run does); default_system ("" for
+    none) as the system message when none comes."""
+    first = ""
+    if default_system:
+        first = ("{% if messages[0]['role'] != 'system' %}{% set messages = "
+                 f"[{{'role': 'system', 'content': '{_jinja_literal(default_system)}'}}] + messages %}}{{% endif %}}")
+    return (first + "{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}"
+            "{% if message['role'] != 'system' or message['content'] %}"
+            "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+            "'<|eot_id|>' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
 def chat_template_jinja(tok):
     """The Jinja chat template of a read_tokenizer() dict, or None when it has none."""
     if tok["chat_template"] == CHAT_LLAMA2:
         return _llama2_jinja(tok["system_prompt"])
     if tok["chat_template"] == CHAT_CHATML:
         return _chatml_jinja(tok["system_prompt"])
+    if tok["chat_template"] == CHAT_LLAMA3:
+        return _llama3_jinja(tok["system_prompt"])
     return None
 
 
