@@ -45,7 +45,7 @@ from convert.checkpoint import (HEADER, WEIGHT_TYPES, check_dtype, check_max_seq
                                 decode_matrix, encode_matrix, read_checkpoint, read_checkpoint_arrays,
                                 write_checkpoint)
 from convert.errors import ExportError  # noqa: E402
-from convert.files import regular_file  # noqa: E402
+from convert.files import read_json, regular_file  # noqa: E402
 from convert.gguf_out import write_gguf  # noqa: E402
 from convert.hf_out import interleaved_to_hf, write_hf  # noqa: E402
 from convert.sources import (GGUF_LAYER_NAMES, GGUF_NAMES, HF_LAYER_NAMES, HF_NAMES,  # noqa: E402
@@ -61,7 +61,8 @@ from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, CHAT_NONE
                                 write_tokenizer_hf_json, write_tokenizer_sentencepiece)
 from convert.verify import TOLERANCE, Transformers, VerificationFailed, source_model, verify  # noqa: E402
 from convert.vocab_out import default_tokenizer, load_tokenizer  # noqa: E402
-from model import MAX_SEQ_LEN, Llama, ModelArgs, generate_greedy, random_model  # noqa: E402
+from model import (MAX_SEQ_LEN, Llama, ModelArgs, generate_greedy, random_model,  # noqa: E402
+                   rope_inverse_frequencies, rope_scaling_of)
 
 # ----------------------------------------------------------------------------
 # Command line
@@ -355,7 +356,8 @@ def _convert_out(opts):
         if opts.to_gguf:
             with _reading(model), outputs.writing(target) as tmp:
                 size = write_gguf(tmp, model, tokenizer)
-            report = [f"wrote {target}: GGUF (llama) of {model} and {tokenizer}, {size} bytes"]
+                arch = gguf_metadata(tmp, "general.architecture")
+            report = [f"wrote {target}: GGUF ({arch}) of {model} and {tokenizer}, {size} bytes"]
         else:
             tmp = outputs.add_directory(target)
             with _reading(model):
@@ -367,7 +369,8 @@ def _convert_out(opts):
                     raise ExportError(target, e.strerror or str(e)) from None
             stored = (f"{weights} safetensors" if weights in ("f32", "bf16")
                       else f"f32 safetensors: its {weights} weights dequantized")
-            report = [f"wrote {target}: LlamaForCausalLM of {model} ({stored}) and {tokenizer}: "
+            arch = read_json(os.path.join(tmp, "config.json"))["architectures"][0]
+            report = [f"wrote {target}: {arch} of {model} ({stored}) and {tokenizer}: "
                       f"{', '.join(sorted(os.listdir(tmp)))}"]
     if opts.verify:
         with _reading(model):
@@ -422,10 +425,11 @@ def main(argv=None):
                         help="the same as --tokenizer-from (its older name)")
     source.add_argument("--to-gguf", metavar="FILE",
                         help="write the checkpoint MODEL and its tokenizer as a llama.cpp GGUF file (llama "
-                             "architecture; llama.cpp and ollama load it): the same numbers, f32 as F32, bf16 "
+                             "architecture, qwen2 for a model with q/k/v biases; llama.cpp and ollama load it): the same numbers, f32 as F32, bf16 "
                              "as BF16, q8_0 as Q8_0, q4_0 as Q4_0; needs numpy and gguf")
     source.add_argument("--to-hf", metavar="DIR",
                         help="write the checkpoint MODEL and its tokenizer as a Hugging Face LlamaForCausalLM "
+                             "(Qwen2ForCausalLM with q/k/v biases; scaled RoPE as config.json's rope_scaling) "
                              "directory (config.json, model.safetensors, tokenizer files) for transformers and "
                              "vLLM: f32 and bf16 weights as they are, q8_0 and q4_0 dequantized to f32. DIR must "
                              "not exist, or be empty; it appears whole or not at all. Needs torch, safetensors, "

@@ -221,14 +221,11 @@ def test_gguf_round_trip_is_byte_identical(toks, dtype, tmp_path):
 
 
 def test_gguf_round_trip_sentencepiece(toks, tmp_path):
-    """The same with a sentencepiece tokenizer, which export.py --gguf reads
-    once GGUF's llama tokenizer is supported (issue 13, part 3)."""
+    """The same with a sentencepiece tokenizer (GGUF's llama tokenizer)."""
     model_bin = write_model(tmp_path / "a", "mha_tied", toks["sp"][0])
     to("gguf", model_bin, tmp_path / "m.gguf")
     (tmp_path / "b").mkdir()
     p = export_py(tmp_path / "b" / "model.bin", "--gguf", tmp_path / "m.gguf")
-    if "only 'gpt2'" in p.stderr:
-        pytest.skip("export.py --gguf does not read sentencepiece tokenizers yet")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "b" / "model.bin").read_bytes() == model_bin.read_bytes()
     assert (tmp_path / "b" / "tokenizer.bin").read_bytes() == (tmp_path / "a" / "tokenizer.bin").read_bytes()
@@ -381,6 +378,233 @@ def test_interleaved_to_hf_inverts_hf_to_interleaved():
 
 
 # ----------------------------------------------------------------------------
+# Version 2 checkpoints: Qwen2's q/k/v biases, Llama 3's and linear RoPE
+# scaling (tests/test_families.py converts them in; these write them out)
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+FAMILIES = {  # name: (q/k/v biases, rope_scaling, tied)
+    "qwen2_untied": (True, None, False),
+    "qwen2_tied": (True, None, True),
+    "llama3": (False, LLAMA3_SCALING, False),
+    "linear": (False, {"rope_type": "linear", "factor": 4.0}, True),
+}
+
+
+def write_family_model(directory, family, tok_path, dtype="f32", seed=0):
+    """A random version 2 checkpoint (GQA, head_dim 16) with tokenizer.bin
+    beside it. Matrices are 4 times the usual init and biases N(0, 0.5^2),
+    so that attention is far from uniform and RoPE and the biases matter
+    over the 32 positions compared; original_max_position_embeddings 64
+    puts pair 0 in llama3's kept band, 1-2 in the blended one, 3-7 in the
+    divided one."""
+    biases, scaling, tied = FAMILIES[family]
+    vocab = len(export.read_tokenizer(tok_path)["tokens"])
+    args = export.ModelArgs(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                            vocab_size=vocab, max_seq_len=64, rope_theta=10000.0, tied=tied,
+                            attention_bias=biases, scaled_rope=scaling is not None)
+    generator = torch.Generator().manual_seed(seed + 1)
+    state_dict = {name: (0.5 * torch.randn(w.shape, generator=generator) if name.endswith(".bias") else
+                         w if name.endswith("norm.weight") else 4 * w)
+                  for name, w in export.random_model(args, seed).state_dict().items()}
+    if scaling is not None:
+        state_dict["rope_inv_freq"] = torch.from_numpy(export.rope_inverse_frequencies(16, 10000.0, scaling))
+    directory.mkdir(parents=True, exist_ok=True)
+    export.write_checkpoint(directory / "model.bin", args, state_dict, dtype)
+    (directory / "tokenizer.bin").write_bytes(Path(tok_path).read_bytes())
+    return directory / "model.bin"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_hf_agrees_with_run_in_transformers(toks, family, tmp_path):
+    """Qwen2ForCausalLM for biases, rope_scaling for scaled RoPE: transformers
+    computes what ./run does. It can fail: with plain RoPE (or without the
+    biases) the same weights are far off."""
+    biases, scaling, _ = FAMILIES[family]
+    model_bin = write_family_model(tmp_path / "m", family, toks["bl"][0])
+    to("hf", model_bin, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_scaling"] == scaling
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    assert type(model).__name__ == ("Qwen2ForCausalLM" if biases else "LlamaForCausalLM")
+    check_against_run(model_bin, model, len(export.read_tokenizer(toks["bl"][0])["tokens"]), tmp_path, HF_TOL)
+    if biases:
+        plain = {k: torch.zeros_like(v) if k.endswith(".bias") else v for k, v in model.state_dict().items()}
+    else:
+        plain = model.state_dict()
+        config["rope_scaling"] = None
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    without = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    without.load_state_dict(plain)
+    ids = list(range(1, 33))
+    assert worst_relative(hf_logits(without, ids), hf_logits(model, ids)) > 100 * HF_TOL
+
+
+@pytest.mark.parametrize("family", ["qwen2_tied", "qwen2_untied"])
+def test_family_gguf_agrees_with_run_in_transformers(toks, family, tmp_path):
+    """qwen2 GGUF: transformers' GGUF loader (which un-permutes nothing for
+    qwen2, as llama.cpp's qwen2 keeps Hugging Face's layout) agrees with ./run."""
+    model_bin = write_family_model(tmp_path, family, toks["bl"][0])
+    to("gguf", model_bin, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert {t.name for t in reader.tensors} >= {"blk.0.attn_q.bias", "blk.1.attn_k.bias", "blk.1.attn_v.bias"}
+    model = load_gguf_model(tmp_path / "m.gguf")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    check_against_run(model_bin, model, len(export.read_tokenizer(toks["bl"][0])["tokens"]), tmp_path, HF_TOL)
+
+
+def test_family_gguf_rope_metadata(toks, tmp_path):
+    """llama3: rope_freqs.weight, the divisor of each unscaled frequency
+    (1 kept, factor divided, between for the blended pair), as llama.cpp's
+    converter writes it; linear: rope.scaling.type and .factor."""
+    for family in ("llama3", "linear"):
+        model_bin = write_family_model(tmp_path / family, family, toks["bl"][0])
+        to("gguf", model_bin, tmp_path / f"{family}.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "llama3.gguf"))
+    (freqs,) = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    divisors = np.asarray(freqs.data, dtype=np.float64)
+    assert np.allclose(divisors[0], 1, rtol=1e-6) and np.allclose(divisors[3:], 8, rtol=1e-6)
+    assert (1 < divisors[1:3]).all() and (divisors[1:3] < 8).all()
+    reader = gguf.GGUFReader(str(tmp_path / "linear.gguf"))
+    assert reader.fields["llama.rope.scaling.type"].contents() == "linear"
+    assert reader.fields["llama.rope.scaling.factor"].contents() == 4.0
+    assert "rope_freqs.weight" not in {t.name for t in reader.tensors}
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_round_trips_are_byte_identical(toks, family, dtype, tmp_path):
+    """ours -> GGUF -> ours and ours -> HF -> ours: the same bytes (q8_0's
+    q/k blocks permuted whole for qwen2, and quantized back alike)."""
+    model_bin = write_family_model(tmp_path / "a", family, toks["sp"][0], dtype)
+    for kind, out, flag in (("gguf", tmp_path / "m.gguf", "--gguf"), ("hf", tmp_path / "hf", "--hf")):
+        to(kind, model_bin, out)
+        back = tmp_path / f"{kind}_back" / "model.bin"
+        back.parent.mkdir()
+        assert export.main([str(back), flag, str(out), "--dtype", dtype]) == 0
+        assert back.read_bytes() == model_bin.read_bytes(), kind
+        assert (back.parent / "tokenizer.bin").read_bytes() == (model_bin.parent / "tokenizer.bin").read_bytes()
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.5},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 3.0,
+     "original_max_position_embeddings": 512}])
+@pytest.mark.parametrize("head_dim,theta", [(16, 10000.0), (64, 500000.0), (128, 500000.0)])
+def test_rope_scaling_recovered_from_frequencies(scaling, head_dim, theta):
+    """rope_scaling_of finds a rule that gives the very same float32
+    frequencies, and transformers' own llama3/linear rule with it agrees
+    with the frequencies to a few float32 ulps, as it computes them in
+    float32 (llama3's parameters are found up to their common scale, which
+    changes nothing)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    inv_freq = export.rope_inverse_frequencies(head_dim, theta, scaling)
+    found = export.rope_scaling_of(inv_freq, head_dim, theta)
+    assert found is not None and found["rope_type"] == scaling["rope_type"]
+    assert np.array_equal(export.rope_inverse_frequencies(head_dim, theta, found), inv_freq)
+    config = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim,
+                                      rope_theta=theta, rope_scaling=dict(found))
+    np.testing.assert_allclose(ROPE_INIT_FUNCTIONS[found["rope_type"]](config, "cpu")[0].numpy(), inv_freq,
+                               rtol=4e-6)
+
+
+def test_unknown_rope_frequencies_are_refused_for_hf(toks, tmp_path, capsys):
+    """Frequencies no rule of transformers gives: --to-hf refuses in one
+    line, nothing written; --to-gguf writes them as rope_freqs and they come back."""
+    model_bin = write_family_model(tmp_path / "a", "llama3", toks["bl"][0])
+    args, state_dict = export.read_checkpoint(model_bin)
+    state_dict["rope_inv_freq"] = state_dict["rope_inv_freq"] * torch.linspace(1, 0.5, 8)
+    export.write_checkpoint(model_bin, args, state_dict)
+    assert export.main([str(model_bin), "--to-hf", str(tmp_path / "hf")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rope_inv_freq" in err and str(model_bin) in err, err
+    assert not (tmp_path / "hf").exists()
+    to("gguf", model_bin, tmp_path / "m.gguf")
+    (tmp_path / "b").mkdir()
+    assert export.main([str(tmp_path / "b" / "model.bin"), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    assert (tmp_path / "b" / "model.bin").read_bytes() == model_bin.read_bytes()
+
+
+# ----------------------------------------------------------------------------
+# Llama 3's chat template and add_eos, out to transformers and GGUF
+
+@pytest.fixture(scope="module")
+def llama3_tok(tmp_path_factory):
+    """A Llama 3 style tokenizer (tests/test_llama3_chat.py's markers and
+    template), converted by export.py --tokenizer-from."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from test_llama3_chat import LLAMA3_TEMPLATE, SPECIALS
+    d = tmp_path_factory.mktemp("llama3_tok")
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(export.LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=SPECIALS,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", 0)])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                         "eos_token": "<|end_of_text|>",
+                                                         "chat_template": LLAMA3_TEMPLATE}))
+    assert export.main([str(d / "tokenizer.bin"), "--tokenizer-from", str(d)]) == 0
+    assert export.read_tokenizer(d / "tokenizer.bin")["chat_template"] == export.CHAT_LLAMA3
+    return d / "tokenizer.bin"
+
+
+LLAMA3_CHATS = [("hello there", None), ("  what is 2 + 2?\n", "Be brief.")]
+
+
+def test_llama3_chat_template_out(llama3_tok, tmp_path):
+    """apply_chat_template of the exported directory gives ./run -m chat
+    --tokenize's ids, with and without a system prompt; the GGUF carries a
+    template that reads back as Llama 3's, and the tokenizer round trips."""
+    model_bin = write_model(tmp_path / "a", "mha_tied", llama3_tok)
+    to("hf", model_bin, tmp_path / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for user, system in LLAMA3_CHATS:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        chat = theirs.apply_chat_template(messages, add_generation_prompt=True)
+        ours = [int(x) for x in run_ok(["-m", "chat", "--tokenize", "-z", llama3_tok, "-i", user]
+                                       + (["-y", system] if system else [])).split()]
+        assert chat == ours, (user, system)
+    to("gguf", model_bin, tmp_path / "m.gguf")
+    template = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.chat_template"].contents()
+    assert export.gguf_chat_template(template) == (export.CHAT_LLAMA3, "")
+    (tmp_path / "b").mkdir()
+    assert export.main([str(tmp_path / "b" / "model.bin"), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    assert (tmp_path / "b" / "tokenizer.bin").read_bytes() == llama3_tok.read_bytes()
+
+
+@pytest.mark.parametrize("tok", ["sp", "bl"])
+def test_add_eos_out(toks, tok, tmp_path):
+    """A tokenizer that ends prompts with EOS (LTOK flag bit 5): transformers'
+    tokenizer of the exported directory encodes as ./run --tokenize does,
+    EOS last; the GGUF says add_eos_token, and reads back the same."""
+    fields = export.read_tokenizer(toks[tok][0])
+    del fields["max_token_length"]
+    fields["flags"] |= export.TOKF_ADD_EOS
+    if fields["eos_id"] < 0:
+        fields["eos_id"] = 2
+    export.write_tokenizer(str(tmp_path / "eos.bin"), **fields)
+    model_bin = write_model(tmp_path / "a", "mha_tied", tmp_path / "eos.bin")
+    to("hf", model_bin, tmp_path / "hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS:
+        ours = [int(x) for x in run_ok(["--tokenize", "-z", tmp_path / "eos.bin", "-i", text]).split()]
+        assert ours[-1] == fields["eos_id"] and theirs.encode(text) == ours, text
+    to("gguf", model_bin, tmp_path / "m.gguf")
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.add_eos_token"].contents() is True
+    (tmp_path / "b").mkdir()
+    assert export.main([str(tmp_path / "b" / "model.bin"), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    assert (tmp_path / "b" / "tokenizer.bin").read_bytes() == (tmp_path / "eos.bin").read_bytes()
+
+
+# ----------------------------------------------------------------------------
 # stories260K, a trained model (llama2.c's), with a stand-in vocabulary of its 512 tokens
 
 @pytest.fixture(scope="module")
@@ -436,6 +660,28 @@ def test_verify_passes_on_a_good_hf_conversion(hf_source, dtype, tmp_path):
         assert "16 of 16 greedy tokens agree" in line
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama3"])
+def test_verify_passes_on_family_hf_sources(family, tmp_path):
+    """A Qwen2ForCausalLM (biases) and a LlamaForCausalLM with Llama 3's
+    RoPE scaling, saved by transformers, checked against transformers."""
+    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_scaling=LLAMA3_SCALING))
+    with torch.no_grad():       # weights that make attention, RoPE and the biases matter
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.copy_(0.5 * torch.randn_like(p) if name.endswith(".bias") else 0.08 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    p = export_py(tmp_path / "m.bin", "--hf", tmp_path / "hf", "--verify")
+    assert p.returncode == 0, p.stderr
+    (line,) = verify_lines(p)
+    assert "against transformers" in line and "16 of 16 greedy tokens agree" in line, line
+
+
 def test_verify_passes_on_llama2c_gguf_and_out(stories, tmp_path):
     p = export_py(tmp_path / "m.bin", "--llama2c", SHARED / "models" / "stories260K.bin", "--verify")
     assert p.returncode == 0, p.stderr
@@ -446,9 +692,8 @@ def test_verify_passes_on_llama2c_gguf_and_out(stories, tmp_path):
         assert "16 of 16" in verify_lines(p)[0]
     (tmp_path / "back").mkdir()
     p = export_py(tmp_path / "back" / "m.bin", "--gguf", tmp_path / "s.gguf", "--verify")
-    if "only 'gpt2'" not in p.stderr:       # GGUF's sentencepiece tokenizer: issue 13, part 3
-        assert p.returncode == 0, p.stderr
-        assert "16 of 16" in verify_lines(p)[0]
+    assert p.returncode == 0, p.stderr
+    assert "16 of 16" in verify_lines(p)[0]
 
 
 BROKEN = {
