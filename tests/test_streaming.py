@@ -10,9 +10,9 @@ machine.
      shards), llama2.c, GGUF (F16 and Q8_0 tensors); in every weight type.
      A matrix encoded a block of rows at a time is encoded as a whole.
   2. Peak resident memory: converting a model of 57M weights (bf16
-     safetensors, 115 MB) stays within STREAM_BOUND of what a process needs
-     to import export.py's packages. Holding the model in float32 alone takes
-     229 MB beyond that.
+     safetensors, 115 MB) to q8_0 stays within STREAM_BOUND of what a process
+     needs to import export.py's packages. Holding the model in float32 alone
+     takes 229 MB beyond that.
 """
 
 import json
@@ -215,8 +215,9 @@ MB = 1 << 20
 # Above the process that only imports the packages: the largest tensor (the
 # 16000 x 512 embedding: 16 MB as read, 33 MB in float32), one block of rows
 # being encoded (ENCODE_ROWS_BYTES of float32 and the quantizer's temporaries
-# beside it) and the allocator's slack. The whole model in float32 is 229 MB.
-STREAM_BOUND = 150 * MB
+# beside it) and the allocator's slack. Measured: 116 MB; the converter that
+# held the model in float32 took 325 MB (the model alone is 229 MB).
+STREAM_BOUND = 200 * MB
 BIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
            num_key_value_heads=8, vocab_size=16000)
 
