@@ -80,11 +80,11 @@ def run_greedy(model, prompt, n, logits_path, extra=()):
     return ids[len(prompt):], np.fromfile(logits_path, dtype="<f4").reshape(-1, header(model)["vocab_size"])
 
 
-def assert_logits_close(ours, theirs):
+def assert_logits_close(ours, theirs, tol=REL_TOL):
     assert ours.shape == theirs.shape, f"{ours.shape} rows vs {theirs.shape}"
     for pos, (a, b) in enumerate(zip(ours, theirs)):
         scale, err = np.abs(b).max(), np.abs(a - b).max()
-        assert err <= REL_TOL * scale, f"position {pos}: max |diff| {err:.3g} > {REL_TOL} x {scale:.3g}"
+        assert err <= tol * scale, f"position {pos}: max |diff| {err:.3g} > {tol} x {scale:.3g}"
 
 
 def hf_greedy(model, prompt, n):
@@ -143,7 +143,7 @@ def test_dequantize_blocks_by_hand():
 
 def test_dequantize_refuses_other_types():
     with pytest.raises(ValueError, match="Q8_1 is not one that the gguf package dequantizes"):
-        export.gguf_dequantize(np.zeros(36, np.uint8), int(qtype("Q8_1")))
+        export.gguf_dequantize(np.zeros(40, np.uint8), int(qtype("Q8_1")))
     with pytest.raises(ValueError, match="whole number"):
         export.gguf_dequantize(np.zeros(19, np.uint8), int(qtype("Q4_0")))
 
@@ -313,15 +313,16 @@ def k_quant_gguf(tmp_path_factory):
 
 def test_k_quant_gguf_matches_transformers(k_quant_gguf, tmp_path):
     """Converted to f32, the K-quant model's logits against transformers'
-    from the same file, to REL_TOL: both sides decode the same bytes with
-    gguf.quants, so only the order of float32 sums differs, as above."""
+    from the same file: both sides decode the same bytes with gguf.quants,
+    so only the order of float32 sums differs. Measured 1.0e-6 relative in
+    the worst row (2 layers); 1e-5 leaves 10x room."""
     p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "model.bin",
                         "--gguf", k_quant_gguf / "k.gguf", "--dtype", "f32"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     hf = load_hf_gguf(k_quant_gguf, "k.gguf")
     prompt = [1, 40, 280, 7, 99, 12, 150, 2, 60]
     generated, ours = run_greedy(tmp_path / "model.bin", prompt, 16, tmp_path / "logits.bin")
-    assert_logits_close(ours, hf_logits(hf, prompt + generated[:-1]))
+    assert_logits_close(ours, hf_logits(hf, prompt + generated[:-1]), tol=1e-5)
     assert generated == hf_greedy(hf, prompt, 16)
 
 
