@@ -409,10 +409,15 @@ def load_llama2c(path):
     state_dict, at = Tensors(), LLAMA2C_HEADER.size
     for name, shape in tensors:
         if not name.startswith("freq_cis"):
-            state_dict.add(name, shape, lambda at=at, shape=shape:
-                           torch.from_numpy(_read_at(path, at, "<f4", math.prod(shape)).reshape(shape)))
+            state_dict.add(name, shape, lambda at=at, shape=shape: _llama2c_tensor(path, at, shape))
         at += 4 * math.prod(shape)
     return args, state_dict
+
+
+def _llama2c_tensor(path, offset, shape):
+    """The float32 tensor of shape at offset in the llama2.c file path."""
+    floats = _read_at(path, offset, "<f4", math.prod(shape))
+    return torch.from_numpy(floats.reshape(shape))
 
 
 def _read_at(path, offset, dtype, count):
