@@ -254,7 +254,7 @@ def write_big_hf(directory):
 
 def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path):
     weights = write_big_hf(tmp_path / "hf")
-    assert 4 * weights > STREAM_BOUND + 64 * MB       # the model in float32 would not fit
+    assert 4 * weights > STREAM_BOUND       # the model in float32 alone would not fit
     imports = peak_rss([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
                                               "import export, safetensors.torch"])
     converting = peak_rss([sys.executable, EXPORT, tmp_path / "model.bin", "--hf", tmp_path / "hf",
