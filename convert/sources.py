@@ -240,6 +240,9 @@ def _safetensors_tensors(path):
         st = safe_open(path, framework="pt", backend="pread")
         slices = {name: st.get_slice(name) for name in st.keys()}
         found = [(name, tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()]
+    except TypeError:           # an older safetensors, without backend
+        raise ExportError(None, "this conversion needs safetensors 0.8 or later (pip install -U safetensors)") \
+            from None
     except Exception as e:      # SafetensorError and OSError name no file
         raise ExportError(path, f"not a safetensors file ({e})") from None
 
