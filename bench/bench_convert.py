@@ -24,7 +24,6 @@ tokens greedily: its generation speed, tokens per second.
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys

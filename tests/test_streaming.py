@@ -16,7 +16,6 @@ machine.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
