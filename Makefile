@@ -44,7 +44,7 @@ VENV_PYTHON = .venv/bin/python
 PYTHON ?= $(VENV_PYTHON)
 SETUP = $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/ready)
 
-.PHONY: all setup test test-arm sanitize fuzz demo demo-pip explain bench bench-peers bench-convert clean
+.PHONY: all setup test test-arm sanitize fuzz demo demo-pip explain explain-text bench bench-peers bench-convert clean
 
 all: run
 
@@ -169,13 +169,18 @@ demo: run .demo/smollm2.bin
 	@echo "demo: ./run .demo/smollm2.bin -m chat -t 0 -i \"$(DEMO_QUESTION)\""
 	@./run .demo/smollm2.bin -m chat -t 0 -i "$(DEMO_QUESTION)"
 
-# make explain: the demo model at work, for a class. A short greedy
-# completion with --trace (what each layer does at each position) and
-# --probs 5 (the distribution each new token was drawn from) on the
-# terminal; the text itself (stdout) is kept aside and shown at the end, so
-# that it does not break the lines in between.
+# make explain: the demo model at work, for a class, as a page:
+# tools/explain.py runs it once, greedily, on EXPLAIN_PROMPT with --probs,
+# --trace, --lens and --attention as JSON lines (kept in .demo/explain.jsonl)
+# and draws them into .demo/explain.html, one file that opens offline in any
+# browser. make explain-text shows the same run's trace and --probs on the
+# terminal instead; the text itself (stdout) is kept aside and shown at the
+# end, so that it does not break the lines in between.
 EXPLAIN_PROMPT ?= The capital of France is
 explain: run .demo/smollm2.bin
+	$(DEMO_PYTHON) tools/explain.py .demo/smollm2.bin -n 4 -i "$(EXPLAIN_PROMPT)" -o .demo/explain.html
+
+explain-text: run .demo/smollm2.bin
 	./run .demo/smollm2.bin -t 0 -n 4 --probs 5 --trace -i "$(EXPLAIN_PROMPT)" 2>&1 >.demo/explain.txt
 	@echo "text: $$(cat .demo/explain.txt)"
 

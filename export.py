@@ -2,7 +2,8 @@
 """export.py: the command line that writes run.c's files.
 
   export.py OUTPUT (--reference PT | --meta DIR | --hf DIR | --llama2c FILE
-                    | --gguf FILE | --tokenizer-model FILE)
+                    | --gguf FILE | --tokenizer-from SOURCE) [--verify]
+  export.py MODEL (--to-gguf FILE | --to-hf DIR) [--tokenizer PATH] [--verify]
 
 The work is done beside it:
 
@@ -11,6 +12,9 @@ The work is done beside it:
   convert/sources.py      readers of reference, Meta, Hugging Face, llama2.c and GGUF models
   convert/tokenizers.py   tokenizer.bin from sentencepiece, tokenizer.json or GGUF metadata
   convert/gguf_out.py     a checkpoint written back as a GGUF file
+  convert/hf_out.py       a checkpoint written back as a Hugging Face directory
+  convert/vocab_out.py    our tokenizer as GGUF and Hugging Face spell it (texts, chat template)
+  convert/verify.py       --verify: ./run against the source model in its own ecosystem
   convert/files.py        reading the user's files, each checked
   convert/errors.py       ExportError, and the packages only some conversions need
 
@@ -26,6 +30,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -41,18 +46,22 @@ from convert.checkpoint import (HEADER, WEIGHT_TYPES, check_dtype, check_max_seq
                                 decode_matrix, encode_matrix, read_checkpoint, read_checkpoint_arrays,
                                 write_checkpoint)
 from convert.errors import ExportError  # noqa: E402
+from convert.files import regular_file  # noqa: E402
 from convert.gguf_out import write_gguf  # noqa: E402
+from convert.hf_out import interleaved_to_hf, write_hf  # noqa: E402
 from convert.sources import (GGUF_LAYER_NAMES, GGUF_NAMES, HF_LAYER_NAMES, HF_NAMES,  # noqa: E402
                              META_MAX_SEQ_LEN, _gguf_reader, gguf_dequantize, gguf_metadata,
                              gguf_quantized, hf_to_interleaved, load_gguf, load_hf, load_llama2c, load_meta,
                              load_reference, save_reference, write_llama2c)
-from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_NONE, LLAMA3_PATTERN,  # noqa: E402
-                                PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN, PRETOK_DIGITS_GPT2,
+from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, CHAT_NONE,  # noqa: E402
+                                LLAMA3_PATTERN, PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN, PRETOK_DIGITS_GPT2,
                                 PRETOK_GPT2, PRETOK_LLAMA3, TOK_BYTELEVEL, TOK_SENTENCEPIECE,
-                                TOKF_ADD_BOS, TOKF_BYTE_FALLBACK, TOKF_DUMMY_PREFIX,
+                                TOKF_ADD_BOS, TOKF_ADD_EOS, TOKF_BYTE_FALLBACK, TOKF_DUMMY_PREFIX,
                                 TOKF_IGNORE_MERGES, gguf_chat_template, gpt2_bytes_to_unicode,
-                                read_tokenizer, write_tokenizer, write_tokenizer_gguf,
+                                read_tokenizer, write_tokenizer, write_tokenizer_from, write_tokenizer_gguf,
                                 write_tokenizer_hf_json, write_tokenizer_sentencepiece)
+from convert.verify import TOLERANCE, Transformers, VerificationFailed, source_model, verify  # noqa: E402
+from convert.vocab_out import default_tokenizer, load_tokenizer  # noqa: E402
 from model import MAX_SEQ_LEN, Llama, ModelArgs, generate_greedy, random_model  # noqa: E402
 
 # ----------------------------------------------------------------------------
@@ -62,8 +71,13 @@ EXAMPLES = """\
 examples:
   export.py model.bin --hf ~/TinyLlama-1.1B      model.bin, and tokenizer.bin beside it
   export.py model.bin --llama2c stories15M.bin --max-seq-len 256
-  export.py tokenizer.bin --tokenizer-model tokenizer.model
+  export.py tokenizer.bin --tokenizer-from tokenizer.model
+  export.py tokenizer.bin --tokenizer-from ~/Llama-3.2-1B-Instruct   its tokenizer.json
+  export.py tokenizer.bin --tokenizer-from tinyllama.Q4_K_M.gguf     the tokenizer in its metadata
   export.py model.bin --gguf SmolLM2-135M-Instruct.Q4_1.gguf   as q8_0; tokenizer.bin beside it
+  export.py model.bin --hf ~/TinyLlama-1.1B --verify           then ./run checked against transformers
+  export.py model.bin --to-gguf model.gguf       for llama.cpp and ollama (tokenizer.bin beside model.bin)
+  export.py model.bin --to-hf TinyLlama-out      for transformers and vLLM
 """
 
 
@@ -98,7 +112,8 @@ class Outputs:
     """
 
     def __init__(self):
-        self.pending = {}           # target -> temporary file
+        self.pending = {}           # target -> temporary file (or directory)
+        self.directories = set()    # the targets that are directories
 
     def add(self, target):
         """Claim target as an output (early, so that an output that cannot be
@@ -125,6 +140,32 @@ class Outputs:
             raise ExportError(target, e.strerror) from None
         os.close(fd)
         self.pending[path] = tmp
+        return tmp
+
+    def add_directory(self, target):
+        """Claim target as an output directory, written whole or not at all:
+        it must not exist, or be empty (it is then replaced). Returns the
+        temporary directory beside it to fill, renamed to target on commit."""
+        path = os.path.realpath(target)
+        if path in self.pending:
+            raise ExportError(target, "named as two outputs")
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise ExportError(target, "exists and is not a directory")
+            try:
+                entries = os.listdir(path)
+            except OSError as e:
+                raise ExportError(target, e.strerror) from None
+            if entries:
+                raise ExportError(target, "exists and is not empty (export.py writes a new directory, "
+                                          "or fills an empty one)")
+        directory, name = os.path.split(path)
+        try:
+            tmp = tempfile.mkdtemp(dir=directory, prefix=f".{name[:200]}.tmp-")
+        except OSError as e:
+            raise ExportError(target, e.strerror) from None
+        self.pending[path] = tmp
+        self.directories.add(path)
         return tmp
 
     @contextlib.contextmanager
@@ -155,7 +196,7 @@ class Outputs:
         path = None
         try:
             for path, tmp in self.pending.items():
-                _settle(tmp, path)
+                (_settle_directory if path in self.directories else _settle)(tmp, path)
             for path in list(self.pending):
                 os.replace(self.pending.pop(path), path)
         except OSError as e:
@@ -163,10 +204,14 @@ class Outputs:
 
     def discard(self):
         """Remove the temporary files that are not renamed (all of them, after a failure)."""
-        for tmp in self.pending.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        for path, tmp in self.pending.items():
+            if path in self.directories:
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         self.pending.clear()
+        self.directories.clear()
 
 
 def _settle(tmp, target):
@@ -180,7 +225,26 @@ def _settle(tmp, target):
         os.umask(umask)
         mode = 0o666 & ~umask
     os.chmod(tmp, mode)
-    fd = os.open(tmp, os.O_RDONLY)
+    _fsync(tmp)
+
+
+def _settle_directory(tmp, target):
+    """_settle() for a finished temporary directory: the mode of the empty
+    directory it replaces, or a new one's (mkdtemp's is 0700); its files on disk."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o777 & ~umask
+    os.chmod(tmp, mode)
+    for name in os.listdir(tmp):
+        _fsync(os.path.join(tmp, name))
+    _fsync(tmp)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -235,12 +299,15 @@ LOADERS = {"reference": load_reference, "meta": load_meta, "hf": load_hf, "llama
 
 def convert(opts):
     """Write what the command line asks, all of it or nothing; returns the
-    lines that say what was written."""
+    lines that say what was written. With --verify, the files are checked
+    once written; a failure raises VerificationFailed, the files staying."""
+    if opts.to_gguf or opts.to_hf:
+        return _convert_out(opts)
     with Outputs() as outputs:
-        if opts.tokenizer_model:
-            with _reading(opts.tokenizer_model), outputs.writing(opts.output) as tmp:
-                size = write_tokenizer_sentencepiece(opts.tokenizer_model, tmp)
-            return [f"wrote {opts.output}: tokenizer of {opts.tokenizer_model}, {size} bytes"]
+        if opts.tokenizer_from:
+            with _reading(opts.tokenizer_from), outputs.writing(opts.output) as tmp:
+                source, size = write_tokenizer_from(opts.tokenizer_from, tmp)
+            return [f"wrote {opts.output}: tokenizer of {source}, {size} bytes"]
 
         kind = next(k for k in LOADERS if getattr(opts, k))
         source = getattr(opts, kind)
@@ -275,7 +342,69 @@ def convert(opts):
                 else:
                     size = write_tokenizer_sentencepiece(tokenizer, tmp)
             report.append(f"wrote {tokenizer_out}: tokenizer of {tokenizer}, {size} bytes")
-        return report
+    if opts.verify:
+        written = [opts.output] + ([tokenizer_out] if tokenizer else [])
+        bos = load_tokenizer(tokenizer_out, args.vocab_size)["bos_id"] if tokenizer else None
+        report += _verify(report, written, lambda: source_model(kind, source, args, state_dict),
+                          opts.output, args, dtype, bos)
+    return report
+
+
+def _verify(report, written, theirs, checkpoint, args, dtype, bos_id):
+    """convert/verify.py's verify(), after report's files are written: any
+    failure, a missing package included, is a VerificationFailed that says
+    the files stay. theirs: makes the model on the other side."""
+    what = ", ".join(map(str, written))
+    try:
+        return verify(checkpoint, args, dtype, bos_id, theirs(), what)
+    except VerificationFailed as e:
+        e.report = report + e.report
+        raise
+    except Exception as e:      # ExportError, or transformers or torch failing on a model
+        problem = str(e) if isinstance(e, ExportError) else f"{type(e).__name__}: {e}"
+        failure = VerificationFailed(None, f"verification failed: {problem}; the files are written ({what})")
+        failure.report = report
+        raise failure from None
+
+
+def _convert_out(opts):
+    """--to-gguf and --to-hf: the checkpoint OUTPUT names (ours) and its
+    tokenizer, written for llama.cpp or transformers."""
+    model = opts.output
+    regular_file(model)
+    tokenizer = opts.tokenizer or default_tokenizer(model)
+    if not os.path.exists(tokenizer):
+        raise ExportError(tokenizer, "no such tokenizer; a GGUF file or a Hugging Face directory needs one "
+                                     "(give it with --tokenizer PATH)")
+    target = opts.to_gguf or opts.to_hf
+    if os.path.realpath(target) in (os.path.realpath(model), os.path.realpath(tokenizer)):
+        raise ExportError(target, "is an input of this conversion")
+    with Outputs() as outputs:
+        if opts.to_gguf:
+            with _reading(model), outputs.writing(target) as tmp:
+                size = write_gguf(tmp, model, tokenizer)
+            report = [f"wrote {target}: GGUF (llama) of {model} and {tokenizer}, {size} bytes"]
+        else:
+            tmp = outputs.add_directory(target)
+            with _reading(model):
+                try:
+                    weights = write_hf(tmp, model, tokenizer)
+                except OSError as e:
+                    if not (e.filename or "").startswith(tmp):
+                        raise
+                    raise ExportError(target, e.strerror or str(e)) from None
+            stored = (f"{weights} safetensors" if weights in ("f32", "bf16")
+                      else f"f32 safetensors: its {weights} weights dequantized")
+            report = [f"wrote {target}: LlamaForCausalLM of {model} ({stored}) and {tokenizer}: "
+                      f"{', '.join(sorted(os.listdir(tmp)))}"]
+    if opts.verify:
+        with _reading(model):
+            args, dtype, _ = read_checkpoint_arrays(model)
+        bos = load_tokenizer(tokenizer, args.vocab_size)["bos_id"]
+        theirs = ((lambda: Transformers(os.path.dirname(os.path.abspath(target)), os.path.basename(target)))
+                  if opts.to_gguf else (lambda: Transformers(target)))
+        report += _verify(report, [target], theirs, model, args, dtype, bos)
+    return report
 
 
 def _integer_up_to(most):
@@ -294,24 +423,42 @@ def _integer_up_to(most):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="export.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Write a run.c checkpoint (version 1) from one model source and, when\n"
-                    "the source comes with one, its tokenizer; or write a tokenizer alone.")
+        description="Write a run.c checkpoint (version 1; version 2 for q/k/v biases or scaled RoPE)\n"
+                    "from one model source and, when the source comes with one, its tokenizer;\n"
+                    "or write a tokenizer alone; or write a checkpoint and its tokenizer as a GGUF\n"
+                    "file or a Hugging Face directory.")
     parser.add_argument("output", metavar="OUTPUT",
-                        help="the file to write: the checkpoint, or the tokenizer with --tokenizer-model")
+                        help="the file to write: the checkpoint, or the tokenizer with --tokenizer-from; "
+                             "with --to-gguf or --to-hf, the checkpoint to read (MODEL)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--reference", metavar="PT", help="a file written by save_reference()")
     source.add_argument("--meta", metavar="DIR",
                         help="Meta's release: params.json, consolidated.*.pth and maybe tokenizer.model")
     source.add_argument("--hf", metavar="DIR",
-                        help="a Hugging Face LlamaForCausalLM: config.json, safetensors or pytorch_model.bin "
+                        help="a Hugging Face LlamaForCausalLM or Qwen2ForCausalLM (RoPE plain, or scaled as "
+                             "Llama 3's or linearly): config.json, safetensors or pytorch_model.bin "
                              "weights, and maybe tokenizer.model or tokenizer.json")
     source.add_argument("--llama2c", metavar="FILE", help="a llama2.c legacy checkpoint")
     source.add_argument("--gguf", metavar="FILE",
-                        help="a llama.cpp GGUF file of the llama architecture, with its tokenizer; tensors "
-                             "of any type the gguf package dequantizes (F32, F16, BF16, Q4_0, Q8_0, Q4_K, "
-                             "Q6_K, IQ4_NL, ...); needs numpy and gguf, not torch")
-    source.add_argument("--tokenizer-model", metavar="FILE",
-                        help="write only this sentencepiece tokenizer.model, as OUTPUT")
+                        help="a llama.cpp GGUF file of the llama or qwen2 architecture, with its tokenizer; "
+                             "tensors of any type the gguf package dequantizes (F32, F16, BF16, Q4_0, Q8_0, "
+                             "Q4_K, Q6_K, IQ4_NL, ...); needs numpy and gguf, not torch")
+    source.add_argument("--tokenizer-from", metavar="SOURCE",
+                        help="write only a tokenizer, as OUTPUT, from a sentencepiece tokenizer.model, a "
+                             "Hugging Face tokenizer.json, a directory holding either (tokenizer.model "
+                             "first), or a GGUF file")
+    source.add_argument("--tokenizer-model", metavar="FILE", dest="tokenizer_from",
+                        help="the same as --tokenizer-from (its older name)")
+    source.add_argument("--to-gguf", metavar="FILE",
+                        help="write the checkpoint MODEL and its tokenizer as a llama.cpp GGUF file (llama "
+                             "architecture; llama.cpp and ollama load it): the same numbers, f32 as F32, bf16 "
+                             "as BF16, q8_0 as Q8_0, q4_0 as Q4_0; needs numpy and gguf")
+    source.add_argument("--to-hf", metavar="DIR",
+                        help="write the checkpoint MODEL and its tokenizer as a Hugging Face LlamaForCausalLM "
+                             "directory (config.json, model.safetensors, tokenizer files) for transformers and "
+                             "vLLM: f32 and bf16 weights as they are, q8_0 and q4_0 dequantized to f32. DIR must "
+                             "not exist, or be empty; it appears whole or not at all. Needs torch, safetensors, "
+                             "transformers and tokenizers (and sentencepiece for a sentencepiece tokenizer)")
     parser.add_argument("--max-seq-len", metavar="N", type=_integer_up_to(MAX_SEQ_LEN),
                         help=f"context length for the header, at most {MAX_SEQ_LEN} (default: the source's; "
                              f"{META_MAX_SEQ_LEN} for --meta, whose params.json has none)")
@@ -325,16 +472,41 @@ def main(argv=None):
     parser.add_argument("--tokenizer-out", metavar="PATH",
                         help="where the tokenizer of --meta, --hf or --gguf goes "
                              "(default: tokenizer.bin beside OUTPUT)")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="with --to-gguf or --to-hf: the tokenizer.bin to write with the model "
+                             "(default: tokenizer.bin beside MODEL)")
+    tolerances = ", ".join(f"{dtype} {tol:g}" for dtype, tol in TOLERANCE.items())
+    parser.add_argument("--verify", action="store_true",
+                        help="once written, run ./run (beside export.py) on a fixed prompt of token ids and "
+                             "the source model the way its own ecosystem does (transformers for --hf and "
+                             "--gguf, and for the files --to-gguf and --to-hf write; model.py's reference for "
+                             "--reference, --meta and --llama2c); print the worst relative logit error (max "
+                             "over positions of max|diff| / max|logit|) and how many of 16 greedy tokens "
+                             f"agree. Exit 1 (the files stay) when the error is above the tolerance of the "
+                             f"checkpoint's weight type: {tolerances}")
     opts = parser.parse_args(argv)
     for name, value in vars(opts).items():
         if value == "":
             parser.error(f"{'OUTPUT' if name == 'output' else '--' + name.replace('_', '-')} is an empty path")
     if opts.tokenizer_out and not (opts.meta or opts.hf or opts.gguf):
         parser.error("--tokenizer-out goes with --meta, --hf or --gguf; "
-                     "export a tokenizer alone with --tokenizer-model")
+                     "export a tokenizer alone with --tokenizer-from")
+    writing_out = opts.to_gguf or opts.to_hf
+    if writing_out and (opts.dtype or opts.max_seq_len):
+        parser.error("--dtype and --max-seq-len do not go with --to-gguf or --to-hf, "
+                     "which keep the checkpoint's weight type and context length")
+    if opts.tokenizer and not writing_out:
+        parser.error("--tokenizer goes with --to-gguf or --to-hf")
+    if opts.verify and opts.tokenizer_from:
+        parser.error("--verify checks a model's conversion, not a tokenizer's")
 
     try:
         report = convert(opts)
+    except VerificationFailed as e:
+        with contextlib.suppress(OSError, AttributeError):     # stdout closed: the error line still goes out
+            print("\n".join(e.report), flush=True)
+        print(f"export.py: {e}", file=sys.stderr)
+        return 1
     except ExportError as e:
         print(f"export.py: {e}", file=sys.stderr)
         return 1

@@ -1,15 +1,17 @@
 """model.py: the plain PyTorch reference Llama that run.c is tested against.
 
 RoPE rotates the interleaved pairs (x[2i], x[2i+1]) of each head by the angle
-pos * rope_theta^(-2i / head_dim), Meta's convention; the converters permute
-Hugging Face's q/k rows into it, so run.c knows one convention only."""
+pos * inv_freq[i], Meta's convention, with inv_freq[i] = rope_theta^(-2i / head_dim)
+or, for a model with scaled RoPE (Llama 3's or linear), the model's own
+rope_inv_freq; the converters permute Hugging Face's q/k rows (and biases)
+into it, so run.c knows one convention only."""
 
 import dataclasses
 import math
 import numbers
 import struct
 
-from convert.errors import F, nn, torch
+from convert.errors import F, nn, np, torch
 
 # Shapes below use B = batch, T = time (positions), H = heads, D = head_dim.
 
@@ -39,6 +41,8 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tied: bool = False          # the classifier is the token embedding
+    attention_bias: bool = False    # q, k and v projections add a bias (Qwen2)
+    scaled_rope: bool = False       # RoPE's inverse frequencies are the tensor rope_inv_freq
 
     def __post_init__(self):
         # Numbers arrive from JSON, numpy, torch and file headers: store plain
@@ -74,22 +78,75 @@ class ModelArgs:
         return (f"dim {self.dim}, hidden {self.hidden_dim}, {self.n_layers} layers, "
                 f"{self.n_heads} heads ({self.n_kv_heads} kv) of {self.head_dim}, "
                 f"vocab {self.vocab_size} ({'tied' if self.tied else 'untied'}), "
-                f"seq {self.max_seq_len}, theta {self.rope_theta:g}, eps {self.norm_eps:g}")
+                f"seq {self.max_seq_len}, theta {self.rope_theta:g}{' (scaled)' if self.scaled_rope else ''}, "
+                f"eps {self.norm_eps:g}{', q/k/v biases' if self.attention_bias else ''}")
 
 
 # The reference model. It is written for clarity, not speed: float32 all the way,
 # every position recomputed on every call, no KV cache. run.c must agree with it.
 
 
-def rope_cos_sin(seq_len, head_dim, theta):
-    """cos and sin of the RoPE angles pos * theta^(-2i/head_dim), each (seq_len, head_dim/2).
+def rope_cos_sin(seq_len, head_dim, theta, inv_freq=None):
+    """cos and sin of the RoPE angles pos * inv_freq[i], each (seq_len, head_dim/2);
+    inv_freq (head_dim/2) defaults to theta^(-2i/head_dim).
 
     Computed in float64 and rounded once to float32 at the end, so the
     reference is as close to the exact angles as float32 allows."""
     pos = torch.arange(seq_len, dtype=torch.float64)
-    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(pos, freqs)                          # (T, D/2)
+    if inv_freq is None:
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(pos, inv_freq.double())              # (T, D/2)
     return angles.cos().float(), angles.sin().float()
+
+
+# The scalings of RoPE that run.c computes (any other is refused by the
+# converters): each gives new inverse frequencies, stored in the checkpoint.
+#   linear  every frequency divided by factor (positions stretched)
+#   llama3  Llama 3.1's: with wavelength = 2 pi / inv_freq, pairs that turn
+#           fast (wavelength < original_max_position_embeddings /
+#           high_freq_factor) are kept, slow ones (> .../ low_freq_factor)
+#           divided by factor, and those between blended:
+#             s = (original_max_position_embeddings / wavelength - low_freq_factor)
+#                 / (high_freq_factor - low_freq_factor)
+#             inv_freq' = (1 - s) inv_freq / factor + s inv_freq
+ROPE_SCALING_KEYS = {"linear": ["factor"],
+                     "llama3": ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]}
+# Meta's params.json says only use_scaled_rope; Llama 3.1's reference code fixes the rest.
+META_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+
+
+def rope_inverse_frequencies(head_dim, theta, scaling=None):
+    """RoPE's inverse frequency of each pair, a float32 numpy array (head_dim/2):
+    theta^(-2i/head_dim), then scaled as scaling says, a dict in Hugging Face's
+    form ({"rope_type": "llama3" or "linear", "factor": ..., ...}) or None.
+    Computed in float64, rounded once. A bad scaling raises ValueError naming
+    the key at fault."""
+    inv_freq = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_type {kind!r} is not implemented (only {' and '.join(ROPE_SCALING_KEYS)})")
+    values = {}
+    for key in ROPE_SCALING_KEYS[kind]:
+        value = scaling.get(key)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+            raise ValueError(f"{key} = {value!r}: expected a positive number")
+        values[key] = float(value)
+    factor = values["factor"]
+    if kind == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    low, high, original = values["low_freq_factor"], values["high_freq_factor"], \
+        values["original_max_position_embeddings"]
+    if not low < high:
+        raise ValueError(f"low_freq_factor = {low:g} is not below high_freq_factor = {high:g}")
+    wavelength = 2 * math.pi / inv_freq
+    s = (original / wavelength - low) / (high - low)
+    blended = (1 - s) * inv_freq / factor + s * inv_freq
+    scaled = np.where(wavelength < original / high, inv_freq,
+                      np.where(wavelength > original / low, inv_freq / factor, blended))
+    return scaled.astype(np.float32)
 
 
 def apply_rope(x, cos, sin):
@@ -119,9 +176,9 @@ class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.attention_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attention_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attention_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin):
@@ -175,6 +232,9 @@ class Llama(nn.Module):
       layers.{i}.attention.wq.weight           (n_heads * head_dim, dim)
       layers.{i}.attention.wk.weight           (n_kv_heads * head_dim, dim)
       layers.{i}.attention.wv.weight           (n_kv_heads * head_dim, dim)
+      layers.{i}.attention.wq.bias             (n_heads * head_dim), only with attention_bias
+      layers.{i}.attention.wk.bias             (n_kv_heads * head_dim), likewise
+      layers.{i}.attention.wv.bias             (n_kv_heads * head_dim), likewise
       layers.{i}.attention.wo.weight           (dim, n_heads * head_dim)
       layers.{i}.ffn_norm.weight               (dim)
       layers.{i}.feed_forward.w1.weight        (hidden_dim, dim)
@@ -182,8 +242,10 @@ class Llama(nn.Module):
       layers.{i}.feed_forward.w3.weight        (hidden_dim, dim)
       norm.weight                              (dim)
       output.weight                            (vocab_size, dim), absent when tied
+      rope_inv_freq                            (head_dim / 2), only with scaled_rope
 
-    These are Meta's names, so Meta checkpoints load as they are."""
+    These are Meta's names, so Meta checkpoints load as they are. The
+    q/k biases, like the q/k rows, are in the interleaved RoPE layout."""
 
     def __init__(self, args):
         super().__init__()
@@ -193,13 +255,17 @@ class Llama(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         if not args.tied:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.scaled_rope:    # the converters load the scaled frequencies; unscaled until then
+            self.register_buffer("rope_inv_freq", torch.from_numpy(
+                rope_inverse_frequencies(args.head_dim, args.rope_theta)))
 
     def forward(self, tokens):
         """tokens (B, T) int64, at positions 0..T-1 -> logits (B, T, vocab_size) float32."""
         T = tokens.shape[1]
         if T > self.args.max_seq_len:
             raise ValueError(f"{T} tokens is more than max_seq_len = {self.args.max_seq_len}")
-        cos, sin = rope_cos_sin(T, self.args.head_dim, self.args.rope_theta)
+        cos, sin = rope_cos_sin(T, self.args.head_dim, self.args.rope_theta,
+                                self.rope_inv_freq if self.args.scaled_rope else None)
         h = self.tok_embeddings(tokens)                       # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin)

@@ -56,11 +56,12 @@
 #include "tokenizer.c"
 
 /* ----------------------------------------------------------------------------
-   The checkpoint format (version 1). Little-endian throughout.
+   The checkpoint format (version 2; version 1 is the same without flags).
+   Little-endian throughout.
 
    offset  size  type     field
         0     4  char[4]  magic "LLAM"
-        4     4  u32      version = 1
+        4     4  u32      version         1, or 2 when flags is not 0
         8     4  i32      dim
        12     4  i32      hidden_dim
        16     4  i32      n_layers
@@ -74,15 +75,20 @@
        48     4  u32      tied_classifier 1: logits reuse token_embedding
        52     4  u32      weight_type     of the matrices: 0 f32, 1 q8_0, 2 q4_0, 3 bf16
        56     4  u32      group_size      32 for q8_0 and q4_0, 0 for f32 and bf16
-       60   196  zero                     the header is 256 bytes
+       60     4  u32      flags           version 2: bit 0 q/k/v biases, bit 1 RoPE
+                                          frequencies stored; version 1: zero
+       64   192  zero                     the header is 256 bytes
       256        tensors, each at an offset that is a multiple of 64:
 
       +-----------------------------------------------+
       | token_embedding  (vocab, dim)                 |
+      | rope_inv_freq (head_dim / 2) f32   if bit 1   |
       +-----------------------------------------------+  \
       | attn_norm (dim)                               |   |
       | wq (q_dim, dim)   wk (kv_dim, dim)            |   |
-      | wv (kv_dim, dim)  wo (dim, q_dim)             |   |  once per layer
+      | wv (kv_dim, dim)                              |   |
+      | bq (q_dim)  bk, bv (kv_dim) f32    if bit 0   |   |  once per layer
+      | wo (dim, q_dim)                               |   |
       | ffn_norm (dim)                                |   |
       | w1 (hidden, dim)  w2 (dim, hidden)            |   |
       | w3 (hidden, dim)                              |   |
@@ -93,7 +99,9 @@
 
    Matrices are row-major (out, in), as nn.Linear stores them: y = W x.
    RoPE rotates the interleaved pairs (x[2i], x[2i+1]) of each head (Meta's
-   convention); export.py permutes Hugging Face's q/k rows into it.
+   convention) by pos * rope_inv_freq[i]: stored (Llama 3's or linear
+   scaling), else theta^(-2i / head_dim). export.py permutes Hugging Face's
+   q/k rows (and biases) into it. The biases are added after the products.
 
    Norms are f32. Every matrix, the token embedding and the classifier
    included, is stored in the weight type; a (rows, cols) matrix is
@@ -117,7 +125,9 @@
    ------------------------------------------------------------------------- */
 
 #define CHECKPOINT_MAGIC "LLAM"
-#define CHECKPOINT_VERSION 1
+#define CHECKPOINT_VERSION 2 // and 1, which has no flags
+#define FLAG_QKV_BIAS 1u       // bq, bk, bv follow each layer's wv
+#define FLAG_ROPE_FREQS 2u     // rope_inv_freq follows token_embedding
 #define HEADER_SIZE 256
 #define TENSOR_ALIGN 64
 #define LEGACY_HEADER_SIZE 28
@@ -219,6 +229,7 @@ typedef struct {
     float norm_eps;
     int tied_classifier; // 1: the classifier is the token embedding
     int weight_type;     // WEIGHT_*: how the matrices are stored
+    unsigned flags;      // FLAG_*: the optional tensors the file holds
     int legacy;          // 1: a llama2.c checkpoint (generation stops at BOS)
 } Config;
 
@@ -241,6 +252,7 @@ typedef struct {
     Matrix w1;              // (hidden, dim) gate
     Matrix w2;              // (dim, hidden) down
     Matrix w3;              // (hidden, dim) up
+    const float *bq, *bk, *bv; // (q_dim), (kv_dim), (kv_dim) biases; NULL without FLAG_QKV_BIAS
 } LayerWeights;
 
 typedef struct {
@@ -248,6 +260,7 @@ typedef struct {
     LayerWeights *layers;     // (n_layers)
     const float *final_norm;  // (dim)
     Matrix classifier;        // (vocab, dim), the embedding when tied
+    double *rope_inv_freq;    // (head_dim / 2) pair i turns by pos * rope_inv_freq[i]
 } Weights;
 
 /* Vectors quantized to int8 in groups of GROUP_SIZE, as the integer dot
@@ -388,19 +401,25 @@ static Matrix place_matrix(const unsigned char *data, size_t *offset, size_t row
 }
 
 /* Walks our own layout: with data NULL it only measures the file the header
-   implies; with data it also points w into it. Returns the end offset. */
+   implies; with data it also points w into it (and copies the RoPE
+   frequencies, when stored, into w->rope_inv_freq). Returns the end offset. */
 static size_t layout_checkpoint(const Config *c, const unsigned char *data, Weights *w) {
     size_t dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size;
     size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    int type = c->weight_type;
+    int type = c->weight_type, biased = c->flags & FLAG_QKV_BIAS, half = c->head_dim / 2;
     size_t off = HEADER_SIZE;
     w->token_embedding = place_matrix(data, &off, vocab, dim, type, TENSOR_ALIGN);
+    const float *inv_freq = c->flags & FLAG_ROPE_FREQS ? place_floats(data, &off, half, TENSOR_ALIGN) : NULL;
+    for (int i = 0; data && inv_freq && i < half; i++) w->rope_inv_freq[i] = inv_freq[i];
     for (int l = 0; l < c->n_layers; l++) {
         LayerWeights lw;
         lw.attn_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
         lw.wq = place_matrix(data, &off, q_dim, dim, type, TENSOR_ALIGN);
         lw.wk = place_matrix(data, &off, kv_dim, dim, type, TENSOR_ALIGN);
         lw.wv = place_matrix(data, &off, kv_dim, dim, type, TENSOR_ALIGN);
+        lw.bq = biased ? place_floats(data, &off, q_dim, TENSOR_ALIGN) : NULL;
+        lw.bk = biased ? place_floats(data, &off, kv_dim, TENSOR_ALIGN) : NULL;
+        lw.bv = biased ? place_floats(data, &off, kv_dim, TENSOR_ALIGN) : NULL;
         lw.wo = place_matrix(data, &off, dim, q_dim, type, TENSOR_ALIGN);
         lw.ffn_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
         lw.w1 = place_matrix(data, &off, hidden, dim, type, TENSOR_ALIGN);
@@ -416,10 +435,14 @@ static size_t layout_checkpoint(const Config *c, const unsigned char *data, Weig
 
 /* Reads our header; size is at least HEADER_SIZE. */
 static int read_header(Config *c, const unsigned char *data, char *err) {
-    uint32_t version = read_u32(data + 4);
-    if (version != CHECKPOINT_VERSION)
-        return fail(err, "checkpoint version %u, but this build reads version %d (re-export with export.py)",
+    uint32_t version = read_u32(data + 4), flags = version == CHECKPOINT_VERSION ? read_u32(data + 60) : 0;
+    if (version != 1 && version != CHECKPOINT_VERSION)
+        return fail(err, "checkpoint version %u, but this build reads versions 1 and %d (re-export with export.py)",
                     version, CHECKPOINT_VERSION);
+    if (flags & ~(FLAG_QKV_BIAS | FLAG_ROPE_FREQS))
+        return fail(err, "flags = 0x%x has bits this build does not know (1: q/k/v biases, 2: RoPE frequencies)",
+                    flags);
+    c->flags = flags;
     c->dim = read_i32(data + 8);
     c->hidden_dim = read_i32(data + 12);
     c->n_layers = read_i32(data + 16);
@@ -477,37 +500,11 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
     if (needed != size)
         return fail(err, "file is %zu bytes but the %sheader needs %zu", size, own ? "" : "llama2.c ", needed);
     t->weights.layers = xcalloc(c->n_layers, sizeof(LayerWeights), "the layer table");
+    t->weights.rope_inv_freq = xcalloc(c->head_dim / 2, sizeof(double), "the RoPE frequencies");
+    for (int i = 0; !(c->flags & FLAG_ROPE_FREQS) && i < c->head_dim / 2; i++) // unless stored: theta^(-2i/head_dim)
+        t->weights.rope_inv_freq[i] = pow(c->rope_theta, -2.0 * i / c->head_dim);
     layout(c, data, &t->weights);
     return 0;
-}
-
-/* Opens an input file for reading, refusing anything but a regular file of
-   at most max_size bytes: a FIFO would block open() (O_NONBLOCK keeps it
-   from waiting) and a device such as /dev/zero never ends. */
-static int open_input(const char *path, long long max_size, const char *what, struct stat *st) {
-    int fd = open(path, O_RDONLY | O_NONBLOCK);
-    if (fd < 0) die(path, "cannot open: %s", strerror(errno));
-    if (fstat(fd, st) != 0) die(path, "cannot stat: %s", strerror(errno));
-    if (!S_ISREG(st->st_mode)) die(path, "not a regular file");
-    if (st->st_size > max_size)
-        die(path, "%s of %lld bytes is too large (at most %lld MiB)", what, (long long)st->st_size, max_size >> 20);
-    return fd;
-}
-
-/* Opens and maps a checkpoint. The mapping is read-only and private: weights
-   are never copied, and pages load from the file as the kernels touch them. */
-static void load_transformer(Transformer *t, const char *path) {
-    memset(t, 0, sizeof *t);
-    t->path = path;
-    struct stat st;
-    int fd = open_input(path, INT64_MAX, "a checkpoint", &st);
-    if (st.st_size == 0) die(path, "file is empty");
-    t->device = st.st_dev, t->inode = st.st_ino;
-    t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-    close(fd);
-    if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
-    char err[ERROR_SIZE];
-    if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
 }
 
 /* ----------------------------------------------------------------------------
@@ -542,14 +539,13 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, int 
 }
 
 /* The rotations RoPE applies at positions pos .. pos + n - 1: at position p,
-   pair i of every head turns by p * theta^(-2i / head_dim). cos_out and
-   sin_out are (n, head_dim / 2). Angles are computed in double, once per
-   token, and shared by all layers. */
-static void rope_angles(float *cos_out, float *sin_out, int pos, int n, int head_dim, float theta) {
-    int half = head_dim / 2;
+   pair i of every head turns by p * inv_freq[i]. cos_out and sin_out are
+   (n, half). Angles are computed in double, once per token, and shared by
+   all layers. */
+static void rope_angles(float *cos_out, float *sin_out, int pos, int n, int half, const double *inv_freq) {
     for (int t = 0; t < n; t++)
         for (int i = 0; i < half; i++) {
-            double angle = (double)(pos + t) * pow(theta, -2.0 * i / head_dim);
+            double angle = (double)(pos + t) * inv_freq[i];
             cos_out[(size_t)t * half + i] = (float)cos(angle);
             sin_out[(size_t)t * half + i] = (float)sin(angle);
         }
@@ -596,6 +592,11 @@ static void swiglu(float *gate, const float *up, int n) {
 /* x += y: the residual connection. */
 static void add(float *x, const float *y, int n) {
     for (int i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* x (n, cols) += bias (cols), row by row. */
+static void add_bias(float *x, const float *bias, int n, int cols) {
+    for (int t = 0; t < n; t++) add(x + (size_t)t * cols, bias, cols);
 }
 
 /* ---- Number formats */
@@ -976,7 +977,7 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
     const Config *c = &t->config;
     const Weights *w = &t->weights;
     RunState *s = &t->state;
-    int dim = c->dim, head_dim = c->head_dim, kv_dim = c->n_kv_heads * head_dim;
+    int dim = c->dim, head_dim = c->head_dim, q_dim = c->n_heads * head_dim, kv_dim = c->n_kv_heads * head_dim;
     if (logit_rows > s->logit_rows) {
         free(s->logits);
         s->logits = xcalloc((size_t)logit_rows * c->vocab_size, sizeof(float), "logits");
@@ -984,7 +985,7 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
     }
 
     embed(s->x, &w->token_embedding, tokens, n);                            // token embedding
-    rope_angles(s->rope_cos, s->rope_sin, pos, n, head_dim, c->rope_theta); // rotations of these positions
+    rope_angles(s->rope_cos, s->rope_sin, pos, n, head_dim / 2, w->rope_inv_freq); // rotations of these positions
 
     for (int l = 0; l < c->n_layers; l++) {
         const LayerWeights *lw = &w->layers[l];
@@ -996,6 +997,9 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
 
         rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
         matmul(qkv, 3, s->xb, n, &s->products);                             // q, k, v in one pass
+        if (lw->bq) add_bias(s->q, lw->bq, n, q_dim);                       // their biases (Qwen2), if stored
+        if (lw->bk) add_bias(s->k, lw->bk, n, kv_dim);
+        if (lw->bv) add_bias(s->v, lw->bv, n, kv_dim);
         rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
         rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
         cache_store(&kv, s->k, s->v, pos, n);                               // into the cache
@@ -1026,12 +1030,24 @@ static float *forward(Transformer *t, int token, int pos) {
 }
 
 /* ----------------------------------------------------------------------------
-   The trace (--trace), for watching a model work: per token and layer, how
+   The trace, for watching a model work. --trace: per token and layer, how
    the residual stream grows, how spread out each head's attention is, and
-   where it looks. Two calls in forward_tokens(), each behind `if
-   (s->trace)`, fill it in; with --trace off they cost one untaken branch per
-   layer. The statistics are recomputed here with the plain kernels, apart
-   from the kernel table, so that the fast kernels stay as they are. */
+   where it looks. --lens K: the logit lens, what the model would predict
+   if it stopped after each layer. --attention P-Q: every head's attention
+   weights at positions P to Q, for heatmaps. Two calls in forward_tokens(),
+   each behind `if (s->trace)`, fill them in; with all three off they cost
+   one untaken branch per layer. Everything is recomputed here with the
+   plain kernels, apart from the kernel table, so that the fast kernels stay
+   as they are. */
+
+/* What the command line asked the trace for. */
+typedef struct {
+    int stats;                  // --trace
+    int lens_k;                 // --lens: tokens shown per position and layer; 0 = off
+    int attention_first;        // --attention: the positions whose weights are kept;
+    int attention_last;         // -1 = off
+    int json;                   // --trace-format json: JSON lines instead of text
+} TraceRequest;
 
 /* What each layer did to each token of the last forward pass, filled in by
    forward_tokens() when RunState.trace is set (NULL, and no cost,
@@ -1045,28 +1061,68 @@ typedef struct {
 } TraceRow;
 
 struct Trace {
+    TraceRequest asked;
     TraceRow *rows;     // (batch, n_layers)
     float *entropy;     // (batch, n_layers, n_heads) of each head's attention weights, in bits
     float *weights;     // (ctx) one head's attention weights
     float *mean;        // (ctx) the weights averaged over heads
-    int n_layers, dim;
+    int n_layers, n_heads, dim;
+    const Matrix *classifier;   // --lens: the model's last steps, applied to every layer's output
+    const float *final_norm;
+    float norm_eps;
+    int *lens_top;              // (batch, n_layers, lens_k) the likeliest next tokens, most first
+    float *lens_prob;           // (batch, n_layers, lens_k) their probabilities
+    float *lens_x;              // (dim) one row of the stream, final-normed
+    float *lens_logits;         // (vocab) its logits, then probabilities
+    ProductScratch lens_in;     // lens_x as the plain kernels take it
+    float *attention;           // --attention: (slots, n_layers, n_heads, attention_last + 1)
+    int slots;                  // positions of one batch that --attention can ask for
 };
 
-/* Turns --trace on: room for the statistics of a whole batch. */
-static void alloc_trace(RunState *s, const Config *c) {
+/* The plain matrix products by weight type, WEIGHT_*, as the kernel table starts. */
+static MatmulKernel *const plain_matmul[4] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16};
+
+/* Turns the trace on, with room for a whole batch. */
+static void alloc_trace(Transformer *t, const TraceRequest *asked) {
+    RunState *s = &t->state;
+    const Config *c = &t->config;
     Trace *tr = xcalloc(1, sizeof *tr, "the trace");
-    size_t rows = mul_size(s->batch, c->n_layers);
+    size_t rows = mul_size(s->batch, c->n_layers), heads = mul_size(rows, c->n_heads);
+    tr->asked = *asked;
     tr->rows = xcalloc(rows, sizeof *tr->rows, "the trace");
-    tr->entropy = xcalloc(mul_size(rows, c->n_heads), sizeof(float), "the trace");
+    tr->entropy = xcalloc(heads, sizeof(float), "the trace");
     tr->weights = xcalloc(s->ctx, sizeof(float), "the trace");
     tr->mean = xcalloc(s->ctx, sizeof(float), "the trace");
-    tr->n_layers = c->n_layers, tr->dim = c->dim;
+    tr->n_layers = c->n_layers, tr->n_heads = c->n_heads, tr->dim = c->dim;
+    tr->classifier = &t->weights.classifier, tr->final_norm = t->weights.final_norm, tr->norm_eps = c->norm_eps;
+    if (asked->lens_k) {
+        tr->lens_top = xcalloc(mul_size(rows, asked->lens_k), sizeof(int), "the logit lens");
+        tr->lens_prob = xcalloc(mul_size(rows, asked->lens_k), sizeof(float), "the logit lens");
+        tr->lens_x = xcalloc(c->dim, sizeof(float), "the logit lens");
+        tr->lens_logits = xcalloc(c->vocab_size, sizeof(float), "the logit lens");
+        QuantizedVector *parts[2] = {&tr->lens_in.q, &tr->lens_in.rest};
+        for (int i = 0; i < 2; i++) { // one row of dim, in the layout of quantized_row()
+            parts[i]->q = xcalloc(c->dim, 1, "the logit lens");
+            parts[i]->d = xcalloc(c->dim / GROUP_SIZE + 1, sizeof(float), "the logit lens");
+            parts[i]->bias = xcalloc(c->dim / 4 + 1, sizeof(int32_t), "the logit lens");
+            parts[i]->group_bias = xcalloc(c->dim / GROUP_SIZE + 1, sizeof(int32_t), "the logit lens");
+        }
+    }
+    if (asked->attention_last >= 0) {
+        int span = asked->attention_last - asked->attention_first + 1;
+        tr->slots = span < s->batch ? span : s->batch;
+        size_t per_slot = mul_size((size_t)c->n_layers * c->n_heads, (size_t)asked->attention_last + 1);
+        tr->attention = xcalloc(mul_size(tr->slots, per_slot), sizeof(float), "the attention weights");
+    }
     s->trace = tr;
 }
 
 static void free_trace(Trace *tr) {
     if (!tr) return;
-    free(tr->rows), free(tr->entropy), free(tr->weights), free(tr->mean), free(tr);
+    QuantizedVector *parts[2] = {&tr->lens_in.q, &tr->lens_in.rest};
+    for (int i = 0; i < 2; i++) free(parts[i]->q), free(parts[i]->d), free(parts[i]->bias), free(parts[i]->group_bias);
+    free(tr->rows), free(tr->entropy), free(tr->weights), free(tr->mean), free(tr->lens_top), free(tr->lens_prob);
+    free(tr->lens_x), free(tr->lens_logits), free(tr->attention), free(tr);
 }
 
 /* sqrt(mean(x^2)) of a row of n. */
@@ -1076,9 +1132,43 @@ static float rms(const float *x, int n) {
     return (float)sqrt(sum / n);
 }
 
+/* top (k) = the indices of the k largest of p (n), largest first, ties to
+   the lower index: an insertion into the k kept so far, which most values
+   pass over at one comparison. */
+static void top_indices(int *top, const float *p, int n, int k) {
+    int kept = 0;
+    for (int i = 0; i < n; i++) {
+        if (kept == k && !(p[i] > p[top[k - 1]])) continue;
+        int j = kept < k ? kept++ : k - 1;
+        for (; j > 0 && p[i] > p[top[j - 1]]; j--) top[j] = top[j - 1];
+        top[j] = i;
+    }
+}
+
+/* --lens, after layer `layer`: each of the n rows of the stream x (n, dim)
+   through the final norm, the classifier and a softmax, as if it were the
+   last layer, and the lens_k likeliest tokens. */
+static void lens(Trace *tr, int layer, const float *x, int n) {
+    const Matrix *w = tr->classifier;
+    int k = tr->asked.lens_k, vocab = w->rows;
+    for (int t = 0; t < n; t++) {
+        rmsnorm(tr->lens_x, x + (size_t)t * tr->dim, tr->final_norm, 1, tr->dim, tr->norm_eps);
+        prepare_input(&tr->lens_in, w, tr->lens_x, 1);
+        #pragma omp parallel for schedule(static)
+        for (int u = 0; u < row_blocks(w); u++) {
+            int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < vocab ? r0 + ROW_BLOCK : vocab;
+            plain_matmul[w->type](tr->lens_logits + r0, vocab, w, r0, r1, &tr->lens_in);
+        }
+        softmax(tr->lens_logits, vocab);
+        size_t at = ((size_t)t * tr->n_layers + layer) * k;
+        top_indices(tr->lens_top + at, tr->lens_logits, vocab, k);
+        for (int j = 0; j < k; j++) tr->lens_prob[at + j] = tr->lens_logits[tr->lens_top[at + j]];
+    }
+}
+
 /* After a block's residual add: the stream x (n, dim) as it is now and the
    block's output (n, dim) that was added to it. The stream before is
-   x - output, up to the rounding of one addition. */
+   x - output, up to the rounding of one addition. After the MLP, the lens. */
 static void trace_residual(Trace *tr, int layer, int block, const float *x, const float *output, int n) {
     int dim = tr->dim;
     for (int t = 0; t < n; t++) {
@@ -1088,12 +1178,26 @@ static void trace_residual(Trace *tr, int layer, int block, const float *x, cons
         float *r = tr->rows[(size_t)t * tr->n_layers + layer].rms[block];
         r[0] = (float)sqrt(before / dim), r[1] = rms(ot, dim), r[2] = rms(xt, dim);
     }
+    if (block == TRACE_MLP && tr->asked.lens_k) lens(tr, layer, x, n);
+}
+
+static int attention_asked(const Trace *tr, int position) {
+    return position >= tr->asked.attention_first && position <= tr->asked.attention_last;
+}
+
+/* Where --attention keeps the weights (position + 1) of one head at a
+   position it asked for: the positions of one batch that it asked for
+   are consecutive, at most slots of them, so each has a slot of its own. */
+static float *attention_kept(const Trace *tr, int position, int layer, int head) {
+    size_t slot = (size_t)position % tr->slots;
+    return tr->attention + ((slot * tr->n_layers + layer) * tr->n_heads + head) * (tr->asked.attention_last + 1);
 }
 
 /* Before attention overwrites the queries q (n, q_dim): each head's
    attention weights, softmax(q k^T / sqrt(head_dim)) over the positions it
-   sees, recomputed from the cache; their entropy per head, and the
-   TRACE_TOP positions of the most weight averaged over the heads. */
+   sees, recomputed from the cache; their entropy per head, the TRACE_TOP
+   positions of the most weight averaged over the heads, and the weights
+   themselves at the positions --attention asked for. */
 static void trace_attention(Trace *tr, int layer, const float *q, const KVCache *kv, int pos, int n) {
     int n_heads = kv->n_heads, group = n_heads / kv->n_kv_heads;
     for (int t = 0; t < n; t++) {
@@ -1104,6 +1208,8 @@ static void trace_attention(Trace *tr, int layer, const float *q, const KVCache 
         for (int h = 0; h < n_heads; h++) {
             attention_scores(tr->weights, q + ((size_t)t * n_heads + h) * kv->head_dim, kv, h / group, n_pos);
             softmax(tr->weights, n_pos);
+            if (attention_asked(tr, pos + t))
+                memcpy(attention_kept(tr, pos + t, layer, h), tr->weights, (size_t)n_pos * sizeof(float));
             double bits = 0.0;
             for (int p = 0; p < n_pos; p++) {
                 float w = tr->weights[p];
@@ -1123,6 +1229,38 @@ static void trace_attention(Trace *tr, int layer, const float *q, const KVCache 
             row->top_weight[j] = best >= 0 ? tr->mean[best] : 0.0f;
         }
     }
+}
+
+/* ----------------------------------------------------------------------------
+   Opening a checkpoint: the file, checked and mapped, then parse_checkpoint(). */
+
+/* Opens an input file for reading, refusing anything but a regular file of
+   at most max_size bytes: a FIFO would block open() (O_NONBLOCK keeps it
+   from waiting) and a device such as /dev/zero never ends. */
+static int open_input(const char *path, long long max_size, const char *what, struct stat *st) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) die(path, "cannot open: %s", strerror(errno));
+    if (fstat(fd, st) != 0) die(path, "cannot stat: %s", strerror(errno));
+    if (!S_ISREG(st->st_mode)) die(path, "not a regular file");
+    if (st->st_size > max_size)
+        die(path, "%s of %lld bytes is too large (at most %lld MiB)", what, (long long)st->st_size, max_size >> 20);
+    return fd;
+}
+
+/* Opens and maps a checkpoint. The mapping is read-only and private: weights
+   are never copied, and pages load from the file as the kernels touch them. */
+static void load_transformer(Transformer *t, const char *path) {
+    memset(t, 0, sizeof *t);
+    t->path = path;
+    struct stat st;
+    int fd = open_input(path, INT64_MAX, "a checkpoint", &st);
+    if (st.st_size == 0) die(path, "file is empty");
+    t->device = st.st_dev, t->inode = st.st_ino;
+    t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+    close(fd);
+    if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
+    char err[ERROR_SIZE];
+    if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
 }
 
 /* ----------------------------------------------------------------------------
@@ -1207,6 +1345,7 @@ static void free_run_state(RunState *s) {
 static void free_transformer(Transformer *t) {
     free_run_state(&t->state);
     free(t->weights.layers);
+    free(t->weights.rope_inv_freq);
     munmap(t->data, t->file_size);
 }
 
@@ -1544,15 +1683,7 @@ static void print_token_text(FILE *f, const Session *s, int token) {
 static void show_probs(const Session *s, const float *probs, int token) {
     int vocab = s->transformer->config.vocab_size, k = s->probs_k < vocab ? s->probs_k : vocab;
     int top[128];
-    for (int j = 0; j < k; j++) { // selection: k is small
-        int best = -1;
-        for (int i = 0; i < vocab; i++) {
-            int taken = 0;
-            for (int q = 0; q < j && !taken; q++) taken = top[q] == i;
-            if (!taken && (best < 0 || probs[i] > probs[best])) best = i;
-        }
-        top[j] = best;
-    }
+    top_indices(top, probs, vocab, k);
     int json = s->probs_format == PROBS_JSON;
     fprintf(stderr, json ? "{\"pos\": %d, \"token\": %d, \"text\": " : "probs: pos %d, token %d ", s->pos, token);
     print_token_text(stderr, s, token);
@@ -1578,36 +1709,144 @@ static int next_token(Session *s, float *logits) {
     return token;
 }
 
-/* --trace: after a forward pass over tokens (n) from position pos, a line
-   for each token, then one for each layer with what it did there:
+/* A number of a JSON line: 7 significant digits, as a float holds; null
+   when it is not finite (a damaged model), which JSON cannot write. */
+static void print_json_number(FILE *f, float v) {
+    if (isfinite(v)) fprintf(f, "%.7g", v);
+    else fputs("null", f);
+}
 
-     trace pos=P token=ID text="..."
-     trace pos=P layer=L rms_in=R attn=A rms_mid=R mlp=M rms_out=R entropy=E0,E1,.. top=P0:W0,P1:W1,..
+/* The start of a trace line of view `view` for position pos of token. */
+static void print_trace_head(const Session *s, const char *view, int pos, int layer, int token) {
+    const Trace *tr = s->transformer->state.trace;
+    if (!tr->asked.json) { fprintf(stderr, "%s pos=%d layer=%d", view, pos, layer); return; }
+    fprintf(stderr, "{\"view\": \"%s\", \"pos\": %d, \"layer\": %d, \"token\": %d, \"text\": ", view, pos, layer,
+            token);
+    print_token_text(stderr, s, token);
+}
 
-   rms_in, rms_mid and rms_out are the RMS of the residual stream entering
-   the layer, after attention's output (of RMS attn) was added, and after the
-   MLP's (mlp) was; entropy is each head's attention, in bits (0: all weight
-   on one position; log2(P + 1): spread evenly); top, the positions attended
-   most, with their weight averaged over heads. */
+/* --trace: what layer l did at position pos (row t of the last pass). */
+static void print_trace_stats(const Session *s, int t, int l, int pos, int token) {
+    const Config *c = &s->transformer->config;
+    const Trace *tr = s->transformer->state.trace;
+    const TraceRow *row = &tr->rows[(size_t)t * c->n_layers + l];
+    const float *entropy = tr->entropy + ((size_t)t * c->n_layers + l) * c->n_heads;
+    print_trace_head(s, "trace", pos, l, token);
+    if (tr->asked.json) {
+        const char *names[5] = {"rms_in", "attn", "rms_mid", "mlp", "rms_out"};
+        float values[5] = {row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1], row->rms[TRACE_ATTENTION][2],
+                           row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]};
+        for (int i = 0; i < 5; i++) {
+            fprintf(stderr, ", \"%s\": ", names[i]);
+            print_json_number(stderr, values[i]);
+        }
+        fprintf(stderr, ", \"entropy\": [");
+        for (int h = 0; h < c->n_heads; h++) {
+            fputs(h ? ", " : "", stderr);
+            print_json_number(stderr, entropy[h]);
+        }
+        fprintf(stderr, "], \"top\": [");
+        for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++) {
+            fprintf(stderr, "%s{\"pos\": %d, \"weight\": ", j ? ", " : "", row->top[j]);
+            print_json_number(stderr, row->top_weight[j]);
+            fputc('}', stderr);
+        }
+        fprintf(stderr, "]}\n");
+        return;
+    }
+    fprintf(stderr, " rms_in=%.6g attn=%.6g rms_mid=%.6g mlp=%.6g rms_out=%.6g entropy=",
+            row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1], row->rms[TRACE_ATTENTION][2],
+            row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]);
+    for (int h = 0; h < c->n_heads; h++) fprintf(stderr, h ? ",%.4f" : "%.4f", entropy[h]);
+    fprintf(stderr, " top=");
+    for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++)
+        fprintf(stderr, j ? ",%d:%.4f" : "%d:%.4f", row->top[j], row->top_weight[j]);
+    fputc('\n', stderr);
+}
+
+/* --lens: the likeliest next tokens had layer l been the last, at position
+   pos (row t of the last pass). */
+static void print_lens(const Session *s, int t, int l, int pos, int token) {
+    const Trace *tr = s->transformer->state.trace;
+    int k = tr->asked.lens_k, json = tr->asked.json;
+    size_t at = ((size_t)t * tr->n_layers + l) * k;
+    print_trace_head(s, "lens", pos, l, token);
+    fprintf(stderr, json ? ", \"top\": [" : " top:");
+    for (int j = 0; j < k; j++) {
+        fprintf(stderr, json ? "%s{\"token\": %d, \"text\": " : " %s%d ", j && json ? ", " : "", tr->lens_top[at + j]);
+        print_token_text(stderr, s, tr->lens_top[at + j]);
+        if (json) {
+            fprintf(stderr, ", \"prob\": ");
+            print_json_number(stderr, tr->lens_prob[at + j]);
+            fputc('}', stderr);
+        } else {
+            fprintf(stderr, " %.4f", tr->lens_prob[at + j]);
+        }
+    }
+    fprintf(stderr, json ? "]}\n" : "\n");
+}
+
+/* --attention: every head's weights over positions 0 .. pos at layer l. */
+static void print_attention(const Session *s, int l, int pos, int token) {
+    const Trace *tr = s->transformer->state.trace;
+    if (tr->asked.json) {
+        print_trace_head(s, "attention", pos, l, token);
+        fprintf(stderr, ", \"weights\": [");
+    }
+    for (int h = 0; h < tr->n_heads; h++) {
+        const float *w = attention_kept(tr, pos, l, h);
+        if (tr->asked.json) {
+            fputs(h ? ", [" : "[", stderr);
+            for (int p = 0; p <= pos; p++) {
+                fputs(p ? ", " : "", stderr);
+                print_json_number(stderr, w[p]);
+            }
+            fputc(']', stderr);
+        } else {
+            fprintf(stderr, "attention pos=%d layer=%d head=%d weights=", pos, l, h);
+            for (int p = 0; p <= pos; p++) fprintf(stderr, p ? ",%.4f" : "%.4f", w[p]);
+            fputc('\n', stderr);
+        }
+    }
+    if (tr->asked.json) fprintf(stderr, "]}\n");
+}
+
+/* After a forward pass over tokens (n) from position pos, what the trace
+   was asked for, position by position:
+
+     --trace: a line naming the token, then one for each layer
+
+       trace pos=P token=ID text="..."
+       trace pos=P layer=L rms_in=R attn=A rms_mid=R mlp=M rms_out=R entropy=E0,E1,.. top=P0:W0,P1:W1,..
+
+     rms_in, rms_mid and rms_out are the RMS of the residual stream entering
+     the layer, after attention's output (of RMS attn) was added, and after
+     the MLP's (mlp) was; entropy is each head's attention, in bits (0: all
+     weight on one position; log2(P + 1): spread evenly); top, the positions
+     attended most, with their weight averaged over heads;
+
+     --lens K: one line for each layer, its K likeliest next tokens
+
+       lens pos=P layer=L top: ID "..." PROB ID "..." PROB ..
+
+     --attention: for a position asked for, one line per layer and head
+
+       attention pos=P layer=L head=H weights=W0,W1,..,WP
+
+   With --trace-format json, each of these is one JSON object per position
+   and layer instead, with the token and its text (docs/VIEWS.md). */
 static void print_trace(const Session *s, const int *tokens, int n, int pos) {
     const Config *c = &s->transformer->config;
     const Trace *tr = s->transformer->state.trace;
     for (int t = 0; t < n; t++) {
-        fprintf(stderr, "trace pos=%d token=%d text=", pos + t, tokens[t]);
-        print_token_text(stderr, s, tokens[t]);
-        fputc('\n', stderr);
-        for (int l = 0; l < c->n_layers; l++) {
-            const TraceRow *row = &tr->rows[(size_t)t * c->n_layers + l];
-            const float *entropy = tr->entropy + ((size_t)t * c->n_layers + l) * c->n_heads;
-            fprintf(stderr, "trace pos=%d layer=%d rms_in=%.6g attn=%.6g rms_mid=%.6g mlp=%.6g rms_out=%.6g entropy=",
-                    pos + t, l, row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1],
-                    row->rms[TRACE_ATTENTION][2], row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]);
-            for (int h = 0; h < c->n_heads; h++) fprintf(stderr, h ? ",%.4f" : "%.4f", entropy[h]);
-            fprintf(stderr, " top=");
-            for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++)
-                fprintf(stderr, j ? ",%d:%.4f" : "%d:%.4f", row->top[j], row->top_weight[j]);
+        if (tr->asked.stats && !tr->asked.json) {
+            fprintf(stderr, "trace pos=%d token=%d text=", pos + t, tokens[t]);
+            print_token_text(stderr, s, tokens[t]);
             fputc('\n', stderr);
         }
+        for (int l = 0; tr->asked.stats && l < c->n_layers; l++) print_trace_stats(s, t, l, pos + t, tokens[t]);
+        for (int l = 0; tr->asked.lens_k && l < c->n_layers; l++) print_lens(s, t, l, pos + t, tokens[t]);
+        for (int l = 0; attention_asked(tr, pos + t) && l < c->n_layers; l++) print_attention(s, l, pos + t, tokens[t]);
     }
 }
 
@@ -1725,6 +1964,10 @@ static void print_statistics(const Session *s) {
      llama2:  <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>
      chatml:  <|im_start|>system\n{system}<|im_end|>\n
               <|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n
+     llama3:  <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
+              <|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>
+              <|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
+              (system and user trimmed of surrounding whitespace, as its template does)
    Markers such as <s> and <|im_start|> enter as token ids. (Text a user
    types is tokenized as Hugging Face does: a byte-level tokenizer matches
    special tokens typed in it, sentencepiece does not.) Without -y, the system
@@ -1734,8 +1977,9 @@ static void print_statistics(const Session *s) {
 
 /* The template: --template's name if given, else the tokenizer's, else Llama 2's. */
 static int chat_template(const char *name, const Tokenizer *tok) {
-    if (name) return strcmp(name, "chatml") ? TEMPLATE_LLAMA2 : TEMPLATE_CHATML;
-    return tok->chat_template == TEMPLATE_CHATML ? TEMPLATE_CHATML : TEMPLATE_LLAMA2;
+    if (!name) return tok->chat_template == TEMPLATE_NONE ? TEMPLATE_LLAMA2 : tok->chat_template;
+    if (!strcmp(name, "chatml")) return TEMPLATE_CHATML;
+    return strcmp(name, "llama3") ? TEMPLATE_LLAMA2 : TEMPLATE_LLAMA3;
 }
 
 /* The system prompt: -y's if given (-y "" means none), else the template's default. */
@@ -1767,9 +2011,61 @@ static int marker_token(const Tokenizer *tok, const char *text, const char *tok_
     return id;
 }
 
+/* Whether the valid UTF-8 character c is whitespace to Python's str.isspace(),
+   which the trim filter of Jinja (the templates' language) strips. */
+static int is_python_space(uint32_t c) {
+    return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+           c == 0x3000;
+}
+
+/* The part of text between its leading and trailing whitespace: its start,
+   and its length in *len. */
+static const char *trimmed(const char *text, size_t *len) {
+    const unsigned char *s = (const unsigned char *)text;
+    size_t n = strlen(text), first = n, end = n;
+    for (size_t i = 0; i < n;) {
+        int k = utf8_valid_len(s + i, n - i);
+        size_t step = k ? (size_t)k : 1; // a byte that is not UTF-8 counts as text
+        if (!k || !is_python_space(tok_utf8_decode(s + i, k))) {
+            if (first == n) first = i;
+            end = i + step;
+        }
+        i += step;
+    }
+    *len = end - first;
+    return text + first;
+}
+
+/* Appends one Llama 3 message: <|start_header_id|>role<|end_header_id|>, then
+   "\n\n" and the content trimmed, tokenized together as the template's text
+   is, then <|eot_id|>. With content NULL, only the header and "\n\n" that
+   open the answer. */
+static void push_llama3_message(TokenList *list, const Tokenizer *tok, const char *tok_path, const char *role,
+                                const char *content) {
+    push_token(list, marker_token(tok, "<|start_header_id|>", tok_path));
+    push_text(list, tok, role);
+    push_token(list, marker_token(tok, "<|end_header_id|>", tok_path));
+    size_t len = 0;
+    const char *start = content ? trimmed(content, &len) : "";
+    char *text = xcalloc(len + 3, 1, "the prompt");
+    memcpy(text, "\n\n", 2);
+    memcpy(text + 2, start, len);
+    push_text(list, tok, text);
+    free(text);
+    if (content) push_token(list, marker_token(tok, "<|eot_id|>", tok_path));
+}
+
 /* Appends one user turn, as the template spells it, to list. */
 static void push_user_turn(TokenList *list, const Tokenizer *tok, const char *tok_path, int template,
                            const char *system, const char *user, int first_turn) {
+    if (template == TEMPLATE_LLAMA3) {
+        if (first_turn && tok->bos_id >= 0) push_token(list, tok->bos_id);
+        if (first_turn && system && *system) push_llama3_message(list, tok, tok_path, "system", system);
+        push_llama3_message(list, tok, tok_path, "user", user);
+        push_llama3_message(list, tok, tok_path, "assistant", NULL);
+        return;
+    }
     if (template == TEMPLATE_CHATML) {
         int start = marker_token(tok, "<|im_start|>", tok_path), end = marker_token(tok, "<|im_end|>", tok_path);
         if (first_turn && system && *system) {
@@ -1801,13 +2097,15 @@ static void push_user_turn(TokenList *list, const Tokenizer *tok, const char *to
 
 /* Closes the previous answer as the template writes it: its last token
    if that was shown but never fed back (the -n limit or a stop string ended
-   the answer), then </s> or <|im_end|>\n. */
+   the answer), then </s>, <|im_end|>\n or <|eot_id|>. */
 static void push_answer_end(TokenList *list, const Session *s, const Tokenizer *tok, const char *tok_path,
                             int template, int last) {
     if (last >= 0 && !is_stop_token(s, last)) push_token(list, last);
     if (template == TEMPLATE_CHATML) {
         push_token(list, marker_token(tok, "<|im_end|>", tok_path));
         push_text(list, tok, "\n");
+    } else if (template == TEMPLATE_LLAMA3) {
+        push_token(list, marker_token(tok, "<|eot_id|>", tok_path));
     } else if (tok->eos_id >= 0) {
         push_token(list, tok->eos_id);
     }
@@ -1846,7 +2144,9 @@ static void print_help(void) {
         "  -m MODE       generate (default), chat, or score (perplexity of the prompt text)\n"
         "  -y TEXT       system prompt for chat (default: the template's, if the tokenizer\n"
         "                has one; -y \"\" for none)\n"
-        "  --template T  chat template: llama2 or chatml (default: from the tokenizer)\n"
+        "  --template T  chat template: llama2, chatml or llama3 (default: from the\n"
+        "                tokenizer); a chatml or llama3 answer ends at <|im_end|> or\n"
+        "                <|eot_id|> too\n"
         "  --stride N    score: windows of the context length start N tokens apart\n"
         "                (default: half the context)\n"
         "sampling, applied in this order:\n"
@@ -1871,6 +2171,14 @@ static void print_help(void) {
         "  --trace       for each position and layer, one line on stderr: RMS of the\n"
         "                residual stream before and after attention and the MLP, each\n"
         "                head's attention entropy (bits), the positions attended most\n"
+        "  --lens K      logit lens: for each position and layer, the K most likely next\n"
+        "                tokens (1 <= K <= 100, at most the vocabulary) and their\n"
+        "                probabilities, had the model stopped after that layer\n"
+        "  --attention P or P-Q  every head's attention weights in every layer at\n"
+        "                position P (or each of P to Q that the run reaches), over\n"
+        "                positions 0 .. P\n"
+        "  --trace-format text|json  --trace, --lens and --attention as lines of text\n"
+        "                (default) or JSON objects, one per position and layer\n"
         "  --tokenize    print the prompt's token ids on one line and exit (with -m chat:\n"
         "                the first turn, as the chat template wraps it)\n"
         "  -h, --help    this help\n"
@@ -1883,7 +2191,8 @@ static void print_help(void) {
 typedef struct {
     const char *model_path, *tokenizer_path, *prompt, *prompt_file, *prompt_ids;
     const char *mode, *system_prompt, *template_name, *logits_path;
-    int steps, context, batch, stride, tokenize_only, seed_given, probs_k, probs_format, trace;
+    int steps, context, batch, stride, tokenize_only, seed_given, probs_k, probs_format;
+    TraceRequest views;         // --trace, --lens, --attention, --trace-format
     SamplerSettings sampling;
     const char *stop_strings[MAX_STOP_STRINGS];
     int n_stop_strings;
@@ -1917,10 +2226,24 @@ static int parse_float(float *out, const char *flag, const char *text, float min
     return 0;
 }
 
+/* --attention's P or P-Q: the positions whose attention weights to show. */
+static int parse_positions(TraceRequest *r, const char *text, char *err) {
+    char *end;
+    errno = 0;
+    long first = strtol(text, &end, 10), last = first;
+    if (!errno && end != text && *end == '-' && end[1] >= '0' && end[1] <= '9') last = strtol(end + 1, &end, 10);
+    if (errno || end == text || *end != '\0' || first < 0 || last < first || last >= MAX_SEQ_LEN)
+        return fail(err, "--attention expects a position P or positions P-Q, 0 <= P <= Q < %d, got '%s'",
+                    MAX_SEQ_LEN, text);
+    r->attention_first = (int)first, r->attention_last = (int)last;
+    return 0;
+}
+
 /* Reads the command line into o. Returns 0 to run, 1 when -h asks for the
    help, -1 (with err) for a bad command line. */
 static int parse_options(Options *o, int argc, char **argv, char *err) {
     *o = (Options){.steps = 256, .batch = DEFAULT_BATCH, .mode = "generate",
+                   .views = {.attention_first = -1, .attention_last = -1},
                    .sampling = {.temperature = 1.0f, .top_p = 0.9f, .repeat_penalty = 1.0f,
                                 .repeat_window = 64}};
     SamplerSettings *sp = &o->sampling;
@@ -1930,7 +2253,7 @@ static int parse_options(Options *o, int argc, char **argv, char *err) {
         const char *flag = argv[i];
         if (!strcmp(flag, "-h") || !strcmp(flag, "--help")) return 1;
         if (!strcmp(flag, "--tokenize")) { o->tokenize_only = 1; continue; }
-        if (!strcmp(flag, "--trace")) { o->trace = 1; continue; }
+        if (!strcmp(flag, "--trace")) { o->views.stats = 1; continue; }
         if (flag[0] != '-') return fail(err, "unexpected argument '%s'", flag);
         if (i + 1 >= argc) return fail(err, "%s needs a value", flag);
         const char *value = argv[++i];
@@ -1959,6 +2282,12 @@ static int parse_options(Options *o, int argc, char **argv, char *err) {
             if (strcmp(value, "text") && strcmp(value, "json"))
                 return fail(err, "--probs-format expects text or json, got '%s'", value);
             o->probs_format = strcmp(value, "json") ? PROBS_TEXT : PROBS_JSON;
+        } else if (!strcmp(flag, "--lens")) bad = parse_int(&o->views.lens_k, flag, value, 1, 100, err);
+        else if (!strcmp(flag, "--attention")) bad = parse_positions(&o->views, value, err);
+        else if (!strcmp(flag, "--trace-format")) {
+            if (strcmp(value, "text") && strcmp(value, "json"))
+                return fail(err, "--trace-format expects text or json, got '%s'", value);
+            o->views.json = !strcmp(value, "json");
         } else if (!strcmp(flag, "--stop")) {
             if (!*value) return fail(err, "--stop needs a non-empty text");
             if (o->n_stop_strings == MAX_STOP_STRINGS) return fail(err, "at most %d --stop strings", MAX_STOP_STRINGS);
@@ -1980,8 +2309,9 @@ static int parse_options(Options *o, int argc, char **argv, char *err) {
     }
     if (strcmp(o->mode, "generate") && strcmp(o->mode, "chat") && strcmp(o->mode, "score"))
         return fail(err, "-m expects generate, chat or score, got '%s'", o->mode);
-    if (o->template_name && strcmp(o->template_name, "llama2") && strcmp(o->template_name, "chatml"))
-        return fail(err, "--template expects llama2 or chatml, got '%s'", o->template_name);
+    if (o->template_name && strcmp(o->template_name, "llama2") && strcmp(o->template_name, "chatml") &&
+        strcmp(o->template_name, "llama3"))
+        return fail(err, "--template expects llama2, chatml or llama3, got '%s'", o->template_name);
     if ((o->prompt != NULL) + (o->prompt_file != NULL) + (o->prompt_ids != NULL) > 1)
         return fail(err, "give the prompt once: -i, -f or --tokens");
     if (!o->model_path && !o->tokenize_only) return fail(err, "no model given");
@@ -2065,8 +2395,9 @@ static int run_tokenize(const Options *o, const char *tok_path, int vocab_size, 
         push_user_turn(&prompt, &tok, tok_path, chat_template(o->template_name, &tok),
                        chat_system_prompt(o->system_prompt, &tok), text, 1);
     } else {
-        if (tok.add_bos && tok.bos_id >= 0) push_token(&prompt, tok.bos_id);
+        if (tok.add_bos) push_token(&prompt, tok.bos_id);
         push_text(&prompt, &tok, text);
+        if (tok.add_eos) push_token(&prompt, tok.eos_id);
     }
     for (int i = 0; i < prompt.n; i++) printf(i ? " %d" : "%d", prompt.ids[i]);
     putchar('\n');
@@ -2080,6 +2411,7 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
     int template = chat_template(o->template_name, tok);
     const char *system = chat_system_prompt(o->system_prompt, tok);
     if (template == TEMPLATE_CHATML) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|im_end|>", tok_path);
+    if (template == TEMPLATE_LLAMA3) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|eot_id|>", tok_path);
     int interactive = first_prompt == NULL, status = 0;
     char *line = NULL;
     size_t cap = 0;
@@ -2218,8 +2550,9 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
         char err[ERROR_SIZE];
         if (o->prompt_ids && parse_token_ids(o->prompt_ids, c->vocab_size, &prompt, err) < 0) usage_error("%s", err);
         else if (text) {
-            if (tokenizer.add_bos && tokenizer.bos_id >= 0) push_token(&prompt, tokenizer.bos_id);
+            if (tokenizer.add_bos) push_token(&prompt, tokenizer.bos_id);
             push_text(&prompt, &tokenizer, text);
+            if (tokenizer.add_eos) push_token(&prompt, tokenizer.eos_id);
         }
         if (prompt.n == 0) push_token(&prompt, bos);
         if (!strcmp(o->mode, "score")) {
@@ -2290,7 +2623,13 @@ int main(int argc, char **argv) {
         int ctx = o.context ? o.context : c->max_seq_len;
         if (ctx > c->max_seq_len) usage_error("-c %d exceeds the model's max_seq_len of %d", ctx, c->max_seq_len);
         if (!o.tokenize_only) alloc_run_state(&transformer.state, c, ctx, o.batch);
-        if (!o.tokenize_only && o.trace) alloc_trace(&transformer.state, c);
+        const TraceRequest *views = &o.views;
+        if (views->lens_k > vocab_size)
+            usage_error("--lens %d exceeds the model's vocabulary of %d tokens", views->lens_k, vocab_size);
+        if (views->attention_last >= ctx)
+            usage_error("--attention %d is beyond the context of %d positions (see -c)", views->attention_last, ctx);
+        if (!o.tokenize_only && (views->stats || views->lens_k || views->attention_last >= 0))
+            alloc_trace(&transformer, views);
     }
     char *prompt_text = o.prompt_file ? read_text_file(o.prompt_file) : NULL;
     const char *text = o.prompt ? o.prompt : prompt_text;
@@ -2357,7 +2696,8 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
         for (int i = 0; i < 9; i++)
             m[i] = (Matrix){start[i] + l * shapes[i][0] * shapes[i][1], NULL, (int)shapes[i][0],
                             (int)shapes[i][1], WEIGHT_F32};
-        w->layers[l] = (LayerWeights){m[0].values, m[1], m[2], m[3], m[4], m[5].values, m[6], m[7], m[8]};
+        w->layers[l] = (LayerWeights){m[0].values, m[1], m[2], m[3], m[4], m[5].values, m[6], m[7], m[8],
+                                      NULL, NULL, NULL}; // no biases
     }
     return off;
 }
@@ -2506,9 +2846,10 @@ static void gemm_tile_fast(const GemmTile *g) {
         }
 }
 
-/* The kernel for tiles of a full GEMM_ROWS rows: gemm_tile_fast(), or
-   gemm_tile_avx512(). */
-static void (*gemm_tile_full)(const GemmTile *g) = gemm_tile_fast;
+/* The kernel for tiles of a full GEMM_ROWS rows where the CPU has one of its
+   own (gemm_tile_avx512()); NULL: gemm_tile_fast(), called directly, so that
+   the compiler inlines it into gemm_rows() with the tile's fields known. */
+static void (*gemm_tile_full)(const GemmTile *g);
 
 /* matmul_f32()'s result for a batch x (n, cols) of in and f32, bf16, q8_0
    or q4_0 weights, for rows r0 .. r1 - 1, r0 a multiple of GEMM_ROWS.
@@ -2535,7 +2876,7 @@ static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, cons
                 tile.tokens = n - t < GEMM_TOKENS ? n - t : GEMM_TOKENS;
                 tile.c = out + (size_t)t * ldo + (r - r0);
                 tile.x = in->x + (size_t)t * cols + k;
-                if (nr == GEMM_ROWS) gemm_tile_full(&tile);
+                if (nr == GEMM_ROWS && gemm_tile_full) gemm_tile_full(&tile);
                 else gemm_tile_fast(&tile);
             }
         }
@@ -3362,7 +3703,6 @@ static void matmul_bf16_avx512(float *out, int ldo, const Matrix *w, int r0, int
    table. main() calls it once, before the first forward pass. */
 static void choose_fast_kernels(void) {
     kernels = (Kernels){{matmul_f32_fast, matmul_q8_0, matmul_q4_0, matmul_bf16_fast}, prepare_input, attention_fast};
-    gemm_tile_full = gemm_tile_fast;
 #if HAVE_AVX2
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx2;
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx2;

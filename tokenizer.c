@@ -61,10 +61,12 @@
                                             bit 3  byte fallback (sp)
                                             bit 4  ignore merges: a pre-token that
                                                    is a token is kept whole (bl)
+                                            bit 5  add EOS when encoding a prompt
          36     4  u32      pretokenizer    0 none, 1 GPT-2 regex,
                                             2 digits one by one, then GPT-2 regex
                                             3 Llama 3 regex
-         40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml
+         40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml,
+                                            3 llama3 (<|start_header_id|>)
          44     4  u32      n_merges        0 for sentencepiece
          48     4  u32      max_token_length  bytes in the longest token
          52     4  u32      system_len      bytes of the default system prompt (0: none)
@@ -122,10 +124,11 @@ enum {
     TOKF_REMOVE_EXTRA_WS = 1u << 2,
     TOKF_BYTE_FALLBACK = 1u << 3,
     TOKF_IGNORE_MERGES = 1u << 4,
-    TOKF_ALL = (1u << 5) - 1
+    TOKF_ADD_EOS = 1u << 5,
+    TOKF_ALL = (1u << 6) - 1
 };
 enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_DIGITS_GPT2 = 2, PRETOK_LLAMA3 = 3 };
-enum { TEMPLATE_NONE = 0, TEMPLATE_LLAMA2 = 1, TEMPLATE_CHATML = 2 }; // chat_template; run.c's chat too
+enum { TEMPLATE_NONE = 0, TEMPLATE_LLAMA2 = 1, TEMPLATE_CHATML = 2, TEMPLATE_LLAMA3 = 3 }; // run.c's chat too
 
 /* An open-addressing hash table from token bytes to token id. */
 typedef struct {
@@ -144,6 +147,7 @@ typedef struct {
     int vocab_size;
     int bos_id, eos_id, pad_id, unk_id;   // -1: none
     int add_bos;            // 1: prompts start with bos_id
+    int add_eos;            // 1: prompts end with eos_id
     int chat_template;      // TEMPLATE_*
     char *system_prompt;    // the template's default system prompt (NUL-terminated), NULL: none
     int legacy;             // 1: read from a llama2.c tokenizer.bin
@@ -618,7 +622,7 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
         tok_err(err, err_size, "unknown pretokenizer %ld", (long)pretok, 0);
         return -1;
     }
-    if (chat > TEMPLATE_CHATML) {
+    if (chat > TEMPLATE_LLAMA3) {
         tok_err(err, err_size, "unknown chat_template %ld", (long)chat, 0);
         return -1;
     }
@@ -758,6 +762,7 @@ int tokenizer_load_memory(Tokenizer *t, const unsigned char *data, size_t size, 
         return -1;
     }
     t->add_bos = (t->flags & TOKF_ADD_BOS) && t->bos_id >= 0;
+    t->add_eos = (t->flags & TOKF_ADD_EOS) && t->eos_id >= 0;
     return 0;
 }
 

@@ -1,2 +1,2 @@
 """The readers and writers behind export.py: checkpoint, model sources,
-tokenizers, GGUF output."""
+tokenizers, GGUF and Hugging Face output, and --verify."""

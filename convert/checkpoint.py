@@ -14,14 +14,19 @@ from model import MAX_SEQ_LEN, ModelArgs
 # the validation all walk it.
 
 MAGIC = b"LLAM"
-VERSION = 1
+VERSION = 1                     # written when no flag is set, so such files stay as they always were
+VERSION_FLAGS = 2               # the header's u32 flags at offset 60 say which optional tensors follow
+FLAG_QKV_BIAS = 1               # per layer bq, bk, bv (f32) after wv
+FLAG_ROPE_FREQS = 2             # rope_inv_freq (f32, head_dim / 2) after the token embedding
+FLAGS = struct.Struct("<I")
 HEADER_SIZE = 256
 ALIGN = 64                      # every tensor starts at a multiple of this
 WEIGHT_TYPES = {"f32": 0, "q8_0": 1, "q4_0": 2, "bf16": 3}   # weight_type of the header
 WEIGHT_F32 = WEIGHT_TYPES["f32"]
 GROUP_SIZE = 32                 # weights per scale in q8_0 and q4_0
 # magic, version, 8 x i32 (dim .. max_seq_len), rope_theta, norm_eps,
-# tied_classifier, weight_type, group_size: 60 bytes, then zeros up to 256
+# tied_classifier, weight_type, group_size: 60 bytes, then (version 2) the
+# flags, then zeros up to 256
 HEADER = struct.Struct("<4sI8i2f3I")
 
 
@@ -29,12 +34,19 @@ def checkpoint_tensors(args):
     """The checkpoint's tensors in file order: a list of (state_dict name, shape)."""
     d, h, qd, kvd = args.dim, args.hidden_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     tensors = [("tok_embeddings.weight", (args.vocab_size, d))]
+    if args.scaled_rope:
+        tensors.append(("rope_inv_freq", (args.head_dim // 2,)))
     for i in range(args.n_layers):
         tensors += [
             (f"layers.{i}.attention_norm.weight", (d,)),
             (f"layers.{i}.attention.wq.weight", (qd, d)),
             (f"layers.{i}.attention.wk.weight", (kvd, d)),
             (f"layers.{i}.attention.wv.weight", (kvd, d)),
+        ]
+        if args.attention_bias:
+            tensors += [(f"layers.{i}.attention.wq.bias", (qd,)), (f"layers.{i}.attention.wk.bias", (kvd,)),
+                        (f"layers.{i}.attention.wv.bias", (kvd,))]
+        tensors += [
             (f"layers.{i}.attention.wo.weight", (d, qd)),
             (f"layers.{i}.ffn_norm.weight", (d,)),
             (f"layers.{i}.feed_forward.w1.weight", (h, d)),
@@ -200,6 +212,11 @@ def check_max_seq_len(args, path):
                                 "(give a shorter one with --max-seq-len)")
 
 
+def header_flags(args):
+    """The header's flags for args: 0 for a model that version 1 describes."""
+    return FLAG_QKV_BIAS * args.attention_bias | FLAG_ROPE_FREQS * args.scaled_rope
+
+
 ENCODE_ROWS_BYTES = 32 << 20    # a matrix is encoded this many float32 bytes of rows at a time
 
 
@@ -212,8 +229,9 @@ def _encoded_rows(w, dtype):
 
 
 def write_checkpoint(path, args, state_dict, dtype="f32", progress=None):
-    """Write the version 1 checkpoint with its matrices in dtype ("f32",
-    "bf16", "q8_0" or "q4_0"; norms stay f32) and return its size in bytes.
+    """Write the checkpoint with its matrices in dtype ("f32", "bf16", "q8_0"
+    or "q4_0"; norms, biases and RoPE frequencies stay f32) and return its
+    size in bytes: version 1, or version 2 when args has biases or scaled RoPE.
 
     state_dict: a dict of tensors or a Tensors, whose tensors are read one at
     a time, each written before the next is read. Its names, shapes and dtype
@@ -224,9 +242,12 @@ def write_checkpoint(path, args, state_dict, dtype="f32", progress=None):
     check_dtype(args, dtype, path)
     check_max_seq_len(args, path)
     group = GROUP_SIZE if dtype in ("q8_0", "q4_0") else 0
-    header = HEADER.pack(MAGIC, VERSION, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
+    flags = header_flags(args)
+    header = HEADER.pack(MAGIC, VERSION_FLAGS if flags else VERSION, args.dim, args.hidden_dim, args.n_layers, args.n_heads,
                          args.n_kv_heads, args.head_dim, args.vocab_size, args.max_seq_len,
                          args.rope_theta, args.norm_eps, int(args.tied), WEIGHT_TYPES[dtype], group)
+    if flags:
+        header += FLAGS.pack(flags)
     tensors = checkpoint_tensors(args)
     total_weights, weights_done = sum(math.prod(shape) for _, shape in tensors), 0
     with open(path, "wb") as f:
@@ -250,8 +271,9 @@ def _write_tensor(f, w, dtype):
 
 
 def read_checkpoint_arrays(path):
-    """Read a version 1 checkpoint as stored: (ModelArgs, dtype, {name: [arrays]}),
-    where a norm is one float32 array and a matrix the arrays of its weight type."""
+    """Read a version 1 or 2 checkpoint as stored: (ModelArgs, dtype, {name: [arrays]}),
+    where a vector (norm, bias, RoPE frequencies) is one float32 array and a
+    matrix the arrays of its weight type."""
     if os.path.getsize(path) < HEADER_SIZE:
         raise ExportError(path, f"{os.path.getsize(path)} bytes: shorter than the 256-byte header")
     data = np.memmap(path, dtype=np.uint8, mode="r")
@@ -260,11 +282,16 @@ def read_checkpoint_arrays(path):
         raise ExportError(path, f'magic {magic!r}: expected "LLAM"')
     dtype = {v: k for k, v in WEIGHT_TYPES.items()}.get(weight_type)
     expected_group = GROUP_SIZE if dtype in ("q8_0", "q4_0") else 0
-    if version != VERSION or dtype is None or group_size != expected_group:
+    if version not in (VERSION, VERSION_FLAGS) or dtype is None or group_size != expected_group:
         raise ExportError(path, f"version {version}, weight_type {weight_type}, group_size {group_size}: "
-                                f"expected version {VERSION}, a weight_type of 0..3 and its group_size")
+                                f"expected version {VERSION} or {VERSION_FLAGS}, a weight_type of 0..3 "
+                                "and its group_size")
+    flags = FLAGS.unpack_from(data, HEADER.size)[0] if version == VERSION_FLAGS else 0
+    if flags & ~(FLAG_QKV_BIAS | FLAG_ROPE_FREQS):
+        raise ExportError(path, f"flags = {flags:#x}: bits other than 1 (q/k/v biases) and 2 (RoPE frequencies)")
     try:
-        args = ModelArgs(*ints, rope_theta=theta, norm_eps=eps, tied=tied)
+        args = ModelArgs(*ints, rope_theta=theta, norm_eps=eps, tied=tied,
+                         attention_bias=bool(flags & FLAG_QKV_BIAS), scaled_rope=bool(flags & FLAG_ROPE_FREQS))
         check_dtype(args, dtype, path)
     except ValueError as e:
         raise ExportError(path, f"bad header: {e}") from None
@@ -284,7 +311,7 @@ def read_checkpoint_arrays(path):
 
 
 def read_checkpoint(path):
-    """Read a version 1 checkpoint back into (ModelArgs, state_dict): the writer's
+    """Read a checkpoint back into (ModelArgs, state_dict): the writer's
     inverse, with quantized and bf16 weights decoded to the float32 values that
     run.c computes with."""
     args, dtype, tensors = read_checkpoint_arrays(path)

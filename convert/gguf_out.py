@@ -5,21 +5,37 @@ import os
 from convert.checkpoint import read_checkpoint_arrays
 from convert.errors import ExportError, np
 from convert.sources import GGUF_LAYER_NAMES, GGUF_NAMES
+from convert.tokenizers import (PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, TOK_SENTENCEPIECE,
+                                TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_IGNORE_MERGES, TOKF_REMOVE_EXTRA_WS)
+from convert.vocab_out import chat_template_jinja, load_tokenizer, token_texts
 
-def write_gguf(path, checkpoint):
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) for ours; llama.cpp
+# ignores merges (keeps a pre-token that is a token whole) for Llama 3's only.
+GGUF_PRETOKENIZER_NAMES = {PRETOK_GPT2: "gpt-2", PRETOK_DIGITS_GPT2: "smollm", PRETOK_LLAMA3: "llama-bpe"}
+GGUF_FILE_TYPES = {"f32": 0, "q4_0": 2, "q8_0": 7, "bf16": 32}     # general.file_type: llama.cpp's LlamaFileType
+
+
+def write_gguf(path, checkpoint, tokenizer=None):
     """Write a checkpoint of ours as a llama.cpp GGUF file (architecture
     "llama") that holds the same weights, bit for bit: q8_0 and q4_0 groups
     become Q8_0 and Q4_0 blocks (the scale, then the group's values), bf16
     BF16, f32 F32, norms F32. RoPE needs no permutation: llama.cpp's llama
-    rotates interleaved pairs too. The vocabulary is a stand-in (<unk>, <s>,
-    </s>, the 256 byte tokens, then "t259", "t260", ...): enough for
-    llama.cpp to load the file and run token ids, which is what bench/bench.py
-    does with it. Needs the gguf package. Returns the file size."""
+    rotates interleaved pairs too (its converter permutes Hugging Face's q/k
+    rows into Meta's layout, our hf_to_interleaved), and transformers' GGUF
+    loader permutes them back. tokenizer: our tokenizer.bin, written as
+    llama.cpp's tokenizer.ggml.* metadata with its chat template; None
+    writes a stand-in vocabulary (<unk>, <s>, </s>, the 256 byte tokens, then
+    "t259", "t260", ...): enough for llama.cpp to load the file and run token
+    ids, which is what bench/bench.py does with it. Needs the gguf package.
+    Returns the file size."""
     import gguf
     args, dtype, tensors = read_checkpoint_arrays(checkpoint)
-    if args.vocab_size < 259:
+    tok = load_tokenizer(tokenizer, args.vocab_size) if tokenizer else None
+    if tok is None and args.vocab_size < 259:
         raise ExportError(path, f"vocab_size {args.vocab_size}: the stand-in vocabulary needs 259 tokens")
     writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(os.path.splitext(os.path.basename(checkpoint))[0])
+    writer.add_file_type(GGUF_FILE_TYPES[dtype])
     writer.add_context_length(args.max_seq_len)
     writer.add_embedding_length(args.dim)
     writer.add_block_count(args.n_layers)
@@ -32,14 +48,17 @@ def write_gguf(path, checkpoint):
     writer.add_rope_freq_base(args.rope_theta)
     writer.add_layer_norm_rms_eps(args.norm_eps)
     writer.add_vocab_size(args.vocab_size)
-    writer.add_tokenizer_model("llama")
-    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    pieces += [f"t{i}" for i in range(len(pieces), args.vocab_size)]
-    writer.add_token_list(pieces)
-    writer.add_token_scores([0.0] * args.vocab_size)
-    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (args.vocab_size - 259))
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    if tok is None:
+        writer.add_tokenizer_model("llama")
+        pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+        pieces += [f"t{i}" for i in range(len(pieces), args.vocab_size)]
+        writer.add_token_list(pieces)
+        writer.add_token_scores([0.0] * args.vocab_size)
+        writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (args.vocab_size - 259))
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+    else:
+        _add_tokenizer(writer, tok, tokenizer)
     names = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
     for i in range(args.n_layers):
         names.update({f"layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight"
@@ -62,6 +81,42 @@ def write_gguf(path, checkpoint):
     writer.write_tensors_to_file()
     writer.close()
     return os.path.getsize(path)
+
+
+def _add_tokenizer(writer, tok, path):
+    """Our tokenizer (a read_tokenizer() dict, read from path) as llama.cpp's
+    tokenizer.ggml.* metadata. Sentencepiece is llama.cpp's "llama" model
+    (pieces, scores and types as sentencepiece's); byte-level BPE its "gpt2"
+    model, with merges and the pre-tokenizer by llama.cpp's name. The token
+    types have the same numbers in both files."""
+    texts = token_texts(tok, path)
+    flags = tok["flags"]
+    if tok["kind"] == TOK_SENTENCEPIECE:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores([score for _, score, _ in tok["tokens"]])
+        writer.add_remove_extra_whitespaces(bool(flags & TOKF_REMOVE_EXTRA_WS))
+    else:
+        pre = GGUF_PRETOKENIZER_NAMES.get(tok["pretokenizer"])
+        if pre is None:
+            raise ExportError(path, f"pre-tokenizer {tok['pretokenizer']}: llama.cpp has no name for it")
+        if bool(flags & TOKF_IGNORE_MERGES) != (pre == "llama-bpe"):
+            raise ExportError(path, "ignore_merges without Llama 3's pre-tokenizer (or that without it): "
+                                    "llama.cpp ties the two together")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_merges([f"{texts[a]} {texts[b]}" for a, b, _ in tok["merges"]])
+    writer.add_token_list(texts)
+    writer.add_token_types([kind for _, _, kind in tok["tokens"]])
+    writer.add_add_space_prefix(bool(flags & TOKF_DUMMY_PREFIX))
+    writer.add_add_bos_token(bool(flags & TOKF_ADD_BOS))
+    writer.add_add_eos_token(False)
+    for name, add in (("bos_id", writer.add_bos_token_id), ("eos_id", writer.add_eos_token_id),
+                      ("unk_id", writer.add_unk_token_id), ("pad_id", writer.add_pad_token_id)):
+        if tok[name] >= 0:
+            add(tok[name])
+    template = chat_template_jinja(tok)
+    if template:
+        writer.add_chat_template(template)
 
 
 # Converters. Each reads one source and returns (ModelArgs, state_dict) in the

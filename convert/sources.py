@@ -10,7 +10,7 @@ import struct
 from convert.checkpoint import Tensors, _f32_bytes, check_state_dict, checkpoint_tensors
 from convert.errors import ExportError, need, np, torch
 from convert.files import REQUIRED, checked_directory, json_field, read_json, regular_file
-from model import ModelArgs, rope_cos_sin
+from model import META_LLAMA3_SCALING, ModelArgs, rope_cos_sin, rope_inverse_frequencies
 
 
 
@@ -127,8 +127,7 @@ def load_meta(directory):
     def field(key, kind, default=REQUIRED):
         return json_field(params, key, kind, params_path, default)
 
-    if field("use_scaled_rope", bool, False):
-        raise ExportError(params_path, "use_scaled_rope (Llama 3.1 RoPE scaling) is not implemented")
+    scaled_rope = field("use_scaled_rope", bool, False)
     dim, n_heads, n_layers = field("dim", int), field("n_heads", int), field("n_layers", int)
     norm_eps = field("norm_eps", float)
     names = sorted(n for n in os.listdir(directory) if re.fullmatch(r"consolidated\.\d+\.pth", n))
@@ -162,7 +161,10 @@ def load_meta(directory):
                        n_kv_heads=field("n_kv_heads", int, n_heads), head_dim=dim // n_heads,
                        vocab_size=vocab_size, max_seq_len=META_MAX_SEQ_LEN,
                        rope_theta=field("rope_theta", float, 10000.0), norm_eps=norm_eps,
-                       tied="output.weight" not in tensors)
+                       tied="output.weight" not in tensors, scaled_rope=scaled_rope)
+    if scaled_rope:             # Llama 3.1's reference code: META_LLAMA3_SCALING
+        tensors["rope_inv_freq"] = torch.from_numpy(
+            rope_inverse_frequencies(args.head_dim, args.rope_theta, META_LLAMA3_SCALING))
     check_state_dict(args, tensors, directory)
     return args, tensors
 
@@ -192,9 +194,9 @@ def _hf_name(name):
     """Our name for a Hugging Face tensor; None for a tensor with no place in the checkpoint."""
     if name in HF_NAMES:
         return HF_NAMES[name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if m and m.group(2) in HF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.weight"
+        return f"layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     if re.fullmatch(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", name):
         return None                 # older files save the RoPE frequencies: we compute them
     raise ValueError(f"unexpected tensor {name}")
@@ -286,44 +288,69 @@ class _TorchShards:
 
 
 def hf_to_interleaved(w, n_heads, head_dim):
-    """Permute the rows of an HF q_proj or k_proj weight to Meta's RoPE layout.
+    """Permute the rows of an HF q_proj or k_proj weight (or the entries of
+    its bias) to Meta's RoPE layout; w is a torch tensor or a numpy array.
 
     Hugging Face rotates the halves (x[j], x[j + head_dim/2]) of each head,
     Meta the neighbours (x[2j], x[2j+1]). Within each head, HF row j becomes
     row 2j and HF row head_dim/2 + j becomes row 2j + 1. q and k move alike,
     so the scores q.k are unchanged and RoPE pairs the same numbers."""
-    return w.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(n_heads * head_dim, -1)
+    return w.reshape(n_heads, 2, head_dim // 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
 def load_hf(directory):
-    """Read a Hugging Face LlamaForCausalLM directory (bf16 and f16 become float32).
+    """Read a Hugging Face LlamaForCausalLM or Qwen2ForCausalLM directory (bf16
+    and f16 become float32). Qwen2 is Llama with q, k and v biases.
 
-    Refuses what the reference does not compute: RoPE scaling, biases, other
-    activations. Optional config fields take LlamaConfig's defaults."""
+    Refuses, naming the field, what run.c does not compute: RoPE scalings
+    other than llama3 and linear, RoPE over part of a head, sliding windows,
+    other biases, other activations. Optional config fields take
+    LlamaConfig's (Qwen2Config's) defaults."""
     config_path = os.path.join(checked_directory(directory), "config.json")
     config = read_json(config_path)
 
     def field(key, kind, default=REQUIRED):
         return json_field(config, key, kind, config_path, default)
 
-    if config.get("model_type") != "llama":
-        raise ExportError(config_path, f"model_type {config.get('model_type')!r}: only 'llama' is supported")
+    def refuse(key, what):
+        raise ExportError(config_path, f"{key} = {json.dumps(config[key])[:80]}: {what}")
+
+    model_type = config.get("model_type")
+    if model_type not in ("llama", "qwen2"):
+        raise ExportError(config_path, f"model_type {model_type!r}: only 'llama' and 'qwen2' are supported")
     scaling = field("rope_scaling", dict, {})
-    if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
-        raise ExportError(config_path, f"rope_scaling {scaling} is not implemented (plain RoPE only)")
-    if field("attention_bias", bool, False) or field("mlp_bias", bool, False):
-        raise ExportError(config_path, "attention_bias and mlp_bias are not supported")
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
     if config.get("hidden_act", "silu") != "silu":
-        raise ExportError(config_path, f"hidden_act {config['hidden_act']!r}: only 'silu' is supported")
+        refuse("hidden_act", "only silu (SwiGLU) is implemented")
+    if field("partial_rotary_factor", float, 1.0) != 1:
+        refuse("partial_rotary_factor", "RoPE over part of a head is not implemented")
+    if field("use_sliding_window", bool, False):
+        refuse("use_sliding_window", "sliding-window attention is not implemented")
+    if field("mlp_bias", bool, False):
+        refuse("mlp_bias", "biases in the MLP are not implemented")
+    if model_type == "llama" and field("attention_bias", bool, False):     # transformers' Llama: o_proj too
+        refuse("attention_bias", "LlamaForCausalLM then has an o_proj bias too, which is not implemented "
+                                 "(q/k/v biases alone are: Qwen2ForCausalLM)")
     dim, n_heads = field("hidden_size", int), field("num_attention_heads", int)
+    head_dim = field("head_dim", int, dim // n_heads)
+    if model_type == "qwen2" and head_dim != dim // n_heads:     # transformers' Qwen2 ignores head_dim
+        refuse("head_dim", f"Qwen2 heads are hidden_size / num_attention_heads = {dim // n_heads}")
     args = _model_args(
         config_path, dim=dim, hidden_dim=field("intermediate_size", int), n_layers=field("num_hidden_layers", int),
         n_heads=n_heads, n_kv_heads=field("num_key_value_heads", int, n_heads),
-        head_dim=field("head_dim", int, dim // n_heads), vocab_size=field("vocab_size", int),
+        head_dim=head_dim, vocab_size=field("vocab_size", int),
         max_seq_len=field("max_position_embeddings", int, 2048), rope_theta=field("rope_theta", float, 10000.0),
-        norm_eps=field("rms_norm_eps", float, 1e-6), tied=field("tie_word_embeddings", bool, False))
+        norm_eps=field("rms_norm_eps", float, 1e-6), tied=field("tie_word_embeddings", bool, False),
+        attention_bias=model_type == "qwen2", scaled_rope=scaling is not None)
 
     shapes, tensors = dict(checkpoint_tensors(args)), Tensors()
+    if scaling is not None:
+        try:
+            inv_freq = rope_inverse_frequencies(args.head_dim, args.rope_theta, scaling)
+        except ValueError as e:
+            raise ExportError(config_path, f"rope_scaling: {e}") from None
+        tensors["rope_inv_freq"] = torch.from_numpy(inv_freq)
     for path, hf_name, shape, read in _hf_tensors(directory):
         try:
             name = _hf_name(hf_name)
@@ -331,6 +358,8 @@ def load_hf(directory):
             raise ExportError(path, str(e)) from None
         if name is None or (name == "output.weight" and args.tied):
             continue                # a tied lm_head is the embedding, saved twice
+        if name not in shapes:      # a bias that the config does not have, say
+            raise ExportError(path, f"unexpected tensor {hf_name}")
         if shape != shapes[name]:
             raise ExportError(path, f"{hf_name}: expected shape {shapes[name]}, got {shape}")
         if name in tensors:
@@ -341,11 +370,12 @@ def load_hf(directory):
 
 
 def _hf_tensor(args, name, tensor):
-    """A Hugging Face tensor as ours: float32, q and k rows in Meta's RoPE layout."""
+    """A Hugging Face tensor as ours: float32, q and k rows (weight and bias
+    alike) in Meta's RoPE layout."""
     tensor = tensor.float()
-    if name.endswith("attention.wq.weight"):
+    if ".attention.wq." in name:
         return hf_to_interleaved(tensor, args.n_heads, args.head_dim)
-    if name.endswith("attention.wk.weight"):
+    if ".attention.wk." in name:
         return hf_to_interleaved(tensor, args.n_kv_heads, args.head_dim)
     return tensor
 
@@ -475,6 +505,7 @@ GGUF_NAMES = {              # GGUF tensor name -> ours ({i}: the layer)
     "token_embd.weight": "tok_embeddings.weight",
     "output_norm.weight": "norm.weight",
     "output.weight": "output.weight",
+    "rope_freqs.weight": "rope_freqs",  # Llama 3's: what each pair's frequency is divided by
 }
 GGUF_LAYER_NAMES = {        # blk.{i}.X.weight -> layers.{i}.Y.weight
     "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
@@ -531,12 +562,16 @@ def gguf_metadata(source, key, default=None):
 
 
 def load_gguf(source):
-    """Read a GGUF file of the llama architecture (its tensors read, when asked
-    for, as float32 numpy arrays).
+    """Read a GGUF file of the llama or qwen2 architecture (its tensors read,
+    when asked for, as float32 numpy arrays). qwen2 is llama with q, k and v
+    biases, its q/k rows left in Hugging Face's layout by llama.cpp (its
+    "NEOX" RoPE).
 
     source: a path or an open gguf.GGUFReader. Everything comes from the
-    file's metadata; refuses what the reference does not compute (RoPE
-    scaling, partial rotary, biases, other architectures)."""
+    file's metadata (keys {arch}.*); refuses what run.c does not compute (RoPE
+    scalings other than linear and rope_freqs, partial rotary, other
+    architectures). Llama 3's scaling is the tensor rope_freqs.weight, by
+    which llama.cpp divides each pair's frequency."""
     path = source if isinstance(source, (str, os.PathLike)) else source.data.filename
     reader = _gguf_reader(source)
 
@@ -547,40 +582,50 @@ def load_gguf(source):
         return value
 
     arch = meta("general.architecture")
-    if arch != "llama":
-        raise ExportError(path, f"general.architecture {arch!r}: only 'llama' is supported")
-    scaling = meta("llama.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ExportError(path, f"llama.rope.scaling.type {scaling!r} is not implemented (plain RoPE only)")
-    n_heads, dim = meta("llama.attention.head_count"), meta("llama.embedding_length")
+    if arch not in ("llama", "qwen2"):
+        raise ExportError(path, f"general.architecture {arch!r}: only 'llama' and 'qwen2' are supported")
+    scaling = meta(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ExportError(path, f"{arch}.rope.scaling.type {scaling!r} is not implemented (only linear)")
+    n_heads, dim = meta(f"{arch}.attention.head_count"), meta(f"{arch}.embedding_length")
     if not all(isinstance(n, int) and n > 0 for n in (n_heads, dim)):
-        raise ExportError(path, f"llama.attention.head_count {n_heads!r}, llama.embedding_length {dim!r}: "
+        raise ExportError(path, f"{arch}.attention.head_count {n_heads!r}, {arch}.embedding_length {dim!r}: "
                                 "expected positive integers")
-    head_dim = meta("llama.attention.key_length", meta("llama.rope.dimension_count", dim // n_heads))
-    if meta("llama.attention.value_length", head_dim) != head_dim:
-        raise ExportError(path, "llama.attention.value_length differs from key_length")
-    if meta("llama.rope.dimension_count", head_dim) != head_dim:
-        raise ExportError(path, f"llama.rope.dimension_count {meta('llama.rope.dimension_count')}: "
+    head_dim = meta(f"{arch}.attention.key_length", meta(f"{arch}.rope.dimension_count", dim // n_heads))
+    if meta(f"{arch}.attention.value_length", head_dim) != head_dim:
+        raise ExportError(path, f"{arch}.attention.value_length differs from key_length")
+    if meta(f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise ExportError(path, f"{arch}.rope.dimension_count {meta(f'{arch}.rope.dimension_count')}: "
                                 f"RoPE over part of a head of {head_dim} is not implemented")
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ExportError(path, "tensor token_embd.weight is missing")
     vocab_size = int(tensors["token_embd.weight"].shape[-1])
     args = _model_args(
-        path, dim=dim, hidden_dim=meta("llama.feed_forward_length"), n_layers=meta("llama.block_count"),
-        n_heads=n_heads, n_kv_heads=meta("llama.attention.head_count_kv", n_heads), head_dim=head_dim,
-        vocab_size=vocab_size, max_seq_len=meta("llama.context_length"),
-        rope_theta=meta("llama.rope.freq_base", 10000.0), norm_eps=meta("llama.attention.layer_norm_rms_epsilon"),
-        tied="output.weight" not in tensors)
+        path, dim=dim, hidden_dim=meta(f"{arch}.feed_forward_length"), n_layers=meta(f"{arch}.block_count"),
+        n_heads=n_heads, n_kv_heads=meta(f"{arch}.attention.head_count_kv", n_heads), head_dim=head_dim,
+        vocab_size=vocab_size, max_seq_len=meta(f"{arch}.context_length"),
+        rope_theta=meta(f"{arch}.rope.freq_base", 10000.0),
+        norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon"), tied="output.weight" not in tensors,
+        attention_bias=arch == "qwen2", scaled_rope=scaling == "linear" or "rope_freqs.weight" in tensors)
+
+    def read(t, name, shape):
+        """The tensor t as ours: qwen2's q/k rows (weights and biases) from
+        Hugging Face's layout, as load_hf() permutes them."""
+        weights = _gguf_tensor(path, t, shape)
+        if arch == "qwen2" and (".attention.wq." in name or ".attention.wk." in name):
+            heads = args.n_heads if ".wq." in name else args.n_kv_heads
+            return hf_to_interleaved(weights, heads, args.head_dim)
+        return weights
 
     state_dict, problems = Tensors(), {}    # problems: ggml type -> why it cannot be read, or None
     for t in reader.tensors:
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.name)
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
         if t.name in GGUF_NAMES:
             name = GGUF_NAMES[t.name]
         elif m and m.group(2) in GGUF_LAYER_NAMES:
-            name = f"layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.weight"
-        else:               # rope_freqs (Llama 3.1 scaling), biases, other architectures' tensors
+            name = f"layers.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+        else:               # other architectures' tensors
             raise ExportError(path, f"unexpected tensor {t.name}")
         shape = tuple(int(n) for n in reversed(t.shape))     # GGUF lists the fastest axis first
         ggml_type = int(t.tensor_type)
@@ -588,7 +633,23 @@ def load_gguf(source):
             problems[ggml_type] = _gguf_type_problem(ggml_type)
         if problems[ggml_type]:
             raise ExportError(path, f"{t.name}: {problems[ggml_type]}")
-        state_dict.add(name, shape, lambda t=t, shape=shape: _gguf_tensor(path, t, shape))
+        if name == "rope_freqs":    # read now: rope_inv_freq is made of it, below
+            divisors = _gguf_tensor(path, t, shape)
+            continue
+        state_dict.add(name, shape, lambda t=t, name=name, shape=shape: read(t, name, shape))
+    if args.scaled_rope:    # llama.cpp's frequency: base / rope_freqs, times 1 / factor for linear
+        if "rope_freqs.weight" not in tensors:
+            divisors = np.ones(args.head_dim // 2, np.float32)
+        if divisors.shape != (args.head_dim // 2,):
+            raise ExportError(path, f"rope_freqs.weight: expected shape ({args.head_dim // 2},), "
+                                    f"got {divisors.shape}")
+        linear = {"rope_type": "linear", "factor": meta(f"{arch}.rope.scaling.factor")} \
+            if scaling == "linear" else None
+        try:
+            inv_freq = rope_inverse_frequencies(args.head_dim, args.rope_theta, linear)
+        except ValueError as e:
+            raise ExportError(path, f"{arch}.rope.scaling: {e}") from None
+        state_dict["rope_inv_freq"] = (inv_freq.astype(np.float64) / divisors).astype(np.float32)
     check_state_dict(args, state_dict, path)
     return args, state_dict
 

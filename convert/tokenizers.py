@@ -7,7 +7,7 @@ import re
 import struct
 
 from convert.errors import ExportError, need
-from convert.files import json_field, read_bytes, read_json
+from convert.files import json_field, read_bytes, read_json, regular_file
 from convert.sources import _gguf_reader, gguf_metadata
 
 # One file format serves both kinds of tokenizer run.c knows: sentencepiece
@@ -27,8 +27,10 @@ TOKENIZER_HEADER = struct.Struct("<4sIIiiiiiIIIIII8x")   # 64 bytes
 TOK_SENTENCEPIECE, TOK_BYTELEVEL = 0, 1
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_REMOVE_EXTRA_WS, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES = 1, 2, 4, 8, 16
+TOKF_ADD_EOS = 32
 PRETOK_NONE, PRETOK_GPT2, PRETOK_DIGITS_GPT2, PRETOK_LLAMA3 = 0, 1, 2, 3
-CHAT_NONE, CHAT_LLAMA2, CHAT_CHATML = 0, 1, 2
+CHAT_NONE, CHAT_LLAMA2, CHAT_CHATML, CHAT_LLAMA3 = 0, 1, 2, 3
+LLAMA3_MARKERS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 def write_tokenizer(path, kind, tokens, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=-1, flags=0,
@@ -333,11 +335,40 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
             flags |= TOKF_ADD_BOS
     elif post is not None and _json_type(post) != "ByteLevel":
         raise ExportError(json_path, f"post_processor {_json_type(post)} is not supported")
-    chat = CHAT_CHATML if "<|im_start|>" in vocab and "<|im_end|>" in vocab else CHAT_NONE
+    chat, system = hf_chat_template(config, config_path, vocab)
     unk = model.get("unk_token")
     unk_id = vocab[unk] if isinstance(unk, str) and unk in vocab else -1
     return write_tokenizer(out_path, TOK_BYTELEVEL, tokens, bos_id=bos, eos_id=eos, unk_id=unk_id,
-                           flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges, source=json_path)
+                           flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges,
+                           system_prompt=system, source=json_path)
+
+
+def hf_chat_template(config, config_path, vocab):
+    """(chat_template kind, default system prompt) of a Hugging Face tokenizer:
+    from the chat_template of its tokenizer_config.json (a text, or a list of
+    named ones of which "default" is used), else from chat_template.jinja
+    beside it, else from the marker tokens its vocabulary holds."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template
+                         if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja = os.path.join(os.path.dirname(config_path), "chat_template.jinja")
+    if template is None and os.path.isfile(jinja):
+        template = read_bytes(jinja).decode("utf-8", "replace")
+    if template is not None and not isinstance(template, str):
+        raise ExportError(config_path, "chat_template: expected a string or a list of named templates")
+    chat, system = gguf_chat_template(template)
+    return (chat, system) if chat != CHAT_NONE else (chat_from_vocab(vocab), "")
+
+
+def chat_from_vocab(vocab):
+    """The chat template that a tokenizer's marker tokens imply, for one that
+    carries no template text: ChatML's <|im_start|>, or Llama 3's headers."""
+    if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+        return CHAT_CHATML
+    if all(marker in vocab for marker in LLAMA3_MARKERS):
+        return CHAT_LLAMA3
+    return CHAT_NONE
 
 
 # ----------------------------------------------------------------------------
@@ -345,16 +376,26 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
 #
 # A GGUF file carries its tokenizer in its metadata, under llama.cpp's names:
 #
-#   tokenizer.ggml.model        "gpt2": byte-level BPE, the kind read here
-#   tokenizer.ggml.pre          the pre-tokenizer, by llama.cpp's name for it
-#   tokenizer.ggml.tokens       each token's text, in id order; normal tokens
-#                               in GPT-2's byte alphabet, added ones as they are
-#   tokenizer.ggml.token_type   1 normal, 3 control, 4 user-defined, 5 unused:
-#                               the LTOK piece types, with the same numbers
-#   tokenizer.ggml.merges       "left right", in rank order
+#   tokenizer.ggml.model        "llama": sentencepiece BPE (Llama 2, TinyLlama);
+#                               "gpt2": byte-level BPE (SmolLM2, Llama 3)
+#   tokenizer.ggml.pre          the byte-level pre-tokenizer, by llama.cpp's name
+#   tokenizer.ggml.tokens       each token's text, in id order: sentencepiece
+#                               pieces as they are ("▁", "<0x0A>"); byte-level
+#                               normal tokens in GPT-2's byte alphabet, added
+#                               ones as they are
+#   tokenizer.ggml.scores       sentencepiece: each piece's merge score
+#   tokenizer.ggml.token_type   1 normal, 2 unknown, 3 control, 4 user-defined,
+#                               5 unused, 6 byte: the LTOK piece types, with
+#                               the same numbers (sentencepiece's)
+#   tokenizer.ggml.merges       byte-level: "left right", in rank order
 #   tokenizer.ggml.{bos,eos,padding,unknown}_token_id
-#   tokenizer.ggml.add_bos_token, tokenizer.ggml.add_space_prefix
-#   tokenizer.chat_template     Jinja; run.c knows ChatML and Llama 2's [INST]
+#   tokenizer.ggml.add_bos_token, add_eos_token, add_space_prefix,
+#   tokenizer.ggml.remove_extra_whitespaces
+#   tokenizer.chat_template     Jinja; run.c knows ChatML, Llama 2's [INST]
+#                               and Llama 3's headers
+#
+# A sentencepiece model's normalizer is not in the file: llama.cpp's
+# converter, like Llama's own models, assumes the identity normalization.
 #
 # llama.cpp names a pre-tokenizer after the Hugging Face tokenizers it found
 # it in; each name below stands for the pre_tokenizer of tokenizer.json that
@@ -369,12 +410,15 @@ GGUF_PRETOKENIZERS = {      # tokenizer.ggml.pre -> (LTOK pretokenizer, extra fl
 
 
 def gguf_chat_template(template):
-    """(chat_template kind, default system prompt) for a GGUF's Jinja chat template.
+    """(chat_template kind, default system prompt) for a Jinja chat template:
+    a GGUF's tokenizer.chat_template, or tokenizer_config.json's chat_template.
 
-    ChatML when the template writes <|im_start|>, Llama 2 when it writes
-    [INST]. The default system prompt is the text of a system turn written
-    out literally in the template, the one it puts first when a conversation
-    brings none (SmolLM2's does); "" when there is none."""
+    ChatML when the template writes <|im_start|>, Llama 3 when it writes
+    <|start_header_id|> and <|end_header_id|>, Llama 2 when it writes [INST].
+    The default system prompt is the text of a ChatML system turn written out
+    literally in the template, the one it puts first when a conversation
+    brings none (SmolLM2's does); "" when there is none. (Llama 3.1's
+    templates write a dated preamble into the system turn; run.c leaves it out.)"""
     if not template:
         return CHAT_NONE, ""
     if "<|im_start|>" in template:
@@ -384,15 +428,18 @@ def gguf_chat_template(template):
         if any(c in text for c in "'\"{}+") or "\\" in text.replace("\\n", ""):
             text = ""
         return CHAT_CHATML, text.replace("\\n", "\n")
+    if "<|start_header_id|>" in template and "<|end_header_id|>" in template:
+        return CHAT_LLAMA3, ""
     if "[INST]" in template:
         return CHAT_LLAMA2, ""
     return CHAT_NONE, ""
 
 
 def write_tokenizer_gguf(source, out_path, vocab_size=None):
-    """Converts the byte-level BPE tokenizer in a GGUF file's metadata into
-    an LTOK file. source: a path or an open gguf.GGUFReader. Refuses what
-    tokenizer.c would not reproduce exactly. Returns the file size."""
+    """Converts the tokenizer in a GGUF file's metadata, sentencepiece BPE
+    ("llama") or byte-level BPE ("gpt2"), into an LTOK file. source: a path
+    or an open gguf.GGUFReader. Refuses what tokenizer.c would not reproduce
+    exactly. Returns the file size."""
     path = source if isinstance(source, (str, os.PathLike)) else source.data.filename
     reader = _gguf_reader(source)
 
@@ -405,20 +452,55 @@ def write_tokenizer_gguf(source, out_path, vocab_size=None):
         return value
 
     kind = meta("tokenizer.ggml.model", None, (str, type(None)))
-    if kind != "gpt2":
-        raise ExportError(path, f"tokenizer.ggml.model {kind!r}; only 'gpt2' (byte-level BPE) is read from GGUF")
-    pre = meta("tokenizer.ggml.pre", "default", str)
-    if pre not in GGUF_PRETOKENIZERS:
-        raise ExportError(path, f"tokenizer.ggml.pre {pre!r} is not supported "
-                                f"({', '.join(sorted(GGUF_PRETOKENIZERS))})")
-    pretok, flags = GGUF_PRETOKENIZERS[pre]
+    if kind is None:
+        raise ExportError(path, "holds no tokenizer (no tokenizer.ggml.model in its metadata)")
+    if kind not in ("llama", "gpt2"):
+        raise ExportError(path, f"tokenizer.ggml.model {kind!r}; only 'llama' (sentencepiece BPE) "
+                                "and 'gpt2' (byte-level BPE) are read from GGUF")
     texts = meta("tokenizer.ggml.tokens", [], list, str)
     types = meta("tokenizer.ggml.token_type", [], list, int)
     if not texts or len(types) != len(texts):
         raise ExportError(path, f"{len(texts)} tokens but {len(types)} token types")
     if vocab_size is not None and len(texts) != vocab_size:
         raise ExportError(path, f"{len(texts)} tokens but the model has {vocab_size}")
+    ids = [meta(f"tokenizer.ggml.{name}_token_id", -1, int) for name in ("bos", "eos", "padding", "unknown")]
+    chat, system = gguf_chat_template(meta("tokenizer.chat_template", None, (str, type(None))))
+    if chat == CHAT_NONE:
+        chat = chat_from_vocab(set(texts))
+    flags = TOKF_ADD_EOS if meta("tokenizer.ggml.add_eos_token", False, bool) else 0
 
+    if kind == "llama":
+        scores = meta("tokenizer.ggml.scores", None, list, float)
+        if len(scores) != len(texts):
+            raise ExportError(path, f"{len(texts)} tokens but {len(scores)} scores")
+        tokens = []
+        for i, (text, score, ty) in enumerate(zip(texts, scores, types)):
+            if not PIECE_NORMAL <= ty <= PIECE_BYTE:
+                raise ExportError(path, f"token {i} {text!r} has unknown type {ty}")
+            tokens.append((text.encode("utf-8"), score, ty))
+        unknown = [i for i, ty in enumerate(types) if ty == PIECE_UNKNOWN]
+        if len(unknown) != 1 or ids[3] not in (-1, unknown[0]):
+            raise ExportError(path, f"{len(unknown)} unknown tokens and unknown_token_id {ids[3]}; "
+                                    "sentencepiece needs exactly one, that one")
+        ids[3] = unknown[0]
+        if meta("tokenizer.ggml.add_bos_token", True, bool):
+            flags |= TOKF_ADD_BOS
+        if meta("tokenizer.ggml.add_space_prefix", True, bool):
+            flags |= TOKF_DUMMY_PREFIX
+        if meta("tokenizer.ggml.remove_extra_whitespaces", False, bool):
+            flags |= TOKF_REMOVE_EXTRA_WS
+        if PIECE_BYTE in types:
+            flags |= TOKF_BYTE_FALLBACK
+        return write_tokenizer(out_path, TOK_SENTENCEPIECE, tokens, bos_id=ids[0], eos_id=ids[1],
+                               pad_id=ids[2], unk_id=ids[3], flags=flags, chat_template=chat,
+                               system_prompt=system, source=path)
+
+    pre = meta("tokenizer.ggml.pre", "default", str)
+    if pre not in GGUF_PRETOKENIZERS:
+        raise ExportError(path, f"tokenizer.ggml.pre {pre!r} is not supported "
+                                f"({', '.join(sorted(GGUF_PRETOKENIZERS))})")
+    pretok, pre_flags = GGUF_PRETOKENIZERS[pre]
+    flags |= pre_flags
     char_to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
     tokens, vocab = [], {}
     for i, (text, ty) in enumerate(zip(texts, types)):
@@ -435,17 +517,35 @@ def write_tokenizer_gguf(source, out_path, vocab_size=None):
         if left not in vocab or right not in vocab or left + right not in vocab:
             raise ExportError(path, f"merge {r} ({left!r}, {right!r}) names a token not in the vocab")
         merges.append((vocab[left], vocab[right], vocab[left + right]))
-
-    ids = [meta(f"tokenizer.ggml.{name}_token_id", -1, int) for name in ("bos", "eos", "padding", "unknown")]
     if meta("tokenizer.ggml.add_bos_token", pre == "llama-bpe", bool):
         flags |= TOKF_ADD_BOS
     if meta("tokenizer.ggml.add_space_prefix", False, bool):
         flags |= TOKF_DUMMY_PREFIX
-    chat, system = gguf_chat_template(meta("tokenizer.chat_template", None, (str, type(None))))
-    if chat == CHAT_NONE and "<|im_start|>" in vocab and "<|im_end|>" in vocab:
-        chat = CHAT_CHATML
     return write_tokenizer(out_path, TOK_BYTELEVEL, tokens, bos_id=ids[0], eos_id=ids[1], pad_id=ids[2],
                            unk_id=ids[3], flags=flags, pretokenizer=pretok, chat_template=chat, merges=merges,
                            system_prompt=system, source=path)
 
 
+def write_tokenizer_from(source, out_path, vocab_size=None):
+    """Writes the tokenizer of source as an LTOK file: a GGUF file (by its
+    magic), a Hugging Face tokenizer.json (by its name or its opening "{"), a sentencepiece
+    tokenizer.model (anything else), or a directory holding tokenizer.model
+    or tokenizer.json (the first when both are there: in Llama 2 repositories
+    it is the original). Returns (the file read, the size written)."""
+    if os.path.isdir(source):
+        candidates = [os.path.join(source, name) for name in ("tokenizer.model", "tokenizer.json")]
+        found = next((path for path in candidates if os.path.exists(path)), None)
+        if found is None:
+            raise ExportError(source, "holds neither tokenizer.model nor tokenizer.json")
+        source = found
+    regular_file(source)
+    try:
+        with open(source, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ExportError(source, e.strerror) from None
+    if magic == b"GGUF":
+        return source, write_tokenizer_gguf(source, out_path, vocab_size)
+    if str(source).endswith(".json") or magic[:1] == b"{":
+        return source, write_tokenizer_hf_json(source, out_path, vocab_size)
+    return source, write_tokenizer_sentencepiece(source, out_path, vocab_size)

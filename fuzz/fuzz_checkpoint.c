@@ -39,6 +39,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             kernels = plain;
         }
         free(t.weights.layers);
+        free(t.weights.rope_inv_freq);
     }
     free(copy);
     return 0;

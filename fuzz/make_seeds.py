@@ -31,6 +31,10 @@ def checkpoint_seeds(out):
     state = export.random_model(args, 0).state_dict()
     for dtype in export.WEIGHT_TYPES:
         export.write_checkpoint(out / f"ours-{dtype}.bin", args, state, dtype)
+    # version 2: q/k/v biases and stored RoPE frequencies
+    args = export.ModelArgs(dim=8, hidden_dim=12, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, vocab_size=10,
+                            max_seq_len=4, attention_bias=True, scaled_rope=True)
+    export.write_checkpoint(out / "ours-v2.bin", args, export.random_model(args, 0).state_dict())
 
 
 def llama2c_tokenizer(sp):

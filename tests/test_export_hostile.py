@@ -343,6 +343,18 @@ BAD_INPUTS = [
     ("GGUF empty", write("model.gguf", b""), "model.gguf", "not a GGUF file"),
     ("GGUF counts that are strings", gguf_with({"llama.embedding_length": "32", "llama.attention.head_count": "x"}),
      "bad.gguf", "expected positive integers"),
+    # a tokenizer alone
+    ("--tokenizer-from a missing file", lambda c: ["--tokenizer-from", c.src / "nowhere.model"], "nowhere.model",
+     "No such file"),
+    ("--tokenizer-from a GGUF without a tokenizer", lambda c: ["--tokenizer-from", gguf_with({})(c)[1]],
+     "bad.gguf", "holds no tokenizer"),
+    ("--tokenizer-from a GGUF of another tokenizer",
+     lambda c: ["--tokenizer-from", gguf_with({"tokenizer.ggml.model": "bert"})(c)[1]], "bad.gguf", "'bert'"),
+    ("--tokenizer-from a directory without one", lambda c: ["--tokenizer-from", c.src / "meta"], "meta",
+     "neither tokenizer.model nor tokenizer.json"),
+    ("--tokenizer-from a directory whose tokenizer.json is not JSON",
+     lambda c: (write("hf/tokenizer.json", b"{nope")(c), ["--tokenizer-from", c.src / "hf"])[1],
+     "hf/tokenizer.json", "not JSON"),
     # files that are not files
     ("a directory as --llama2c", lambda c: ["--llama2c", c.src / "hf"], "hf", "is a directory"),
     ("/dev/zero as --llama2c", lambda c: ["--llama2c", "/dev/zero"], "/dev/zero", "not a regular file"),

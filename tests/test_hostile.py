@@ -226,6 +226,18 @@ def test_bad_legacy_headers(tmp_path, header, fragment):
     (["--tokens", "1 x"], "--tokens"),
     (["--template", "alpaca"], "--template"),
     (["extra"], "unexpected"),
+    (["--lens", "0"], "--lens"),
+    (["--lens", "five"], "--lens"),
+    (["--lens", "101"], "--lens"),
+    (["--lens", "41"], "vocabulary of 40"),
+    (["--attention", "-1"], "--attention"),
+    (["--attention", "5-3"], "--attention"),
+    (["--attention", "3-"], "--attention"),
+    (["--attention", "2-x"], "--attention"),
+    (["--attention", "99999999999"], "--attention"),
+    (["--attention", "16"], "context of 16"),
+    (["--attention", "0-20", "-c", "8"], "context of 8"),
+    (["--trace-format", "xml"], "--trace-format"),
 ])
 def test_bad_command_lines(good, tmp_path, flags, fragment):
     assert_clean_error(run([good[0], *flags], tmp_path), 2, fragment)

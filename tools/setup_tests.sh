@@ -1,7 +1,8 @@
 #!/bin/sh
 # Sets up what the tests need, for `make test` (when .venv/ is missing or
 # tests/requirements.txt changed) and for .ci/run, so that the two cannot drift:
-#   1. Debian's packages: torch 1.13, numpy, sentencepiece, pytest, valgrind and
+#   1. Debian's packages: torch 1.13, numpy, sentencepiece, pytest, valgrind,
+#      chromium (tests/test_explain.py renders make explain's page in it) and
 #      the venv module; installed with apt-get when running as root or with
 #      password-less sudo, else named in a one-line instruction.
 #   2. A project-local virtual environment, .venv/, that sees those packages,
@@ -14,7 +15,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES="python3-venv python3-pip python3-torch python3-numpy python3-sentencepiece
-python3-pytest python3-protobuf valgrind"
+python3-pytest python3-protobuf valgrind chromium"
 
 say() { echo "setup: $*" >&2; }
 
