@@ -44,7 +44,7 @@ VENV_PYTHON = .venv/bin/python
 PYTHON ?= $(VENV_PYTHON)
 SETUP = $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/ready)
 
-.PHONY: all setup test test-arm sanitize fuzz demo demo-pip explain explain-text bench bench-peers clean
+.PHONY: all setup test test-arm sanitize fuzz demo demo-pip explain explain-text bench bench-peers bench-convert clean
 
 all: run
 
@@ -162,7 +162,7 @@ $(DEMO_GGUF): | demo-pip
 
 .demo/smollm2.bin: $(DEMO_GGUF) export.py model.py $(wildcard convert/*.py) | .demo/pylib/gguf
 	@echo "demo: converting it to .demo/smollm2.bin (f32) and .demo/tokenizer.bin with export.py --gguf"
-	@PYTHONPATH=.demo/pylib $(DEMO_PYTHON) export.py $@ --gguf $(DEMO_GGUF) || { rm -f $@; exit 1; }
+	@PYTHONPATH=.demo/pylib $(DEMO_PYTHON) export.py $@ --gguf $(DEMO_GGUF) --dtype f32 || { rm -f $@; exit 1; }
 
 demo: run .demo/smollm2.bin
 	@echo "demo: SmolLM2 is ready in .demo/; a chat turn, greedy:"
@@ -196,6 +196,14 @@ bench/membw: bench/membw.c
 
 bench: run bench/membw $(SETUP)
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
+# make bench-convert: export.py converting a random Llama-2-7B-shape model
+# (13.5 GB of bf16 safetensors shards, written into bench/out/ and kept) to
+# bf16, q8_0 and q4_0: time, MB/s and peak resident memory of each; then ./run
+# generating from the q4_0 checkpoint. Needs about 30 GB of disk.
+# BENCH_CONVERT_ARGS="--shape 1b" runs a 1B-class shape instead.
+bench-convert: run $(SETUP)
+	$(PYTHON) bench/bench_convert.py $(BENCH_CONVERT_ARGS)
 
 # llama.cpp's Python binding, built from source by pip (several minutes).
 bench-peers: $(SETUP)

@@ -35,6 +35,7 @@ import signal
 import stat
 import sys
 import tempfile
+import time
 
 # model.py and convert/ sit beside this file; python -I leaves its directory off sys.path.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,7 @@ from convert.gguf_out import write_gguf  # noqa: E402
 from convert.hf_out import interleaved_to_hf, write_hf  # noqa: E402
 from convert.sources import (GGUF_LAYER_NAMES, GGUF_NAMES, HF_LAYER_NAMES, HF_NAMES,  # noqa: E402
                              META_MAX_SEQ_LEN, _gguf_reader, gguf_dequantize, gguf_metadata,
-                             hf_to_interleaved, load_gguf, load_hf, load_llama2c, load_meta,
+                             gguf_quantized, hf_to_interleaved, load_gguf, load_hf, load_llama2c, load_meta,
                              load_reference, save_reference, write_llama2c)
 from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, CHAT_NONE,  # noqa: E402
                                 LLAMA3_PATTERN, PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN, PRETOK_DIGITS_GPT2,
@@ -74,7 +75,7 @@ examples:
   export.py tokenizer.bin --tokenizer-from tokenizer.model
   export.py tokenizer.bin --tokenizer-from ~/Llama-3.2-1B-Instruct   its tokenizer.json
   export.py tokenizer.bin --tokenizer-from tinyllama.Q4_K_M.gguf     the tokenizer in its metadata
-  export.py model.bin --gguf SmolLM2-135M-Instruct.Q4_1.gguf   dequantized; tokenizer.bin beside it
+  export.py model.bin --gguf SmolLM2-135M-Instruct.Q4_1.gguf   as q8_0; tokenizer.bin beside it
   export.py model.bin --hf ~/TinyLlama-1.1B --verify           then ./run checked against transformers
   export.py model.bin --to-gguf model.gguf       for llama.cpp and ollama (tokenizer.bin beside model.bin)
   export.py model.bin --to-hf TinyLlama-out      for transformers and vLLM
@@ -269,6 +270,30 @@ def _reading(path):
         raise ExportError(path, f"cannot be read ({type(e).__name__}: {e})") from None
 
 
+class Progress:
+    """The conversion's progress on stderr, where it is a terminal: one line,
+    rewritten in place after each tensor, once the conversion has run for a
+    moment (tensors written of all, bytes, time taken and left). Elsewhere
+    nothing: the line on stdout that says what was written gives the time."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.start, self.shown = stream, time.monotonic(), False
+        self.live = stream is not None and stream.isatty()
+
+    def elapsed(self):
+        return time.monotonic() - self.start
+
+    def __call__(self, done, total, size, share):
+        """After tensor done of total: size bytes written, share of the weights."""
+        elapsed = self.elapsed()
+        if not self.live or (elapsed < 1 and not self.shown):
+            return
+        left = elapsed * (1 - share) / share
+        print(f"\rexport.py: {done}/{total} tensors, {size / 1e6:,.0f} MB, {elapsed:.0f} s, "
+              f"{left:.0f} s left \033[K", end="" if done < total else "\n", file=self.stream, flush=True)
+        self.shown = True
+
+
 LOADERS = {"reference": load_reference, "meta": load_meta, "hf": load_hf, "llama2c": load_llama2c,
            "gguf": load_gguf}
 
@@ -297,15 +322,18 @@ def convert(opts):
         if tokenizer:
             outputs.add(tokenizer_out)
 
+        dtype = opts.dtype or ("q8_0" if gguf_reader and gguf_quantized(gguf_reader) else "f32")
         with _reading(source):
             args, state_dict = LOADERS[kind](gguf_reader or source)
             if opts.max_seq_len:
                 args = dataclasses.replace(args, max_seq_len=opts.max_seq_len)
-            check_dtype(args, opts.dtype, source)
+            check_dtype(args, dtype, source)
             check_max_seq_len(args, source)
-        with outputs.writing(opts.output) as tmp:
-            size = write_checkpoint(tmp, args, state_dict, opts.dtype)
-        report = [f"wrote {opts.output}: {args.describe()}, {opts.dtype}, {size} bytes"]
+        progress = Progress()
+        # the tensors are read from the source as they are written
+        with _reading(source), outputs.writing(opts.output) as tmp:
+            size = write_checkpoint(tmp, args, state_dict, dtype, progress)
+        report = [f"wrote {opts.output}: {args.describe()}, {dtype}, {size} bytes in {progress.elapsed():.1f} s"]
         if tokenizer:
             with _reading(tokenizer), outputs.writing(tokenizer_out) as tmp:
                 if opts.gguf:
@@ -319,7 +347,7 @@ def convert(opts):
         written = [opts.output] + ([tokenizer_out] if tokenizer else [])
         bos = load_tokenizer(tokenizer_out, args.vocab_size)["bos_id"] if tokenizer else None
         report += _verify(report, written, lambda: source_model(kind, source, args, state_dict),
-                          opts.output, args, opts.dtype, bos)
+                          opts.output, args, dtype, bos)
     return report
 
 
@@ -415,8 +443,9 @@ def main(argv=None):
                              "weights, and maybe tokenizer.model or tokenizer.json")
     source.add_argument("--llama2c", metavar="FILE", help="a llama2.c legacy checkpoint")
     source.add_argument("--gguf", metavar="FILE",
-                        help="a llama.cpp GGUF file of the llama or qwen2 architecture (F32, F16, BF16, Q4_0, "
-                             "Q4_1 or Q8_0 tensors) with its tokenizer; needs numpy and gguf, not torch")
+                        help="a llama.cpp GGUF file of the llama or qwen2 architecture, with its tokenizer; "
+                             "tensors of any type the gguf package dequantizes (F32, F16, BF16, Q4_0, Q8_0, "
+                             "Q4_K, Q6_K, IQ4_NL, ...); needs numpy and gguf, not torch")
     source.add_argument("--tokenizer-from", metavar="SOURCE",
                         help="write only a tokenizer, as OUTPUT, from a sentencepiece tokenizer.model, a "
                              "Hugging Face tokenizer.json, a directory holding either (tokenizer.model "
@@ -438,8 +467,12 @@ def main(argv=None):
                         help=f"context length for the header, at most {MAX_SEQ_LEN} (default: the source's; "
                              f"{META_MAX_SEQ_LEN} for --meta, whose params.json has none)")
     parser.add_argument("--dtype", choices=list(WEIGHT_TYPES),
-                        help="how the matrices are stored: f32 (default), bf16, q8_0 (int8) or q4_0 "
-                             "(4-bit), the last two with a float16 scale per 32 weights; norms stay f32")
+                        help="how the matrices are stored: f32, bf16, q8_0 (int8) or q4_0 (4-bit), the last "
+                             "two with a float16 scale per 32 weights; norms stay f32. Default: f32, which "
+                             "keeps every weight of the source exactly; but q8_0 for a GGUF file with "
+                             "quantized tensors (Q4_K, Q8_0, ...): their weights then carry a few bits "
+                             "each, so f32 would only make the file 4 to 8 times larger, and q8_0 keeps a "
+                             "4-bit model's quality with half the bytes of bf16")
     parser.add_argument("--tokenizer-out", metavar="PATH",
                         help="where the tokenizer of --meta, --hf or --gguf goes "
                              "(default: tokenizer.bin beside OUTPUT)")
@@ -470,7 +503,6 @@ def main(argv=None):
         parser.error("--tokenizer goes with --to-gguf or --to-hf")
     if opts.verify and opts.tokenizer_from:
         parser.error("--verify checks a model's conversion, not a tokenizer's")
-    opts.dtype = opts.dtype or "f32"
 
     try:
         report = convert(opts)

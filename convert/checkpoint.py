@@ -4,6 +4,7 @@ encoding of each weight type."""
 import math
 import os
 import struct
+from collections.abc import Mapping
 
 from convert.errors import ExportError, np, torch
 from model import MAX_SEQ_LEN, ModelArgs
@@ -58,19 +59,58 @@ def checkpoint_tensors(args):
     return tensors
 
 
+class Tensors(Mapping):
+    """A model's tensors by name, each read from its source only when it is
+    asked for, so that a conversion holds a few tensors, never the model.
+    An entry is the tensor's shape, known without reading it (validation uses
+    it), and a function that reads it: a float32 torch tensor or numpy array.
+    Setting an entry puts a tensor in memory in its place. A dict of tensors
+    serves wherever Tensors does."""
+
+    def __init__(self):
+        self.shapes, self._readers = {}, {}
+
+    def add(self, name, shape, read):
+        self.shapes[name] = tuple(int(n) for n in shape)
+        self._readers[name] = read
+
+    def __setitem__(self, name, tensor):
+        self.add(name, tensor.shape, lambda: tensor)
+
+    def __getitem__(self, name):
+        return self._readers[name]()
+
+    def __contains__(self, name):       # Mapping's would read the tensor
+        return name in self._readers
+
+    def __iter__(self):
+        return iter(self._readers)
+
+    def __len__(self):
+        return len(self._readers)
+
+
+def tensor_shapes(tensors):
+    """{name: shape} of a Tensors (its data left unread) or of a dict of tensors."""
+    if isinstance(tensors, Tensors):
+        return tensors.shapes
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+
+
 def check_state_dict(args, state_dict, path):
-    """Raise ExportError naming path unless state_dict has exactly the tensors args implies."""
-    expected = dict(checkpoint_tensors(args))
-    missing = [name for name in expected if name not in state_dict]
+    """Raise ExportError naming path unless state_dict (a dict or Tensors) has
+    exactly the tensors args implies, in their shapes; no data is read."""
+    expected, shapes = dict(checkpoint_tensors(args)), tensor_shapes(state_dict)
+    missing = [name for name in expected if name not in shapes]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ExportError(path, f"tensor {missing[0]} is missing{more}")
-    unexpected = [name for name in state_dict if name not in expected]
+    unexpected = [name for name in shapes if name not in expected]
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise ExportError(path, f"unexpected tensor {unexpected[0]}{more}")
     for name, shape in expected.items():
-        got = tuple(state_dict[name].shape)
+        got = tuple(shapes[name])
         if got != shape:
             raise ExportError(path, f"{name}: expected shape {shape}, got {got}")
 
@@ -177,12 +217,27 @@ def header_flags(args):
     return FLAG_QKV_BIAS * args.attention_bias | FLAG_ROPE_FREQS * args.scaled_rope
 
 
-def write_checkpoint(path, args, state_dict, dtype="f32"):
+ENCODE_ROWS_BYTES = 32 << 20    # a matrix is encoded this many float32 bytes of rows at a time
+
+
+def _encoded_rows(w, dtype):
+    """encode_matrix(w, dtype) a block of rows at a time, so that its
+    temporaries stay small: the arrays, each a list of row blocks."""
+    step = max(1, ENCODE_ROWS_BYTES // (4 * w.shape[1]))
+    blocks = [encode_matrix(w[r:r + step], dtype) for r in range(0, w.shape[0], step)]
+    return [[block[k] for block in blocks] for k in range(len(blocks[0]))]
+
+
+def write_checkpoint(path, args, state_dict, dtype="f32", progress=None):
     """Write the checkpoint with its matrices in dtype ("f32", "bf16", "q8_0"
     or "q4_0"; norms, biases and RoPE frequencies stay f32) and return its
     size in bytes: version 1, or version 2 when args has biases or scaled RoPE.
 
-    The state_dict and dtype are validated first, so a bad one leaves no file behind."""
+    state_dict: a dict of tensors or a Tensors, whose tensors are read one at
+    a time, each written before the next is read. Its names, shapes and dtype
+    are validated first, so a bad one leaves no file behind. progress, if
+    given, is called after each tensor with (tensors written, tensors in all,
+    bytes written, share of the weights written)."""
     check_state_dict(args, state_dict, path)
     check_dtype(args, dtype, path)
     check_max_seq_len(args, path)
@@ -193,14 +248,26 @@ def write_checkpoint(path, args, state_dict, dtype="f32"):
                          args.rope_theta, args.norm_eps, int(args.tied), WEIGHT_TYPES[dtype], group)
     if flags:
         header += FLAGS.pack(flags)
+    tensors = checkpoint_tensors(args)
+    total_weights, weights_done = sum(math.prod(shape) for _, shape in tensors), 0
     with open(path, "wb") as f:
         f.write(header.ljust(HEADER_SIZE, b"\0"))
-        for name, shape in checkpoint_tensors(args):
-            w = _f32_array(state_dict[name])
-            for array in (encode_matrix(w, dtype) if len(shape) == 2 else [w.astype("<f4")]):
-                f.write(b"\0" * (-f.tell() % ALIGN))
-                f.write(np.ascontiguousarray(array).tobytes())
+        for done, (name, shape) in enumerate(tensors, 1):
+            _write_tensor(f, _f32_array(state_dict[name]), dtype)
+            weights_done += math.prod(shape)
+            if progress:
+                progress(done, len(tensors), f.tell(), weights_done / total_weights)
         return f.tell()
+
+
+def _write_tensor(f, w, dtype):
+    """Write one float32 tensor: a norm as it is, a matrix in dtype; each
+    array from a multiple of ALIGN. (A function, so that the tensor is freed
+    before the next one is read.)"""
+    for blocks in (_encoded_rows(w, dtype) if w.ndim == 2 else [[w.astype("<f4")]]):
+        f.write(b"\0" * (-f.tell() % ALIGN))
+        for block in blocks:
+            f.write(np.ascontiguousarray(block).data)
 
 
 def read_checkpoint_arrays(path):

@@ -7,7 +7,7 @@ import os
 import re
 import struct
 
-from convert.checkpoint import _f32_bytes, check_state_dict, checkpoint_tensors
+from convert.checkpoint import Tensors, _f32_bytes, check_state_dict, checkpoint_tensors
 from convert.errors import ExportError, need, np, torch
 from convert.files import REQUIRED, checked_directory, json_field, read_json, regular_file
 from model import META_LLAMA3_SCALING, ModelArgs, rope_cos_sin, rope_inverse_frequencies
@@ -64,7 +64,7 @@ def save_reference(path, args, state_dict):
 
 
 def load_reference(path):
-    """Read a save_reference() file."""
+    """Read a save_reference() file (all of it: a reference model is small)."""
     saved = _torch_load(path)
     if not isinstance(saved, dict) or set(saved) != {"args", "state_dict"}:
         raise ExportError(path, 'expected a dict with keys "args" and "state_dict" (see save_reference)')
@@ -75,9 +75,11 @@ def load_reference(path):
     if not isinstance(fields, dict):
         raise ExportError(path, '"args" is not a JSON object of ModelArgs fields')
     args = _model_args(path, **fields)
-    state_dict = {k: v.float() for k, v in _check_tensors(path, saved["state_dict"]).items()}
-    check_state_dict(args, state_dict, path)
-    return args, state_dict
+    tensors = Tensors()
+    for name, tensor in _check_tensors(path, saved["state_dict"]).items():
+        tensors.add(name, tensor.shape, tensor.float)
+    check_state_dict(args, tensors, path)
+    return args, tensors
 
 
 # Meta's own release: params.json beside consolidated.00.pth, .01.pth, ... one
@@ -86,20 +88,26 @@ def load_reference(path):
 META_MAX_SEQ_LEN = 2048         # params.json does not say; --max-seq-len overrides
 
 
-def _merge_meta_shards(name, shards, dim):
-    """Concatenate one tensor's model-parallel slices back into the whole tensor.
+def _meta_concat_axis(name, shape, dim):
+    """The axis along which one tensor's model-parallel slices (each of shape)
+    are concatenated back into the whole tensor; None where they are copies.
 
     Column-parallel layers (wq, wk, wv, w1, w3, output) split their output rows,
     row-parallel ones (wo, w2) their input columns. Norms are replicated. The
     token embedding is split on dim (Llama 2) or on vocab (Llama 3): its width
     tells which."""
-    if len(shards) == 1 or shards[0].dim() < 2:
-        return shards[0]
+    if len(shape) < 2:
+        return None
     if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-        return torch.cat(shards, dim=1)
-    if name == "tok_embeddings.weight" and shards[0].shape[1] != dim:
-        return torch.cat(shards, dim=1)
-    return torch.cat(shards, dim=0)
+        return 1
+    if name == "tok_embeddings.weight" and shape[1] != dim:
+        return 1
+    return 0
+
+
+def _meta_tensor(slices, axis):
+    """The whole float32 tensor from its model-parallel slices."""
+    return (slices[0] if axis is None else torch.cat(slices, dim=axis)).float()
 
 
 def load_meta(directory):
@@ -107,7 +115,12 @@ def load_meta(directory):
 
     hidden_dim is read off the w1 weight rather than recomputed from
     multiple_of and ffn_dim_multiplier; vocab_size off the embedding (Llama 2's
-    params.json says -1). max_seq_len is META_MAX_SEQ_LEN."""
+    params.json says -1). max_seq_len is META_MAX_SEQ_LEN.
+
+    torch 1.13's torch.load reads a whole file, and each tensor is the
+    concatenation of its slices in every shard, so the shards stay in memory
+    as stored (bf16: 2 bytes a weight); each tensor becomes float32 only when
+    it is asked for."""
     params_path = os.path.join(checked_directory(directory), "params.json")
     params = read_json(params_path)
 
@@ -129,24 +142,31 @@ def load_meta(directory):
             if tensor.shape != shards[0][name].shape:
                 raise ExportError(path, f"{name}: shape {tuple(tensor.shape)}, but {tuple(shards[0][name].shape)} "
                                         f"in {names[0]}")
-    state_dict = {name: _merge_meta_shards(name, [s[name] for s in shards], dim).float()
-                  for name in shards[0]
-                  if name != "rope.freqs"}     # Llama 1's RoPE table: we compute it
+    tensors = Tensors()
+    for name, first in shards[0].items():
+        if name == "rope.freqs":        # Llama 1's RoPE table: we compute it
+            continue
+        slices = [shard[name] for shard in shards]
+        axis = _meta_concat_axis(name, first.shape, dim) if len(slices) > 1 else None
+        shape = list(first.shape)
+        if axis is not None:
+            shape[axis] *= len(slices)
+        tensors.add(name, shape, lambda slices=slices, axis=axis: _meta_tensor(slices, axis))
     try:
-        hidden_dim = state_dict["layers.0.feed_forward.w1.weight"].shape[0]
-        vocab_size = state_dict["tok_embeddings.weight"].shape[0]
+        hidden_dim = tensors.shapes["layers.0.feed_forward.w1.weight"][0]
+        vocab_size = tensors.shapes["tok_embeddings.weight"][0]
     except KeyError as e:
         raise ExportError(directory, f"tensor {e.args[0]} is missing") from None
     args = _model_args(params_path, dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads,
                        n_kv_heads=field("n_kv_heads", int, n_heads), head_dim=dim // n_heads,
                        vocab_size=vocab_size, max_seq_len=META_MAX_SEQ_LEN,
                        rope_theta=field("rope_theta", float, 10000.0), norm_eps=norm_eps,
-                       tied="output.weight" not in state_dict, scaled_rope=scaled_rope)
+                       tied="output.weight" not in tensors, scaled_rope=scaled_rope)
     if scaled_rope:             # Llama 3.1's reference code: META_LLAMA3_SCALING
-        state_dict["rope_inv_freq"] = torch.from_numpy(
+        tensors["rope_inv_freq"] = torch.from_numpy(
             rope_inverse_frequencies(args.head_dim, args.rope_theta, META_LLAMA3_SCALING))
-    check_state_dict(args, state_dict, directory)
-    return args, state_dict
+    check_state_dict(args, tensors, directory)
+    return args, tensors
 
 
 # Hugging Face: config.json, and the weights as safetensors or pytorch_model.bin,
@@ -183,7 +203,8 @@ def _hf_name(name):
 
 
 def _hf_tensors(directory):
-    """Every tensor of a Hugging Face directory, as (file, name, tensor).
+    """Every tensor of a Hugging Face directory, as (file, name, shape, read),
+    where read() returns the tensor as stored (a torch tensor).
 
     The index, when there is one, names the shard files; otherwise the
     weights are one model.safetensors or one pytorch_model.bin."""
@@ -198,33 +219,72 @@ def _hf_tensors(directory):
             files = [weights]
         else:
             continue
+        shards = _TorchShards()
         for file in files:
             path = os.path.join(directory, file)
-            if weights == "model.safetensors":
-                yield from ((path, name, tensor) for name, tensor in _read_safetensors(path))
-            else:
-                for name, tensor in _check_tensors(path, _torch_load(path)).items():
-                    yield path, name, tensor
+            yield from _safetensors_tensors(path) if weights == "model.safetensors" else shards.tensors(path)
         return
     raise ExportError(directory, "no model.safetensors or pytorch_model.bin (nor a sharded index of either)")
 
 
-def _read_safetensors(path):
-    """Each (name, torch tensor) of a safetensors file, read as they are asked for."""
+SAFETENSORS_FLOATS = ("F64", "F32", "F16", "BF16")     # the floating-point types torch 1.13 has
+
+
+def _safetensors_tensors(path):
+    """Each tensor of a safetensors file as (path, name, shape, read), from its
+    header alone. The file is read with pread(2), not mapped, so that a
+    tensor's bytes leave memory with it (a mapping's pages would count
+    against the process until the file is closed)."""
     need("torch")               # the tensors come as torch's
     safe_open = need("safetensors").safe_open
     regular_file(path)
     try:
-        st = safe_open(path, framework="pt")
-        names = list(st.keys())
+        st = safe_open(path, framework="pt", backend="pread")
+        slices = {name: st.get_slice(name) for name in st.keys()}
+        found = [(name, tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()]
+    except TypeError:           # an older safetensors, without backend
+        raise ExportError(None, "this conversion needs safetensors 0.8 or later (pip install -U safetensors)") \
+            from None
     except Exception as e:      # SafetensorError and OSError name no file
         raise ExportError(path, f"not a safetensors file ({e})") from None
-    for name in names:
+
+    def read(name):
         try:
-            tensor = st.get_tensor(name)
+            return st.get_tensor(name)
         except Exception as e:
             raise ExportError(path, f"{name}: {e}") from None
-        yield name, tensor
+
+    for name, shape, dtype in found:
+        if dtype not in SAFETENSORS_FLOATS:
+            raise ExportError(path, f"{name}: {dtype} is not a floating-point type "
+                                    f"({', '.join(SAFETENSORS_FLOATS)})")
+        yield path, name, shape, lambda name=name: read(name)
+
+
+class _TorchShards:
+    """The tensors of pytorch_model*.bin files, read one file at a time.
+
+    torch 1.13's torch.load has no mmap and reads every tensor of a file, so
+    a shard is held whole while its tensors are read, and only one shard: the
+    memory this takes is bounded by the largest shard file. Listing a shard's
+    tensors loads it once, reading them loads it again as they are asked for."""
+
+    def __init__(self):
+        self.path, self.loaded = None, None
+
+    def load(self, path):
+        """The tensors of the shard at path, by name."""
+        if path != self.path:
+            self.path = self.loaded = None      # the last shard goes before the next one comes
+            self.loaded = _check_tensors(path, _torch_load(path))
+            self.path = path
+        return self.loaded
+
+    def tensors(self, path):
+        """Each tensor of the shard at path as (path, name, shape, read)."""
+        shapes = {name: tuple(tensor.shape) for name, tensor in self.load(path).items()}
+        for name, shape in shapes.items():
+            yield path, name, shape, lambda name=name: self.load(path)[name]
 
 
 def hf_to_interleaved(w, n_heads, head_dim):
@@ -284,14 +344,14 @@ def load_hf(directory):
         norm_eps=field("rms_norm_eps", float, 1e-6), tied=field("tie_word_embeddings", bool, False),
         attention_bias=model_type == "qwen2", scaled_rope=scaling is not None)
 
-    shapes, state_dict = dict(checkpoint_tensors(args)), {}
+    shapes, tensors = dict(checkpoint_tensors(args)), Tensors()
     if scaling is not None:
         try:
             inv_freq = rope_inverse_frequencies(args.head_dim, args.rope_theta, scaling)
         except ValueError as e:
             raise ExportError(config_path, f"rope_scaling: {e}") from None
-        state_dict["rope_inv_freq"] = torch.from_numpy(inv_freq)
-    for path, hf_name, tensor in _hf_tensors(directory):
+        tensors["rope_inv_freq"] = torch.from_numpy(inv_freq)
+    for path, hf_name, shape, read in _hf_tensors(directory):
         try:
             name = _hf_name(hf_name)
         except ValueError as e:
@@ -300,19 +360,24 @@ def load_hf(directory):
             continue                # a tied lm_head is the embedding, saved twice
         if name not in shapes:      # a bias that the config does not have, say
             raise ExportError(path, f"unexpected tensor {hf_name}")
-        _check_tensor(path, hf_name, tensor)
-        if tuple(tensor.shape) != shapes[name]:
-            raise ExportError(path, f"{hf_name}: expected shape {shapes[name]}, got {tuple(tensor.shape)}")
-        if name in state_dict:
+        if shape != shapes[name]:
+            raise ExportError(path, f"{hf_name}: expected shape {shapes[name]}, got {shape}")
+        if name in tensors:
             raise ExportError(path, f"{hf_name} appears twice")
-        tensor = tensor.float()
-        if ".attention.wq." in name:        # the weight's rows and the bias alike
-            tensor = hf_to_interleaved(tensor, args.n_heads, args.head_dim)
-        elif ".attention.wk." in name:
-            tensor = hf_to_interleaved(tensor, args.n_kv_heads, args.head_dim)
-        state_dict[name] = tensor
-    check_state_dict(args, state_dict, directory)
-    return args, state_dict
+        tensors.add(name, shape, lambda name=name, read=read: _hf_tensor(args, name, read()))
+    check_state_dict(args, tensors, directory)
+    return args, tensors
+
+
+def _hf_tensor(args, name, tensor):
+    """A Hugging Face tensor as ours: float32, q and k rows (weight and bias
+    alike) in Meta's RoPE layout."""
+    tensor = tensor.float()
+    if ".attention.wq." in name:
+        return hf_to_interleaved(tensor, args.n_heads, args.head_dim)
+    if ".attention.wk." in name:
+        return hf_to_interleaved(tensor, args.n_kv_heads, args.head_dim)
+    return tensor
 
 
 # llama2.c's legacy checkpoint (read unchanged, see docs/FORMATS.md): seven
@@ -374,17 +439,31 @@ def load_llama2c(path):
     expected = LLAMA2C_HEADER.size + 4 * sum(math.prod(shape) for _, shape in tensors)
     if size != expected:
         raise ExportError(path, f"{size} bytes: expected {expected} for {args.describe()}")
+    state_dict, at = Tensors(), LLAMA2C_HEADER.size
+    for name, shape in tensors:
+        if not name.startswith("freq_cis"):
+            state_dict.add(name, shape, lambda at=at, shape=shape: _llama2c_tensor(path, at, shape))
+        at += 4 * math.prod(shape)
+    return args, state_dict
+
+
+def _llama2c_tensor(path, offset, shape):
+    """The float32 tensor of shape at offset in the llama2.c file path."""
+    floats = _read_at(path, offset, "<f4", math.prod(shape))
+    return torch.from_numpy(floats.reshape(shape))
+
+
+def _read_at(path, offset, dtype, count):
+    """count items of the numpy dtype at offset in the file path. Read, not
+    mapped: their memory is freed with them."""
     try:
-        floats = np.fromfile(path, dtype="<f4", offset=LLAMA2C_HEADER.size)
+        items = np.fromfile(path, dtype=dtype, count=count, offset=offset)
     except OSError as e:
         raise ExportError(path, e.strerror) from None
-    state_dict, at = {}, 0
-    for name, shape in tensors:
-        n = math.prod(shape)
-        if not name.startswith("freq_cis"):
-            state_dict[name] = torch.from_numpy(floats[at:at + n].reshape(shape).copy())
-        at += n
-    return args, state_dict
+    if items.size != count:
+        raise ExportError(path, f"cut short: {count} items of {np.dtype(dtype).name} at offset {offset} "
+                                f"are not all there")
+    return items
 
 
 def write_llama2c(path, args, state_dict):
@@ -415,27 +494,13 @@ def write_llama2c(path, args, state_dict):
 # named blk.{i}.attn_q.weight etc. are stored (out, in) like ours; llama.cpp's
 # converter already permutes Hugging Face's q/k rows into Meta's interleaved
 # RoPE layout for the llama architecture (its LlamaModel.permute is our
-# hf_to_interleaved), so q and k are taken as they are. The quantized types
-# are decoded here to float32; each block of 32 weights in row order:
-#
-#   Q4_0  18 bytes   +--------+--------------------+
-#                    | f16 d  | u8 qs[16]          |   w[j]      = ((qs[j] & 15) - 8) * d
-#                    +--------+--------------------+   w[j + 16] = ((qs[j] >> 4) - 8) * d
-#   Q4_1  20 bytes   +--------+--------+--------------------+
-#                    | f16 d  | f16 m  | u8 qs[16]          |   w[j]      = (qs[j] & 15) * d + m
-#                    +--------+--------+--------------------+   w[j + 16] = (qs[j] >> 4) * d + m
-#   Q8_0  34 bytes   +--------+--------------------------------+
-#                    | f16 d  | i8 qs[32]                      |   w[j] = qs[j] * d
-#                    +--------+--------------------------------+
-#   F32, F16, BF16   one weight per element (BF16: the top half of an f32)
-#
-# (j = 0..15 for the 4-bit types, 0..31 for Q8_0; d and m are f16, the
-# arithmetic float32, as in ggml's dequantize_row_*.)
+# hf_to_interleaved), so q and k are taken as they are. Every tensor type
+# that the package's gguf.quants dequantizes is read (F32, F16, BF16, Q4_0 ..
+# Q8_0, the K-quants Q2_K .. Q6_K, the IQ types, ...): each tensor's bytes are
+# read from the file and decoded to float32 as gguf.quants does, a few rows at
+# a time; other types are refused before anything is written.
 
-GGUF_TYPES = {              # ggml type id: (name, weights per block, bytes per block)
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-    8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2),
-}
+GGUF_FLOAT_TYPES = (0, 1, 30)   # ggml types F32, F16, BF16: a source in these is not quantized
 GGUF_NAMES = {              # GGUF tensor name -> ours ({i}: the layer)
     "token_embd.weight": "tok_embeddings.weight",
     "output_norm.weight": "norm.weight",
@@ -451,29 +516,28 @@ GGUF_LAYER_NAMES = {        # blk.{i}.X.weight -> layers.{i}.Y.weight
 
 def gguf_dequantize(raw, ggml_type):
     """The float32 weights that the raw bytes of a GGUF tensor of ggml_type
-    hold, flat, in file order. raw: a uint8 array, a whole number of blocks."""
-    if ggml_type not in GGUF_TYPES:
-        raise ValueError(f"ggml type {ggml_type} is not one of F32, F16, BF16, Q4_0, Q4_1, Q8_0")
-    name, per_block, block_bytes = GGUF_TYPES[ggml_type]
-    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if raw.size % block_bytes:
-        raise ValueError(f"{raw.size} bytes are not a whole number of {name} blocks of {block_bytes}")
-    if name == "F32":
-        return raw.view("<f4").astype(np.float32)
-    if name == "F16":
-        return raw.view("<f2").astype(np.float32)
-    if name == "BF16":
-        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-    blocks = raw.reshape(-1, block_bytes)
-    d = blocks[:, 0:2].copy().view("<f2").astype(np.float32)                # (blocks, 1)
-    if name == "Q8_0":
-        return (blocks[:, 2:].copy().view(np.int8).astype(np.float32) * d).reshape(-1)
-    qs = blocks[:, block_bytes - 16:]                                      # (blocks, 16)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)    # (blocks, 32)
-    if name == "Q4_0":
-        return ((q - 8) * d).reshape(-1)
-    m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
-    return (q * d + m).reshape(-1)
+    hold, flat, in file order, decoded by gguf.quants. raw: a uint8 array of
+    whole blocks, flat or one row of bytes per tensor row (gguf.quants then
+    works a few rows at a time). ValueError for a type it cannot decode."""
+    gguf = need("gguf")
+    try:
+        qtype = gguf.GGMLQuantizationType(ggml_type)
+    except ValueError:
+        raise ValueError(f"ggml type {ggml_type} is unknown") from None
+    _, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    if raw.shape[-1] % block_bytes:
+        raise ValueError(f"{raw.shape[-1]} bytes are not a whole number of {qtype.name} blocks of {block_bytes}")
+    try:
+        weights = gguf.quants.dequantize(raw, qtype)
+    except NotImplementedError:
+        raise ValueError(f"ggml type {qtype.name} is not one that the gguf package dequantizes") from None
+    return weights.astype(np.float32, copy=False).reshape(-1)
+
+
+def gguf_quantized(reader):
+    """Whether a GGUF file holds a tensor in a quantized type (not F32, F16 or BF16)."""
+    return any(int(t.tensor_type) not in GGUF_FLOAT_TYPES for t in reader.tensors)
 
 
 def _gguf_reader(source):
@@ -498,9 +562,10 @@ def gguf_metadata(source, key, default=None):
 
 
 def load_gguf(source):
-    """Read a GGUF file of the llama or qwen2 architecture (the tensors become
-    float32 numpy arrays). qwen2 is llama with q, k and v biases, its q/k
-    rows left in Hugging Face's layout by llama.cpp (its "NEOX" RoPE).
+    """Read a GGUF file of the llama or qwen2 architecture (its tensors read,
+    when asked for, as float32 numpy arrays). qwen2 is llama with q, k and v
+    biases, its q/k rows left in Hugging Face's layout by llama.cpp (its
+    "NEOX" RoPE).
 
     source: a path or an open gguf.GGUFReader. Everything comes from the
     file's metadata (keys {arch}.*); refuses what run.c does not compute (RoPE
@@ -544,7 +609,16 @@ def load_gguf(source):
         norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon"), tied="output.weight" not in tensors,
         attention_bias=arch == "qwen2", scaled_rope=scaling == "linear" or "rope_freqs.weight" in tensors)
 
-    state_dict = {}
+    def read(t, name, shape):
+        """The tensor t as ours: qwen2's q/k rows (weights and biases) from
+        Hugging Face's layout, as load_hf() permutes them."""
+        weights = _gguf_tensor(path, t, shape)
+        if arch == "qwen2" and (".attention.wq." in name or ".attention.wk." in name):
+            heads = args.n_heads if ".wq." in name else args.n_kv_heads
+            return hf_to_interleaved(weights, heads, args.head_dim)
+        return weights
+
+    state_dict, problems = Tensors(), {}    # problems: ggml type -> why it cannot be read, or None
     for t in reader.tensors:
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", t.name)
         if t.name in GGUF_NAMES:
@@ -554,20 +628,18 @@ def load_gguf(source):
         else:               # other architectures' tensors
             raise ExportError(path, f"unexpected tensor {t.name}")
         shape = tuple(int(n) for n in reversed(t.shape))     # GGUF lists the fastest axis first
-        try:
-            weights = gguf_dequantize(t.data.view(np.uint8), int(t.tensor_type))
-        except ValueError as e:
-            raise ExportError(path, f"{t.name}: {e}") from None
-        if weights.size != math.prod(shape):
-            raise ExportError(path, f"{t.name}: {weights.size} weights for shape {shape}")
-        state_dict[name] = weights.reshape(shape)
-    if arch == "qwen2":     # Hugging Face's q/k layout, weights and biases: as load_hf() permutes them
-        for name in state_dict:
-            if ".attention.wq." in name or ".attention.wk." in name:
-                heads = args.n_heads if ".wq." in name else args.n_kv_heads
-                state_dict[name] = hf_to_interleaved(state_dict[name], heads, args.head_dim)
+        ggml_type = int(t.tensor_type)
+        if ggml_type not in problems:
+            problems[ggml_type] = _gguf_type_problem(ggml_type)
+        if problems[ggml_type]:
+            raise ExportError(path, f"{t.name}: {problems[ggml_type]}")
+        if name == "rope_freqs":    # read now: rope_inv_freq is made of it, below
+            divisors = _gguf_tensor(path, t, shape)
+            continue
+        state_dict.add(name, shape, lambda t=t, name=name, shape=shape: read(t, name, shape))
     if args.scaled_rope:    # llama.cpp's frequency: base / rope_freqs, times 1 / factor for linear
-        divisors = state_dict.pop("rope_freqs", np.ones(args.head_dim // 2, np.float32))
+        if "rope_freqs.weight" not in tensors:
+            divisors = np.ones(args.head_dim // 2, np.float32)
         if divisors.shape != (args.head_dim // 2,):
             raise ExportError(path, f"rope_freqs.weight: expected shape ({args.head_dim // 2},), "
                                     f"got {divisors.shape}")
@@ -581,3 +653,24 @@ def load_gguf(source):
     check_state_dict(args, state_dict, path)
     return args, state_dict
 
+
+def _gguf_type_problem(ggml_type):
+    """Why tensors of ggml_type cannot be read (gguf.quants fails on one block
+    of zeros), or None."""
+    gguf = need("gguf")
+    _, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    try:
+        gguf_dequantize(np.zeros(block_bytes, np.uint8), ggml_type)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _gguf_tensor(path, t, shape):
+    """The float32 weights of the GGUF tensor t, in our shape: its bytes read
+    from the file, one row of bytes per row, and decoded."""
+    raw = _read_at(path, t.data_offset, np.uint8, int(t.n_bytes))
+    try:
+        return gguf_dequantize(raw.reshape(math.prod(shape[:-1]), -1), int(t.tensor_type)).reshape(shape)
+    except ValueError as e:
+        raise ExportError(path, f"{t.name}: {e}") from None

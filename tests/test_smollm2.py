@@ -2,12 +2,13 @@
 
 Three layers of evidence, each against code that is not ours:
 
-  1. export.gguf_dequantize against the gguf package's own dequantize, bit
-     for bit, for every tensor type export.py reads, and against the block
-     formulas worked by hand.
+  1. export.gguf_dequantize (the gguf package's gguf.quants, which export.py
+     decodes every tensor type with) against the block formulas worked by
+     hand, and its refusal of a type it cannot decode.
   2. A small random llama model written as a GGUF file with gguf's writer
      (mixed tensor types, GQA, untied classifier) and a tiny byte-level
-     tokenizer: ./run's logits against transformers loading the same file,
+     tokenizer: ./run's logits against transformers loading the same file
+     (and for a file in every K-quant type and IQ4_NL),
      and our tokenizer against Hugging Face tokenizers; the chat template's
      default system prompt, found in the template and carried by the
      tokenizer file. Needs no network.
@@ -37,13 +38,11 @@ import export  # noqa: E402
 gguf = pytest.importorskip("gguf")
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
-QTYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"]
 
 # Tolerance for logits, per row: max |ours - theirs| <= REL_TOL x max |theirs|.
-# Both sides decode the same GGUF bytes to the same float32 weights (part 1
-# shows the decoding is bit-identical), so what differs is only the order of
-# float32 summation in the matmuls and softmax. Measured for SmolLM2 (30
-# layers, 113 positions): max |diff| 9.6e-5 against max |logit| 38, and
+# Both sides decode the same GGUF bytes to the same float32 weights (both
+# with gguf.quants), so what differs is only the order of float32 summation
+# in the matmuls and softmax. Measured for SmolLM2 (30 layers, 113 positions): max |diff| 9.6e-5 against max |logit| 38, and
 # 4.3e-6 relative in the worst row. 1e-4 leaves 20x room for other compilers
 # and thread counts, and still fails on any real bug: reading q/k in the
 # wrong RoPE layout, a wrong theta or eps moves the logits by whole units
@@ -81,11 +80,11 @@ def run_greedy(model, prompt, n, logits_path, extra=()):
     return ids[len(prompt):], np.fromfile(logits_path, dtype="<f4").reshape(-1, header(model)["vocab_size"])
 
 
-def assert_logits_close(ours, theirs):
+def assert_logits_close(ours, theirs, tol=REL_TOL):
     assert ours.shape == theirs.shape, f"{ours.shape} rows vs {theirs.shape}"
     for pos, (a, b) in enumerate(zip(ours, theirs)):
         scale, err = np.abs(b).max(), np.abs(a - b).max()
-        assert err <= REL_TOL * scale, f"position {pos}: max |diff| {err:.3g} > {REL_TOL} x {scale:.3g}"
+        assert err <= tol * scale, f"position {pos}: max |diff| {err:.3g} > {tol} x {scale:.3g}"
 
 
 def hf_greedy(model, prompt, n):
@@ -122,18 +121,6 @@ def qtype(name):
     return gguf.GGMLQuantizationType[name]
 
 
-@pytest.mark.parametrize("name", QTYPES)
-def test_dequantize_matches_gguf(name):
-    rng = np.random.default_rng(1)
-    weights = (rng.standard_normal((8, 256)) * rng.uniform(0.01, 3, (8, 1))).astype(np.float32)
-    weights[0, :32] = 0                                      # an all-zero block
-    raw = gguf.quants.quantize(weights, qtype(name))
-    ours = export.gguf_dequantize(raw.view(np.uint8), int(qtype(name)))
-    theirs = gguf.quants.dequantize(raw, qtype(name)).reshape(-1)
-    assert ours.dtype == np.float32 and ours.shape == theirs.shape
-    assert np.array_equal(ours.view(np.uint32), theirs.astype(np.float32).view(np.uint32))
-
-
 def test_dequantize_blocks_by_hand():
     """One block of each quantized type, decoded with the formulas in ggml's
     comments worked out here (not by the gguf package)."""
@@ -155,8 +142,8 @@ def test_dequantize_blocks_by_hand():
 
 
 def test_dequantize_refuses_other_types():
-    with pytest.raises(ValueError, match="not one of"):
-        export.gguf_dequantize(np.zeros(144, np.uint8), int(qtype("Q4_K")))
+    with pytest.raises(ValueError, match="Q8_1 is not one that the gguf package dequantizes"):
+        export.gguf_dequantize(np.zeros(40, np.uint8), int(qtype("Q8_1")))
     with pytest.raises(ValueError, match="whole number"):
         export.gguf_dequantize(np.zeros(19, np.uint8), int(qtype("Q4_0")))
 
@@ -214,7 +201,10 @@ def write_random_gguf(path, tokens, merges, types_by_tensor, dim=64, hidden=96, 
         key = name.split(".")[2] if name.startswith("blk.") else name.rsplit(".", 1)[0]
         values = (1 + 0.1 * rng.standard_normal(shape) if norm else 0.05 * rng.standard_normal(shape))
         ty = qtype("F32" if norm else types_by_tensor.get(key, "F32"))
-        data = gguf.quants.quantize(values.astype(np.float32), ty)
+        try:
+            data = gguf.quants.quantize(values.astype(np.float32), ty)
+        except NotImplementedError:     # the K-quants, IQ4_NL, Q8_1: gguf.quants only reads them
+            data = random_blocks(rng, shape, ty)
         w.add_tensor(name, data, raw_dtype=ty)
 
     tensor("token_embd.weight", (vocab, dim))
@@ -236,6 +226,31 @@ def write_random_gguf(path, tokens, merges, types_by_tensor, dim=64, hidden=96, 
     w.close()
 
 
+# Where the float16 scales of a block sit, by type: the byte offsets of d
+# (and dmin) in ggml's block_q2_K .. block_q6_K and block_iq4_nl.
+F16_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,)}
+
+
+def random_blocks(rng, shape, ty, size=0.05):
+    """Whole blocks of type ty for a (rows, cols) tensor, of random bytes, as
+    bytes per row: for the types that gguf.quants reads but cannot write.
+    Where F16_SCALES knows the type, its float16 scales are all set to one
+    value, chosen so that the largest weight is size: a block's weights are
+    proportional to it."""
+    per_block, block_bytes = gguf.GGML_QUANT_SIZES[ty]
+    rows, cols = shape
+    blocks = rng.integers(0, 256, size=(rows * cols // per_block, block_bytes), dtype=np.uint8)
+
+    def set_scales(value):
+        for at in F16_SCALES.get(ty.name, ()):
+            blocks[:, at:at + 2] = np.array([value], np.float16).view(np.uint8)
+
+    if ty.name in F16_SCALES:
+        set_scales(1.0)
+        set_scales(size / np.abs(gguf.quants.dequantize(blocks, ty)).max())
+    return blocks.reshape(rows, -1)
+
+
 MIXED = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "F16", "attn_output": "BF16",
          "ffn_gate": "Q4_1", "ffn_up": "Q4_0", "ffn_down": "Q8_0", "output": "F16"}
 
@@ -245,8 +260,8 @@ def random_gguf(tmp_path_factory):
     d = tmp_path_factory.mktemp("gguf")
     tokens, merges = tiny_bytelevel_vocab()
     write_random_gguf(d / "random.gguf", tokens, merges, MIXED)
-    p = subprocess.run([sys.executable, str(ROOT / "export.py"), d / "model.bin", "--gguf", d / "random.gguf"],
-                       capture_output=True, text=True)
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), d / "model.bin", "--gguf", d / "random.gguf",
+                        "--dtype", "f32"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     return d
 
@@ -281,6 +296,49 @@ def test_wrong_rope_layout_is_caught(random_gguf, tmp_path):
     assert worst > 100 * REL_TOL
 
 
+# Every K-quant and IQ4_NL, the types of Q4_K_M, Q5_K_M, Q6_K, Q2_K/Q3_K and
+# IQ4 files, which gguf.quants reads but cannot write: random blocks. Their
+# rows are whole blocks of 256 (32 for IQ4_NL): dim 256, hidden 512.
+K_TYPES = {"token_embd": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q3_K", "attn_output": "IQ4_NL",
+           "ffn_gate": "Q2_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K", "output": "Q5_K"}
+
+
+@pytest.fixture(scope="module")
+def k_quant_gguf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("k-quants")
+    tokens, merges = tiny_bytelevel_vocab()
+    write_random_gguf(d / "k.gguf", tokens, merges, K_TYPES, dim=256, hidden=512, n_heads=4, n_kv_heads=2, seed=3)
+    return d
+
+
+def test_k_quant_gguf_matches_transformers(k_quant_gguf, tmp_path):
+    """Converted to f32, the K-quant model's logits against transformers'
+    from the same file: both sides decode the same bytes with gguf.quants,
+    so only the order of float32 sums differs. Measured 1.0e-6 relative in
+    the worst row (2 layers); 1e-5 leaves 10x room."""
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "model.bin",
+                        "--gguf", k_quant_gguf / "k.gguf", "--dtype", "f32"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    hf = load_hf_gguf(k_quant_gguf, "k.gguf")
+    prompt = [1, 40, 280, 7, 99, 12, 150, 2, 60]
+    generated, ours = run_greedy(tmp_path / "model.bin", prompt, 16, tmp_path / "logits.bin")
+    assert_logits_close(ours, hf_logits(hf, prompt + generated[:-1]), tol=1e-5)
+    assert generated == hf_greedy(hf, prompt, 16)
+
+
+def test_quantized_gguf_becomes_q8_0_unless_asked(k_quant_gguf, tmp_path):
+    """--dtype's default: q8_0 for a file with quantized tensors, f32 for one
+    in F32, F16 and BF16 only."""
+    tokens, merges = tiny_bytelevel_vocab()
+    write_random_gguf(tmp_path / "f16.gguf", tokens, merges, {key: "F16" for key in MIXED})
+    for gguf_file, dtype in [(k_quant_gguf / "k.gguf", "q8_0"), (tmp_path / "f16.gguf", "f32")]:
+        out = tmp_path / f"{dtype}.bin"
+        p = subprocess.run([sys.executable, str(ROOT / "export.py"), out, "--gguf", gguf_file,
+                            "--tokenizer-out", tmp_path / "tokenizer.bin"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert header(out)["weight_type"] == export.WEIGHT_TYPES[dtype]
+
+
 def test_random_gguf_tokenizer_matches_tokenizers(random_gguf):
     """The tokenizer export.py writes from GGUF metadata against Hugging Face
     tokenizers built from the same vocabulary with SmolLM2's pre-tokenizer
@@ -310,7 +368,8 @@ def test_gguf_export_needs_no_torch(random_gguf, tmp_path):
     (stub / "torch.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(stub), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "model.bin",
-                        "--gguf", random_gguf / "random.gguf"], capture_output=True, text=True, env=env)
+                        "--gguf", random_gguf / "random.gguf", "--dtype", "f32"], capture_output=True, text=True,
+                       env=env)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "model.bin").read_bytes() == (random_gguf / "model.bin").read_bytes()
     assert (tmp_path / "tokenizer.bin").read_bytes() == (random_gguf / "tokenizer.bin").read_bytes()
@@ -318,8 +377,8 @@ def test_gguf_export_needs_no_torch(random_gguf, tmp_path):
 
 def test_gguf_refusals(tmp_path):
     tokens, merges = tiny_bytelevel_vocab()
-    write_random_gguf(tmp_path / "k.gguf", tokens, merges, {"attn_q": "Q5_0"})
-    with pytest.raises(export.ExportError, match="attn_q.weight: ggml type 6 is not one of"):
+    write_random_gguf(tmp_path / "k.gguf", tokens, merges, {"attn_q": "Q8_1"})
+    with pytest.raises(export.ExportError, match="attn_q.weight: ggml type Q8_1 is not one that the gguf package"):
         export.load_gguf(str(tmp_path / "k.gguf"))
     (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(60))
     with pytest.raises(export.ExportError, match="not a GGUF file"):
