@@ -580,10 +580,11 @@ def test_smollm2_int8_greedy_equals_f32(smollm2, smollm2_q8, mode, text, system)
 
 @pytest.mark.skipif("RUN_BINARY" in os.environ, reason="make explain runs ./run, not the instrumented build")
 def test_make_explain_shows_trace_and_probs(smollm2):
-    """make explain: a trace header and 30 layer lines for each of the 5
+    """make explain-text (make explain's terminal view; make explain writes the
+    page): a trace header and 30 layer lines for each of the 5
     prompt positions and the 3 fed-back tokens, --probs for the 4 generated
     ones, then the text."""
-    p = subprocess.run(["make", "-s", "explain"], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(["make", "-s", "explain-text"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     lines = p.stdout.splitlines() + p.stderr.splitlines()
     assert sum(" layer=" in line for line in lines if line.startswith("trace pos=")) == 8 * 30
