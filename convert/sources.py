@@ -10,6 +10,7 @@ import struct
 from convert.checkpoint import Tensors, _f32_bytes, check_state_dict, checkpoint_tensors
 from convert.errors import ExportError, need, np, torch
 from convert.files import REQUIRED, checked_directory, json_field, read_json, regular_file
+from convert.torch_zip import StoredTensor, read_torch_zip
 from model import META_LLAMA3_SCALING, ModelArgs, rope_cos_sin, rope_inverse_frequencies
 
 
@@ -34,8 +35,16 @@ def _torch_load(path):
         raise ExportError(path, f"not a torch.save file of tensors ({type(e).__name__})") from None
 
 
+def _stored_tensors(path):
+    """The tensors of a torch.save file by name, as StoredTensors, read only
+    when they are asked for."""
+    regular_file(path)
+    return _check_tensors(path, read_torch_zip(path))
+
+
 def _check_tensors(path, saved):
-    """saved, read from path, checked to be a dict of floating-point tensors by name."""
+    """saved, read from path, checked to be a dict of floating-point tensors
+    (torch's or StoredTensors) by name."""
     if not isinstance(saved, dict):
         raise ExportError(path, f"expected a dict of tensors by name, not a {type(saved).__name__}")
     for name, value in saved.items():
@@ -47,7 +56,7 @@ def _check_tensors(path, saved):
 
 def _check_tensor(path, name, value):
     """Raise ExportError naming path unless value is a floating-point tensor."""
-    if not isinstance(value, torch.Tensor):
+    if not isinstance(value, (torch.Tensor, StoredTensor)):
         raise ExportError(path, f"{name} is not a tensor but a {type(value).__name__}")
     if not value.is_floating_point():
         raise ExportError(path, f"{name}: {value.dtype} is not a floating-point type")
@@ -106,8 +115,11 @@ def _meta_concat_axis(name, shape, dim):
 
 
 def _meta_tensor(slices, axis):
-    """The whole float32 tensor from its model-parallel slices."""
-    return (slices[0] if axis is None else torch.cat(slices, dim=axis)).float()
+    """The whole float32 tensor from its model-parallel slices (StoredTensors),
+    reading those slices alone."""
+    if axis is None:
+        return slices[0].float32()
+    return np.concatenate([s.float32() for s in slices], axis=axis)
 
 
 def load_meta(directory):
@@ -117,10 +129,9 @@ def load_meta(directory):
     multiple_of and ffn_dim_multiplier; vocab_size off the embedding (Llama 2's
     params.json says -1). max_seq_len is META_MAX_SEQ_LEN.
 
-    torch 1.13's torch.load reads a whole file, and each tensor is the
-    concatenation of its slices in every shard, so the shards stay in memory
-    as stored (bf16: 2 bytes a weight); each tensor becomes float32 only when
-    it is asked for."""
+    Each tensor is the concatenation of its slices in every shard; the shards
+    are read lazily (read_torch_zip), so only the slices of the tensor asked
+    for are read, and become float32 then."""
     params_path = os.path.join(checked_directory(directory), "params.json")
     params = read_json(params_path)
 
@@ -134,7 +145,7 @@ def load_meta(directory):
     if not names:
         raise ExportError(directory, "no consolidated.*.pth files")
     paths = [os.path.join(directory, n) for n in names]
-    shards = [_check_tensors(path, _torch_load(path)) for path in paths]
+    shards = [_stored_tensors(path) for path in paths]
     for path, shard in zip(paths[1:], shards[1:]):
         if set(shard) != set(shards[0]):
             raise ExportError(path, f"holds other tensors than {names[0]}")
@@ -204,7 +215,7 @@ def _hf_name(name):
 
 def _hf_tensors(directory):
     """Every tensor of a Hugging Face directory, as (file, name, shape, read),
-    where read() returns the tensor as stored (a torch tensor).
+    where read() returns the tensor (a torch tensor, as stored or float32).
 
     The index, when there is one, names the shard files; otherwise the
     weights are one model.safetensors or one pytorch_model.bin."""
@@ -219,10 +230,9 @@ def _hf_tensors(directory):
             files = [weights]
         else:
             continue
-        shards = _TorchShards()
         for file in files:
             path = os.path.join(directory, file)
-            yield from _safetensors_tensors(path) if weights == "model.safetensors" else shards.tensors(path)
+            yield from _safetensors_tensors(path) if weights == "model.safetensors" else _torch_tensors(path)
         return
     raise ExportError(directory, "no model.safetensors or pytorch_model.bin (nor a sharded index of either)")
 
@@ -261,30 +271,11 @@ def _safetensors_tensors(path):
         yield path, name, shape, lambda name=name: read(name)
 
 
-class _TorchShards:
-    """The tensors of pytorch_model*.bin files, read one file at a time.
-
-    torch 1.13's torch.load has no mmap and reads every tensor of a file, so
-    a shard is held whole while its tensors are read, and only one shard: the
-    memory this takes is bounded by the largest shard file. Listing a shard's
-    tensors loads it once, reading them loads it again as they are asked for."""
-
-    def __init__(self):
-        self.path, self.loaded = None, None
-
-    def load(self, path):
-        """The tensors of the shard at path, by name."""
-        if path != self.path:
-            self.path = self.loaded = None      # the last shard goes before the next one comes
-            self.loaded = _check_tensors(path, _torch_load(path))
-            self.path = path
-        return self.loaded
-
-    def tensors(self, path):
-        """Each tensor of the shard at path as (path, name, shape, read)."""
-        shapes = {name: tuple(tensor.shape) for name, tensor in self.load(path).items()}
-        for name, shape in shapes.items():
-            yield path, name, shape, lambda name=name: self.load(path)[name]
+def _torch_tensors(path):
+    """Each tensor of a pytorch_model*.bin file as (path, name, shape, read),
+    from its pickle alone: read() reads the tensor's bytes (a torch tensor)."""
+    for name, tensor in _stored_tensors(path).items():
+        yield path, name, tensor.shape, lambda tensor=tensor: torch.from_numpy(tensor.float32())
 
 
 def hf_to_interleaved(w, n_heads, head_dim):
