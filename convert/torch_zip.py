@@ -65,7 +65,7 @@ class StoredTensor:
             data = np.lib.stride_tricks.as_strided(data, self.shape, strides, writeable=False)
         if self.dtype == "bfloat16":     # the high half of a float32
             return (data.astype(np.uint32) << 16).view(np.float32)
-        return np.ascontiguousarray(data, dtype=np.float32)
+        return data.astype(np.float32, order="C", copy=False)
 
 
 class _Storage:
@@ -126,6 +126,9 @@ def read_torch_zip(path):
     except OSError as e:
         raise ExportError(path, e.strerror or str(e)) from None
     except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise ExportError(path, "not a torch.save file: a damaged or truncated zip archive") from None
         raise ExportError(path, "not a torch.save file (not a zip archive; torch.save's format before torch 1.6 "
                                 "is not read: load and save it again with a newer torch)") from None
     except Exception as e:      # pickle, zipfile and struct have no one error for a damaged file

@@ -21,6 +21,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,27 @@ def meta_shard(change):
     return damage
 
 
+def meta_legacy_shard(c):
+    path = c.src / "meta" / "consolidated.00.pth"
+    torch.save(torch.load(path), path, _use_new_zipfile_serialization=False)
+    return source_args(c, "meta")
+
+
+def meta_shard_with(member, data):
+    """Meta's shard with a member of the zip archive added or replaced."""
+    def damage(c):
+        path = c.src / "meta" / "consolidated.00.pth"
+        with zipfile.ZipFile(path) as old:
+            members = {info.filename: old.read(info) for info in old.infolist()}
+        prefix = next(name for name in members if name.endswith("/data.pkl"))[:-len("data.pkl")]
+        members[prefix + member] = data
+        with zipfile.ZipFile(path, "w") as new:
+            for name, contents in members.items():
+                new.writestr(name, contents)
+        return source_args(c, "meta")
+    return damage
+
+
 def reference(saved):
     def damage(c):
         torch.save(saved, c.src / "ref.pt")
@@ -326,6 +348,13 @@ BAD_INPUTS = [
     ("a shard that is a list", meta_shard(lambda sd: [1]), "meta/consolidated.00.pth", "dict of tensors"),
     ("a shard holding a number", meta_shard(lambda sd: {**sd, "norm.weight": 5}), "meta/consolidated.00.pth",
      "norm.weight is not a tensor"),
+    ("a shard truncated", write("meta/consolidated.00.pth", lambda data: data[:len(data) // 2]),
+     "meta/consolidated.00.pth", "not a torch.save file"),
+    ("a shard cut before its storages", write("meta/consolidated.00.pth", lambda data: data[:200]),
+     "meta/consolidated.00.pth", "not a torch.save file"),
+    ("a shard in torch's legacy format", meta_legacy_shard, "meta/consolidated.00.pth", "before torch 1.6"),
+    ("a shard of a big-endian machine", meta_shard_with("byteorder", b"big"), "meta/consolidated.00.pth",
+     "big-endian"),
     # the reference file
     ("reference garbage", write("ref.pt", b"x" * 100), "ref.pt", "not a torch.save file"),
     ("reference args a list", reference({"args": "[1]", "state_dict": {}}), "ref.pt", '"args"'),
@@ -370,6 +399,29 @@ def test_bad_input_is_one_line_and_writes_nothing(case, capsys, damage, which, w
     which = which if which.startswith("/") else case.src / which
     assert_one_line(status, err, which, what)
     assert out == ""
+    assert_nothing_written(case)
+
+
+class RunsACommand:
+    """Unpickled, os.system(command)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_shard_whose_pickle_runs_code_is_refused_and_nothing_runs(case, capsys):
+    """The pickle names os.system: refused before anything runs, as a class a file of tensors does not hold."""
+    marker = case.out_dir.parent / "ran"
+    shard = case.src / "meta" / "consolidated.00.pth"
+    state_dict = torch.load(shard)
+    state_dict["norm.weight"] = RunsACommand(f"touch {marker}")
+    torch.save(state_dict, shard)
+    status, out, err = export_main(capsys, case.out, "--meta", case.src / "meta")
+    assert_one_line(status, err, shard, "names posix.system")
+    assert out == "" and not marker.exists()
     assert_nothing_written(case)
 
 

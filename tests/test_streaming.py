@@ -10,9 +10,12 @@ machine.
      shards), llama2.c, GGUF (F16 and Q8_0 tensors); in every weight type.
      A matrix encoded a block of rows at a time is encoded as a whole.
   2. Peak resident memory: converting a model of 57M weights (bf16
-     safetensors, 115 MB) to q8_0 stays within STREAM_BOUND of what a process
-     needs to import export.py's packages. Holding the model in float32 alone
-     takes 229 MB beyond that.
+     safetensors, 115 MB; or Meta's consolidated.00.pth of the same) to q8_0
+     stays within STREAM_BOUND of what a process needs to import export.py's
+     packages. Holding the model in float32 alone takes 229 MB beyond that.
+  3. torch.save files are read lazily (convert/torch_zip.py), into the
+     arrays that torch.load reads: every float type, views of a storage at an
+     offset and with strides, storages that tensors share.
 """
 
 import json
@@ -30,6 +33,7 @@ EXPORT = ROOT / "export.py"
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from convert import checkpoint  # noqa: E402
+from convert.torch_zip import read_torch_zip  # noqa: E402
 
 ARGS = export.ModelArgs(dim=64, hidden_dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                         vocab_size=320, max_seq_len=64, rope_theta=10000.0, norm_eps=1e-5, tied=False)
@@ -217,6 +221,11 @@ MB = 1 << 20
 # beside it) and the allocator's slack. Measured: 116 MB; the converter that
 # held the model in float32 took 325 MB (the model alone is 229 MB).
 STREAM_BOUND = 200 * MB
+# From Meta's consolidated.00.pth (109 MB of bf16): less than the shard and
+# its largest tensor in float32 (31 MB) together, which torch.load's reading
+# of the whole shard would need. Measured: 104 MB; the converter that read
+# the shard with torch.load took 203 MB.
+META_BOUND = 140 * MB
 BIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
            num_key_value_heads=8, vocab_size=16000)
 
@@ -228,9 +237,18 @@ def peak_rss(argv):
     return int(p.stderr.splitlines()[-1]) * 1024
 
 
+def big_tensors(shapes):
+    """bf16 tensors of these shapes by name: random bit patterns of weights
+    between 2^-7 and 2^-4 in size."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 16, size=1_000_003, dtype=np.uint16)
+    bits = (bits & 0x807F) | ((0x78 | ((bits >> 7) & 3)) << 7).astype(np.uint16)
+    return {name: torch.from_numpy(np.resize(bits, int(np.prod(shape))).view(np.int16).reshape(shape))
+            .view(torch.bfloat16) for name, shape in shapes.items()}
+
+
 def write_big_hf(directory):
-    """A random LlamaForCausalLM of BIG as one bf16 safetensors file: random
-    bit patterns of weights between 2^-7 and 2^-4 in size."""
+    """A random LlamaForCausalLM of BIG as one bf16 safetensors file (big_tensors)."""
     d, h, layers = BIG["hidden_size"], BIG["intermediate_size"], BIG["num_hidden_layers"]
     shapes = {"model.embed_tokens.weight": (BIG["vocab_size"], d), "model.norm.weight": (d,),
               "lm_head.weight": (BIG["vocab_size"], d)}
@@ -240,13 +258,8 @@ def write_big_hf(directory):
                             ("self_attn.o_proj", (d, d)), ("mlp.gate_proj", (h, d)), ("mlp.up_proj", (h, d)),
                             ("mlp.down_proj", (d, h))]:
             shapes[f"model.layers.{i}.{name}.weight"] = shape
-    rng = np.random.default_rng(0)
-    bits = rng.integers(0, 1 << 16, size=1_000_003, dtype=np.uint16)
-    bits = (bits & 0x807F) | ((0x78 | ((bits >> 7) & 3)) << 7).astype(np.uint16)
-    tensors = {name: torch.from_numpy(np.resize(bits, int(np.prod(shape))).view(np.int16).reshape(shape))
-               .view(torch.bfloat16) for name, shape in shapes.items()}
     directory.mkdir()
-    save_file(tensors, directory / "model.safetensors")
+    save_file(big_tensors(shapes), directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(dict(BIG, model_type="llama", rms_norm_eps=1e-5)))
     return sum(int(np.prod(shape)) for shape in shapes.values())
 
@@ -261,3 +274,64 @@ def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path):
     assert (tmp_path / "model.bin").stat().st_size > weights
     assert converting - imports < STREAM_BOUND, \
         f"peak RSS {converting / MB:.0f} MB, {(converting - imports) / MB:.0f} MB above the imports"
+
+
+def write_big_meta(directory):
+    """Meta's release of BIG's shape: params.json, and one bf16 consolidated.00.pth (big_tensors)."""
+    args = export.ModelArgs(dim=BIG["hidden_size"], hidden_dim=BIG["intermediate_size"],
+                            n_layers=BIG["num_hidden_layers"], n_heads=BIG["num_attention_heads"],
+                            n_kv_heads=BIG["num_key_value_heads"],
+                            head_dim=BIG["hidden_size"] // BIG["num_attention_heads"],
+                            vocab_size=BIG["vocab_size"], max_seq_len=2048, tied=False)
+    shapes = dict(checkpoint.checkpoint_tensors(args))
+    directory.mkdir()
+    torch.save(big_tensors(shapes), directory / "consolidated.00.pth")
+    (directory / "params.json").write_text(json.dumps({"dim": args.dim, "n_layers": args.n_layers,
+                                                       "n_heads": args.n_heads, "norm_eps": 1e-5,
+                                                       "vocab_size": -1}))
+    return sum(int(np.prod(shape)) for shape in shapes.values())
+
+
+def test_peak_memory_from_meta_is_a_few_tensors_not_the_shard(tmp_path):
+    """torch.load would hold the whole 115 MB shard: read lazily, a tensor at a time."""
+    weights = write_big_meta(tmp_path / "meta")
+    largest = BIG["vocab_size"] * BIG["hidden_size"]
+    assert (tmp_path / "meta" / "consolidated.00.pth").stat().st_size + 4 * largest > META_BOUND
+    imports = peak_rss([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import export"])
+    converting = peak_rss([sys.executable, EXPORT, tmp_path / "model.bin", "--meta", tmp_path / "meta",
+                           "--dtype", "q8_0"])
+    assert (tmp_path / "model.bin").stat().st_size > weights
+    assert converting - imports < META_BOUND, \
+        f"peak RSS {converting / MB:.0f} MB, {(converting - imports) / MB:.0f} MB above the imports"
+
+
+# ----------------------------------------------------------------------------
+# 3. torch.save files read lazily
+
+def test_stored_tensors_read_as_torch_load_reads_them(tmp_path):
+    torch.manual_seed(0)
+    big = torch.randn(6, 8)
+    shared = torch.randn(5, 4).half()
+    saved = {
+        "f32": torch.randn(3, 4),
+        "f64": torch.randn(7).double(),
+        "f16": torch.randn(2, 3, 4).half(),
+        "bf16": torch.randn(9, 5).bfloat16(),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "slice": big[2:5, 1:7:2],           # an offset and strides into big's storage
+        "transposed": big.t(),              # big's storage again, other strides
+        "shared": shared,
+        "shared row": shared[3],            # shared's storage, at an offset
+        "parameter": torch.nn.Parameter(torch.randn(4, 2).bfloat16()),
+    }
+    path = tmp_path / "tensors.pth"
+    torch.save(saved, path)
+    want, got = torch.load(path), read_torch_zip(path)
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert got[name].shape == tuple(tensor.shape), name
+        assert got[name].dtype == str(tensor.dtype).removeprefix("torch."), name
+        assert got[name].float32().dtype == np.float32, name
+        assert np.array_equal(got[name].float32(), tensor.detach().float().numpy()), name
+    assert got["slice"].storage is got["transposed"].storage     # one storage, one record
