@@ -53,11 +53,12 @@ from convert.sources import (GGUF_LAYER_NAMES, GGUF_NAMES, HF_LAYER_NAMES, HF_NA
                              META_MAX_SEQ_LEN, _gguf_reader, gguf_dequantize, gguf_metadata,
                              gguf_quantized, hf_to_interleaved, load_gguf, load_hf, load_llama2c, load_meta,
                              load_reference, save_reference, write_llama2c)
-from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, CHAT_NONE,  # noqa: E402
-                                LLAMA3_PATTERN, PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN, PRETOK_DIGITS_GPT2,
-                                PRETOK_GPT2, PRETOK_LLAMA3, TOK_BYTELEVEL, TOK_SENTENCEPIECE,
+from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, CHAT_LLAMA31,  # noqa: E402
+                                CHAT_LLAMA32, CHAT_NONE, LLAMA3_PATTERN, PIECE_BYTE, PIECE_CONTROL,
+                                PIECE_UNKNOWN, PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_QWEN2,
+                                QWEN2_PATTERN, TOK_BYTELEVEL, TOK_SENTENCEPIECE,
                                 TOKF_ADD_BOS, TOKF_ADD_EOS, TOKF_BYTE_FALLBACK, TOKF_DUMMY_PREFIX,
-                                TOKF_IGNORE_MERGES, gguf_chat_template, gpt2_bytes_to_unicode,
+                                TOKF_IGNORE_MERGES, TOKF_NFC, gguf_chat_template, gpt2_bytes_to_unicode,
                                 read_tokenizer, write_tokenizer, write_tokenizer_from, write_tokenizer_gguf,
                                 write_tokenizer_hf_json, write_tokenizer_sentencepiece)
 from convert.verify import TOLERANCE, Transformers, VerificationFailed, source_model, verify  # noqa: E402

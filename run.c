@@ -1968,6 +1968,9 @@ static void print_statistics(const Session *s) {
               <|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>
               <|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
               (system and user trimmed of surrounding whitespace, as its template does)
+     llama3 as Llama 3.1 / 3.2 Instruct write it: a system turn always, its text
+              "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}",
+              {date} "26 Jul 2024" (3.1) or today's, "%d %b %Y" in English (3.2)
    Markers such as <s> and <|im_start|> enter as token ids. (Text a user
    types is tokenized as Hugging Face does: a byte-level tokenizer matches
    special tokens typed in it, sentencepiece does not.) Without -y, the system
@@ -1980,6 +1983,11 @@ static int chat_template(const char *name, const Tokenizer *tok) {
     if (!name) return tok->chat_template == TEMPLATE_NONE ? TEMPLATE_LLAMA2 : tok->chat_template;
     if (!strcmp(name, "chatml")) return TEMPLATE_CHATML;
     return strcmp(name, "llama3") ? TEMPLATE_LLAMA2 : TEMPLATE_LLAMA3;
+}
+
+/* Whether a template is one of Llama 3's, whose turns end at <|eot_id|>. */
+static int is_llama3_template(int template) {
+    return template == TEMPLATE_LLAMA3 || template == TEMPLATE_LLAMA31 || template == TEMPLATE_LLAMA32;
 }
 
 /* The system prompt: -y's if given (-y "" means none), else the template's default. */
@@ -2038,32 +2046,52 @@ static const char *trimmed(const char *text, size_t *len) {
 }
 
 /* Appends one Llama 3 message: <|start_header_id|>role<|end_header_id|>, then
-   "\n\n" and the content trimmed, tokenized together as the template's text
-   is, then <|eot_id|>. With content NULL, only the header and "\n\n" that
-   open the answer. */
+   "\n\n", preamble and the content trimmed, tokenized together as the
+   template's text is, then <|eot_id|>. With content NULL, only the header and
+   "\n\n" that open the answer. */
 static void push_llama3_message(TokenList *list, const Tokenizer *tok, const char *tok_path, const char *role,
-                                const char *content) {
+                                const char *preamble, const char *content) {
     push_token(list, marker_token(tok, "<|start_header_id|>", tok_path));
     push_text(list, tok, role);
     push_token(list, marker_token(tok, "<|end_header_id|>", tok_path));
-    size_t len = 0;
+    size_t len = 0, pre = strlen(preamble);
     const char *start = content ? trimmed(content, &len) : "";
-    char *text = xcalloc(len + 3, 1, "the prompt");
+    char *text = xcalloc(pre + len + 3, 1, "the prompt");
     memcpy(text, "\n\n", 2);
-    memcpy(text + 2, start, len);
+    memcpy(text + 2, preamble, pre);
+    memcpy(text + 2 + pre, start, len);
     push_text(list, tok, text);
     free(text);
     if (content) push_token(list, marker_token(tok, "<|eot_id|>", tok_path));
 }
 
+/* Llama 3.1 / 3.2's system preamble, dated as the template dates it: 3.2's
+   calls strftime_now("%d %b %Y") (month names in English, as in the C locale),
+   3.1's writes 26 Jul 2024. */
+static void llama3_preamble(char *out, size_t size, int template) {
+    static const char *const months[12] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+    struct tm day = {.tm_mday = 26, .tm_mon = 6, .tm_year = 2024 - 1900};
+    time_t now = time(NULL);
+    if (template == TEMPLATE_LLAMA32) localtime_r(&now, &day);
+    snprintf(out, size, "Cutting Knowledge Date: December 2023\nToday Date: %02d %s %d\n\n", day.tm_mday,
+             months[day.tm_mon], day.tm_year + 1900);
+}
+
 /* Appends one user turn, as the template spells it, to list. */
 static void push_user_turn(TokenList *list, const Tokenizer *tok, const char *tok_path, int template,
                            const char *system, const char *user, int first_turn) {
-    if (template == TEMPLATE_LLAMA3) {
+    if (is_llama3_template(template)) {
         if (first_turn && tok->bos_id >= 0) push_token(list, tok->bos_id);
-        if (first_turn && system && *system) push_llama3_message(list, tok, tok_path, "system", system);
-        push_llama3_message(list, tok, tok_path, "user", user);
-        push_llama3_message(list, tok, tok_path, "assistant", NULL);
+        if (first_turn && template != TEMPLATE_LLAMA3) {
+            char preamble[96];
+            llama3_preamble(preamble, sizeof preamble, template);
+            push_llama3_message(list, tok, tok_path, "system", preamble, system ? system : "");
+        } else if (first_turn && system && *system) {
+            push_llama3_message(list, tok, tok_path, "system", "", system);
+        }
+        push_llama3_message(list, tok, tok_path, "user", "", user);
+        push_llama3_message(list, tok, tok_path, "assistant", "", NULL);
         return;
     }
     if (template == TEMPLATE_CHATML) {
@@ -2104,7 +2132,7 @@ static void push_answer_end(TokenList *list, const Session *s, const Tokenizer *
     if (template == TEMPLATE_CHATML) {
         push_token(list, marker_token(tok, "<|im_end|>", tok_path));
         push_text(list, tok, "\n");
-    } else if (template == TEMPLATE_LLAMA3) {
+    } else if (is_llama3_template(template)) {
         push_token(list, marker_token(tok, "<|eot_id|>", tok_path));
     } else if (tok->eos_id >= 0) {
         push_token(list, tok->eos_id);
@@ -2411,7 +2439,7 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
     int template = chat_template(o->template_name, tok);
     const char *system = chat_system_prompt(o->system_prompt, tok);
     if (template == TEMPLATE_CHATML) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|im_end|>", tok_path);
-    if (template == TEMPLATE_LLAMA3) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|eot_id|>", tok_path);
+    if (is_llama3_template(template)) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|eot_id|>", tok_path);
     int interactive = first_prompt == NULL, status = 0;
     char *line = NULL;
     size_t cap = 0;

@@ -62,11 +62,20 @@
                                             bit 4  ignore merges: a pre-token that
                                                    is a token is kept whole (bl)
                                             bit 5  add EOS when encoding a prompt
+                                            bit 6  the source normalizes to NFC
+                                                   (bl; recorded, not applied:
+                                                   text not in NFC may differ)
          36     4  u32      pretokenizer    0 none, 1 GPT-2 regex,
                                             2 digits one by one, then GPT-2 regex
                                             3 Llama 3 regex
+                                            4 Qwen2: Llama 3 regex, digits one
+                                              by one (\p{N} for \p{N}{1,3})
          40     4  u32      chat_template   0 none, 1 llama2 [INST], 2 chatml,
-                                            3 llama3 (<|start_header_id|>)
+                                            3 llama3 (<|start_header_id|>),
+                                            4 llama3 with Llama 3.1's dated
+                                              system preamble, "Today Date:
+                                              26 Jul 2024", 5 the same with
+                                              today's date (Llama 3.2)
          44     4  u32      n_merges        0 for sentencepiece
          48     4  u32      max_token_length  bytes in the longest token
          52     4  u32      system_len      bytes of the default system prompt (0: none)
@@ -125,10 +134,14 @@ enum {
     TOKF_BYTE_FALLBACK = 1u << 3,
     TOKF_IGNORE_MERGES = 1u << 4,
     TOKF_ADD_EOS = 1u << 5,
-    TOKF_ALL = (1u << 6) - 1
+    TOKF_NFC = 1u << 6,
+    TOKF_ALL = (1u << 7) - 1
 };
-enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_DIGITS_GPT2 = 2, PRETOK_LLAMA3 = 3 };
-enum { TEMPLATE_NONE = 0, TEMPLATE_LLAMA2 = 1, TEMPLATE_CHATML = 2, TEMPLATE_LLAMA3 = 3 }; // run.c's chat too
+enum { PRETOK_NONE = 0, PRETOK_GPT2 = 1, PRETOK_DIGITS_GPT2 = 2, PRETOK_LLAMA3 = 3, PRETOK_QWEN2 = 4 };
+enum { // run.c's chat too
+    TEMPLATE_NONE = 0, TEMPLATE_LLAMA2 = 1, TEMPLATE_CHATML = 2, TEMPLATE_LLAMA3 = 3,
+    TEMPLATE_LLAMA31 = 4, TEMPLATE_LLAMA32 = 5
+};
 
 /* An open-addressing hash table from token bytes to token id. */
 typedef struct {
@@ -618,11 +631,11 @@ static int tok_load_ltok(Tokenizer *t, const unsigned char *data, size_t size, i
         tok_err(err, err_size, "unknown tokenizer flags 0x%lx", (long)flags, 0);
         return -1;
     }
-    if (pretok > PRETOK_LLAMA3 || (kind == TOK_SENTENCEPIECE && pretok != PRETOK_NONE)) {
+    if (pretok > PRETOK_QWEN2 || (kind == TOK_SENTENCEPIECE && pretok != PRETOK_NONE)) {
         tok_err(err, err_size, "unknown pretokenizer %ld", (long)pretok, 0);
         return -1;
     }
-    if (chat > TEMPLATE_LLAMA3) {
+    if (chat > TEMPLATE_LLAMA32) {
         tok_err(err, err_size, "unknown chat_template %ld", (long)chat, 0);
         return -1;
     }
@@ -1241,8 +1254,9 @@ static int bl_is_newline(const unsigned char *s, size_t n, size_t i) {
 
 /* End of the pre-token that starts at i, by Llama 3's pattern
      (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
-      ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
-static size_t bl_llama3_next(const unsigned char *s, size_t n, size_t i) {
+      ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
+   with at most max_digits numbers in \p{N}{1,3} (3; Qwen2's \p{N} is 1). */
+static size_t bl_llama3_next(const unsigned char *s, size_t n, size_t i, int max_digits) {
     if (s[i] == '\'' && i + 1 < n) {
         /* case-insensitive, as Oniguruma folds: "ſ" (U+017F) matches "s" too */
         unsigned char a = s[i + 1], b = i + 2 < n ? s[i + 2] : 0;
@@ -1259,10 +1273,10 @@ static size_t bl_llama3_next(const unsigned char *s, size_t n, size_t i) {
     if (c.cls != UC_NUMBER && !bl_is_newline(s, n, i) && i + (size_t)c.len < n &&
         bl_char(s, n, i + (size_t)c.len).cls == UC_LETTER)
         return bl_run_end(s, n, i + (size_t)c.len, UC_LETTER);
-    /* \p{N}{1,3} */
+    /* \p{N}{1,max_digits} */
     if (c.cls == UC_NUMBER) {
         size_t j = i;
-        for (int k = 0; k < 3 && j < n; k++) {
+        for (int k = 0; k < max_digits && j < n; k++) {
             BlChar d = bl_char(s, n, j);
             if (d.cls != UC_NUMBER) break;
             j += (size_t)d.len;
@@ -1408,7 +1422,9 @@ static int bl_piece(BlState *st, const unsigned char *s, size_t n) {
     }
     if (t->pretokenizer == PRETOK_NONE) return bl_word(st, s, n);
     for (size_t i = 0; i < n;) {
-        size_t j = t->pretokenizer == PRETOK_LLAMA3 ? bl_llama3_next(s, n, i) : bl_gpt2_next(s, n, i);
+        size_t j = t->pretokenizer == PRETOK_LLAMA3 ? bl_llama3_next(s, n, i, 3)
+                 : t->pretokenizer == PRETOK_QWEN2 ? bl_llama3_next(s, n, i, 1)
+                 : bl_gpt2_next(s, n, i);
         int rc = bl_word(st, s + i, j - i);
         if (rc) return rc;
         i = j;

@@ -6,14 +6,15 @@ from convert.checkpoint import read_checkpoint_arrays
 from convert.errors import ExportError, np
 from convert.hf_out import interleaved_to_hf
 from convert.sources import GGUF_LAYER_NAMES, GGUF_NAMES
-from convert.tokenizers import (PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, TOK_SENTENCEPIECE,
+from convert.tokenizers import (PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_QWEN2, TOK_SENTENCEPIECE,
                                 TOKF_ADD_BOS, TOKF_ADD_EOS, TOKF_DUMMY_PREFIX, TOKF_IGNORE_MERGES, TOKF_REMOVE_EXTRA_WS)
 from convert.vocab_out import chat_template_jinja, load_tokenizer, token_texts
 from model import rope_inverse_frequencies, rope_scaling_of
 
 # llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) for ours; llama.cpp
 # ignores merges (keeps a pre-token that is a token whole) for Llama 3's only.
-GGUF_PRETOKENIZER_NAMES = {PRETOK_GPT2: "gpt-2", PRETOK_DIGITS_GPT2: "smollm", PRETOK_LLAMA3: "llama-bpe"}
+GGUF_PRETOKENIZER_NAMES = {PRETOK_GPT2: "gpt-2", PRETOK_DIGITS_GPT2: "smollm", PRETOK_LLAMA3: "llama-bpe",
+                           PRETOK_QWEN2: "qwen2"}
 GGUF_FILE_TYPES = {"f32": 0, "q4_0": 2, "q8_0": 7, "bf16": 32}     # general.file_type: llama.cpp's LlamaFileType
 
 

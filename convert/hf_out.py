@@ -8,9 +8,10 @@ import os
 from convert.checkpoint import read_checkpoint_arrays, read_checkpoint
 from convert.errors import ExportError, need, np, torch
 from convert.sources import HF_LAYER_NAMES, HF_NAMES
-from convert.tokenizers import (PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, TOK_SENTENCEPIECE,
+from convert.tokenizers import (PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_QWEN2, TOK_SENTENCEPIECE,
                                 TOKF_ADD_BOS, TOKF_ADD_EOS, TOKF_BYTE_FALLBACK, TOKF_DUMMY_PREFIX, TOKF_IGNORE_MERGES,
-                                TOKF_REMOVE_EXTRA_WS, LLAMA3_PATTERN, PIECE_CONTROL, PIECE_USER)
+                                TOKF_NFC, TOKF_REMOVE_EXTRA_WS, LLAMA3_PATTERN, PIECE_CONTROL, PIECE_USER,
+                                QWEN2_PATTERN)
 from convert.vocab_out import chat_template_jinja, load_tokenizer, token_texts
 from model import rope_scaling_of
 
@@ -170,7 +171,7 @@ def _save_sentencepiece(directory, tok, path, max_seq_len):
     fast.save_pretrained(directory)
 
 
-HF_PRETOKENIZERS = (PRETOK_GPT2, PRETOK_DIGITS_GPT2, PRETOK_LLAMA3)
+HF_PRETOKENIZERS = (PRETOK_GPT2, PRETOK_DIGITS_GPT2, PRETOK_LLAMA3, PRETOK_QWEN2)
 
 
 def _save_byte_level(directory, tok, path, max_seq_len):
@@ -179,7 +180,7 @@ def _save_byte_level(directory, tok, path, max_seq_len):
     tokenizer_config.json (PreTrainedTokenizerFast)."""
     tokenizers = need("tokenizers")
     PreTrainedTokenizerFast = need("transformers").PreTrainedTokenizerFast
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
     if tok["pretokenizer"] not in HF_PRETOKENIZERS:
         raise ExportError(path, f"pre-tokenizer {tok['pretokenizer']}: tokenizer.json has no equivalent here")
     texts = token_texts(tok, path)
@@ -194,9 +195,12 @@ def _save_byte_level(directory, tok, path, max_seq_len):
                      ignore_merges=bool(flags & TOKF_IGNORE_MERGES))
     backend = tokenizers.Tokenizer(bpe)
     prefix = bool(flags & TOKF_DUMMY_PREFIX)
-    if tok["pretokenizer"] == PRETOK_LLAMA3:
+    if flags & TOKF_NFC:
+        backend.normalizer = normalizers.NFC()
+    if tok["pretokenizer"] in (PRETOK_LLAMA3, PRETOK_QWEN2):
+        pattern = LLAMA3_PATTERN if tok["pretokenizer"] == PRETOK_LLAMA3 else QWEN2_PATTERN
         backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=False)])
     else:
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=True)

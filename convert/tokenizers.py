@@ -27,9 +27,9 @@ TOKENIZER_HEADER = struct.Struct("<4sIIiiiiiIIIIII8x")   # 64 bytes
 TOK_SENTENCEPIECE, TOK_BYTELEVEL = 0, 1
 PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
 TOKF_ADD_BOS, TOKF_DUMMY_PREFIX, TOKF_REMOVE_EXTRA_WS, TOKF_BYTE_FALLBACK, TOKF_IGNORE_MERGES = 1, 2, 4, 8, 16
-TOKF_ADD_EOS = 32
-PRETOK_NONE, PRETOK_GPT2, PRETOK_DIGITS_GPT2, PRETOK_LLAMA3 = 0, 1, 2, 3
-CHAT_NONE, CHAT_LLAMA2, CHAT_CHATML, CHAT_LLAMA3 = 0, 1, 2, 3
+TOKF_ADD_EOS, TOKF_NFC = 32, 64
+PRETOK_NONE, PRETOK_GPT2, PRETOK_DIGITS_GPT2, PRETOK_LLAMA3, PRETOK_QWEN2 = 0, 1, 2, 3, 4
+CHAT_NONE, CHAT_LLAMA2, CHAT_CHATML, CHAT_LLAMA3, CHAT_LLAMA31, CHAT_LLAMA32 = 0, 1, 2, 3, 4, 5
 LLAMA3_MARKERS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
@@ -199,6 +199,7 @@ def _hf_token_bytes(text, char_to_byte):
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")     # digits one by one
 
 
 def _hf_pretokenizer(pre, path):
@@ -212,13 +213,14 @@ def _hf_pretokenizer(pre, path):
         return PRETOK_GPT2, bool(pre.get("add_prefix_space", False))
     if (len(seq) == 2 and seq[0] == {"type": "Digits", "individual_digits": True} and byte_level(seq[1])):
         return PRETOK_DIGITS_GPT2, bool(seq[1].get("add_prefix_space", False))
-    if (len(seq) == 2 and isinstance(seq[0], dict) and seq[0].get("type") == "Split"
-            and seq[0].get("pattern") == {"Regex": LLAMA3_PATTERN} and seq[0].get("behavior") == "Isolated"
-            and not seq[0].get("invert") and byte_level(seq[1], regex=False)):
-        return PRETOK_LLAMA3, bool(seq[1].get("add_prefix_space", False))
+    for kind, pattern in ((PRETOK_LLAMA3, LLAMA3_PATTERN), (PRETOK_QWEN2, QWEN2_PATTERN)):
+        if (len(seq) == 2 and isinstance(seq[0], dict) and seq[0].get("type") == "Split"
+                and seq[0].get("pattern") == {"Regex": pattern} and seq[0].get("behavior") == "Isolated"
+                and not seq[0].get("invert") and byte_level(seq[1], regex=False)):
+            return kind, bool(seq[1].get("add_prefix_space", False))
     raise ExportError(path, f"pre_tokenizer {json.dumps(pre)[:200]} is not supported "
                             "(ByteLevel with the GPT-2 regex, optionally after Digits(individual_digits); "
-                            "or Llama 3's Split regex, then ByteLevel)")
+                            "or Llama 3's or Qwen2's Split regex, then ByteLevel)")
 
 
 def _json_type(value):
@@ -241,8 +243,11 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
     model = json_field(tj, "model", dict, json_path)
     if model.get("type", "BPE") != "BPE" or "merges" not in model:
         raise ExportError(json_path, f"model type {model.get('type')!r}; only BPE is supported")
-    if tj.get("normalizer") is not None:
-        raise ExportError(json_path, f"a normalizer ({_json_type(tj['normalizer'])}) is not supported")
+    # NFC is recorded, not applied (tokenizer.c does not normalize): text
+    # already in NFC, as typed text nearly always is, tokenizes the same
+    normalizer = tj.get("normalizer")
+    if normalizer is not None and normalizer != {"type": "NFC"}:
+        raise ExportError(json_path, f"a normalizer ({_json_type(normalizer)}) is not supported (only NFC)")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             raise ExportError(json_path, f"BPE {key} is not supported")
@@ -317,7 +322,7 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
         return vocab[value]
 
     bos, eos = token_id("bos_token", bos_token), token_id("eos_token", eos_token)
-    flags = TOKF_DUMMY_PREFIX if prefix else 0
+    flags = (TOKF_DUMMY_PREFIX if prefix else 0) | (TOKF_NFC if normalizer is not None else 0)
     if model.get("ignore_merges"):
         flags |= TOKF_IGNORE_MERGES
     post = tj.get("post_processor")
@@ -406,6 +411,7 @@ GGUF_PRETOKENIZERS = {      # tokenizer.ggml.pre -> (LTOK pretokenizer, extra fl
     "smollm": (PRETOK_DIGITS_GPT2, 0),                  # Digits(individual_digits), ByteLevel
     "starcoder": (PRETOK_DIGITS_GPT2, 0),
     "llama-bpe": (PRETOK_LLAMA3, TOKF_IGNORE_MERGES),   # Llama 3: its Split regex, ByteLevel
+    "qwen2": (PRETOK_QWEN2, TOKF_NFC),                  # Qwen2: NFC, its Split regex, ByteLevel
 }
 
 
@@ -415,20 +421,24 @@ def gguf_chat_template(template):
 
     ChatML when the template writes <|im_start|>, Llama 3 when it writes
     <|start_header_id|> and <|end_header_id|>, Llama 2 when it writes [INST].
+    Llama 3.1 / 3.2 when the Llama 3 template also writes the dated system
+    preamble ("Cutting Knowledge Date"): 3.2 when it dates it by strftime_now.
     The default system prompt is the text of a ChatML system turn written out
     literally in the template, the one it puts first when a conversation
-    brings none (SmolLM2's does); "" when there is none. (Llama 3.1's
-    templates write a dated preamble into the system turn; run.c leaves it out.)"""
+    brings none (SmolLM2's and Qwen2.5's do); "" when there is none."""
     if not template:
         return CHAT_NONE, ""
     if "<|im_start|>" in template:
-        m = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.S)
+        # the first system turn that is a literal, not an expression such as
+        # ' + message['content'] + ' (Qwen2.5's has those and a tools branch first)
+        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}+]*?)<\|im_end\|>", template)
         text = m.group(1) if m else ""
-        # a literal, not an expression such as ' + message['content'] + '
-        if any(c in text for c in "'\"{}+") or "\\" in text.replace("\\n", ""):
+        if "\\" in text.replace("\\n", ""):
             text = ""
         return CHAT_CHATML, text.replace("\\n", "\n")
     if "<|start_header_id|>" in template and "<|end_header_id|>" in template:
+        if "Cutting Knowledge Date" in template:
+            return (CHAT_LLAMA32 if "strftime_now" in template else CHAT_LLAMA31), ""
         return CHAT_LLAMA3, ""
     if "[INST]" in template:
         return CHAT_LLAMA2, ""

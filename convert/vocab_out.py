@@ -6,8 +6,8 @@ import os
 
 from convert.errors import ExportError
 from convert.files import regular_file
-from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, PIECE_CONTROL, PIECE_USER, TOK_BYTELEVEL,
-                                TOK_SENTENCEPIECE, gpt2_bytes_to_unicode, read_tokenizer)
+from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, CHAT_LLAMA31, CHAT_LLAMA32, PIECE_CONTROL,
+                                PIECE_USER, TOK_BYTELEVEL, TOK_SENTENCEPIECE, gpt2_bytes_to_unicode, read_tokenizer)
 
 # The chat templates run.c implements (see chat in run.c), in Jinja, with
 # the default system prompt of the tokenizer file, if any, where the template
@@ -61,6 +61,26 @@ def _llama3_jinja(default_system):
             "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
+def _llama31_jinja(default_system, dated_today):
+    """Llama 3.1 / 3.2's headers: as Llama 3's, but a system turn always comes
+    first, its text the dated preamble and then the system message (or
+    default_system); dated today by strftime_now where the renderer has it
+    and dated_today, else 26 Jul 2024, as their templates date it."""
+    date = ("{% if strftime_now is defined %}{% set date = strftime_now('%d %b %Y') %}"
+            "{% else %}{% set date = '26 Jul 2024' %}{% endif %}" if dated_today else
+            "{% set date = '26 Jul 2024' %}")
+    return ("{% if bos_token %}{{ bos_token }}{% endif %}"
+            "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
+            f"{{% set messages = messages[1:] %}}{{% else %}}{{% set system = '{_jinja_literal(default_system)}' %}}"
+            "{% endif %}" + date +
+            "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+            "Today Date: ' + date + '\n\n' + system + '<|eot_id|>' }}"
+            "{% for message in messages %}"
+            "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+            "'<|eot_id|>' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
 def chat_template_jinja(tok):
     """The Jinja chat template of a read_tokenizer() dict, or None when it has none."""
     if tok["chat_template"] == CHAT_LLAMA2:
@@ -69,6 +89,8 @@ def chat_template_jinja(tok):
         return _chatml_jinja(tok["system_prompt"])
     if tok["chat_template"] == CHAT_LLAMA3:
         return _llama3_jinja(tok["system_prompt"])
+    if tok["chat_template"] in (CHAT_LLAMA31, CHAT_LLAMA32):
+        return _llama31_jinja(tok["system_prompt"], tok["chat_template"] == CHAT_LLAMA32)
     return None
 
 

@@ -324,20 +324,24 @@ def test_hf_round_trip_is_byte_identical(toks, dtype, tmp_path):
         assert (back.parent / "tokenizer.bin").read_bytes() == (model_bin.parent / "tokenizer.bin").read_bytes(), tok
 
 
-@pytest.mark.parametrize("pretokenizer", ["digits", "llama3"])
+@pytest.mark.parametrize("pretokenizer", ["digits", "llama3", "qwen2"])
 def test_hf_byte_level_pretokenizers(pretokenizer, tmp_path):
-    """SmolLM2's Digits-then-ByteLevel and Llama 3's Split-then-ByteLevel
-    (with its BOS and ignore_merges) come back out as tokenizer.json: the
-    exported tokenizer encodes as the one it was converted from."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """SmolLM2's Digits-then-ByteLevel, Llama 3's Split-then-ByteLevel (with
+    its BOS and ignore_merges) and Qwen2's (NFC, then its Split) come back
+    out as tokenizer.json: the exported tokenizer encodes as the one it was
+    converted from; and as GGUF, named as llama.cpp names them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     original = Tokenizer(models.BPE(ignore_merges=pretokenizer == "llama3"))
     if pretokenizer == "digits":
         original.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                           pre_tokenizers.ByteLevel(add_prefix_space=False)])
     else:
+        pattern = export.LLAMA3_PATTERN if pretokenizer == "llama3" else export.QWEN2_PATTERN
         original.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(export.LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pretokenizer == "qwen2":
+        original.normalizer = normalizers.NFC()
     original.decoder = decoders.ByteLevel()
     original.train_from_iterator(corpus(), trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], show_progress=False,
@@ -350,11 +354,14 @@ def test_hf_byte_level_pretokenizers(pretokenizer, tmp_path):
     model_bin = write_model(tmp_path / "m", "mha_tied", tmp_path / "tok.bin")
     to("hf", model_bin, tmp_path / "hf")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in TEXTS + ["x = 1234567 + 89;\n\n  done"]:
+    for text in TEXTS + ["x = 1234567 + 89;\n\n  done", "cafe\u0301"]:
         assert theirs.encode(text) == original.encode(text).ids, text
     to("gguf", model_bin, tmp_path / "m.gguf")
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
-    assert reader.fields["tokenizer.ggml.pre"].contents() == {"digits": "smollm", "llama3": "llama-bpe"}[pretokenizer]
+    assert reader.fields["tokenizer.ggml.pre"].contents() == \
+        {"digits": "smollm", "llama3": "llama-bpe", "qwen2": "qwen2"}[pretokenizer]
+    export.write_tokenizer_gguf(str(tmp_path / "m.gguf"), str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == (tmp_path / "tok.bin").read_bytes()
 
 
 def test_interrupted_hf_export_leaves_nothing(model_dir, monkeypatch, capsys):

@@ -143,6 +143,55 @@ def test_template_recognised():
     assert export.gguf_chat_template(LLAMA3_TEMPLATE) == (export.CHAT_LLAMA3, "")
 
 
+# Llama 3.1 / 3.2 Instruct's templates, written for this test with their
+# structure (tools left out, their markers kept): bos_token; a system turn
+# always, its text "Cutting Knowledge Date: December 2023", "Today Date: "
+# and the date, then the system message trimmed (or nothing); each message
+# as in Llama 3's. 3.1's date is 26 Jul 2024; 3.2's today's, where the
+# renderer has strftime_now.
+def llama31_template(date):
+    return (
+        "{{- bos_token }}\n"
+        "{%- if not date_string is defined %}" + date + "{%- endif %}\n"
+        "{%- if messages[0]['role'] == 'system' %}\n"
+        "    {%- set system_message = messages[0]['content']|trim %}\n"
+        "    {%- set messages = messages[1:] %}\n"
+        "{%- else %}{%- set system_message = '' %}{%- endif %}\n"
+        "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}\n"
+        "{%- if tools is defined and tools is not none %}{{- 'Environment: ipython\\n' }}{%- endif %}\n"
+        "{{- 'Cutting Knowledge Date: December 2023\\n' }}\n"
+        "{{- 'Today Date: ' + date_string + '\\n\\n' }}\n"
+        "{{- system_message }}{{- '<|eot_id|>' }}\n"
+        "{%- for message in messages %}\n"
+        "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+        "message['content'] | trim + '<|eot_id|>' }}\n"
+        "{%- endfor %}\n"
+        "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n")
+
+
+LLAMA31_TEMPLATE = llama31_template("{%- set date_string = '26 Jul 2024' %}")
+LLAMA32_TEMPLATE = llama31_template("{%- if strftime_now is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+                                    "{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}")
+
+
+@pytest.mark.parametrize("template,kind", [(LLAMA31_TEMPLATE, export.CHAT_LLAMA31),
+                                           (LLAMA32_TEMPLATE, export.CHAT_LLAMA32)], ids=["3.1", "3.2"])
+@pytest.mark.parametrize("question,system", QUESTIONS[:4])
+def test_dated_preamble_matches_apply_chat_template(llama3, tmp_path, template, kind, question, system):
+    """Llama 3.1 / 3.2's system turn, dated as apply_chat_template dates it."""
+    _, d = llama3
+    shutil.copy(d / "tokenizer.json", tmp_path)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    export.write_tokenizer_hf_json(str(tmp_path / "tokenizer.json"), str(tmp_path / "t.bin"))
+    assert export.read_tokenizer(tmp_path / "t.bin")["chat_template"] == kind
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    expected = hf.apply_chat_template(messages(question, system), add_generation_prompt=True)
+    assert "Today Date" in hf.decode(expected)
+    assert chat_ids(tmp_path / "t.bin", question, system) == expected
+
+
 CHATML_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 

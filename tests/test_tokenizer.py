@@ -773,7 +773,7 @@ def test_byte_level_export_refuses(tmp_path):
     base.save(str(path))
     export.write_tokenizer_hf_json(str(path), str(tmp_path / "ok.tok"))   # fine as it is
     cases = [
-        ("normalizer", lambda j: j.update(normalizer={"type": "NFC"})),
+        ("normalizer", lambda j: j.update(normalizer={"type": "NFKC"})),
         ("pre_tokenizer", lambda j: j.update(pre_tokenizer={"type": "Whitespace"})),
         ("only BPE", lambda j: j["model"].update(type="WordPiece")),
         ("decoder", lambda j: j.update(decoder=None)),
