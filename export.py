@@ -198,7 +198,7 @@ class Outputs:
         path = None
         try:
             for path, tmp in self.pending.items():
-                (_settle_directory if path in self.directories else _settle)(tmp, path)
+                _settle(tmp, path)
             for path in list(self.pending):
                 os.replace(self.pending.pop(path), path)
         except OSError as e:
@@ -217,31 +217,20 @@ class Outputs:
 
 
 def _settle(tmp, target):
-    """Make a finished temporary file ready to replace target: the target's
-    mode, or the one a new file gets (mkstemp's is 0600), and its contents on
-    disk before the rename."""
+    """Make a finished temporary file or directory ready to replace target:
+    the target's mode, or the one a new one gets (mkstemp's is 0600,
+    mkdtemp's 0700), and its contents on disk before the rename."""
+    directory = os.path.isdir(tmp)
     try:
         mode = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
-        mode = 0o666 & ~umask
+        mode = (0o777 if directory else 0o666) & ~umask
     os.chmod(tmp, mode)
-    _fsync(tmp)
-
-
-def _settle_directory(tmp, target):
-    """_settle() for a finished temporary directory: the mode of the empty
-    directory it replaces, or a new one's (mkdtemp's is 0700); its files on disk."""
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o777 & ~umask
-    os.chmod(tmp, mode)
-    for name in os.listdir(tmp):
-        _fsync(os.path.join(tmp, name))
+    if directory:
+        for name in os.listdir(tmp):
+            _fsync(os.path.join(tmp, name))
     _fsync(tmp)
 
 
