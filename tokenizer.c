@@ -10,8 +10,9 @@
        adjacent symbols, the pair whose merged piece has the highest score
        first; what no piece covers falls back to <0xXX> byte tokens.
 
-     byte-level BPE (GPT-2, SmolLM2, Llama 3) == Hugging Face tokenizers
-       split off added tokens, pre-tokenize with the GPT-2 or Llama 3 regex
+     byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen2) == Hugging Face tokenizers
+       split off added tokens, put the rest into Unicode NFC if the source
+       does (Qwen2), pre-tokenize with the GPT-2 or Llama 3 regex
        (written out by hand below, Unicode classes measured from tokenizers
        by tools/gen_unicode_tables.py), then merge byte tokens by merge rank;
        decoding is tokenizers' decode(ids, skip_special_tokens=True).
@@ -36,8 +37,9 @@
 
    Where the references cannot be followed: text that is not valid UTF-8.
    sentencepiece itself turns each bad byte into U+FFFD, and so does this
-   file; byte-level BPE keeps the bytes (the pre-tokenizer counts a bad byte
-   as a character of class "other"), so decoding gives them back. One known
+   file; byte-level BPE keeps the bytes (NFC passes them through, the
+   pre-tokenizer counts a bad byte as a character of class "other"), so
+   decoding gives them back. One known
    difference: tokenizers matches added tokens marked normalized=true (those
    added by add_tokens, not special ones) in a second pass, after the others;
    here all are matched in one pass, longest first, which differs only where
@@ -62,9 +64,7 @@
                                             bit 4  ignore merges: a pre-token that
                                                    is a token is kept whole (bl)
                                             bit 5  add EOS when encoding a prompt
-                                            bit 6  the source normalizes to NFC
-                                                   (bl; recorded, not applied:
-                                                   text not in NFC may differ)
+                                            bit 6  normalize the text to NFC (bl)
          36     4  u32      pretokenizer    0 none, 1 GPT-2 regex,
                                             2 digits one by one, then GPT-2 regex
                                             3 Llama 3 regex
@@ -1104,14 +1104,18 @@ static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, 
 
 /* Most tokens encode(text of len bytes) can produce, BOS included.
    tokenizer_encode's len + 3 covers every tokenizer whose vocabulary has
-   "▁" and U+FFFD (Llama 2's has both) and every byte-level one. */
+   "▁" and U+FFFD (Llama 2's has both) and every byte-level one that does
+   not normalize (NFC may lengthen text: U+1D160 is 3 characters). */
 size_t tokenizer_max_tokens(const Tokenizer *t, size_t len) {
     size_t per_byte = 1, extra = 1;   // BOS
     if (t->kind == TOK_SENTENCEPIECE) {
         /* the dummy prefix; " " or a bad byte may become 3 byte tokens */
         if (t->fallback_ok) extra += 1;
         else per_byte = 3, extra += 3;
-    } else if (t->flags & TOKF_DUMMY_PREFIX) per_byte = 2;  // a space before each segment
+    } else {
+        if (t->flags & TOKF_NFC) per_byte = UNI_NFC_MAX_GROWTH;   // NFC may lengthen the text
+        if (t->flags & TOKF_DUMMY_PREFIX) per_byte += 1;         // a space before each segment
+    }
     return per_byte * len + extra;
 }
 
@@ -1124,7 +1128,8 @@ static int tok_encode_into(const Tokenizer *t, const char *text, size_t len, int
 /* Encodes text[0..len) into tokens, which must hold len + 3 ints (see
    tokenizer_max_tokens). add_bos: put bos_id first, if there is one.
    Returns the number of tokens, or -1 if memory ran out (or, only with a
-   vocabulary that lacks "▁" or U+FFFD, if len + 3 tokens are too few). */
+   vocabulary that lacks "▁" or U+FFFD, or text that NFC lengthens, if
+   len + 3 tokens are too few). */
 int tokenizer_encode(const Tokenizer *t, const char *text, size_t len, int add_bos, int *tokens) {
     if (len > TOK_MAX_TEXT) return -1;
     size_t cap = len + 3;
@@ -1159,12 +1164,25 @@ int tokenizer_encode_n(const Tokenizer *t, const char *text, size_t len, int add
 }
 
 /* ----------------------------------------------------------------------------
-   Encoding: byte-level BPE */
+   Encoding: Unicode NFC (byte-level, when the source normalizes to it)
 
-/* The classes of the GPT-2 pre-tokenizer regex; their code points,
-   UNI_LETTER, UNI_NUMBER, UNI_SPACE and UNI_NUMERIC, are in unicode_tables.h. */
-enum { UC_OTHER = 0, UC_LETTER = 1, UC_NUMBER = 2, UC_SPACE = 3 };
+   As Rust's unicode-normalization crate inside tokenizers: decompose every
+   character canonically, sort each run of combining marks by class
+   (stably), then compose each mark with the last starter unless a mark of
+   the same or a higher class, or a starter, stands between them. The tables
+   are in unicode_tables.h; Hangul syllables are arithmetic. A byte that is
+   not valid UTF-8 passes through as a starter that composes with nothing. */
 
+enum {
+    HANGUL_S = 0xAC00, HANGUL_L = 0x1100, HANGUL_V = 0x1161, HANGUL_T = 0x11A7,
+    HANGUL_LN = 19, HANGUL_VN = 21, HANGUL_TN = 28, HANGUL_SN = 19 * 21 * 28
+};
+#define NFC_BAD_BYTE 0x110000u   // + the byte: a code point array's invalid byte
+#define NFC_CP(v) ((v) & 0xFFFFFFu)   // entries are code point | class << 24
+#define NFC_CCC(v) ((v) >> 24)
+#define UNI_COUNT(table) (sizeof(table) / sizeof(table[0]))
+
+/* 1 if c lies in one of the sorted ranges table[0..n). */
 static int uni_in(const uint32_t (*table)[2], size_t n, uint32_t c) {
     size_t lo = 0, hi = n;
     while (lo < hi) {
@@ -1176,7 +1194,176 @@ static int uni_in(const uint32_t (*table)[2], size_t n, uint32_t c) {
     return 0;
 }
 
-#define UNI_COUNT(table) (sizeof(table) / sizeof(table[0]))
+/* Canonical combining class of c (0 for a starter or an invalid byte). */
+static uint32_t uni_ccc(uint32_t c) {
+    size_t lo = 0, hi = UNI_COUNT(UNI_CCC);
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (c < UNI_CCC[mid][0]) hi = mid;
+        else if (c > UNI_CCC[mid][1]) lo = mid + 1;
+        else return UNI_CCC[mid][2];
+    }
+    return 0;
+}
+
+/* Row of table (sorted by its first two columns) holding a, b; NULL: none. */
+static const uint32_t *uni_row(const uint32_t (*table)[3], size_t n, uint32_t a, uint32_t b) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (a < table[mid][0] || (a == table[mid][0] && b < table[mid][1])) hi = mid;
+        else if (a > table[mid][0] || b > table[mid][1]) lo = mid + 1;
+        else return table[mid];
+    }
+    return NULL;
+}
+
+/* Writes c's full canonical decomposition (c itself if none, as for a bad
+   byte) as entries at out, when out is not NULL; returns how many it has
+   (at most 4). */
+static size_t nfc_decompose(uint32_t *out, uint32_t c) {
+    uint32_t parts[3];
+    size_t n = 0;
+    if (c >= HANGUL_S && c < HANGUL_S + HANGUL_SN) {
+        uint32_t s = c - HANGUL_S;
+        parts[n++] = HANGUL_L + s / (HANGUL_VN * HANGUL_TN);
+        parts[n++] = HANGUL_V + s % (HANGUL_VN * HANGUL_TN) / HANGUL_TN;
+        if (s % HANGUL_TN) parts[n++] = HANGUL_T + s % HANGUL_TN;
+    } else {
+        size_t lo = 0, hi = UNI_COUNT(UNI_DECOMP);
+        while (lo < hi) {
+            size_t mid = (lo + hi) / 2;
+            const uint32_t *row = UNI_DECOMP[mid];
+            if (c == row[0]) {
+                size_t k = nfc_decompose(out, row[1]);
+                return row[2] ? k + nfc_decompose(out ? out + k : NULL, row[2]) : k;
+            }
+            if (c < row[0]) hi = mid;
+            else lo = mid + 1;
+        }
+        if (out) out[0] = c | uni_ccc(c) << 24;
+        return 1;
+    }
+    for (size_t i = 0; out && i < n; i++) out[i] = parts[i];   // jamo: class 0
+    return n;
+}
+
+/* The character NFC composes a then b into, or 0 if none. */
+static uint32_t nfc_compose(uint32_t a, uint32_t b) {
+    if (a >= HANGUL_L && a < HANGUL_L + HANGUL_LN && b >= HANGUL_V && b < HANGUL_V + HANGUL_VN)
+        return HANGUL_S + ((a - HANGUL_L) * HANGUL_VN + (b - HANGUL_V)) * HANGUL_TN;
+    if (a >= HANGUL_S && a < HANGUL_S + HANGUL_SN && (a - HANGUL_S) % HANGUL_TN == 0 &&
+        b > HANGUL_T && b < HANGUL_T + HANGUL_TN)
+        return a + (b - HANGUL_T);
+    const uint32_t *row = uni_row(UNI_COMPOSE, UNI_COUNT(UNI_COMPOSE), a, b);
+    return row ? row[2] : 0;
+}
+
+/* Sorts the marks run[0..n) stably by class (a counting sort: any run is
+   linear); tmp holds n entries. */
+static void nfc_sort_marks(uint32_t *run, uint32_t *tmp, size_t n) {
+    size_t start[257] = {0};
+    for (size_t i = 0; i < n; i++) start[NFC_CCC(run[i]) + 1]++;
+    for (int c = 0; c < 256; c++) start[c + 1] += start[c];
+    for (size_t i = 0; i < n; i++) tmp[start[NFC_CCC(run[i])]++] = run[i];
+    memcpy(run, tmp, sizeof(uint32_t) * n);
+}
+
+/* Composes the canonically ordered entries v[0..n) in place; returns the
+   count left. */
+static size_t nfc_compose_all(uint32_t *v, size_t n) {
+    size_t out = 0, starter = 0;
+    int have_starter = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t cc = NFC_CCC(v[i]);
+        /* blocked unless adjacent, or every mark between has a lower class */
+        if (have_starter && (out == starter + 1 || (NFC_CCC(v[out - 1]) != 0 && NFC_CCC(v[out - 1]) < cc))) {
+            uint32_t c = nfc_compose(NFC_CP(v[starter]), NFC_CP(v[i]));
+            if (c) {
+                v[starter] = c;   // every composite is a starter
+                continue;
+            }
+        }
+        if (cc == 0) starter = out, have_starter = 1;
+        v[out++] = v[i];
+    }
+    return out;
+}
+
+/* Writes code point c (< 0x110000) as UTF-8 at out; returns its length. */
+static size_t tok_utf8_encode(unsigned char *out, uint32_t c) {
+    if (c < 0x80) return out[0] = (unsigned char)c, 1;
+    if (c < 0x800) {
+        out[0] = (unsigned char)(0xC0 | c >> 6), out[1] = (unsigned char)(0x80 | (c & 0x3F));
+        return 2;
+    }
+    if (c < 0x10000) {
+        out[0] = (unsigned char)(0xE0 | c >> 12), out[1] = (unsigned char)(0x80 | (c >> 6 & 0x3F));
+        out[2] = (unsigned char)(0x80 | (c & 0x3F));
+        return 3;
+    }
+    out[0] = (unsigned char)(0xF0 | c >> 18), out[1] = (unsigned char)(0x80 | (c >> 12 & 0x3F));
+    out[2] = (unsigned char)(0x80 | (c >> 6 & 0x3F)), out[3] = (unsigned char)(0x80 | (c & 0x3F));
+    return 4;
+}
+
+/* The character at s[i] of s[0..n), as a code point or NFC_BAD_BYTE + the
+   byte; *len its length in bytes. */
+static uint32_t nfc_char(const unsigned char *s, size_t n, size_t i, size_t *len) {
+    int k = s[i] < 0x80 ? 1 : utf8_valid_len(s + i, n - i);
+    *len = k ? (size_t)k : 1;
+    return k ? tok_utf8_decode(s + i, k) : NFC_BAD_BYTE + s[i];
+}
+
+/* The NFC of s[0..n), bytes that are not UTF-8 kept as they are: *out = NULL
+   when that is s itself, else a malloc'd *out_len bytes (at most
+   UNI_NFC_MAX_GROWTH * n) the caller frees. Returns 0, or -1 out of memory. */
+static int tok_nfc(unsigned char **out, size_t *out_len, const unsigned char *s, size_t n) {
+    *out = NULL, *out_len = n;
+    size_t i = 0, k, count = 0;
+    for (; i < n; i += k) {   // the quick check: most text is its own NFC
+        uint32_t c = nfc_char(s, n, i, &k);
+        if (c >= 0x80 && uni_in(UNI_NFC_UNSTABLE, UNI_COUNT(UNI_NFC_UNSTABLE), c)) break;
+    }
+    if (i == n) return 0;
+    for (i = 0; i < n; i += k) count += nfc_decompose(NULL, nfc_char(s, n, i, &k));
+    uint32_t *v = malloc(sizeof(uint32_t) * count), *tmp = malloc(sizeof(uint32_t) * count);
+    if (!v || !tmp) {
+        free(v);
+        free(tmp);
+        return -1;
+    }
+    size_t m = 0;
+    for (i = 0; i < n; i += k) m += nfc_decompose(v + m, nfc_char(s, n, i, &k));
+    for (size_t a = 0; a < m;) {   // each run of marks, in class order
+        size_t b = a;
+        while (b < m && NFC_CCC(v[b])) b++;
+        if (b - a > 1) nfc_sort_marks(v + a, tmp, b - a);
+        a = b + 1;
+    }
+    m = nfc_compose_all(v, m);
+    size_t bytes = 0;
+    unsigned char utf8[4];
+    for (size_t j = 0; j < m; j++) bytes += NFC_CP(v[j]) >= NFC_BAD_BYTE ? 1 : tok_utf8_encode(utf8, NFC_CP(v[j]));
+    unsigned char *text = malloc(bytes ? bytes : 1);
+    if (text) {
+        size_t len = 0;
+        for (size_t j = 0; j < m; j++)
+            if (NFC_CP(v[j]) >= NFC_BAD_BYTE) text[len++] = (unsigned char)(NFC_CP(v[j]) - NFC_BAD_BYTE);
+            else len += tok_utf8_encode(text + len, NFC_CP(v[j]));
+        *out = text, *out_len = len;
+    }
+    free(v);
+    free(tmp);
+    return text ? 0 : -1;
+}
+
+/* ----------------------------------------------------------------------------
+   Encoding: byte-level BPE */
+
+/* The classes of the GPT-2 pre-tokenizer regex; their code points,
+   UNI_LETTER, UNI_NUMBER, UNI_SPACE and UNI_NUMERIC, are in unicode_tables.h. */
+enum { UC_OTHER = 0, UC_LETTER = 1, UC_NUMBER = 2, UC_SPACE = 3 };
 
 /* Class of code point c for the regex: letter, number, white space, other. */
 static int uni_class(uint32_t c) {
@@ -1323,6 +1510,7 @@ typedef struct {
     BlSymbol *sym;          // (len + 1)
     BlMerge *heap;          // (heap_cap)
     size_t heap_cap;
+    size_t room;            // bytes of text scratch and sym are sized for
 } BlState;
 
 static int bl_before(const BlMerge *a, const BlMerge *b) {
@@ -1432,6 +1620,18 @@ static int bl_piece(BlState *st, const unsigned char *s, size_t n) {
     return 0;
 }
 
+/* Makes scratch and sym hold a text of n bytes. Returns 0, -1 out of memory. */
+static int bl_make_room(BlState *st, size_t n) {
+    if (n <= st->room) return 0;
+    unsigned char *scratch = realloc(st->scratch, n + 1);
+    if (scratch) st->scratch = scratch;
+    BlSymbol *sym = realloc(st->sym, sizeof(BlSymbol) * (n + 1));
+    if (sym) st->sym = sym;
+    if (!scratch || !sym) return -1;
+    st->room = n;
+    return 0;
+}
+
 /* A stretch between added tokens: digits split off one by one if asked. */
 static int bl_segment(BlState *st, const unsigned char *s, size_t n) {
     if (st->t->pretokenizer != PRETOK_DIGITS_GPT2) return bl_piece(st, s, n);
@@ -1451,8 +1651,20 @@ static int bl_segment(BlState *st, const unsigned char *s, size_t n) {
     return bl_piece(st, s + start, n - start);
 }
 
+/* A stretch between added tokens, first in NFC if the source normalizes:
+   tokenizers normalizes the text around added tokens, not across them. */
+static int bl_normalized_segment(BlState *st, const unsigned char *s, size_t n) {
+    unsigned char *nfc = NULL;
+    size_t len = n;
+    if ((st->t->flags & TOKF_NFC) && tok_nfc(&nfc, &len, s, n)) return -1;
+    if (!nfc) return bl_segment(st, s, n);
+    int rc = bl_make_room(st, len) ? -1 : bl_segment(st, nfc, len);
+    free(nfc);
+    return rc;
+}
+
 static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out) {
-    BlState st = {t, out, malloc(len + 1), malloc(sizeof(BlSymbol) * (len + 1)), NULL, 0};
+    BlState st = {t, out, malloc(len + 1), malloc(sizeof(BlSymbol) * (len + 1)), NULL, 0, len};
     int rc = 0;
     if (!st.scratch || !st.sym) rc = -1;
     /* added tokens are matched first, longest at the leftmost place */
@@ -1463,12 +1675,12 @@ static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, 
             i++;
             continue;
         }
-        rc = bl_segment(&st, text + seg, i - seg);
+        rc = bl_normalized_segment(&st, text + seg, i - seg);
         if (!rc && tok_emit(out, tok_index_get(t, &t->special, text + i, m))) rc = -2;
         i += m;
         seg = i;
     }
-    if (!rc) rc = bl_segment(&st, text + seg, len - seg);
+    if (!rc) rc = bl_normalized_segment(&st, text + seg, len - seg);
     free(st.scratch);
     free(st.sym);
     free(st.heap);

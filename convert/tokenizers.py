@@ -243,8 +243,7 @@ def write_tokenizer_hf_json(json_path, out_path, vocab_size=None, bos_token=None
     model = json_field(tj, "model", dict, json_path)
     if model.get("type", "BPE") != "BPE" or "merges" not in model:
         raise ExportError(json_path, f"model type {model.get('type')!r}; only BPE is supported")
-    # NFC is recorded, not applied (tokenizer.c does not normalize): text
-    # already in NFC, as typed text nearly always is, tokenizes the same
+    # NFC is recorded in flag bit 6, and tokenizer.c applies it
     normalizer = tj.get("normalizer")
     if normalizer is not None and normalizer != {"type": "NFC"}:
         raise ExportError(json_path, f"a normalizer ({_json_type(normalizer)}) is not supported (only NFC)")

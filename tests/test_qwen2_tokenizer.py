@@ -13,8 +13,12 @@ Alibaba Cloud. You are a helpful assistant." export.py --tokenizer-from
 converts the directory, and:
 
   - tokenizer.c's ids equal the tokenizers library's on the tokenizer
-    tests' strings (in NFC: tokenizer.c records Qwen2's NFC normalizer but
-    does not apply it) and on runs of digits;
+    tests' strings, as they are and in NFC, on strings that NFC changes
+    (composition, reordering of marks, Hangul jamo, singletons, exclusions)
+    and on runs of digits;
+  - tokenizer.c's NFC equals the tokenizers library's NFC normalizer on
+    every code point, alone and before marks, and on random runs of letters,
+    combining marks and invalid UTF-8 bytes (which pass through);
   - ./run -m chat --tokenize's ids equal apply_chat_template(...,
     add_generation_prompt=True)'s, with and without a system message;
   - a GGUF tokenizer with tokenizer.ggml.pre "qwen2" converts to the same.
@@ -22,6 +26,8 @@ converts the directory, and:
 
 import json
 import os
+import random
+import struct
 import subprocess
 import sys
 import unicodedata
@@ -114,6 +120,16 @@ def qwen2(tmp_path_factory):
     return tok, transformers.AutoTokenizer.from_pretrained(str(d)), d
 
 
+# Strings NFC changes: composed, marks reordered, jamo to a syllable, the
+# singleton Angstrom sign, an exclusion kept decomposed, Tibetan, and these
+# among ASCII, emoji and added tokens (NFC applies between them, not across).
+NOT_NFC = ["cafe\u0301", "A\u030a", "\u1100\u1161\u11a8", "\u212b", "e\u0323\u0302", "e\u0302\u0323",
+           "\u0958", "\u0f73", "Cafe\u0301 \u212b 42 \U0001F600\u0301 x\u0308y \u0f73!",
+           "a\u0301\u0301\u0316b \u1100\u1161 \uac00\u11a8 \u0344\u0301 \u01d5",
+           "<|im_start|>e\u0301<|im_end|>\u0338 >\u0338 \u2126\u0301",
+           "\u03b1\u0313\u0300\u0345 \u1f00\u0300 \U0001d15e\U0001d165 \U00011935\U00011930"]
+
+
 def nfc_strings():
     texts = tt.test_strings(13) + tt.class_probe_strings(13) + DIGITS
     return [unicodedata.normalize("NFC", t) for t in texts]
@@ -138,6 +154,95 @@ def test_encodes_as_tokenizers(driver, qwen2):
             [c for c in text if c.isdigit()], text
 
 
+def test_encodes_text_not_in_nfc_as_tokenizers(driver, qwen2):
+    """tokenizers applies NFC first; tokenizer.c too, between added tokens."""
+    tok, _, d = qwen2
+    texts = NOT_NFC + tt.test_strings(14) + tt.class_probe_strings(14)
+    assert all(unicodedata.normalize("NFC", t) != t for t in NOT_NFC)
+    mine = tt.encode_batch(driver, d / "tokenizer.bin", [t.encode() for t in texts], bos=0)
+    bad = [(t, tok.encode(t).ids, m) for t, m in zip(texts, mine) if tok.encode(t).ids != m]
+    tt.report("encodings", bad, len(texts))
+
+
+def test_invalid_utf8_passes_through_nfc(driver, qwen2):
+    """Bytes that are not UTF-8 stay as they are, and stop composition across
+    them: the text decodes to the NFC of the valid stretches between them."""
+    _, _, d = qwen2
+    parts = [["cafe\u0301", b"\xff", "\u0301x"], [b"\xcc", "\u0301", b"\x80\xe1\x84", "\u1161"],
+             ["\u212b", b"\xf0\x9f", "e\u0302\u0323", b"\xc3"]]
+    texts = [b"".join(p if isinstance(p, bytes) else p.encode() for p in ps) for ps in parts]
+    nfc = [b"".join(p if isinstance(p, bytes) else unicodedata.normalize("NFC", p).encode() for p in ps)
+           for ps in parts]
+    ids = tt.encode_batch(driver, d / "tokenizer.bin", texts, bos=0)
+    assert tt.decode_batch(driver, d / "tokenizer.bin", ids) == nfc
+
+
+def driver_nfc(driver, texts):
+    """tokenizer.c's NFC of each of texts (bytes), through the driver."""
+    data = b"".join(struct.pack("<I", len(t)) + t for t in texts)
+    p = subprocess.run([driver, "nfc"], input=data, capture_output=True)
+    assert p.returncode == 0, p.stderr.decode()
+    out, res, i = p.stdout, [], 0
+    while i < len(out):
+        (n,) = struct.unpack_from("<I", out, i)
+        res.append(out[i + 4:i + 4 + n])
+        i += 4 + n
+    assert len(res) == len(texts)
+    return res
+
+
+def test_nfc_of_every_code_point(driver):
+    """Each code point alone and before marks of two classes, as tokenizers'
+    NFC; where Python's unicodedata disagrees with it (a mapping newer than
+    the Rust crate's tables), tokenizers is followed."""
+    from tokenizers import normalizers
+    ref = normalizers.NFC().normalize_str
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]
+    for after in ("", "\u0323\u0302"):
+        texts = [c + after for c in chars]
+        mine = driver_nfc(driver, [t.encode() for t in texts])
+        bad = [(t, ref(t), m.decode()) for t, m in zip(texts, mine) if m != ref(t).encode()]
+        tt.report("NFCs", bad, len(texts))
+    assert [c for c in chars if ref(c) != unicodedata.normalize("NFC", c)] == ["\U00011938"]
+
+
+def test_nfc_of_random_marks(driver):
+    """Random runs of starters, combining marks of many classes, jamo and
+    bad bytes, against tokenizers' NFC (and unicodedata's) of the stretches
+    between the bad bytes."""
+    from tokenizers import normalizers
+    ref = normalizers.NFC().normalize_str
+    rng = random.Random(7)
+    marks = [chr(c) for c in range(0x300, 0x370)] + [chr(c) for c in (
+        0x5B0, 0x5B4, 0x5C2, 0x64B, 0x650, 0x670, 0x93C, 0x94D, 0x9BE, 0x9D7, 0xB3E, 0xB56, 0xBBE, 0xCD5,
+        0xD3E, 0xDCA, 0xDCF, 0xF71, 0xF72, 0xF74, 0xF80, 0x102E, 0x1B35, 0x302A, 0x3099, 0x309A,
+        0x1D165, 0x1D16E, 0x110BA, 0x11127, 0x1133E)]
+    starters = list("aeiouAEOUcnsyzwx ") + [chr(c) for c in (
+        0x391, 0x3B1, 0x3C9, 0x1F00, 0x415, 0x627, 0x648, 0x915, 0x9C7, 0xB47, 0xBC6, 0xCC6, 0xD46,
+        0xDD9, 0x1025, 0x1B05, 0x304B, 0x30CF, 0x1100, 0x1112, 0x1161, 0x1175, 0x11A8, 0x11C2, 0xAC00,
+        0xAC01, 0xD7A3, 0x212B, 0x2126, 0x958, 0xF73, 0x344, 0x1D15E, 0x11099, 0x11131, 0x11347, 0x1F600)]
+    bad_bytes = [b"\xff", b"\xcc", b"\x80", b"\xe1\x84", b"\xf0\x9f\x98"]
+    runs = []
+    for _ in range(20000):
+        runs.append([rng.choice(bad_bytes) if rng.random() < .05 else
+                     rng.choice(marks if rng.random() < .6 else starters) for _ in range(rng.randrange(1, 9))])
+    texts = [b"".join(p if isinstance(p, bytes) else p.encode() for p in r) for r in runs]
+    mine = driver_nfc(driver, texts)
+    bad = []
+    for r, m in zip(runs, mine):
+        pieces, text = [], ""
+        for p in r + [b""]:
+            if isinstance(p, bytes):
+                assert ref(text) == unicodedata.normalize("NFC", text)
+                pieces += [ref(text).encode(), p]
+                text = ""
+            else:
+                text += p
+        if m != b"".join(pieces):
+            bad.append((r, b"".join(pieces), m))
+    tt.report("NFCs", bad, len(runs))
+
+
 def test_llama3_pattern_differs_on_digits(driver, qwen2, tmp_path):
     """The same file with Llama 3's regex groups digits by three: the
     pretokenizer field is what splits them."""
@@ -160,7 +265,8 @@ def chat_ids(tokenizer_bin, question, system=None):
 
 @pytest.mark.parametrize("question,system", [("What is 12345 + 3.14159?", None),
                                              ("What is the date? 2024-11-26", "You are brief."),
-                                             ("  naïve café\n\n", None)])
+                                             ("  naïve café\n\n", None),
+                                             ("cafe\u0301 \u212b \u1100\u1161", "e\u0302\u0323")])
 def test_chat_matches_apply_chat_template(qwen2, question, system):
     _, hf, d = qwen2
     msgs = ([{"role": "system", "content": system}] if system is not None else []) + \

@@ -8,6 +8,9 @@
  *                                      the streamed decode of each list
  *   tokenizer_driver TOK bench        stdin: one text; stderr: tokens and seconds
  *   tokenizer_driver TOK info         the header fields
+ *   tokenizer_driver nfc              stdin: records { u32 len, bytes[len] }
+ *                                      stdout: records { u32 len, bytes[len] },
+ *                                      the NFC of each (tok_nfc)
  *
  * TOK may be followed by ":N" to pass the model's vocab_size N to the loader.
  * BOS is 0 or 1 (the add_bos argument of tokenizer_encode).
@@ -53,8 +56,34 @@ static int whole_utf8(const unsigned char *s, size_t n)
     return 1;
 }
 
+// The nfc mode: tok_nfc over each record of stdin.
+static int nfc_records(void)
+{
+    size_t size;
+    unsigned char *in = read_all(stdin, &size);
+    if (!in) return die("out of memory");
+    for (size_t pos = 0; pos < size;) {
+        if (size - pos < 4) return die("nfc: record cut short");
+        uint32_t len = read_u32(in + pos);
+        pos += 4;
+        if (len > size - pos) return die("nfc: record cut short");
+        unsigned char *nfc;
+        size_t n;
+        if (tok_nfc(&nfc, &n, in + pos, len)) return die("out of memory");
+        if (n > (size_t)UNI_NFC_MAX_GROWTH * len) return die("nfc: longer than UNI_NFC_MAX_GROWTH allows");
+        uint32_t n32 = (uint32_t)n;
+        fwrite(&n32, 4, 1, stdout);
+        fwrite(nfc ? nfc : in + pos, 1, n, stdout);
+        free(nfc);
+        pos += len;
+    }
+    free(in);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc == 2 && strcmp(argv[1], "nfc") == 0) return nfc_records();
     if (argc < 3) return die("usage: tokenizer_driver TOK[:VOCAB] encode|decode|bench|info [BOS]");
     char path[4096];
     snprintf(path, sizeof(path), "%s", argv[1]);

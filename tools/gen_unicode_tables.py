@@ -12,6 +12,13 @@ importable the classes are measured from it, one probe per code point, and
 tokenizer.c then agrees with it exactly; otherwise they come from Python's
 unicodedata (general categories L*, N*, and the White_Space list).
 
+The NFC tables (Qwen2's normalizer) are canonical combining classes,
+one-level canonical decompositions and the pairs NFC composes, from
+unicodedata; when `tokenizers` is importable its NFC and NFD normalizers
+(Rust's unicode-normalization crate) decide which decompositions and pairs
+are kept, so a character whose mapping is newer than that crate stays as it
+is, as it does there. Hangul syllables are left to tokenizer.c's arithmetic.
+
   python3 tools/gen_unicode_tables.py          print unicode_tables.h
   python3 tools/gen_unicode_tables.py --write  write it
 """
@@ -87,14 +94,83 @@ def c_table(name, s, comment):
     return "\n".join(lines) + "\n"
 
 
+HANGUL = range(0xAC00, 0xAC00 + 11172)
+
+
+def nfc_tables(nfc, nfd):
+    """(combining classes {cp: ccc != 0}, decompositions {cp: (a,) or (a, b)},
+    compositions {(a, b): c}, the worst growth in UTF-8 bytes, the code points
+    that may change or be changed by a neighbour: marks, those NFC maps
+    elsewhere, and those that compose with the character before, Hangul's
+    vowel and trailing jamo included), as nfc and nfd (str -> str) normalize."""
+    ccc = {c: unicodedata.combining(chr(c)) for c in code_points() if unicodedata.combining(chr(c))}
+    decomp, compose = {}, {}
+    for c in code_points():
+        ch = chr(c)
+        d = unicodedata.decomposition(ch)
+        if c in HANGUL or not d or d.startswith("<") or nfd(ch) == ch:
+            continue
+        decomp[c] = tuple(int(x, 16) for x in d.split())
+        if len(decomp[c]) == 2 and nfc("".join(map(chr, decomp[c]))) == ch:
+            compose[decomp[c]] = c
+
+    def full(c):
+        return [x for y in decomp[c] for x in full(y)] if c in decomp else [c]
+
+    for c in code_points():
+        if c not in HANGUL:
+            assert "".join(map(chr, full(c))) == nfd(chr(c)), hex(c)
+    utf8 = lambda cps: len("".join(map(chr, cps)).encode())
+    assert all(ccc.get(c, 0) == 0 and utf8([c]) <= utf8(ab) for ab, c in compose.items())
+    growth = max(-(-utf8(full(c)) // utf8([c])) for c in decomp)
+    seconds = {b for a, b in compose} | set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))
+    unstable = {c for c in code_points() if c in ccc or c in seconds or nfc(chr(c)) != chr(c)}
+    assert min(unstable) >= 0x80
+    return ccc, decomp, compose, growth, unstable
+
+
+def c_rows(name, ctype, rows, comment):
+    lines = [f"/* {comment}: {len(rows)} */", f"static const {ctype} {name}[][{len(rows[0])}] = {{"]
+    cells = ["{" + ",".join(f"0x{x:X}" for x in r) + "}" for r in rows]
+    for i in range(0, len(cells), 6):
+        lines.append("    " + ",".join(cells[i:i + 6]) + ",")
+    lines.append("};")
+    return "\n".join(lines) + "\n"
+
+
+def c_nfc(source, nfc, nfd):
+    ccc, decomp, compose, growth, unstable = nfc_tables(nfc, nfd)
+    ccc_rows = []
+    for c in sorted(ccc):
+        if ccc_rows and ccc_rows[-1][1] == c - 1 and ccc_rows[-1][2] == ccc[c]:
+            ccc_rows[-1][1] = c
+        else:
+            ccc_rows.append([c, c, ccc[c]])
+    text = f"/* NFC, {source};\n   Hangul syllables are computed, not listed. */\n"
+    text += c_rows("UNI_CCC", "uint32_t", ccc_rows, "{first, last, class}: canonical combining classes but 0")
+    text += "\n" + c_rows("UNI_DECOMP", "uint32_t", [(c, *decomp[c], 0)[:3] for c in sorted(decomp)],
+                          "{c, a, b}: c decomposes to a b (b = 0: to a alone), one level")
+    text += "\n" + c_rows("UNI_COMPOSE", "uint32_t", [(a, b, compose[a, b]) for a, b in sorted(compose)],
+                          "{a, b, c}: NFC composes a b into c")
+    text += (f"\n/* NFC's output is at most this many times its input's UTF-8 bytes */\n"
+             f"#define UNI_NFC_MAX_GROWTH {growth}\n\n")
+    text += c_table("UNI_NFC_UNSTABLE", unstable, "text without these is its own NFC")
+    return text
+
+
 def main():
     try:
         import tokenizers
+        from tokenizers import normalizers
         source = f"measured from tokenizers {tokenizers.__version__}"
         letter, number, space, numeric = classes_from_tokenizers()
+        nfc, nfd = normalizers.NFC().normalize_str, normalizers.NFD().normalize_str
+        nfc_source = f"Python's unicodedata {unicodedata.unidata_version} as tokenizers {tokenizers.__version__} applies it"
     except ImportError:
         source = f"from Python's unicodedata {unicodedata.unidata_version}"
         letter, number, space, numeric = classes_from_unicodedata()
+        nfc, nfd = (lambda s: unicodedata.normalize("NFC", s)), (lambda s: unicodedata.normalize("NFD", s))
+        nfc_source = f"from Python's unicodedata {unicodedata.unidata_version}"
     ref = classes_from_unicodedata()
     for name, mine, theirs in zip(("letters", "numbers", "spaces", "numeric"), (letter, number, space, numeric), ref):
         extra, missing = sorted(mine - theirs), sorted(theirs - mine)
@@ -103,7 +179,8 @@ def main():
                   f"{len(extra)} more ({', '.join('%X' % c for c in extra[:6])}...), "
                   f"{len(missing)} fewer ({', '.join('%X' % c for c in missing[:6])}...)", file=sys.stderr)
     text = ("/* unicode_tables.h: the Unicode classes of tokenizer.c's byte-level\n"
-            "   pre-tokenizer, as sorted ranges of code points. Generated by\n"
+            "   pre-tokenizer, as sorted ranges of code points, and its NFC tables,\n"
+            "   sorted by their first column. Generated by\n"
             "   tools/gen_unicode_tables.py: do not edit by hand.\n"
             f"   Classes {source}. */\n\n")
     text += c_table("UNI_LETTER", letter, "\\p{L}") + "\n"
@@ -114,6 +191,7 @@ def main():
         text += "#define UNI_NUMERIC UNI_NUMBER\n"
     else:
         text += c_table("UNI_NUMERIC", numeric, "Rust's char::is_numeric (the Digits pre-tokenizer)")
+    text += "\n" + c_nfc(nfc_source, nfc, nfd)
     if "--write" in sys.argv[1:]:
         path = Path(__file__).resolve().parent.parent / "unicode_tables.h"
         path.write_text(text)
