@@ -166,7 +166,8 @@ def test_encodes_text_not_in_nfc_as_tokenizers(driver, qwen2):
 
 def test_invalid_utf8_passes_through_nfc(driver, qwen2):
     """Bytes that are not UTF-8 stay as they are, and stop composition across
-    them: the text decodes to the NFC of the valid stretches between them."""
+    them: the text encodes as the NFC of the valid stretches between them,
+    and decodes to that as tokenizers decodes (a U+FFFD for bad bytes)."""
     _, _, d = qwen2
     parts = [["cafe\u0301", b"\xff", "\u0301x"], [b"\xcc", "\u0301", b"\x80\xe1\x84", "\u1161"],
              ["\u212b", b"\xf0\x9f", "e\u0302\u0323", b"\xc3"]]
@@ -174,7 +175,9 @@ def test_invalid_utf8_passes_through_nfc(driver, qwen2):
     nfc = [b"".join(p if isinstance(p, bytes) else unicodedata.normalize("NFC", p).encode() for p in ps)
            for ps in parts]
     ids = tt.encode_batch(driver, d / "tokenizer.bin", texts, bos=0)
-    assert tt.decode_batch(driver, d / "tokenizer.bin", ids) == nfc
+    assert ids == tt.encode_batch(driver, d / "tokenizer.bin", nfc, bos=0)
+    assert tt.decode_batch(driver, d / "tokenizer.bin", ids) == \
+        [t.decode("utf-8", "replace").encode() for t in nfc]
 
 
 def driver_nfc(driver, texts):
@@ -193,8 +196,9 @@ def driver_nfc(driver, texts):
 
 def test_nfc_of_every_code_point(driver):
     """Each code point alone and before marks of two classes, as tokenizers'
-    NFC; where Python's unicodedata disagrees with it (a mapping newer than
-    the Rust crate's tables), tokenizers is followed."""
+    NFC. Where Python's unicodedata disagrees with it, tokenizers is
+    followed: the Rust crate inside it does not decompose U+11938 and counts
+    98 marks newer than its tables (U+0898, say) as starters."""
     from tokenizers import normalizers
     ref = normalizers.NFC().normalize_str
     chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000]
@@ -203,7 +207,8 @@ def test_nfc_of_every_code_point(driver):
         mine = driver_nfc(driver, [t.encode() for t in texts])
         bad = [(t, ref(t), m.decode()) for t, m in zip(texts, mine) if m != ref(t).encode()]
         tt.report("NFCs", bad, len(texts))
-    assert [c for c in chars if ref(c) != unicodedata.normalize("NFC", c)] == ["\U00011938"]
+    nfd = normalizers.NFD().normalize_str
+    assert [c for c in chars if nfd(c) != unicodedata.normalize("NFD", c)] == ["\U00011938"]
 
 
 def test_nfc_of_random_marks(driver):
@@ -221,7 +226,7 @@ def test_nfc_of_random_marks(driver):
         0x391, 0x3B1, 0x3C9, 0x1F00, 0x415, 0x627, 0x648, 0x915, 0x9C7, 0xB47, 0xBC6, 0xCC6, 0xD46,
         0xDD9, 0x1025, 0x1B05, 0x304B, 0x30CF, 0x1100, 0x1112, 0x1161, 0x1175, 0x11A8, 0x11C2, 0xAC00,
         0xAC01, 0xD7A3, 0x212B, 0x2126, 0x958, 0xF73, 0x344, 0x1D15E, 0x11099, 0x11131, 0x11347, 0x1F600)]
-    bad_bytes = [b"\xff", b"\xcc", b"\x80", b"\xe1\x84", b"\xf0\x9f\x98"]
+    bad_bytes = [b"\xff", b"\xcc", b"\xc0\x80", b"\xe1\x84", b"\xf0\x9f\x98"]   # never valid joined
     runs = []
     for _ in range(20000):
         runs.append([rng.choice(bad_bytes) if rng.random() < .05 else

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Generates unicode_tables.h, the Unicode class tables of tokenizer.c's
-byte-level pre-tokenizer.
+byte-level pre-tokenizer and the tables of its NFC normalizer.
 
 The GPT-2 pre-tokenizer regex splits text by four classes of character:
 letters \\p{L}, numbers \\p{N}, white space \\s, and everything else; the
@@ -15,9 +15,9 @@ unicodedata (general categories L*, N*, and the White_Space list).
 The NFC tables (Qwen2's normalizer) are canonical combining classes,
 one-level canonical decompositions and the pairs NFC composes, from
 unicodedata; when `tokenizers` is importable its NFC and NFD normalizers
-(Rust's unicode-normalization crate) decide which decompositions and pairs
-are kept, so a character whose mapping is newer than that crate stays as it
-is, as it does there. Hangul syllables are left to tokenizer.c's arithmetic.
+(Rust's unicode-normalization crate) decide which marks, decompositions and
+pairs are kept, so a character newer than that crate's tables stays as it
+is and counts as a starter, as it does there. Hangul syllables are left to tokenizer.c's arithmetic.
 
   python3 tools/gen_unicode_tables.py          print unicode_tables.h
   python3 tools/gen_unicode_tables.py --write  write it
@@ -104,6 +104,12 @@ def nfc_tables(nfc, nfd):
     elsewhere, and those that compose with the character before, Hangul's
     vowel and trailing jamo included), as nfc and nfd (str -> str) normalize."""
     ccc = {c: unicodedata.combining(chr(c)) for c in code_points() if unicodedata.combining(chr(c))}
+
+    def is_mark(c):   # nfc reorders or composes across it: its class is not 0 there
+        text = "a" + chr(c) + ("\u0323" if ccc[c] > 220 else "\u0301")
+        return nfc(text) != text
+
+    ccc = {c: k for c, k in ccc.items() if is_mark(c)}
     decomp, compose = {}, {}
     for c in code_points():
         ch = chr(c)
@@ -140,6 +146,12 @@ def c_rows(name, ctype, rows, comment):
 
 def c_nfc(source, nfc, nfd):
     ccc, decomp, compose, growth, unstable = nfc_tables(nfc, nfd)
+    differ = [c for c in code_points() if nfd(chr(c)) != unicodedata.normalize("NFD", chr(c))]
+    starters = [c for c in code_points() if unicodedata.combining(chr(c)) and c not in ccc]
+    if differ or starters:
+        print(f"note: NFD differs from unicodedata {unicodedata.unidata_version} on {len(differ)} "
+              f"({', '.join('%X' % c for c in differ[:6])}...); {len(starters)} of its marks are starters "
+              f"({', '.join('%X' % c for c in starters[:6])}...)", file=sys.stderr)
     ccc_rows = []
     for c in sorted(ccc):
         if ccc_rows and ccc_rows[-1][1] == c - 1 and ccc_rows[-1][2] == ccc[c]:
