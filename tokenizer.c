@@ -1344,7 +1344,8 @@ static int tok_nfc(unsigned char **out, size_t *out_len, const unsigned char *s,
     m = nfc_compose_all(v, m);
     size_t bytes = 0;
     unsigned char utf8[4];
-    for (size_t j = 0; j < m; j++) bytes += NFC_CP(v[j]) >= NFC_BAD_BYTE ? 1 : tok_utf8_encode(utf8, NFC_CP(v[j]));
+    for (size_t j = 0; j < m; j++)
+        bytes += NFC_CP(v[j]) >= NFC_BAD_BYTE ? 1 : tok_utf8_encode(utf8, NFC_CP(v[j]));
     unsigned char *text = malloc(bytes ? bytes : 1);
     if (text) {
         size_t len = 0;

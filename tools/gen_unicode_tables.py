@@ -177,7 +177,8 @@ def main():
         source = f"measured from tokenizers {tokenizers.__version__}"
         letter, number, space, numeric = classes_from_tokenizers()
         nfc, nfd = normalizers.NFC().normalize_str, normalizers.NFD().normalize_str
-        nfc_source = f"Python's unicodedata {unicodedata.unidata_version} as tokenizers {tokenizers.__version__} applies it"
+        nfc_source = (f"Python's unicodedata {unicodedata.unidata_version} "
+                      f"as tokenizers {tokenizers.__version__} applies it")
     except ImportError:
         source = f"from Python's unicodedata {unicodedata.unidata_version}"
         letter, number, space, numeric = classes_from_unicodedata()
