@@ -1082,6 +1082,19 @@ struct Trace {
 /* The plain matrix products by weight type, WEIGHT_*, as the kernel table starts. */
 static MatmulKernel *const plain_matmul[4] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16};
 
+/* Room for n activations quantized by quantize_vector() (and one byte more,
+   so that n = 0 still allocates). */
+static void alloc_quantized(QuantizedVector *v, size_t n, const char *what) {
+    v->q = xcalloc(n + 1, 1, what);
+    v->d = xcalloc(n / GROUP_SIZE + 1, sizeof(float), what);
+    v->bias = xcalloc(n / 4 + 1, sizeof(int32_t), what);
+    v->group_bias = xcalloc(n / GROUP_SIZE + 1, sizeof(int32_t), what);
+}
+
+static void free_quantized(QuantizedVector *v) {
+    free(v->q), free(v->d), free(v->bias), free(v->group_bias);
+}
+
 /* Turns the trace on, with room for a whole batch. */
 static void alloc_trace(Transformer *t, const TraceRequest *asked) {
     RunState *s = &t->state;
@@ -1100,13 +1113,8 @@ static void alloc_trace(Transformer *t, const TraceRequest *asked) {
         tr->lens_prob = xcalloc(mul_size(rows, asked->lens_k), sizeof(float), "the logit lens");
         tr->lens_x = xcalloc(c->dim, sizeof(float), "the logit lens");
         tr->lens_logits = xcalloc(c->vocab_size, sizeof(float), "the logit lens");
-        QuantizedVector *parts[2] = {&tr->lens_in.q, &tr->lens_in.rest};
-        for (int i = 0; i < 2; i++) { // one row of dim, in the layout of quantized_row()
-            parts[i]->q = xcalloc(c->dim, 1, "the logit lens");
-            parts[i]->d = xcalloc(c->dim / GROUP_SIZE + 1, sizeof(float), "the logit lens");
-            parts[i]->bias = xcalloc(c->dim / 4 + 1, sizeof(int32_t), "the logit lens");
-            parts[i]->group_bias = xcalloc(c->dim / GROUP_SIZE + 1, sizeof(int32_t), "the logit lens");
-        }
+        alloc_quantized(&tr->lens_in.q, c->dim, "the logit lens"); // one row of dim
+        alloc_quantized(&tr->lens_in.rest, c->dim, "the logit lens");
     }
     if (asked->attention_last >= 0) {
         int span = asked->attention_last - asked->attention_first + 1;
@@ -1119,8 +1127,8 @@ static void alloc_trace(Transformer *t, const TraceRequest *asked) {
 
 static void free_trace(Trace *tr) {
     if (!tr) return;
-    QuantizedVector *parts[2] = {&tr->lens_in.q, &tr->lens_in.rest};
-    for (int i = 0; i < 2; i++) free(parts[i]->q), free(parts[i]->d), free(parts[i]->bias), free(parts[i]->group_bias);
+    free_quantized(&tr->lens_in.q);
+    free_quantized(&tr->lens_in.rest);
     free(tr->rows), free(tr->entropy), free(tr->weights), free(tr->mean), free(tr->lens_top), free(tr->lens_prob);
     free(tr->lens_x), free(tr->lens_logits), free(tr->attention), free(tr);
 }
@@ -1313,15 +1321,9 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     ProductScratch *ps = &s->products;
     int grouped = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
     size_t qn = grouped ? b * widest : 0; // quantized inputs, for q8_0 and q4_0 only
-    ps->q.q = xcalloc(qn + 1, 1, "activations");
-    ps->q.d = xcalloc(qn / GROUP_SIZE + 1, sizeof(float), "activations");
-    ps->q.bias = xcalloc(qn / 4 + 1, sizeof(int32_t), "activations");
-    ps->q.group_bias = xcalloc(qn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
+    alloc_quantized(&ps->q, qn, "activations");
     size_t rn = c->weight_type == WEIGHT_Q8_0 ? qn : 0; // the second part, for q8_0 only
-    ps->rest.q = xcalloc(rn + 1, 1, "activations");
-    ps->rest.d = xcalloc(rn / GROUP_SIZE + 1, sizeof(float), "activations");
-    ps->rest.bias = xcalloc(rn / 4 + 1, sizeof(int32_t), "activations");
-    ps->rest.group_bias = xcalloc(rn / GROUP_SIZE + 1, sizeof(int32_t), "activations");
+    alloc_quantized(&ps->rest, rn, "activations");
     size_t bn = c->weight_type == WEIGHT_BF16 && b > 1 ? b * (widest + 32) : 0;
     ps->bf16 = xcalloc(bn + 1, sizeof(uint16_t), "activations");
     ps->panel_size = b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
@@ -1334,11 +1336,11 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
 
 static void free_run_state(RunState *s) {
     void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
-                       s->rope_sin, s->logits, s->products.q.q, s->products.q.d, s->products.q.bias,
-                       s->products.q.group_bias, s->products.rest.q, s->products.rest.d, s->products.rest.bias,
-                       s->products.rest.group_bias, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
+                       s->rope_sin, s->logits, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
                        s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
+    free_quantized(&s->products.q);
+    free_quantized(&s->products.rest);
     free_trace(s->trace);
 }
 

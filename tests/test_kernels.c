@@ -84,19 +84,6 @@ static void free_matrix(Matrix *m) {
     free((void *)m->scales);
 }
 
-static QuantizedVector alloc_quantized(int n) {
-    return (QuantizedVector){xcalloc(n, 1, "q"), xcalloc(n / GROUP_SIZE + 1, sizeof(float), "d"),
-                             xcalloc(n / 4 + 1, sizeof(int32_t), "bias"),
-                             xcalloc(n / GROUP_SIZE + 1, sizeof(int32_t), "group bias")};
-}
-
-static void free_quantized(QuantizedVector *q) {
-    free(q->q);
-    free(q->d);
-    free(q->bias);
-    free(q->group_bias);
-}
-
 /* The values that the prepared input of w's products stands for, xd (n,
    cols): for q8_0 and q4_0 weights the quantized x, d q (+ d' q'); for the
    batched bf16 kernels of AVX-512 BF16, x rounded to bf16; else x itself. */
@@ -125,11 +112,12 @@ static ProductScratch alloc_products(int n, int cols) {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    ProductScratch ps = {.q = alloc_quantized(n * cols), .rest = alloc_quantized(n * cols),
-                         .bf16 = xcalloc((size_t)n * (cols + 32) + 1, 2, "bf16"),
+    ProductScratch ps = {.bf16 = xcalloc((size_t)n * (cols + 32) + 1, 2, "bf16"),
                          .panel_size = ROW_BLOCK * (size_t)(cols + 64) * sizeof(float),
                          .up = xcalloc((size_t)threads * n * ROW_BLOCK, sizeof(float), "up"), .batch = n};
     ps.panels = xcalloc((size_t)threads * ps.panel_size + 1, 1, "panels");
+    alloc_quantized(&ps.q, (size_t)n * cols, "q");
+    alloc_quantized(&ps.rest, (size_t)n * cols, "rest");
     return ps;
 }
 
@@ -200,7 +188,8 @@ static void test_quantize_vector(void) {
             x[3] = INFINITY, x[40] = NAN, x[41] = -INFINITY;             // must not be undefined behaviour
             for (int i = 64; i < 96; i++) x[i] = 0.0f;                  // an all-zero group
         }
-        QuantizedVector q = alloc_quantized(n);
+        QuantizedVector q;
+        alloc_quantized(&q, n, "q");
         quantize_vector(&q, x, n);
         for (int i = 0; i < n; i++) {
             float d = q.d[i / GROUP_SIZE];
@@ -221,7 +210,8 @@ static void test_quantize_vector(void) {
         }
 #endif
         /* the second part: x ~ d q + d' q', d' at most d / 254, within d' / 2 */
-        QuantizedVector rest = alloc_quantized(n);
+        QuantizedVector rest;
+        alloc_quantized(&rest, n, "rest");
         quantize_remainder(&rest, x, &q, n);
         for (int i = 0; i < n; i++) {
             float d = q.d[i / GROUP_SIZE], d2 = rest.d[i / GROUP_SIZE];
@@ -270,7 +260,8 @@ static void test_dot_grouped(int type) {
         int n = groups * GROUP_SIZE;
         Matrix w = random_matrix(type, 3, n);
         float *x = random_floats(n);
-        QuantizedVector q = alloc_quantized(n);
+        QuantizedVector q;
+        alloc_quantized(&q, n, "q");
         quantize_for(&q, x, n, type == WEIGHT_Q8_0 ? 128 : 8);
         for (int r = 0; r < w.rows; r++) {
             double mag, exact = exact_grouped(&w, r, &q, &mag), tol = 1e-5 * mag + 1e-30;
@@ -315,7 +306,9 @@ static void test_dot_q8_both(void) {
         int n = groups * GROUP_SIZE;
         Matrix w = random_matrix(WEIGHT_Q8_0, 3, n);
         float *x = random_floats(n);
-        QuantizedVector q = alloc_quantized(n), rest = alloc_quantized(n);
+        QuantizedVector q, rest;
+        alloc_quantized(&q, n, "q");
+        alloc_quantized(&rest, n, "rest");
         quantize_for(&q, x, n, 128);
         quantize_remainder(&rest, x, &q, n);
 #if HAVE_AVX512
