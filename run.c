@@ -269,8 +269,8 @@ typedef struct {
 typedef struct {
     int8_t *q;           // (n) values in -127..127
     float *d;            // (n / GROUP_SIZE) scale of each group
-    int32_t *bias;       // (n / 4) and (n / GROUP_SIZE): sums that the fast
-    int32_t *group_bias; // kernels of the appendix start from, filled by them
+    int32_t *group_bias; // (n / GROUP_SIZE) sums that the fast kernels of the
+                         // appendix start from, filled by them
 } QuantizedVector;
 
 /* The input x (n, cols) of the matrix products under way, in the forms the
@@ -714,7 +714,7 @@ static void quantize_remainder(QuantizedVector *rest, const float *x, const Quan
 /* Row t of a batch of quantized vectors of n values each. */
 static QuantizedVector quantized_row(const QuantizedVector *x, int t, int n) {
     return (QuantizedVector){x->q + (size_t)t * n, x->d + (size_t)t * (n / GROUP_SIZE),
-                             x->bias + (size_t)t * (n / 4), x->group_bias + (size_t)t * (n / GROUP_SIZE)};
+                             x->group_bias + (size_t)t * (n / GROUP_SIZE)};
 }
 
 /* Puts the input x (n, cols) of w's products into in, in the forms the
@@ -1087,12 +1087,11 @@ static MatmulKernel *const plain_matmul[4] = {matmul_f32, matmul_q8_0, matmul_q4
 static void alloc_quantized(QuantizedVector *v, size_t n, const char *what) {
     v->q = xcalloc(n + 1, 1, what);
     v->d = xcalloc(n / GROUP_SIZE + 1, sizeof(float), what);
-    v->bias = xcalloc(n / 4 + 1, sizeof(int32_t), what);
     v->group_bias = xcalloc(n / GROUP_SIZE + 1, sizeof(int32_t), what);
 }
 
 static void free_quantized(QuantizedVector *v) {
-    free(v->q), free(v->d), free(v->bias), free(v->group_bias);
+    free(v->q), free(v->d), free(v->group_bias);
 }
 
 /* Turns the trace on, with room for a whole batch. */
@@ -3090,25 +3089,25 @@ static void matmul_q4_0_avx2(float *out, int ldo, const Matrix *w, int r0, int r
 #endif
 
 #if HAVE_AVX512
-/* ---- Integer dot products on AVX-512 VNNI (one token)
+/* ---- Integer dot products on AVX-512 VNNI
 
    vpdpbusd multiplies unsigned weight bytes by signed input bytes and adds
-   each four products into an int32 lane, starting from the input's bias,
-   -offset * (the sum of those four inputs), so that the lane holds the
-   exact signed dot product of its four weights. One 64-byte step covers
-   two groups: lanes 0-7 the first, 8-15 the second, each lane then scaled
-   by its group's weight scale times input scale. */
+   each four products into an int32 lane. The kernels add an offset to each
+   weight to make it unsigned (128 for q8_0, 8 for q4_0); a group's sum
+   starts from the input's group bias, -offset * (the sum of the group's
+   inputs), which takes it off again, so that it is the exact signed dot
+   product of the group.
 
-/* The sums vpdpbusd starts from, once out->q (n values) is filled: bias
-   (n / 4) -offset * (q[4j] + ... + q[4j + 3]), and group_bias
-   (n / GROUP_SIZE) -offset * (the group's sum), where offset is what the
-   kernels add to each weight to make it unsigned (128 for q8_0, 8 for
-   q4_0). */
+   A row's float result from its group sums is the same in every kernel
+   here, one token or a batch, so that a prompt gives the same logits
+   whatever -b is: 8 float lanes, lane j taking groups j, j + 8, j + 16, ...
+   in turn, each group's sum times (weight scale x input scale) added by one
+   fused multiply-add; then the lanes added as
+   ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). */
+
+/* group_bias (n / GROUP_SIZE) = -offset * (the sum of each group of out->q),
+   once out->q (n values) is filled. */
 static void quantize_biases(QuantizedVector *out, int n, int offset) {
-    for (int j = 0; j < n / 4; j++) {
-        const int8_t *q = out->q + 4 * j;
-        out->bias[j] = -offset * (q[0] + q[1] + q[2] + q[3]);
-    }
     for (int g = 0; g < n / GROUP_SIZE; g++) {
         int32_t sum = 0;
         for (int i = 0; i < GROUP_SIZE; i++) sum += out->q[g * GROUP_SIZE + i];
@@ -3119,12 +3118,6 @@ static void quantize_biases(QuantizedVector *out, int n, int offset) {
 /* The lanes of 16 that `left` elements fill: all, some, or none. */
 static inline __mmask16 tail_mask(int left) {
     return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-}
-
-/* lanes 0-7 = s[2j], lanes 8-15 = s[2j + 1] */
-AVX512_INLINE __m512 pair_scales(__m512 s, int j) {
-    __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(2 * j)), s);
 }
 
 /* Two groups of weights (64) as unsigned bytes in the input's order; m
@@ -3140,95 +3133,75 @@ AVX512_INLINE __m512i q4_bytes(const uint8_t *w, int both) {
     return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)); // [lo g, hi g, lo g+1, hi g+1]
 }
 
-/* acc += the dot products of the two groups that start at weight k, their
-   weights wv already loaded (as unsigned bytes), times x; each lane scaled
-   by s, its group's combined scale (weight times input, pair_scales());
-   `both` is 0 when only the first group is there. */
-AVX512_INLINE __m512 dot_pair_bytes_avx512(__m512 acc, __m512i wv, const QuantizedVector *x, __m512 s, int k,
-                                           int both) {
-    __mmask64 m = both ? ~0ull : 0xffffffffull;
-    __m512i xv = _mm512_maskz_loadu_epi8(m, x->q + k);
-    __m512i bias = _mm512_maskz_loadu_epi32(both ? 0xffff : 0xff, x->bias + k / 4);
-    __m512i dot = _mm512_dpbusd_epi32(bias, wv, xv); // exact: 4 weights x inputs per lane
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
+/* The 8 sums of groups g .. g + 7 from their vpdpbusd lanes: dot[j] holds
+   8 lanes of group 2j, then 8 of group 2j + 1. Integer sums: any order is
+   exact. */
+AVX512_INLINE __m256i group_sums(const __m512i dot[4]) {
+    __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[0], dot[1]), _mm512_unpackhi_epi32(dot[0], dot[1]));
+    __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[2], dot[3]), _mm512_unpackhi_epi32(dot[2], dot[3]));
+    __m512i c = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)); // 128-bit block i:
+    c = _mm512_add_epi32(c, _mm512_shuffle_i32x4(c, c, _MM_SHUFFLE(2, 3, 0, 1))); // lanes 4i..4i+3 of dot[0..3]
+    __m128i even = _mm512_castsi512_si128(c), odd = _mm512_extracti32x4_epi32(c, 2); // groups 0 2 4 6, 1 3 5 7
+    return _mm256_set_m128i(_mm_unpackhi_epi32(even, odd), _mm_unpacklo_epi32(even, odd));
 }
 
-/* The same, loading the weights of the two groups from the row w. */
-AVX512_INLINE __m512 dot_pair_avx512(__m512 acc, const void *w, const QuantizedVector *x, __m512 s, int k, int both,
-                                     const int q4) {
-    __m512i wv = q4 ? q4_bytes((const uint8_t *)w + k / 2, both)
-                    : q8_bytes((const int8_t *)w + k, both ? ~0ull : 0xffffffffull);
-    return dot_pair_bytes_avx512(acc, wv, x, s, k, both);
+/* acc (the 8 lanes above) after the groups g .. g + m - 1 (m <= 8) of row w
+   with scales wd, times x. */
+AVX512_INLINE __m256 dot_groups_avx512(__m256 acc, const void *w, const uint16_t *wd, const QuantizedVector *x,
+                                       int g, int m, const int q4) {
+    __mmask8 gm = (__mmask8)((1u << m) - 1);
+    __m512i dot[4];
+    for (int j = 0; j < 4; j++) {
+        int k = (g + 2 * j) * GROUP_SIZE, both = 2 * j + 1 < m;
+        __mmask64 bytes = 2 * j >= m ? 0 : both ? ~0ull : 0xffffffffull;
+        __m512i wv = 2 * j >= m ? _mm512_setzero_si512()
+                     : q4    ? q4_bytes((const uint8_t *)w + k / 2, both)
+                             : q8_bytes((const int8_t *)w + k, bytes);
+        dot[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_maskz_loadu_epi8(bytes, x->q + k));
+    }
+    __m256i sums = _mm256_add_epi32(group_sums(dot), _mm256_maskz_loadu_epi32(gm, x->group_bias + g));
+    __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(gm, wd + g)), _mm256_maskz_loadu_ps(gm, x->d + g));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
 }
 
-/* acc plus the dot products of the last m < 8 groups of a row, which start
-   at group g: what the stretches of 8 leave, masked. A function of its own
-   (not inlined) because clang 14 with AddressSanitizer fails to compile it
-   inlined into the loop below. */
-AVX512_INLINE __m512 dot_tail_avx512(__m512 acc, const void *w, const uint16_t *wd, const QuantizedVector *x,
-                                     int g, int m, const int q4) {
-    __mmask16 gm = (__mmask16)((1u << m) - 1);
-    __m512 s = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, wd + g)),
-                             _mm512_maskz_loadu_ps(gm, x->d + g));
-    for (int j = 0; 2 * j < m; j++)
-        acc = dot_pair_avx512(acc, w, x, pair_scales(s, j), (g + 2 * j) * GROUP_SIZE, 2 * j + 1 < m, q4);
-    return acc;
-}
-AVX512 __attribute__((noinline)) static __m512 dot_tail_q8_avx512(__m512 acc, const void *w, const uint16_t *wd,
-                                                                  const QuantizedVector *x, int g, int m) {
-    return dot_tail_avx512(acc, w, wd, x, g, m, 0);
-}
-AVX512 __attribute__((noinline)) static __m512 dot_tail_q4_avx512(__m512 acc, const void *w, const uint16_t *wd,
-                                                                  const QuantizedVector *x, int g, int m) {
-    return dot_tail_avx512(acc, w, wd, x, g, m, 1);
+/* The 8 lanes added in the order above. */
+AVX512_INLINE float sum_lanes8(__m256 acc) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)); // 0+4 1+5 2+6 3+7
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* dot_q4_0(): stretches of 8 groups, whose 8 scales load at once, then
-   what is left (dims that are not a multiple of 256). */
+/* dot_q4_0(), in the order above. */
 AVX512 static float dot_q4_avx512(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
     int groups = n / GROUP_SIZE, g = 0;
     for (; g + 8 <= groups; g += 8) {
         for (int line = 0; line < 2; line++) prefetch(w + g * GROUP_SIZE / 2 + 64 * line);
         prefetch(wd + g);
-        __m256 s = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g))),
-                                 _mm256_loadu_ps(x->d + g));
-        __m512 s16 = _mm512_castps256_ps512(s);
-        acc0 = dot_pair_avx512(acc0, w, x, pair_scales(s16, 0), g * GROUP_SIZE, 1, 1);
-        acc1 = dot_pair_avx512(acc1, w, x, pair_scales(s16, 1), (g + 2) * GROUP_SIZE, 1, 1);
-        acc0 = dot_pair_avx512(acc0, w, x, pair_scales(s16, 2), (g + 4) * GROUP_SIZE, 1, 1);
-        acc1 = dot_pair_avx512(acc1, w, x, pair_scales(s16, 3), (g + 6) * GROUP_SIZE, 1, 1);
+        acc = dot_groups_avx512(acc, w, wd, x, g, 8, 1);
     }
-    if (g < groups) acc0 = dot_tail_q4_avx512(acc0, w, wd, x, g, groups - g);
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    if (g < groups) acc = dot_groups_avx512(acc, w, wd, x, g, groups - g, 1);
+    return sum_lanes8(acc);
 }
 
 /* dot_q8_0(w, x) + dot_q8_0(w, rest), the two parts of a q8_0 input
-   (quantize_remainder()), in one pass: each weight is loaded once for
-   both products, which is what generation's matrix-vector products need
-   to keep up with memory. */
+   (quantize_remainder()), each in the order above, in one pass over w: the
+   weights stay in cache for the second part. */
 AVX512 static float dot_q8_both_avx512(const int8_t *w, const uint16_t *wd, const QuantizedVector *x,
                                        const QuantizedVector *rest, int n) {
-    __m512 acc = _mm512_setzero_ps(), acc_rest = _mm512_setzero_ps();
+    __m256 acc = _mm256_setzero_ps(), acc_rest = _mm256_setzero_ps();
     int groups = n / GROUP_SIZE, g = 0;
     for (; g + 8 <= groups; g += 8) {
         for (int line = 0; line < 4; line++) prefetch(w + g * GROUP_SIZE + 64 * line);
         prefetch(wd + g);
-        __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + g)));
-        __m512 s = _mm512_castps256_ps512(_mm256_mul_ps(ws, _mm256_loadu_ps(x->d + g)));
-        __m512 s_rest = _mm512_castps256_ps512(_mm256_mul_ps(ws, _mm256_loadu_ps(rest->d + g)));
-        for (int j = 0; j < 4; j++) {
-            int k = (g + 2 * j) * GROUP_SIZE;
-            __m512i wv = q8_bytes(w + k, ~0ull);
-            acc = dot_pair_bytes_avx512(acc, wv, x, pair_scales(s, j), k, 1);
-            acc_rest = dot_pair_bytes_avx512(acc_rest, wv, rest, pair_scales(s_rest, j), k, 1);
-        }
+        acc = dot_groups_avx512(acc, w, wd, x, g, 8, 0);
+        acc_rest = dot_groups_avx512(acc_rest, w, wd, rest, g, 8, 0);
     }
     if (g < groups) {
-        acc = dot_tail_q8_avx512(acc, w, wd, x, g, groups - g);
-        acc_rest = dot_tail_q8_avx512(acc_rest, w, wd, rest, g, groups - g);
+        acc = dot_groups_avx512(acc, w, wd, x, g, groups - g, 0);
+        acc_rest = dot_groups_avx512(acc_rest, w, wd, rest, g, groups - g, 0);
     }
-    return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(acc_rest);
+    return sum_lanes8(acc) + sum_lanes8(acc_rest);
 }
 
 /* ---- Matrix products for a batch (n > 1) on AVX-512 */
@@ -3348,53 +3321,63 @@ typedef struct {
 
 /* For each group, int32 sums of 16 rows at once (vpdpbusd: 4 weights of
    16 rows times 4 inputs of one token, broadcast), started at the token's
-   group bias, then scaled and added to float sums, which start at zero or,
-   with accumulate, at what out holds. */
+   group bias; then the float sums in the order of the one-token kernels:
+   lane j of each output (groups j, j + 8, ...) one pass at a time, kept
+   in `lanes`, then the lanes added. With accumulate, the result is added
+   to what out holds. */
 AVX512_INLINE void qgemm_tile_body(const QgemmTile *tile, const int nt) {
     float *out = tile->out;
-    int ldo = tile->ldo, cols = tile->cols, t0 = tile->t0, accumulate = tile->accumulate;
+    int ldo = tile->ldo, cols = tile->cols, t0 = tile->t0;
     const uint32_t *values = tile->values;
     const float *scales = tile->scales;
     const QuantizedVector *x = tile->x;
     int groups = cols / GROUP_SIZE;
-    __m512 acc[QGEMM_TOKENS][2];
-    __mmask16 m0 = tail_mask(tile->rows), m1 = tail_mask(tile->rows - 16);
-    for (int t = 0; t < nt; t++) {
-        acc[t][0] = accumulate ? _mm512_maskz_loadu_ps(m0, out + (size_t)(t0 + t) * ldo) : _mm512_setzero_ps();
-        acc[t][1] = accumulate ? _mm512_maskz_loadu_ps(m1, out + (size_t)(t0 + t) * ldo + 16) : _mm512_setzero_ps();
-    }
-    for (int g = 0; g < groups; g++) {
-        __m512i sum[QGEMM_TOKENS][2];
-        for (int t = 0; t < nt; t++)
-            sum[t][0] = sum[t][1] = _mm512_set1_epi32(x->group_bias[(size_t)(t0 + t) * groups + g]);
-        const uint32_t *v = values + (size_t)g * (GROUP_SIZE / 4) * QGEMM_ROWS;
-        for (int j = 0; j < GROUP_SIZE / 4; j++) {
-            __m512i w0 = _mm512_loadu_si512(v + j * QGEMM_ROWS), w1 = _mm512_loadu_si512(v + j * QGEMM_ROWS + 16);
+    __m512 lanes[8][QGEMM_TOKENS][2];
+    for (int lane = 0; lane < 8; lane++) {
+        __m512 acc[QGEMM_TOKENS][2];
+        for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        for (int g = lane; g < groups; g += 8) {
+            __m512i sum[QGEMM_TOKENS][2];
+            for (int t = 0; t < nt; t++)
+                sum[t][0] = sum[t][1] = _mm512_set1_epi32(x->group_bias[(size_t)(t0 + t) * groups + g]);
+            const uint32_t *v = values + (size_t)g * (GROUP_SIZE / 4) * QGEMM_ROWS;
+            for (int j = 0; j < GROUP_SIZE / 4; j++) {
+                __m512i w0 = _mm512_loadu_si512(v + j * QGEMM_ROWS), w1 = _mm512_loadu_si512(v + j * QGEMM_ROWS + 16);
+                for (int t = 0; t < nt; t++) {
+                    int32_t four;
+                    memcpy(&four, x->q + (size_t)(t0 + t) * cols + g * GROUP_SIZE + 4 * j, sizeof four);
+                    __m512i xb = _mm512_set1_epi32(four);
+                    sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
+                    sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
+                }
+            }
+            __m512 s0 = _mm512_loadu_ps(scales + g * QGEMM_ROWS), s1 = _mm512_loadu_ps(scales + g * QGEMM_ROWS + 16);
             for (int t = 0; t < nt; t++) {
-                int32_t four;
-                memcpy(&four, x->q + (size_t)(t0 + t) * cols + g * GROUP_SIZE + 4 * j, sizeof four);
-                __m512i xb = _mm512_set1_epi32(four);
-                sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
-                sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
+                __m512 d = _mm512_set1_ps(x->d[(size_t)(t0 + t) * groups + g]);
+                acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][0]), _mm512_mul_ps(s0, d), acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][1]), _mm512_mul_ps(s1, d), acc[t][1]);
             }
         }
-        __m512 s0 = _mm512_loadu_ps(scales + g * QGEMM_ROWS), s1 = _mm512_loadu_ps(scales + g * QGEMM_ROWS + 16);
-        for (int t = 0; t < nt; t++) {
-            __m512 d = _mm512_set1_ps(x->d[(size_t)(t0 + t) * groups + g]);
-            acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][0]), _mm512_mul_ps(s0, d), acc[t][0]);
-            acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][1]), _mm512_mul_ps(s1, d), acc[t][1]);
+        for (int t = 0; t < nt; t++) lanes[lane][t][0] = acc[t][0], lanes[lane][t][1] = acc[t][1];
+    }
+    __mmask16 m[2] = {tail_mask(tile->rows), tail_mask(tile->rows - 16)};
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < 2; h++) {
+            __m512 even = _mm512_add_ps(_mm512_add_ps(lanes[0][t][h], lanes[4][t][h]),
+                                        _mm512_add_ps(lanes[2][t][h], lanes[6][t][h]));
+            __m512 odd = _mm512_add_ps(_mm512_add_ps(lanes[1][t][h], lanes[5][t][h]),
+                                       _mm512_add_ps(lanes[3][t][h], lanes[7][t][h]));
+            __m512 sum = _mm512_add_ps(even, odd);
+            float *o = out + (size_t)(t0 + t) * ldo + 16 * h;
+            if (tile->accumulate) sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m[h], o), sum);
+            _mm512_mask_storeu_ps(o, m[h], sum);
         }
-    }
-    for (int t = 0; t < nt; t++) {
-        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo, m0, acc[t][0]);
-        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo + 16, m1, acc[t][1]);
-    }
 }
 
 /* matmul_q8_0() or matmul_q4_0() for a batch, rows r0 .. r1 - 1 (r0 a
    multiple of 32, at most 32 rows): packed once into the thread's panel and
    then run for every token: over x, then for q8_0 over rest, added on.
-   Both give each output the same integer sums. */
+   Each output comes out as the one-token kernels give it. */
 AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int cols = w->cols, padded = (cols + 63) / 64 * 64;
     uint32_t *values = (uint32_t *)((char *)in->panels + (size_t)thread_num() * in->panel_size);

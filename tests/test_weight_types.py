@@ -60,6 +60,7 @@ ACTIVATION_TOL = 0.03                                     # relative rms, int8 a
 TWO_PART_TOL = 0.002                                      # relative rms, q8_0's two-part activations
 BF16_TOL = 0.02                                           # relative rms, bf16 activations
 ROUNDED_TOL = {"bf16": BF16_TOL, "q8_0": TWO_PART_TOL, "q4_0": ACTIVATION_TOL}
+BATCH_TOL = 1e-4                                          # max |diff| / max |logit| of the row: -b 1 against -b 16, 64
 FLOAT_TOL = {"bf16": 0.02, "q8_0": 0.05}                  # relative rms against float32
 
 
@@ -117,11 +118,12 @@ def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
     """The prompt as matrices (batches of 16 here, so that one is partial)
     gives the logits of feeding it token by token (-b 1): within 1e-4 for
     f32. bf16's batches round their activations (see above): within
-    BF16_TOL. q8_0 and q4_0 take the same integer dot products either way,
-    summed in other float orders; where that moves an activation across a
-    rounding boundary of the next int8 quantization, it lands one step off,
-    which the layers and positions after it carry on: within ACTIVATION_TOL
-    for q4_0 (measured up to 0.8%), TWO_PART_TOL for q8_0 (measured 8e-5)."""
+    BF16_TOL. q8_0 and q4_0 quantize each token's activations the same way
+    either way and the kernels sum them in the same order, so that greedy
+    text does not change with -b: within BATCH_TOL of each row's largest
+    logit (a float order that differs lets an activation cross a rounding
+    boundary of the next quantization, which the layers after it carry on:
+    up to 2e-2 for q4_0 before the kernels agreed)."""
     args, _, path, _ = exported("gqa4_untied", dtype)
     prompt = prompt_for(args.vocab_size, n=40)
     rows = {}
@@ -132,8 +134,11 @@ def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
     for batch in ("16", "64"):
         if dtype == "f32":
             assert_logits_close(rows[batch], rows["1"])
+        elif dtype == "bf16":
+            assert relative_rms(rows[batch], rows["1"]).max() <= BF16_TOL
         else:
-            assert relative_rms(rows[batch], rows["1"]).max() <= ROUNDED_TOL[dtype]
+            err = np.abs(rows[batch] - rows["1"]).max(axis=1) / np.abs(rows["1"]).max(axis=1)
+            assert err.max() <= BATCH_TOL, (batch, err.max())
 
 
 @pytest.mark.parametrize("dtype", ["f32"] + DTYPES)
