@@ -2762,13 +2762,12 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
    vectorise them without reordering a float sum (independent lanes, summed
    in a fixed order at the end): the default build targets AVX2
    (-march=x86-64-v3). The int8 dot products have AVX2 versions behind
-   __AVX2__, and the hot kernels AVX-512 versions (VNNI for int8) that are
-   compiled function by function and chosen when the CPU has AVX-512 F, BW,
-   VL, DQ and VNNI, so that the same binary still runs where it does not
+   __AVX2__, and the matrix products AVX-512 versions (VNNI for int8) that
+   are compiled function by function and chosen when the CPU has AVX-512 F,
+   BW, VL, DQ and VNNI, so that the same binary still runs where it does not
    (and under valgrind, which cannot execute AVX-512). RUN_AVX512=0 turns
-   them off. Constants that a kernel is specialised on (token counts, head
-   sizes) are passed as literals to an always-inlined body, one call per
-   value. tests/test_kernels.c holds every kernel here to its plain version
+   them off. Constants that a kernel is specialised on (token counts) are
+   passed as literals to an always-inlined body, one call per value. tests/test_kernels.c holds every kernel here to its plain version
    on random data.
    ========================================================================= */
 
@@ -2965,7 +2964,7 @@ static size_t attention_fast_scratch(int ctx, int n_heads, int head_dim, int thr
 
 /* span (n rounded up to 8, head_dim) = positions p0 .. p0 + n - 1 of one
    kv head's keys or values (f32, or f16 when f16 is set) as floats, and
-   zeros after them. The positions after them are prefetched. */
+   zeros after them; the positions that follow are prefetched. */
 static void widen_span(float *span, const void *head, int p0, int n, int head_dim, int f16) {
     size_t at = (size_t)p0 * head_dim, len = (size_t)n * head_dim, padded = (size_t)(n + 7) / 8 * 8 * head_dim;
     const char *from = (const char *)head + at * (f16 ? 2 : sizeof(float));
@@ -2985,11 +2984,13 @@ static void attention_scores8(float scores[8], const float *q, const float *keys
         for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
         for (int i = 0; i < head_dim; i += 8) {
             __m256 qv = _mm256_loadu_ps(q + i);
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (size_t)j * head_dim + i), acc[j]);
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (size_t)j * head_dim + i), acc[j]);
         }
         __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
         __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-        __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+        __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                    _mm256_permute2f128_ps(s0123, s4567, 0x31)); // low halves + high halves
         _mm256_storeu_ps(scores, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
         return;
     }
