@@ -308,7 +308,7 @@ typedef struct {
     float *k;           // (batch, kv_dim) keys, before they go into the cache
     float *v;           // (batch, kv_dim) values, likewise
     float *hb;          // (batch, hidden) gate, then the SwiGLU product
-    float *scratch;     // (threads, attention_scratch_size()) attention's
+    float *scratch;     // (attention_scratch_size()) attention's
     float *rope_cos;    // (batch, head_dim / 2) rotation of each position
     float *rope_sin;    // (batch, head_dim / 2)
     float *logits;      // (logit_rows, vocab)
@@ -869,25 +869,18 @@ static void attention_mix(float *out, const float *weights, const KVCache *kv, i
             out[i] += weights[p] * cache_at(kv->values, head + (size_t)p * kv->head_dim + i, kv->f16);
 }
 
-/* Floats of attention scratch per thread: one query's weights (ctx), and
-   for an f16 cache room to widen a kv head's keys and values (2 ctx head_dim). */
-static size_t attention_scratch_size(int ctx, int head_dim, int f16) {
-    return (size_t)ctx * (f16 ? 1 + 2 * (size_t)head_dim : 1);
-}
-
 /* Causal attention for n queries q (n, q_dim) at positions pos .. pos + n - 1,
    whose keys and values are already in the cache: query t sees positions
    0 .. pos + t. out (n, q_dim) = softmax(q k^T / sqrt(head_dim)) v, per
    head; with n_kv_heads == n_heads that is MHA, with fewer GQA, with one
    MQA. out may be q: each head's output replaces its query. scratch is
-   (threads, attention_scratch_size()). */
+   attention_scratch_size() floats. */
 static void attention_plain(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
     int group = kv->n_heads / kv->n_kv_heads, q_dim = kv->n_heads * kv->head_dim;
-    size_t room = attention_scratch_size(kv->ctx, kv->head_dim, kv->f16);
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int t = 0; t < n; t++)
         for (int h = 0; h < kv->n_heads; h++) {
-            float *weights = scratch + (size_t)thread_num() * room; // (ctx)
+            float *weights = scratch + (size_t)thread_num() * kv->ctx; // (ctx)
             size_t at = (size_t)t * q_dim + (size_t)h * kv->head_dim;
             attention_scores(weights, q + at, kv, h / group, pos + t + 1);
             softmax(weights, pos + t + 1);
@@ -911,6 +904,7 @@ typedef struct {
 static Kernels kernels = {{matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16}, prepare_input, attention_plain};
 #ifndef PLAIN
 static void choose_fast_kernels(void); // the appendix
+static size_t attention_fast_scratch(int ctx, int n_heads, int head_dim, int threads); // the appendix
 #endif
 
 /* ---- Matrix products with the threads around them */
@@ -1288,6 +1282,19 @@ static void limit_threads(void) {
 #endif
 }
 
+/* Floats of attention scratch for `threads` threads: one query's weights
+   (ctx) each for attention_plain(), or what the appendix's kernel needs. */
+static size_t attention_scratch_size(int ctx, int n_heads, int head_dim, int threads) {
+    size_t plain = mul_size(threads, ctx);
+#ifdef PLAIN
+    (void)n_heads, (void)head_dim;
+    return plain;
+#else
+    size_t fast = attention_fast_scratch(ctx, n_heads, head_dim, threads);
+    return fast > plain ? fast : plain;
+#endif
+}
+
 /* Allocates the activations for batches of up to `batch` tokens and a KV
    cache of ctx positions. calloc maps zero pages lazily, so a long cache
    costs memory only as it fills, and room that a kernel does not use costs
@@ -1311,7 +1318,7 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->kv_f16 = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
     s->k = xcalloc(b * kv_dim, sizeof(float), "activations");
     s->v = xcalloc(b * kv_dim, sizeof(float), "activations");
-    s->scratch = xcalloc(mul_size(s->threads, attention_scratch_size(ctx, c->head_dim, s->kv_f16)), sizeof(float),
+    s->scratch = xcalloc(attention_scratch_size(ctx, c->n_heads, c->head_dim, s->threads), sizeof(float),
                          "attention scratch");
     s->rope_cos = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
     s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
@@ -2754,13 +2761,12 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
    vectorise them without reordering a float sum (independent lanes, summed
    in a fixed order at the end): the default build targets AVX2
    (-march=x86-64-v3). The int8 dot products have AVX2 versions behind
-   __AVX2__, and the hot kernels AVX-512 versions (VNNI for int8) that are
-   compiled function by function and chosen when the CPU has AVX-512 F, BW,
-   VL, DQ and VNNI, so that the same binary still runs where it does not
+   __AVX2__, and the matrix products AVX-512 versions (VNNI for int8) that
+   are compiled function by function and chosen when the CPU has AVX-512 F,
+   BW, VL, DQ and VNNI, so that the same binary still runs where it does not
    (and under valgrind, which cannot execute AVX-512). RUN_AVX512=0 turns
-   them off. Constants that a kernel is specialised on (token counts, head
-   sizes) are passed as literals to an always-inlined body, one call per
-   value. tests/test_kernels.c holds every kernel here to its plain version
+   them off. Constants that a kernel is specialised on (token counts) are
+   passed as literals to an always-inlined body, one call per value. tests/test_kernels.c holds every kernel here to its plain version
    on random data.
    ========================================================================= */
 
@@ -2942,67 +2948,222 @@ static void widen_f16(float *out, const uint16_t *in, size_t n) {
     for (; i < n; i++) out[i] = f16_to_f32(in[i]);
 }
 
-/* scores[p] = scale * (q . keys[p]) for the n_pos rows of f32 keys
-   (n_pos, head_dim), each dot product in lanes. */
-static void attention_scores_fast(float *scores, const float *q, const float *keys, int n_pos, int head_dim,
-                                  float scale) {
-    for (int p = 0; p < n_pos; p++) scores[p] = dot_f32(q, keys + (size_t)p * head_dim, head_dim) * scale;
+#define ATTENTION_CHUNK 128  // positions per task: one token's attention at depth spreads over the threads
+#define ATTENTION_QUERIES 8  // queries of a batch done together: they share each chunk's keys and values
+#define ATTENTION_SPAN 32    // positions of a chunk widened to f32 at a time, in the thread's scratch (L1)
+
+/* Floats of scratch that attention_fast() needs: each chunk's partial
+   results for ATTENTION_QUERIES queries of every head, and per thread the
+   scores of a chunk for them and a span of widened keys or values. */
+static size_t attention_fast_scratch(int ctx, int n_heads, int head_dim, int threads) {
+    size_t rows = (size_t)ATTENTION_QUERIES * n_heads, chunks = ((size_t)ctx + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
+    size_t work = rows * ATTENTION_CHUNK + (size_t)ATTENTION_SPAN * head_dim;
+    return mul_size(chunks, rows * (head_dim + 2)) + mul_size(threads, work);
 }
 
-/* out (head_dim) = sum over p of weights[p] * values[p], values (n_pos,
-   head_dim) f32. The sums stay in registers for the whole pass over the
-   positions: 64 lanes at a time, then the rest one by one. */
+/* span (n rounded up to 8, head_dim) = positions p0 .. p0 + n - 1 of one
+   kv head's keys or values (f32, or f16 when f16 is set) as floats, and
+   zeros after them; the positions that follow are prefetched. */
+static void widen_span(float *span, const void *head, int p0, int n, int head_dim, int f16) {
+    size_t at = (size_t)p0 * head_dim, len = (size_t)n * head_dim, padded = (size_t)(n + 7) / 8 * 8 * head_dim;
+    const char *from = (const char *)head + at * (f16 ? 2 : sizeof(float));
+    for (size_t byte = 0; byte < len * (f16 ? 2 : sizeof(float)); byte += 64) prefetch(from + byte);
+    if (f16) widen_f16(span, (const uint16_t *)head + at, len);
+    else memcpy(span, (const float *)head + at, len * sizeof(float));
+    memset(span + len, 0, (padded - len) * sizeof(float));
+}
+
+/* scores[j] = scale * (q . keys[j]) for 8 rows of keys (8, head_dim), each
+   dot product in 8 lanes summed as a tree: a position's score does not
+   depend on the positions computed beside it. */
+static void attention_scores8(float scores[8], const float *q, const float *keys, int head_dim, float scale) {
+#if HAVE_AVX2
+    if (head_dim % 8 == 0) { // the same sums, the lanes in registers and the tree in hadds
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int i = 0; i < head_dim; i += 8) {
+            __m256 qv = _mm256_loadu_ps(q + i);
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (size_t)j * head_dim + i), acc[j]);
+        }
+        __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+        __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+        __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                    _mm256_permute2f128_ps(s0123, s4567, 0x31)); // low halves + high halves
+        _mm256_storeu_ps(scores, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+        return;
+    }
+#endif
+    float acc[8][8] = {{0}};
+    int i = 0;
+    for (; i + 8 <= head_dim; i += 8)
+        for (int j = 0; j < 8; j++)
+            for (int l = 0; l < 8; l++) acc[j][l] += q[i + l] * keys[(size_t)j * head_dim + i + l];
+    for (int l = 0; i + l < head_dim; l++)
+        for (int j = 0; j < 8; j++) acc[j][l] += q[i + l] * keys[(size_t)j * head_dim + i + l];
+    for (int j = 0; j < 8; j++) {
+        const float *a = acc[j];
+        scores[j] = scale * (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])));
+    }
+}
+
+/* exp(x) for x <= 0 in plain arithmetic, which the compiler vectorises:
+   x = k ln 2 + r with |r| <= ln 2 / 2, exp(r) by its Taylor polynomial to
+   r^7 (relative error below 1e-7), times 2^k put straight into the
+   exponent. |x| is capped at 87 (exp(-87) = 1.6e-38) on its bits: a float
+   comparison would keep the compiler from vectorising. */
+static inline float exp_nonpositive(float x) {
+    int32_t mag;
+    memcpy(&mag, &x, sizeof mag);
+    mag = (mag & 0x7fffffff) < 0x42ae0000 ? mag & 0x7fffffff : 0x42ae0000; // 0x42ae0000: 87.0f
+    memcpy(&x, &mag, sizeof x);
+    x = -x;
+    float shifted = x * 1.44269504f + 12582912.0f; // 1.5 * 2^23: k = round(x / ln 2) in the low bits
+    float k = shifted - 12582912.0f;
+    float r = x - k * 0.693145752f; // ln 2 in two parts, so that r keeps its low bits
+    r = r - k * 1.42860677e-6f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits;
+    memcpy(&bits, &shifted, sizeof bits);
+    bits = (bits - 0x4b400000 + 127) * (1 << 23); // 2^k: k + 127 into the exponent
+    float two_k;
+    memcpy(&two_k, &bits, sizeof two_k);
+    return p * two_k;
+}
+
+/* w[p] = exp(w[p] - max) for p < n; returns their sum, in 8 lanes summed as a tree. */
+static float exp_sum(float *w, int n, float max) {
+    for (int p = 0; p < n; p++) w[p] = exp_nonpositive(w[p] - max);
+    float acc[8] = {0};
+    int p = 0;
+    for (; p + 8 <= n; p += 8)
+        for (int l = 0; l < 8; l++) acc[l] += w[p + l];
+    for (int l = 0; p + l < n; l++) acc[l] += w[p + l];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* out (head_dim) += the sum over p < n of weights[p] * values[p], values
+   (n, head_dim) f32: the sums stay in registers for the whole pass over the
+   positions, 64 lanes at a time, then 8, then one. */
 #define MIX_LANES 64
-static void attention_mix_fast(float *out, const float *weights, const float *values, int n_pos, int head_dim) {
+static void attention_mix_add(float *out, const float *weights, const float *values, int n, int head_dim) {
     int i0 = 0;
     for (; i0 + MIX_LANES <= head_dim; i0 += MIX_LANES) {
-        float acc[MIX_LANES] = {0};
-        for (int p = 0; p < n_pos; p++) {
-            const float *v = values + (size_t)p * head_dim + i0;
-            for (int j = 0; j < MIX_LANES; j++) acc[j] += weights[p] * v[j];
-        }
+        float acc[MIX_LANES];
+        memcpy(acc, out + i0, sizeof acc);
+        for (int p = 0; p < n; p++)
+            for (int j = 0; j < MIX_LANES; j++) acc[j] += weights[p] * values[(size_t)p * head_dim + i0 + j];
         memcpy(out + i0, acc, sizeof acc);
     }
-    for (int i = i0; i < head_dim; i++) {
-        float sum = 0.0f;
-        for (int p = 0; p < n_pos; p++) sum += weights[p] * values[(size_t)p * head_dim + i];
-        out[i] = sum;
+    for (; i0 + 8 <= head_dim; i0 += 8) {
+        float acc[8];
+        memcpy(acc, out + i0, sizeof acc);
+        for (int p = 0; p < n; p++)
+            for (int j = 0; j < 8; j++) acc[j] += weights[p] * values[(size_t)p * head_dim + i0 + j];
+        memcpy(out + i0, acc, sizeof acc);
+    }
+    for (; i0 < head_dim; i0++)
+        for (int p = 0; p < n; p++) out[i0] += weights[p] * values[(size_t)p * head_dim + i0];
+}
+
+/* One task of attention_fast(): kv head h, the chunk of positions c0 ..
+   c0 + ATTENTION_CHUNK - 1, queries t0 .. t1 - 1 of q at positions pos +
+   t. For each query that sees some of the chunk and each query head on h,
+   its partial result [m, s, o] at parts + ((t - t0) * n_heads + head) *
+   (head_dim + 2): m the max of its scores there, s the sum of exp(score -
+   m), o (head_dim) the sum of exp(score - m) times the values. The keys
+   and values are read once for all of them. work: this thread's scratch. */
+static void attention_chunk(float *parts, float *work, const float *q, const KVCache *kv, int h, int c0, int pos,
+                            int t0, int t1) {
+    int hd = kv->head_dim, group = kv->n_heads / kv->n_kv_heads, q_dim = kv->n_heads * hd;
+    int end = c0 + ATTENTION_CHUNK < pos + t1 ? c0 + ATTENTION_CHUNK : pos + t1; // after the last position seen
+    int first = c0 - pos > t0 ? c0 - pos : t0;                                   // the first query that sees one
+    size_t head = (size_t)h * kv->ctx * hd * (kv->f16 ? 2 : sizeof(float));
+    const char *keys = (const char *)kv->keys + head, *values = (const char *)kv->values + head;
+    float *span = work + (size_t)ATTENTION_QUERIES * kv->n_heads * ATTENTION_CHUNK; // (ATTENTION_SPAN, hd)
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // scores, row (t - first) * group + g of work
+        int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
+        widen_span(span, keys, p0, n, hd, kv->f16);
+        for (int t = first; t < t1; t++)
+            for (int g = 0, seen = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n; g < group; g++) {
+                float *scores = work + (size_t)((t - first) * group + g) * ATTENTION_CHUNK + (p0 - c0);
+                const float *qt = q + (size_t)t * q_dim + (size_t)(h * group + g) * hd;
+                for (int j = 0; j < seen; j += 8) attention_scores8(scores + j, qt, span + (size_t)j * hd, hd, scale);
+            }
+    }
+    for (int t = first; t < t1; t++) // scores into weights: m, s
+        for (int g = 0, n = (pos + t + 1 < end ? pos + t + 1 : end) - c0; g < group; g++) {
+            float *w = work + (size_t)((t - first) * group + g) * ATTENTION_CHUNK;
+            float *part = parts + ((size_t)(t - t0) * kv->n_heads + h * group + g) * (hd + 2);
+            float max = w[0];
+            for (int p = 1; p < n; p++) max = w[p] > max ? w[p] : max;
+            part[0] = max;
+            part[1] = exp_sum(w, n, max);
+            memset(part + 2, 0, (size_t)hd * sizeof(float));
+        }
+    for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // o
+        int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
+        widen_span(span, values, p0, n, hd, kv->f16);
+        for (int t = first; t < t1; t++)
+            for (int g = 0, seen = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n; g < group && seen > 0; g++) {
+                const float *w = work + (size_t)((t - first) * group + g) * ATTENTION_CHUNK + (p0 - c0);
+                float *part = parts + ((size_t)(t - t0) * kv->n_heads + h * group + g) * (hd + 2);
+                attention_mix_add(part + 2, w, span, seen, hd);
+            }
     }
 }
 
-#define ATTENTION_QUERIES 16 // queries per attention task; they share the widened f16 keys and values
+/* out (head_dim) = one query head's attention output from the partial
+   results [m, s, o] of chunks 0 .. last, `step` floats apart, merged in
+   chunk order: where the max grows, what was summed so far is scaled by
+   exp(old max - new max), and the chunk's part by exp(its max - new max). */
+static void attention_merge(float *out, const float *part, size_t step, int last, int head_dim) {
+    float max = part[0], sum = part[1];
+    memcpy(out, part + 2, (size_t)head_dim * sizeof(float));
+    for (int c = 1; c <= last; c++) {
+        const float *more = part + c * step;
+        float m = more[0] > max ? more[0] : max, old_scale = expf(max - m), more_scale = expf(more[0] - m);
+        sum = sum * old_scale + more[1] * more_scale;
+        for (int i = 0; i < head_dim; i++) out[i] = out[i] * old_scale + more[2 + i] * more_scale;
+        max = m;
+    }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < head_dim; i++) out[i] *= inv;
+}
 
-/* attention_plain(), with the dot products in lanes and the tasks for the
-   threads one kv head and up to 16 queries: an f16 cache's keys and values
-   of the positions these queries see are widened to f32 once for all of
-   them, into the thread's scratch after the weights. */
+/* attention_plain()'s result, computed by chunks of the positions (flash
+   decoding): for up to ATTENTION_QUERIES queries at a time, a task per kv
+   head and chunk (attention_chunk()), then per query and head the chunks'
+   parts merged in order. Each query's result comes out the same, to the
+   bit, whichever threads do its chunks and whether it comes alone or in a
+   batch: its chunks start at fixed positions, and nothing it sums depends
+   on the other queries. scratch: attention_fast_scratch() floats. */
 static void attention_fast(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
-    int ctx = kv->ctx, head_dim = kv->head_dim, q_dim = kv->n_heads * head_dim, group = kv->n_heads / kv->n_kv_heads;
-    int blocks = (n + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
-    size_t room = attention_scratch_size(ctx, head_dim, kv->f16), elem = kv->f16 ? 2 : sizeof(float);
-    float scale = 1.0f / sqrtf((float)head_dim);
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int b = 0; b < blocks; b++)
-        for (int h = 0; h < kv->n_kv_heads; h++) {
-            int t0 = b * ATTENTION_QUERIES, t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
-            float *weights = scratch + (size_t)thread_num() * room; // (ctx)
-            size_t head = (size_t)h * ctx * head_dim;
-            const float *k = (const void *)((const char *)kv->keys + head * elem);
-            const float *v = (const void *)((const char *)kv->values + head * elem);
-            if (kv->f16) { // widen the positions these queries see, once for all of them
-                float *wk = weights + ctx, *wv = wk + (size_t)ctx * head_dim;
-                widen_f16(wk, (const uint16_t *)kv->keys + head, (size_t)(pos + t1) * head_dim);
-                widen_f16(wv, (const uint16_t *)kv->values + head, (size_t)(pos + t1) * head_dim);
-                k = wk, v = wv;
-            }
-            for (int t = t0; t < t1; t++)
-                for (int qh = h * group; qh < (h + 1) * group; qh++) {
-                    size_t at = (size_t)t * q_dim + (size_t)qh * head_dim;
-                    attention_scores_fast(weights, q + at, k, pos + t + 1, head_dim, scale);
-                    softmax(weights, pos + t + 1);
-                    attention_mix_fast(out + at, weights, v, pos + t + 1, head_dim);
-                }
-        }
+    int hd = kv->head_dim, heads = kv->n_heads;
+    size_t step = (size_t)ATTENTION_QUERIES * heads * (hd + 2); // one chunk's parts
+    size_t work = (size_t)ATTENTION_QUERIES * heads * ATTENTION_CHUNK + (size_t)ATTENTION_SPAN * hd;
+    float *parts = scratch, *works = scratch + ((size_t)kv->ctx + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK * step;
+    for (int t0 = 0; t0 < n; t0 += ATTENTION_QUERIES) {
+        int t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
+        int chunks = (pos + t1 + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
+        #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+        for (int c = 0; c < chunks; c++)
+            for (int h = 0; h < kv->n_kv_heads; h++)
+                attention_chunk(parts + c * step, works + (size_t)thread_num() * work, q, kv, h, c * ATTENTION_CHUNK,
+                                pos, t0, t1);
+        for (int t = t0; t < t1; t++) // a small part of the work: no second wait for the threads
+            for (int h = 0; h < heads; h++)
+                attention_merge(out + ((size_t)t * heads + h) * hd, parts + ((size_t)(t - t0) * heads + h) * (hd + 2),
+                                step, (pos + t) / ATTENTION_CHUNK, hd);
+    }
 }
 
 /* ---- Integer dot products on AVX2 */
@@ -3497,160 +3658,6 @@ AVX512_BF16 static void bgemm_rows_avx512(float *out, int ldo, const Matrix *w, 
     }
 }
 
-/* ---- Attention on AVX-512: the cache read as it is stored, f32 or f16 */
-
-/* 16 floats of the cache from element i on, f32 or f16, masked. */
-AVX512_INLINE __m512 load_kv(const void *base, size_t i, __mmask16 m, const int f16) {
-    return f16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i))
-               : _mm512_maskz_loadu_ps(m, (const float *)base + i);
-}
-
-/* attention_scores() for the keys (n_pos, head_dim) of one kv head: eight
-   positions at a time, each dot product in 16 lanes. */
-AVX512_INLINE void attention_scores_body(float *scores, const float *q, const void *keys, int n_pos,
-                                         const int head_dim, const int f16) {
-    int p = 0, elem = f16 ? 2 : 4;
-    float scale = 1.0f / sqrtf((float)head_dim);
-    for (; p + 8 <= n_pos; p += 8) {
-        const char *rows = (const char *)keys + (size_t)p * head_dim * elem; // 8 rows, one after another
-        for (int at = 0; at < 8 * head_dim * elem; at += 64) prefetch(rows + at);
-        __m512 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
-        for (int i = 0; i < head_dim; i += 16) {
-            __mmask16 m = tail_mask(head_dim - i);
-            __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
-            for (int j = 0; j < 8; j++)
-                acc[j] = _mm512_fmadd_ps(load_kv(keys, (size_t)(p + j) * head_dim + i, m, f16), qv, acc[j]);
-        }
-        _mm256_storeu_ps(scores + p, _mm256_mul_ps(sum8_avx512(acc), _mm256_set1_ps(scale)));
-    }
-    for (; p < n_pos; p++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < head_dim; i += 16) {
-            __mmask16 m = tail_mask(head_dim - i);
-            acc = _mm512_fmadd_ps(load_kv(keys, (size_t)p * head_dim + i, m, f16), _mm512_maskz_loadu_ps(m, q + i), acc);
-        }
-        scores[p] = _mm512_reduce_add_ps(acc) * scale;
-    }
-}
-
-/* attention_mix() for the values (n_pos, head_dim) of one kv head: 64
-   lanes of sums in registers per pass over the positions. */
-AVX512_INLINE void attention_mix_body(float *out, const float *weights, const void *values, int n_pos,
-                                      const int head_dim, const int f16) {
-    for (int i0 = 0; i0 < head_dim; i0 += 64) {
-        __mmask16 m[4];
-        __m512 acc[4];
-        for (int c = 0; c < 4; c++) m[c] = tail_mask(head_dim - i0 - 16 * c), acc[c] = _mm512_setzero_ps();
-        for (int p = 0; p < n_pos; p++) {
-            const char *row = (const char *)values + ((size_t)p * head_dim + i0) * (f16 ? 2 : 4);
-            for (int at = 0; at < (head_dim - i0 < 64 ? head_dim - i0 : 64) * (f16 ? 2 : 4); at += 64) prefetch(row + at);
-            __m512 w = _mm512_set1_ps(weights[p]);
-            for (int c = 0; c < 4; c++)
-                if (m[c]) acc[c] = _mm512_fmadd_ps(w, load_kv(values, (size_t)p * head_dim + i0 + 16 * c, m[c], f16), acc[c]);
-        }
-        for (int c = 0; c < 4; c++) _mm512_mask_storeu_ps(out + i0 + 16 * c, m[c], acc[c]);
-    }
-}
-
-/* The common head sizes get code of their own, with the loops over a head
-   unrolled: three times faster than with head_dim unknown. */
-AVX512 static void attention_scores_avx512(float *scores, const float *q, const void *keys, int n_pos, int head_dim,
-                                           int f16) {
-    switch (head_dim) {
-    case 64:
-        if (f16) attention_scores_body(scores, q, keys, n_pos, 64, 1);
-        else attention_scores_body(scores, q, keys, n_pos, 64, 0);
-        break;
-    case 128:
-        if (f16) attention_scores_body(scores, q, keys, n_pos, 128, 1);
-        else attention_scores_body(scores, q, keys, n_pos, 128, 0);
-        break;
-    default:
-        if (f16) attention_scores_body(scores, q, keys, n_pos, head_dim, 1);
-        else attention_scores_body(scores, q, keys, n_pos, head_dim, 0);
-    }
-}
-
-AVX512 static void attention_mix_avx512(float *out, const float *weights, const void *values, int n_pos,
-                                        int head_dim, int f16) {
-    switch (head_dim) {
-    case 64:
-        if (f16) attention_mix_body(out, weights, values, n_pos, 64, 1);
-        else attention_mix_body(out, weights, values, n_pos, 64, 0);
-        break;
-    case 128:
-        if (f16) attention_mix_body(out, weights, values, n_pos, 128, 1);
-        else attention_mix_body(out, weights, values, n_pos, 128, 0);
-        break;
-    default:
-        if (f16) attention_mix_body(out, weights, values, n_pos, head_dim, 1);
-        else attention_mix_body(out, weights, values, n_pos, head_dim, 0);
-    }
-}
-
-/* exp(x) for x <= 0, 16 at a time: x = k ln 2 + r with |r| <= ln 2 / 2,
-   exp(r) by its Taylor polynomial to r^7 (relative error below 2e-7, about
-   what expf() rounds to), times 2^k put straight into the exponent; below
-   -87 the result is 0. */
-AVX512_INLINE __m512 exp_nonpositive_avx512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145752f), x);   // ln 2 in two parts, so that
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860677e-6f), r);        // r keeps its low bits
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
-}
-
-/* softmax() for attention's weights, 16 at a time with the exp above. */
-AVX512 static void softmax_avx512(float *x, int n) {
-    __m512 m = _mm512_set1_ps(-INFINITY);
-    for (int i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - i), x + i));
-    __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(m)), sum = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 t = tail_mask(n - i);
-        __m512 e = exp_nonpositive_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, x + i), max));
-        _mm512_mask_storeu_ps(x + i, t, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(t, e));
-    }
-    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 t = tail_mask(n - i);
-        _mm512_mask_storeu_ps(x + i, t, _mm512_mul_ps(_mm512_maskz_loadu_ps(t, x + i), inv));
-    }
-}
-
-/* attention_plain() with the kernels above; the tasks for the threads are
-   one kv head and up to 16 queries, as in attention_fast(). */
-static void attention_avx512(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
-    int ctx = kv->ctx, head_dim = kv->head_dim, q_dim = kv->n_heads * head_dim, group = kv->n_heads / kv->n_kv_heads;
-    int blocks = (n + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
-    size_t room = attention_scratch_size(ctx, head_dim, kv->f16), elem = kv->f16 ? 2 : sizeof(float);
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int b = 0; b < blocks; b++)
-        for (int h = 0; h < kv->n_kv_heads; h++) {
-            int t0 = b * ATTENTION_QUERIES, t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
-            float *weights = scratch + (size_t)thread_num() * room; // (ctx)
-            size_t head = (size_t)h * ctx * head_dim;
-            const void *k = (const char *)kv->keys + head * elem, *v = (const char *)kv->values + head * elem;
-            for (int t = t0; t < t1; t++)
-                for (int qh = h * group; qh < (h + 1) * group; qh++) {
-                    size_t at = (size_t)t * q_dim + (size_t)qh * head_dim;
-                    attention_scores_avx512(weights, q + at, k, pos + t + 1, head_dim, kv->f16);
-                    softmax_avx512(weights, pos + t + 1);
-                    attention_mix_avx512(out + at, weights, v, pos + t + 1, head_dim, kv->f16);
-                }
-        }
-}
-
 /* ---- The products on AVX-512 */
 
 /* prepare_input(), and for these kernels more: the sums that vpdpbusd
@@ -3732,7 +3739,6 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;
     if (use_avx512_bf16) kernels.matmul[WEIGHT_BF16] = matmul_bf16_avx512;
-    kernels.attention = attention_avx512;
     gemm_tile_full = gemm_tile_avx512;
 #endif
 }

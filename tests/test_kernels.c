@@ -532,99 +532,93 @@ static void test_f16_store(void) {
     for (int i = 0; i < 37; i++) expect("widen_f16", i, 0, 0, wide[i], f16_to_f32(halves[i]), 0);
 }
 
-static void test_softmax(void) {
-#if HAVE_AVX512
-    if (!use_avx512) return;
-    for (int n = 1; n <= 300; n += 1 + n / 5) {
-        float a[300], b[300];
-        for (int i = 0; i < n; i++) a[i] = b[i] = uniform() * (float)(1 + below(40)); // spreads up to e^80
-        softmax(a, n);
-        softmax_avx512(b, n);
-        for (int i = 0; i < n; i++) expect("softmax_avx512", n, i, 0, b[i], a[i], 1e-6 * a[i] + 1e-30);
+/* exp_nonpositive() against exp() in double: within 2e-7 relative (what
+   expf() rounds to, about) down to -87, and below it at most 2e-38. */
+static void test_exp(void) {
+    for (int i = 0; i <= 200000; i++) {
+        float x = i < 200000 ? -100.0f * (float)i / 200000 : -INFINITY, w[1] = {x};
+        exp_sum(w, 1, 0.0f);
+        double want = exp((double)x);
+        expect("exp_nonpositive", i, 0, 0, w[0], want, x >= -87.0f ? 2e-7 * want : 2e-38);
     }
-#endif
 }
 
-/* The kernels for one head: scores and mix, plain (on the cache, f32 or
-   f16), fast in lanes (on f32) and on AVX-512 (on the cache). */
+/* The pieces of attention_fast() for one head: a span of the cache widened,
+   eight scores, softmax's exp and sum, the mix, against double sums. */
 static void test_attention_kernels(void) {
-    int head_dims[] = {8, 16, 48, 64, 72, 128};
+    int head_dims[] = {6, 8, 16, 48, 64, 72, 128};
     for (size_t h = 0; h < sizeof head_dims / sizeof *head_dims; h++)
-        for (int n_pos = 1; n_pos <= 40; n_pos += 3) {
-            int hd = head_dims[h];
-            size_t n = (size_t)n_pos * hd;
-            float scale = 1.0f / sqrtf((float)hd);
-            float *q = random_floats(hd), *keys = random_floats(n), *values = random_floats(n);
-            float *weights = random_floats(n_pos), scores[64], out[128];
-            uint16_t *keys16 = xcalloc(n, 2, "keys"), *values16 = xcalloc(n, 2, "values");
-            for (size_t i = 0; i < n; i++) keys16[i] = f32_to_f16(keys[i]), values16[i] = f32_to_f16(values[i]);
+        for (int n = 1; n <= 40; n += 3) {
+            int hd = head_dims[h], p0 = below(5);
+            size_t rows = (size_t)(p0 + n + 8), len = rows * hd;
+            float scale = 1.0f / sqrtf((float)hd), scores[8], out[128], before[128];
+            float *q = random_floats(hd), *keys = random_floats(len), *weights = random_floats(n);
+            float *span = random_floats(rows * hd), *exact = xcalloc(len, sizeof(float), "exact");
+            uint16_t *keys16 = xcalloc(len, 2, "keys");
+            for (size_t i = 0; i < len; i++) keys16[i] = f32_to_f16(keys[i]);
             for (int f16 = 0; f16 < 2; f16++) {
-                float *k = keys, *v = values;
-                if (f16) { // the exact results are then those of the rounded cache
-                    k = xcalloc(n, sizeof(float), "k"), v = xcalloc(n, sizeof(float), "v");
-                    widen_f16(k, keys16, n);
-                    widen_f16(v, values16, n);
-                }
-                void *cache_k = f16 ? (void *)keys16 : keys, *cache_v = f16 ? (void *)values16 : values;
-                KVCache kv = {cache_k, cache_v, f16, n_pos, 1, 1, hd};
-                for (int kind = 0; kind < 3; kind++) {
-                    const char *names[] = {"plain", "fast", "avx512"};
-                    char what[64];
-                    if (kind == 1 && f16) continue; // the fast kernels in lanes read f32: the cache is widened first
-                    if (kind == 2 && !HAVE_AVX512) continue;
-                    if (kind == 0) {
-                        attention_scores(scores, q, &kv, 0, n_pos);
-                        attention_mix(out, weights, &kv, 0, n_pos);
-                    } else if (kind == 1) {
-                        attention_scores_fast(scores, q, k, n_pos, hd, scale);
-                        attention_mix_fast(out, weights, v, n_pos, hd);
-                    }
-#if HAVE_AVX512
-                    if (kind == 2 && !use_avx512) continue;
-                    if (kind == 2) {
-                        attention_scores_avx512(scores, q, cache_k, n_pos, hd, f16);
-                        attention_mix_avx512(out, weights, cache_v, n_pos, hd, f16);
-                    }
-#endif
-                    for (int p = 0; p < n_pos; p++) {
-                        double exact = 0;
-                        for (int i = 0; i < hd; i++) exact += (double)q[i] * k[(size_t)p * hd + i];
-                        snprintf(what, sizeof what, "attention_scores %s%s", names[kind], f16 ? " f16" : "");
-                        expect(what, hd, n_pos, p, scores[p], scale * exact,
-                               1e-5 * scale * abs_dot(q, k + (size_t)p * hd, hd) + 1e-30);
-                    }
-                    for (int i = 0; i < hd; i++) {
-                        double exact = 0, mag = 0;
-                        for (int p = 0; p < n_pos; p++) {
-                            exact += (double)weights[p] * v[(size_t)p * hd + i];
-                            mag += fabs((double)weights[p] * v[(size_t)p * hd + i]);
-                        }
-                        snprintf(what, sizeof what, "attention_mix %s%s", names[kind], f16 ? " f16" : "");
-                        expect(what, hd, n_pos, i, out[i], exact, 1e-5 * mag + 1e-30);
+                char what[64];
+                for (size_t i = 0; i < len; i++) exact[i] = f16 ? f16_to_f32(keys16[i]) : keys[i];
+                widen_span(span, f16 ? (void *)keys16 : keys, p0, n, hd, f16);
+                for (int p = 0; p < (n + 7) / 8 * 8; p++)
+                    for (int i = 0; i < hd; i++)
+                        expect(f16 ? "widen_span f16" : "widen_span", hd, p, i, span[(size_t)p * hd + i],
+                               p < n ? exact[(size_t)(p0 + p) * hd + i] : 0, 0);
+                for (int j = 0; j < n; j += 8) {
+                    attention_scores8(scores, q, span + (size_t)j * hd, hd, scale);
+                    for (int p = j; p < j + 8 && p < n; p++) {
+                        double want = 0;
+                        for (int i = 0; i < hd; i++) want += (double)q[i] * span[(size_t)p * hd + i];
+                        snprintf(what, sizeof what, "attention_scores8%s", f16 ? " f16" : "");
+                        expect(what, hd, n, p, scores[p - j], scale * want,
+                               1e-5 * scale * abs_dot(q, span + (size_t)p * hd, hd) + 1e-30);
                     }
                 }
-                if (f16) free(k), free(v);
+                for (int i = 0; i < hd; i++) out[i] = before[i] = uniform();
+                attention_mix_add(out, weights, span, n, hd);
+                for (int i = 0; i < hd; i++) {
+                    double want = before[i], mag = fabs(before[i]);
+                    for (int p = 0; p < n; p++) {
+                        want += (double)weights[p] * span[(size_t)p * hd + i];
+                        mag += fabs((double)weights[p] * span[(size_t)p * hd + i]);
+                    }
+                    expect("attention_mix_add", hd, n, i, out[i], want, 1e-5 * mag + 1e-30);
+                }
             }
-            free(q), free(keys), free(values), free(weights), free(keys16), free(values16);
+            float w[40], max = -INFINITY;
+            double sum = 0;
+            for (int p = 0; p < n; p++) w[p] = weights[p] * 30, max = w[p] > max ? w[p] : max;
+            for (int p = 0; p < n; p++) sum += exp((double)w[p] - max);
+            expect("exp_sum", n, 0, 0, exp_sum(w, n, max), sum, 1e-6 * sum);
+            free(q), free(keys), free(weights), free(span), free(exact), free(keys16);
         }
 }
 
 /* The table's attention() for n queries at positions pos .. pos + n - 1 of
-   a cache of ctx positions (GQA: 6 query heads on 2 kv heads), against
-   softmax(q k^T / sqrt(head_dim)) v in double. */
+   a cache of ctx positions, against softmax(q k^T / sqrt(head_dim)) v in
+   double, within 1e-5 of the sum of |weight * value| (+ 1e-7). Shapes: MHA,
+   GQA and MQA, queries and positions that cross attention_fast()'s chunks
+   and query blocks. The fast table's result must also be the same, to the
+   bit, for each query alone and with one thread. */
 static void test_attention(const char *table) {
-    int shapes[][4] = {{16, 1, 0, 8}, {64, 5, 3, 40}, {72, 20, 0, 20}, {128, 3, 30, 40}, {64, 40, 0, 40}};
+    int shapes[][6] = {
+        // head_dim, n, pos, ctx, heads, kv heads
+        {16, 1, 0, 8, 6, 2},      {64, 5, 3, 40, 6, 2},     {72, 20, 0, 20, 6, 2},  {128, 3, 30, 40, 6, 2},
+        {64, 40, 0, 40, 6, 2},    {64, 1, 300, 400, 9, 3},  {64, 20, 120, 300, 9, 3}, {72, 9, 250, 260, 4, 4},
+        {6, 70, 200, 300, 3, 1},  {8, 1, 511, 512, 2, 1},   {48, 17, 255, 300, 8, 2},
+    };
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
         for (int f16 = 0; f16 < 2; f16++) {
-            int hd = shapes[s][0], n = shapes[s][1], pos = shapes[s][2], ctx = shapes[s][3], heads = 6, kv_heads = 2;
+            int hd = shapes[s][0], n = shapes[s][1], pos = shapes[s][2], ctx = shapes[s][3], heads = shapes[s][4];
+            int kv_heads = shapes[s][5];
             size_t cache = (size_t)kv_heads * ctx * hd, q_dim = (size_t)heads * hd;
             int threads = 1;
 #ifdef _OPENMP
             threads = omp_get_max_threads();
 #endif
             float *q = random_floats(n * q_dim), *out = random_floats(n * q_dim), *k = random_floats(cache);
-            float *v = random_floats(cache);
-            float *scratch = xcalloc(threads * attention_scratch_size(ctx, hd, f16), sizeof(float), "scratch");
+            float *v = random_floats(cache), *again = random_floats(n * q_dim);
+            float *scratch = xcalloc(attention_scratch_size(ctx, heads, hd, threads), sizeof(float), "scratch");
             uint16_t *k16 = xcalloc(cache, 2, "k16"), *v16 = xcalloc(cache, 2, "v16");
             for (size_t i = 0; i < cache && f16; i++) { // the exact result is then that of the rounded cache
                 k16[i] = f32_to_f16(k[i]), v16[i] = f32_to_f16(v[i]);
@@ -656,7 +650,22 @@ static void test_attention(const char *table) {
                         expect(what, hd, t, h * hd + i, out[t * q_dim + (size_t)h * hd + i], exact, 1e-5 * mag + 1e-7);
                     }
                 }
-            free(q), free(out), free(k), free(v), free(scratch), free(k16), free(v16), free(w);
+            if (!strcmp(table, "fast")) {
+                for (int t = 0; t < n; t++) // each query alone
+                    kernels.attention(again + t * q_dim, q + t * q_dim, &kv, pos + t, 1, scratch);
+                checks++;
+                if (memcmp(again, out, n * q_dim * sizeof(float)) && ++failures <= 30)
+                    fprintf(stderr, "FAIL %s: a query alone differs from the batch (shape %zu)\n", what, s);
+#ifdef _OPENMP
+                omp_set_num_threads(1);
+                kernels.attention(again, q, &kv, pos, n, scratch);
+                omp_set_num_threads(threads);
+                checks++;
+                if (memcmp(again, out, n * q_dim * sizeof(float)) && ++failures <= 30)
+                    fprintf(stderr, "FAIL %s: one thread differs from %d (shape %zu)\n", what, threads, s);
+#endif
+            }
+            free(q), free(out), free(k), free(v), free(again), free(scratch), free(k16), free(v16), free(w);
         }
 }
 
@@ -689,7 +698,7 @@ int main(void) {
     }
     kernels = fast;
     test_f16_store();
-    test_softmax();
+    test_exp();
     test_attention_kernels();
     printf("test_kernels: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
