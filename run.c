@@ -3087,14 +3087,6 @@ static inline __m256i dot32_i8_avx2(__m256i a, __m256i b) {
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-/* The 32 products of the q4_0 weights q - 8 of a group, q in 0..15 in
-   nibbles, and x: q . x - 8 sum(x), with eights = maddubs(8, x), summed in
-   fours into 8 int32 lanes; exact, as the 16-bit pairs stay within 5842. */
-static inline __m256i dot32_q4_avx2(__m256i nibbles, __m256i x, __m256i eights) {
-    __m256i pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(nibbles, x), eights);
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-}
-
 #define QTILE_ROWS 4   // weight rows per tile of the integer products
 #define QTILE_TOKENS 2 // tokens per tile: 4 x 2 sums, the inputs and a row fit in the 16 registers
 
@@ -3121,87 +3113,115 @@ static QTile qtile(const Matrix *w, int r, const ProductScratch *in, int t0, int
     return tile;
 }
 
-/* s[part][i][j][k] = the scale of group g0 + k of row i times that of part
-   part of token j, for ng <= 8 groups: 8 at a time, or one by one (the same
-   products). */
-AVX2_INLINE void qtile_scales(float s[2][QTILE_ROWS][QTILE_TOKENS][8], const QTile *tile, int g0, int ng, const int parts,
-                              const int nr, const int nt) {
+/* The scales of a block of ng <= 8 groups from g0: for each row i, input
+   part and token j, the row's scale of group g0 + k times the input's, as
+   q8 kernels take them, s[part][i][j][k], or (q8 0) as the q4_0 kernel
+   does, four copies side by side, s[0][i][j][4 k .. 4 k + 3], and zeros
+   after an odd count. 8 at a time, or one by one: the same products. */
+typedef float QScales[2][QTILE_ROWS][QTILE_TOKENS][32];
+AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, const int q8, const int nr, const int nt) {
+    const int parts = q8 ? 2 : 1, copies = q8 ? 1 : 4;
     for (int i = 0; i < nr; i++) {
         if (ng == 8) {
             __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile->wd[i] + g0)));
             for (int part = 0; part < parts; part++)
-                for (int j = 0; j < nt; j++)
-                    _mm256_store_ps(s[part][i][j], _mm256_mul_ps(wd, _mm256_loadu_ps(tile->xd[part][j] + g0)));
+                for (int j = 0; j < nt; j++) {
+                    __m256 sj = _mm256_mul_ps(wd, _mm256_loadu_ps(tile->xd[part][j] + g0));
+                    if (q8) _mm256_store_ps(s[part][i][j], sj);
+                    for (int p = 0; p < 4 && !q8; p++) // groups 2 p and 2 p + 1
+                        _mm256_store_ps(s[part][i][j] + 8 * p,
+                                        _mm256_permutevar8x32_ps(sj, _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1,
+                                                                                       2 * p + 1, 2 * p + 1, 2 * p + 1)));
+                }
             continue;
         }
-        for (int k = 0; k < ng; k++) {
-            float wd = _cvtsh_ss(tile->wd[i][g0 + k]);
+        for (int k = 0; k < ng + (ng % 2 && !q8); k++) {
+            float wd = k < ng ? _cvtsh_ss(tile->wd[i][g0 + k]) : 0.0f;
             for (int part = 0; part < parts; part++)
-                for (int j = 0; j < nt; j++) s[part][i][j][k] = wd * tile->xd[part][j][g0 + k];
+                for (int j = 0; j < nt; j++)
+                    for (int c = 0; c < copies; c++) s[part][i][j][k * copies + c] = k < ng ? wd * tile->xd[part][j][g0 + k] : 0.0f;
+        }
+    }
+}
+
+/* acc[i][j] += the integer dot product of group g of row i and token j,
+   times s[part][i][j][k], for q8_0 weights and each part of the input,
+   part 0 first. */
+AVX2_INLINE void q8_group_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile *tile, QScales s, int g, int k,
+                               const int nr, const int nt) {
+    __m256i x[2][QTILE_TOKENS];
+    for (int part = 0; part < 2; part++)
+        for (int j = 0; j < nt; j++) x[part][j] = _mm256_loadu_si256((const __m256i *)(tile->x[part][j] + g * GROUP_SIZE));
+    for (int i = 0; i < nr; i++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)((const int8_t *)tile->w[i] + g * GROUP_SIZE));
+        for (int j = 0; j < nt; j++)
+            for (int part = 0; part < 2; part++)
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(wv, x[part][j])),
+                                            _mm256_broadcast_ss(&s[part][i][j][k]), acc[i][j]);
+    }
+}
+
+/* acc[i][j] += the integer dot products of groups g and g + 1 (two) or g
+   alone of row i of q4_0 weights and token j, lanes 0..3 group g's, 4..7
+   group g + 1's, times s[0][i][j][8 p ..]. A row's 32 bytes of the two
+   groups hold weights 0..15 of each in their low nibbles and 16..31 in the
+   high ones: masked and shifted, they meet the inputs with the middle
+   halves of the two groups swapped. The weights are q - 8, q in 0..15:
+   each 16-bit pair of q x sums, less 8 x of the same pair, summed with
+   the other half's, stays within 3 * 2 * 15 * 127 (exact). */
+AVX2_INLINE void q4_pair_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile *tile, QScales s, int g, int p,
+                              const int two, const int nr, const int nt) {
+    __m256i lo[QTILE_TOKENS], hi[QTILE_TOKENS], eights[QTILE_TOKENS];
+    for (int j = 0; j < nt; j++) {
+        const int8_t *x = tile->x[0][j] + g * GROUP_SIZE;
+        __m256i a = _mm256_loadu_si256((const __m256i *)x);
+        __m256i b = two ? _mm256_loadu_si256((const __m256i *)(x + GROUP_SIZE)) : _mm256_setzero_si256();
+        lo[j] = _mm256_permute2x128_si256(a, b, 0x20), hi[j] = _mm256_permute2x128_si256(a, b, 0x31);
+        eights[j] = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), lo[j]),
+                                     _mm256_maddubs_epi16(_mm256_set1_epi8(8), hi[j]));
+    }
+    for (int i = 0; i < nr; i++) {
+        const uint8_t *w = (const uint8_t *)tile->w[i] + g * GROUP_SIZE / 2;
+        __m256i b = two ? _mm256_loadu_si256((const __m256i *)w)
+                        : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)w), 0);
+        __m256i low = _mm256_and_si256(b, _mm256_set1_epi8(15));
+        __m256i high = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15));
+        for (int j = 0; j < nt; j++) {
+            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, lo[j]), _mm256_maddubs_epi16(high, hi[j]));
+            __m256i sums = _mm256_madd_epi16(_mm256_sub_epi16(pairs, eights[j]), _mm256_set1_epi16(1));
+            acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_load_ps(s[0][i][j] + 8 * p), acc[i][j]);
         }
     }
 }
 
 /* out[j * ldo + i] = row i of the tile times token j, for nr rows and nt
-   tokens of q8_0 weights and their input's two parts: per group, the
-   integer dot product with each part, scaled and added, part 0 first. */
-AVX2_INLINE void q8_tile_avx2(float *out, int ldo, const QTile *tile, int groups, const int nr, const int nt) {
+   tokens of q8_0 (q8 set) or q4_0 weights: the groups in blocks of 8,
+   whose scales are multiplied 8 at a time and whose weights are asked for
+   PREFETCH_AHEAD bytes ahead of the loads. */
+AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int groups, const int q8, const int nr,
+                                  const int nt) {
+    const int group_bytes = q8 ? GROUP_SIZE : GROUP_SIZE / 2;
     __m256 acc[QTILE_ROWS][QTILE_TOKENS];
-    _Alignas(32) float s[2][QTILE_ROWS][QTILE_TOKENS][8];
+    _Alignas(32) QScales s;
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nt; j++) acc[i][j] = _mm256_setzero_ps();
     for (int g0 = 0; g0 < groups; g0 += 8) {
         int ng = groups - g0 < 8 ? groups - g0 : 8;
-        qtile_scales(s, tile, g0, ng, 2, nr, nt);
-        for (int i = 0; i < nr && g0 % 32 == 0; i++) prefetch(tile->wd[i] + g0);
-        for (int k = 0; k < ng; k++) {
-            int g = g0 + k;
-            __m256i x[2][QTILE_TOKENS];
-            for (int part = 0; part < 2; part++)
-                for (int j = 0; j < nt; j++)
-                    x[part][j] = _mm256_loadu_si256((const __m256i *)(tile->x[part][j] + g * GROUP_SIZE));
-            for (int i = 0; i < nr; i++) {
-                const int8_t *wi = (const int8_t *)tile->w[i] + g * GROUP_SIZE;
-                if (k % 2 == 0) prefetch(wi);
-                __m256i wv = _mm256_loadu_si256((const __m256i *)wi);
-                for (int j = 0; j < nt; j++)
-                    for (int part = 0; part < 2; part++)
-                        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(wv, x[part][j])),
-                                                    _mm256_broadcast_ss(&s[part][i][j][k]), acc[i][j]);
-            }
+        qtile_scales(s, tile, g0, ng, q8, nr, nt);
+        for (int i = 0; i < nr; i++) {
+            for (int b = 0; b < 8 * group_bytes; b += 64) prefetch((const char *)tile->w[i] + g0 * group_bytes + b);
+            if (g0 % 32 == 0) prefetch(tile->wd[i] + g0);
         }
-    }
-    for (int i = 0; i < nr; i++)
-        for (int j = 0; j < nt; j++) out[(size_t)j * ldo + i] = sum_avx2(acc[i][j]);
-}
-
-/* The same for q4_0 weights, their input in one part. */
-AVX2_INLINE void q4_tile_avx2(float *out, int ldo, const QTile *tile, int groups, const int nr, const int nt) {
-    __m256 acc[QTILE_ROWS][QTILE_TOKENS];
-    _Alignas(32) float s[2][QTILE_ROWS][QTILE_TOKENS][8];
-    for (int i = 0; i < nr; i++)
-        for (int j = 0; j < nt; j++) acc[i][j] = _mm256_setzero_ps();
-    for (int g0 = 0; g0 < groups; g0 += 8) {
-        int ng = groups - g0 < 8 ? groups - g0 : 8;
-        qtile_scales(s, tile, g0, ng, 1, nr, nt);
-        for (int i = 0; i < nr && g0 % 32 == 0; i++) prefetch(tile->wd[i] + g0);
-        for (int k = 0; k < ng; k++) {
-            int g = g0 + k;
-            __m256i x[QTILE_TOKENS], eights[QTILE_TOKENS];
-            for (int j = 0; j < nt; j++) {
-                x[j] = _mm256_loadu_si256((const __m256i *)(tile->x[0][j] + g * GROUP_SIZE));
-                eights[j] = _mm256_maddubs_epi16(_mm256_set1_epi8(8), x[j]);
-            }
-            for (int i = 0; i < nr; i++) {
-                const uint8_t *wi = (const uint8_t *)tile->w[i] + g * GROUP_SIZE / 2;
-                if (k % 4 == 0) prefetch(wi);
-                __m128i b = _mm_loadu_si128((const __m128i *)wi); // weights 0..15 low nibbles, 16..31 high
-                __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
-                for (int j = 0; j < nt; j++)
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_q4_avx2(nibbles, x[j], eights[j])),
-                                                _mm256_broadcast_ss(&s[0][i][j][k]), acc[i][j]);
-            }
-        }
+        if (q8 && ng == 8)
+            for (int k = 0; k < 8; k++) q8_group_avx2(acc, tile, s, g0 + k, k, nr, nt);
+        else if (q8)
+            for (int k = 0; k < ng; k++) q8_group_avx2(acc, tile, s, g0 + k, k, nr, nt);
+        else if (ng == 8)
+            for (int k = 0; k < 8; k += 2) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, nr, nt);
+        else
+            for (int k = 0; k < ng; k += 2)
+                if (k + 1 < ng) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, nr, nt);
+                else q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 0, nr, nt);
     }
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nt; j++) out[(size_t)j * ldo + i] = sum_avx2(acc[i][j]);
@@ -3211,8 +3231,8 @@ AVX2_INLINE void q4_tile_avx2(float *out, int ldo, const QTile *tile, int groups
 AVX2_INLINE void q_tile_avx2(float *out, int ldo, const Matrix *w, int r, const ProductScratch *in, int t0, const int nr,
                              const int nt) {
     QTile tile = qtile(w, r, in, t0, nr, nt);
-    if (w->type == WEIGHT_Q8_0) q8_tile_avx2(out, ldo, &tile, w->cols / GROUP_SIZE, nr, nt);
-    else q4_tile_avx2(out, ldo, &tile, w->cols / GROUP_SIZE, nr, nt);
+    if (w->type == WEIGHT_Q8_0) q_tile_body_avx2(out, ldo, &tile, w->cols / GROUP_SIZE, 1, nr, nt);
+    else q_tile_body_avx2(out, ldo, &tile, w->cols / GROUP_SIZE, 0, nr, nt);
 }
 
 /* The tiles of rows r0 .. r1 - 1 for the tokens t0 .. t0 + nt - 1. */

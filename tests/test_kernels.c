@@ -471,9 +471,9 @@ static void test_quantized_tiles(int type) {
                 for (int r = 0; r < rows; r++) {
                     float got = out[(size_t)t * rows + r];
                     if (memcmp(&got, &alone[r], 4) != 0 && ++failures <= 30)
-                        fprintf(stderr, "FAIL %s %s row %d token %d of %d: %.9g, alone %.9g\n", what, name, r, t, n, got, alone[r]);
+                        fprintf(stderr, "FAIL %s, row %d, token %d: %.9g in the batch, %.9g alone\n", what, r, t, got, alone[r]);
                     if (memcmp(&cut[r], &alone[r], 4) != 0 && ++failures <= 30)
-                        fprintf(stderr, "FAIL %s %s row %d: %.9g in other blocks, %.9g\n", what, name, r, cut[r], alone[r]);
+                        fprintf(stderr, "FAIL %s, row %d, token %d: %.9g in blocks of 1 to 7 rows, %.9g in one\n", what, r, t, cut[r], alone[r]);
                 }
             }
             free_products(&ps);
