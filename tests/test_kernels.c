@@ -437,7 +437,7 @@ static void test_gemm_rows(const char *kind, void (*tile)(const GemmTile *)) {
 }
 
 #if HAVE_AVX2
-/* The AVX2 q8_0 and q4_0 kernels in their tiles (4 rows x 2 tokens, rows
+/* The AVX2 q8_0 and q4_0 kernels in their tiles (4 rows x 3 tokens, rows
    and tokens left over): every output against the exact product, and equal
    bit for bit to the same token's product alone (n = 1) and to its row's
    computed in blocks of other sizes, as matmul() may cut them. */
