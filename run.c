@@ -2759,10 +2759,10 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
    int8) that are compiled function by function and chosen when the CPU
    has AVX-512 F, BW, VL, DQ and VNNI, so that the same binary still runs
    where it does not (and under valgrind, which cannot execute AVX-512).
-   RUN_AVX512=0 turns them off. Constants that a kernel is specialised on (token counts, head
-   sizes) are passed as literals to an always-inlined body, one call per
-   value. tests/test_kernels.c holds every kernel here to its plain version
-   on random data.
+   RUN_AVX512=0 turns them off. Constants that a kernel is specialised on
+   (token counts, head sizes) are passed as literals to an always-inlined
+   body, one call per value. tests/test_kernels.c holds every kernel here
+   to its plain version on random data.
    ========================================================================= */
 
 #ifndef PLAIN
