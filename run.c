@@ -3128,10 +3128,11 @@ AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, cons
                 for (int j = 0; j < nt; j++) {
                     __m256 sj = _mm256_mul_ps(wd, _mm256_loadu_ps(tile->xd[part][j] + g0));
                     if (q8) _mm256_store_ps(s[part][i][j], sj);
-                    for (int p = 0; p < 4 && !q8; p++) // groups 2 p and 2 p + 1
-                        _mm256_store_ps(s[part][i][j] + 8 * p,
-                                        _mm256_permutevar8x32_ps(sj, _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1,
-                                                                                       2 * p + 1, 2 * p + 1, 2 * p + 1)));
+                    for (int p = 0; p < 4 && !q8; p++) { // groups 2 p and 2 p + 1
+                        __m256i pair = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1,
+                                                         2 * p + 1);
+                        _mm256_store_ps(s[part][i][j] + 8 * p, _mm256_permutevar8x32_ps(sj, pair));
+                    }
                 }
             continue;
         }
@@ -3139,7 +3140,8 @@ AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, cons
             float wd = k < ng ? _cvtsh_ss(tile->wd[i][g0 + k]) : 0.0f;
             for (int part = 0; part < parts; part++)
                 for (int j = 0; j < nt; j++)
-                    for (int c = 0; c < copies; c++) s[part][i][j][k * copies + c] = k < ng ? wd * tile->xd[part][j][g0 + k] : 0.0f;
+                    for (int c = 0; c < copies; c++)
+                        s[part][i][j][k * copies + c] = k < ng ? wd * tile->xd[part][j][g0 + k] : 0.0f;
         }
     }
 }
@@ -3151,7 +3153,8 @@ AVX2_INLINE void q8_group_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile
                                const int nr, const int nt) {
     __m256i x[2][QTILE_TOKENS];
     for (int part = 0; part < 2; part++)
-        for (int j = 0; j < nt; j++) x[part][j] = _mm256_loadu_si256((const __m256i *)(tile->x[part][j] + g * GROUP_SIZE));
+        for (int j = 0; j < nt; j++)
+            x[part][j] = _mm256_loadu_si256((const __m256i *)(tile->x[part][j] + g * GROUP_SIZE));
     for (int i = 0; i < nr; i++) {
         __m256i wv = _mm256_loadu_si256((const __m256i *)((const int8_t *)tile->w[i] + g * GROUP_SIZE));
         for (int j = 0; j < nt; j++)
