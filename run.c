@@ -3199,8 +3199,10 @@ AVX2_INLINE void q4_pair_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile 
 
 /* out[j * ldo + i] = row i of the tile times token j, for nr rows and nt
    tokens of q8_0 (q8 set) or q4_0 weights: the groups in blocks of 8,
-   whose scales are multiplied 8 at a time and whose weights are asked for
-   PREFETCH_AHEAD bytes ahead of the loads. */
+   whose scales are multiplied 8 at a time. The tile's rows lie one after
+   another, and the block reads nr / rows of them: the prefetches run
+   PREFETCH_AHEAD bytes ahead of the same share of the tile's bytes, as if
+   it were read front to back. */
 AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int groups, const int q8, const int nr,
                                   const int nt) {
     const int group_bytes = q8 ? GROUP_SIZE : GROUP_SIZE / 2;
@@ -3211,10 +3213,9 @@ AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int gr
     for (int g0 = 0; g0 < groups; g0 += 8) {
         int ng = groups - g0 < 8 ? groups - g0 : 8;
         qtile_scales(s, tile, g0, ng, q8, nr, nt);
-        for (int i = 0; i < nr; i++) {
-            for (int b = 0; b < 8 * group_bytes; b += 64) prefetch((const char *)tile->w[i] + g0 * group_bytes + b);
-            if (g0 % 32 == 0) prefetch(tile->wd[i] + g0);
-        }
+        for (int b = 0; b < nr * 8 * group_bytes; b += 64) // the rows follow each other: read as one stream
+            prefetch((const char *)tile->w[0] + (size_t)nr * g0 * group_bytes + b);
+        prefetch(tile->wd[0] + nr * g0);
         if (q8 && ng == 8)
             for (int k = 0; k < 8; k++) q8_group_avx2(acc, tile, s, g0 + k, k, nr, nt);
         else if (q8)
