@@ -2760,14 +2760,15 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
    SIMD. The portable loops here are written so that the compiler can
    vectorise them without reordering a float sum (independent lanes, summed
    in a fixed order at the end): the default build targets AVX2
-   (-march=x86-64-v3). The int8 dot products have AVX2 versions behind
-   __AVX2__, and the matrix products AVX-512 versions (VNNI for int8) that
-   are compiled function by function and chosen when the CPU has AVX-512 F,
-   BW, VL, DQ and VNNI, so that the same binary still runs where it does not
-   (and under valgrind, which cannot execute AVX-512). RUN_AVX512=0 turns
-   them off. Constants that a kernel is specialised on (token counts) are
-   passed as literals to an always-inlined body, one call per value. tests/test_kernels.c holds every kernel here to its plain version
-   on random data.
+   (-march=x86-64-v3). The int8 products and the f32 tiles have AVX2
+   versions behind __AVX2__, and the matrix products AVX-512 versions (VNNI
+   for int8) that are compiled function by function and chosen when the
+   CPU has AVX-512 F, BW, VL, DQ and VNNI, so that the same binary still
+   runs where it does not (and under valgrind, which cannot execute
+   AVX-512). RUN_AVX512=0 turns them off. Constants that a kernel is
+   specialised on (token counts) are passed as literals to an
+   always-inlined body, one call per value. tests/test_kernels.c holds
+   every kernel here to its plain version on random data.
    ========================================================================= */
 
 #ifndef PLAIN
@@ -3166,9 +3167,78 @@ static void attention_fast(float *out, const float *q, const KVCache *kv, int po
     }
 }
 
-/* ---- Integer dot products on AVX2 */
+/* ---- Matrix products on AVX2
+
+   Each output of these kernels has its own 8-lane sum, which takes the
+   same multiply-adds in the same order whatever tile it is computed in,
+   and is summed by the same tree at the end: a row's result does not
+   depend on its neighbours, its thread, or the number of tokens beside it
+   (a prompt's logits equal those of its tokens one by one, bit for bit).
+   Several rows and tokens share a tile so that each load of a weight or an
+   input serves several of these sums, which also keeps several multiply-
+   adds in flight instead of one chain. */
 
 #if HAVE_AVX2
+#define AVX2_INLINE static inline __attribute__((always_inline))
+
+static inline float sum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* The sums of four vectors, v[i] into lane i. */
+static inline __m128 sum4_avx2(const __m256 v[4]) {
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* acc[t][i] += w[i] * x[t] for 4 rows w (stride ldw) and nt inputs x
+   (stride ldx), 8 lanes at k, those of mask alone where it is given. */
+AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][4], const float *w, int ldw, const float *x, int ldx, int k,
+                                const __m256i *mask, const int nt) {
+    __m256 xv[GEMM_TOKENS];
+    for (int t = 0; t < nt; t++) {
+        const float *xt = x + (size_t)t * ldx + k;
+        xv[t] = mask ? _mm256_maskload_ps(xt, *mask) : _mm256_loadu_ps(xt);
+    }
+    for (int i = 0; i < 4; i++) {
+        const float *wi = w + (size_t)i * ldw + k;
+        __m256 wv = mask ? _mm256_maskload_ps(wi, *mask) : _mm256_loadu_ps(wi);
+        for (int t = 0; t < nt; t++) acc[t][i] = _mm256_fmadd_ps(wv, xv[t], acc[t][i]);
+    }
+}
+
+/* gemm_tile_fast() for a tile of GEMM_ROWS rows and nt tokens, four rows
+   at a time: 4 x 3 sums, 3 inputs and a row fill the 16 registers; the
+   depth in steps of 8, the last one masked. */
+AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
+    int ldc = g->ldc, ldw = g->ldw, ldx = g->ldx, depth = g->depth, end = depth / 8 * 8;
+    __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int r = 0; r < GEMM_ROWS; r += 4) {
+        const float *w = g->w + (size_t)r * ldw;
+        __m256 acc[GEMM_TOKENS][4];
+        for (int t = 0; t < nt; t++)
+            for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_ps();
+        for (int k = 0; k < end; k += 8) gemm_step_avx2(acc, w, ldw, g->x, ldx, k, NULL, nt);
+        if (end < depth) gemm_step_avx2(acc, w, ldw, g->x, ldx, end, &tail, nt);
+        for (int t = 0; t < nt; t++) {
+            float *c = g->c + (size_t)t * ldc + r;
+            __m128 sum = sum4_avx2(acc[t]);
+            if (g->accumulate) sum = _mm_add_ps(sum, _mm_loadu_ps(c));
+            _mm_storeu_ps(c, sum);
+        }
+    }
+}
+
+static void gemm_tile_avx2(const GemmTile *g) {
+    switch (g->tokens) {
+    case 3: gemm_tile_body_avx2(g, 3); break;
+    case 2: gemm_tile_body_avx2(g, 2); break;
+    default: gemm_tile_body_avx2(g, 1);
+    }
+}
+
 /* The 32 products of int8 vectors a and b, summed in fours into 8 int32
    lanes. maddubs multiplies unsigned by signed bytes, so a's signs move onto
    b; |a| * |b| <= 127 * 127 keeps its 16-bit pair sums from saturating
@@ -3178,74 +3248,173 @@ static inline __m256i dot32_i8_avx2(__m256i a, __m256i b) {
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
-static inline float sum_avx2(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+#define QTILE_ROWS 4   // weight rows per tile of the integer products
+#define QTILE_TOKENS 3 // tokens per tile: 4 x 3 sums (some inputs then wait in L1: measured 5-8% faster than 4 x 2)
 
-/* dot_q8_0() */
-static float dot_q8_avx2(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
-        prefetch(w + g * GROUP_SIZE);
-        if (g % 32 == 0) prefetch(wd + g);
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * GROUP_SIZE));
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + g * GROUP_SIZE));
-        __m256 scale = _mm256_set1_ps(_cvtsh_ss(wd[g]) * x->d[g]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(xv, wv)), scale, acc);
-    }
-    return sum_avx2(acc);
-}
+/* A tile's weight rows and input tokens. */
+typedef struct {
+    const void *w[QTILE_ROWS];        // row r + i: q8_0 int8, q4_0 nibbles
+    const uint16_t *wd[QTILE_ROWS];   // its scales
+    const int8_t *x[2][QTILE_TOKENS]; // token t0 + j, quantized: part 0, and for q8_0 part 1
+    const float *xd[2][QTILE_TOKENS]; // its scales
+} QTile;
 
-/* dot_q4_0() */
-static float dot_q4_avx2(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
-        if (g % 2 == 0) prefetch(w + g * GROUP_SIZE / 2);
-        if (g % 32 == 0) prefetch(wd + g);
-        __m128i b = _mm_loadu_si128((const __m128i *)(w + g * GROUP_SIZE / 2));
-        __m256i nibbles = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
-        __m256i wv = _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8)); // weights 0..31 of the group
-        __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + g * GROUP_SIZE));
-        __m256 scale = _mm256_set1_ps(_cvtsh_ss(wd[g]) * x->d[g]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(xv, wv)), scale, acc);
+static QTile qtile(const Matrix *w, int r, const ProductScratch *in, int t0, int nr, int nt) {
+    int cols = w->cols, groups = cols / GROUP_SIZE, bytes = w->type == WEIGHT_Q4_0 ? cols / 2 : cols;
+    QTile tile = {0};
+    for (int i = 0; i < nr; i++) {
+        tile.w[i] = (const int8_t *)w->values + (size_t)(r + i) * bytes;
+        tile.wd[i] = w->scales + (size_t)(r + i) * groups;
     }
-    return sum_avx2(acc);
-}
-
-/* matmul_q8_0() and matmul_q4_0() with these dot products: one token's
-   rows straight through, a batch's row by row and token by token. */
-static void matmul_q8_0_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    size_t cols = w->cols, groups = cols / GROUP_SIZE;
-    const int8_t *values = w->values;
-    if (in->n == 1) {
-        for (int r = r0; r < r1; r++)
-            out[r - r0] = dot_q8_avx2(values + r * cols, w->scales + r * groups, &in->q, (int)cols) +
-                          dot_q8_avx2(values + r * cols, w->scales + r * groups, &in->rest, (int)cols);
-        return;
-    }
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < in->n; t++) {
-            QuantizedVector x = quantized_row(&in->q, t, (int)cols), rest = quantized_row(&in->rest, t, (int)cols);
-            out[(size_t)t * ldo + r - r0] = dot_q8_avx2(values + r * cols, w->scales + r * groups, &x, (int)cols) +
-                                            dot_q8_avx2(values + r * cols, w->scales + r * groups, &rest, (int)cols);
+    for (int j = 0; j < nt; j++)
+        for (int part = 0; part < 1 + (w->type == WEIGHT_Q8_0); part++) {
+            QuantizedVector x = quantized_row(part ? &in->rest : &in->q, t0 + j, cols);
+            tile.x[part][j] = x.q, tile.xd[part][j] = x.d;
         }
+    return tile;
 }
 
-static void matmul_q4_0_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    size_t cols = w->cols, groups = cols / GROUP_SIZE;
-    const uint8_t *values = w->values;
-    if (in->n == 1) {
-        for (int r = r0; r < r1; r++)
-            out[r - r0] = dot_q4_avx2(values + r * cols / 2, w->scales + r * groups, &in->q, (int)cols);
-        return;
-    }
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < in->n; t++) {
-            QuantizedVector x = quantized_row(&in->q, t, (int)cols);
-            out[(size_t)t * ldo + r - r0] = dot_q4_avx2(values + r * cols / 2, w->scales + r * groups, &x, (int)cols);
+/* The scales of a block of ng <= 8 groups from g0: for each row i, input
+   part and token j, the row's scale of group g0 + k times the input's, as
+   q8 kernels take them, s[part][i][j][k], or (q8 0) as the q4_0 kernel
+   does, four copies side by side, s[0][i][j][4 k .. 4 k + 3], and zeros
+   after an odd count. 8 at a time, or one by one: the same products. */
+typedef float QScales[2][QTILE_ROWS][QTILE_TOKENS][32];
+AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, const int q8, const int nr, const int nt) {
+    const int parts = q8 ? 2 : 1, copies = q8 ? 1 : 4;
+    for (int i = 0; i < nr; i++) {
+        if (ng == 8) {
+            __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile->wd[i] + g0)));
+            for (int part = 0; part < parts; part++)
+                for (int j = 0; j < nt; j++) {
+                    __m256 sj = _mm256_mul_ps(wd, _mm256_loadu_ps(tile->xd[part][j] + g0));
+                    if (q8) _mm256_store_ps(s[part][i][j], sj);
+                    for (int p = 0; p < 4 && !q8; p++) { // groups 2 p and 2 p + 1
+                        __m256i pair = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1,
+                                                         2 * p + 1);
+                        _mm256_store_ps(s[part][i][j] + 8 * p, _mm256_permutevar8x32_ps(sj, pair));
+                    }
+                }
+            continue;
         }
+        for (int k = 0; k < ng + (ng % 2 && !q8); k++) {
+            float wd = k < ng ? _cvtsh_ss(tile->wd[i][g0 + k]) : 0.0f;
+            for (int part = 0; part < parts; part++)
+                for (int j = 0; j < nt; j++)
+                    for (int c = 0; c < copies; c++)
+                        s[part][i][j][k * copies + c] = k < ng ? wd * tile->xd[part][j][g0 + k] : 0.0f;
+        }
+    }
+}
+
+/* acc[i][j] += the integer dot product of group g of row i and token j,
+   times s[part][i][j][k], for q8_0 weights and each part of the input,
+   part 0 first. */
+AVX2_INLINE void q8_group_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile *tile, QScales s, int g, int k,
+                               const int nr, const int nt) {
+    __m256i x[2][QTILE_TOKENS];
+    for (int part = 0; part < 2; part++)
+        for (int j = 0; j < nt; j++)
+            x[part][j] = _mm256_loadu_si256((const __m256i *)(tile->x[part][j] + g * GROUP_SIZE));
+    for (int i = 0; i < nr; i++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)((const int8_t *)tile->w[i] + g * GROUP_SIZE));
+        for (int j = 0; j < nt; j++)
+            for (int part = 0; part < 2; part++)
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(wv, x[part][j])),
+                                            _mm256_broadcast_ss(&s[part][i][j][k]), acc[i][j]);
+    }
+}
+
+/* acc[i][j] += the integer dot products of groups g and g + 1 (two) or g
+   alone of row i of q4_0 weights and token j, lanes 0..3 group g's, 4..7
+   group g + 1's, times s[0][i][j][8 p ..]. A row's 32 bytes of the two
+   groups hold weights 0..15 of each in their low nibbles and 16..31 in the
+   high ones: masked and shifted, they meet the inputs with the middle
+   halves of the two groups swapped. The weights are q - 8, q in 0..15:
+   each 16-bit pair of q x sums, less 8 x of the same pair, summed with
+   the other half's, stays within 3 * 2 * 15 * 127 (exact). */
+AVX2_INLINE void q4_pair_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile *tile, QScales s, int g, int p,
+                              const int two, const int nr, const int nt) {
+    __m256i lo[QTILE_TOKENS], hi[QTILE_TOKENS], eights[QTILE_TOKENS];
+    for (int j = 0; j < nt; j++) {
+        const int8_t *x = tile->x[0][j] + g * GROUP_SIZE;
+        __m256i a = _mm256_loadu_si256((const __m256i *)x);
+        __m256i b = two ? _mm256_loadu_si256((const __m256i *)(x + GROUP_SIZE)) : _mm256_setzero_si256();
+        lo[j] = _mm256_permute2x128_si256(a, b, 0x20), hi[j] = _mm256_permute2x128_si256(a, b, 0x31);
+        eights[j] = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), lo[j]),
+                                     _mm256_maddubs_epi16(_mm256_set1_epi8(8), hi[j]));
+    }
+    for (int i = 0; i < nr; i++) {
+        const uint8_t *w = (const uint8_t *)tile->w[i] + g * GROUP_SIZE / 2;
+        __m256i b = two ? _mm256_loadu_si256((const __m256i *)w)
+                        : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)w), 0);
+        __m256i low = _mm256_and_si256(b, _mm256_set1_epi8(15));
+        __m256i high = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15));
+        for (int j = 0; j < nt; j++) {
+            __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, lo[j]), _mm256_maddubs_epi16(high, hi[j]));
+            __m256i sums = _mm256_madd_epi16(_mm256_sub_epi16(pairs, eights[j]), _mm256_set1_epi16(1));
+            acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_load_ps(s[0][i][j] + 8 * p), acc[i][j]);
+        }
+    }
+}
+
+/* out[j * ldo + i] = row i of the tile times token j, for nr rows and nt
+   tokens of q8_0 (q8 set) or q4_0 weights: the groups in blocks of 8,
+   whose scales are multiplied 8 at a time. The tile's rows lie one after
+   another, and the block reads nr / rows of them: the prefetches run
+   PREFETCH_AHEAD bytes ahead of the same share of the tile's bytes, as if
+   it were read front to back. */
+AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int groups, const int q8, const int nr,
+                                  const int nt) {
+    const int group_bytes = q8 ? GROUP_SIZE : GROUP_SIZE / 2;
+    __m256 acc[QTILE_ROWS][QTILE_TOKENS];
+    _Alignas(32) QScales s;
+    for (int i = 0; i < nr; i++)
+        for (int j = 0; j < nt; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int g0 = 0; g0 < groups; g0 += 8) {
+        int ng = groups - g0 < 8 ? groups - g0 : 8;
+        qtile_scales(s, tile, g0, ng, q8, nr, nt);
+        for (int b = 0; b < nr * 8 * group_bytes; b += 64) // the rows follow each other: read as one stream
+            prefetch((const char *)tile->w[0] + (size_t)nr * g0 * group_bytes + b);
+        prefetch(tile->wd[0] + nr * g0);
+        if (q8 && ng == 8)
+            for (int k = 0; k < 8; k++) q8_group_avx2(acc, tile, s, g0 + k, k, nr, nt);
+        else if (q8)
+            for (int k = 0; k < ng; k++) q8_group_avx2(acc, tile, s, g0 + k, k, nr, nt);
+        else if (ng == 8)
+            for (int k = 0; k < 8; k += 2) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, nr, nt);
+        else
+            for (int k = 0; k < ng; k += 2)
+                if (k + 1 < ng) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, nr, nt);
+                else q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 0, nr, nt);
+    }
+    for (int i = 0; i < nr; i++)
+        for (int j = 0; j < nt; j++) out[(size_t)j * ldo + i] = sum_avx2(acc[i][j]);
+}
+
+/* One tile of nr rows from r and nt tokens from t0, nr and nt literals. */
+AVX2_INLINE void q_tile_avx2(float *out, int ldo, const Matrix *w, int r, const ProductScratch *in, int t0, const int nr,
+                             const int nt) {
+    QTile tile = qtile(w, r, in, t0, nr, nt);
+    if (w->type == WEIGHT_Q8_0) q_tile_body_avx2(out, ldo, &tile, w->cols / GROUP_SIZE, 1, nr, nt);
+    else q_tile_body_avx2(out, ldo, &tile, w->cols / GROUP_SIZE, 0, nr, nt);
+}
+
+/* The tiles of rows r0 .. r1 - 1 for the tokens t0 .. t0 + nt - 1. */
+AVX2_INLINE void q_tiles_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in, int t0,
+                              const int nt) {
+    int r = r0;
+    for (; r + QTILE_ROWS <= r1; r += QTILE_ROWS)
+        q_tile_avx2(out + (size_t)t0 * ldo + r - r0, ldo, w, r, in, t0, QTILE_ROWS, nt);
+    for (; r < r1; r++) q_tile_avx2(out + (size_t)t0 * ldo + r - r0, ldo, w, r, in, t0, 1, nt);
+}
+
+/* matmul_q8_0() and matmul_q4_0() in tiles of 4 rows by 3 tokens (one
+   token: 4 rows), rows and tokens left over one at a time. */
+static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int t = 0;
+    for (; t + QTILE_TOKENS <= in->n; t += QTILE_TOKENS) q_tiles_avx2(out, ldo, w, r0, r1, in, t, QTILE_TOKENS);
+    for (; t < in->n; t++) q_tiles_avx2(out, ldo, w, r0, r1, in, t, 1);
 }
 #endif
 
@@ -3724,8 +3893,9 @@ static void matmul_bf16_avx512(float *out, int ldo, const Matrix *w, int r0, int
 static void choose_fast_kernels(void) {
     kernels = (Kernels){{matmul_f32_fast, matmul_q8_0, matmul_q4_0, matmul_bf16_fast}, prepare_input, attention_fast};
 #if HAVE_AVX2
-    kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx2;
-    kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx2;
+    kernels.matmul[WEIGHT_Q8_0] = matmul_quantized_avx2;
+    kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
+    gemm_tile_full = gemm_tile_avx2;
 #endif
 #if HAVE_AVX512
     const char *env = getenv("RUN_AVX512");

@@ -241,6 +241,19 @@ static double exact_grouped(const Matrix *w, int row, const QuantizedVector *x, 
     return sum;
 }
 
+#if HAVE_AVX2
+/* Row r of w times q through the AVX2 kernel for one token (for q8_0 with
+   a second part of zeros, which adds nothing). */
+static float dot_grouped_avx2(const Matrix *w, int r, const QuantizedVector *q) {
+    ProductScratch ps = {.q = *q, .n = 1};
+    alloc_quantized(&ps.rest, w->cols, "zeros");
+    float out;
+    matmul_quantized_avx2(&out, 1, w, r, r + 1, &ps);
+    free_quantized(&ps.rest);
+    return out;
+}
+#endif
+
 /* Quantizes x (n) as prepare_input() does, with the sums the AVX-512
    kernels start from. */
 static void quantize_for(QuantizedVector *q, const float *x, int n, int offset) {
@@ -270,18 +283,19 @@ static void test_dot_grouped(int type) {
                 const int8_t *row = (const int8_t *)w.values + (size_t)r * n;
                 got[0] = dot_q8_0(row, wd, &q, n);
 #if HAVE_AVX2
-                got[1] = dot_q8_avx2(row, wd, &q, n);
 #endif
             } else {
                 const uint8_t *row = (const uint8_t *)w.values + (size_t)r * n / 2;
                 got[0] = dot_q4_0(row, wd, &q, n);
 #if HAVE_AVX2
-                got[1] = dot_q4_avx2(row, wd, &q, n);
 #endif
 #if HAVE_AVX512
                 if (use_avx512) got[2] = dot_q4_avx512(row, wd, &q, n), have[2] = 1;
 #endif
             }
+#if HAVE_AVX2
+            got[1] = dot_grouped_avx2(&w, r, &q);
+#endif
             const char *kinds[] = {"plain", "avx2", "avx512"};
             for (int k = 0; k < 3; k++) {
                 if (!have[k]) continue;
@@ -419,14 +433,15 @@ static void test_batch_equals_one_token(const char *table, int type) {
     }
 }
 
-/* gemm_rows() with each kind of tile: its results for every weight type
-   against the exact product. */
-static void test_gemm_rows(int avx512) {
+/* gemm_rows() with the tile kernel `tile` for full tiles (NULL: the
+   portable one): its results for every weight type against the exact
+   product. */
+static void test_gemm_rows(const char *kind, void (*tile)(const GemmTile *)) {
     static const char *names[] = {"f32", "q8_0", "q4_0", "bf16"};
-    int shapes[][3] = {{8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {16, 17, 3}, {11, 515, 8}};
-#if HAVE_AVX512
-    gemm_tile_full = avx512 ? gemm_tile_avx512 : gemm_tile_fast;
-#endif
+    int shapes[][3] = {{8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {16, 17, 3}, {11, 515, 8},
+                       {8, 8, 1}, {32, 40, 2}, {8, 7, 6}, {9, 1031, 4}};
+    void (*table_tile)(const GemmTile *) = gemm_tile_full;
+    gemm_tile_full = tile;
     for (int type = 0; type < 4; type++)
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
             int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
@@ -439,14 +454,61 @@ static void test_gemm_rows(int avx512) {
             exact_matmul(want, mag, &w, x, n);
             gemm_rows(out, rows, &w, 0, rows, &ps);
             char what[64];
-            snprintf(what, sizeof what, "gemm_rows %s%s", names[type], avx512 ? " avx512" : "");
+            snprintf(what, sizeof what, "gemm_rows %s %s", names[type], kind);
             for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
             free_products(&ps);
             free_matrix(&w);
             free(x), free(out), free(want), free(mag);
         }
-    gemm_tile_full = gemm_tile_fast;
+    gemm_tile_full = table_tile;
 }
+
+#if HAVE_AVX2
+/* The AVX2 q8_0 and q4_0 kernels in their tiles (4 rows x 3 tokens, rows
+   and tokens left over): every output against the exact product, and equal
+   bit for bit to the same token's product alone (n = 1) and to its row's
+   computed in blocks of other sizes, as matmul() may cut them. */
+static void test_quantized_tiles(int type) {
+    const char *name = type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
+    int shapes[][2] = {{1, 1}, {2, 3}, {3, 8}, {4, 9}, {5, 17}, {7, 24}, {9, 2}, {13, 33}, {32, 16}, {37, 70}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
+        for (int n = 1; n <= 7; n++) {
+            int rows = shapes[s][0], cols = shapes[s][1] * GROUP_SIZE;
+            Matrix w = random_matrix(type, rows, cols);
+            float *x = random_floats((size_t)n * cols), *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
+            float *out = random_floats((size_t)n * rows), *alone = random_floats(rows), *cut = random_floats(rows);
+            double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
+            ProductScratch ps = alloc_products(n, cols);
+            prepare_input(&ps, &w, x, n);
+            prepared_values(xd, &ps, &w, x, n);
+            exact_matmul(want, mag, &w, xd, n);
+            for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
+                matmul_quantized_avx2(out + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &ps);
+            char what[64];
+            snprintf(what, sizeof what, "matmul_quantized_avx2 %s, n = %d", name, n);
+            for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
+            for (int t = 0; t < n; t++) {
+                ProductScratch one = ps;
+                one.n = 1;
+                one.q = quantized_row(&ps.q, t, cols), one.rest = quantized_row(&ps.rest, t, cols);
+                matmul_quantized_avx2(alone, 1, &w, 0, rows, &one);
+                for (int r0 = 0, size = 1; r0 < rows; r0 += size, size = size % 7 + 1) // blocks of 1, 2, .. 7 rows
+                    matmul_quantized_avx2(cut + r0, 1, &w, r0, r0 + size < rows ? r0 + size : rows, &one);
+                checks += 2;
+                for (int r = 0; r < rows; r++) {
+                    float got = out[(size_t)t * rows + r];
+                    if (memcmp(&got, &alone[r], 4) != 0 && ++failures <= 30)
+                        fprintf(stderr, "FAIL %s, row %d, token %d: %.9g in the batch, %.9g alone\n", what, r, t, got, alone[r]);
+                    if (memcmp(&cut[r], &alone[r], 4) != 0 && ++failures <= 30)
+                        fprintf(stderr, "FAIL %s, row %d, token %d: %.9g in blocks of 1 to 7 rows, %.9g in one\n", what, r, t, cut[r], alone[r]);
+                }
+            }
+            free_products(&ps);
+            free_matrix(&w);
+            free(x), free(xd), free(out), free(alone), free(cut), free(want), free(mag);
+        }
+}
+#endif
 
 /* matmul() of three matrices equals three separate products, bit for bit,
    and gate_up() equals two products and swiglu(). */
@@ -685,8 +747,15 @@ int main(void) {
     test_dot_grouped(WEIGHT_Q8_0);
     test_dot_grouped(WEIGHT_Q4_0);
     test_dot_q8_both();
-    test_gemm_rows(0);
-    if (have_avx512) test_gemm_rows(1);
+    test_gemm_rows("portable", NULL);
+#if HAVE_AVX2
+    test_gemm_rows("avx2", gemm_tile_avx2);
+    test_quantized_tiles(WEIGHT_Q8_0);
+    test_quantized_tiles(WEIGHT_Q4_0);
+#endif
+#if HAVE_AVX512
+    if (have_avx512) test_gemm_rows("avx512", gemm_tile_avx512);
+#endif
     for (int table = 0; table < 2; table++) {
         kernels = table ? fast : plain;
         for (int type = 0; type < 4; type++) {
