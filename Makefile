@@ -189,12 +189,14 @@ explain-text: run .demo/smollm2.bin
 # memory), and llama.cpp's on the same weights when llama-cpp-python is
 # installed (make bench-peers). Models and outputs go to bench/out/.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--models 110m --runs 5".
-# bench/membw measures read bandwidth; -march=native is right for a tool
-# that only measures the machine it is built on.
-bench/membw: bench/membw.c
+# bench/membw measures read bandwidth, the roofline for generation, and
+# bench/peak the arithmetic peak (f32 FMA, int8 and bf16 dot products), the
+# roofline for prompts; -march=native is right for tools that only measure
+# the machine they are built on.
+bench/membw bench/peak: bench/%: bench/%.c
 	$(CC) -O3 -march=native $(WARNINGS) $(OPENMP) -o $@ $<
 
-bench: run bench/membw $(SETUP)
+bench: run bench/membw bench/peak $(SETUP)
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 # make bench-convert: export.py converting a random Llama-2-7B-shape model
@@ -210,4 +212,4 @@ bench-peers: $(SETUP)
 	$(PYTHON) -m pip install llama-cpp-python
 
 clean:
-	rm -rf run run-noomp run-plain run-asan run-asan-plain $(ARM_BUILD) bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/fuzz_cli fuzz/work
+	rm -rf run run-noomp run-plain run-asan run-asan-plain $(ARM_BUILD) bench/membw bench/peak tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/fuzz_cli fuzz/work
