@@ -53,9 +53,11 @@ mapped, its f16 KV cache, and all threads for prompts and generation alike.
 
 Long contexts (--depths): a random model of SmolLM2-135M's shape (context
 8192, GQA) in f32 (whose KV cache is f32 in ./run) and q8_0 (f16 cache)
-generates --depth-gen tokens after a prompt of each depth (tg at depth: the
-positions the attention reads grow with it), and reads one prompt of
---long-prompt tokens (pp); llama.cpp the same, with its f16 KV cache.
+generates, for each depth D, --depth-gen tokens at positions up to D (after
+a prompt of D - depth-gen tokens, so that 8192 fits the context): tg at
+depth, where attention reads up to D cached positions; and it reads one
+prompt of --long-prompt tokens (pp); llama.cpp the same, with its f16 KV
+cache.
 These runs are long on a small machine: --depth-runs of each (default 1).
 """
 
@@ -373,10 +375,10 @@ def depth_section(opts, peers):
     """Long contexts: tg after a prompt of each depth, and pp of a long prompt."""
     shape = opts.depth_model
     args = export.ModelArgs(**SHAPES[shape])
-    print(f"\nlong contexts: {shape} ({args.describe()}); tg: {opts.depth_gen} tokens generated after a prompt of "
-          f"each depth; pp: a prompt of {opts.long_prompt or '-'} tokens; {opts.depth_runs} run(s), median; "
+    print(f"\nlong contexts: {shape} ({args.describe()}); tg @D: {opts.depth_gen} tokens generated at positions "
+          f"D-{opts.depth_gen} .. D-1; pp: a prompt of {opts.long_prompt or '-'} tokens; {opts.depth_runs} run(s), median; "
           f"KV cache: ours f32 for f32, f16 for q8_0; llama.cpp's f16")
-    tasks = [(f"tg @{d}", d, opts.depth_gen) for d in opts.depths]
+    tasks = [(f"tg @{d}", d - opts.depth_gen, opts.depth_gen) for d in opts.depths]
     if opts.long_prompt:
         tasks.append((f"pp {opts.long_prompt}", opts.long_prompt, 1))
     header = f"{'model':7} {'type':5} {'task':8} {'ours tok/s':>10}"
@@ -385,8 +387,6 @@ def depth_section(opts, peers):
     print(header)
     for dtype in opts.depth_dtypes:
         for name, n_prompt, n_gen in tasks:
-            if n_prompt + n_gen > args.max_seq_len:
-                raise SystemExit(f"bench: {name} needs {n_prompt + n_gen} positions; {shape} holds {args.max_seq_len}")
             prompt = prompt_tokens(args, n_prompt)
             pick = (lambda pp, tg: tg) if name.startswith("tg") else (lambda pp, tg: pp)
             peer = LlamaCpp(gguf_path(opts.out, shape, dtype), prompt, n_gen, opts.threads) if peers else None
@@ -418,7 +418,8 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     parser.add_argument("--gen", type=int, default=256, help="generated tokens (default 256)")
     parser.add_argument("--depths", type=numbers, default="2048,8192",
-                        help="long contexts: depths for tg, comma-separated, or none (default 2048,8192)")
+                        help="long contexts: tg at positions up to each of these, comma-separated, or none "
+                        "(default 2048,8192)")
     parser.add_argument("--depth-gen", type=int, default=32, help="tokens generated at each depth (default 32)")
     parser.add_argument("--long-prompt", type=int, default=4096, help="long contexts: pp of a prompt this long; "
                         "0 skips it (default 4096)")
@@ -442,6 +443,15 @@ def main(argv=None):
     if opts.long_prompt < 0:
         parser.error("--long-prompt must be 0 or more")
     depth = bool(opts.depths or opts.long_prompt)
+    for shape in shapes:
+        if opts.prompt + opts.gen > SHAPES[shape]["max_seq_len"]:
+            parser.error(f"--prompt and --gen need {opts.prompt + opts.gen} positions; {shape} holds "
+                         f"{SHAPES[shape]['max_seq_len']}")
+    if any(d <= opts.depth_gen for d in opts.depths):
+        parser.error("--depths must be above --depth-gen")
+    if depth and max(opts.depths + [opts.long_prompt + 1]) > SHAPES[opts.depth_model]["max_seq_len"]:
+        parser.error(f"the long contexts need more positions than {opts.depth_model} holds "
+                     f"({SHAPES[opts.depth_model]['max_seq_len']})")
     peers = have_peers() and not opts.no_peers
 
     subprocess.run(["make", "-s", "-C", str(ROOT), "run", "bench/membw", "bench/peak"], check=True)
