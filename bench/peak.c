@@ -97,13 +97,17 @@ __attribute__((target("avx512f"))) static float fma_avx512(long iters) {
 }
 
 /* 32 byte products per step: maddubs pairs them into 16-bit sums, madd
-   with ones into 32-bit sums, which add onto the accumulator. */
+   with ones into 32-bit sums, which add onto the accumulator. The empty asm
+   makes the input new to the compiler at every step, so that it cannot
+   compute the products once for all steps. */
 __attribute__((target("avx2"))) static float int8_avx2(long iters) {
     __m256i acc[ACC], a = _mm256_set1_epi8(byte), b = _mm256_set1_epi8(-byte), ones = _mm256_set1_epi16(1);
     for (int j = 0; j < ACC; j++) acc[j] = _mm256_setzero_si256();
     for (long i = 0; i < iters; i++)
-        for (int j = 0; j < ACC; j++)
+        for (int j = 0; j < ACC; j++) {
+            __asm__ volatile("" : "+x"(a));
             acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+        }
     int s = 0;
     for (int j = 0; j < ACC; j++) s += _mm256_extract_epi32(acc[j], 0);
     return (float)s;
