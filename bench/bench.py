@@ -63,6 +63,7 @@ These runs are long on a small machine: --depth-runs of each (default 1).
 
 import argparse
 import dataclasses
+import math
 import os
 import platform
 import re
@@ -264,7 +265,7 @@ class LlamaCpp:
     def __init__(self, path, prompt, n_gen, threads):
         import llama_cpp
         self.lib, self.prompt, self.n_gen = llama_cpp, prompt, n_gen
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n_gen + 8, n_batch=2048,
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n_gen, n_batch=2048,
                                    n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                                    flash_attn=True, use_mmap=True, verbose=False)
 
@@ -280,7 +281,8 @@ class LlamaCpp:
             if len(generated) < self.n_gen:
                 llm.eval([generated[-1]])
         perf = lib.llama_perf_context(llm.ctx)
-        return perf.n_p_eval / perf.t_p_eval_ms * 1000, perf.n_eval / perf.t_eval_ms * 1000, generated
+        tg = perf.n_eval / perf.t_eval_ms * 1000 if perf.t_eval_ms > 0 else float("nan")  # none when n_gen is 1
+        return perf.n_p_eval / perf.t_p_eval_ms * 1000, tg, generated
 
     def close(self):
         self.llm.close()
@@ -302,7 +304,7 @@ def numbers(text):
 
 
 def percent(value):
-    return f"{100 * value:4.0f}%" if value == value else "    -"
+    return "    -" if math.isnan(value) else f"{100 * value:4.0f}%"
 
 
 def table(opts, shapes, dtypes, peers):
