@@ -186,15 +186,19 @@ explain-text: run .demo/smollm2.bin
 
 # make bench: speed of ./run on random 110M and 1B-class models in every
 # weight type (prompt, generation, share of the read-bandwidth roofline,
-# memory), and llama.cpp's on the same weights when llama-cpp-python is
-# installed (make bench-peers). Models and outputs go to bench/out/.
+# memory), prompt GFLOP/s against the arithmetic peak, generation at depths
+# 2048 and 8192 and a 4096-token prompt on a SmolLM2-135M-shape model, and
+# llama.cpp's on the same weights when llama-cpp-python is installed (make
+# bench-peers). Models and outputs go to bench/out/.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--models 110m --runs 5".
-# bench/membw measures read bandwidth; -march=native is right for a tool
-# that only measures the machine it is built on.
-bench/membw: bench/membw.c
+# bench/membw measures read bandwidth, the roofline for generation, and
+# bench/peak the arithmetic peak (f32 FMA, int8 and bf16 dot products), the
+# roofline for prompts; -march=native is right for tools that only measure
+# the machine they are built on.
+bench/membw bench/peak: bench/%: bench/%.c
 	$(CC) -O3 -march=native $(WARNINGS) $(OPENMP) -o $@ $<
 
-bench: run bench/membw $(SETUP)
+bench: run bench/membw bench/peak $(SETUP)
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 # make bench-convert: export.py converting a random Llama-2-7B-shape model
@@ -205,9 +209,19 @@ bench: run bench/membw $(SETUP)
 bench-convert: run $(SETUP)
 	$(PYTHON) bench/bench_convert.py $(BENCH_CONVERT_ARGS)
 
-# llama.cpp's Python binding, built from source by pip (several minutes).
+# llama.cpp's Python binding, built from source by pip (several minutes on
+# two cores), pinned, for this machine as llama.cpp's own build does it
+# (-march=native): GGML_NATIVE=ON said outright, because llama.cpp's CMake
+# turns it off, and with it AVX2 and FMA, when SOURCE_DATE_EPOCH is set (as
+# reproducible-build setups do); --no-cache-dir, so that pip never reuses a
+# wheel it built elsewhere or without the flag; no llava library (unused).
+# It ends by printing the features its llama.cpp was built with.
+LLAMA_CPP_PYTHON = 0.3.36
 bench-peers: $(SETUP)
-	$(PYTHON) -m pip install llama-cpp-python
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $(PYTHON) -m pip install --no-binary llama-cpp-python \
+	    --no-cache-dir --force-reinstall --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	$(PYTHON) -m pip install llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	$(PYTHON) -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 
 clean:
-	rm -rf run run-noomp run-plain run-asan run-asan-plain $(ARM_BUILD) bench/membw tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/fuzz_cli fuzz/work
+	rm -rf run run-noomp run-plain run-asan run-asan-plain $(ARM_BUILD) bench/membw bench/peak tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/fuzz_cli fuzz/work
