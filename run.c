@@ -3410,9 +3410,14 @@ AVX2_INLINE void q_tiles_avx2(float *out, int ldo, const Matrix *w, int r0, int 
 }
 
 /* matmul_q8_0() and matmul_q4_0() in tiles of 4 rows by 3 tokens (one
-   token: 4 rows), rows and tokens left over one at a time. */
+   token: 4 rows of q4_0, or q8_0's rows one by one, which streams them
+   faster from memory), rows and tokens left over one at a time. */
 static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int t = 0;
+    if (in->n == 1 && w->type == WEIGHT_Q8_0) {
+        for (int r = r0; r < r1; r++) q_tile_avx2(out + r - r0, ldo, w, r, in, 0, 1, 1);
+        return;
+    }
     for (; t + QTILE_TOKENS <= in->n; t += QTILE_TOKENS) q_tiles_avx2(out, ldo, w, r0, r1, in, t, QTILE_TOKENS);
     for (; t < in->n; t++) q_tiles_avx2(out, ldo, w, r0, r1, in, t, 1);
 }
