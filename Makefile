@@ -195,7 +195,7 @@ explain-text: run .demo/smollm2.bin
 # bench/peak the arithmetic peak (f32 FMA, int8 and bf16 dot products), the
 # roofline for prompts; -march=native is right for tools that only measure
 # the machine they are built on.
-bench/membw bench/peak: bench/%: bench/%.c
+bench/membw bench/peak: bench/%: bench/%.c bench/timing.h
 	$(CC) -O3 -march=native $(WARNINGS) $(OPENMP) -o $@ $<
 
 bench: run bench/membw bench/peak $(SETUP)

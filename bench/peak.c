@@ -21,23 +21,12 @@
 
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
+#include "timing.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define ITERATIONS (1L << 22) // per thread and repeat: tens of milliseconds
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-static int by_value(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 /* A kernel runs iters iterations of ops operations each and returns a number
    that depends on all of them, so that the compiler keeps the work. */

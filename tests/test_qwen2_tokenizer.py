@@ -185,11 +185,7 @@ def driver_nfc(driver, texts):
     data = b"".join(struct.pack("<I", len(t)) + t for t in texts)
     p = subprocess.run([driver, "nfc"], input=data, capture_output=True)
     assert p.returncode == 0, p.stderr.decode()
-    out, res, i = p.stdout, [], 0
-    while i < len(out):
-        (n,) = struct.unpack_from("<I", out, i)
-        res.append(out[i + 4:i + 4 + n])
-        i += 4 + n
+    res = tt.framed_replies(p.stdout)
     assert len(res) == len(texts)
     return res
 

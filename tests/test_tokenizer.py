@@ -68,12 +68,18 @@ def decode_batch(driver, tok, id_lists):
     data = b"".join(struct.pack("<I", len(ids)) + struct.pack(f"<{len(ids)}i", *ids) for ids in id_lists)
     p = subprocess.run([driver, str(tok), "decode"], input=data, capture_output=True)
     assert p.returncode == 0, p.stderr.decode()
-    out, res, i = p.stdout, [], 0
+    res = framed_replies(p.stdout)
+    assert len(res) == len(id_lists)
+    return res
+
+
+def framed_replies(out):
+    """The driver's replies: each a u32 length, then that many bytes."""
+    res, i = [], 0
     while i < len(out):
         (n,) = struct.unpack_from("<I", out, i)
         res.append(out[i + 4:i + 4 + n])
         i += 4 + n
-    assert len(res) == len(id_lists)
     return res
 
 
