@@ -44,7 +44,7 @@ VENV_PYTHON = .venv/bin/python
 PYTHON ?= $(VENV_PYTHON)
 SETUP = $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/ready)
 
-.PHONY: all setup test test-arm sanitize fuzz demo demo-pip explain explain-text bench bench-peers bench-convert clean
+.PHONY: all setup test test-arm sanitize fuzz demo demo-pip explain explain-text bench bench-compare bench-peers bench-convert clean
 
 all: run
 
@@ -200,6 +200,16 @@ bench/membw bench/peak: bench/%: bench/%.c bench/timing.h
 
 bench: run bench/membw bench/peak $(SETUP)
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
+# make bench-compare REF=<commit>: ./run against the engine at REF (taken
+# from git, built with this Makefile's CC, CFLAGS and OpenMP into
+# bench/out/ref-<commit>/), alternating run by run on bench/out's models:
+# median prompt and generation speeds and ratios per shape and weight type.
+# The evidence for a kernel change, on the CPU it names. BENCH_ARGS passes
+# options, e.g. BENCH_ARGS="--models 110m --dtypes f32,q8_0 --runs 5".
+bench-compare: run $(SETUP)
+	@test -n "$(REF)" || { echo "make bench-compare: say which commit to compare with, e.g. REF=HEAD~1"; exit 2; }
+	$(PYTHON) bench/compare.py --ref "$(REF)" --cc "$(CC)" --cflags "$(CFLAGS) $(OPENMP)" $(BENCH_ARGS)
 
 # make bench-convert: export.py converting a random Llama-2-7B-shape model
 # (13.5 GB of bf16 safetensors shards, written into bench/out/ and kept) to
