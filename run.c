@@ -275,15 +275,14 @@ typedef struct {
 
 /* The input x (n, cols) of the matrix products under way, in the forms the
    kernels take (prepare_input()), and room for them to work; the fast ones
-   may round x to bf16 and repack each thread's block of weights.
+   may repack each thread's block of weights.
    widest = max(dim, q_dim, hidden), the widest input of a product. */
 typedef struct {
     const float *x;       // (n, cols)
     int n;
     QuantizedVector q;    // (batch, widest)
     QuantizedVector rest; // (batch, widest) q8_0 only: what q leaves, x - d q, quantized in turn
-    uint16_t *bf16;       // (batch, widest + 32) bf16 weights only
-    void *panels;         // (threads, panel_size) bytes, for a batch
+    void *panels;         // (threads, panel_size) bytes, for a batch of q8_0 or q4_0
     size_t panel_size;    // ROW_BLOCK rows of widest + 64 floats
     float *up;            // (threads, batch, ROW_BLOCK) gate_up()'s up projection, a block at a time
     int batch;
@@ -1330,9 +1329,7 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     alloc_quantized(&ps->q, qn, "activations");
     size_t rn = c->weight_type == WEIGHT_Q8_0 ? qn : 0; // the second part, for q8_0 only
     alloc_quantized(&ps->rest, rn, "activations");
-    size_t bn = c->weight_type == WEIGHT_BF16 && b > 1 ? b * (widest + 32) : 0;
-    ps->bf16 = xcalloc(bn + 1, sizeof(uint16_t), "activations");
-    ps->panel_size = b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
+    ps->panel_size = grouped && b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
     ps->panels = xcalloc(mul_size(s->threads, ps->panel_size) + 1, 1, "packed weights");
     ps->batch = (int)b;
     ps->up = xcalloc(s->threads * b * ROW_BLOCK, sizeof(float), "activations");
@@ -1342,7 +1339,7 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
 
 static void free_run_state(RunState *s) {
     void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
-                       s->rope_sin, s->logits, s->products.bf16, s->products.panels, s->products.up, s->key_cache,
+                       s->rope_sin, s->logits, s->products.panels, s->products.up, s->key_cache,
                        s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
     free_quantized(&s->products.q);
@@ -2778,10 +2775,7 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
 #define HAVE_AVX512 1
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 #define AVX512_INLINE AVX512 static inline __attribute__((always_inline))
-#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma,f16c")))
-#define AVX512_BF16_INLINE AVX512_BF16 static inline __attribute__((always_inline))
-static int use_avx512;      // chosen once, by choose_fast_kernels()
-static int use_avx512_bf16; // ... and its bfloat16 dot products (vdpbf16ps)
+static int use_avx512; // chosen once, by choose_fast_kernels()
 #else
 #define HAVE_AVX512 0
 #endif
@@ -2817,83 +2811,88 @@ static inline void prefetch_pack(const void *p) {
 #endif
 }
 
-/* ---- Dot products in lanes, for f32 and bf16 weights (any CPU) */
+/* ---- Products of f32 and bf16 weights, in one order (any CPU)
 
-/* The sum of LANES partial sums, as a tree: halves added together, which
-   the compiler does in a few vector adds, always in the same order. */
-#define LANES 32
+   Every fast f32 and bf16 product, one token or a batch, on any CPU, adds
+   in the same order, so that -b and the thread count change no bit of the
+   logits: the columns in passes of GEMM_DEPTH; within a pass 16 lanes,
+   lane j taking columns j, j + 16, j + 32, ... by fused multiply-adds; the
+   lanes added as a tree of halves (sum_lanes()); the passes' sums added in
+   turn. bf16 weights are widened to f32 first, exactly; the inputs stay
+   f32. */
+#define LANES 16
+#define GEMM_DEPTH 1024 // columns per pass: a batch tile's 8 weight rows of them (32 KiB) stay in L1
+
+/* The 16 lanes added as ((0 + 8) + (4 + 12)) + ... : halves, then halves of those. */
 static float sum_lanes(float acc[LANES]) {
     for (int half = LANES / 2; half > 0; half /= 2)
         for (int j = 0; j < half; j++) acc[j] += acc[j + half];
     return acc[0];
 }
 
-/* a . b in 32 independent lanes, which the compiler turns into vector
-   multiply-adds, summed at the end in a fixed order. a is the streamed
-   operand (the weights). */
-static float dot_f32(const float *a, const float *b, int n) {
+/* a . b over one pass (n <= GEMM_DEPTH) in the order above. a is the
+   streamed operand (the weights). */
+static float dot_pass(const float *a, const float *b, int n) {
     float acc[LANES] = {0};
     int i = 0;
     for (; i + LANES <= n; i += LANES) {
         prefetch(a + i);
-        prefetch(a + i + 16);
-        for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
+        for (int j = 0; j < LANES; j++) acc[j] = fmaf(a[i + j], b[i + j], acc[j]);
     }
-    float sum = 0.0f;
-    for (; i < n; i++) sum += a[i] * b[i];
-    return sum + sum_lanes(acc);
+    for (int j = 0; i + j < n; j++) acc[j] = fmaf(a[i + j], b[i + j], acc[j]);
+    return sum_lanes(acc);
 }
 
-/* w . x for a bfloat16 row w: each weight widened to float, exactly. */
+/* w . x for an f32 row w, pass by pass. */
+static float dot_f32(const float *w, const float *x, int n) {
+    float sum = 0.0f;
+    for (int k = 0; k < n; k += GEMM_DEPTH) sum += dot_pass(w + k, x + k, n - k < GEMM_DEPTH ? n - k : GEMM_DEPTH);
+    return sum;
+}
+
+/* The same for a bf16 row, each pass widened first. */
 static float dot_bf16(const uint16_t *w, const float *x, int n) {
-    float acc[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        prefetch(w + i);
-        for (int j = 0; j < LANES; j++) acc[j] += bf16_to_f32(w[i + j]) * x[i + j];
+    float row[GEMM_DEPTH], sum = 0.0f;
+    for (int k = 0; k < n; k += GEMM_DEPTH) {
+        int depth = n - k < GEMM_DEPTH ? n - k : GEMM_DEPTH;
+        for (int i = 0; i < depth; i++) row[i] = bf16_to_f32(w[k + i]);
+        sum += dot_pass(row, x + k, depth);
     }
-    float sum = 0.0f;
-    for (; i < n; i++) sum += bf16_to_f32(w[i]) * x[i];
-    return sum + sum_lanes(acc);
+    return sum;
 }
 
-/* ---- Matrix products for a batch (n > 1), in tiles (any CPU) */
-
-#define GEMM_ROWS 8     // weight rows per tile
-#define GEMM_TOKENS 3   // tokens per tile: 8 x 3 sums fill 24 of AVX-512's 32 registers
-#define GEMM_DEPTH 512  // columns per pass: a tile's 8 weight rows of them (16 KiB) stay in L1
+/* Batches (n > 1) in tiles of GEMM_ROWS weight rows by up to GEMM_TOKENS
+   tokens, one pass at a time: each weight of a pass is loaded once per
+   tile and used for every token of it. */
+#define GEMM_ROWS 8    // weight rows per tile
+#define GEMM_TOKENS 3  // tokens per tile: AVX-512 keeps 8 x 3 sums in 24 of its 32 registers
 
 /* One tile: c (tokens, rows; row stride ldc) = x (tokens, depth; stride
-   ldx) @ w (rows, depth; stride ldw)^T, plus what c holds when accumulate
-   is set. */
+   ldx) @ w (rows, depth; stride ldw)^T, for depth <= GEMM_DEPTH, added to
+   what c holds when accumulate is set. */
 typedef struct {
     float *c;
     const float *w, *x;
     int ldc, ldw, ldx;
     int depth, rows, tokens, accumulate;
 } GemmTile;
+typedef void GemmTileKernel(const GemmTile *g);
 
 static void gemm_tile_fast(const GemmTile *g) {
     for (int t = 0; t < g->tokens; t++)
         for (int r = 0; r < g->rows; r++) {
-            float sum = dot_f32(g->w + (size_t)r * g->ldw, g->x + (size_t)t * g->ldx, g->depth);
+            float sum = dot_pass(g->w + (size_t)r * g->ldw, g->x + (size_t)t * g->ldx, g->depth);
             float *c = g->c + (size_t)t * g->ldc + r;
             *c = g->accumulate ? *c + sum : sum;
         }
 }
 
-/* The kernel for tiles of a full GEMM_ROWS rows where the CPU has one of its
-   own (gemm_tile_avx512()); NULL: gemm_tile_fast(), called directly, so that
-   the compiler inlines it into gemm_rows() with the tile's fields known. */
-static void (*gemm_tile_full)(const GemmTile *g);
-
-/* matmul_f32()'s result for a batch x (n, cols) of in and f32, bf16, q8_0
-   or q4_0 weights, for rows r0 .. r1 - 1, r0 a multiple of GEMM_ROWS.
-   Tiles of 8 weight rows by 3 tokens go through the columns in passes of
-   GEMM_DEPTH; quantized and bf16 weights are widened to floats once per pass
-   into `panel` and then reused by every token of the batch. Each output is
-   computed the same way whichever thread computes it. */
-static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+/* The batch product of f32 or bf16 weights, rows r0 .. r1 - 1, with the
+   kernel full_tile for tiles of GEMM_ROWS rows: bf16 weights widened once
+   per pass into `panel`, then reused by every token of the batch. Inlined
+   into each CPU's version, so that its tile kernel is a direct call. */
+static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int ldo, const Matrix *w, int r0, int r1,
+                                                                 const ProductScratch *in, GemmTileKernel *full_tile) {
     _Alignas(64) float panel[GEMM_ROWS * GEMM_DEPTH];
     int cols = w->cols, n = in->n;
     for (int r = r0; r < r1; r += GEMM_ROWS) {
@@ -2912,30 +2911,33 @@ static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, cons
                 tile.tokens = n - t < GEMM_TOKENS ? n - t : GEMM_TOKENS;
                 tile.c = out + (size_t)t * ldo + (r - r0);
                 tile.x = in->x + (size_t)t * cols + k;
-                if (nr == GEMM_ROWS && gemm_tile_full) gemm_tile_full(&tile);
+                if (nr == GEMM_ROWS) full_tile(&tile);
                 else gemm_tile_fast(&tile);
             }
         }
     }
 }
 
-/* f32 and bf16 weights: one token's dot products in lanes, a batch in tiles. */
-static void matmul_f32_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+/* f32 and bf16 weights: one token row by row, a batch through gemm, the
+   CPU's batch product. */
+static inline __attribute__((always_inline)) void matmul_floats(float *out, int ldo, const Matrix *w, int r0, int r1,
+                                                                const ProductScratch *in, MatmulKernel *gemm) {
     if (in->n > 1) {
-        gemm_rows(out, ldo, w, r0, r1, in);
+        gemm(out, ldo, w, r0, r1, in);
         return;
     }
     size_t cols = w->cols;
-    for (int r = r0; r < r1; r++) out[r - r0] = dot_f32((const float *)w->values + r * cols, in->x, (int)cols);
+    for (int r = r0; r < r1; r++)
+        out[r - r0] = w->type == WEIGHT_F32 ? dot_f32((const float *)w->values + r * cols, in->x, (int)cols)
+                                            : dot_bf16((const uint16_t *)w->values + r * cols, in->x, (int)cols);
 }
 
-static void matmul_bf16_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    if (in->n > 1) {
-        gemm_rows(out, ldo, w, r0, r1, in);
-        return;
-    }
-    size_t cols = w->cols;
-    for (int r = r0; r < r1; r++) out[r - r0] = dot_bf16((const uint16_t *)w->values + r * cols, in->x, (int)cols);
+static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_fast);
+}
+
+static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    matmul_floats(out, ldo, w, r0, r1, in, gemm_rows);
 }
 
 /* ---- Attention (any CPU) */
@@ -3178,6 +3180,22 @@ static void attention_fast(float *out, const float *q, const KVCache *kv, int po
    input serves several of these sums, which also keeps several multiply-
    adds in flight instead of one chain. */
 
+#if HAVE_AVX2 || HAVE_AVX512
+/* The sums of 8 outputs, each of 16 lanes, h[i] holding lanes j + (j + 8)
+   of output i: the rest of sum_lanes()'s tree, output i into lane i. */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 sum8_lanes(const __m256 h[8]) {
+    __m256 a[4], b[2];
+    for (int i = 0; i < 4; i++) // (j) + (j + 4): outputs 2i and 2i + 1 in the two halves
+        a[i] = _mm256_add_ps(_mm256_permute2f128_ps(h[2 * i], h[2 * i + 1], 0x20),
+                             _mm256_permute2f128_ps(h[2 * i], h[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; i++) // (j) + (j + 2)
+        b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xee));
+    __m256 c = _mm256_add_ps(_mm256_shuffle_ps(b[0], b[1], 0x88), _mm256_shuffle_ps(b[0], b[1], 0xdd)); // 0 + 1
+    return _mm256_permutevar8x32_ps(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); // was 0 2 4 6 1 3 5 7
+}
+#endif
+
 #if HAVE_AVX2
 #define AVX2_INLINE static inline __attribute__((always_inline))
 
@@ -3187,47 +3205,48 @@ static inline float sum_avx2(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* The sums of four vectors, v[i] into lane i. */
-static inline __m128 sum4_avx2(const __m256 v[4]) {
-    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-
-/* acc[t][i] += w[i] * x[t] for 4 rows w (stride ldw) and nt inputs x
-   (stride ldx), 8 lanes at k, those of mask alone where it is given. */
-AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][4], const float *w, int ldw, const float *x, int ldx, int k,
-                                const __m256i *mask, const int nt) {
-    __m256 xv[GEMM_TOKENS];
-    for (int t = 0; t < nt; t++) {
-        const float *xt = x + (size_t)t * ldx + k;
-        xv[t] = mask ? _mm256_maskload_ps(xt, *mask) : _mm256_loadu_ps(xt);
-    }
-    for (int i = 0; i < 4; i++) {
-        const float *wi = w + (size_t)i * ldw + k;
-        __m256 wv = mask ? _mm256_maskload_ps(wi, *mask) : _mm256_loadu_ps(wi);
-        for (int t = 0; t < nt; t++) acc[t][i] = _mm256_fmadd_ps(wv, xv[t], acc[t][i]);
-    }
-}
-
-/* gemm_tile_fast() for a tile of GEMM_ROWS rows and nt tokens, four rows
-   at a time: 4 x 3 sums, 3 inputs and a row fill the 16 registers; the
-   depth in steps of 8, the last one masked. */
-AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
-    int ldc = g->ldc, ldw = g->ldw, ldx = g->ldx, depth = g->depth, end = depth / 8 * 8;
-    __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int r = 0; r < GEMM_ROWS; r += 4) {
-        const float *w = g->w + (size_t)r * ldw;
-        __m256 acc[GEMM_TOKENS][4];
-        for (int t = 0; t < nt; t++)
-            for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_ps();
-        for (int k = 0; k < end; k += 8) gemm_step_avx2(acc, w, ldw, g->x, ldx, k, NULL, nt);
-        if (end < depth) gemm_step_avx2(acc, w, ldw, g->x, ldx, end, &tail, nt);
+/* acc[t][i] (lanes 0-7, 8-15) += w[i] * x[t] for 2 rows w (stride ldw) and nt
+   inputs x (stride ldx), the 16 columns at k, those of mask alone where
+   it is given. */
+AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][2][2], const float *w, int ldw, const float *x, int ldx,
+                                int k, const __m256i mask[2], const int nt) {
+    for (int half = 0; half < 2; half++) {
+        __m256 xv[GEMM_TOKENS];
         for (int t = 0; t < nt; t++) {
-            float *c = g->c + (size_t)t * ldc + r;
-            __m128 sum = sum4_avx2(acc[t]);
-            if (g->accumulate) sum = _mm_add_ps(sum, _mm_loadu_ps(c));
-            _mm_storeu_ps(c, sum);
+            const float *xt = x + (size_t)t * ldx + k + 8 * half;
+            xv[t] = mask ? _mm256_maskload_ps(xt, mask[half]) : _mm256_loadu_ps(xt);
         }
+        for (int i = 0; i < 2; i++) {
+            const float *wi = w + (size_t)i * ldw + k + 8 * half;
+            __m256 wv = mask ? _mm256_maskload_ps(wi, mask[half]) : _mm256_loadu_ps(wi);
+            for (int t = 0; t < nt; t++) acc[t][i][half] = _mm256_fmadd_ps(wv, xv[t], acc[t][i][half]);
+        }
+    }
+}
+
+/* gemm_tile_fast() for a tile of GEMM_ROWS rows and nt tokens, two rows
+   at a time: their 2 x 3 sums of 16 lanes fill 12 of the 16 registers. */
+AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
+    int ldw = g->ldw, ldx = g->ldx, depth = g->depth, end = depth / LANES * LANES;
+    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i tail[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end), lane),
+                       _mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end - 8), lane)};
+    __m256 h[GEMM_TOKENS][GEMM_ROWS];
+    for (int r = 0; r < GEMM_ROWS; r += 2) {
+        const float *w = g->w + (size_t)r * ldw;
+        __m256 acc[GEMM_TOKENS][2][2];
+        for (int t = 0; t < nt; t++)
+            for (int i = 0; i < 2; i++) acc[t][i][0] = acc[t][i][1] = _mm256_setzero_ps();
+        for (int k = 0; k < end; k += LANES) gemm_step_avx2(acc, w, ldw, g->x, ldx, k, NULL, nt);
+        if (end < depth) gemm_step_avx2(acc, w, ldw, g->x, ldx, end, tail, nt);
+        for (int t = 0; t < nt; t++)
+            for (int i = 0; i < 2; i++) h[t][r + i] = _mm256_add_ps(acc[t][i][0], acc[t][i][1]);
+    }
+    for (int t = 0; t < nt; t++) {
+        float *c = g->c + (size_t)t * g->ldc;
+        __m256 sum = sum8_lanes(h[t]);
+        if (g->accumulate) sum = _mm256_add_ps(_mm256_loadu_ps(c), sum);
+        _mm256_storeu_ps(c, sum);
     }
 }
 
@@ -3237,6 +3256,14 @@ static void gemm_tile_avx2(const GemmTile *g) {
     case 2: gemm_tile_body_avx2(g, 2); break;
     default: gemm_tile_body_avx2(g, 1);
     }
+}
+
+static void gemm_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2);
+}
+
+static void matmul_floats_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    matmul_floats(out, ldo, w, r0, r1, in, gemm_rows_avx2);
 }
 
 /* The 32 products of int8 vectors a and b, summed in fours into 8 int32
@@ -3541,27 +3568,16 @@ AVX512 static float dot_q8_both_avx512(const int8_t *w, const uint16_t *wd, cons
 
 /* ---- Matrix products for a batch (n > 1) on AVX-512 */
 
-/* The sums of the 16 lanes of each of v[0..7], as 8 lanes. */
-AVX512_INLINE __m256 sum8_avx512(const __m512 v[8]) {
-    __m256 h[8];
-    for (int i = 0; i < 8; i++) h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i]), _mm512_extractf32x8_ps(v[i], 1));
-    __m256 a = _mm256_hadd_ps(h[0], h[1]), b = _mm256_hadd_ps(h[2], h[3]);
-    __m256 c = _mm256_hadd_ps(h[4], h[5]), d = _mm256_hadd_ps(h[6], h[7]);
-    __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d); // halves: [v0..v3], [v4..v7] partial sums
-    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
-}
-
-/* A full tile of GEMM_ROWS rows and nt tokens: each sum in 16 lanes, the
-   depth in steps of 16 (the last one masked). */
+/* A full tile of GEMM_ROWS rows and nt tokens: each sum in one vector of
+   the 16 lanes, the depth in steps of 16 (the last one masked). */
 AVX512_INLINE void gemm_tile_body_avx512(const GemmTile *g, const int nt) {
-    float *c = g->c;
     const float *w = g->w, *x = g->x;
-    int ldc = g->ldc, ldw = g->ldw, ldx = g->ldx, depth = g->depth;
+    int ldw = g->ldw, ldx = g->ldx, depth = g->depth;
     __m512 acc[GEMM_TOKENS][GEMM_ROWS];
     for (int t = 0; t < nt; t++)
         for (int r = 0; r < GEMM_ROWS; r++) acc[t][r] = _mm512_setzero_ps();
-    for (int k = 0; k < depth; k += 16) {
-        __mmask16 m = depth - k >= 16 ? 0xffff : (__mmask16)((1u << (depth - k)) - 1);
+    for (int k = 0; k < depth; k += LANES) {
+        __mmask16 m = tail_mask(depth - k);
         __m512 xv[GEMM_TOKENS];
         for (int t = 0; t < nt; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + (size_t)t * ldx + k);
         for (int r = 0; r < GEMM_ROWS; r++) {
@@ -3570,19 +3586,31 @@ AVX512_INLINE void gemm_tile_body_avx512(const GemmTile *g, const int nt) {
         }
     }
     for (int t = 0; t < nt; t++) {
-        __m256 sum = sum8_avx512(acc[t]);
-        if (g->accumulate) sum = _mm256_add_ps(sum, _mm256_loadu_ps(c + (size_t)t * ldc));
-        _mm256_storeu_ps(c + (size_t)t * ldc, sum);
+        float *c = g->c + (size_t)t * g->ldc;
+        __m256 h[GEMM_ROWS];
+        for (int r = 0; r < GEMM_ROWS; r++)
+            h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[t][r]), _mm512_extractf32x8_ps(acc[t][r], 1));
+        __m256 sum = sum8_lanes(h);
+        if (g->accumulate) sum = _mm256_add_ps(_mm256_loadu_ps(c), sum);
+        _mm256_storeu_ps(c, sum);
     }
 }
 
-/* gemm_tile_fast() for a tile of GEMM_ROWS rows. */
 AVX512 static void gemm_tile_avx512(const GemmTile *g) {
     switch (g->tokens) {
     case 3: gemm_tile_body_avx512(g, 3); break;
     case 2: gemm_tile_body_avx512(g, 2); break;
     default: gemm_tile_body_avx512(g, 1);
     }
+}
+
+AVX512 static void gemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512);
+}
+
+AVX512 static void matmul_floats_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
+                                        const ProductScratch *in) {
+    matmul_floats(out, ldo, w, r0, r1, in, gemm_rows_avx512);
 }
 
 /* q8_0 and q4_0 weights: rows repacked so that vpdpbusd multiplies 16 of
@@ -3733,131 +3761,24 @@ AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r
     }
 }
 
-/* bf16 weights, on CPUs with AVX-512 BF16: rows repacked so that vdpbf16ps
-   multiplies 16 of them at once by 2 inputs of a token, rounded to bf16 by
-   prepare_input_avx512(). A thread's panel holds 32 rows, 64 * (cols + 31)
-   bytes, within ProductScratch.panel_size. */
-#define BGEMM_ROWS 32   // weight rows per packed panel: two vectors of 16 outputs
-#define BGEMM_TOKENS 8  // tokens per tile: 8 x 2 sums in registers
-
-/* A float as a bfloat16, rounded to nearest even (NaN stays NaN). */
-static uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)(bits >> 16 | 0x40);
-    return (uint16_t)((bits + 0x7fff + (bits >> 16 & 1)) >> 16);
-}
-
-/* Packs rows r0 .. r0 + 31 of a bf16 matrix (rows past its end, and
-   columns past cols up to a multiple of 32, as zeros) for the vdpbf16ps
-   tiles: (cols / 2, 32) u32, each the 2 weights of columns 2j, 2j + 1 of a
-   row, rows side by side. */
-AVX512 static void bgemm_pack_avx512(uint32_t *panel, const Matrix *w, int r0) {
-    int cols = w->cols;
-    for (int half = 0; half < 2; half++)
-        for (int k = 0; k < cols; k += 32) {
-            __mmask32 m = cols - k >= 32 ? 0xffffffffu : (__mmask32)((1u << (cols - k)) - 1);
-            __m512i seg[16];
-            for (int i = 0; i < 16; i++) {
-                int r = r0 + 16 * half + i;
-                const uint16_t *at = (const uint16_t *)w->values + (size_t)r * cols + k;
-                prefetch_pack(at);
-                seg[i] = r < w->rows ? _mm512_maskz_loadu_epi16(m, at) : _mm512_setzero_si512();
-            }
-            transpose16_avx512(seg);
-            for (int j = 0; j < 16; j++)
-                _mm512_storeu_si512(panel + (size_t)(k / 2 + j) * BGEMM_ROWS + 16 * half, seg[j]);
-        }
-}
-
-/* One tile: out[t][r] for the tokens t0 .. t0 + nt - 1 of x (rows padded to
-   a multiple of 32) and the 32 packed rows (the first `rows` stored). */
-typedef struct {
-    float *out;            // row stride ldo
-    int ldo, rows, cols, t0;
-    const uint32_t *panel;
-    const uint16_t *x;
-} BgemmTile;
-
-/* vdpbf16ps adds 2 weights of 16 rows times 2 broadcast inputs of one
-   token, all bf16, into float sums. */
-AVX512_BF16_INLINE void bgemm_tile_body(const BgemmTile *tile, const int nt) {
-    float *out = tile->out;
-    int ldo = tile->ldo, cols = tile->cols, t0 = tile->t0;
-    const uint32_t *panel = tile->panel;
-    const uint16_t *x = tile->x;
-    int pairs = (cols + 1) / 2, stride = (cols + 31) / 32 * 32; // x rows are padded like the panel
-    __m512 acc[BGEMM_TOKENS][2];
-    for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-    for (int j = 0; j < pairs; j++) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + (size_t)j * BGEMM_ROWS);
-        __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + (size_t)j * BGEMM_ROWS + 16);
-        for (int t = 0; t < nt; t++) {
-            int32_t two;
-            memcpy(&two, x + (size_t)(t0 + t) * stride + 2 * j, sizeof two);
-            __m512bh xb = (__m512bh)_mm512_set1_epi32(two);
-            acc[t][0] = _mm512_dpbf16_ps(acc[t][0], w0, xb);
-            acc[t][1] = _mm512_dpbf16_ps(acc[t][1], w1, xb);
-        }
-    }
-    __mmask16 m0 = tail_mask(tile->rows), m1 = tail_mask(tile->rows - 16);
-    for (int t = 0; t < nt; t++) {
-        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo, m0, acc[t][0]);
-        _mm512_mask_storeu_ps(out + (size_t)(t0 + t) * ldo + 16, m1, acc[t][1]);
-    }
-}
-
-/* matmul_bf16() for a batch already rounded to bf16 (in->bf16), rows r0 ..
-   r1 - 1 (r0 a multiple of 32, at most 32 rows), packed once into the
-   thread's panel. The inputs' rounding is the price of twice the
-   multiply-adds per instruction; gemm_rows(), on f32 inputs, is the other
-   way. */
-AVX512_BF16 static void bgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
-                                          const ProductScratch *in) {
-    uint32_t *panel = (uint32_t *)((char *)in->panels + (size_t)thread_num() * in->panel_size);
-    bgemm_pack_avx512(panel, w, r0);
-    BgemmTile tile = {.out = out, .ldo = ldo, .rows = r1 - r0, .cols = w->cols, .panel = panel, .x = in->bf16};
-    for (int t = 0; t < in->n; t += BGEMM_TOKENS) {
-        tile.t0 = t;
-        switch (in->n - t < BGEMM_TOKENS ? in->n - t : BGEMM_TOKENS) {
-        case 8: bgemm_tile_body(&tile, 8); break;
-        case 7: bgemm_tile_body(&tile, 7); break;
-        case 6: bgemm_tile_body(&tile, 6); break;
-        case 5: bgemm_tile_body(&tile, 5); break;
-        case 4: bgemm_tile_body(&tile, 4); break;
-        case 3: bgemm_tile_body(&tile, 3); break;
-        case 2: bgemm_tile_body(&tile, 2); break;
-        default: bgemm_tile_body(&tile, 1);
-        }
-    }
-}
-
 /* ---- The products on AVX-512 */
 
-/* prepare_input(), and for these kernels more: the sums that vpdpbusd
-   starts from, for q8_0 and q4_0 weights; for a batch and bf16 weights, on
-   CPUs with AVX-512 BF16, x rounded to bf16 (rows padded with zeros to a
-   multiple of 32). */
+/* prepare_input(), and for q8_0 and q4_0 weights more: the sums that
+   vpdpbusd starts from. */
 static void prepare_input_avx512(ProductScratch *in, const Matrix *w, const float *x, int n) {
-    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8, stride = (cols + 31) / 32 * 32;
+    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8;
     in->x = x, in->n = n;
-    if (w->type == WEIGHT_Q8_0 || w->type == WEIGHT_Q4_0) {
-        #pragma omp parallel for if (n > 1)
-        for (int t = 0; t < n; t++) {
-            QuantizedVector row = quantized_row(&in->q, t, cols);
-            quantize_vector(&row, x + (size_t)t * cols, cols);
-            quantize_biases(&row, cols, offset);
-            if (w->type == WEIGHT_Q8_0) {
-                QuantizedVector rest = quantized_row(&in->rest, t, cols);
-                quantize_remainder(&rest, x + (size_t)t * cols, &row, cols);
-                quantize_biases(&rest, cols, offset);
-            }
+    if (w->type != WEIGHT_Q8_0 && w->type != WEIGHT_Q4_0) return;
+    #pragma omp parallel for if (n > 1)
+    for (int t = 0; t < n; t++) {
+        QuantizedVector row = quantized_row(&in->q, t, cols);
+        quantize_vector(&row, x + (size_t)t * cols, cols);
+        quantize_biases(&row, cols, offset);
+        if (w->type == WEIGHT_Q8_0) {
+            QuantizedVector rest = quantized_row(&in->rest, t, cols);
+            quantize_remainder(&rest, x + (size_t)t * cols, &row, cols);
+            quantize_biases(&rest, cols, offset);
         }
-    } else if (w->type == WEIGHT_BF16 && n > 1 && use_avx512_bf16) {
-        #pragma omp parallel for
-        for (int t = 0; t < n; t++)
-            for (int i = 0; i < stride; i++)
-                in->bf16[(size_t)t * stride + i] = i < cols ? f32_to_bf16(x[(size_t)t * cols + i]) : 0;
     }
 }
 
@@ -3883,12 +3804,6 @@ static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int r0, int
         out[r - r0] = dot_q4_avx512((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, &in->q,
                                     (int)cols);
 }
-
-/* bf16 on CPUs with AVX-512 BF16: one token in lanes, a batch packed. */
-static void matmul_bf16_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    if (in->n > 1) bgemm_rows_avx512(out, ldo, w, r0, r1, in);
-    else matmul_bf16_fast(out, ldo, w, r0, r1, in);
-}
 #endif
 
 /* ---- The choice */
@@ -3896,11 +3811,11 @@ static void matmul_bf16_avx512(float *out, int ldo, const Matrix *w, int r0, int
 /* Puts the fastest kernels that this build and CPU have into the kernel
    table. main() calls it once, before the first forward pass. */
 static void choose_fast_kernels(void) {
-    kernels = (Kernels){{matmul_f32_fast, matmul_q8_0, matmul_q4_0, matmul_bf16_fast}, prepare_input, attention_fast};
+    kernels = (Kernels){{matmul_floats_fast, matmul_q8_0, matmul_q4_0, matmul_floats_fast}, prepare_input,
+                        attention_fast};
 #if HAVE_AVX2
-    kernels.matmul[WEIGHT_Q8_0] = matmul_quantized_avx2;
-    kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
-    gemm_tile_full = gemm_tile_avx2;
+    kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx2;
+    kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
 #endif
 #if HAVE_AVX512
     const char *env = getenv("RUN_AVX512");
@@ -3908,13 +3823,11 @@ static void choose_fast_kernels(void) {
     use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                  __builtin_cpu_supports("avx512vnni") && !(env && strcmp(env, "0") == 0);
-    use_avx512_bf16 = use_avx512 && __builtin_cpu_supports("avx512bf16");
     if (!use_avx512) return;
     kernels.prepare = prepare_input_avx512;
+    kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx512;
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;
-    if (use_avx512_bf16) kernels.matmul[WEIGHT_BF16] = matmul_bf16_avx512;
-    gemm_tile_full = gemm_tile_avx512;
 #endif
 }
 
