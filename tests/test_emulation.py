@@ -1,0 +1,52 @@
+"""./run-emu (make run-emu: run.c's AVX-512 kernels emulated with SIMDe and
+tools/avx512_emulation.h) against ./run on a CPU that has AVX-512 F, BW,
+VL, DQ, VNNI and BF16, where ./run takes the same kernels natively: the
+CPU is the reference. Random models of every weight type, a prompt one
+token at a time (-b 1) and in batches (-b 64, one of them partial), then
+generation: the logits must be identical, bit for bit, since the emulation
+does each instruction's arithmetic as the CPU does, in the same order. A
+wrong lane, mask, shuffle or rounding in the emulation shows here. On other
+CPUs (CI's) there is nothing native to compare with, and the tests skip:
+make test-emu still holds ./run-emu to PyTorch there."""
+
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_all import generate_ids, read_logits
+from test_weight_types import model_args, prompt_for
+import export
+
+ROOT = Path(__file__).resolve().parent.parent
+NATIVE, EMULATED = ROOT / "run", ROOT / "run-emu"
+FEATURES = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}  # /proc/cpuinfo's names
+
+
+def cpu_has_avx512():
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    flags = next((line.split(":")[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    return FEATURES <= set(flags)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("batch", ["1", "64"])
+def test_emulated_logits_equal_native(dtype, batch, tmp_path):
+    if not cpu_has_avx512():
+        pytest.skip("this CPU has no AVX-512 (with VNNI and BF16) to compare the emulation with")
+    if not EMULATED.exists():
+        pytest.skip("./run-emu is not built (make test-emu builds it)")
+    args = model_args("gqa4_untied")
+    path = tmp_path / f"{dtype}.bin"
+    export.write_checkpoint(path, args, export.random_model(args, seed=2).state_dict(), dtype)
+    prompt = prompt_for(args.vocab_size, n=70)
+    rows = []
+    for binary in (NATIVE, EMULATED):
+        ids, logits_path = generate_ids(path, prompt, 6, tmp_path, binary=binary, extra=("-b", batch))
+        rows.append(read_logits(logits_path, args.vocab_size))
+    native, emulated = rows
+    assert native.shape == emulated.shape == (len(prompt) + 5, args.vocab_size)
+    assert np.array_equal(native.view(np.uint32), emulated.view(np.uint32)), \
+        f"max |diff| {np.abs(native - emulated).max():.3g}"
