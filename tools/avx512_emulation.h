@@ -24,10 +24,11 @@
    Write emu_mm512_foo() below, with the intrinsic's arguments, doing what
    the Intel Intrinsics Guide says it does, in plain C on the lanes (the
    helpers below copy vectors to arrays and back) or on SIMDe's functions,
-   then map the name to it, unless SIMDe (a later version) has it:
-       #ifndef _mm512_foo
+   then map the name to it, in place of what the compiler's or SIMDe's
+   headers may have defined under it (a macro, for intrinsics that take an
+   immediate):
+       #undef _mm512_foo
        #define _mm512_foo emu_mm512_foo
-       #endif
    make test-emu then holds it to the plain kernels, and on a CPU with
    AVX-512, tests/test_emulation.py holds ./run-emu's logits to ./run's. */
 
@@ -69,61 +70,54 @@ static inline __m512i emu_mm512_maskz_loadu_epi8(__mmask64 k, const void *p) {
     emu_masked_load(&r, p, k, 64, 1);
     return r;
 }
-#ifndef _mm512_maskz_loadu_epi8
+#undef _mm512_maskz_loadu_epi8
 #define _mm512_maskz_loadu_epi8 emu_mm512_maskz_loadu_epi8
-#endif
 
 static inline __m512i emu_mm512_maskz_loadu_epi16(__mmask32 k, const void *p) {
     __m512i r;
     emu_masked_load(&r, p, k, 32, 2);
     return r;
 }
-#ifndef _mm512_maskz_loadu_epi16
+#undef _mm512_maskz_loadu_epi16
 #define _mm512_maskz_loadu_epi16 emu_mm512_maskz_loadu_epi16
-#endif
 
 static inline __m512 emu_mm512_maskz_loadu_ps(__mmask16 k, const void *p) {
     __m512 r;
     emu_masked_load(&r, p, k, 16, 4);
     return r;
 }
-#ifndef _mm512_maskz_loadu_ps
+#undef _mm512_maskz_loadu_ps
 #define _mm512_maskz_loadu_ps emu_mm512_maskz_loadu_ps
-#endif
 
 static inline void emu_mm512_mask_storeu_ps(void *p, __mmask16 k, __m512 a) {
     emu_masked_store(p, &a, k, 16, 4);
 }
-#ifndef _mm512_mask_storeu_ps
+#undef _mm512_mask_storeu_ps
 #define _mm512_mask_storeu_ps emu_mm512_mask_storeu_ps
-#endif
 
 static inline __m256i emu_mm256_maskz_loadu_epi32(__mmask8 k, const void *p) {
     __m256i r;
     emu_masked_load(&r, p, k, 8, 4);
     return r;
 }
-#ifndef _mm256_maskz_loadu_epi32
+#undef _mm256_maskz_loadu_epi32
 #define _mm256_maskz_loadu_epi32 emu_mm256_maskz_loadu_epi32
-#endif
 
 static inline __m256 emu_mm256_maskz_loadu_ps(__mmask8 k, const void *p) {
     __m256 r;
     emu_masked_load(&r, p, k, 8, 4);
     return r;
 }
-#ifndef _mm256_maskz_loadu_ps
+#undef _mm256_maskz_loadu_ps
 #define _mm256_maskz_loadu_ps emu_mm256_maskz_loadu_ps
-#endif
 
 static inline __m128i emu_mm_maskz_loadu_epi16(__mmask8 k, const void *p) {
     __m128i r;
     emu_masked_load(&r, p, k, 8, 2);
     return r;
 }
-#ifndef _mm_maskz_loadu_epi16
+#undef _mm_maskz_loadu_epi16
 #define _mm_maskz_loadu_epi16 emu_mm_maskz_loadu_epi16
-#endif
 
 /* ---- Conversions and moves */
 
@@ -138,9 +132,8 @@ static inline __m512 emu_mm512_cvtepi32_ps(__m512i a) {
     memcpy(&r, out, sizeof r);
     return r;
 }
-#ifndef _mm512_cvtepi32_ps
+#undef _mm512_cvtepi32_ps
 #define _mm512_cvtepi32_ps emu_mm512_cvtepi32_ps
-#endif
 
 /* The low (imm 0) or high (imm 1) 8 floats of a. */
 static inline __m256 emu_mm512_extractf32x8_ps(__m512 a, int imm) {
@@ -148,9 +141,8 @@ static inline __m256 emu_mm512_extractf32x8_ps(__m512 a, int imm) {
     memcpy(&r, (const char *)&a + 32 * (imm & 1), sizeof r);
     return r;
 }
-#ifndef _mm512_extractf32x8_ps
+#undef _mm512_extractf32x8_ps
 #define _mm512_extractf32x8_ps emu_mm512_extractf32x8_ps
-#endif
 
 /* 128-bit blocks: 0 and 1 from a, 2 and 3 from b, each chosen by 2 bits of
    imm, block i by bits 2i, 2i + 1. */
@@ -160,9 +152,8 @@ static inline __m512i emu_mm512_shuffle_i64x2(__m512i a, __m512i b, int imm) {
         memcpy((char *)&r + 16 * i, (const char *)(i < 2 ? &a : &b) + 16 * (imm >> 2 * i & 3), 16);
     return r;
 }
-#ifndef _mm512_shuffle_i64x2
+#undef _mm512_shuffle_i64x2
 #define _mm512_shuffle_i64x2 emu_mm512_shuffle_i64x2
-#endif
 
 /* ---- bfloat16 dot products (AVX-512 BF16) */
 
