@@ -103,10 +103,12 @@ test-arm: $(SETUP)
 # without an AVX-512 instruction. It proves them correct, never fast:
 # emulated, they are many times slower. tests/test_kernels.py builds and
 # runs test_kernels.c emulated; then ./run-emu takes ./run's place in the
-# tests that hold it to PyTorch and transformers (test_all.py's f32 models,
-# batched prompts) and to the decoded weights of every weight type, and to
-# the plain and AVX2 kernels. On a CPU with AVX-512, tests/test_emulation.py
-# also holds ./run-emu's logits to ./run's, bit for bit.
+# tests of EMU_SELECT: test_all.py's f32 models against PyTorch and
+# transformers (their prompts go through the f32 tiles), and every weight
+# type against its decoded weights, -b 1 against batches, and against the
+# AVX2 (RUN_AVX512=0) and plain kernels. On a CPU with AVX-512,
+# tests/test_emulation.py also holds ./run-emu's logits to ./run's, bit for
+# bit.
 EMULATION = -include tools/avx512_emulation.h -Wno-psabi
 EMU_TESTS = test_all.py tests/test_weight_types.py
 EMU_SELECT = (matches or batched or portable or plain) and not (links or openmp)
@@ -114,8 +116,10 @@ run-emu: run.c tokenizer.c tools/avx512_emulation.h Makefile
 	$(CC) -O3 -march=x86-64-v3 $(WARNINGS) $(EMULATION) $(or $(OPENMP),$(NO_OPENMP)) -o $@ $< -lm
 
 test-emu: run run-emu run-plain $(SETUP)
-	$(PYTHON) -m pytest -q tests/test_kernels.py tests/test_emulation.py -k emulated
-	RUN_BINARY=$(CURDIR)/run-emu $(PYTHON) -m pytest -q $(EMU_TESTS) -k "$(EMU_SELECT)"
+	EMULATED_RUN_BINARY=$(CURDIR)/run-emu \
+	    $(PYTHON) -m pytest -q tests/test_kernels.py tests/test_emulation.py -k emulated
+	RUN_BINARY=$(CURDIR)/run-emu \
+	    $(PYTHON) -m pytest -q $(EMU_TESTS) -k "$(EMU_SELECT)"
 
 # AddressSanitizer and UndefinedBehaviorSanitizer under the whole test suite.
 # -O1 -g keeps reports readable; any finding aborts the run. No OpenMP, so

@@ -7,8 +7,11 @@ generation: the logits must be identical, bit for bit, since the emulation
 does each instruction's arithmetic as the CPU does, in the same order. A
 wrong lane, mask, shuffle or rounding in the emulation shows here. On other
 CPUs (CI's) there is nothing native to compare with, and the tests skip:
-make test-emu still holds ./run-emu to PyTorch there."""
+make test-emu still holds ./run-emu to PyTorch there. They run under make
+test-emu, which builds both binaries from the same run.c and names the
+emulated one in EMULATED_RUN_BINARY; elsewhere they skip."""
 
+import os
 import platform
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from test_weight_types import model_args, prompt_for
 import export
 
 ROOT = Path(__file__).resolve().parent.parent
-NATIVE, EMULATED = ROOT / "run", ROOT / "run-emu"
+NATIVE, EMULATED = ROOT / "run", os.environ.get("EMULATED_RUN_BINARY")
 FEATURES = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}  # /proc/cpuinfo's names
 
 
@@ -36,8 +39,8 @@ def cpu_has_avx512():
 def test_emulated_logits_equal_native(dtype, batch, tmp_path):
     if not cpu_has_avx512():
         pytest.skip("this CPU has no AVX-512 (with VNNI and BF16) to compare the emulation with")
-    if not EMULATED.exists():
-        pytest.skip("./run-emu is not built (make test-emu builds it)")
+    if EMULATED is None:
+        pytest.skip("make test-emu runs it, with ./run-emu built from the same run.c as ./run")
     args = model_args("gqa4_untied")
     path = tmp_path / f"{dtype}.bin"
     export.write_checkpoint(path, args, export.random_model(args, seed=2).state_dict(), dtype)
