@@ -7,22 +7,28 @@ generation: the logits must be identical, bit for bit, since the emulation
 does each instruction's arithmetic as the CPU does, in the same order. A
 wrong lane, mask, shuffle or rounding in the emulation shows here. On other
 CPUs (CI's) there is nothing native to compare with, and the tests skip:
-make test-emu still holds ./run-emu to PyTorch there. They run under make
+make test-emu still holds ./run-emu to PyTorch there. Everywhere, the
+emulated binary must hold no AVX-512 instruction. The tests run under make
 test-emu, which builds both binaries from the same run.c and names the
 emulated one in EMULATED_RUN_BINARY; elsewhere they skip."""
 
 import os
 import platform
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_all import generate_ids, read_logits
-from test_weight_types import model_args, prompt_for
-import export
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import export  # noqa: E402
+from test_all import generate_ids, read_logits  # noqa: E402
+from tests.test_weight_types import model_args, prompt_for  # noqa: E402
+
 NATIVE, EMULATED = ROOT / "run", os.environ.get("EMULATED_RUN_BINARY")
 FEATURES = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}  # /proc/cpuinfo's names
 
@@ -53,3 +59,17 @@ def test_emulated_logits_equal_native(dtype, batch, tmp_path):
     assert native.shape == emulated.shape == (len(prompt) + 5, args.vocab_size)
     assert np.array_equal(native.view(np.uint32), emulated.view(np.uint32)), \
         f"max |diff| {np.abs(native - emulated).max():.3g}"
+
+
+def test_emulated_binary_has_no_avx512_instruction():
+    """No zmm register and no mask register (%k0..%k7), which only AVX-512
+    instructions name: the kernels run emulated, also on a CPU that has
+    AVX-512, where an instruction left native would pass unnoticed."""
+    if EMULATED is None:
+        pytest.skip("make test-emu runs it, with ./run-emu built from the same run.c as ./run")
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", EMULATED], capture_output=True, text=True,
+                          check=True).stdout
+    avx512 = [line for line in code.splitlines() if re.search(r"%zmm\d|%k[0-7]\b", line)]
+    assert not avx512, "\n".join(avx512[:10])
