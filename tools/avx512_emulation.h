@@ -19,18 +19,24 @@
    No line of run.c changes for it.
 
    Adding an intrinsic. When a kernel uses one that SIMDe lacks, the build
-   stops at "inlining failed in call to 'always_inline' '_mm512_foo': target
-   specific option mismatch" (GCC's own _mm512_foo, which needs AVX-512).
-   Write emu_mm512_foo() below, with the intrinsic's arguments, doing what
-   the Intel Intrinsics Guide says it does, in plain C on the lanes (the
-   helpers below copy vectors to arrays and back) or on SIMDe's functions,
-   then map the name to it, in place of what the compiler's or SIMDe's
-   headers may have defined under it (a macro, for intrinsics that take an
-   immediate):
+   stops at GCC's "inlining failed in call to 'always_inline' '_mm512_foo':
+   target specific option mismatch" (clang's: "'__builtin_ia32_...' needs
+   target feature avx512..."): the compiler's own _mm512_foo, which needs
+   AVX-512. Write emu_mm512_foo() below, with the intrinsic's arguments,
+   doing what the Intel Intrinsics Guide says it does: in plain C on the
+   lanes (memcpy the vectors to arrays and back, as the functions below do)
+   or on SIMDe's functions. Then map the name to it, in place of whatever
+   the compiler's or SIMDe's headers define under it (a macro, for
+   intrinsics that take an immediate):
        #undef _mm512_foo
        #define _mm512_foo emu_mm512_foo
    make test-emu then holds it to the plain kernels, and on a CPU with
-   AVX-512, tests/test_emulation.py holds ./run-emu's logits to ./run's. */
+   AVX-512, tests/test_emulation.py holds ./run-emu's logits to ./run's, bit
+   for bit: that is where an intrinsic that SIMDe has but computes
+   otherwise than the CPU shows (as vdpbf16ps did); emulate it here too.
+   New kernels must take their target attribute from run.c's AVX512 macros
+   (`target`, not `__target__` or #pragma GCC target): test_emulation.py
+   fails on any AVX-512 instruction left in ./run-emu. */
 
 #ifndef AVX512_EMULATION_H
 #define AVX512_EMULATION_H
@@ -177,8 +183,10 @@ static inline float emu_bf16_to_float(uint16_t h) {
 /* Lane i: src + a[2i + 1] * b[2i + 1], rounded, then + a[2i] * b[2i],
    rounded, the odd pair first, as the instruction does (Intel's
    pseudocode; SIMDe 0.7.4 adds the even pair first, which differs in the
-   last bit, measured on a CPU with AVX-512 BF16). Each product of two
-   bfloat16 is exact in float. */
+   last bit). Each product of two bfloat16 is exact in float. Measured
+   against the instruction on random bits, denormals, infinities and
+   overflows included: the same result, but for which NaN's payload comes
+   out when there are several. */
 static inline __m512 emu_mm512_dpbf16_ps(__m512 src, __m512bh a, __m512bh b) {
     float acc[16];
     uint16_t x[32], y[32];
