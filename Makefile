@@ -44,7 +44,7 @@ VENV_PYTHON = .venv/bin/python
 PYTHON ?= $(VENV_PYTHON)
 SETUP = $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/ready)
 
-.PHONY: all setup test test-arm sanitize fuzz demo demo-pip explain explain-text bench bench-compare bench-peers bench-convert clean
+.PHONY: all setup test test-arm test-emu sanitize fuzz demo demo-pip explain explain-text bench bench-compare bench-peers bench-convert clean
 
 all: run
 
@@ -95,6 +95,31 @@ test-arm: $(SETUP)
 	RUN_BINARY=$(CURDIR)/$(ARM_BUILD)/qemu-run RUN_NOOMP_BINARY=$(CURDIR)/$(ARM_BUILD)/qemu-run-noomp \
 	TOKENIZER_DRIVER_BINARY=$(CURDIR)/$(ARM_BUILD)/qemu-tokenizer_driver \
 	    $(PYTHON) -m pytest -q $(ARM_TESTS) -k "$(ARM_SELECT)"
+
+# make test-emu: run.c's AVX-512 kernels checked on any x86-64 CPU with AVX2,
+# emulated: -include tools/avx512_emulation.h puts SIMDe's AVX-512 (Debian's
+# libsimde-dev), and what the file adds to it, under the kernels' intrinsics,
+# and takes their target attributes away, so that ./run-emu runs them
+# without an AVX-512 instruction. It proves them correct, never fast:
+# emulated, they are many times slower. tests/test_kernels.py builds and
+# runs test_kernels.c emulated; then ./run-emu takes ./run's place in the
+# tests of EMU_SELECT: test_all.py's f32 models against PyTorch and
+# transformers (their prompts go through the f32 tiles), and every weight
+# type against its decoded weights, -b 1 against batches, and against the
+# AVX2 (RUN_AVX512=0) and plain kernels. On a CPU with AVX-512,
+# tests/test_emulation.py also holds ./run-emu's logits to ./run's, bit for
+# bit.
+EMULATION = -include tools/avx512_emulation.h -Wno-psabi
+EMU_TESTS = test_all.py tests/test_weight_types.py
+EMU_SELECT = (matches or batched or portable or plain) and not (links or openmp)
+run-emu: run.c tokenizer.c tools/avx512_emulation.h Makefile
+	$(CC) -O3 -march=x86-64-v3 $(WARNINGS) $(EMULATION) $(or $(OPENMP),$(NO_OPENMP)) -o $@ $< -lm
+
+test-emu: run run-emu run-plain $(SETUP)
+	EMULATED_RUN_BINARY=$(CURDIR)/run-emu \
+	    $(PYTHON) -m pytest -q tests/test_kernels.py tests/test_emulation.py -k emulated
+	RUN_BINARY=$(CURDIR)/run-emu \
+	    $(PYTHON) -m pytest -q $(EMU_TESTS) -k "$(EMU_SELECT)"
 
 # AddressSanitizer and UndefinedBehaviorSanitizer under the whole test suite.
 # -O1 -g keeps reports readable; any finding aborts the run. No OpenMP, so
@@ -234,4 +259,4 @@ bench-peers: $(SETUP)
 	$(PYTHON) -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 
 clean:
-	rm -rf run run-noomp run-plain run-asan run-asan-plain $(ARM_BUILD) bench/membw bench/peak tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/fuzz_cli fuzz/work
+	rm -rf run run-noomp run-plain run-emu run-asan run-asan-plain $(ARM_BUILD) bench/membw bench/peak tests/tokenizer_driver fuzz/fuzz_checkpoint fuzz/fuzz_tokenizer fuzz/fuzz_cli fuzz/work
