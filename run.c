@@ -219,7 +219,7 @@ enum { WEIGHT_F32 = 0, WEIGHT_Q8_0 = 1, WEIGHT_Q4_0 = 2, WEIGHT_BF16 = 3 };
 static const char *const WEIGHT_NAMES[] = {"f32", "q8_0", "q4_0", "bf16"};
 #define GROUP_SIZE 32 // weights per scale in q8_0 and q4_0
 #define ROW_BLOCK 32  // weight rows the threads take at a time (a multiple of every kernel's tile)
-#define DEFAULT_BATCH 64 // prompt tokens per forward pass (-b)
+#define DEFAULT_BATCH 256 // prompt tokens per forward pass (-b)
 #define MAX_BATCH 4096
 
 typedef struct {
@@ -2181,7 +2181,7 @@ static void print_help(void) {
         "  -n N          new tokens to generate (default 256; stops earlier at end of\n"
         "                sequence, at a stop string or when the context is full)\n"
         "  -c N          context length: positions the KV cache holds (default: the model's)\n"
-        "  -b N          prompt tokens per forward pass (default 64; 1 = one at a time)\n"
+        "  -b N          prompt tokens per forward pass (default 256; 1 = one at a time)\n"
         "  -m MODE       generate (default), chat, or score (perplexity of the prompt text)\n"
         "  -y TEXT       system prompt for chat (default: the template's, if the tokenizer\n"
         "                has one; -y \"\" for none)\n"
