@@ -217,7 +217,7 @@ explain-text: run .demo/smollm2.bin
 # bench-peers). Models and outputs go to bench/out/.
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--models 110m --runs 5".
 # bench/membw measures read bandwidth, the roofline for generation, and
-# bench/peak the arithmetic peak (f32 FMA, int8 and bf16 dot products), the
+# bench/peak the arithmetic peak (f32 FMA and int8 dot products), the
 # roofline for prompts; -march=native is right for tools that only measure
 # the machine they are built on.
 bench/membw bench/peak: bench/%: bench/%.c bench/timing.h

@@ -2748,7 +2748,7 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
 
    Everything above runs on the plain kernels. This appendix holds kernels
    that compute the same, faster, and a reader may skip it: SIMD intrinsics
-   (AVX2, AVX-512 with VNNI and BF16), tiles that keep weights and inputs in
+   (AVX2, AVX-512 with VNNI), tiles that keep weights and inputs in
    the L1 cache, weights repacked for the batched kernels, and software
    prefetch. choose_fast_kernels() at its end puts the fastest ones that
    this build and CPU have into the kernel table, once, at startup.
@@ -2759,8 +2759,8 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
    products stream the weights, each thread reading a contiguous share,
    prefetched well ahead. A batch reuses each weight n times, so the prompt
    runs at the speed of the multiply-adds: gemm_rows() works in tiles that
-   keep weights and inputs in the L1 cache, and on AVX-512 int8 and bf16
-   weights are repacked so that one instruction works on 16 rows.
+   keep weights and inputs in the L1 cache, and on AVX-512 int8 weights are
+   repacked so that one instruction works on 16 rows.
 
    SIMD. The portable loops here are written so that the compiler can
    vectorise them without reordering a float sum (independent lanes, summed
@@ -2800,7 +2800,7 @@ static int use_avx512; // chosen once, by choose_fast_kernels()
 #define PREFETCH_AHEAD 4096 // bytes
 /* Packing weights for the batched kernels reads 16 rows side by side, 64
    bytes of each at a time: streams the hardware does not follow far, so
-   each row is asked for a few lines ahead (measured: bf16 prompt +12%). */
+   each row is asked for a few lines ahead. */
 #define PACK_AHEAD 256 // bytes
 
 static inline void prefetch(const void *p) {

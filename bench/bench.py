@@ -22,8 +22,7 @@ runs is reported:
            operations per multiply-add, for int8 dot products too (GOP/s)
   %peak    that over the machine's peak for the kernels' instruction mix,
            measured by bench/peak beside every run as bandwidth is: f32 on
-           f32 FMAs; bf16 on bf16 dot products (vdpbf16ps) where the CPU has
-           AVX-512 BF16, else on f32 FMAs (the bf16 weights widen to f32);
+           f32 FMAs; bf16 on f32 FMAs too (its weights widen to f32);
            q8_0 and q4_0 on int8 dot products
   tg       generation, tokens per second
   GB/s     read bandwidth, measured by bench/membw before and after every
@@ -161,9 +160,7 @@ def read_machine(threads):
 def peak_for(dtype, peaks):
     """The peak (G operations per second) of the instruction mix that a
     prompt in this weight type runs on, or None where it was not measured."""
-    key = {"f32": "fma_gflops", "q8_0": "int8_gops", "q4_0": "int8_gops"}.get(dtype)
-    if dtype == "bf16":
-        key = "bf16_gflops" if "bf16_gflops" in peaks else "fma_gflops"
+    key = {"f32": "fma_gflops", "bf16": "fma_gflops", "q8_0": "int8_gops", "q4_0": "int8_gops"}.get(dtype)
     return peaks.get(key)
 
 

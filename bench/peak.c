@@ -12,7 +12,6 @@
      int8_gops 456.7      int8 dot products as the q8_0 and q4_0 kernels do
                           them: vpdpbusd on 512 bits with AVX-512 VNNI, else
                           vpmaddubsw, vpmaddwd and vpaddd on 256 bits
-     bf16_gflops 234.5    bf16 dot products (vdpbf16ps), with AVX-512 BF16
 
    A multiply-add counts as two operations, as in GFLOP/s. Each kernel is
    compiled for its instructions alone (target attributes) and chosen at run
@@ -113,18 +112,6 @@ __attribute__((target("avx512f,avx512vnni"))) static float int8_vnni(long iters)
     return (float)s;
 }
 
-/* 32 bf16 products per step, summed in pairs into 16 f32 lanes. */
-__attribute__((target("avx512f,avx512bf16"))) static float bf16_avx512(long iters) {
-    __m512 acc[ACC];
-    __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3380); // 1, ~6e-8
-    for (int j = 0; j < ACC; j++) acc[j] = _mm512_set1_ps(scale * j);
-    for (long i = 0; i < iters; i++)
-        for (int j = 0; j < ACC; j++) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
-    float s = 0;
-    for (int j = 0; j < ACC; j++) s += _mm512_reduce_add_ps(acc[j]);
-    return s;
-}
-
 int main(int argc, char **argv) {
     int repeats = argc > 1 ? atoi(argv[1]) : 5;
     if (repeats <= 0 || repeats > 1000) {
@@ -141,8 +128,6 @@ int main(int argc, char **argv) {
         printf("int8_gops %.1f\n", measure(int8_vnni, ACC * 64 * 2, repeats));
     else if (__builtin_cpu_supports("avx2"))
         printf("int8_gops %.1f\n", measure(int8_avx2, ACC * 32 * 2, repeats));
-    if (avx512 && __builtin_cpu_supports("avx512bf16"))
-        printf("bf16_gflops %.1f\n", measure(bf16_avx512, ACC * 32 * 2, repeats));
     fflush(stdout);
     return 0;
 }

@@ -33,7 +33,7 @@
    make test-emu then holds it to the plain kernels, and on a CPU with
    AVX-512, tests/test_emulation.py holds ./run-emu's logits to ./run's, bit
    for bit: that is where an intrinsic that SIMDe has but computes
-   otherwise than the CPU shows (as vdpbf16ps did); emulate it here too.
+   otherwise than the CPU shows; emulate it here too.
    New kernels must take their target attribute from run.c's AVX512 macros
    (`target`, not `__target__` or #pragma GCC target): test_emulation.py
    fails on any AVX-512 instruction left in ./run-emu. */
@@ -161,57 +161,13 @@ static inline __m512i emu_mm512_shuffle_i64x2(__m512i a, __m512i b, int imm) {
 #undef _mm512_shuffle_i64x2
 #define _mm512_shuffle_i64x2 emu_mm512_shuffle_i64x2
 
-/* ---- bfloat16 dot products (AVX-512 BF16) */
-
-/* A float with denormals as zero (of the same sign), as vdpbf16ps reads
-   and writes them. */
-static inline float emu_flush_denormal(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7f800000) == 0) bits &= 0x80000000;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline float emu_bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return emu_flush_denormal(f);
-}
-
-/* Lane i: src + a[2i + 1] * b[2i + 1], rounded, then + a[2i] * b[2i],
-   rounded, the odd pair first, as the instruction does (Intel's
-   pseudocode; SIMDe 0.7.4 adds the even pair first, which differs in the
-   last bit). Each product of two bfloat16 is exact in float. Measured
-   against the instruction on random bits, denormals, infinities and
-   overflows included: the same result, but for which NaN's payload comes
-   out when there are several. */
-static inline __m512 emu_mm512_dpbf16_ps(__m512 src, __m512bh a, __m512bh b) {
-    float acc[16];
-    uint16_t x[32], y[32];
-    __m512 r;
-    memcpy(acc, &src, sizeof acc);
-    memcpy(x, &a, sizeof x);
-    memcpy(y, &b, sizeof y);
-    for (int i = 0; i < 16; i++) {
-        float odd = emu_flush_denormal(emu_flush_denormal(acc[i]) +
-                                       emu_bf16_to_float(x[2 * i + 1]) * emu_bf16_to_float(y[2 * i + 1]));
-        acc[i] = emu_flush_denormal(odd + emu_bf16_to_float(x[2 * i]) * emu_bf16_to_float(y[2 * i]));
-    }
-    memcpy(&r, acc, sizeof r);
-    return r;
-}
-#undef _mm512_dpbf16_ps
-#define _mm512_dpbf16_ps emu_mm512_dpbf16_ps
-
 /* ---- The build's view of the CPU */
 
 /* The CPU features that this file and SIMDe emulate, or that the build
    (-march=x86-64-v3) has natively. */
 static inline int emu_cpu_supports(const char *feature) {
     static const char *const emulated[] = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni",
-                                           "avx512bf16", "avx2", "fma", "f16c"};
+                                           "avx2", "fma", "f16c"};
     for (size_t i = 0; i < sizeof emulated / sizeof emulated[0]; i++)
         if (strcmp(feature, emulated[i]) == 0) return 1;
     return 0;
