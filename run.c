@@ -1560,6 +1560,24 @@ typedef struct {
 enum { PROBS_TEXT, PROBS_JSON };
 #define MAX_STOP_STRINGS 16
 
+/* Generation on a shared machine. OpenMP's threads wait for each other by
+   spinning, so while another program keeps one of the cores busy, a token
+   on every core can take many times as long as on one. So now and then a
+   token runs on the thread count not in use (all, or one), and the faster
+   of the two is kept: each count's last token time decides. A probe that
+   loses waits twice as long for the next one (from PROBE_FIRST up to
+   PROBE_LAST tokens), since a probe on every core of a busy machine costs
+   dear. The logits do not depend on the thread count. */
+#define PROBE_FIRST 32
+#define PROBE_LAST 1024
+typedef struct {
+    int most;          // threads when the cores are free: OMP_NUM_THREADS or all
+    int one;           // 1 while generating on one thread
+    int probing;       // 1 while the current token is a probe
+    double seconds[2]; // the last token's time on most threads, on one (0: none yet)
+    long tokens, next_probe, interval;
+} ThreadChoice;
+
 typedef struct {
     Transformer *transformer;
     Tokenizer *tokenizer;       // NULL when running on token ids alone
@@ -1581,6 +1599,7 @@ typedef struct {
     long n_prompt_tokens, n_generated_tokens;
     double prompt_seconds, generate_seconds, first_token_seconds;
     double load_seconds;        // from the start of main() to the first prompt
+    ThreadChoice threads;       // how many threads generate, chosen as it goes
 } Session;
 
 static double process_start_seconds; // set first thing in main()
@@ -1863,9 +1882,27 @@ static void print_trace(const Session *s, const int *tokens, int n, int pos) {
     }
 }
 
+/* Sets the thread count for the next generated token (see ThreadChoice). */
+static void choose_threads(ThreadChoice *c) {
+    if (c->most <= 1) return;
+    int faster = c->seconds[1] > 0 && c->seconds[1] < c->seconds[0];
+    if (c->interval == 0) c->interval = PROBE_FIRST;
+    if (c->probing) // the probe's verdict: it won, or the next one waits twice as long
+        c->interval = c->one == faster ? PROBE_FIRST : c->interval * 2 > PROBE_LAST ? PROBE_LAST : c->interval * 2;
+    c->probing = c->seconds[!faster] == 0 || ++c->tokens >= c->next_probe;
+    if (c->probing) c->next_probe = c->tokens + c->interval;
+    c->one = c->probing ? !faster : faster;
+#ifdef _OPENMP
+    omp_set_num_threads(c->one ? 1 : c->most);
+#endif
+}
+
 static float *forward_and_record(Session *s, int token) {
     Transformer *t = s->transformer;
+    choose_threads(&s->threads);
+    double start = now_seconds();
     float *logits = forward(t, token, s->pos++);
+    s->threads.seconds[s->threads.one] = now_seconds() - start;
     if (t->state.trace) print_trace(s, &token, 1, s->pos - 1);
     push_token(&s->history, token);
     if (s->logits_file &&
@@ -1923,6 +1960,9 @@ static int complete(Session *s, const int *prompt, int n_prompt, int max_new, in
         }
         logits = forward_and_record(s, token);
     }
+#ifdef _OPENMP
+    omp_set_num_threads(s->threads.most); // prompts take every thread
+#endif
     s->generating = 0;
     s->generate_seconds += now_seconds() - prompt_done;
     return token;
@@ -2571,7 +2611,8 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
 
     Session s = {.transformer = transformer, .tokenizer = have_tokenizer ? &tokenizer : NULL,
                  .sampler = &sampler, .logits_path = o->logits_path, .probs_k = o->probs_k,
-                 .probs_format = o->probs_format, .n_stop_strings = o->n_stop_strings};
+                 .probs_format = o->probs_format, .n_stop_strings = o->n_stop_strings,
+                 .threads = {.most = transformer->state.threads}};
     memcpy(s.stop_strings, o->stop_strings, sizeof s.stop_strings);
     decoder_init(&s.decoder);
     s.load_seconds = now_seconds() - process_start_seconds;
