@@ -348,6 +348,12 @@ static size_t add_size(size_t a, size_t b) {
     return (a > SIZE_MAX - b) ? SIZE_MAX : a + b;
 }
 
+/* Whether x is a float fit to scale or divide by: not NaN, infinite, zero,
+   negative or denormal (whose reciprocal overflows). */
+static int is_positive_normal(float x) {
+    return x >= FLT_MIN && x <= FLT_MAX;
+}
+
 /* Checks the fields both formats share; names the first one that is wrong. */
 static int validate_config(const Config *c, char *err) {
     struct { const char *name; int value, max; } fields[] = {
@@ -367,10 +373,10 @@ static int validate_config(const Config *c, char *err) {
     if ((size_t)c->n_heads * c->head_dim > MAX_DIM)
         return fail(err, "n_heads x head_dim = %lld is out of range (1..%d)",
                     (long long)c->n_heads * c->head_dim, MAX_DIM);
-    if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta))
-        return fail(err, "rope_theta = %g is not a positive number", c->rope_theta);
-    if (!(c->norm_eps > 0.0f) || !(c->norm_eps < 1.0f))
-        return fail(err, "norm_eps = %g is not in (0, 1)", c->norm_eps);
+    if (!is_positive_normal(c->rope_theta))
+        return fail(err, "rope_theta = %g is not a positive normal number", c->rope_theta);
+    if (!is_positive_normal(c->norm_eps) || !(c->norm_eps < 1.0f))
+        return fail(err, "norm_eps = %g is not a normal number in (0, 1)", c->norm_eps);
     return 0;
 }
 
@@ -471,6 +477,15 @@ static int read_header(Config *c, const unsigned char *data, char *err) {
     return 0;
 }
 
+/* Stored frequencies are held to what rope_theta must be: a NaN, zero or
+   denormal one would run, and give wrong logits without a word. */
+static int check_rope_frequencies(const double *inv_freq, int n, char *err) {
+    for (int i = 0; i < n; i++)
+        if (!is_positive_normal((float)inv_freq[i]))
+            return fail(err, "stored RoPE frequency %d = %g is not a positive normal number", i, inv_freq[i]);
+    return 0;
+}
+
 /* llama2.c's legacy checkpoints: their header and layout, read by the
    functions at the end of the file (a format of the past, not the model). */
 static int read_legacy_header(Config *c, const unsigned char *data, char *err);
@@ -504,6 +519,11 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
     for (int i = 0; !(c->flags & FLAG_ROPE_FREQS) && i < c->head_dim / 2; i++) // unless stored: theta^(-2i/head_dim)
         t->weights.rope_inv_freq[i] = pow(c->rope_theta, -2.0 * i / c->head_dim);
     layout(c, data, &t->weights);
+    if (c->flags & FLAG_ROPE_FREQS && check_rope_frequencies(t->weights.rope_inv_freq, c->head_dim / 2, err)) {
+        free(t->weights.layers);
+        free(t->weights.rope_inv_freq);
+        return -1;
+    }
     return 0;
 }
 
@@ -2590,6 +2610,9 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
             push_text(&prompt, &tokenizer, text);
             if (tokenizer.add_eos) push_token(&prompt, tokenizer.eos_id);
         }
+        if (prompt.n == 0 && (bos < 0 || bos >= c->vocab_size)) // Qwen2's tokenizer has no BOS
+            die(tok_path ? tok_path : o->model_path,
+                "has no BOS token to start an empty prompt from; give a prompt (-i, -f or --tokens)");
         if (prompt.n == 0) push_token(&prompt, bos);
         if (!strcmp(o->mode, "score")) {
             int stride = o->stride ? o->stride : ctx / 2;
