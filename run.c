@@ -2167,12 +2167,33 @@ static void push_answer_end(TokenList *list, const Session *s, const Tokenizer *
     }
 }
 
-/* Reads one line from stdin into a growing buffer; 0 at end of input. */
+#define MAX_PROMPT_BYTES ((size_t)64 << 20) // of a prompt file or a chat line: more than any context holds
+
+/* Reads one line from stdin, without its line end, into a buffer that grows
+   to at most MAX_PROMPT_BYTES + 1: returns 1, 0 at end of input, or -1 for a
+   longer line, whose rest is read and dropped, so that memory stays bounded. */
 static int read_line(char **line, size_t *cap) {
-    ssize_t n = getline(line, cap, stdin);
-    if (n < 0) return 0;
-    while (n > 0 && ((*line)[n - 1] == '\n' || (*line)[n - 1] == '\r')) (*line)[--n] = '\0';
-    return 1;
+    if (!*line) {
+        *cap = 256;
+        *line = xcalloc(*cap, 1, "the chat line");
+    }
+    size_t n = 0;
+    int c;
+    while ((c = getchar()) != EOF && c != '\n') {
+        if (n == MAX_PROMPT_BYTES) {
+            while ((c = getchar()) != EOF && c != '\n') {}
+            return -1;
+        }
+        if (n + 1 == *cap) {
+            *cap = 2 * *cap < MAX_PROMPT_BYTES + 1 ? 2 * *cap : MAX_PROMPT_BYTES + 1;
+            *line = realloc(*line, *cap);
+            if (!*line) { fprintf(stderr, "run: out of memory for the chat line\n"); exit(1); }
+        }
+        (*line)[n++] = (char)c;
+    }
+    while (n > 0 && (*line)[n - 1] == '\r') n--;
+    (*line)[n] = '\0';
+    return c != EOF || n > 0;
 }
 
 /* ----------------------------------------------------------------------------
@@ -2380,12 +2401,10 @@ static int parse_options(Options *o, int argc, char **argv, char *err) {
     return 0;
 }
 
-#define MAX_PROMPT_FILE ((long long)64 << 20) // bytes: far more than any context holds
-
 /* The whole of a prompt file as a NUL-terminated string. */
 static char *read_text_file(const char *path) {
     struct stat st;
-    int fd = open_input(path, MAX_PROMPT_FILE, "a prompt file", &st);
+    int fd = open_input(path, MAX_PROMPT_BYTES, "a prompt file", &st);
     size_t size = (size_t)st.st_size, n = 0;
     char *text = xcalloc(size + 1, 1, "the prompt file");
     while (n < size) { // a file that shrinks meanwhile gives what it still has
@@ -2476,8 +2495,11 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
         const char *user = first_prompt;
         if (interactive) {
             fprintf(stderr, "> ");
-            if (!read_line(&line, &cap)) break;
-            if (!*line) { turn--; continue; }
+            int got = read_line(&line, &cap);
+            if (got == 0) break;
+            if (got < 0) fprintf(stderr, "run: stdin: the line is longer than %zu MiB; try a shorter line\n",
+                                 MAX_PROMPT_BYTES >> 20);
+            if (got < 0 || !*line) { turn--; continue; }
             user = line;
         } else if (turn > 0) break;
         TokenList prompt = {0};

@@ -606,6 +606,34 @@ def test_interactive_chat_refuses_a_long_line_and_goes_on(text_model, tmp_path):
     assert p.stdout == one.stdout and one.stdout.strip(), "the short line, asked first, gets the same answer"
 
 
+def peak_memory_kib(pid):
+    """The peak resident memory of a running process since its exec (VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+def test_interactive_chat_drops_a_line_too_long_to_hold(text_model, tmp_path):
+    """A line of 128 MiB, twice the 64 MiB a prompt may have, is refused
+    and dropped as it is read: the run's memory stays far below the line
+    (measured: 67 MiB at its peak), and the next line gets its answer."""
+    p = subprocess.Popen([str(RUN), str(text_model), "-m", "chat", "-n", "2", "-t", "0"], cwd=tmp_path,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chunk = "ab " * (1 << 20)
+    for _ in range((128 << 20) // len(chunk) + 1):
+        p.stdin.write(chunk)
+    p.stdin.write("\n")
+    p.stdin.flush()
+    refused = p.stderr.readline()
+    assert "run: stdin: the line is longer than 64 MiB; try a shorter line" in refused
+    peak = peak_memory_kib(p.pid)
+    out, err = p.communicate("ab\n", timeout=60)
+    assert p.returncode == 0, err
+    assert peak < 100 << 10, f"{peak} KiB: the line was held"
+    one = subprocess.run([str(RUN), str(text_model), "-m", "chat", "-n", "2", "-t", "0"], cwd=tmp_path,
+                         input="ab\n", capture_output=True, text=True, timeout=60, check=True)
+    assert out == one.stdout and out.strip(), "the short line gets the answer it gets alone"
+
+
 # ----------------------------------------------------------------------------
 # A vocabulary without "▁": the prompt needs more tokens than bytes
 
