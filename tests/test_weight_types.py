@@ -283,7 +283,7 @@ def test_gguf_holds_the_same_weights(exported, dtype, tmp_path):
     """export.write_gguf() (llama.cpp's file, for make bench) stores exactly
     the weights the checkpoint does: read back with the GGUF importer's own
     decoder, every tensor equals export.decode_matrix()'s."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
     _, _, path, _ = exported("mqa_untied", dtype)
     args, _, arrays = export.read_checkpoint_arrays(path)
     export.write_gguf(tmp_path / "m.gguf", path)
