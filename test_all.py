@@ -302,17 +302,25 @@ def test_top_k_one_is_greedy(small_model, tmp_path):
 
 def test_stops_when_context_is_full(small_model, tmp_path):
     """Ten positions: ten forwards, and the token sampled from the last one
-    is still shown, so 3 prompt + 8 generated tokens are printed."""
+    is still shown, so 3 prompt + 8 generated tokens are printed: the
+    reference's greedy tokens, and its logits at the ten positions."""
     p = run([small_model, "--tokens", "1 2 3", "-n", 100, "-c", 10, "-t", 0,
              "--logits", tmp_path / "l.bin"], cwd=tmp_path)
-    assert len(p.stdout.split()) == 11
-    assert read_logits(tmp_path / "l.bin", CONFIGS["mha_tied"][6]).shape[0] == 10
+    reference = make_model(model_args("mha_tied"))
+    ids = [int(x) for x in p.stdout.split()]
+    assert ids == [1, 2, 3] + export.generate_greedy(reference, [1, 2, 3], 8)
+    ours = read_logits(tmp_path / "l.bin", CONFIGS["mha_tied"][6])
+    assert ours.shape[0] == 10
+    assert_logits_close(ours, reference_logits(reference, ids[:10]))
     assert "context is full" in p.stderr
 
 
 def test_zero_new_tokens_gives_prompt_logits(small_model, tmp_path):
-    run([small_model, "--tokens", "1 2 3 4", "-n", 0, "--logits", tmp_path / "l.bin"], cwd=tmp_path)
-    assert read_logits(tmp_path / "l.bin", CONFIGS["mha_tied"][6]).shape[0] == 4
+    p = run([small_model, "--tokens", "1 2 3 4", "-n", 0, "--logits", tmp_path / "l.bin"], cwd=tmp_path)
+    assert p.stdout.split() == ["1", "2", "3", "4"]
+    ours = read_logits(tmp_path / "l.bin", CONFIGS["mha_tied"][6])
+    assert ours.shape[0] == 4
+    assert_logits_close(ours, reference_logits(make_model(model_args("mha_tied")), [1, 2, 3, 4]))
 
 
 @pytest.mark.parametrize("flags", [["-t", "abc"], ["-n", "-5"], ["-p", "1.5"], ["-p", "0"],

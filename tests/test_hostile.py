@@ -751,15 +751,19 @@ def test_tokenizer_file_too_large(text_model, tmp_path):
 # ----------------------------------------------------------------------------
 # -z with --tokens: the named tokenizer turns the output into text
 
+def small_tokenizer_text(ids):
+    """The text of small_tokenizer's ids: <unk> (" \u2047 " as sentencepiece
+    decodes it), <s>, </s>, then "▁" + letters, the first space dropped."""
+    pieces = [" \u2047 ", "", ""] + ["\u2581" + chr(97 + i % 26) * (1 + i // 26) for i in range(ARGS.vocab_size - 3)]
+    return "".join(pieces[int(i)] for i in ids).replace("\u2581", " ").lstrip(" ")
+
+
 def test_tokens_with_tokenizer_give_text(text_model, tmp_path):
     tok = text_model.parent / "tokenizer.bin"
     ids = run([text_model, "--tokens", "1 5 6", "-n", 4, "-t", 0], tmp_path)
     text = run([text_model, "--tokens", "1 5 6", "-n", 4, "-t", 0, "-z", tok], tmp_path)
     assert ids.returncode == 0 and text.returncode == 0, (ids.stderr, text.stderr)
-    # the small tokenizer's pieces: <unk> (" \u2047 " as sentencepiece decodes it), <s>, </s>, then "▁" + letters
-    pieces = [" \u2047 ", "", ""] + ["\u2581" + chr(97 + i % 26) * (1 + i // 26) for i in range(ARGS.vocab_size - 3)]
-    expected = "".join(pieces[int(i)] for i in ids.stdout.split()).replace("\u2581", " ").lstrip(" ")
-    assert text.stdout == expected + "\n"
+    assert text.stdout == small_tokenizer_text(ids.stdout.split()) + "\n"
 
 
 def test_tokens_with_missing_tokenizer(good, tmp_path):
@@ -768,6 +772,18 @@ def test_tokens_with_missing_tokenizer(good, tmp_path):
 
 
 def test_tokens_with_tokenizer_take_stop_strings(text_model, tmp_path):
-    p = run([text_model, "--tokens", "1 5", "-n", 4, "-z", text_model.parent / "tokenizer.bin", "--stop", "zz"],
-            tmp_path)
+    """--tokens in, text out, cut by --stop: the text of model.py's greedy
+    tokens (up to EOS, token 2), up to where the stop string first appears
+    after the prompt."""
+    prompt = [1, 5]
+    generated = export.generate_greedy(export.random_model(ARGS, 0), prompt, 10)
+    generated = generated[:generated.index(2)] if 2 in generated else generated
+    shown, full = small_tokenizer_text(prompt), small_tokenizer_text(prompt + generated)
+    continuation = full[len(shown):]
+    assert len(continuation) > 8, continuation
+    stop = continuation[4:7]
+    p = run([text_model, "--tokens", "1 5", "-n", 10, "-t", 0, "-z", text_model.parent / "tokenizer.bin",
+             "--stop", stop], tmp_path)
     assert p.returncode == 0, p.stderr
+    assert p.stdout == shown + continuation[:continuation.index(stop)] + "\n"
+    assert "stop string" in p.stderr
