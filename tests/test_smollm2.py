@@ -340,10 +340,10 @@ def test_quantized_gguf_becomes_q8_0_unless_asked(k_quant_gguf, tmp_path):
         assert header(out)["weight_type"] == export.WEIGHT_TYPES[dtype]
 
 
-def test_random_gguf_tokenizer_matches_tokenizers(random_gguf):
-    """The tokenizer export.py writes from GGUF metadata against Hugging Face
-    tokenizers built from the same vocabulary with SmolLM2's pre-tokenizer
-    (what llama.cpp calls "smollm": digits one by one, then ByteLevel)."""
+def reference_tokenizer():
+    """Hugging Face tokenizers built from tiny_bytelevel_vocab() with SmolLM2's
+    pre-tokenizer (what llama.cpp calls "smollm": digits one by one, then
+    ByteLevel), its first three tokens special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     tokens, merges = tiny_bytelevel_vocab()
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
@@ -352,6 +352,13 @@ def test_random_gguf_tokenizer_matches_tokenizers(random_gguf):
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     ref.decoder = decoders.ByteLevel()
     ref.add_special_tokens(tokens[:3])
+    return ref
+
+
+def test_random_gguf_tokenizer_matches_tokenizers(random_gguf):
+    """The tokenizer export.py writes from GGUF metadata against Hugging Face
+    tokenizers built from the same vocabulary (reference_tokenizer())."""
+    ref = reference_tokenizer()
     for text in ["the capital of France is Paris", "In 1789, the  French\n\nrevolution", "ünïcödé 😀 and 12345",
                  "<|im_start|>user\nthe<|im_end|>\n", "  leading and trailing  "]:
         p = run(["--tokenize", "-z", random_gguf / "tokenizer.bin", "-i", text])
@@ -405,7 +412,8 @@ def test_chat_template_default_system_prompt():
 
 def test_default_system_prompt_in_the_tokenizer_file(random_gguf, tmp_path):
     """The LTOK file carries the default system prompt; ./run puts it first
-    in a chat unless -y gives another (-y "" gives none)."""
+    in a chat unless -y gives another (-y "" gives none). Each text between
+    the markers is encoded by Hugging Face tokenizers."""
     tok = export.read_tokenizer(random_gguf / "tokenizer.bin")
     path = tmp_path / "tokenizer.bin"
     export.write_tokenizer(path, tok["kind"], tok["tokens"], tok["bos_id"], tok["eos_id"], flags=tok["flags"],
@@ -418,7 +426,7 @@ def test_default_system_prompt_in_the_tokenizer_file(random_gguf, tmp_path):
         return [int(x) for x in p.stdout.split()]
 
     def encode(text):
-        return [int(x) for x in run(["--tokenize", "-z", path, "-i", text]).stdout.split()]
+        return reference_tokenizer().encode(text).ids
 
     user = [1] + encode("user\nthe") + [2] + encode("\n") + [1] + encode("assistant\n")
     assert chat_ids() == [1] + encode("system\nYou are the capital.") + [2] + encode("\n") + user
