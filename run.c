@@ -2169,14 +2169,10 @@ static void push_answer_end(TokenList *list, const Session *s, const Tokenizer *
 
 #define MAX_PROMPT_BYTES ((size_t)64 << 20) // of a prompt file or a chat line: more than any context holds
 
-/* Reads one line from stdin, without its line end, into a buffer that grows
-   to at most MAX_PROMPT_BYTES + 1: returns 1, 0 at end of input, or -1 for a
-   longer line, whose rest is read and dropped, so that memory stays bounded. */
-static int read_line(char **line, size_t *cap) {
-    if (!*line) {
-        *cap = 256;
-        *line = xcalloc(*cap, 1, "the chat line");
-    }
+/* Reads one line from stdin, without its line end, into line (room for
+   MAX_PROMPT_BYTES + 1): returns 1, 0 at end of input, or -1 for a longer
+   line, whose rest is read and dropped, so that memory stays bounded. */
+static int read_line(char *line) {
     size_t n = 0;
     int c;
     while ((c = getchar()) != EOF && c != '\n') {
@@ -2184,15 +2180,10 @@ static int read_line(char **line, size_t *cap) {
             while ((c = getchar()) != EOF && c != '\n') {}
             return -1;
         }
-        if (n + 1 == *cap) {
-            *cap = 2 * *cap < MAX_PROMPT_BYTES + 1 ? 2 * *cap : MAX_PROMPT_BYTES + 1;
-            *line = realloc(*line, *cap);
-            if (!*line) { fprintf(stderr, "run: out of memory for the chat line\n"); exit(1); }
-        }
-        (*line)[n++] = (char)c;
+        line[n++] = (char)c;
     }
-    while (n > 0 && (*line)[n - 1] == '\r') n--;
-    (*line)[n] = '\0';
+    while (n > 0 && line[n - 1] == '\r') n--;
+    line[n] = '\0';
     return c != EOF || n > 0;
 }
 
@@ -2488,14 +2479,13 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
     if (template == TEMPLATE_CHATML) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|im_end|>", tok_path);
     if (is_llama3_template(template)) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|eot_id|>", tok_path);
     int interactive = first_prompt == NULL, status = 0;
-    char *line = NULL;
-    size_t cap = 0;
+    char *line = interactive ? xcalloc(MAX_PROMPT_BYTES + 1, 1, "the chat line") : NULL; // touched as lines fill it
     int last = -1;
     for (int turn = 0;; turn++) {
         const char *user = first_prompt;
         if (interactive) {
             fprintf(stderr, "> ");
-            int got = read_line(&line, &cap);
+            int got = read_line(line);
             if (got == 0) break;
             if (got < 0) fprintf(stderr, "run: stdin: the line is longer than %zu MiB; try a shorter line\n",
                                  MAX_PROMPT_BYTES >> 20);
