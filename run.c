@@ -353,6 +353,12 @@ static size_t add_size(size_t a, size_t b) {
     return (a > SIZE_MAX - b) ? SIZE_MAX : a + b;
 }
 
+/* Whether x is a float fit to scale or divide by: not NaN, infinite, zero,
+   negative or denormal (whose reciprocal overflows). */
+static int is_positive_normal(float x) {
+    return x >= FLT_MIN && x <= FLT_MAX;
+}
+
 /* Checks the fields both formats share; names the first one that is wrong. */
 static int validate_config(const Config *c, char *err) {
     struct { const char *name; int value, max; } fields[] = {
@@ -372,10 +378,10 @@ static int validate_config(const Config *c, char *err) {
     if ((size_t)c->n_heads * c->head_dim > MAX_DIM)
         return fail(err, "n_heads x head_dim = %lld is out of range (1..%d)",
                     (long long)c->n_heads * c->head_dim, MAX_DIM);
-    if (!(c->rope_theta > 0.0f) || !isfinite(c->rope_theta))
-        return fail(err, "rope_theta = %g is not a positive number", c->rope_theta);
-    if (!(c->norm_eps > 0.0f) || !(c->norm_eps < 1.0f))
-        return fail(err, "norm_eps = %g is not in (0, 1)", c->norm_eps);
+    if (!is_positive_normal(c->rope_theta))
+        return fail(err, "rope_theta = %g is not a positive normal number", c->rope_theta);
+    if (!is_positive_normal(c->norm_eps) || !(c->norm_eps < 1.0f))
+        return fail(err, "norm_eps = %g is not a normal number in (0, 1)", c->norm_eps);
     return 0;
 }
 
@@ -476,6 +482,15 @@ static int read_header(Config *c, const unsigned char *data, char *err) {
     return 0;
 }
 
+/* Stored frequencies are held to what rope_theta must be: a NaN, zero or
+   denormal one would run, and give wrong logits without a word. */
+static int check_rope_frequencies(const double *inv_freq, int n, char *err) {
+    for (int i = 0; i < n; i++)
+        if (!is_positive_normal((float)inv_freq[i]))
+            return fail(err, "stored RoPE frequency %d = %g is not a positive normal number", i, inv_freq[i]);
+    return 0;
+}
+
 /* llama2.c's legacy checkpoints: their header and layout, read by the
    functions at the end of the file (a format of the past, not the model). */
 static int read_legacy_header(Config *c, const unsigned char *data, char *err);
@@ -509,6 +524,11 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
     for (int i = 0; !(c->flags & FLAG_ROPE_FREQS) && i < c->head_dim / 2; i++) // unless stored: theta^(-2i/head_dim)
         t->weights.rope_inv_freq[i] = pow(c->rope_theta, -2.0 * i / c->head_dim);
     layout(c, data, &t->weights);
+    if (c->flags & FLAG_ROPE_FREQS && check_rope_frequencies(t->weights.rope_inv_freq, c->head_dim / 2, err)) {
+        free(t->weights.layers);
+        free(t->weights.rope_inv_freq);
+        return -1;
+    }
     return 0;
 }
 
@@ -2192,12 +2212,24 @@ static void push_answer_end(TokenList *list, const Session *s, const Tokenizer *
     }
 }
 
-/* Reads one line from stdin into a growing buffer; 0 at end of input. */
-static int read_line(char **line, size_t *cap) {
-    ssize_t n = getline(line, cap, stdin);
-    if (n < 0) return 0;
-    while (n > 0 && ((*line)[n - 1] == '\n' || (*line)[n - 1] == '\r')) (*line)[--n] = '\0';
-    return 1;
+#define MAX_PROMPT_BYTES ((size_t)64 << 20) // of a prompt file or a chat line: more than any context holds
+
+/* Reads one line from stdin, without its line end, into line (room for
+   MAX_PROMPT_BYTES + 1): returns 1, 0 at end of input, or -1 for a longer
+   line, whose rest is read and dropped, so that memory stays bounded. */
+static int read_line(char *line) {
+    size_t n = 0;
+    int c;
+    while ((c = getchar()) != EOF && c != '\n') {
+        if (n == MAX_PROMPT_BYTES) {
+            while ((c = getchar()) != EOF && c != '\n') {}
+            return -1;
+        }
+        line[n++] = (char)c;
+    }
+    while (n > 0 && line[n - 1] == '\r') n--;
+    line[n] = '\0';
+    return c != EOF || n > 0;
 }
 
 /* ----------------------------------------------------------------------------
@@ -2405,12 +2437,10 @@ static int parse_options(Options *o, int argc, char **argv, char *err) {
     return 0;
 }
 
-#define MAX_PROMPT_FILE ((long long)64 << 20) // bytes: far more than any context holds
-
 /* The whole of a prompt file as a NUL-terminated string. */
 static char *read_text_file(const char *path) {
     struct stat st;
-    int fd = open_input(path, MAX_PROMPT_FILE, "a prompt file", &st);
+    int fd = open_input(path, MAX_PROMPT_BYTES, "a prompt file", &st);
     size_t size = (size_t)st.st_size, n = 0;
     char *text = xcalloc(size + 1, 1, "the prompt file");
     while (n < size) { // a file that shrinks meanwhile gives what it still has
@@ -2494,15 +2524,17 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
     if (template == TEMPLATE_CHATML) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|im_end|>", tok_path);
     if (is_llama3_template(template)) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|eot_id|>", tok_path);
     int interactive = first_prompt == NULL, status = 0;
-    char *line = NULL;
-    size_t cap = 0;
+    char *line = interactive ? xcalloc(MAX_PROMPT_BYTES + 1, 1, "the chat line") : NULL; // touched as lines fill it
     int last = -1;
     for (int turn = 0;; turn++) {
         const char *user = first_prompt;
         if (interactive) {
             fprintf(stderr, "> ");
-            if (!read_line(&line, &cap)) break;
-            if (!*line) { turn--; continue; }
+            int got = read_line(line);
+            if (got == 0) break;
+            if (got < 0) fprintf(stderr, "run: stdin: the line is longer than %zu MiB; try a shorter line\n",
+                                 MAX_PROMPT_BYTES >> 20);
+            if (got < 0 || !*line) { turn--; continue; }
             user = line;
         } else if (turn > 0) break;
         TokenList prompt = {0};
@@ -2636,6 +2668,9 @@ static int run_model(const Options *o, Transformer *transformer, const char *tok
             push_text(&prompt, &tokenizer, text);
             if (tokenizer.add_eos) push_token(&prompt, tokenizer.eos_id);
         }
+        if (prompt.n == 0 && (bos < 0 || bos >= c->vocab_size)) // Qwen2's tokenizer has no BOS
+            die(tok_path ? tok_path : o->model_path,
+                "has no BOS token to start an empty prompt from; give a prompt (-i, -f or --tokens)");
         if (prompt.n == 0) push_token(&prompt, bos);
         if (!strcmp(o->mode, "score")) {
             int stride = o->stride ? o->stride : ctx / 2;

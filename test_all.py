@@ -4,12 +4,16 @@ Every test here compares ./run with code that is not ours to trust by
 default: the plain-PyTorch reference in export.py, written independently of
 run.c, and transformers' LlamaForCausalLM, the real-world reference.
 
-Tolerance: logits may differ by at most 1e-4 x max|logit| of the row. Both
-sides compute in float32; they differ only in the order of summation (a
-dot product of n terms accumulates about sqrt(n) x 6e-8 relative error per
-matmul), which over a few layers stays near 1e-6 relative. 1e-4 leaves two
-orders of magnitude of room for that while still failing on any real bug: a
-wrong RoPE pair, eps, head mapping or norm moves logits by 1e-2 or more.
+Tolerance: logits may differ by at most REL_TOL = 1.5e-5 x max|logit| of
+the row. Both sides compute in float32; they differ only in the order of
+summation (a dot product of n terms accumulates about sqrt(n) x 6e-8
+relative error per matmul). Measured on the random models here and in
+tests/test_families.py and tests/test_llama3_chat.py: 1.4e-6 at most, with
+the AVX-512 kernels and with RUN_AVX512=0 (AVX2) alike; the bound is about
+ten times that. Longer paths carry more: stories260K (a trained model)
+measures 3.5e-6 and 1100 positions (tests/test_long_context.py) 2.7e-6,
+each held to about ten times its own. A real bug moves logits by far more:
+a wrong RoPE pair, eps, head mapping or norm by 1e-2 or more.
 """
 
 import os
@@ -32,7 +36,7 @@ SHARED = ROOT.parent / "shared"
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
 RUN_NOOMP = Path(os.environ.get("RUN_NOOMP_BINARY", ROOT / "run-noomp"))
 RUN_PLAIN = Path(os.environ.get("RUN_PLAIN_BINARY", ROOT / "run-plain"))
-REL_TOL = 1e-4
+REL_TOL = 1.5e-5
 N_GREEDY = 64
 
 
@@ -76,15 +80,15 @@ def reference_logits(model, ids):
         return model(torch.tensor([ids]))[0].float().numpy()
 
 
-def assert_logits_close(ours, theirs):
+def assert_logits_close(ours, theirs, tol=REL_TOL):
     assert ours.shape == theirs.shape, f"{ours.shape} rows vs {theirs.shape}"
     for pos, (a, b) in enumerate(zip(ours, theirs)):
         scale = np.abs(b).max()
         err = np.abs(a - b).max()
-        assert err <= REL_TOL * scale, f"position {pos}: max |diff| {err:.3g} > {REL_TOL} x {scale:.3g}"
+        assert err <= tol * scale, f"position {pos}: max |diff| {err:.3g} > {tol} x {scale:.3g}"
 
 
-def check_against_reference(model_path, model, vocab_size, tmp_path, prompt_len=8, stop_at=None):
+def check_against_reference(model_path, model, vocab_size, tmp_path, prompt_len=8, stop_at=None, tol=REL_TOL):
     """The heart of the suite: teacher-forced logits row by row, then the
     greedy continuation token for token, both against the reference model."""
     rng = np.random.default_rng(0)
@@ -93,7 +97,7 @@ def check_against_reference(model_path, model, vocab_size, tmp_path, prompt_len=
     ours = read_logits(logits_path, vocab_size)
     sequence = prompt + generated[:-1] if generated else prompt
     theirs = reference_logits(model, sequence)
-    assert_logits_close(ours, theirs[:len(ours)])
+    assert_logits_close(ours, theirs[:len(ours)], tol)
     expected = export.generate_greedy(model, prompt, N_GREEDY)
     if stop_at is not None and stop_at in expected:
         expected = expected[:expected.index(stop_at)]
@@ -244,7 +248,8 @@ def test_llama2c_stories260k(tmp_path):
     model = export.Llama(args)
     model.load_state_dict(state_dict)
     model.eval()
-    prompt, ours = check_against_reference(src, model, args.vocab_size, tmp_path, stop_at=1)
+    prompt, ours = check_against_reference(src, model, args.vocab_size, tmp_path, stop_at=1,
+                                           tol=3.5e-5)  # measured 3.5e-6
     # a trained model is confident: its greedy path must not rest on near-ties
     assert ours.shape[0] > len(prompt)
 
@@ -297,17 +302,25 @@ def test_top_k_one_is_greedy(small_model, tmp_path):
 
 def test_stops_when_context_is_full(small_model, tmp_path):
     """Ten positions: ten forwards, and the token sampled from the last one
-    is still shown, so 3 prompt + 8 generated tokens are printed."""
+    is still shown, so 3 prompt + 8 generated tokens are printed: the
+    reference's greedy tokens, and its logits at the ten positions."""
     p = run([small_model, "--tokens", "1 2 3", "-n", 100, "-c", 10, "-t", 0,
              "--logits", tmp_path / "l.bin"], cwd=tmp_path)
-    assert len(p.stdout.split()) == 11
-    assert read_logits(tmp_path / "l.bin", CONFIGS["mha_tied"][6]).shape[0] == 10
+    reference = make_model(model_args("mha_tied"))
+    ids = [int(x) for x in p.stdout.split()]
+    assert ids == [1, 2, 3] + export.generate_greedy(reference, [1, 2, 3], 8)
+    ours = read_logits(tmp_path / "l.bin", CONFIGS["mha_tied"][6])
+    assert ours.shape[0] == 10
+    assert_logits_close(ours, reference_logits(reference, ids[:10]))
     assert "context is full" in p.stderr
 
 
 def test_zero_new_tokens_gives_prompt_logits(small_model, tmp_path):
-    run([small_model, "--tokens", "1 2 3 4", "-n", 0, "--logits", tmp_path / "l.bin"], cwd=tmp_path)
-    assert read_logits(tmp_path / "l.bin", CONFIGS["mha_tied"][6]).shape[0] == 4
+    p = run([small_model, "--tokens", "1 2 3 4", "-n", 0, "--logits", tmp_path / "l.bin"], cwd=tmp_path)
+    assert p.stdout.split() == ["1", "2", "3", "4"]
+    ours = read_logits(tmp_path / "l.bin", CONFIGS["mha_tied"][6])
+    assert ours.shape[0] == 4
+    assert_logits_close(ours, reference_logits(make_model(model_args("mha_tied")), [1, 2, 3, 4]))
 
 
 @pytest.mark.parametrize("flags", [["-t", "abc"], ["-n", "-5"], ["-p", "1.5"], ["-p", "0"],

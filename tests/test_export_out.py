@@ -36,10 +36,9 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from test_all import RUN, SHARED, generate_ids, read_logits  # noqa: E402
 
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
-spm = pytest.importorskip("sentencepiece")
-tokenizers = pytest.importorskip("tokenizers")
+import gguf  # noqa: E402
+import sentencepiece as spm  # noqa: E402
+import transformers  # noqa: E402
 transformers.logging.set_verbosity_error()
 
 # Float32 on both sides, so only the order of summation differs (see

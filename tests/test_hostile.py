@@ -176,6 +176,45 @@ def test_bad_float_fields(good, tmp_path, offset, value, fragment):
 
 
 @pytest.mark.parametrize("offset,value,fragment", [
+    (40, -1.0, "rope_theta"), (40, 1e-40, "rope_theta"), (44, -1e-5, "norm_eps"), (44, 1e-40, "norm_eps"),
+])
+def test_negative_and_denormal_float_fields(good, tmp_path, offset, value, fragment):
+    path = write(tmp_path, with_field(good[1], offset, "<f", value))
+    assert_clean_error(run([path], tmp_path), 1, str(path), fragment)
+
+
+@pytest.fixture(scope="module")
+def scaled_rope(tmp_path_factory):
+    """A version 2 checkpoint whose RoPE frequencies are stored (flags bit 1),
+    and the offset of the first of them (they follow the token embedding)."""
+    args = export.ModelArgs(**{**ARGS.__dict__, "scaled_rope": True})
+    path = tmp_path_factory.mktemp("rope") / "model.bin"
+    export.write_checkpoint(path, args, export.random_model(args, 0).state_dict())
+    return path.read_bytes(), tensor_starts(ARGS)[0][1]
+
+
+BAD_FREQUENCIES = {"nan": math.nan, "inf": math.inf, "zero": 0.0, "negative": -0.5, "denormal": 1e-40}
+VIEWS = {"generate": [], "lens": ["--lens", 3], "trace": ["--trace"], "attention": ["--attention", 0],
+         "score": ["-m", "score"]}
+
+
+def test_stored_rope_frequencies_run(scaled_rope, tmp_path):
+    path = write(tmp_path, scaled_rope[0])
+    assert run([path, "--tokens", "1 2", "-n", 2], tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("view", sorted(VIEWS))
+@pytest.mark.parametrize("value", sorted(BAD_FREQUENCIES))
+def test_bad_stored_rope_frequencies(scaled_rope, tmp_path, value, view):
+    """Each of the head_dim / 2 frequencies is checked, the last as the first."""
+    data, start = scaled_rope
+    for i in (0, ARGS.head_dim // 2 - 1):
+        path = write(tmp_path, with_field(data, start + 4 * i, "<f", BAD_FREQUENCIES[value]))
+        p = run([path, "--tokens", "1 2 3", "-n", 2, *VIEWS[view]], tmp_path)
+        assert_clean_error(p, 1, str(path), f"RoPE frequency {i}")
+
+
+@pytest.mark.parametrize("offset,value,fragment", [
     (48, 2, "tied_classifier"), (52, 9, "weight type 9"), (56, 32, "group_size"),
 ])
 def test_bad_flag_fields(good, tmp_path, offset, value, fragment):
@@ -307,14 +346,14 @@ def test_clean_under_valgrind(good, tmp_path, case):
 # ----------------------------------------------------------------------------
 # Tokenizers through ./run (tests/test_tokenizer.py goes deeper)
 
-def small_tokenizer(path, n=ARGS.vocab_size):
+def small_tokenizer(path, n=ARGS.vocab_size, bos_id=1):
     """A sentencepiece-kind vocabulary of n tokens: controls, 256 bytes if
-    they fit, then letters."""
+    they fit, then letters; bos_id -1: without BOS, as Qwen2's."""
     tokens = [(b"<unk>", 0.0, 2), (b"<s>", 0.0, 3), (b"</s>", 0.0, 3)]
     tokens += [(bytes([0xE2, 0x96, 0x81]) + bytes([97 + i % 26]) * (1 + i // 26), -float(i), 1)
                for i in range(n - len(tokens))]
-    export.write_tokenizer(path, export.TOK_SENTENCEPIECE, tokens, bos_id=1, eos_id=2, unk_id=0,
-                           flags=export.TOKF_ADD_BOS | export.TOKF_DUMMY_PREFIX)
+    export.write_tokenizer(path, export.TOK_SENTENCEPIECE, tokens, bos_id=bos_id, eos_id=2, unk_id=0,
+                           flags=export.TOKF_ADD_BOS * (bos_id >= 0) | export.TOKF_DUMMY_PREFIX)
     return path.read_bytes()
 
 
@@ -348,6 +387,35 @@ def test_bad_tokenizers(good, tmp_path, case, fragment):
     elif case == "bad_magic_version":
         path.write_bytes(data[:4] + struct.pack("<I", 99) + data[8:])
     assert_clean_error(run([good[0], "-z", path, "-i", "ab"], tmp_path), 1, fragment)
+
+
+@pytest.mark.parametrize("prompt", [[], ["-i", ""], ["-m", "score", "-i", ""], ["--tokens", ""],
+                                    ["--tokens", ",", "-m", "score"], ["--lens", 2, "--attention", 0]])
+def test_empty_prompt_without_bos(good, tmp_path, prompt):
+    """No prompt and no BOS to start from: refused, never token -1."""
+    tok = tmp_path / "tok.bin"
+    small_tokenizer(tok, bos_id=-1)
+    p = run([good[0], "-z", tok, "-n", 2, *prompt], tmp_path)
+    assert_clean_error(p, 1, str(tok), "no BOS", "give a prompt")
+
+
+def test_empty_prompt_of_a_one_token_vocabulary(tmp_path):
+    """Without a tokenizer an empty prompt starts from llama2.c's BOS, token
+    1, which a vocabulary of one token lacks."""
+    args = export.ModelArgs(**{**ARGS.__dict__, "vocab_size": 1})
+    path = tmp_path / "model.bin"
+    export.write_checkpoint(path, args, export.random_model(args, 0).state_dict())
+    assert_clean_error(run([path, "--tokens", "", "-n", 2], tmp_path), 1, str(path), "no BOS", "give a prompt")
+    assert run([path, "--tokens", "0", "-n", 2], tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("prompt", [["-i", "ab"], ["--tokens", "3 4"], ["-m", "chat", "-i", ""],
+                                    ["-m", "score", "-i", "ab ab"]])
+def test_prompt_without_bos_runs(good, tmp_path, prompt):
+    tok = tmp_path / "tok.bin"
+    small_tokenizer(tok, bos_id=-1)
+    p = run([good[0], "-z", tok, "-n", 2, *prompt], tmp_path)
+    assert p.returncode == 0, p.stderr
 
 
 # ----------------------------------------------------------------------------
@@ -538,6 +606,35 @@ def test_interactive_chat_refuses_a_long_line_and_goes_on(text_model, tmp_path):
     assert p.stdout == one.stdout and one.stdout.strip(), "the short line, asked first, gets the same answer"
 
 
+def peak_memory_kib(pid):
+    """The peak resident memory of a running process since its exec (VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+def test_interactive_chat_drops_a_line_too_long_to_hold(text_model, tmp_path):
+    """A line of 128 MiB, twice the 64 MiB a prompt may have, is refused
+    and dropped as it is read: the run's memory stays far below the line
+    (measured: 67 MiB at its peak, 73 MiB under AddressSanitizer), and the
+    next line gets its answer."""
+    p = subprocess.Popen([str(RUN), str(text_model), "-m", "chat", "-n", "2", "-t", "0"], cwd=tmp_path,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chunk = "ab " * (1 << 20)
+    for _ in range((128 << 20) // len(chunk) + 1):
+        p.stdin.write(chunk)
+    p.stdin.write("\n")
+    p.stdin.flush()
+    refused = p.stderr.readline()
+    assert "run: stdin: the line is longer than 64 MiB; try a shorter line" in refused
+    peak = peak_memory_kib(p.pid)
+    out, err = p.communicate("ab\n", timeout=60)
+    assert p.returncode == 0, err
+    assert peak < 100 << 10, f"{peak} KiB: the line was held"
+    one = subprocess.run([str(RUN), str(text_model), "-m", "chat", "-n", "2", "-t", "0"], cwd=tmp_path,
+                         input="ab\n", capture_output=True, text=True, timeout=60, check=True)
+    assert out == one.stdout and out.strip(), "the short line gets the answer it gets alone"
+
+
 # ----------------------------------------------------------------------------
 # A vocabulary without "▁": the prompt needs more tokens than bytes
 
@@ -655,15 +752,19 @@ def test_tokenizer_file_too_large(text_model, tmp_path):
 # ----------------------------------------------------------------------------
 # -z with --tokens: the named tokenizer turns the output into text
 
+def small_tokenizer_text(ids):
+    """The text of small_tokenizer's ids: <unk> (" \u2047 " as sentencepiece
+    decodes it), <s>, </s>, then "▁" + letters, the first space dropped."""
+    pieces = [" \u2047 ", "", ""] + ["\u2581" + chr(97 + i % 26) * (1 + i // 26) for i in range(ARGS.vocab_size - 3)]
+    return "".join(pieces[int(i)] for i in ids).replace("\u2581", " ").lstrip(" ")
+
+
 def test_tokens_with_tokenizer_give_text(text_model, tmp_path):
     tok = text_model.parent / "tokenizer.bin"
     ids = run([text_model, "--tokens", "1 5 6", "-n", 4, "-t", 0], tmp_path)
     text = run([text_model, "--tokens", "1 5 6", "-n", 4, "-t", 0, "-z", tok], tmp_path)
     assert ids.returncode == 0 and text.returncode == 0, (ids.stderr, text.stderr)
-    # the small tokenizer's pieces: <unk> (" \u2047 " as sentencepiece decodes it), <s>, </s>, then "▁" + letters
-    pieces = [" \u2047 ", "", ""] + ["\u2581" + chr(97 + i % 26) * (1 + i // 26) for i in range(ARGS.vocab_size - 3)]
-    expected = "".join(pieces[int(i)] for i in ids.stdout.split()).replace("\u2581", " ").lstrip(" ")
-    assert text.stdout == expected + "\n"
+    assert text.stdout == small_tokenizer_text(ids.stdout.split()) + "\n"
 
 
 def test_tokens_with_missing_tokenizer(good, tmp_path):
@@ -672,6 +773,18 @@ def test_tokens_with_missing_tokenizer(good, tmp_path):
 
 
 def test_tokens_with_tokenizer_take_stop_strings(text_model, tmp_path):
-    p = run([text_model, "--tokens", "1 5", "-n", 4, "-z", text_model.parent / "tokenizer.bin", "--stop", "zz"],
-            tmp_path)
+    """--tokens in, text out, cut by --stop: the text of model.py's greedy
+    tokens (up to EOS, token 2), up to where the stop string first appears
+    after the prompt."""
+    prompt = [1, 5]
+    generated = export.generate_greedy(export.random_model(ARGS, 0), prompt, 10)
+    generated = generated[:generated.index(2)] if 2 in generated else generated
+    shown, full = small_tokenizer_text(prompt), small_tokenizer_text(prompt + generated)
+    continuation = full[len(shown):]
+    assert len(continuation) > 8, continuation
+    stop = continuation[4:7]
+    p = run([text_model, "--tokens", "1 5", "-n", 10, "-t", 0, "-z", text_model.parent / "tokenizer.bin",
+             "--stop", stop], tmp_path)
     assert p.returncode == 0, p.stderr
+    assert p.stdout == shown + continuation[:continuation.index(stop)] + "\n"
+    assert "stop string" in p.stderr

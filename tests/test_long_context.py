@@ -7,7 +7,8 @@ heads), with the query and key projections scaled up so that attention is
 sharp: each row's scores then spread over several units and their max moves
 from chunk to chunk, which a merge that forgets to rescale gets wrong.
 f32 weights: teacher-forced logits against model.py's PyTorch reference,
-within 1e-4 of each row's largest logit (test_all's bound). q8_0 weights
+within 3e-5 of each row's largest logit (measured: 2.7e-6, with the AVX-512
+kernels and with RUN_AVX512=0 alike). q8_0 weights
 (an f16 KV cache, which the fast kernel reads directly): ./run against
 ./run-plain on the same file, within the 2e-3 relative rms per row that
 test_weight_types allows the two for q8_0."""
@@ -52,7 +53,7 @@ def test_f32_matches_reference_past_many_chunks(sharp_model, tmp_path):
     ours = read_logits(logits_path, ARGS.vocab_size)
     assert ours.shape == (PROMPT + GENERATED - 1, ARGS.vocab_size)
     theirs = reference_logits(sharp_model, ids + generated[:-1])
-    assert_logits_close(ours, theirs)
+    assert_logits_close(ours, theirs, tol=3e-5)
 
 
 def test_f16_cache_fast_matches_plain(sharp_model, tmp_path):

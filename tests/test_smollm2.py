@@ -35,19 +35,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
 
-# Tolerance for logits, per row: max |ours - theirs| <= REL_TOL x max |theirs|.
+# Tolerance for logits, per row: max |ours - theirs| <= tol x max |theirs|.
 # Both sides decode the same GGUF bytes to the same float32 weights (both
 # with gguf.quants), so what differs is only the order of float32 summation
-# in the matmuls and softmax. Measured for SmolLM2 (30 layers, 113 positions): max |diff| 9.6e-5 against max |logit| 38, and
-# 4.3e-6 relative in the worst row. 1e-4 leaves 20x room for other compilers
-# and thread counts, and still fails on any real bug: reading q/k in the
-# wrong RoPE layout, a wrong theta or eps moves the logits by whole units
+# in the matmuls and softmax. Measured, with the AVX-512 kernels and with
+# RUN_AVX512=0 alike: the small random GGUF models 6.4e-7 (1.1e-6 in K-quants);
+# SmolLM2 (30 layers) 8.9e-6 over 113 positions and 8.1e-6 over a two-turn
+# chat. Each is held to about ten times that, and a real bug moves the logits
+# by whole units: reading q/k in the wrong RoPE layout, a wrong theta or eps
 # (test_wrong_rope_layout_is_caught shows the first).
-REL_TOL = 1e-4
+REL_TOL = 1e-5
+SMOLLM2_TOL = 9e-5
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -314,15 +316,14 @@ def k_quant_gguf(tmp_path_factory):
 def test_k_quant_gguf_matches_transformers(k_quant_gguf, tmp_path):
     """Converted to f32, the K-quant model's logits against transformers'
     from the same file: both sides decode the same bytes with gguf.quants,
-    so only the order of float32 sums differs. Measured 1.0e-6 relative in
-    the worst row (2 layers); 1e-5 leaves 10x room."""
+    so only the order of float32 sums differs (REL_TOL)."""
     p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "model.bin",
                         "--gguf", k_quant_gguf / "k.gguf", "--dtype", "f32"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     hf = load_hf_gguf(k_quant_gguf, "k.gguf")
     prompt = [1, 40, 280, 7, 99, 12, 150, 2, 60]
     generated, ours = run_greedy(tmp_path / "model.bin", prompt, 16, tmp_path / "logits.bin")
-    assert_logits_close(ours, hf_logits(hf, prompt + generated[:-1]), tol=1e-5)
+    assert_logits_close(ours, hf_logits(hf, prompt + generated[:-1]))
     assert generated == hf_greedy(hf, prompt, 16)
 
 
@@ -339,10 +340,10 @@ def test_quantized_gguf_becomes_q8_0_unless_asked(k_quant_gguf, tmp_path):
         assert header(out)["weight_type"] == export.WEIGHT_TYPES[dtype]
 
 
-def test_random_gguf_tokenizer_matches_tokenizers(random_gguf):
-    """The tokenizer export.py writes from GGUF metadata against Hugging Face
-    tokenizers built from the same vocabulary with SmolLM2's pre-tokenizer
-    (what llama.cpp calls "smollm": digits one by one, then ByteLevel)."""
+def reference_tokenizer():
+    """Hugging Face tokenizers built from tiny_bytelevel_vocab() with SmolLM2's
+    pre-tokenizer (what llama.cpp calls "smollm": digits one by one, then
+    ByteLevel), its first three tokens special."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     tokens, merges = tiny_bytelevel_vocab()
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
@@ -351,6 +352,13 @@ def test_random_gguf_tokenizer_matches_tokenizers(random_gguf):
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     ref.decoder = decoders.ByteLevel()
     ref.add_special_tokens(tokens[:3])
+    return ref
+
+
+def test_random_gguf_tokenizer_matches_tokenizers(random_gguf):
+    """The tokenizer export.py writes from GGUF metadata against Hugging Face
+    tokenizers built from the same vocabulary (reference_tokenizer())."""
+    ref = reference_tokenizer()
     for text in ["the capital of France is Paris", "In 1789, the  French\n\nrevolution", "ünïcödé 😀 and 12345",
                  "<|im_start|>user\nthe<|im_end|>\n", "  leading and trailing  "]:
         p = run(["--tokenize", "-z", random_gguf / "tokenizer.bin", "-i", text])
@@ -404,7 +412,8 @@ def test_chat_template_default_system_prompt():
 
 def test_default_system_prompt_in_the_tokenizer_file(random_gguf, tmp_path):
     """The LTOK file carries the default system prompt; ./run puts it first
-    in a chat unless -y gives another (-y "" gives none)."""
+    in a chat unless -y gives another (-y "" gives none). Each text between
+    the markers is encoded by Hugging Face tokenizers."""
     tok = export.read_tokenizer(random_gguf / "tokenizer.bin")
     path = tmp_path / "tokenizer.bin"
     export.write_tokenizer(path, tok["kind"], tok["tokens"], tok["bos_id"], tok["eos_id"], flags=tok["flags"],
@@ -417,7 +426,7 @@ def test_default_system_prompt_in_the_tokenizer_file(random_gguf, tmp_path):
         return [int(x) for x in p.stdout.split()]
 
     def encode(text):
-        return [int(x) for x in run(["--tokenize", "-z", path, "-i", text]).stdout.split()]
+        return reference_tokenizer().encode(text).ids
 
     user = [1] + encode("user\nthe") + [2] + encode("\n") + [1] + encode("assistant\n")
     assert chat_ids() == [1] + encode("system\nYou are the capital.") + [2] + encode("\n") + user
@@ -489,7 +498,7 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm2, smollm2_hf, tmp_p
     generated, ours = run_greedy(smollm2, prompt, 50, tmp_path / "logits.bin", extra=["-c", 128])
     assert len(generated) == 50
     theirs = hf_logits(smollm2_hf, prompt + generated[:-1])
-    assert_logits_close(ours, theirs)
+    assert_logits_close(ours, theirs, SMOLLM2_TOL)
     assert generated == hf_greedy(smollm2_hf, prompt, 50)
 
 
@@ -539,7 +548,7 @@ def test_smollm2_multi_turn_chat_matches_transformers(smollm2, smollm2_hf, smoll
     ids = smollm2_tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
     ours = np.fromfile(tmp_path / "logits.bin", dtype="<f4").reshape(-1, 49152)
     assert len(ours) > len(ids)
-    assert_logits_close(ours[:len(ids)], hf_logits(smollm2_hf, ids))
+    assert_logits_close(ours[:len(ids)], hf_logits(smollm2_hf, ids), SMOLLM2_TOL)
 
 
 @pytest.mark.skipif("RUN_BINARY" in os.environ, reason="make demo runs ./run, not the instrumented build")
@@ -566,16 +575,22 @@ DEMO_PROMPTS = [("chat", "What is the capital of France?", None),
 
 
 @pytest.mark.parametrize("mode,text,system", DEMO_PROMPTS)
-def test_smollm2_int8_greedy_equals_f32(smollm2, smollm2_q8, mode, text, system):
-    """SmolLM2 in q8_0 writes the same first 30 greedy tokens as in f32 on
-    the demo's prompts (as token ids, so nothing stops at end of turn).
-    This needs q8_0's inputs in two parts: with one int8 part per group, as
-    llama.cpp's Q8_0, the first answer derails at its first token."""
-    flags = ["-m", mode, "--tokenize", "-z", DEMO / "tokenizer.bin", "-i", text] + (["-y", system] if system else [])
-    prompt = run([smollm2] + flags).stdout.split()
-    f32 = run([smollm2, "--tokens", " ".join(prompt), "-t", 0, "-n", 30]).stdout.split()[len(prompt):]
-    q8 = run([smollm2_q8, "--tokens", " ".join(prompt), "-t", 0, "-n", 30]).stdout.split()[len(prompt):]
-    assert len(f32) == 30 and q8 == f32
+def test_smollm2_int8_greedy_matches_transformers(smollm2, smollm2_q8, smollm2_hf, smollm2_tokenizer, mode, text,
+                                                  system):
+    """SmolLM2 in f32 and in q8_0 write transformers' first 30 greedy tokens
+    on the demo's prompts, as transformers' tokenizer and chat template
+    write them (fed as token ids, so nothing stops at end of turn). q8_0
+    needs its inputs in two parts for this: with one int8 part per group,
+    as llama.cpp's Q8_0, the first answer derails at its first token."""
+    if mode == "chat":
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        prompt = smollm2_tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        prompt = smollm2_tokenizer.encode(text, add_special_tokens=False)
+    expected = [str(t) for t in hf_greedy(smollm2_hf, prompt, 30)]
+    for model in (smollm2, smollm2_q8):
+        ids = run([model, "--tokens", " ".join(map(str, prompt)), "-t", 0, "-n", 30]).stdout.split()
+        assert ids[len(prompt):] == expected, model
 
 
 @pytest.mark.skipif("RUN_BINARY" in os.environ, reason="make explain runs ./run, not the instrumented build")
@@ -600,12 +615,13 @@ PERPLEXITY_TEXT = (
     "cheese and apples. In the evening the lamps are lit one by one, and the town grows quiet.")
 
 
-def test_smollm2_perplexity_matches_transformers(smollm2, smollm2_hf, tmp_path):
+def test_smollm2_perplexity_matches_transformers(smollm2, smollm2_hf, smollm2_tokenizer, tmp_path):
     """-m score on a fixed text against transformers' cross-entropy over the
     same windows (context 32, stride 16: several windows, as on a long text).
-    Agreement is asked to 1e-3 relative, as the issue states; the logits
-    agree to about 1e-5 relative, so the mean NLL agrees far closer."""
-    ids = [int(x) for x in run(["--tokenize", "-z", DEMO / "tokenizer.bin", "-i", PERPLEXITY_TEXT]).stdout.split()]
+    The text's tokens are transformers'. Measured: the mean NLL within
+    2e-7 relative (about the rounding of its six printed decimals), the
+    perplexity within 4e-7; bounds 2e-6 and 4e-6."""
+    ids = smollm2_tokenizer.encode(PERPLEXITY_TEXT, add_special_tokens=False)
     ctx, stride = 32, 16
     text = tmp_path / "text.txt"
     text.write_text(PERPLEXITY_TEXT)
@@ -623,5 +639,5 @@ def test_smollm2_perplexity_matches_transformers(smollm2, smollm2_hf, tmp_path):
             count += 1
         done, begin = end, begin + stride
     assert scored == count == len(ids) - 1
-    assert abs(nll - total / count) <= 1e-3 * (total / count)
-    assert abs(ppl - np.exp(total / count)) <= 1e-3 * np.exp(total / count)
+    assert abs(nll - total / count) <= 2e-6 * (total / count)
+    assert abs(ppl - np.exp(total / count)) <= 4e-6 * np.exp(total / count)

@@ -229,7 +229,7 @@ def invalid_utf8_strings(seed, n=300):
 # ----------------------------------------------------------------------------
 # sentencepiece models
 
-spm = pytest.importorskip("sentencepiece")
+import sentencepiece as spm  # noqa: E402
 
 LLAMA_LIKE = dict(model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
                   remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
@@ -674,7 +674,6 @@ def train_bl(name, directory):
 @pytest.fixture(scope="session")
 def bl_models(tmp_path_factory):
     """name -> (tokenizers.Tokenizer, path of the exported LTOK file)."""
-    pytest.importorskip("tokenizers")
     d = tmp_path_factory.mktemp("bl")
     out = {}
     for name in BL_CONFIGS:
@@ -807,7 +806,6 @@ def test_byte_level_speed(driver, bl_models):
 
 def test_unicode_tables_are_current():
     # the committed tables are what tools/gen_unicode_tables.py measures now
-    pytest.importorskip("tokenizers")
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_unicode_tables.py")], capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stderr

@@ -23,22 +23,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fail(message):
-    print(f"explain: {message}", file=sys.stderr)
-    sys.exit(1)
+def fail(message, status=1):
+    """One line on stderr (a line break that a path or a token brings in
+    shows as \\n), then exit: 1 for a bad file or run, 2 for a bad command line."""
+    print(f"explain: {message}".replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+    sys.exit(status)
+
+
+class Arguments(argparse.ArgumentParser):
+    def error(self, message):
+        fail(f"{message} (see --help)", 2)
+
+
+def lines_of(text):
+    """The engine's output lines, split at line feeds only: str.splitlines()
+    would also split a token's text at U+2028, U+2029, U+0085 or U+001C..E."""
+    return text.split("\n")
 
 
 def run_engine(args, run):
-    p = subprocess.run([str(run), *map(str, args)], capture_output=True, text=True, errors="replace")
+    try:
+        p = subprocess.run([run, *map(str, args)], capture_output=True, text=True, errors="replace")
+    except OSError as e:
+        fail(f"{run}: cannot run the engine: {e.strerror}")
     if p.returncode != 0:
-        fail(p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"{run} exited {p.returncode}")
+        said = [line for line in lines_of(p.stderr) if line.strip()]
+        fail(said[-1] if said else f"{run} exited {p.returncode}")
     return p
 
 
-def read_views(lines):
-    """The page's data from a run's JSON lines: --probs lines (no "view"
-    key) and trace, lens and attention objects, by position and layer."""
+def read_views(lines, run, chosen):
+    """The page's data from a run's JSON lines, opening on the position
+    chosen; lines that are not what run.c writes end the program, naming
+    the engine."""
+    try:
+        page = views_page(lines)
+        page["chosen"] = chosen
+        page["layer"], page["head"] = sink_head(page, chosen)
+        return page
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        fail(f"{run}: its views are not what run.c writes ({type(e).__name__}: {e})")
+
+
+def views_page(lines):
+    """--probs lines (no "view" key) and trace, lens and attention objects,
+    by position and layer; ValueError, KeyError or TypeError if malformed."""
     probs, trace, lens, attention, tokens = {}, {}, {}, {}, {}
+    views = {"trace": trace, "lens": lens, "attention": attention}
     for line in lines:
         if not line.startswith("{"):
             continue  # the run's statistics and notices
@@ -47,15 +78,17 @@ def read_views(lines):
         if view is None:
             probs[row["pos"]] = row
             continue
+        if view not in views:
+            raise ValueError(f"unknown view {view!r}")
         pos, layer = row["pos"], row["layer"]
         tokens[pos] = (row["token"], row["text"])
-        {"trace": trace, "lens": lens, "attention": attention}[view][pos, layer] = row
+        views[view][pos, layer] = row
     if not trace or not lens:
-        fail("the run gave no trace or lens lines")
+        raise ValueError("the run gave no trace or lens lines")
     n_layers = 1 + max(layer for _, layer in trace)
     fed = sorted(tokens)
     if fed != list(range(len(fed))) or any((p, l) not in lens for p in fed for l in range(n_layers)):
-        fail("the run's trace and lens do not cover every position and layer")
+        raise ValueError("the run's trace and lens do not cover every position and layer")
     n_prompt = min(probs) if probs else len(fed)
     for pos, row in probs.items():
         tokens.setdefault(pos, (row["token"], row["text"]))
@@ -338,9 +371,18 @@ def escape(text):
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
+def umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path, text):
+    """Writes the whole of text to path, or nothing: a temporary file beside
+    it, given the mode a new file gets (0666 less the umask), then renamed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -349,8 +391,34 @@ def write_atomically(path, text):
         raise
 
 
+def check_output_path(page, views):
+    """Ends the program unless the page and the views can be written there,
+    before the model runs."""
+    if page == views:
+        fail(f"{page}: the page would overwrite its own views file ({views}); name it .html", 2)
+    for path in (page, views):
+        if path.is_dir():
+            fail(f"{path}: is a directory; -o names the page's file")
+    if not page.parent.is_dir():
+        fail(f"{page}: no such directory: {page.parent}")
+
+
+def write_outputs(files):
+    """files: [(path, text)]. All are written or, when one cannot be, none:
+    those already written are removed again."""
+    written = []
+    for path, text in files:
+        try:
+            write_atomically(path, text)
+        except OSError as e:
+            for done in written:
+                done.unlink()
+            fail(f"{path}: cannot write: {e.strerror}")
+        written.append(path)
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Arguments(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     prompt = ap.add_mutually_exclusive_group(required=True)
     prompt.add_argument("-i", dest="text", help="the prompt")
@@ -358,10 +426,13 @@ def main():
     ap.add_argument("-n", type=int, default=4, help="tokens to generate, greedily (default 4)")
     ap.add_argument("-k", type=int, default=5, help="alternatives shown per token and lens cell (default 5)")
     ap.add_argument("-o", type=Path, default=Path(".demo/explain.html"), help="the page (default .demo/explain.html)")
-    ap.add_argument("--run", type=Path, default=ROOT / "run", help="the engine (default ./run)")
+    ap.add_argument("--run", default=str(ROOT / "run"),
+                    help="the engine, run as given (a name without / is looked up on PATH; default ./run)")
     a = ap.parse_args()
     if a.n < 1 or not 1 <= a.k <= 100:
         ap.error("-n must be at least 1 and -k in 1..100")
+    views = a.o.with_suffix(".jsonl")
+    check_output_path(a.o, views)
     given = ["-i", a.text] if a.text is not None else ["--tokens", a.tokens]
     if a.text is not None:
         n_prompt = len(run_engine([a.model, "--tokenize", "-i", a.text], a.run).stdout.split())
@@ -370,14 +441,11 @@ def main():
     last = n_prompt + a.n - 2  # the last generated token is never fed back
     p = run_engine([a.model, *given, "-t", 0, "-n", a.n, "--probs", a.k, "--probs-format", "json", "--trace",
                     "--lens", a.k, "--attention", f"0-{max(last, 0)}", "--trace-format", "json"], a.run)
-    lines = p.stderr.splitlines()
-    views = a.o.with_suffix(".jsonl")
-    write_atomically(views, "".join(line + "\n" for line in lines if line.startswith("{")))
-    page = read_views(lines)
-    page["chosen"] = n_prompt - 1
-    page["layer"], page["head"] = sink_head(page, page["chosen"])
+    lines = lines_of(p.stderr)
+    page = read_views(lines, a.run, n_prompt - 1)
     subtitle = f"{Path(a.model).name}, greedy: {p.stdout.strip()!r}"
-    write_atomically(a.o, page_html(page, "Watching a decoder think", subtitle))
+    write_outputs([(views, "".join(line + "\n" for line in lines if line.startswith("{"))),
+                   (a.o, page_html(page, "Watching a decoder think", subtitle))])
     print(f"explain: wrote {a.o} (and the run's views, {views}); open it in a browser")
 
 
