@@ -10,6 +10,7 @@ import struct
 from convert.checkpoint import Tensors, _f32_bytes, check_state_dict, checkpoint_tensors
 from convert.errors import ExportError, need, np, torch
 from convert.files import REQUIRED, checked_directory, json_field, read_json, regular_file
+from convert.gguf_layout import check_gguf_layout
 from convert.torch_zip import StoredTensor, read_torch_zip
 from model import META_LLAMA3_SCALING, ModelArgs, rope_cos_sin, rope_inverse_frequencies
 
@@ -538,7 +539,10 @@ def _gguf_reader(source):
     gguf = need("gguf")     # it imports numpy and pyyaml
     regular_file(source)
     try:
+        check_gguf_layout(source)
         return gguf.GGUFReader(source)
+    except ExportError:
+        raise
     except OSError as e:
         raise ExportError(source, e.strerror or str(e)) from None
     except Exception as e:  # the reader raises ValueError, struct and numpy errors alike

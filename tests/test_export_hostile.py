@@ -367,8 +367,8 @@ BAD_INPUTS = [
     ("llama2.c vocab_size -2^31", llama2c_header(32, 64, 2, 4, 2, -2**31, 64), "llama2c.bin", "vocab_size"),
     ("llama2.c truncated", write("llama2c.bin", lambda data: data[:-4]), "llama2c.bin", "bytes: expected"),
     # GGUF
-    ("GGUF truncated", write("model.gguf", lambda data: data[:len(data) // 2]), "model.gguf", "not a GGUF file"),
-    ("GGUF header cut short", write("model.gguf", lambda data: data[:200]), "model.gguf", "not a GGUF file"),
+    ("GGUF truncated", write("model.gguf", lambda data: data[:len(data) // 2]), "model.gguf", "a damaged GGUF file"),
+    ("GGUF header cut short", write("model.gguf", lambda data: data[:200]), "model.gguf", "a damaged GGUF file"),
     ("GGUF empty", write("model.gguf", b""), "model.gguf", "not a GGUF file"),
     ("GGUF counts that are strings", gguf_with({"llama.embedding_length": "32", "llama.attention.head_count": "x"}),
      "bad.gguf", "expected positive integers"),
