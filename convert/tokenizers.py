@@ -414,6 +414,39 @@ GGUF_PRETOKENIZERS = {      # tokenizer.ggml.pre -> (LTOK pretokenizer, extra fl
 }
 
 
+NOT_LITERAL = re.compile(r"['\"{}+]")     # what a template's expressions have and its literal text not
+
+
+def _literal_system_turn(template):
+    """The text of the first ChatML system turn that the template writes as a
+    literal, not built of expressions such as ' + message['content'] + '
+    (Qwen2.5's has those and a tools branch first): what the regex
+    <\\|im_start\\|>system(?:\\n|\\\\n)([^'"{}+]*?)<\\|im_end\\|> finds first, "" where
+    it finds nothing. Found in time linear in the template (a regex search
+    takes quadratic time on a template of repeated "<|im_start|>system\\n"):
+    the next <|im_end|> and the next non-literal character after a turn's
+    start are looked up only when the turn starts beyond those found last."""
+    start_of_turn, end_of_turn = "<|im_start|>system", "<|im_end|>"
+    end = stop = -1
+    start = template.find(start_of_turn)
+    while start >= 0:
+        body = start + len(start_of_turn)
+        newline = next((len(n) for n in ("\n", "\\n") if template.startswith(n, body)), 0)
+        if newline:
+            body += newline
+            if end < body:
+                end = template.find(end_of_turn, body)
+                if end < 0:         # no turn ends after this one's start, nor after any later one's
+                    return ""
+            if stop < body:
+                found = NOT_LITERAL.search(template, body)
+                stop = found.start() if found else len(template)
+            if stop >= end:
+                return template[body:end]
+        start = template.find(start_of_turn, start + 1)
+    return ""
+
+
 def gguf_chat_template(template):
     """(chat_template kind, default system prompt) for a Jinja chat template:
     a GGUF's tokenizer.chat_template, or tokenizer_config.json's chat_template.
@@ -428,10 +461,7 @@ def gguf_chat_template(template):
     if not template:
         return CHAT_NONE, ""
     if "<|im_start|>" in template:
-        # the first system turn that is a literal, not an expression such as
-        # ' + message['content'] + ' (Qwen2.5's has those and a tools branch first)
-        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}+]*?)<\|im_end\|>", template)
-        text = m.group(1) if m else ""
+        text = _literal_system_turn(template)
         if "\\" in text.replace("\\n", ""):
             text = ""
         return CHAT_CHATML, text.replace("\\n", "\n")
