@@ -115,6 +115,19 @@ def check_state_dict(args, state_dict, path):
             raise ExportError(path, f"{name}: expected shape {shape}, got {got}")
 
 
+def check_rope_frequencies(inv_freq, path, what="rope_inv_freq"):
+    """Raise ExportError naming path (and what, the tensor they come from)
+    unless every number of inv_freq (RoPE's inverse frequencies, or what
+    they are divided by) is finite and positive,
+    as run.c's rotations need (rope_theta, which gives them unscaled, is
+    held to the same by ModelArgs)."""
+    inv_freq = _f32_array(inv_freq)
+    bad = np.flatnonzero(~(np.isfinite(inv_freq) & (inv_freq > 0)))
+    if bad.size:
+        raise ExportError(path, f"{what}: {inv_freq[bad[0]]} for pair {bad[0]}; RoPE needs finite positive "
+                                "numbers")
+
+
 def _f32_array(tensor):
     """The tensor (torch or numpy) as a float32 numpy array."""
     if not isinstance(tensor, np.ndarray):
@@ -307,6 +320,8 @@ def read_checkpoint_arrays(path):
             offset += nbytes
     if offset != data.size:
         raise ExportError(path, f"{data.size} bytes: expected {offset} for {args.describe()}")
+    if args.scaled_rope:
+        check_rope_frequencies(tensors["rope_inv_freq"][0], path)
     return args, dtype, tensors
 
 
