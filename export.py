@@ -116,6 +116,7 @@ class Outputs:
     def __init__(self):
         self.pending = {}           # target -> temporary file (or directory)
         self.directories = set()    # the targets that are directories
+        self.empty_directories = set()  # those of them that exist, empty, and are to be replaced
 
     def add(self, target):
         """Claim target as an output (early, so that an output that cannot be
@@ -161,6 +162,7 @@ class Outputs:
             if entries:
                 raise ExportError(target, "exists and is not empty (export.py writes a new directory, "
                                           "or fills an empty one)")
+            self.empty_directories.add(path)
         directory, name = os.path.split(path)
         try:
             tmp = tempfile.mkdtemp(dir=directory, prefix=f".{name[:200]}.tmp-")
@@ -194,15 +196,46 @@ class Outputs:
         return False
 
     def commit(self):
-        """Rename every temporary file over its target."""
-        path = None
+        """Rename every temporary file over its target, all or none: each
+        target that exists is first linked to a backup beside it (moved
+        there where the file system has no hard links), and if a rename
+        fails, KeyboardInterrupt included, the targets are put back as they
+        were before any was renamed."""
+        backups, renamed, path = {}, [], None
         try:
             for path, tmp in self.pending.items():
                 _settle(tmp, path)
-            for path in list(self.pending):
-                os.replace(self.pending.pop(path), path)
-        except OSError as e:
-            raise ExportError(path, e.strerror) from None
+            for path in self.pending:
+                backups[path] = None if path in self.directories else _backup(path)
+            for path, tmp in self.pending.items():
+                os.replace(tmp, path)
+                renamed.append(path)
+        except BaseException as e:
+            self._roll_back(backups, renamed)
+            if isinstance(e, OSError):
+                raise ExportError(path, e.strerror) from None
+            raise
+        finally:
+            for backup in filter(None, backups.values()):
+                shutil.rmtree(os.path.dirname(backup), ignore_errors=True)
+        self.pending.clear()
+
+    def _roll_back(self, backups, renamed):
+        """Put every target back as it was before the commit: from its backup,
+        or, where there was none, the new one taken away (a directory back to
+        its temporary name, which discard() removes, and the empty directory
+        it replaced, if any, made again). Each step is tried whatever the
+        others do: as much as can be is put back."""
+        for path, backup in backups.items():
+            with contextlib.suppress(OSError):
+                if backup:
+                    os.replace(backup, path)
+                elif path in renamed and path in self.directories:
+                    os.replace(path, self.pending[path])
+                    if path in self.empty_directories:
+                        os.mkdir(path)
+                elif path in renamed:
+                    os.unlink(path)
 
     def discard(self):
         """Remove the temporary files that are not renamed (all of them, after a failure)."""
@@ -214,6 +247,22 @@ class Outputs:
                     os.unlink(tmp)
         self.pending.clear()
         self.directories.clear()
+        self.empty_directories.clear()
+
+
+def _backup(target):
+    """A hard link to the file target in a new directory beside it (or
+    target moved there, on a file system without hard links); None where
+    there is no target."""
+    if not os.path.lexists(target):
+        return None
+    directory, name = os.path.split(target)
+    backup = os.path.join(tempfile.mkdtemp(dir=directory, prefix=f".{name[:200]}.old-"), name)
+    try:
+        os.link(target, backup)
+    except OSError:
+        os.replace(target, backup)
+    return backup
 
 
 def _settle(tmp, target):

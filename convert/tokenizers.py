@@ -71,25 +71,109 @@ def write_tokenizer(path, kind, tokens, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=
         return f.tell()
 
 
+# tokenizer.c's bounds on a file it loads
+TOK_MAX_VOCAB, TOK_MAX_TOKEN_LENGTH, TOK_MAX_FILE = 1 << 24, 1 << 16, 1 << 30
+TOKF_ALL = (1 << 7) - 1
+TOKEN_RECORD, MERGE_RECORD = struct.Struct("<IfB"), struct.Struct("<iii")
+
+
 def read_tokenizer(path):
-    """Reads an LTOK file back into a dict (for tests and inspection)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    (magic, version, kind, n, bos, eos, pad, unk, flags, pretok, chat, n_merges,
+    """Reads an LTOK file into a dict, checked as tokenizer.c's loader checks
+    it (tok_load_ltok and tok_build), so that what ./run refuses export.py
+    refuses too, with tokenizer.c's words: ExportError naming path. Also
+    refused: a default system prompt that is not UTF-8, which GGUF and
+    tokenizer.json cannot hold (./run takes its bytes as they are)."""
+    regular_file(path)
+    if os.path.getsize(path) > TOK_MAX_FILE:
+        raise ExportError(path, f"a tokenizer file of more than {TOK_MAX_FILE} bytes")
+    data = read_bytes(path)
+    if len(data) < TOKENIZER_HEADER.size or data[:4] != TOKENIZER_MAGIC:
+        raise ExportError(path, "not a tokenizer.bin of export.py (LTOK version 1); "
+                                "write one with export.py --tokenizer-from or beside a conversion")
+    (_, version, kind, n, bos, eos, pad, unk, flags, pretok, chat, n_merges,
      max_len, system_len) = TOKENIZER_HEADER.unpack_from(data, 0)
-    if magic != TOKENIZER_MAGIC or version != TOKENIZER_VERSION:
-        raise ExportError(path, f"not an LTOK version {TOKENIZER_VERSION} file")
+    _check_tokenizer_header(path, version, kind, n, (bos, eos, pad, unk), flags, pretok, chat, max_len)
     pos, tokens = TOKENIZER_HEADER.size, []
-    for _ in range(n):
-        length, score, ty = struct.unpack_from("<IfB", data, pos)
-        pos += 9
+    for i in range(n):
+        if len(data) - pos < TOKEN_RECORD.size:
+            raise ExportError(path, f"token {i}: record cut short at byte {pos}")
+        length, score, ty = TOKEN_RECORD.unpack_from(data, pos)
+        if not 1 <= length <= max_len:
+            raise ExportError(path, f"token {i} has length {length}, outside 1..max_token_length")
+        pos += TOKEN_RECORD.size
+        if length > len(data) - pos:
+            raise ExportError(path, f"token {i}: record cut short at byte {pos - TOKEN_RECORD.size}")
+        if not PIECE_NORMAL <= ty <= PIECE_BYTE:
+            raise ExportError(path, f"token {i} has unknown type {ty}")
         tokens.append((data[pos:pos + length], score, ty))
         pos += length
-    merges = [struct.unpack_from("<iii", data, pos + 12 * r) for r in range(n_merges)]
-    system = data[pos + 12 * n_merges:pos + 12 * n_merges + system_len].decode("utf-8")
+    left = len(data) - pos
+    if n_merges > left // MERGE_RECORD.size:
+        raise ExportError(path, f"{n_merges} merges do not fit in the {left} bytes left")
+    if left - n_merges * MERGE_RECORD.size != system_len:
+        raise ExportError(path, f"{left - n_merges * MERGE_RECORD.size} bytes after the last merge, "
+                                f"expected system_len = {system_len}")
+    system = data[len(data) - system_len:]
+    if b"\0" in system:
+        raise ExportError(path, "the default system prompt contains a NUL byte")
+    if kind == TOK_SENTENCEPIECE and n_merges:
+        raise ExportError(path, f"a sentencepiece tokenizer has no merge records ({n_merges})")
+    _check_vocabulary(path, kind, tokens, unk, max_len)
+    merges = [MERGE_RECORD.unpack_from(data, pos + MERGE_RECORD.size * r) for r in range(n_merges)]
+    for r, (left_id, right_id, result) in enumerate(merges):
+        if not all(0 <= i < n for i in (left_id, right_id, result)):
+            raise ExportError(path, f"merge {r} has a token id outside the vocabulary")
+        if tokens[result][0] != tokens[left_id][0] + tokens[right_id][0]:
+            raise ExportError(path, f"merge {r}: result is not left followed by right")
+    try:
+        system = system.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ExportError(path, "the default system prompt is not UTF-8 text") from None
     return dict(kind=kind, tokens=tokens, bos_id=bos, eos_id=eos, pad_id=pad, unk_id=unk, flags=flags,
                 pretokenizer=pretok, chat_template=chat, merges=merges, max_token_length=max_len,
                 system_prompt=system)
+
+
+def _check_tokenizer_header(path, version, kind, n, ids, flags, pretok, chat, max_len):
+    """The fields of an LTOK header, checked as tokenizer.c checks them."""
+    if version != TOKENIZER_VERSION:
+        raise ExportError(path, f"tokenizer version {version}, this build reads version {TOKENIZER_VERSION} "
+                                "(re-export with export.py)")
+    if kind > TOK_BYTELEVEL:
+        raise ExportError(path, f"unknown tokenizer kind {kind}")
+    if not 1 <= n <= TOK_MAX_VOCAB:
+        raise ExportError(path, f"vocab_size {n} is not sane")
+    for name, value in zip(("bos_id", "eos_id", "pad_id", "unk_id"), ids):
+        if not -1 <= value < n:
+            raise ExportError(path, f"{name} {value} is outside -1..{n - 1}")
+    if flags & ~TOKF_ALL:
+        raise ExportError(path, f"unknown tokenizer flags {flags:#x}")
+    if pretok > PRETOK_QWEN2 or (kind == TOK_SENTENCEPIECE and pretok != PRETOK_NONE):
+        raise ExportError(path, f"unknown pretokenizer {pretok}")
+    if chat > CHAT_LLAMA32:
+        raise ExportError(path, f"unknown chat_template {chat}")
+    if not 1 <= max_len <= TOK_MAX_TOKEN_LENGTH:
+        raise ExportError(path, f"max_token_length {max_len} is not sane")
+
+
+def _check_vocabulary(path, kind, tokens, unk_id, max_len):
+    """The tokens as tokenizer.c's tok_build checks them: sentencepiece's
+    reserved pieces (control, unknown, byte) distinct, and its other pieces
+    too; its byte pieces <0xXX>; its unk_id an unknown piece; max_len the
+    longest token's length."""
+    if kind == TOK_SENTENCEPIECE:
+        seen = ({}, {})     # reserved pieces, the others
+        for i, (data, _, ty) in enumerate(tokens):
+            reserved = ty in (PIECE_CONTROL, PIECE_UNKNOWN, PIECE_BYTE)
+            if seen[reserved].setdefault(data, i) != i:
+                raise ExportError(path, f"token {i} is a duplicate")
+            if ty == PIECE_BYTE and not re.fullmatch(rb"<0x[0-9A-F]{2}>", data):
+                raise ExportError(path, f"byte token {i} is not of the form <0xXX>")
+        if unk_id < 0 or tokens[unk_id][2] != PIECE_UNKNOWN:
+            raise ExportError(path, f"unk_id {unk_id} is not an unknown-type token")
+    longest = max(len(data) for data, _, _ in tokens)
+    if longest != max_len:
+        raise ExportError(path, f"max_token_length is {max_len} but the longest token has {longest} bytes")
 
 
 # sentencepiece's tokenizer.model is a protobuf (sentencepiece_model.proto),
