@@ -253,8 +253,9 @@ class Outputs:
 def _backup(target):
     """A hard link to the file target in a new directory beside it (or
     target moved there, on a file system without hard links); None where
-    there is no target."""
-    if not os.path.lexists(target):
+    target is not a file (then nothing is there, or what is there, a
+    directory, say, makes the rename over it fail)."""
+    if not os.path.isfile(target):
         return None
     directory, name = os.path.split(target)
     backup = os.path.join(tempfile.mkdtemp(dir=directory, prefix=f".{name[:200]}.old-"), name)

@@ -203,7 +203,7 @@ class _Unpickler(pickle.Unpickler):
         if len(header) < LOCAL_HEADER.size or LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
             raise ExportError(self.path, f"{info.filename}: no zip local header where the directory says")
         _, flags, name_size, extra_size = LOCAL_HEADER.unpack(header)
-        name = self.file.read(name_size).decode("utf-8" if flags & UTF8_NAME else "cp437")
+        name = self.file.read(name_size).decode("utf-8" if flags & UTF8_NAME else "cp437", "replace")
         if name != info.orig_filename:
             raise ExportError(self.path, f"{info.filename}: its local header names {name[:80]!r}; the zip "
                                          "archive is damaged")
