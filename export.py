@@ -258,11 +258,16 @@ def _backup(target):
     if not os.path.isfile(target):
         return None
     directory, name = os.path.split(target)
-    backup = os.path.join(tempfile.mkdtemp(dir=directory, prefix=f".{name[:200]}.old-"), name)
+    holder = tempfile.mkdtemp(dir=directory, prefix=f".{name[:200]}.old-")
+    backup = os.path.join(holder, name)
     try:
-        os.link(target, backup)
-    except OSError:
-        os.replace(target, backup)
+        try:
+            os.link(target, backup)
+        except OSError:
+            os.replace(target, backup)
+    except BaseException:
+        os.rmdir(holder)
+        raise
     return backup
 
 
