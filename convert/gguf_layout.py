@@ -54,7 +54,7 @@ class _Cursor:
     def take(self, n, what):
         if n > self.left():
             raise _damaged(self.path, f"{what}: {n} bytes at offset {self.at}, past the end of the file "
-                                         f"({len(self.data)} bytes)")
+                           f"({len(self.data)} bytes)")
         self.at += n
         return self.data[self.at - n:self.at]
 
@@ -66,7 +66,7 @@ class _Cursor:
         n = self.unpack("Q", what)
         if n * item_size > self.left():
             raise _damaged(self.path, f"{what} claims {n} items of at least {item_size} bytes, but only "
-                                         f"{self.left()} bytes are left in the file")
+                           f"{self.left()} bytes are left in the file")
         return n
 
     def string(self, what):
@@ -88,7 +88,7 @@ class _Cursor:
             self.array_items += n
             if self.array_items > MAX_ARRAY_ITEMS:
                 raise _damaged(self.path, f"{what}: the metadata arrays hold more than {MAX_ARRAY_ITEMS} "
-                                             "items")
+                               "items")
             if item_type in SCALAR_SIZES:
                 self.take(n * SCALAR_SIZES[item_type], what)
             else:
@@ -112,6 +112,8 @@ def check_gguf_layout(path):
 
 
 def _check(path, data, quant_sizes):
+    """check_gguf_layout() of the mapped file data; quant_sizes: the gguf
+    package's (elements, bytes) of a block of each ggml type."""
     if data[:4] != b"GGUF":
         raise ExportError(path, "not a GGUF file (no GGUF magic)")
     big_endian = struct.unpack_from("<I", data, 4)[0] & 0xFFFF == 0    # the gguf package's test
@@ -136,16 +138,16 @@ def _check(path, data, quant_sizes):
                 raise _damaged(path, "general.alignment: expected a u32 power of two")
     if tensor_count * TENSOR_INFO_SMALLEST > cursor.left():
         raise _damaged(path, f"tensor_count claims {tensor_count} tensors, but only {cursor.left()} bytes "
-                                "are left in the file")
+                       "are left in the file")
     tensors = [_tensor_info(cursor, i, quant_sizes) for i in range(tensor_count)]
     data_start = cursor.at + -cursor.at % alignment
     for name, offset, n_bytes in tensors:
         if offset % alignment:
             raise _damaged(path, f"tensor {name}: offset {offset} is not a multiple of general.alignment "
-                                    f"{alignment}")
+                           f"{alignment}")
         if data_start + offset + n_bytes > len(data):
             raise _damaged(path, f"tensor {name}: {n_bytes} bytes at offset {offset} reach past the end of "
-                                    f"the file ({len(data)} bytes, data from {data_start})")
+                           f"the file ({len(data)} bytes, data from {data_start})")
     furthest, reached = None, 0     # of the tensors placed so far, the one that ends last
     for name, offset, n_bytes in sorted((t for t in tensors if t[2]), key=lambda t: t[1]):
         if offset < reached:
@@ -168,7 +170,7 @@ def _tensor_info(cursor, i, quant_sizes):
     block_size, block_bytes = sizes
     if dims and dims[0] % block_size:
         raise _damaged(cursor.path, f"tensor {name}: {dims[0]} elements a row, not whole blocks of "
-                                       f"{block_size}")
+                       f"{block_size}")
     elements = 1
     for n in dims:
         elements *= n
