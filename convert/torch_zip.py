@@ -119,6 +119,10 @@ def read_torch_zip(path):
             if len(pickles) != 1:
                 raise ExportError(path, "not a torch.save file: no one PREFIX/data.pkl in the zip archive")
             prefix = pickles[0][:-len("data.pkl")]
+            compressed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if compressed:      # its size is then what the directory says: a small file could unpack to any
+                raise ExportError(path, f"{compressed[0]} is compressed: torch.save stores its members as they "
+                                        "are")
             if f"{prefix}byteorder" in archive.namelist() and archive.read(f"{prefix}byteorder") != b"little":
                 raise ExportError(path, "a big-endian torch.save file: re-save it on a little-endian machine")
             return _Unpickler(path, f, size, archive, prefix).load()
@@ -185,8 +189,6 @@ class _Unpickler(pickle.Unpickler):
             info = self.archive.getinfo(name)
         except KeyError:
             raise ExportError(self.path, f"no member {name} for a storage") from None
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise ExportError(self.path, f"{name} is compressed: torch.save stores storages as they are")
         start = self.data_start(info)
         nbytes = numel * np.dtype(STORAGE_TYPES[type_name][1]).itemsize
         if nbytes > info.file_size:

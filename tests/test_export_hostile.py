@@ -994,6 +994,20 @@ ZIP_DAMAGE = [
 ]
 
 
+def shard_compressed(c):
+    """Meta's shard with its pickle deflated: what it unpacks to is then only what the directory claims."""
+    path = c.src / "meta" / "consolidated.00.pth"
+    with zipfile.ZipFile(path) as old:
+        members = {info.filename: old.read(info) for info in old.infolist()}
+    with zipfile.ZipFile(path, "w") as new:
+        for name, contents in members.items():
+            new.writestr(name, contents, zipfile.ZIP_DEFLATED if name.endswith("data.pkl") else zipfile.ZIP_STORED)
+    return path
+
+
+ZIP_DAMAGE.append(("a pickle compressed", shard_compressed, "data.pkl is compressed"))
+
+
 @pytest.mark.parametrize("damage,what", [c[1:] for c in ZIP_DAMAGE], ids=[c[0] for c in ZIP_DAMAGE])
 def test_a_storage_misplaced_in_the_zip_archive_is_refused(case, capsys, damage, what):
     path = damage(case)
