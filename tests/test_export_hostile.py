@@ -1112,6 +1112,37 @@ def test_a_sentencepiece_tokenizer_that_run_refuses_is_refused(case, capsys, tok
         export.read_tokenizer(tokenizer)
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_read_tokenizer_refuses_what_tokenizer_c_refuses(case, tokenizer_driver, kind):
+    """Random damage to a tokenizer.bin, each file loaded by tokenizer.c and
+    by export.read_tokenizer: both load it or both refuse it."""
+    tokenizer = case.src / "tokenizer.bin"
+    if kind == "byte-level":
+        export.write_tokenizer_hf_json(case.src / "hf" / "tokenizer.json", tokenizer)
+    else:
+        pieces = [(b"<unk>", 0.0, 2), (b"<s>", 0.0, 3)] + [(f"<0x{b:02X}>".encode(), 0.0, 6) for b in range(256)]
+        export.write_tokenizer(tokenizer, export.TOK_SENTENCEPIECE, pieces + [(b"\xe2\x96\x81a", -1.0, 1)],
+                               bos_id=1, unk_id=0, flags=export.TOKF_ADD_BOS | export.TOKF_BYTE_FALLBACK,
+                               chat_template=export.CHAT_LLAMA2, system_prompt="Be brief.")
+    good, rng, verdicts = tokenizer.read_bytes(), random.Random(24), []
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(80) if rng.random() < 0.6 else rng.randrange(len(data))
+            data[at] = rng.choice([0, 1, 0xFF, 0x80, rng.randrange(256)])
+        tokenizer.write_bytes(data)
+        c = subprocess.run([tokenizer_driver, tokenizer, "info"], capture_output=True, text=True, timeout=60)
+        try:
+            export.read_tokenizer(tokenizer)
+            python = 0
+        except export.ExportError:
+            python = 2
+        assert python == c.returncode, f"tokenizer.c {c.returncode} ({c.stderr.strip()}), export.py {python}: " \
+                                       f"{bytes(data[:80])}"
+        verdicts.append(python)
+    assert 0 < verdicts.count(0) < len(verdicts)     # some damage is harmless (a score, say), most is not
+
+
 def test_the_undamaged_tokenizer_loads_in_both(case, tokenizer_driver):
     """The damage above is what is refused: the tokenizer it starts from loads."""
     tokenizer = case.src / "tokenizer.bin"
