@@ -93,20 +93,7 @@ def read_tokenizer(path):
     (_, version, kind, n, bos, eos, pad, unk, flags, pretok, chat, n_merges,
      max_len, system_len) = TOKENIZER_HEADER.unpack_from(data, 0)
     _check_tokenizer_header(path, version, kind, n, (bos, eos, pad, unk), flags, pretok, chat, max_len)
-    pos, tokens = TOKENIZER_HEADER.size, []
-    for i in range(n):
-        if len(data) - pos < TOKEN_RECORD.size:
-            raise ExportError(path, f"token {i}: record cut short at byte {pos}")
-        length, score, ty = TOKEN_RECORD.unpack_from(data, pos)
-        if not 1 <= length <= max_len:
-            raise ExportError(path, f"token {i} has length {length}, outside 1..max_token_length")
-        pos += TOKEN_RECORD.size
-        if length > len(data) - pos:
-            raise ExportError(path, f"token {i}: record cut short at byte {pos - TOKEN_RECORD.size}")
-        if not PIECE_NORMAL <= ty <= PIECE_BYTE:
-            raise ExportError(path, f"token {i} has unknown type {ty}")
-        tokens.append((data[pos:pos + length], score, ty))
-        pos += length
+    tokens, pos = _token_records(path, data, n, max_len)
     left = len(data) - pos
     if n_merges > left // MERGE_RECORD.size:
         raise ExportError(path, f"{n_merges} merges do not fit in the {left} bytes left")
@@ -120,11 +107,7 @@ def read_tokenizer(path):
         raise ExportError(path, f"a sentencepiece tokenizer has no merge records ({n_merges})")
     _check_vocabulary(path, kind, tokens, unk, max_len)
     merges = [MERGE_RECORD.unpack_from(data, pos + MERGE_RECORD.size * r) for r in range(n_merges)]
-    for r, (left_id, right_id, result) in enumerate(merges):
-        if not all(0 <= i < n for i in (left_id, right_id, result)):
-            raise ExportError(path, f"merge {r} has a token id outside the vocabulary")
-        if tokens[result][0] != tokens[left_id][0] + tokens[right_id][0]:
-            raise ExportError(path, f"merge {r}: result is not left followed by right")
+    _check_merges(path, tokens, merges)
     try:
         system = system.decode("utf-8")
     except UnicodeDecodeError:
@@ -132,6 +115,35 @@ def read_tokenizer(path):
     return dict(kind=kind, tokens=tokens, bos_id=bos, eos_id=eos, pad_id=pad, unk_id=unk, flags=flags,
                 pretokenizer=pretok, chat_template=chat, merges=merges, max_token_length=max_len,
                 system_prompt=system)
+
+
+def _token_records(path, data, n, max_len):
+    """The n token records of an LTOK file's data, [(bytes, score, type)],
+    checked as tokenizer.c checks them, and the offset after them."""
+    pos, tokens = TOKENIZER_HEADER.size, []
+    for i in range(n):
+        if len(data) - pos < TOKEN_RECORD.size:
+            raise ExportError(path, f"token {i}: record cut short at byte {pos}")
+        length, score, ty = TOKEN_RECORD.unpack_from(data, pos)
+        if not 1 <= length <= max_len:
+            raise ExportError(path, f"token {i} has length {length}, outside 1..max_token_length")
+        if length > len(data) - pos - TOKEN_RECORD.size:
+            raise ExportError(path, f"token {i}: record cut short at byte {pos}")
+        if not PIECE_NORMAL <= ty <= PIECE_BYTE:
+            raise ExportError(path, f"token {i} has unknown type {ty}")
+        pos += TOKEN_RECORD.size
+        tokens.append((data[pos:pos + length], score, ty))
+        pos += length
+    return tokens, pos
+
+
+def _check_merges(path, tokens, merges):
+    """Each merge (left, right, result), checked as tokenizer.c checks it."""
+    for r, (left, right, result) in enumerate(merges):
+        if not all(0 <= i < len(tokens) for i in (left, right, result)):
+            raise ExportError(path, f"merge {r} has a token id outside the vocabulary")
+        if tokens[result][0] != tokens[left][0] + tokens[right][0]:
+            raise ExportError(path, f"merge {r}: result is not left followed by right")
 
 
 def _check_tokenizer_header(path, version, kind, n, ids, flags, pretok, chat, max_len):
