@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Beside what the command line uses, the names that the tests, bench/ and
 # fuzz/make_seeds.py reach as export.X.
 from convert.checkpoint import (HEADER, WEIGHT_TYPES, check_dtype, check_max_seq_len,  # noqa: E402
-                                check_rope_frequencies, decode_matrix, encode_matrix, read_checkpoint,
-                                read_checkpoint_arrays, write_checkpoint)
+                                check_rope_frequencies, decode_matrix, encode_matrix, finite_tensors,
+                                read_checkpoint, read_checkpoint_arrays, write_checkpoint)
 from convert.errors import ExportError  # noqa: E402
 from convert.files import read_json, regular_file  # noqa: E402
 from convert.gguf_out import write_gguf  # noqa: E402
@@ -374,6 +374,7 @@ def convert(opts):
                 args = dataclasses.replace(args, max_seq_len=opts.max_seq_len)
             if args.scaled_rope:    # from the source's tensor, or computed from its configuration
                 check_rope_frequencies(state_dict["rope_inv_freq"], source)
+            state_dict = finite_tensors(state_dict, source)
             check_dtype(args, dtype, source)
             check_max_seq_len(args, source)
         progress = Progress()

@@ -97,6 +97,26 @@ def tensor_shapes(tensors):
     return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
 
 
+def finite_tensors(state_dict, path):
+    """state_dict as a Tensors whose tensors are checked, as each is read, to
+    hold finite numbers: ExportError naming path (the source) and the tensor
+    otherwise. A NaN or infinite weight makes run.c's logits NaN; numpy's
+    warnings on the way there (a NaN scale of a quantized block, a float64
+    beyond float32) are not printed."""
+    checked = Tensors()
+    for name, shape in tensor_shapes(state_dict).items():
+        checked.add(name, shape, lambda name=name: _finite(state_dict, name, path))
+    return checked
+
+
+def _finite(state_dict, name, path):
+    with np.errstate(all="ignore"):
+        tensor = _f32_array(state_dict[name])
+    if not np.isfinite(tensor).all():
+        raise ExportError(path, f"{name} holds NaN or infinite numbers")
+    return tensor
+
+
 def check_state_dict(args, state_dict, path):
     """Raise ExportError naming path unless state_dict (a dict or Tensors) has
     exactly the tensors args implies, in their shapes; no data is read."""

@@ -952,6 +952,50 @@ def test_our_checkpoint_with_bad_rope_frequencies_is_not_written_out(case, capsy
     assert_refused(status, err, model_bin, "rope_inv_freq", case)
 
 
+# Weights that are not finite: refused by name (run.c's logits would be NaN),
+# with none of numpy's warnings on the way (a NaN scale of a Q8_0 block).
+
+def gguf_tensor_bytes(name, change):
+    """model.gguf (or, for a name ending in "@q8_0", the q8_0 one) with the bytes of tensor name changed."""
+    def damage(c):
+        import gguf
+        path = c.src / "model.gguf"
+        if name.endswith("@q8_0"):
+            export.write_checkpoint(c.src / "q8_0.bin", *export.read_checkpoint(c.src / "model.bin"), "q8_0")
+            export.write_gguf(path, c.src / "q8_0.bin")
+        t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == name.split("@")[0])
+        data = bytearray(path.read_bytes())
+        data[t.data_offset:t.data_offset + t.n_bytes] = change(data[t.data_offset:t.data_offset + t.n_bytes])
+        path.write_bytes(data)
+        return path
+    return damage
+
+
+NON_FINITE = [
+    ("an F32 weight NaN", gguf_tensor_bytes("token_embd.weight", lambda b: np.float32(np.nan).tobytes() + b[4:]),
+     "tok_embeddings.weight holds NaN"),
+    ("an F32 norm inf", gguf_tensor_bytes("output_norm.weight", lambda b: b[:4] + np.float32(np.inf).tobytes() + b[8:]),
+     "norm.weight holds NaN or infinite"),
+    ("a Q8_0 block's scale NaN", gguf_tensor_bytes("blk.0.attn_q.weight@q8_0", lambda b: b"\x00\x7e" + b[2:]),
+     "layers.0.attention.wq.weight holds NaN"),
+    ("a Q8_0 block's scale inf", gguf_tensor_bytes("blk.1.ffn_down.weight@q8_0", lambda b: b"\x00\x7c" + b[2:]),
+     "layers.1.feed_forward.w2.weight holds NaN"),
+]
+
+
+@pytest.mark.parametrize("damage,what", [c[1:] for c in NON_FINITE], ids=[c[0] for c in NON_FINITE])
+def test_weights_that_are_not_finite_are_refused_without_warnings(case, damage, what):
+    path = damage(case)
+    p, _ = export_process(case.out, "--gguf", path, timeout=60)
+    assert_refused(p.returncode, p.stderr, path, what, case)
+
+
+def test_a_safetensors_weight_beyond_float32_is_refused(case, capsys):
+    hf_weights(lambda t: t.update({"model.norm.weight": torch.full((ARGS.dim,), 1e300, dtype=torch.float64)}))(case)
+    status, out, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert_refused(status, err, case.src / "hf", "norm.weight holds NaN or infinite", case)
+
+
 # torch.save's zip archive: where a storage's bytes are was taken from the
 # central directory and the local header's lengths, neither checked; Meta's
 # shard then converted with its embedding read from other bytes.
