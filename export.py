@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Beside what the command line uses, the names that the tests, bench/ and
 # fuzz/make_seeds.py reach as export.X.
 from convert.checkpoint import (HEADER, WEIGHT_TYPES, check_dtype, check_max_seq_len,  # noqa: E402
-                                decode_matrix, encode_matrix, read_checkpoint, read_checkpoint_arrays,
-                                write_checkpoint)
+                                check_rope_frequencies, decode_matrix, encode_matrix, finite_tensors,
+                                read_checkpoint, read_checkpoint_arrays, write_checkpoint)
 from convert.errors import ExportError  # noqa: E402
 from convert.files import read_json, regular_file  # noqa: E402
 from convert.gguf_out import write_gguf  # noqa: E402
@@ -116,6 +116,7 @@ class Outputs:
     def __init__(self):
         self.pending = {}           # target -> temporary file (or directory)
         self.directories = set()    # the targets that are directories
+        self.empty_directories = set()  # those of them that exist, empty, and are to be replaced
 
     def add(self, target):
         """Claim target as an output (early, so that an output that cannot be
@@ -161,6 +162,7 @@ class Outputs:
             if entries:
                 raise ExportError(target, "exists and is not empty (export.py writes a new directory, "
                                           "or fills an empty one)")
+            self.empty_directories.add(path)
         directory, name = os.path.split(path)
         try:
             tmp = tempfile.mkdtemp(dir=directory, prefix=f".{name[:200]}.tmp-")
@@ -194,15 +196,46 @@ class Outputs:
         return False
 
     def commit(self):
-        """Rename every temporary file over its target."""
-        path = None
+        """Rename every temporary file over its target, all or none: each
+        target that exists is first linked to a backup beside it (moved
+        there where the file system has no hard links), and if a rename
+        fails, KeyboardInterrupt included, the targets are put back as they
+        were before any was renamed."""
+        backups, renamed, path = {}, [], None
         try:
             for path, tmp in self.pending.items():
                 _settle(tmp, path)
-            for path in list(self.pending):
-                os.replace(self.pending.pop(path), path)
-        except OSError as e:
-            raise ExportError(path, e.strerror) from None
+            for path in self.pending:
+                backups[path] = None if path in self.directories else _backup(path)
+            for path, tmp in self.pending.items():
+                os.replace(tmp, path)
+                renamed.append(path)
+        except BaseException as e:
+            self._roll_back(backups, renamed)
+            if isinstance(e, OSError):
+                raise ExportError(path, e.strerror) from None
+            raise
+        finally:
+            for backup in filter(None, backups.values()):
+                shutil.rmtree(os.path.dirname(backup), ignore_errors=True)
+        self.pending.clear()
+
+    def _roll_back(self, backups, renamed):
+        """Put every target back as it was before the commit: from its backup,
+        or, where there was none, the new one taken away (a directory back to
+        its temporary name, which discard() removes, and the empty directory
+        it replaced, if any, made again). Each step is tried whatever the
+        others do: as much as can be is put back."""
+        for path, backup in backups.items():
+            with contextlib.suppress(OSError):
+                if backup:
+                    os.replace(backup, path)
+                elif path in renamed and path in self.directories:
+                    os.replace(path, self.pending[path])
+                    if path in self.empty_directories:
+                        os.mkdir(path)
+                elif path in renamed:
+                    os.unlink(path)
 
     def discard(self):
         """Remove the temporary files that are not renamed (all of them, after a failure)."""
@@ -214,6 +247,28 @@ class Outputs:
                     os.unlink(tmp)
         self.pending.clear()
         self.directories.clear()
+        self.empty_directories.clear()
+
+
+def _backup(target):
+    """A hard link to the file target in a new directory beside it (or
+    target moved there, on a file system without hard links); None where
+    target is not a file (then nothing is there, or what is there, a
+    directory, say, makes the rename over it fail)."""
+    if not os.path.isfile(target):
+        return None
+    directory, name = os.path.split(target)
+    holder = tempfile.mkdtemp(dir=directory, prefix=f".{name[:200]}.old-")
+    backup = os.path.join(holder, name)
+    try:
+        try:
+            os.link(target, backup)
+        except OSError:
+            os.replace(target, backup)
+    except BaseException:
+        os.rmdir(holder)
+        raise
+    return backup
 
 
 def _settle(tmp, target):
@@ -317,6 +372,9 @@ def convert(opts):
             args, state_dict = LOADERS[kind](gguf_reader or source)
             if opts.max_seq_len:
                 args = dataclasses.replace(args, max_seq_len=opts.max_seq_len)
+            if args.scaled_rope:    # from the source's tensor, or computed from its configuration
+                check_rope_frequencies(state_dict["rope_inv_freq"], source)
+            state_dict = finite_tensors(state_dict, source)
             check_dtype(args, dtype, source)
             check_max_seq_len(args, source)
         progress = Progress()

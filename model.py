@@ -126,10 +126,23 @@ def rope_inverse_frequencies(head_dim, theta, scaling=None):
     theta^(-2i/head_dim), then scaled as scaling says, a dict in Hugging Face's
     form ({"rope_type": "llama3" or "linear", "factor": ..., ...}) or None.
     Computed in float64, rounded once. A bad scaling raises ValueError naming
-    the key at fault."""
+    the key at fault, as do frequencies that are not finite and positive in
+    float32 (a factor of 1e-300, say)."""
     inv_freq = _unscaled_frequencies(head_dim, theta)
-    if scaling is None:
-        return inv_freq.astype(np.float32)
+    if scaling is not None:
+        inv_freq = _scaled_frequencies(inv_freq, scaling)
+    with np.errstate(over="ignore", under="ignore"):
+        rounded = inv_freq.astype(np.float32)
+    if not np.all(np.isfinite(rounded) & (rounded > 0)):
+        what = "rope_theta" if scaling is None else "factor"
+        value = theta if scaling is None else scaling.get("factor")
+        raise ValueError(f"{what} = {value!r} makes RoPE frequencies that float32 cannot hold "
+                         f"(from {rounded.min():g} to {rounded.max():g})")
+    return rounded
+
+
+def _scaled_frequencies(inv_freq, scaling):
+    """inv_freq (float64) scaled as rope_inverse_frequencies() says, float64."""
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind not in ROPE_SCALING_KEYS:
         raise ValueError(f"rope_type {kind!r} is not implemented (only {' and '.join(ROPE_SCALING_KEYS)})")
@@ -141,7 +154,7 @@ def rope_inverse_frequencies(head_dim, theta, scaling=None):
         values[key] = float(value)
     factor = values["factor"]
     if kind == "linear":
-        return (inv_freq / factor).astype(np.float32)
+        return inv_freq / factor
     low, high, original = values["low_freq_factor"], values["high_freq_factor"], \
         values["original_max_position_embeddings"]
     if not low < high:
@@ -149,9 +162,8 @@ def rope_inverse_frequencies(head_dim, theta, scaling=None):
     wavelength = 2 * math.pi / inv_freq
     s = (original / wavelength - low) / (high - low)
     blended = (1 - s) * inv_freq / factor + s * inv_freq
-    scaled = np.where(wavelength < original / high, inv_freq,
-                      np.where(wavelength > original / low, inv_freq / factor, blended))
-    return scaled.astype(np.float32)
+    return np.where(wavelength < original / high, inv_freq,
+                    np.where(wavelength > original / low, inv_freq / factor, blended))
 
 
 # The llama3 parameters tried by rope_scaling_of() when the blended band has

@@ -97,6 +97,26 @@ def tensor_shapes(tensors):
     return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
 
 
+def finite_tensors(state_dict, path):
+    """state_dict as a Tensors whose tensors are checked, as each is read, to
+    hold finite numbers: ExportError naming path (the source) and the tensor
+    otherwise. A NaN or infinite weight makes run.c's logits NaN; numpy's
+    warnings on the way there (a NaN scale of a quantized block, a float64
+    beyond float32) are not printed."""
+    checked = Tensors()
+    for name, shape in tensor_shapes(state_dict).items():
+        checked.add(name, shape, lambda name=name: _finite(state_dict, name, path))
+    return checked
+
+
+def _finite(state_dict, name, path):
+    with np.errstate(all="ignore"):
+        tensor = _f32_array(state_dict[name])
+    if not np.isfinite(tensor).all():
+        raise ExportError(path, f"{name} holds NaN or infinite numbers")
+    return tensor
+
+
 def check_state_dict(args, state_dict, path):
     """Raise ExportError naming path unless state_dict (a dict or Tensors) has
     exactly the tensors args implies, in their shapes; no data is read."""
@@ -113,6 +133,19 @@ def check_state_dict(args, state_dict, path):
         got = tuple(shapes[name])
         if got != shape:
             raise ExportError(path, f"{name}: expected shape {shape}, got {got}")
+
+
+def check_rope_frequencies(inv_freq, path, what="rope_inv_freq"):
+    """Raise ExportError naming path (and what, the tensor they come from)
+    unless every number of inv_freq (RoPE's inverse frequencies, or what
+    they are divided by) is finite and positive,
+    as run.c's rotations need (rope_theta, which gives them unscaled, is
+    held to the same by ModelArgs)."""
+    inv_freq = _f32_array(inv_freq)
+    bad = np.flatnonzero(~(np.isfinite(inv_freq) & (inv_freq > 0)))
+    if bad.size:
+        raise ExportError(path, f"{what}: {inv_freq[bad[0]]} for pair {bad[0]}; RoPE needs finite positive "
+                                "numbers")
 
 
 def _f32_array(tensor):
@@ -307,6 +340,8 @@ def read_checkpoint_arrays(path):
             offset += nbytes
     if offset != data.size:
         raise ExportError(path, f"{data.size} bytes: expected {offset} for {args.describe()}")
+    if args.scaled_rope:
+        check_rope_frequencies(tensors["rope_inv_freq"][0], path)
     return args, dtype, tensors
 
 

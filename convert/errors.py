@@ -1,6 +1,7 @@
 """The one error class of the converters, and the third-party packages that
 only some conversions need."""
 
+import contextlib
 import importlib
 
 class ExportError(Exception):
@@ -12,6 +13,19 @@ class ExportError(Exception):
     def __init__(self, which, what):
         message = str(what) if which is None else f"{which}: {what}"
         super().__init__(" ".join(message.splitlines()))
+
+
+@contextlib.contextmanager
+def blamed_on(path):
+    """While what path holds is used: a library's error on it (a ValueError,
+    an IndexError, ...) becomes an ExportError naming path. ExportError and
+    OSError (an output that cannot be written) pass as they are."""
+    try:
+        yield
+    except (ExportError, OSError):
+        raise
+    except Exception as e:
+        raise ExportError(path, f"cannot be converted ({type(e).__name__}: {e})") from None
 
 
 # Third-party packages. Each conversion needs only some of them (--help none,

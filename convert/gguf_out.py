@@ -3,7 +3,7 @@
 import os
 
 from convert.checkpoint import read_checkpoint_arrays
-from convert.errors import ExportError, np
+from convert.errors import ExportError, blamed_on, np
 from convert.hf_out import interleaved_to_hf
 from convert.sources import GGUF_LAYER_NAMES, GGUF_NAMES
 from convert.tokenizers import (PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_QWEN2, TOK_SENTENCEPIECE,
@@ -73,7 +73,8 @@ def write_gguf(path, checkpoint, tokenizer=None):
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
     else:
-        _add_tokenizer(writer, tok, tokenizer)
+        with blamed_on(tokenizer):
+            _add_tokenizer(writer, tok, tokenizer)
     names = {ours: theirs for theirs, ours in GGUF_NAMES.items()}
     for i in range(args.n_layers):
         names.update({f"layers.{i}.{ours}.{kind}": f"blk.{i}.{theirs}.{kind}"

@@ -6,7 +6,7 @@ import json
 import os
 
 from convert.checkpoint import read_checkpoint_arrays, read_checkpoint
-from convert.errors import ExportError, need, np, torch
+from convert.errors import ExportError, blamed_on, need, np, torch
 from convert.sources import HF_LAYER_NAMES, HF_NAMES
 from convert.tokenizers import (PRETOK_DIGITS_GPT2, PRETOK_GPT2, PRETOK_LLAMA3, PRETOK_QWEN2, TOK_SENTENCEPIECE,
                                 TOKF_ADD_BOS, TOKF_ADD_EOS, TOKF_BYTE_FALLBACK, TOKF_DUMMY_PREFIX, TOKF_IGNORE_MERGES,
@@ -115,10 +115,11 @@ def write_hf(directory, checkpoint, tokenizer):
     _write_json(os.path.join(directory, "generation_config.json"), generation)
     save_file(hf_state_dict(args, state_dict, written), os.path.join(directory, "model.safetensors"),
               metadata={"format": "pt"})
-    if tok["kind"] == TOK_SENTENCEPIECE:
-        _save_sentencepiece(directory, tok, tokenizer, args.max_seq_len)
-    else:
-        _save_byte_level(directory, tok, tokenizer, args.max_seq_len)
+    with blamed_on(tokenizer):
+        if tok["kind"] == TOK_SENTENCEPIECE:
+            _save_sentencepiece(directory, tok, tokenizer, args.max_seq_len)
+        else:
+            _save_byte_level(directory, tok, tokenizer, args.max_seq_len)
     return dtype
 
 

@@ -7,9 +7,10 @@ import os
 import re
 import struct
 
-from convert.checkpoint import Tensors, _f32_bytes, check_state_dict, checkpoint_tensors
+from convert.checkpoint import Tensors, _f32_bytes, check_rope_frequencies, check_state_dict, checkpoint_tensors
 from convert.errors import ExportError, need, np, torch
 from convert.files import REQUIRED, checked_directory, json_field, read_json, regular_file
+from convert.gguf_layout import check_gguf_layout
 from convert.torch_zip import StoredTensor, read_torch_zip
 from model import META_LLAMA3_SCALING, ModelArgs, rope_cos_sin, rope_inverse_frequencies
 
@@ -538,7 +539,10 @@ def _gguf_reader(source):
     gguf = need("gguf")     # it imports numpy and pyyaml
     regular_file(source)
     try:
+        check_gguf_layout(source)
         return gguf.GGUFReader(source)
+    except ExportError:
+        raise
     except OSError as e:
         raise ExportError(source, e.strerror or str(e)) from None
     except Exception as e:  # the reader raises ValueError, struct and numpy errors alike
@@ -634,13 +638,17 @@ def load_gguf(source):
         if divisors.shape != (args.head_dim // 2,):
             raise ExportError(path, f"rope_freqs.weight: expected shape ({args.head_dim // 2},), "
                                     f"got {divisors.shape}")
+        check_rope_frequencies(divisors, path, "rope_freqs.weight")   # what each frequency is divided by
         linear = {"rope_type": "linear", "factor": meta(f"{arch}.rope.scaling.factor")} \
             if scaling == "linear" else None
         try:
             inv_freq = rope_inverse_frequencies(args.head_dim, args.rope_theta, linear)
         except ValueError as e:
             raise ExportError(path, f"{arch}.rope.scaling: {e}") from None
-        state_dict["rope_inv_freq"] = (inv_freq.astype(np.float64) / divisors).astype(np.float32)
+        with np.errstate(over="ignore"):    # a denormal divisor: inf, refused next
+            state_dict["rope_inv_freq"] = (inv_freq.astype(np.float64) / divisors).astype(np.float32)
+        check_rope_frequencies(state_dict["rope_inv_freq"], path,
+                               "RoPE frequencies divided by rope_freqs.weight")
     check_state_dict(args, state_dict, path)
     return args, state_dict
 

@@ -71,25 +71,121 @@ def write_tokenizer(path, kind, tokens, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=
         return f.tell()
 
 
+# tokenizer.c's bounds on a file it loads
+TOK_MAX_VOCAB, TOK_MAX_TOKEN_LENGTH, TOK_MAX_FILE = 1 << 24, 1 << 16, 1 << 30
+TOKF_ALL = (1 << 7) - 1
+TOKEN_RECORD, MERGE_RECORD = struct.Struct("<IfB"), struct.Struct("<iii")
+
+
 def read_tokenizer(path):
-    """Reads an LTOK file back into a dict (for tests and inspection)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    (magic, version, kind, n, bos, eos, pad, unk, flags, pretok, chat, n_merges,
+    """Reads an LTOK file into a dict, checked as tokenizer.c's loader checks
+    it (tok_load_ltok and tok_build), so that what ./run refuses export.py
+    refuses too, with tokenizer.c's words: ExportError naming path. Also
+    refused: a default system prompt that is not UTF-8, which GGUF and
+    tokenizer.json cannot hold (./run takes its bytes as they are)."""
+    regular_file(path)
+    if os.path.getsize(path) > TOK_MAX_FILE:
+        raise ExportError(path, f"a tokenizer file of more than {TOK_MAX_FILE} bytes")
+    data = read_bytes(path)
+    if len(data) < TOKENIZER_HEADER.size or data[:4] != TOKENIZER_MAGIC:
+        raise ExportError(path, "not a tokenizer.bin of export.py (LTOK version 1); "
+                                "write one with export.py --tokenizer-from or beside a conversion")
+    (_, version, kind, n, bos, eos, pad, unk, flags, pretok, chat, n_merges,
      max_len, system_len) = TOKENIZER_HEADER.unpack_from(data, 0)
-    if magic != TOKENIZER_MAGIC or version != TOKENIZER_VERSION:
-        raise ExportError(path, f"not an LTOK version {TOKENIZER_VERSION} file")
-    pos, tokens = TOKENIZER_HEADER.size, []
-    for _ in range(n):
-        length, score, ty = struct.unpack_from("<IfB", data, pos)
-        pos += 9
-        tokens.append((data[pos:pos + length], score, ty))
-        pos += length
-    merges = [struct.unpack_from("<iii", data, pos + 12 * r) for r in range(n_merges)]
-    system = data[pos + 12 * n_merges:pos + 12 * n_merges + system_len].decode("utf-8")
+    _check_tokenizer_header(path, version, kind, n, (bos, eos, pad, unk), flags, pretok, chat, max_len)
+    tokens, pos = _token_records(path, data, n, max_len)
+    left = len(data) - pos
+    if n_merges > left // MERGE_RECORD.size:
+        raise ExportError(path, f"{n_merges} merges do not fit in the {left} bytes left")
+    if left - n_merges * MERGE_RECORD.size != system_len:
+        raise ExportError(path, f"{left - n_merges * MERGE_RECORD.size} bytes after the last merge, "
+                                f"expected system_len = {system_len}")
+    system = data[len(data) - system_len:]
+    if b"\0" in system:
+        raise ExportError(path, "the default system prompt contains a NUL byte")
+    if kind == TOK_SENTENCEPIECE and n_merges:
+        raise ExportError(path, f"a sentencepiece tokenizer has no merge records ({n_merges})")
+    _check_vocabulary(path, kind, tokens, unk, max_len)
+    merges = [MERGE_RECORD.unpack_from(data, pos + MERGE_RECORD.size * r) for r in range(n_merges)]
+    _check_merges(path, tokens, merges)
+    try:
+        system = system.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ExportError(path, "the default system prompt is not UTF-8 text") from None
     return dict(kind=kind, tokens=tokens, bos_id=bos, eos_id=eos, pad_id=pad, unk_id=unk, flags=flags,
                 pretokenizer=pretok, chat_template=chat, merges=merges, max_token_length=max_len,
                 system_prompt=system)
+
+
+def _token_records(path, data, n, max_len):
+    """The n token records of an LTOK file's data, [(bytes, score, type)],
+    checked as tokenizer.c checks them, and the offset after them."""
+    pos, tokens = TOKENIZER_HEADER.size, []
+    for i in range(n):
+        if len(data) - pos < TOKEN_RECORD.size:
+            raise ExportError(path, f"token {i}: record cut short at byte {pos}")
+        length, score, ty = TOKEN_RECORD.unpack_from(data, pos)
+        if not 1 <= length <= max_len:
+            raise ExportError(path, f"token {i} has length {length}, outside 1..max_token_length")
+        if length > len(data) - pos - TOKEN_RECORD.size:
+            raise ExportError(path, f"token {i}: record cut short at byte {pos}")
+        if not PIECE_NORMAL <= ty <= PIECE_BYTE:
+            raise ExportError(path, f"token {i} has unknown type {ty}")
+        pos += TOKEN_RECORD.size
+        tokens.append((data[pos:pos + length], score, ty))
+        pos += length
+    return tokens, pos
+
+
+def _check_merges(path, tokens, merges):
+    """Each merge (left, right, result), checked as tokenizer.c checks it."""
+    for r, (left, right, result) in enumerate(merges):
+        if not all(0 <= i < len(tokens) for i in (left, right, result)):
+            raise ExportError(path, f"merge {r} has a token id outside the vocabulary")
+        if tokens[result][0] != tokens[left][0] + tokens[right][0]:
+            raise ExportError(path, f"merge {r}: result is not left followed by right")
+
+
+def _check_tokenizer_header(path, version, kind, n, ids, flags, pretok, chat, max_len):
+    """The fields of an LTOK header, checked as tokenizer.c checks them."""
+    if version != TOKENIZER_VERSION:
+        raise ExportError(path, f"tokenizer version {version}, this build reads version {TOKENIZER_VERSION} "
+                                "(re-export with export.py)")
+    if kind > TOK_BYTELEVEL:
+        raise ExportError(path, f"unknown tokenizer kind {kind}")
+    if not 1 <= n <= TOK_MAX_VOCAB:
+        raise ExportError(path, f"vocab_size {n} is not sane")
+    for name, value in zip(("bos_id", "eos_id", "pad_id", "unk_id"), ids):
+        if not -1 <= value < n:
+            raise ExportError(path, f"{name} {value} is outside -1..{n - 1}")
+    if flags & ~TOKF_ALL:
+        raise ExportError(path, f"unknown tokenizer flags {flags:#x}")
+    if pretok > PRETOK_QWEN2 or (kind == TOK_SENTENCEPIECE and pretok != PRETOK_NONE):
+        raise ExportError(path, f"unknown pretokenizer {pretok}")
+    if chat > CHAT_LLAMA32:
+        raise ExportError(path, f"unknown chat_template {chat}")
+    if not 1 <= max_len <= TOK_MAX_TOKEN_LENGTH:
+        raise ExportError(path, f"max_token_length {max_len} is not sane")
+
+
+def _check_vocabulary(path, kind, tokens, unk_id, max_len):
+    """The tokens as tokenizer.c's tok_build checks them: sentencepiece's
+    reserved pieces (control, unknown, byte) distinct, and its other pieces
+    too; its byte pieces <0xXX>; its unk_id an unknown piece; max_len the
+    longest token's length."""
+    if kind == TOK_SENTENCEPIECE:
+        seen = ({}, {})     # reserved pieces, the others
+        for i, (data, _, ty) in enumerate(tokens):
+            reserved = ty in (PIECE_CONTROL, PIECE_UNKNOWN, PIECE_BYTE)
+            if seen[reserved].setdefault(data, i) != i:
+                raise ExportError(path, f"token {i} is a duplicate")
+            if ty == PIECE_BYTE and not re.fullmatch(rb"<0x[0-9A-F]{2}>", data):
+                raise ExportError(path, f"byte token {i} is not of the form <0xXX>")
+        if unk_id < 0 or tokens[unk_id][2] != PIECE_UNKNOWN:
+            raise ExportError(path, f"unk_id {unk_id} is not an unknown-type token")
+    longest = max(len(data) for data, _, _ in tokens)
+    if longest != max_len:
+        raise ExportError(path, f"max_token_length is {max_len} but the longest token has {longest} bytes")
 
 
 # sentencepiece's tokenizer.model is a protobuf (sentencepiece_model.proto),
@@ -414,6 +510,39 @@ GGUF_PRETOKENIZERS = {      # tokenizer.ggml.pre -> (LTOK pretokenizer, extra fl
 }
 
 
+NOT_LITERAL = re.compile(r"['\"{}+]")     # what a template's expressions have and its literal text not
+
+
+def _literal_system_turn(template):
+    """The text of the first ChatML system turn that the template writes as a
+    literal, not built of expressions such as ' + message['content'] + '
+    (Qwen2.5's has those and a tools branch first): what the regex
+    <\\|im_start\\|>system(?:\\n|\\\\n)([^'"{}+]*?)<\\|im_end\\|> finds first, "" where
+    it finds nothing. Found in time linear in the template (a regex search
+    takes quadratic time on a template of repeated "<|im_start|>system\\n"):
+    the next <|im_end|> and the next non-literal character after a turn's
+    start are looked up only when the turn starts beyond those found last."""
+    start_of_turn, end_of_turn = "<|im_start|>system", "<|im_end|>"
+    end = stop = -1
+    start = template.find(start_of_turn)
+    while start >= 0:
+        body = start + len(start_of_turn)
+        newline = next((len(n) for n in ("\n", "\\n") if template.startswith(n, body)), 0)
+        if newline:
+            body += newline
+            if end < body:
+                end = template.find(end_of_turn, body)
+                if end < 0:         # no turn ends after this one's start, nor after any later one's
+                    return ""
+            if stop < body:
+                found = NOT_LITERAL.search(template, body)
+                stop = found.start() if found else len(template)
+            if stop >= end:
+                return template[body:end]
+        start = template.find(start_of_turn, start + 1)
+    return ""
+
+
 def gguf_chat_template(template):
     """(chat_template kind, default system prompt) for a Jinja chat template:
     a GGUF's tokenizer.chat_template, or tokenizer_config.json's chat_template.
@@ -428,10 +557,7 @@ def gguf_chat_template(template):
     if not template:
         return CHAT_NONE, ""
     if "<|im_start|>" in template:
-        # the first system turn that is a literal, not an expression such as
-        # ' + message['content'] + ' (Qwen2.5's has those and a tools branch first)
-        m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}+]*?)<\|im_end\|>", template)
-        text = m.group(1) if m else ""
+        text = _literal_system_turn(template)
         if "\\" in text.replace("\\n", ""):
             text = ""
         return CHAT_CHATML, text.replace("\\n", "\n")

@@ -33,7 +33,8 @@ STORAGE_TYPES = {
     "BoolStorage": ("bool", "?"),
 }
 FLOAT_TYPES = ("float64", "float32", "float16", "bfloat16")
-LOCAL_HEADER = struct.Struct("<4s22xHH")        # a zip member's local header: signature ... name, extra lengths
+LOCAL_HEADER = struct.Struct("<4s2xH18xHH")     # a zip member's local header: signature, flags, name and extra lengths
+UTF8_NAME = 0x800                               # its flag: the name is UTF-8 (else code page 437)
 MAX_DIM = 1 << 48                               # beyond any tensor a file can hold
 
 
@@ -118,6 +119,10 @@ def read_torch_zip(path):
             if len(pickles) != 1:
                 raise ExportError(path, "not a torch.save file: no one PREFIX/data.pkl in the zip archive")
             prefix = pickles[0][:-len("data.pkl")]
+            compressed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if compressed:      # its size is then what the directory says: a small file could unpack to any
+                raise ExportError(path, f"{compressed[0]} is compressed: torch.save stores its members as they "
+                                        "are")
             if f"{prefix}byteorder" in archive.namelist() and archive.read(f"{prefix}byteorder") != b"little":
                 raise ExportError(path, "a big-endian torch.save file: re-save it on a little-endian machine")
             return _Unpickler(path, f, size, archive, prefix).load()
@@ -135,6 +140,13 @@ def read_torch_zip(path):
         raise ExportError(path, f"not a torch.save file of tensors ({type(e).__name__}: {str(e)[:80]})") from None
 
 
+def _member_ends(archive):
+    """{a member's local header offset: the offset where the member ends}:
+    the next member's header, or the central directory after the last."""
+    starts = sorted({info.header_offset for info in archive.infolist()})
+    return dict(zip(starts, starts[1:] + [archive.start_dir]))
+
+
 class _Unpickler(pickle.Unpickler):
     """Unpickles PREFIX/data.pkl of an open torch.save zip archive into
     containers and StoredTensors, and nothing else."""
@@ -143,6 +155,7 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(archive.open(f"{prefix}data.pkl"))
         self.path, self.file, self.size, self.archive, self.prefix = path, file, size, archive, prefix
         self.storages = {}      # by key: tensors share them
+        self.member_end = _member_ends(archive)
 
     def find_class(self, module, name):
         if (module, name) == ("collections", "OrderedDict"):
@@ -176,17 +189,32 @@ class _Unpickler(pickle.Unpickler):
             info = self.archive.getinfo(name)
         except KeyError:
             raise ExportError(self.path, f"no member {name} for a storage") from None
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise ExportError(self.path, f"{name} is compressed: torch.save stores storages as they are")
-        self.file.seek(info.header_offset)
-        signature, name_size, extra_size = LOCAL_HEADER.unpack(self.file.read(LOCAL_HEADER.size))
-        if signature != b"PK\x03\x04":
-            raise ExportError(self.path, f"{name}: no zip local header where the directory says")
-        start = info.header_offset + LOCAL_HEADER.size + name_size + extra_size
+        start = self.data_start(info)
         nbytes = numel * np.dtype(STORAGE_TYPES[type_name][1]).itemsize
-        if nbytes > info.file_size or start + info.file_size > self.size:
+        if nbytes > info.file_size:
             raise ExportError(self.path, f"{name}: {info.file_size} bytes in the file, {nbytes} expected")
         return _Storage(type_name, start, numel)
+
+    def data_start(self, info):
+        """Where the bytes of member info start in the file, after its local
+        header, checked as Python's zipfile checks it when it opens a member
+        (the local header there, of the same name) and further: the data
+        lies within the member, before the next one or the central directory."""
+        self.file.seek(info.header_offset)
+        header = self.file.read(LOCAL_HEADER.size)
+        if len(header) < LOCAL_HEADER.size or LOCAL_HEADER.unpack(header)[0] != b"PK\x03\x04":
+            raise ExportError(self.path, f"{info.filename}: no zip local header where the directory says")
+        _, flags, name_size, extra_size = LOCAL_HEADER.unpack(header)
+        name = self.file.read(name_size).decode("utf-8" if flags & UTF8_NAME else "cp437", "replace")
+        if name != info.orig_filename:
+            raise ExportError(self.path, f"{info.filename}: its local header names {name[:80]!r}; the zip "
+                                         "archive is damaged")
+        start = info.header_offset + LOCAL_HEADER.size + name_size + extra_size
+        end = min(self.member_end[info.header_offset], self.size)
+        if start + info.file_size > end:
+            raise ExportError(self.path, f"{info.filename}: its {info.file_size} bytes at offset {start} reach "
+                                         f"past the member's end at {end}")
+        return start
 
     def tensor(self, storage, offset, shape, stride, requires_grad=False, backward_hooks=None, metadata=None):
         """_rebuild_tensor_v2 of torch._utils, lazily."""

@@ -5,7 +5,6 @@ tokenizer.json write it, and the chat template as the Jinja they both run."""
 import os
 
 from convert.errors import ExportError
-from convert.files import regular_file
 from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, CHAT_LLAMA31, CHAT_LLAMA32, PIECE_CONTROL,
                                 PIECE_USER, TOK_BYTELEVEL, TOK_SENTENCEPIECE, gpt2_bytes_to_unicode, read_tokenizer)
 
@@ -96,18 +95,9 @@ def chat_template_jinja(tok):
 
 def load_tokenizer(path, vocab_size):
     """read_tokenizer() of path, checked to be a tokenizer of vocab_size tokens."""
-    regular_file(path)
-    try:
-        tok = read_tokenizer(path)
-    except ExportError as e:
-        raise ExportError(path, "not a tokenizer.bin of export.py (LTOK version 1); "
-                                "write one with export.py --tokenizer-model or beside a conversion") from e
-    except Exception as e:      # struct.error, UnicodeDecodeError: a truncated or damaged file
-        raise ExportError(path, f"a damaged tokenizer file ({type(e).__name__}: {e})") from None
+    tok = read_tokenizer(path)
     if len(tok["tokens"]) != vocab_size:
         raise ExportError(path, f"{len(tok['tokens'])} tokens but the model has {vocab_size}")
-    if tok["kind"] not in (TOK_SENTENCEPIECE, TOK_BYTELEVEL):
-        raise ExportError(path, f"tokenizer kind {tok['kind']}: expected sentencepiece (0) or byte-level (1)")
     return tok
 
 

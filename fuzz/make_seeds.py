@@ -2,6 +2,7 @@
 that the fuzzer then mutates, so it starts deep inside the formats instead
 of at the magic bytes."""
 
+import dataclasses
 import struct
 import sys
 import tempfile
@@ -83,9 +84,31 @@ def cli_seeds(out):
         (out / f"cli-{i}").write_bytes(data)
 
 
+def export_seeds(out):
+    """For fuzz_export.py, a byte that picks the source, then its file: 0
+    and a GGUF file (f32, q8_0, Llama 3's RoPE scaling as rope_freqs), 1 and
+    Meta's consolidated.00.pth (its params.json is fuzz_export.PARAMS)."""
+    import torch
+    from model import META_LLAMA3_SCALING
+    args = export.ModelArgs(dim=32, hidden_dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                            vocab_size=260, max_seq_len=8, tied=True)
+    state = export.random_model(args, 0).state_dict()
+    scaled = dataclasses.replace(args, scaled_rope=True)
+    scaled_state = dict(state, rope_inv_freq=torch.from_numpy(export.rope_inverse_frequencies(
+        args.head_dim, args.rope_theta, META_LLAMA3_SCALING)))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (a, s, dtype) in {"f32": (args, state, "f32"), "q8_0": (args, state, "q8_0"),
+                                    "rope_freqs": (scaled, scaled_state, "f32")}.items():
+            export.write_checkpoint(f"{tmp}/{name}.bin", a, s, dtype)
+            export.write_gguf(f"{tmp}/{name}.gguf", f"{tmp}/{name}.bin")
+            (out / f"gguf-{name}").write_bytes(b"\0" + Path(f"{tmp}/{name}.gguf").read_bytes())
+        torch.save(state, f"{tmp}/meta.pth")
+        (out / "meta").write_bytes(b"\1" + Path(f"{tmp}/meta.pth").read_bytes())
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
     for target, write_seeds in (("checkpoint", checkpoint_seeds), ("tokenizer", tokenizer_seeds),
-                                ("cli", cli_seeds)):
+                                ("cli", cli_seeds), ("export", export_seeds)):
         (root / target).mkdir(parents=True, exist_ok=True)
         write_seeds(root / target)

@@ -14,13 +14,18 @@ file, a llama2.c file, a Hugging Face directory (safetensors, one file or two
 shards), a Meta directory, a GGUF file and a byte-level tokenizer.json.
 """
 
+import dataclasses
+import io
 import json
 import os
+import random
+import re
 import resource
 import shutil
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -33,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPORT = ROOT / "export.py"
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
+import model  # noqa: E402
 from convert import checkpoint  # noqa: E402
 
 ARGS = export.ModelArgs(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -367,8 +373,8 @@ BAD_INPUTS = [
     ("llama2.c vocab_size -2^31", llama2c_header(32, 64, 2, 4, 2, -2**31, 64), "llama2c.bin", "vocab_size"),
     ("llama2.c truncated", write("llama2c.bin", lambda data: data[:-4]), "llama2c.bin", "bytes: expected"),
     # GGUF
-    ("GGUF truncated", write("model.gguf", lambda data: data[:len(data) // 2]), "model.gguf", "not a GGUF file"),
-    ("GGUF header cut short", write("model.gguf", lambda data: data[:200]), "model.gguf", "not a GGUF file"),
+    ("GGUF truncated", write("model.gguf", lambda data: data[:len(data) // 2]), "model.gguf", "a damaged GGUF file"),
+    ("GGUF header cut short", write("model.gguf", lambda data: data[:200]), "model.gguf", "a damaged GGUF file"),
     ("GGUF empty", write("model.gguf", b""), "model.gguf", "not a GGUF file"),
     ("GGUF counts that are strings", gguf_with({"llama.embedding_length": "32", "llama.attention.head_count": "x"}),
      "bad.gguf", "expected positive integers"),
@@ -678,3 +684,559 @@ def test_tokenizer_model_without_sentencepiece_or_protobuf_says_so(case):
 
 def test_gguf_without_pyyaml_says_so(case):
     assert_needs(export_without(["torch", "yaml"], case.out, "--gguf", case.src / "model.gguf"), "pyyaml", case)
+
+
+# ----------------------------------------------------------------------------
+# 5. Counts, lengths and numbers that the files claim (issue 24)
+#
+# Each case is a file damaged where a reader trusted it: export.py must
+# refuse it with one line naming the file, or (a long chat template) convert
+# it at once. The cases that hung or grew without end run in a process of
+# their own, with a time limit and its memory limited; the others run here.
+
+def export_process(*argv, timeout=60):
+    """export.py argv as a process, its memory limited to 4 GiB: (CompletedProcess, seconds)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    start = time.monotonic()
+    p = subprocess.run([sys.executable, EXPORT, *map(str, argv)], capture_output=True, text=True,
+                       timeout=timeout, preexec_fn=limit)
+    return p, time.monotonic() - start
+
+
+def assert_refused(status, err, which, what, case):
+    assert status in (1, 2), f"status {status}: {err}"
+    assert_one_line(status, err, which, what, expected_status=status)
+    assert_nothing_written(case)
+
+
+def part_offset(field, k):
+    """Where part k of a field of gguf.GGUFReader (a metadata value or a tensor info) starts in the file."""
+    return field.offset + sum(int(part.nbytes) for part in field.parts[:k])
+
+
+def gguf_patched(patch):
+    """model.gguf with bytes changed by patch(reader, data): where they are
+    found by the gguf package's reader of the undamaged file."""
+    import gguf
+
+    def damage(c):
+        path = c.src / "model.gguf"
+        data = bytearray(path.read_bytes())
+        patch(gguf.GGUFReader(str(path)), data)
+        path.write_bytes(data)
+        return path
+    return damage
+
+
+def put_u64(data, at, value):
+    data[at:at + 8] = struct.pack("<Q", value)
+
+
+def field_length(key, part):
+    """Set part (a u64 count or length) of the metadata value key to 2^62."""
+    return gguf_patched(lambda r, data: put_u64(data, part_offset(r.fields[key], part), 1 << 62))
+
+
+def tensor_offset(i, offset):
+    """Set tensor i's data offset to offset(reader)."""
+    return gguf_patched(lambda r, data: put_u64(data, part_offset(r.tensors[i].field, 5), offset(r)))
+
+
+HUGE_GGUF_HEADERS = [
+    # what the header claims, the damage, what the message says
+    ("an array of 2^62 tokens", field_length("tokenizer.ggml.tokens", 4), "tokenizer.ggml.tokens claims"),
+    ("an array of 2^62 scores", field_length("tokenizer.ggml.scores", 4), "tokenizer.ggml.scores claims"),
+    ("a string of 2^62 bytes", field_length("general.architecture", 3), "general.architecture (its length)"),
+    ("a key of 2^62 bytes", field_length("general.architecture", 0), "metadata key"),
+    ("a token of 2^62 bytes", field_length("tokenizer.ggml.tokens", 5), "tokenizer.ggml.tokens"),
+    ("kv_count 2^62", gguf_patched(lambda r, data: put_u64(data, 16, 1 << 62)), "kv_count claims"),
+    ("tensor_count 2^62", gguf_patched(lambda r, data: put_u64(data, 8, 1 << 62)), "tensor_count claims"),
+    ("a tensor of 2^31 dimensions", gguf_patched(lambda r, data: data.__setitem__(
+        slice(part_offset(r.tensors[0].field, 2), part_offset(r.tensors[0].field, 2) + 4),
+        struct.pack("<I", 1 << 31))), "dimensions"),
+    ("a dimension of 2^62", gguf_patched(lambda r, data: put_u64(data, part_offset(r.tensors[0].field, 3),
+                                                                 1 << 62)), "past the end"),
+]
+
+
+@pytest.mark.parametrize("damage,what", [c[1:] for c in HUGE_GGUF_HEADERS], ids=[c[0] for c in HUGE_GGUF_HEADERS])
+def test_a_gguf_header_that_claims_more_than_the_file_holds_is_refused_at_once(case, damage, what):
+    """The gguf package's reader walked such an array item by item past the
+    end of the file, its memory growing (730 MB in 10 s), and never ended."""
+    path = damage(case)
+    p, seconds = export_process(case.out, "--gguf", path, timeout=30)
+    assert_refused(p.returncode, p.stderr, path, what, case)
+    assert seconds < 20
+
+
+def test_a_gguf_tokenizer_that_claims_more_than_the_file_holds_is_refused_at_once(case):
+    path = HUGE_GGUF_HEADERS[0][1](case)
+    p, seconds = export_process(case.out, "--tokenizer-from", path, timeout=30)
+    assert_refused(p.returncode, p.stderr, path, "tokenizer.ggml.tokens claims", case)
+    assert seconds < 20
+
+
+TENSOR_PLACES = [
+    ("misaligned", tensor_offset(1, lambda r: r.tensors[1].data_offset - r.data_offset + 4),
+     "not a multiple of general.alignment"),
+    ("overlapping the one before", tensor_offset(1, lambda r: r.tensors[0].data_offset - r.data_offset),
+     "overlap"),
+    ("past the end of the file", tensor_offset(1, lambda r: 1 << 40), "past the end of the file"),
+]
+
+
+@pytest.mark.parametrize("damage,what", [c[1:] for c in TENSOR_PLACES], ids=[c[0] for c in TENSOR_PLACES])
+def test_a_gguf_tensor_out_of_place_is_refused(case, capsys, damage, what):
+    path = damage(case)
+    status, out, err = export_main(capsys, case.out, "--gguf", path)
+    assert_refused(status, err, path, what, case)
+
+
+# Chat templates: the recognizer of ChatML's default system turn searched
+# with a regex that takes quadratic time on repeated <|im_start|>system
+# (12 s on 152 KB). A megabyte of them must take well under a second.
+HOSTILE_TEMPLATE = "<|im_start|>system\n" * ((1 << 20) // len("<|im_start|>system\n"))
+
+
+@pytest.mark.parametrize("template", [HOSTILE_TEMPLATE, HOSTILE_TEMPLATE + "<|im_end|>",
+                                      HOSTILE_TEMPLATE + "{{ x }}<|im_end|>", "<|im_start|>system\\n" * 50000])
+def test_a_megabyte_chat_template_is_recognized_at_once(template):
+    start = time.monotonic()
+    kind, _ = export.gguf_chat_template(template)
+    assert kind == export.CHAT_CHATML
+    assert time.monotonic() - start < 0.5
+
+
+def test_the_default_system_turn_is_what_the_regex_finds():
+    """The linear recognizer against the regex it replaces (Python's re), on
+    random ChatML templates made of the pieces that matter."""
+    regex = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}+]*?)<\|im_end\|>")
+    pieces = ["<|im_start|>system", "<|im_start|>", "<|im_end|>", "\n", "\\n", "\\", "'", "{", "+", "a b", "x"]
+    rng = random.Random(24)
+    for _ in range(20000):
+        template = "<|im_start|>" + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        found = regex.search(template)
+        expected = found.group(1) if found else ""
+        if "\\" in expected.replace("\\n", ""):
+            expected = ""
+        assert export.gguf_chat_template(template) == (export.CHAT_CHATML, expected.replace("\\n", "\n")), \
+            template
+
+
+def gguf_copy(source, target, extra):
+    """The GGUF file source written again as target, with the string metadata extra added."""
+    import gguf
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(target), reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type)
+    for key, value in extra.items():
+        writer.add_string(key, value)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def template_in_gguf(c):
+    gguf_copy(c.src / "model.gguf", c.src / "chat.gguf", {"tokenizer.chat_template": HOSTILE_TEMPLATE})
+    return ["--tokenizer-from", c.src / "chat.gguf"]
+
+
+def template_in_config(c):
+    (c.src / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": HOSTILE_TEMPLATE}))
+    return ["--tokenizer-from", c.src / "hf" / "tokenizer.json"]
+
+
+def template_in_jinja(c):
+    (c.src / "hf" / "chat_template.jinja").write_text(HOSTILE_TEMPLATE)
+    return ["--hf", c.src / "hf"]
+
+
+@pytest.mark.parametrize("source", [template_in_gguf, template_in_config, template_in_jinja],
+                         ids=["GGUF tokenizer.chat_template", "tokenizer_config.json", "chat_template.jinja"])
+def test_a_megabyte_chat_template_converts_at_once(case, source):
+    argv = source(case)
+    p, seconds = export_process(case.out, *argv, timeout=60)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    tokenizer = case.out if argv[0] == "--tokenizer-from" else case.out_dir / "tokenizer.bin"
+    assert export.read_tokenizer(tokenizer)["chat_template"] == export.CHAT_CHATML
+    assert seconds < 30
+
+
+# RoPE frequencies: each must be finite and positive. A rope_freqs.weight of
+# zeros, NaN, inf or a denormal (its reciprocal inf), a linear factor of
+# 1e-300 (its frequencies inf in float32) were written as they came, numpy's
+# RuntimeWarning the only sign.
+
+@pytest.fixture(scope="module")
+def scaled_sources(sources, tmp_path_factory):
+    """The model with Llama 3.1's RoPE scaling: our checkpoint (version 2),
+    the GGUF file --to-gguf writes of it (rope_freqs.weight), a reference file."""
+    d = tmp_path_factory.mktemp("scaled")
+    args, state_dict = export.read_checkpoint(sources / "model.bin")
+    args = dataclasses.replace(args, scaled_rope=True)
+    state_dict["rope_inv_freq"] = torch.from_numpy(export.rope_inverse_frequencies(
+        args.head_dim, args.rope_theta, model.META_LLAMA3_SCALING))
+    export.write_checkpoint(d / "model.bin", args, state_dict)
+    export.write_gguf(d / "scaled.gguf", d / "model.bin")
+    export.save_reference(d / "scaled.pt", args, state_dict)
+    return d
+
+
+def rope_freqs(value):
+    """scaled.gguf with every number of rope_freqs.weight value."""
+    def damage(c, scaled):
+        import gguf
+        path = c.src / "scaled.gguf"
+        data = bytearray((scaled / "scaled.gguf").read_bytes())
+        t = next(t for t in gguf.GGUFReader(str(scaled / "scaled.gguf")).tensors if t.name == "rope_freqs.weight")
+        data[t.data_offset:t.data_offset + t.n_bytes] = np.full(t.n_elements, value, np.float32).tobytes()
+        path.write_bytes(data)
+        return ["--gguf", path], path
+    return damage
+
+
+def hf_factor(c, scaled):
+    path = c.edit_json("hf/config.json", lambda config: config.update(
+        rope_scaling={"rope_type": "linear", "factor": 1e-300}))
+    return ["--hf", c.src / "hf"], path
+
+
+def reference_inv_freq(c, scaled):
+    path = c.src / "scaled.pt"
+    saved = torch.load(scaled / "scaled.pt")
+    saved["state_dict"]["rope_inv_freq"][1] = float("nan")
+    torch.save(saved, path)
+    return ["--reference", path], path
+
+
+BAD_ROPE = [
+    ("rope_freqs.weight zeros", rope_freqs(0.0), "rope_freqs.weight"),
+    ("rope_freqs.weight NaN", rope_freqs(np.nan), "rope_freqs.weight"),
+    ("rope_freqs.weight inf", rope_freqs(np.inf), "rope_freqs.weight"),
+    ("rope_freqs.weight negative", rope_freqs(-1.0), "rope_freqs.weight"),
+    ("rope_freqs.weight a denormal", rope_freqs(1e-45), "RoPE frequencies divided by rope_freqs.weight"),
+    ("a linear factor of 1e-300", hf_factor, "rope_scaling: factor"),
+    ("a reference's rope_inv_freq NaN", reference_inv_freq, "rope_inv_freq"),
+]
+
+
+@pytest.mark.parametrize("damage,what", [c[1:] for c in BAD_ROPE], ids=[c[0] for c in BAD_ROPE])
+def test_rope_frequencies_that_are_not_finite_and_positive_are_refused(case, capsys, scaled_sources, damage, what):
+    argv, path = damage(case, scaled_sources)
+    status, out, err = export_main(capsys, case.out, *argv)
+    assert_refused(status, err, path, what, case)
+
+
+@pytest.mark.parametrize("value", [0.0, np.nan, np.inf, -2.0])
+@pytest.mark.parametrize("flag", ["--to-gguf", "--to-hf"])
+def test_our_checkpoint_with_bad_rope_frequencies_is_not_written_out(case, capsys, scaled_sources, flag, value):
+    model_bin = case.src / "scaled.bin"
+    data = bytearray((scaled_sources / "model.bin").read_bytes())
+    at = 256 + ARGS.vocab_size * ARGS.dim * 4      # rope_inv_freq follows the embedding, 64-byte aligned
+    at += -at % 64
+    assert np.frombuffer(data[at:at + 4], "<f4")[0] == 1.0     # theta^0, unscaled by any rule
+    data[at:at + 4] = np.float32(value).tobytes()
+    model_bin.write_bytes(data)
+    tokenizer = case.src / "tokenizer.bin"
+    export.write_tokenizer_hf_json(case.src / "hf" / "tokenizer.json", tokenizer)
+    status, out, err = export_main(capsys, model_bin, flag, case.out_dir / "out", "--tokenizer", tokenizer)
+    assert_refused(status, err, model_bin, "rope_inv_freq", case)
+
+
+# Weights that are not finite: refused by name (run.c's logits would be NaN),
+# with none of numpy's warnings on the way (a NaN scale of a Q8_0 block).
+
+def gguf_tensor_bytes(name, change):
+    """model.gguf (or, for a name ending in "@q8_0", the q8_0 one) with the bytes of tensor name changed."""
+    def damage(c):
+        import gguf
+        path = c.src / "model.gguf"
+        if name.endswith("@q8_0"):
+            export.write_checkpoint(c.src / "q8_0.bin", *export.read_checkpoint(c.src / "model.bin"), "q8_0")
+            export.write_gguf(path, c.src / "q8_0.bin")
+        t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == name.split("@")[0])
+        data = bytearray(path.read_bytes())
+        data[t.data_offset:t.data_offset + t.n_bytes] = change(data[t.data_offset:t.data_offset + t.n_bytes])
+        path.write_bytes(data)
+        return path
+    return damage
+
+
+NON_FINITE = [
+    ("an F32 weight NaN", gguf_tensor_bytes("token_embd.weight", lambda b: np.float32(np.nan).tobytes() + b[4:]),
+     "tok_embeddings.weight holds NaN"),
+    ("an F32 norm inf", gguf_tensor_bytes("output_norm.weight", lambda b: b[:4] + np.float32(np.inf).tobytes() + b[8:]),
+     "norm.weight holds NaN or infinite"),
+    ("a Q8_0 block's scale NaN", gguf_tensor_bytes("blk.0.attn_q.weight@q8_0", lambda b: b"\x00\x7e" + b[2:]),
+     "layers.0.attention.wq.weight holds NaN"),
+    ("a Q8_0 block's scale inf", gguf_tensor_bytes("blk.1.ffn_down.weight@q8_0", lambda b: b"\x00\x7c" + b[2:]),
+     "layers.1.feed_forward.w2.weight holds NaN"),
+]
+
+
+@pytest.mark.parametrize("damage,what", [c[1:] for c in NON_FINITE], ids=[c[0] for c in NON_FINITE])
+def test_weights_that_are_not_finite_are_refused_without_warnings(case, damage, what):
+    path = damage(case)
+    p, _ = export_process(case.out, "--gguf", path, timeout=60)
+    assert_refused(p.returncode, p.stderr, path, what, case)
+
+
+def test_a_safetensors_weight_beyond_float32_is_refused(case, capsys):
+    hf_weights(lambda t: t.update({"model.norm.weight": torch.full((ARGS.dim,), 1e300, dtype=torch.float64)}))(case)
+    status, out, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert_refused(status, err, case.src / "hf", "norm.weight holds NaN or infinite", case)
+
+
+# torch.save's zip archive: where a storage's bytes are was taken from the
+# central directory and the local header's lengths, neither checked; Meta's
+# shard then converted with its embedding read from other bytes.
+
+def zip_entries(data):
+    """{member name: (offset of its central directory entry, of its local header)} of a zip archive."""
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        offsets = {info.filename: info.header_offset for info in archive.infolist()}
+    entries, at = {}, data.find(b"PK\x01\x02")
+    while at >= 0:
+        name_size = struct.unpack_from("<H", data, at + 28)[0]
+        name = bytes(data[at + 46:at + 46 + name_size]).decode()
+        entries[name] = (at, offsets[name])
+        at = data.find(b"PK\x01\x02", at + 46)
+    return entries
+
+
+def shard_storage(patch):
+    """Meta's shard with the zip records of its first storage's member changed by patch(data, entry, header)."""
+    def damage(c):
+        path = c.src / "meta" / "consolidated.00.pth"
+        data = bytearray(path.read_bytes())
+        entries = zip_entries(data)
+        member = min(name for name in entries if "/data/" in name)
+        patch(data, *entries[member])
+        path.write_bytes(data)
+        return path
+    return damage
+
+
+ZIP_DAMAGE = [
+    ("a directory entry at offset 0", shard_storage(lambda data, entry, header: data.__setitem__(
+        slice(entry + 42, entry + 46), struct.pack("<I", 0))), "its local header names"),
+    ("a local header's name length 65535", shard_storage(lambda data, entry, header: data.__setitem__(
+        slice(header + 26, header + 28), struct.pack("<H", 0xFFFF))), "/data/"),
+    ("a local header of another name", shard_storage(lambda data, entry, header: data.__setitem__(
+        slice(header + 30, header + 31), b"X")), "its local header names"),
+    ("a local header's extra field past the member", shard_storage(lambda data, entry, header: data.__setitem__(
+        slice(header + 28, header + 30), struct.pack("<H", 0xFFFF))), "past the member's end"),
+]
+
+
+def shard_compressed(c):
+    """Meta's shard with its pickle deflated: what it unpacks to is then only what the directory claims."""
+    path = c.src / "meta" / "consolidated.00.pth"
+    with zipfile.ZipFile(path) as old:
+        members = {info.filename: old.read(info) for info in old.infolist()}
+    with zipfile.ZipFile(path, "w") as new:
+        for name, contents in members.items():
+            new.writestr(name, contents, zipfile.ZIP_DEFLATED if name.endswith("data.pkl") else zipfile.ZIP_STORED)
+    return path
+
+
+ZIP_DAMAGE.append(("a pickle compressed", shard_compressed, "data.pkl is compressed"))
+
+
+@pytest.mark.parametrize("damage,what", [c[1:] for c in ZIP_DAMAGE], ids=[c[0] for c in ZIP_DAMAGE])
+def test_a_storage_misplaced_in_the_zip_archive_is_refused(case, capsys, damage, what):
+    path = damage(case)
+    status, out, err = export_main(capsys, case.out, "--meta", case.src / "meta")
+    assert_refused(status, err, path, what, case)
+
+
+# tokenizer.bin for --to-gguf and --to-hf: refused where ./run refuses it,
+# by tokenizer.c's rules; tokenizer.c itself (tests/tokenizer_driver.c) is
+# the reference that each damaged file is refused by.
+
+@pytest.fixture(scope="module")
+def tokenizer_driver(tmp_path_factory):
+    out = tmp_path_factory.mktemp("driver") / "tokenizer_driver"
+    subprocess.run([os.environ.get("CC", "cc"), "-std=c11", "-O1", "-o", out, ROOT / "tests" / "tokenizer_driver.c"],
+                   check=True, timeout=120)
+    return out
+
+
+def ltok_field(offset, fmt, value):
+    """A tokenizer.bin with the header field at offset set to value."""
+    return lambda data: data[:offset] + struct.pack(fmt, value) + data[offset + struct.calcsize(fmt):]
+
+
+def ltok_merge(i, value):
+    """A tokenizer.bin with field i (0 left, 1 right, 2 result) of its first merge set to value."""
+    def damage(data):
+        at = 64
+        for _ in range(struct.unpack_from("<i", data, 12)[0]):     # the token records: u32 len, f32, u8, bytes
+            at += 9 + struct.unpack_from("<I", data, at)[0]
+        at += 4 * i
+        return data[:at] + struct.pack("<i", value) + data[at + 4:]
+    return damage
+
+
+def ltok_first_token(change):
+    """A tokenizer.bin with its first token record (len, score, type, bytes) replaced by change(record)."""
+    def damage(data):
+        length = struct.unpack_from("<I", data, 64)[0]
+        return data[:64] + change(data[64:64 + 9 + length]) + data[64 + 9 + length:]
+    return damage
+
+
+BAD_TOKENIZERS = [
+    ("a merge's left id out of range", ltok_merge(0, ARGS.vocab_size), "merge 0"),
+    ("a merge's right id negative", ltok_merge(1, -1), "merge 0"),
+    ("a merge's result id negative", ltok_merge(2, -3), "merge 0"),
+    ("a merge whose result is another token", ltok_merge(2, 65), "merge 0"),
+    ("bos_id 10^9", ltok_field(16, "<i", 10**9), "bos_id"),
+    ("bos_id -5", ltok_field(16, "<i", -5), "bos_id"),
+    ("unk_id 260", ltok_field(28, "<i", ARGS.vocab_size), "unk_id"),
+    ("system_len past the end", ltok_field(52, "<I", 1000), "system_len"),
+    ("chat template kind 99", ltok_field(40, "<I", 99), "chat_template 99"),
+    ("tokenizer kind 7", ltok_field(8, "<I", 7), "kind 7"),
+    ("pretokenizer 99", ltok_field(36, "<I", 99), "pretokenizer 99"),
+    ("every flag bit", ltok_field(32, "<I", 0xFFFFFFFF), "flags"),
+    ("max_token_length 0", ltok_field(48, "<I", 0), "max_token_length"),
+    ("max_token_length above the longest token", ltok_field(48, "<I", 200), "max_token_length"),
+    ("n_merges 2^31", ltok_field(44, "<I", 1 << 31), "merges do not fit"),
+    ("vocab_size 0", ltok_field(12, "<i", 0), "vocab_size"),
+    ("version 2", ltok_field(4, "<I", 2), "version 2"),
+    ("token type 99", ltok_first_token(lambda r: r[:8] + b"\x63" + r[9:]), "unknown type 99"),
+    ("an empty token", ltok_first_token(lambda r: struct.pack("<I", 0) + r[4:9]), "length 0"),
+    ("a token past the end", ltok_first_token(lambda r: struct.pack("<I", 255) + r[4:]), "token 0"),
+    ("a NUL in the system prompt", lambda data: ltok_field(52, "<I", 3)(data) + b"a\0b", "NUL"),
+    ("cut short", lambda data: data[:100], "cut short"),
+]
+
+
+@pytest.mark.parametrize("flag", ["--to-gguf", "--to-hf"])
+@pytest.mark.parametrize("damage,what", [c[1:] for c in BAD_TOKENIZERS], ids=[c[0] for c in BAD_TOKENIZERS])
+def test_a_tokenizer_that_run_refuses_is_refused(case, capsys, tokenizer_driver, damage, what, flag):
+    tokenizer = case.src / "tokenizer.bin"
+    export.write_tokenizer_hf_json(case.src / "hf" / "tokenizer.json", tokenizer)
+    tokenizer.write_bytes(damage(tokenizer.read_bytes()))
+    p = subprocess.run([tokenizer_driver, f"{tokenizer}:{ARGS.vocab_size}", "info"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2, f"tokenizer.c loads it: {p.stdout}"
+    status, out, err = export_main(capsys, case.src / "model.bin", flag, case.out_dir / "out",
+                                   "--tokenizer", tokenizer)
+    assert_refused(status, err, tokenizer, what, case)
+    assert "model.bin" not in err
+
+
+SENTENCEPIECE_DAMAGE = [
+    ("a duplicate piece", [(b"<unk>", 0.0, 2), (b"a", 0.0, 1), (b"a", 0.0, 1)], 0, "token 2 is a duplicate"),
+    ("a byte piece of another form", [(b"<unk>", 0.0, 2), (b"<0x0a>", 0.0, 6)], 0, "byte token 1"),
+    ("unk_id a normal piece", [(b"<unk>", 0.0, 2), (b"a", 0.0, 1)], 1, "unk_id 1"),
+    ("no unk_id", [(b"<unk>", 0.0, 2), (b"a", 0.0, 1)], -1, "unk_id -1"),
+]
+
+
+@pytest.mark.parametrize("pieces,unk_id,what", [c[1:] for c in SENTENCEPIECE_DAMAGE],
+                         ids=[c[0] for c in SENTENCEPIECE_DAMAGE])
+def test_a_sentencepiece_tokenizer_that_run_refuses_is_refused(case, capsys, tokenizer_driver, pieces, unk_id,
+                                                                what):
+    tokenizer = case.src / "sp.bin"
+    export.write_tokenizer(tokenizer, export.TOK_SENTENCEPIECE, pieces, unk_id=unk_id)
+    p = subprocess.run([tokenizer_driver, tokenizer, "info"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, f"tokenizer.c loads it: {p.stdout}"
+    with pytest.raises(export.ExportError, match=re.escape(f"{tokenizer}: {what}")):
+        export.read_tokenizer(tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_read_tokenizer_refuses_what_tokenizer_c_refuses(case, tokenizer_driver, kind):
+    """Random damage to a tokenizer.bin, each file loaded by tokenizer.c and
+    by export.read_tokenizer: both load it or both refuse it."""
+    tokenizer = case.src / "tokenizer.bin"
+    if kind == "byte-level":
+        export.write_tokenizer_hf_json(case.src / "hf" / "tokenizer.json", tokenizer)
+    else:
+        pieces = [(b"<unk>", 0.0, 2), (b"<s>", 0.0, 3)] + [(f"<0x{b:02X}>".encode(), 0.0, 6) for b in range(256)]
+        export.write_tokenizer(tokenizer, export.TOK_SENTENCEPIECE, pieces + [(b"\xe2\x96\x81a", -1.0, 1)],
+                               bos_id=1, unk_id=0, flags=export.TOKF_ADD_BOS | export.TOKF_BYTE_FALLBACK,
+                               chat_template=export.CHAT_LLAMA2, system_prompt="Be brief.")
+    good, rng, verdicts = tokenizer.read_bytes(), random.Random(24), []
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(80) if rng.random() < 0.6 else rng.randrange(len(data))
+            data[at] = rng.choice([0, 1, 0xFF, 0x80, rng.randrange(256)])
+        tokenizer.write_bytes(data)
+        c = subprocess.run([tokenizer_driver, tokenizer, "info"], capture_output=True, text=True, timeout=60)
+        try:
+            export.read_tokenizer(tokenizer)
+            python = 0
+        except export.ExportError:
+            python = 2
+        assert python == c.returncode, f"tokenizer.c {c.returncode} ({c.stderr.strip()}), export.py {python}: " \
+                                       f"{bytes(data[:80])}"
+        verdicts.append(python)
+    assert 0 < verdicts.count(0) < len(verdicts)     # some damage is harmless (a score, say), most is not
+
+
+def test_the_undamaged_tokenizer_loads_in_both(case, tokenizer_driver):
+    """The damage above is what is refused: the tokenizer it starts from loads."""
+    tokenizer = case.src / "tokenizer.bin"
+    export.write_tokenizer_hf_json(case.src / "hf" / "tokenizer.json", tokenizer)
+    p = subprocess.run([tokenizer_driver, f"{tokenizer}:{ARGS.vocab_size}", "info"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert len(export.read_tokenizer(tokenizer)["merges"]) == 4
+
+
+# The outputs together or not at all: a rename that fails after another has
+# been made puts the first back.
+
+def test_a_failed_rename_puts_back_the_outputs_already_renamed(case, capsys, monkeypatch):
+    """tokenizer.bin becomes a directory while the model converts: its
+    rename fails after model.bin's, which is then put back as it was."""
+    case.out.write_bytes(b"the model that was here")
+    write = export.write_tokenizer_hf_json
+
+    def write_then_block(source, tmp):
+        (case.out_dir / "tokenizer.bin").mkdir()
+        return write(source, tmp)
+
+    monkeypatch.setattr(export, "write_tokenizer_hf_json", write_then_block)
+    status, _, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert_one_line(status, err, case.out_dir / "tokenizer.bin", "Is a directory")
+    assert sorted(p.name for p in case.out_dir.iterdir()) == ["model.bin", "tokenizer.bin"]
+    assert case.out.read_bytes() == b"the model that was here"
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["replacing files", "new files"])
+def test_an_interrupt_between_the_renames_puts_back_the_outputs(case, capsys, monkeypatch, existing):
+    if existing:
+        case.out.write_bytes(b"the model that was here")
+        (case.out_dir / "tokenizer.bin").write_bytes(b"the tokenizer that was here")
+    replace, calls = os.replace, []
+
+    def replace_then_interrupt(source, target):
+        if str(target).endswith("tokenizer.bin") and ".tmp-" in str(source):
+            raise KeyboardInterrupt
+        calls.append(target)
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    status, _, err = export_main(capsys, case.out, "--hf", case.src / "hf")
+    assert status == 130 and err == "export.py: interrupted; nothing was written\n", err
+    assert calls, "model.bin was not renamed before the interrupt"
+    if existing:
+        assert sorted(p.name for p in case.out_dir.iterdir()) == ["model.bin", "tokenizer.bin"]
+        assert case.out.read_bytes() == b"the model that was here"
+        assert (case.out_dir / "tokenizer.bin").read_bytes() == b"the tokenizer that was here"
+    else:
+        assert_nothing_written(case)
