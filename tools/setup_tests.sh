@@ -2,8 +2,9 @@
 # Sets up what the tests need, for `make test` (when .venv/ is missing or
 # tests/requirements.txt changed) and for .ci/run, so that the two cannot drift:
 #   1. Debian's packages: torch 1.13, numpy, sentencepiece, pytest, valgrind,
-#      chromium (tests/test_explain.py renders make explain's page in it) and
-#      the venv module; installed with apt-get when running as root or with
+#      chromium (tests/test_explain.py renders make explain's page in it),
+#      SIMDe (the AVX-512 kernels emulated, tests/test_kernels.py) and the
+#      venv module; installed with apt-get when running as root or with
 #      password-less sudo, else named in a one-line instruction.
 #   2. A project-local virtual environment, .venv/, that sees those packages,
 #      with the pinned PyPI packages of tests/requirements.txt.
@@ -15,7 +16,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES="python3-venv python3-pip python3-torch python3-numpy python3-sentencepiece
-python3-pytest python3-protobuf valgrind chromium"
+python3-pytest python3-protobuf valgrind chromium libsimde-dev"
 
 say() { echo "setup: $*" >&2; }
 
