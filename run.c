@@ -193,8 +193,8 @@ static int fail(char *err, const char *fmt, ...) {
 
 /* Zeroed memory for count items of size bytes, or exit with a message
    that says what it was for. lazy: calloc's, whose fresh pages stay
-   untouched until used (for the KV cache: a context that is never filled
-   costs no memory); else starting on a cache line (64 bytes), so that a
+   untouched until used (for the KV cache and the chat line: a context or a
+   line that is never filled costs no memory); else starting on a cache line (64 bytes), so that a
    vector load from the start of a row never straddles two lines. */
 static void *zeroed(size_t count, size_t size, const char *what, int lazy) {
     if (size != 0 && count > (SIZE_MAX - 64) / size) {
@@ -2524,7 +2524,7 @@ static int run_chat(Session *s, const Options *o, const char *tok_path, const ch
     if (template == TEMPLATE_CHATML) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|im_end|>", tok_path);
     if (is_llama3_template(template)) s->stop_tokens[s->n_stop_tokens++] = marker_token(tok, "<|eot_id|>", tok_path);
     int interactive = first_prompt == NULL, status = 0;
-    char *line = interactive ? xcalloc(MAX_PROMPT_BYTES + 1, 1, "the chat line") : NULL; // touched as lines fill it
+    char *line = interactive ? zeroed(MAX_PROMPT_BYTES + 1, 1, "the chat line", 1) : NULL; // touched as lines fill it
     int last = -1;
     for (int turn = 0;; turn++) {
         const char *user = first_prompt;
