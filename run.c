@@ -193,8 +193,9 @@ static int fail(char *err, const char *fmt, ...) {
 
 /* Zeroed memory for count items of size bytes, or exit with a message
    that says what it was for. lazy: calloc's, whose fresh pages stay
-   untouched until used (for the KV cache and the chat line: a context or a
-   line that is never filled costs no memory); else starting on a cache line (64 bytes), so that a
+   untouched until used (for the KV cache, attention's scratch, which grows
+   with it, and the chat line: a context or a line that is never filled
+   costs no memory); else starting on a cache line (64 bytes), so that a
    vector load from the start of a row never straddles two lines. */
 static void *zeroed(size_t count, size_t size, const char *what, int lazy) {
     if (size != 0 && count > (SIZE_MAX - 64) / size) {
@@ -1345,8 +1346,8 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->kv_f16 = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
     s->k = xcalloc(b * kv_dim, sizeof(float), "activations");
     s->v = xcalloc(b * kv_dim, sizeof(float), "activations");
-    s->scratch = xcalloc(attention_scratch_size(ctx, c->n_heads, c->head_dim, s->threads), sizeof(float),
-                         "attention scratch");
+    s->scratch = zeroed(attention_scratch_size(ctx, c->n_heads, c->head_dim, s->threads), sizeof(float),
+                        "attention scratch", 1);
     s->rope_cos = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
     s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
     s->logit_rows = 1;
