@@ -2915,35 +2915,72 @@ static float sum_lanes(float acc[LANES]) {
     return acc[0];
 }
 
-/* a . b over one pass (n <= GEMM_DEPTH) in the order above. a is the
-   streamed operand (the weights). */
-static float dot_pass(const float *a, const float *b, int n) {
-    float acc[LANES] = {0};
-    int i = 0;
+/* Weight i of an f32 or bf16 row, as a float (bf16 widened exactly). */
+static inline float weight_at(const void *w, size_t i, const int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+/* acc (LANES) += the lanes of w . x over columns from .. n - 1 of a pass
+   (n <= GEMM_DEPTH), w the streamed operand. */
+static inline __attribute__((always_inline)) void dot_lanes(float acc[LANES], const void *w, const float *x,
+                                                            int from, int n, const int bf16) {
+    int i = from;
     for (; i + LANES <= n; i += LANES) {
-        prefetch(a + i);
-        for (int j = 0; j < LANES; j++) acc[j] = fmaf(a[i + j], b[i + j], acc[j]);
+        prefetch((const char *)w + (size_t)i * (bf16 ? 2 : 4));
+        for (int j = 0; j < LANES; j++) acc[j] = fmaf(weight_at(w, i + j, bf16), x[i + j], acc[j]);
     }
-    for (int j = 0; i + j < n; j++) acc[j] = fmaf(a[i + j], b[i + j], acc[j]);
+    for (int j = 0; i + j < n; j++) acc[j] = fmaf(weight_at(w, i + j, bf16), x[i + j], acc[j]);
+}
+
+/* w . x over one pass in the order above. */
+static inline __attribute__((always_inline)) float dot_pass(const void *w, const float *x, int n, const int bf16) {
+    float acc[LANES] = {0};
+    dot_lanes(acc, w, x, 0, n, bf16);
     return sum_lanes(acc);
 }
 
-/* w . x for an f32 row w, pass by pass. */
-static float dot_f32(const float *w, const float *x, int n) {
-    float sum = 0.0f;
-    for (int k = 0; k < n; k += GEMM_DEPTH) sum += dot_pass(w + k, x + k, n - k < GEMM_DEPTH ? n - k : GEMM_DEPTH);
-    return sum;
+/* One token's products with 8 rows of a pass: lanes[r] (LANES) += the
+   lanes of row r . x over the first n columns, n a multiple of LANES. The
+   CPU's own versions follow in the appendix. */
+typedef void Lanes8Kernel(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int bf16);
+
+static void lanes8_fast(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int bf16) {
+    for (int r = 0; r < 8; r++)
+        if (bf16) dot_lanes(lanes[r], (const uint16_t *)w + r * ld, x, 0, n, 1);
+        else dot_lanes(lanes[r], (const float *)w + r * ld, x, 0, n, 0);
 }
 
-/* The same for a bf16 row, each pass widened first. */
-static float dot_bf16(const uint16_t *w, const float *x, int n) {
-    float row[GEMM_DEPTH], sum = 0.0f;
-    for (int k = 0; k < n; k += GEMM_DEPTH) {
-        int depth = n - k < GEMM_DEPTH ? n - k : GEMM_DEPTH;
-        for (int i = 0; i < depth; i++) row[i] = bf16_to_f32(w[k + i]);
-        sum += dot_pass(row, x + k, depth);
+/* One token's products with rows r0 .. r1 - 1 of f32 or bf16 weights: 8
+   rows at a time through lanes8 (the columns of a pass that fill whole
+   lanes), the rest of each pass and the sums here; rows left over alone. */
+static inline __attribute__((always_inline)) void matvec_floats_with(float *out, const Matrix *w, int r0, int r1,
+                                                                     const float *x, Lanes8Kernel *lanes8) {
+    int cols = w->cols, bf16 = w->type == WEIGHT_BF16, size = bf16 ? 2 : 4, r = r0;
+    const char *values = (const char *)w->values;
+    for (; r + 8 <= r1; r += 8) {
+        float sum[8] = {0};
+        for (int k = 0; k < cols; k += GEMM_DEPTH) {
+            int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH, whole = depth / LANES * LANES;
+            float lanes[8][LANES] = {{0}};
+            const char *at = values + ((size_t)r * cols + k) * size;
+            lanes8(lanes, at, cols, x + k, whole, bf16);
+            for (int i = 0; i < 8; i++) {
+                if (bf16) dot_lanes(lanes[i], at + (size_t)i * cols * size, x + k, whole, depth, 1);
+                else dot_lanes(lanes[i], at + (size_t)i * cols * size, x + k, whole, depth, 0);
+                sum[i] += sum_lanes(lanes[i]);
+            }
+        }
+        memcpy(out + r - r0, sum, sizeof sum);
     }
-    return sum;
+    for (; r < r1; r++) {
+        float sum = 0.0f;
+        for (int k = 0; k < cols; k += GEMM_DEPTH) {
+            const char *at = values + ((size_t)r * cols + k) * size;
+            int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH;
+            sum += bf16 ? dot_pass(at, x + k, depth, 1) : dot_pass(at, x + k, depth, 0);
+        }
+        out[r - r0] = sum;
+    }
 }
 
 /* Batches (n > 1) in tiles of GEMM_ROWS weight rows by up to GEMM_TOKENS
@@ -2966,7 +3003,7 @@ typedef void GemmTileKernel(const GemmTile *g);
 static void gemm_tile_fast(const GemmTile *g) {
     for (int t = 0; t < g->tokens; t++)
         for (int r = 0; r < g->rows; r++) {
-            float sum = dot_pass(g->w + (size_t)r * g->ldw, g->x + (size_t)t * g->ldx, g->depth);
+            float sum = dot_pass(g->w + (size_t)r * g->ldw, g->x + (size_t)t * g->ldx, g->depth, 0);
             float *c = g->c + (size_t)t * g->ldc + r;
             *c = g->accumulate ? *c + sum : sum;
         }
@@ -3003,18 +3040,13 @@ static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int
     }
 }
 
-/* f32 and bf16 weights: one token row by row, a batch through gemm, the
-   CPU's batch product. */
+/* f32 and bf16 weights: one token 8 rows at a time through lanes8, a batch
+   through gemm: the CPU's kernels. */
 static inline __attribute__((always_inline)) void matmul_floats(float *out, int ldo, const Matrix *w, int r0, int r1,
-                                                                const ProductScratch *in, MatmulKernel *gemm) {
-    if (in->n > 1) {
-        gemm(out, ldo, w, r0, r1, in);
-        return;
-    }
-    size_t cols = w->cols;
-    for (int r = r0; r < r1; r++)
-        out[r - r0] = w->type == WEIGHT_F32 ? dot_f32((const float *)w->values + r * cols, in->x, (int)cols)
-                                            : dot_bf16((const uint16_t *)w->values + r * cols, in->x, (int)cols);
+                                                                const ProductScratch *in, MatmulKernel *gemm,
+                                                                Lanes8Kernel *lanes8) {
+    if (in->n > 1) gemm(out, ldo, w, r0, r1, in);
+    else matvec_floats_with(out, w, r0, r1, in->x, lanes8);
 }
 
 static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -3022,7 +3054,7 @@ static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, cons
 }
 
 static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    matmul_floats(out, ldo, w, r0, r1, in, gemm_rows);
+    matmul_floats(out, ldo, w, r0, r1, in, gemm_rows, lanes8_fast);
 }
 
 /* ---- Attention (any CPU) */
@@ -3343,12 +3375,46 @@ static void gemm_tile_avx2(const GemmTile *g) {
     }
 }
 
+/* 8 columns of an f32 or bf16 row at w, as floats. */
+AVX2_INLINE __m256 widen8_avx2(const void *w, const int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)w);
+    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+
+/* lanes8_fast(), four rows at a time: 4 x 2 sums and the input's 16 columns in registers. */
+AVX2_INLINE void lanes8_body_avx2(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n,
+                                  const int bf16) {
+    int size = bf16 ? 2 : 4;
+    for (int r0 = 0; r0 < 8; r0 += 4) {
+        __m256 acc[4][2];
+        for (int r = 0; r < 4; r++)
+            for (int h = 0; h < 2; h++) acc[r][h] = _mm256_loadu_ps(lanes[r0 + r] + 8 * h);
+        for (int i = 0; i < n; i += LANES) {
+            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+            for (int r = 0; r < 4; r++) {
+                const char *row = (const char *)w + ((r0 + r) * ld + i) * size;
+                prefetch(row);
+                acc[r][0] = _mm256_fmadd_ps(widen8_avx2(row, bf16), x0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(widen8_avx2(row + 8 * size, bf16), x1, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            for (int h = 0; h < 2; h++) _mm256_storeu_ps(lanes[r0 + r] + 8 * h, acc[r][h]);
+    }
+}
+
+static void lanes8_avx2(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int bf16) {
+    if (bf16) lanes8_body_avx2(lanes, w, ld, x, n, 1);
+    else lanes8_body_avx2(lanes, w, ld, x, n, 0);
+}
+
 static void gemm_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2);
 }
 
 static void matmul_floats_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    matmul_floats(out, ldo, w, r0, r1, in, gemm_rows_avx2);
+    matmul_floats(out, ldo, w, r0, r1, in, gemm_rows_avx2, lanes8_avx2);
 }
 
 /* The 32 products of int8 vectors a and b, summed in fours into 8 int32
@@ -3689,13 +3755,43 @@ AVX512 static void gemm_tile_avx512(const GemmTile *g) {
     }
 }
 
+/* 16 columns of an f32 or bf16 row at w, as floats. */
+AVX512_INLINE __m512 widen16_avx512(const void *w, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)w);
+    __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+/* lanes8_fast(): the 8 rows' sums in 8 registers of 16 lanes. */
+AVX512_INLINE void lanes8_body_avx512(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n,
+                                      const int bf16) {
+    int size = bf16 ? 2 : 4;
+    __m512 acc[8];
+    for (int r = 0; r < 8; r++) acc[r] = _mm512_loadu_ps(lanes[r]);
+    for (int i = 0; i < n; i += LANES) {
+        __m512 xv = _mm512_loadu_ps(x + i);
+        for (int r = 0; r < 8; r++) {
+            const char *row = (const char *)w + (r * ld + i) * size;
+            if (!bf16) prefetch(row);
+            else if (i % 32 == 0) __builtin_prefetch(row + 8 * ld * size); // the next 8 rows' line (measured faster)
+            acc[r] = _mm512_fmadd_ps(widen16_avx512(row, bf16), xv, acc[r]);
+        }
+    }
+    for (int r = 0; r < 8; r++) _mm512_storeu_ps(lanes[r], acc[r]);
+}
+
+AVX512 static void lanes8_avx512(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int bf16) {
+    if (bf16) lanes8_body_avx512(lanes, w, ld, x, n, 1);
+    else lanes8_body_avx512(lanes, w, ld, x, n, 0);
+}
+
 AVX512 static void gemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512);
 }
 
 AVX512 static void matmul_floats_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
                                         const ProductScratch *in) {
-    matmul_floats(out, ldo, w, r0, r1, in, gemm_rows_avx512);
+    matmul_floats(out, ldo, w, r0, r1, in, gemm_rows_avx512, lanes8_avx512);
 }
 
 /* q8_0 and q4_0 weights: rows repacked so that vpdpbusd multiplies 16 of

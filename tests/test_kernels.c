@@ -153,22 +153,40 @@ static double abs_dot(const float *a, const float *b, int n) {
 
 /* The fast f32 and bf16 dot products in lanes; the plain ones are inside
    the plain matrix products, tested below. */
-static void test_dot_f32(void) {
-    for (int n = 0; n <= 300; n += 1 + n / 8) {
-        float *a = random_floats(n), *b = random_floats(n);
-        double exact = 0;
-        for (int i = 0; i < n; i++) exact += (double)a[i] * b[i];
-        double tol = 1e-5 * abs_dot(a, b, n) + 1e-30;
-        expect("dot_f32", n, 0, 0, dot_f32(a, b, n), exact, tol);
-        uint16_t *w = xcalloc(n ? n : 1, 2, "w");
-        float *wf = xcalloc(n ? n : 1, sizeof(float), "wf");
-        for (int i = 0; i < n; i++) { w[i] = (uint16_t)next_u32() & 0xbfff; wf[i] = bf16_to_f32(w[i]); } // |w| < 2
-        exact = 0;
-        for (int i = 0; i < n; i++) exact += (double)wf[i] * b[i];
-        tol = 1e-5 * abs_dot(wf, b, n) + 1e-30;
-        expect("dot_bf16", n, 0, 0, dot_bf16(w, b, n), exact, tol);
-        free(a), free(b), free(w), free(wf);
-    }
+/* One token's product with a single row alone (no lanes8 kernel serves it). */
+static float dot_one_row(const Matrix *w, int row, const float *x) {
+    float out;
+    matvec_floats_with(&out, w, row, row + 1, x, lanes8_fast);
+    return out;
+}
+
+/* One token's f32 and bf16 products through the lanes8 kernel `lanes8`,
+   for rows of many widths (passes of GEMM_DEPTH columns and their tails):
+   each output against the exact dot product, and bit for bit as its row
+   alone. */
+static void test_matvec_floats(const char *kind, Lanes8Kernel *lanes8) {
+    static const int types[] = {WEIGHT_F32, WEIGHT_BF16};
+    char what[64];
+    snprintf(what, sizeof what, "matvec_floats %s", kind);
+    for (int k = 0; k < 2; k++)
+        for (int n = 1; n <= 2100; n += 1 + n / 3) {
+            Matrix w = random_matrix(types[k], 19, n);
+            float *x = random_floats(n), out[19];
+            matvec_floats_with(out, &w, 0, 19, x, lanes8);
+            for (int r = 0; r < 19; r++) {
+                float row[2100];
+                double exact = 0;
+                for (int i = 0; i < n; i++) {
+                    row[i] = types[k] == WEIGHT_F32 ? ((const float *)w.values)[(size_t)r * n + i]
+                                                    : bf16_to_f32(((const uint16_t *)w.values)[(size_t)r * n + i]);
+                    exact += (double)row[i] * x[i];
+                }
+                expect(what, n, k, r, out[r], exact, 1e-5 * abs_dot(row, x, n) + 1e-30);
+                expect(what, n, k, r, out[r], dot_one_row(&w, r, x), 0);
+            }
+            free(x);
+            free_matrix(&w);
+        }
 }
 
 static void test_quantize_vector(void) {
@@ -424,9 +442,9 @@ static void test_batch_equals_one_token(const char *table, int type) {
 }
 
 /* A batch product of f32 or bf16 weights (gemm_rows() or a CPU's own):
-   every output against the exact product, and bit for bit what the
-   one-token dot product (dot_f32(), dot_bf16()) gives for its row and token,
-   the order every fast float kernel keeps. */
+   every output against the exact product, and bit for bit what one
+   token's product gives for its row alone, the order every fast float
+   kernel keeps. */
 static void test_gemm_rows(const char *kind, MatmulKernel *gemm) {
     static const char *names[] = {"f32", "q8_0", "q4_0", "bf16"};
     int shapes[][3] = {{8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {16, 17, 3}, {11, 515, 8},
@@ -449,9 +467,7 @@ static void test_gemm_rows(const char *kind, MatmulKernel *gemm) {
             snprintf(what, sizeof what, "gemm_rows %s %s against one token", names[type], kind);
             for (int t = 0; t < n; t++)
                 for (int r = 0; r < rows; r++) {
-                    const float *xt = x + (size_t)t * cols;
-                    float one = type == WEIGHT_F32 ? dot_f32((const float *)w.values + (size_t)r * cols, xt, cols)
-                                                   : dot_bf16((const uint16_t *)w.values + (size_t)r * cols, xt, cols);
+                    float one = dot_one_row(&w, r, x + (size_t)t * cols);
                     expect(what, rows, cols, t * rows + r, out[(size_t)t * rows + r], one, 0);
                 }
             free_products(&ps);
@@ -739,7 +755,7 @@ int main(void) {
     printf("test_kernels: AVX2 %s, AVX-512 %s\n", HAVE_AVX2 ? "compiled" : "not compiled",
            have_avx512 ? "on this CPU" : "not used");
     test_f16();
-    test_dot_f32();
+    test_matvec_floats("portable", lanes8_fast);
     test_quantize_vector();
     test_dot_grouped(WEIGHT_Q8_0);
     test_dot_grouped(WEIGHT_Q4_0);
@@ -747,11 +763,13 @@ int main(void) {
     test_gemm_rows("portable", gemm_rows);
 #if HAVE_AVX2
     test_gemm_rows("avx2", gemm_rows_avx2);
+    test_matvec_floats("avx2", lanes8_avx2);
     test_quantized_tiles(WEIGHT_Q8_0);
     test_quantized_tiles(WEIGHT_Q4_0);
 #endif
 #if HAVE_AVX512
     if (have_avx512) test_gemm_rows("avx512", gemm_rows_avx512);
+    if (have_avx512) test_matvec_floats("avx512", lanes8_avx512);
 #endif
     for (int table = 0; table < 2; table++) {
         kernels = table ? fast : plain;

@@ -141,6 +141,19 @@ static inline __m512 emu_mm512_cvtepi32_ps(__m512i a) {
 #undef _mm512_cvtepi32_ps
 #define _mm512_cvtepi32_ps emu_mm512_cvtepi32_ps
 
+/* 16 uint16 widened to int32 with zeros. */
+static inline __m512i emu_mm512_cvtepu16_epi32(__m256i a) {
+    uint16_t in[16];
+    int32_t out[16];
+    __m512i r;
+    memcpy(in, &a, sizeof in);
+    for (int i = 0; i < 16; i++) out[i] = in[i];
+    memcpy(&r, out, sizeof r);
+    return r;
+}
+#undef _mm512_cvtepu16_epi32
+#define _mm512_cvtepu16_epi32 emu_mm512_cvtepu16_epi32
+
 /* The low (imm 0) or high (imm 1) 8 floats of a. */
 static inline __m256 emu_mm512_extractf32x8_ps(__m512 a, int imm) {
     __m256 r;
