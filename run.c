@@ -43,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -1583,19 +1584,26 @@ enum { PROBS_TEXT, PROBS_JSON };
 
 /* Generation on a shared machine. OpenMP's threads wait for each other by
    spinning, so while another program keeps one of the cores busy, a token
-   on every core can take many times as long as on one. So now and then a
-   token runs on the thread count not in use (all, or one), and the faster
-   of the two is kept: each count's last token time decides. A probe that
-   loses waits twice as long for the next one (from PROBE_FIRST up to
-   PROBE_LAST tokens), since a probe on every core of a busy machine costs
-   dear. The logits do not depend on the thread count. */
+   on every core can take many times as long as on one. Every WINDOW tokens
+   on every core, the share of their cores' time that the threads got (the
+   process's CPU time over their wall time) says whether the machine is
+   busy: below SHARE_MIN, one thread generates, and now and then WINDOW
+   tokens on every core (a probe) show whether the cores are free again: if
+   the threads got their cores and the tokens were faster, every core
+   generates again; else the next probe waits twice as long (from
+   PROBE_FIRST up to PROBE_LAST tokens), since a probe on a busy machine
+   costs dear. The logits do not depend on the thread count. */
+#define WINDOW 8
+#define SHARE_MIN 0.8
 #define PROBE_FIRST 32
 #define PROBE_LAST 1024
 typedef struct {
-    int most;          // threads when the cores are free: OMP_NUM_THREADS or all
-    int one;           // 1 while generating on one thread
-    int probing;       // 1 while the current token is a probe
-    double seconds[2]; // the last token's time on most threads, on one (0: none yet)
+    int most;           // threads when the cores are free: OMP_NUM_THREADS or all
+    int one;            // 1 while generating on one thread
+    int probing;        // 1 while the window under way is a probe
+    int window;         // tokens on every core since the last verdict
+    double wall, cpu;   // their wall time and the process's CPU time
+    double one_seconds; // the last token's time on one thread (0: none yet)
     long tokens, next_probe, interval;
 } ThreadChoice;
 
@@ -1906,24 +1914,46 @@ static void print_trace(const Session *s, const int *tokens, int n, int pos) {
 /* Sets the thread count for the next generated token (see ThreadChoice). */
 static void choose_threads(ThreadChoice *c) {
     if (c->most <= 1) return;
-    int faster = c->seconds[1] > 0 && c->seconds[1] < c->seconds[0];
-    if (c->interval == 0) c->interval = PROBE_FIRST;
-    if (c->probing) // the probe's verdict: it won, or the next one waits twice as long
-        c->interval = c->one == faster ? PROBE_FIRST : c->interval * 2 > PROBE_LAST ? PROBE_LAST : c->interval * 2;
-    c->probing = c->seconds[!faster] == 0 || ++c->tokens >= c->next_probe;
-    if (c->probing) c->next_probe = c->tokens + c->interval;
-    c->one = c->probing ? !faster : faster;
+    c->tokens++;
+    if (!c->one && c->window == WINDOW) {
+        int busy = c->cpu < SHARE_MIN * c->wall * c->most;
+        int lost = c->probing && c->one_seconds > 0 && c->one_seconds * WINDOW < c->wall;
+        if (busy || lost) { // to one thread, until the next probe
+            c->interval = !c->probing ? PROBE_FIRST : c->interval * 2 > PROBE_LAST ? PROBE_LAST : c->interval * 2;
+            c->next_probe = c->tokens + c->interval;
+            c->one = 1;
+        }
+        c->probing = c->window = 0;
+        c->wall = c->cpu = 0;
+    } else if (c->one && c->tokens >= c->next_probe) {
+        c->one = 0;
+        c->probing = 1;
+    }
 #ifdef _OPENMP
     omp_set_num_threads(c->one ? 1 : c->most);
 #endif
 }
 
+/* CPU time this process has used, all threads together, in seconds. */
+static double cpu_seconds(void) {
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return u.ru_utime.tv_sec + u.ru_stime.tv_sec + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
+}
+
 static float *forward_and_record(Session *s, int token) {
     Transformer *t = s->transformer;
     choose_threads(&s->threads);
-    double start = now_seconds();
+    double start = now_seconds(), cpu = cpu_seconds();
     float *logits = forward(t, token, s->pos++);
-    s->threads.seconds[s->threads.one] = now_seconds() - start;
+    ThreadChoice *c = &s->threads;
+    if (c->one) {
+        c->one_seconds = now_seconds() - start;
+    } else {
+        c->window++;
+        c->wall += now_seconds() - start;
+        c->cpu += cpu_seconds() - cpu;
+    }
     if (t->state.trace) print_trace(s, &token, 1, s->pos - 1);
     push_token(&s->history, token);
     if (s->logits_file &&
