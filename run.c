@@ -3352,42 +3352,43 @@ static inline float sum_avx2(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* acc[t][i] (lanes 0-7, 8-15) += w[i] * x[t] for 2 rows w (stride ldw) and nt
-   inputs x (stride ldx), the 16 columns at k, those of mask alone where
-   it is given. */
-AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][2][2], const float *w, int ldw, const float *x, int ldx,
-                                int k, const __m256i mask[2], const int nt) {
-    for (int half = 0; half < 2; half++) {
-        __m256 xv[GEMM_TOKENS];
-        for (int t = 0; t < nt; t++) {
-            const float *xt = x + (size_t)t * ldx + k + 8 * half;
-            xv[t] = mask ? _mm256_maskload_ps(xt, mask[half]) : _mm256_loadu_ps(xt);
-        }
-        for (int i = 0; i < 2; i++) {
-            const float *wi = w + (size_t)i * ldw + k + 8 * half;
-            __m256 wv = mask ? _mm256_maskload_ps(wi, mask[half]) : _mm256_loadu_ps(wi);
-            for (int t = 0; t < nt; t++) acc[t][i][half] = _mm256_fmadd_ps(wv, xv[t], acc[t][i][half]);
-        }
+/* acc[t][i] += w[i] * x[t] for 4 rows w (stride ldw) and nt inputs x
+   (stride ldx), the 8 columns at k, those of mask alone where it is given. */
+AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][4], const float *w, int ldw, const float *x, int ldx, int k,
+                                const __m256i *mask, const int nt) {
+    __m256 xv[GEMM_TOKENS];
+    for (int t = 0; t < nt; t++) {
+        const float *xt = x + (size_t)t * ldx + k;
+        xv[t] = mask ? _mm256_maskload_ps(xt, *mask) : _mm256_loadu_ps(xt);
+    }
+    for (int i = 0; i < 4; i++) {
+        const float *wi = w + (size_t)i * ldw + k;
+        __m256 wv = mask ? _mm256_maskload_ps(wi, *mask) : _mm256_loadu_ps(wi);
+        for (int t = 0; t < nt; t++) acc[t][i] = _mm256_fmadd_ps(wv, xv[t], acc[t][i]);
     }
 }
 
-/* gemm_tile_fast() for a tile of GEMM_ROWS rows and nt tokens, two rows
-   at a time: their 2 x 3 sums of 16 lanes fill 12 of the 16 registers. */
+/* gemm_tile_fast() for a tile of GEMM_ROWS rows and nt tokens, four rows
+   at a time: their 4 x 3 sums, 3 inputs and a row fill the 16 registers.
+   The 16 lanes of a sum in two sweeps of 8: lanes 0-7 over columns 16m ..
+   16m + 7, then lanes 8-15 over 16m + 8 .. 16m + 15, added at the end. */
 AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
     int ldw = g->ldw, ldx = g->ldx, depth = g->depth, end = depth / LANES * LANES;
     __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256i tail[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end), lane),
                        _mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end - 8), lane)};
     __m256 h[GEMM_TOKENS][GEMM_ROWS];
-    for (int r = 0; r < GEMM_ROWS; r += 2) {
+    for (int r = 0; r < GEMM_ROWS; r += 4) {
         const float *w = g->w + (size_t)r * ldw;
-        __m256 acc[GEMM_TOKENS][2][2];
-        for (int t = 0; t < nt; t++)
-            for (int i = 0; i < 2; i++) acc[t][i][0] = acc[t][i][1] = _mm256_setzero_ps();
-        for (int k = 0; k < end; k += LANES) gemm_step_avx2(acc, w, ldw, g->x, ldx, k, NULL, nt);
-        if (end < depth) gemm_step_avx2(acc, w, ldw, g->x, ldx, end, tail, nt);
-        for (int t = 0; t < nt; t++)
-            for (int i = 0; i < 2; i++) h[t][r + i] = _mm256_add_ps(acc[t][i][0], acc[t][i][1]);
+        for (int half = 0; half < 2; half++) {
+            __m256 acc[GEMM_TOKENS][4];
+            for (int t = 0; t < nt; t++)
+                for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_ps();
+            for (int k = 8 * half; k < end; k += LANES) gemm_step_avx2(acc, w, ldw, g->x, ldx, k, NULL, nt);
+            if (end < depth) gemm_step_avx2(acc, w, ldw, g->x, ldx, end + 8 * half, &tail[half], nt);
+            for (int t = 0; t < nt; t++)
+                for (int i = 0; i < 4; i++) h[t][r + i] = half ? _mm256_add_ps(h[t][r + i], acc[t][i]) : acc[t][i];
+        }
     }
     for (int t = 0; t < nt; t++) {
         float *c = g->c + (size_t)t * g->ldc;
@@ -3424,7 +3425,8 @@ AVX2_INLINE void lanes8_body_avx2(float lanes[8][LANES], const void *w, size_t l
             __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
             for (int r = 0; r < 4; r++) {
                 const char *row = (const char *)w + ((r0 + r) * ld + i) * size;
-                prefetch(row);
+                if (!bf16) prefetch(row);
+                else if (i % 32 == 0) __builtin_prefetch(row + 8 * ld * size); // as lanes8_avx512()
                 acc[r][0] = _mm256_fmadd_ps(widen8_avx2(row, bf16), x0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_ps(widen8_avx2(row + 8 * size, bf16), x1, acc[r][1]);
             }
