@@ -155,9 +155,9 @@ static double abs_dot(const float *a, const float *b, int n) {
    the plain matrix products, tested below. */
 /* One token's product with a single row alone (no lanes8 kernel serves it). */
 static float dot_one_row(const Matrix *w, int row, const float *x) {
-    float out;
-    matvec_floats_with(&out, w, row, row + 1, x, lanes8_fast);
-    return out;
+    float out[8]; // room for 8 rows, as the compiler cannot see that one row takes one
+    matvec_floats_with(out, w, row, row + 1, x, lanes8_fast);
+    return out[0];
 }
 
 /* One token's f32 and bf16 products through the lanes8 kernel `lanes8`,
