@@ -3880,6 +3880,133 @@ AVX512 static float dot_q8_both_avx512(const int8_t *w, const uint16_t *wd, cons
     return sum_lanes8(acc) + sum_lanes8(acc_rest);
 }
 
+/* ---- K types on AVX-512 VNNI
+
+   A block is unpacked once into unsigned weight bytes in the input's order
+   (vector j: groups 2j and 2j + 1) and its scales into vectors of the 8
+   groups, then multiplied by each token of a tile. Per group g of 32, in
+   integers: S_g = the sum of q x, X_g = the sum of x; q4_k and q5_k give
+   (d scale_g) S_g - (dmin min_g) X_g, q6_k d G_g with G_g the sum over the
+   group's two sub-blocks of scale_s (S_s - 32 X_s). Each group's result
+   times the input's scale goes into float lane g % 8 by a fused
+   multiply-add, as in the q8_0 and q4_0 kernels, so one token or a batch,
+   each output comes out the same. */
+typedef struct {
+    __m512i w[4];       // the 256 weights, unsigned bytes
+    __m256 scale;       // per group: d scale_g (q4_k, q5_k), d (q6_k)
+    __m256 min;         // per group: dmin min_g (q4_k, q5_k)
+    __m512i sub_scales; // q6_k: the 16 sub-block scales, int32
+} KBlock;
+
+/* The 8 bytes of the 6-bit scales (or mins, from their other words) of a
+   q4_k or q5_k block: first the low 6 bits of `low`, then the 4 bits of
+   `rest` with the top 2 bits of `low` above them (docs/FORMATS.md). */
+static inline uint64_t k_scale_bytes(uint32_t low, uint32_t rest) {
+    return (low & 0x3f3f3f3fu) | (uint64_t)((rest & 0x0f0f0f0fu) | (low >> 2 & 0x30303030u)) << 32;
+}
+
+AVX512_INLINE __m256 widen8_scales(uint64_t bytes, float d) {
+    return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
+}
+
+AVX512_INLINE KBlock unpack_block_avx512(const uint8_t *block, const int type) {
+    KBlock k;
+    if (type == WEIGHT_Q6_K) {
+        for (int h = 0; h < 2; h++) { // ql (64 bytes): quarters 0, 1 low nibbles, 2, 3 high
+            __m512i ql = _mm512_loadu_si512(block + 64 * h);
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+            __m512i bits = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+            __m512i three = _mm512_set1_epi8(3), fifteen = _mm512_set1_epi8(15);
+            k.w[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, fifteen),
+                                         _mm512_slli_epi16(_mm512_and_si512(bits, three), 4));
+            k.w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), fifteen),
+                                             _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(bits, 4), three), 4));
+        }
+        k.sub_scales = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(block + 192)));
+        k.scale = _mm256_set1_ps(f16_to_f32(read_u16(block + 208)));
+        k.min = _mm256_setzero_ps();
+        return k;
+    }
+    uint32_t s[3];
+    memcpy(s, block + 4, sizeof s);
+    k.scale = widen8_scales(k_scale_bytes(s[0], s[2]), f16_to_f32(read_u16(block)));
+    k.min = widen8_scales(k_scale_bytes(s[1], s[2] >> 4), f16_to_f32(read_u16(block + 2)));
+    k.sub_scales = _mm512_setzero_si512();
+    const uint8_t *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
+    __m256i qh = type == WEIGHT_Q5_K ? _mm256_loadu_si256((const __m256i *)(block + 16)) : _mm256_setzero_si256();
+    __m256i fifteen = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    for (int j = 0; j < 4; j++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+        __m256i lo = _mm256_and_si256(v, fifteen), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), fifteen);
+        if (type == WEIGHT_Q5_K) { // bit 2j of qh[i] for group 2j, bit 2j + 1 for 2j + 1: 16 more
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
+        }
+        k.w[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    return k;
+}
+
+/* acc (8 lanes) after one block times the input x from group g (its 8 groups). */
+AVX512_INLINE __m256 k_block_avx512(__m256 acc, const KBlock *k, const QuantizedVector *x, int g, const int type) {
+    __m512i dot[4];
+    for (int j = 0; j < 4; j++) {
+        dot[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), k->w[j], _mm512_loadu_si512(x->q + (g + 2 * j) * GROUP_SIZE));
+        if (type == WEIGHT_Q6_K) // lanes 4i .. 4i + 3 are sub-block 4j + i
+            dot[j] = _mm512_mullo_epi32(dot[j], _mm512_permutexvar_epi32(
+                _mm512_add_epi32(_mm512_set1_epi32(4 * j), _mm512_srli_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2)), k->sub_scales));
+    }
+    __m256i sums = group_sums(dot);
+    __m256 dx = _mm256_loadu_ps(x->d + g);
+    if (type == WEIGHT_Q6_K) { // minus 32 scale_s X_s, sub-blocks in pairs
+        __m512i xs = _mm512_mullo_epi32(_mm512_loadu_si512(x->half_sums + 2 * g), k->sub_scales);
+        __m256i pairs = _mm512_cvtepi64_epi32(_mm512_add_epi32(xs, _mm512_srli_epi64(xs, 32)));
+        sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(pairs, 5));
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(input_group_sums(x, g, 8)), _mm256_mul_ps(k->min, dx), acc);
+}
+
+#define KTILE_TOKENS 4 // tokens that share a block's unpacking
+
+/* Rows r0 .. r1 - 1 for the nt tokens from t0. */
+AVX512_INLINE void k_rows_body_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                                      int t0, const int nt, const int type) {
+    int cols = w->cols, blocks = cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[type];
+    QuantizedVector x[KTILE_TOKENS];
+    for (int t = 0; t < nt; t++) x[t] = quantized_row(&in->q, t0 + t, cols);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->values + (size_t)r * blocks * bytes;
+        __m256 acc[KTILE_TOKENS];
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            for (int line = 0; line < bytes; line += 64) prefetch(row + (size_t)b * bytes + line + PREFETCH_AHEAD);
+            KBlock k = unpack_block_avx512(row + (size_t)b * bytes, type);
+            for (int t = 0; t < nt; t++) acc[t] = k_block_avx512(acc[t], &k, &x[t], 8 * b, type);
+        }
+        for (int t = 0; t < nt; t++) out[(size_t)(t0 + t) * ldo + r - r0] = sum_lanes8(acc[t]);
+    }
+}
+
+AVX512_INLINE void k_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                                 const int type) {
+    int t = 0;
+    for (; t + KTILE_TOKENS <= in->n; t += KTILE_TOKENS)
+        k_rows_body_avx512(out, ldo, w, r0, r1, in, t, KTILE_TOKENS, type);
+    for (; t < in->n; t++) k_rows_body_avx512(out, ldo, w, r0, r1, in, t, 1, type);
+}
+
+/* matmul_k() on AVX-512 VNNI, with the quantized input. */
+AVX512 static void matmul_k_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    switch (w->type) {
+    case WEIGHT_Q4_K: k_rows_avx512(out, ldo, w, r0, r1, in, WEIGHT_Q4_K); break;
+    case WEIGHT_Q5_K: k_rows_avx512(out, ldo, w, r0, r1, in, WEIGHT_Q5_K); break;
+    default: k_rows_avx512(out, ldo, w, r0, r1, in, WEIGHT_Q6_K);
+    }
+}
+
 /* ---- Matrix products for a batch (n > 1) on AVX-512 */
 
 /* A full tile of GEMM_ROWS rows and nt tokens: each sum in one vector of
@@ -4157,6 +4284,7 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx512;
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;
+    kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx512;
 #endif
 }
 
