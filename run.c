@@ -3768,6 +3768,138 @@ static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, 
 }
 #endif
 
+#define KTILE_TOKENS 4 // tokens that share a block's unpacking, in the K-type kernels
+
+/* The 8 bytes of the 6-bit scales (or mins, from their other words) of a
+   q4_k or q5_k block: first the low 6 bits of `low`, then the 4 bits of
+   `rest` with the top 2 bits of `low` above them (docs/FORMATS.md). */
+static inline uint64_t k_scale_bytes(uint32_t low, uint32_t rest) {
+    return (low & 0x3f3f3f3fu) | (uint64_t)((rest & 0x0f0f0f0fu) | (low >> 2 & 0x30303030u)) << 32;
+}
+
+#if HAVE_AVX2
+/* ---- K types on AVX2: as on AVX-512 below (the same integers, the same
+   float steps in the same order), with maddubs for the products: unsigned
+   weights of at most 6 bits times signed inputs keep its 16-bit pair sums
+   within 2 * 63 * 127. */
+typedef struct {
+    __m256i w[8];          // group g's 32 weights, unsigned bytes
+    __m256 scale, min;     // per group: d scale_g, dmin min_g (q4_k, q5_k); d (q6_k)
+    __m256i pair_scales[8]; // q6_k: group g's two sub-block scales, each in 8 int16 lanes
+    __m256i sub_scales[2]; // q6_k: the 16 sub-block scales, int32
+} KBlockAvx2;
+
+AVX2_INLINE __m256 widen8_scales_avx2(uint64_t bytes, float d) {
+    return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
+}
+
+AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
+    KBlockAvx2 k;
+    __m256i fifteen = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    if (type == WEIGHT_Q6_K) {
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(block + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+            __m256i low[4] = {ql0, ql1, _mm256_srli_epi16(ql0, 4), _mm256_srli_epi16(ql1, 4)};
+            for (int quarter = 0; quarter < 4; quarter++) {
+                __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * quarter), three);
+                k.w[4 * h + quarter] = _mm256_or_si256(_mm256_and_si256(low[quarter], fifteen), _mm256_slli_epi16(high, 4));
+            }
+        }
+        const int8_t *scales = (const int8_t *)(block + 192);
+        for (int g = 0; g < 8; g++)
+            k.pair_scales[g] = _mm256_set_m128i(_mm_set1_epi16(scales[2 * g + 1]), _mm_set1_epi16(scales[2 * g]));
+        for (int i = 0; i < 2; i++) k.sub_scales[i] = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(scales + 8 * i)));
+        k.scale = _mm256_set1_ps(f16_to_f32(read_u16(block + 208)));
+        k.min = _mm256_setzero_ps();
+        return k;
+    }
+    uint32_t s[3];
+    memcpy(s, block + 4, sizeof s);
+    k.scale = widen8_scales_avx2(k_scale_bytes(s[0], s[2]), f16_to_f32(read_u16(block)));
+    k.min = widen8_scales_avx2(k_scale_bytes(s[1], s[2] >> 4), f16_to_f32(read_u16(block + 2)));
+    const uint8_t *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
+    __m256i qh = type == WEIGHT_Q5_K ? _mm256_loadu_si256((const __m256i *)(block + 16)) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+        k.w[2 * j] = _mm256_and_si256(v, fifteen);
+        k.w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), fifteen);
+        for (int i = 0; i < 2 && type == WEIGHT_Q5_K; i++) // bit 2j + i of qh[k]: 16 more
+            k.w[2 * j + i] = _mm256_or_si256(k.w[2 * j + i],
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + i), one), 4));
+    }
+    return k;
+}
+
+/* The 8 sums of the lanes of v[0] .. v[7], in order. Integer: exact. */
+AVX2_INLINE __m256i lane_sums8_avx2(const __m256i v[8]) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* The 8 sums of adjacent pairs of the 16 int32 in lo, hi, in order. */
+AVX2_INLINE __m256i pair_sums_avx2(__m256i lo, __m256i hi) {
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+/* k_block_avx512(), on AVX2. */
+AVX2_INLINE __m256 k_block_avx2(__m256 acc, const KBlockAvx2 *k, const QuantizedVector *x, int g, const int type) {
+    __m256i dot[8];
+    for (int j = 0; j < 8; j++) {
+        __m256i pairs = _mm256_maddubs_epi16(k->w[j], _mm256_loadu_si256((const __m256i *)(x->q + (g + j) * GROUP_SIZE)));
+        dot[j] = _mm256_madd_epi16(pairs, type == WEIGHT_Q6_K ? k->pair_scales[j] : _mm256_set1_epi16(1));
+    }
+    __m256i sums = lane_sums8_avx2(dot);
+    __m256 dx = _mm256_loadu_ps(x->d + g);
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(x->half_sums + 2 * g));
+    __m256i hi = _mm256_loadu_si256((const __m256i *)(x->half_sums + 2 * g + 8));
+    if (type == WEIGHT_Q6_K) { // minus 32 scale_s X_s
+        __m256i pairs = pair_sums_avx2(_mm256_mullo_epi32(lo, k->sub_scales[0]), _mm256_mullo_epi32(hi, k->sub_scales[1]));
+        sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(pairs, 5));
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pair_sums_avx2(lo, hi)), _mm256_mul_ps(k->min, dx), acc);
+}
+
+/* Rows r0 .. r1 - 1 for the nt tokens from t0 (KTILE_TOKENS at most). */
+AVX2_INLINE void k_rows_body_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                                  int t0, const int nt, const int type) {
+    int cols = w->cols, blocks = cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[type];
+    QuantizedVector x[KTILE_TOKENS];
+    for (int t = 0; t < nt; t++) x[t] = quantized_row(&in->q, t0 + t, cols);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->values + (size_t)r * blocks * bytes;
+        __m256 acc[KTILE_TOKENS];
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            for (int line = 0; line < bytes; line += 64) prefetch(row + (size_t)b * bytes + line + PREFETCH_AHEAD);
+            KBlockAvx2 k = unpack_block_avx2(row + (size_t)b * bytes, type);
+            for (int t = 0; t < nt; t++) acc[t] = k_block_avx2(acc[t], &k, &x[t], 8 * b, type);
+        }
+        for (int t = 0; t < nt; t++) out[(size_t)(t0 + t) * ldo + r - r0] = sum_avx2(acc[t]);
+    }
+}
+
+AVX2_INLINE void k_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                             const int type) {
+    int t = 0;
+    for (; t + KTILE_TOKENS <= in->n; t += KTILE_TOKENS) k_rows_body_avx2(out, ldo, w, r0, r1, in, t, KTILE_TOKENS, type);
+    for (; t < in->n; t++) k_rows_body_avx2(out, ldo, w, r0, r1, in, t, 1, type);
+}
+
+/* matmul_k() on AVX2, with the quantized input. */
+static void matmul_k_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    switch (w->type) {
+    case WEIGHT_Q4_K: k_rows_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q4_K); break;
+    case WEIGHT_Q5_K: k_rows_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q5_K); break;
+    default: k_rows_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q6_K);
+    }
+}
+#endif
+
 #if HAVE_AVX512
 /* ---- Integer dot products on AVX-512 VNNI
 
@@ -3898,13 +4030,6 @@ typedef struct {
     __m512i sub_scales; // q6_k: the 16 sub-block scales, int32
 } KBlock;
 
-/* The 8 bytes of the 6-bit scales (or mins, from their other words) of a
-   q4_k or q5_k block: first the low 6 bits of `low`, then the 4 bits of
-   `rest` with the top 2 bits of `low` above them (docs/FORMATS.md). */
-static inline uint64_t k_scale_bytes(uint32_t low, uint32_t rest) {
-    return (low & 0x3f3f3f3fu) | (uint64_t)((rest & 0x0f0f0f0fu) | (low >> 2 & 0x30303030u)) << 32;
-}
-
 AVX512_INLINE __m256 widen8_scales(uint64_t bytes, float d) {
     return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
 }
@@ -3969,9 +4094,7 @@ AVX512_INLINE __m256 k_block_avx512(__m256 acc, const KBlock *k, const Quantized
     return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(input_group_sums(x, g, 8)), _mm256_mul_ps(k->min, dx), acc);
 }
 
-#define KTILE_TOKENS 4 // tokens that share a block's unpacking
-
-/* Rows r0 .. r1 - 1 for the nt tokens from t0. */
+/* Rows r0 .. r1 - 1 for the nt tokens from t0 (KTILE_TOKENS at most). */
 AVX512_INLINE void k_rows_body_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
                                       int t0, const int nt, const int type) {
     int cols = w->cols, blocks = cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[type];
@@ -4273,6 +4396,7 @@ static void choose_fast_kernels(void) {
 #if HAVE_AVX2
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx2;
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
+    kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx2;
 #endif
 #if HAVE_AVX512
     const char *env = getenv("RUN_AVX512");
