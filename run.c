@@ -1488,12 +1488,12 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->logit_rows = 1;
     s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
     ProductScratch *ps = &s->products;
-    int grouped = (c->types_used & (TYPE_BIT(WEIGHT_Q8_0) | TYPE_BIT(WEIGHT_Q4_0))) != 0;
+    int packed = (c->types_used & INTEGER_TYPES) != 0; // the batch kernels repack these weights
     size_t qn = c->types_used & INTEGER_TYPES ? b * widest : 0; // quantized inputs, for the integer products
     alloc_quantized(&ps->q, qn, "activations");
     size_t rn = c->types_used & TYPE_BIT(WEIGHT_Q8_0) ? qn : 0; // the second part, for q8_0 only
     alloc_quantized(&ps->rest, rn, "activations");
-    ps->panel_size = grouped && b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
+    ps->panel_size = packed && b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
     ps->panels = xcalloc(mul_size(s->threads, ps->panel_size) + 1, 1, "packed weights");
     ps->batch = (int)b;
     ps->up = xcalloc(s->threads * b * ROW_BLOCK, sizeof(float), "activations");
@@ -4113,23 +4113,6 @@ AVX512_INLINE void k_rows_body_avx512(float *out, int ldo, const Matrix *w, int 
     }
 }
 
-AVX512_INLINE void k_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
-                                 const int type) {
-    int t = 0;
-    for (; t + KTILE_TOKENS <= in->n; t += KTILE_TOKENS)
-        k_rows_body_avx512(out, ldo, w, r0, r1, in, t, KTILE_TOKENS, type);
-    for (; t < in->n; t++) k_rows_body_avx512(out, ldo, w, r0, r1, in, t, 1, type);
-}
-
-/* matmul_k() on AVX-512 VNNI, with the quantized input. */
-AVX512 static void matmul_k_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    switch (w->type) {
-    case WEIGHT_Q4_K: k_rows_avx512(out, ldo, w, r0, r1, in, WEIGHT_Q4_K); break;
-    case WEIGHT_Q5_K: k_rows_avx512(out, ldo, w, r0, r1, in, WEIGHT_Q5_K); break;
-    default: k_rows_avx512(out, ldo, w, r0, r1, in, WEIGHT_Q6_K);
-    }
-}
-
 /* ---- Matrix products for a batch (n > 1) on AVX-512 */
 
 /* A full tile of GEMM_ROWS rows and nt tokens: each sum in one vector of
@@ -4274,6 +4257,8 @@ typedef struct {
     int accumulate;         // add to what out holds
     const uint32_t *values; // the packed panel
     const float *scales;
+    const float *mins;          // K types: per group, dmin min_g (q4_k, q5_k)
+    const int32_t *sub_scales;  // q6_k: per sub-block (two a group), its scale
     const QuantizedVector *x;
 } QgemmTile;
 
@@ -4359,7 +4344,152 @@ AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r
     }
 }
 
+/* K-type rows r0 .. r0 + 31 packed as qgemm_pack_avx512() packs q8_0 and
+   q4_0, each block unpacked (unpack_block_avx512()): values the unsigned
+   weights; per group g of each row, scales (d scale_g, or q6_k's d) and
+   mins (dmin min_g); q6_k's 16 sub-block scales per block in sub_scales,
+   (2 groups, 32) int32. stage holds 16 rows' unpacked block. */
+AVX512 static void kgemm_pack_avx512(uint32_t *values, float *scales, float *mins, int32_t *sub_scales,
+                                     uint8_t stage[16][SUPER_BLOCK], const Matrix *w, int r0) {
+    int cols = w->cols, blocks = cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[w->type];
+    for (int half = 0; half < 2; half++)
+        for (int b = 0; b < blocks; b++) {
+            for (int i = 0; i < 16; i++) {
+                int r = r0 + 16 * half + i, slot = 16 * half + i;
+                KBlock k = {0};
+                if (r < w->rows) {
+                    const uint8_t *block = (const uint8_t *)w->values + ((size_t)r * blocks + b) * bytes;
+                    prefetch_pack(block);
+                    k = w->type == WEIGHT_Q4_K ? unpack_block_avx512(block, WEIGHT_Q4_K)
+                      : w->type == WEIGHT_Q5_K ? unpack_block_avx512(block, WEIGHT_Q5_K)
+                                               : unpack_block_avx512(block, WEIGHT_Q6_K);
+                }
+                for (int j = 0; j < 4; j++) _mm512_storeu_si512(stage[i] + 64 * j, k.w[j]);
+                float scale[8], min[8];
+                int32_t sub[16];
+                _mm256_storeu_ps(scale, k.scale), _mm256_storeu_ps(min, k.min), _mm512_storeu_si512(sub, k.sub_scales);
+                for (int g = 0; g < 8; g++) {
+                    scales[(8 * b + g) * QGEMM_ROWS + slot] = scale[g];
+                    mins[(8 * b + g) * QGEMM_ROWS + slot] = min[g];
+                }
+                for (int j = 0; j < 16; j++) sub_scales[(16 * b + j) * QGEMM_ROWS + slot] = sub[j];
+            }
+            for (int k = 0; k < SUPER_BLOCK; k += 64) {
+                __m512i seg[16];
+                for (int i = 0; i < 16; i++) seg[i] = _mm512_loadu_si512(stage[i] + k);
+                transpose16_avx512(seg);
+                for (int j = 0; j < 16; j++)
+                    _mm512_storeu_si512(values + (size_t)((b * SUPER_BLOCK + k) / 4 + j) * QGEMM_ROWS + 16 * half, seg[j]);
+            }
+        }
+}
+
+/* qgemm_tile_body() for K types: per group the integer sums of 16 rows
+   (q6_k: of each sub-block, from -32 X_s, times its scale), then the
+   float steps of k_block_avx512() in its order, lane by lane. */
+AVX512_INLINE void kgemm_tile_body(const QgemmTile *tile, const int nt, const int q6) {
+    int ldo = tile->ldo, cols = tile->cols, t0 = tile->t0, groups = cols / GROUP_SIZE;
+    const QuantizedVector *x = tile->x;
+    __m512 lanes[8][QGEMM_TOKENS][2];
+    for (int lane = 0; lane < 8; lane++) {
+        __m512 acc[QGEMM_TOKENS][2];
+        for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        for (int g = lane; g < groups; g += 8) {
+            __m512i sum[QGEMM_TOKENS][2][2]; // token, 16 rows, sub-block (q6_k; else all in the first)
+            for (int t = 0; t < nt; t++)
+                for (int s = 0; s < 2; s++) {
+                    int32_t start = q6 ? -32 * x->half_sums[((size_t)(t0 + t) * groups + g) * 2 + s] : 0;
+                    sum[t][0][s] = sum[t][1][s] = _mm512_set1_epi32(start);
+                }
+            const uint32_t *v = tile->values + (size_t)g * (GROUP_SIZE / 4) * QGEMM_ROWS;
+            for (int j = 0; j < GROUP_SIZE / 4; j++) {
+                int s = q6 && j >= GROUP_SIZE / 8;
+                __m512i w0 = _mm512_loadu_si512(v + j * QGEMM_ROWS), w1 = _mm512_loadu_si512(v + j * QGEMM_ROWS + 16);
+                for (int t = 0; t < nt; t++) {
+                    int32_t four;
+                    memcpy(&four, x->q + (size_t)(t0 + t) * cols + g * GROUP_SIZE + 4 * j, sizeof four);
+                    __m512i xb = _mm512_set1_epi32(four);
+                    sum[t][0][s] = _mm512_dpbusd_epi32(sum[t][0][s], w0, xb);
+                    sum[t][1][s] = _mm512_dpbusd_epi32(sum[t][1][s], w1, xb);
+                }
+            }
+            for (int h = 0; h < 2; h++) {
+                __m512 scale = _mm512_loadu_ps(tile->scales + g * QGEMM_ROWS + 16 * h);
+                __m512 min = _mm512_loadu_ps(tile->mins + g * QGEMM_ROWS + 16 * h);
+                __m512i sub0 = _mm512_loadu_si512(tile->sub_scales + (2 * g) * QGEMM_ROWS + 16 * h);
+                __m512i sub1 = _mm512_loadu_si512(tile->sub_scales + (2 * g + 1) * QGEMM_ROWS + 16 * h);
+                for (int t = 0; t < nt; t++) {
+                    size_t at = (size_t)(t0 + t) * groups + g;
+                    __m512 dx = _mm512_set1_ps(x->d[at]);
+                    __m512i total = q6 ? _mm512_add_epi32(_mm512_mullo_epi32(sum[t][h][0], sub0),
+                                                          _mm512_mullo_epi32(sum[t][h][1], sub1))
+                                       : sum[t][h][0];
+                    acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, dx), acc[t][h]);
+                    if (!q6) {
+                        __m512 inputs = _mm512_set1_ps((float)(x->half_sums[2 * at] + x->half_sums[2 * at + 1]));
+                        acc[t][h] = _mm512_fnmadd_ps(inputs, _mm512_mul_ps(min, dx), acc[t][h]);
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < nt; t++) lanes[lane][t][0] = acc[t][0], lanes[lane][t][1] = acc[t][1];
+    }
+    __mmask16 m[2] = {tail_mask(tile->rows), tail_mask(tile->rows - 16)};
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < 2; h++) {
+            __m512 even = _mm512_add_ps(_mm512_add_ps(lanes[0][t][h], lanes[4][t][h]),
+                                        _mm512_add_ps(lanes[2][t][h], lanes[6][t][h]));
+            __m512 odd = _mm512_add_ps(_mm512_add_ps(lanes[1][t][h], lanes[5][t][h]),
+                                       _mm512_add_ps(lanes[3][t][h], lanes[7][t][h]));
+            _mm512_mask_storeu_ps(tile->out + (size_t)(t0 + t) * ldo + 16 * h, m[h], _mm512_add_ps(even, odd));
+        }
+}
+
+/* matmul_k() for a batch, rows r0 .. r1 - 1 (r0 a multiple of 32, at most
+   32 rows): packed once into the thread's panel, then run for every token.
+   Each output comes out as the one-token kernel gives it. */
+AVX512 static void kgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int cols = w->cols, groups = cols / GROUP_SIZE;
+    char *panel = (char *)in->panels + (size_t)thread_num() * in->panel_size;
+    uint32_t *values = (uint32_t *)panel;                                   // 32 cols bytes
+    float *scales = (float *)(panel + (size_t)QGEMM_ROWS * cols);            // 4 cols bytes each
+    float *mins = scales + (size_t)groups * QGEMM_ROWS;
+    int32_t *sub_scales = (int32_t *)(mins + (size_t)groups * QGEMM_ROWS);  // 8 cols bytes
+    uint8_t (*stage)[SUPER_BLOCK] = (uint8_t (*)[SUPER_BLOCK])(sub_scales + (size_t)2 * groups * QGEMM_ROWS);
+    kgemm_pack_avx512(values, scales, mins, sub_scales, stage, w, r0);
+    QgemmTile tile = {.out = out, .ldo = ldo, .rows = r1 - r0, .cols = cols, .values = values, .scales = scales,
+                      .mins = mins, .sub_scales = sub_scales, .x = &in->q};
+    int q6 = w->type == WEIGHT_Q6_K;
+    for (int t = 0; t < in->n; t += QGEMM_TOKENS) {
+        tile.t0 = t;
+        switch ((in->n - t < QGEMM_TOKENS ? in->n - t : QGEMM_TOKENS) + 4 * q6) {
+        case 4: kgemm_tile_body(&tile, 4, 0); break;
+        case 3: kgemm_tile_body(&tile, 3, 0); break;
+        case 2: kgemm_tile_body(&tile, 2, 0); break;
+        case 1: kgemm_tile_body(&tile, 1, 0); break;
+        case 8: kgemm_tile_body(&tile, 4, 1); break;
+        case 7: kgemm_tile_body(&tile, 3, 1); break;
+        case 6: kgemm_tile_body(&tile, 2, 1); break;
+        default: kgemm_tile_body(&tile, 1, 1);
+        }
+    }
+}
+
 /* ---- The products on AVX-512 */
+
+/* matmul_k() on AVX-512 VNNI, with the quantized input: one token row by
+   row, a batch packed. */
+AVX512 static void matmul_k_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    if (in->n > 1) {
+        kgemm_rows_avx512(out, ldo, w, r0, r1, in);
+        return;
+    }
+    switch (w->type) {
+    case WEIGHT_Q4_K: k_rows_body_avx512(out, ldo, w, r0, r1, in, 0, 1, WEIGHT_Q4_K); break;
+    case WEIGHT_Q5_K: k_rows_body_avx512(out, ldo, w, r0, r1, in, 0, 1, WEIGHT_Q5_K); break;
+    default: k_rows_body_avx512(out, ldo, w, r0, r1, in, 0, 1, WEIGHT_Q6_K);
+    }
+}
 
 /* q8_0 and q4_0: one token's dot products with VNNI, a batch packed. */
 static void matmul_q8_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
