@@ -3768,8 +3768,6 @@ static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, 
 }
 #endif
 
-#define KTILE_TOKENS 4 // tokens that share a block's unpacking, in the K-type kernels
-
 /* The 8 bytes of the 6-bit scales (or mins, from their other words) of a
    q4_k or q5_k block: first the low 6 bits of `low`, then the 4 bits of
    `rest` with the top 2 bits of `low` above them (docs/FORMATS.md). */
@@ -3863,6 +3861,8 @@ AVX2_INLINE __m256 k_block_avx2(__m256 acc, const KBlockAvx2 *k, const Quantized
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
     return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pair_sums_avx2(lo, hi)), _mm256_mul_ps(k->min, dx), acc);
 }
+
+#define KTILE_TOKENS 4 // tokens that share a block's unpacking
 
 /* Rows r0 .. r1 - 1 for the nt tokens from t0 (KTILE_TOKENS at most). */
 AVX2_INLINE void k_rows_body_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
@@ -4094,22 +4094,19 @@ AVX512_INLINE __m256 k_block_avx512(__m256 acc, const KBlock *k, const Quantized
     return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(input_group_sums(x, g, 8)), _mm256_mul_ps(k->min, dx), acc);
 }
 
-/* Rows r0 .. r1 - 1 for the nt tokens from t0 (KTILE_TOKENS at most). */
-AVX512_INLINE void k_rows_body_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
-                                      int t0, const int nt, const int type) {
-    int cols = w->cols, blocks = cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[type];
-    QuantizedVector x[KTILE_TOKENS];
-    for (int t = 0; t < nt; t++) x[t] = quantized_row(&in->q, t0 + t, cols);
+/* Rows r0 .. r1 - 1 times one token's quantized input x. */
+AVX512_INLINE void k_rows_avx512(float *out, const Matrix *w, int r0, int r1, const QuantizedVector *x,
+                                 const int type) {
+    int blocks = w->cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[type];
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)w->values + (size_t)r * blocks * bytes;
-        __m256 acc[KTILE_TOKENS];
-        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+        __m256 acc = _mm256_setzero_ps();
         for (int b = 0; b < blocks; b++) {
             for (int line = 0; line < bytes; line += 64) prefetch(row + (size_t)b * bytes + line + PREFETCH_AHEAD);
             KBlock k = unpack_block_avx512(row + (size_t)b * bytes, type);
-            for (int t = 0; t < nt; t++) acc[t] = k_block_avx512(acc[t], &k, &x[t], 8 * b, type);
+            acc = k_block_avx512(acc, &k, x, 8 * b, type);
         }
-        for (int t = 0; t < nt; t++) out[(size_t)(t0 + t) * ldo + r - r0] = sum_lanes8(acc[t]);
+        out[r - r0] = sum_lanes8(acc);
     }
 }
 
@@ -4485,9 +4482,9 @@ AVX512 static void matmul_k_avx512(float *out, int ldo, const Matrix *w, int r0,
         return;
     }
     switch (w->type) {
-    case WEIGHT_Q4_K: k_rows_body_avx512(out, ldo, w, r0, r1, in, 0, 1, WEIGHT_Q4_K); break;
-    case WEIGHT_Q5_K: k_rows_body_avx512(out, ldo, w, r0, r1, in, 0, 1, WEIGHT_Q5_K); break;
-    default: k_rows_body_avx512(out, ldo, w, r0, r1, in, 0, 1, WEIGHT_Q6_K);
+    case WEIGHT_Q4_K: k_rows_avx512(out, w, r0, r1, &in->q, WEIGHT_Q4_K); break;
+    case WEIGHT_Q5_K: k_rows_avx512(out, w, r0, r1, &in->q, WEIGHT_Q5_K); break;
+    default: k_rows_avx512(out, w, r0, r1, &in->q, WEIGHT_Q6_K);
     }
 }
 
