@@ -57,8 +57,8 @@
 #include "tokenizer.c"
 
 /* ----------------------------------------------------------------------------
-   The checkpoint format (version 2; version 1 is the same without flags).
-   Little-endian throughout.
+   The checkpoint format (version 2; version 1 is the same without flags;
+   version 3 gives each matrix its own type, below). Little-endian throughout.
 
    offset  size  type     field
         0     4  char[4]  magic "LLAM"
@@ -75,11 +75,15 @@
        44     4  f32      norm_eps
        48     4  u32      tied_classifier 1: logits reuse token_embedding
        52     4  u32      weight_type     of the matrices: 0 f32, 1 q8_0, 2 q4_0, 3 bf16
-       56     4  u32      group_size      32 for q8_0 and q4_0, 0 for f32 and bf16
+                                          (version 3: 0xFFFFFFFF)
+       56     4  u32      group_size      32 for q8_0 and q4_0, 0 for f32 and bf16 (and v3)
        60     4  u32      flags           version 2: bit 0 q/k/v biases, bit 1 RoPE
                                           frequencies stored; version 1: zero
        64   192  zero                     the header is 256 bytes
-      256        tensors, each at an offset that is a multiple of 64:
+      256     M  u8[M]    version 3 only: the type of each matrix, in file
+                                          order (M = 1 + 7 n_layers, + 1 untied);
+                                          adds 4 q4_k, 5 q5_k, 6 q6_k
+    256+M        tensors, each at an offset that is a multiple of 64:
 
       +-----------------------------------------------+
       | token_embedding  (vocab, dim)                 |
@@ -117,6 +121,12 @@
              w[r][32g + i] = d[r][g] * (q[i] - 8),   q in 0..15
    so q8_0 and q4_0 need dim, hidden_dim and q_dim to be multiples of 32.
    They are llama.cpp's Q8_0 and Q4_0 blocks, scales gathered apart.
+     q4_k, q5_k, q6_k  rows x cols/256 blocks of llama.cpp's Q4_K, Q5_K, Q6_K,
+           byte for byte (144, 176, 210 bytes): 256 weights of a row each, in
+           sub-blocks of 32 (q4_k, q5_k: w = d scale q - dmin min, 6-bit scale
+           and min, q of 4 or 5 bits) or 16 (q6_k: w = d scale (q - 32), an
+           int8 scale, q of 6 bits); dequantize_block() reads them, and
+           docs/FORMATS.md draws them.
 
    llama2.c's legacy checkpoints are read as they are: a header of seven
    int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
@@ -126,7 +136,8 @@
    ------------------------------------------------------------------------- */
 
 #define CHECKPOINT_MAGIC "LLAM"
-#define CHECKPOINT_VERSION 2 // and 1, which has no flags
+#define CHECKPOINT_VERSION 3 // 2 has one weight type for all matrices, 1 no flags either
+#define MIXED_TYPES 0xFFFFFFFFu // version 3's weight_type: the types follow the header
 #define FLAG_QKV_BIAS 1u       // bq, bk, bv follow each layer's wv
 #define FLAG_ROPE_FREQS 2u     // rope_inv_freq follows token_embedding
 #define HEADER_SIZE 256
@@ -217,9 +228,15 @@ static void *xcalloc(size_t count, size_t size, const char *what) { return zeroe
 /* ----------------------------------------------------------------------------
    The model: one struct per concern. */
 
-enum { WEIGHT_F32 = 0, WEIGHT_Q8_0 = 1, WEIGHT_Q4_0 = 2, WEIGHT_BF16 = 3 };
-static const char *const WEIGHT_NAMES[] = {"f32", "q8_0", "q4_0", "bf16"};
-#define GROUP_SIZE 32 // weights per scale in q8_0 and q4_0
+enum { WEIGHT_F32, WEIGHT_Q8_0, WEIGHT_Q4_0, WEIGHT_BF16, WEIGHT_Q4_K, WEIGHT_Q5_K, WEIGHT_Q6_K, WEIGHT_TYPES };
+static const char *const WEIGHT_NAMES[] = {"f32", "q8_0", "q4_0", "bf16", "q4_k", "q5_k", "q6_k"};
+#define GROUP_SIZE 32   // weights per scale in q8_0 and q4_0, per input scale of every integer product
+#define SUPER_BLOCK 256 // weights per block of the K types
+static const int K_BLOCK_BYTES[WEIGHT_TYPES] = {[WEIGHT_Q4_K] = 144, [WEIGHT_Q5_K] = 176, [WEIGHT_Q6_K] = 210};
+/* Bit masks of WEIGHT_* over the types a product or a model uses. */
+#define TYPE_BIT(type) (1u << (type))
+#define K_TYPES (TYPE_BIT(WEIGHT_Q4_K) | TYPE_BIT(WEIGHT_Q5_K) | TYPE_BIT(WEIGHT_Q6_K))
+#define INTEGER_TYPES (TYPE_BIT(WEIGHT_Q8_0) | TYPE_BIT(WEIGHT_Q4_0) | K_TYPES) // products on int8 inputs
 #define ROW_BLOCK 32  // weight rows the threads take at a time (a multiple of every kernel's tile)
 #define DEFAULT_BATCH 256 // prompt tokens per forward pass (-b)
 #define MAX_BATCH 4096
@@ -236,7 +253,9 @@ typedef struct {
     float rope_theta;
     float norm_eps;
     int tied_classifier; // 1: the classifier is the token embedding
-    int weight_type;     // WEIGHT_*: how the matrices are stored
+    int weight_type;     // WEIGHT_*: how the matrices are stored, if all alike
+    const uint8_t *matrix_types; // version 3: each matrix's WEIGHT_*, in file order; else NULL
+    unsigned types_used; // TYPE_BIT()s of the matrices' types
     unsigned flags;      // FLAG_*: the optional tensors the file holds
     int legacy;          // 1: a llama2.c checkpoint (generation stops at BOS)
 } Config;
@@ -244,7 +263,8 @@ typedef struct {
 /* A weight matrix (rows, cols) = (out, in), stored as its weight type says
    (see the format above); w[r] is the row that makes output r. */
 typedef struct {
-    const void *values;      // f32, bf16, q8_0: (rows, cols); q4_0: (rows, cols / 2) bytes
+    const void *values;      // f32, bf16, q8_0: (rows, cols); q4_0: (rows, cols / 2) bytes;
+                             // K types: (rows, cols / SUPER_BLOCK) blocks
     const uint16_t *scales;  // (rows, cols / GROUP_SIZE) f16; q8_0 and q4_0 only
     int rows, cols;
     int type;                // WEIGHT_*
@@ -277,8 +297,8 @@ typedef struct {
 typedef struct {
     int8_t *q;           // (n) values in -127..127
     float *d;            // (n / GROUP_SIZE) scale of each group
-    int32_t *group_bias; // (n / GROUP_SIZE) sums that the fast kernels of the
-                         // appendix start from, filled by them
+    int32_t *half_sums;  // (n / 16) the sum of each 16 values of q, which the
+                         // fast kernels of the appendix take, filled by them
 } QuantizedVector;
 
 /* The input x (n, cols) of the matrix products under way, in the forms the
@@ -322,7 +342,7 @@ typedef struct {
     ProductScratch products; // the input of each product in other forms, packed weights
     void *key_cache;    // (n_layers, n_kv_heads, ctx, head_dim) f32, or f16 if kv_f16
     void *value_cache;  // (n_layers, n_kv_heads, ctx, head_dim) likewise
-    int kv_f16;         // 1: the cache holds f16 (for q8_0 and q4_0 weights)
+    int kv_f16;         // 1: the cache holds f16 (for quantized weights)
     int ctx;            // positions the cache holds
     int batch;          // tokens one forward pass takes, at most
     int logit_rows;     // rows the logits buffer holds
@@ -405,12 +425,24 @@ static const float *place_floats(const unsigned char *data, size_t *offset, size
 static Matrix place_matrix(const unsigned char *data, size_t *offset, size_t rows, size_t cols, int type,
                            size_t align) {
     Matrix m = {.rows = (int)rows, .cols = (int)cols, .type = type};
-    size_t n = mul_size(rows, cols);
-    size_t value_bytes[] = {mul_size(n, 4), n, n / 2, mul_size(n, 2)}; // by WEIGHT_*
+    size_t n = mul_size(rows, cols), blocks = mul_size(rows, cols / SUPER_BLOCK);
+    size_t value_bytes[] = {mul_size(n, 4), n, n / 2, mul_size(n, 2), mul_size(blocks, K_BLOCK_BYTES[WEIGHT_Q4_K]),
+                            mul_size(blocks, K_BLOCK_BYTES[WEIGHT_Q5_K]), mul_size(blocks, K_BLOCK_BYTES[WEIGHT_Q6_K])};
     m.values = place_bytes(data, offset, value_bytes[type], align);
     if (type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0)
         m.scales = place_bytes(data, offset, mul_size(n / GROUP_SIZE, 2), align);
     return m;
+}
+
+/* The number of matrices in the file, and the type and the width (cols) of
+   matrix i in file order: token_embedding, per layer wq, wk, wv, wo, w1,
+   w2, w3, then the classifier if untied. */
+static int matrix_count(const Config *c) { return 1 + 7 * c->n_layers + !c->tied_classifier; }
+static int matrix_type(const Config *c, int i) { return c->matrix_types ? c->matrix_types[i] : c->weight_type; }
+static int matrix_cols(const Config *c, int i) {
+    int in_layer = (i - 1) % 7; // 3: wo, 5: w2
+    if (i == 0 || i > 7 * c->n_layers) return c->dim;
+    return in_layer == 3 ? c->n_heads * c->head_dim : in_layer == 5 ? c->hidden_dim : c->dim;
 }
 
 /* Walks our own layout: with data NULL it only measures the file the header
@@ -419,38 +451,53 @@ static Matrix place_matrix(const unsigned char *data, size_t *offset, size_t row
 static size_t layout_checkpoint(const Config *c, const unsigned char *data, Weights *w) {
     size_t dim = c->dim, hidden = c->hidden_dim, vocab = c->vocab_size;
     size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    int type = c->weight_type, biased = c->flags & FLAG_QKV_BIAS, half = c->head_dim / 2;
-    size_t off = HEADER_SIZE;
-    w->token_embedding = place_matrix(data, &off, vocab, dim, type, TENSOR_ALIGN);
+    int biased = c->flags & FLAG_QKV_BIAS, half = c->head_dim / 2, m = 0; // m: the next matrix
+    size_t off = HEADER_SIZE + (c->matrix_types ? matrix_count(c) : 0);
+    w->token_embedding = place_matrix(data, &off, vocab, dim, matrix_type(c, m++), TENSOR_ALIGN);
     const float *inv_freq = c->flags & FLAG_ROPE_FREQS ? place_floats(data, &off, half, TENSOR_ALIGN) : NULL;
     for (int i = 0; data && inv_freq && i < half; i++) w->rope_inv_freq[i] = inv_freq[i];
     for (int l = 0; l < c->n_layers; l++) {
         LayerWeights lw;
         lw.attn_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
-        lw.wq = place_matrix(data, &off, q_dim, dim, type, TENSOR_ALIGN);
-        lw.wk = place_matrix(data, &off, kv_dim, dim, type, TENSOR_ALIGN);
-        lw.wv = place_matrix(data, &off, kv_dim, dim, type, TENSOR_ALIGN);
+        lw.wq = place_matrix(data, &off, q_dim, dim, matrix_type(c, m++), TENSOR_ALIGN);
+        lw.wk = place_matrix(data, &off, kv_dim, dim, matrix_type(c, m++), TENSOR_ALIGN);
+        lw.wv = place_matrix(data, &off, kv_dim, dim, matrix_type(c, m++), TENSOR_ALIGN);
         lw.bq = biased ? place_floats(data, &off, q_dim, TENSOR_ALIGN) : NULL;
         lw.bk = biased ? place_floats(data, &off, kv_dim, TENSOR_ALIGN) : NULL;
         lw.bv = biased ? place_floats(data, &off, kv_dim, TENSOR_ALIGN) : NULL;
-        lw.wo = place_matrix(data, &off, dim, q_dim, type, TENSOR_ALIGN);
+        lw.wo = place_matrix(data, &off, dim, q_dim, matrix_type(c, m++), TENSOR_ALIGN);
         lw.ffn_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
-        lw.w1 = place_matrix(data, &off, hidden, dim, type, TENSOR_ALIGN);
-        lw.w2 = place_matrix(data, &off, dim, hidden, type, TENSOR_ALIGN);
-        lw.w3 = place_matrix(data, &off, hidden, dim, type, TENSOR_ALIGN);
+        lw.w1 = place_matrix(data, &off, hidden, dim, matrix_type(c, m++), TENSOR_ALIGN);
+        lw.w2 = place_matrix(data, &off, dim, hidden, matrix_type(c, m++), TENSOR_ALIGN);
+        lw.w3 = place_matrix(data, &off, hidden, dim, matrix_type(c, m++), TENSOR_ALIGN);
         if (data) w->layers[l] = lw;
     }
     w->final_norm = place_floats(data, &off, dim, TENSOR_ALIGN);
     w->classifier = c->tied_classifier ? w->token_embedding
-                                       : place_matrix(data, &off, vocab, dim, type, TENSOR_ALIGN);
+                                       : place_matrix(data, &off, vocab, dim, matrix_type(c, m++), TENSOR_ALIGN);
     return off;
 }
 
-/* Reads our header; size is at least HEADER_SIZE. */
-static int read_header(Config *c, const unsigned char *data, char *err) {
-    uint32_t version = read_u32(data + 4), flags = version == CHECKPOINT_VERSION ? read_u32(data + 60) : 0;
-    if (version != 1 && version != CHECKPOINT_VERSION)
-        return fail(err, "checkpoint version %u, but this build reads versions 1 and %d (re-export with export.py)",
+/* Checks each matrix's type (version 3's table, or the header's one type):
+   known, and a width the type's blocks divide. */
+static int check_matrix_types(Config *c, char *err) {
+    for (int i = 0; i < matrix_count(c); i++) {
+        int type = matrix_type(c, i), cols = matrix_cols(c, i);
+        int block = type >= WEIGHT_Q4_K ? SUPER_BLOCK : type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0 ? GROUP_SIZE : 1;
+        if (cols % block != 0)
+            return fail(err, "%s weights need dim, hidden_dim and n_heads x head_dim to be multiples of %d, "
+                             "but matrix %d has %d columns", WEIGHT_NAMES[type], block, i, cols);
+        c->types_used |= TYPE_BIT(type);
+    }
+    return 0;
+}
+
+/* Reads our header, and version 3's table of matrix types; size is at least
+   HEADER_SIZE. */
+static int read_header(Config *c, const unsigned char *data, size_t size, char *err) {
+    uint32_t version = read_u32(data + 4), flags = version > 1 ? read_u32(data + 60) : 0;
+    if (version < 1 || version > CHECKPOINT_VERSION)
+        return fail(err, "checkpoint version %u, but this build reads versions 1 to %d (re-export with export.py)",
                     version, CHECKPOINT_VERSION);
     if (flags & ~(FLAG_QKV_BIAS | FLAG_ROPE_FREQS))
         return fail(err, "flags = 0x%x has bits this build does not know (1: q/k/v biases, 2: RoPE frequencies)",
@@ -468,20 +515,29 @@ static int read_header(Config *c, const unsigned char *data, char *err) {
     c->norm_eps = read_f32(data + 44);
     uint32_t tied = read_u32(data + 48), weight_type = read_u32(data + 52), group_size = read_u32(data + 56);
     if (tied > 1) return fail(err, "tied_classifier = %u, expected 0 or 1", tied);
-    if (weight_type > WEIGHT_BF16)
+    c->tied_classifier = (int)tied;
+    if (version == 3 && (weight_type != MIXED_TYPES || group_size != 0))
+        return fail(err, "version 3 needs weight_type = 0x%x and group_size = 0 (here 0x%x and %u)", MIXED_TYPES,
+                    weight_type, group_size);
+    if (version < 3 && weight_type > WEIGHT_BF16)
         return fail(err, "weight type %u is unknown (0 f32, 1 q8_0, 2 q4_0, 3 bf16)", weight_type);
     int grouped = weight_type == WEIGHT_Q8_0 || weight_type == WEIGHT_Q4_0;
-    if (group_size != (grouped ? GROUP_SIZE : 0))
+    if (version < 3 && group_size != (grouped ? GROUP_SIZE : 0))
         return fail(err, "group_size = %u, expected %d for %s weights", group_size, grouped ? GROUP_SIZE : 0,
                     WEIGHT_NAMES[weight_type]);
-    c->tied_classifier = (int)tied;
-    c->weight_type = (int)weight_type;
     if (validate_config(c, err) != 0) return -1;
-    if (grouped && (c->dim % GROUP_SIZE || c->hidden_dim % GROUP_SIZE || c->n_heads * c->head_dim % GROUP_SIZE))
-        return fail(err, "%s weights need dim, hidden_dim and n_heads x head_dim to be multiples of %d "
-                         "(here %d, %d and %d)", WEIGHT_NAMES[weight_type], GROUP_SIZE, c->dim,
-                    c->hidden_dim, c->n_heads * c->head_dim);
-    return 0;
+    c->weight_type = version < 3 ? (int)weight_type : -1;
+    if (version == 3) {
+        if (size < HEADER_SIZE + (size_t)matrix_count(c))
+            return fail(err, "file is %zu bytes, too short for the %d matrix types after the header", size,
+                        matrix_count(c));
+        c->matrix_types = data + HEADER_SIZE;
+        for (int i = 0; i < matrix_count(c); i++)
+            if (c->matrix_types[i] >= WEIGHT_TYPES)
+                return fail(err, "matrix %d has weight type %u, which is unknown (0 f32, 1 q8_0, 2 q4_0, 3 bf16, "
+                                 "4 q4_k, 5 q5_k, 6 q6_k)", i, c->matrix_types[i]);
+    }
+    return check_matrix_types(c, err);
 }
 
 /* Stored frequencies are held to what rope_theta must be: a NaN, zero or
@@ -512,7 +568,7 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
         return fail(err, "a llama2.c version 1/2 export; convert it with export.py --llama2c, or export it in llama2.c's legacy format");
     if (!own && size < LEGACY_HEADER_SIZE)
         return fail(err, "file is %zu bytes, too short to be a checkpoint", size);
-    if ((own ? read_header(c, data, err) : read_legacy_header(c, data, err)) != 0) return -1;
+    if ((own ? read_header(c, data, size, err) : read_legacy_header(c, data, err)) != 0) return -1;
 
     size_t (*layout)(const Config *, const unsigned char *, Weights *) =
         own ? layout_checkpoint : layout_legacy_checkpoint;
@@ -665,11 +721,58 @@ static float bf16_to_f32(uint16_t b) {
     return f;
 }
 
+/* The 6-bit scale and min of sub-block j (0..7) of a q4_k or q5_k block,
+   from its 12 bytes s: the low 6 bits of bytes 0..7 hold those of
+   sub-blocks 0..3, bytes 8..11 the low 4 bits of the others, whose top 2
+   bits sit in the spare top bits of bytes 0..7. */
+static void scale_min(int *scale, int *min, const uint8_t s[12], int j) {
+    if (j < 4) {
+        *scale = s[j] & 63, *min = s[j + 4] & 63;
+    } else {
+        *scale = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+        *min = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+    }
+}
+
+static uint16_t read_u16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+/* out (256) = the weights of one block of a K type (docs/FORMATS.md). */
+static void dequantize_block(float out[SUPER_BLOCK], const uint8_t *block, int type) {
+    if (type == WEIGHT_Q6_K) { // ql (128) | qh (64) | scales (16) | d
+        const uint8_t *ql = block, *qh = block + 128;
+        const int8_t *scales = (const int8_t *)(block + 192);
+        float d = f16_to_f32(read_u16(block + 208));
+        for (int i = 0; i < SUPER_BLOCK; i++) {
+            int half = i / 128, quarter = i % 128 / 32, k = i % 32;
+            int low = ql[64 * half + 32 * (quarter % 2) + k] >> (quarter < 2 ? 0 : 4) & 15;
+            int high = qh[32 * half + k] >> 2 * quarter & 3;
+            out[i] = d * scales[8 * half + 2 * quarter + k / 16] * ((low | high << 4) - 32);
+        }
+        return;
+    } // q4_k, q5_k: d | dmin | scales (12) | q5_k: qh (32) | qs (128)
+    float d = f16_to_f32(read_u16(block)), dmin = f16_to_f32(read_u16(block + 2));
+    const uint8_t *s = block + 4, *qh = block + 16, *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
+    for (int j = 0; j < 8; j++) { // sub-block j: nibbles of qs[32 (j / 2) ..], low for even j
+        int scale, min;
+        scale_min(&scale, &min, s, j);
+        for (int k = 0; k < 32; k++) {
+            int q = qs[32 * (j / 2) + k] >> 4 * (j % 2) & 15;
+            if (type == WEIGHT_Q5_K) q += 16 * (qh[k] >> j & 1);
+            out[32 * j + k] = d * scale * q - dmin * min;
+        }
+    }
+}
+
 /* out (kn) = columns k0 .. k0 + kn - 1 of row `row` of w, as floats. For
-   q8_0 and q4_0, k0 and kn are multiples of GROUP_SIZE. */
+   q8_0 and q4_0, k0 and kn are multiples of GROUP_SIZE; for the K types,
+   of SUPER_BLOCK. */
 static void dequantize_row(float *out, const Matrix *w, int row, int k0, int kn) {
     size_t at = (size_t)row * w->cols + k0; // index of the first weight
-    if (w->type == WEIGHT_F32) {
+    if (w->type >= WEIGHT_Q4_K) {
+        const uint8_t *block = (const uint8_t *)w->values + at / SUPER_BLOCK * K_BLOCK_BYTES[w->type];
+        for (int b = 0; b < kn / SUPER_BLOCK; b++)
+            dequantize_block(out + b * SUPER_BLOCK, block + (size_t)b * K_BLOCK_BYTES[w->type], w->type);
+    } else if (w->type == WEIGHT_F32) {
         memcpy(out, (const float *)w->values + at, (size_t)kn * sizeof(float));
     } else if (w->type == WEIGHT_BF16) {
         const uint16_t *b = (const uint16_t *)w->values + at;
@@ -721,10 +824,20 @@ static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_S
     }
 }
 
+/* out->half_sums (n / 16) = the sums of each 16 values of out->q (n). */
+static void sum_halves(QuantizedVector *out, int n) {
+    for (int h = 0; h < n / 16; h++) {
+        int32_t sum = 0;
+        for (int i = 0; i < 16; i++) sum += out->q[16 * h + i];
+        out->half_sums[h] = sum;
+    }
+}
+
 /* Quantizes x (n, a multiple of GROUP_SIZE) group by group. */
 static void quantize_vector(QuantizedVector *out, const float *x, int n) {
     for (int g = 0; g < n / GROUP_SIZE; g++)
         quantize_group(out->q + g * GROUP_SIZE, &out->d[g], x + (size_t)g * GROUP_SIZE);
+    sum_halves(out, n);
 }
 
 /* The input of q8_0 products in two int8 parts, x ~ d q + d' q': what
@@ -738,26 +851,27 @@ static void quantize_remainder(QuantizedVector *rest, const float *x, const Quan
         for (int i = 0; i < GROUP_SIZE; i++) left[i] = x[g * GROUP_SIZE + i] - q->d[g] * q->q[g * GROUP_SIZE + i];
         quantize_group(rest->q + g * GROUP_SIZE, &rest->d[g], left);
     }
+    sum_halves(rest, n);
 }
 
 /* Row t of a batch of quantized vectors of n values each. */
 static QuantizedVector quantized_row(const QuantizedVector *x, int t, int n) {
     return (QuantizedVector){x->q + (size_t)t * n, x->d + (size_t)t * (n / GROUP_SIZE),
-                             x->group_bias + (size_t)t * (n / GROUP_SIZE)};
+                             x->half_sums + (size_t)t * (n / 16)};
 }
 
-/* Puts the input x (n, cols) of w's products into in, in the forms the
-   kernels take: quantized for q8_0 (in two parts) and q4_0 weights, the
-   rows of a batch in parallel. */
-static void prepare_input(ProductScratch *in, const Matrix *w, const float *x, int n) {
-    int cols = w->cols;
+/* Puts the input x (n, cols) of products with weights of the given types
+   (TYPE_BIT()s) into in, in the forms their kernels take: quantized for the
+   integer products (q8_0 in two parts), the rows of a batch in parallel.
+   (The plain K-type kernels take x as it is, the fast ones quantized.) */
+static void prepare_input(ProductScratch *in, unsigned types, const float *x, int n, int cols) {
     in->x = x, in->n = n;
-    if (w->type != WEIGHT_Q8_0 && w->type != WEIGHT_Q4_0) return;
+    if (!(types & INTEGER_TYPES)) return;
     #pragma omp parallel for if (n > 1)
     for (int t = 0; t < n; t++) {
         QuantizedVector row = quantized_row(&in->q, t, cols);
         quantize_vector(&row, x + (size_t)t * cols, cols);
-        if (w->type == WEIGHT_Q8_0) {
+        if (types & TYPE_BIT(WEIGHT_Q8_0)) {
             QuantizedVector rest = quantized_row(&in->rest, t, cols);
             quantize_remainder(&rest, x + (size_t)t * cols, &row, cols);
         }
@@ -849,6 +963,26 @@ static void matmul_q4_0(float *out, int ldo, const Matrix *w, int r0, int r1, co
     }
 }
 
+/* K types: each block of 256 weights dequantized to floats, then its
+   product with each token's floats, added to the token's sum. */
+static void matmul_k(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int cols = w->cols, bytes = K_BLOCK_BYTES[w->type];
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->values + (size_t)r * (cols / SUPER_BLOCK) * bytes;
+        for (int t = 0; t < in->n; t++) out[(size_t)t * ldo + r - r0] = 0.0f;
+        for (int b = 0; b < cols / SUPER_BLOCK; b++) {
+            float weights[SUPER_BLOCK];
+            dequantize_block(weights, row + (size_t)b * bytes, w->type);
+            for (int t = 0; t < in->n; t++) {
+                const float *x = in->x + (size_t)t * cols + b * SUPER_BLOCK;
+                float sum = 0.0f;
+                for (int i = 0; i < SUPER_BLOCK; i++) sum += weights[i] * x[i];
+                out[(size_t)t * ldo + r - r0] += sum;
+            }
+        }
+    }
+}
+
 /* ---- Attention */
 
 /* Keys and values of n new tokens, k and v (n, kv_dim), into the cache at
@@ -922,15 +1056,14 @@ static void attention_plain(float *out, const float *q, const KVCache *kv, int p
    appendix, choose_fast_kernels() points it at the fastest ones this CPU
    has, once, before the first forward pass. */
 typedef void MatmulKernel(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in);
-typedef void PrepareKernel(ProductScratch *in, const Matrix *w, const float *x, int n);
 typedef void AttentionKernel(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch);
 typedef struct {
-    MatmulKernel *matmul[4];   // by weight type, WEIGHT_*
-    PrepareKernel *prepare;
+    MatmulKernel *matmul[WEIGHT_TYPES]; // by weight type, WEIGHT_*
     AttentionKernel *attention;
 } Kernels;
 
-static Kernels kernels = {{matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16}, prepare_input, attention_plain};
+static Kernels kernels = {{matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16, matmul_k, matmul_k, matmul_k},
+                          attention_plain};
 #ifndef PLAIN
 static void choose_fast_kernels(void); // the appendix
 static size_t attention_fast_scratch(int ctx, int n_heads, int head_dim, int threads); // the appendix
@@ -953,9 +1086,10 @@ static int row_blocks(const Matrix *w) { return (w->rows + ROW_BLOCK - 1) / ROW_
    the prefetchers stream at full speed, then shorter ones to even out the
    end. A row comes out the same whichever thread computes it. */
 static void matmul(const Product *p, int count, const float *x, int n, ProductScratch *ps) {
-    kernels.prepare(ps, p[0].w, x, n);
+    unsigned types = 0;
     int blocks = 0;
-    for (int i = 0; i < count; i++) blocks += row_blocks(p[i].w);
+    for (int i = 0; i < count; i++) blocks += row_blocks(p[i].w), types |= TYPE_BIT(p[i].w->type);
+    prepare_input(ps, types, x, n, p[0].w->cols);
     #pragma omp parallel for schedule(guided)
     for (int u = 0; u < blocks; u++) {
         int i = 0, block = u;
@@ -971,15 +1105,14 @@ static void matmul(const Product *p, int count, const float *x, int n, ProductSc
    with the same rows of W3, whose products wait in the thread's block of
    ps->up. */
 static void gate_up(float *h, const Matrix *w1, const Matrix *w3, const float *x, int n, ProductScratch *ps) {
-    kernels.prepare(ps, w1, x, n);
-    MatmulKernel *kernel = kernels.matmul[w1->type];
+    prepare_input(ps, TYPE_BIT(w1->type) | TYPE_BIT(w3->type), x, n, w1->cols);
     int hidden = w1->rows;
     #pragma omp parallel for schedule(guided)
     for (int u = 0; u < row_blocks(w1); u++) {
         int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < hidden ? r0 + ROW_BLOCK : hidden;
         float *up = ps->up + (size_t)thread_num() * ps->batch * ROW_BLOCK; // (n, ROW_BLOCK)
-        kernel(h + r0, hidden, w1, r0, r1, ps);
-        kernel(up, ROW_BLOCK, w3, r0, r1, ps);
+        kernels.matmul[w1->type](h + r0, hidden, w1, r0, r1, ps);
+        kernels.matmul[w3->type](up, ROW_BLOCK, w3, r0, r1, ps);
         for (int t = 0; t < n; t++) swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * ROW_BLOCK, r1 - r0);
     }
 }
@@ -1103,18 +1236,19 @@ struct Trace {
 };
 
 /* The plain matrix products by weight type, WEIGHT_*, as the kernel table starts. */
-static MatmulKernel *const plain_matmul[4] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16};
+static MatmulKernel *const plain_matmul[WEIGHT_TYPES] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16,
+                                                          matmul_k, matmul_k, matmul_k};
 
 /* Room for n activations quantized by quantize_vector() (and one byte more,
    so that n = 0 still allocates). */
 static void alloc_quantized(QuantizedVector *v, size_t n, const char *what) {
     v->q = xcalloc(n + 1, 1, what);
     v->d = xcalloc(n / GROUP_SIZE + 1, sizeof(float), what);
-    v->group_bias = xcalloc(n / GROUP_SIZE + 1, sizeof(int32_t), what);
+    v->half_sums = xcalloc(n / 16 + 1, sizeof(int32_t), what);
 }
 
 static void free_quantized(QuantizedVector *v) {
-    free(v->q), free(v->d), free(v->group_bias);
+    free(v->q), free(v->d), free(v->half_sums);
 }
 
 /* Turns the trace on, with room for a whole batch. */
@@ -1183,7 +1317,7 @@ static void lens(Trace *tr, int layer, const float *x, int n) {
     int k = tr->asked.lens_k, vocab = w->rows;
     for (int t = 0; t < n; t++) {
         rmsnorm(tr->lens_x, x + (size_t)t * tr->dim, tr->final_norm, 1, tr->dim, tr->norm_eps);
-        prepare_input(&tr->lens_in, w, tr->lens_x, 1);
+        prepare_input(&tr->lens_in, TYPE_BIT(w->type), tr->lens_x, 1, w->cols);
         #pragma omp parallel for schedule(static)
         for (int u = 0; u < row_blocks(w); u++) {
             int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < vocab ? r0 + ROW_BLOCK : vocab;
@@ -1344,7 +1478,7 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->xb = xcalloc(b * c->dim, sizeof(float), "activations");
     s->q = xcalloc(b * q_dim, sizeof(float), "activations");
     s->hb = xcalloc(b * c->hidden_dim, sizeof(float), "activations");
-    s->kv_f16 = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
+    s->kv_f16 = (c->types_used & INTEGER_TYPES) != 0;
     s->k = xcalloc(b * kv_dim, sizeof(float), "activations");
     s->v = xcalloc(b * kv_dim, sizeof(float), "activations");
     s->scratch = zeroed(attention_scratch_size(ctx, c->n_heads, c->head_dim, s->threads), sizeof(float),
@@ -1354,10 +1488,10 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->logit_rows = 1;
     s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
     ProductScratch *ps = &s->products;
-    int grouped = c->weight_type == WEIGHT_Q8_0 || c->weight_type == WEIGHT_Q4_0;
-    size_t qn = grouped ? b * widest : 0; // quantized inputs, for q8_0 and q4_0 only
+    int grouped = (c->types_used & (TYPE_BIT(WEIGHT_Q8_0) | TYPE_BIT(WEIGHT_Q4_0))) != 0;
+    size_t qn = c->types_used & INTEGER_TYPES ? b * widest : 0; // quantized inputs, for the integer products
     alloc_quantized(&ps->q, qn, "activations");
-    size_t rn = c->weight_type == WEIGHT_Q8_0 ? qn : 0; // the second part, for q8_0 only
+    size_t rn = c->types_used & TYPE_BIT(WEIGHT_Q8_0) ? qn : 0; // the second part, for q8_0 only
     alloc_quantized(&ps->rest, rn, "activations");
     ps->panel_size = grouped && b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
     ps->panels = xcalloc(mul_size(s->threads, ps->panel_size) + 1, 1, "packed weights");
@@ -2818,6 +2952,7 @@ static int read_legacy_header(Config *c, const unsigned char *data, char *err) {
     c->rope_theta = 10000.0f;
     c->norm_eps = 1e-5f;
     c->weight_type = WEIGHT_F32;
+    c->types_used = TYPE_BIT(WEIGHT_F32);
     if (c->n_heads <= 0 || c->dim <= 0 || c->dim % c->n_heads != 0)
         return fail(err, "not a checkpoint: no \"%s\" magic, and as a llama2.c header dim = %d is not a multiple of n_heads = %d",
                     CHECKPOINT_MAGIC, c->dim, c->n_heads);
@@ -3639,8 +3774,8 @@ static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, 
    vpdpbusd multiplies unsigned weight bytes by signed input bytes and adds
    each four products into an int32 lane. The kernels add an offset to each
    weight to make it unsigned (128 for q8_0, 8 for q4_0); a group's sum
-   starts from the input's group bias, -offset * (the sum of the group's
-   inputs), which takes it off again, so that it is the exact signed dot
+   starts from -offset * (the sum of the group's inputs, from the input's
+   half_sums), which takes it off again, so that it is the exact signed dot
    product of the group.
 
    A row's float result from its group sums is the same in every kernel
@@ -3649,16 +3784,6 @@ static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, 
    in turn, each group's sum times (weight scale x input scale) added by one
    fused multiply-add; then the lanes added as
    ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). */
-
-/* group_bias (n / GROUP_SIZE) = -offset * (the sum of each group of out->q),
-   once out->q (n values) is filled. */
-static void quantize_biases(QuantizedVector *out, int n, int offset) {
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
-        int32_t sum = 0;
-        for (int i = 0; i < GROUP_SIZE; i++) sum += out->q[g * GROUP_SIZE + i];
-        out->group_bias[g] = -offset * sum;
-    }
-}
 
 /* The lanes of 16 that `left` elements fill: all, some, or none. */
 static inline __mmask16 tail_mask(int left) {
@@ -3690,6 +3815,12 @@ AVX512_INLINE __m256i group_sums(const __m512i dot[4]) {
     return _mm256_set_m128i(_mm_unpackhi_epi32(even, odd), _mm_unpacklo_epi32(even, odd));
 }
 
+/* The sums of the inputs of groups g .. g + m - 1 (m <= 8), from their half sums. */
+AVX512_INLINE __m256i input_group_sums(const QuantizedVector *x, int g, int m) {
+    __m512i halves = _mm512_maskz_loadu_epi32((__mmask16)((1u << 2 * m) - 1), x->half_sums + 2 * g);
+    return _mm512_cvtepi64_epi32(_mm512_add_epi32(halves, _mm512_srli_epi64(halves, 32))); // low + high half
+}
+
 /* acc (the 8 lanes above) after the groups g .. g + m - 1 (m <= 8) of row w
    with scales wd, times x. */
 AVX512_INLINE __m256 dot_groups_avx512(__m256 acc, const void *w, const uint16_t *wd, const QuantizedVector *x,
@@ -3704,7 +3835,7 @@ AVX512_INLINE __m256 dot_groups_avx512(__m256 acc, const void *w, const uint16_t
                              : q8_bytes((const int8_t *)w + k, bytes);
         dot[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_maskz_loadu_epi8(bytes, x->q + k));
     }
-    __m256i sums = _mm256_add_epi32(group_sums(dot), _mm256_maskz_loadu_epi32(gm, x->group_bias + g));
+    __m256i sums = _mm256_sub_epi32(group_sums(dot), _mm256_slli_epi32(input_group_sums(x, g, m), q4 ? 3 : 7));
     __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(gm, wd + g)), _mm256_maskz_loadu_ps(gm, x->d + g));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
 }
@@ -3889,6 +4020,7 @@ AVX512 static void qgemm_pack_avx512(uint32_t *values, float *scales, const Matr
 typedef struct {
     float *out;             // row stride ldo
     int ldo, rows, cols, t0;
+    int offset;             // added to each weight: 128 for q8_0, 8 for q4_0
     int accumulate;         // add to what out holds
     const uint32_t *values; // the packed panel
     const float *scales;
@@ -3896,8 +4028,8 @@ typedef struct {
 } QgemmTile;
 
 /* For each group, int32 sums of 16 rows at once (vpdpbusd: 4 weights of
-   16 rows times 4 inputs of one token, broadcast), started at the token's
-   group bias; then the float sums in the order of the one-token kernels:
+   16 rows times 4 inputs of one token, broadcast), started at -offset
+   times the sum of the token's group; then the float sums in the order of the one-token kernels:
    lane j of each output (groups j, j + 8, ...) one pass at a time, kept
    in `lanes`, then the lanes added. With accumulate, the result is added
    to what out holds. */
@@ -3914,8 +4046,10 @@ AVX512_INLINE void qgemm_tile_body(const QgemmTile *tile, const int nt) {
         for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
         for (int g = lane; g < groups; g += 8) {
             __m512i sum[QGEMM_TOKENS][2];
-            for (int t = 0; t < nt; t++)
-                sum[t][0] = sum[t][1] = _mm512_set1_epi32(x->group_bias[(size_t)(t0 + t) * groups + g]);
+            for (int t = 0; t < nt; t++) {
+                const int32_t *half = x->half_sums + ((size_t)(t0 + t) * groups + g) * 2;
+                sum[t][0] = sum[t][1] = _mm512_set1_epi32(-tile->offset * (half[0] + half[1]));
+            }
             const uint32_t *v = values + (size_t)g * (GROUP_SIZE / 4) * QGEMM_ROWS;
             for (int j = 0; j < GROUP_SIZE / 4; j++) {
                 __m512i w0 = _mm512_loadu_si512(v + j * QGEMM_ROWS), w1 = _mm512_loadu_si512(v + j * QGEMM_ROWS + 16);
@@ -3961,6 +4095,7 @@ AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r
     qgemm_pack_avx512(values, scales, w, r0);
     for (int part = 0; part < (w->type == WEIGHT_Q8_0 ? 2 : 1); part++) {
         QgemmTile tile = {.out = out, .ldo = ldo, .rows = r1 - r0, .cols = cols, .accumulate = part,
+                          .offset = w->type == WEIGHT_Q8_0 ? 128 : 8,
                           .values = values, .scales = scales, .x = part ? &in->rest : &in->q};
         for (int t = 0; t < in->n; t += QGEMM_TOKENS) {
             tile.t0 = t;
@@ -3975,25 +4110,6 @@ AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r
 }
 
 /* ---- The products on AVX-512 */
-
-/* prepare_input(), and for q8_0 and q4_0 weights more: the sums that
-   vpdpbusd starts from. */
-static void prepare_input_avx512(ProductScratch *in, const Matrix *w, const float *x, int n) {
-    int cols = w->cols, offset = w->type == WEIGHT_Q8_0 ? 128 : 8;
-    in->x = x, in->n = n;
-    if (w->type != WEIGHT_Q8_0 && w->type != WEIGHT_Q4_0) return;
-    #pragma omp parallel for if (n > 1)
-    for (int t = 0; t < n; t++) {
-        QuantizedVector row = quantized_row(&in->q, t, cols);
-        quantize_vector(&row, x + (size_t)t * cols, cols);
-        quantize_biases(&row, cols, offset);
-        if (w->type == WEIGHT_Q8_0) {
-            QuantizedVector rest = quantized_row(&in->rest, t, cols);
-            quantize_remainder(&rest, x + (size_t)t * cols, &row, cols);
-            quantize_biases(&rest, cols, offset);
-        }
-    }
-}
 
 /* q8_0 and q4_0: one token's dot products with VNNI, a batch packed. */
 static void matmul_q8_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -4024,7 +4140,8 @@ static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int r0, int
 /* Puts the fastest kernels that this build and CPU have into the kernel
    table. main() calls it once, before the first forward pass. */
 static void choose_fast_kernels(void) {
-    kernels = (Kernels){{matmul_floats_fast, matmul_q8_0, matmul_q4_0, matmul_floats_fast}, prepare_input,
+    kernels = (Kernels){{matmul_floats_fast, matmul_q8_0, matmul_q4_0, matmul_floats_fast, matmul_k, matmul_k,
+                         matmul_k},
                         attention_fast};
 #if HAVE_AVX2
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx2;
@@ -4037,7 +4154,6 @@ static void choose_fast_kernels(void) {
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                  __builtin_cpu_supports("avx512vnni") && !(env && strcmp(env, "0") == 0);
     if (!use_avx512) return;
-    kernels.prepare = prepare_input_avx512;
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx512;
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;

@@ -209,14 +209,11 @@ static void test_quantize_vector(void) {
             if (isfinite(x[i]) && isfinite(d))
                 expect("quantize_vector |x - d q|", n, i, 0, (double)d * q.q[i], x[i], d * 0.5001 + 1e-30);
         }
-#if HAVE_AVX512
-        quantize_biases(&q, n, 128);
-        for (int g = 0; g < n / GROUP_SIZE; g++) {
+        for (int h = 0; h < n / 16; h++) {
             double sum = 0;
-            for (int i = 0; i < GROUP_SIZE; i++) sum += q.q[g * GROUP_SIZE + i];
-            expect("quantize_biases group bias", n, g, 0, q.group_bias[g], -128.0 * sum, 0);
+            for (int i = 0; i < 16; i++) sum += q.q[16 * h + i];
+            expect("quantize_vector half sums", n, h, 0, q.half_sums[h], sum, 0);
         }
-#endif
         /* the second part: x ~ d q + d' q', d' at most d / 254, within d' / 2 */
         QuantizedVector rest;
         alloc_quantized(&rest, n, "rest");
@@ -265,16 +262,6 @@ static float dot_grouped_avx2(const Matrix *w, int r, const QuantizedVector *q) 
 }
 #endif
 
-/* Quantizes x (n) as prepare_input() does, with the sums the AVX-512
-   kernels start from. */
-static void quantize_for(QuantizedVector *q, const float *x, int n, int offset) {
-    quantize_vector(q, x, n);
-#if HAVE_AVX512
-    quantize_biases(q, n, offset);
-#endif
-    (void)offset;
-}
-
 static void test_dot_grouped(int type) {
     const char *name = type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
     for (int groups = 1; groups <= 70; groups += groups < 20 ? 1 : 7) {
@@ -283,7 +270,7 @@ static void test_dot_grouped(int type) {
         float *x = random_floats(n);
         QuantizedVector q;
         alloc_quantized(&q, n, "q");
-        quantize_for(&q, x, n, type == WEIGHT_Q8_0 ? 128 : 8);
+        quantize_vector(&q, x, n);
         for (int r = 0; r < w.rows; r++) {
             double mag, exact = exact_grouped(&w, r, &q, &mag), tol = 1e-5 * mag + 1e-30;
             const uint16_t *wd = w.scales + (size_t)r * groups;
@@ -331,11 +318,8 @@ static void test_dot_q8_both(void) {
         QuantizedVector q, rest;
         alloc_quantized(&q, n, "q");
         alloc_quantized(&rest, n, "rest");
-        quantize_for(&q, x, n, 128);
+        quantize_vector(&q, x, n);
         quantize_remainder(&rest, x, &q, n);
-#if HAVE_AVX512
-        quantize_biases(&rest, n, 128);
-#endif
         for (int r = 0; r < w.rows; r++) {
             double mag, mag_rest, exact = exact_grouped(&w, r, &q, &mag) + exact_grouped(&w, r, &rest, &mag_rest);
             double tol = 1e-5 * (mag + mag_rest) + 1e-30;
@@ -394,7 +378,7 @@ static void test_matmul(const char *table, int type) {
             float *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
             double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
             ProductScratch ps = alloc_products(n, cols);
-            kernels.prepare(&ps, &w, x, n);
+            prepare_input(&ps, TYPE_BIT(type), x, n, cols);
             prepared_values(xd, &ps, &w, x, n);
             exact_matmul(want, mag, &w, xd, n);
             for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
@@ -424,11 +408,11 @@ static void test_batch_equals_one_token(const char *table, int type) {
         float *x = random_floats((size_t)n * cols), *batch = random_floats((size_t)n * rows);
         float *alone = random_floats(rows);
         ProductScratch ps = alloc_products(n, cols), one = alloc_products(1, cols);
-        kernels.prepare(&ps, &w, x, n);
+        prepare_input(&ps, TYPE_BIT(type), x, n, cols);
         for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
             kernels.matmul[type](batch + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &ps);
         for (int t = 0; t < n; t++) {
-            kernels.prepare(&one, &w, x + (size_t)t * cols, 1);
+            prepare_input(&one, TYPE_BIT(type), x + (size_t)t * cols, 1, cols);
             for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
                 kernels.matmul[type](alone + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &one);
             char what[80];
@@ -492,7 +476,7 @@ static void test_quantized_tiles(int type) {
             float *out = random_floats((size_t)n * rows), *alone = random_floats(rows), *cut = random_floats(rows);
             double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
             ProductScratch ps = alloc_products(n, cols);
-            prepare_input(&ps, &w, x, n);
+            prepare_input(&ps, TYPE_BIT(type), x, n, cols);
             prepared_values(xd, &ps, &w, x, n);
             exact_matmul(want, mag, &w, xd, n);
             for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)

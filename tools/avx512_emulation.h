@@ -101,6 +101,14 @@ static inline void emu_mm512_mask_storeu_ps(void *p, __mmask16 k, __m512 a) {
 #undef _mm512_mask_storeu_ps
 #define _mm512_mask_storeu_ps emu_mm512_mask_storeu_ps
 
+static inline __m512i emu_mm512_maskz_loadu_epi32(__mmask16 k, const void *p) {
+    __m512i r;
+    emu_masked_load(&r, p, k, 16, 4);
+    return r;
+}
+#undef _mm512_maskz_loadu_epi32
+#define _mm512_maskz_loadu_epi32 emu_mm512_maskz_loadu_epi32
+
 static inline __m256i emu_mm256_maskz_loadu_epi32(__mmask8 k, const void *p) {
     __m256i r;
     emu_masked_load(&r, p, k, 8, 4);
