@@ -428,13 +428,14 @@ def _weight_types(asked, args, state_dict, gguf_reader):
 
 def _type_changes(dtype, state_dict, asked):
     """The one line that says which matrices were not written in the type
-    the user has: a GGUF's quantized tensors written in another type
-    ("12 Q5_0 tensors written as q8_0"), or the matrices of a K mix that
-    fall back from a K type (width not a multiple of 256); [] if none."""
+    the user has: a GGUF's tensors written in another type ("12 Q5_0
+    tensors written as q8_0"; F16 and BF16 written as f32 keep their
+    numbers, and go unsaid), or the matrices of a K mix that fall back from
+    a K type (width not a multiple of 256); [] if none."""
     types = dtype if isinstance(dtype, dict) else {name: dtype for name in state_dict.source_types}
     changed = {}
     for name, theirs in state_dict.source_types.items():
-        if theirs.lower() != types[name]:
+        if theirs.lower() != types[name] and not (theirs in ("F16", "BF16") and types[name] == "f32"):
             changed[theirs, types[name]] = changed.get((theirs, types[name]), 0) + 1
     parts = [f"{n} {theirs} tensors written as {ours}" for (theirs, ours), n in changed.items()]
     if asked in MIXES:

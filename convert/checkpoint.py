@@ -73,7 +73,7 @@ class Tensors(Mapping):
 
     A matrix stored in a K type (a GGUF's Q4_K, Q5_K or Q6_K tensor) also
     reads as its blocks, bit for bit (add_blocks, blocks); source_types
-    names the type each quantized matrix has in the source (GGUF's name)."""
+    names the type each matrix has in the source (a GGUF's name for it)."""
 
     def __init__(self):
         self.shapes, self._readers = {}, {}

@@ -642,7 +642,7 @@ def load_gguf(source):
             divisors = _gguf_tensor(path, t, shape)
             continue
         state_dict.add(name, shape, lambda t=t, name=name, shape=shape: read(t, name, shape))
-        if len(shape) == 2 and ggml_type not in GGUF_FLOAT_TYPES:
+        if len(shape) == 2:
             state_dict.source_types[name] = t.tensor_type.name
         kquant = next((kind for kind, number in KQUANT_GGML_TYPES.items() if number == ggml_type), None)
         if kquant and len(shape) == 2:
