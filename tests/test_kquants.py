@@ -399,3 +399,26 @@ def test_bad_type_byte_is_refused_in_one_line(kquant_gguf, tmp_path, at, byte, m
                         "--tokenizer", kquant_gguf[0] / "tokenizer.bin"], capture_output=True, text=True)
     assert p.returncode == 1 and p.stderr == f"export.py: {model}: {message}\n", p.stderr
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_qwen2_q_k_rows_of_blocks_go_out_and_back(kquant_gguf, tmp_path):
+    """A model with q/k/v biases goes out as GGUF's qwen2, whose q/k rows are
+    in Hugging Face's RoPE layout: --to-gguf permutes the rows of blocks of
+    its K matrices, --gguf permutes them back, so the checkpoint comes back
+    byte for byte; and transformers, reading the GGUF's blocks in its own
+    layout, computes what ./run does."""
+    args = export.ModelArgs(**{**ARGS.__dict__, "attention_bias": True})
+    model = tmp_path / "model.bin"
+    export.write_checkpoint(model, args, export.random_model(args, seed=8).state_dict(),
+                            kquants.kquant_mix_types(args, "q4_k_m"))
+    export_py(model, "--to-gguf", tmp_path / "q.gguf", "--tokenizer", kquant_gguf[0] / "tokenizer.bin")
+    export_py(tmp_path / "back.bin", "--gguf", tmp_path / "q.gguf", "--max-seq-len", args.max_seq_len)
+    assert (tmp_path / "back.bin").read_bytes() == model.read_bytes()
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(tmp_path, gguf_file="q.gguf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", config=config,
+                                                  torch_dtype=torch.float32).eval()
+    assert theirs.config.model_type == "qwen2"
+    generated, ours = run_greedy(model, PROMPT, 8, tmp_path)
+    assert worst_relative(ours, hf_logits(theirs, PROMPT + generated[:-1])) < RUN_TOL
+    assert generated == hf_greedy(theirs, PROMPT, 8)
