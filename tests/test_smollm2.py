@@ -573,6 +573,23 @@ def test_make_demo_answers(smollm2):
     assert "Paris" in p.stdout.splitlines()[-1], p.stdout
 
 
+def test_smollm2_q4_k_m_answers_the_demo_question(smollm2, tmp_path):
+    """The demo's GGUF requantized with --dtype q4_k_m: only the down
+    projections (width 1536) take K types, as in llama.cpp's Q4_K_M of
+    SmolLM2; every matrix of width 576, not a multiple of 256, falls back
+    to q8_0 (llama.cpp's Q5_0 / Q8_0), which the one line says. It still
+    answers make demo's question."""
+    out = tmp_path / "smollm2-q4_k_m.bin"
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(out), "--gguf", str(GGUF_DIR / GGUF_NAME),
+                        "--dtype", "q4_k_m", "--tokenizer-out", str(tmp_path / "tokenizer.bin")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "q8_0 x 181, q4_k x 16, q6_k x 14" in p.stdout, p.stdout
+    assert "181 matrices of width not a multiple of 256 written as q8_0" in p.stdout, p.stdout
+    answer = run([out, "-z", tmp_path / "tokenizer.bin", "-m", "chat", "-t", 0, "-i", "What is the capital of France?"])
+    assert "Paris" in answer.stdout.splitlines()[-1], answer.stdout
+
+
 @pytest.fixture(scope="module")
 def smollm2_q8(smollm2, tmp_path_factory):
     out = tmp_path_factory.mktemp("q8") / "smollm2-q8_0.bin"
