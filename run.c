@@ -1488,12 +1488,12 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     s->logit_rows = 1;
     s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
     ProductScratch *ps = &s->products;
-    int grouped = (c->types_used & (TYPE_BIT(WEIGHT_Q8_0) | TYPE_BIT(WEIGHT_Q4_0))) != 0;
+    int packed = (c->types_used & INTEGER_TYPES) != 0; // the batch kernels repack these weights
     size_t qn = c->types_used & INTEGER_TYPES ? b * widest : 0; // quantized inputs, for the integer products
     alloc_quantized(&ps->q, qn, "activations");
     size_t rn = c->types_used & TYPE_BIT(WEIGHT_Q8_0) ? qn : 0; // the second part, for q8_0 only
     alloc_quantized(&ps->rest, rn, "activations");
-    ps->panel_size = grouped && b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
+    ps->panel_size = packed && b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
     ps->panels = xcalloc(mul_size(s->threads, ps->panel_size) + 1, 1, "packed weights");
     ps->batch = (int)b;
     ps->up = xcalloc(s->threads * b * ROW_BLOCK, sizeof(float), "activations");
@@ -3768,6 +3768,138 @@ static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, 
 }
 #endif
 
+/* The 8 bytes of the 6-bit scales (or mins, from their other words) of a
+   q4_k or q5_k block: first the low 6 bits of `low`, then the 4 bits of
+   `rest` with the top 2 bits of `low` above them (docs/FORMATS.md). */
+static inline uint64_t k_scale_bytes(uint32_t low, uint32_t rest) {
+    return (low & 0x3f3f3f3fu) | (uint64_t)((rest & 0x0f0f0f0fu) | (low >> 2 & 0x30303030u)) << 32;
+}
+
+#if HAVE_AVX2
+/* ---- K types on AVX2: as on AVX-512 below (the same integers, the same
+   float steps in the same order), with maddubs for the products: unsigned
+   weights of at most 6 bits times signed inputs keep its 16-bit pair sums
+   within 2 * 63 * 127. */
+typedef struct {
+    __m256i w[8];          // group g's 32 weights, unsigned bytes
+    __m256 scale, min;     // per group: d scale_g, dmin min_g (q4_k, q5_k); d (q6_k)
+    __m256i pair_scales[8]; // q6_k: group g's two sub-block scales, each in 8 int16 lanes
+    __m256i sub_scales[2]; // q6_k: the 16 sub-block scales, int32
+} KBlockAvx2;
+
+AVX2_INLINE __m256 widen8_scales_avx2(uint64_t bytes, float d) {
+    return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
+}
+
+AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
+    KBlockAvx2 k;
+    __m256i fifteen = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    if (type == WEIGHT_Q6_K) {
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(block + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+            __m256i low[4] = {ql0, ql1, _mm256_srli_epi16(ql0, 4), _mm256_srli_epi16(ql1, 4)};
+            for (int quarter = 0; quarter < 4; quarter++) {
+                __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * quarter), three);
+                k.w[4 * h + quarter] = _mm256_or_si256(_mm256_and_si256(low[quarter], fifteen), _mm256_slli_epi16(high, 4));
+            }
+        }
+        const int8_t *scales = (const int8_t *)(block + 192);
+        for (int g = 0; g < 8; g++)
+            k.pair_scales[g] = _mm256_set_m128i(_mm_set1_epi16(scales[2 * g + 1]), _mm_set1_epi16(scales[2 * g]));
+        for (int i = 0; i < 2; i++) k.sub_scales[i] = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(scales + 8 * i)));
+        k.scale = _mm256_set1_ps(f16_to_f32(read_u16(block + 208)));
+        k.min = _mm256_setzero_ps();
+        return k;
+    }
+    uint32_t s[3];
+    memcpy(s, block + 4, sizeof s);
+    k.scale = widen8_scales_avx2(k_scale_bytes(s[0], s[2]), f16_to_f32(read_u16(block)));
+    k.min = widen8_scales_avx2(k_scale_bytes(s[1], s[2] >> 4), f16_to_f32(read_u16(block + 2)));
+    const uint8_t *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
+    __m256i qh = type == WEIGHT_Q5_K ? _mm256_loadu_si256((const __m256i *)(block + 16)) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+        k.w[2 * j] = _mm256_and_si256(v, fifteen);
+        k.w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), fifteen);
+        for (int i = 0; i < 2 && type == WEIGHT_Q5_K; i++) // bit 2j + i of qh[k]: 16 more
+            k.w[2 * j + i] = _mm256_or_si256(k.w[2 * j + i],
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + i), one), 4));
+    }
+    return k;
+}
+
+/* The 8 sums of the lanes of v[0] .. v[7], in order. Integer: exact. */
+AVX2_INLINE __m256i lane_sums8_avx2(const __m256i v[8]) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* The 8 sums of adjacent pairs of the 16 int32 in lo, hi, in order. */
+AVX2_INLINE __m256i pair_sums_avx2(__m256i lo, __m256i hi) {
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+/* k_block_avx512(), on AVX2. */
+AVX2_INLINE __m256 k_block_avx2(__m256 acc, const KBlockAvx2 *k, const QuantizedVector *x, int g, const int type) {
+    __m256i dot[8];
+    for (int j = 0; j < 8; j++) {
+        __m256i pairs = _mm256_maddubs_epi16(k->w[j], _mm256_loadu_si256((const __m256i *)(x->q + (g + j) * GROUP_SIZE)));
+        dot[j] = _mm256_madd_epi16(pairs, type == WEIGHT_Q6_K ? k->pair_scales[j] : _mm256_set1_epi16(1));
+    }
+    __m256i sums = lane_sums8_avx2(dot);
+    __m256 dx = _mm256_loadu_ps(x->d + g);
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(x->half_sums + 2 * g));
+    __m256i hi = _mm256_loadu_si256((const __m256i *)(x->half_sums + 2 * g + 8));
+    if (type == WEIGHT_Q6_K) { // minus 32 scale_s X_s
+        __m256i pairs = pair_sums_avx2(_mm256_mullo_epi32(lo, k->sub_scales[0]), _mm256_mullo_epi32(hi, k->sub_scales[1]));
+        sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(pairs, 5));
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pair_sums_avx2(lo, hi)), _mm256_mul_ps(k->min, dx), acc);
+}
+
+#define KTILE_TOKENS 4 // tokens that share a block's unpacking
+
+/* Rows r0 .. r1 - 1 for the nt tokens from t0 (KTILE_TOKENS at most). */
+AVX2_INLINE void k_rows_body_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                                  int t0, const int nt, const int type) {
+    int cols = w->cols, blocks = cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[type];
+    QuantizedVector x[KTILE_TOKENS];
+    for (int t = 0; t < nt; t++) x[t] = quantized_row(&in->q, t0 + t, cols);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->values + (size_t)r * blocks * bytes;
+        __m256 acc[KTILE_TOKENS];
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            for (int line = 0; line < bytes; line += 64) prefetch(row + (size_t)b * bytes + line + PREFETCH_AHEAD);
+            KBlockAvx2 k = unpack_block_avx2(row + (size_t)b * bytes, type);
+            for (int t = 0; t < nt; t++) acc[t] = k_block_avx2(acc[t], &k, &x[t], 8 * b, type);
+        }
+        for (int t = 0; t < nt; t++) out[(size_t)(t0 + t) * ldo + r - r0] = sum_avx2(acc[t]);
+    }
+}
+
+AVX2_INLINE void k_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                             const int type) {
+    int t = 0;
+    for (; t + KTILE_TOKENS <= in->n; t += KTILE_TOKENS) k_rows_body_avx2(out, ldo, w, r0, r1, in, t, KTILE_TOKENS, type);
+    for (; t < in->n; t++) k_rows_body_avx2(out, ldo, w, r0, r1, in, t, 1, type);
+}
+
+/* matmul_k() on AVX2, with the quantized input. */
+static void matmul_k_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    switch (w->type) {
+    case WEIGHT_Q4_K: k_rows_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q4_K); break;
+    case WEIGHT_Q5_K: k_rows_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q5_K); break;
+    default: k_rows_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q6_K);
+    }
+}
+#endif
+
 #if HAVE_AVX512
 /* ---- Integer dot products on AVX-512 VNNI
 
@@ -3878,6 +4010,104 @@ AVX512 static float dot_q8_both_avx512(const int8_t *w, const uint16_t *wd, cons
         acc_rest = dot_groups_avx512(acc_rest, w, wd, rest, g, groups - g, 0);
     }
     return sum_lanes8(acc) + sum_lanes8(acc_rest);
+}
+
+/* ---- K types on AVX-512 VNNI
+
+   A block is unpacked once into unsigned weight bytes in the input's order
+   (vector j: groups 2j and 2j + 1) and its scales into vectors of the 8
+   groups, then multiplied by each token of a tile. Per group g of 32, in
+   integers: S_g = the sum of q x, X_g = the sum of x; q4_k and q5_k give
+   (d scale_g) S_g - (dmin min_g) X_g, q6_k d G_g with G_g the sum over the
+   group's two sub-blocks of scale_s (S_s - 32 X_s). Each group's result
+   times the input's scale goes into float lane g % 8 by a fused
+   multiply-add, as in the q8_0 and q4_0 kernels, so one token or a batch,
+   each output comes out the same. */
+typedef struct {
+    __m512i w[4];       // the 256 weights, unsigned bytes
+    __m256 scale;       // per group: d scale_g (q4_k, q5_k), d (q6_k)
+    __m256 min;         // per group: dmin min_g (q4_k, q5_k)
+    __m512i sub_scales; // q6_k: the 16 sub-block scales, int32
+} KBlock;
+
+AVX512_INLINE __m256 widen8_scales(uint64_t bytes, float d) {
+    return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
+}
+
+AVX512_INLINE KBlock unpack_block_avx512(const uint8_t *block, const int type) {
+    KBlock k;
+    if (type == WEIGHT_Q6_K) {
+        for (int h = 0; h < 2; h++) { // ql (64 bytes): quarters 0, 1 low nibbles, 2, 3 high
+            __m512i ql = _mm512_loadu_si512(block + 64 * h);
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+            __m512i bits = _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16(qh, 2), 1);
+            __m512i three = _mm512_set1_epi8(3), fifteen = _mm512_set1_epi8(15);
+            k.w[2 * h] = _mm512_or_si512(_mm512_and_si512(ql, fifteen),
+                                         _mm512_slli_epi16(_mm512_and_si512(bits, three), 4));
+            k.w[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), fifteen),
+                                             _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(bits, 4), three), 4));
+        }
+        k.sub_scales = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(block + 192)));
+        k.scale = _mm256_set1_ps(f16_to_f32(read_u16(block + 208)));
+        k.min = _mm256_setzero_ps();
+        return k;
+    }
+    uint32_t s[3];
+    memcpy(s, block + 4, sizeof s);
+    k.scale = widen8_scales(k_scale_bytes(s[0], s[2]), f16_to_f32(read_u16(block)));
+    k.min = widen8_scales(k_scale_bytes(s[1], s[2] >> 4), f16_to_f32(read_u16(block + 2)));
+    k.sub_scales = _mm512_setzero_si512();
+    const uint8_t *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
+    __m256i qh = type == WEIGHT_Q5_K ? _mm256_loadu_si256((const __m256i *)(block + 16)) : _mm256_setzero_si256();
+    __m256i fifteen = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    for (int j = 0; j < 4; j++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
+        __m256i lo = _mm256_and_si256(v, fifteen), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), fifteen);
+        if (type == WEIGHT_Q5_K) { // bit 2j of qh[i] for group 2j, bit 2j + 1 for 2j + 1: 16 more
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
+        }
+        k.w[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    return k;
+}
+
+/* acc (8 lanes) after one block times the input x from group g (its 8 groups). */
+AVX512_INLINE __m256 k_block_avx512(__m256 acc, const KBlock *k, const QuantizedVector *x, int g, const int type) {
+    __m512i dot[4];
+    for (int j = 0; j < 4; j++) {
+        dot[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), k->w[j], _mm512_loadu_si512(x->q + (g + 2 * j) * GROUP_SIZE));
+        if (type == WEIGHT_Q6_K) // lanes 4i .. 4i + 3 are sub-block 4j + i
+            dot[j] = _mm512_mullo_epi32(dot[j], _mm512_permutexvar_epi32(
+                _mm512_add_epi32(_mm512_set1_epi32(4 * j), _mm512_srli_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2)), k->sub_scales));
+    }
+    __m256i sums = group_sums(dot);
+    __m256 dx = _mm256_loadu_ps(x->d + g);
+    if (type == WEIGHT_Q6_K) { // minus 32 scale_s X_s, sub-blocks in pairs
+        __m512i xs = _mm512_mullo_epi32(_mm512_loadu_si512(x->half_sums + 2 * g), k->sub_scales);
+        __m256i pairs = _mm512_cvtepi64_epi32(_mm512_add_epi32(xs, _mm512_srli_epi64(xs, 32)));
+        sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(pairs, 5));
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(input_group_sums(x, g, 8)), _mm256_mul_ps(k->min, dx), acc);
+}
+
+/* Rows r0 .. r1 - 1 times one token's quantized input x. */
+AVX512_INLINE void k_rows_avx512(float *out, const Matrix *w, int r0, int r1, const QuantizedVector *x,
+                                 const int type) {
+    int blocks = w->cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[type];
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w->values + (size_t)r * blocks * bytes;
+        __m256 acc = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            for (int line = 0; line < bytes; line += 64) prefetch(row + (size_t)b * bytes + line + PREFETCH_AHEAD);
+            KBlock k = unpack_block_avx512(row + (size_t)b * bytes, type);
+            acc = k_block_avx512(acc, &k, x, 8 * b, type);
+        }
+        out[r - r0] = sum_lanes8(acc);
+    }
 }
 
 /* ---- Matrix products for a batch (n > 1) on AVX-512 */
@@ -4024,6 +4254,8 @@ typedef struct {
     int accumulate;         // add to what out holds
     const uint32_t *values; // the packed panel
     const float *scales;
+    const float *mins;          // K types: per group, dmin min_g (q4_k, q5_k)
+    const int32_t *sub_scales;  // q6_k: per sub-block (two a group), its scale
     const QuantizedVector *x;
 } QgemmTile;
 
@@ -4109,7 +4341,152 @@ AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r
     }
 }
 
+/* K-type rows r0 .. r0 + 31 packed as qgemm_pack_avx512() packs q8_0 and
+   q4_0, each block unpacked (unpack_block_avx512()): values the unsigned
+   weights; per group g of each row, scales (d scale_g, or q6_k's d) and
+   mins (dmin min_g); q6_k's 16 sub-block scales per block in sub_scales,
+   (2 groups, 32) int32. stage holds 16 rows' unpacked block. */
+AVX512 static void kgemm_pack_avx512(uint32_t *values, float *scales, float *mins, int32_t *sub_scales,
+                                     uint8_t stage[16][SUPER_BLOCK], const Matrix *w, int r0) {
+    int cols = w->cols, blocks = cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[w->type];
+    for (int half = 0; half < 2; half++)
+        for (int b = 0; b < blocks; b++) {
+            for (int i = 0; i < 16; i++) {
+                int r = r0 + 16 * half + i, slot = 16 * half + i;
+                KBlock k = {0};
+                if (r < w->rows) {
+                    const uint8_t *block = (const uint8_t *)w->values + ((size_t)r * blocks + b) * bytes;
+                    prefetch_pack(block);
+                    k = w->type == WEIGHT_Q4_K ? unpack_block_avx512(block, WEIGHT_Q4_K)
+                      : w->type == WEIGHT_Q5_K ? unpack_block_avx512(block, WEIGHT_Q5_K)
+                                               : unpack_block_avx512(block, WEIGHT_Q6_K);
+                }
+                for (int j = 0; j < 4; j++) _mm512_storeu_si512(stage[i] + 64 * j, k.w[j]);
+                float scale[8], min[8];
+                int32_t sub[16];
+                _mm256_storeu_ps(scale, k.scale), _mm256_storeu_ps(min, k.min), _mm512_storeu_si512(sub, k.sub_scales);
+                for (int g = 0; g < 8; g++) {
+                    scales[(8 * b + g) * QGEMM_ROWS + slot] = scale[g];
+                    mins[(8 * b + g) * QGEMM_ROWS + slot] = min[g];
+                }
+                for (int j = 0; j < 16; j++) sub_scales[(16 * b + j) * QGEMM_ROWS + slot] = sub[j];
+            }
+            for (int k = 0; k < SUPER_BLOCK; k += 64) {
+                __m512i seg[16];
+                for (int i = 0; i < 16; i++) seg[i] = _mm512_loadu_si512(stage[i] + k);
+                transpose16_avx512(seg);
+                for (int j = 0; j < 16; j++)
+                    _mm512_storeu_si512(values + (size_t)((b * SUPER_BLOCK + k) / 4 + j) * QGEMM_ROWS + 16 * half, seg[j]);
+            }
+        }
+}
+
+/* qgemm_tile_body() for K types: per group the integer sums of 16 rows
+   (q6_k: of each sub-block, from -32 X_s, times its scale), then the
+   float steps of k_block_avx512() in its order, lane by lane. */
+AVX512_INLINE void kgemm_tile_body(const QgemmTile *tile, const int nt, const int q6) {
+    int ldo = tile->ldo, cols = tile->cols, t0 = tile->t0, groups = cols / GROUP_SIZE;
+    const QuantizedVector *x = tile->x;
+    __m512 lanes[8][QGEMM_TOKENS][2];
+    for (int lane = 0; lane < 8; lane++) {
+        __m512 acc[QGEMM_TOKENS][2];
+        for (int t = 0; t < nt; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        for (int g = lane; g < groups; g += 8) {
+            __m512i sum[QGEMM_TOKENS][2][2]; // token, 16 rows, sub-block (q6_k; else all in the first)
+            for (int t = 0; t < nt; t++)
+                for (int s = 0; s < 2; s++) {
+                    int32_t start = q6 ? -32 * x->half_sums[((size_t)(t0 + t) * groups + g) * 2 + s] : 0;
+                    sum[t][0][s] = sum[t][1][s] = _mm512_set1_epi32(start);
+                }
+            const uint32_t *v = tile->values + (size_t)g * (GROUP_SIZE / 4) * QGEMM_ROWS;
+            for (int j = 0; j < GROUP_SIZE / 4; j++) {
+                int s = q6 && j >= GROUP_SIZE / 8;
+                __m512i w0 = _mm512_loadu_si512(v + j * QGEMM_ROWS), w1 = _mm512_loadu_si512(v + j * QGEMM_ROWS + 16);
+                for (int t = 0; t < nt; t++) {
+                    int32_t four;
+                    memcpy(&four, x->q + (size_t)(t0 + t) * cols + g * GROUP_SIZE + 4 * j, sizeof four);
+                    __m512i xb = _mm512_set1_epi32(four);
+                    sum[t][0][s] = _mm512_dpbusd_epi32(sum[t][0][s], w0, xb);
+                    sum[t][1][s] = _mm512_dpbusd_epi32(sum[t][1][s], w1, xb);
+                }
+            }
+            for (int h = 0; h < 2; h++) {
+                __m512 scale = _mm512_loadu_ps(tile->scales + g * QGEMM_ROWS + 16 * h);
+                __m512 min = _mm512_loadu_ps(tile->mins + g * QGEMM_ROWS + 16 * h);
+                __m512i sub0 = _mm512_loadu_si512(tile->sub_scales + (2 * g) * QGEMM_ROWS + 16 * h);
+                __m512i sub1 = _mm512_loadu_si512(tile->sub_scales + (2 * g + 1) * QGEMM_ROWS + 16 * h);
+                for (int t = 0; t < nt; t++) {
+                    size_t at = (size_t)(t0 + t) * groups + g;
+                    __m512 dx = _mm512_set1_ps(x->d[at]);
+                    __m512i total = q6 ? _mm512_add_epi32(_mm512_mullo_epi32(sum[t][h][0], sub0),
+                                                          _mm512_mullo_epi32(sum[t][h][1], sub1))
+                                       : sum[t][h][0];
+                    acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, dx), acc[t][h]);
+                    if (!q6) {
+                        __m512 inputs = _mm512_set1_ps((float)(x->half_sums[2 * at] + x->half_sums[2 * at + 1]));
+                        acc[t][h] = _mm512_fnmadd_ps(inputs, _mm512_mul_ps(min, dx), acc[t][h]);
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < nt; t++) lanes[lane][t][0] = acc[t][0], lanes[lane][t][1] = acc[t][1];
+    }
+    __mmask16 m[2] = {tail_mask(tile->rows), tail_mask(tile->rows - 16)};
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < 2; h++) {
+            __m512 even = _mm512_add_ps(_mm512_add_ps(lanes[0][t][h], lanes[4][t][h]),
+                                        _mm512_add_ps(lanes[2][t][h], lanes[6][t][h]));
+            __m512 odd = _mm512_add_ps(_mm512_add_ps(lanes[1][t][h], lanes[5][t][h]),
+                                       _mm512_add_ps(lanes[3][t][h], lanes[7][t][h]));
+            _mm512_mask_storeu_ps(tile->out + (size_t)(t0 + t) * ldo + 16 * h, m[h], _mm512_add_ps(even, odd));
+        }
+}
+
+/* matmul_k() for a batch, rows r0 .. r1 - 1 (r0 a multiple of 32, at most
+   32 rows): packed once into the thread's panel, then run for every token.
+   Each output comes out as the one-token kernel gives it. */
+AVX512 static void kgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int cols = w->cols, groups = cols / GROUP_SIZE;
+    char *panel = (char *)in->panels + (size_t)thread_num() * in->panel_size;
+    uint32_t *values = (uint32_t *)panel;                                   // 32 cols bytes
+    float *scales = (float *)(panel + (size_t)QGEMM_ROWS * cols);            // 4 cols bytes each
+    float *mins = scales + (size_t)groups * QGEMM_ROWS;
+    int32_t *sub_scales = (int32_t *)(mins + (size_t)groups * QGEMM_ROWS);  // 8 cols bytes
+    uint8_t (*stage)[SUPER_BLOCK] = (uint8_t (*)[SUPER_BLOCK])(sub_scales + (size_t)2 * groups * QGEMM_ROWS);
+    kgemm_pack_avx512(values, scales, mins, sub_scales, stage, w, r0);
+    QgemmTile tile = {.out = out, .ldo = ldo, .rows = r1 - r0, .cols = cols, .values = values, .scales = scales,
+                      .mins = mins, .sub_scales = sub_scales, .x = &in->q};
+    int q6 = w->type == WEIGHT_Q6_K;
+    for (int t = 0; t < in->n; t += QGEMM_TOKENS) {
+        tile.t0 = t;
+        switch ((in->n - t < QGEMM_TOKENS ? in->n - t : QGEMM_TOKENS) + 4 * q6) {
+        case 4: kgemm_tile_body(&tile, 4, 0); break;
+        case 3: kgemm_tile_body(&tile, 3, 0); break;
+        case 2: kgemm_tile_body(&tile, 2, 0); break;
+        case 1: kgemm_tile_body(&tile, 1, 0); break;
+        case 8: kgemm_tile_body(&tile, 4, 1); break;
+        case 7: kgemm_tile_body(&tile, 3, 1); break;
+        case 6: kgemm_tile_body(&tile, 2, 1); break;
+        default: kgemm_tile_body(&tile, 1, 1);
+        }
+    }
+}
+
 /* ---- The products on AVX-512 */
+
+/* matmul_k() on AVX-512 VNNI, with the quantized input: one token row by
+   row, a batch packed. */
+AVX512 static void matmul_k_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    if (in->n > 1) {
+        kgemm_rows_avx512(out, ldo, w, r0, r1, in);
+        return;
+    }
+    switch (w->type) {
+    case WEIGHT_Q4_K: k_rows_avx512(out, w, r0, r1, &in->q, WEIGHT_Q4_K); break;
+    case WEIGHT_Q5_K: k_rows_avx512(out, w, r0, r1, &in->q, WEIGHT_Q5_K); break;
+    default: k_rows_avx512(out, w, r0, r1, &in->q, WEIGHT_Q6_K);
+    }
+}
 
 /* q8_0 and q4_0: one token's dot products with VNNI, a batch packed. */
 static void matmul_q8_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -4146,6 +4523,7 @@ static void choose_fast_kernels(void) {
 #if HAVE_AVX2
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx2;
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
+    kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx2;
 #endif
 #if HAVE_AVX512
     const char *env = getenv("RUN_AVX512");
@@ -4157,6 +4535,7 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx512;
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;
+    kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx512;
 #endif
 }
 

@@ -67,6 +67,17 @@ static Matrix random_matrix(int type, int rows, int cols) {
         uint16_t *b = xcalloc(n, 2, "test data");
         for (size_t i = 0; i < n; i++) { float f = uniform(); uint32_t u; memcpy(&u, &f, 4); b[i] = (uint16_t)(u >> 16); }
         m.values = b;
+    } else if (type >= WEIGHT_Q4_K) { // random bytes are a valid block; its scales d (and dmin) set apart
+        size_t blocks = n / SUPER_BLOCK, size = K_BLOCK_BYTES[type];
+        uint8_t *b = xcalloc(blocks * size, 1, "test data");
+        for (size_t i = 0; i < blocks * size; i++) b[i] = (uint8_t)next_u32();
+        for (size_t i = 0; i < blocks; i++) {
+            uint8_t *block = b + i * size;
+            uint16_t d = random_f16(), dmin = random_f16();
+            if (type == WEIGHT_Q6_K) memcpy(block + 208, &d, 2);
+            else memcpy(block, &d, 2), memcpy(block + 2, &dmin, 2);
+        }
+        m.values = b;
     } else {
         size_t bytes = type == WEIGHT_Q8_0 ? n : n / 2;
         uint8_t *q = xcalloc(bytes, 1, "test data");
@@ -85,16 +96,16 @@ static void free_matrix(Matrix *m) {
 }
 
 /* The values that the prepared input of w's products stands for, xd (n,
-   cols): for q8_0 and q4_0 weights the quantized x, d q (+ d' q'); else x
-   itself. */
+   cols): for q8_0 and q4_0 weights, and K types whose kernel in the table
+   takes them quantized, the quantized x, d q (+ d' q'); else x itself. */
 static void prepared_values(float *xd, const ProductScratch *ps, const Matrix *w, const float *x, int n) {
-    int cols = w->cols;
+    int cols = w->cols, k_quantized = w->type >= WEIGHT_Q4_K && kernels.matmul[w->type] != matmul_k;
     for (int t = 0; t < n; t++) {
         QuantizedVector row = quantized_row(&ps->q, t, cols), rest_row = quantized_row(&ps->rest, t, cols);
         for (int c = 0; c < cols; c++) {
             float *v = xd + (size_t)t * cols + c;
             if (w->type == WEIGHT_Q8_0) *v = row.d[c / GROUP_SIZE] * row.q[c] + rest_row.d[c / GROUP_SIZE] * rest_row.q[c];
-            else if (w->type == WEIGHT_Q4_0) *v = row.d[c / GROUP_SIZE] * row.q[c];
+            else if (w->type == WEIGHT_Q4_0 || k_quantized) *v = row.d[c / GROUP_SIZE] * row.q[c];
             else *v = x[(size_t)t * cols + c];
         }
     }
@@ -362,16 +373,21 @@ static void exact_matmul(double *out, double *mag, const Matrix *w, const float 
    matmul() takes them, for a batch of n and for one token; each output
    against the exact product of the input as prepared (quantized, where
    the kernels take it so). */
+/* The columns that a row of the type's blocks must fill: 256, 32 or any. */
+static int block_width(int type) {
+    return type >= WEIGHT_Q4_K ? SUPER_BLOCK : type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0 ? GROUP_SIZE : 1;
+}
+
 static void test_matmul(const char *table, int type) {
-    static const char *names[] = {"f32", "q8_0", "q4_0", "bf16"};
-    int grouped = type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0;
+    const char *const *names = WEIGHT_NAMES;
     int shapes[][3] = {   // rows, cols, tokens
         {1, 32, 2}, {8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {9, 32, 1}, {40, 2048, 2},
         {70, 96, 9}, {5, 5, 2}, {16, 17, 3}, {11, 515, 8}, {8, 1030, 6},   // odd widths, f32 and bf16 only
+        {3, 256, 1}, {8, 256, 5}, {13, 512, 4}, {33, 768, 9}, {5, 1536, 3}, // widths of 256 blocks
     };
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1];
-        if (grouped && cols % GROUP_SIZE) continue;
+        if (cols % block_width(type)) continue;
         Matrix w = random_matrix(type, rows, cols);
         for (int n = shapes[s][2]; n >= 1; n = n > 1 ? 1 : 0) {
             float *x = random_floats((size_t)n * cols), *out = random_floats((size_t)n * rows);
@@ -398,12 +414,13 @@ static void test_matmul(const char *table, int type) {
    the same either way (quantized alike for q8_0 and q4_0), and the kernels
    must sum it in the same order. */
 static void test_batch_equals_one_token(const char *table, int type) {
-    static const char *names[] = {"f32", "q8_0", "q4_0", "bf16"};
+    const char *const *names = WEIGHT_NAMES;
     int shapes[][3] = {{1, 32, 2}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {40, 2048, 6}, {33, 288, 9},
-                       {16, 17, 3}, {11, 515, 8}, {8, 1030, 6}}; // odd widths, f32 and bf16 only
+                       {16, 17, 3}, {11, 515, 8}, {8, 1030, 6}, // odd widths, f32 and bf16 only
+                       {3, 256, 5}, {13, 512, 9}, {33, 768, 7}}; // widths of 256 blocks
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
-        if ((type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) && cols % GROUP_SIZE) continue;
+        if (cols % block_width(type)) continue;
         Matrix w = random_matrix(type, rows, cols);
         float *x = random_floats((size_t)n * cols), *batch = random_floats((size_t)n * rows);
         float *alone = random_floats(rows);
@@ -510,7 +527,7 @@ static void test_quantized_tiles(int type) {
 /* matmul() of three matrices equals three separate products, bit for bit,
    and gate_up() equals two products and swiglu(). */
 static void test_fused(int type, int n) {
-    int cols = 96, rows[3] = {40, 16, 24};
+    int cols = type >= WEIGHT_Q4_K ? 512 : 96, rows[3] = {40, 16, 24};
     Matrix w[3];
     float *x = random_floats((size_t)n * cols), *fused[3], *single[3];
     ProductScratch ps = alloc_products(n, cols);
@@ -757,7 +774,7 @@ int main(void) {
 #endif
     for (int table = 0; table < 2; table++) {
         kernels = table ? fast : plain;
-        for (int type = 0; type < 4; type++) {
+        for (int type = 0; type < WEIGHT_TYPES; type++) {
             test_matmul(table ? "fast" : "plain", type);
             test_batch_equals_one_token(table ? "fast" : "plain", type);
             for (int n = 1; n <= 4; n += 3) test_fused(type, n);

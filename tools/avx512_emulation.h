@@ -162,6 +162,19 @@ static inline __m512i emu_mm512_cvtepu16_epi32(__m256i a) {
 #undef _mm512_cvtepu16_epi32
 #define _mm512_cvtepu16_epi32 emu_mm512_cvtepu16_epi32
 
+/* 16 int8 widened to int32 with their signs. */
+static inline __m512i emu_mm512_cvtepi8_epi32(__m128i a) {
+    int8_t in[16];
+    int32_t out[16];
+    __m512i r;
+    memcpy(in, &a, sizeof in);
+    for (int i = 0; i < 16; i++) out[i] = in[i];
+    memcpy(&r, out, sizeof r);
+    return r;
+}
+#undef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32 emu_mm512_cvtepi8_epi32
+
 /* The low (imm 0) or high (imm 1) 8 floats of a. */
 static inline __m256 emu_mm512_extractf32x8_ps(__m512 a, int imm) {
     __m256 r;
