@@ -35,13 +35,14 @@ from convert import checkpoint, kquants  # noqa: E402
 from test_smollm2 import tiny_bytelevel_vocab  # noqa: E402
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
+RUN_PLAIN = Path(os.environ.get("RUN_PLAIN_BINARY", ROOT / "run-plain"))
 GGML = {kind: gguf.GGMLQuantizationType[kind.upper()] for kind in kquants.K_TYPES}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def build():
     if "RUN_BINARY" not in os.environ:
-        subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True)
+        subprocess.run(["make", "-s", "run", "run-plain"], cwd=ROOT, check=True)
 
 
 # ----------------------------------------------------------------------------
@@ -258,10 +259,10 @@ def hf_logits(model, ids):
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def run_greedy(model, prompt, n, tmp_path):
-    """./run over token ids, greedy: (generated ids, logits rows)."""
+def run_greedy(model, prompt, n, tmp_path, binary=RUN):
+    """./run (or binary) over token ids, greedy: (generated ids, logits rows)."""
     logits = tmp_path / "logits.bin"
-    p = subprocess.run([RUN, model, "--tokens", " ".join(map(str, prompt)), "-n", str(n), "-t", "0",
+    p = subprocess.run([binary, model, "--tokens", " ".join(map(str, prompt)), "-n", str(n), "-t", "0",
                         "--logits", logits], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     ids = [int(x) for x in p.stdout.split()]
@@ -281,25 +282,33 @@ def worst_relative(ours, theirs):
 
 
 # ./run against transformers on the same K blocks: transformers dequantizes
-# them to float32 (gguf.quants), ./run computes with them as they are (its
-# fast kernels with activations rounded to int8), and with quantized
-# weights it keeps its KV cache in float16, which is what differs (the
-# weights decode to the same numbers: test 1). Measured on these random
-# models: 3.4e-4 (worst row's largest difference, relative to its largest
-# logit), plain and fast kernels alike; the same files converted to f32,
-# which keeps an f32 cache, agree to 1e-6. Held to about six times that; a
-# wrong block layout or RoPE layout moves the logits by far more (even
-# the mixed file, whose Q4_0 and F16 matrices become q8_0, measures 9e-3).
-RUN_TOL = 2e-3
+# them to float32 (gguf.quants); ./run's plain kernels (run-plain) multiply
+# with the blocks dequantized to the same float32 numbers (test 1), and with
+# quantized weights it keeps its KV cache in float16, which is what
+# differs. Measured on these random models: 3.3e-4 (worst row's largest
+# difference, relative to its largest logit); the same files converted to
+# f32, which keeps an f32 cache, agree to 1e-6. Held to about six times
+# that: the mixed file, whose Q4_0 and F16 matrices become q8_0, already
+# measures 9e-3. The fast kernels round the activations to int8 as
+# llama.cpp's do: measured 1.8e-2, held to issue 23's bound, as close to
+# the exact dequantization as a q8_0 conversion of a Q4_K_M file (2.8e-2).
+PLAIN_TOL = 2e-3
+FAST_TOL = 2.8e-2
 PROMPT = [1, 40, 280, 7, 99, 12, 150, 2, 60]
+
+
+def check_against_run(model, theirs, tmp_path, n=12):
+    """./run's logits and greedy tokens on model against a transformers model, plain and fast kernels."""
+    expected = hf_greedy(theirs, PROMPT, n)
+    for binary, tol in ((RUN_PLAIN, PLAIN_TOL), (RUN, FAST_TOL)):
+        generated, ours = run_greedy(model, PROMPT, n, tmp_path, binary)
+        assert worst_relative(ours, hf_logits(theirs, PROMPT + generated[:-1])) < tol, binary
+        assert generated == expected, binary
 
 
 def test_run_on_kept_blocks_matches_transformers(kquant_gguf, tmp_path):
     d, _ = kquant_gguf
-    hf = load_gguf_model(d / "k.gguf")
-    generated, ours = run_greedy(d / "model.bin", PROMPT, 12, tmp_path)
-    assert worst_relative(ours, hf_logits(hf, PROMPT + generated[:-1])) < RUN_TOL
-    assert generated == hf_greedy(hf, PROMPT, 12)
+    check_against_run(d / "model.bin", load_gguf_model(d / "k.gguf"), tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -342,9 +351,7 @@ def test_hf_to_q4_k_m_to_gguf_loads_in_transformers(hf_quantized, tmp_path):
     theirs = load_gguf_model(d / "q4_k_m.gguf")
     ids = [1] + np.random.default_rng(6).integers(3, ARGS.vocab_size, 15).tolist()
     assert worst_relative(hf_logits(theirs, ids), hf_logits(model, ids)) < QUANTIZED_TOL
-    generated, ours = run_greedy(d / "model.bin", PROMPT, 12, tmp_path)
-    assert worst_relative(ours, hf_logits(theirs, PROMPT + generated[:-1])) < RUN_TOL
-    assert generated == hf_greedy(theirs, PROMPT, 12)
+    check_against_run(d / "model.bin", theirs, tmp_path)
 
 
 # ----------------------------------------------------------------------------
@@ -419,6 +426,4 @@ def test_qwen2_q_k_rows_of_blocks_go_out_and_back(kquant_gguf, tmp_path):
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", config=config,
                                                   torch_dtype=torch.float32).eval()
     assert theirs.config.model_type == "qwen2"
-    generated, ours = run_greedy(model, PROMPT, 8, tmp_path)
-    assert worst_relative(ours, hf_logits(theirs, PROMPT + generated[:-1])) < RUN_TOL
-    assert generated == hf_greedy(theirs, PROMPT, 8)
+    check_against_run(model, theirs, tmp_path, 8)
