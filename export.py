@@ -9,6 +9,7 @@ The work is done beside it:
 
   model.py                the plain PyTorch reference Llama that run.c is tested against
   convert/checkpoint.py   the checkpoint (model.bin): writer, reader, weight types
+  convert/kquants.py      the K types (llama.cpp's Q4_K, Q5_K, Q6_K blocks) and its mixes of them
   convert/sources.py      readers of reference, Meta, Hugging Face, llama2.c and GGUF models
   convert/tokenizers.py   tokenizer.bin from sentencepiece, tokenizer.json or GGUF metadata
   convert/gguf_out.py     a checkpoint written back as a GGUF file

@@ -354,6 +354,36 @@ def test_hf_to_q4_k_m_to_gguf_loads_in_transformers(hf_quantized, tmp_path):
     check_against_run(d / "model.bin", theirs, tmp_path)
 
 
+def test_q4_k_m_to_hf_is_its_dequantized_weights(hf_quantized, kquant_gguf, tmp_path):
+    """--to-hf writes the K blocks dequantized to float32: transformers on it
+    computes what transformers on the GGUF of the same blocks does (both
+    decode with gguf.quants' numbers; measured 0: the same float32 weights)."""
+    from transformers import LlamaForCausalLM
+    d, _, _ = hf_quantized
+    export_py(d / "model.bin", "--to-hf", tmp_path / "hf", "--tokenizer", kquant_gguf[0] / "tokenizer.bin")
+    ours = LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    theirs = load_gguf_model(d / "q4_k_m.gguf")
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(tensor, theirs.state_dict()[name]), name
+
+
+def test_non_finite_block_scale_is_refused(tmp_path):
+    """A K block whose float16 scale is NaN makes NaN weights: refused in one
+    line naming the file and the tensor, no checkpoint written."""
+    state = export.random_model(ARGS, seed=4).state_dict()
+    write_kquant_gguf(tmp_path / "k.gguf", state, K_FILE)
+    reader = gguf.GGUFReader(tmp_path / "k.gguf")
+    wq = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    data = bytearray((tmp_path / "k.gguf").read_bytes())
+    data[wq.data_offset + 144 * 3:wq.data_offset + 144 * 3 + 2] = np.array([np.nan], "<f2").tobytes()
+    (tmp_path / "k.gguf").write_bytes(data)
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), tmp_path / "model.bin", "--gguf", tmp_path / "k.gguf"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == f"export.py: {tmp_path / 'k.gguf'}: layers.1.attention.wq.weight holds NaN or infinite numbers\n"
+    assert not (tmp_path / "model.bin").exists()
+
+
 # ----------------------------------------------------------------------------
 # 4. Version 3 on the reader's side
 
