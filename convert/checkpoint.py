@@ -80,8 +80,11 @@ class Tensors(Mapping):
         self.block_types, self._block_readers, self.source_types = {}, {}, {}
 
     def add(self, name, shape, read):
+        """Add (or replace) the tensor name: a replaced matrix's blocks go with it."""
         self.shapes[name] = tuple(int(n) for n in shape)
         self._readers[name] = read
+        self.block_types.pop(name, None)
+        self._block_readers.pop(name, None)
 
     def add_blocks(self, name, dtype, read_blocks):
         """Say that the matrix name (added) is stored in the K type dtype:

@@ -246,6 +246,18 @@ def test_gguf_k_blocks_kept_and_written_back_bit_for_bit(file_types, tmp_path):
         assert np.array_equal(np.asarray(back[name].data).reshape(data.shape), data), name
 
 
+def test_a_matrix_replaced_is_encoded_not_copied(tmp_path):
+    """A K matrix of a GGUF set anew in the loaded tensors (as a test or a
+    fix-up does) is encoded from its new numbers, not copied from the file."""
+    write_kquant_gguf(tmp_path / "k.gguf", export.random_model(ARGS, seed=4).state_dict(), K_FILE)
+    args, tensors = export.load_gguf(str(tmp_path / "k.gguf"))
+    name = "layers.0.attention.wq.weight"
+    tensors[name] = np.zeros(tensors.shapes[name], np.float32)
+    export.write_checkpoint(tmp_path / "model.bin", args, tensors, dict(tensors.block_types, **{name: "q4_k"}))
+    _, decoded = export.read_checkpoint(tmp_path / "model.bin")
+    assert not decoded[name].any()
+
+
 def load_gguf_model(path):
     from transformers import LlamaConfig, LlamaForCausalLM
     path = Path(path)
