@@ -44,9 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Beside what the command line uses, the names that the tests, bench/ and
 # fuzz/make_seeds.py reach as export.X.
 from convert.checkpoint import (HEADER, MATRIX_TYPES, WEIGHT_TYPES, check_dtype, check_matrix_types,  # noqa: E402
-                                check_max_seq_len, check_rope_frequencies, decode_matrix, describe_types,
-                                encode_matrix, finite_tensors, read_checkpoint, read_checkpoint_arrays,
-                                write_checkpoint)
+                                check_max_seq_len, check_rope_frequencies, checkpoint_tensors, decode_matrix,
+                                describe_types, encode_matrix, finite_tensors, read_checkpoint,
+                                read_checkpoint_arrays, write_checkpoint)
 from convert.errors import ExportError  # noqa: E402
 from convert.files import read_json, regular_file  # noqa: E402
 from convert.gguf_out import write_gguf  # noqa: E402
