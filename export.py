@@ -9,6 +9,7 @@ The work is done beside it:
 
   model.py                the plain PyTorch reference Llama that run.c is tested against
   convert/checkpoint.py   the checkpoint (model.bin): writer, reader, weight types
+  convert/kquants.py      the K types (llama.cpp's Q4_K, Q5_K, Q6_K blocks) and its mixes of them
   convert/sources.py      readers of reference, Meta, Hugging Face, llama2.c and GGUF models
   convert/tokenizers.py   tokenizer.bin from sentencepiece, tokenizer.json or GGUF metadata
   convert/gguf_out.py     a checkpoint written back as a GGUF file
@@ -42,12 +43,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Beside what the command line uses, the names that the tests, bench/ and
 # fuzz/make_seeds.py reach as export.X.
-from convert.checkpoint import (HEADER, WEIGHT_TYPES, check_dtype, check_max_seq_len,  # noqa: E402
-                                check_rope_frequencies, decode_matrix, encode_matrix, finite_tensors,
-                                read_checkpoint, read_checkpoint_arrays, write_checkpoint)
+from convert.checkpoint import (HEADER, MATRIX_TYPES, WEIGHT_TYPES, check_dtype, check_matrix_types,  # noqa: E402
+                                check_max_seq_len, check_rope_frequencies, checkpoint_tensors, decode_matrix,
+                                describe_types, encode_matrix, finite_tensors, read_checkpoint,
+                                read_checkpoint_arrays, write_checkpoint)
 from convert.errors import ExportError  # noqa: E402
 from convert.files import read_json, regular_file  # noqa: E402
 from convert.gguf_out import write_gguf  # noqa: E402
+from convert.kquants import K_TYPES, MIXES, kquant_mix_types  # noqa: E402
 from convert.hf_out import interleaved_to_hf, write_hf  # noqa: E402
 from convert.sources import (GGUF_LAYER_NAMES, GGUF_NAMES, HF_LAYER_NAMES, HF_NAMES,  # noqa: E402
                              META_MAX_SEQ_LEN, _gguf_reader, gguf_dequantize, gguf_metadata,
@@ -77,6 +80,8 @@ examples:
   export.py tokenizer.bin --tokenizer-from ~/Llama-3.2-1B-Instruct   its tokenizer.json
   export.py tokenizer.bin --tokenizer-from tinyllama.Q4_K_M.gguf     the tokenizer in its metadata
   export.py model.bin --gguf SmolLM2-135M-Instruct.Q4_1.gguf   as q8_0; tokenizer.bin beside it
+  export.py model.bin --gguf Llama-3.2-1B-Instruct-Q4_K_M.gguf   its Q4_K and Q6_K blocks kept as they are
+  export.py model.bin --hf ~/TinyLlama-1.1B --dtype q4_k_m     quantized as llama.cpp's Q4_K_M
   export.py model.bin --hf ~/TinyLlama-1.1B --verify           then ./run checked against transformers
   export.py model.bin --to-gguf model.gguf       for llama.cpp and ollama (tokenizer.bin beside model.bin)
   export.py model.bin --to-hf TinyLlama-out      for transformers and vLLM
@@ -367,7 +372,6 @@ def convert(opts):
         if tokenizer:
             outputs.add(tokenizer_out)
 
-        dtype = opts.dtype or ("q8_0" if gguf_reader and gguf_quantized(gguf_reader) else "f32")
         with _reading(source):
             args, state_dict = LOADERS[kind](gguf_reader or source)
             if opts.max_seq_len:
@@ -375,13 +379,18 @@ def convert(opts):
             if args.scaled_rope:    # from the source's tensor, or computed from its configuration
                 check_rope_frequencies(state_dict["rope_inv_freq"], source)
             state_dict = finite_tensors(state_dict, source)
-            check_dtype(args, dtype, source)
+            dtype = _weight_types(opts.dtype, args, state_dict, gguf_reader)
+            if isinstance(dtype, str):
+                check_dtype(args, dtype, source)
+            else:
+                check_matrix_types(args, dtype, source)
             check_max_seq_len(args, source)
         progress = Progress()
         # the tensors are read from the source as they are written
         with _reading(source), outputs.writing(opts.output) as tmp:
             size = write_checkpoint(tmp, args, state_dict, dtype, progress)
-        report = [f"wrote {opts.output}: {args.describe()}, {dtype}, {size} bytes in {progress.elapsed():.1f} s"]
+        report = [f"wrote {opts.output}: {args.describe()}, {describe_types(dtype)}, {size} bytes in "
+                  f"{progress.elapsed():.1f} s"] + _type_changes(dtype, state_dict, opts.dtype)
         if tokenizer:
             with _reading(tokenizer), outputs.writing(tokenizer_out) as tmp:
                 if opts.gguf:
@@ -399,13 +408,57 @@ def convert(opts):
     return report
 
 
+def _weight_types(asked, args, state_dict, gguf_reader):
+    """The weight types of the checkpoint's matrices: write_checkpoint()'s
+    dtype, one type or {matrix name: type}. asked: --dtype, or None.
+    A mix (q4_k_m, q5_k_m, q6_k) gives each matrix llama.cpp's type for it.
+    With no --dtype: f32, but for a GGUF file with quantized tensors, its
+    Q4_K, Q5_K and Q6_K matrices kept as they are and q8_0 for the others.
+    (A GGUF matrix already in the type asked is copied, never requantized.)"""
+    if asked in MIXES:
+        return kquant_mix_types(args, asked)
+    if asked:
+        return asked
+    if not (gguf_reader and gguf_quantized(gguf_reader)):
+        return "f32"
+    if not state_dict.block_types:
+        return "q8_0"
+    return {name: state_dict.block_types.get(name, "q8_0")
+            for name, shape in state_dict.shapes.items() if len(shape) == 2}
+
+
+def _type_changes(dtype, state_dict, asked):
+    """The one line that says which matrices were not written in the type
+    the user has: a GGUF's tensors written in another type ("12 Q5_0
+    tensors written as q8_0"; F16 and BF16 written as f32 keep their
+    numbers, and go unsaid), or the matrices of a K mix that fall back from
+    a K type (width not a multiple of 256); [] if none."""
+    types = dtype if isinstance(dtype, dict) else {name: dtype for name in state_dict.source_types}
+    changed = {}
+    for name, theirs in state_dict.source_types.items():
+        if theirs.lower() != types[name] and not (theirs in ("F16", "BF16") and types[name] == "f32"):
+            changed[theirs, types[name]] = changed.get((theirs, types[name]), 0) + 1
+    parts = [f"{n} {theirs} tensors written as {ours}" for (theirs, ours), n in changed.items()]
+    if asked in MIXES:
+        fallen = [kind for kind in types.values() if kind not in K_TYPES]
+        parts += [f"{fallen.count(kind)} matrices of width not a multiple of 256 written as {kind} "
+                  "(where llama.cpp falls back to Q5_0, Q5_1 or Q8_0)" for kind in sorted(set(fallen))]
+    return ["; ".join(parts)] if parts else []
+
+
+def _tolerance_type(dtype):
+    """The weight type whose --verify tolerance a checkpoint gets: its own,
+    or, for a checkpoint of several types, the loosest of them."""
+    return dtype if isinstance(dtype, str) else max(set(dtype.values()), key=TOLERANCE.get)
+
+
 def _verify(report, written, theirs, checkpoint, args, dtype, bos_id):
     """convert/verify.py's verify(), after report's files are written: any
     failure, a missing package included, is a VerificationFailed that says
     the files stay. theirs: makes the model on the other side."""
     what = ", ".join(map(str, written))
     try:
-        return verify(checkpoint, args, dtype, bos_id, theirs(), what)
+        return verify(checkpoint, args, _tolerance_type(dtype), bos_id, theirs(), what)
     except VerificationFailed as e:
         e.report = report + e.report
         raise
@@ -444,7 +497,7 @@ def _convert_out(opts):
                         raise
                     raise ExportError(target, e.strerror or str(e)) from None
             stored = (f"{weights} safetensors" if weights in ("f32", "bf16")
-                      else f"f32 safetensors: its {weights} weights dequantized")
+                      else f"f32 safetensors: its {describe_types(weights)} weights dequantized")
             arch = read_json(os.path.join(tmp, "config.json"))["architectures"][0]
             report = [f"wrote {target}: {arch} of {model} ({stored}) and {tokenizer}: "
                       f"{', '.join(sorted(os.listdir(tmp)))}"]
@@ -474,7 +527,8 @@ def _integer_up_to(most):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="export.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Write a run.c checkpoint (version 1; version 2 for q/k/v biases or scaled RoPE)\n"
+        description="Write a run.c checkpoint (version 1; version 2 for q/k/v biases or scaled RoPE;\n"
+                    "version 3 when the matrices' weight types differ, or are K types)\n"
                     "from one model source and, when the source comes with one, its tokenizer;\n"
                     "or write a tokenizer alone; or write a checkpoint and its tokenizer as a GGUF\n"
                     "file or a Hugging Face directory.")
@@ -503,24 +557,32 @@ def main(argv=None):
     source.add_argument("--to-gguf", metavar="FILE",
                         help="write the checkpoint MODEL and its tokenizer as a llama.cpp GGUF file (llama "
                              "architecture, qwen2 for a model with q/k/v biases; llama.cpp and ollama load it): the same numbers, f32 as F32, bf16 "
-                             "as BF16, q8_0 as Q8_0, q4_0 as Q4_0; needs numpy and gguf")
+                             "as BF16, q8_0 as Q8_0, q4_0 as Q4_0, q4_k, q5_k and q6_k as Q4_K, Q5_K and "
+                             "Q6_K, block for block; needs numpy and gguf")
     source.add_argument("--to-hf", metavar="DIR",
                         help="write the checkpoint MODEL and its tokenizer as a Hugging Face LlamaForCausalLM "
                              "(Qwen2ForCausalLM with q/k/v biases; scaled RoPE as config.json's rope_scaling) "
                              "directory (config.json, model.safetensors, tokenizer files) for transformers and "
-                             "vLLM: f32 and bf16 weights as they are, q8_0 and q4_0 dequantized to f32. DIR must "
+                             "vLLM: f32 and bf16 weights as they are, the quantized types dequantized to f32. DIR must "
                              "not exist, or be empty; it appears whole or not at all. Needs torch, safetensors, "
                              "transformers and tokenizers (and sentencepiece for a sentencepiece tokenizer)")
     parser.add_argument("--max-seq-len", metavar="N", type=_integer_up_to(MAX_SEQ_LEN),
                         help=f"context length for the header, at most {MAX_SEQ_LEN} (default: the source's; "
                              f"{META_MAX_SEQ_LEN} for --meta, whose params.json has none)")
-    parser.add_argument("--dtype", choices=list(WEIGHT_TYPES),
+    parser.add_argument("--dtype", choices=list(WEIGHT_TYPES) + list(MIXES),
                         help="how the matrices are stored: f32, bf16, q8_0 (int8) or q4_0 (4-bit), the last "
-                             "two with a float16 scale per 32 weights; norms stay f32. Default: f32, which "
-                             "keeps every weight of the source exactly; but q8_0 for a GGUF file with "
-                             "quantized tensors (Q4_K, Q8_0, ...): their weights then carry a few bits "
-                             "each, so f32 would only make the file 4 to 8 times larger, and q8_0 keeps a "
-                             "4-bit model's quality with half the bytes of bf16")
+                             "two with a float16 scale per 32 weights, every matrix alike; or q4_k_m, q5_k_m "
+                             "or q6_k, llama.cpp's mixes of its K types (blocks of 256 weights: Q4_K 4.5 bits "
+                             "a weight, Q5_K 5.5, Q6_K 6.56), each matrix in the type llama.cpp's quantizer "
+                             "gives it (the classifier and, in Q4_K_M and Q5_K_M, the value and down "
+                             "projections of some layers in Q6_K; q8_0 where a width is not a multiple of "
+                             "256). Norms stay f32. Default: f32, which keeps every weight of the source "
+                             "exactly; but for a GGUF file with quantized tensors, its Q4_K, Q5_K and Q6_K "
+                             "tensors kept as they are, bit for bit, and q8_0 for the others (Q8_0, Q4_0, "
+                             "Q5_0, Q2_K, IQ4_NL, ...: f32 would only make the file 4 to 8 times larger, and "
+                             "q8_0 keeps their quality with half the bytes of bf16), with a line saying "
+                             "which. A GGUF's K tensors already in the type asked are copied as they are; "
+                             "--dtype q8_0 (or any other single type) converts every tensor to it")
     parser.add_argument("--tokenizer-out", metavar="PATH",
                         help="where the tokenizer of --meta, --hf or --gguf goes "
                              "(default: tokenizer.bin beside OUTPUT)")

@@ -2,7 +2,7 @@
 
 import os
 
-from convert.checkpoint import read_checkpoint_arrays
+from convert.checkpoint import matrix_types, read_checkpoint_arrays
 from convert.errors import ExportError, blamed_on, np
 from convert.hf_out import interleaved_to_hf
 from convert.sources import GGUF_LAYER_NAMES, GGUF_NAMES
@@ -15,14 +15,17 @@ from model import rope_inverse_frequencies, rope_scaling_of
 # ignores merges (keeps a pre-token that is a token whole) for Llama 3's only.
 GGUF_PRETOKENIZER_NAMES = {PRETOK_GPT2: "gpt-2", PRETOK_DIGITS_GPT2: "smollm", PRETOK_LLAMA3: "llama-bpe",
                            PRETOK_QWEN2: "qwen2"}
-GGUF_FILE_TYPES = {"f32": 0, "q4_0": 2, "q8_0": 7, "bf16": 32}     # general.file_type: llama.cpp's LlamaFileType
+# general.file_type: llama.cpp's LlamaFileType of a file mostly in our type
+# (a K type: its _M mix, MOSTLY_Q4_K_M, MOSTLY_Q5_K_M, or MOSTLY_Q6_K)
+GGUF_FILE_TYPES = {"f32": 0, "q4_0": 2, "q8_0": 7, "bf16": 32, "q4_k": 15, "q5_k": 17, "q6_k": 18}
 
 
 def write_gguf(path, checkpoint, tokenizer=None):
     """Write a checkpoint of ours as a llama.cpp GGUF file that holds the
     same weights, bit for bit: q8_0 and q4_0 groups become Q8_0 and Q4_0
-    blocks (the scale, then the group's values), bf16 BF16, f32 F32; norms
-    and biases F32. The architecture is "llama", or "qwen2" for a model with
+    blocks (the scale, then the group's values), q4_k, q5_k and q6_k blocks
+    (GGUF's own) Q4_K, Q5_K and Q6_K, bf16 BF16, f32 F32; norms and biases
+    F32. The architecture is "llama", or "qwen2" for a model with
     q/k/v biases. llama.cpp's llama rotates interleaved RoPE pairs as we do
     (its converter permutes Hugging Face's q/k rows into Meta's layout, our
     hf_to_interleaved, and transformers' GGUF loader permutes them back), so
@@ -40,6 +43,8 @@ def write_gguf(path, checkpoint, tokenizer=None):
     size."""
     import gguf
     args, dtype, tensors = read_checkpoint_arrays(checkpoint)
+    types = matrix_types(args, dtype)
+    mostly = max(set(types.values()), key=list(types.values()).count)
     tok = load_tokenizer(tokenizer, args.vocab_size) if tokenizer else None
     if tok is None and args.vocab_size < 259:
         raise ExportError(path, f"vocab_size {args.vocab_size}: the stand-in vocabulary needs 259 tokens")
@@ -47,7 +52,7 @@ def write_gguf(path, checkpoint, tokenizer=None):
     factor = _linear_factor(args, tensors["rope_inv_freq"][0]) if args.scaled_rope else None
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(os.path.splitext(os.path.basename(checkpoint))[0])
-    writer.add_file_type(GGUF_FILE_TYPES[dtype])
+    writer.add_file_type(GGUF_FILE_TYPES[mostly])
     writer.add_context_length(args.max_seq_len)
     writer.add_embedding_length(args.dim)
     writer.add_block_count(args.n_layers)
@@ -80,8 +85,8 @@ def write_gguf(path, checkpoint, tokenizer=None):
         names.update({f"layers.{i}.{ours}.{kind}": f"blk.{i}.{theirs}.{kind}"
                       for theirs, ours in GGUF_LAYER_NAMES.items() for kind in ("weight", "bias")})
     names["rope_inv_freq"] = "rope_freqs.weight"
-    block = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
-             "bf16": gguf.GGMLQuantizationType.BF16}
+    block = {kind: gguf.GGMLQuantizationType[kind.upper()]
+             for kind in ("q8_0", "q4_0", "bf16", "q4_k", "q5_k", "q6_k")}
     for name, arrays in tensors.items():
         if name == "rope_inv_freq" and factor is not None:
             continue
@@ -90,16 +95,17 @@ def write_gguf(path, checkpoint, tokenizer=None):
         elif arch == "qwen2" and (".attention.wq." in name or ".attention.wk." in name):
             heads = args.n_heads if ".wq." in name else args.n_kv_heads
             arrays = [interleaved_to_hf(a, heads, args.head_dim) for a in arrays]
-        if arrays[0].ndim == 1 or dtype == "f32":
+        kind = types.get(name, "f32")
+        if arrays[0].ndim == 1 or kind == "f32":
             writer.add_tensor(names[name], arrays[0].astype(np.float32))
-        elif dtype == "bf16":                                # bytes (rows, 2 cols)
-            writer.add_tensor(names[name], arrays[0].view(np.uint8), raw_dtype=block[dtype])
+        elif kind in ("bf16", "q4_k", "q5_k", "q6_k"):       # bytes (rows, 2 cols), or (rows, blocks)
+            writer.add_tensor(names[name], arrays[0].view(np.uint8), raw_dtype=block[kind])
         else:                                                # (rows, groups, 2 + value bytes)
             values, scales = arrays
             rows, groups = scales.shape
             blocks = np.concatenate((scales.reshape(rows, groups, 1).view(np.uint8),
                                      values.view(np.uint8).reshape(rows, groups, -1)), axis=2)
-            writer.add_tensor(names[name], blocks.reshape(rows, -1), raw_dtype=block[dtype])
+            writer.add_tensor(names[name], blocks.reshape(rows, -1), raw_dtype=block[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

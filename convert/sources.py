@@ -9,6 +9,7 @@ import struct
 
 from convert.checkpoint import Tensors, _f32_bytes, check_rope_frequencies, check_state_dict, checkpoint_tensors
 from convert.errors import ExportError, need, np, torch
+from convert.kquants import GGML_TYPES as KQUANT_GGML_TYPES
 from convert.files import REQUIRED, checked_directory, json_field, read_json, regular_file
 from convert.gguf_layout import check_gguf_layout
 from convert.torch_zip import StoredTensor, read_torch_zip
@@ -490,7 +491,9 @@ def write_llama2c(path, args, state_dict):
 # that the package's gguf.quants dequantizes is read (F32, F16, BF16, Q4_0 ..
 # Q8_0, the K-quants Q2_K .. Q6_K, the IQ types, ...): each tensor's bytes are
 # read from the file and decoded to float32 as gguf.quants does, a few rows at
-# a time; other types are refused before anything is written.
+# a time; other types are refused before anything is written. A Q4_K, Q5_K or
+# Q6_K matrix also reads as its blocks, bit for bit (Tensors.blocks), so that
+# the checkpoint can keep them.
 
 GGUF_FLOAT_TYPES = (0, 1, 30)   # ggml types F32, F16, BF16: a source in these is not quantized
 GGUF_NAMES = {              # GGUF tensor name -> ours ({i}: the layer)
@@ -604,14 +607,21 @@ def load_gguf(source):
         norm_eps=meta(f"{arch}.attention.layer_norm_rms_epsilon"), tied="output.weight" not in tensors,
         attention_bias=arch == "qwen2", scaled_rope=scaling == "linear" or "rope_freqs.weight" in tensors)
 
-    def read(t, name, shape):
-        """The tensor t as ours: qwen2's q/k rows (weights and biases) from
-        Hugging Face's layout, as load_hf() permutes them."""
-        weights = _gguf_tensor(path, t, shape)
+    def ours(rows, name):
+        """A tensor's rows (weights, or a K matrix's rows of blocks) as
+        ours: qwen2's q/k rows (weights and biases) from Hugging Face's
+        layout, as load_hf() permutes them. A permutation of whole rows
+        leaves each row's blocks as they are."""
         if arch == "qwen2" and (".attention.wq." in name or ".attention.wk." in name):
             heads = args.n_heads if ".wq." in name else args.n_kv_heads
-            return hf_to_interleaved(weights, heads, args.head_dim)
-        return weights
+            return hf_to_interleaved(rows, heads, args.head_dim)
+        return rows
+
+    def read(t, name, shape):
+        return ours(_gguf_tensor(path, t, shape), name)
+
+    def read_blocks(t, name, shape):
+        return ours(_read_at(path, t.data_offset, np.uint8, int(t.n_bytes)).reshape(shape[0], -1), name)
 
     state_dict, problems = Tensors(), {}    # problems: ggml type -> why it cannot be read, or None
     for t in reader.tensors:
@@ -632,6 +642,11 @@ def load_gguf(source):
             divisors = _gguf_tensor(path, t, shape)
             continue
         state_dict.add(name, shape, lambda t=t, name=name, shape=shape: read(t, name, shape))
+        if len(shape) == 2:
+            state_dict.source_types[name] = t.tensor_type.name
+        kquant = next((kind for kind, number in KQUANT_GGML_TYPES.items() if number == ggml_type), None)
+        if kquant and len(shape) == 2:
+            state_dict.add_blocks(name, kquant, lambda t=t, name=name, shape=shape: read_blocks(t, name, shape))
     if args.scaled_rope:    # llama.cpp's frequency: base / rope_freqs, times 1 / factor for linear
         if "rope_freqs.weight" not in tensors:
             divisors = np.ones(args.head_dim // 2, np.float32)

@@ -36,6 +36,14 @@ def checkpoint_seeds(out):
     args = export.ModelArgs(dim=8, hidden_dim=12, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4, vocab_size=10,
                             max_seq_len=4, attention_bias=True, scaled_rope=True)
     export.write_checkpoint(out / "ours-v2.bin", args, export.random_model(args, 0).state_dict())
+    # version 3: a type for each matrix (the K types, which need widths of 256, make a seed of
+    # 280 KB; these four exercise the table as well)
+    args = export.ModelArgs(dim=32, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                            vocab_size=10, max_seq_len=4, tied=False)
+    names = [name for name, shape in export.checkpoint_tensors(args) if len(shape) == 2]
+    kinds = ["f32", "q8_0", "q4_0", "bf16"]
+    export.write_checkpoint(out / "ours-v3.bin", args, export.random_model(args, 0).state_dict(),
+                            {name: kinds[i % len(kinds)] for i, name in enumerate(names)})
 
 
 def llama2c_tokenizer(sp):
@@ -86,7 +94,8 @@ def cli_seeds(out):
 
 def export_seeds(out):
     """For fuzz_export.py, a byte that picks the source, then its file: 0
-    and a GGUF file (f32, q8_0, Llama 3's RoPE scaling as rope_freqs), 1 and
+    and a GGUF file (f32, q8_0, Llama 3's RoPE scaling as rope_freqs, Q4_K
+    and Q6_K blocks), 1 and
     Meta's consolidated.00.pth (its params.json is fuzz_export.PARAMS)."""
     import torch
     from model import META_LLAMA3_SCALING
@@ -102,6 +111,11 @@ def export_seeds(out):
             export.write_checkpoint(f"{tmp}/{name}.bin", a, s, dtype)
             export.write_gguf(f"{tmp}/{name}.gguf", f"{tmp}/{name}.bin")
             (out / f"gguf-{name}").write_bytes(b"\0" + Path(f"{tmp}/{name}.gguf").read_bytes())
+        k_args = dataclasses.replace(args, dim=256, hidden_dim=256, n_heads=2, head_dim=128)   # K widths: 256
+        export.write_checkpoint(f"{tmp}/k.bin", k_args, export.random_model(k_args, 0).state_dict(),
+                                export.kquant_mix_types(k_args, "q4_k_m"))
+        export.write_gguf(f"{tmp}/k.gguf", f"{tmp}/k.bin")
+        (out / "gguf-q4_k_m").write_bytes(b"\0" + Path(f"{tmp}/k.gguf").read_bytes())
         torch.save(state, f"{tmp}/meta.pth")
         (out / "meta").write_bytes(b"\1" + Path(f"{tmp}/meta.pth").read_bytes())
 

@@ -328,16 +328,31 @@ def test_k_quant_gguf_matches_transformers(k_quant_gguf, tmp_path):
 
 
 def test_quantized_gguf_becomes_q8_0_unless_asked(k_quant_gguf, tmp_path):
-    """--dtype's default: q8_0 for a file with quantized tensors, f32 for one
-    in F32, F16 and BF16 only."""
+    """--dtype's default: for a file with quantized tensors, its Q4_K, Q5_K
+    and Q6_K matrices kept (a version 3 checkpoint, a type per matrix) and
+    q8_0 for the others, said in one line; f32 for one in F32, F16 and BF16
+    only."""
     tokens, merges = tiny_bytelevel_vocab()
     write_random_gguf(tmp_path / "f16.gguf", tokens, merges, {key: "F16" for key in MIXED})
-    for gguf_file, dtype in [(k_quant_gguf / "k.gguf", "q8_0"), (tmp_path / "f16.gguf", "f32")]:
+    for gguf_file, dtype in [(k_quant_gguf / "k.gguf", None), (tmp_path / "f16.gguf", "f32")]:
         out = tmp_path / f"{dtype}.bin"
         p = subprocess.run([sys.executable, str(ROOT / "export.py"), out, "--gguf", gguf_file,
                             "--tokenizer-out", tmp_path / "tokenizer.bin"], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
-        assert header(out)["weight_type"] == export.WEIGHT_TYPES[dtype]
+        if dtype:
+            assert header(out)["weight_type"] == export.WEIGHT_TYPES[dtype]
+            continue
+        assert (header(out)["version"], header(out)["weight_type"]) == (3, 0xFFFFFFFF)
+        _, types, _ = export.read_checkpoint_arrays(out)
+        kept = {"Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
+        ours = {"token_embd": "tok_embeddings", "attn_q": "attention.wq", "attn_k": "attention.wk",
+                "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1",
+                "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2", "output": "output"}
+        for name, kind in types.items():
+            source = next(theirs for key, theirs in K_TYPES.items() if f"{ours[key]}.weight" in name)
+            assert kind == kept.get(source, "q8_0"), name
+        assert "2 Q3_K tensors written as q8_0; 2 IQ4_NL tensors written as q8_0; 2 Q2_K tensors written as q8_0" \
+            in p.stdout.splitlines(), p.stdout
 
 
 def reference_tokenizer():
@@ -556,6 +571,23 @@ def test_make_demo_answers(smollm2):
     p = subprocess.run(["make", "-s", "demo"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Paris" in p.stdout.splitlines()[-1], p.stdout
+
+
+def test_smollm2_q4_k_m_answers_the_demo_question(smollm2, tmp_path):
+    """The demo's GGUF requantized with --dtype q4_k_m: only the down
+    projections (width 1536) take K types, as in llama.cpp's Q4_K_M of
+    SmolLM2; every matrix of width 576, not a multiple of 256, falls back
+    to q8_0 (llama.cpp's Q5_0 / Q8_0), which the one line says. It still
+    answers make demo's question."""
+    out = tmp_path / "smollm2-q4_k_m.bin"
+    p = subprocess.run([sys.executable, str(ROOT / "export.py"), str(out), "--gguf", str(GGUF_DIR / GGUF_NAME),
+                        "--dtype", "q4_k_m", "--tokenizer-out", str(tmp_path / "tokenizer.bin")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "q8_0 x 181, q4_k x 16, q6_k x 14" in p.stdout, p.stdout
+    assert "181 matrices of width not a multiple of 256 written as q8_0" in p.stdout, p.stdout
+    answer = run([out, "-z", tmp_path / "tokenizer.bin", "-m", "chat", "-t", 0, "-i", "What is the capital of France?"])
+    assert "Paris" in answer.stdout.splitlines()[-1], answer.stdout
 
 
 @pytest.fixture(scope="module")
