@@ -525,7 +525,8 @@ def main(argv=None):
     parser.add_argument("--tokenizer", metavar="PATH",
                         help="with --to-gguf or --to-hf: the tokenizer.bin to write with the model "
                              "(default: tokenizer.bin beside MODEL)")
-    thresholds = "; ".join(f"{dtype} {mean:g}, {p99:g}, {top1:.0%}" for dtype, (mean, p99, top1) in THRESHOLDS.items())
+    thresholds = "; ".join(f"{dtype} {mean:g}, {p99:g}, {100 * top1:.0f}%%"    # argparse formats help with %
+                           for dtype, (mean, p99, top1) in THRESHOLDS.items())
     parser.add_argument("--verify", action="store_true",
                         help="once written, run ./run (beside export.py) and the source model the way its own "
                              "ecosystem does (transformers for --hf and --gguf, and for the files --to-gguf and "
