@@ -113,16 +113,20 @@ def verify_tokens(tokenizer, vocab_size, max_seq_len):
     return ids[:max_seq_len], what
 
 
-def run_logits(checkpoint, ids, vocab_size):
-    """./run on checkpoint over ids: the logits of every position, (len(ids), vocab_size)."""
+def run_logits(checkpoint, ids, args):
+    """./run on checkpoint (of args) over ids: the logits of every position,
+    (len(ids), vocab_size). Its KV cache holds those positions, not the
+    model's whole context (128k positions in Llama 3 take gigabytes)."""
+    context = min(len(ids) + 1, args.max_seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         logits_path = os.path.join(tmp, "logits.bin")
         _run([os.path.abspath(checkpoint), "--tokens", " ".join(map(str, ids)), "-n", "1", "-t", "0",
-              "--logits", logits_path], checkpoint)
+              "-c", str(context), "--logits", logits_path], checkpoint)
         logits = np.fromfile(logits_path, dtype="<f4")
-    if logits.size != len(ids) * vocab_size:
-        raise ExportError(checkpoint, f"./run gave {logits.size / vocab_size:g} rows of logits, expected {len(ids)}")
-    return logits.reshape(len(ids), vocab_size)
+    if logits.size != len(ids) * args.vocab_size:
+        raise ExportError(checkpoint, f"./run gave {logits.size / args.vocab_size:g} rows of logits, "
+                                      f"expected {len(ids)}")
+    return logits.reshape(len(ids), args.vocab_size)
 
 
 class Reference:
@@ -192,7 +196,7 @@ def verify(checkpoint, args, dtype, tokenizer, theirs, what):
     raises VerificationFailed (with them) when a metric is past THRESHOLDS[dtype].
     what: the files written, for the message."""
     ids, text = verify_tokens(tokenizer, args.vocab_size, args.max_seq_len)
-    kl, agree, worst = compare(run_logits(checkpoint, ids, args.vocab_size), theirs.logits(ids))
+    kl, agree, worst = compare(run_logits(checkpoint, ids, args), theirs.logits(ids))
     mean_kl, p99_kl, top1 = float(kl.mean()), float(np.percentile(kl, 99)), float(agree.mean())
     most_mean, most_p99, least_top1 = THRESHOLDS[dtype]
     kept = "keeps the weights" if dtype == "f32" else "rounds the weights"
