@@ -4258,6 +4258,23 @@ typedef struct {
     const QuantizedVector *x;
 } QgemmTile;
 
+/* out[t][r] for the tile's nt tokens and rows: the 8 lanes of each sum
+   added as ((0+4)+(2+6))+((1+5)+(3+7)), to what out holds with accumulate. */
+AVX512_INLINE void store_tile_sums(const QgemmTile *tile, __m512 lanes[8][QGEMM_TOKENS][2], const int nt) {
+    __mmask16 m[2] = {tail_mask(tile->rows), tail_mask(tile->rows - 16)};
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < 2; h++) {
+            __m512 even = _mm512_add_ps(_mm512_add_ps(lanes[0][t][h], lanes[4][t][h]),
+                                        _mm512_add_ps(lanes[2][t][h], lanes[6][t][h]));
+            __m512 odd = _mm512_add_ps(_mm512_add_ps(lanes[1][t][h], lanes[5][t][h]),
+                                       _mm512_add_ps(lanes[3][t][h], lanes[7][t][h]));
+            __m512 sum = _mm512_add_ps(even, odd);
+            float *o = tile->out + (size_t)(tile->t0 + t) * tile->ldo + 16 * h;
+            if (tile->accumulate) sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m[h], o), sum);
+            _mm512_mask_storeu_ps(o, m[h], sum);
+        }
+}
+
 /* For each group, int32 sums of 16 rows at once (vpdpbusd: 4 weights of
    16 rows times 4 inputs of one token, broadcast), started at -offset
    times the sum of the token's group; then the float sums in the order of the one-token kernels:
@@ -4265,8 +4282,7 @@ typedef struct {
    in `lanes`, then the lanes added. With accumulate, the result is added
    to what out holds. */
 AVX512_INLINE void qgemm_tile_body(const QgemmTile *tile, const int nt) {
-    float *out = tile->out;
-    int ldo = tile->ldo, cols = tile->cols, t0 = tile->t0;
+    int cols = tile->cols, t0 = tile->t0;
     const uint32_t *values = tile->values;
     const float *scales = tile->scales;
     const QuantizedVector *x = tile->x;
@@ -4300,18 +4316,7 @@ AVX512_INLINE void qgemm_tile_body(const QgemmTile *tile, const int nt) {
         }
         for (int t = 0; t < nt; t++) lanes[lane][t][0] = acc[t][0], lanes[lane][t][1] = acc[t][1];
     }
-    __mmask16 m[2] = {tail_mask(tile->rows), tail_mask(tile->rows - 16)};
-    for (int t = 0; t < nt; t++)
-        for (int h = 0; h < 2; h++) {
-            __m512 even = _mm512_add_ps(_mm512_add_ps(lanes[0][t][h], lanes[4][t][h]),
-                                        _mm512_add_ps(lanes[2][t][h], lanes[6][t][h]));
-            __m512 odd = _mm512_add_ps(_mm512_add_ps(lanes[1][t][h], lanes[5][t][h]),
-                                       _mm512_add_ps(lanes[3][t][h], lanes[7][t][h]));
-            __m512 sum = _mm512_add_ps(even, odd);
-            float *o = out + (size_t)(t0 + t) * ldo + 16 * h;
-            if (tile->accumulate) sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m[h], o), sum);
-            _mm512_mask_storeu_ps(o, m[h], sum);
-        }
+    store_tile_sums(tile, lanes, nt);
 }
 
 /* matmul_q8_0() or matmul_q4_0() for a batch, rows r0 .. r1 - 1 (r0 a
@@ -4383,7 +4388,7 @@ AVX512 static void kgemm_pack_avx512(uint32_t *values, float *scales, float *min
    (q6_k: of each sub-block, from -32 X_s, times its scale), then the
    float steps of k_block_avx512() in its order, lane by lane. */
 AVX512_INLINE void kgemm_tile_body(const QgemmTile *tile, const int nt, const int q6) {
-    int ldo = tile->ldo, cols = tile->cols, t0 = tile->t0, groups = cols / GROUP_SIZE;
+    int cols = tile->cols, t0 = tile->t0, groups = cols / GROUP_SIZE;
     const QuantizedVector *x = tile->x;
     __m512 lanes[8][QGEMM_TOKENS][2];
     for (int lane = 0; lane < 8; lane++) {
@@ -4429,15 +4434,7 @@ AVX512_INLINE void kgemm_tile_body(const QgemmTile *tile, const int nt, const in
         }
         for (int t = 0; t < nt; t++) lanes[lane][t][0] = acc[t][0], lanes[lane][t][1] = acc[t][1];
     }
-    __mmask16 m[2] = {tail_mask(tile->rows), tail_mask(tile->rows - 16)};
-    for (int t = 0; t < nt; t++)
-        for (int h = 0; h < 2; h++) {
-            __m512 even = _mm512_add_ps(_mm512_add_ps(lanes[0][t][h], lanes[4][t][h]),
-                                        _mm512_add_ps(lanes[2][t][h], lanes[6][t][h]));
-            __m512 odd = _mm512_add_ps(_mm512_add_ps(lanes[1][t][h], lanes[5][t][h]),
-                                       _mm512_add_ps(lanes[3][t][h], lanes[7][t][h]));
-            _mm512_mask_storeu_ps(tile->out + (size_t)(t0 + t) * ldo + 16 * h, m[h], _mm512_add_ps(even, odd));
-        }
+    store_tile_sums(tile, lanes, nt);
 }
 
 /* matmul_k() for a batch, rows r0 .. r1 - 1 (r0 a multiple of 32, at most

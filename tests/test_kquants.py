@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from convert import checkpoint, kquants  # noqa: E402
 from test_smollm2 import tiny_bytelevel_vocab  # noqa: E402
+from test_gguf_sentencepiece import export_py  # noqa: E402
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
 RUN_PLAIN = Path(os.environ.get("RUN_PLAIN_BINARY", ROOT / "run-plain"))
@@ -210,12 +211,6 @@ def write_kquant_gguf(path, state_dict, file_types):
     w.write_tensors_to_file()
     w.close()
     return kept
-
-
-def export_py(*argv):
-    p = subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, argv)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    return p.stdout
 
 
 @pytest.fixture(scope="module")
