@@ -297,8 +297,8 @@ typedef struct {
 typedef struct {
     int8_t *q;           // (n) values in -127..127
     float *d;            // (n / GROUP_SIZE) scale of each group
-    int32_t *half_sums;  // (n / 16) the sum of each 16 values of q, which the
-                         // fast kernels of the appendix take, filled by them
+    int32_t *half_sums;  // (n / 16) the sum of each 16 values of q, and
+    int32_t *group_sums; // (n / GROUP_SIZE) of each group, for the fast kernels
 } QuantizedVector;
 
 /* The input x (n, cols) of the matrix products under way, in the forms the
@@ -824,13 +824,14 @@ static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_S
     }
 }
 
-/* out->half_sums (n / 16) = the sums of each 16 values of out->q (n). */
+/* The sums of out->q (n values) by halves of groups and by groups. */
 static void sum_halves(QuantizedVector *out, int n) {
     for (int h = 0; h < n / 16; h++) {
         int32_t sum = 0;
         for (int i = 0; i < 16; i++) sum += out->q[16 * h + i];
         out->half_sums[h] = sum;
     }
+    for (int g = 0; g < n / GROUP_SIZE; g++) out->group_sums[g] = out->half_sums[2 * g] + out->half_sums[2 * g + 1];
 }
 
 /* Quantizes x (n, a multiple of GROUP_SIZE) group by group. */
@@ -857,7 +858,7 @@ static void quantize_remainder(QuantizedVector *rest, const float *x, const Quan
 /* Row t of a batch of quantized vectors of n values each. */
 static QuantizedVector quantized_row(const QuantizedVector *x, int t, int n) {
     return (QuantizedVector){x->q + (size_t)t * n, x->d + (size_t)t * (n / GROUP_SIZE),
-                             x->half_sums + (size_t)t * (n / 16)};
+                             x->half_sums + (size_t)t * (n / 16), x->group_sums + (size_t)t * (n / GROUP_SIZE)};
 }
 
 /* Puts the input x (n, cols) of products with weights of the given types
@@ -1245,10 +1246,11 @@ static void alloc_quantized(QuantizedVector *v, size_t n, const char *what) {
     v->q = xcalloc(n + 1, 1, what);
     v->d = xcalloc(n / GROUP_SIZE + 1, sizeof(float), what);
     v->half_sums = xcalloc(n / 16 + 1, sizeof(int32_t), what);
+    v->group_sums = xcalloc(n / GROUP_SIZE + 1, sizeof(int32_t), what);
 }
 
 static void free_quantized(QuantizedVector *v) {
-    free(v->q), free(v->d), free(v->half_sums);
+    free(v->q), free(v->d), free(v->half_sums), free(v->group_sums);
 }
 
 /* Turns the trace on, with room for a whole batch. */
@@ -3851,15 +3853,16 @@ AVX2_INLINE __m256 k_block_avx2(__m256 acc, const KBlockAvx2 *k, const Quantized
     }
     __m256i sums = lane_sums8_avx2(dot);
     __m256 dx = _mm256_loadu_ps(x->d + g);
-    __m256i lo = _mm256_loadu_si256((const __m256i *)(x->half_sums + 2 * g));
-    __m256i hi = _mm256_loadu_si256((const __m256i *)(x->half_sums + 2 * g + 8));
     if (type == WEIGHT_Q6_K) { // minus 32 scale_s X_s
+        __m256i lo = _mm256_loadu_si256((const __m256i *)(x->half_sums + 2 * g));
+        __m256i hi = _mm256_loadu_si256((const __m256i *)(x->half_sums + 2 * g + 8));
         __m256i pairs = pair_sums_avx2(_mm256_mullo_epi32(lo, k->sub_scales[0]), _mm256_mullo_epi32(hi, k->sub_scales[1]));
         sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(pairs, 5));
         return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
     }
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
-    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pair_sums_avx2(lo, hi)), _mm256_mul_ps(k->min, dx), acc);
+    __m256i inputs = _mm256_loadu_si256((const __m256i *)(x->group_sums + g));
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(inputs), _mm256_mul_ps(k->min, dx), acc);
 }
 
 #define KTILE_TOKENS 4 // tokens that share a block's unpacking
@@ -3907,7 +3910,7 @@ static void matmul_k_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, 
    each four products into an int32 lane. The kernels add an offset to each
    weight to make it unsigned (128 for q8_0, 8 for q4_0); a group's sum
    starts from -offset * (the sum of the group's inputs, from the input's
-   half_sums), which takes it off again, so that it is the exact signed dot
+   group_sums), which takes it off again, so that it is the exact signed dot
    product of the group.
 
    A row's float result from its group sums is the same in every kernel
@@ -3947,12 +3950,6 @@ AVX512_INLINE __m256i group_sums(const __m512i dot[4]) {
     return _mm256_set_m128i(_mm_unpackhi_epi32(even, odd), _mm_unpacklo_epi32(even, odd));
 }
 
-/* The sums of the inputs of groups g .. g + m - 1 (m <= 8), from their half sums. */
-AVX512_INLINE __m256i input_group_sums(const QuantizedVector *x, int g, int m) {
-    __m512i halves = _mm512_maskz_loadu_epi32((__mmask16)((1u << 2 * m) - 1), x->half_sums + 2 * g);
-    return _mm512_cvtepi64_epi32(_mm512_add_epi32(halves, _mm512_srli_epi64(halves, 32))); // low + high half
-}
-
 /* acc (the 8 lanes above) after the groups g .. g + m - 1 (m <= 8) of row w
    with scales wd, times x. */
 AVX512_INLINE __m256 dot_groups_avx512(__m256 acc, const void *w, const uint16_t *wd, const QuantizedVector *x,
@@ -3967,7 +3964,8 @@ AVX512_INLINE __m256 dot_groups_avx512(__m256 acc, const void *w, const uint16_t
                              : q8_bytes((const int8_t *)w + k, bytes);
         dot[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_maskz_loadu_epi8(bytes, x->q + k));
     }
-    __m256i sums = _mm256_sub_epi32(group_sums(dot), _mm256_slli_epi32(input_group_sums(x, g, m), q4 ? 3 : 7));
+    __m256i inputs = _mm256_maskz_loadu_epi32(gm, x->group_sums + g);
+    __m256i sums = _mm256_sub_epi32(group_sums(dot), _mm256_slli_epi32(inputs, q4 ? 3 : 7));
     __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(gm, wd + g)), _mm256_maskz_loadu_ps(gm, x->d + g));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
 }
@@ -4091,7 +4089,8 @@ AVX512_INLINE __m256 k_block_avx512(__m256 acc, const KBlock *k, const Quantized
         return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
     }
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
-    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(input_group_sums(x, g, 8)), _mm256_mul_ps(k->min, dx), acc);
+    __m256i inputs = _mm256_loadu_si256((const __m256i *)(x->group_sums + g));
+    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(inputs), _mm256_mul_ps(k->min, dx), acc);
 }
 
 /* Rows r0 .. r1 - 1 times one token's quantized input x. */
@@ -4279,8 +4278,7 @@ AVX512_INLINE void qgemm_tile_body(const QgemmTile *tile, const int nt) {
         for (int g = lane; g < groups; g += 8) {
             __m512i sum[QGEMM_TOKENS][2];
             for (int t = 0; t < nt; t++) {
-                const int32_t *half = x->half_sums + ((size_t)(t0 + t) * groups + g) * 2;
-                sum[t][0] = sum[t][1] = _mm512_set1_epi32(-tile->offset * (half[0] + half[1]));
+                sum[t][0] = sum[t][1] = _mm512_set1_epi32(-tile->offset * x->group_sums[(size_t)(t0 + t) * groups + g]);
             }
             const uint32_t *v = values + (size_t)g * (GROUP_SIZE / 4) * QGEMM_ROWS;
             for (int j = 0; j < GROUP_SIZE / 4; j++) {
@@ -4423,7 +4421,7 @@ AVX512_INLINE void kgemm_tile_body(const QgemmTile *tile, const int nt, const in
                                        : sum[t][h][0];
                     acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, dx), acc[t][h]);
                     if (!q6) {
-                        __m512 inputs = _mm512_set1_ps((float)(x->half_sums[2 * at] + x->half_sums[2 * at + 1]));
+                        __m512 inputs = _mm512_set1_ps((float)x->group_sums[at]);
                         acc[t][h] = _mm512_fnmadd_ps(inputs, _mm512_mul_ps(min, dx), acc[t][h]);
                     }
                 }

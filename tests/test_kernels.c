@@ -225,6 +225,8 @@ static void test_quantize_vector(void) {
             for (int i = 0; i < 16; i++) sum += q.q[16 * h + i];
             expect("quantize_vector half sums", n, h, 0, q.half_sums[h], sum, 0);
         }
+        for (int g = 0; g < n / GROUP_SIZE; g++)
+            expect("quantize_vector group sums", n, g, 0, q.group_sums[g], q.half_sums[2 * g] + q.half_sums[2 * g + 1], 0);
         /* the second part: x ~ d q + d' q', d' at most d / 254, within d' / 2 */
         QuantizedVector rest;
         alloc_quantized(&rest, n, "rest");
