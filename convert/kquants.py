@@ -28,10 +28,12 @@ def _dot(a, b):
 
 
 def _fit_error(scale, low, sums, level_sums):
-    """sum w (scale l + low - x)^2 of each sub-block, from the sums alone."""
+    """sum w (scale l + low - x)^2 of each sub-block, from the sums alone
+    (NaN for a fit that failed, which no comparison then picks)."""
     sw, sx, sx2 = sums
     sl, sl2, sxl = level_sums
-    return scale * scale * sl2 + 2 * scale * (low * sl - sxl) + low * low * sw - 2 * low * sx + sx2
+    with np.errstate(invalid="ignore", over="ignore"):
+        return scale * scale * sl2 + 2 * scale * (low * sl - sxl) + low * low * sw - 2 * low * sx + sx2
 
 
 def _least_squares(sums, level_sums):
