@@ -64,8 +64,8 @@ from convert.tokenizers import (CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3, CHAT_LLAM
                                 TOKF_IGNORE_MERGES, TOKF_NFC, gguf_chat_template, gpt2_bytes_to_unicode,
                                 read_tokenizer, write_tokenizer, write_tokenizer_from, write_tokenizer_gguf,
                                 write_tokenizer_hf_json, write_tokenizer_sentencepiece)
-from convert.verify import TOLERANCE, Transformers, VerificationFailed, source_model, verify  # noqa: E402
-from convert.vocab_out import default_tokenizer, load_tokenizer  # noqa: E402
+from convert.verify import THRESHOLDS, Transformers, VerificationFailed, source_model, verify  # noqa: E402
+from convert.vocab_out import default_tokenizer  # noqa: E402
 from model import (MAX_SEQ_LEN, Llama, ModelArgs, generate_greedy, random_model,  # noqa: E402
                    rope_inverse_frequencies, rope_scaling_of)
 
@@ -402,9 +402,8 @@ def convert(opts):
             report.append(f"wrote {tokenizer_out}: tokenizer of {tokenizer}, {size} bytes")
     if opts.verify:
         written = [opts.output] + ([tokenizer_out] if tokenizer else [])
-        bos = load_tokenizer(tokenizer_out, args.vocab_size)["bos_id"] if tokenizer else None
         report += _verify(report, written, lambda: source_model(kind, source, args, state_dict),
-                          opts.output, args, dtype, bos)
+                          opts.output, args, dtype, tokenizer_out if tokenizer else None, opts.dtype)
     return report
 
 
@@ -446,19 +445,24 @@ def _type_changes(dtype, state_dict, asked):
     return ["; ".join(parts)] if parts else []
 
 
-def _tolerance_type(dtype):
-    """The weight type whose --verify tolerance a checkpoint gets: its own,
-    or, for a checkpoint of several types, the loosest of them."""
-    return dtype if isinstance(dtype, str) else max(set(dtype.values()), key=TOLERANCE.get)
+def _tolerance_type(dtype, asked):
+    """The weight type whose --verify bounds a checkpoint gets: its own, or,
+    for a checkpoint of several types, the loosest of them. A GGUF's K
+    blocks kept as they are (no --dtype) count as q8_0: they lose only
+    what ./run's int8 activations do, as q8_0 does."""
+    if isinstance(dtype, str):
+        return dtype
+    kept = {t if asked or t not in K_TYPES else "q8_0" for t in dtype.values()}
+    return max(kept, key=lambda t: THRESHOLDS[t][0])
 
 
-def _verify(report, written, theirs, checkpoint, args, dtype, bos_id):
+def _verify(report, written, theirs, checkpoint, args, dtype, tokenizer, asked):
     """convert/verify.py's verify(), after report's files are written: any
     failure, a missing package included, is a VerificationFailed that says
-    the files stay. theirs: makes the model on the other side."""
+    the files stay. theirs: makes the model on the other side; asked: --dtype."""
     what = ", ".join(map(str, written))
     try:
-        return verify(checkpoint, args, _tolerance_type(dtype), bos_id, theirs(), what)
+        return verify(checkpoint, args, _tolerance_type(dtype, asked), tokenizer, theirs(), what)
     except VerificationFailed as e:
         e.report = report + e.report
         raise
@@ -504,10 +508,9 @@ def _convert_out(opts):
     if opts.verify:
         with _reading(model):
             args, dtype, _ = read_checkpoint_arrays(model)
-        bos = load_tokenizer(tokenizer, args.vocab_size)["bos_id"]
         theirs = ((lambda: Transformers(os.path.dirname(os.path.abspath(target)), os.path.basename(target)))
                   if opts.to_gguf else (lambda: Transformers(target)))
-        report += _verify(report, [target], theirs, model, args, dtype, bos)
+        report += _verify(report, [target], theirs, model, args, dtype, tokenizer, None)
     return report
 
 
@@ -589,15 +592,18 @@ def main(argv=None):
     parser.add_argument("--tokenizer", metavar="PATH",
                         help="with --to-gguf or --to-hf: the tokenizer.bin to write with the model "
                              "(default: tokenizer.bin beside MODEL)")
-    tolerances = ", ".join(f"{dtype} {tol:g}" for dtype, tol in TOLERANCE.items())
+    thresholds = "; ".join(f"{dtype} {mean:g}, {p99:g}, {100 * top1:.0f}%%"    # argparse formats help with %
+                           for dtype, (mean, p99, top1) in THRESHOLDS.items())
     parser.add_argument("--verify", action="store_true",
-                        help="once written, run ./run (beside export.py) on a fixed prompt of token ids and "
-                             "the source model the way its own ecosystem does (transformers for --hf and "
-                             "--gguf, and for the files --to-gguf and --to-hf write; model.py's reference for "
-                             "--reference, --meta and --llama2c); print the worst relative logit error (max "
-                             "over positions of max|diff| / max|logit|) and how many of 16 greedy tokens "
-                             f"agree. Exit 1 (the files stay) when the error is above the tolerance of the "
-                             f"checkpoint's weight type: {tolerances}")
+                        help="once written, run ./run (beside export.py) and the source model the way its own "
+                             "ecosystem does (transformers for --hf and --gguf, and for the files --to-gguf and "
+                             "--to-hf write; model.py's reference for --reference, --meta and --llama2c) over "
+                             "the same fixed text (random token ids without a tokenizer), each position "
+                             "predicting the next token; print the mean and 99th percentile over positions of "
+                             "the KL divergence of the next-token distributions, KL(source || ours), and the "
+                             "share of positions whose top token agrees. Exit 1 (the files stay) when one is "
+                             "past what the checkpoint's weight type allows (mean KL, 99th percentile, top "
+                             f"token share): {thresholds}")
     opts = parser.parse_args(argv)
     for name, value in vars(opts).items():
         if value == "":

@@ -23,7 +23,7 @@ runs is reported:
   %peak    that over the machine's peak for the kernels' instruction mix,
            measured by bench/peak beside every run as bandwidth is: f32 on
            f32 FMAs; bf16 on f32 FMAs too (its weights widen to f32);
-           q8_0 and q4_0 on int8 dot products
+           q8_0, q4_0 and q4_k_m on int8 dot products
   tg       generation, tokens per second
   GB/s     read bandwidth, measured by bench/membw before and after every
            run, with as many threads (the median of all readings)
@@ -77,6 +77,8 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
+from convert.checkpoint import checkpoint_tensors, matrix_types  # noqa: E402
+from convert.kquants import MIXES, kquant_mix_types  # noqa: E402
 
 SHAPES = {
     # name: the 110M Llama-2 shape of llama2.c's stories110M (tied), and a
@@ -92,8 +94,7 @@ SHAPES = {
     "tiny": dict(dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                  vocab_size=512, max_seq_len=128, tied=True),
 }
-DTYPES = ["f32", "bf16", "q8_0", "q4_0"]
-GGUF_TYPES = {"f32": "F32", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+DTYPES = ["f32", "bf16", "q8_0", "q4_0", "q4_k_m"]  # q4_k_m: llama.cpp's mix of Q4_K and Q6_K matrices
 
 
 def log(*a):
@@ -133,9 +134,14 @@ def make_models(out, models):
         state = export.random_model(args, seed=0).state_dict()
         for dtype in missing:
             tmp = model_path(out, shape, dtype).with_suffix(".tmp")
-            export.write_checkpoint(tmp, args, state, dtype)
+            export.write_checkpoint(tmp, args, state, weight_types(args, dtype))
             tmp.rename(model_path(out, shape, dtype))
         del state
+
+
+def weight_types(args, dtype):
+    """The weight type of each matrix: dtype, or for a mix llama.cpp's choice."""
+    return kquant_mix_types(args, dtype) if dtype in MIXES else dtype
 
 
 def read_bandwidth(threads):
@@ -160,7 +166,7 @@ def read_machine(threads):
 def peak_for(dtype, peaks):
     """The peak (G operations per second) of the instruction mix that a
     prompt in this weight type runs on, or None where it was not measured."""
-    key = {"f32": "fma_gflops", "bf16": "fma_gflops", "q8_0": "int8_gops", "q4_0": "int8_gops"}.get(dtype)
+    key = {"f32": "fma_gflops", "bf16": "fma_gflops"}.get(dtype, "int8_gops")
     return peaks.get(key)
 
 
@@ -218,19 +224,25 @@ def bytes_per_token(args, dtype, pos_from, n_gen, peer=False):
     """Bytes one generated token reads: every matrix (the classifier, not the
     embedding table, of which it reads one row) and norm, plus the KV cache up
     to its position, averaged over the generated positions."""
-    per_weight = {"f32": 4, "bf16": 2, "q8_0": 1 + 2 / 32, "q4_0": 0.5 + 2 / 32}[dtype]
-    d, h, qd, kvd = args.dim, args.hidden_dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    matrices = args.n_layers * (qd * d + 2 * kvd * d + d * qd + 3 * h * d) + args.vocab_size * d
+    d, kvd = args.dim, args.n_kv_heads * args.head_dim
+    types = matrix_types(args, weight_types(args, dtype))
+    shapes = dict(checkpoint_tensors(args))
+    read = [name for name in types if name != "tok_embeddings.weight" or args.tied]  # the classifier's
+    matrices = sum(shapes[name][0] * shapes[name][1] * BYTES_PER_WEIGHT[types[name]] for name in read)
     norms = (2 * args.n_layers + 1) * d * 4
     mean_pos = pos_from + (n_gen + 1) / 2
     kv = 2 * args.n_layers * mean_pos * kvd * kv_bytes(dtype, peer)
-    return matrices * per_weight + norms + kv
+    return matrices + norms + kv
+
+
+BYTES_PER_WEIGHT = {"f32": 4, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_k": 144 / 256, "q5_k": 176 / 256,
+                    "q6_k": 210 / 256}
 
 
 def kv_bytes(dtype, peer=False):
-    """Bytes per cached key or value element: run.c keeps f16 for q8_0 and
-    q4_0, llama.cpp f16 for all."""
-    return 2 if peer or dtype in ("q8_0", "q4_0") else 4
+    """Bytes per cached key or value element: run.c keeps f16 for quantized
+    weights, llama.cpp f16 for all."""
+    return 2 if peer or dtype not in ("f32", "bf16") else 4
 
 
 def footprint(path, args, dtype, n_pos):
@@ -365,7 +377,7 @@ def table(opts, shapes, dtypes, peers):
     peaks = read_peaks(opts.threads)
     print("peaks (bench/peak, now): " + (", ".join(f"{k} {v:.1f}" for k, v in peaks.items()) or "not measured"))
     print("GB/s: read bandwidth (bench/membw), median of the readings; %bw: median of each run's share of "
-          "the readings beside it; GFLOP/s: the prompt's operations over its time (GOP/s for q8_0, q4_0); "
+          "the readings beside it; GFLOP/s: the prompt's operations over its time (GOP/s for the quantized types); "
           "%peak: the same over the peak read beside it (bench/peak); ratios: medians of ours over llama.cpp's, "
           "run by run")
 

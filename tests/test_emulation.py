@@ -40,16 +40,17 @@ def cpu_has_avx512():
     return FEATURES <= set(flags)
 
 
-@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0", "q4_k_m"])
 @pytest.mark.parametrize("batch", ["1", "64"])
 def test_emulated_logits_equal_native(dtype, batch, tmp_path):
     if not cpu_has_avx512():
         pytest.skip("this CPU has no AVX-512 (with VNNI and BF16) to compare the emulation with")
     if EMULATED is None:
         pytest.skip("make test-emu runs it, with ./run-emu built from the same run.c as ./run")
-    args = model_args("gqa4_untied")
+    args = model_args("k_untied" if dtype in export.MIXES else "gqa4_untied")
     path = tmp_path / f"{dtype}.bin"
-    export.write_checkpoint(path, args, export.random_model(args, seed=2).state_dict(), dtype)
+    types = export.kquant_mix_types(args, dtype) if dtype in export.MIXES else dtype
+    export.write_checkpoint(path, args, export.random_model(args, seed=2).state_dict(), types)
     prompt = prompt_for(args.vocab_size, n=70)
     rows = []
     for binary in (NATIVE, EMULATED):

@@ -45,17 +45,23 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from test_all import RUN, RUN_NOOMP, RUN_PLAIN, generate_ids, read_logits, reference_logits, assert_logits_close  # noqa: E402,E501
 
-DTYPES = ["bf16", "q8_0", "q4_0"]
+MIXES = ["q4_k_m", "q5_k_m", "q6_k"]                      # llama.cpp's mixes of K types (convert/kquants.py)
+DTYPES = ["bf16", "q8_0", "q4_0"] + MIXES
 CONFIGS = {
     # dim, hidden, layers, heads, kv_heads, head_dim, vocab, tied: widths multiples of 32
     "mha_tied": (64, 160, 2, 4, 4, 16, 101, True),
     "gqa4_untied": (128, 352, 2, 8, 2, 16, 256, False),
     "mqa_untied": (96, 224, 3, 6, 1, 16, 300, False),
+    # widths multiples of 256, for the K types (hidden_dim 768 too: w2's is)
+    "k_untied": (256, 768, 2, 4, 2, 64, 300, False),
+    "k_tied": (512, 512, 1, 8, 8, 64, 200, True),
 }
+K_CONFIGS = {"k_untied", "k_tied"}
 ACTIVATION_TOL = 0.03                                     # relative rms, int8 activations
 TWO_PART_TOL = 0.002                                      # relative rms, q8_0's two-part activations
 BF16_TOL = 6e-6                                           # relative rms, bf16 weights, f32 activations
-ROUNDED_TOL = {"bf16": BF16_TOL, "q8_0": TWO_PART_TOL, "q4_0": ACTIVATION_TOL}
+ROUNDED_TOL = {"bf16": BF16_TOL, "q8_0": TWO_PART_TOL, "q4_0": ACTIVATION_TOL,
+               **{mix: ACTIVATION_TOL for mix in MIXES}}
 FLOAT_TOL = {"bf16": 0.02, "q8_0": 0.05}                  # relative rms against float32
 
 
@@ -80,7 +86,8 @@ def exported(tmp_path_factory):
             args = model_args(name)
             model = export.random_model(args, seed=1)
             path = out / f"{name}-{dtype}.bin"
-            export.write_checkpoint(path, args, model.state_dict(), dtype)
+            types = export.kquant_mix_types(args, dtype) if dtype in MIXES else dtype
+            export.write_checkpoint(path, args, model.state_dict(), types)
             decoded_args, state = export.read_checkpoint(path)
             decoded = export.Llama(decoded_args)
             decoded.load_state_dict(state)
@@ -89,12 +96,20 @@ def exported(tmp_path_factory):
     return get
 
 
+def config(name, dtype):
+    """The model that tests a weight type: for a K mix, one of K widths."""
+    return "k_untied" if dtype in MIXES else name
+
+
 def prompt_for(vocab, n=12, seed=0):
     return [1] + np.random.default_rng(seed).integers(3, vocab, n - 1).tolist()
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("dtype", DTYPES)
+# each type on each model it fits: the K mixes on the models of K widths (on others they fall back to q8_0)
+PAIRS = [(name, dtype) for name in sorted(CONFIGS) for dtype in DTYPES if (name in K_CONFIGS) == (dtype in MIXES)]
+
+
+@pytest.mark.parametrize("name,dtype", PAIRS)
 def test_matches_its_decoded_weights_and_float32(exported, name, dtype, tmp_path):
     args, model, path, decoded = exported(name, dtype)
     prompt = prompt_for(args.vocab_size)
@@ -119,7 +134,7 @@ def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
     rounding boundary of the next quantization, which the layers after it
     carried on: up to 2e-2 of a row's largest logit for q4_0, 7e-7 for
     f32.)"""
-    args, _, path, _ = exported("gqa4_untied", dtype)
+    args, _, path, _ = exported(config("gqa4_untied", dtype), dtype)
     prompt = prompt_for(args.vocab_size, n=40)
     rows = {}
     for batch in ("1", "16", "64"):
@@ -132,7 +147,7 @@ def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["f32"] + DTYPES)
 def test_without_openmp_gives_identical_logits(exported, dtype, tmp_path):
-    args, _, path, _ = exported("mqa_untied", dtype)
+    args, _, path, _ = exported(config("mqa_untied", dtype), dtype)
     prompt = prompt_for(args.vocab_size, n=20)
     runs = [generate_ids(path, prompt, 12, tmp_path, binary=b, extra=("-b", "8")) for b in (RUN, RUN_NOOMP)]
     assert runs[0][0] == runs[1][0]
@@ -146,7 +161,7 @@ def test_without_openmp_gives_identical_logits(exported, dtype, tmp_path):
 def test_thread_count_changes_no_bit(exported, dtype, tmp_path):
     """OMP_NUM_THREADS=1, 2 and 3 (more threads than this machine may have
     cores): the same logits, bit for bit, prompt and generation."""
-    args, _, path, _ = exported("gqa4_untied", dtype)
+    args, _, path, _ = exported(config("gqa4_untied", dtype), dtype)
     prompt = prompt_for(args.vocab_size, n=30)
     cmd = [str(RUN), str(path), "--tokens", " ".join(map(str, prompt)), "-n", "8", "-t", "0", "-b", "8", "--logits"]
     rows = []
@@ -163,7 +178,7 @@ def test_thread_count_changes_no_bit(exported, dtype, tmp_path):
 @pytest.mark.parametrize("dtype", ["f32"] + DTYPES)
 def test_portable_kernels_agree(exported, dtype, tmp_path):
     """RUN_AVX512=0 (the AVX2 and portable kernels) against the default."""
-    args, _, path, _ = exported("gqa4_untied", dtype)
+    args, _, path, _ = exported(config("gqa4_untied", dtype), dtype)
     prompt = prompt_for(args.vocab_size, n=20)
     cmd = [str(RUN), str(path), "--tokens", " ".join(map(str, prompt)), "-n", "8", "-t", "0", "--logits"]
     rows = []
@@ -190,7 +205,7 @@ def test_plain_kernels_agree(exported, dtype, tmp_path):
     q4_0: int8 sums in another float order move an activation across a
     rounding boundary of the next quantization now and then, as in
     test_portable_kernels_agree: within the same bounds."""
-    args, _, path, _ = exported("gqa4_untied", dtype)
+    args, _, path, _ = exported(config("gqa4_untied", dtype), dtype)
     prompt = prompt_for(args.vocab_size, n=24)
     for batch in ("8", "1"):
         rows = []
@@ -240,7 +255,7 @@ def test_q4_byte_order():
     assert values[0, 5] == (8 << 4 | 9)                            # q(21) = 8 (zero), q(5) = 9
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0", "q4_0"])
 def test_widths_must_be_multiples_of_32(dtype, tmp_path):
     args = export.ModelArgs(dim=48, hidden_dim=96, n_layers=1, n_heads=3, n_kv_heads=3, head_dim=16,
                             vocab_size=50, max_seq_len=16)
@@ -290,8 +305,8 @@ def test_gguf_holds_the_same_weights(exported, dtype, tmp_path):
     the weights the checkpoint does: read back with the GGUF importer's own
     decoder, every tensor equals export.decode_matrix()'s."""
     import gguf
-    _, _, path, _ = exported("mqa_untied", dtype)
-    args, _, arrays = export.read_checkpoint_arrays(path)
+    _, _, path, _ = exported(config("mqa_untied", dtype), dtype)
+    args, types, arrays = export.read_checkpoint_arrays(path)
     export.write_gguf(tmp_path / "m.gguf", path)
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     names = {v: k for k, v in export.GGUF_NAMES.items()}
@@ -303,5 +318,6 @@ def test_gguf_holds_the_same_weights(exported, dtype, tmp_path):
     for name, parts in arrays.items():
         t = stored[names[name]]
         got = export.gguf_dequantize(np.asarray(t.data).view(np.uint8), int(t.tensor_type))
-        want = export.decode_matrix(parts, dtype) if parts[0].ndim == 2 else parts[0]
+        kind = types[name] if isinstance(types, dict) and name in types else types
+        want = export.decode_matrix(parts, kind) if parts[0].ndim == 2 else parts[0]
         assert np.array_equal(got, want.reshape(-1)), name
