@@ -28,58 +28,62 @@ def _dot(a, b):
 
 
 def _fit_error(scale, low, sums, level_sums):
-    """sum w (scale l + low - x)^2 of each sub-block, from the sums alone."""
+    """sum w (scale l + low - x)^2 of each sub-block, from the sums alone
+    (NaN for a fit that failed, which no comparison then picks)."""
     sw, sx, sx2 = sums
     sl, sl2, sxl = level_sums
-    return scale * scale * sl2 + 2 * scale * (low * sl - sxl) + low * low * sw - 2 * low * sx + sx2
+    with np.errstate(invalid="ignore", over="ignore"):
+        return scale * scale * sl2 + 2 * scale * (low * sl - sxl) + low * low * sw - 2 * low * sx + sx2
 
 
-def _least_squares(sums, level_sums, lo):
+def _least_squares(sums, level_sums):
     """The weighted least-squares (scale, min) with x ~ scale * l + min, min
-    held to at most 0 (the formats store -min unsigned); lo where the levels
-    are all one."""
+    held to at most 0 (the formats store -min unsigned), and whether there
+    is one (False where the levels are all one)."""
     sw, sx, _ = sums
     sl, sl2, sxl = level_sums
     det = sw * sl2 - sl * sl
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(det > 0, (sw * sxl - sx * sl) / det, 0)
-        low = np.where(det > 0, (sl2 * sx - sl * sxl) / det, lo)
+        scale = (sw * sxl - sx * sl) / det
+        low = (sl2 * sx - sl * sxl) / det
         clamped = low > 0                               # a positive min: fit the scale alone, min 0
-        scale = np.where(clamped, np.where(sl2 > 0, sxl / sl2, 0), scale)
-    return scale, np.where(clamped, 0, low)
+        scale = np.where(clamped, sxl / sl2, scale)
+    return scale, np.where(clamped, 0, low), det > 0
 
 
 def _scale_min_search(x, nmax, rmin, rdelta, nstep):
     """Each sub-block of x (..., n)'s best (scale >= 0, min <= 0) for levels
-    0..nmax, as x ~ scale * l + min; weights as llama.cpp's q4_k/q5_k give
-    them (the block's rms plus |x|: large weights count more). First the
-    scale that maps the range onto 0..nmax, then nstep + 1 candidates from
-    (nmax + rmin) / range by rdelta, each refitted."""
-    rms = np.sqrt((x * x).mean(axis=(-2, -1), keepdims=True))
+    0..nmax, as x ~ scale * l + min, searched as llama.cpp's q4_k/q5_k
+    quantizer does: weights the sub-block's rms plus |x| (large weights
+    count more); first the scale that maps the range [min(x, 0), max(x)]
+    onto 0..nmax, then nstep + 1 candidates (nmax + rmin + rdelta k) /
+    range, each refitted, each range from the best min found so far."""
+    rms = np.sqrt((x * x).mean(axis=-1, keepdims=True))
     w = rms + np.abs(x)
     wx = w * x
     sums = w.sum(-1), wx.sum(-1), _dot(wx, x)
     lo, hi = np.minimum(x.min(-1), 0), x.max(-1)
-    span = hi - lo
-    safe_span = np.where(span > 0, span, 1)
-    shifted, levels = x - lo[..., None], np.empty_like(x)
+    flat = hi == lo                                     # all weights equal: min alone holds them
+    levels = np.empty_like(x)
 
-    def level_sums(top):
-        np.multiply(shifted, (top / safe_span)[..., None], out=levels)
+    def level_sums(top, low):
+        span = hi - low
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inverse = np.where(span > 0, top / span, 0)
+        np.multiply(x - low[..., None], inverse[..., None], out=levels)
         np.clip(np.rint(levels, out=levels), 0, nmax, out=levels)
         wl = w * levels
         return wl.sum(-1), _dot(wl, levels), _dot(wx, levels)
 
-    best_scale, best_low = span / nmax, lo
-    best_error = _fit_error(best_scale, best_low, sums, level_sums(nmax))
+    best_scale, best_low = (hi - lo) / nmax, lo
+    best_error = _fit_error(best_scale, best_low, sums, level_sums(nmax, lo))
     for step in range(nstep + 1):
-        candidate = level_sums(nmax + rmin + rdelta * step)
-        scale, low = _least_squares(sums, candidate, lo)
+        candidate = level_sums(nmax + rmin + rdelta * step, best_low)
+        scale, low, fitted = _least_squares(sums, candidate)
         error = _fit_error(scale, low, sums, candidate)
-        better = error < best_error
+        better = fitted & (error < best_error)
         best_scale, best_low = np.where(better, scale, best_scale), np.where(better, low, best_low)
         best_error = np.where(better, error, best_error)
-    flat = span == 0                                    # all weights equal: min alone holds them
     return np.where(flat, 0, np.maximum(best_scale, 0)), np.where(flat, lo, best_low)
 
 

@@ -69,7 +69,7 @@ def awkward_rows(rng, rows=512, cols=1024):
 # for Gaussian sub-blocks: range / (levels - 1) / sqrt(12), with the
 # expected range of 32 Gaussians 4.1 sigma and largest of 16 magnitudes 2.0
 # sigma. The search must beat it though its scales are themselves rounded
-# to 6 or 8 bits. Measured: 0.0718, 0.0363, 0.0177 (q4_0, our 4-bit type
+# to 6 or 8 bits. Measured: 0.0713, 0.0361, 0.0177 (q4_0, our 4-bit type
 # with a scale per 32 weights: 0.086).
 MAX_RMS = {"q4_k": 4.1 / 15 / 12 ** 0.5, "q5_k": 4.1 / 31 / 12 ** 0.5, "q6_k": 2.0 / 32 / 12 ** 0.5}
 
@@ -305,12 +305,17 @@ PROMPT = [1, 40, 280, 7, 99, 12, 150, 2, 60]
 
 
 def check_against_run(model, theirs, tmp_path, n=12):
-    """./run's logits and greedy tokens on model against a transformers model, plain and fast kernels."""
+    """./run on model against a transformers model: the plain kernels'
+    logits and greedy tokens; the fast kernels' logits over transformers'
+    greedy sequence (teacher-forced: on random models near-ties are common,
+    and int8 activations may break one either way, after which free-running
+    sequences part)."""
     expected = hf_greedy(theirs, PROMPT, n)
-    for binary, tol in ((RUN_PLAIN, PLAIN_TOL), (RUN, FAST_TOL)):
-        generated, ours = run_greedy(model, PROMPT, n, tmp_path, binary)
-        assert worst_relative(ours, hf_logits(theirs, PROMPT + generated[:-1])) < tol, binary
-        assert generated == expected, binary
+    generated, ours = run_greedy(model, PROMPT, n, tmp_path, RUN_PLAIN)
+    assert worst_relative(ours, hf_logits(theirs, PROMPT + generated[:-1])) < PLAIN_TOL
+    assert generated == expected
+    _, ours = run_greedy(model, PROMPT + expected[:-1], 1, tmp_path)
+    assert worst_relative(ours, hf_logits(theirs, PROMPT + expected[:-1])) < FAST_TOL
 
 
 def test_run_on_kept_blocks_matches_transformers(kquant_gguf, tmp_path):
@@ -346,7 +351,7 @@ def test_hf_to_q4_k_m_is_llama_cpps_mix(hf_quantized):
 
 # The q4_k_m GGUF in transformers against the f32 model it was quantized
 # from: the quantization's own error, on random weights (the worst case:
-# nothing to spare in any weight). Measured: 0.29 (worst row, relative to
+# nothing to spare in any weight). Measured: 0.31 (worst row, relative to
 # its largest logit); the same model in q4_0, a 4-bit type of 4.5 bits a
 # weight as q4_k, 0.34; in q6_k 0.078, q8_0 0.027. Held to 0.45; a
 # quantizer that lost a bit measures twice the error.
