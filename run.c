@@ -16,7 +16,8 @@
    Built with -DPLAIN (make run-plain), the engine runs on the plain
    kernels alone, and the appendix may be deleted.
 
-   Rules of the file: C11, libc and libm only. OpenMP pragmas are optional:
+   Rules of the file: C11 with POSIX (mmap, sigaction, getline) and GNU's
+   memmem, libc and libm only. OpenMP pragmas are optional:
    without -fopenmp they are ignored and everything still runs, on one core.
 
    Legend for sizes, as in the comments on every tensor pointer:
@@ -1055,7 +1056,8 @@ static void attention_plain(float *out, const float *q, const KVCache *kv, int p
 /* ---- The kernel table: the kernels that have faster versions are called
    through it. It starts at the plain kernels above; in a build with the
    appendix, choose_fast_kernels() points it at the fastest ones this CPU
-   has, once, before the first forward pass. */
+   has, once, before the first forward pass (attention: attention_fast(),
+   on every CPU, ARM included; attention_plain() only in make run-plain). */
 typedef void MatmulKernel(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in);
 typedef void AttentionKernel(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch);
 typedef struct {
@@ -1161,7 +1163,7 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
         rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
         cache_store(&kv, s->k, s->v, pos, n);                               // into the cache
         if (s->trace) trace_attention(s->trace, l, s->q, &kv, pos, n);      // --trace: weights
-        kernels.attention(s->q, s->q, &kv, pos, n, s->scratch);             // softmax(q k^T) v, over q
+        kernels.attention(s->q, s->q, &kv, pos, n, s->scratch);             // softmax(q k^T / sqrt(head_dim)) v
         matmul(&wo, 1, s->q, n, &s->products);                              // output projection
         add(s->x, s->xb, n * dim);                                          // residual
         if (s->trace) trace_residual(s->trace, l, TRACE_ATTENTION, s->x, s->xb, n); // --trace
@@ -1191,9 +1193,9 @@ static float *forward(Transformer *t, int token, int pos) {
    the residual stream grows, how spread out each head's attention is, and
    where it looks. --lens K: the logit lens, what the model would predict
    if it stopped after each layer. --attention P-Q: every head's attention
-   weights at positions P to Q, for heatmaps. Two calls in forward_tokens(),
-   each behind `if (s->trace)`, fill them in; with all three off they cost
-   one untaken branch per layer. Everything is recomputed here with the
+   weights at positions P to Q, for heatmaps. Three calls in
+   forward_tokens(), each behind `if (s->trace)`, fill them in; with all
+   three views off they cost three untaken branches per layer. Everything is recomputed here with the
    plain kernels, apart from the kernel table, so that the fast kernels stay
    as they are. */
 
