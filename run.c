@@ -112,7 +112,8 @@
    Norms are f32. Every matrix, the token embedding and the classifier
    included, is stored in the weight type; a (rows, cols) matrix is
      f32   rows x cols float32
-     bf16  rows x cols bfloat16: the top 16 bits of a float32
+     bf16  rows x cols bfloat16: the top 16 bits of a float32 rounded to
+           nearest even (export.py rounds; run.c widens exactly)
      q8_0  values: rows x cols int8, then from the next multiple of 64
            scales: rows x cols/32 float16, one per group of 32 weights of a row
              group g of row r:  | q[0] | q[1] | ... | q[31] |
