@@ -356,6 +356,7 @@ typedef struct {
     RunState state;
     const char *path;
     void *data;         // the memory-mapped file; weights point into it
+    void *converted;    // a GGUF file's tensors converted at load (the GGUF reader); else NULL
     size_t file_size;
     dev_t device;       // the file's identity, so that no output overwrites it
     ino_t inode;
@@ -553,6 +554,7 @@ static int check_rope_frequencies(const double *inv_freq, int n, char *err) {
    functions at the end of the file (a format of the past, not the model). */
 static int read_legacy_header(Config *c, const unsigned char *data, char *err);
 static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *data, Weights *w);
+static int parse_gguf(Transformer *t, const unsigned char *data, size_t size, char *err); // llama.cpp's files
 
 /* Validates a checkpoint held in memory and points t's weights into it:
    the whole header is checked, and the size must equal what the header
@@ -561,6 +563,7 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
     Config *c = &t->config;
     memset(c, 0, sizeof *c);
     t->file_size = size;
+    if (size >= 4 && memcmp(data, "GGUF", 4) == 0) return parse_gguf(t, data, size, err);
     int own = size >= 4 && memcmp(data, CHECKPOINT_MAGIC, 4) == 0;
     if (own && size < HEADER_SIZE)
         return fail(err, "file is %zu bytes, shorter than the %d-byte header", size, HEADER_SIZE);
@@ -1517,6 +1520,7 @@ static void free_transformer(Transformer *t) {
     free_run_state(&t->state);
     free(t->weights.layers);
     free(t->weights.rope_inv_freq);
+    free(t->converted);
     munmap(t->data, t->file_size);
 }
 
@@ -2985,6 +2989,772 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
                                       NULL, NULL, NULL}; // no biases
     }
     return off;
+}
+
+/* ----------------------------------------------------------------------------
+   llama.cpp's GGUF files, run as they are (docs/FORMATS.md draws them):
+
+     u32 magic "GGUF", u32 version (2 or 3), u64 tensor_count, u64 kv_count
+     kv_count times:     string key, u32 value type, value
+     tensor_count times: string name, u32 n_dims, u64 dims[n_dims] (the
+                         fastest axis first), u32 ggml type, u64 offset
+     padding to general.alignment (default 32), then the tensors' data
+
+   where a string is a u64 length and its bytes, and an array a u32 item
+   type, a u64 count and the items. Every count and length is held to the
+   bytes left in the file before it is used, and each tensor's data to its
+   place: a multiple of the alignment, within the file, apart from the others.
+
+   The model is read as export.py --gguf reads it (convert/sources.py), and
+   its matrices take the types export.py gives them by default, so that the
+   logits are those of ./run on export.py's conversion, bit for bit: Q4_K,
+   Q5_K and Q6_K blocks and, in a file of floats alone, F32 and BF16 are
+   mapped in place; every other matrix of a quantized file becomes q8_0 and
+   F16 becomes f32, once, in memory, as export.py converts them (gguf.quants'
+   arithmetic, then quantize_q8_0's). qwen2's q/k rows are permuted from
+   Hugging Face's RoPE halves into our pairs, so those matrices are copied. */
+
+#define GGUF_DEFAULT_ALIGNMENT 32
+#define GGUF_MAX_DIMS 4
+#define GGUF_MAX_NESTING 4       // arrays of arrays
+#define GGUF_MAX_ARRAY_ITEMS (1 << 22) // over all the metadata arrays, as export.py allows
+#define GGUF_MAX_ENTRIES (1 << 20) // keys, or tensors
+enum { GGUF_STRING = 8, GGUF_ARRAY = 9 };
+enum { GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
+       GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30, GGML_TYPES = 31 };
+/* bytes of a metadata scalar of each value type (0: not a scalar) */
+static const uint8_t GGUF_SCALAR_SIZE[13] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+
+/* The ggml types ./run reads: weights per block, bytes per block, name. */
+static const struct { int block, bytes; const char *name; } GGML_TYPE[GGML_TYPES] = {
+    [GGML_F32] = {1, 4, "F32"},        [GGML_F16] = {1, 2, "F16"},        [GGML_Q4_0] = {32, 18, "Q4_0"},
+    [GGML_Q4_1] = {32, 20, "Q4_1"},    [GGML_Q5_0] = {32, 22, "Q5_0"},    [GGML_Q5_1] = {32, 24, "Q5_1"},
+    [GGML_Q8_0] = {32, 34, "Q8_0"},    [GGML_Q4_K] = {256, 144, "Q4_K"},  [GGML_Q5_K] = {256, 176, "Q5_K"},
+    [GGML_Q6_K] = {256, 210, "Q6_K"},  [GGML_BF16] = {1, 2, "BF16"},
+};
+
+typedef struct {
+    const unsigned char *text;
+    size_t len;
+} GgufString;
+
+typedef struct {
+    GgufString key;
+    uint32_t type;      // the value's type
+    size_t at;          // the value's offset in the file
+} GgufKey;
+
+typedef struct {
+    GgufString name;
+    uint32_t n_dims, type;
+    uint64_t dims[GGUF_MAX_DIMS];
+    const unsigned char *data;
+    size_t bytes;
+    int slot;           // where it goes (gguf_slot()), -1 until placed
+} GgufTensor;
+
+typedef struct {
+    const unsigned char *data;
+    size_t size, at;    // the file, and the reading position
+    size_t array_items; // metadata array items walked so far
+    GgufKey *keys;
+    size_t n_keys;
+    GgufTensor *tensors;
+    size_t n_tensors;
+    char *err;
+} Gguf;
+
+/* Steps over n bytes at the reading position, if the file holds them. */
+static int gguf_take(Gguf *g, size_t n, const char *what, const unsigned char **out) {
+    if (n > g->size - g->at)
+        return fail(g->err, "a damaged GGUF file: %s: %zu bytes at offset %zu, past the end of the file (%zu bytes)",
+                    what, n, g->at, g->size);
+    if (out) *out = g->data + g->at;
+    g->at += n;
+    return 0;
+}
+
+static uint64_t read_u64(const unsigned char *p) { return read_u32(p) | (uint64_t)read_u32(p + 4) << 32; }
+
+static int gguf_u32(Gguf *g, const char *what, uint32_t *out) {
+    const unsigned char *p = NULL;
+    if (gguf_take(g, 4, what, &p)) return -1;
+    *out = read_u32(p);
+    return 0;
+}
+
+static int gguf_u64(Gguf *g, const char *what, uint64_t *out) {
+    const unsigned char *p = NULL;
+    if (gguf_take(g, 8, what, &p)) return -1;
+    *out = read_u64(p);
+    return 0;
+}
+
+/* A u64 count of items of at least item_size bytes each, held to the bytes left. */
+static int gguf_count(Gguf *g, const char *what, size_t item_size, uint64_t *n) {
+    if (gguf_u64(g, what, n)) return -1;
+    if (*n > (g->size - g->at) / item_size)
+        return fail(g->err, "a damaged GGUF file: %s claims %llu items of at least %zu bytes, but only %zu bytes are "
+                    "left in the file", what, (unsigned long long)*n, item_size, g->size - g->at);
+    return 0;
+}
+
+static int gguf_string(Gguf *g, const char *what, GgufString *s) {
+    uint64_t n;
+    if (gguf_count(g, what, 1, &n) || gguf_take(g, n, what, &s->text)) return -1;
+    s->len = n;
+    return 0;
+}
+
+/* The fewest bytes a value of a type takes, 0 for an unknown type. */
+static size_t gguf_smallest(uint32_t type) {
+    return type == GGUF_STRING ? 8 : type == GGUF_ARRAY ? 12 : type < 13 ? GGUF_SCALAR_SIZE[type] : 0;
+}
+
+/* Steps over one metadata value; the walk of arrays is bounded by the
+   file's size and GGUF_MAX_ARRAY_ITEMS, so no count can make it long. */
+static int gguf_skip_value(Gguf *g, uint32_t type, const char *what, int depth) {
+    if (!gguf_smallest(type)) return fail(g->err, "a damaged GGUF file: %s: unknown value type %u", what, type);
+    if (type == GGUF_STRING) {
+        GgufString s;
+        return gguf_string(g, what, &s);
+    }
+    if (type != GGUF_ARRAY) return gguf_take(g, GGUF_SCALAR_SIZE[type], what, NULL);
+    uint32_t item;
+    uint64_t n;
+    if (depth == GGUF_MAX_NESTING)
+        return fail(g->err, "a damaged GGUF file: %s: arrays nested more than %d deep", what, GGUF_MAX_NESTING);
+    if (gguf_u32(g, what, &item)) return -1;
+    if (!gguf_smallest(item)) return fail(g->err, "a damaged GGUF file: %s: unknown array item type %u", what, item);
+    if (gguf_count(g, what, gguf_smallest(item), &n)) return -1;
+    g->array_items += n;
+    if (g->array_items > GGUF_MAX_ARRAY_ITEMS)
+        return fail(g->err, "a damaged GGUF file: %s: the metadata arrays hold more than %d items", what,
+                    GGUF_MAX_ARRAY_ITEMS);
+    if (item != GGUF_STRING && item != GGUF_ARRAY) return gguf_take(g, n * GGUF_SCALAR_SIZE[item], what, NULL);
+    for (uint64_t i = 0; i < n; i++)
+        if (gguf_skip_value(g, item, what, depth + 1)) return -1;
+    return 0;
+}
+
+/* A key or name, cut and made printable, for messages. */
+static const char *gguf_printable(GgufString s, char out[81]) {
+    size_t n = s.len < 80 ? s.len : 80;
+    memcpy(out, s.text, n);
+    out[n] = '\0';
+    for (size_t i = 0; i < n; i++)
+        if (out[i] == '\0') out[i] = '?';
+    return out;
+}
+
+static int gguf_is(GgufString s, const char *text) { return s.len == strlen(text) && !memcmp(s.text, text, s.len); }
+
+static const GgufKey *gguf_find(const Gguf *g, const char *key) {
+    for (size_t i = 0; i < g->n_keys; i++)
+        if (gguf_is(g->keys[i].key, key)) return &g->keys[i];
+    return NULL;
+}
+
+/* Reads the header and the metadata, remembering where each value lies. */
+static int gguf_read_metadata(Gguf *g, uint64_t *n_tensors, size_t *alignment) {
+    uint32_t version;
+    uint64_t n_keys;
+    g->at = 4;
+    if (gguf_u32(g, "version", &version)) return -1;
+    if ((version & 0xFFFF) == 0) return fail(g->err, "a big-endian GGUF file; ./run reads little-endian ones");
+    if (version != 2 && version != 3) return fail(g->err, "not a GGUF file of version 2 or 3 (version %u)", version);
+    if (gguf_u64(g, "tensor_count", n_tensors) || gguf_count(g, "kv_count", 8 + 4 + 1, &n_keys)) return -1;
+    if (n_keys > GGUF_MAX_ENTRIES) return fail(g->err, "%llu metadata keys, more than %d", (unsigned long long)n_keys,
+                                               GGUF_MAX_ENTRIES);
+    g->keys = xcalloc(n_keys, sizeof(GgufKey), "the GGUF metadata");
+    *alignment = GGUF_DEFAULT_ALIGNMENT;
+    for (uint64_t k = 0; k < n_keys; k++) {
+        GgufKey *key = &g->keys[g->n_keys++];
+        char name[81], what[100];
+        snprintf(what, sizeof what, "metadata key %llu", (unsigned long long)k);
+        if (gguf_string(g, what, &key->key)) return -1;
+        snprintf(what, sizeof what, "metadata %s", gguf_printable(key->key, name));
+        if (gguf_u32(g, what, &key->type)) return -1;
+        key->at = g->at;
+        if (gguf_skip_value(g, key->type, what, 0)) return -1;
+        if (gguf_is(key->key, "general.alignment")) {
+            *alignment = key->type == 4 ? read_u32(g->data + key->at) : 0;
+            if (*alignment == 0 || (*alignment & (*alignment - 1)))
+                return fail(g->err, "a damaged GGUF file: general.alignment: expected a u32 power of two");
+        }
+    }
+    return 0;
+}
+
+/* Reads one tensor info: its name, shape, type and offset from the data. */
+static int gguf_read_tensor_info(Gguf *g, GgufTensor *t, uint64_t *offset) {
+    char name[81], what[100];
+    if (gguf_string(g, "a tensor's name", &t->name)) return -1;
+    snprintf(what, sizeof what, "tensor %s", gguf_printable(t->name, name));
+    if (gguf_u32(g, what, &t->n_dims)) return -1;
+    if (t->n_dims > GGUF_MAX_DIMS)
+        return fail(g->err, "a damaged GGUF file: %s: %u dimensions, more than %d", what, t->n_dims, GGUF_MAX_DIMS);
+    for (uint32_t d = 0; d < t->n_dims; d++)
+        if (gguf_u64(g, what, &t->dims[d])) return -1;
+    if (gguf_u32(g, what, &t->type) || gguf_u64(g, what, offset)) return -1;
+    if (t->type >= GGML_TYPES || !GGML_TYPE[t->type].block)
+        return fail(g->err, "%s: ggml type %u is not one ./run reads (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
+                    "Q4_K, Q5_K, Q6_K); convert the file with export.py --gguf", what, t->type);
+    size_t elements = 1;
+    for (uint32_t d = 0; d < t->n_dims; d++) elements = mul_size(elements, t->dims[d]);
+    if (t->n_dims && t->dims[0] % GGML_TYPE[t->type].block)
+        return fail(g->err, "a damaged GGUF file: %s: %llu elements a row, not whole blocks of %d", what,
+                    (unsigned long long)t->dims[0], GGML_TYPE[t->type].block);
+    t->bytes = mul_size(elements / GGML_TYPE[t->type].block, GGML_TYPE[t->type].bytes);
+    t->slot = -1;
+    return 0;
+}
+
+static int by_data(const void *a, const void *b) {
+    const GgufTensor *x = a, *y = b;
+    return (x->data > y->data) - (x->data < y->data);
+}
+
+/* Reads the tensor infos and places each tensor's data, aligned, within the
+   file and apart from the others. */
+static int gguf_read_tensors(Gguf *g, uint64_t n, size_t alignment) {
+    if (n > (g->size - g->at) / (8 + 4 + 8 + 4 + 8))
+        return fail(g->err, "a damaged GGUF file: tensor_count claims %llu tensors, but only %zu bytes are left in "
+                    "the file", (unsigned long long)n, g->size - g->at);
+    if (n > GGUF_MAX_ENTRIES) return fail(g->err, "%llu tensors, more than %d", (unsigned long long)n, GGUF_MAX_ENTRIES);
+    g->tensors = xcalloc(n, sizeof(GgufTensor), "the GGUF tensor infos");
+    uint64_t *offsets = xcalloc(n, sizeof(uint64_t), "the GGUF tensor infos");
+    int status = 0;
+    for (; g->n_tensors < n && status == 0; g->n_tensors++)
+        status = gguf_read_tensor_info(g, &g->tensors[g->n_tensors], &offsets[g->n_tensors]);
+    size_t start = add_size(g->at, (alignment - g->at % alignment) % alignment);
+    for (size_t i = 0; i < g->n_tensors && status == 0; i++) {
+        GgufTensor *t = &g->tensors[i];
+        char name[81];
+        if (offsets[i] % alignment)
+            status = fail(g->err, "a damaged GGUF file: tensor %s: offset %llu is not a multiple of "
+                          "general.alignment %zu", gguf_printable(t->name, name), (unsigned long long)offsets[i],
+                          alignment);
+        else if (start > g->size || offsets[i] > g->size - start || t->bytes > g->size - start - offsets[i])
+            status = fail(g->err, "a damaged GGUF file: tensor %s: %zu bytes at offset %llu reach past the end of "
+                          "the file (%zu bytes, data from %zu)", gguf_printable(t->name, name), t->bytes,
+                          (unsigned long long)offsets[i], g->size, start);
+        else
+            t->data = g->data + start + offsets[i];
+    }
+    free(offsets);
+    if (status) return -1;
+    GgufTensor *sorted = xcalloc(n, sizeof(GgufTensor), "the GGUF tensor infos");
+    memcpy(sorted, g->tensors, n * sizeof(GgufTensor));
+    qsort(sorted, n, sizeof(GgufTensor), by_data);
+    const GgufTensor *last = NULL; // of the tensors placed so far, the one that ends last
+    for (size_t i = 0; i < n && status == 0; i++) {
+        char a[81], b[81];
+        if (!sorted[i].bytes) continue;
+        if (last && sorted[i].data < last->data + last->bytes)
+            status = fail(g->err, "a damaged GGUF file: tensors %s and %s overlap in the file",
+                          gguf_printable(last->name, a), gguf_printable(sorted[i].name, b));
+        else if (!last || sorted[i].data + sorted[i].bytes > last->data + last->bytes)
+            last = &sorted[i];
+    }
+    free(sorted);
+    return status;
+}
+
+/* A metadata number: 0 with *value set, 1 when the key is missing, -1 (with
+   err) for a value that is no number: a string, an array, or a bool, which
+   export.py takes for no count or size either. integer: 1 when an integer
+   type holds it. */
+static int gguf_number(const Gguf *g, const char *key, double *value, int *integer) {
+    const GgufKey *k = gguf_find(g, key);
+    if (!k) return 1;
+    const unsigned char *p = g->data + k->at;
+    int64_t i;
+    float f;
+    switch (k->type) {
+    case 0: i = p[0]; break;
+    case 1: i = (int8_t)p[0]; break;
+    case 2: i = read_u16(p); break;
+    case 3: i = (int16_t)read_u16(p); break;
+    case 4: i = read_u32(p); break;
+    case 5: i = read_i32(p); break;
+    case 10: i = (int64_t)(read_u64(p) > INT64_MAX ? INT64_MAX : read_u64(p)); break;
+    case 11: i = (int64_t)read_u64(p); break;
+    case 6: f = read_f32(p), *value = f, *integer = 0; return 0;
+    case 12: { uint64_t bits = read_u64(p); memcpy(value, &bits, 8); *integer = 0; return 0; }
+    default: return fail(g->err, "metadata %s: expected a number", key);
+    }
+    *value = (double)i, *integer = 1;
+    return 0;
+}
+
+/* An integer field of the model, 1..most (a whole float is one, as ModelArgs
+   takes it; strict: only an integer type); a missing key gives fallback, or
+   an error when fallback is 0. */
+static int gguf_int(const Gguf *g, const char *key, long long fallback, long long most, int strict, int *out) {
+    double v = (double)fallback;
+    int integer = 1, found = gguf_number(g, key, &v, &integer);
+    if (found < 0) return -1;
+    if (found == 1 && !fallback) return fail(g->err, "metadata %s is missing", key);
+    if ((strict && !integer) || !(v >= 1 && v <= (double)most && v == floor(v)))
+        return fail(g->err, "metadata %s = %g: expected an integer from 1 to %lld", key, v, most);
+    *out = (int)v;
+    return 0;
+}
+
+/* A positive float field that float32 holds; a missing key gives fallback,
+   or an error when fallback is 0. */
+static int gguf_float(const Gguf *g, const char *key, double fallback, double *out) {
+    int integer, found = gguf_number(g, key, out, &integer);
+    if (found < 0) return -1;
+    if (found == 1 && !fallback) return fail(g->err, "metadata %s is missing", key);
+    if (found == 1) *out = fallback;
+    if (!(*out > 0 && *out <= FLT_MAX && (float)*out > 0))
+        return fail(g->err, "metadata %s = %g: expected a positive number that float32 holds", key, *out);
+    return 0;
+}
+
+/* A string value, or `fallback` when the key is missing. */
+static int gguf_text(const Gguf *g, const char *key, const char *fallback, GgufString *out) {
+    const GgufKey *k = gguf_find(g, key);
+    if (!k) {
+        *out = (GgufString){(const unsigned char *)fallback, fallback ? strlen(fallback) : 0};
+        return 0;
+    }
+    if (k->type != GGUF_STRING) return fail(g->err, "metadata %s: expected a string", key);
+    out->len = read_u64(g->data + k->at);
+    out->text = g->data + k->at + 8;
+    return 0;
+}
+
+/* Where each tensor goes: the model-wide ones, then GGUF_LAYER_SLOTS per
+   layer, in the order of GGUF_LAYER_NAMES. */
+enum { SLOT_EMBEDDING, SLOT_FINAL_NORM, SLOT_OUTPUT, SLOT_ROPE_FREQS, GGUF_GLOBAL_SLOTS };
+enum { L_ATTN_NORM, L_WQ, L_WK, L_WV, L_WO, L_FFN_NORM, L_W1, L_W2, L_W3, L_BQ, L_BK, L_BV, GGUF_LAYER_SLOTS };
+static const char *const GGUF_GLOBAL_NAMES[] = {"token_embd.weight", "output_norm.weight", "output.weight",
+                                                "rope_freqs.weight"};
+static const char *const GGUF_LAYER_NAMES[] = {"attn_norm.weight", "attn_q.weight", "attn_k.weight",
+    "attn_v.weight", "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_down.weight",
+    "ffn_up.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias"};
+
+/* The slot of a tensor name (blk.{i}.X for i < n_layers, no leading zeros),
+   or -1 for a name export.py does not read. */
+static int gguf_slot(GgufString name, int n_layers, int biased) {
+    for (int s = 0; s < GGUF_GLOBAL_SLOTS; s++)
+        if (gguf_is(name, GGUF_GLOBAL_NAMES[s])) return s;
+    const unsigned char *p = name.text, *end = name.text + name.len;
+    if (name.len < 6 || memcmp(p, "blk.", 4) || p[4] < '0' || p[4] > '9' || (p[4] == '0' && p[5] != '.')) return -1;
+    long layer = 0;
+    for (p += 4; p < end && *p >= '0' && *p <= '9' && layer < n_layers; p++) layer = 10 * layer + (*p - '0');
+    if (layer >= n_layers || p == end || *p != '.') return -1;
+    GgufString rest = {p + 1, (size_t)(end - p - 1)};
+    for (int s = 0; s < (biased ? GGUF_LAYER_SLOTS : L_BQ); s++)
+        if (gguf_is(rest, GGUF_LAYER_NAMES[s])) return GGUF_GLOBAL_SLOTS + (int)layer * GGUF_LAYER_SLOTS + s;
+    return -1;
+}
+
+/* The model read from the metadata, as export.py's load_gguf() reads it,
+   with what the conversion needs to know beside it. */
+typedef struct {
+    int qwen2;          // q/k rows in Hugging Face's halves, q/k/v biases
+    int quantized;      // a tensor in a type other than F32, F16, BF16
+    int scaled;         // RoPE frequencies from rope_freqs.weight or linear scaling
+    double theta;       // rope.freq_base as the file has it
+    double factor;      // linear scaling's, else 1
+    GgufTensor **slots; // (GGUF_GLOBAL_SLOTS + n_layers * GGUF_LAYER_SLOTS) the tensors, NULL where none
+} GgufModel;
+
+/* Reads the architecture's hyperparameters into c, and refuses what run.c
+   does not compute, as export.py does. */
+static int gguf_read_config(const Gguf *g, Config *c, GgufModel *m) {
+    GgufString arch, scaling;
+    char key[128], name[81];
+    if (gguf_text(g, "general.architecture", NULL, &arch)) return -1;
+    if (!arch.text) return fail(g->err, "metadata general.architecture is missing");
+    m->qwen2 = gguf_is(arch, "qwen2");
+    if (!m->qwen2 && !gguf_is(arch, "llama"))
+        return fail(g->err, "general.architecture '%s': only 'llama' and 'qwen2' are supported",
+                    gguf_printable(arch, name));
+    const char *a = m->qwen2 ? "qwen2" : "llama";
+#define KEY(suffix) (snprintf(key, sizeof key, "%s.%s", a, suffix), key)
+    if (gguf_text(g, KEY("rope.scaling.type"), "none", &scaling)) return -1;
+    int linear = gguf_is(scaling, "linear");
+    if (!linear && !gguf_is(scaling, "none"))
+        return fail(g->err, "%s '%s' is not implemented (only linear)", key, gguf_printable(scaling, name));
+    int head_dim_default, head_dim, value_dim, rope_dim, have_rope_dim;
+    double v, theta, eps;
+    if (gguf_int(g, KEY("attention.head_count"), 0, MAX_HEADS, 1, &c->n_heads) ||
+        gguf_int(g, KEY("embedding_length"), 0, MAX_DIM, 1, &c->dim))
+        return -1;
+    head_dim_default = c->dim / c->n_heads > 0 ? c->dim / c->n_heads : 1;
+    have_rope_dim = gguf_number(g, KEY("rope.dimension_count"), &v, &(int){0}) == 0;
+    if (gguf_int(g, key, head_dim_default, MAX_HEAD_DIM, 0, &rope_dim) ||
+        gguf_int(g, KEY("attention.key_length"), rope_dim, MAX_HEAD_DIM, 0, &head_dim) ||
+        gguf_int(g, KEY("attention.value_length"), head_dim, MAX_HEAD_DIM, 0, &value_dim))
+        return -1;
+    if (value_dim != head_dim) return fail(g->err, "%s.attention.value_length differs from key_length", a);
+    if (have_rope_dim && rope_dim != head_dim)
+        return fail(g->err, "%s.rope.dimension_count %d: RoPE over part of a head of %d is not implemented", a,
+                    rope_dim, head_dim);
+    c->head_dim = head_dim;
+    if (gguf_int(g, KEY("feed_forward_length"), 0, MAX_HIDDEN, 0, &c->hidden_dim) ||
+        gguf_int(g, KEY("block_count"), 0, MAX_LAYERS, 0, &c->n_layers) ||
+        gguf_int(g, KEY("attention.head_count_kv"), c->n_heads, MAX_HEADS, 0, &c->n_kv_heads) ||
+        gguf_int(g, KEY("context_length"), 0, MAX_SEQ_LEN, 0, &c->max_seq_len) ||
+        gguf_float(g, KEY("rope.freq_base"), 10000.0, &theta) ||
+        gguf_float(g, KEY("attention.layer_norm_rms_epsilon"), 0, &eps))
+        return -1;
+    m->factor = 1;
+    if (linear && gguf_float(g, KEY("rope.scaling.factor"), 0, &m->factor)) return -1;
+#undef KEY
+    m->theta = theta;
+    m->scaled = linear;
+    c->rope_theta = (float)theta;
+    c->norm_eps = (float)eps;
+    c->weight_type = -1;
+    c->flags = m->qwen2 ? FLAG_QKV_BIAS : 0;
+    return 0;
+}
+
+/* The expected shape (rows, cols; rows 0 for a vector) of the tensor in a slot. */
+static void gguf_slot_shape(const Config *c, int slot, size_t *rows, size_t *cols) {
+    size_t dim = c->dim, hidden = c->hidden_dim, q_dim = (size_t)c->n_heads * c->head_dim;
+    size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    static const int vector_slots[] = {L_ATTN_NORM, L_FFN_NORM, L_BQ, L_BK, L_BV};
+    size_t shapes[GGUF_LAYER_SLOTS][2] = {
+        [L_ATTN_NORM] = {0, dim}, [L_WQ] = {q_dim, dim},     [L_WK] = {kv_dim, dim},  [L_WV] = {kv_dim, dim},
+        [L_WO] = {dim, q_dim},    [L_FFN_NORM] = {0, dim},   [L_W1] = {hidden, dim},  [L_W2] = {dim, hidden},
+        [L_W3] = {hidden, dim},   [L_BQ] = {0, q_dim},       [L_BK] = {0, kv_dim},    [L_BV] = {0, kv_dim}};
+    (void)vector_slots;
+    if (slot < GGUF_GLOBAL_SLOTS) {
+        size_t global[GGUF_GLOBAL_SLOTS][2] = {{c->vocab_size, dim}, {0, dim}, {c->vocab_size, dim},
+                                               {0, c->head_dim / 2}};
+        *rows = global[slot][0], *cols = global[slot][1];
+        return;
+    }
+    int s = (slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS;
+    *rows = shapes[s][0], *cols = shapes[s][1];
+}
+
+/* The name export.py gives a slot's tensor, for messages. */
+static const char *gguf_slot_name(int slot, char out[96]) {
+    static const char *const ours[] = {"tok_embeddings.weight", "norm.weight", "output.weight", "rope_freqs"};
+    static const char *const layer[] = {"attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
+        "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight", "feed_forward.w1.weight",
+        "feed_forward.w2.weight", "feed_forward.w3.weight", "attention.wq.bias", "attention.wk.bias",
+        "attention.wv.bias"};
+    if (slot < GGUF_GLOBAL_SLOTS) return ours[slot];
+    snprintf(out, 96, "layers.%d.%s", (slot - GGUF_GLOBAL_SLOTS) / GGUF_LAYER_SLOTS,
+             layer[(slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS]);
+    return out;
+}
+
+/* Puts every tensor in its slot, and checks that each slot the model needs
+   has one of the shape it needs (export.py's check_state_dict()). */
+static int gguf_place_tensors(Gguf *g, Config *c, GgufModel *m) {
+    GgufTensor *embedding = NULL;
+    char name[81], ours[96];
+    for (size_t i = 0; i < g->n_tensors; i++)
+        if (gguf_is(g->tensors[i].name, "token_embd.weight")) embedding = &g->tensors[i];
+    if (!embedding) return fail(g->err, "tensor token_embd.weight is missing");
+    if (embedding->n_dims != 2 || embedding->dims[1] < 1 || embedding->dims[1] > MAX_VOCAB)
+        return fail(g->err, "token_embd.weight: expected a matrix of 1 to %d rows", MAX_VOCAB);
+    c->vocab_size = (int)embedding->dims[1];
+    int n_slots = GGUF_GLOBAL_SLOTS + c->n_layers * GGUF_LAYER_SLOTS;
+    m->slots = xcalloc(n_slots, sizeof(GgufTensor *), "the GGUF tensor table");
+    for (size_t i = 0; i < g->n_tensors; i++) {
+        GgufTensor *t = &g->tensors[i];
+        int slot = gguf_slot(t->name, c->n_layers, m->qwen2);
+        if (slot < 0) return fail(g->err, "unexpected tensor %s", gguf_printable(t->name, name));
+        if (m->slots[slot]) return fail(g->err, "tensor %s appears twice", gguf_printable(t->name, name));
+        m->slots[slot] = t;
+        m->quantized |= t->type != GGML_F32 && t->type != GGML_F16 && t->type != GGML_BF16;
+    }
+    c->tied_classifier = !m->slots[SLOT_OUTPUT];
+    m->scaled |= m->slots[SLOT_ROPE_FREQS] != NULL;
+    c->flags |= m->scaled ? FLAG_ROPE_FREQS : 0;
+    for (int slot = 0; slot < n_slots; slot++) {
+        const GgufTensor *t = m->slots[slot];
+        size_t rows, cols;
+        gguf_slot_shape(c, slot, &rows, &cols);
+        if (!t && ((slot == SLOT_OUTPUT && c->tied_classifier) || (slot == SLOT_ROPE_FREQS && !m->scaled)))
+            continue;
+        if (!t && slot == SLOT_ROPE_FREQS) continue; // linear scaling alone: every divisor 1
+        if (!t && !m->qwen2 && slot >= GGUF_GLOBAL_SLOTS && (slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS >= L_BQ)
+            continue; // llama has no biases
+        if (!t) return fail(g->err, "tensor %s is missing", gguf_slot_name(slot, ours));
+        int matrix = rows != 0;
+        if (t->n_dims != 1u + matrix || t->dims[0] != cols || (matrix && t->dims[1] != rows))
+            return fail(g->err, "%s: expected shape (%zu%s%zu), got %u dimensions (%s)", gguf_slot_name(slot, ours),
+                        matrix ? rows : cols, matrix ? ", " : ",", matrix ? cols : (size_t)0,
+                        t->n_dims, gguf_printable(t->name, name));
+    }
+    return 0;
+}
+
+/* out (block weights) = one block of a GGUF tensor, decoded as gguf.quants
+   decodes it: every product of a half scale and a small integer is exact in
+   float32, so the order of the float steps cannot change a bit. */
+static void gguf_dequantize_block(float *out, const unsigned char *b, int type) {
+    if (type == GGML_F32) {
+        memcpy(out, b, 4);
+    } else if (type == GGML_F16) {
+        *out = f16_to_f32(read_u16(b));
+    } else if (type == GGML_BF16) {
+        *out = bf16_to_f32(read_u16(b));
+    } else if (type == GGML_Q8_0) { // d | q[32] int8
+        float d = f16_to_f32(read_u16(b));
+        for (int i = 0; i < GROUP_SIZE; i++) out[i] = d * (float)(int8_t)b[2 + i];
+    } else if (type >= GGML_Q4_K) {
+        dequantize_block(out, b, WEIGHT_Q4_K + (type - GGML_Q4_K));
+    } else { // Q4_0: d | nibbles; Q4_1: d | m | nibbles; Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
+        int with_min = type == GGML_Q4_1 || type == GGML_Q5_1, five = type == GGML_Q5_0 || type == GGML_Q5_1;
+        float d = f16_to_f32(read_u16(b)), m = with_min ? f16_to_f32(read_u16(b + 2)) : 0;
+        uint32_t high = five ? read_u32(b + 2 + 2 * with_min) : 0;
+        const unsigned char *qs = b + 2 + 2 * with_min + 4 * five;
+        int offset = with_min ? 0 : five ? 16 : 8; // the zero of the unsigned q
+        for (int i = 0; i < GROUP_SIZE; i++) {
+            int q = (qs[i % 16] >> 4 * (i / 16) & 15) | (int)(high >> i & 1) << 4;
+            out[i] = with_min ? d * (float)q + m : d * (float)(q - offset);
+        }
+    }
+}
+
+/* out (cols) = row `row` of tensor t, as floats. */
+static void gguf_dequantize_row(float *out, const GgufTensor *t, size_t row, size_t cols) {
+    int block = GGML_TYPE[t->type].block, bytes = GGML_TYPE[t->type].bytes;
+    const unsigned char *p = t->data + row * (cols / block) * bytes;
+    for (size_t b = 0; b < cols / block; b++) gguf_dequantize_block(out + b * block, p + b * bytes, t->type);
+}
+
+/* q (GROUP_SIZE), *d = one group of weights in q8_0, as export.py's
+   quantize_q8_0() computes it in float32: d = max|x| / 127 rounded to a
+   half, q = x / d rounded to even. */
+static void quantize_weights_q8_0(int8_t *q, uint16_t *d, const float *x) {
+    float most = 0;
+    for (int i = 0; i < GROUP_SIZE; i++) most = fabsf(x[i]) > most ? fabsf(x[i]) : most;
+    *d = f32_to_f16(most / 127.0f);
+    float scale = f16_to_f32(*d), inverse = scale != 0 ? 1.0f / scale : 0.0f;
+    for (int i = 0; i < GROUP_SIZE; i++) {
+        float r = rintf(x[i] * inverse);
+        q[i] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+    }
+}
+
+/* The row of the file that row r of ours is: qwen2's q and k rows (and
+   biases) are Hugging Face's, the halves of each head apart, and ours pair
+   them (hf_to_interleaved()): our row 2j (+ 1) of a head is its row j
+   (+ head_dim / 2). */
+static size_t gguf_source_row(size_t r, int permuted, int head_dim) {
+    if (!permuted) return r;
+    size_t head = r / head_dim, j = r % head_dim / 2, second = r % 2;
+    return head * head_dim + second * (head_dim / 2) + j;
+}
+
+/* How a tensor is kept: its type (WEIGHT_*; vectors are f32), and whether it
+   is copied (converted, permuted, or not aligned for its type in place). */
+typedef struct {
+    int type, copied, permuted;
+    size_t rows, cols, bytes; // of the copy
+} GgufPlan;
+
+static GgufPlan gguf_plan(const Config *c, const GgufModel *m, int slot, const GgufTensor *t) {
+    GgufPlan p = {.type = WEIGHT_F32};
+    gguf_slot_shape(c, slot, &p.rows, &p.cols);
+    int in_layer = slot < GGUF_GLOBAL_SLOTS ? -1 : (slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS;
+    p.permuted = m->qwen2 && (in_layer == L_WQ || in_layer == L_WK || in_layer == L_BQ || in_layer == L_BK);
+    size_t n = p.rows ? p.rows * p.cols : p.cols;
+    int k_type = t->type == GGML_Q4_K || t->type == GGML_Q5_K || t->type == GGML_Q6_K;
+    if (p.rows && k_type) p.type = WEIGHT_Q4_K + (int)(t->type - GGML_Q4_K);
+    else if (p.rows && m->quantized) p.type = WEIGHT_Q8_0;
+    else if (p.rows && t->type == GGML_BF16) p.type = WEIGHT_BF16;
+    int same = (p.type == WEIGHT_F32 && t->type == GGML_F32) || (p.type == WEIGHT_BF16 && t->type == GGML_BF16) ||
+               p.type >= WEIGHT_Q4_K;
+    int aligned = (uintptr_t)t->data % (p.type == WEIGHT_F32 ? 4 : p.type == WEIGHT_BF16 ? 2 : 1) == 0;
+    p.copied = !same || !aligned || p.permuted;
+    p.bytes = !p.copied ? 0 : p.type == WEIGHT_Q8_0 ? n + n / GROUP_SIZE * 2 + 2 * TENSOR_ALIGN
+            : p.type == WEIGHT_F32 ? n * 4 + TENSOR_ALIGN : t->bytes + TENSOR_ALIGN;
+    return p;
+}
+
+/* Copies tensor t into values (and scales, for q8_0) as the plan says:
+   row by row, each from its source row, as it is when it keeps its type,
+   else decoded and encoded anew; a vector's entries likewise. Returns -1
+   (with err) for a NaN or infinite weight, which export.py refuses. */
+static int gguf_copy(unsigned char *values, uint16_t *scales, const GgufPlan *p, const GgufTensor *t, int head_dim,
+                     float *row, char *err) {
+    size_t rows = p->rows ? p->rows : 1, row_bytes = t->bytes / rows;
+    int kept = p->type == WEIGHT_BF16 || p->type >= WEIGHT_Q4_K;
+    for (size_t r = 0; r < rows; r++) {
+        size_t from = gguf_source_row(r, p->permuted && p->rows, head_dim);
+        if (kept) {
+            memcpy(values + r * row_bytes, t->data + from * row_bytes, row_bytes);
+            continue;
+        }
+        gguf_dequantize_row(row, t, from, p->cols);
+        for (size_t i = 0; i < p->cols; i++)
+            if (!isfinite(row[i])) return fail(err, "holds NaN or infinite numbers (row %zu, column %zu)", r, i);
+        if (p->type == WEIGHT_Q8_0) {
+            for (size_t g = 0; g < p->cols / GROUP_SIZE; g++)
+                quantize_weights_q8_0((int8_t *)values + r * p->cols + g * GROUP_SIZE,
+                                      scales + r * p->cols / GROUP_SIZE + g, row + g * GROUP_SIZE);
+            continue;
+        }
+        float *out = (float *)values + r * p->cols;
+        for (size_t i = 0; i < p->cols; i++) out[i] = row[gguf_source_row(i, p->permuted && !p->rows, head_dim)];
+    }
+    return 0;
+}
+
+/* RoPE's inverse frequencies as export.py stores them when the file scales
+   them: theta^(-2i / head_dim) in double, divided by the linear factor,
+   rounded to float, then divided by rope_freqs.weight's divisor and rounded
+   again; else computed as for our own files. */
+static int gguf_rope_frequencies(double *inv_freq, const Config *c, const GgufModel *m, char *err) {
+    int half = c->head_dim / 2;
+    const GgufTensor *divisors = m->slots[SLOT_ROPE_FREQS];
+    float *divisor = xcalloc(half, sizeof(float), "the RoPE frequencies");
+    for (int i = 0; i < half; i++) divisor[i] = 1;
+    if (divisors) gguf_dequantize_row(divisor, divisors, 0, half);
+    int status = 0;
+    for (int i = 0; i < half && status == 0; i++) {
+        if (!m->scaled) {
+            inv_freq[i] = pow(c->rope_theta, -2.0 * i / c->head_dim);
+            continue;
+        }
+        float unscaled = (float)(pow(m->theta, -2.0 * i / c->head_dim) / m->factor);
+        if (!(divisor[i] > 0 && isfinite(divisor[i])))
+            status = fail(err, "rope_freqs.weight: %g for pair %d; RoPE needs finite positive numbers", divisor[i], i);
+        else if (!(unscaled > 0 && isfinite(unscaled)))
+            status = fail(err, "the RoPE scaling factor %g makes frequencies that float32 cannot hold", m->factor);
+        inv_freq[i] = (float)((double)unscaled / divisor[i]);
+    }
+    free(divisor);
+    return status ? -1 : check_rope_frequencies(inv_freq, m->scaled ? half : 0, err);
+}
+
+/* Says in one line what the load converted, and what it costs. */
+static void gguf_report(const char *path, const int counts[GGML_TYPES][WEIGHT_TYPES], int permuted,
+                        size_t bytes) {
+    char line[1024] = "";
+    size_t n = 0;
+    for (int s = 0; s < GGML_TYPES; s++)
+        for (int d = 0; d < WEIGHT_TYPES; d++)
+            if (counts[s][d] && n < sizeof line)
+                n += snprintf(line + n, sizeof line - n, "%s%d %s to %s", n ? ", " : "", counts[s][d],
+                              GGML_TYPE[s].name, WEIGHT_NAMES[d]);
+    if (permuted && n < sizeof line)
+        n += snprintf(line + n, sizeof line - n, "%s%d q/k matrices copied, their rows permuted from qwen2's RoPE "
+                      "halves", n ? "; " : "", permuted);
+    if (n) fprintf(stderr, "run: %s: converted in memory at load: %s (+%zu MB)\n", path, line, (bytes + 500000) / 1000000);
+}
+
+/* Where a slot's tensor goes in w: a matrix, or a vector. */
+static void gguf_destination(Weights *w, int slot, Matrix **matrix, const float ***vector) {
+    *matrix = NULL, *vector = NULL;
+    if (slot == SLOT_EMBEDDING) *matrix = &w->token_embedding;
+    if (slot == SLOT_OUTPUT) *matrix = &w->classifier;
+    if (slot == SLOT_FINAL_NORM) *vector = &w->final_norm;
+    if (slot < GGUF_GLOBAL_SLOTS) return;
+    LayerWeights *lw = &w->layers[(slot - GGUF_GLOBAL_SLOTS) / GGUF_LAYER_SLOTS];
+    Matrix *matrices[GGUF_LAYER_SLOTS] = {[L_WQ] = &lw->wq, [L_WK] = &lw->wk, [L_WV] = &lw->wv, [L_WO] = &lw->wo,
+                                          [L_W1] = &lw->w1, [L_W2] = &lw->w2, [L_W3] = &lw->w3};
+    const float **vectors[GGUF_LAYER_SLOTS] = {[L_ATTN_NORM] = &lw->attn_norm, [L_FFN_NORM] = &lw->ffn_norm,
+                                               [L_BQ] = &lw->bq, [L_BK] = &lw->bk, [L_BV] = &lw->bv};
+    *matrix = matrices[(slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS];
+    *vector = vectors[(slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS];
+}
+
+/* The tensor t as its plan p says: in place, or copied into the arena at *at. */
+static int gguf_place(Matrix *out, const GgufPlan *p, const GgufTensor *t, unsigned char *arena, size_t *at,
+                      int head_dim, float *row, char *err) {
+    *out = (Matrix){.values = t->data, .rows = (int)p->rows, .cols = (int)p->cols, .type = p->type};
+    if (!p->copied) return 0;
+    size_t n = (p->rows ? p->rows : 1) * p->cols;
+    size_t bytes = p->type == WEIGHT_Q8_0 ? n : p->type == WEIGHT_F32 ? n * sizeof(float) : t->bytes;
+    unsigned char *values = (unsigned char *)place_bytes(arena, at, bytes, TENSOR_ALIGN);
+    uint16_t *scales = p->type == WEIGHT_Q8_0 ? (uint16_t *)place_bytes(arena, at, n / GROUP_SIZE * 2, TENSOR_ALIGN)
+                                              : NULL;
+    out->values = values, out->scales = scales;
+    if (gguf_copy(values, scales, p, t, head_dim, row, err) == 0) return 0;
+    char name[81], why[ERROR_SIZE];
+    snprintf(why, sizeof why, "%s", err);
+    return fail(err, "tensor %s %s", gguf_printable(t->name, name), why);
+}
+
+/* The matrix types in our file order (token_embedding, per layer wq, wk,
+   wv, wo, w1, w2, w3, then the classifier if untied) into types. */
+static void gguf_matrix_types(uint8_t *types, const Config *c, const GgufPlan *plans) {
+    static const int in_layer[] = {L_WQ, L_WK, L_WV, L_WO, L_W1, L_W2, L_W3};
+    int k = 0;
+    types[k++] = (uint8_t)plans[SLOT_EMBEDDING].type;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int i = 0; i < 7; i++) types[k++] = (uint8_t)plans[GGUF_GLOBAL_SLOTS + l * GGUF_LAYER_SLOTS + in_layer[i]].type;
+    if (!c->tied_classifier) types[k] = (uint8_t)plans[SLOT_OUTPUT].type;
+}
+
+/* Points t's weights at the tensors, mapped in place or converted into
+   t->converted as gguf_plan() says, and says what was converted. */
+static int gguf_assemble(Transformer *t, const GgufModel *m, char *err) {
+    Config *c = &t->config;
+    Weights *w = &t->weights;
+    int n_slots = GGUF_GLOBAL_SLOTS + c->n_layers * GGUF_LAYER_SLOTS, counts[GGML_TYPES][WEIGHT_TYPES] = {{0}};
+    int permuted = 0, status = 0;
+    size_t at = 0, total = matrix_count(c), widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
+    if ((size_t)c->n_heads * c->head_dim > widest) widest = (size_t)c->n_heads * c->head_dim;
+    GgufPlan *plans = xcalloc(n_slots, sizeof(GgufPlan), "the GGUF tensor table");
+    for (int s = 0; s < n_slots; s++)
+        if (m->slots[s] && s != SLOT_ROPE_FREQS) plans[s] = gguf_plan(c, m, s, m->slots[s]), total += plans[s].bytes;
+    unsigned char *arena = t->converted = xcalloc(total, 1, "the converted weights");
+    gguf_matrix_types(arena, c, plans);
+    c->matrix_types = arena;
+    place_bytes(arena, &at, matrix_count(c), 1);
+    float *row = xcalloc(widest, sizeof(float), "a row of weights");
+    w->layers = xcalloc(c->n_layers, sizeof(LayerWeights), "the layer table");
+    status = check_matrix_types(c, err);
+    for (int s = 0; s < n_slots && status == 0; s++) {
+        Matrix *matrix, placed;
+        const float **vector;
+        const GgufTensor *tensor = m->slots[s];
+        gguf_destination(w, s, &matrix, &vector);
+        if (!tensor || s == SLOT_ROPE_FREQS) continue;
+        status = gguf_place(&placed, &plans[s], tensor, arena, &at, c->head_dim, row, err);
+        if (matrix) *matrix = placed;
+        if (vector) *vector = placed.values;
+        int kept = plans[s].type == WEIGHT_BF16 || plans[s].type >= WEIGHT_Q4_K ||
+                   (plans[s].type == WEIGHT_F32 && tensor->type == GGML_F32);
+        if (plans[s].copied && plans[s].permuted && kept) permuted += matrix != NULL;
+        else if (plans[s].copied) counts[tensor->type][plans[s].type]++;
+    }
+    if (c->tied_classifier) w->classifier = w->token_embedding;
+    free(row);
+    free(plans);
+    if (status == 0 && t->path) gguf_report(t->path, counts, permuted, total);
+    return status;
+}
+
+/* Reads a GGUF file of the llama or qwen2 architecture as export.py --gguf
+   does, into t's config and weights (see the top of this section).
+   Returns 0, or -1 with err set and nothing left allocated. */
+static int parse_gguf(Transformer *t, const unsigned char *data, size_t size, char *err) {
+    Gguf g = {.data = data, .size = size, .err = err};
+    GgufModel m = {0};
+    uint64_t n_tensors = 0;
+    size_t alignment = GGUF_DEFAULT_ALIGNMENT;
+    t->weights.rope_inv_freq = xcalloc(MAX_HEAD_DIM / 2, sizeof(double), "the RoPE frequencies");
+    int status = gguf_read_metadata(&g, &n_tensors, &alignment) || gguf_read_tensors(&g, n_tensors, alignment) ||
+                 gguf_read_config(&g, &t->config, &m) || gguf_place_tensors(&g, &t->config, &m) ||
+                 validate_config(&t->config, err) || gguf_assemble(t, &m, err) ||
+                 gguf_rope_frequencies(t->weights.rope_inv_freq, &t->config, &m, err);
+    free(g.keys);
+    free(g.tensors);
+    free(m.slots);
+    if (status == 0) return 0;
+    free(t->weights.layers);
+    free(t->weights.rope_inv_freq);
+    free(t->converted);
+    t->weights.layers = NULL, t->weights.rope_inv_freq = NULL, t->converted = NULL;
+    return -1;
 }
 
 /* ============================================================================
