@@ -555,6 +555,7 @@ static int check_rope_frequencies(const double *inv_freq, int n, char *err) {
 static int read_legacy_header(Config *c, const unsigned char *data, char *err);
 static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *data, Weights *w);
 static int parse_gguf(Transformer *t, const unsigned char *data, size_t size, char *err); // llama.cpp's files
+static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size, char *err); // and their tokenizers
 
 /* Validates a checkpoint held in memory and points t's weights into it:
    the whole header is checked, and the size must equal what the header
@@ -2644,10 +2645,22 @@ static int parse_token_ids(const char *text, int vocab_size, TokenList *list, ch
     return list->n;
 }
 
-/* Finds the tokenizer: -z, else tokenizer.bin beside the model, else
-   ./tokenizer.bin. Returns NULL when there is none to be found. */
+/* Whether the file at path starts with GGUF's magic: a llama.cpp file,
+   whose tokenizer is in its metadata. */
+static int is_gguf(const char *path) {
+    unsigned char magic[4] = {0};
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    int got = fd < 0 ? 0 : (int)read(fd, magic, 4);
+    if (fd >= 0) close(fd);
+    return got == 4 && memcmp(magic, "GGUF", 4) == 0;
+}
+
+/* Finds the tokenizer: -z, else a GGUF model's own, else tokenizer.bin
+   beside the model, else ./tokenizer.bin. Returns NULL when there is none
+   to be found. */
 static char *find_tokenizer(const Options *o) {
     if (o->tokenizer_path) return strdup(o->tokenizer_path);
+    if (o->model_path && is_gguf(o->model_path)) return strdup(o->model_path);
     if (o->model_path) {
         const char *slash = strrchr(o->model_path, '/');
         size_t dir_len = slash ? (size_t)(slash - o->model_path + 1) : 0;
@@ -2663,7 +2676,9 @@ static char *find_tokenizer(const Options *o) {
 
 static void load_tokenizer_or_die(Tokenizer *tok, const char *path, int vocab_size) {
     char err[ERROR_SIZE] = "";
-    if (tokenizer_load(tok, path, vocab_size, err, sizeof err) != 0) die(path, "%s", err);
+    int failed = is_gguf(path) ? gguf_load_tokenizer(tok, path, vocab_size, err)
+                               : tokenizer_load(tok, path, vocab_size, err, sizeof err);
+    if (failed) die(path, "%s", err);
 }
 
 /* --tokenize: prints the prompt's ids and exits; with -m chat, the ids of
@@ -3755,6 +3770,383 @@ static int parse_gguf(Transformer *t, const unsigned char *data, size_t size, ch
     free(t->converted);
     t->weights.layers = NULL, t->weights.rope_inv_freq = NULL, t->converted = NULL;
     return -1;
+}
+
+/* ----------------------------------------------------------------------------
+   A GGUF file's tokenizer: the tokenizer.bin that export.py's
+   write_tokenizer_gguf() (convert/tokenizers.py) makes of its metadata is
+   built in memory, byte for byte, and tokenizer.c loads it. */
+
+typedef struct {
+    unsigned char *bytes;
+    size_t n, cap;
+} ByteBuffer;
+
+static void put_bytes(ByteBuffer *b, const void *data, size_t n) {
+    if (n > b->cap - b->n) {
+        b->cap = add_size(add_size(b->cap, b->cap), n + 4096);
+        b->bytes = realloc(b->bytes, b->cap);
+        if (!b->bytes) die(NULL, "out of memory building the tokenizer");
+    }
+    if (n) memcpy(b->bytes + b->n, data, n);
+    b->n += n;
+}
+
+static void put_u32(ByteBuffer *b, uint32_t v) {
+    unsigned char p[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
+    put_bytes(b, p, 4);
+}
+
+/* An array value: its item type, count, and the offset of its first item.
+   -1 (with err) unless key holds an array of items of type `item` (or of
+   any integer type for item 4, of f32 or f64 for item 6); 1 if missing. */
+static int gguf_array(const Gguf *g, const char *key, uint32_t item, uint32_t *type, uint64_t *n, size_t *at) {
+    static const char *const kinds[] = {[4] = "integers", [6] = "floats", [7] = "bools", [8] = "strings"};
+    const GgufKey *k = gguf_find(g, key);
+    if (!k) return 1;
+    *type = k->type == GGUF_ARRAY ? read_u32(g->data + k->at) : 0;
+    int fits = item == 4 ? *type <= 5 || *type == 10 || *type == 11 : item == 6 ? *type == 6 || *type == 12
+                                                                                 : *type == item;
+    if (k->type != GGUF_ARRAY || !fits) return fail(g->err, "metadata %s: expected a list of %s", key, kinds[item]);
+    *n = read_u64(g->data + k->at + 4);
+    *at = k->at + 12;
+    return 0;
+}
+
+/* The string at *at, which moves past it (within the metadata walked). */
+static GgufString gguf_next_string(const Gguf *g, size_t *at) {
+    GgufString s = {g->data + *at + 8, read_u64(g->data + *at)};
+    *at += 8 + s.len;
+    return s;
+}
+
+/* The number at *at of a numeric item type, which moves past it. */
+static double gguf_next_number(const Gguf *g, uint32_t type, size_t *at) {
+    const unsigned char *p = g->data + *at;
+    *at += GGUF_SCALAR_SIZE[type];
+    static const int is_signed[13] = {[1] = 1, [3] = 1, [5] = 1, [11] = 1};
+    if (type == 6) return read_f32(p);
+    if (type == 12) {
+        double d;
+        uint64_t bits = read_u64(p);
+        memcpy(&d, &bits, 8);
+        return d;
+    }
+    uint64_t u = GGUF_SCALAR_SIZE[type] == 1 ? p[0] : GGUF_SCALAR_SIZE[type] == 2 ? read_u16(p)
+               : GGUF_SCALAR_SIZE[type] == 4 ? read_u32(p) : read_u64(p);
+    int bits = 8 * GGUF_SCALAR_SIZE[type];
+    if (is_signed[type] && bits < 64 && u >> (bits - 1)) return (double)((int64_t)u - ((int64_t)1 << bits));
+    return is_signed[type] ? (double)(int64_t)u : (double)u;
+}
+
+/* A bool metadata value, or fallback when the key is missing. */
+static int gguf_bool(const Gguf *g, const char *key, int fallback, int *out) {
+    const GgufKey *k = gguf_find(g, key);
+    if (k && k->type != 7) return fail(g->err, "metadata %s: expected bool", key);
+    *out = k ? g->data[k->at] != 0 : fallback;
+    return 0;
+}
+
+/* An integer metadata value, or -1 when the key is missing. */
+static int gguf_token_id(const Gguf *g, const char *key, long long *out) {
+    double v = -1;
+    int integer = 1, found = gguf_number(g, key, &v, &integer);
+    if (found < 0 || !integer) return fail(g->err, "metadata %s: expected int", key);
+    *out = (long long)v;
+    return 0;
+}
+
+/* An index from token text to the first id that has it (vocab.setdefault). */
+typedef struct {
+    GgufString *texts;  // (n) each token's text
+    int32_t *slots;     // (cap) an id, or -1
+    size_t cap;
+} TextIndex;
+
+static uint64_t text_hash(const unsigned char *s, size_t n) {
+    uint64_t h = 1469598103934665603u;
+    for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 1099511628211u;
+    return h;
+}
+
+static int text_index_find(const TextIndex *ix, const unsigned char *s, size_t n) {
+    for (size_t i = text_hash(s, n) & (ix->cap - 1);; i = (i + 1) & (ix->cap - 1)) {
+        int32_t id = ix->slots[i];
+        if (id < 0 || (ix->texts[id].len == n && !memcmp(ix->texts[id].text, s, n))) return id;
+    }
+}
+
+static void text_index_build(TextIndex *ix, GgufString *texts, size_t n) {
+    ix->texts = texts;
+    for (ix->cap = 16; ix->cap < 2 * n; ix->cap *= 2) {}
+    ix->slots = xcalloc(ix->cap, sizeof(int32_t), "the tokenizer's index");
+    for (size_t i = 0; i < ix->cap; i++) ix->slots[i] = -1;
+    for (size_t id = 0; id < n; id++) {
+        size_t i = text_hash(texts[id].text, texts[id].len) & (ix->cap - 1);
+        while (ix->slots[i] >= 0 && !(ix->texts[ix->slots[i]].len == texts[id].len &&
+                                      !memcmp(ix->texts[ix->slots[i]].text, texts[id].text, texts[id].len)))
+            i = (i + 1) & (ix->cap - 1);
+        if (ix->slots[i] < 0) ix->slots[i] = (int32_t)id;
+    }
+}
+
+/* Where `what` first occurs in s at or after `from`, or -1. */
+static long find_text(GgufString s, const char *what, size_t from) {
+    if (from > s.len) return -1;
+    const unsigned char *at = memmem(s.text + from, s.len - from, what, strlen(what));
+    return at ? (long)(at - s.text) : -1;
+}
+
+/* The text of the first ChatML system turn a template writes literally
+   (export.py's _literal_system_turn(), in time linear in the template):
+   from "<|im_start|>system" and a newline ("\n" or the two characters
+   \n) to "<|im_end|>", with none of ' " { } + between; empty if none. */
+static GgufString literal_system_turn(GgufString t) {
+    GgufString none = {t.text, 0};
+    long end = -1, stop = -1, start = find_text(t, "<|im_start|>system", 0);
+    while (start >= 0) {
+        size_t body = (size_t)start + strlen("<|im_start|>system");
+        size_t newline = body < t.len && t.text[body] == '\n' ? 1
+                       : body + 1 < t.len && t.text[body] == '\\' && t.text[body + 1] == 'n' ? 2 : 0;
+        if (newline) {
+            body += newline;
+            if (end < (long)body && (end = find_text(t, "<|im_end|>", body)) < 0) return none;
+            if (stop < (long)body)
+                for (stop = (long)body; (size_t)stop < t.len && !strchr("'\"{}+", t.text[stop]); stop++) {}
+            if (stop >= end) return (GgufString){t.text + body, (size_t)(end - (long)body)};
+        }
+        start = find_text(t, "<|im_start|>system", (size_t)start + 1);
+    }
+    return none;
+}
+
+/* The chat template (TEMPLATE_*) and default system prompt (into *system)
+   that export.py's gguf_chat_template() finds in a Jinja template. */
+static int chat_template_kind(GgufString t, ByteBuffer *system) {
+    if (!t.len) return TEMPLATE_NONE;
+    if (find_text(t, "<|im_start|>", 0) >= 0) {
+        GgufString text = literal_system_turn(t);
+        for (size_t i = 0; i < text.len; i++) { // "\n" written as two characters is a newline; other escapes: none
+            int escaped_newline = text.text[i] == '\\' && i + 1 < text.len && text.text[i + 1] == 'n';
+            if (text.text[i] == '\\' && !escaped_newline) {
+                system->n = 0;
+                break;
+            }
+            put_bytes(system, escaped_newline ? "\n" : (const char *)text.text + i, 1);
+            i += escaped_newline;
+        }
+        return TEMPLATE_CHATML;
+    }
+    if (find_text(t, "<|start_header_id|>", 0) >= 0 && find_text(t, "<|end_header_id|>", 0) >= 0) {
+        if (find_text(t, "Cutting Knowledge Date", 0) < 0) return TEMPLATE_LLAMA3;
+        return find_text(t, "strftime_now", 0) >= 0 ? TEMPLATE_LLAMA32 : TEMPLATE_LLAMA31;
+    }
+    return find_text(t, "[INST]", 0) >= 0 ? TEMPLATE_LLAMA2 : TEMPLATE_NONE;
+}
+
+/* A byte-level token's bytes: its characters mapped back through GPT-2's
+   byte alphabet when every one is in it, else its own UTF-8. */
+static void put_byte_level_token(ByteBuffer *b, GgufString text) {
+    size_t start = b->n;
+    for (size_t i = 0; i < text.len;) {
+        int k = utf8_valid_len(text.text + i, text.len - i);
+        int byte = k ? bl_alphabet_byte(tok_utf8_decode(text.text + i, k)) : -1;
+        if (byte < 0) {
+            b->n = start;
+            put_bytes(b, text.text, text.len);
+            return;
+        }
+        unsigned char c = (unsigned char)byte;
+        put_bytes(b, &c, 1);
+        i += (size_t)k;
+    }
+}
+
+/* The pre-tokenizers a byte-level GGUF may name (tokenizer.ggml.pre), as
+   export.py's GGUF_PRETOKENIZERS maps them. */
+static const struct { const char *name; uint32_t pretokenizer, flags; } GGUF_PRETOKENIZERS[] = {
+    {"gpt-2", PRETOK_GPT2, 0}, {"smollm", PRETOK_DIGITS_GPT2, 0}, {"starcoder", PRETOK_DIGITS_GPT2, 0},
+    {"llama-bpe", PRETOK_LLAMA3, TOKF_IGNORE_MERGES}, {"qwen2", PRETOK_QWEN2, TOKF_NFC}};
+
+/* The token records of a GGUF's vocabulary into out, as write_tokenizer()
+   writes them; sentencepiece: the pieces and scores as they are, byte-level:
+   bytes as put_byte_level_token() says for normal tokens. Sets *max_len,
+   *unknown (the one unknown piece) and *byte_pieces. */
+static int gguf_token_records(const Gguf *g, int sentencepiece, GgufString *texts, size_t n, ByteBuffer *out,
+                              uint32_t *max_len, long long *unknown, int *byte_pieces) {
+    uint32_t types_type, scores_type = 6;
+    uint64_t n_types, n_scores = 0;
+    size_t types_at, scores_at = 0;
+    int found = gguf_array(g, "tokenizer.ggml.token_type", 4, &types_type, &n_types, &types_at);
+    if (found < 0) return -1;
+    if (found || n_types != n) return fail(g->err, "%zu tokens but %llu token types", n,
+                                           (unsigned long long)(found ? 0 : n_types));
+    if (sentencepiece && (found = gguf_array(g, "tokenizer.ggml.scores", 6, &scores_type, &n_scores, &scores_at)))
+        return found < 0 ? -1 : fail(g->err, "metadata tokenizer.ggml.scores: expected a list of floats");
+    if (sentencepiece && n_scores != n)
+        return fail(g->err, "%zu tokens but %llu scores", n, (unsigned long long)n_scores);
+    int unknowns = 0;
+    for (size_t i = 0; i < n; i++) {
+        double type = gguf_next_number(g, types_type, &types_at);
+        float score = sentencepiece ? (float)gguf_next_number(g, scores_type, &scores_at) : 0.0f;
+        int known = sentencepiece ? type >= 1 && type <= 6 : type == 1 || type == 3 || type == 4 || type == 5;
+        if (!known)
+            return fail(g->err, "token %zu has type %g, %s", i, type,
+                        sentencepiece ? "which is unknown" : "not normal, control, user-defined or unused");
+        unknowns += type == 2, *byte_pieces |= type == 6;
+        if (type == 2) *unknown = (long long)i;
+        size_t start = out->n;
+        put_u32(out, 0);
+        uint32_t score_bits;
+        memcpy(&score_bits, &score, 4);
+        put_u32(out, score_bits);
+        unsigned char t = (unsigned char)type;
+        put_bytes(out, &t, 1);
+        if (sentencepiece || type != 1) put_bytes(out, texts[i].text, texts[i].len);
+        else put_byte_level_token(out, texts[i]);
+        uint32_t len = (uint32_t)(out->n - start - 9);
+        if (len == 0) return fail(g->err, "token %zu is empty", i);
+        for (int k = 0; k < 4; k++) out->bytes[start + k] = (unsigned char)(len >> 8 * k);
+        if (len > *max_len) *max_len = len;
+    }
+    if (sentencepiece && unknowns != 1)
+        return fail(g->err, "%d unknown tokens; sentencepiece needs exactly one", unknowns);
+    return 0;
+}
+
+/* The merges ("left right", in rank order) as (left, right, result) ids. */
+static int gguf_merges(const Gguf *g, GgufString *texts, size_t n, ByteBuffer *out, uint32_t *count) {
+    uint32_t type;
+    uint64_t n_merges;
+    size_t at;
+    int found = gguf_array(g, "tokenizer.ggml.merges", GGUF_STRING, &type, &n_merges, &at);
+    if (found) return found < 0 ? -1 : 0;
+    TextIndex ix;
+    text_index_build(&ix, texts, n);
+    ByteBuffer joined = {0};
+    int status = 0;
+    for (uint64_t r = 0; r < n_merges && status == 0; r++) {
+        GgufString m = gguf_next_string(g, &at);
+        const unsigned char *space = memchr(m.text, ' ', m.len);
+        size_t left_len = space ? (size_t)(space - m.text) : m.len;
+        GgufString right = {m.text + left_len + (space != NULL), m.len - left_len - (space != NULL)};
+        joined.n = 0;
+        put_bytes(&joined, m.text, left_len);
+        put_bytes(&joined, right.text, right.len);
+        int ids[3] = {text_index_find(&ix, m.text, left_len), text_index_find(&ix, right.text, right.len),
+                      text_index_find(&ix, joined.bytes, joined.n)};
+        if (ids[0] < 0 || ids[1] < 0 || ids[2] < 0)
+            status = fail(g->err, "merge %llu names a token not in the vocab", (unsigned long long)r);
+        for (int k = 0; k < 3; k++) put_u32(out, (uint32_t)ids[k]);
+    }
+    *count = (uint32_t)n_merges;
+    free(joined.bytes);
+    free(ix.slots);
+    return status;
+}
+
+/* The tokenizer.bin (LTOK) bytes of the tokenizer in a parsed GGUF's
+   metadata, as write_tokenizer_gguf() writes them. */
+static int gguf_tokenizer_bytes(const Gguf *g, int vocab_size, ByteBuffer *out) {
+    GgufString kind, pre, chat_text;
+    char name[81];
+    if (gguf_text(g, "tokenizer.ggml.model", NULL, &kind)) return -1;
+    if (!kind.text) return fail(g->err, "holds no tokenizer (no tokenizer.ggml.model in its metadata)");
+    int sentencepiece = gguf_is(kind, "llama");
+    if (!sentencepiece && !gguf_is(kind, "gpt2"))
+        return fail(g->err, "tokenizer.ggml.model '%s'; only 'llama' (sentencepiece BPE) and 'gpt2' (byte-level "
+                    "BPE) are read from GGUF", gguf_printable(kind, name));
+    uint32_t texts_type, pretokenizer = PRETOK_NONE, flags = 0, max_len = 0, n_merges = 0;
+    uint64_t n = 0;
+    size_t at;
+    int found = gguf_array(g, "tokenizer.ggml.tokens", GGUF_STRING, &texts_type, &n, &at);
+    if (found < 0) return -1;
+    if (vocab_size >= 0 && n != (uint64_t)vocab_size)
+        return fail(g->err, "%llu tokens but the model has %d", (unsigned long long)n, vocab_size);
+    long long ids[4];
+    static const char *const id_keys[4] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                                           "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id"};
+    for (int i = 0; i < 4; i++)
+        if (gguf_token_id(g, id_keys[i], &ids[i])) return -1;
+    int add_bos, add_eos, space_prefix, extra_spaces;
+    if (gguf_text(g, "tokenizer.chat_template", NULL, &chat_text) ||
+        gguf_bool(g, "tokenizer.ggml.add_eos_token", 0, &add_eos))
+        return -1;
+    if (!sentencepiece) {
+        if (gguf_text(g, "tokenizer.ggml.pre", "default", &pre)) return -1;
+        size_t p = 0, count = sizeof GGUF_PRETOKENIZERS / sizeof GGUF_PRETOKENIZERS[0];
+        while (p < count && !gguf_is(pre, GGUF_PRETOKENIZERS[p].name)) p++;
+        if (p == count)
+            return fail(g->err, "tokenizer.ggml.pre '%s' is not supported (gpt-2, llama-bpe, qwen2, smollm, "
+                        "starcoder)", gguf_printable(pre, name));
+        pretokenizer = GGUF_PRETOKENIZERS[p].pretokenizer, flags = GGUF_PRETOKENIZERS[p].flags;
+    }
+    if (gguf_bool(g, "tokenizer.ggml.add_bos_token", sentencepiece || gguf_is(pre, "llama-bpe"), &add_bos) ||
+        gguf_bool(g, "tokenizer.ggml.add_space_prefix", sentencepiece, &space_prefix) ||
+        gguf_bool(g, "tokenizer.ggml.remove_extra_whitespaces", 0, &extra_spaces))
+        return -1;
+    if (n == 0) return fail(g->err, "0 tokens");
+    GgufString *texts = xcalloc(n, sizeof(GgufString), "the tokenizer's tokens");
+    for (uint64_t i = 0; i < n; i++) texts[i] = gguf_next_string(g, &at);
+    ByteBuffer records = {0}, merges = {0}, system = {0};
+    long long unknown = -1;
+    int byte_pieces = 0, chat = chat_template_kind(chat_text, &system);
+    if (chat == TEMPLATE_NONE) { // from the marker tokens (export.py's chat_from_vocab())
+        TextIndex ix;
+        text_index_build(&ix, texts, n);
+#define HAS(text) (text_index_find(&ix, (const unsigned char *)(text), strlen(text)) >= 0)
+        chat = HAS("<|im_start|>") && HAS("<|im_end|>") ? TEMPLATE_CHATML
+             : HAS("<|start_header_id|>") && HAS("<|end_header_id|>") && HAS("<|eot_id|>") ? TEMPLATE_LLAMA3
+             : TEMPLATE_NONE;
+#undef HAS
+        free(ix.slots);
+    }
+    int status = gguf_token_records(g, sentencepiece, texts, n, &records, &max_len, &unknown, &byte_pieces);
+    if (status == 0 && sentencepiece && ids[3] != -1 && ids[3] != unknown)
+        status = fail(g->err, "unknown_token_id %lld is not the unknown token %lld", ids[3], unknown);
+    if (sentencepiece) ids[3] = unknown;
+    if (status == 0 && !sentencepiece) status = gguf_merges(g, texts, n, &merges, &n_merges);
+    for (int i = 0; i < 4 && status == 0; i++)
+        if (ids[i] < -1 || ids[i] >= (long long)n)
+            status = fail(g->err, "%s %lld is outside -1..%llu", id_keys[i], ids[i], (unsigned long long)n - 1);
+    if (status == 0 && memchr(system.bytes ? system.bytes : (unsigned char *)"", 0, system.n))
+        status = fail(g->err, "the default system prompt contains a NUL character");
+    flags |= (add_eos ? TOKF_ADD_EOS : 0) | (add_bos ? TOKF_ADD_BOS : 0) | (space_prefix ? TOKF_DUMMY_PREFIX : 0);
+    if (sentencepiece) flags |= (extra_spaces ? TOKF_REMOVE_EXTRA_WS : 0) | (byte_pieces ? TOKF_BYTE_FALLBACK : 0);
+    uint32_t header[14] = {0, 1, sentencepiece ? TOK_SENTENCEPIECE : TOK_BYTELEVEL, (uint32_t)n};
+    for (int i = 0; i < 4; i++) header[4 + i] = (uint32_t)ids[i];
+    header[8] = flags, header[9] = pretokenizer, header[10] = (uint32_t)chat, header[11] = n_merges;
+    header[12] = max_len, header[13] = (uint32_t)system.n;
+    put_bytes(out, "LTOK", 4);
+    for (int i = 1; i < 14; i++) put_u32(out, header[i]);
+    put_bytes(out, (const unsigned char[8]){0}, 8);
+    put_bytes(out, records.bytes, records.n);
+    put_bytes(out, merges.bytes, merges.n);
+    put_bytes(out, system.bytes, system.n);
+    free(texts);
+    free(records.bytes);
+    free(merges.bytes);
+    free(system.bytes);
+    return status;
+}
+
+/* Loads the tokenizer of the GGUF file at path: 0, or -1 with err set. */
+static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size, char *err) {
+    struct stat st;
+    int fd = open_input(path, INT64_MAX, "a GGUF file", &st);
+    void *data = st.st_size ? mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    close(fd);
+    if (data == MAP_FAILED) return fail(err, "cannot map: %s", st.st_size ? strerror(errno) : "file is empty");
+    Gguf g = {.data = data, .size = (size_t)st.st_size, .err = err};
+    uint64_t n_tensors;
+    size_t alignment;
+    ByteBuffer ltok = {0};
+    int status = gguf_read_metadata(&g, &n_tensors, &alignment) || gguf_tokenizer_bytes(&g, vocab_size, &ltok) ||
+                 tokenizer_load_memory(tok, ltok.bytes, ltok.n, vocab_size, err, ERROR_SIZE);
+    free(ltok.bytes);
+    free(g.keys);
+    munmap(data, (size_t)st.st_size);
+    return status ? -1 : 0;
 }
 
 /* ============================================================================
