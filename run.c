@@ -3116,7 +3116,9 @@ static int gguf_count(Gguf *g, const char *what, size_t item_size, uint64_t *n) 
 
 static int gguf_string(Gguf *g, const char *what, GgufString *s) {
     uint64_t n;
-    if (gguf_count(g, what, 1, &n) || gguf_take(g, n, what, &s->text)) return -1;
+    char length[128];
+    snprintf(length, sizeof length, "%s (its length)", what);
+    if (gguf_count(g, length, 1, &n) || gguf_take(g, n, what, &s->text)) return -1;
     s->len = n;
     return 0;
 }
@@ -3656,11 +3658,11 @@ static void gguf_report(const char *path, const int counts[GGML_TYPES][WEIGHT_TY
     for (int s = 0; s < GGML_TYPES; s++)
         for (int d = 0; d < WEIGHT_TYPES; d++)
             if (counts[s][d] && n < sizeof line)
-                n += snprintf(line + n, sizeof line - n, "%s%d %s to %s", n ? ", " : "", counts[s][d],
+                n += snprintf(line + n, sizeof line - n, "%s%d %s tensors to %s", n ? ", " : "", counts[s][d],
                               GGML_TYPE[s].name, WEIGHT_NAMES[d]);
     if (permuted && n < sizeof line)
         n += snprintf(line + n, sizeof line - n, "%s%d q/k matrices copied, their rows permuted from qwen2's RoPE "
-                      "halves", n ? "; " : "", permuted);
+                      "halves into pairs", n ? "; " : "", permuted);
     if (n) fprintf(stderr, "run: %s: converted in memory at load: %s (+%zu MB)\n", path, line, (bytes + 500000) / 1000000);
 }
 
@@ -3738,8 +3740,8 @@ static int gguf_assemble(Transformer *t, const GgufModel *m, char *err) {
         if (vector) *vector = placed.values;
         int kept = plans[s].type == WEIGHT_BF16 || plans[s].type >= WEIGHT_Q4_K ||
                    (plans[s].type == WEIGHT_F32 && tensor->type == GGML_F32);
-        if (plans[s].copied && plans[s].permuted && kept) permuted += matrix != NULL;
-        else if (plans[s].copied) counts[tensor->type][plans[s].type]++;
+        permuted += plans[s].permuted && matrix;
+        if (plans[s].copied && !(plans[s].permuted && kept)) counts[tensor->type][plans[s].type]++;
     }
     if (c->tied_classifier) w->classifier = w->token_embedding;
     free(row);
