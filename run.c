@@ -3663,7 +3663,7 @@ static void gguf_report(const char *path, const int counts[GGML_TYPES][WEIGHT_TY
     if (permuted && n < sizeof line)
         n += snprintf(line + n, sizeof line - n, "%s%d q/k matrices copied, their rows permuted from qwen2's RoPE "
                       "halves into pairs", n ? "; " : "", permuted);
-    if (n) fprintf(stderr, "run: %s: converted in memory at load: %s (+%zu MB)\n", path, line, (bytes + 500000) / 1000000);
+    if (n) fprintf(stderr, "run: %s: converted in memory at load: %s (+%.1f MB)\n", path, line, bytes / 1e6);
 }
 
 /* Where a slot's tensor goes in w: a matrix, or a vector. */
