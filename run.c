@@ -9,8 +9,8 @@
    The tokenizer lives in tokenizer.c and is included below as part of this
    one translation unit.
 
-   After main() come the reader of llama2.c's legacy checkpoints and an
-   appendix that holds the fast kernels: SIMD (AVX2, AVX-512),
+   After main() come the readers of llama2.c's legacy checkpoints and of
+   llama.cpp's GGUF files, and an appendix that holds the fast kernels: SIMD (AVX2, AVX-512),
    tiles, packing and prefetching. They compute what the plain kernels do,
    only faster, and are chosen once at startup; a reader may skip them.
    Built with -DPLAIN (make run-plain), the engine runs on the plain
@@ -133,6 +133,10 @@
    max_seq_len; a negative vocab_size means an untied classifier follows),
    then packed f32 tensors stored tensor by tensor across layers, with two
    RoPE tables (max_seq_len, head_dim / 2) before the classifier that we skip.
+
+   llama.cpp's GGUF files are read too, by the reader after main(): their
+   matrices mapped in place where they are in a type of ours, else converted
+   once at load (docs/FORMATS.md).
    ------------------------------------------------------------------------- */
 
 #define CHECKPOINT_MAGIC "LLAM"
@@ -2413,15 +2417,17 @@ static void print_help(void) {
         "       ./run [MODEL] --tokenize -z TOKENIZER -i TEXT\n"
         "       ./run MODEL -m score -f TEXT_FILE\n"
         "\n"
-        "Runs a Llama-2-style checkpoint (ours, written by export.py, or llama2.c's\n"
-        "legacy format). Text goes to stdout; statistics and notices to stderr.\n"
+        "Runs a Llama-2-style checkpoint (ours, written by export.py, llama2.c's\n"
+        "legacy format, or llama.cpp's GGUF). Text goes to stdout; statistics and\n"
+        "notices to stderr.\n"
         "\n"
         "prompt and model:\n"
         "  -i TEXT       prompt (without -i or -f, generation starts from BOS alone)\n"
         "  -f PATH       read the prompt from a file (a regular file, at most 64 MiB)\n"
         "  --tokens IDS  prompt as token ids, e.g. \"1 450 4996\" (no tokenizer needed;\n"
         "                the output is token ids, or text when -z names a tokenizer)\n"
-        "  -z PATH       tokenizer (default: tokenizer.bin beside MODEL, then ./tokenizer.bin)\n"
+        "  -z PATH       tokenizer (default: a GGUF model's own, else tokenizer.bin beside\n"
+        "                MODEL, then ./tokenizer.bin)\n"
         "  -n N          new tokens to generate (default 256; stops earlier at end of\n"
         "                sequence, at a stop string or when the context is full)\n"
         "  -c N          context length: positions the KV cache holds (default: the model's)\n"
