@@ -3443,12 +3443,10 @@ static int gguf_read_config(const Gguf *g, Config *c, GgufModel *m) {
 static void gguf_slot_shape(const Config *c, int slot, size_t *rows, size_t *cols) {
     size_t dim = c->dim, hidden = c->hidden_dim, q_dim = (size_t)c->n_heads * c->head_dim;
     size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    static const int vector_slots[] = {L_ATTN_NORM, L_FFN_NORM, L_BQ, L_BK, L_BV};
     size_t shapes[GGUF_LAYER_SLOTS][2] = {
         [L_ATTN_NORM] = {0, dim}, [L_WQ] = {q_dim, dim},     [L_WK] = {kv_dim, dim},  [L_WV] = {kv_dim, dim},
         [L_WO] = {dim, q_dim},    [L_FFN_NORM] = {0, dim},   [L_W1] = {hidden, dim},  [L_W2] = {dim, hidden},
         [L_W3] = {hidden, dim},   [L_BQ] = {0, q_dim},       [L_BK] = {0, kv_dim},    [L_BV] = {0, kv_dim}};
-    (void)vector_slots;
     if (slot < GGUF_GLOBAL_SLOTS) {
         size_t global[GGUF_GLOBAL_SLOTS][2] = {{c->vocab_size, dim}, {0, dim}, {c->vocab_size, dim},
                                                {0, c->head_dim / 2}};
@@ -3472,17 +3470,40 @@ static const char *gguf_slot_name(int slot, char out[96]) {
     return out;
 }
 
+/* The vocabulary's size: the rows of token_embd.weight, as export.py takes it. */
+static int gguf_vocab_size(const Gguf *g, Config *c) {
+    for (size_t i = 0; i < g->n_tensors; i++) {
+        const GgufTensor *t = &g->tensors[i];
+        if (!gguf_is(t->name, "token_embd.weight")) continue;
+        if (t->n_dims != 2 || t->dims[1] < 1 || t->dims[1] > MAX_VOCAB)
+            return fail(g->err, "token_embd.weight: expected a matrix of 1 to %d rows", MAX_VOCAB);
+        c->vocab_size = (int)t->dims[1];
+        return 0;
+    }
+    return fail(g->err, "tensor token_embd.weight is missing");
+}
+
+/* A tensor's shape as export.py writes it, slowest axis first: "(3, 4)". */
+static const char *gguf_shape(const GgufTensor *t, char out[128]) {
+    size_t n = (size_t)snprintf(out, 128, "(");
+    for (uint32_t d = t->n_dims; d-- > 0 && n < 128;)
+        n += (size_t)snprintf(out + n, 128 - n, "%llu%s", (unsigned long long)t->dims[d],
+                              d ? ", " : t->n_dims == 1 ? ",)" : ")");
+    if (t->n_dims == 0) snprintf(out, 128, "()");
+    return out;
+}
+
+/* Whether a slot may stay empty: the classifier when tied, rope_freqs
+   (linear scaling alone divides by 1), and llama's biases. */
+static int gguf_optional(const GgufModel *m, int slot) {
+    int in_layer = slot < GGUF_GLOBAL_SLOTS ? -1 : (slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS;
+    return slot == SLOT_OUTPUT || slot == SLOT_ROPE_FREQS || (!m->qwen2 && in_layer >= L_BQ);
+}
+
 /* Puts every tensor in its slot, and checks that each slot the model needs
    has one of the shape it needs (export.py's check_state_dict()). */
-static int gguf_place_tensors(Gguf *g, Config *c, GgufModel *m) {
-    GgufTensor *embedding = NULL;
-    char name[81], ours[96];
-    for (size_t i = 0; i < g->n_tensors; i++)
-        if (gguf_is(g->tensors[i].name, "token_embd.weight")) embedding = &g->tensors[i];
-    if (!embedding) return fail(g->err, "tensor token_embd.weight is missing");
-    if (embedding->n_dims != 2 || embedding->dims[1] < 1 || embedding->dims[1] > MAX_VOCAB)
-        return fail(g->err, "token_embd.weight: expected a matrix of 1 to %d rows", MAX_VOCAB);
-    c->vocab_size = (int)embedding->dims[1];
+static int gguf_place_tensors(const Gguf *g, Config *c, GgufModel *m) {
+    char name[81], ours[96], shape[128];
     int n_slots = GGUF_GLOBAL_SLOTS + c->n_layers * GGUF_LAYER_SLOTS;
     m->slots = xcalloc(n_slots, sizeof(GgufTensor *), "the GGUF tensor table");
     for (size_t i = 0; i < g->n_tensors; i++) {
@@ -3500,17 +3521,15 @@ static int gguf_place_tensors(Gguf *g, Config *c, GgufModel *m) {
         const GgufTensor *t = m->slots[slot];
         size_t rows, cols;
         gguf_slot_shape(c, slot, &rows, &cols);
-        if (!t && ((slot == SLOT_OUTPUT && c->tied_classifier) || (slot == SLOT_ROPE_FREQS && !m->scaled)))
-            continue;
-        if (!t && slot == SLOT_ROPE_FREQS) continue; // linear scaling alone: every divisor 1
-        if (!t && !m->qwen2 && slot >= GGUF_GLOBAL_SLOTS && (slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS >= L_BQ)
-            continue; // llama has no biases
+        if (!t && gguf_optional(m, slot)) continue;
         if (!t) return fail(g->err, "tensor %s is missing", gguf_slot_name(slot, ours));
-        int matrix = rows != 0;
-        if (t->n_dims != 1u + matrix || t->dims[0] != cols || (matrix && t->dims[1] != rows))
-            return fail(g->err, "%s: expected shape (%zu%s%zu), got %u dimensions (%s)", gguf_slot_name(slot, ours),
-                        matrix ? rows : cols, matrix ? ", " : ",", matrix ? cols : (size_t)0,
-                        t->n_dims, gguf_printable(t->name, name));
+        if (rows ? t->n_dims != 2 || t->dims[0] != cols || t->dims[1] != rows : t->n_dims != 1 || t->dims[0] != cols) {
+            char expected[64];
+            if (rows) snprintf(expected, sizeof expected, "(%zu, %zu)", rows, cols);
+            else snprintf(expected, sizeof expected, "(%zu,)", cols);
+            return fail(g->err, "%s: expected shape %s, got %s", gguf_slot_name(slot, ours), expected,
+                        gguf_shape(t, shape));
+        }
     }
     return 0;
 }
@@ -3766,8 +3785,9 @@ static int parse_gguf(Transformer *t, const unsigned char *data, size_t size, ch
     size_t alignment = GGUF_DEFAULT_ALIGNMENT;
     t->weights.rope_inv_freq = xcalloc(MAX_HEAD_DIM / 2, sizeof(double), "the RoPE frequencies");
     int status = gguf_read_metadata(&g, &n_tensors, &alignment) || gguf_read_tensors(&g, n_tensors, alignment) ||
-                 gguf_read_config(&g, &t->config, &m) || gguf_place_tensors(&g, &t->config, &m) ||
-                 validate_config(&t->config, err) || gguf_assemble(t, &m, err) ||
+                 gguf_read_config(&g, &t->config, &m) || gguf_vocab_size(&g, &t->config) ||
+                 validate_config(&t->config, err) || gguf_place_tensors(&g, &t->config, &m) ||
+                 gguf_assemble(t, &m, err) ||
                  gguf_rope_frequencies(t->weights.rope_inv_freq, &t->config, &m, err);
     free(g.keys);
     free(g.tensors);
@@ -4056,7 +4076,7 @@ static int gguf_merges(const Gguf *g, GgufString *texts, size_t n, ByteBuffer *o
 /* The tokenizer.bin (LTOK) bytes of the tokenizer in a parsed GGUF's
    metadata, as write_tokenizer_gguf() writes them. */
 static int gguf_tokenizer_bytes(const Gguf *g, int vocab_size, ByteBuffer *out) {
-    GgufString kind, pre, chat_text;
+    GgufString kind, pre = {(const unsigned char *)"", 0}, chat_text;
     char name[81];
     if (gguf_text(g, "tokenizer.ggml.model", NULL, &kind)) return -1;
     if (!kind.text) return fail(g->err, "holds no tokenizer (no tokenizer.ggml.model in its metadata)");

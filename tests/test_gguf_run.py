@@ -298,8 +298,6 @@ DAMAGES = [
     ("an unknown value type", set_u32(lambda r: part_offset(r.fields["general.architecture"], 2), 77),
      "unknown value type 77"),
     ("version 4", set_u32(lambda r: 4, 4), "version 4"),
-    ("alignment 3", lambda r, data: None, "general.alignment"),
-    ("another architecture", lambda r, data: None, "general.architecture 'bert'"),
 ]
 
 
@@ -310,19 +308,23 @@ def small_gguf(tmp_path_factory):
     return path
 
 
-def rewritten(path, out, key, value, kind):
-    """path with metadata key set to value (of GGUFValueType kind)."""
+def rewritten(path, out, arch="llama", metadata=(), drop=(), add=()):
+    """path written anew as arch, with metadata [(key, value, GGUFValueType)]
+    set, the tensors named in drop left out and those of add [(name, array)]
+    added."""
     reader = gguf.GGUFReader(str(path))
-    arch = "bert" if key == "general.architecture" else "llama"
     w = gguf.GGUFWriter(str(out), arch)
     for field in reader.fields.values():
         if field.name.startswith(("tokenizer.", "llama.")):
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-    if key != "general.architecture":
+            w.add_key_value(field.name.replace("llama.", f"{arch}."), field.contents(), field.types[0], sub_type=sub)
+    for key, value, kind in metadata:
         w.add_key_value(key, value, kind)
     for t in reader.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        if t.name not in drop:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    for name, array in add:
+        w.add_tensor(name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -330,17 +332,40 @@ def rewritten(path, out, key, value, kind):
     return out
 
 
+REWRITES = [    # what is changed, rewritten()'s arguments, what the message says
+    ("alignment 3", dict(metadata=[("general.alignment", 3, gguf.GGUFValueType.UINT32)]), "general.alignment"),
+    ("another architecture", dict(arch="bert"), "general.architecture 'bert'"),
+    ("head_count a string", dict(metadata=[("llama.attention.head_count", "4", gguf.GGUFValueType.STRING)]),
+     "llama.attention.head_count: expected a number"),
+    ("yarn scaling", dict(metadata=[("llama.rope.scaling.type", "yarn", gguf.GGUFValueType.STRING)]),
+     "'yarn' is not implemented"),
+    ("a tensor missing", dict(drop=["blk.0.ffn_up.weight"]), "layers.0.feed_forward.w3.weight is missing"),
+    ("llama with a bias", dict(add=[("blk.0.attn_q.bias", np.zeros(32, np.float32))]),
+     "unexpected tensor blk.0.attn_q.bias"),
+    ("a wrong shape", dict(drop=["output_norm.weight"], add=[("output_norm.weight", np.ones(16, np.float32))]),
+     "norm.weight: expected shape (32,), got (16,)"),
+    ("no tokenizer model", dict(metadata=[("tokenizer.ggml.model", "bert", gguf.GGUFValueType.STRING)]),
+     "tokenizer.ggml.model 'bert'"),
+]
+
+
+@pytest.mark.parametrize("change,what", [r[1:] for r in REWRITES], ids=[r[0] for r in REWRITES])
+def test_gguf_export_refuses_is_refused_in_one_line(small_gguf, tmp_path, change, what):
+    """The tokenizer is read after the weights: its refusal follows the line
+    that says what the load converted."""
+    bad = rewritten(small_gguf, tmp_path / "bad.gguf", **change)
+    p = run(bad, "-i", "the", "-n", 1, check=False)
+    assert p.returncode == 1, p.stderr
+    lines = [line for line in p.stderr.splitlines() if "converted in memory at load" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"run: {bad}: ") and what in lines[0], p.stderr
+
+
 @pytest.mark.parametrize("name,damage,what", DAMAGES, ids=[d[0] for d in DAMAGES])
 def test_hostile_gguf_is_refused_in_one_line(small_gguf, tmp_path, name, damage, what):
     bad = tmp_path / "bad.gguf"
-    if name == "alignment 3":
-        rewritten(small_gguf, bad, "general.alignment", 3, gguf.GGUFValueType.UINT32)
-    elif name == "another architecture":
-        rewritten(small_gguf, bad, "general.architecture", "bert", gguf.GGUFValueType.STRING)
-    else:
-        data = bytearray(small_gguf.read_bytes())
-        damage(gguf.GGUFReader(str(small_gguf)), data)
-        bad.write_bytes(data)
+    data = bytearray(small_gguf.read_bytes())
+    damage(gguf.GGUFReader(str(small_gguf)), data)
+    bad.write_bytes(data)
     p = run(bad, "--tokens", "1 2", "-n", 1, check=False)
     assert p.returncode == 1, p.stderr
     assert p.stderr.startswith(f"run: {bad}: ") and p.stderr.count("\n") == 1, p.stderr
