@@ -3042,7 +3042,8 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
 #define GGUF_MAX_ENTRIES (1 << 20) // keys, or tensors
 enum { GGUF_STRING = 8, GGUF_ARRAY = 9 };
 enum { GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
-       GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30, GGML_TYPES = 31 };
+       GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30,
+       GGML_TYPES = 31 };
 /* bytes of a metadata scalar of each value type (0: not a scalar) */
 static const uint8_t GGUF_SCALAR_SIZE[13] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
 
@@ -3050,8 +3051,9 @@ static const uint8_t GGUF_SCALAR_SIZE[13] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8,
 static const struct { int block, bytes; const char *name; } GGML_TYPE[GGML_TYPES] = {
     [GGML_F32] = {1, 4, "F32"},        [GGML_F16] = {1, 2, "F16"},        [GGML_Q4_0] = {32, 18, "Q4_0"},
     [GGML_Q4_1] = {32, 20, "Q4_1"},    [GGML_Q5_0] = {32, 22, "Q5_0"},    [GGML_Q5_1] = {32, 24, "Q5_1"},
-    [GGML_Q8_0] = {32, 34, "Q8_0"},    [GGML_Q4_K] = {256, 144, "Q4_K"},  [GGML_Q5_K] = {256, 176, "Q5_K"},
-    [GGML_Q6_K] = {256, 210, "Q6_K"},  [GGML_BF16] = {1, 2, "BF16"},
+    [GGML_Q8_0] = {32, 34, "Q8_0"},    [GGML_Q2_K] = {256, 84, "Q2_K"},   [GGML_Q3_K] = {256, 110, "Q3_K"},
+    [GGML_Q4_K] = {256, 144, "Q4_K"},  [GGML_Q5_K] = {256, 176, "Q5_K"},  [GGML_Q6_K] = {256, 210, "Q6_K"},
+    [GGML_BF16] = {1, 2, "BF16"},
 };
 
 typedef struct {
@@ -3222,7 +3224,7 @@ static int gguf_read_tensor_info(Gguf *g, GgufTensor *t, uint64_t *offset) {
     if (gguf_u32(g, what, &t->type) || gguf_u64(g, what, offset)) return -1;
     if (t->type >= GGML_TYPES || !GGML_TYPE[t->type].block)
         return fail(g->err, "%s: ggml type %u is not one ./run reads (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
-                    "Q4_K, Q5_K, Q6_K); convert the file with export.py --gguf", what, t->type);
+                    "Q2_K .. Q6_K); convert the file with export.py --gguf", what, t->type);
     size_t elements = 1;
     for (uint32_t d = 0; d < t->n_dims; d++) elements = mul_size(elements, t->dims[d]);
     if (t->n_dims && t->dims[0] % GGML_TYPE[t->type].block)
@@ -3534,6 +3536,30 @@ static int gguf_place_tensors(const Gguf *g, Config *c, GgufModel *m) {
     return 0;
 }
 
+/* out (256) = one Q2_K or Q3_K block. Weight i is in sub-block i / 16 and
+   takes 2 bits of qs[32 (i / 128) + i % 32] at bit 2 ((i % 128) / 32).
+     Q2_K  scales (16) | qs (64) | d | dmin: w = d (s & 15) q - dmin (s >> 4)
+     Q3_K  hmask (32) | qs (64) | scales (12) | d: w = d (s - 32) (q - 4 h'),
+           h' = 1 - bit i / 32 of hmask[i % 32]; the 6-bit scale s of
+           sub-block j: 4 bits of byte j % 8 (the high ones for j >= 8), and
+           2 bits of byte 8 + j % 4 at bit 2 (j / 4) */
+static void dequantize_q2_q3_k(float *out, const unsigned char *b, int type) {
+    const unsigned char *qs = b + (type == GGML_Q2_K ? 16 : 32);
+    float d = f16_to_f32(read_u16(b + (type == GGML_Q2_K ? 80 : 108)));
+    float dmin = type == GGML_Q2_K ? f16_to_f32(read_u16(b + 82)) : 0;
+    for (int i = 0; i < SUPER_BLOCK; i++) {
+        int j = i / 16, q = qs[32 * (i / 128) + i % 32] >> 2 * (i % 128 / 32) & 3;
+        if (type == GGML_Q2_K) {
+            out[i] = d * (float)(b[j] & 15) * (float)q - dmin * (float)(b[j] >> 4);
+            continue;
+        }
+        const unsigned char *scales = b + 96;
+        int s = (scales[j % 8] >> 4 * (j / 8) & 15) | (scales[8 + j % 4] >> 2 * (j / 4) & 3) << 4;
+        int high = b[i % 32] >> (i / 32) & 1;
+        out[i] = d * (float)(s - 32) * (float)(q - 4 * (1 - high));
+    }
+}
+
 /* out (block weights) = one block of a GGUF tensor, decoded as gguf.quants
    decodes it: every product of a half scale and a small integer is exact in
    float32, so the order of the float steps cannot change a bit. */
@@ -3549,6 +3575,8 @@ static void gguf_dequantize_block(float *out, const unsigned char *b, int type) 
         for (int i = 0; i < GROUP_SIZE; i++) out[i] = d * (float)(int8_t)b[2 + i];
     } else if (type >= GGML_Q4_K) {
         dequantize_block(out, b, WEIGHT_Q4_K + (type - GGML_Q4_K));
+    } else if (type == GGML_Q2_K || type == GGML_Q3_K) {
+        dequantize_q2_q3_k(out, b, type);
     } else { // Q4_0: d | nibbles; Q4_1: d | m | nibbles; Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
         int with_min = type == GGML_Q4_1 || type == GGML_Q5_1, five = type == GGML_Q5_0 || type == GGML_Q5_1;
         float d = f16_to_f32(read_u16(b)), m = with_min ? f16_to_f32(read_u16(b + 2)) : 0;

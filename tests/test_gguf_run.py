@@ -45,8 +45,23 @@ def build():
         subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True)
 
 
-def encode(values, kind):
-    """values (float32) as the raw data of a GGUF tensor of ggml type kind."""
+def random_blocks(values, kind, rng):
+    """Random Q2_K or Q3_K blocks (which gguf.quants cannot encode) for a
+    tensor of values' shape, their scales small and finite."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    shape = gguf.quants.quant_shape_to_byte_shape(values.shape, qtype)
+    blocks = rng.integers(0, 256, shape, dtype=np.uint8).reshape(-1, gguf.GGML_QUANT_SIZES[qtype][1])
+    scales = rng.uniform(-0.004, 0.004, (len(blocks), 2)).astype(np.float16).view(np.uint8)
+    blocks[:, -4:] = scales if kind == "Q2_K" else blocks[:, -4:]
+    blocks[:, -2:] = scales[:, :2]
+    return blocks.reshape(shape)
+
+
+def encode(values, kind, rng):
+    """values (float32) as the raw data of a GGUF tensor of ggml type kind
+    (random blocks for Q2_K and Q3_K)."""
+    if kind in ("Q2_K", "Q3_K"):
+        return random_blocks(values, kind, rng)
     if kind.lower() in kquants.K_TYPES:
         return kquants.ENCODERS[kind.lower()](values)
     return gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind])
@@ -84,7 +99,7 @@ def write_gguf(path, arch="llama", types=None, default="F32", norms="F32", tied=
 
     def tensor(name, kind, *shape, scale=0.05, offset=0.0):
         values = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
-        w.add_tensor(name, encode(values, kind), raw_dtype=gguf.GGMLQuantizationType[kind])
+        w.add_tensor(name, encode(values, kind, rng), raw_dtype=gguf.GGMLQuantizationType[kind])
 
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     shapes = {"attn_q": (q_dim, dim), "attn_k": (kv_dim, dim), "attn_v": (kv_dim, dim), "attn_output": (dim, q_dim),
@@ -136,6 +151,8 @@ CASES = {   # name: write_gguf()'s arguments, and the conversion line ./run shou
     "q5_0": (dict(default="Q5_0", tied=False), "16 Q5_0 tensors to q8_0"),
     "q5_1": (dict(default="Q5_1"), "15 Q5_1 tensors to q8_0"),
     "k": (dict(types=K_MIX, tied=False), ""),
+    "q2_k q3_k": (dict(types={"token_embd": "Q6_K", "ffn_down": "Q3_K"}, default="Q2_K", tied=False),
+                  "13 Q2_K tensors to q8_0, 2 Q3_K tensors to q8_0"),
     "mixed": (dict(types=MIXED, default="Q8_0", norms="F16", tied=False), "2 F32 tensors to q8_0"),
     "qwen2": (dict(arch="qwen2", types=K_MIX, tied=False), "4 q/k matrices copied"),
     "qwen2 q8_0": (dict(arch="qwen2", default="Q8_0", n_kv_heads=1), "15 Q8_0 tensors to q8_0; 4 q/k matrices copied"),
