@@ -3030,10 +3030,12 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
    its matrices take the types export.py gives them by default, so that the
    logits are those of ./run on export.py's conversion, bit for bit: Q4_K,
    Q5_K and Q6_K blocks and, in a file of floats alone, F32 and BF16 are
-   mapped in place; every other matrix of a quantized file becomes q8_0 and
-   F16 becomes f32, once, in memory, as export.py converts them (gguf.quants'
-   arithmetic, then quantize_q8_0's). qwen2's q/k rows are permuted from
-   Hugging Face's RoPE halves into our pairs, so those matrices are copied. */
+   mapped in place (BF16 as export.py --dtype bf16 keeps it, where its
+   default widens it to the same numbers in f32); every other matrix of a
+   quantized file becomes q8_0 and F16 becomes f32, once, in memory, as
+   export.py converts them (gguf.quants' arithmetic, then quantize_q8_0's).
+   qwen2's q/k rows are permuted from Hugging Face's RoPE halves into our
+   pairs, so those matrices are copied. */
 
 #define GGUF_DEFAULT_ALIGNMENT 32
 #define GGUF_MAX_DIMS 4
