@@ -3649,33 +3649,53 @@ static GgufPlan gguf_plan(const Config *c, const GgufModel *m, int slot, const G
     return p;
 }
 
-/* Copies tensor t into values (and scales, for q8_0) as the plan says:
-   row by row, each from its source row, as it is when it keeps its type,
-   else decoded and encoded anew; a vector's entries likewise. Returns -1
-   (with err) for a NaN or infinite weight, which export.py refuses. */
-static int gguf_copy(unsigned char *values, uint16_t *scales, const GgufPlan *p, const GgufTensor *t, int head_dim,
-                     float *row, char *err) {
-    size_t rows = p->rows ? p->rows : 1, row_bytes = t->bytes / rows;
-    int kept = p->type == WEIGHT_BF16 || p->type >= WEIGHT_Q4_K;
-    for (size_t r = 0; r < rows; r++) {
-        size_t from = gguf_source_row(r, p->permuted && p->rows, head_dim);
-        if (kept) {
-            memcpy(values + r * row_bytes, t->data + from * row_bytes, row_bytes);
-            continue;
-        }
-        gguf_dequantize_row(row, t, from, p->cols);
-        for (size_t i = 0; i < p->cols; i++)
-            if (!isfinite(row[i])) return fail(err, "holds NaN or infinite numbers (row %zu, column %zu)", r, i);
-        if (p->type == WEIGHT_Q8_0) {
-            for (size_t g = 0; g < p->cols / GROUP_SIZE; g++)
-                quantize_weights_q8_0((int8_t *)values + r * p->cols + g * GROUP_SIZE,
-                                      scales + r * p->cols / GROUP_SIZE + g, row + g * GROUP_SIZE);
-            continue;
-        }
-        float *out = (float *)values + r * p->cols;
-        for (size_t i = 0; i < p->cols; i++) out[i] = row[gguf_source_row(i, p->permuted && !p->rows, head_dim)];
+/* Copies row r of tensor t into values (and scales, for q8_0) as the plan
+   says: from its source row, as it is when it keeps its type, else decoded
+   (into row, room for p->cols floats) and encoded anew; a vector's entries
+   likewise. Returns the column of a NaN or infinite weight, which export.py
+   refuses, else -1. */
+static long gguf_copy_row(unsigned char *values, uint16_t *scales, const GgufPlan *p, const GgufTensor *t,
+                          int head_dim, float *row, size_t r) {
+    size_t row_bytes = t->bytes / (p->rows ? p->rows : 1), from = gguf_source_row(r, p->permuted && p->rows, head_dim);
+    if (p->type == WEIGHT_BF16 || p->type >= WEIGHT_Q4_K) {
+        memcpy(values + r * row_bytes, t->data + from * row_bytes, row_bytes);
+        return -1;
     }
-    return 0;
+    gguf_dequantize_row(row, t, from, p->cols);
+    for (size_t i = 0; i < p->cols; i++)
+        if (!isfinite(row[i])) return (long)i;
+    if (p->type == WEIGHT_Q8_0) {
+        for (size_t g = 0; g < p->cols / GROUP_SIZE; g++)
+            quantize_weights_q8_0((int8_t *)values + r * p->cols + g * GROUP_SIZE,
+                                  scales + r * p->cols / GROUP_SIZE + g, row + g * GROUP_SIZE);
+        return -1;
+    }
+    float *out = (float *)values + r * p->cols;
+    for (size_t i = 0; i < p->cols; i++) out[i] = row[gguf_source_row(i, p->permuted && !p->rows, head_dim)];
+    return -1;
+}
+
+/* Copies tensor t as its plan says, its rows spread over the threads.
+   Returns 0, or -1 (with err) for the first NaN or infinite weight. */
+static int gguf_copy(unsigned char *values, uint16_t *scales, const GgufPlan *p, const GgufTensor *t, int head_dim,
+                     char *err) {
+    size_t rows = p->rows ? p->rows : 1, bad_row = SIZE_MAX;
+    long bad_column = -1;
+    #pragma omp parallel
+    {
+        float *row = xcalloc(p->cols, sizeof(float), "a row of weights");
+        #pragma omp for schedule(static)
+        for (size_t r = 0; r < rows; r++) {
+            long column = gguf_copy_row(values, scales, p, t, head_dim, row, r);
+            if (column >= 0) {
+                #pragma omp critical
+                if (r < bad_row) bad_row = r, bad_column = column;
+            }
+        }
+        free(row);
+    }
+    if (bad_row == SIZE_MAX) return 0;
+    return fail(err, "holds NaN or infinite numbers (row %zu, column %ld)", bad_row, bad_column);
 }
 
 /* RoPE's inverse frequencies as export.py stores them when the file scales
@@ -3739,7 +3759,7 @@ static void gguf_destination(Weights *w, int slot, Matrix **matrix, const float 
 
 /* The tensor t as its plan p says: in place, or copied into the arena at *at. */
 static int gguf_place(Matrix *out, const GgufPlan *p, const GgufTensor *t, unsigned char *arena, size_t *at,
-                      int head_dim, float *row, char *err) {
+                      int head_dim, char *err) {
     *out = (Matrix){.values = t->data, .rows = (int)p->rows, .cols = (int)p->cols, .type = p->type};
     if (!p->copied) return 0;
     size_t n = (p->rows ? p->rows : 1) * p->cols;
@@ -3748,7 +3768,7 @@ static int gguf_place(Matrix *out, const GgufPlan *p, const GgufTensor *t, unsig
     uint16_t *scales = p->type == WEIGHT_Q8_0 ? (uint16_t *)place_bytes(arena, at, n / GROUP_SIZE * 2, TENSOR_ALIGN)
                                               : NULL;
     out->values = values, out->scales = scales;
-    if (gguf_copy(values, scales, p, t, head_dim, row, err) == 0) return 0;
+    if (gguf_copy(values, scales, p, t, head_dim, err) == 0) return 0;
     char name[81], why[ERROR_SIZE];
     snprintf(why, sizeof why, "%s", err);
     return fail(err, "tensor %s %s", gguf_printable(t->name, name), why);
@@ -3772,8 +3792,7 @@ static int gguf_assemble(Transformer *t, const GgufModel *m, char *err) {
     Weights *w = &t->weights;
     int n_slots = GGUF_GLOBAL_SLOTS + c->n_layers * GGUF_LAYER_SLOTS, counts[GGML_TYPES][WEIGHT_TYPES] = {{0}};
     int permuted = 0, status = 0;
-    size_t at = 0, total = matrix_count(c), widest = c->dim > c->hidden_dim ? c->dim : c->hidden_dim;
-    if ((size_t)c->n_heads * c->head_dim > widest) widest = (size_t)c->n_heads * c->head_dim;
+    size_t at = 0, total = matrix_count(c);
     GgufPlan *plans = xcalloc(n_slots, sizeof(GgufPlan), "the GGUF tensor table");
     for (int s = 0; s < n_slots; s++)
         if (m->slots[s] && s != SLOT_ROPE_FREQS) plans[s] = gguf_plan(c, m, s, m->slots[s]), total += plans[s].bytes;
@@ -3781,7 +3800,6 @@ static int gguf_assemble(Transformer *t, const GgufModel *m, char *err) {
     gguf_matrix_types(arena, c, plans);
     c->matrix_types = arena;
     place_bytes(arena, &at, matrix_count(c), 1);
-    float *row = xcalloc(widest, sizeof(float), "a row of weights");
     w->layers = xcalloc(c->n_layers, sizeof(LayerWeights), "the layer table");
     status = check_matrix_types(c, err);
     for (int s = 0; s < n_slots && status == 0; s++) {
@@ -3790,7 +3808,7 @@ static int gguf_assemble(Transformer *t, const GgufModel *m, char *err) {
         const GgufTensor *tensor = m->slots[s];
         gguf_destination(w, s, &matrix, &vector);
         if (!tensor || s == SLOT_ROPE_FREQS) continue;
-        status = gguf_place(&placed, &plans[s], tensor, arena, &at, c->head_dim, row, err);
+        status = gguf_place(&placed, &plans[s], tensor, arena, &at, c->head_dim, err);
         if (matrix) *matrix = placed;
         if (vector) *vector = placed.values;
         int kept = plans[s].type == WEIGHT_BF16 || plans[s].type >= WEIGHT_Q4_K ||
@@ -3799,7 +3817,6 @@ static int gguf_assemble(Transformer *t, const GgufModel *m, char *err) {
         if (plans[s].copied && !(plans[s].permuted && kept)) counts[tensor->type][plans[s].type]++;
     }
     if (c->tied_classifier) w->classifier = w->token_embedding;
-    free(row);
     free(plans);
     if (status == 0 && t->path) gguf_report(t->path, counts, permuted, total);
     return status;

@@ -354,6 +354,12 @@ def rewritten(path, out, arch="llama", metadata=(), drop=(), add=()):
     return out
 
 
+def nan_at(rows, cols, row, col):
+    a = np.ones((rows, cols), np.float32)
+    a[row, col] = np.nan
+    return a
+
+
 REWRITES = [    # what is changed, rewritten()'s arguments, what the message says
     ("alignment 3", dict(metadata=[("general.alignment", 3, gguf.GGUFValueType.UINT32)]), "general.alignment"),
     ("another architecture", dict(arch="bert"), "general.architecture 'bert'"),
@@ -366,6 +372,8 @@ REWRITES = [    # what is changed, rewritten()'s arguments, what the message say
      "unexpected tensor blk.0.attn_q.bias"),
     ("a wrong shape", dict(drop=["output_norm.weight"], add=[("output_norm.weight", np.ones(16, np.float32))]),
      "norm.weight: expected shape (32,), got (16,)"),
+    ("a NaN weight", dict(drop=["blk.0.attn_q.weight"], add=[("blk.0.attn_q.weight", nan_at(32, 32, 3, 5))]),
+     "tensor blk.0.attn_q.weight holds NaN or infinite numbers (row 3, column 5)"),
     ("no tokenizer model", dict(metadata=[("tokenizer.ggml.model", "bert", gguf.GGUFValueType.STRING)]),
      "tokenizer.ggml.model 'bert'"),
 ]
