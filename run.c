@@ -3075,7 +3075,6 @@ typedef struct {
     uint64_t dims[GGUF_MAX_DIMS];
     const unsigned char *data;
     size_t bytes;
-    int slot;           // where it goes (gguf_slot()), -1 until placed
 } GgufTensor;
 
 typedef struct {
@@ -3176,10 +3175,17 @@ static const char *gguf_printable(GgufString s, char out[81]) {
 
 static int gguf_is(GgufString s, const char *text) { return s.len == strlen(text) && !memcmp(s.text, text, s.len); }
 
+/* The order of keys: by their bytes, a shorter one first where one starts the other. */
+static int by_key(const void *a, const void *b) {
+    GgufString x = ((const GgufKey *)a)->key, y = ((const GgufKey *)b)->key;
+    int c = memcmp(x.text, y.text, x.len < y.len ? x.len : y.len);
+    return c ? c : (x.len > y.len) - (x.len < y.len);
+}
+
+/* The key of that name, found in the keys gguf_read_metadata() sorted; or NULL. */
 static const GgufKey *gguf_find(const Gguf *g, const char *key) {
-    for (size_t i = 0; i < g->n_keys; i++)
-        if (gguf_is(g->keys[i].key, key)) return &g->keys[i];
-    return NULL;
+    GgufKey wanted = {.key = {(const unsigned char *)key, strlen(key)}};
+    return g->n_keys ? bsearch(&wanted, g->keys, g->n_keys, sizeof(GgufKey), by_key) : NULL;
 }
 
 /* Reads the header and the metadata, remembering where each value lies. */
@@ -3210,6 +3216,12 @@ static int gguf_read_metadata(Gguf *g, uint64_t *n_tensors, size_t *alignment) {
                 return fail(g->err, "a damaged GGUF file: general.alignment: expected a u32 power of two");
         }
     }
+    if (g->n_keys) qsort(g->keys, g->n_keys, sizeof(GgufKey), by_key);
+    for (size_t k = 1; k < g->n_keys; k++)
+        if (by_key(&g->keys[k - 1], &g->keys[k]) == 0) {
+            char name[81];
+            return fail(g->err, "metadata key %s appears twice", gguf_printable(g->keys[k].key, name));
+        }
     return 0;
 }
 
@@ -3233,7 +3245,6 @@ static int gguf_read_tensor_info(Gguf *g, GgufTensor *t, uint64_t *offset) {
         return fail(g->err, "a damaged GGUF file: %s: %llu elements a row, not whole blocks of %d", what,
                     (unsigned long long)t->dims[0], GGML_TYPE[t->type].block);
     t->bytes = mul_size(elements / GGML_TYPE[t->type].block, GGML_TYPE[t->type].bytes);
-    t->slot = -1;
     return 0;
 }
 

@@ -320,6 +320,13 @@ DAMAGES = [
     ("an unknown value type", set_u32(lambda r: part_offset(r.fields["general.architecture"], 2), 77),
      "unknown value type 77"),
     ("version 4", set_u32(lambda r: 4, 4), "version 4"),
+    ("a key twice", lambda r, data: data.__setitem__(
+        slice(part_offset(r.fields["tokenizer.ggml.eos_token_id"], 1),
+              part_offset(r.fields["tokenizer.ggml.eos_token_id"], 2)), b"tokenizer.ggml.bos_token_id"),
+     "metadata key tokenizer.ggml.bos_token_id appears twice"),
+    ("a tensor twice", lambda r, data: data.__setitem__(
+        slice(*(part_offset(next(t for t in r.tensors if t.name == "blk.0.attn_k.weight").field, k) for k in (1, 2))),
+        b"blk.0.attn_q.weight"), "tensor blk.0.attn_q.weight appears twice"),
 ]
 
 
