@@ -409,12 +409,13 @@ def test_hostile_gguf_is_refused_in_one_line(small_gguf, tmp_path, name, damage,
     assert what in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("cut", [3, 4, 8, 23, 100, 1000, -100, -1])
+@pytest.mark.parametrize("cut", [4, 8, 23, 100, 1000, -100, -1])
 def test_truncated_gguf_is_refused_in_one_line(small_gguf, tmp_path, cut):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(small_gguf.read_bytes()[:cut])
     p = run(bad, "--tokens", "1 2", "-n", 1, check=False)
-    assert p.returncode == 1 and p.stderr.count("\n") == 1 and str(bad) in p.stderr, p.stderr
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"run: {bad}: a damaged GGUF file: "), p.stderr
 
 
 def test_the_small_gguf_runs(small_gguf):
