@@ -3402,11 +3402,33 @@ typedef struct {
     GgufTensor **slots; // (GGUF_GLOBAL_SLOTS + n_layers * GGUF_LAYER_SLOTS) the tensors, NULL where none
 } GgufModel;
 
+/* head_dim, as export.py finds it: attention.key_length, else
+   rope.dimension_count, else dim / n_heads; value_length and a RoPE over
+   part of a head (dimension_count given, and not head_dim) are refused. */
+static int gguf_head_dim(const Gguf *g, const char *arch, Config *c) {
+    char key[128];
+    int head_dim, value_dim, rope_dim, fallback = c->dim / c->n_heads > 0 ? c->dim / c->n_heads : 1;
+    snprintf(key, sizeof key, "%s.rope.dimension_count", arch);
+    int have_rope_dim = gguf_find(g, key) != NULL;
+    if (gguf_int(g, key, fallback, MAX_HEAD_DIM, 0, &rope_dim)) return -1;
+    snprintf(key, sizeof key, "%s.attention.key_length", arch);
+    if (gguf_int(g, key, rope_dim, MAX_HEAD_DIM, 0, &head_dim)) return -1;
+    snprintf(key, sizeof key, "%s.attention.value_length", arch);
+    if (gguf_int(g, key, head_dim, MAX_HEAD_DIM, 0, &value_dim)) return -1;
+    if (value_dim != head_dim) return fail(g->err, "%s.attention.value_length differs from key_length", arch);
+    if (have_rope_dim && rope_dim != head_dim)
+        return fail(g->err, "%s.rope.dimension_count %d: RoPE over part of a head of %d is not implemented", arch,
+                    rope_dim, head_dim);
+    c->head_dim = head_dim;
+    return 0;
+}
+
 /* Reads the architecture's hyperparameters into c, and refuses what run.c
    does not compute, as export.py does. */
 static int gguf_read_config(const Gguf *g, Config *c, GgufModel *m) {
     GgufString arch, scaling;
     char key[128], name[81];
+    double theta, eps;
     if (gguf_text(g, "general.architecture", NULL, &arch)) return -1;
     if (!arch.text) return fail(g->err, "metadata general.architecture is missing");
     m->qwen2 = gguf_is(arch, "qwen2");
@@ -3416,37 +3438,22 @@ static int gguf_read_config(const Gguf *g, Config *c, GgufModel *m) {
     const char *a = m->qwen2 ? "qwen2" : "llama";
 #define KEY(suffix) (snprintf(key, sizeof key, "%s.%s", a, suffix), key)
     if (gguf_text(g, KEY("rope.scaling.type"), "none", &scaling)) return -1;
-    int linear = gguf_is(scaling, "linear");
-    if (!linear && !gguf_is(scaling, "none"))
+    m->scaled = gguf_is(scaling, "linear");
+    if (!m->scaled && !gguf_is(scaling, "none"))
         return fail(g->err, "%s '%s' is not implemented (only linear)", key, gguf_printable(scaling, name));
-    int head_dim_default, head_dim, value_dim, rope_dim, have_rope_dim;
-    double v, theta, eps;
+    m->factor = 1;
     if (gguf_int(g, KEY("attention.head_count"), 0, MAX_HEADS, 1, &c->n_heads) ||
-        gguf_int(g, KEY("embedding_length"), 0, MAX_DIM, 1, &c->dim))
-        return -1;
-    head_dim_default = c->dim / c->n_heads > 0 ? c->dim / c->n_heads : 1;
-    have_rope_dim = gguf_number(g, KEY("rope.dimension_count"), &v, &(int){0}) == 0;
-    if (gguf_int(g, key, head_dim_default, MAX_HEAD_DIM, 0, &rope_dim) ||
-        gguf_int(g, KEY("attention.key_length"), rope_dim, MAX_HEAD_DIM, 0, &head_dim) ||
-        gguf_int(g, KEY("attention.value_length"), head_dim, MAX_HEAD_DIM, 0, &value_dim))
-        return -1;
-    if (value_dim != head_dim) return fail(g->err, "%s.attention.value_length differs from key_length", a);
-    if (have_rope_dim && rope_dim != head_dim)
-        return fail(g->err, "%s.rope.dimension_count %d: RoPE over part of a head of %d is not implemented", a,
-                    rope_dim, head_dim);
-    c->head_dim = head_dim;
-    if (gguf_int(g, KEY("feed_forward_length"), 0, MAX_HIDDEN, 0, &c->hidden_dim) ||
+        gguf_int(g, KEY("embedding_length"), 0, MAX_DIM, 1, &c->dim) || gguf_head_dim(g, a, c) ||
+        gguf_int(g, KEY("feed_forward_length"), 0, MAX_HIDDEN, 0, &c->hidden_dim) ||
         gguf_int(g, KEY("block_count"), 0, MAX_LAYERS, 0, &c->n_layers) ||
         gguf_int(g, KEY("attention.head_count_kv"), c->n_heads, MAX_HEADS, 0, &c->n_kv_heads) ||
         gguf_int(g, KEY("context_length"), 0, MAX_SEQ_LEN, 0, &c->max_seq_len) ||
         gguf_float(g, KEY("rope.freq_base"), 10000.0, &theta) ||
-        gguf_float(g, KEY("attention.layer_norm_rms_epsilon"), 0, &eps))
+        gguf_float(g, KEY("attention.layer_norm_rms_epsilon"), 0, &eps) ||
+        (m->scaled && gguf_float(g, KEY("rope.scaling.factor"), 0, &m->factor)))
         return -1;
-    m->factor = 1;
-    if (linear && gguf_float(g, KEY("rope.scaling.factor"), 0, &m->factor)) return -1;
 #undef KEY
     m->theta = theta;
-    m->scaled = linear;
     c->rope_theta = (float)theta;
     c->norm_eps = (float)eps;
     c->weight_type = -1;
