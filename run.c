@@ -3648,6 +3648,8 @@ typedef struct {
     size_t rows, cols, bytes; // of the copy
 } GgufPlan;
 
+/* The plan for tensor t in a slot: K blocks kept; in a quantized file every
+   other matrix q8_0; else F32 and BF16 kept and F16 widened to f32. */
 static GgufPlan gguf_plan(const Config *c, const GgufModel *m, int slot, const GgufTensor *t) {
     GgufPlan p = {.type = WEIGHT_F32};
     gguf_slot_shape(c, slot, &p.rows, &p.cols);
