@@ -3259,7 +3259,8 @@ static int gguf_read_tensors(Gguf *g, uint64_t n, size_t alignment) {
     if (n > (g->size - g->at) / (8 + 4 + 8 + 4 + 8))
         return fail(g->err, "a damaged GGUF file: tensor_count claims %llu tensors, but only %zu bytes are left in "
                     "the file", (unsigned long long)n, g->size - g->at);
-    if (n > GGUF_MAX_ENTRIES) return fail(g->err, "%llu tensors, more than %d", (unsigned long long)n, GGUF_MAX_ENTRIES);
+    if (n > GGUF_MAX_ENTRIES)
+        return fail(g->err, "%llu tensors, more than %d", (unsigned long long)n, GGUF_MAX_ENTRIES);
     g->tensors = xcalloc(n, sizeof(GgufTensor), "the GGUF tensor infos");
     uint64_t *offsets = xcalloc(n, sizeof(uint64_t), "the GGUF tensor infos");
     int status = 0;
@@ -3801,7 +3802,8 @@ static void gguf_matrix_types(uint8_t *types, const Config *c, const GgufPlan *p
     int k = 0;
     types[k++] = (uint8_t)plans[SLOT_EMBEDDING].type;
     for (int l = 0; l < c->n_layers; l++)
-        for (int i = 0; i < 7; i++) types[k++] = (uint8_t)plans[GGUF_GLOBAL_SLOTS + l * GGUF_LAYER_SLOTS + in_layer[i]].type;
+        for (int i = 0; i < 7; i++)
+            types[k++] = (uint8_t)plans[GGUF_GLOBAL_SLOTS + l * GGUF_LAYER_SLOTS + in_layer[i]].type;
     if (!c->tied_classifier) types[k] = (uint8_t)plans[SLOT_OUTPUT].type;
 }
 
@@ -3888,7 +3890,8 @@ static void put_bytes(ByteBuffer *b, const void *data, size_t n) {
 }
 
 static void put_u32(ByteBuffer *b, uint32_t v) {
-    unsigned char p[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
+    unsigned char p[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 24)};
     put_bytes(b, p, 4);
 }
 
@@ -4146,7 +4149,8 @@ static int gguf_tokenizer_bytes(const Gguf *g, int vocab_size, ByteBuffer *out) 
     GgufString kind, pre = {(const unsigned char *)"", 0}, chat_text;
     char name[81];
     if (gguf_text(g, "tokenizer.ggml.model", NULL, &kind)) return -1;
-    if (!kind.text) return fail(g->err, "holds no tokenizer (no tokenizer.ggml.model in its metadata)");
+    if (!kind.text)
+        return fail(g->err, "holds no tokenizer (no tokenizer.ggml.model in its metadata); pass one with -z");
     int sentencepiece = gguf_is(kind, "llama");
     if (!sentencepiece && !gguf_is(kind, "gpt2"))
         return fail(g->err, "tokenizer.ggml.model '%s'; only 'llama' (sentencepiece BPE) and 'gpt2' (byte-level "
