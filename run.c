@@ -10,9 +10,10 @@
    one translation unit.
 
    After main() come the readers of llama2.c's legacy checkpoints and of
-   llama.cpp's GGUF files, and an appendix that holds the fast kernels: SIMD (AVX2, AVX-512),
-   tiles, packing and prefetching. They compute what the plain kernels do,
-   only faster, and are chosen once at startup; a reader may skip them.
+   llama.cpp's GGUF files, and an appendix that holds the fast kernels:
+   SIMD (AVX2, AVX-512), tiles, packing and prefetching. They compute what
+   the plain kernels do, only faster, and are chosen once at startup; a
+   reader may skip them.
    Built with -DPLAIN (make run-plain), the engine runs on the plain
    kernels alone, and the appendix may be deleted.
 
