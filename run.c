@@ -3780,9 +3780,30 @@ static void gguf_destination(Weights *w, int slot, Matrix **matrix, const float 
 }
 
 /* The tensor t as its plan p says: in place, or copied into the arena at *at. */
+/* Whether a tensor kept as it is holds finite numbers, as export.py checks
+   them: a K block's half scales (d, and dmin for Q4_K and Q5_K; its other
+   scales and levels are small integers), a vector's floats. F32 and BF16
+   matrices mapped in place are not read here, as our own files' are not. */
+static int gguf_kept_finite(const GgufPlan *p, const GgufTensor *t) {
+    if (p->type >= WEIGHT_Q4_K) {
+        int bytes = K_BLOCK_BYTES[p->type], at = p->type == WEIGHT_Q6_K ? 208 : 0;
+        int halves = p->type == WEIGHT_Q6_K ? 1 : 2;
+        for (size_t b = 0; b < t->bytes / bytes; b++)
+            for (int h = 0; h < halves; h++)
+                if ((read_u16(t->data + b * bytes + at + 2 * h) & 0x7c00) == 0x7c00) return 0;
+    }
+    if (!p->rows && !p->copied)
+        for (size_t i = 0; i < p->cols; i++)
+            if (!isfinite(((const float *)t->data)[i])) return 0;
+    return 1;
+}
+
 static int gguf_place(Matrix *out, const GgufPlan *p, const GgufTensor *t, unsigned char *arena, size_t *at,
                       int head_dim, char *err) {
+    char name[81], why[ERROR_SIZE];
     *out = (Matrix){.values = t->data, .rows = (int)p->rows, .cols = (int)p->cols, .type = p->type};
+    if (!gguf_kept_finite(p, t))
+        return fail(err, "tensor %s holds NaN or infinite numbers", gguf_printable(t->name, name));
     if (!p->copied) return 0;
     size_t n = (p->rows ? p->rows : 1) * p->cols;
     size_t bytes = p->type == WEIGHT_Q8_0 ? n : p->type == WEIGHT_F32 ? n * sizeof(float) : t->bytes;
@@ -3791,7 +3812,6 @@ static int gguf_place(Matrix *out, const GgufPlan *p, const GgufTensor *t, unsig
                                               : NULL;
     out->values = values, out->scales = scales;
     if (gguf_copy(values, scales, p, t, head_dim, err) == 0) return 0;
-    char name[81], why[ERROR_SIZE];
     snprintf(why, sizeof why, "%s", err);
     return fail(err, "tensor %s %s", gguf_printable(t->name, name), why);
 }

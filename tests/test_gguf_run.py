@@ -385,6 +385,8 @@ REWRITES = [    # what is changed, rewritten()'s arguments, what the message say
      "norm.weight: expected shape (32,), got (16,)"),
     ("a NaN weight", dict(drop=["blk.0.attn_q.weight"], add=[("blk.0.attn_q.weight", nan_at(32, 32, 3, 5))]),
      "tensor blk.0.attn_q.weight holds NaN or infinite numbers (row 3, column 5)"),
+    ("a NaN norm", dict(drop=["output_norm.weight"], add=[("output_norm.weight", nan_at(1, 32, 0, 7)[0])]),
+     "tensor output_norm.weight holds NaN or infinite numbers"),
     ("no tokenizer model", dict(metadata=[("tokenizer.ggml.model", "bert", gguf.GGUFValueType.STRING)]),
      "tokenizer.ggml.model 'bert'"),
 ]
@@ -424,3 +426,19 @@ def test_truncated_gguf_is_refused_in_one_line(small_gguf, tmp_path, cut):
 
 def test_the_small_gguf_runs(small_gguf):
     assert run(small_gguf, "-i", "the capital", "-n", 3, "-t", 0).returncode == 0
+
+
+@pytest.mark.parametrize("tensor,at", [("token_embd.weight", 0), ("blk.0.attn_k.weight", 2),
+                                       ("output.weight", 208)], ids=["q4_k d", "q5_k dmin", "q6_k d"])
+def test_k_block_with_a_nan_scale_is_refused(tmp_path, tensor, at):
+    """As export.py refuses it (kquant_scales_finite()): the blocks are
+    mapped, and a NaN scale would make NaN logits."""
+    write_gguf(tmp_path / "k.gguf", types=K_MIX, tied=False, n_layers=1)
+    reader = gguf.GGUFReader(str(tmp_path / "k.gguf"))
+    offset = next(t.data_offset for t in reader.tensors if t.name == tensor) + 5 * {0: 144, 2: 176, 208: 210}[at]
+    data = bytearray((tmp_path / "k.gguf").read_bytes())
+    data[offset + at:offset + at + 2] = struct.pack("<H", 0x7E00)
+    (tmp_path / "k.gguf").write_bytes(data)
+    p = run(tmp_path / "k.gguf", "--tokens", "1 2", "-n", 1, check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert f"tensor {tensor} holds NaN or infinite numbers" in p.stderr, p.stderr
