@@ -137,7 +137,7 @@ sanitize: run-asan run-asan-plain $(SETUP)
 	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" KERNEL_TEST_CFLAGS="$(SANITIZE)" \
 	    $(PYTHON) -m pytest -q test_all.py tests
 
-# libFuzzer targets (clang): the checkpoint loader, the tokenizer, and the
+# libFuzzer targets (clang): the checkpoint loader, the GGUF reader, the tokenizer, and the
 # command line with the sampler (any flags, any logits, NaN and inf), each
 # for FUZZ_SECONDS; then export.py on GGUF files and torch.save zip archives
 # under atheris, libFuzzer for Python (fuzz/fuzz_export.py), for
@@ -146,7 +146,7 @@ sanitize: run-asan run-asan-plain $(SETUP)
 # the run; add its input to fuzz/regressions/ so the tests replay it from then on.
 FUZZ_SECONDS ?= 60
 FUZZ_EXPORT_SECONDS ?= 30
-FUZZ_TARGETS = checkpoint tokenizer cli
+FUZZ_TARGETS = checkpoint gguf tokenizer cli
 FUZZ_FLAGS = -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Wall -Wextra -Wno-unused-function
 fuzz/fuzz_%: fuzz/fuzz_%.c run.c tokenizer.c
 	clang $(FUZZ_FLAGS) -o $@ $< -lm

@@ -9,10 +9,11 @@
    The tokenizer lives in tokenizer.c and is included below as part of this
    one translation unit.
 
-   After main() come the reader of llama2.c's legacy checkpoints and an
-   appendix that holds the fast kernels: SIMD (AVX2, AVX-512),
-   tiles, packing and prefetching. They compute what the plain kernels do,
-   only faster, and are chosen once at startup; a reader may skip them.
+   After main() come the readers of llama2.c's legacy checkpoints and of
+   llama.cpp's GGUF files, and an appendix that holds the fast kernels:
+   SIMD (AVX2, AVX-512), tiles, packing and prefetching. They compute what
+   the plain kernels do, only faster, and are chosen once at startup; a
+   reader may skip them.
    Built with -DPLAIN (make run-plain), the engine runs on the plain
    kernels alone, and the appendix may be deleted.
 
@@ -135,6 +136,10 @@
    max_seq_len; a negative vocab_size means an untied classifier follows),
    then packed f32 tensors stored tensor by tensor across layers, with two
    RoPE tables (max_seq_len, head_dim / 2) before the classifier that we skip.
+
+   llama.cpp's GGUF files are read too, by the reader after main(): their
+   matrices mapped in place where they are in a type of ours, else converted
+   once at load (docs/FORMATS.md).
    ------------------------------------------------------------------------- */
 
 #define CHECKPOINT_MAGIC "LLAM"
@@ -358,6 +363,7 @@ typedef struct {
     RunState state;
     const char *path;
     void *data;         // the memory-mapped file; weights point into it
+    void *converted;    // a GGUF file's tensors converted at load (the GGUF reader); else NULL
     size_t file_size;
     dev_t device;       // the file's identity, so that no output overwrites it
     ino_t inode;
@@ -555,6 +561,8 @@ static int check_rope_frequencies(const double *inv_freq, int n, char *err) {
    functions at the end of the file (a format of the past, not the model). */
 static int read_legacy_header(Config *c, const unsigned char *data, char *err);
 static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *data, Weights *w);
+static int parse_gguf(Transformer *t, const unsigned char *data, size_t size, char *err); // llama.cpp's files
+static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size, char *err); // and their tokenizers
 
 /* Validates a checkpoint held in memory and points t's weights into it:
    the whole header is checked, and the size must equal what the header
@@ -563,6 +571,7 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
     Config *c = &t->config;
     memset(c, 0, sizeof *c);
     t->file_size = size;
+    if (size >= 4 && memcmp(data, "GGUF", 4) == 0) return parse_gguf(t, data, size, err);
     int own = size >= 4 && memcmp(data, CHECKPOINT_MAGIC, 4) == 0;
     if (own && size < HEADER_SIZE)
         return fail(err, "file is %zu bytes, shorter than the %d-byte header", size, HEADER_SIZE);
@@ -1520,6 +1529,7 @@ static void free_transformer(Transformer *t) {
     free_run_state(&t->state);
     free(t->weights.layers);
     free(t->weights.rope_inv_freq);
+    free(t->converted);
     munmap(t->data, t->file_size);
 }
 
@@ -2411,15 +2421,17 @@ static void print_help(void) {
         "       ./run [MODEL] --tokenize -z TOKENIZER -i TEXT\n"
         "       ./run MODEL -m score -f TEXT_FILE\n"
         "\n"
-        "Runs a Llama-2-style checkpoint (ours, written by export.py, or llama2.c's\n"
-        "legacy format). Text goes to stdout; statistics and notices to stderr.\n"
+        "Runs a Llama-2-style checkpoint (ours, written by export.py, llama2.c's\n"
+        "legacy format, or llama.cpp's GGUF). Text goes to stdout; statistics and\n"
+        "notices to stderr.\n"
         "\n"
         "prompt and model:\n"
         "  -i TEXT       prompt (without -i or -f, generation starts from BOS alone)\n"
         "  -f PATH       read the prompt from a file (a regular file, at most 64 MiB)\n"
         "  --tokens IDS  prompt as token ids, e.g. \"1 450 4996\" (no tokenizer needed;\n"
         "                the output is token ids, or text when -z names a tokenizer)\n"
-        "  -z PATH       tokenizer (default: tokenizer.bin beside MODEL, then ./tokenizer.bin)\n"
+        "  -z PATH       tokenizer (default: a GGUF model's own, else tokenizer.bin beside\n"
+        "                MODEL, then ./tokenizer.bin)\n"
         "  -n N          new tokens to generate (default 256; stops earlier at end of\n"
         "                sequence, at a stop string or when the context is full)\n"
         "  -c N          context length: positions the KV cache holds (default: the model's)\n"
@@ -2643,10 +2655,22 @@ static int parse_token_ids(const char *text, int vocab_size, TokenList *list, ch
     return list->n;
 }
 
-/* Finds the tokenizer: -z, else tokenizer.bin beside the model, else
-   ./tokenizer.bin. Returns NULL when there is none to be found. */
+/* Whether the file at path starts with GGUF's magic: a llama.cpp file,
+   whose tokenizer is in its metadata. */
+static int is_gguf(const char *path) {
+    unsigned char magic[4] = {0};
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    int got = fd < 0 ? 0 : (int)read(fd, magic, 4);
+    if (fd >= 0) close(fd);
+    return got == 4 && memcmp(magic, "GGUF", 4) == 0;
+}
+
+/* Finds the tokenizer: -z, else a GGUF model's own, else tokenizer.bin
+   beside the model, else ./tokenizer.bin. Returns NULL when there is none
+   to be found. */
 static char *find_tokenizer(const Options *o) {
     if (o->tokenizer_path) return strdup(o->tokenizer_path);
+    if (o->model_path && is_gguf(o->model_path)) return strdup(o->model_path);
     if (o->model_path) {
         const char *slash = strrchr(o->model_path, '/');
         size_t dir_len = slash ? (size_t)(slash - o->model_path + 1) : 0;
@@ -2662,7 +2686,9 @@ static char *find_tokenizer(const Options *o) {
 
 static void load_tokenizer_or_die(Tokenizer *tok, const char *path, int vocab_size) {
     char err[ERROR_SIZE] = "";
-    if (tokenizer_load(tok, path, vocab_size, err, sizeof err) != 0) die(path, "%s", err);
+    int failed = is_gguf(path) ? gguf_load_tokenizer(tok, path, vocab_size, err)
+                               : tokenizer_load(tok, path, vocab_size, err, sizeof err);
+    if (failed) die(path, "%s", err);
 }
 
 /* --tokenize: prints the prompt's ids and exits; with -m chat, the ids of
@@ -2988,6 +3014,1262 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
                                       NULL, NULL, NULL}; // no biases
     }
     return off;
+}
+
+/* ----------------------------------------------------------------------------
+   llama.cpp's GGUF files, run as they are (docs/FORMATS.md draws them):
+
+     u32 magic "GGUF", u32 version (2 or 3), u64 tensor_count, u64 kv_count
+     kv_count times:     string key, u32 value type, value
+     tensor_count times: string name, u32 n_dims, u64 dims[n_dims] (the
+                         fastest axis first), u32 ggml type, u64 offset
+     padding to general.alignment (default 32), then the tensors' data
+
+   where a string is a u64 length and its bytes, and an array a u32 item
+   type, a u64 count and the items. Every count and length is held to the
+   bytes left in the file before it is used, and each tensor's data to its
+   place: a multiple of the alignment, within the file, apart from the others.
+
+   The model is read as export.py --gguf reads it (convert/sources.py), and
+   its matrices take the types export.py gives them by default, so that the
+   logits are those of ./run on export.py's conversion, bit for bit: Q4_K,
+   Q5_K and Q6_K blocks and, in a file of floats alone, F32 and BF16 are
+   mapped in place (BF16 as export.py --dtype bf16 keeps it, where its
+   default widens it to the same numbers in f32); every other matrix of a
+   quantized file becomes q8_0 and F16 becomes f32, once, in memory, as
+   export.py converts them (gguf.quants' arithmetic, then quantize_q8_0's).
+   qwen2's q/k rows are permuted from Hugging Face's RoPE halves into our
+   pairs, so those matrices are copied. */
+
+#define GGUF_DEFAULT_ALIGNMENT 32
+#define GGUF_MAX_DIMS 4
+#define GGUF_MAX_NESTING 4       // arrays of arrays
+#define GGUF_MAX_ARRAY_ITEMS (1 << 22) // over all the metadata arrays, as export.py allows
+#define GGUF_MAX_ENTRIES (1 << 20) // keys, or tensors
+enum { GGUF_STRING = 8, GGUF_ARRAY = 9 };
+enum { GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
+       GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30,
+       GGML_TYPES = 31 };
+/* bytes of a metadata scalar of each value type (0: not a scalar) */
+static const uint8_t GGUF_SCALAR_SIZE[13] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+
+/* The ggml types ./run reads: weights per block, bytes per block, name. */
+static const struct { int block, bytes; const char *name; } GGML_TYPE[GGML_TYPES] = {
+    [GGML_F32] = {1, 4, "F32"},        [GGML_F16] = {1, 2, "F16"},        [GGML_Q4_0] = {32, 18, "Q4_0"},
+    [GGML_Q4_1] = {32, 20, "Q4_1"},    [GGML_Q5_0] = {32, 22, "Q5_0"},    [GGML_Q5_1] = {32, 24, "Q5_1"},
+    [GGML_Q8_0] = {32, 34, "Q8_0"},    [GGML_Q2_K] = {256, 84, "Q2_K"},   [GGML_Q3_K] = {256, 110, "Q3_K"},
+    [GGML_Q4_K] = {256, 144, "Q4_K"},  [GGML_Q5_K] = {256, 176, "Q5_K"},  [GGML_Q6_K] = {256, 210, "Q6_K"},
+    [GGML_BF16] = {1, 2, "BF16"},
+};
+
+typedef struct {
+    const unsigned char *text;
+    size_t len;
+} GgufString;
+
+typedef struct {
+    GgufString key;
+    uint32_t type;      // the value's type
+    size_t at;          // the value's offset in the file
+} GgufKey;
+
+typedef struct {
+    GgufString name;
+    uint32_t n_dims, type;
+    uint64_t dims[GGUF_MAX_DIMS];
+    const unsigned char *data;
+    size_t bytes;
+} GgufTensor;
+
+typedef struct {
+    const unsigned char *data;
+    size_t size, at;    // the file, and the reading position
+    size_t array_items; // metadata array items walked so far
+    GgufKey *keys;
+    size_t n_keys;
+    GgufTensor *tensors;
+    size_t n_tensors;
+    char *err;
+} Gguf;
+
+/* Steps over n bytes at the reading position, if the file holds them. */
+static int gguf_take(Gguf *g, size_t n, const char *what, const unsigned char **out) {
+    if (n > g->size - g->at)
+        return fail(g->err, "a damaged GGUF file: %s: %zu bytes at offset %zu, past the end of the file (%zu bytes)",
+                    what, n, g->at, g->size);
+    if (out) *out = g->data + g->at;
+    g->at += n;
+    return 0;
+}
+
+static uint64_t read_u64(const unsigned char *p) { return read_u32(p) | (uint64_t)read_u32(p + 4) << 32; }
+
+static int gguf_u32(Gguf *g, const char *what, uint32_t *out) {
+    const unsigned char *p = NULL;
+    if (gguf_take(g, 4, what, &p)) return -1;
+    *out = read_u32(p);
+    return 0;
+}
+
+static int gguf_u64(Gguf *g, const char *what, uint64_t *out) {
+    const unsigned char *p = NULL;
+    if (gguf_take(g, 8, what, &p)) return -1;
+    *out = read_u64(p);
+    return 0;
+}
+
+/* A u64 count of items of at least item_size bytes each, held to the bytes left. */
+static int gguf_count(Gguf *g, const char *what, size_t item_size, uint64_t *n) {
+    if (gguf_u64(g, what, n)) return -1;
+    if (*n > (g->size - g->at) / item_size)
+        return fail(g->err, "a damaged GGUF file: %s claims %llu items of at least %zu bytes, but only %zu bytes are "
+                    "left in the file", what, (unsigned long long)*n, item_size, g->size - g->at);
+    return 0;
+}
+
+static int gguf_string(Gguf *g, const char *what, GgufString *s) {
+    uint64_t n;
+    char length[128];
+    snprintf(length, sizeof length, "%s (its length)", what);
+    if (gguf_count(g, length, 1, &n) || gguf_take(g, n, what, &s->text)) return -1;
+    s->len = n;
+    return 0;
+}
+
+/* The fewest bytes a value of a type takes, 0 for an unknown type. */
+static size_t gguf_smallest(uint32_t type) {
+    return type == GGUF_STRING ? 8 : type == GGUF_ARRAY ? 12 : type < 13 ? GGUF_SCALAR_SIZE[type] : 0;
+}
+
+/* Steps over one metadata value; the walk of arrays is bounded by the
+   file's size and GGUF_MAX_ARRAY_ITEMS, so no count can make it long. */
+static int gguf_skip_value(Gguf *g, uint32_t type, const char *what, int depth) {
+    if (!gguf_smallest(type)) return fail(g->err, "a damaged GGUF file: %s: unknown value type %u", what, type);
+    if (type == GGUF_STRING) {
+        GgufString s;
+        return gguf_string(g, what, &s);
+    }
+    if (type != GGUF_ARRAY) return gguf_take(g, GGUF_SCALAR_SIZE[type], what, NULL);
+    uint32_t item;
+    uint64_t n;
+    if (depth == GGUF_MAX_NESTING)
+        return fail(g->err, "a damaged GGUF file: %s: arrays nested more than %d deep", what, GGUF_MAX_NESTING);
+    if (gguf_u32(g, what, &item)) return -1;
+    if (!gguf_smallest(item)) return fail(g->err, "a damaged GGUF file: %s: unknown array item type %u", what, item);
+    if (gguf_count(g, what, gguf_smallest(item), &n)) return -1;
+    g->array_items += n;
+    if (g->array_items > GGUF_MAX_ARRAY_ITEMS)
+        return fail(g->err, "a damaged GGUF file: %s: the metadata arrays hold more than %d items", what,
+                    GGUF_MAX_ARRAY_ITEMS);
+    if (item != GGUF_STRING && item != GGUF_ARRAY) return gguf_take(g, n * GGUF_SCALAR_SIZE[item], what, NULL);
+    for (uint64_t i = 0; i < n; i++)
+        if (gguf_skip_value(g, item, what, depth + 1)) return -1;
+    return 0;
+}
+
+/* A key or name, cut and made printable, for messages. */
+static const char *gguf_printable(GgufString s, char out[81]) {
+    size_t n = s.len < 80 ? s.len : 80;
+    memcpy(out, s.text, n);
+    out[n] = '\0';
+    for (size_t i = 0; i < n; i++)
+        if (out[i] == '\0') out[i] = '?';
+    return out;
+}
+
+static int gguf_is(GgufString s, const char *text) { return s.len == strlen(text) && !memcmp(s.text, text, s.len); }
+
+/* The order of keys: by their bytes, a shorter one first where one starts the other. */
+static int by_key(const void *a, const void *b) {
+    GgufString x = ((const GgufKey *)a)->key, y = ((const GgufKey *)b)->key;
+    int c = memcmp(x.text, y.text, x.len < y.len ? x.len : y.len);
+    return c ? c : (x.len > y.len) - (x.len < y.len);
+}
+
+/* The key of that name, found in the keys gguf_read_metadata() sorted; or NULL. */
+static const GgufKey *gguf_find(const Gguf *g, const char *key) {
+    GgufKey wanted = {.key = {(const unsigned char *)key, strlen(key)}};
+    return g->n_keys ? bsearch(&wanted, g->keys, g->n_keys, sizeof(GgufKey), by_key) : NULL;
+}
+
+/* Reads the header and the metadata, remembering where each value lies. */
+static int gguf_read_metadata(Gguf *g, uint64_t *n_tensors, size_t *alignment) {
+    uint32_t version;
+    uint64_t n_keys;
+    g->at = 4;
+    if (gguf_u32(g, "version", &version)) return -1;
+    if ((version & 0xFFFF) == 0) return fail(g->err, "a big-endian GGUF file; ./run reads little-endian ones");
+    if (version != 2 && version != 3) return fail(g->err, "not a GGUF file of version 2 or 3 (version %u)", version);
+    if (gguf_u64(g, "tensor_count", n_tensors) || gguf_count(g, "kv_count", 8 + 4 + 1, &n_keys)) return -1;
+    if (n_keys > GGUF_MAX_ENTRIES) return fail(g->err, "%llu metadata keys, more than %d", (unsigned long long)n_keys,
+                                               GGUF_MAX_ENTRIES);
+    g->keys = xcalloc(n_keys, sizeof(GgufKey), "the GGUF metadata");
+    *alignment = GGUF_DEFAULT_ALIGNMENT;
+    for (uint64_t k = 0; k < n_keys; k++) {
+        GgufKey *key = &g->keys[g->n_keys++];
+        char name[81], what[100];
+        snprintf(what, sizeof what, "metadata key %llu", (unsigned long long)k);
+        if (gguf_string(g, what, &key->key)) return -1;
+        snprintf(what, sizeof what, "metadata %s", gguf_printable(key->key, name));
+        if (gguf_u32(g, what, &key->type)) return -1;
+        key->at = g->at;
+        if (gguf_skip_value(g, key->type, what, 0)) return -1;
+        if (gguf_is(key->key, "general.alignment")) {
+            *alignment = key->type == 4 ? read_u32(g->data + key->at) : 0;
+            if (*alignment == 0 || (*alignment & (*alignment - 1)))
+                return fail(g->err, "a damaged GGUF file: general.alignment: expected a u32 power of two");
+        }
+    }
+    if (g->n_keys) qsort(g->keys, g->n_keys, sizeof(GgufKey), by_key);
+    for (size_t k = 1; k < g->n_keys; k++)
+        if (by_key(&g->keys[k - 1], &g->keys[k]) == 0) {
+            char name[81];
+            return fail(g->err, "metadata key %s appears twice", gguf_printable(g->keys[k].key, name));
+        }
+    return 0;
+}
+
+/* Reads one tensor info: its name, shape, type and offset from the data. */
+static int gguf_read_tensor_info(Gguf *g, GgufTensor *t, uint64_t *offset) {
+    char name[81], what[100];
+    if (gguf_string(g, "a tensor's name", &t->name)) return -1;
+    snprintf(what, sizeof what, "tensor %s", gguf_printable(t->name, name));
+    if (gguf_u32(g, what, &t->n_dims)) return -1;
+    if (t->n_dims > GGUF_MAX_DIMS)
+        return fail(g->err, "a damaged GGUF file: %s: %u dimensions, more than %d", what, t->n_dims, GGUF_MAX_DIMS);
+    for (uint32_t d = 0; d < t->n_dims; d++)
+        if (gguf_u64(g, what, &t->dims[d])) return -1;
+    if (gguf_u32(g, what, &t->type) || gguf_u64(g, what, offset)) return -1;
+    if (t->type >= GGML_TYPES || !GGML_TYPE[t->type].block)
+        return fail(g->err, "%s: ggml type %u is not one ./run reads (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
+                    "Q2_K .. Q6_K); convert the file with export.py --gguf", what, t->type);
+    size_t elements = 1;
+    for (uint32_t d = 0; d < t->n_dims; d++) elements = mul_size(elements, t->dims[d]);
+    if (t->n_dims && t->dims[0] % GGML_TYPE[t->type].block)
+        return fail(g->err, "a damaged GGUF file: %s: %llu elements a row, not whole blocks of %d", what,
+                    (unsigned long long)t->dims[0], GGML_TYPE[t->type].block);
+    t->bytes = mul_size(elements / GGML_TYPE[t->type].block, GGML_TYPE[t->type].bytes);
+    return 0;
+}
+
+static int by_data(const void *a, const void *b) {
+    const GgufTensor *x = a, *y = b;
+    return (x->data > y->data) - (x->data < y->data);
+}
+
+/* Reads the tensor infos and places each tensor's data, aligned, within the
+   file and apart from the others. */
+static int gguf_read_tensors(Gguf *g, uint64_t n, size_t alignment) {
+    if (n > (g->size - g->at) / (8 + 4 + 8 + 4 + 8))
+        return fail(g->err, "a damaged GGUF file: tensor_count claims %llu tensors, but only %zu bytes are left in "
+                    "the file", (unsigned long long)n, g->size - g->at);
+    if (n > GGUF_MAX_ENTRIES)
+        return fail(g->err, "%llu tensors, more than %d", (unsigned long long)n, GGUF_MAX_ENTRIES);
+    g->tensors = xcalloc(n, sizeof(GgufTensor), "the GGUF tensor infos");
+    uint64_t *offsets = xcalloc(n, sizeof(uint64_t), "the GGUF tensor infos");
+    int status = 0;
+    for (; g->n_tensors < n && status == 0; g->n_tensors++)
+        status = gguf_read_tensor_info(g, &g->tensors[g->n_tensors], &offsets[g->n_tensors]);
+    size_t start = add_size(g->at, (alignment - g->at % alignment) % alignment);
+    for (size_t i = 0; i < g->n_tensors && status == 0; i++) {
+        GgufTensor *t = &g->tensors[i];
+        char name[81];
+        if (offsets[i] % alignment)
+            status = fail(g->err, "a damaged GGUF file: tensor %s: offset %llu is not a multiple of "
+                          "general.alignment %zu", gguf_printable(t->name, name), (unsigned long long)offsets[i],
+                          alignment);
+        else if (start > g->size || offsets[i] > g->size - start || t->bytes > g->size - start - offsets[i])
+            status = fail(g->err, "a damaged GGUF file: tensor %s: %zu bytes at offset %llu reach past the end of "
+                          "the file (%zu bytes, data from %zu)", gguf_printable(t->name, name), t->bytes,
+                          (unsigned long long)offsets[i], g->size, start);
+        else
+            t->data = g->data + start + offsets[i];
+    }
+    free(offsets);
+    if (status) return -1;
+    GgufTensor *sorted = xcalloc(n, sizeof(GgufTensor), "the GGUF tensor infos");
+    memcpy(sorted, g->tensors, n * sizeof(GgufTensor));
+    qsort(sorted, n, sizeof(GgufTensor), by_data);
+    const GgufTensor *last = NULL; // of the tensors placed so far, the one that ends last
+    for (size_t i = 0; i < n && status == 0; i++) {
+        char a[81], b[81];
+        if (!sorted[i].bytes) continue;
+        if (last && sorted[i].data < last->data + last->bytes)
+            status = fail(g->err, "a damaged GGUF file: tensors %s and %s overlap in the file",
+                          gguf_printable(last->name, a), gguf_printable(sorted[i].name, b));
+        else if (!last || sorted[i].data + sorted[i].bytes > last->data + last->bytes)
+            last = &sorted[i];
+    }
+    free(sorted);
+    return status;
+}
+
+/* A metadata number: 0 with *value set, 1 when the key is missing, -1 (with
+   err) for a value that is no number: a string, an array, or a bool, which
+   export.py takes for no count or size either. integer: 1 when an integer
+   type holds it. */
+static int gguf_number(const Gguf *g, const char *key, double *value, int *integer) {
+    const GgufKey *k = gguf_find(g, key);
+    if (!k) return 1;
+    const unsigned char *p = g->data + k->at;
+    int64_t i;
+    float f;
+    switch (k->type) {
+    case 0: i = p[0]; break;
+    case 1: i = (int8_t)p[0]; break;
+    case 2: i = read_u16(p); break;
+    case 3: i = (int16_t)read_u16(p); break;
+    case 4: i = read_u32(p); break;
+    case 5: i = read_i32(p); break;
+    case 10: i = (int64_t)(read_u64(p) > INT64_MAX ? INT64_MAX : read_u64(p)); break;
+    case 11: i = (int64_t)read_u64(p); break;
+    case 6: f = read_f32(p), *value = f, *integer = 0; return 0;
+    case 12: { uint64_t bits = read_u64(p); memcpy(value, &bits, 8); *integer = 0; return 0; }
+    default: return fail(g->err, "metadata %s: expected a number", key);
+    }
+    *value = (double)i, *integer = 1;
+    return 0;
+}
+
+/* An integer field of the model, 1..most (a whole float is one, as ModelArgs
+   takes it; strict: only an integer type); a missing key gives fallback, or
+   an error when fallback is 0. */
+static int gguf_int(const Gguf *g, const char *key, long long fallback, long long most, int strict, int *out) {
+    double v = (double)fallback;
+    int integer = 1, found = gguf_number(g, key, &v, &integer);
+    if (found < 0) return -1;
+    if (found == 1 && !fallback) return fail(g->err, "metadata %s is missing", key);
+    if ((strict && !integer) || !(v >= 1 && v <= (double)most && v == floor(v)))
+        return fail(g->err, "metadata %s = %g: expected an integer from 1 to %lld", key, v, most);
+    *out = (int)v;
+    return 0;
+}
+
+/* A positive float field that float32 holds; a missing key gives fallback,
+   or an error when fallback is 0. */
+static int gguf_float(const Gguf *g, const char *key, double fallback, double *out) {
+    int integer, found = gguf_number(g, key, out, &integer);
+    if (found < 0) return -1;
+    if (found == 1 && !fallback) return fail(g->err, "metadata %s is missing", key);
+    if (found == 1) *out = fallback;
+    if (!(*out > 0 && *out <= FLT_MAX && (float)*out > 0))
+        return fail(g->err, "metadata %s = %g: expected a positive number that float32 holds", key, *out);
+    return 0;
+}
+
+/* A string value, or `fallback` when the key is missing. */
+static int gguf_text(const Gguf *g, const char *key, const char *fallback, GgufString *out) {
+    const GgufKey *k = gguf_find(g, key);
+    if (!k) {
+        *out = (GgufString){(const unsigned char *)fallback, fallback ? strlen(fallback) : 0};
+        return 0;
+    }
+    if (k->type != GGUF_STRING) return fail(g->err, "metadata %s: expected a string", key);
+    out->len = read_u64(g->data + k->at);
+    out->text = g->data + k->at + 8;
+    return 0;
+}
+
+/* Where each tensor goes: the model-wide ones, then GGUF_LAYER_SLOTS per
+   layer, in the order of GGUF_LAYER_NAMES. */
+enum { SLOT_EMBEDDING, SLOT_FINAL_NORM, SLOT_OUTPUT, SLOT_ROPE_FREQS, GGUF_GLOBAL_SLOTS };
+enum { L_ATTN_NORM, L_WQ, L_WK, L_WV, L_WO, L_FFN_NORM, L_W1, L_W2, L_W3, L_BQ, L_BK, L_BV, GGUF_LAYER_SLOTS };
+static const char *const GGUF_GLOBAL_NAMES[] = {"token_embd.weight", "output_norm.weight", "output.weight",
+                                                "rope_freqs.weight"};
+static const char *const GGUF_LAYER_NAMES[] = {"attn_norm.weight", "attn_q.weight", "attn_k.weight",
+    "attn_v.weight", "attn_output.weight", "ffn_norm.weight", "ffn_gate.weight", "ffn_down.weight",
+    "ffn_up.weight", "attn_q.bias", "attn_k.bias", "attn_v.bias"};
+
+/* The slot of a tensor name (blk.{i}.X for i < n_layers, no leading zeros),
+   or -1 for a name export.py does not read. */
+static int gguf_slot(GgufString name, int n_layers, int biased) {
+    for (int s = 0; s < GGUF_GLOBAL_SLOTS; s++)
+        if (gguf_is(name, GGUF_GLOBAL_NAMES[s])) return s;
+    const unsigned char *p = name.text, *end = name.text + name.len;
+    if (name.len < 6 || memcmp(p, "blk.", 4) || p[4] < '0' || p[4] > '9' || (p[4] == '0' && p[5] != '.')) return -1;
+    long layer = 0;
+    for (p += 4; p < end && *p >= '0' && *p <= '9' && layer < n_layers; p++) layer = 10 * layer + (*p - '0');
+    if (layer >= n_layers || p == end || *p != '.') return -1;
+    GgufString rest = {p + 1, (size_t)(end - p - 1)};
+    for (int s = 0; s < (biased ? GGUF_LAYER_SLOTS : L_BQ); s++)
+        if (gguf_is(rest, GGUF_LAYER_NAMES[s])) return GGUF_GLOBAL_SLOTS + (int)layer * GGUF_LAYER_SLOTS + s;
+    return -1;
+}
+
+/* The model read from the metadata, as export.py's load_gguf() reads it,
+   with what the conversion needs to know beside it. */
+typedef struct {
+    int qwen2;          // q/k rows in Hugging Face's halves, q/k/v biases
+    int quantized;      // a tensor in a type other than F32, F16, BF16
+    int scaled;         // RoPE frequencies from rope_freqs.weight or linear scaling
+    double theta;       // rope.freq_base as the file has it
+    double factor;      // linear scaling's, else 1
+    GgufTensor **slots; // (GGUF_GLOBAL_SLOTS + n_layers * GGUF_LAYER_SLOTS) the tensors, NULL where none
+} GgufModel;
+
+/* head_dim, as export.py finds it: attention.key_length, else
+   rope.dimension_count, else dim / n_heads; value_length and a RoPE over
+   part of a head (dimension_count given, and not head_dim) are refused. */
+static int gguf_head_dim(const Gguf *g, const char *arch, Config *c) {
+    char key[128];
+    int head_dim, value_dim, rope_dim, fallback = c->dim / c->n_heads > 0 ? c->dim / c->n_heads : 1;
+    snprintf(key, sizeof key, "%s.rope.dimension_count", arch);
+    int have_rope_dim = gguf_find(g, key) != NULL;
+    if (gguf_int(g, key, fallback, MAX_HEAD_DIM, 0, &rope_dim)) return -1;
+    snprintf(key, sizeof key, "%s.attention.key_length", arch);
+    if (gguf_int(g, key, rope_dim, MAX_HEAD_DIM, 0, &head_dim)) return -1;
+    snprintf(key, sizeof key, "%s.attention.value_length", arch);
+    if (gguf_int(g, key, head_dim, MAX_HEAD_DIM, 0, &value_dim)) return -1;
+    if (value_dim != head_dim) return fail(g->err, "%s.attention.value_length differs from key_length", arch);
+    if (have_rope_dim && rope_dim != head_dim)
+        return fail(g->err, "%s.rope.dimension_count %d: RoPE over part of a head of %d is not implemented", arch,
+                    rope_dim, head_dim);
+    c->head_dim = head_dim;
+    return 0;
+}
+
+/* Reads the architecture's hyperparameters into c, and refuses what run.c
+   does not compute, as export.py does. */
+static int gguf_read_config(const Gguf *g, Config *c, GgufModel *m) {
+    GgufString arch, scaling;
+    char key[128], name[81];
+    double theta, eps;
+    if (gguf_text(g, "general.architecture", NULL, &arch)) return -1;
+    if (!arch.text) return fail(g->err, "metadata general.architecture is missing");
+    m->qwen2 = gguf_is(arch, "qwen2");
+    if (!m->qwen2 && !gguf_is(arch, "llama"))
+        return fail(g->err, "general.architecture '%s': only 'llama' and 'qwen2' are supported",
+                    gguf_printable(arch, name));
+    const char *a = m->qwen2 ? "qwen2" : "llama";
+#define KEY(suffix) (snprintf(key, sizeof key, "%s.%s", a, suffix), key)
+    if (gguf_text(g, KEY("rope.scaling.type"), "none", &scaling)) return -1;
+    m->scaled = gguf_is(scaling, "linear");
+    if (!m->scaled && !gguf_is(scaling, "none"))
+        return fail(g->err, "%s '%s' is not implemented (only linear)", key, gguf_printable(scaling, name));
+    m->factor = 1;
+    if (gguf_int(g, KEY("attention.head_count"), 0, MAX_HEADS, 1, &c->n_heads) ||
+        gguf_int(g, KEY("embedding_length"), 0, MAX_DIM, 1, &c->dim) || gguf_head_dim(g, a, c) ||
+        gguf_int(g, KEY("feed_forward_length"), 0, MAX_HIDDEN, 0, &c->hidden_dim) ||
+        gguf_int(g, KEY("block_count"), 0, MAX_LAYERS, 0, &c->n_layers) ||
+        gguf_int(g, KEY("attention.head_count_kv"), c->n_heads, MAX_HEADS, 0, &c->n_kv_heads) ||
+        gguf_int(g, KEY("context_length"), 0, MAX_SEQ_LEN, 0, &c->max_seq_len) ||
+        gguf_float(g, KEY("rope.freq_base"), 10000.0, &theta) ||
+        gguf_float(g, KEY("attention.layer_norm_rms_epsilon"), 0, &eps) ||
+        (m->scaled && gguf_float(g, KEY("rope.scaling.factor"), 0, &m->factor)))
+        return -1;
+#undef KEY
+    m->theta = theta;
+    c->rope_theta = (float)theta;
+    c->norm_eps = (float)eps;
+    c->weight_type = -1;
+    c->flags = m->qwen2 ? FLAG_QKV_BIAS : 0;
+    return 0;
+}
+
+/* The expected shape (rows, cols; rows 0 for a vector) of the tensor in a slot. */
+static void gguf_slot_shape(const Config *c, int slot, size_t *rows, size_t *cols) {
+    size_t dim = c->dim, hidden = c->hidden_dim, q_dim = (size_t)c->n_heads * c->head_dim;
+    size_t kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    size_t shapes[GGUF_LAYER_SLOTS][2] = {
+        [L_ATTN_NORM] = {0, dim}, [L_WQ] = {q_dim, dim},     [L_WK] = {kv_dim, dim},  [L_WV] = {kv_dim, dim},
+        [L_WO] = {dim, q_dim},    [L_FFN_NORM] = {0, dim},   [L_W1] = {hidden, dim},  [L_W2] = {dim, hidden},
+        [L_W3] = {hidden, dim},   [L_BQ] = {0, q_dim},       [L_BK] = {0, kv_dim},    [L_BV] = {0, kv_dim}};
+    if (slot < GGUF_GLOBAL_SLOTS) {
+        size_t global[GGUF_GLOBAL_SLOTS][2] = {{c->vocab_size, dim}, {0, dim}, {c->vocab_size, dim},
+                                               {0, c->head_dim / 2}};
+        *rows = global[slot][0], *cols = global[slot][1];
+        return;
+    }
+    int s = (slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS;
+    *rows = shapes[s][0], *cols = shapes[s][1];
+}
+
+/* The name export.py gives a slot's tensor, for messages. */
+static const char *gguf_slot_name(int slot, char out[96]) {
+    static const char *const ours[] = {"tok_embeddings.weight", "norm.weight", "output.weight", "rope_freqs"};
+    static const char *const layer[] = {"attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
+        "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight", "feed_forward.w1.weight",
+        "feed_forward.w2.weight", "feed_forward.w3.weight", "attention.wq.bias", "attention.wk.bias",
+        "attention.wv.bias"};
+    if (slot < GGUF_GLOBAL_SLOTS) return ours[slot];
+    snprintf(out, 96, "layers.%d.%s", (slot - GGUF_GLOBAL_SLOTS) / GGUF_LAYER_SLOTS,
+             layer[(slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS]);
+    return out;
+}
+
+/* The vocabulary's size: the rows of token_embd.weight, as export.py takes it. */
+static int gguf_vocab_size(const Gguf *g, Config *c) {
+    for (size_t i = 0; i < g->n_tensors; i++) {
+        const GgufTensor *t = &g->tensors[i];
+        if (!gguf_is(t->name, "token_embd.weight")) continue;
+        if (t->n_dims != 2 || t->dims[1] < 1 || t->dims[1] > MAX_VOCAB)
+            return fail(g->err, "token_embd.weight: expected a matrix of 1 to %d rows", MAX_VOCAB);
+        c->vocab_size = (int)t->dims[1];
+        return 0;
+    }
+    return fail(g->err, "tensor token_embd.weight is missing");
+}
+
+/* A tensor's shape as export.py writes it, slowest axis first: "(3, 4)". */
+static const char *gguf_shape(const GgufTensor *t, char out[128]) {
+    size_t n = (size_t)snprintf(out, 128, "(");
+    for (uint32_t d = t->n_dims; d-- > 0 && n < 128;)
+        n += (size_t)snprintf(out + n, 128 - n, "%llu%s", (unsigned long long)t->dims[d],
+                              d ? ", " : t->n_dims == 1 ? ",)" : ")");
+    if (t->n_dims == 0) snprintf(out, 128, "()");
+    return out;
+}
+
+/* Whether a slot may stay empty: the classifier when tied, rope_freqs
+   (linear scaling alone divides by 1), and llama's biases. */
+static int gguf_optional(const GgufModel *m, int slot) {
+    int in_layer = slot < GGUF_GLOBAL_SLOTS ? -1 : (slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS;
+    return slot == SLOT_OUTPUT || slot == SLOT_ROPE_FREQS || (!m->qwen2 && in_layer >= L_BQ);
+}
+
+/* Puts every tensor in its slot, and checks that each slot the model needs
+   has one of the shape it needs (export.py's check_state_dict()). */
+static int gguf_place_tensors(const Gguf *g, Config *c, GgufModel *m) {
+    char name[81], ours[96], shape[128];
+    int n_slots = GGUF_GLOBAL_SLOTS + c->n_layers * GGUF_LAYER_SLOTS;
+    m->slots = xcalloc(n_slots, sizeof(GgufTensor *), "the GGUF tensor table");
+    for (size_t i = 0; i < g->n_tensors; i++) {
+        GgufTensor *t = &g->tensors[i];
+        int slot = gguf_slot(t->name, c->n_layers, m->qwen2);
+        if (slot < 0) return fail(g->err, "unexpected tensor %s", gguf_printable(t->name, name));
+        if (m->slots[slot]) return fail(g->err, "tensor %s appears twice", gguf_printable(t->name, name));
+        m->slots[slot] = t;
+        m->quantized |= t->type != GGML_F32 && t->type != GGML_F16 && t->type != GGML_BF16;
+    }
+    c->tied_classifier = !m->slots[SLOT_OUTPUT];
+    m->scaled |= m->slots[SLOT_ROPE_FREQS] != NULL;
+    c->flags |= m->scaled ? FLAG_ROPE_FREQS : 0;
+    for (int slot = 0; slot < n_slots; slot++) {
+        const GgufTensor *t = m->slots[slot];
+        size_t rows, cols;
+        gguf_slot_shape(c, slot, &rows, &cols);
+        if (!t && gguf_optional(m, slot)) continue;
+        if (!t) return fail(g->err, "tensor %s is missing", gguf_slot_name(slot, ours));
+        if (rows ? t->n_dims != 2 || t->dims[0] != cols || t->dims[1] != rows : t->n_dims != 1 || t->dims[0] != cols) {
+            char expected[64];
+            if (rows) snprintf(expected, sizeof expected, "(%zu, %zu)", rows, cols);
+            else snprintf(expected, sizeof expected, "(%zu,)", cols);
+            return fail(g->err, "%s: expected shape %s, got %s", gguf_slot_name(slot, ours), expected,
+                        gguf_shape(t, shape));
+        }
+    }
+    return 0;
+}
+
+/* out (256) = one Q2_K or Q3_K block. Weight i is in sub-block i / 16 and
+   takes 2 bits of qs[32 (i / 128) + i % 32] at bit 2 ((i % 128) / 32).
+     Q2_K  scales (16) | qs (64) | d | dmin: w = d (s & 15) q - dmin (s >> 4)
+     Q3_K  hmask (32) | qs (64) | scales (12) | d: w = d (s - 32) (q - 4 h'),
+           h' = 1 - bit i / 32 of hmask[i % 32]; the 6-bit scale s of
+           sub-block j: 4 bits of byte j % 8 (the high ones for j >= 8), and
+           2 bits of byte 8 + j % 4 at bit 2 (j / 4) */
+static void dequantize_q2_q3_k(float *out, const unsigned char *b, int type) {
+    const unsigned char *qs = b + (type == GGML_Q2_K ? 16 : 32);
+    float d = f16_to_f32(read_u16(b + (type == GGML_Q2_K ? 80 : 108)));
+    float dmin = type == GGML_Q2_K ? f16_to_f32(read_u16(b + 82)) : 0;
+    for (int i = 0; i < SUPER_BLOCK; i++) {
+        int j = i / 16, q = qs[32 * (i / 128) + i % 32] >> 2 * (i % 128 / 32) & 3;
+        if (type == GGML_Q2_K) {
+            out[i] = d * (float)(b[j] & 15) * (float)q - dmin * (float)(b[j] >> 4);
+            continue;
+        }
+        const unsigned char *scales = b + 96;
+        int s = (scales[j % 8] >> 4 * (j / 8) & 15) | (scales[8 + j % 4] >> 2 * (j / 4) & 3) << 4;
+        int high = b[i % 32] >> (i / 32) & 1;
+        out[i] = d * (float)(s - 32) * (float)(q - 4 * (1 - high));
+    }
+}
+
+/* out (block weights) = one block of a GGUF tensor, decoded as gguf.quants
+   decodes it: every product of a half scale and a small integer is exact in
+   float32, so the order of the float steps cannot change a bit. */
+static void gguf_dequantize_block(float *out, const unsigned char *b, int type) {
+    if (type == GGML_F32) {
+        memcpy(out, b, 4);
+    } else if (type == GGML_F16) {
+        *out = f16_to_f32(read_u16(b));
+    } else if (type == GGML_BF16) {
+        *out = bf16_to_f32(read_u16(b));
+    } else if (type == GGML_Q8_0) { // d | q[32] int8
+        float d = f16_to_f32(read_u16(b));
+        for (int i = 0; i < GROUP_SIZE; i++) out[i] = d * (float)(int8_t)b[2 + i];
+    } else if (type >= GGML_Q4_K) {
+        dequantize_block(out, b, WEIGHT_Q4_K + (type - GGML_Q4_K));
+    } else if (type == GGML_Q2_K || type == GGML_Q3_K) {
+        dequantize_q2_q3_k(out, b, type);
+    } else { // Q4_0: d | nibbles; Q4_1: d | m | nibbles; Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles
+        int with_min = type == GGML_Q4_1 || type == GGML_Q5_1, five = type == GGML_Q5_0 || type == GGML_Q5_1;
+        float d = f16_to_f32(read_u16(b)), m = with_min ? f16_to_f32(read_u16(b + 2)) : 0;
+        uint32_t high = five ? read_u32(b + 2 + 2 * with_min) : 0;
+        const unsigned char *qs = b + 2 + 2 * with_min + 4 * five;
+        int offset = with_min ? 0 : five ? 16 : 8; // the zero of the unsigned q
+        for (int i = 0; i < GROUP_SIZE; i++) {
+            int q = (qs[i % 16] >> 4 * (i / 16) & 15) | (int)(high >> i & 1) << 4;
+            out[i] = with_min ? d * (float)q + m : d * (float)(q - offset);
+        }
+    }
+}
+
+/* out (cols) = row `row` of tensor t, as floats. */
+static void gguf_dequantize_row(float *out, const GgufTensor *t, size_t row, size_t cols) {
+    int block = GGML_TYPE[t->type].block, bytes = GGML_TYPE[t->type].bytes;
+    const unsigned char *p = t->data + row * (cols / block) * bytes;
+    for (size_t b = 0; b < cols / block; b++) gguf_dequantize_block(out + b * block, p + b * bytes, t->type);
+}
+
+/* q (GROUP_SIZE), *d = one group of weights in q8_0, as export.py's
+   quantize_q8_0() computes it in float32: d = max|x| / 127 rounded to a
+   half, q = x / d rounded to even. */
+static void quantize_weights_q8_0(int8_t *q, uint16_t *d, const float *x) {
+    float most = 0;
+    for (int i = 0; i < GROUP_SIZE; i++) most = fabsf(x[i]) > most ? fabsf(x[i]) : most;
+    *d = f32_to_f16(most / 127.0f);
+    float scale = f16_to_f32(*d), inverse = scale != 0 ? 1.0f / scale : 0.0f;
+    for (int i = 0; i < GROUP_SIZE; i++) {
+        float r = rintf(x[i] * inverse);
+        q[i] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+    }
+}
+
+/* The row of the file that row r of ours is: qwen2's q and k rows (and
+   biases) are Hugging Face's, the halves of each head apart, and ours pair
+   them (hf_to_interleaved()): our row 2j (+ 1) of a head is its row j
+   (+ head_dim / 2). */
+static size_t gguf_source_row(size_t r, int permuted, int head_dim) {
+    if (!permuted) return r;
+    size_t head = r / head_dim, j = r % head_dim / 2, second = r % 2;
+    return head * head_dim + second * (head_dim / 2) + j;
+}
+
+/* How a tensor is kept: its type (WEIGHT_*; vectors are f32), and whether it
+   is copied (converted, permuted, or not aligned for its type in place). */
+typedef struct {
+    int type, copied, permuted;
+    size_t rows, cols, bytes; // of the copy
+} GgufPlan;
+
+/* The plan for tensor t in a slot: K blocks kept; in a quantized file every
+   other matrix q8_0; else F32 and BF16 kept and F16 widened to f32. */
+static GgufPlan gguf_plan(const Config *c, const GgufModel *m, int slot, const GgufTensor *t) {
+    GgufPlan p = {.type = WEIGHT_F32};
+    gguf_slot_shape(c, slot, &p.rows, &p.cols);
+    int in_layer = slot < GGUF_GLOBAL_SLOTS ? -1 : (slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS;
+    p.permuted = m->qwen2 && (in_layer == L_WQ || in_layer == L_WK || in_layer == L_BQ || in_layer == L_BK);
+    size_t n = p.rows ? p.rows * p.cols : p.cols;
+    int k_type = t->type == GGML_Q4_K || t->type == GGML_Q5_K || t->type == GGML_Q6_K;
+    if (p.rows && k_type) p.type = WEIGHT_Q4_K + (int)(t->type - GGML_Q4_K);
+    else if (p.rows && m->quantized) p.type = WEIGHT_Q8_0;
+    else if (p.rows && t->type == GGML_BF16) p.type = WEIGHT_BF16;
+    int same = (p.type == WEIGHT_F32 && t->type == GGML_F32) || (p.type == WEIGHT_BF16 && t->type == GGML_BF16) ||
+               p.type >= WEIGHT_Q4_K;
+    int aligned = (uintptr_t)t->data % (p.type == WEIGHT_F32 ? 4 : p.type == WEIGHT_BF16 ? 2 : 1) == 0;
+    p.copied = !same || !aligned || p.permuted;
+    p.bytes = !p.copied ? 0 : p.type == WEIGHT_Q8_0 ? n + n / GROUP_SIZE * 2 + 2 * TENSOR_ALIGN
+            : p.type == WEIGHT_F32 ? n * 4 + TENSOR_ALIGN : t->bytes + TENSOR_ALIGN;
+    return p;
+}
+
+/* Copies row r of tensor t into values (and scales, for q8_0) as the plan
+   says: from its source row, as it is when it keeps its type, else decoded
+   (into row, room for p->cols floats) and encoded anew; a vector's entries
+   likewise. Returns the column of a NaN or infinite weight, which export.py
+   refuses, else -1. */
+static long gguf_copy_row(unsigned char *values, uint16_t *scales, const GgufPlan *p, const GgufTensor *t,
+                          int head_dim, float *row, size_t r) {
+    size_t row_bytes = t->bytes / (p->rows ? p->rows : 1), from = gguf_source_row(r, p->permuted && p->rows, head_dim);
+    if (p->type == WEIGHT_BF16 || p->type >= WEIGHT_Q4_K) {
+        memcpy(values + r * row_bytes, t->data + from * row_bytes, row_bytes);
+        return -1;
+    }
+    gguf_dequantize_row(row, t, from, p->cols);
+    for (size_t i = 0; i < p->cols; i++)
+        if (!isfinite(row[i])) return (long)i;
+    if (p->type == WEIGHT_Q8_0) {
+        for (size_t g = 0; g < p->cols / GROUP_SIZE; g++)
+            quantize_weights_q8_0((int8_t *)values + r * p->cols + g * GROUP_SIZE,
+                                  scales + r * p->cols / GROUP_SIZE + g, row + g * GROUP_SIZE);
+        return -1;
+    }
+    float *out = (float *)values + r * p->cols;
+    for (size_t i = 0; i < p->cols; i++) out[i] = row[gguf_source_row(i, p->permuted && !p->rows, head_dim)];
+    return -1;
+}
+
+/* Copies tensor t as its plan says, its rows spread over the threads.
+   Returns 0, or -1 (with err) for the first NaN or infinite weight. */
+static int gguf_copy(unsigned char *values, uint16_t *scales, const GgufPlan *p, const GgufTensor *t, int head_dim,
+                     char *err) {
+    size_t rows = p->rows ? p->rows : 1, bad_row = SIZE_MAX;
+    long bad_column = -1;
+    #pragma omp parallel
+    {
+        float *row = xcalloc(p->cols, sizeof(float), "a row of weights");
+        #pragma omp for schedule(static)
+        for (size_t r = 0; r < rows; r++) {
+            long column = gguf_copy_row(values, scales, p, t, head_dim, row, r);
+            if (column >= 0) {
+                #pragma omp critical
+                if (r < bad_row) bad_row = r, bad_column = column;
+            }
+        }
+        free(row);
+    }
+    if (bad_row == SIZE_MAX) return 0;
+    return fail(err, "holds NaN or infinite numbers (row %zu, column %ld)", bad_row, bad_column);
+}
+
+/* RoPE's inverse frequencies as export.py stores them when the file scales
+   them: theta^(-2i / head_dim) in double, divided by the linear factor,
+   rounded to float, then divided by rope_freqs.weight's divisor and rounded
+   again; else computed as for our own files. */
+static int gguf_rope_frequencies(double *inv_freq, const Config *c, const GgufModel *m, char *err) {
+    int half = c->head_dim / 2;
+    const GgufTensor *divisors = m->slots[SLOT_ROPE_FREQS];
+    float *divisor = xcalloc(half, sizeof(float), "the RoPE frequencies");
+    for (int i = 0; i < half; i++) divisor[i] = 1;
+    if (divisors) gguf_dequantize_row(divisor, divisors, 0, half);
+    int status = 0;
+    for (int i = 0; i < half && status == 0; i++) {
+        if (!m->scaled) {
+            inv_freq[i] = pow(c->rope_theta, -2.0 * i / c->head_dim);
+            continue;
+        }
+        float unscaled = (float)(pow(m->theta, -2.0 * i / c->head_dim) / m->factor);
+        if (!(divisor[i] > 0 && isfinite(divisor[i])))
+            status = fail(err, "rope_freqs.weight: %g for pair %d; RoPE needs finite positive numbers", divisor[i], i);
+        else if (!(unscaled > 0 && isfinite(unscaled)))
+            status = fail(err, "the RoPE scaling factor %g makes frequencies that float32 cannot hold", m->factor);
+        inv_freq[i] = (float)((double)unscaled / divisor[i]);
+    }
+    free(divisor);
+    return status ? -1 : check_rope_frequencies(inv_freq, m->scaled ? half : 0, err);
+}
+
+/* Says in one line what the load converted, and what it costs. */
+static void gguf_report(const char *path, const int counts[GGML_TYPES][WEIGHT_TYPES], int permuted,
+                        size_t bytes) {
+    char line[1024] = "";
+    size_t n = 0;
+    for (int s = 0; s < GGML_TYPES; s++)
+        for (int d = 0; d < WEIGHT_TYPES; d++)
+            if (counts[s][d] && n < sizeof line)
+                n += snprintf(line + n, sizeof line - n, "%s%d %s tensors to %s", n ? ", " : "", counts[s][d],
+                              GGML_TYPE[s].name, WEIGHT_NAMES[d]);
+    if (permuted && n < sizeof line)
+        n += snprintf(line + n, sizeof line - n, "%s%d q/k matrices copied, their rows permuted from qwen2's RoPE "
+                      "halves into pairs", n ? "; " : "", permuted);
+    if (n) fprintf(stderr, "run: %s: converted in memory at load: %s (+%.1f MB)\n", path, line, bytes / 1e6);
+}
+
+/* Where a slot's tensor goes in w: a matrix, or a vector. */
+static void gguf_destination(Weights *w, int slot, Matrix **matrix, const float ***vector) {
+    *matrix = NULL, *vector = NULL;
+    if (slot == SLOT_EMBEDDING) *matrix = &w->token_embedding;
+    if (slot == SLOT_OUTPUT) *matrix = &w->classifier;
+    if (slot == SLOT_FINAL_NORM) *vector = &w->final_norm;
+    if (slot < GGUF_GLOBAL_SLOTS) return;
+    LayerWeights *lw = &w->layers[(slot - GGUF_GLOBAL_SLOTS) / GGUF_LAYER_SLOTS];
+    Matrix *matrices[GGUF_LAYER_SLOTS] = {[L_WQ] = &lw->wq, [L_WK] = &lw->wk, [L_WV] = &lw->wv, [L_WO] = &lw->wo,
+                                          [L_W1] = &lw->w1, [L_W2] = &lw->w2, [L_W3] = &lw->w3};
+    const float **vectors[GGUF_LAYER_SLOTS] = {[L_ATTN_NORM] = &lw->attn_norm, [L_FFN_NORM] = &lw->ffn_norm,
+                                               [L_BQ] = &lw->bq, [L_BK] = &lw->bk, [L_BV] = &lw->bv};
+    *matrix = matrices[(slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS];
+    *vector = vectors[(slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS];
+}
+
+/* The tensor t as its plan p says: in place, or copied into the arena at *at. */
+/* Whether a tensor kept as it is holds finite numbers, as export.py checks
+   them: a K block's half scales (d, and dmin for Q4_K and Q5_K; its other
+   scales and levels are small integers), a vector's floats. F32 and BF16
+   matrices mapped in place are not read here, as our own files' are not. */
+static int gguf_kept_finite(const GgufPlan *p, const GgufTensor *t) {
+    if (p->type >= WEIGHT_Q4_K) {
+        int bytes = K_BLOCK_BYTES[p->type], at = p->type == WEIGHT_Q6_K ? 208 : 0;
+        int halves = p->type == WEIGHT_Q6_K ? 1 : 2;
+        for (size_t b = 0; b < t->bytes / bytes; b++)
+            for (int h = 0; h < halves; h++)
+                if ((read_u16(t->data + b * bytes + at + 2 * h) & 0x7c00) == 0x7c00) return 0;
+    }
+    if (!p->rows && !p->copied)
+        for (size_t i = 0; i < p->cols; i++)
+            if (!isfinite(((const float *)t->data)[i])) return 0;
+    return 1;
+}
+
+static int gguf_place(Matrix *out, const GgufPlan *p, const GgufTensor *t, unsigned char *arena, size_t *at,
+                      int head_dim, char *err) {
+    char name[81], why[ERROR_SIZE];
+    *out = (Matrix){.values = t->data, .rows = (int)p->rows, .cols = (int)p->cols, .type = p->type};
+    if (!gguf_kept_finite(p, t))
+        return fail(err, "tensor %s holds NaN or infinite numbers", gguf_printable(t->name, name));
+    if (!p->copied) return 0;
+    size_t n = (p->rows ? p->rows : 1) * p->cols;
+    size_t bytes = p->type == WEIGHT_Q8_0 ? n : p->type == WEIGHT_F32 ? n * sizeof(float) : t->bytes;
+    unsigned char *values = (unsigned char *)place_bytes(arena, at, bytes, TENSOR_ALIGN);
+    uint16_t *scales = p->type == WEIGHT_Q8_0 ? (uint16_t *)place_bytes(arena, at, n / GROUP_SIZE * 2, TENSOR_ALIGN)
+                                              : NULL;
+    out->values = values, out->scales = scales;
+    if (gguf_copy(values, scales, p, t, head_dim, err) == 0) return 0;
+    snprintf(why, sizeof why, "%s", err);
+    return fail(err, "tensor %s %s", gguf_printable(t->name, name), why);
+}
+
+/* The matrix types in our file order (token_embedding, per layer wq, wk,
+   wv, wo, w1, w2, w3, then the classifier if untied) into types. */
+static void gguf_matrix_types(uint8_t *types, const Config *c, const GgufPlan *plans) {
+    static const int in_layer[] = {L_WQ, L_WK, L_WV, L_WO, L_W1, L_W2, L_W3};
+    int k = 0;
+    types[k++] = (uint8_t)plans[SLOT_EMBEDDING].type;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int i = 0; i < 7; i++)
+            types[k++] = (uint8_t)plans[GGUF_GLOBAL_SLOTS + l * GGUF_LAYER_SLOTS + in_layer[i]].type;
+    if (!c->tied_classifier) types[k] = (uint8_t)plans[SLOT_OUTPUT].type;
+}
+
+/* Points t's weights at the tensors, mapped in place or converted into
+   t->converted as gguf_plan() says, and says what was converted. */
+static int gguf_assemble(Transformer *t, const GgufModel *m, char *err) {
+    Config *c = &t->config;
+    Weights *w = &t->weights;
+    int n_slots = GGUF_GLOBAL_SLOTS + c->n_layers * GGUF_LAYER_SLOTS, counts[GGML_TYPES][WEIGHT_TYPES] = {{0}};
+    int permuted = 0, status = 0;
+    size_t at = 0, total = matrix_count(c);
+    GgufPlan *plans = xcalloc(n_slots, sizeof(GgufPlan), "the GGUF tensor table");
+    for (int s = 0; s < n_slots; s++)
+        if (m->slots[s] && s != SLOT_ROPE_FREQS) plans[s] = gguf_plan(c, m, s, m->slots[s]), total += plans[s].bytes;
+    unsigned char *arena = t->converted = xcalloc(total, 1, "the converted weights");
+    gguf_matrix_types(arena, c, plans);
+    c->matrix_types = arena;
+    place_bytes(arena, &at, matrix_count(c), 1);
+    w->layers = xcalloc(c->n_layers, sizeof(LayerWeights), "the layer table");
+    status = check_matrix_types(c, err);
+    for (int s = 0; s < n_slots && status == 0; s++) {
+        Matrix *matrix, placed;
+        const float **vector;
+        const GgufTensor *tensor = m->slots[s];
+        gguf_destination(w, s, &matrix, &vector);
+        if (!tensor || s == SLOT_ROPE_FREQS) continue;
+        status = gguf_place(&placed, &plans[s], tensor, arena, &at, c->head_dim, err);
+        if (matrix) *matrix = placed;
+        if (vector) *vector = placed.values;
+        int kept = plans[s].type == WEIGHT_BF16 || plans[s].type >= WEIGHT_Q4_K ||
+                   (plans[s].type == WEIGHT_F32 && tensor->type == GGML_F32);
+        permuted += plans[s].permuted && matrix;
+        if (plans[s].copied && !(plans[s].permuted && kept)) counts[tensor->type][plans[s].type]++;
+    }
+    if (c->tied_classifier) w->classifier = w->token_embedding;
+    free(plans);
+    if (status == 0 && t->path) gguf_report(t->path, counts, permuted, total);
+    return status;
+}
+
+/* Reads a GGUF file of the llama or qwen2 architecture as export.py --gguf
+   does, into t's config and weights (see the top of this section).
+   Returns 0, or -1 with err set and nothing left allocated. */
+static int parse_gguf(Transformer *t, const unsigned char *data, size_t size, char *err) {
+    Gguf g = {.data = data, .size = size, .err = err};
+    GgufModel m = {0};
+    uint64_t n_tensors = 0;
+    size_t alignment = GGUF_DEFAULT_ALIGNMENT;
+    t->weights.rope_inv_freq = xcalloc(MAX_HEAD_DIM / 2, sizeof(double), "the RoPE frequencies");
+    int status = gguf_read_metadata(&g, &n_tensors, &alignment) || gguf_read_tensors(&g, n_tensors, alignment) ||
+                 gguf_read_config(&g, &t->config, &m) || gguf_vocab_size(&g, &t->config) ||
+                 validate_config(&t->config, err) || gguf_place_tensors(&g, &t->config, &m) ||
+                 gguf_assemble(t, &m, err) ||
+                 gguf_rope_frequencies(t->weights.rope_inv_freq, &t->config, &m, err);
+    free(g.keys);
+    free(g.tensors);
+    free(m.slots);
+    if (status == 0) return 0;
+    free(t->weights.layers);
+    free(t->weights.rope_inv_freq);
+    free(t->converted);
+    t->weights.layers = NULL, t->weights.rope_inv_freq = NULL, t->converted = NULL;
+    return -1;
+}
+
+/* ----------------------------------------------------------------------------
+   A GGUF file's tokenizer: the tokenizer.bin that export.py's
+   write_tokenizer_gguf() (convert/tokenizers.py) makes of its metadata is
+   built in memory, byte for byte, and tokenizer.c loads it. */
+
+typedef struct {
+    unsigned char *bytes;
+    size_t n, cap;
+} ByteBuffer;
+
+static void put_bytes(ByteBuffer *b, const void *data, size_t n) {
+    if (n > b->cap - b->n) {
+        b->cap = add_size(add_size(b->cap, b->cap), n + 4096);
+        b->bytes = realloc(b->bytes, b->cap);
+        if (!b->bytes) die(NULL, "out of memory building the tokenizer");
+    }
+    if (n) memcpy(b->bytes + b->n, data, n);
+    b->n += n;
+}
+
+static void put_u32(ByteBuffer *b, uint32_t v) {
+    unsigned char p[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 24)};
+    put_bytes(b, p, 4);
+}
+
+/* An array value: its item type, count, and the offset of its first item.
+   -1 (with err) unless key holds an array of items of type `item` (or of
+   any integer type for item 4, of f32 or f64 for item 6); 1 if missing. */
+static int gguf_array(const Gguf *g, const char *key, uint32_t item, uint32_t *type, uint64_t *n, size_t *at) {
+    static const char *const kinds[] = {[4] = "integers", [6] = "floats", [7] = "bools", [8] = "strings"};
+    const GgufKey *k = gguf_find(g, key);
+    if (!k) return 1;
+    *type = k->type == GGUF_ARRAY ? read_u32(g->data + k->at) : 0;
+    int fits = item == 4 ? *type <= 5 || *type == 10 || *type == 11 : item == 6 ? *type == 6 || *type == 12
+                                                                                 : *type == item;
+    if (k->type != GGUF_ARRAY || !fits) return fail(g->err, "metadata %s: expected a list of %s", key, kinds[item]);
+    *n = read_u64(g->data + k->at + 4);
+    *at = k->at + 12;
+    return 0;
+}
+
+/* The string at *at, which moves past it (within the metadata walked). */
+static GgufString gguf_next_string(const Gguf *g, size_t *at) {
+    GgufString s = {g->data + *at + 8, read_u64(g->data + *at)};
+    *at += 8 + s.len;
+    return s;
+}
+
+/* The number at *at of a numeric item type, which moves past it. */
+static double gguf_next_number(const Gguf *g, uint32_t type, size_t *at) {
+    const unsigned char *p = g->data + *at;
+    *at += GGUF_SCALAR_SIZE[type];
+    static const int is_signed[13] = {[1] = 1, [3] = 1, [5] = 1, [11] = 1};
+    if (type == 6) return read_f32(p);
+    if (type == 12) {
+        double d;
+        uint64_t bits = read_u64(p);
+        memcpy(&d, &bits, 8);
+        return d;
+    }
+    uint64_t u = GGUF_SCALAR_SIZE[type] == 1 ? p[0] : GGUF_SCALAR_SIZE[type] == 2 ? read_u16(p)
+               : GGUF_SCALAR_SIZE[type] == 4 ? read_u32(p) : read_u64(p);
+    int bits = 8 * GGUF_SCALAR_SIZE[type];
+    if (is_signed[type] && bits < 64 && u >> (bits - 1)) return (double)((int64_t)u - ((int64_t)1 << bits));
+    return is_signed[type] ? (double)(int64_t)u : (double)u;
+}
+
+/* A bool metadata value, or fallback when the key is missing. */
+static int gguf_bool(const Gguf *g, const char *key, int fallback, int *out) {
+    const GgufKey *k = gguf_find(g, key);
+    if (k && k->type != 7) return fail(g->err, "metadata %s: expected bool", key);
+    *out = k ? g->data[k->at] != 0 : fallback;
+    return 0;
+}
+
+/* An integer metadata value, or -1 when the key is missing. */
+static int gguf_token_id(const Gguf *g, const char *key, long long *out) {
+    double v = -1;
+    int integer = 1, found = gguf_number(g, key, &v, &integer);
+    if (found < 0 || !integer) return fail(g->err, "metadata %s: expected int", key);
+    *out = (long long)v;
+    return 0;
+}
+
+/* An index from token text to the first id that has it (vocab.setdefault). */
+typedef struct {
+    GgufString *texts;  // (n) each token's text
+    int32_t *slots;     // (cap) an id, or -1
+    size_t cap;
+} TextIndex;
+
+static uint64_t text_hash(const unsigned char *s, size_t n) {
+    uint64_t h = 1469598103934665603u;
+    for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 1099511628211u;
+    return h;
+}
+
+static int text_index_find(const TextIndex *ix, const unsigned char *s, size_t n) {
+    for (size_t i = text_hash(s, n) & (ix->cap - 1);; i = (i + 1) & (ix->cap - 1)) {
+        int32_t id = ix->slots[i];
+        if (id < 0 || (ix->texts[id].len == n && !memcmp(ix->texts[id].text, s, n))) return id;
+    }
+}
+
+static void text_index_build(TextIndex *ix, GgufString *texts, size_t n) {
+    ix->texts = texts;
+    for (ix->cap = 16; ix->cap < 2 * n; ix->cap *= 2) {}
+    ix->slots = xcalloc(ix->cap, sizeof(int32_t), "the tokenizer's index");
+    for (size_t i = 0; i < ix->cap; i++) ix->slots[i] = -1;
+    for (size_t id = 0; id < n; id++) {
+        size_t i = text_hash(texts[id].text, texts[id].len) & (ix->cap - 1);
+        while (ix->slots[i] >= 0 && !(ix->texts[ix->slots[i]].len == texts[id].len &&
+                                      !memcmp(ix->texts[ix->slots[i]].text, texts[id].text, texts[id].len)))
+            i = (i + 1) & (ix->cap - 1);
+        if (ix->slots[i] < 0) ix->slots[i] = (int32_t)id;
+    }
+}
+
+/* Where `what` first occurs in s at or after `from`, or -1. */
+static long find_text(GgufString s, const char *what, size_t from) {
+    if (from > s.len) return -1;
+    const unsigned char *at = memmem(s.text + from, s.len - from, what, strlen(what));
+    return at ? (long)(at - s.text) : -1;
+}
+
+/* The text of the first ChatML system turn a template writes literally
+   (export.py's _literal_system_turn(), in time linear in the template):
+   from "<|im_start|>system" and a newline ("\n" or the two characters
+   \n) to "<|im_end|>", with none of ' " { } + between; empty if none. */
+static GgufString literal_system_turn(GgufString t) {
+    GgufString none = {t.text, 0};
+    long end = -1, stop = -1, start = find_text(t, "<|im_start|>system", 0);
+    while (start >= 0) {
+        size_t body = (size_t)start + strlen("<|im_start|>system");
+        size_t newline = body < t.len && t.text[body] == '\n' ? 1
+                       : body + 1 < t.len && t.text[body] == '\\' && t.text[body + 1] == 'n' ? 2 : 0;
+        if (newline) {
+            body += newline;
+            if (end < (long)body && (end = find_text(t, "<|im_end|>", body)) < 0) return none;
+            if (stop < (long)body)
+                for (stop = (long)body; (size_t)stop < t.len && !strchr("'\"{}+", t.text[stop]); stop++) {}
+            if (stop >= end) return (GgufString){t.text + body, (size_t)(end - (long)body)};
+        }
+        start = find_text(t, "<|im_start|>system", (size_t)start + 1);
+    }
+    return none;
+}
+
+/* The chat template (TEMPLATE_*) and default system prompt (into *system)
+   that export.py's gguf_chat_template() finds in a Jinja template. */
+static int chat_template_kind(GgufString t, ByteBuffer *system) {
+    if (!t.len) return TEMPLATE_NONE;
+    if (find_text(t, "<|im_start|>", 0) >= 0) {
+        GgufString text = literal_system_turn(t);
+        for (size_t i = 0; i < text.len; i++) { // "\n" written as two characters is a newline; other escapes: none
+            int escaped_newline = text.text[i] == '\\' && i + 1 < text.len && text.text[i + 1] == 'n';
+            if (text.text[i] == '\\' && !escaped_newline) {
+                system->n = 0;
+                break;
+            }
+            put_bytes(system, escaped_newline ? "\n" : (const char *)text.text + i, 1);
+            i += escaped_newline;
+        }
+        return TEMPLATE_CHATML;
+    }
+    if (find_text(t, "<|start_header_id|>", 0) >= 0 && find_text(t, "<|end_header_id|>", 0) >= 0) {
+        if (find_text(t, "Cutting Knowledge Date", 0) < 0) return TEMPLATE_LLAMA3;
+        return find_text(t, "strftime_now", 0) >= 0 ? TEMPLATE_LLAMA32 : TEMPLATE_LLAMA31;
+    }
+    return find_text(t, "[INST]", 0) >= 0 ? TEMPLATE_LLAMA2 : TEMPLATE_NONE;
+}
+
+/* A byte-level token's bytes: its characters mapped back through GPT-2's
+   byte alphabet when every one is in it, else its own UTF-8. */
+static void put_byte_level_token(ByteBuffer *b, GgufString text) {
+    size_t start = b->n;
+    for (size_t i = 0; i < text.len;) {
+        int k = utf8_valid_len(text.text + i, text.len - i);
+        int byte = k ? bl_alphabet_byte(tok_utf8_decode(text.text + i, k)) : -1;
+        if (byte < 0) {
+            b->n = start;
+            put_bytes(b, text.text, text.len);
+            return;
+        }
+        unsigned char c = (unsigned char)byte;
+        put_bytes(b, &c, 1);
+        i += (size_t)k;
+    }
+}
+
+/* The pre-tokenizers a byte-level GGUF may name (tokenizer.ggml.pre), as
+   export.py's GGUF_PRETOKENIZERS maps them. */
+static const struct { const char *name; uint32_t pretokenizer, flags; } GGUF_PRETOKENIZERS[] = {
+    {"gpt-2", PRETOK_GPT2, 0}, {"smollm", PRETOK_DIGITS_GPT2, 0}, {"starcoder", PRETOK_DIGITS_GPT2, 0},
+    {"llama-bpe", PRETOK_LLAMA3, TOKF_IGNORE_MERGES}, {"qwen2", PRETOK_QWEN2, TOKF_NFC}};
+
+/* The token records of a GGUF's vocabulary into out, as write_tokenizer()
+   writes them; sentencepiece: the pieces and scores as they are, byte-level:
+   bytes as put_byte_level_token() says for normal tokens. Sets *max_len,
+   *unknown (the one unknown piece) and *byte_pieces. */
+static int gguf_token_records(const Gguf *g, int sentencepiece, GgufString *texts, size_t n, ByteBuffer *out,
+                              uint32_t *max_len, long long *unknown, int *byte_pieces) {
+    uint32_t types_type, scores_type = 6;
+    uint64_t n_types, n_scores = 0;
+    size_t types_at, scores_at = 0;
+    int found = gguf_array(g, "tokenizer.ggml.token_type", 4, &types_type, &n_types, &types_at);
+    if (found < 0) return -1;
+    if (found || n_types != n) return fail(g->err, "%zu tokens but %llu token types", n,
+                                           (unsigned long long)(found ? 0 : n_types));
+    if (sentencepiece && (found = gguf_array(g, "tokenizer.ggml.scores", 6, &scores_type, &n_scores, &scores_at)))
+        return found < 0 ? -1 : fail(g->err, "metadata tokenizer.ggml.scores: expected a list of floats");
+    if (sentencepiece && n_scores != n)
+        return fail(g->err, "%zu tokens but %llu scores", n, (unsigned long long)n_scores);
+    int unknowns = 0;
+    for (size_t i = 0; i < n; i++) {
+        double type = gguf_next_number(g, types_type, &types_at);
+        float score = sentencepiece ? (float)gguf_next_number(g, scores_type, &scores_at) : 0.0f;
+        int known = sentencepiece ? type >= 1 && type <= 6 : type == 1 || type == 3 || type == 4 || type == 5;
+        if (!known)
+            return fail(g->err, "token %zu has type %g, %s", i, type,
+                        sentencepiece ? "which is unknown" : "not normal, control, user-defined or unused");
+        unknowns += type == 2, *byte_pieces |= type == 6;
+        if (type == 2) *unknown = (long long)i;
+        size_t start = out->n;
+        put_u32(out, 0);
+        uint32_t score_bits;
+        memcpy(&score_bits, &score, 4);
+        put_u32(out, score_bits);
+        unsigned char t = (unsigned char)type;
+        put_bytes(out, &t, 1);
+        if (sentencepiece || type != 1) put_bytes(out, texts[i].text, texts[i].len);
+        else put_byte_level_token(out, texts[i]);
+        uint32_t len = (uint32_t)(out->n - start - 9);
+        if (len == 0) return fail(g->err, "token %zu is empty", i);
+        for (int k = 0; k < 4; k++) out->bytes[start + k] = (unsigned char)(len >> 8 * k);
+        if (len > *max_len) *max_len = len;
+    }
+    if (sentencepiece && unknowns != 1)
+        return fail(g->err, "%d unknown tokens; sentencepiece needs exactly one", unknowns);
+    return 0;
+}
+
+/* The merges ("left right", in rank order) as (left, right, result) ids. */
+static int gguf_merges(const Gguf *g, GgufString *texts, size_t n, ByteBuffer *out, uint32_t *count) {
+    uint32_t type;
+    uint64_t n_merges;
+    size_t at;
+    int found = gguf_array(g, "tokenizer.ggml.merges", GGUF_STRING, &type, &n_merges, &at);
+    if (found) return found < 0 ? -1 : 0;
+    TextIndex ix;
+    text_index_build(&ix, texts, n);
+    ByteBuffer joined = {0};
+    int status = 0;
+    for (uint64_t r = 0; r < n_merges && status == 0; r++) {
+        GgufString m = gguf_next_string(g, &at);
+        const unsigned char *space = memchr(m.text, ' ', m.len);
+        size_t left_len = space ? (size_t)(space - m.text) : m.len;
+        GgufString right = {m.text + left_len + (space != NULL), m.len - left_len - (space != NULL)};
+        joined.n = 0;
+        put_bytes(&joined, m.text, left_len);
+        put_bytes(&joined, right.text, right.len);
+        int ids[3] = {text_index_find(&ix, m.text, left_len), text_index_find(&ix, right.text, right.len),
+                      text_index_find(&ix, joined.bytes, joined.n)};
+        if (ids[0] < 0 || ids[1] < 0 || ids[2] < 0)
+            status = fail(g->err, "merge %llu names a token not in the vocab", (unsigned long long)r);
+        for (int k = 0; k < 3; k++) put_u32(out, (uint32_t)ids[k]);
+    }
+    *count = (uint32_t)n_merges;
+    free(joined.bytes);
+    free(ix.slots);
+    return status;
+}
+
+/* The tokenizer.bin (LTOK) bytes of the tokenizer in a parsed GGUF's
+   metadata, as write_tokenizer_gguf() writes them. */
+static int gguf_tokenizer_bytes(const Gguf *g, int vocab_size, ByteBuffer *out) {
+    GgufString kind, pre = {(const unsigned char *)"", 0}, chat_text;
+    char name[81];
+    if (gguf_text(g, "tokenizer.ggml.model", NULL, &kind)) return -1;
+    if (!kind.text)
+        return fail(g->err, "holds no tokenizer (no tokenizer.ggml.model in its metadata); pass one with -z");
+    int sentencepiece = gguf_is(kind, "llama");
+    if (!sentencepiece && !gguf_is(kind, "gpt2"))
+        return fail(g->err, "tokenizer.ggml.model '%s'; only 'llama' (sentencepiece BPE) and 'gpt2' (byte-level "
+                    "BPE) are read from GGUF", gguf_printable(kind, name));
+    uint32_t texts_type, pretokenizer = PRETOK_NONE, flags = 0, max_len = 0, n_merges = 0;
+    uint64_t n = 0;
+    size_t at;
+    int found = gguf_array(g, "tokenizer.ggml.tokens", GGUF_STRING, &texts_type, &n, &at);
+    if (found < 0) return -1;
+    if (vocab_size >= 0 && n != (uint64_t)vocab_size)
+        return fail(g->err, "%llu tokens but the model has %d", (unsigned long long)n, vocab_size);
+    long long ids[4];
+    static const char *const id_keys[4] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                                           "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id"};
+    for (int i = 0; i < 4; i++)
+        if (gguf_token_id(g, id_keys[i], &ids[i])) return -1;
+    int add_bos, add_eos, space_prefix, extra_spaces;
+    if (gguf_text(g, "tokenizer.chat_template", NULL, &chat_text) ||
+        gguf_bool(g, "tokenizer.ggml.add_eos_token", 0, &add_eos))
+        return -1;
+    if (!sentencepiece) {
+        if (gguf_text(g, "tokenizer.ggml.pre", "default", &pre)) return -1;
+        size_t p = 0, count = sizeof GGUF_PRETOKENIZERS / sizeof GGUF_PRETOKENIZERS[0];
+        while (p < count && !gguf_is(pre, GGUF_PRETOKENIZERS[p].name)) p++;
+        if (p == count)
+            return fail(g->err, "tokenizer.ggml.pre '%s' is not supported (gpt-2, llama-bpe, qwen2, smollm, "
+                        "starcoder)", gguf_printable(pre, name));
+        pretokenizer = GGUF_PRETOKENIZERS[p].pretokenizer, flags = GGUF_PRETOKENIZERS[p].flags;
+    }
+    if (gguf_bool(g, "tokenizer.ggml.add_bos_token", sentencepiece || gguf_is(pre, "llama-bpe"), &add_bos) ||
+        gguf_bool(g, "tokenizer.ggml.add_space_prefix", sentencepiece, &space_prefix) ||
+        gguf_bool(g, "tokenizer.ggml.remove_extra_whitespaces", 0, &extra_spaces))
+        return -1;
+    if (n == 0) return fail(g->err, "0 tokens");
+    GgufString *texts = xcalloc(n, sizeof(GgufString), "the tokenizer's tokens");
+    for (uint64_t i = 0; i < n; i++) texts[i] = gguf_next_string(g, &at);
+    ByteBuffer records = {0}, merges = {0}, system = {0};
+    long long unknown = -1;
+    int byte_pieces = 0, chat = chat_template_kind(chat_text, &system);
+    if (chat == TEMPLATE_NONE) { // from the marker tokens (export.py's chat_from_vocab())
+        TextIndex ix;
+        text_index_build(&ix, texts, n);
+#define HAS(text) (text_index_find(&ix, (const unsigned char *)(text), strlen(text)) >= 0)
+        chat = HAS("<|im_start|>") && HAS("<|im_end|>") ? TEMPLATE_CHATML
+             : HAS("<|start_header_id|>") && HAS("<|end_header_id|>") && HAS("<|eot_id|>") ? TEMPLATE_LLAMA3
+             : TEMPLATE_NONE;
+#undef HAS
+        free(ix.slots);
+    }
+    int status = gguf_token_records(g, sentencepiece, texts, n, &records, &max_len, &unknown, &byte_pieces);
+    if (status == 0 && sentencepiece && ids[3] != -1 && ids[3] != unknown)
+        status = fail(g->err, "unknown_token_id %lld is not the unknown token %lld", ids[3], unknown);
+    if (sentencepiece) ids[3] = unknown;
+    if (status == 0 && !sentencepiece) status = gguf_merges(g, texts, n, &merges, &n_merges);
+    for (int i = 0; i < 4 && status == 0; i++)
+        if (ids[i] < -1 || ids[i] >= (long long)n)
+            status = fail(g->err, "%s %lld is outside -1..%llu", id_keys[i], ids[i], (unsigned long long)n - 1);
+    if (status == 0 && memchr(system.bytes ? system.bytes : (unsigned char *)"", 0, system.n))
+        status = fail(g->err, "the default system prompt contains a NUL character");
+    flags |= (add_eos ? TOKF_ADD_EOS : 0) | (add_bos ? TOKF_ADD_BOS : 0) | (space_prefix ? TOKF_DUMMY_PREFIX : 0);
+    if (sentencepiece) flags |= (extra_spaces ? TOKF_REMOVE_EXTRA_WS : 0) | (byte_pieces ? TOKF_BYTE_FALLBACK : 0);
+    uint32_t header[14] = {0, 1, sentencepiece ? TOK_SENTENCEPIECE : TOK_BYTELEVEL, (uint32_t)n};
+    for (int i = 0; i < 4; i++) header[4 + i] = (uint32_t)ids[i];
+    header[8] = flags, header[9] = pretokenizer, header[10] = (uint32_t)chat, header[11] = n_merges;
+    header[12] = max_len, header[13] = (uint32_t)system.n;
+    put_bytes(out, "LTOK", 4);
+    for (int i = 1; i < 14; i++) put_u32(out, header[i]);
+    put_bytes(out, (const unsigned char[8]){0}, 8);
+    put_bytes(out, records.bytes, records.n);
+    put_bytes(out, merges.bytes, merges.n);
+    put_bytes(out, system.bytes, system.n);
+    free(texts);
+    free(records.bytes);
+    free(merges.bytes);
+    free(system.bytes);
+    return status;
+}
+
+/* Loads the tokenizer of the GGUF file at path: 0, or -1 with err set. */
+static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size, char *err) {
+    struct stat st;
+    int fd = open_input(path, INT64_MAX, "a GGUF file", &st);
+    void *data = st.st_size ? mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    close(fd);
+    if (data == MAP_FAILED) return fail(err, "cannot map: %s", st.st_size ? strerror(errno) : "file is empty");
+    Gguf g = {.data = data, .size = (size_t)st.st_size, .err = err};
+    uint64_t n_tensors;
+    size_t alignment;
+    ByteBuffer ltok = {0};
+    int status = gguf_read_metadata(&g, &n_tensors, &alignment) || gguf_tokenizer_bytes(&g, vocab_size, &ltok) ||
+                 tokenizer_load_memory(tok, ltok.bytes, ltok.n, vocab_size, err, ERROR_SIZE);
+    free(ltok.bytes);
+    free(g.keys);
+    munmap(data, (size_t)st.st_size);
+    return status ? -1 : 0;
 }
 
 /* ============================================================================

@@ -40,6 +40,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
         free(t.weights.layers);
         free(t.weights.rope_inv_freq);
+        free(t.converted);
     }
     free(copy);
     return 0;

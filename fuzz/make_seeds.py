@@ -46,6 +46,51 @@ def checkpoint_seeds(out):
                             {name: kinds[i % len(kinds)] for i, name in enumerate(names)})
 
 
+def gguf_seeds(out):
+    """GGUF files as export.py --to-gguf writes them (its stand-in
+    sentencepiece vocabulary): f32 tied, q8_0 and q4_0 blocks, bf16, qwen2
+    with biases and rope_freqs; and one of F16, Q4_1, Q5_0 and Q5_1 tensors
+    with a byte-level vocabulary and a ChatML template."""
+    import gguf
+    import numpy as np
+    base = export.ModelArgs(dim=32, hidden_dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                            vocab_size=260, max_seq_len=4, tied=True)
+    qwen2 = dataclasses.replace(base, tied=False, attention_bias=True, scaled_rope=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, args, dtype in [("f32", base, "f32"), ("q8_0", base, "q8_0"), ("q4_0", base, "q4_0"),
+                                  ("bf16", base, "bf16"), ("qwen2", qwen2, "q8_0")]:
+            export.write_checkpoint(f"{tmp}/{name}.bin", args, export.random_model(args, 0).state_dict(), dtype)
+            export.write_gguf(out / f"gguf-{name}", f"{tmp}/{name}.bin")
+    alphabet = export.gpt2_bytes_to_unicode()
+    tokens = ["<|im_start|>", "<|im_end|>"] + [alphabet[b] for b in range(256)] + ["Ġt", "Ġth"]
+    w = gguf.GGUFWriter(str(out / "gguf-bytelevel"), "llama")
+    for key, value in {"context_length": 4, "embedding_length": 32, "block_count": 1, "feed_forward_length": 64,
+                       "attention.head_count": 2}.items():
+        w.add_uint32(f"llama.{key}", value)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * 258)
+    w.add_token_merges(["Ġ t", "Ġt h"])
+    w.add_chat_template("<|im_start|>system\nYou are kind.<|im_end|>")
+    rng = np.random.default_rng(0)
+    kinds = {"attn_q": "F16", "attn_k": "Q4_1", "attn_v": "Q5_0", "attn_output": "Q5_1", "ffn_gate": "Q8_0",
+             "ffn_down": "F32", "ffn_up": "Q4_0"}
+    shapes = {"ffn_gate": (64, 32), "ffn_up": (64, 32), "ffn_down": (32, 64)}
+    w.add_tensor("token_embd.weight", rng.standard_normal((260, 32)).astype(np.float32))
+    for part, kind in kinds.items():
+        values = rng.standard_normal(shapes.get(part, (32, 32))).astype(np.float32)
+        w.add_tensor(f"blk.0.{part}.weight", gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind]),
+                     raw_dtype=gguf.GGMLQuantizationType[kind])
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        w.add_tensor(name, np.ones(32, np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def llama2c_tokenizer(sp):
     """llama2.c's tokenizer.bin: i32 max_token_length, then per token
     f32 score, i32 length, bytes (with U+2581 for spaces, as it stores them)."""
@@ -122,7 +167,7 @@ def export_seeds(out):
 
 if __name__ == "__main__":
     root = Path(sys.argv[1])
-    for target, write_seeds in (("checkpoint", checkpoint_seeds), ("tokenizer", tokenizer_seeds),
+    for target, write_seeds in (("checkpoint", checkpoint_seeds), ("gguf", gguf_seeds), ("tokenizer", tokenizer_seeds),
                                 ("cli", cli_seeds), ("export", export_seeds)):
         (root / target).mkdir(parents=True, exist_ok=True)
         write_seeds(root / target)
