@@ -75,6 +75,14 @@ def speeds(binary, model, prompt, n_gen, threads):
     return stats(prompt, 1)[0], stats(prompt[:8], n_gen)[1]
 
 
+def refusal(binary, model):
+    """binary's one-line refusal of model (a weight type or version newer
+    than it reads), or None when it runs it."""
+    p = subprocess.run([str(binary), str(model), "--tokens", "1", "-n", "1", "-t", "0"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    return (p.stderr.strip().splitlines() or ["exit status %d" % p.returncode])[-1] if p.returncode else None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ref", required=True, help="the commit to compare against (a hash, tag, HEAD~1, ...)")
@@ -121,6 +129,10 @@ def main(argv=None):
         for dtype in dtypes:
             model = bench.model_path(opts.out, shape, dtype)
             speeds(opts.new, model, prompt[:8], 2, opts.threads)  # warms the page cache
+            refused = refusal(ref, model)
+            if refused:
+                print(f"{shape:6} {dtype:5} the ref cannot run it: {refused}", flush=True)
+                continue
             new, old = [], []
             for _ in range(opts.runs):
                 new.append(speeds(opts.new, model, prompt, n_gen, opts.threads))
