@@ -4750,6 +4750,19 @@ static void attention_fast(float *out, const float *q, const KVCache *kv, int po
    adds in flight instead of one chain. */
 
 #if HAVE_AVX2 || HAVE_AVX512
+/* The f16 at p and the one after it, as floats in lanes 0 and 1 (a K
+   block's d and dmin). */
+static inline __attribute__((always_inline, target("f16c"))) __m128 two_halves(const uint8_t *p) {
+    int32_t both;
+    memcpy(&both, p, sizeof both);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(both));
+}
+
+/* d (all lanes) times each of the 8 bytes (a K block's scales or mins). */
+static inline __attribute__((always_inline, target("avx2"))) __m256 widen8_scales(uint64_t bytes, __m256 d) {
+    return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
+}
+
 /* The sums of 8 outputs, each of 16 lanes, h[i] holding lanes j + (j + 8)
    of output i: the rest of sum_lanes()'s tree, output i into lane i. */
 static inline __attribute__((always_inline, target("avx2,fma"))) __m256 sum8_lanes(const __m256 h[8]) {
@@ -5074,9 +5087,6 @@ typedef struct {
     __m256i sub_scales[2]; // q6_k: the 16 sub-block scales, int32
 } KBlockAvx2;
 
-AVX2_INLINE __m256 widen8_scales_avx2(uint64_t bytes, float d) {
-    return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
-}
 
 AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
     KBlockAvx2 k;
@@ -5096,14 +5106,15 @@ AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
         for (int g = 0; g < 8; g++)
             k.pair_scales[g] = _mm256_set_m128i(_mm_set1_epi16(scales[2 * g + 1]), _mm_set1_epi16(scales[2 * g]));
         for (int i = 0; i < 2; i++) k.sub_scales[i] = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(scales + 8 * i)));
-        k.scale = _mm256_set1_ps(f16_to_f32(read_u16(block + 208)));
+        k.scale = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(block + 208))));
         k.min = _mm256_setzero_ps();
         return k;
     }
     uint32_t s[3];
     memcpy(s, block + 4, sizeof s);
-    k.scale = widen8_scales_avx2(k_scale_bytes(s[0], s[2]), f16_to_f32(read_u16(block)));
-    k.min = widen8_scales_avx2(k_scale_bytes(s[1], s[2] >> 4), f16_to_f32(read_u16(block + 2)));
+    __m128 d = two_halves(block); // d, dmin
+    k.scale = widen8_scales(k_scale_bytes(s[0], s[2]), _mm256_broadcastss_ps(d));
+    k.min = widen8_scales(k_scale_bytes(s[1], s[2] >> 4), _mm256_broadcastss_ps(_mm_movehdup_ps(d)));
     const uint8_t *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
     __m256i qh = type == WEIGHT_Q5_K ? _mm256_loadu_si256((const __m256i *)(block + 16)) : _mm256_setzero_si256();
     for (int j = 0; j < 4; j++) {
@@ -5313,9 +5324,7 @@ typedef struct {
     __m512i sub_scales; // q6_k: the 16 sub-block scales, int32
 } KBlock;
 
-AVX512_INLINE __m256 widen8_scales(uint64_t bytes, float d) {
-    return _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
-}
+
 
 AVX512_INLINE KBlock unpack_block_avx512(const uint8_t *block, const int type) {
     KBlock k;
@@ -5331,26 +5340,29 @@ AVX512_INLINE KBlock unpack_block_avx512(const uint8_t *block, const int type) {
                                              _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(bits, 4), three), 4));
         }
         k.sub_scales = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(block + 192)));
-        k.scale = _mm256_set1_ps(f16_to_f32(read_u16(block + 208)));
+        k.scale = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(block + 208))));
         k.min = _mm256_setzero_ps();
         return k;
     }
     uint32_t s[3];
     memcpy(s, block + 4, sizeof s);
-    k.scale = widen8_scales(k_scale_bytes(s[0], s[2]), f16_to_f32(read_u16(block)));
-    k.min = widen8_scales(k_scale_bytes(s[1], s[2] >> 4), f16_to_f32(read_u16(block + 2)));
+    __m128 d = two_halves(block); // d, dmin
+    k.scale = widen8_scales(k_scale_bytes(s[0], s[2]), _mm256_broadcastss_ps(d));
+    k.min = widen8_scales(k_scale_bytes(s[1], s[2] >> 4), _mm256_broadcastss_ps(_mm_movehdup_ps(d)));
     k.sub_scales = _mm512_setzero_si512();
     const uint8_t *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
-    __m256i qh = type == WEIGHT_Q5_K ? _mm256_loadu_si256((const __m256i *)(block + 16)) : _mm256_setzero_si256();
-    __m256i fifteen = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+    __m512i qh = type == WEIGHT_Q5_K ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(block + 16)))
+                                     : _mm512_setzero_si512();
+    // each 32 bytes in both halves of a vector: the low nibbles kept in the first, the high in the second
+    __m512i halves = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    __m512i fifteen = _mm512_set1_epi8(15), one = _mm512_set1_epi8(1);
     for (int j = 0; j < 4; j++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
-        __m256i lo = _mm256_and_si256(v, fifteen), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), fifteen);
+        __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * j)));
+        k.w[j] = _mm512_and_si512(_mm512_srlv_epi16(v, halves), fifteen);
         if (type == WEIGHT_Q5_K) { // bit 2j of qh[i] for group 2j, bit 2j + 1 for 2j + 1: 16 more
-            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), one), 4));
-            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + 1), one), 4));
+            __m512i bit = _mm512_srlv_epi16(qh, _mm512_add_epi16(_mm512_srli_epi16(halves, 2), _mm512_set1_epi16(2 * j)));
+            k.w[j] = _mm512_or_si512(k.w[j], _mm512_slli_epi16(_mm512_and_si512(bit, one), 4));
         }
-        k.w[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     }
     return k;
 }
