@@ -5234,16 +5234,27 @@ AVX512_INLINE __m512i q4_bytes(const uint8_t *w, int both) {
     return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)); // [lo g, hi g, lo g+1, hi g+1]
 }
 
-/* The 8 sums of groups g .. g + 7 from their vpdpbusd lanes: dot[j] holds
-   8 lanes of group 2j, then 8 of group 2j + 1. Integer sums: any order is
-   exact. */
-AVX512_INLINE __m256i group_sums(const __m512i dot[4]) {
+/* The sums of each 4 lanes of dot[0..3]: lane 4i + j of the result sums
+   lanes 4i .. 4i + 3 of dot[j] (16 values of the weights' row, 16i + 64j ..,
+   when dot[j] holds 64 of them). Integer sums: any order is exact. */
+AVX512_INLINE __m512i quad_sums(const __m512i dot[4]) {
     __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[0], dot[1]), _mm512_unpackhi_epi32(dot[0], dot[1]));
     __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[2], dot[3]), _mm512_unpackhi_epi32(dot[2], dot[3]));
-    __m512i c = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b)); // 128-bit block i:
-    c = _mm512_add_epi32(c, _mm512_shuffle_i32x4(c, c, _MM_SHUFFLE(2, 3, 0, 1))); // lanes 4i..4i+3 of dot[0..3]
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
+
+/* The 8 group sums from quad_sums() c: group 2j is lanes j and 4 + j, 2j + 1
+   lanes 8 + j and 12 + j. */
+AVX512_INLINE __m256i pair_quads(__m512i c) {
+    c = _mm512_add_epi32(c, _mm512_shuffle_i32x4(c, c, _MM_SHUFFLE(2, 3, 0, 1)));
     __m128i even = _mm512_castsi512_si128(c), odd = _mm512_extracti32x4_epi32(c, 2); // groups 0 2 4 6, 1 3 5 7
     return _mm256_set_m128i(_mm_unpackhi_epi32(even, odd), _mm_unpacklo_epi32(even, odd));
+}
+
+/* The 8 sums of groups g .. g + 7 from their vpdpbusd lanes: dot[j] holds
+   8 lanes of group 2j, then 8 of group 2j + 1. */
+AVX512_INLINE __m256i group_sums(const __m512i dot[4]) {
+    return pair_quads(quad_sums(dot));
 }
 
 /* acc (the 8 lanes above) after the groups g .. g + m - 1 (m <= 8) of row w
@@ -5370,21 +5381,17 @@ AVX512_INLINE KBlock unpack_block_avx512(const uint8_t *block, const int type) {
 /* acc (8 lanes) after one block times the input x from group g (its 8 groups). */
 AVX512_INLINE __m256 k_block_avx512(__m256 acc, const KBlock *k, const QuantizedVector *x, int g, const int type) {
     __m512i dot[4];
-    for (int j = 0; j < 4; j++) {
+    for (int j = 0; j < 4; j++)
         dot[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), k->w[j], _mm512_loadu_si512(x->q + (g + 2 * j) * GROUP_SIZE));
-        if (type == WEIGHT_Q6_K) // lanes 4i .. 4i + 3 are sub-block 4j + i
-            dot[j] = _mm512_mullo_epi32(dot[j], _mm512_permutexvar_epi32(
-                _mm512_add_epi32(_mm512_set1_epi32(4 * j), _mm512_srli_epi32(
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 2)), k->sub_scales));
-    }
-    __m256i sums = group_sums(dot);
     __m256 dx = _mm256_loadu_ps(x->d + g);
-    if (type == WEIGHT_Q6_K) { // minus 32 scale_s X_s, sub-blocks in pairs
-        __m512i xs = _mm512_mullo_epi32(_mm512_loadu_si512(x->half_sums + 2 * g), k->sub_scales);
-        __m256i pairs = _mm512_cvtepi64_epi32(_mm512_add_epi32(xs, _mm512_srli_epi64(xs, 32)));
-        sums = _mm256_sub_epi32(sums, _mm256_slli_epi32(pairs, 5));
+    if (type == WEIGHT_Q6_K) { // per sub-block s: scale_s (S_s - 32 X_s), then in pairs
+        __m512i transpose = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); // as quad_sums()
+        __m512i inputs = _mm512_permutexvar_epi32(transpose, _mm512_loadu_si512(x->half_sums + 2 * g));
+        __m512i subs = _mm512_sub_epi32(quad_sums(dot), _mm512_slli_epi32(inputs, 5));
+        __m256i sums = pair_quads(_mm512_mullo_epi32(subs, _mm512_permutexvar_epi32(transpose, k->sub_scales)));
         return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
     }
+    __m256i sums = group_sums(dot);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
     __m256i inputs = _mm256_loadu_si256((const __m256i *)(x->group_sums + g));
     return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(inputs), _mm256_mul_ps(k->min, dx), acc);
