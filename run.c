@@ -4758,9 +4758,26 @@ static inline __attribute__((always_inline, target("f16c"))) __m128 two_halves(c
     return _mm_cvtph_ps(_mm_cvtsi32_si128(both));
 }
 
+/* The 8 bytes of the 6-bit scales (or mins, from their other words) of a
+   q4_k or q5_k block: first the low 6 bits of `low`, then the 4 bits of
+   `rest` with the top 2 bits of `low` above them (docs/FORMATS.md). */
+static inline uint64_t k_scale_bytes(uint32_t low, uint32_t rest) {
+    return (low & 0x3f3f3f3fu) | (uint64_t)((rest & 0x0f0f0f0fu) | (low >> 2 & 0x30303030u)) << 32;
+}
+
 /* d (all lanes) times each of the 8 bytes (a K block's scales or mins). */
 static inline __attribute__((always_inline, target("avx2"))) __m256 widen8_scales(uint64_t bytes, __m256 d) {
     return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes))));
+}
+
+/* A q4_k or q5_k block's 8 group scales d scale_g and mins dmin min_g. */
+static inline __attribute__((always_inline, target("avx2,f16c"))) void scales_and_mins(__m256 *scale, __m256 *min,
+                                                                                       const uint8_t *block) {
+    uint32_t s[3];
+    memcpy(s, block + 4, sizeof s);
+    __m128 d = two_halves(block); // d, dmin
+    *scale = widen8_scales(k_scale_bytes(s[0], s[2]), _mm256_broadcastss_ps(d));
+    *min = widen8_scales(k_scale_bytes(s[1], s[2] >> 4), _mm256_broadcastss_ps(_mm_movehdup_ps(d)));
 }
 
 /* The sums of 8 outputs, each of 16 lanes, h[i] holding lanes j + (j + 8)
@@ -5068,12 +5085,6 @@ static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, 
 }
 #endif
 
-/* The 8 bytes of the 6-bit scales (or mins, from their other words) of a
-   q4_k or q5_k block: first the low 6 bits of `low`, then the 4 bits of
-   `rest` with the top 2 bits of `low` above them (docs/FORMATS.md). */
-static inline uint64_t k_scale_bytes(uint32_t low, uint32_t rest) {
-    return (low & 0x3f3f3f3fu) | (uint64_t)((rest & 0x0f0f0f0fu) | (low >> 2 & 0x30303030u)) << 32;
-}
 
 #if HAVE_AVX2
 /* ---- K types on AVX2: as on AVX-512 below (the same integers, the same
@@ -5110,11 +5121,7 @@ AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
         k.min = _mm256_setzero_ps();
         return k;
     }
-    uint32_t s[3];
-    memcpy(s, block + 4, sizeof s);
-    __m128 d = two_halves(block); // d, dmin
-    k.scale = widen8_scales(k_scale_bytes(s[0], s[2]), _mm256_broadcastss_ps(d));
-    k.min = widen8_scales(k_scale_bytes(s[1], s[2] >> 4), _mm256_broadcastss_ps(_mm_movehdup_ps(d)));
+    scales_and_mins(&k.scale, &k.min, block);
     const uint8_t *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
     __m256i qh = type == WEIGHT_Q5_K ? _mm256_loadu_si256((const __m256i *)(block + 16)) : _mm256_setzero_si256();
     for (int j = 0; j < 4; j++) {
@@ -5355,11 +5362,7 @@ AVX512_INLINE KBlock unpack_block_avx512(const uint8_t *block, const int type) {
         k.min = _mm256_setzero_ps();
         return k;
     }
-    uint32_t s[3];
-    memcpy(s, block + 4, sizeof s);
-    __m128 d = two_halves(block); // d, dmin
-    k.scale = widen8_scales(k_scale_bytes(s[0], s[2]), _mm256_broadcastss_ps(d));
-    k.min = widen8_scales(k_scale_bytes(s[1], s[2] >> 4), _mm256_broadcastss_ps(_mm_movehdup_ps(d)));
+    scales_and_mins(&k.scale, &k.min, block);
     k.sub_scales = _mm512_setzero_si512();
     const uint8_t *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
     __m512i qh = type == WEIGHT_Q5_K ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(block + 16)))
