@@ -272,9 +272,11 @@ typedef struct {
 typedef struct {
     const void *values;      // f32, bf16, q8_0: (rows, cols); q4_0: (rows, cols / 2) bytes;
                              // K types: (rows, cols / SUPER_BLOCK) blocks
-    const uint16_t *scales;  // (rows, cols / GROUP_SIZE) f16; q8_0 and q4_0 only
+    const uint8_t *scales;   // (rows, cols / GROUP_SIZE) f16; q8_0 and q4_0 only
     int rows, cols;
     int type;                // WEIGHT_*
+    int interleaved;         // q8_0, q4_0: 1 when each group's scale sits just before its values,
+                             // as in GGUF's blocks (see group_values()); 0 in our files
 } Matrix;
 
 typedef struct {
@@ -732,6 +734,24 @@ static float bf16_to_f32(uint16_t b) {
     return f;
 }
 
+/* A little-endian 16-bit number, as the files store f16 and bf16. */
+static uint16_t read_u16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+/* Where group g of a q8_0 or q4_0 matrix (counted row after row, so row r's
+   first group is r x cols / GROUP_SIZE) keeps its 32 values and its f16
+   scale. Our files hold a matrix's values, then its scales, each array
+   dense; a GGUF file's blocks (mapped in place) hold each group's scale,
+   then its values. group_step(): the bytes from one group's values to the
+   next's; scale_step(): from one group's scale to the next's. */
+static size_t group_step(const Matrix *w) {
+    return (w->type == WEIGHT_Q4_0 ? GROUP_SIZE / 2 : GROUP_SIZE) + (w->interleaved ? 2 : 0);
+}
+static size_t scale_step(const Matrix *w) { return w->interleaved ? group_step(w) : 2; }
+static const uint8_t *group_values(const Matrix *w, size_t g) {
+    return (const uint8_t *)w->values + g * group_step(w);
+}
+static float group_scale(const Matrix *w, size_t g) { return f16_to_f32(read_u16(w->scales + g * scale_step(w))); }
+
 /* The 6-bit scale and min of sub-block j (0..7) of a q4_k or q5_k block,
    from its 12 bytes s: the low 6 bits of bytes 0..7 hold those of
    sub-blocks 0..3, bytes 8..11 the low 4 bits of the others, whose top 2
@@ -744,8 +764,6 @@ static void scale_min(int *scale, int *min, const uint8_t s[12], int j) {
         *min = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
     }
 }
-
-static uint16_t read_u16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
 /* out (256) = the weights of one block of a K type (docs/FORMATS.md). */
 static void dequantize_block(float out[SUPER_BLOCK], const uint8_t *block, int type) {
@@ -789,16 +807,15 @@ static void dequantize_row(float *out, const Matrix *w, int row, int k0, int kn)
         const uint16_t *b = (const uint16_t *)w->values + at;
         for (int i = 0; i < kn; i++) out[i] = bf16_to_f32(b[i]);
     } else if (w->type == WEIGHT_Q8_0) {
-        const int8_t *q = (const int8_t *)w->values + at;
         for (int g = 0; g < kn / GROUP_SIZE; g++) {
-            float d = f16_to_f32(w->scales[at / GROUP_SIZE + g]);
-            for (int i = 0; i < GROUP_SIZE; i++) out[g * GROUP_SIZE + i] = d * q[g * GROUP_SIZE + i];
+            const int8_t *q = (const int8_t *)group_values(w, at / GROUP_SIZE + g);
+            float d = group_scale(w, at / GROUP_SIZE + g);
+            for (int i = 0; i < GROUP_SIZE; i++) out[g * GROUP_SIZE + i] = d * q[i];
         }
     } else { // q4_0: byte j of a group holds weight j (low nibble) and j + 16 (high)
-        const uint8_t *q = (const uint8_t *)w->values + at / 2;
         for (int g = 0; g < kn / GROUP_SIZE; g++) {
-            float d = f16_to_f32(w->scales[at / GROUP_SIZE + g]);
-            const uint8_t *b = q + g * GROUP_SIZE / 2;
+            float d = group_scale(w, at / GROUP_SIZE + g);
+            const uint8_t *b = group_values(w, at / GROUP_SIZE + g);
             float *o = out + g * GROUP_SIZE;
             for (int j = 0; j < GROUP_SIZE / 2; j++) {
                 o[j] = d * ((b[j] & 15) - 8);
@@ -923,56 +940,50 @@ static void matmul_bf16(float *out, int ldo, const Matrix *w, int r0, int r1, co
         }
 }
 
-/* w . x for a row w of q8_0 weights with scales wd, and a quantized x of
-   n values: per group, an exact integer dot product, scaled by the
-   weights' and the input's scales. */
-static float dot_q8_0(const int8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+/* w . x for row r of q8_0 weights and a quantized x: per group, an exact
+   integer dot product, scaled by the weights' and the input's scales. */
+static float dot_q8_0(const Matrix *w, int r, const QuantizedVector *x) {
+    size_t first = (size_t)r * (w->cols / GROUP_SIZE);
     float sum = 0.0f;
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
+    for (int g = 0; g < w->cols / GROUP_SIZE; g++) {
+        const int8_t *q = (const int8_t *)group_values(w, first + g);
         int32_t dot = 0;
-        for (int i = 0; i < GROUP_SIZE; i++) dot += w[g * GROUP_SIZE + i] * x->q[g * GROUP_SIZE + i];
-        sum += f16_to_f32(wd[g]) * x->d[g] * (float)dot;
+        for (int i = 0; i < GROUP_SIZE; i++) dot += q[i] * x->q[g * GROUP_SIZE + i];
+        sum += group_scale(w, first + g) * x->d[g] * (float)dot;
     }
     return sum;
 }
 
 /* The same for q4_0: weights q - 8, q in 0..15, two to a byte. */
-static float dot_q4_0(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+static float dot_q4_0(const Matrix *w, int r, const QuantizedVector *x) {
+    size_t first = (size_t)r * (w->cols / GROUP_SIZE);
     float sum = 0.0f;
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
-        const uint8_t *b = w + g * GROUP_SIZE / 2;
+    for (int g = 0; g < w->cols / GROUP_SIZE; g++) {
+        const uint8_t *b = group_values(w, first + g);
         const int8_t *xg = x->q + g * GROUP_SIZE;
         int32_t dot = 0;
         for (int j = 0; j < GROUP_SIZE / 2; j++)
             dot += ((b[j] & 15) - 8) * xg[j] + ((b[j] >> 4) - 8) * xg[j + GROUP_SIZE / 2];
-        sum += f16_to_f32(wd[g]) * x->d[g] * (float)dot;
+        sum += group_scale(w, first + g) * x->d[g] * (float)dot;
     }
     return sum;
 }
 
 /* Each token's input in its two parts (quantize_remainder()), a product with each. */
 static void matmul_q8_0(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    int cols = w->cols;
-    for (int r = r0; r < r1; r++) {
-        const int8_t *row = (const int8_t *)w->values + (size_t)r * cols;
-        const uint16_t *scales = w->scales + (size_t)r * (cols / GROUP_SIZE);
+    for (int r = r0; r < r1; r++)
         for (int t = 0; t < in->n; t++) {
-            QuantizedVector x = quantized_row(&in->q, t, cols), rest = quantized_row(&in->rest, t, cols);
-            out[(size_t)t * ldo + r - r0] = dot_q8_0(row, scales, &x, cols) + dot_q8_0(row, scales, &rest, cols);
+            QuantizedVector x = quantized_row(&in->q, t, w->cols), rest = quantized_row(&in->rest, t, w->cols);
+            out[(size_t)t * ldo + r - r0] = dot_q8_0(w, r, &x) + dot_q8_0(w, r, &rest);
         }
-    }
 }
 
 static void matmul_q4_0(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    int cols = w->cols;
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = (const uint8_t *)w->values + (size_t)r * cols / 2;
-        const uint16_t *scales = w->scales + (size_t)r * (cols / GROUP_SIZE);
+    for (int r = r0; r < r1; r++)
         for (int t = 0; t < in->n; t++) {
-            QuantizedVector x = quantized_row(&in->q, t, cols);
-            out[(size_t)t * ldo + r - r0] = dot_q4_0(row, scales, &x, cols);
+            QuantizedVector x = quantized_row(&in->q, t, w->cols);
+            out[(size_t)t * ldo + r - r0] = dot_q4_0(w, r, &x);
         }
-    }
 }
 
 /* K types: each block of 256 weights dequantized to floats, then its
@@ -3008,8 +3019,8 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
     for (size_t l = 0; data && l < L; l++) {
         Matrix m[9];
         for (int i = 0; i < 9; i++)
-            m[i] = (Matrix){start[i] + l * shapes[i][0] * shapes[i][1], NULL, (int)shapes[i][0],
-                            (int)shapes[i][1], WEIGHT_F32};
+            m[i] = (Matrix){.values = start[i] + l * shapes[i][0] * shapes[i][1], .rows = (int)shapes[i][0],
+                            .cols = (int)shapes[i][1], .type = WEIGHT_F32};
         w->layers[l] = (LayerWeights){m[0].values, m[1], m[2], m[3], m[4], m[5].values, m[6], m[7], m[8],
                                       NULL, NULL, NULL}; // no biases
     }
@@ -3650,11 +3661,13 @@ static size_t gguf_source_row(size_t r, int permuted, int head_dim) {
    is copied (converted, permuted, or not aligned for its type in place). */
 typedef struct {
     int type, copied, permuted;
+    int interleaved;          // a Q8_0 or Q4_0 tensor's blocks kept as they are (Matrix.interleaved)
     size_t rows, cols, bytes; // of the copy
 } GgufPlan;
 
-/* The plan for tensor t in a slot: K blocks kept; in a quantized file every
-   other matrix q8_0; else F32 and BF16 kept and F16 widened to f32. */
+/* The plan for tensor t in a slot: K, Q8_0 and Q4_0 blocks kept; in a
+   quantized file every other matrix q8_0; else F32 and BF16 kept and F16
+   widened to f32. */
 static GgufPlan gguf_plan(const Config *c, const GgufModel *m, int slot, const GgufTensor *t) {
     GgufPlan p = {.type = WEIGHT_F32};
     gguf_slot_shape(c, slot, &p.rows, &p.cols);
@@ -3662,14 +3675,17 @@ static GgufPlan gguf_plan(const Config *c, const GgufModel *m, int slot, const G
     p.permuted = m->qwen2 && (in_layer == L_WQ || in_layer == L_WK || in_layer == L_BQ || in_layer == L_BK);
     size_t n = p.rows ? p.rows * p.cols : p.cols;
     int k_type = t->type == GGML_Q4_K || t->type == GGML_Q5_K || t->type == GGML_Q6_K;
+    p.interleaved = p.rows && (t->type == GGML_Q8_0 || t->type == GGML_Q4_0);
     if (p.rows && k_type) p.type = WEIGHT_Q4_K + (int)(t->type - GGML_Q4_K);
+    else if (p.rows && t->type == GGML_Q4_0) p.type = WEIGHT_Q4_0;
     else if (p.rows && m->quantized) p.type = WEIGHT_Q8_0;
     else if (p.rows && t->type == GGML_BF16) p.type = WEIGHT_BF16;
     int same = (p.type == WEIGHT_F32 && t->type == GGML_F32) || (p.type == WEIGHT_BF16 && t->type == GGML_BF16) ||
-               p.type >= WEIGHT_Q4_K;
+               p.type >= WEIGHT_Q4_K || p.interleaved;
     int aligned = (uintptr_t)t->data % (p.type == WEIGHT_F32 ? 4 : p.type == WEIGHT_BF16 ? 2 : 1) == 0;
     p.copied = !same || !aligned || p.permuted;
-    p.bytes = !p.copied ? 0 : p.type == WEIGHT_Q8_0 ? n + n / GROUP_SIZE * 2 + 2 * TENSOR_ALIGN
+    p.bytes = !p.copied ? 0 : p.interleaved ? t->bytes + TENSOR_ALIGN
+            : p.type == WEIGHT_Q8_0 ? n + n / GROUP_SIZE * 2 + 2 * TENSOR_ALIGN
             : p.type == WEIGHT_F32 ? n * 4 + TENSOR_ALIGN : t->bytes + TENSOR_ALIGN;
     return p;
 }
@@ -3682,7 +3698,7 @@ static GgufPlan gguf_plan(const Config *c, const GgufModel *m, int slot, const G
 static long gguf_copy_row(unsigned char *values, uint16_t *scales, const GgufPlan *p, const GgufTensor *t,
                           int head_dim, float *row, size_t r) {
     size_t row_bytes = t->bytes / (p->rows ? p->rows : 1), from = gguf_source_row(r, p->permuted && p->rows, head_dim);
-    if (p->type == WEIGHT_BF16 || p->type >= WEIGHT_Q4_K) {
+    if (p->type == WEIGHT_BF16 || p->type >= WEIGHT_Q4_K || p->interleaved) {
         memcpy(values + r * row_bytes, t->data + from * row_bytes, row_bytes);
         return -1;
     }
@@ -3782,15 +3798,15 @@ static void gguf_destination(Weights *w, int slot, Matrix **matrix, const float 
     *vector = vectors[(slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS];
 }
 
-/* The tensor t as its plan p says: in place, or copied into the arena at *at. */
 /* Whether a tensor kept as it is holds finite numbers, as export.py checks
-   them: a K block's half scales (d, and dmin for Q4_K and Q5_K; its other
-   scales and levels are small integers), a vector's floats. F32 and BF16
-   matrices mapped in place are not read here, as our own files' are not. */
+   them: a block's half scales (Q8_0's and Q4_0's d; a K block's d, and
+   dmin for Q4_K and Q5_K; its other scales and levels are small integers),
+   a vector's floats. F32 and BF16 matrices mapped in place are not read
+   here, as our own files' are not. */
 static int gguf_kept_finite(const GgufPlan *p, const GgufTensor *t) {
-    if (p->type >= WEIGHT_Q4_K) {
-        int bytes = K_BLOCK_BYTES[p->type], at = p->type == WEIGHT_Q6_K ? 208 : 0;
-        int halves = p->type == WEIGHT_Q6_K ? 1 : 2;
+    if (p->type >= WEIGHT_Q4_K || p->interleaved) {
+        int bytes = p->interleaved ? GGML_TYPE[t->type].bytes : K_BLOCK_BYTES[p->type];
+        int at = p->type == WEIGHT_Q6_K ? 208 : 0, halves = p->type == WEIGHT_Q4_K || p->type == WEIGHT_Q5_K ? 2 : 1;
         for (size_t b = 0; b < t->bytes / bytes; b++)
             for (int h = 0; h < halves; h++)
                 if ((read_u16(t->data + b * bytes + at + 2 * h) & 0x7c00) == 0x7c00) return 0;
@@ -3801,22 +3817,29 @@ static int gguf_kept_finite(const GgufPlan *p, const GgufTensor *t) {
     return 1;
 }
 
+/* The tensor t as its plan p says: in place, or copied into the arena at
+   *at. A Q8_0 or Q4_0 matrix kept points its scales at its first block and
+   its values 2 bytes on (group_values()). */
 static int gguf_place(Matrix *out, const GgufPlan *p, const GgufTensor *t, unsigned char *arena, size_t *at,
                       int head_dim, char *err) {
     char name[81], why[ERROR_SIZE];
-    *out = (Matrix){.values = t->data, .rows = (int)p->rows, .cols = (int)p->cols, .type = p->type};
+    *out = (Matrix){.values = t->data, .rows = (int)p->rows, .cols = (int)p->cols, .type = p->type,
+                    .interleaved = p->interleaved};
     if (!gguf_kept_finite(p, t))
         return fail(err, "tensor %s holds NaN or infinite numbers", gguf_printable(t->name, name));
-    if (!p->copied) return 0;
-    size_t n = (p->rows ? p->rows : 1) * p->cols;
-    size_t bytes = p->type == WEIGHT_Q8_0 ? n : p->type == WEIGHT_F32 ? n * sizeof(float) : t->bytes;
-    unsigned char *values = (unsigned char *)place_bytes(arena, at, bytes, TENSOR_ALIGN);
-    uint16_t *scales = p->type == WEIGHT_Q8_0 ? (uint16_t *)place_bytes(arena, at, n / GROUP_SIZE * 2, TENSOR_ALIGN)
-                                              : NULL;
-    out->values = values, out->scales = scales;
-    if (gguf_copy(values, scales, p, t, head_dim, err) == 0) return 0;
-    snprintf(why, sizeof why, "%s", err);
-    return fail(err, "tensor %s %s", gguf_printable(t->name, name), why);
+    if (p->copied) {
+        size_t n = (p->rows ? p->rows : 1) * p->cols, converted = p->type == WEIGHT_Q8_0 && !p->interleaved;
+        size_t bytes = converted ? n : p->type == WEIGHT_F32 ? n * sizeof(float) : t->bytes;
+        unsigned char *values = (unsigned char *)place_bytes(arena, at, bytes, TENSOR_ALIGN);
+        uint16_t *scales = converted ? (uint16_t *)place_bytes(arena, at, n / GROUP_SIZE * 2, TENSOR_ALIGN) : NULL;
+        out->values = values, out->scales = (const uint8_t *)scales;
+        if (gguf_copy(values, scales, p, t, head_dim, err) != 0) {
+            snprintf(why, sizeof why, "%s", err);
+            return fail(err, "tensor %s %s", gguf_printable(t->name, name), why);
+        }
+    }
+    if (p->interleaved) out->scales = out->values, out->values = (const uint8_t *)out->values + 2;
+    return 0;
 }
 
 /* The matrix types in our file order (token_embedding, per layer wq, wk,
@@ -3857,7 +3880,7 @@ static int gguf_assemble(Transformer *t, const GgufModel *m, char *err) {
         status = gguf_place(&placed, &plans[s], tensor, arena, &at, c->head_dim, err);
         if (matrix) *matrix = placed;
         if (vector) *vector = placed.values;
-        int kept = plans[s].type == WEIGHT_BF16 || plans[s].type >= WEIGHT_Q4_K ||
+        int kept = plans[s].type == WEIGHT_BF16 || plans[s].type >= WEIGHT_Q4_K || plans[s].interleaved ||
                    (plans[s].type == WEIGHT_F32 && tensor->type == GGML_F32);
         permuted += plans[s].permuted && matrix;
         if (plans[s].copied && !(plans[s].permuted && kept)) counts[tensor->type][plans[s].type]++;
@@ -4758,6 +4781,20 @@ static inline __attribute__((always_inline, target("f16c"))) __m128 two_halves(c
     return _mm_cvtph_ps(_mm_cvtsi32_si128(both));
 }
 
+/* group_step() and scale_step() of a q8_0 (q8 1) or q4_0 matrix laid out
+   as il (Matrix.interleaved) says; the q8_0 and q4_0 kernels take both as
+   literals, so that each layout gets its own code. */
+static inline int q_step(const int q8, const int il) { return (q8 ? GROUP_SIZE : GROUP_SIZE / 2) + 2 * il; }
+static inline int q_scale_step(const int q8, const int il) { return il ? q_step(q8, il) : 2; }
+
+/* The f16 scales of 8 groups, step bytes apart from p on. */
+static inline __m128i eight_halves(const uint8_t *p, const int step) {
+    if (step == 2) return _mm_loadu_si128((const __m128i *)p);
+    return _mm_setr_epi16((short)read_u16(p), (short)read_u16(p + step), (short)read_u16(p + 2 * step),
+                          (short)read_u16(p + 3 * step), (short)read_u16(p + 4 * step), (short)read_u16(p + 5 * step),
+                          (short)read_u16(p + 6 * step), (short)read_u16(p + 7 * step));
+}
+
 /* The 8 bytes of the 6-bit scales (or mins, from their other words) of a
    q4_k or q5_k block: first the low 6 bits of `low`, then the 4 bits of
    `rest` with the top 2 bits of `low` above them (docs/FORMATS.md). */
@@ -4915,18 +4952,18 @@ static inline __m256i dot32_i8_avx2(__m256i a, __m256i b) {
 
 /* A tile's weight rows and input tokens. */
 typedef struct {
-    const void *w[QTILE_ROWS];        // row r + i: q8_0 int8, q4_0 nibbles
-    const uint16_t *wd[QTILE_ROWS];   // its scales
+    const uint8_t *w[QTILE_ROWS];     // row r + i's first group: q8_0 int8, q4_0 nibbles
+    const uint8_t *wd[QTILE_ROWS];    // its first scale
     const int8_t *x[2][QTILE_TOKENS]; // token t0 + j, quantized: part 0, and for q8_0 part 1
     const float *xd[2][QTILE_TOKENS]; // its scales
 } QTile;
 
 static QTile qtile(const Matrix *w, int r, const ProductScratch *in, int t0, int nr, int nt) {
-    int cols = w->cols, groups = cols / GROUP_SIZE, bytes = w->type == WEIGHT_Q4_0 ? cols / 2 : cols;
+    int cols = w->cols, groups = cols / GROUP_SIZE;
     QTile tile = {0};
     for (int i = 0; i < nr; i++) {
-        tile.w[i] = (const int8_t *)w->values + (size_t)(r + i) * bytes;
-        tile.wd[i] = w->scales + (size_t)(r + i) * groups;
+        tile.w[i] = group_values(w, (size_t)(r + i) * groups);
+        tile.wd[i] = w->scales + (size_t)(r + i) * groups * scale_step(w);
     }
     for (int j = 0; j < nt; j++)
         for (int part = 0; part < 1 + (w->type == WEIGHT_Q8_0); part++) {
@@ -4942,11 +4979,12 @@ static QTile qtile(const Matrix *w, int r, const ProductScratch *in, int t0, int
    does, four copies side by side, s[0][i][j][4 k .. 4 k + 3], and zeros
    after an odd count. 8 at a time, or one by one: the same products. */
 typedef float QScales[2][QTILE_ROWS][QTILE_TOKENS][32];
-AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, const int q8, const int nr, const int nt) {
-    const int parts = q8 ? 2 : 1, copies = q8 ? 1 : 4;
+AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, const int q8, const int il, const int nr,
+                              const int nt) {
+    const int parts = q8 ? 2 : 1, copies = q8 ? 1 : 4, step = q_scale_step(q8, il);
     for (int i = 0; i < nr; i++) {
         if (ng == 8) {
-            __m256 wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tile->wd[i] + g0)));
+            __m256 wd = _mm256_cvtph_ps(eight_halves(tile->wd[i] + (size_t)g0 * step, step));
             for (int part = 0; part < parts; part++)
                 for (int j = 0; j < nt; j++) {
                     __m256 sj = _mm256_mul_ps(wd, _mm256_loadu_ps(tile->xd[part][j] + g0));
@@ -4960,7 +4998,7 @@ AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, cons
             continue;
         }
         for (int k = 0; k < ng + (ng % 2 && !q8); k++) {
-            float wd = k < ng ? _cvtsh_ss(tile->wd[i][g0 + k]) : 0.0f;
+            float wd = k < ng ? _cvtsh_ss(read_u16(tile->wd[i] + (size_t)(g0 + k) * step)) : 0.0f;
             for (int part = 0; part < parts; part++)
                 for (int j = 0; j < nt; j++)
                     for (int c = 0; c < copies; c++)
@@ -4973,13 +5011,13 @@ AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, cons
    times s[part][i][j][k], for q8_0 weights and each part of the input,
    part 0 first. */
 AVX2_INLINE void q8_group_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile *tile, QScales s, int g, int k,
-                               const int nr, const int nt) {
+                               const int il, const int nr, const int nt) {
     __m256i x[2][QTILE_TOKENS];
     for (int part = 0; part < 2; part++)
         for (int j = 0; j < nt; j++)
             x[part][j] = _mm256_loadu_si256((const __m256i *)(tile->x[part][j] + g * GROUP_SIZE));
     for (int i = 0; i < nr; i++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)((const int8_t *)tile->w[i] + g * GROUP_SIZE));
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(tile->w[i] + (size_t)g * q_step(1, il)));
         for (int j = 0; j < nt; j++)
             for (int part = 0; part < 2; part++)
                 acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(wv, x[part][j])),
@@ -4996,7 +5034,7 @@ AVX2_INLINE void q8_group_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile
    each 16-bit pair of q x sums, less 8 x of the same pair, summed with
    the other half's, stays within 3 * 2 * 15 * 127 (exact). */
 AVX2_INLINE void q4_pair_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile *tile, QScales s, int g, int p,
-                              const int two, const int nr, const int nt) {
+                              const int two, const int il, const int nr, const int nt) {
     __m256i lo[QTILE_TOKENS], hi[QTILE_TOKENS], eights[QTILE_TOKENS];
     for (int j = 0; j < nt; j++) {
         const int8_t *x = tile->x[0][j] + g * GROUP_SIZE;
@@ -5007,9 +5045,10 @@ AVX2_INLINE void q4_pair_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile 
                                      _mm256_maddubs_epi16(_mm256_set1_epi8(8), hi[j]));
     }
     for (int i = 0; i < nr; i++) {
-        const uint8_t *w = (const uint8_t *)tile->w[i] + g * GROUP_SIZE / 2;
-        __m256i b = two ? _mm256_loadu_si256((const __m256i *)w)
-                        : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i *)w), 0);
+        const uint8_t *w = tile->w[i] + (size_t)g * q_step(0, il);
+        __m128i second = !two ? _mm_setzero_si128() : _mm_loadu_si128((const __m128i *)(w + q_step(0, il)));
+        __m256i b = two && !il ? _mm256_loadu_si256((const __m256i *)w)
+                               : _mm256_set_m128i(second, _mm_loadu_si128((const __m128i *)w));
         __m256i low = _mm256_and_si256(b, _mm256_set1_epi8(15));
         __m256i high = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15));
         for (int j = 0; j < nt; j++) {
@@ -5026,29 +5065,29 @@ AVX2_INLINE void q4_pair_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile 
    another, and the block reads nr / rows of them: the prefetches run
    PREFETCH_AHEAD bytes ahead of the same share of the tile's bytes, as if
    it were read front to back. */
-AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int groups, const int q8, const int nr,
-                                  const int nt) {
-    const int group_bytes = q8 ? GROUP_SIZE : GROUP_SIZE / 2;
+AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int groups, const int q8, const int il,
+                                  const int nr, const int nt) {
+    const int group_bytes = q_step(q8, il);
     __m256 acc[QTILE_ROWS][QTILE_TOKENS];
     _Alignas(32) QScales s;
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nt; j++) acc[i][j] = _mm256_setzero_ps();
     for (int g0 = 0; g0 < groups; g0 += 8) {
         int ng = groups - g0 < 8 ? groups - g0 : 8;
-        qtile_scales(s, tile, g0, ng, q8, nr, nt);
+        qtile_scales(s, tile, g0, ng, q8, il, nr, nt);
         for (int b = 0; b < nr * 8 * group_bytes; b += 64) // the rows follow each other: read as one stream
-            prefetch((const char *)tile->w[0] + (size_t)nr * g0 * group_bytes + b);
-        prefetch(tile->wd[0] + nr * g0);
+            prefetch(tile->w[0] + (size_t)nr * g0 * group_bytes + b);
+        if (!il) prefetch(tile->wd[0] + 2 * nr * g0);
         if (q8 && ng == 8)
-            for (int k = 0; k < 8; k++) q8_group_avx2(acc, tile, s, g0 + k, k, nr, nt);
+            for (int k = 0; k < 8; k++) q8_group_avx2(acc, tile, s, g0 + k, k, il, nr, nt);
         else if (q8)
-            for (int k = 0; k < ng; k++) q8_group_avx2(acc, tile, s, g0 + k, k, nr, nt);
+            for (int k = 0; k < ng; k++) q8_group_avx2(acc, tile, s, g0 + k, k, il, nr, nt);
         else if (ng == 8)
-            for (int k = 0; k < 8; k += 2) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, nr, nt);
+            for (int k = 0; k < 8; k += 2) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, il, nr, nt);
         else
             for (int k = 0; k < ng; k += 2)
-                if (k + 1 < ng) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, nr, nt);
-                else q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 0, nr, nt);
+                if (k + 1 < ng) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, il, nr, nt);
+                else q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 0, il, nr, nt);
     }
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nt; j++) out[(size_t)j * ldo + i] = sum_avx2(acc[i][j]);
@@ -5058,8 +5097,11 @@ AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int gr
 AVX2_INLINE void q_tile_avx2(float *out, int ldo, const Matrix *w, int r, const ProductScratch *in, int t0, const int nr,
                              const int nt) {
     QTile tile = qtile(w, r, in, t0, nr, nt);
-    if (w->type == WEIGHT_Q8_0) q_tile_body_avx2(out, ldo, &tile, w->cols / GROUP_SIZE, 1, nr, nt);
-    else q_tile_body_avx2(out, ldo, &tile, w->cols / GROUP_SIZE, 0, nr, nt);
+    int groups = w->cols / GROUP_SIZE;
+    if (w->type == WEIGHT_Q8_0 && w->interleaved) q_tile_body_avx2(out, ldo, &tile, groups, 1, 1, nr, nt);
+    else if (w->type == WEIGHT_Q8_0) q_tile_body_avx2(out, ldo, &tile, groups, 1, 0, nr, nt);
+    else if (w->interleaved) q_tile_body_avx2(out, ldo, &tile, groups, 0, 1, nr, nt);
+    else q_tile_body_avx2(out, ldo, &tile, groups, 0, 0, nr, nt);
 }
 
 /* The tiles of rows r0 .. r1 - 1 for the tokens t0 .. t0 + nt - 1. */
@@ -5228,14 +5270,19 @@ static inline __mmask16 tail_mask(int left) {
     return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
 }
 
-/* Two groups of weights (64) as unsigned bytes in the input's order; m
-   masks the second group off when only one is left. */
-AVX512_INLINE __m512i q8_bytes(const int8_t *w, __mmask64 m) {
-    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w), _mm512_set1_epi8((char)0x80)); // w + 128
+/* Two groups of weights (64) as unsigned bytes in the input's order, from
+   w and w + step (q_step()); with `both` 0, only the first (the second
+   zeros). */
+AVX512_INLINE __m512i q8_bytes(const uint8_t *w, const int step, int both) {
+    __m512i b = step == GROUP_SIZE ? _mm512_maskz_loadu_epi8(both ? ~0ull : 0xffffffffull, w)
+              : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)w)),
+                                   both ? _mm256_loadu_si256((const __m256i *)(w + step)) : _mm256_setzero_si256(), 1);
+    return _mm512_xor_si512(b, _mm512_set1_epi8((char)0x80)); // w + 128
 }
-AVX512_INLINE __m512i q4_bytes(const uint8_t *w, int both) {
-    __m256i b = both ? _mm256_loadu_si256((const __m256i *)w) // 2 x 16 bytes, or 1 x 16
-                     : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)w));
+AVX512_INLINE __m512i q4_bytes(const uint8_t *w, const int step, int both) {
+    __m128i second = both ? _mm_loadu_si128((const __m128i *)(w + step)) : _mm_setzero_si128();
+    __m256i b = both && step == GROUP_SIZE / 2 ? _mm256_loadu_si256((const __m256i *)w) // 2 x 16 bytes, or 1 x 16
+                                              : _mm256_set_m128i(second, _mm_loadu_si128((const __m128i *)w));
     __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
     z = _mm512_and_si512(z, _mm512_set1_epi8(15));          // [lo g, lo g+1, hi g, hi g+1]
     return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)); // [lo g, hi g, lo g+1, hi g+1]
@@ -5264,23 +5311,35 @@ AVX512_INLINE __m256i group_sums(const __m512i dot[4]) {
     return pair_quads(quad_sums(dot));
 }
 
-/* acc (the 8 lanes above) after the groups g .. g + m - 1 (m <= 8) of row w
-   with scales wd, times x. */
-AVX512_INLINE __m256 dot_groups_avx512(__m256 acc, const void *w, const uint16_t *wd, const QuantizedVector *x,
-                                       int g, int m, const int q4) {
+/* The f16 scales of groups g .. g + m - 1 (m <= 8) from wd, each step
+   bytes on from the last (q_scale_step()); zeros after them. */
+AVX512_INLINE __m128i group_halves(const uint8_t *wd, int g, int m, const int step) {
+    if (step == 2) return _mm_maskz_loadu_epi16((__mmask8)((1u << m) - 1), wd + 2 * g);
+    if (m == 8) return eight_halves(wd + (size_t)g * step, step);
+    uint16_t h[8] = {0};
+    for (int k = 0; k < m; k++) h[k] = read_u16(wd + (size_t)(g + k) * step);
+    return _mm_loadu_si128((const __m128i *)h);
+}
+
+/* acc (the 8 lanes above) after the groups g .. g + m - 1 (m <= 8) of a row
+   whose first group's values are w and first scale wd, times x: q8_0, or
+   q4_0 with q4, laid out as il says. */
+AVX512_INLINE __m256 dot_groups_avx512(__m256 acc, const uint8_t *w, const uint8_t *wd, const QuantizedVector *x,
+                                       int g, int m, const int q4, const int il) {
     __mmask8 gm = (__mmask8)((1u << m) - 1);
+    const int step = q_step(!q4, il);
     __m512i dot[4];
     for (int j = 0; j < 4; j++) {
         int k = (g + 2 * j) * GROUP_SIZE, both = 2 * j + 1 < m;
         __mmask64 bytes = 2 * j >= m ? 0 : both ? ~0ull : 0xffffffffull;
-        __m512i wv = 2 * j >= m ? _mm512_setzero_si512()
-                     : q4    ? q4_bytes((const uint8_t *)w + k / 2, both)
-                             : q8_bytes((const int8_t *)w + k, bytes);
+        const uint8_t *wj = w + (size_t)(g + 2 * j) * step;
+        __m512i wv = 2 * j >= m ? _mm512_setzero_si512() : q4 ? q4_bytes(wj, step, both) : q8_bytes(wj, step, both);
         dot[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_maskz_loadu_epi8(bytes, x->q + k));
     }
     __m256i inputs = _mm256_maskz_loadu_epi32(gm, x->group_sums + g);
     __m256i sums = _mm256_sub_epi32(group_sums(dot), _mm256_slli_epi32(inputs, q4 ? 3 : 7));
-    __m256 scale = _mm256_mul_ps(_mm256_cvtph_ps(_mm_maskz_loadu_epi16(gm, wd + g)), _mm256_maskz_loadu_ps(gm, x->d + g));
+    __m256 wd8 = _mm256_cvtph_ps(group_halves(wd, g, m, q_scale_step(!q4, il)));
+    __m256 scale = _mm256_mul_ps(wd8, _mm256_maskz_loadu_ps(gm, x->d + g));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
 }
 
@@ -5291,35 +5350,42 @@ AVX512_INLINE float sum_lanes8(__m256 acc) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* dot_q4_0(), in the order above. */
-AVX512 static float dot_q4_avx512(const uint8_t *w, const uint16_t *wd, const QuantizedVector *x, int n) {
+/* Prefetches the next 8 groups of a row from group g: their values, and
+   their scales when they lie apart. */
+AVX512_INLINE void prefetch_groups(const uint8_t *w, const uint8_t *wd, int g, const int q8, const int il) {
+    for (int b = 0; b < 8 * q_step(q8, il); b += 64) prefetch(w + (size_t)g * q_step(q8, il) + b);
+    if (!il) prefetch(wd + 2 * g);
+}
+
+/* dot_q4_0() of row r, in the order above. */
+AVX512_INLINE float dot_q4_avx512(const Matrix *w, int r, const QuantizedVector *x, const int il) {
     __m256 acc = _mm256_setzero_ps();
-    int groups = n / GROUP_SIZE, g = 0;
+    int groups = w->cols / GROUP_SIZE, g = 0;
+    const uint8_t *values = group_values(w, (size_t)r * groups), *wd = w->scales + (size_t)r * groups * scale_step(w);
     for (; g + 8 <= groups; g += 8) {
-        for (int line = 0; line < 2; line++) prefetch(w + g * GROUP_SIZE / 2 + 64 * line);
-        prefetch(wd + g);
-        acc = dot_groups_avx512(acc, w, wd, x, g, 8, 1);
+        prefetch_groups(values, wd, g, 0, il);
+        acc = dot_groups_avx512(acc, values, wd, x, g, 8, 1, il);
     }
-    if (g < groups) acc = dot_groups_avx512(acc, w, wd, x, g, groups - g, 1);
+    if (g < groups) acc = dot_groups_avx512(acc, values, wd, x, g, groups - g, 1, il);
     return sum_lanes8(acc);
 }
 
-/* dot_q8_0(w, x) + dot_q8_0(w, rest), the two parts of a q8_0 input
-   (quantize_remainder()), each in the order above, in one pass over w: the
-   weights stay in cache for the second part. */
-AVX512 static float dot_q8_both_avx512(const int8_t *w, const uint16_t *wd, const QuantizedVector *x,
-                                       const QuantizedVector *rest, int n) {
+/* dot_q8_0(w, r, x) + dot_q8_0(w, r, rest), the two parts of a q8_0 input
+   (quantize_remainder()), each in the order above, in one pass over the
+   row: the weights stay in cache for the second part. */
+AVX512_INLINE float dot_q8_both_avx512(const Matrix *w, int r, const QuantizedVector *x, const QuantizedVector *rest,
+                                       const int il) {
     __m256 acc = _mm256_setzero_ps(), acc_rest = _mm256_setzero_ps();
-    int groups = n / GROUP_SIZE, g = 0;
+    int groups = w->cols / GROUP_SIZE, g = 0;
+    const uint8_t *values = group_values(w, (size_t)r * groups), *wd = w->scales + (size_t)r * groups * scale_step(w);
     for (; g + 8 <= groups; g += 8) {
-        for (int line = 0; line < 4; line++) prefetch(w + g * GROUP_SIZE + 64 * line);
-        prefetch(wd + g);
-        acc = dot_groups_avx512(acc, w, wd, x, g, 8, 0);
-        acc_rest = dot_groups_avx512(acc_rest, w, wd, rest, g, 8, 0);
+        prefetch_groups(values, wd, g, 1, il);
+        acc = dot_groups_avx512(acc, values, wd, x, g, 8, 0, il);
+        acc_rest = dot_groups_avx512(acc_rest, values, wd, rest, g, 8, 0, il);
     }
     if (g < groups) {
-        acc = dot_groups_avx512(acc, w, wd, x, g, groups - g, 0);
-        acc_rest = dot_groups_avx512(acc_rest, w, wd, rest, g, groups - g, 0);
+        acc = dot_groups_avx512(acc, values, wd, x, g, groups - g, 0, il);
+        acc_rest = dot_groups_avx512(acc_rest, values, wd, rest, g, groups - g, 0, il);
     }
     return sum_lanes8(acc) + sum_lanes8(acc_rest);
 }
@@ -5537,10 +5603,12 @@ AVX512 static void qgemm_pack_avx512(uint32_t *values, float *scales, const Matr
             for (int i = 0; i < 16; i++) {
                 int r = r0 + 16 * half + i;
                 if (r >= w->rows) { seg[i] = _mm512_setzero_si512(); continue; }
-                size_t at = (size_t)r * cols + k;
-                prefetch_pack((const char *)w->values + (q4 ? at / 2 : at));
-                seg[i] = q4 ? q4_bytes((const uint8_t *)w->values + at / 2, both)
-                            : q8_bytes((const int8_t *)w->values + at, both ? ~0ull : 0xffffffffull);
+                const uint8_t *two = group_values(w, ((size_t)r * cols + k) / GROUP_SIZE);
+                prefetch_pack(two);
+                seg[i] = q4 && w->interleaved ? q4_bytes(two, q_step(0, 1), both)
+                       : q4                   ? q4_bytes(two, q_step(0, 0), both)
+                       : w->interleaved       ? q8_bytes(two, q_step(1, 1), both)
+                                              : q8_bytes(two, q_step(1, 0), both);
             }
             transpose16_avx512(seg);
             for (int j = 0; j < 16; j++)
@@ -5548,7 +5616,7 @@ AVX512 static void qgemm_pack_avx512(uint32_t *values, float *scales, const Matr
         }
     for (int i = 0; i < QGEMM_ROWS; i++)
         for (int g = 0; g < groups; g++)
-            scales[g * QGEMM_ROWS + i] = r0 + i < w->rows ? f16_to_f32(w->scales[(size_t)(r0 + i) * groups + g]) : 0.0f;
+            scales[g * QGEMM_ROWS + i] = r0 + i < w->rows ? group_scale(w, (size_t)(r0 + i) * groups + g) : 0.0f;
 }
 
 /* One tile: out[t][r] for the tokens t0 .. t0 + nt - 1 of x and the 32
@@ -5791,26 +5859,22 @@ AVX512 static void matmul_k_avx512(float *out, int ldo, const Matrix *w, int r0,
 }
 
 /* q8_0 and q4_0: one token's dot products with VNNI, a batch packed. */
-static void matmul_q8_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    if (in->n > 1) {
-        qgemm_rows_avx512(out, ldo, w, r0, r1, in);
-        return;
-    }
-    size_t cols = w->cols, groups = cols / GROUP_SIZE;
-    for (int r = r0; r < r1; r++)
-        out[r - r0] = dot_q8_both_avx512((const int8_t *)w->values + r * cols, w->scales + r * groups, &in->q,
-                                         &in->rest, (int)cols);
+AVX512 static void matmul_q8_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
+                                      const ProductScratch *in) {
+    if (in->n > 1) qgemm_rows_avx512(out, ldo, w, r0, r1, in);
+    else if (w->interleaved)
+        for (int r = r0; r < r1; r++) out[r - r0] = dot_q8_both_avx512(w, r, &in->q, &in->rest, 1);
+    else
+        for (int r = r0; r < r1; r++) out[r - r0] = dot_q8_both_avx512(w, r, &in->q, &in->rest, 0);
 }
 
-static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    if (in->n > 1) {
-        qgemm_rows_avx512(out, ldo, w, r0, r1, in);
-        return;
-    }
-    size_t cols = w->cols, groups = cols / GROUP_SIZE;
-    for (int r = r0; r < r1; r++)
-        out[r - r0] = dot_q4_avx512((const uint8_t *)w->values + r * cols / 2, w->scales + r * groups, &in->q,
-                                    (int)cols);
+AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
+                                      const ProductScratch *in) {
+    if (in->n > 1) qgemm_rows_avx512(out, ldo, w, r0, r1, in);
+    else if (w->interleaved)
+        for (int r = r0; r < r1; r++) out[r - r0] = dot_q4_avx512(w, r, &in->q, 1);
+    else
+        for (int r = r0; r < r1; r++) out[r - r0] = dot_q4_avx512(w, r, &in->q, 0);
 }
 #endif
 

@@ -145,8 +145,8 @@ CASES = {   # name: write_gguf()'s arguments, and the conversion line ./run shou
     "f32": (dict(), ""),
     "f16": (dict(default="F16", norms="F16", tied=False), "21 F16 tensors to f32"),
     "bf16": (dict(default="BF16", tied=False), ""),   # mapped: held to export.py --dtype bf16 (see below)
-    "q8_0": (dict(default="Q8_0", tied=False), "16 Q8_0 tensors to q8_0"),
-    "q4_0": (dict(default="Q4_0"), "15 Q4_0 tensors to q8_0"),
+    "q8_0": (dict(default="Q8_0", tied=False), ""),   # mapped, as q4_0 and the K types
+    "q4_0": (dict(default="Q4_0"), ""),
     "q4_1": (dict(default="Q4_1"), "15 Q4_1 tensors to q8_0"),
     "q5_0": (dict(default="Q5_0", tied=False), "16 Q5_0 tensors to q8_0"),
     "q5_1": (dict(default="Q5_1"), "15 Q5_1 tensors to q8_0"),
@@ -155,9 +155,9 @@ CASES = {   # name: write_gguf()'s arguments, and the conversion line ./run shou
                   "13 Q2_K tensors to q8_0, 2 Q3_K tensors to q8_0"),
     "mixed": (dict(types=MIXED, default="Q8_0", norms="F16", tied=False), "2 F32 tensors to q8_0"),
     "qwen2": (dict(arch="qwen2", types=K_MIX, tied=False), "4 q/k matrices copied"),
-    "qwen2 q8_0": (dict(arch="qwen2", default="Q8_0", n_kv_heads=1), "15 Q8_0 tensors to q8_0; 4 q/k matrices copied"),
+    "qwen2 q8_0": (dict(arch="qwen2", default="Q8_0", n_kv_heads=1), "4 q/k matrices copied"),
     "qwen2 f32": (dict(arch="qwen2", n_heads=8, n_kv_heads=4), "4 q/k matrices copied"),
-    "rope_freqs": (dict(default="Q8_0", rope_freqs=True), "15 Q8_0 tensors to q8_0"),
+    "rope_freqs": (dict(default="Q8_0", rope_freqs=True), ""),
     "linear": (dict(linear=4.0), ""),
     "linear rope_freqs": (dict(default="BF16", linear=2.0, rope_freqs=True), ""),
 }

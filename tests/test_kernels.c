@@ -57,7 +57,29 @@ static float *random_floats(size_t n) {
     return x;
 }
 
-/* A random (rows, cols) matrix of the weight type, its arrays allocated. */
+/* 1: random_matrix() lays q8_0 and q4_0 out in GGUF's blocks (Matrix.interleaved). */
+static int gguf_layout;
+
+/* m's q8_0 or q4_0 groups in GGUF's blocks: each scale, then its values. */
+static Matrix interleaved_copy(const Matrix *m) {
+    size_t groups = (size_t)m->rows * (m->cols / GROUP_SIZE), bytes = m->type == WEIGHT_Q8_0 ? GROUP_SIZE : GROUP_SIZE / 2;
+    uint8_t *blocks = xcalloc(groups, bytes + 2, "test data");
+    for (size_t g = 0; g < groups; g++) {
+        memcpy(blocks + g * (bytes + 2), m->scales + 2 * g, 2);
+        memcpy(blocks + g * (bytes + 2) + 2, (const uint8_t *)m->values + g * bytes, bytes);
+    }
+    Matrix il = *m;
+    il.scales = blocks, il.values = blocks + 2, il.interleaved = 1;
+    return il;
+}
+
+static void free_matrix(Matrix *m) {
+    free((void *)(m->interleaved ? m->scales : m->values));
+    if (!m->interleaved) free((void *)m->scales);
+}
+
+/* A random (rows, cols) matrix of the weight type, its arrays allocated;
+   q8_0 and q4_0 in GGUF's blocks when gguf_layout is set. */
 static Matrix random_matrix(int type, int rows, int cols) {
     size_t n = (size_t)rows * cols;
     Matrix m = {.rows = rows, .cols = cols, .type = type};
@@ -85,14 +107,14 @@ static Matrix random_matrix(int type, int rows, int cols) {
         uint16_t *d = xcalloc(n / GROUP_SIZE, 2, "test data");
         for (size_t i = 0; i < n / GROUP_SIZE; i++) d[i] = random_f16();
         m.values = q;
-        m.scales = d;
+        m.scales = (const uint8_t *)d;
+        if (gguf_layout) {
+            Matrix il = interleaved_copy(&m);
+            free_matrix(&m);
+            return il;
+        }
     }
     return m;
-}
-
-static void free_matrix(Matrix *m) {
-    free((void *)m->values);
-    free((void *)m->scales);
 }
 
 /* The values that the prepared input of w's products stands for, xd (n,
@@ -275,6 +297,17 @@ static float dot_grouped_avx2(const Matrix *w, int r, const QuantizedVector *q) 
 }
 #endif
 
+#if HAVE_AVX512
+/* The AVX-512 one-token kernels for w's layout. */
+AVX512 static float dot_q4_avx512_either(const Matrix *w, int r, const QuantizedVector *q) {
+    return w->interleaved ? dot_q4_avx512(w, r, q, 1) : dot_q4_avx512(w, r, q, 0);
+}
+AVX512 static float dot_q8_both_avx512_either(const Matrix *w, int r, const QuantizedVector *q,
+                                              const QuantizedVector *rest) {
+    return w->interleaved ? dot_q8_both_avx512(w, r, q, rest, 1) : dot_q8_both_avx512(w, r, q, rest, 0);
+}
+#endif
+
 static void test_dot_grouped(int type) {
     const char *name = type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
     for (int groups = 1; groups <= 70; groups += groups < 20 ? 1 : 7) {
@@ -286,22 +319,16 @@ static void test_dot_grouped(int type) {
         quantize_vector(&q, x, n);
         for (int r = 0; r < w.rows; r++) {
             double mag, exact = exact_grouped(&w, r, &q, &mag), tol = 1e-5 * mag + 1e-30;
-            const uint16_t *wd = w.scales + (size_t)r * groups;
             char what[64];
             float got[3] = {0};
             int have[3] = {1, HAVE_AVX2, 0};
             if (type == WEIGHT_Q8_0) {
-                const int8_t *row = (const int8_t *)w.values + (size_t)r * n;
-                got[0] = dot_q8_0(row, wd, &q, n);
-#if HAVE_AVX2
-#endif
+                got[0] = dot_q8_0(&w, r, &q);
             } else {
-                const uint8_t *row = (const uint8_t *)w.values + (size_t)r * n / 2;
-                got[0] = dot_q4_0(row, wd, &q, n);
-#if HAVE_AVX2
-#endif
+                got[0] = dot_q4_0(&w, r, &q);
 #if HAVE_AVX512
-                if (use_avx512) got[2] = dot_q4_avx512(row, wd, &q, n), have[2] = 1;
+                if (use_avx512) got[2] = dot_q4_avx512_either(&w, r, &q);
+                have[2] = use_avx512;
 #endif
             }
 #if HAVE_AVX2
@@ -310,7 +337,7 @@ static void test_dot_grouped(int type) {
             const char *kinds[] = {"plain", "avx2", "avx512"};
             for (int k = 0; k < 3; k++) {
                 if (!have[k]) continue;
-                snprintf(what, sizeof what, "dot_%s_%s", name, kinds[k]);
+                snprintf(what, sizeof what, "dot_%s_%s%s", name, kinds[k], gguf_layout ? " (GGUF blocks)" : "");
                 expect(what, groups, r, 0, got[k], exact, tol);
             }
         }
@@ -336,12 +363,13 @@ static void test_dot_q8_both(void) {
         for (int r = 0; r < w.rows; r++) {
             double mag, mag_rest, exact = exact_grouped(&w, r, &q, &mag) + exact_grouped(&w, r, &rest, &mag_rest);
             double tol = 1e-5 * (mag + mag_rest) + 1e-30;
-            const int8_t *row = (const int8_t *)w.values + (size_t)r * n;
-            const uint16_t *wd = w.scales + (size_t)r * groups;
-            expect("dot_q8_0 both parts", groups, r, 0, dot_q8_0(row, wd, &q, n) + dot_q8_0(row, wd, &rest, n), exact,
-                   tol);
+            expect("dot_q8_0 both parts", groups, r, 0, dot_q8_0(&w, r, &q) + dot_q8_0(&w, r, &rest), exact, tol);
 #if HAVE_AVX512
-            if (use_avx512) expect("dot_q8_both_avx512", groups, r, 0, dot_q8_both_avx512(row, wd, &q, &rest, n), exact, tol);
+            if (use_avx512) {
+                float fused = dot_q8_both_avx512_either(&w, r, &q, &rest);
+                expect(gguf_layout ? "dot_q8_both_avx512 (GGUF blocks)" : "dot_q8_both_avx512", groups, r, 0, fused,
+                       exact, tol);
+            }
 #endif
         }
         free_matrix(&w);
@@ -402,7 +430,7 @@ static void test_matmul(const char *table, int type) {
             for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
                 kernels.matmul[type](out + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &ps);
             char what[64];
-            snprintf(what, sizeof what, "%s matmul %s, n = %d", table, names[type], n);
+            snprintf(what, sizeof what, "%s matmul %s%s, n = %d", table, names[type], gguf_layout ? " (GGUF blocks)" : "", n);
             for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
             free_products(&ps);
             free(x), free(out), free(xd), free(want), free(mag);
@@ -435,7 +463,8 @@ static void test_batch_equals_one_token(const char *table, int type) {
             for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
                 kernels.matmul[type](alone + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &one);
             char what[80];
-            snprintf(what, sizeof what, "%s %s: token %d of a batch of %d against alone", table, names[type], t, n);
+            snprintf(what, sizeof what, "%s %s%s: token %d of a batch of %d against alone", table, names[type],
+                     gguf_layout ? " (GGUF blocks)" : "", t, n);
             for (int r = 0; r < rows; r++) expect(what, rows, cols, r, batch[(size_t)t * rows + r], alone[r], 0);
         }
         free_products(&ps), free_products(&one);
@@ -501,7 +530,7 @@ static void test_quantized_tiles(int type) {
             for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
                 matmul_quantized_avx2(out + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &ps);
             char what[64];
-            snprintf(what, sizeof what, "matmul_quantized_avx2 %s, n = %d", name, n);
+            snprintf(what, sizeof what, "matmul_quantized_avx2 %s%s, n = %d", name, gguf_layout ? " (GGUF blocks)" : "", n);
             for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, out[i], want[i], 1e-5 * mag[i] + 1e-30);
             for (int t = 0; t < n; t++) {
                 ProductScratch one = ps;
@@ -747,6 +776,33 @@ static void test_attention(const char *table) {
         }
 }
 
+/* The same q8_0 or q4_0 numbers in our layout and in GGUF's blocks give
+   the same outputs bit for bit through the table's kernel, one token and a
+   batch: a GGUF mapped in place computes what its conversion does. */
+static void test_layouts_agree(const char *table, int type) {
+    int shapes[][3] = {{1, 32, 1}, {13, 96, 4}, {33, 288, 9}, {40, 2048, 5}, {7, 224, 1}, {70, 544, 3}};
+    for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+        Matrix w = random_matrix(type, rows, cols), il = interleaved_copy(&w);
+        float *x = random_floats((size_t)n * cols), *apart = random_floats((size_t)n * rows);
+        float *blocks = random_floats((size_t)n * rows);
+        ProductScratch ps = alloc_products(n, cols);
+        prepare_input(&ps, TYPE_BIT(type), x, n, cols);
+        for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+            int r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+            kernels.matmul[type](apart + r0, rows, &w, r0, r1, &ps);
+            kernels.matmul[type](blocks + r0, rows, &il, r0, r1, &ps);
+        }
+        checks++;
+        if (memcmp(apart, blocks, (size_t)n * rows * sizeof(float)) != 0 && ++failures)
+            fprintf(stderr, "FAIL %s %s (%d, %d), n %d: GGUF's blocks differ from our layout\n", table,
+                    WEIGHT_NAMES[type], rows, cols, n);
+        free_products(&ps);
+        free_matrix(&w), free_matrix(&il);
+        free(x), free(apart), free(blocks);
+    }
+}
+
 int main(void) {
     Kernels plain = kernels;
     choose_fast_kernels();
@@ -760,15 +816,20 @@ int main(void) {
     test_f16();
     test_matvec_floats("portable", lanes8_fast);
     test_quantize_vector();
-    test_dot_grouped(WEIGHT_Q8_0);
-    test_dot_grouped(WEIGHT_Q4_0);
-    test_dot_q8_both();
+    for (gguf_layout = 0; gguf_layout < 2; gguf_layout++) {
+        test_dot_grouped(WEIGHT_Q8_0);
+        test_dot_grouped(WEIGHT_Q4_0);
+        test_dot_q8_both();
+    }
     test_gemm_rows("portable", gemm_rows);
 #if HAVE_AVX2
     test_gemm_rows("avx2", gemm_rows_avx2);
     test_matvec_floats("avx2", lanes8_avx2);
-    test_quantized_tiles(WEIGHT_Q8_0);
-    test_quantized_tiles(WEIGHT_Q4_0);
+    for (gguf_layout = 0; gguf_layout < 2; gguf_layout++) {
+        test_quantized_tiles(WEIGHT_Q8_0);
+        test_quantized_tiles(WEIGHT_Q4_0);
+    }
+    gguf_layout = 0;
 #endif
 #if HAVE_AVX512
     if (have_avx512) test_gemm_rows("avx512", gemm_rows_avx512);
@@ -781,6 +842,13 @@ int main(void) {
             test_batch_equals_one_token(table ? "fast" : "plain", type);
             for (int n = 1; n <= 4; n += 3) test_fused(type, n);
         }
+        gguf_layout = 1; // q8_0 and q4_0 again, in GGUF's blocks
+        for (int type = WEIGHT_Q8_0; type <= WEIGHT_Q4_0; type++) {
+            test_matmul(table ? "fast" : "plain", type);
+            test_batch_equals_one_token(table ? "fast" : "plain", type);
+        }
+        gguf_layout = 0;
+        for (int type = WEIGHT_Q8_0; type <= WEIGHT_Q4_0; type++) test_layouts_agree(table ? "fast" : "plain", type);
         test_attention(table ? "fast" : "plain");
     }
     kernels = fast;
