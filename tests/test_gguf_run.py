@@ -428,17 +428,58 @@ def test_the_small_gguf_runs(small_gguf):
     assert run(small_gguf, "-i", "the capital", "-n", 3, "-t", 0).returncode == 0
 
 
-@pytest.mark.parametrize("tensor,at", [("token_embd.weight", 0), ("blk.0.attn_k.weight", 2),
-                                       ("output.weight", 208)], ids=["q4_k d", "q5_k dmin", "q6_k d"])
-def test_k_block_with_a_nan_scale_is_refused(tmp_path, tensor, at):
-    """As export.py refuses it (kquant_scales_finite()): the blocks are
-    mapped, and a NaN scale would make NaN logits."""
-    write_gguf(tmp_path / "k.gguf", types=K_MIX, tied=False, n_layers=1)
+NAN_SCALES = {  # a block's f16 scale made NaN: (types, tensor, block bytes, the scale's offset in the block)
+    "q4_k d": (K_MIX, "token_embd.weight", 144, 0), "q5_k dmin": (K_MIX, "blk.0.attn_k.weight", 176, 2),
+    "q6_k d": (K_MIX, "output.weight", 210, 208), "q8_0 d": ({}, "blk.0.ffn_up.weight", 34, 0),
+    "q4_0 d": ({"attn_v": "Q4_0"}, "blk.0.attn_v.weight", 18, 0),
+}
+
+
+@pytest.mark.parametrize("case", NAN_SCALES)
+def test_block_with_a_nan_scale_is_refused(tmp_path, case):
+    """As export.py refuses it (non-finite weights): the blocks are mapped,
+    and a NaN scale would make NaN logits."""
+    types, tensor, block, at = NAN_SCALES[case]
+    write_gguf(tmp_path / "k.gguf", types=types, default="Q8_0", tied=False, n_layers=1)
     reader = gguf.GGUFReader(str(tmp_path / "k.gguf"))
-    offset = next(t.data_offset for t in reader.tensors if t.name == tensor) + 5 * {0: 144, 2: 176, 208: 210}[at]
+    offset = next(t.data_offset for t in reader.tensors if t.name == tensor) + 5 * block
     data = bytearray((tmp_path / "k.gguf").read_bytes())
     data[offset + at:offset + at + 2] = struct.pack("<H", 0x7E00)
     (tmp_path / "k.gguf").write_bytes(data)
     p = run(tmp_path / "k.gguf", "--tokens", "1 2", "-n", 1, check=False)
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
     assert f"tensor {tensor} holds NaN or infinite numbers" in p.stderr, p.stderr
+
+
+def peak_rss_mb(*args):
+    """The peak resident memory of ./run with args, in MB (a fresh Python
+    process waits for it alone, so that getrusage sees only this child)."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    p = subprocess.run([sys.executable, "-c", code, str(RUN), *map(str, args)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return int(p.stdout) / 1024
+
+
+MAPPED = {"q8_0": ("Q8_0", True), "q4_0": ("Q4_0", True), "k": (K_MIX, True), "bf16": ("BF16", True),
+          "f32": ("F32", True), "q4_1": ("Q4_1", False)}   # q4_1: converted to q8_0 at load, the control
+
+
+@pytest.mark.parametrize("case", MAPPED)
+def test_mapped_gguf_costs_what_its_conversion_costs(case, tmp_path):
+    """A GGUF in a type ./run runs natively is mapped, not copied: its peak
+    memory is its conversion's (both files mapped whole), within 3 MB, where
+    a copy of these weights would add 13 MB (q8_0) or more. The control,
+    Q4_1, is converted at load and must cost more."""
+    kind, mapped = MAPPED[case]
+    types = kind if isinstance(kind, dict) else {}
+    write_gguf(tmp_path / "m.gguf", types=types, default="F32" if types else kind, dim=512, hidden=1536, n_layers=4,
+               tied=False)
+    dtype = ["--dtype", "bf16"] if kind == "BF16" else []
+    export_py(tmp_path / "model.bin", "--gguf", tmp_path / "m.gguf", *dtype)
+    theirs = peak_rss_mb(tmp_path / "model.bin", "-z", tmp_path / "tokenizer.bin", "--tokens", PROMPT, "-n", 1)
+    ours = peak_rss_mb(tmp_path / "m.gguf", "--tokens", PROMPT, "-n", 1)
+    if mapped:
+        assert ours < theirs + 3, (ours, theirs)
+    else:
+        assert ours > theirs + 3, (ours, theirs)
