@@ -47,7 +47,8 @@ def names_defined(statement):
     preprocessor line other than #define."""
     if statement.startswith("#"):
         return re.findall(r"^#\s*define\s+(\w+)", statement)
-    flat, at = statement, 0                               # the statement with its braces emptied
+    # the statement without __attribute__((...)), its braces emptied
+    flat, at = re.sub(r"__attribute__\s*\(\((?:[^()]|\([^()]*\))*\)\)", "", statement), 0
     while (at := flat.find("{", at)) >= 0:
         flat, at = flat[:at + 1] + flat[closing(flat, at) - 1:], at + 2
     if flat.endswith("{}") and flat[:flat.index("{")].rstrip().endswith(")"):  # a function
