@@ -44,7 +44,7 @@ VENV_PYTHON = .venv/bin/python
 PYTHON ?= $(VENV_PYTHON)
 SETUP = $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/ready)
 
-.PHONY: all setup test test-arm test-emu sanitize fuzz demo demo-pip explain explain-text bench bench-compare bench-peers bench-convert clean
+.PHONY: all setup test test-arm test-emu sanitize fuzz demo demo-pip explain explain-text student-path bench bench-compare bench-peers bench-convert clean
 
 all: run
 
@@ -219,6 +219,12 @@ explain: run .demo/smollm2.bin
 explain-text: run .demo/smollm2.bin
 	./run .demo/smollm2.bin -t 0 -n 4 --probs 5 --trace -i "$(EXPLAIN_PROMPT)" 2>&1 >.demo/explain.txt
 	@echo "text: $$(cat .demo/explain.txt)"
+
+# make student-path: where forward_tokens() starts in run.c and how many lines
+# a student reads to follow forward() for an f32 model (the rules: the head
+# of tools/student_path.py).
+student-path:
+	python3 tools/student_path.py run.c
 
 # make bench: speed of ./run on random 110M and 1B-class models in every
 # weight type (prompt, generation, share of the read-bandwidth roofline,

@@ -1,6 +1,7 @@
 """Sampling, --probs, stop strings and perplexity, each against a direct
-Python transcription of its definition (the order is run.c's and the
-README's: penalties, temperature + softmax, top-k, top-p, min-p, draw)."""
+Python transcription of its definition (the order is run.c's and
+docs/COMMAND_LINE.md's: penalties, temperature + softmax, top-k, top-p,
+min-p, draw)."""
 
 import json
 import math
@@ -251,7 +252,7 @@ PENALISED = {  # flags, and the same settings by reference_distribution's names
 @pytest.mark.parametrize("name", sorted(PENALISED))
 def test_penalised_probs_match_the_definition(model, tmp_path, name):
     """./run's own option parsing and sampler, step by step: --probs (the
-    distribution of step 2) against the README's penalties and softmax
+    distribution of step 2) against docs/COMMAND_LINE.md's penalties and softmax
     applied here to the raw logits that --logits wrote and to the tokens
     seen so far; each sampled token is one that steps 3-5 keep. Measured:
     5e-7 at most, the rounding to the 6 decimals JSON shows; bound 5e-6.
