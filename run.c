@@ -904,7 +904,13 @@ static void prepare_input(ProductScratch *in, unsigned types, const float *x, in
    the dot product of row r with x[t]. A kernel computes the rows r0 ..
    r1 - 1, into out (n, r1 - r0; row stride ldo), from the input that
    prepare_input() put into in; matmul() below shares the rows out among
-   the threads. One kernel per weight type. */
+   the threads. One kernel per weight type.
+
+   The float kernels add each product by fmaf(), one rounding per term,
+   written out: left to itself, a compiler may fuse some multiply-adds and
+   not others (GCC vectorises f32's products, rounding each, and fuses the
+   tail's), so that f32, bf16 and f16 weights of the same values would not
+   give the same bits. */
 
 static void matmul_f32(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int cols = w->cols;
@@ -913,12 +919,13 @@ static void matmul_f32(float *out, int ldo, const Matrix *w, int r0, int r1, con
             const float *row = (const float *)w->values + (size_t)r * cols;
             const float *x = in->x + (size_t)t * cols;
             float sum = 0.0f;
-            for (int i = 0; i < cols; i++) sum += row[i] * x[i];
+            for (int i = 0; i < cols; i++) sum = fmaf(row[i], x[i], sum);
             out[(size_t)t * ldo + r - r0] = sum;
         }
 }
 
-/* Each bf16 weight widened to float, exactly. */
+/* Each bf16 weight widened to float, exactly: the sums of matmul_f32() on
+   the widened weights, bit for bit. */
 static void matmul_bf16(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int cols = w->cols;
     for (int r = r0; r < r1; r++)
@@ -926,7 +933,7 @@ static void matmul_bf16(float *out, int ldo, const Matrix *w, int r0, int r1, co
             const uint16_t *row = (const uint16_t *)w->values + (size_t)r * cols;
             const float *x = in->x + (size_t)t * cols;
             float sum = 0.0f;
-            for (int i = 0; i < cols; i++) sum += bf16_to_f32(row[i]) * x[i];
+            for (int i = 0; i < cols; i++) sum = fmaf(bf16_to_f32(row[i]), x[i], sum);
             out[(size_t)t * ldo + r - r0] = sum;
         }
 }
@@ -940,7 +947,7 @@ static void matmul_f16(float *out, int ldo, const Matrix *w, int r0, int r1, con
             const uint16_t *row = (const uint16_t *)w->values + (size_t)r * cols;
             const float *x = in->x + (size_t)t * cols;
             float sum = 0.0f;
-            for (int i = 0; i < cols; i++) sum += f16_to_f32(row[i]) * x[i];
+            for (int i = 0; i < cols; i++) sum = fmaf(f16_to_f32(row[i]), x[i], sum);
             out[(size_t)t * ldo + r - r0] = sum;
         }
 }
