@@ -173,9 +173,8 @@ CASES = {   # name: write_gguf()'s arguments, and the conversion line ./run shou
 @pytest.mark.parametrize("case", CASES)
 def test_gguf_runs_as_its_conversion_bit_for_bit(case, tmp_path):
     """A file of BF16 matrices is mapped, where export.py's default writes
-    f32: the same numbers, but the plain kernels of bf16 and f32 sum in
-    different orders, so it is held to export.py --dtype bf16, which keeps
-    them bit for bit."""
+    f32: the same numbers, and the same sums (as for F16, below), but it is
+    held to export.py --dtype bf16, which keeps the matrices as they are."""
     kwargs, line = CASES[case]
     write_gguf(tmp_path / "m.gguf", **kwargs)
     bf16 = ["--dtype", "bf16"] if kwargs.get("default") == "BF16" else []
