@@ -235,8 +235,12 @@ static void *xcalloc(size_t count, size_t size, const char *what) { return zeroe
 /* ----------------------------------------------------------------------------
    The model: one struct per concern. */
 
-enum { WEIGHT_F32, WEIGHT_Q8_0, WEIGHT_Q4_0, WEIGHT_BF16, WEIGHT_Q4_K, WEIGHT_Q5_K, WEIGHT_Q6_K, WEIGHT_TYPES };
-static const char *const WEIGHT_NAMES[] = {"f32", "q8_0", "q4_0", "bf16", "q4_k", "q5_k", "q6_k"};
+/* The weight types: our checkpoints' codes 0 .. 6, then f16, which only a
+   GGUF file's F16 matrices have, mapped in place (rows x cols IEEE halves). */
+enum { WEIGHT_F32, WEIGHT_Q8_0, WEIGHT_Q4_0, WEIGHT_BF16, WEIGHT_Q4_K, WEIGHT_Q5_K, WEIGHT_Q6_K, WEIGHT_F16,
+       WEIGHT_TYPES };
+#define CHECKPOINT_TYPES WEIGHT_F16 // the types a checkpoint's table may name
+static const char *const WEIGHT_NAMES[] = {"f32", "q8_0", "q4_0", "bf16", "q4_k", "q5_k", "q6_k", "f16"};
 #define GROUP_SIZE 32   // weights per scale in q8_0 and q4_0, per input scale of every integer product
 #define SUPER_BLOCK 256 // weights per block of the K types
 static const int K_BLOCK_BYTES[WEIGHT_TYPES] = {[WEIGHT_Q4_K] = 144, [WEIGHT_Q5_K] = 176, [WEIGHT_Q6_K] = 210};
@@ -244,6 +248,7 @@ static const int K_BLOCK_BYTES[WEIGHT_TYPES] = {[WEIGHT_Q4_K] = 144, [WEIGHT_Q5_
 #define TYPE_BIT(type) (1u << (type))
 #define K_TYPES (TYPE_BIT(WEIGHT_Q4_K) | TYPE_BIT(WEIGHT_Q5_K) | TYPE_BIT(WEIGHT_Q6_K))
 #define INTEGER_TYPES (TYPE_BIT(WEIGHT_Q8_0) | TYPE_BIT(WEIGHT_Q4_0) | K_TYPES) // products on int8 inputs
+static int is_k_type(int type) { return (TYPE_BIT(type) & K_TYPES) != 0; }
 #define ROW_BLOCK 32  // weight rows the threads take at a time (a multiple of every kernel's tile)
 #define DEFAULT_BATCH 256 // prompt tokens per forward pass (-b)
 #define MAX_BATCH 4096
@@ -270,7 +275,7 @@ typedef struct {
 /* A weight matrix (rows, cols) = (out, in), stored as its weight type says
    (see the format above); w[r] is the row that makes output r. */
 typedef struct {
-    const void *values;      // f32, bf16, q8_0: (rows, cols); q4_0: (rows, cols / 2) bytes;
+    const void *values;      // f32, bf16, f16, q8_0: (rows, cols); q4_0: (rows, cols / 2) bytes;
                              // K types: (rows, cols / SUPER_BLOCK) blocks
     const uint8_t *scales;   // (rows, cols / GROUP_SIZE) f16; q8_0 and q4_0 only
     int rows, cols;
@@ -493,7 +498,7 @@ static size_t layout_checkpoint(const Config *c, const unsigned char *data, Weig
 static int check_matrix_types(Config *c, char *err) {
     for (int i = 0; i < matrix_count(c); i++) {
         int type = matrix_type(c, i), cols = matrix_cols(c, i);
-        int block = type >= WEIGHT_Q4_K ? SUPER_BLOCK : type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0 ? GROUP_SIZE : 1;
+        int block = is_k_type(type) ? SUPER_BLOCK : type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0 ? GROUP_SIZE : 1;
         if (cols % block != 0)
             return fail(err, "%s weights need dim, hidden_dim and n_heads x head_dim to be multiples of %d, "
                              "but matrix %d has %d columns", WEIGHT_NAMES[type], block, i, cols);
@@ -543,7 +548,7 @@ static int read_header(Config *c, const unsigned char *data, size_t size, char *
                         matrix_count(c));
         c->matrix_types = data + HEADER_SIZE;
         for (int i = 0; i < matrix_count(c); i++)
-            if (c->matrix_types[i] >= WEIGHT_TYPES)
+            if (c->matrix_types[i] >= CHECKPOINT_TYPES)
                 return fail(err, "matrix %d has weight type %u, which is unknown (0 f32, 1 q8_0, 2 q4_0, 3 bf16, "
                                  "4 q4_k, 5 q5_k, 6 q6_k)", i, c->matrix_types[i]);
     }
@@ -697,7 +702,7 @@ static void add_bias(float *x, const float *bias, int n, int cols) {
 
 /* ---- Number formats */
 
-/* An IEEE half (the scales of q8_0 and q4_0) as a float, exactly. */
+/* An IEEE half (the scales of q8_0 and q4_0, f16 weights) as a float, exactly. */
 static float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) { // zero or subnormal: man x 2^-24
@@ -797,7 +802,7 @@ static void dequantize_block(float out[SUPER_BLOCK], const uint8_t *block, int t
    of SUPER_BLOCK. */
 static void dequantize_row(float *out, const Matrix *w, int row, int k0, int kn) {
     size_t at = (size_t)row * w->cols + k0; // index of the first weight
-    if (w->type >= WEIGHT_Q4_K) {
+    if (is_k_type(w->type)) {
         const uint8_t *block = (const uint8_t *)w->values + at / SUPER_BLOCK * K_BLOCK_BYTES[w->type];
         for (int b = 0; b < kn / SUPER_BLOCK; b++)
             dequantize_block(out + b * SUPER_BLOCK, block + (size_t)b * K_BLOCK_BYTES[w->type], w->type);
@@ -806,6 +811,9 @@ static void dequantize_row(float *out, const Matrix *w, int row, int k0, int kn)
     } else if (w->type == WEIGHT_BF16) {
         const uint16_t *b = (const uint16_t *)w->values + at;
         for (int i = 0; i < kn; i++) out[i] = bf16_to_f32(b[i]);
+    } else if (w->type == WEIGHT_F16) {
+        const uint16_t *h = (const uint16_t *)w->values + at;
+        for (int i = 0; i < kn; i++) out[i] = f16_to_f32(h[i]);
     } else if (w->type == WEIGHT_Q8_0) {
         for (int g = 0; g < kn / GROUP_SIZE; g++) {
             const int8_t *q = (const int8_t *)group_values(w, at / GROUP_SIZE + g);
@@ -913,7 +921,13 @@ static void prepare_input(ProductScratch *in, unsigned types, const float *x, in
    the dot product of row r with x[t]. A kernel computes the rows r0 ..
    r1 - 1, into out (n, r1 - r0; row stride ldo), from the input that
    prepare_input() put into in; matmul() below shares the rows out among
-   the threads. One kernel per weight type. */
+   the threads. One kernel per weight type.
+
+   The float kernels add each product by fmaf(), one rounding per term,
+   written out: left to itself, a compiler may fuse some multiply-adds and
+   not others (GCC vectorises f32's products, rounding each, and fuses the
+   tail's), so that f32, bf16 and f16 weights of the same values would not
+   give the same bits. */
 
 static void matmul_f32(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int cols = w->cols;
@@ -922,12 +936,13 @@ static void matmul_f32(float *out, int ldo, const Matrix *w, int r0, int r1, con
             const float *row = (const float *)w->values + (size_t)r * cols;
             const float *x = in->x + (size_t)t * cols;
             float sum = 0.0f;
-            for (int i = 0; i < cols; i++) sum += row[i] * x[i];
+            for (int i = 0; i < cols; i++) sum = fmaf(row[i], x[i], sum);
             out[(size_t)t * ldo + r - r0] = sum;
         }
 }
 
-/* Each bf16 weight widened to float, exactly. */
+/* Each bf16 weight widened to float, exactly: the sums of matmul_f32() on
+   the widened weights, bit for bit. */
 static void matmul_bf16(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int cols = w->cols;
     for (int r = r0; r < r1; r++)
@@ -935,7 +950,21 @@ static void matmul_bf16(float *out, int ldo, const Matrix *w, int r0, int r1, co
             const uint16_t *row = (const uint16_t *)w->values + (size_t)r * cols;
             const float *x = in->x + (size_t)t * cols;
             float sum = 0.0f;
-            for (int i = 0; i < cols; i++) sum += bf16_to_f32(row[i]) * x[i];
+            for (int i = 0; i < cols; i++) sum = fmaf(bf16_to_f32(row[i]), x[i], sum);
+            out[(size_t)t * ldo + r - r0] = sum;
+        }
+}
+
+/* Each f16 weight widened to float, exactly: the sums of matmul_f32() on
+   the widened weights, bit for bit. */
+static void matmul_f16(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int cols = w->cols;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < in->n; t++) {
+            const uint16_t *row = (const uint16_t *)w->values + (size_t)r * cols;
+            const float *x = in->x + (size_t)t * cols;
+            float sum = 0.0f;
+            for (int i = 0; i < cols; i++) sum = fmaf(f16_to_f32(row[i]), x[i], sum);
             out[(size_t)t * ldo + r - r0] = sum;
         }
 }
@@ -1086,7 +1115,8 @@ typedef struct {
     AttentionKernel *attention;
 } Kernels;
 
-static Kernels kernels = {{matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16, matmul_k, matmul_k, matmul_k},
+static Kernels kernels = {{matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16, matmul_k, matmul_k, matmul_k,
+                           matmul_f16},
                           attention_plain};
 #ifndef PLAIN
 static void choose_fast_kernels(void); // the appendix
@@ -1261,7 +1291,7 @@ struct Trace {
 
 /* The plain matrix products by weight type, WEIGHT_*, as the kernel table starts. */
 static MatmulKernel *const plain_matmul[WEIGHT_TYPES] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16,
-                                                          matmul_k, matmul_k, matmul_k};
+                                                          matmul_k, matmul_k, matmul_k, matmul_f16};
 
 /* Room for n activations quantized by quantize_vector() (and one byte more,
    so that n = 0 still allocates). */
@@ -3044,11 +3074,14 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
    The model is read as export.py --gguf reads it (convert/sources.py), and
    its matrices take the types export.py gives them by default, so that the
    logits are those of ./run on export.py's conversion, bit for bit: Q4_K,
-   Q5_K and Q6_K blocks and, in a file of floats alone, F32 and BF16 are
-   mapped in place (BF16 as export.py --dtype bf16 keeps it, where its
-   default widens it to the same numbers in f32); every other matrix of a
-   quantized file becomes q8_0 and F16 becomes f32, once, in memory, as
-   export.py converts them (gguf.quants' arithmetic, then quantize_q8_0's).
+   Q5_K and Q6_K blocks and, in a file of floats alone, F32, BF16 and F16
+   matrices are mapped in place (BF16 as export.py --dtype bf16 keeps it,
+   where its default widens it to the same numbers in f32; F16 as f16, a
+   type of memory alone, whose kernels sum exactly as f32's do on the
+   widened numbers, which export.py writes); every other matrix of a
+   quantized file becomes q8_0, and F16 and BF16 vectors f32, once, in
+   memory, as export.py converts them (gguf.quants' arithmetic, then
+   quantize_q8_0's).
    qwen2's q/k rows are permuted from Hugging Face's RoPE halves into our
    pairs, so those matrices are copied. */
 
@@ -3665,9 +3698,18 @@ typedef struct {
     size_t rows, cols, bytes; // of the copy
 } GgufPlan;
 
+/* Whether our weight type holds a tensor of the ggml type as it is, byte for
+   byte (mapped in place, or copied for qwen2's permutation; Q8_0 and Q4_0
+   in their blocks, Matrix.interleaved). */
+static int gguf_same_type(int type, uint32_t ggml_type) {
+    return (type == WEIGHT_F32 && ggml_type == GGML_F32) || (type == WEIGHT_BF16 && ggml_type == GGML_BF16) ||
+           (type == WEIGHT_F16 && ggml_type == GGML_F16) || (type == WEIGHT_Q8_0 && ggml_type == GGML_Q8_0) ||
+           (type == WEIGHT_Q4_0 && ggml_type == GGML_Q4_0) || is_k_type(type);
+}
+
 /* The plan for tensor t in a slot: K, Q8_0 and Q4_0 blocks kept; in a
-   quantized file every other matrix q8_0; else F32 and BF16 kept and F16
-   widened to f32. */
+   quantized file every other matrix q8_0; else F32, BF16 and F16 matrices
+   kept (vectors f32). */
 static GgufPlan gguf_plan(const Config *c, const GgufModel *m, int slot, const GgufTensor *t) {
     GgufPlan p = {.type = WEIGHT_F32};
     gguf_slot_shape(c, slot, &p.rows, &p.cols);
@@ -3680,27 +3722,35 @@ static GgufPlan gguf_plan(const Config *c, const GgufModel *m, int slot, const G
     else if (p.rows && t->type == GGML_Q4_0) p.type = WEIGHT_Q4_0;
     else if (p.rows && m->quantized) p.type = WEIGHT_Q8_0;
     else if (p.rows && t->type == GGML_BF16) p.type = WEIGHT_BF16;
-    int same = (p.type == WEIGHT_F32 && t->type == GGML_F32) || (p.type == WEIGHT_BF16 && t->type == GGML_BF16) ||
-               p.type >= WEIGHT_Q4_K || p.interleaved;
-    int aligned = (uintptr_t)t->data % (p.type == WEIGHT_F32 ? 4 : p.type == WEIGHT_BF16 ? 2 : 1) == 0;
-    p.copied = !same || !aligned || p.permuted;
+    else if (p.rows && t->type == GGML_F16) p.type = WEIGHT_F16;
+    int unit = p.type == WEIGHT_F32 ? 4 : p.type == WEIGHT_BF16 || p.type == WEIGHT_F16 ? 2 : 1; // bytes to align to
+    p.copied = !gguf_same_type(p.type, t->type) || (uintptr_t)t->data % unit != 0 || p.permuted;
     p.bytes = !p.copied ? 0 : p.interleaved ? t->bytes + TENSOR_ALIGN
             : p.type == WEIGHT_Q8_0 ? n + n / GROUP_SIZE * 2 + 2 * TENSOR_ALIGN
             : p.type == WEIGHT_F32 ? n * 4 + TENSOR_ALIGN : t->bytes + TENSOR_ALIGN;
     return p;
 }
 
+/* The column of the first NaN or infinite number of a row of n bf16 or f16
+   weights (all ones in the exponent), else -1. */
+static long nonfinite_half(const unsigned char *row, size_t n, int type) {
+    uint16_t exponent = type == WEIGHT_BF16 ? 0x7f80 : 0x7c00;
+    for (size_t i = 0; i < n; i++)
+        if ((read_u16(row + 2 * i) & exponent) == exponent) return (long)i;
+    return -1;
+}
+
 /* Copies row r of tensor t into values (and scales, for q8_0) as the plan
    says: from its source row, as it is when it keeps its type, else decoded
    (into row, room for p->cols floats) and encoded anew; a vector's entries
    likewise. Returns the column of a NaN or infinite weight, which export.py
-   refuses, else -1. */
+   refuses, else -1 (blocks: gguf_kept_finite() checks their scales). */
 static long gguf_copy_row(unsigned char *values, uint16_t *scales, const GgufPlan *p, const GgufTensor *t,
                           int head_dim, float *row, size_t r) {
     size_t row_bytes = t->bytes / (p->rows ? p->rows : 1), from = gguf_source_row(r, p->permuted && p->rows, head_dim);
-    if (p->type == WEIGHT_BF16 || p->type >= WEIGHT_Q4_K || p->interleaved) {
+    if (p->type == WEIGHT_BF16 || p->type == WEIGHT_F16 || is_k_type(p->type) || p->interleaved) {
         memcpy(values + r * row_bytes, t->data + from * row_bytes, row_bytes);
-        return -1;
+        return is_k_type(p->type) || p->interleaved ? -1 : nonfinite_half(values + r * row_bytes, p->cols, p->type);
     }
     gguf_dequantize_row(row, t, from, p->cols);
     for (size_t i = 0; i < p->cols; i++)
@@ -3801,10 +3851,11 @@ static void gguf_destination(Weights *w, int slot, Matrix **matrix, const float 
 /* Whether a tensor kept as it is holds finite numbers, as export.py checks
    them: a block's half scales (Q8_0's and Q4_0's d; a K block's d, and
    dmin for Q4_K and Q5_K; its other scales and levels are small integers),
-   a vector's floats. F32 and BF16 matrices mapped in place are not read
-   here, as our own files' are not. */
+   a vector's floats. F32, BF16 and F16 matrices mapped in place are not
+   read here, as our own files' are not: that would read the whole file at
+   load (gguf_copy_row() checks the copied ones). */
 static int gguf_kept_finite(const GgufPlan *p, const GgufTensor *t) {
-    if (p->type >= WEIGHT_Q4_K || p->interleaved) {
+    if (is_k_type(p->type) || p->interleaved) {
         int bytes = p->interleaved ? GGML_TYPE[t->type].bytes : K_BLOCK_BYTES[p->type];
         int at = p->type == WEIGHT_Q6_K ? 208 : 0, halves = p->type == WEIGHT_Q4_K || p->type == WEIGHT_Q5_K ? 2 : 1;
         for (size_t b = 0; b < t->bytes / bytes; b++)
@@ -3880,8 +3931,7 @@ static int gguf_assemble(Transformer *t, const GgufModel *m, char *err) {
         status = gguf_place(&placed, &plans[s], tensor, arena, &at, c->head_dim, err);
         if (matrix) *matrix = placed;
         if (vector) *vector = placed.values;
-        int kept = plans[s].type == WEIGHT_BF16 || plans[s].type >= WEIGHT_Q4_K || plans[s].interleaved ||
-                   (plans[s].type == WEIGHT_F32 && tensor->type == GGML_F32);
+        int kept = gguf_same_type(plans[s].type, tensor->type);
         permuted += plans[s].permuted && matrix;
         if (plans[s].copied && !(plans[s].permuted && kept)) counts[tensor->type][plans[s].type]++;
     }
@@ -4371,15 +4421,17 @@ static inline void prefetch_pack(const void *p) {
 #endif
 }
 
-/* ---- Products of f32 and bf16 weights, in one order (any CPU)
+/* ---- Products of f32, bf16 and f16 weights, in one order (any CPU)
 
-   Every fast f32 and bf16 product, one token or a batch, on any CPU, adds
-   in the same order, so that -b and the thread count change no bit of the
-   logits: the columns in passes of GEMM_DEPTH; within a pass 16 lanes,
+   Every fast f32, bf16 and f16 product, one token or a batch, on any CPU,
+   adds in the same order, so that -b and the thread count change no bit of
+   the logits: the columns in passes of GEMM_DEPTH; within a pass 16 lanes,
    lane j taking columns j, j + 16, j + 32, ... by fused multiply-adds; the
    lanes added as a tree of halves (sum_lanes()); the passes' sums added in
-   turn. bf16 weights are widened to f32 first, exactly; the inputs stay
-   f32. */
+   turn. bf16 and f16 weights are widened to f32 first, exactly, so that
+   their products are bit for bit those of f32 weights of the same values;
+   the inputs stay f32. The kernels take the weight type (WEIGHT_F32,
+   WEIGHT_BF16, WEIGHT_F16) as a constant, one inlined copy per type. */
 #define LANES 16
 #define GEMM_DEPTH 1024 // columns per pass: a batch tile's 8 weight rows of them (32 KiB) stay in L1
 
@@ -4390,47 +4442,59 @@ static float sum_lanes(float acc[LANES]) {
     return acc[0];
 }
 
-/* Weight i of an f32 or bf16 row, as a float (bf16 widened exactly). */
-static inline float weight_at(const void *w, size_t i, const int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+/* Bytes of a weight of an f32, bf16 or f16 row. */
+static inline int float_size(const int type) { return type == WEIGHT_F32 ? 4 : 2; }
+
+/* Weight i of an f32, bf16 or f16 row, as a float (widened exactly). */
+static inline float weight_at(const void *w, size_t i, const int type) {
+    if (type == WEIGHT_BF16) return bf16_to_f32(((const uint16_t *)w)[i]);
+    if (type == WEIGHT_F16) return f16_to_f32(((const uint16_t *)w)[i]);
+    return ((const float *)w)[i];
 }
 
 /* acc (LANES) += the lanes of w . x over columns from .. n - 1 of a pass
-   (n <= GEMM_DEPTH), w the streamed operand. */
-static inline __attribute__((always_inline)) void dot_lanes(float acc[LANES], const void *w, const float *x,
-                                                            int from, int n, const int bf16) {
+   (n <= GEMM_DEPTH), w the streamed operand, of a constant type. */
+static inline __attribute__((always_inline)) void dot_lanes_typed(float acc[LANES], const void *w, const float *x,
+                                                                  int from, int n, const int type) {
     int i = from;
     for (; i + LANES <= n; i += LANES) {
-        prefetch((const char *)w + (size_t)i * (bf16 ? 2 : 4));
-        for (int j = 0; j < LANES; j++) acc[j] = fmaf(weight_at(w, i + j, bf16), x[i + j], acc[j]);
+        prefetch((const char *)w + (size_t)i * float_size(type));
+        for (int j = 0; j < LANES; j++) acc[j] = fmaf(weight_at(w, i + j, type), x[i + j], acc[j]);
     }
-    for (int j = 0; i + j < n; j++) acc[j] = fmaf(weight_at(w, i + j, bf16), x[i + j], acc[j]);
+    for (int j = 0; i + j < n; j++) acc[j] = fmaf(weight_at(w, i + j, type), x[i + j], acc[j]);
+}
+
+/* dot_lanes_typed() for a type known at run time: one copy per type. */
+static inline __attribute__((always_inline)) void dot_lanes(float acc[LANES], const void *w, const float *x,
+                                                            int from, int n, int type) {
+    if (type == WEIGHT_BF16) dot_lanes_typed(acc, w, x, from, n, WEIGHT_BF16);
+    else if (type == WEIGHT_F16) dot_lanes_typed(acc, w, x, from, n, WEIGHT_F16);
+    else dot_lanes_typed(acc, w, x, from, n, WEIGHT_F32);
 }
 
 /* w . x over one pass in the order above. */
-static inline __attribute__((always_inline)) float dot_pass(const void *w, const float *x, int n, const int bf16) {
+static inline __attribute__((always_inline)) float dot_pass(const void *w, const float *x, int n, int type) {
     float acc[LANES] = {0};
-    dot_lanes(acc, w, x, 0, n, bf16);
+    dot_lanes(acc, w, x, 0, n, type);
     return sum_lanes(acc);
 }
 
 /* One token's products with 8 rows of a pass: lanes[r] (LANES) += the
-   lanes of row r . x over the first n columns, n a multiple of LANES. The
-   CPU's own versions follow in the appendix. */
-typedef void Lanes8Kernel(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int bf16);
+   lanes of row r . x over the first n columns, n a multiple of LANES, the
+   rows ld weights of the type apart. The CPU's own versions follow in the
+   appendix. */
+typedef void Lanes8Kernel(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int type);
 
-static void lanes8_fast(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int bf16) {
-    for (int r = 0; r < 8; r++)
-        if (bf16) dot_lanes(lanes[r], (const uint16_t *)w + r * ld, x, 0, n, 1);
-        else dot_lanes(lanes[r], (const float *)w + r * ld, x, 0, n, 0);
+static void lanes8_fast(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int type) {
+    for (int r = 0; r < 8; r++) dot_lanes(lanes[r], (const char *)w + r * ld * float_size(type), x, 0, n, type);
 }
 
-/* One token's products with rows r0 .. r1 - 1 of f32 or bf16 weights: 8
-   rows at a time through lanes8 (the columns of a pass that fill whole
+/* One token's products with rows r0 .. r1 - 1 of f32, bf16 or f16 weights:
+   8 rows at a time through lanes8 (the columns of a pass that fill whole
    lanes), the rest of each pass and the sums here; rows left over alone. */
 static inline __attribute__((always_inline)) void matvec_floats_with(float *out, const Matrix *w, int r0, int r1,
                                                                      const float *x, Lanes8Kernel *lanes8) {
-    int cols = w->cols, bf16 = w->type == WEIGHT_BF16, size = bf16 ? 2 : 4, r = r0;
+    int cols = w->cols, type = w->type, size = float_size(type), r = r0;
     const char *values = (const char *)w->values;
     for (; r + 8 <= r1; r += 8) {
         float sum[8] = {0};
@@ -4438,10 +4502,9 @@ static inline __attribute__((always_inline)) void matvec_floats_with(float *out,
             int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH, whole = depth / LANES * LANES;
             float lanes[8][LANES] = {{0}};
             const char *at = values + ((size_t)r * cols + k) * size;
-            lanes8(lanes, at, cols, x + k, whole, bf16);
+            lanes8(lanes, at, cols, x + k, whole, type);
             for (int i = 0; i < 8; i++) {
-                if (bf16) dot_lanes(lanes[i], at + (size_t)i * cols * size, x + k, whole, depth, 1);
-                else dot_lanes(lanes[i], at + (size_t)i * cols * size, x + k, whole, depth, 0);
+                dot_lanes(lanes[i], at + (size_t)i * cols * size, x + k, whole, depth, type);
                 sum[i] += sum_lanes(lanes[i]);
             }
         }
@@ -4452,7 +4515,7 @@ static inline __attribute__((always_inline)) void matvec_floats_with(float *out,
         for (int k = 0; k < cols; k += GEMM_DEPTH) {
             const char *at = values + ((size_t)r * cols + k) * size;
             int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH;
-            sum += bf16 ? dot_pass(at, x + k, depth, 1) : dot_pass(at, x + k, depth, 0);
+            sum += dot_pass(at, x + k, depth, type);
         }
         out[r - r0] = sum;
     }
@@ -4478,16 +4541,26 @@ typedef void GemmTileKernel(const GemmTile *g);
 static void gemm_tile_fast(const GemmTile *g) {
     for (int t = 0; t < g->tokens; t++)
         for (int r = 0; r < g->rows; r++) {
-            float sum = dot_pass(g->w + (size_t)r * g->ldw, g->x + (size_t)t * g->ldx, g->depth, 0);
+            float sum = dot_pass(g->w + (size_t)r * g->ldw, g->x + (size_t)t * g->ldx, g->depth, WEIGHT_F32);
             float *c = g->c + (size_t)t * g->ldc + r;
             *c = g->accumulate ? *c + sum : sum;
         }
 }
 
-/* The batch product of f32 or bf16 weights, rows r0 .. r1 - 1, with the
-   kernel full_tile for tiles of GEMM_ROWS rows: bf16 weights widened once
-   per pass into `panel`, then reused by every token of the batch. Inlined
-   into each CPU's version, so that its tile kernel is a direct call. */
+/* out (n) = the halves in as floats (f16 weights, and the f16 cache). */
+static void widen_f16(float *out, const uint16_t *in, size_t n) {
+    size_t i = 0;
+#if HAVE_AVX2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
+#endif
+    for (; i < n; i++) out[i] = f16_to_f32(in[i]);
+}
+
+/* The batch product of f32, bf16 or f16 weights, rows r0 .. r1 - 1, with
+   the kernel full_tile for tiles of GEMM_ROWS rows: bf16 and f16 weights
+   widened once per pass into `panel`, then reused by every token of the
+   batch. Inlined into each CPU's version, so that its tile kernel is a
+   direct call. */
 static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int ldo, const Matrix *w, int r0, int r1,
                                                                  const ProductScratch *in, GemmTileKernel *full_tile) {
     _Alignas(64) float panel[GEMM_ROWS * GEMM_DEPTH];
@@ -4501,6 +4574,9 @@ static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int
             if (w->type == WEIGHT_F32) {
                 tile.w = (const float *)w->values + (size_t)r * cols + k;
                 tile.ldw = cols;
+            } else if (w->type == WEIGHT_F16) {
+                for (int i = 0; i < nr; i++)
+                    widen_f16(panel + i * GEMM_DEPTH, (const uint16_t *)w->values + (size_t)(r + i) * cols + k, depth);
             } else {
                 for (int i = 0; i < nr; i++) dequantize_row(panel + i * GEMM_DEPTH, w, r + i, k, depth);
             }
@@ -4515,8 +4591,8 @@ static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int
     }
 }
 
-/* f32 and bf16 weights: one token 8 rows at a time through lanes8, a batch
-   through gemm: the CPU's kernels. */
+/* f32, bf16 and f16 weights: one token 8 rows at a time through lanes8, a
+   batch through gemm: the CPU's kernels. */
 static inline __attribute__((always_inline)) void matmul_floats(float *out, int ldo, const Matrix *w, int r0, int r1,
                                                                 const ProductScratch *in, MatmulKernel *gemm,
                                                                 Lanes8Kernel *lanes8) {
@@ -4533,15 +4609,6 @@ static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int
 }
 
 /* ---- Attention (any CPU) */
-
-/* out (n) = the halves in as floats. */
-static void widen_f16(float *out, const uint16_t *in, size_t n) {
-    size_t i = 0;
-#if HAVE_AVX2
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i))));
-#endif
-    for (; i < n; i++) out[i] = f16_to_f32(in[i]);
-}
 
 #define ATTENTION_CHUNK 128  // positions per task: one token's attention at depth spreads over the threads
 #define ATTENTION_QUERIES 8  // queries of a batch done together: they share each chunk's keys and values
@@ -4895,17 +4962,18 @@ static void gemm_tile_avx2(const GemmTile *g) {
     }
 }
 
-/* 8 columns of an f32 or bf16 row at w, as floats. */
-AVX2_INLINE __m256 widen8_avx2(const void *w, const int bf16) {
-    if (!bf16) return _mm256_loadu_ps((const float *)w);
+/* 8 columns of an f32, bf16 or f16 row at w, as floats. */
+AVX2_INLINE __m256 widen8_avx2(const void *w, const int type) {
+    if (type == WEIGHT_F32) return _mm256_loadu_ps((const float *)w);
+    if (type == WEIGHT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w));
     __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
     return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
 
 /* lanes8_fast(), four rows at a time: 4 x 2 sums and the input's 16 columns in registers. */
 AVX2_INLINE void lanes8_body_avx2(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n,
-                                  const int bf16) {
-    int size = bf16 ? 2 : 4;
+                                  const int type) {
+    int size = float_size(type);
     for (int r0 = 0; r0 < 8; r0 += 4) {
         __m256 acc[4][2];
         for (int r = 0; r < 4; r++)
@@ -4914,10 +4982,10 @@ AVX2_INLINE void lanes8_body_avx2(float lanes[8][LANES], const void *w, size_t l
             __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
             for (int r = 0; r < 4; r++) {
                 const char *row = (const char *)w + ((r0 + r) * ld + i) * size;
-                if (!bf16) prefetch(row);
+                if (type == WEIGHT_F32) prefetch(row);
                 else if (i % 32 == 0) __builtin_prefetch(row + 8 * ld * size); // as lanes8_avx512()
-                acc[r][0] = _mm256_fmadd_ps(widen8_avx2(row, bf16), x0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(widen8_avx2(row + 8 * size, bf16), x1, acc[r][1]);
+                acc[r][0] = _mm256_fmadd_ps(widen8_avx2(row, type), x0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(widen8_avx2(row + 8 * size, type), x1, acc[r][1]);
             }
         }
         for (int r = 0; r < 4; r++)
@@ -4925,9 +4993,10 @@ AVX2_INLINE void lanes8_body_avx2(float lanes[8][LANES], const void *w, size_t l
     }
 }
 
-static void lanes8_avx2(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int bf16) {
-    if (bf16) lanes8_body_avx2(lanes, w, ld, x, n, 1);
-    else lanes8_body_avx2(lanes, w, ld, x, n, 0);
+static void lanes8_avx2(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int type) {
+    if (type == WEIGHT_BF16) lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_BF16);
+    else if (type == WEIGHT_F16) lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_F16);
+    else lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_F32);
 }
 
 static void gemm_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -5520,34 +5589,36 @@ AVX512 static void gemm_tile_avx512(const GemmTile *g) {
     }
 }
 
-/* 16 columns of an f32 or bf16 row at w, as floats. */
-AVX512_INLINE __m512 widen16_avx512(const void *w, const int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float *)w);
+/* 16 columns of an f32, bf16 or f16 row at w, as floats. */
+AVX512_INLINE __m512 widen16_avx512(const void *w, const int type) {
+    if (type == WEIGHT_F32) return _mm512_loadu_ps((const float *)w);
+    if (type == WEIGHT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)w));
     __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
 }
 
 /* lanes8_fast(): the 8 rows' sums in 8 registers of 16 lanes. */
 AVX512_INLINE void lanes8_body_avx512(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n,
-                                      const int bf16) {
-    int size = bf16 ? 2 : 4;
+                                      const int type) {
+    int size = float_size(type);
     __m512 acc[8];
     for (int r = 0; r < 8; r++) acc[r] = _mm512_loadu_ps(lanes[r]);
     for (int i = 0; i < n; i += LANES) {
         __m512 xv = _mm512_loadu_ps(x + i);
         for (int r = 0; r < 8; r++) {
             const char *row = (const char *)w + (r * ld + i) * size;
-            if (!bf16) prefetch(row);
+            if (type == WEIGHT_F32) prefetch(row);
             else if (i % 32 == 0) __builtin_prefetch(row + 8 * ld * size); // the next 8 rows' line (measured faster)
-            acc[r] = _mm512_fmadd_ps(widen16_avx512(row, bf16), xv, acc[r]);
+            acc[r] = _mm512_fmadd_ps(widen16_avx512(row, type), xv, acc[r]);
         }
     }
     for (int r = 0; r < 8; r++) _mm512_storeu_ps(lanes[r], acc[r]);
 }
 
-AVX512 static void lanes8_avx512(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int bf16) {
-    if (bf16) lanes8_body_avx512(lanes, w, ld, x, n, 1);
-    else lanes8_body_avx512(lanes, w, ld, x, n, 0);
+AVX512 static void lanes8_avx512(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int type) {
+    if (type == WEIGHT_BF16) lanes8_body_avx512(lanes, w, ld, x, n, WEIGHT_BF16);
+    else if (type == WEIGHT_F16) lanes8_body_avx512(lanes, w, ld, x, n, WEIGHT_F16);
+    else lanes8_body_avx512(lanes, w, ld, x, n, WEIGHT_F32);
 }
 
 AVX512 static void gemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -5884,10 +5955,10 @@ AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int 
    table. main() calls it once, before the first forward pass. */
 static void choose_fast_kernels(void) {
     kernels = (Kernels){{matmul_floats_fast, matmul_q8_0, matmul_q4_0, matmul_floats_fast, matmul_k, matmul_k,
-                         matmul_k},
+                         matmul_k, matmul_floats_fast},
                         attention_fast};
 #if HAVE_AVX2
-    kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx2;
+    kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_avx2;
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx2;
 #endif
@@ -5898,7 +5969,7 @@ static void choose_fast_kernels(void) {
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                  __builtin_cpu_supports("avx512vnni") && !(env && strcmp(env, "0") == 0);
     if (!use_avx512) return;
-    kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = matmul_floats_avx512;
+    kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_avx512;
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx512;

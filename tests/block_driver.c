@@ -10,7 +10,7 @@
 
 int main(int argc, char **argv) {
     int type = -1;
-    for (int t = WEIGHT_Q4_K; argc == 2 && t < WEIGHT_TYPES; t++)
+    for (int t = WEIGHT_Q4_K; argc == 2 && t <= WEIGHT_Q6_K; t++)
         if (strcmp(argv[1], WEIGHT_NAMES[t]) == 0) type = t;
     if (type < 0) return 2;
     uint8_t block[256];

@@ -1,7 +1,8 @@
 """./run-emu (make run-emu: run.c's AVX-512 kernels emulated with SIMDe and
 tools/avx512_emulation.h) against ./run on a CPU that has AVX-512 F, BW,
 VL, DQ, VNNI and BF16, where ./run takes the same kernels natively: the
-CPU is the reference. Random models of every weight type, a prompt one
+CPU is the reference. Random models of every weight type (f16: a GGUF's
+F16 matrices, which ./run maps as they are), a prompt one
 token at a time (-b 1) and in batches (-b 64, one of them partial), then
 generation: the logits must be identical, bit for bit, since the emulation
 does each instruction's arithmetic as the CPU does, in the same order. A
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from test_all import generate_ids, read_logits  # noqa: E402
+from tests.test_gguf_run import write_gguf  # noqa: E402
+from tests.test_smollm2 import tiny_bytelevel_vocab  # noqa: E402
 from tests.test_weight_types import model_args, prompt_for  # noqa: E402
 
 NATIVE, EMULATED = ROOT / "run", os.environ.get("EMULATED_RUN_BINARY")
@@ -40,24 +43,34 @@ def cpu_has_avx512():
     return FEATURES <= set(flags)
 
 
-@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0", "q4_k_m"])
+def random_model_file(dtype, tmp_path):
+    """A random model of the weight type: (its path, vocab_size, a prompt).
+    f16 is no type of our files: a GGUF of F16 matrices (64 positions)."""
+    if dtype == "f16":
+        path, vocab_size = tmp_path / "f16.gguf", len(tiny_bytelevel_vocab()[0])
+        write_gguf(path, default="F16", tied=False, seed=2)
+        return path, vocab_size, prompt_for(vocab_size, n=50)
+    args = model_args("k_untied" if dtype in export.MIXES else "gqa4_untied")
+    path = tmp_path / f"{dtype}.bin"
+    types = export.kquant_mix_types(args, dtype) if dtype in export.MIXES else dtype
+    export.write_checkpoint(path, args, export.random_model(args, seed=2).state_dict(), types)
+    return path, args.vocab_size, prompt_for(args.vocab_size, n=70)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "f16", "q8_0", "q4_0", "q4_k_m"])
 @pytest.mark.parametrize("batch", ["1", "64"])
 def test_emulated_logits_equal_native(dtype, batch, tmp_path):
     if not cpu_has_avx512():
         pytest.skip("this CPU has no AVX-512 (with VNNI and BF16) to compare the emulation with")
     if EMULATED is None:
         pytest.skip("make test-emu runs it, with ./run-emu built from the same run.c as ./run")
-    args = model_args("k_untied" if dtype in export.MIXES else "gqa4_untied")
-    path = tmp_path / f"{dtype}.bin"
-    types = export.kquant_mix_types(args, dtype) if dtype in export.MIXES else dtype
-    export.write_checkpoint(path, args, export.random_model(args, seed=2).state_dict(), types)
-    prompt = prompt_for(args.vocab_size, n=70)
+    path, vocab_size, prompt = random_model_file(dtype, tmp_path)
     rows = []
     for binary in (NATIVE, EMULATED):
         ids, logits_path = generate_ids(path, prompt, 6, tmp_path, binary=binary, extra=("-b", batch))
-        rows.append(read_logits(logits_path, args.vocab_size))
+        rows.append(read_logits(logits_path, vocab_size))
     native, emulated = rows
-    assert native.shape == emulated.shape == (len(prompt) + 5, args.vocab_size)
+    assert native.shape == emulated.shape == (len(prompt) + 5, vocab_size)
     assert np.array_equal(native.view(np.uint32), emulated.view(np.uint32)), \
         f"max |diff| {np.abs(native - emulated).max():.3g}"
 

@@ -13,8 +13,13 @@
      metadata is export.py's write_tokenizer_gguf() output, byte for byte
      (tests/gguf_tokenizer_driver.c prints it): byte-level, sentencepiece,
      and SmolLM2's.
-  3. SmolLM2's GGUF answers make demo's question as its conversion does.
-  4. Hostile GGUF files: one line naming the file, exit 1, never a signal
+  3. F16 matrices are mapped in place as f16, where export.py widens them
+     to f32: the logits are bit for bit those of the conversion on every
+     path (AVX-512, AVX2, one thread, the plain kernels; batches and one
+     token at a time), and ./run's peak resident memory stays near the
+     file's size.
+  4. SmolLM2's GGUF answers make demo's question as its conversion does.
+  5. Hostile GGUF files: one line naming the file, exit 1, never a signal
      or a hang; the damages test_export_hostile.py makes for export.py.
 """
 
@@ -32,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from convert import kquants  # noqa: E402
+from test_all import RUN_NOOMP, RUN_PLAIN  # noqa: E402
 from tests.test_smollm2 import GGUF_DIR, GGUF_NAME, tiny_bytelevel_vocab  # noqa: E402
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
@@ -42,7 +48,7 @@ LAYER_PARTS = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_dow
 @pytest.fixture(scope="module", autouse=True)
 def build():
     if "RUN_BINARY" not in os.environ:
-        subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True)
+        subprocess.run(["make", "-s", "run", "run-noomp", "run-plain"], cwd=ROOT, check=True)
 
 
 def random_blocks(values, kind, rng):
@@ -143,7 +149,7 @@ MIXED = {"token_embd": "Q6_K", "attn_q": "F32", "attn_k": "BF16", "attn_v": "Q4_
          "ffn_gate": "Q5_0", "ffn_down": "Q5_1", "ffn_up": "F16"}
 CASES = {   # name: write_gguf()'s arguments, and the conversion line ./run should print ("" for none)
     "f32": (dict(), ""),
-    "f16": (dict(default="F16", norms="F16", tied=False), "21 F16 tensors to f32"),
+    "f16": (dict(default="F16", norms="F16", tied=False), "5 F16 tensors to f32"),   # the norms; matrices mapped
     "bf16": (dict(default="BF16", tied=False), ""),   # mapped: held to export.py --dtype bf16 (see below)
     "q8_0": (dict(default="Q8_0", tied=False), ""),   # mapped, as q4_0 and the K types
     "q4_0": (dict(default="Q4_0"), ""),
@@ -157,6 +163,7 @@ CASES = {   # name: write_gguf()'s arguments, and the conversion line ./run shou
     "qwen2": (dict(arch="qwen2", types=K_MIX, tied=False), "4 q/k matrices copied"),
     "qwen2 q8_0": (dict(arch="qwen2", default="Q8_0", n_kv_heads=1), "4 q/k matrices copied"),
     "qwen2 f32": (dict(arch="qwen2", n_heads=8, n_kv_heads=4), "4 q/k matrices copied"),
+    "qwen2 f16": (dict(arch="qwen2", default="F16", n_heads=8, n_kv_heads=4), "4 q/k matrices copied"),
     "rope_freqs": (dict(default="Q8_0", rope_freqs=True), ""),
     "linear": (dict(linear=4.0), ""),
     "linear rope_freqs": (dict(default="BF16", linear=2.0, rope_freqs=True), ""),
@@ -166,9 +173,8 @@ CASES = {   # name: write_gguf()'s arguments, and the conversion line ./run shou
 @pytest.mark.parametrize("case", CASES)
 def test_gguf_runs_as_its_conversion_bit_for_bit(case, tmp_path):
     """A file of BF16 matrices is mapped, where export.py's default writes
-    f32: the same numbers, but the plain kernels of bf16 and f32 sum in
-    different orders, so it is held to export.py --dtype bf16, which keeps
-    them bit for bit."""
+    f32: the same numbers, and the same sums (as for F16, below), but it is
+    held to export.py --dtype bf16, which keeps the matrices as they are."""
     kwargs, line = CASES[case]
     write_gguf(tmp_path / "m.gguf", **kwargs)
     bf16 = ["--dtype", "bf16"] if kwargs.get("default") == "BF16" else []
@@ -191,6 +197,54 @@ def test_wrong_types_would_be_caught(tmp_path):
     run(tmp_path / "m.gguf", "--tokens", PROMPT, "-n", 0, "--logits", tmp_path / "ours.f32")
     run(tmp_path / "model.bin", "--tokens", PROMPT, "-n", 0, "--logits", tmp_path / "theirs.f32")
     assert (tmp_path / "ours.f32").read_bytes() != (tmp_path / "theirs.f32").read_bytes()
+
+
+# F16: mapped as f16, run as export.py's f32 conversion on every path
+
+F16_PATHS = {"default": (RUN, "1"), "avx2": (RUN, "0"), "one thread": (RUN_NOOMP, "1"), "plain": (RUN_PLAIN, "1")}
+
+
+@pytest.fixture(scope="module")
+def f16_gguf(tmp_path_factory):
+    """An F16 GGUF (F32 norms: nothing to convert) and export.py's f32 conversion of it."""
+    d = tmp_path_factory.mktemp("f16")
+    write_gguf(d / "m.gguf", default="F16", tied=False, dim=128, hidden=352, n_heads=4, n_kv_heads=1)
+    export_py(d / "model.bin", "--gguf", d / "m.gguf")
+    return d
+
+
+@pytest.mark.parametrize("path", F16_PATHS)
+def test_f16_gguf_runs_as_its_f32_conversion_on_every_path(f16_gguf, path, tmp_path):
+    """Widening a half is exact and each build's float kernels sum f16 as
+    they sum f32, so each path must give the conversion's bits: the prompt
+    in one batch and token by token (-b 1), then generation. Tolerance: none."""
+    binary, avx512 = F16_PATHS[path]
+    d = f16_gguf
+    for batch in ("1", "256"):
+        logits = []
+        for model, tokenizer in ((d / "m.gguf", d / "m.gguf"), (d / "model.bin", d / "tokenizer.bin")):
+            out = tmp_path / f"{model.name}-{batch}.f32"
+            p = subprocess.run([str(binary), str(model), "-z", str(tokenizer), "--tokens", PROMPT, "-n", "6", "-t", "0",
+                                "-b", batch, "--logits", str(out)], capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, RUN_AVX512=avx512))
+            assert p.returncode == 0, p.stderr
+            assert "converted in memory" not in p.stderr, p.stderr
+            logits.append(out.read_bytes())
+        assert len(logits[0]) > 0 and logits[0] == logits[1], batch
+
+
+def test_nan_in_a_copied_f16_matrix_is_refused(tmp_path):
+    """qwen2's q/k matrices are copied (their rows permuted): the copy checks
+    them as export.py does. File row 0 is our row 0."""
+    write_gguf(tmp_path / "q.gguf", arch="qwen2", default="F16", dim=32, hidden=64, n_layers=1)
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    offset = next(t.data_offset for t in reader.tensors if t.name == "blk.0.attn_q.weight") + 2 * 5
+    data = bytearray((tmp_path / "q.gguf").read_bytes())
+    data[offset:offset + 2] = struct.pack("<H", 0x7E00)
+    (tmp_path / "q.gguf").write_bytes(data)
+    p = run(tmp_path / "q.gguf", "--tokens", "1 2", "-n", 1, check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "tensor blk.0.attn_q.weight holds NaN or infinite numbers (row 0, column 5)" in p.stderr, p.stderr
 
 
 def tokenizer_bytes(path, tmp_path):
@@ -462,7 +516,8 @@ def peak_rss_mb(*args):
 
 
 MAPPED = {"q8_0": ("Q8_0", True), "q4_0": ("Q4_0", True), "k": (K_MIX, True), "bf16": ("BF16", True),
-          "f32": ("F32", True), "q4_1": ("Q4_1", False)}   # q4_1: converted to q8_0 at load, the control
+          "f16": ("F16", True), "f32": ("F32", True),
+          "q4_1": ("Q4_1", False)}   # q4_1: converted to q8_0 at load, the control
 
 
 @pytest.mark.parametrize("case", MAPPED)

@@ -89,7 +89,11 @@ static Matrix random_matrix(int type, int rows, int cols) {
         uint16_t *b = xcalloc(n, 2, "test data");
         for (size_t i = 0; i < n; i++) { float f = uniform(); uint32_t u; memcpy(&u, &f, 4); b[i] = (uint16_t)(u >> 16); }
         m.values = b;
-    } else if (type >= WEIGHT_Q4_K) { // random bytes are a valid block; its scales d (and dmin) set apart
+    } else if (type == WEIGHT_F16) {
+        uint16_t *h = xcalloc(n, 2, "test data");
+        for (size_t i = 0; i < n; i++) h[i] = f32_to_f16(uniform());
+        m.values = h;
+    } else if (is_k_type(type)) { // random bytes are a valid block; its scales d (and dmin) set apart
         size_t blocks = n / SUPER_BLOCK, size = K_BLOCK_BYTES[type];
         uint8_t *b = xcalloc(blocks * size, 1, "test data");
         for (size_t i = 0; i < blocks * size; i++) b[i] = (uint8_t)next_u32();
@@ -121,7 +125,7 @@ static Matrix random_matrix(int type, int rows, int cols) {
    cols): for q8_0 and q4_0 weights, and K types whose kernel in the table
    takes them quantized, the quantized x, d q (+ d' q'); else x itself. */
 static void prepared_values(float *xd, const ProductScratch *ps, const Matrix *w, const float *x, int n) {
-    int cols = w->cols, k_quantized = w->type >= WEIGHT_Q4_K && kernels.matmul[w->type] != matmul_k;
+    int cols = w->cols, k_quantized = is_k_type(w->type) && kernels.matmul[w->type] != matmul_k;
     for (int t = 0; t < n; t++) {
         QuantizedVector row = quantized_row(&ps->q, t, cols), rest_row = quantized_row(&ps->rest, t, cols);
         for (int c = 0; c < cols; c++) {
@@ -184,8 +188,8 @@ static double abs_dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* The fast f32 and bf16 dot products in lanes; the plain ones are inside
-   the plain matrix products, tested below. */
+/* The fast f32, bf16 and f16 dot products in lanes; the plain ones are
+   inside the plain matrix products, tested below. */
 /* One token's product with a single row alone (no lanes8 kernel serves it). */
 static float dot_one_row(const Matrix *w, int row, const float *x) {
     float out[8]; // room for 8 rows, as the compiler cannot see that one row takes one
@@ -193,15 +197,15 @@ static float dot_one_row(const Matrix *w, int row, const float *x) {
     return out[0];
 }
 
-/* One token's f32 and bf16 products through the lanes8 kernel `lanes8`,
-   for rows of many widths (passes of GEMM_DEPTH columns and their tails):
-   each output against the exact dot product, and bit for bit as its row
-   alone. */
+/* One token's f32, bf16 and f16 products through the lanes8 kernel
+   `lanes8`, for rows of many widths (passes of GEMM_DEPTH columns and their
+   tails): each output against the exact dot product, and bit for bit as
+   its row alone. */
 static void test_matvec_floats(const char *kind, Lanes8Kernel *lanes8) {
-    static const int types[] = {WEIGHT_F32, WEIGHT_BF16};
+    static const int types[] = {WEIGHT_F32, WEIGHT_BF16, WEIGHT_F16};
     char what[64];
     snprintf(what, sizeof what, "matvec_floats %s", kind);
-    for (int k = 0; k < 2; k++)
+    for (int k = 0; k < 3; k++)
         for (int n = 1; n <= 2100; n += 1 + n / 3) {
             Matrix w = random_matrix(types[k], 19, n);
             float *x = random_floats(n), out[19];
@@ -209,11 +213,8 @@ static void test_matvec_floats(const char *kind, Lanes8Kernel *lanes8) {
             for (int r = 0; r < 19; r++) {
                 float row[2100];
                 double exact = 0;
-                for (int i = 0; i < n; i++) {
-                    row[i] = types[k] == WEIGHT_F32 ? ((const float *)w.values)[(size_t)r * n + i]
-                                                    : bf16_to_f32(((const uint16_t *)w.values)[(size_t)r * n + i]);
-                    exact += (double)row[i] * x[i];
-                }
+                dequantize_row(row, &w, r, 0, n);
+                for (int i = 0; i < n; i++) exact += (double)row[i] * x[i];
                 expect(what, n, k, r, out[r], exact, 1e-5 * abs_dot(row, x, n) + 1e-30);
                 expect(what, n, k, r, out[r], dot_one_row(&w, r, x), 0);
             }
@@ -405,14 +406,14 @@ static void exact_matmul(double *out, double *mag, const Matrix *w, const float 
    the kernels take it so). */
 /* The columns that a row of the type's blocks must fill: 256, 32 or any. */
 static int block_width(int type) {
-    return type >= WEIGHT_Q4_K ? SUPER_BLOCK : type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0 ? GROUP_SIZE : 1;
+    return is_k_type(type) ? SUPER_BLOCK : type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0 ? GROUP_SIZE : 1;
 }
 
 static void test_matmul(const char *table, int type) {
     const char *const *names = WEIGHT_NAMES;
     int shapes[][3] = {   // rows, cols, tokens
         {1, 32, 2}, {8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {9, 32, 1}, {40, 2048, 2},
-        {70, 96, 9}, {5, 5, 2}, {16, 17, 3}, {11, 515, 8}, {8, 1030, 6},   // odd widths, f32 and bf16 only
+        {70, 96, 9}, {5, 5, 2}, {16, 17, 3}, {11, 515, 8}, {8, 1030, 6},   // odd widths, the float types only
         {3, 256, 1}, {8, 256, 5}, {13, 512, 4}, {33, 768, 9}, {5, 1536, 3}, // widths of 256 blocks
     };
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
@@ -446,7 +447,7 @@ static void test_matmul(const char *table, int type) {
 static void test_batch_equals_one_token(const char *table, int type) {
     const char *const *names = WEIGHT_NAMES;
     int shapes[][3] = {{1, 32, 2}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {40, 2048, 6}, {33, 288, 9},
-                       {16, 17, 3}, {11, 515, 8}, {8, 1030, 6}, // odd widths, f32 and bf16 only
+                       {16, 17, 3}, {11, 515, 8}, {8, 1030, 6}, // odd widths, the float types only
                        {3, 256, 5}, {13, 512, 9}, {33, 768, 7}}; // widths of 256 blocks
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
@@ -473,16 +474,16 @@ static void test_batch_equals_one_token(const char *table, int type) {
     }
 }
 
-/* A batch product of f32 or bf16 weights (gemm_rows() or a CPU's own):
+/* A batch product of f32, bf16 or f16 weights (gemm_rows() or a CPU's own):
    every output against the exact product, and bit for bit what one
    token's product gives for its row alone, the order every fast float
    kernel keeps. */
 static void test_gemm_rows(const char *kind, MatmulKernel *gemm) {
-    static const char *names[] = {"f32", "q8_0", "q4_0", "bf16"};
+    const char *const *names = WEIGHT_NAMES;
     int shapes[][3] = {{8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {16, 17, 3}, {11, 515, 8},
                        {8, 8, 1}, {32, 40, 2}, {8, 7, 6}, {9, 1031, 4}, {32, 2048, 5}};
-    static const int types[] = {WEIGHT_F32, WEIGHT_BF16};
-    for (int k = 0; k < 2; k++)
+    static const int types[] = {WEIGHT_F32, WEIGHT_BF16, WEIGHT_F16};
+    for (int k = 0; k < 3; k++)
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
             int type = types[k], rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
             Matrix w = random_matrix(type, rows, cols);
@@ -505,6 +506,41 @@ static void test_gemm_rows(const char *kind, MatmulKernel *gemm) {
             free_products(&ps);
             free_matrix(&w);
             free(x), free(out), free(want), free(mag);
+        }
+}
+
+/* bf16 and f16 products are those of f32 weights of the same values, bit
+   for bit, through the table's kernels, one token and a batch: widening is
+   exact, and each table's float kernels sum in one order. */
+static void test_floats_as_f32(const char *table) {
+    static const int types[] = {WEIGHT_BF16, WEIGHT_F16};
+    int shapes[][3] = {{8, 64, 3}, {13, 96, 4}, {16, 17, 3}, {11, 515, 8}, {5, 5, 2}, {33, 2100, 5}, {40, 1031, 4}};
+    for (int k = 0; k < 2; k++)
+        for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
+            int type = types[k], rows = shapes[s][0], cols = shapes[s][1];
+            Matrix w = random_matrix(type, rows, cols), wide = {.rows = rows, .cols = cols, .type = WEIGHT_F32};
+            float *values = xcalloc((size_t)rows * cols, sizeof(float), "widened");
+            for (int r = 0; r < rows; r++) dequantize_row(values + (size_t)r * cols, &w, r, 0, cols);
+            wide.values = values;
+            for (int n = shapes[s][2]; n >= 1; n = n > 1 ? 1 : 0) {
+                float *x = random_floats((size_t)n * cols), *got = random_floats((size_t)n * rows);
+                float *want = random_floats((size_t)n * rows);
+                ProductScratch ps = alloc_products(n, cols);
+                prepare_input(&ps, TYPE_BIT(type) | TYPE_BIT(WEIGHT_F32), x, n, cols);
+                for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+                    int r1 = r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows;
+                    kernels.matmul[type](got + r0, rows, &w, r0, r1, &ps);
+                    kernels.matmul[WEIGHT_F32](want + r0, rows, &wide, r0, r1, &ps);
+                }
+                checks++;
+                if (memcmp(got, want, (size_t)n * rows * sizeof(float)) != 0 && ++failures <= 30)
+                    fprintf(stderr, "FAIL %s matmul %s (%d, %d), n = %d: not the f32 product's bits\n", table,
+                            WEIGHT_NAMES[type], rows, cols, n);
+                free_products(&ps);
+                free(x), free(got), free(want);
+            }
+            free(values);
+            free_matrix(&w);
         }
 }
 
@@ -558,7 +594,7 @@ static void test_quantized_tiles(int type) {
 /* matmul() of three matrices equals three separate products, bit for bit,
    and gate_up() equals two products and swiglu(). */
 static void test_fused(int type, int n) {
-    int cols = type >= WEIGHT_Q4_K ? 512 : 96, rows[3] = {40, 16, 24};
+    int cols = is_k_type(type) ? 512 : 96, rows[3] = {40, 16, 24};
     Matrix w[3];
     float *x = random_floats((size_t)n * cols), *fused[3], *single[3];
     ProductScratch ps = alloc_products(n, cols);
@@ -849,6 +885,7 @@ int main(void) {
         }
         gguf_layout = 0;
         for (int type = WEIGHT_Q8_0; type <= WEIGHT_Q4_0; type++) test_layouts_agree(table ? "fast" : "plain", type);
+        test_floats_as_f32(table ? "fast" : "plain");
         test_attention(table ? "fast" : "plain");
     }
     kernels = fast;

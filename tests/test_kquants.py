@@ -450,6 +450,21 @@ def test_bad_type_byte_is_refused_in_one_line(kquant_gguf, tmp_path, at, byte, m
     assert not (tmp_path / "out.gguf").exists()
 
 
+@pytest.mark.parametrize("byte", [7, 255])
+def test_run_refuses_an_unknown_type_byte(tmp_path, byte):
+    """./run reads the table as export.py does: 7 is f16 in run.c, a type
+    of its memory alone (a GGUF's F16 matrices, mapped), not of our files."""
+    model = tmp_path / "model.bin"
+    export.write_checkpoint(model, ARGS, export.random_model(ARGS, seed=7).state_dict(),
+                            kquants.kquant_mix_types(ARGS, "q4_k_m"))
+    data = bytearray(model.read_bytes())
+    data[256] = byte
+    model.write_bytes(data)
+    p = subprocess.run([str(RUN), model, "--tokens", "1 2", "-n", "1"], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr == (f"run: {model}: matrix 0 has weight type {byte}, which is unknown "
+                                              "(0 f32, 1 q8_0, 2 q4_0, 3 bf16, 4 q4_k, 5 q5_k, 6 q6_k)\n"), p.stderr
+
+
 def test_qwen2_q_k_rows_of_blocks_go_out_and_back(kquant_gguf, tmp_path):
     """A model with q/k/v biases goes out as GGUF's qwen2, whose q/k rows are
     in Hugging Face's RoPE layout: --to-gguf permutes the rows of blocks of

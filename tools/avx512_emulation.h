@@ -149,6 +149,19 @@ static inline __m512 emu_mm512_cvtepi32_ps(__m512i a) {
 #undef _mm512_cvtepi32_ps
 #define _mm512_cvtepi32_ps emu_mm512_cvtepi32_ps
 
+/* 16 halves to float, exactly: each half of a by F16C (x86-64-v3 has it). */
+static inline __m512 emu_mm512_cvtph_ps(__m256i a) {
+    __m128i halves[2];
+    __m256 wide[2];
+    __m512 r;
+    memcpy(halves, &a, sizeof halves);
+    for (int i = 0; i < 2; i++) wide[i] = _mm256_cvtph_ps(halves[i]);
+    memcpy(&r, wide, sizeof r);
+    return r;
+}
+#undef _mm512_cvtph_ps
+#define _mm512_cvtph_ps emu_mm512_cvtph_ps
+
 /* 16 uint16 widened to int32 with zeros. */
 static inline __m512i emu_mm512_cvtepu16_epi32(__m256i a) {
     uint16_t in[16];
