@@ -839,6 +839,60 @@ static int tok_emit(TokOut *o, int id) {
     return 0;
 }
 
+/* A binary heap of items of one type, the candidate merges of both BPE
+   loops: pop gives the item that comes first by before(a, b) ("a comes
+   first"). before() settles ties too: both loops' break an equal score or
+   rank by position, leftmost first, as the references do. The heap grows by
+   doubling. Each call passes the item's size and before(); the functions
+   are inline, so the compiler copies and compares the items as a heap
+   written for the one type would (encoding is O(n log n) through here). */
+typedef int TokBefore(const void *a, const void *b);
+
+typedef struct {
+    unsigned char *items;   // (cap items)
+    size_t n, cap;          // items held, items room
+} TokHeap;
+
+/* Adds a copy of item. Returns 0, or -1 out of memory (the heap unchanged). */
+static inline int tok_heap_push(TokHeap *h, const void *item, size_t size, TokBefore *before) {
+    if (h->n == h->cap) {
+        size_t cap = h->cap ? h->cap * 2 : 256;
+        unsigned char *items = realloc(h->items, cap * size);
+        if (!items) return -1;
+        h->items = items;
+        h->cap = cap;
+    }
+    /* sift up: parents move down into the hole until item's place is found */
+    size_t i = h->n++;
+    while (i > 0) {
+        size_t up = (i - 1) / 2;
+        if (!before(item, h->items + up * size)) break;
+        memcpy(h->items + i * size, h->items + up * size, size);
+        i = up;
+    }
+    memcpy(h->items + i * size, item, size);
+    return 0;
+}
+
+/* Moves the first item into *top; the heap must not be empty. */
+static inline void tok_heap_pop(TokHeap *h, void *top, size_t size, TokBefore *before) {
+    memcpy(top, h->items, size);
+    /* sift down: the last item, left where it is (past the end now), falls
+       from the root's hole to its place */
+    h->n--;
+    const unsigned char *last = h->items + h->n * size;
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= h->n) break;
+        if (c + 1 < h->n && before(h->items + (c + 1) * size, h->items + c * size)) c++;
+        if (!before(h->items + c * size, last)) break;
+        memcpy(h->items + i * size, h->items + c * size, size);
+        i = c;
+    }
+    if (h->n) memcpy(h->items + i * size, last, size);
+}
+
 /* Length of the longest whole-matched piece (user-defined / added token) at
    s[0..n), or 0. */
 static size_t tok_match_special(const Tokenizer *t, const unsigned char *s, size_t n) {
@@ -912,47 +966,10 @@ typedef struct {
     uint32_t size;          // bytes of the merged piece, to spot stale pairs
 } SpPair;
 
-typedef struct {
-    SpPair *a;
-    size_t n, cap;
-} SpHeap;
-
-static int sp_pair_before(const SpPair *x, const SpPair *y) {
+/* The heap's order (a TokBefore): the highest score first, then the leftmost. */
+static int sp_pair_before(const void *a, const void *b) {
+    const SpPair *x = a, *y = b;
     return x->score > y->score || (x->score == y->score && x->left < y->left);
-}
-
-static int sp_heap_push(SpHeap *h, SpPair p) {
-    if (h->n == h->cap) {
-        size_t cap = h->cap ? h->cap * 2 : 256;
-        SpPair *a = realloc(h->a, cap * sizeof(SpPair));
-        if (!a) return -1;
-        h->a = a;
-        h->cap = cap;
-    }
-    size_t i = h->n++;
-    while (i > 0) {
-        size_t up = (i - 1) / 2;
-        if (!sp_pair_before(&p, &h->a[up])) break;
-        h->a[i] = h->a[up];
-        i = up;
-    }
-    h->a[i] = p;
-    return 0;
-}
-
-static SpPair sp_heap_pop(SpHeap *h) {
-    SpPair top = h->a[0], last = h->a[--h->n];
-    size_t i = 0;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= h->n) break;
-        if (c + 1 < h->n && sp_pair_before(&h->a[c + 1], &h->a[c])) c++;
-        if (!sp_pair_before(&h->a[c], &last)) break;
-        h->a[i] = h->a[c];
-        i = c;
-    }
-    if (h->n) h->a[i] = last;
-    return top;
 }
 
 /* Where an unused piece came from: sentencepiece splits it back into these. */
@@ -964,7 +981,7 @@ typedef struct {
     const Tokenizer *t;
     const unsigned char *norm;
     SpSymbol *sym;
-    SpHeap heap;
+    TokHeap heap;           // of SpPair
     SpRevMerge *rev;        // (vocab_size) for unused pieces, allocated on need
     unsigned char *rev_set; // (vocab_size)
     int oom;
@@ -978,7 +995,7 @@ static void sp_maybe_add_pair(SpState *st, int left, int right) {
     uint32_t size = l->len + r->len;
     int id = tok_index_get(t, &t->bpe, st->norm + l->start, size);
     if (id < 0) return;
-    if (sp_heap_push(&st->heap, (SpPair){t->score[id], left, right, size})) {
+    if (tok_heap_push(&st->heap, &(SpPair){t->score[id], left, right, size}, sizeof(SpPair), sp_pair_before)) {
         st->oom = 1;
         return;
     }
@@ -1067,7 +1084,8 @@ static int sp_encode(const Tokenizer *t, const unsigned char *text, size_t len, 
     for (int i = 1; i < count; i++) sp_maybe_add_pair(&st, i - 1, i);
     /* merge the best pair until no adjacent pair forms a piece */
     while (st.heap.n && !st.oom) {
-        SpPair top = sp_heap_pop(&st.heap);
+        SpPair top;
+        tok_heap_pop(&st.heap, &top, sizeof(SpPair), sp_pair_before);
         SpSymbol *l = &st.sym[top.left], *r = &st.sym[top.right];
         if (l->len == 0 || r->len == 0 || l->len + r->len != top.size) continue;   // stale
         l->len += r->len;
@@ -1091,7 +1109,7 @@ static int sp_encode(const Tokenizer *t, const unsigned char *text, size_t len, 
 done:
     free(norm);
     free(st.sym);
-    free(st.heap.a);
+    free(st.heap.items);
     free(st.rev);
     free(st.rev_set);
     return rc;
@@ -1509,54 +1527,21 @@ typedef struct {
     TokOut *out;
     unsigned char *scratch; // (len + 1) a piece with the prefix space
     BlSymbol *sym;          // (len + 1)
-    BlMerge *heap;          // (heap_cap)
-    size_t heap_cap;
+    TokHeap heap;           // of BlMerge, the current word's
     size_t room;            // bytes of text scratch and sym are sized for
 } BlState;
 
-static int bl_before(const BlMerge *a, const BlMerge *b) {
-    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
-}
-
-static int bl_push(BlState *st, size_t *n, BlMerge m) {
-    if (*n == st->heap_cap) {
-        size_t cap = st->heap_cap ? st->heap_cap * 2 : 64;
-        BlMerge *h = realloc(st->heap, cap * sizeof(BlMerge));
-        if (!h) return -1;
-        st->heap = h;
-        st->heap_cap = cap;
-    }
-    size_t i = (*n)++;
-    while (i > 0) {
-        size_t up = (i - 1) / 2;
-        if (!bl_before(&m, &st->heap[up])) break;
-        st->heap[i] = st->heap[up];
-        i = up;
-    }
-    st->heap[i] = m;
-    return 0;
-}
-
-static BlMerge bl_pop(BlState *st, size_t *n) {
-    BlMerge top = st->heap[0], last = st->heap[--*n];
-    size_t i = 0;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= *n) break;
-        if (c + 1 < *n && bl_before(&st->heap[c + 1], &st->heap[c])) c++;
-        if (!bl_before(&st->heap[c], &last)) break;
-        st->heap[i] = st->heap[c];
-        i = c;
-    }
-    if (*n) st->heap[i] = last;
-    return top;
+/* The heap's order (a TokBefore): the lowest rank first, then the leftmost. */
+static int bl_before(const void *a, const void *b) {
+    const BlMerge *x = a, *y = b;
+    return x->rank < y->rank || (x->rank == y->rank && x->pos < y->pos);
 }
 
 /* Pushes the merge of symbols a and b (a before b), if there is one. */
-static int bl_maybe_push(BlState *st, size_t *n, int a, int b) {
+static int bl_maybe_push(BlState *st, int a, int b) {
     if (a < 0 || b < 0) return 0;
     const TokMerge *m = tok_merge_get(st->t, st->sym[a].id, st->sym[b].id);
-    return m ? bl_push(st, n, (BlMerge){m->rank, a, m->result}) : 0;
+    return m ? tok_heap_push(&st->heap, &(BlMerge){m->rank, a, m->result}, sizeof(BlMerge), bl_before) : 0;
 }
 
 /* BPE on one pre-token, as Hugging Face's Word::merge_all: start from its
@@ -1577,11 +1562,12 @@ static int bl_word(BlState *st, const unsigned char *w, size_t n) {
         if (count) st->sym[count - 1].next = count;
         count++;
     }
-    size_t hn = 0;
+    st->heap.n = 0;
     for (int i = 0; i + 1 < count; i++)
-        if (bl_maybe_push(st, &hn, i, i + 1)) return -1;
-    while (hn) {
-        BlMerge top = bl_pop(st, &hn);
+        if (bl_maybe_push(st, i, i + 1)) return -1;
+    while (st->heap.n) {
+        BlMerge top;
+        tok_heap_pop(&st->heap, &top, sizeof(BlMerge), bl_before);
         BlSymbol *a = &st->sym[top.pos];
         if (!a->alive || a->next < 0) continue;
         BlSymbol *b = &st->sym[a->next];
@@ -1592,7 +1578,7 @@ static int bl_word(BlState *st, const unsigned char *w, size_t n) {
         b->alive = 0;
         a->next = b->next;
         if (b->next >= 0) st->sym[b->next].prev = top.pos;
-        if (bl_maybe_push(st, &hn, a->prev, top.pos) || bl_maybe_push(st, &hn, top.pos, a->next)) return -1;
+        if (bl_maybe_push(st, a->prev, top.pos) || bl_maybe_push(st, top.pos, a->next)) return -1;
     }
     for (int i = 0; i >= 0 && i < count; i = st->sym[i].next)
         if (tok_emit(st->out, st->sym[i].id)) return -2;
@@ -1665,7 +1651,7 @@ static int bl_normalized_segment(BlState *st, const unsigned char *s, size_t n) 
 }
 
 static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, TokOut *out) {
-    BlState st = {t, out, malloc(len + 1), malloc(sizeof(BlSymbol) * (len + 1)), NULL, 0, len};
+    BlState st = {t, out, malloc(len + 1), malloc(sizeof(BlSymbol) * (len + 1)), {NULL, 0, 0}, len};
     int rc = 0;
     if (!st.scratch || !st.sym) rc = -1;
     /* added tokens are matched first, longest at the leftmost place */
@@ -1684,7 +1670,7 @@ static int bl_encode(const Tokenizer *t, const unsigned char *text, size_t len, 
     if (!rc) rc = bl_normalized_segment(&st, text + seg, len - seg);
     free(st.scratch);
     free(st.sym);
-    free(st.heap);
+    free(st.heap.items);
     return rc;
 }
 
