@@ -59,6 +59,556 @@
 #include "tokenizer.c"
 
 /* ----------------------------------------------------------------------------
+   The model: one struct per concern. */
+
+/* The weight types: our checkpoints' codes 0 .. 6, then f16, which only a
+   GGUF file's F16 matrices have, mapped in place (rows x cols IEEE halves). */
+enum { WEIGHT_F32, WEIGHT_Q8_0, WEIGHT_Q4_0, WEIGHT_BF16, WEIGHT_Q4_K, WEIGHT_Q5_K, WEIGHT_Q6_K, WEIGHT_F16,
+       WEIGHT_TYPES };
+#define CHECKPOINT_TYPES WEIGHT_F16 // the types a checkpoint's table may name
+static const char *const WEIGHT_NAMES[] = {"f32", "q8_0", "q4_0", "bf16", "q4_k", "q5_k", "q6_k", "f16"};
+#define GROUP_SIZE 32   // weights per scale in q8_0 and q4_0, per input scale of every integer product
+#define SUPER_BLOCK 256 // weights per block of the K types
+static const int K_BLOCK_BYTES[WEIGHT_TYPES] = {[WEIGHT_Q4_K] = 144, [WEIGHT_Q5_K] = 176, [WEIGHT_Q6_K] = 210};
+/* Bit masks of WEIGHT_* over the types a product or a model uses. */
+#define TYPE_BIT(type) (1u << (type))
+#define K_TYPES (TYPE_BIT(WEIGHT_Q4_K) | TYPE_BIT(WEIGHT_Q5_K) | TYPE_BIT(WEIGHT_Q6_K))
+#define INTEGER_TYPES (TYPE_BIT(WEIGHT_Q8_0) | TYPE_BIT(WEIGHT_Q4_0) | K_TYPES) // products on int8 inputs
+static int is_k_type(int type) { return (TYPE_BIT(type) & K_TYPES) != 0; }
+#define ROW_BLOCK 32  // weight rows the threads take at a time (a multiple of every kernel's tile)
+#define DEFAULT_BATCH 256 // prompt tokens per forward pass (-b)
+#define MAX_BATCH 4096
+
+typedef struct {
+    int dim;             // width of the residual stream
+    int hidden_dim;      // width of the MLP
+    int n_layers;
+    int n_heads;         // query heads
+    int n_kv_heads;      // key/value heads, n_heads % n_kv_heads == 0
+    int head_dim;
+    int vocab_size;
+    int max_seq_len;     // positions the model was trained for
+    float rope_theta;
+    float norm_eps;
+    int tied_classifier; // 1: the classifier is the token embedding
+    int weight_type;     // WEIGHT_*: how the matrices are stored, if all alike
+    const uint8_t *matrix_types; // version 3: each matrix's WEIGHT_*, in file order; else NULL
+    unsigned types_used; // TYPE_BIT()s of the matrices' types
+    unsigned flags;      // FLAG_*: the optional tensors the file holds
+    int legacy;          // 1: a llama2.c checkpoint (generation stops at BOS)
+} Config;
+
+/* A weight matrix (rows, cols) = (out, in), stored as its weight type says
+   (see the format above); w[r] is the row that makes output r. */
+typedef struct {
+    const void *values;      // f32, bf16, f16, q8_0: (rows, cols); q4_0: (rows, cols / 2) bytes;
+                             // K types: (rows, cols / SUPER_BLOCK) blocks
+    const uint8_t *scales;   // (rows, cols / GROUP_SIZE) f16; q8_0 and q4_0 only
+    int rows, cols;
+    int type;                // WEIGHT_*
+    int interleaved;         // q8_0, q4_0: 1 when each group's scale sits just before its values,
+                             // as in GGUF's blocks (see group_values()); 0 in our files
+} Matrix;
+
+typedef struct {
+    const float *attn_norm; // (dim)
+    Matrix wq;              // (q_dim, dim)
+    Matrix wk;              // (kv_dim, dim)
+    Matrix wv;              // (kv_dim, dim)
+    Matrix wo;              // (dim, q_dim)
+    const float *ffn_norm;  // (dim)
+    Matrix w1;              // (hidden, dim) gate
+    Matrix w2;              // (dim, hidden) down
+    Matrix w3;              // (hidden, dim) up
+    const float *bq, *bk, *bv; // (q_dim), (kv_dim), (kv_dim) biases; NULL without FLAG_QKV_BIAS
+} LayerWeights;
+
+typedef struct {
+    Matrix token_embedding;   // (vocab, dim)
+    LayerWeights *layers;     // (n_layers)
+    const float *final_norm;  // (dim)
+    Matrix classifier;        // (vocab, dim), the embedding when tied
+    double *rope_inv_freq;    // (head_dim / 2) pair i turns by pos * rope_inv_freq[i]
+} Weights;
+
+/* Vectors quantized to int8 in groups of GROUP_SIZE, as the integer dot
+   products of q8_0 and q4_0 weights take them: x[i] ~ d[i / 32] * q[i].
+   One vector of n values, or a batch of them, one after another. */
+typedef struct {
+    int8_t *q;           // (n) values in -127..127
+    float *d;            // (n / GROUP_SIZE) scale of each group
+    int32_t *half_sums;  // (n / 16) the sum of each 16 values of q, and
+    int32_t *group_sums; // (n / GROUP_SIZE) of each group, for the fast kernels
+} QuantizedVector;
+
+/* The input x (n, cols) of the matrix products under way, in the forms the
+   kernels take (prepare_input()), and room for them to work; the fast ones
+   may repack each thread's block of weights.
+   widest = max(dim, q_dim, hidden), the widest input of a product. */
+typedef struct {
+    const float *x;       // (n, cols)
+    int n;
+    QuantizedVector q;    // (batch, widest)
+    QuantizedVector rest; // (batch, widest) q8_0 only: what q leaves, x - d q, quantized in turn
+    void *room;           // (threads, room_size) bytes the products may work in (Kernels.product_room)
+    size_t room_size;
+    float *up;            // (threads, batch, ROW_BLOCK) gate_up()'s up projection, a block at a time
+    int batch;
+} ProductScratch;
+
+/* One layer's KV cache: keys and values (n_kv_heads, ctx, head_dim), f32,
+   or f16 when f16 is set, each head's positions one after another. Query
+   head h reads kv head h / (n_heads / n_kv_heads). */
+typedef struct {
+    void *keys, *values;
+    int f16;
+    int ctx, n_heads, n_kv_heads, head_dim;
+} KVCache;
+
+typedef struct Trace Trace; // --trace's statistics: see the trace, after forward_tokens()
+enum { TRACE_ATTENTION, TRACE_MLP }; // a layer's two blocks
+
+typedef struct {
+    float *x;           // (batch, dim) residual stream, one row per token
+    float *xb;          // (batch, dim) normed input of a block, then its output
+    float *q;           // (batch, q_dim) queries, then attention's output in their place
+    float *k;           // (batch, kv_dim) keys, before they go into the cache
+    float *v;           // (batch, kv_dim) values, likewise
+    float *hb;          // (batch, hidden) gate, then the SwiGLU product
+    float *scratch;     // (kernels.attention_scratch()) the attention kernel's
+    float *rope_cos;    // (batch, head_dim / 2) rotation of each position
+    float *rope_sin;    // (batch, head_dim / 2)
+    float *logits;      // (logit_rows, vocab)
+    ProductScratch products; // the input of each product in other forms, packed weights
+    void *key_cache;    // (n_layers, n_kv_heads, ctx, head_dim) f32, or f16 if kv_f16
+    void *value_cache;  // (n_layers, n_kv_heads, ctx, head_dim) likewise
+    int kv_f16;         // 1: the cache holds f16 (for quantized weights)
+    int ctx;            // positions the cache holds
+    int batch;          // tokens one forward pass takes, at most
+    int logit_rows;     // rows the logits buffer holds
+    int threads;        // OpenMP threads (1 without OpenMP)
+    Trace *trace;       // --trace statistics of the last pass; NULL when off
+} RunState;
+
+typedef struct {
+    Config config;
+    Weights weights;
+    RunState state;
+    const char *path;
+    void *data;         // the memory-mapped file; weights point into it
+    void *converted;    // a GGUF file's tensors converted at load (the GGUF reader); else NULL
+    size_t file_size;
+    dev_t device;       // the file's identity, so that no output overwrites it
+    ino_t inode;
+} Transformer;
+
+static void *xcalloc(size_t count, size_t size, const char *what); // zeroed memory, or exit: see Errors
+
+/* ----------------------------------------------------------------------------
+   Kernels, as the plain loops that define them: outputs first, sizes
+   explicit (see the legend at the top); forward_tokens() is a list of calls
+   to them. The fast kernels of the appendix compute the same, faster, and
+   the tests hold them to these. */
+
+/* This thread's number: 0 outside a parallel region or without OpenMP. */
+static int thread_num(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* ---- Elementwise kernels, on n rows at a time */
+
+/* out = x / rms(x) * weight for each of the n rows of x (n, dim), with
+   rms(x) = sqrt(mean(x^2) + eps). The sum runs in double so that long rows
+   lose no precision. out may alias x. */
+static void rmsnorm(float *out, const float *x, const float *weight, int n, int dim, float eps) {
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * dim;
+        float *ot = out + (size_t)t * dim;
+        double sum_sq = 0.0;
+        for (int i = 0; i < dim; i++) sum_sq += (double)xt[i] * xt[i];
+        float scale = (float)(1.0 / sqrt(sum_sq / dim + eps));
+        for (int i = 0; i < dim; i++) ot[i] = xt[i] * scale * weight[i];
+    }
+}
+
+/* The rotations RoPE applies at positions pos .. pos + n - 1: at position p,
+   pair i of every head turns by p * inv_freq[i]. cos_out and sin_out are
+   (n, half). Angles are computed in double, once per token, and shared by
+   all layers. */
+static void rope_angles(float *cos_out, float *sin_out, int pos, int n, int half, const double *inv_freq) {
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < half; i++) {
+            double angle = (double)(pos + t) * inv_freq[i];
+            cos_out[(size_t)t * half + i] = (float)cos(angle);
+            sin_out[(size_t)t * half + i] = (float)sin(angle);
+        }
+}
+
+/* Rotates the interleaved pairs (x[2i], x[2i+1]) of each of n_heads heads,
+   in each of the n rows of x (n, n_heads * head_dim), row t by row t of the
+   tables (n, head_dim / 2). */
+static void rope(float *x, int n, int n_heads, int head_dim, const float *cos_t, const float *sin_t) {
+    int half = head_dim / 2;
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < n_heads; h++) {
+            float *head = x + ((size_t)t * n_heads + h) * head_dim;
+            const float *c = cos_t + (size_t)t * half, *s = sin_t + (size_t)t * half;
+            for (int i = 0; i < half; i++) {
+                float a = head[2 * i], b = head[2 * i + 1];
+                head[2 * i] = a * c[i] - b * s[i];
+                head[2 * i + 1] = a * s[i] + b * c[i];
+            }
+        }
+}
+
+/* x = exp(x - max) / sum, in place. */
+static void softmax(float *x, int n) {
+    float max = x[0];
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* gate = silu(gate) * up, elementwise: the SwiGLU of the MLP. */
+static void swiglu(float *gate, const float *up, int n) {
+    for (int i = 0; i < n; i++) {
+        float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+/* x += y: the residual connection. */
+static void add(float *x, const float *y, int n) {
+    for (int i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* x (n, cols) += bias (cols), row by row. */
+static void add_bias(float *x, const float *bias, int n, int cols) {
+    for (int t = 0; t < n; t++) add(x + (size_t)t * cols, bias, cols);
+}
+
+/* ---- Matrix products
+
+   out (n, rows) = x (n, cols) @ W^T: for each row r of W and each token t,
+   the dot product of row r with x[t]. A kernel computes the rows r0 ..
+   r1 - 1, into out (n, r1 - r0; row stride ldo), from the input that
+   prepare_input() put into in; linear() below shares the rows out among
+   the threads. One kernel per weight type.
+
+   The float kernels add each product by fmaf(), one rounding per term,
+   written out: left to itself, a compiler may fuse some multiply-adds and
+   not others (GCC vectorises f32's products, rounding each, and fuses the
+   tail's), so that f32, bf16 and f16 weights of the same values would not
+   give the same bits. */
+
+static void dequantize_f32(float *out, const Matrix *w, int row, int k0, int kn) {
+    memcpy(out, (const float *)w->values + (size_t)row * w->cols + k0, (size_t)kn * sizeof(float));
+}
+
+static void matmul_f32(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int cols = w->cols;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < in->n; t++) {
+            const float *row = (const float *)w->values + (size_t)r * cols;
+            const float *x = in->x + (size_t)t * cols;
+            float sum = 0.0f;
+            for (int i = 0; i < cols; i++) sum = fmaf(row[i], x[i], sum);
+            out[(size_t)t * ldo + r - r0] = sum;
+        }
+}
+
+/* ---- Halves: f16, which the KV cache may hold (and the scales of q8_0 and q4_0) */
+
+/* An IEEE half (the scales of q8_0 and q4_0, f16 weights) as a float, exactly. */
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) { // zero or subnormal: man x 2^-24
+        float f = (float)man * 0x1p-24f;
+        return sign ? -f : f;
+    }
+    bits = exp == 0x1f ? sign | 0x7f800000u | man << 13      // inf, nan
+                       : sign | (exp + 112) << 23 | man << 13; // rebias 15 -> 127
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* An IEEE half from a float, rounded to nearest even (the f16 KV cache). */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = x >> 16 & 0x8000, abs = x & 0x7fffffff;
+    if (abs > 0x7f800000) return (uint16_t)(sign | 0x7e00);      // nan
+    if (abs >= 0x477ff000) return (uint16_t)(sign | 0x7c00);     // 65520 and up round to inf
+    if (abs < 0x38800000) {                                        // below 2^-14: subnormal, in 2^-24 steps
+        float a;
+        memcpy(&a, &abs, sizeof a);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 0x1p24f));
+    }
+    return (uint16_t)(sign | (abs + 0xfff + (abs >> 13 & 1) - 0x38000000) >> 13); // rebias 127 -> 15
+}
+
+/* ---- Attention */
+
+/* Keys and values of n new tokens, k and v (n, kv_dim), into the cache at
+   positions pos .. pos + n - 1. */
+static void cache_store(const KVCache *kv, const float *k, const float *v, int pos, int n) {
+    int head_dim = kv->head_dim;
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            size_t from = ((size_t)t * kv->n_kv_heads + h) * head_dim, to = ((size_t)h * kv->ctx + pos + t) * head_dim;
+            if (kv->f16) {
+                for (int i = 0; i < head_dim; i++) {
+                    ((uint16_t *)kv->keys)[to + i] = f32_to_f16(k[from + i]);
+                    ((uint16_t *)kv->values)[to + i] = f32_to_f16(v[from + i]);
+                }
+            } else {
+                memcpy((float *)kv->keys + to, k + from, (size_t)head_dim * sizeof(float));
+                memcpy((float *)kv->values + to, v + from, (size_t)head_dim * sizeof(float));
+            }
+        }
+}
+
+/* Element i of a cache's keys or values, as a float. */
+static float cache_at(const void *cache, size_t i, int f16) {
+    return f16 ? f16_to_f32(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
+}
+
+/* scores (n_pos) = q . k / sqrt(head_dim) for the keys k of positions 0 ..
+   n_pos - 1 of kv head h, q (head_dim). */
+static void attention_scores(float *scores, const float *q, const KVCache *kv, int h, int n_pos) {
+    size_t head = (size_t)h * kv->ctx * kv->head_dim;
+    float scale = 1.0f / sqrtf((float)kv->head_dim);
+    for (int p = 0; p < n_pos; p++) {
+        float sum = 0.0f;
+        for (int i = 0; i < kv->head_dim; i++)
+            sum += q[i] * cache_at(kv->keys, head + (size_t)p * kv->head_dim + i, kv->f16);
+        scores[p] = sum * scale;
+    }
+}
+
+/* out (head_dim) = the sum over positions p < n_pos of weights[p] times
+   the value of position p of kv head h. */
+static void attention_mix(float *out, const float *weights, const KVCache *kv, int h, int n_pos) {
+    size_t head = (size_t)h * kv->ctx * kv->head_dim;
+    for (int i = 0; i < kv->head_dim; i++) out[i] = 0.0f;
+    for (int p = 0; p < n_pos; p++)
+        for (int i = 0; i < kv->head_dim; i++)
+            out[i] += weights[p] * cache_at(kv->values, head + (size_t)p * kv->head_dim + i, kv->f16);
+}
+
+/* Causal attention for n queries q (n, q_dim) at positions pos .. pos + n - 1,
+   whose keys and values are already in the cache: query t sees positions
+   0 .. pos + t. out (n, q_dim) = softmax(q k^T / sqrt(head_dim)) v, per
+   head; with n_kv_heads == n_heads that is MHA, with fewer GQA, with one
+   MQA. out may be q: each head's output replaces its query. scratch is
+   attention_plain_scratch() floats: one query's weights per thread. */
+static size_t attention_plain_scratch(int ctx, int n_heads, int head_dim, int threads) {
+    (void)n_heads, (void)head_dim;
+    return (size_t)threads * ctx;
+}
+
+static void attention_plain(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
+    int group = kv->n_heads / kv->n_kv_heads, q_dim = kv->n_heads * kv->head_dim;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < kv->n_heads; h++) {
+            float *weights = scratch + (size_t)thread_num() * kv->ctx; // (ctx)
+            size_t at = (size_t)t * q_dim + (size_t)h * kv->head_dim;
+            attention_scores(weights, q + at, kv, h / group, pos + t + 1);
+            softmax(weights, pos + t + 1);
+            attention_mix(out + at, weights, kv, h / group, pos + t + 1);
+        }
+}
+
+/* ---- The kernel table: the kernels that have faster versions are called
+   through it. It starts at the plain kernels above; in a build with the
+   appendix, choose_fast_kernels() points it at the fastest ones this CPU
+   has, once, before the first forward pass (attention: attention_fast(),
+   on every CPU, ARM included; attention_plain() only in make run-plain). */
+typedef void InputKernel(ProductScratch *in, const float *x, int n, int cols);
+typedef void MatmulKernel(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in);
+typedef void DequantizeKernel(float *out, const Matrix *w, int row, int k0, int kn);
+typedef void AttentionKernel(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch);
+typedef size_t AttentionScratch(int ctx, int n_heads, int head_dim, int threads);
+typedef size_t ProductRoom(const Config *c, int batch);
+/* The other weight types' kernels, after loading ("Other weight types"). */
+static InputKernel quantize_input, quantize_input_q8_0;
+static MatmulKernel matmul_q8_0, matmul_q4_0, matmul_bf16, matmul_f16, matmul_k;
+static DequantizeKernel dequantize_q8_0, dequantize_q4_0, dequantize_bf16, dequantize_f16, dequantize_k;
+
+typedef struct {                             // by weight type, WEIGHT_*:
+    InputKernel *prepare[WEIGHT_TYPES];      //   puts x in the form the products take (NULL: as it is)
+    MatmulKernel *matmul[WEIGHT_TYPES];      //   the products
+    DequantizeKernel *dequantize[WEIGHT_TYPES]; // a row of weights as floats
+    AttentionKernel *attention;
+    AttentionScratch *attention_scratch;     // the floats of scratch the attention kernel needs
+    ProductRoom *product_room;               // the bytes each thread's products may work in (NULL: none)
+} Kernels;
+
+static Kernels kernels = {
+    {NULL, quantize_input_q8_0, quantize_input, NULL, NULL, NULL, NULL, NULL},
+    {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16, matmul_k, matmul_k, matmul_k, matmul_f16},
+    {dequantize_f32, dequantize_q8_0, dequantize_q4_0, dequantize_bf16, dequantize_k, dequantize_k, dequantize_k,
+     dequantize_f16},
+    attention_plain, attention_plain_scratch, NULL};
+#ifndef PLAIN
+static void choose_fast_kernels(void); // the appendix
+#endif
+
+/* Puts the input x (n, cols) of products with weights of the given types
+   (TYPE_BIT()s) into in, in the forms their kernels take: each type's
+   prepare kernel, once. */
+static void prepare_input(ProductScratch *in, unsigned types, const float *x, int n, int cols) {
+    InputKernel *done[WEIGHT_TYPES];
+    in->x = x, in->n = n;
+    for (int type = 0; type < WEIGHT_TYPES; type++) {
+        done[type] = types & TYPE_BIT(type) ? kernels.prepare[type] : NULL;
+        int again = 0;
+        for (int earlier = 0; earlier < type; earlier++) again |= done[earlier] == done[type];
+        if (done[type] && !again) done[type](in, x, n, cols);
+    }
+}
+
+/* out (kn) = columns k0 .. k0 + kn - 1 of row `row` of w, as floats. */
+static void dequantize_row(float *out, const Matrix *w, int row, int k0, int kn) {
+    kernels.dequantize[w->type](out, w, row, k0, kn);
+}
+
+/* x (n, dim) = the embedding rows of n tokens. */
+static void embed(float *x, const Matrix *embedding, const int *tokens, int n) {
+    for (int t = 0; t < n; t++)
+        dequantize_row(x + (size_t)t * embedding->cols, embedding, tokens[t], 0, embedding->cols);
+}
+
+
+/* ---- Matrix products with the threads around them */
+
+/* One product of linear(): out (n, w->rows) = x (n, cols) @ W^T, as
+   torch.nn.functional.linear(x, W). */
+typedef struct {
+    float *out;
+    const Matrix *w;
+} Product;
+
+static int row_blocks(const Matrix *w) { return (w->rows + ROW_BLOCK - 1) / ROW_BLOCK; }
+
+/* The count products p, which read the same input x (n, cols), in one
+   pass: the rows of all of them, in blocks of ROW_BLOCK, are shared out
+   among the threads, one fork and one join for all (q, k and v are one
+   pass). The guided schedule hands out long runs of blocks first, which
+   the prefetchers stream at full speed, then shorter ones to even out the
+   end. A row comes out the same whichever thread computes it. */
+static void linear(const Product *p, int count, const float *x, int n, ProductScratch *ps) {
+    unsigned types = 0;
+    int blocks = 0;
+    for (int i = 0; i < count; i++) blocks += row_blocks(p[i].w), types |= TYPE_BIT(p[i].w->type);
+    prepare_input(ps, types, x, n, p[0].w->cols);
+    #pragma omp parallel for schedule(guided)
+    for (int u = 0; u < blocks; u++) {
+        int i = 0, block = u;
+        while (block >= row_blocks(p[i].w)) block -= row_blocks(p[i++].w);
+        const Matrix *w = p[i].w;
+        int r0 = block * ROW_BLOCK, r1 = r0 + ROW_BLOCK < w->rows ? r0 + ROW_BLOCK : w->rows;
+        kernels.matmul[w->type](p[i].out + r0, w->rows, w, r0, r1, ps);
+    }
+}
+
+/* h (n, hidden) = silu(x @ W1^T) * (x @ W3^T): the gate and up projections
+   of the MLP and its SwiGLU in one pass, each block of rows of W1 taken
+   with the same rows of W3, whose products wait in the thread's block of
+   ps->up. */
+static void gate_up(float *h, const Matrix *w1, const Matrix *w3, const float *x, int n, ProductScratch *ps) {
+    prepare_input(ps, TYPE_BIT(w1->type) | TYPE_BIT(w3->type), x, n, w1->cols);
+    int hidden = w1->rows;
+    #pragma omp parallel for schedule(guided)
+    for (int u = 0; u < row_blocks(w1); u++) {
+        int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < hidden ? r0 + ROW_BLOCK : hidden;
+        float *up = ps->up + (size_t)thread_num() * ps->batch * ROW_BLOCK; // (n, ROW_BLOCK)
+        kernels.matmul[w1->type](h + r0, hidden, w1, r0, r1, ps);
+        kernels.matmul[w3->type](up, ROW_BLOCK, w3, r0, r1, ps);
+        for (int t = 0; t < n; t++) swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * ROW_BLOCK, r1 - r0);
+    }
+}
+
+/* ----------------------------------------------------------------------------
+   The forward pass: n tokens at positions pos .. pos + n - 1 in, logits out.
+   Keys and values of these positions go into the cache, so each token
+   attends to every earlier position without recomputing it. The n tokens
+   go through every layer together, as a matrix (n, dim); n = 1 is a
+   generated token. Returns the logits of the last logit_rows tokens,
+   (logit_rows, vocab); with logit_rows = 0 (a prompt's batch before the
+   last) the classifier is skipped and it returns NULL. */
+
+static void trace_attention(Trace *tr, int layer, const float *q, const KVCache *kv, int pos, int n);
+static void trace_residual(Trace *tr, int layer, int block, const float *x, const float *output, int n);
+
+static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, int logit_rows) {
+    const Config *c = &t->config;
+    const Weights *w = &t->weights;
+    RunState *s = &t->state;
+    int dim = c->dim, head_dim = c->head_dim, q_dim = c->n_heads * head_dim, kv_dim = c->n_kv_heads * head_dim;
+    if (logit_rows > s->logit_rows) {
+        free(s->logits);
+        s->logits = xcalloc((size_t)logit_rows * c->vocab_size, sizeof(float), "logits");
+        s->logit_rows = logit_rows;
+    }
+
+    embed(s->x, &w->token_embedding, tokens, n);                            // token embedding
+    rope_angles(s->rope_cos, s->rope_sin, pos, n, head_dim / 2, w->rope_inv_freq); // rotations of these positions
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const LayerWeights *lw = &w->layers[l];
+        size_t layer = (size_t)l * s->ctx * kv_dim * (s->kv_f16 ? 2 : sizeof(float));
+        KVCache kv = {(char *)s->key_cache + layer, (char *)s->value_cache + layer, s->kv_f16, s->ctx,
+                      c->n_heads, c->n_kv_heads, head_dim};                 // this layer's keys and values
+        Product qkv[3] = {{s->q, &lw->wq}, {s->k, &lw->wk}, {s->v, &lw->wv}};
+        Product attention_out = {s->xb, &lw->wo}, down = {s->xb, &lw->w2};
+
+        rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
+        linear(qkv, 3, s->xb, n, &s->products);                             // q, k, v in one pass
+        if (lw->bq) add_bias(s->q, lw->bq, n, q_dim);                       // their biases (Qwen2), if stored
+        if (lw->bk) add_bias(s->k, lw->bk, n, kv_dim);
+        if (lw->bv) add_bias(s->v, lw->bv, n, kv_dim);
+        rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
+        rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
+        cache_store(&kv, s->k, s->v, pos, n);                               // into the cache
+        if (s->trace) trace_attention(s->trace, l, s->q, &kv, pos, n);      // --trace: weights
+        kernels.attention(s->q, s->q, &kv, pos, n, s->scratch);             // softmax(q k^T / sqrt(head_dim)) v
+        linear(&attention_out, 1, s->q, n, &s->products);                   // output projection
+        add(s->x, s->xb, n * dim);                                          // residual
+        if (s->trace) trace_residual(s->trace, l, TRACE_ATTENTION, s->x, s->xb, n); // --trace
+
+        rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);            // MLP norm
+        gate_up(s->hb, &lw->w1, &lw->w3, s->xb, n, &s->products);           // silu(w1 x) * (w3 x)
+        linear(&down, 1, s->hb, n, &s->products);                           // down = w2 h
+        add(s->x, s->xb, n * dim);                                          // residual
+        if (s->trace) trace_residual(s->trace, l, TRACE_MLP, s->x, s->xb, n); // --trace
+    }
+
+    if (logit_rows == 0) return NULL;
+    float *last = s->x + (size_t)(n - logit_rows) * dim;                    // (logit_rows, dim)
+    Product classifier = {s->logits, &w->classifier};
+    rmsnorm(last, last, w->final_norm, logit_rows, dim, c->norm_eps);       // final norm
+    linear(&classifier, 1, last, logit_rows, &s->products);                 // classifier
+    return s->logits;
+}
+
+/* One token at position pos: its logits (vocab). */
+static float *forward(Transformer *t, int token, int pos) {
+    return forward_tokens(t, &token, 1, pos, 1);
+}
+
+/* ----------------------------------------------------------------------------
    The checkpoint format (version 2; version 1 is the same without flags;
    version 3 gives each matrix its own type, below). Little-endian throughout.
 
@@ -231,150 +781,6 @@ static void *zeroed(size_t count, size_t size, const char *what, int lazy) {
 }
 
 static void *xcalloc(size_t count, size_t size, const char *what) { return zeroed(count, size, what, 0); }
-
-/* ----------------------------------------------------------------------------
-   The model: one struct per concern. */
-
-/* The weight types: our checkpoints' codes 0 .. 6, then f16, which only a
-   GGUF file's F16 matrices have, mapped in place (rows x cols IEEE halves). */
-enum { WEIGHT_F32, WEIGHT_Q8_0, WEIGHT_Q4_0, WEIGHT_BF16, WEIGHT_Q4_K, WEIGHT_Q5_K, WEIGHT_Q6_K, WEIGHT_F16,
-       WEIGHT_TYPES };
-#define CHECKPOINT_TYPES WEIGHT_F16 // the types a checkpoint's table may name
-static const char *const WEIGHT_NAMES[] = {"f32", "q8_0", "q4_0", "bf16", "q4_k", "q5_k", "q6_k", "f16"};
-#define GROUP_SIZE 32   // weights per scale in q8_0 and q4_0, per input scale of every integer product
-#define SUPER_BLOCK 256 // weights per block of the K types
-static const int K_BLOCK_BYTES[WEIGHT_TYPES] = {[WEIGHT_Q4_K] = 144, [WEIGHT_Q5_K] = 176, [WEIGHT_Q6_K] = 210};
-/* Bit masks of WEIGHT_* over the types a product or a model uses. */
-#define TYPE_BIT(type) (1u << (type))
-#define K_TYPES (TYPE_BIT(WEIGHT_Q4_K) | TYPE_BIT(WEIGHT_Q5_K) | TYPE_BIT(WEIGHT_Q6_K))
-#define INTEGER_TYPES (TYPE_BIT(WEIGHT_Q8_0) | TYPE_BIT(WEIGHT_Q4_0) | K_TYPES) // products on int8 inputs
-static int is_k_type(int type) { return (TYPE_BIT(type) & K_TYPES) != 0; }
-#define ROW_BLOCK 32  // weight rows the threads take at a time (a multiple of every kernel's tile)
-#define DEFAULT_BATCH 256 // prompt tokens per forward pass (-b)
-#define MAX_BATCH 4096
-
-typedef struct {
-    int dim;             // width of the residual stream
-    int hidden_dim;      // width of the MLP
-    int n_layers;
-    int n_heads;         // query heads
-    int n_kv_heads;      // key/value heads, n_heads % n_kv_heads == 0
-    int head_dim;
-    int vocab_size;
-    int max_seq_len;     // positions the model was trained for
-    float rope_theta;
-    float norm_eps;
-    int tied_classifier; // 1: the classifier is the token embedding
-    int weight_type;     // WEIGHT_*: how the matrices are stored, if all alike
-    const uint8_t *matrix_types; // version 3: each matrix's WEIGHT_*, in file order; else NULL
-    unsigned types_used; // TYPE_BIT()s of the matrices' types
-    unsigned flags;      // FLAG_*: the optional tensors the file holds
-    int legacy;          // 1: a llama2.c checkpoint (generation stops at BOS)
-} Config;
-
-/* A weight matrix (rows, cols) = (out, in), stored as its weight type says
-   (see the format above); w[r] is the row that makes output r. */
-typedef struct {
-    const void *values;      // f32, bf16, f16, q8_0: (rows, cols); q4_0: (rows, cols / 2) bytes;
-                             // K types: (rows, cols / SUPER_BLOCK) blocks
-    const uint8_t *scales;   // (rows, cols / GROUP_SIZE) f16; q8_0 and q4_0 only
-    int rows, cols;
-    int type;                // WEIGHT_*
-    int interleaved;         // q8_0, q4_0: 1 when each group's scale sits just before its values,
-                             // as in GGUF's blocks (see group_values()); 0 in our files
-} Matrix;
-
-typedef struct {
-    const float *attn_norm; // (dim)
-    Matrix wq;              // (q_dim, dim)
-    Matrix wk;              // (kv_dim, dim)
-    Matrix wv;              // (kv_dim, dim)
-    Matrix wo;              // (dim, q_dim)
-    const float *ffn_norm;  // (dim)
-    Matrix w1;              // (hidden, dim) gate
-    Matrix w2;              // (dim, hidden) down
-    Matrix w3;              // (hidden, dim) up
-    const float *bq, *bk, *bv; // (q_dim), (kv_dim), (kv_dim) biases; NULL without FLAG_QKV_BIAS
-} LayerWeights;
-
-typedef struct {
-    Matrix token_embedding;   // (vocab, dim)
-    LayerWeights *layers;     // (n_layers)
-    const float *final_norm;  // (dim)
-    Matrix classifier;        // (vocab, dim), the embedding when tied
-    double *rope_inv_freq;    // (head_dim / 2) pair i turns by pos * rope_inv_freq[i]
-} Weights;
-
-/* Vectors quantized to int8 in groups of GROUP_SIZE, as the integer dot
-   products of q8_0 and q4_0 weights take them: x[i] ~ d[i / 32] * q[i].
-   One vector of n values, or a batch of them, one after another. */
-typedef struct {
-    int8_t *q;           // (n) values in -127..127
-    float *d;            // (n / GROUP_SIZE) scale of each group
-    int32_t *half_sums;  // (n / 16) the sum of each 16 values of q, and
-    int32_t *group_sums; // (n / GROUP_SIZE) of each group, for the fast kernels
-} QuantizedVector;
-
-/* The input x (n, cols) of the matrix products under way, in the forms the
-   kernels take (prepare_input()), and room for them to work; the fast ones
-   may repack each thread's block of weights.
-   widest = max(dim, q_dim, hidden), the widest input of a product. */
-typedef struct {
-    const float *x;       // (n, cols)
-    int n;
-    QuantizedVector q;    // (batch, widest)
-    QuantizedVector rest; // (batch, widest) q8_0 only: what q leaves, x - d q, quantized in turn
-    void *panels;         // (threads, panel_size) bytes, for a batch of q8_0 or q4_0
-    size_t panel_size;    // ROW_BLOCK rows of widest + 64 floats
-    float *up;            // (threads, batch, ROW_BLOCK) gate_up()'s up projection, a block at a time
-    int batch;
-} ProductScratch;
-
-/* One layer's KV cache: keys and values (n_kv_heads, ctx, head_dim), f32,
-   or f16 when f16 is set, each head's positions one after another. Query
-   head h reads kv head h / (n_heads / n_kv_heads). */
-typedef struct {
-    void *keys, *values;
-    int f16;
-    int ctx, n_heads, n_kv_heads, head_dim;
-} KVCache;
-
-typedef struct Trace Trace; // --trace's statistics: see the trace, after forward_tokens()
-enum { TRACE_ATTENTION, TRACE_MLP }; // a layer's two blocks
-
-typedef struct {
-    float *x;           // (batch, dim) residual stream, one row per token
-    float *xb;          // (batch, dim) normed input of a block, then its output
-    float *q;           // (batch, q_dim) queries, then attention's output in their place
-    float *k;           // (batch, kv_dim) keys, before they go into the cache
-    float *v;           // (batch, kv_dim) values, likewise
-    float *hb;          // (batch, hidden) gate, then the SwiGLU product
-    float *scratch;     // (attention_scratch_size()) attention's
-    float *rope_cos;    // (batch, head_dim / 2) rotation of each position
-    float *rope_sin;    // (batch, head_dim / 2)
-    float *logits;      // (logit_rows, vocab)
-    ProductScratch products; // the input of each product in other forms, packed weights
-    void *key_cache;    // (n_layers, n_kv_heads, ctx, head_dim) f32, or f16 if kv_f16
-    void *value_cache;  // (n_layers, n_kv_heads, ctx, head_dim) likewise
-    int kv_f16;         // 1: the cache holds f16 (for quantized weights)
-    int ctx;            // positions the cache holds
-    int batch;          // tokens one forward pass takes, at most
-    int logit_rows;     // rows the logits buffer holds
-    int threads;        // OpenMP threads (1 without OpenMP)
-    Trace *trace;       // --trace statistics of the last pass; NULL when off
-} RunState;
-
-typedef struct {
-    Config config;
-    Weights weights;
-    RunState state;
-    const char *path;
-    void *data;         // the memory-mapped file; weights point into it
-    void *converted;    // a GGUF file's tensors converted at load (the GGUF reader); else NULL
-    size_t file_size;
-    dev_t device;       // the file's identity, so that no output overwrites it
-    ino_t inode;
-} Transformer;
 
 /* ----------------------------------------------------------------------------
    Loading. The whole header is validated, and the file size must equal what
@@ -609,127 +1015,137 @@ static int parse_checkpoint(Transformer *t, const unsigned char *data, size_t si
 }
 
 /* ----------------------------------------------------------------------------
-   Kernels, as the plain loops that define them: outputs first, sizes
-   explicit (see the legend at the top); forward_tokens() is a list of calls
-   to them. The fast kernels of the appendix compute the same, faster, and
-   the tests hold them to these. */
+   Opening a checkpoint: the file, checked and mapped, then parse_checkpoint(). */
 
-/* This thread's number: 0 outside a parallel region or without OpenMP. */
-static int thread_num(void) {
+/* Opens an input file for reading, refusing anything but a regular file of
+   at most max_size bytes: a FIFO would block open() (O_NONBLOCK keeps it
+   from waiting) and a device such as /dev/zero never ends. */
+static int open_input(const char *path, long long max_size, const char *what, struct stat *st) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) die(path, "cannot open: %s", strerror(errno));
+    if (fstat(fd, st) != 0) die(path, "cannot stat: %s", strerror(errno));
+    if (!S_ISREG(st->st_mode)) die(path, "not a regular file");
+    if (st->st_size > max_size)
+        die(path, "%s of %lld bytes is too large (at most %lld MiB)", what, (long long)st->st_size, max_size >> 20);
+    return fd;
+}
+
+/* Opens and maps a checkpoint. The mapping is read-only and private: weights
+   are never copied, and pages load from the file as the kernels touch them. */
+static void load_transformer(Transformer *t, const char *path) {
+    memset(t, 0, sizeof *t);
+    t->path = path;
+    struct stat st;
+    int fd = open_input(path, INT64_MAX, "a checkpoint", &st);
+    if (st.st_size == 0) die(path, "file is empty");
+    t->device = st.st_dev, t->inode = st.st_ino;
+    t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+    close(fd);
+    if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
+    char err[ERROR_SIZE];
+    if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
+}
+
+/* ----------------------------------------------------------------------------
+   The run state's memory: the activations, the KV cache, and the room the
+   kernels work in. */
+
+/* OMP_NUM_THREADS can ask for any number of threads, and the thread
+   runtime crashes trying to start 100000 of them; more than a few per core
+   only adds switching, so more than 4 per core are cut to that, once, with
+   a notice. */
+static void limit_threads(void) {
 #ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
+    int asked = omp_get_max_threads(), most = 4 * omp_get_num_procs();
+    if (asked > most) {
+        fprintf(stderr, "run: OMP_NUM_THREADS asks for %d threads; using %d (4 per core)\n", asked, most);
+        omp_set_num_threads(most);
+    }
 #endif
 }
 
-/* ---- Elementwise kernels, on n rows at a time */
-
-/* out = x / rms(x) * weight for each of the n rows of x (n, dim), with
-   rms(x) = sqrt(mean(x^2) + eps). The sum runs in double so that long rows
-   lose no precision. out may alias x. */
-static void rmsnorm(float *out, const float *x, const float *weight, int n, int dim, float eps) {
-    for (int t = 0; t < n; t++) {
-        const float *xt = x + (size_t)t * dim;
-        float *ot = out + (size_t)t * dim;
-        double sum_sq = 0.0;
-        for (int i = 0; i < dim; i++) sum_sq += (double)xt[i] * xt[i];
-        float scale = (float)(1.0 / sqrt(sum_sq / dim + eps));
-        for (int i = 0; i < dim; i++) ot[i] = xt[i] * scale * weight[i];
-    }
+/* Room for n activations quantized by quantize_vector() (and one byte more,
+   so that n = 0 still allocates). */
+static void alloc_quantized(QuantizedVector *v, size_t n, const char *what) {
+    v->q = xcalloc(n + 1, 1, what);
+    v->d = xcalloc(n / GROUP_SIZE + 1, sizeof(float), what);
+    v->half_sums = xcalloc(n / 16 + 1, sizeof(int32_t), what);
+    v->group_sums = xcalloc(n / GROUP_SIZE + 1, sizeof(int32_t), what);
 }
 
-/* The rotations RoPE applies at positions pos .. pos + n - 1: at position p,
-   pair i of every head turns by p * inv_freq[i]. cos_out and sin_out are
-   (n, half). Angles are computed in double, once per token, and shared by
-   all layers. */
-static void rope_angles(float *cos_out, float *sin_out, int pos, int n, int half, const double *inv_freq) {
-    for (int t = 0; t < n; t++)
-        for (int i = 0; i < half; i++) {
-            double angle = (double)(pos + t) * inv_freq[i];
-            cos_out[(size_t)t * half + i] = (float)cos(angle);
-            sin_out[(size_t)t * half + i] = (float)sin(angle);
-        }
+static void free_quantized(QuantizedVector *v) {
+    free(v->q), free(v->d), free(v->half_sums), free(v->group_sums);
 }
 
-/* Rotates the interleaved pairs (x[2i], x[2i+1]) of each of n_heads heads,
-   in each of the n rows of x (n, n_heads * head_dim), row t by row t of the
-   tables (n, head_dim / 2). */
-static void rope(float *x, int n, int n_heads, int head_dim, const float *cos_t, const float *sin_t) {
-    int half = head_dim / 2;
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < n_heads; h++) {
-            float *head = x + ((size_t)t * n_heads + h) * head_dim;
-            const float *c = cos_t + (size_t)t * half, *s = sin_t + (size_t)t * half;
-            for (int i = 0; i < half; i++) {
-                float a = head[2 * i], b = head[2 * i + 1];
-                head[2 * i] = a * c[i] - b * s[i];
-                head[2 * i + 1] = a * s[i] + b * c[i];
-            }
-        }
+/* Allocates the activations for batches of up to `batch` tokens and a KV
+   cache of ctx positions. calloc maps zero pages lazily, so a long cache
+   costs memory only as it fills, and room that a kernel does not use costs
+   none. */
+static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
+    size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
+    size_t cache = mul_size(mul_size(c->n_layers, ctx), kv_dim);
+    size_t widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim; // an input the matvecs quantize
+    if (q_dim > widest) widest = q_dim;
+    s->ctx = ctx;
+    s->batch = batch < 1 ? 1 : batch > ctx ? ctx : batch;
+    s->threads = 1;
+#ifdef _OPENMP
+    s->threads = omp_get_max_threads();
+#endif
+    size_t b = s->batch;
+    s->x = xcalloc(b * c->dim, sizeof(float), "activations");
+    s->xb = xcalloc(b * c->dim, sizeof(float), "activations");
+    s->q = xcalloc(b * q_dim, sizeof(float), "activations");
+    s->hb = xcalloc(b * c->hidden_dim, sizeof(float), "activations");
+    s->kv_f16 = (c->types_used & INTEGER_TYPES) != 0;
+    s->k = xcalloc(b * kv_dim, sizeof(float), "activations");
+    s->v = xcalloc(b * kv_dim, sizeof(float), "activations");
+    s->scratch = zeroed(kernels.attention_scratch(ctx, c->n_heads, c->head_dim, s->threads), sizeof(float),
+                        "attention scratch", 1);
+    s->rope_cos = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
+    s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
+    s->logit_rows = 1;
+    s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
+    ProductScratch *ps = &s->products;
+    size_t qn = c->types_used & INTEGER_TYPES ? b * widest : 0; // quantized inputs, for the integer products
+    alloc_quantized(&ps->q, qn, "activations");
+    size_t rn = c->types_used & TYPE_BIT(WEIGHT_Q8_0) ? qn : 0; // the second part, for q8_0 only
+    alloc_quantized(&ps->rest, rn, "activations");
+    ps->room_size = kernels.product_room ? kernels.product_room(c, (int)b) : 0;
+    ps->room = xcalloc(mul_size(s->threads, ps->room_size) + 1, 1, "the products' room");
+    ps->batch = (int)b;
+    ps->up = xcalloc(s->threads * b * ROW_BLOCK, sizeof(float), "activations");
+    s->key_cache = zeroed(cache, s->kv_f16 ? 2 : sizeof(float), "the key cache", 1);
+    s->value_cache = zeroed(cache, s->kv_f16 ? 2 : sizeof(float), "the value cache", 1);
 }
 
-/* x = exp(x - max) / sum, in place. */
-static void softmax(float *x, int n) {
-    float max = x[0];
-    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
-    double sum = 0.0;
-    for (int i = 0; i < n; i++) {
-        x[i] = expf(x[i] - max);
-        sum += x[i];
-    }
-    float inv = (float)(1.0 / sum);
-    for (int i = 0; i < n; i++) x[i] *= inv;
+static void free_trace(Trace *tr); // the views' memory: see the trace
+
+static void free_run_state(RunState *s) {
+    void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
+                       s->rope_sin, s->logits, s->products.room, s->products.up, s->key_cache,
+                       s->value_cache};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
+    free_quantized(&s->products.q);
+    free_quantized(&s->products.rest);
+    free_trace(s->trace);
 }
 
-/* gate = silu(gate) * up, elementwise: the SwiGLU of the MLP. */
-static void swiglu(float *gate, const float *up, int n) {
-    for (int i = 0; i < n; i++) {
-        float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+static void free_transformer(Transformer *t) {
+    free_run_state(&t->state);
+    free(t->weights.layers);
+    free(t->weights.rope_inv_freq);
+    free(t->converted);
+    munmap(t->data, t->file_size);
 }
 
-/* x += y: the residual connection. */
-static void add(float *x, const float *y, int n) {
-    for (int i = 0; i < n; i++) x[i] += y[i];
-}
 
-/* x (n, cols) += bias (cols), row by row. */
-static void add_bias(float *x, const float *bias, int n, int cols) {
-    for (int t = 0; t < n; t++) add(x + (size_t)t * cols, bias, cols);
-}
-
-/* ---- Number formats */
-
-/* An IEEE half (the scales of q8_0 and q4_0, f16 weights) as a float, exactly. */
-static float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = h >> 10 & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) { // zero or subnormal: man x 2^-24
-        float f = (float)man * 0x1p-24f;
-        return sign ? -f : f;
-    }
-    bits = exp == 0x1f ? sign | 0x7f800000u | man << 13      // inf, nan
-                       : sign | (exp + 112) << 23 | man << 13; // rebias 15 -> 127
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* An IEEE half from a float, rounded to nearest even (the f16 KV cache). */
-static uint16_t f32_to_f16(float f) {
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    uint32_t sign = x >> 16 & 0x8000, abs = x & 0x7fffffff;
-    if (abs > 0x7f800000) return (uint16_t)(sign | 0x7e00);      // nan
-    if (abs >= 0x477ff000) return (uint16_t)(sign | 0x7c00);     // 65520 and up round to inf
-    if (abs < 0x38800000) {                                        // below 2^-14: subnormal, in 2^-24 steps
-        float a;
-        memcpy(&a, &abs, sizeof a);
-        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 0x1p24f));
-    }
-    return (uint16_t)(sign | (abs + 0xfff + (abs >> 13 & 1) - 0x38000000) >> 13); // rebias 127 -> 15
-}
+/* ----------------------------------------------------------------------------
+   Other weight types: their number formats, how the integer products take
+   their input, and their plain kernels, each listed in the kernel table.
+   bf16 and f16 weights are widened to f32 exactly; q8_0, q4_0 and the K
+   types meet an input quantized to int8 (q8_0 in two parts), one exact
+   integer dot product per group of 32, scaled. */
 
 /* A bfloat16 is the top half of a float. */
 static float bf16_to_f32(uint16_t b) {
@@ -797,48 +1213,46 @@ static void dequantize_block(float out[SUPER_BLOCK], const uint8_t *block, int t
     }
 }
 
-/* out (kn) = columns k0 .. k0 + kn - 1 of row `row` of w, as floats. For
-   q8_0 and q4_0, k0 and kn are multiples of GROUP_SIZE; for the K types,
-   of SUPER_BLOCK. */
-static void dequantize_row(float *out, const Matrix *w, int row, int k0, int kn) {
-    size_t at = (size_t)row * w->cols + k0; // index of the first weight
-    if (is_k_type(w->type)) {
-        const uint8_t *block = (const uint8_t *)w->values + at / SUPER_BLOCK * K_BLOCK_BYTES[w->type];
-        for (int b = 0; b < kn / SUPER_BLOCK; b++)
-            dequantize_block(out + b * SUPER_BLOCK, block + (size_t)b * K_BLOCK_BYTES[w->type], w->type);
-    } else if (w->type == WEIGHT_F32) {
-        memcpy(out, (const float *)w->values + at, (size_t)kn * sizeof(float));
-    } else if (w->type == WEIGHT_BF16) {
-        const uint16_t *b = (const uint16_t *)w->values + at;
-        for (int i = 0; i < kn; i++) out[i] = bf16_to_f32(b[i]);
-    } else if (w->type == WEIGHT_F16) {
-        const uint16_t *h = (const uint16_t *)w->values + at;
-        for (int i = 0; i < kn; i++) out[i] = f16_to_f32(h[i]);
-    } else if (w->type == WEIGHT_Q8_0) {
-        for (int g = 0; g < kn / GROUP_SIZE; g++) {
-            const int8_t *q = (const int8_t *)group_values(w, at / GROUP_SIZE + g);
-            float d = group_scale(w, at / GROUP_SIZE + g);
-            for (int i = 0; i < GROUP_SIZE; i++) out[g * GROUP_SIZE + i] = d * q[i];
-        }
-    } else { // q4_0: byte j of a group holds weight j (low nibble) and j + 16 (high)
-        for (int g = 0; g < kn / GROUP_SIZE; g++) {
-            float d = group_scale(w, at / GROUP_SIZE + g);
-            const uint8_t *b = group_values(w, at / GROUP_SIZE + g);
-            float *o = out + g * GROUP_SIZE;
-            for (int j = 0; j < GROUP_SIZE / 2; j++) {
-                o[j] = d * ((b[j] & 15) - 8);
-                o[j + GROUP_SIZE / 2] = d * ((b[j] >> 4) - 8);
-            }
+/* out (kn) = columns k0 .. k0 + kn - 1 of row `row` of w, as floats, one
+   function per weight type (kernels.dequantize). For q8_0 and q4_0, k0 and
+   kn are multiples of GROUP_SIZE; for the K types, of SUPER_BLOCK. */
+static void dequantize_bf16(float *out, const Matrix *w, int row, int k0, int kn) {
+    const uint16_t *b = (const uint16_t *)w->values + (size_t)row * w->cols + k0;
+    for (int i = 0; i < kn; i++) out[i] = bf16_to_f32(b[i]);
+}
+
+static void dequantize_f16(float *out, const Matrix *w, int row, int k0, int kn) {
+    const uint16_t *h = (const uint16_t *)w->values + (size_t)row * w->cols + k0;
+    for (int i = 0; i < kn; i++) out[i] = f16_to_f32(h[i]);
+}
+
+static void dequantize_q8_0(float *out, const Matrix *w, int row, int k0, int kn) {
+    size_t first = ((size_t)row * w->cols + k0) / GROUP_SIZE;
+    for (int g = 0; g < kn / GROUP_SIZE; g++) {
+        const int8_t *q = (const int8_t *)group_values(w, first + g);
+        float d = group_scale(w, first + g);
+        for (int i = 0; i < GROUP_SIZE; i++) out[g * GROUP_SIZE + i] = d * q[i];
+    }
+}
+
+/* q4_0: byte j of a group holds weight j (low nibble) and j + 16 (high). */
+static void dequantize_q4_0(float *out, const Matrix *w, int row, int k0, int kn) {
+    size_t first = ((size_t)row * w->cols + k0) / GROUP_SIZE;
+    for (int g = 0; g < kn / GROUP_SIZE; g++) {
+        float d = group_scale(w, first + g);
+        const uint8_t *b = group_values(w, first + g);
+        for (int j = 0; j < GROUP_SIZE / 2; j++) {
+            out[g * GROUP_SIZE + j] = d * ((b[j] & 15) - 8);
+            out[g * GROUP_SIZE + j + GROUP_SIZE / 2] = d * ((b[j] >> 4) - 8);
         }
     }
 }
 
-/* x (n, dim) = the embedding rows of n tokens. */
-static void embed(float *x, const Matrix *embedding, const int *tokens, int n) {
-    for (int t = 0; t < n; t++)
-        dequantize_row(x + (size_t)t * embedding->cols, embedding, tokens[t], 0, embedding->cols);
+static void dequantize_k(float *out, const Matrix *w, int row, int k0, int kn) {
+    size_t bytes = K_BLOCK_BYTES[w->type];
+    const uint8_t *block = (const uint8_t *)w->values + ((size_t)row * w->cols + k0) / SUPER_BLOCK * bytes;
+    for (int b = 0; b < kn / SUPER_BLOCK; b++) dequantize_block(out + b * SUPER_BLOCK, block + b * bytes, w->type);
 }
-
 
 /* ---- Quantized inputs, for the integer dot products of q8_0 and q4_0 */
 
@@ -897,48 +1311,24 @@ static QuantizedVector quantized_row(const QuantizedVector *x, int t, int n) {
                              x->half_sums + (size_t)t * (n / 16), x->group_sums + (size_t)t * (n / GROUP_SIZE)};
 }
 
-/* Puts the input x (n, cols) of products with weights of the given types
-   (TYPE_BIT()s) into in, in the forms their kernels take: quantized for the
-   integer products (q8_0 in two parts), the rows of a batch in parallel.
-   (The plain K-type kernels take x as it is, the fast ones quantized.) */
-static void prepare_input(ProductScratch *in, unsigned types, const float *x, int n, int cols) {
-    in->x = x, in->n = n;
-    if (!(types & INTEGER_TYPES)) return;
+/* The input x (n, cols) quantized into in->q, as the integer products
+   take it (kernels.prepare), the rows of a batch in parallel; and for q8_0
+   in two parts, in->q and in->rest. */
+static void quantize_input(ProductScratch *in, const float *x, int n, int cols) {
     #pragma omp parallel for if (n > 1)
     for (int t = 0; t < n; t++) {
         QuantizedVector row = quantized_row(&in->q, t, cols);
         quantize_vector(&row, x + (size_t)t * cols, cols);
-        if (types & TYPE_BIT(WEIGHT_Q8_0)) {
-            QuantizedVector rest = quantized_row(&in->rest, t, cols);
-            quantize_remainder(&rest, x + (size_t)t * cols, &row, cols);
-        }
     }
 }
 
-/* ---- Matrix products
-
-   out (n, rows) = x (n, cols) @ W^T: for each row r of W and each token t,
-   the dot product of row r with x[t]. A kernel computes the rows r0 ..
-   r1 - 1, into out (n, r1 - r0; row stride ldo), from the input that
-   prepare_input() put into in; matmul() below shares the rows out among
-   the threads. One kernel per weight type.
-
-   The float kernels add each product by fmaf(), one rounding per term,
-   written out: left to itself, a compiler may fuse some multiply-adds and
-   not others (GCC vectorises f32's products, rounding each, and fuses the
-   tail's), so that f32, bf16 and f16 weights of the same values would not
-   give the same bits. */
-
-static void matmul_f32(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    int cols = w->cols;
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < in->n; t++) {
-            const float *row = (const float *)w->values + (size_t)r * cols;
-            const float *x = in->x + (size_t)t * cols;
-            float sum = 0.0f;
-            for (int i = 0; i < cols; i++) sum = fmaf(row[i], x[i], sum);
-            out[(size_t)t * ldo + r - r0] = sum;
-        }
+static void quantize_input_q8_0(ProductScratch *in, const float *x, int n, int cols) {
+    #pragma omp parallel for if (n > 1)
+    for (int t = 0; t < n; t++) {
+        QuantizedVector row = quantized_row(&in->q, t, cols), rest = quantized_row(&in->rest, t, cols);
+        quantize_vector(&row, x + (size_t)t * cols, cols);
+        quantize_remainder(&rest, x + (size_t)t * cols, &row, cols);
+    }
 }
 
 /* Each bf16 weight widened to float, exactly: the sums of matmul_f32() on
@@ -1035,210 +1425,6 @@ static void matmul_k(float *out, int ldo, const Matrix *w, int r0, int r1, const
     }
 }
 
-/* ---- Attention */
-
-/* Keys and values of n new tokens, k and v (n, kv_dim), into the cache at
-   positions pos .. pos + n - 1. */
-static void cache_store(const KVCache *kv, const float *k, const float *v, int pos, int n) {
-    int head_dim = kv->head_dim;
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < kv->n_kv_heads; h++) {
-            size_t from = ((size_t)t * kv->n_kv_heads + h) * head_dim, to = ((size_t)h * kv->ctx + pos + t) * head_dim;
-            if (kv->f16) {
-                for (int i = 0; i < head_dim; i++) {
-                    ((uint16_t *)kv->keys)[to + i] = f32_to_f16(k[from + i]);
-                    ((uint16_t *)kv->values)[to + i] = f32_to_f16(v[from + i]);
-                }
-            } else {
-                memcpy((float *)kv->keys + to, k + from, (size_t)head_dim * sizeof(float));
-                memcpy((float *)kv->values + to, v + from, (size_t)head_dim * sizeof(float));
-            }
-        }
-}
-
-/* Element i of a cache's keys or values, as a float. */
-static float cache_at(const void *cache, size_t i, int f16) {
-    return f16 ? f16_to_f32(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
-}
-
-/* scores (n_pos) = q . k / sqrt(head_dim) for the keys k of positions 0 ..
-   n_pos - 1 of kv head h, q (head_dim). */
-static void attention_scores(float *scores, const float *q, const KVCache *kv, int h, int n_pos) {
-    size_t head = (size_t)h * kv->ctx * kv->head_dim;
-    float scale = 1.0f / sqrtf((float)kv->head_dim);
-    for (int p = 0; p < n_pos; p++) {
-        float sum = 0.0f;
-        for (int i = 0; i < kv->head_dim; i++)
-            sum += q[i] * cache_at(kv->keys, head + (size_t)p * kv->head_dim + i, kv->f16);
-        scores[p] = sum * scale;
-    }
-}
-
-/* out (head_dim) = the sum over positions p < n_pos of weights[p] times
-   the value of position p of kv head h. */
-static void attention_mix(float *out, const float *weights, const KVCache *kv, int h, int n_pos) {
-    size_t head = (size_t)h * kv->ctx * kv->head_dim;
-    for (int i = 0; i < kv->head_dim; i++) out[i] = 0.0f;
-    for (int p = 0; p < n_pos; p++)
-        for (int i = 0; i < kv->head_dim; i++)
-            out[i] += weights[p] * cache_at(kv->values, head + (size_t)p * kv->head_dim + i, kv->f16);
-}
-
-/* Causal attention for n queries q (n, q_dim) at positions pos .. pos + n - 1,
-   whose keys and values are already in the cache: query t sees positions
-   0 .. pos + t. out (n, q_dim) = softmax(q k^T / sqrt(head_dim)) v, per
-   head; with n_kv_heads == n_heads that is MHA, with fewer GQA, with one
-   MQA. out may be q: each head's output replaces its query. scratch is
-   attention_scratch_size() floats. */
-static void attention_plain(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
-    int group = kv->n_heads / kv->n_kv_heads, q_dim = kv->n_heads * kv->head_dim;
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < kv->n_heads; h++) {
-            float *weights = scratch + (size_t)thread_num() * kv->ctx; // (ctx)
-            size_t at = (size_t)t * q_dim + (size_t)h * kv->head_dim;
-            attention_scores(weights, q + at, kv, h / group, pos + t + 1);
-            softmax(weights, pos + t + 1);
-            attention_mix(out + at, weights, kv, h / group, pos + t + 1);
-        }
-}
-
-/* ---- The kernel table: the kernels that have faster versions are called
-   through it. It starts at the plain kernels above; in a build with the
-   appendix, choose_fast_kernels() points it at the fastest ones this CPU
-   has, once, before the first forward pass (attention: attention_fast(),
-   on every CPU, ARM included; attention_plain() only in make run-plain). */
-typedef void MatmulKernel(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in);
-typedef void AttentionKernel(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch);
-typedef struct {
-    MatmulKernel *matmul[WEIGHT_TYPES]; // by weight type, WEIGHT_*
-    AttentionKernel *attention;
-} Kernels;
-
-static Kernels kernels = {{matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16, matmul_k, matmul_k, matmul_k,
-                           matmul_f16},
-                          attention_plain};
-#ifndef PLAIN
-static void choose_fast_kernels(void); // the appendix
-static size_t attention_fast_scratch(int ctx, int n_heads, int head_dim, int threads); // the appendix
-#endif
-
-/* ---- Matrix products with the threads around them */
-
-/* One product of matmul(): out (n, w->rows) = x (n, cols) @ W^T. */
-typedef struct {
-    float *out;
-    const Matrix *w;
-} Product;
-
-static int row_blocks(const Matrix *w) { return (w->rows + ROW_BLOCK - 1) / ROW_BLOCK; }
-
-/* The count products p, which read the same input x (n, cols), in one
-   pass: the rows of all of them, in blocks of ROW_BLOCK, are shared out
-   among the threads, one fork and one join for all (q, k and v are one
-   pass). The guided schedule hands out long runs of blocks first, which
-   the prefetchers stream at full speed, then shorter ones to even out the
-   end. A row comes out the same whichever thread computes it. */
-static void matmul(const Product *p, int count, const float *x, int n, ProductScratch *ps) {
-    unsigned types = 0;
-    int blocks = 0;
-    for (int i = 0; i < count; i++) blocks += row_blocks(p[i].w), types |= TYPE_BIT(p[i].w->type);
-    prepare_input(ps, types, x, n, p[0].w->cols);
-    #pragma omp parallel for schedule(guided)
-    for (int u = 0; u < blocks; u++) {
-        int i = 0, block = u;
-        while (block >= row_blocks(p[i].w)) block -= row_blocks(p[i++].w);
-        const Matrix *w = p[i].w;
-        int r0 = block * ROW_BLOCK, r1 = r0 + ROW_BLOCK < w->rows ? r0 + ROW_BLOCK : w->rows;
-        kernels.matmul[w->type](p[i].out + r0, w->rows, w, r0, r1, ps);
-    }
-}
-
-/* h (n, hidden) = silu(x @ W1^T) * (x @ W3^T): the gate and up projections
-   of the MLP and its SwiGLU in one pass, each block of rows of W1 taken
-   with the same rows of W3, whose products wait in the thread's block of
-   ps->up. */
-static void gate_up(float *h, const Matrix *w1, const Matrix *w3, const float *x, int n, ProductScratch *ps) {
-    prepare_input(ps, TYPE_BIT(w1->type) | TYPE_BIT(w3->type), x, n, w1->cols);
-    int hidden = w1->rows;
-    #pragma omp parallel for schedule(guided)
-    for (int u = 0; u < row_blocks(w1); u++) {
-        int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < hidden ? r0 + ROW_BLOCK : hidden;
-        float *up = ps->up + (size_t)thread_num() * ps->batch * ROW_BLOCK; // (n, ROW_BLOCK)
-        kernels.matmul[w1->type](h + r0, hidden, w1, r0, r1, ps);
-        kernels.matmul[w3->type](up, ROW_BLOCK, w3, r0, r1, ps);
-        for (int t = 0; t < n; t++) swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * ROW_BLOCK, r1 - r0);
-    }
-}
-
-/* ----------------------------------------------------------------------------
-   The forward pass: n tokens at positions pos .. pos + n - 1 in, logits out.
-   Keys and values of these positions go into the cache, so each token
-   attends to every earlier position without recomputing it. The n tokens
-   go through every layer together, as a matrix (n, dim); n = 1 is a
-   generated token. Returns the logits of the last logit_rows tokens,
-   (logit_rows, vocab); with logit_rows = 0 (a prompt's batch before the
-   last) the classifier is skipped and it returns NULL. */
-
-static void trace_attention(Trace *tr, int layer, const float *q, const KVCache *kv, int pos, int n);
-static void trace_residual(Trace *tr, int layer, int block, const float *x, const float *output, int n);
-
-static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, int logit_rows) {
-    const Config *c = &t->config;
-    const Weights *w = &t->weights;
-    RunState *s = &t->state;
-    int dim = c->dim, head_dim = c->head_dim, q_dim = c->n_heads * head_dim, kv_dim = c->n_kv_heads * head_dim;
-    if (logit_rows > s->logit_rows) {
-        free(s->logits);
-        s->logits = xcalloc((size_t)logit_rows * c->vocab_size, sizeof(float), "logits");
-        s->logit_rows = logit_rows;
-    }
-
-    embed(s->x, &w->token_embedding, tokens, n);                            // token embedding
-    rope_angles(s->rope_cos, s->rope_sin, pos, n, head_dim / 2, w->rope_inv_freq); // rotations of these positions
-
-    for (int l = 0; l < c->n_layers; l++) {
-        const LayerWeights *lw = &w->layers[l];
-        size_t layer = (size_t)l * s->ctx * kv_dim * (s->kv_f16 ? 2 : sizeof(float));
-        KVCache kv = {(char *)s->key_cache + layer, (char *)s->value_cache + layer, s->kv_f16, s->ctx,
-                      c->n_heads, c->n_kv_heads, head_dim};                 // this layer's keys and values
-        Product qkv[3] = {{s->q, &lw->wq}, {s->k, &lw->wk}, {s->v, &lw->wv}};
-        Product wo = {s->xb, &lw->wo}, w2 = {s->xb, &lw->w2};
-
-        rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
-        matmul(qkv, 3, s->xb, n, &s->products);                             // q, k, v in one pass
-        if (lw->bq) add_bias(s->q, lw->bq, n, q_dim);                       // their biases (Qwen2), if stored
-        if (lw->bk) add_bias(s->k, lw->bk, n, kv_dim);
-        if (lw->bv) add_bias(s->v, lw->bv, n, kv_dim);
-        rope(s->q, n, c->n_heads, head_dim, s->rope_cos, s->rope_sin);      // rotate queries
-        rope(s->k, n, c->n_kv_heads, head_dim, s->rope_cos, s->rope_sin);   // rotate keys
-        cache_store(&kv, s->k, s->v, pos, n);                               // into the cache
-        if (s->trace) trace_attention(s->trace, l, s->q, &kv, pos, n);      // --trace: weights
-        kernels.attention(s->q, s->q, &kv, pos, n, s->scratch);             // softmax(q k^T / sqrt(head_dim)) v
-        matmul(&wo, 1, s->q, n, &s->products);                              // output projection
-        add(s->x, s->xb, n * dim);                                          // residual
-        if (s->trace) trace_residual(s->trace, l, TRACE_ATTENTION, s->x, s->xb, n); // --trace
-
-        rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);            // MLP norm
-        gate_up(s->hb, &lw->w1, &lw->w3, s->xb, n, &s->products);           // silu(w1 x) * (w3 x)
-        matmul(&w2, 1, s->hb, n, &s->products);                             // down = w2 h
-        add(s->x, s->xb, n * dim);                                          // residual
-        if (s->trace) trace_residual(s->trace, l, TRACE_MLP, s->x, s->xb, n); // --trace
-    }
-
-    if (logit_rows == 0) return NULL;
-    float *last = s->x + (size_t)(n - logit_rows) * dim;                    // (logit_rows, dim)
-    Product classifier = {s->logits, &w->classifier};
-    rmsnorm(last, last, w->final_norm, logit_rows, dim, c->norm_eps);       // final norm
-    matmul(&classifier, 1, last, logit_rows, &s->products);                 // classifier
-    return s->logits;
-}
-
-/* One token at position pos: its logits (vocab). */
-static float *forward(Transformer *t, int token, int pos) {
-    return forward_tokens(t, &token, 1, pos, 1);
-}
-
 /* ----------------------------------------------------------------------------
    The trace, for watching a model work. --trace: per token and layer, how
    the residual stream grows, how spread out each head's attention is, and
@@ -1292,19 +1478,6 @@ struct Trace {
 /* The plain matrix products by weight type, WEIGHT_*, as the kernel table starts. */
 static MatmulKernel *const plain_matmul[WEIGHT_TYPES] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16,
                                                           matmul_k, matmul_k, matmul_k, matmul_f16};
-
-/* Room for n activations quantized by quantize_vector() (and one byte more,
-   so that n = 0 still allocates). */
-static void alloc_quantized(QuantizedVector *v, size_t n, const char *what) {
-    v->q = xcalloc(n + 1, 1, what);
-    v->d = xcalloc(n / GROUP_SIZE + 1, sizeof(float), what);
-    v->half_sums = xcalloc(n / 16 + 1, sizeof(int32_t), what);
-    v->group_sums = xcalloc(n / GROUP_SIZE + 1, sizeof(int32_t), what);
-}
-
-static void free_quantized(QuantizedVector *v) {
-    free(v->q), free(v->d), free(v->half_sums), free(v->group_sums);
-}
 
 /* Turns the trace on, with room for a whole batch. */
 static void alloc_trace(Transformer *t, const TraceRequest *asked) {
@@ -1449,131 +1622,6 @@ static void trace_attention(Trace *tr, int layer, const float *q, const KVCache 
         }
     }
 }
-
-/* ----------------------------------------------------------------------------
-   Opening a checkpoint: the file, checked and mapped, then parse_checkpoint(). */
-
-/* Opens an input file for reading, refusing anything but a regular file of
-   at most max_size bytes: a FIFO would block open() (O_NONBLOCK keeps it
-   from waiting) and a device such as /dev/zero never ends. */
-static int open_input(const char *path, long long max_size, const char *what, struct stat *st) {
-    int fd = open(path, O_RDONLY | O_NONBLOCK);
-    if (fd < 0) die(path, "cannot open: %s", strerror(errno));
-    if (fstat(fd, st) != 0) die(path, "cannot stat: %s", strerror(errno));
-    if (!S_ISREG(st->st_mode)) die(path, "not a regular file");
-    if (st->st_size > max_size)
-        die(path, "%s of %lld bytes is too large (at most %lld MiB)", what, (long long)st->st_size, max_size >> 20);
-    return fd;
-}
-
-/* Opens and maps a checkpoint. The mapping is read-only and private: weights
-   are never copied, and pages load from the file as the kernels touch them. */
-static void load_transformer(Transformer *t, const char *path) {
-    memset(t, 0, sizeof *t);
-    t->path = path;
-    struct stat st;
-    int fd = open_input(path, INT64_MAX, "a checkpoint", &st);
-    if (st.st_size == 0) die(path, "file is empty");
-    t->device = st.st_dev, t->inode = st.st_ino;
-    t->data = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-    close(fd);
-    if (t->data == MAP_FAILED) die(path, "cannot map: %s", strerror(errno));
-    char err[ERROR_SIZE];
-    if (parse_checkpoint(t, t->data, (size_t)st.st_size, err) != 0) die(path, "%s", err);
-}
-
-/* ----------------------------------------------------------------------------
-   The run state's memory: the activations, the KV cache, and the room the
-   kernels work in. */
-
-/* OMP_NUM_THREADS can ask for any number of threads, and the thread
-   runtime crashes trying to start 100000 of them; more than a few per core
-   only adds switching, so more than 4 per core are cut to that, once, with
-   a notice. */
-static void limit_threads(void) {
-#ifdef _OPENMP
-    int asked = omp_get_max_threads(), most = 4 * omp_get_num_procs();
-    if (asked > most) {
-        fprintf(stderr, "run: OMP_NUM_THREADS asks for %d threads; using %d (4 per core)\n", asked, most);
-        omp_set_num_threads(most);
-    }
-#endif
-}
-
-/* Floats of attention scratch for `threads` threads: one query's weights
-   (ctx) each for attention_plain(), or what the appendix's kernel needs. */
-static size_t attention_scratch_size(int ctx, int n_heads, int head_dim, int threads) {
-    size_t plain = mul_size(threads, ctx);
-#ifdef PLAIN
-    (void)n_heads, (void)head_dim;
-    return plain;
-#else
-    size_t fast = attention_fast_scratch(ctx, n_heads, head_dim, threads);
-    return fast > plain ? fast : plain;
-#endif
-}
-
-/* Allocates the activations for batches of up to `batch` tokens and a KV
-   cache of ctx positions. calloc maps zero pages lazily, so a long cache
-   costs memory only as it fills, and room that a kernel does not use costs
-   none. */
-static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
-    size_t q_dim = (size_t)c->n_heads * c->head_dim, kv_dim = (size_t)c->n_kv_heads * c->head_dim;
-    size_t cache = mul_size(mul_size(c->n_layers, ctx), kv_dim);
-    size_t widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim; // an input the matvecs quantize
-    if (q_dim > widest) widest = q_dim;
-    s->ctx = ctx;
-    s->batch = batch < 1 ? 1 : batch > ctx ? ctx : batch;
-    s->threads = 1;
-#ifdef _OPENMP
-    s->threads = omp_get_max_threads();
-#endif
-    size_t b = s->batch;
-    s->x = xcalloc(b * c->dim, sizeof(float), "activations");
-    s->xb = xcalloc(b * c->dim, sizeof(float), "activations");
-    s->q = xcalloc(b * q_dim, sizeof(float), "activations");
-    s->hb = xcalloc(b * c->hidden_dim, sizeof(float), "activations");
-    s->kv_f16 = (c->types_used & INTEGER_TYPES) != 0;
-    s->k = xcalloc(b * kv_dim, sizeof(float), "activations");
-    s->v = xcalloc(b * kv_dim, sizeof(float), "activations");
-    s->scratch = zeroed(attention_scratch_size(ctx, c->n_heads, c->head_dim, s->threads), sizeof(float),
-                        "attention scratch", 1);
-    s->rope_cos = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
-    s->rope_sin = xcalloc(b * (c->head_dim / 2), sizeof(float), "RoPE table");
-    s->logit_rows = 1;
-    s->logits = xcalloc(c->vocab_size, sizeof(float), "logits");
-    ProductScratch *ps = &s->products;
-    int packed = (c->types_used & INTEGER_TYPES) != 0; // the batch kernels repack these weights
-    size_t qn = c->types_used & INTEGER_TYPES ? b * widest : 0; // quantized inputs, for the integer products
-    alloc_quantized(&ps->q, qn, "activations");
-    size_t rn = c->types_used & TYPE_BIT(WEIGHT_Q8_0) ? qn : 0; // the second part, for q8_0 only
-    alloc_quantized(&ps->rest, rn, "activations");
-    ps->panel_size = packed && b > 1 ? ROW_BLOCK * (widest + 64) * sizeof(float) : 0;
-    ps->panels = xcalloc(mul_size(s->threads, ps->panel_size) + 1, 1, "packed weights");
-    ps->batch = (int)b;
-    ps->up = xcalloc(s->threads * b * ROW_BLOCK, sizeof(float), "activations");
-    s->key_cache = zeroed(cache, s->kv_f16 ? 2 : sizeof(float), "the key cache", 1);
-    s->value_cache = zeroed(cache, s->kv_f16 ? 2 : sizeof(float), "the value cache", 1);
-}
-
-static void free_run_state(RunState *s) {
-    void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
-                       s->rope_sin, s->logits, s->products.panels, s->products.up, s->key_cache,
-                       s->value_cache};
-    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
-    free_quantized(&s->products.q);
-    free_quantized(&s->products.rest);
-    free_trace(s->trace);
-}
-
-static void free_transformer(Transformer *t) {
-    free_run_state(&t->state);
-    free(t->weights.layers);
-    free(t->weights.rope_inv_freq);
-    free(t->converted);
-    munmap(t->data, t->file_size);
-}
-
 
 /* ----------------------------------------------------------------------------
    Sampling: turn logits into the next token. The steps, in this order:
@@ -4376,6 +4424,25 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    specialised on (token counts) are passed as literals to an
    always-inlined body, one call per value. tests/test_kernels.c holds
    every kernel here to its plain version on random data.
+
+   What runs where: choose_fast_kernels() fills the kernel table, and
+   nothing else chooses. By the CPU, for each weight type, the kernel of
+   one token (n = 1) and of a batch (n > 1), with the line each starts at
+   (tests/test_student_path.py holds the lines true):
+
+   CPU            type          one token                         batch
+   any (portable) f32 bf16 f16  lanes8_fast (line 4555)           gemm_rows (line 4670)
+                  q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5063)           gemm_rows_avx2 (line 5069)
+                  q8_0 q4_0     q_tile_avx2 (line 5233)           q_tiles_avx2 (line 5244)
+                  K             k_rows_avx2 (line 5370)           k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5685)         gemm_rows_avx512 (line 5691)
+                  q8_0          dot_q8_both_avx512 (line 5512)    qgemm_rows_avx512 (line 5839)
+                  q4_0          dot_q4_avx512 (line 5497)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5606)         kgemm_rows_avx512 (line 5956)
+   every CPU: attention_fast (line 4878); the K types' input quantized by
+   quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
+   batches pack weights in the products' room (qgemm_room(), line 6023).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5633,7 +5700,7 @@ AVX512 static void matmul_floats_avx512(float *out, int ldo, const Matrix *w, in
 /* q8_0 and q4_0 weights: rows repacked so that vpdpbusd multiplies 16 of
    them at once by 4 inputs of a token. A thread's panel holds 32 rows,
    QGEMM_ROWS * (cols + 63) bytes of values and 4 * (cols + 63) of
-   scales, within ProductScratch.panel_size. */
+   scales, within ProductScratch.room_size (qgemm_room()). */
 #define QGEMM_ROWS 32   // weight rows per packed panel: two vectors of 16 outputs
 #define QGEMM_TOKENS 4  // tokens per tile: 4 x 2 int32 sums and 4 x 2 float sums in registers
 
@@ -5771,7 +5838,7 @@ AVX512_INLINE void qgemm_tile_body(const QgemmTile *tile, const int nt) {
    Each output comes out as the one-token kernels give it. */
 AVX512 static void qgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int cols = w->cols, padded = (cols + 63) / 64 * 64;
-    uint32_t *values = (uint32_t *)((char *)in->panels + (size_t)thread_num() * in->panel_size);
+    uint32_t *values = (uint32_t *)((char *)in->room + (size_t)thread_num() * in->room_size);
     float *scales = (float *)((char *)values + (size_t)QGEMM_ROWS * padded);
     qgemm_pack_avx512(values, scales, w, r0);
     for (int part = 0; part < (w->type == WEIGHT_Q8_0 ? 2 : 1); part++) {
@@ -5888,7 +5955,7 @@ AVX512_INLINE void kgemm_tile_body(const QgemmTile *tile, const int nt, const in
    Each output comes out as the one-token kernel gives it. */
 AVX512 static void kgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int cols = w->cols, groups = cols / GROUP_SIZE;
-    char *panel = (char *)in->panels + (size_t)thread_num() * in->panel_size;
+    char *panel = (char *)in->room + (size_t)thread_num() * in->room_size;
     uint32_t *values = (uint32_t *)panel;                                   // 32 cols bytes
     float *scales = (float *)(panel + (size_t)QGEMM_ROWS * cols);            // 4 cols bytes each
     float *mins = scales + (size_t)groups * QGEMM_ROWS;
@@ -5951,16 +6018,26 @@ AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int 
 
 /* ---- The choice */
 
+/* The bytes of room each thread's batch products need: an AVX-512 panel
+   of ROW_BLOCK rows of the widest input, packed (qgemm_pack_avx512()). */
+static size_t qgemm_room(const Config *c, int batch) {
+    int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
+    if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
+    return c->types_used & INTEGER_TYPES && batch > 1 ? ROW_BLOCK * (size_t)(widest + 64) * sizeof(float) : 0;
+}
+
 /* Puts the fastest kernels that this build and CPU have into the kernel
-   table. main() calls it once, before the first forward pass. */
+   table (the table at the top of the appendix). main() calls it once,
+   before the first forward pass. */
 static void choose_fast_kernels(void) {
-    kernels = (Kernels){{matmul_floats_fast, matmul_q8_0, matmul_q4_0, matmul_floats_fast, matmul_k, matmul_k,
-                         matmul_k, matmul_floats_fast},
-                        attention_fast};
+    kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_fast;
+    kernels.attention = attention_fast;
+    kernels.attention_scratch = attention_fast_scratch;
 #if HAVE_AVX2
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_avx2;
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx2;
+    kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input;
 #endif
 #if HAVE_AVX512
     const char *env = getenv("RUN_AVX512");
@@ -5973,6 +6050,8 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx512;
+    kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input;
+    kernels.product_room = qgemm_room;
 #endif
 }
 

@@ -125,7 +125,7 @@ static Matrix random_matrix(int type, int rows, int cols) {
    cols): for q8_0 and q4_0 weights, and K types whose kernel in the table
    takes them quantized, the quantized x, d q (+ d' q'); else x itself. */
 static void prepared_values(float *xd, const ProductScratch *ps, const Matrix *w, const float *x, int n) {
-    int cols = w->cols, k_quantized = is_k_type(w->type) && kernels.matmul[w->type] != matmul_k;
+    int cols = w->cols, k_quantized = is_k_type(w->type) && kernels.prepare[w->type];
     for (int t = 0; t < n; t++) {
         QuantizedVector row = quantized_row(&ps->q, t, cols), rest_row = quantized_row(&ps->rest, t, cols);
         for (int c = 0; c < cols; c++) {
@@ -144,9 +144,9 @@ static ProductScratch alloc_products(int n, int cols) {
 #ifdef _OPENMP
     threads = omp_get_max_threads();
 #endif
-    ProductScratch ps = {.panel_size = ROW_BLOCK * (size_t)(cols + 64) * sizeof(float),
+    ProductScratch ps = {.room_size = ROW_BLOCK * (size_t)(cols + 64) * sizeof(float),
                          .up = xcalloc((size_t)threads * n * ROW_BLOCK, sizeof(float), "up"), .batch = n};
-    ps.panels = xcalloc((size_t)threads * ps.panel_size + 1, 1, "panels");
+    ps.room = xcalloc((size_t)threads * ps.room_size + 1, 1, "room");
     alloc_quantized(&ps.q, (size_t)n * cols, "q");
     alloc_quantized(&ps.rest, (size_t)n * cols, "rest");
     return ps;
@@ -155,7 +155,7 @@ static ProductScratch alloc_products(int n, int cols) {
 static void free_products(ProductScratch *ps) {
     free_quantized(&ps->q);
     free_quantized(&ps->rest);
-    free(ps->panels);
+    free(ps->room);
     free(ps->up);
 }
 
@@ -401,7 +401,7 @@ static void exact_matmul(double *out, double *mag, const Matrix *w, const float 
 }
 
 /* Every row block of w through the table's kernel for its type, as
-   matmul() takes them, for a batch of n and for one token; each output
+   linear() takes them, for a batch of n and for one token; each output
    against the exact product of the input as prepared (quantized, where
    the kernels take it so). */
 /* The columns that a row of the type's blocks must fill: 256, 32 or any. */
@@ -548,7 +548,7 @@ static void test_floats_as_f32(const char *table) {
 /* The AVX2 q8_0 and q4_0 kernels in their tiles (4 rows x 3 tokens, rows
    and tokens left over): every output against the exact product, and equal
    bit for bit to the same token's product alone (n = 1) and to its row's
-   computed in blocks of other sizes, as matmul() may cut them. */
+   computed in blocks of other sizes, as linear() may cut them. */
 static void test_quantized_tiles(int type) {
     const char *name = type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
     int shapes[][2] = {{1, 1}, {2, 3}, {3, 8}, {4, 9}, {5, 17}, {7, 24}, {9, 2}, {13, 33}, {32, 16}, {37, 70}};
@@ -591,7 +591,7 @@ static void test_quantized_tiles(int type) {
 }
 #endif
 
-/* matmul() of three matrices equals three separate products, bit for bit,
+/* linear() of three matrices equals three separate products, bit for bit,
    and gate_up() equals two products and swiglu(). */
 static void test_fused(int type, int n) {
     int cols = is_k_type(type) ? 512 : 96, rows[3] = {40, 16, 24};
@@ -605,24 +605,24 @@ static void test_fused(int type, int n) {
         single[i] = random_floats((size_t)n * rows[i]);
         p[i] = (Product){fused[i], &w[i]};
     }
-    matmul(p, 3, x, n, &ps);
+    linear(p, 3, x, n, &ps);
     for (int i = 0; i < 3; i++) {
         Product one = {single[i], &w[i]};
-        matmul(&one, 1, x, n, &ps);
+        linear(&one, 1, x, n, &ps);
         checks++;
         if (memcmp(fused[i], single[i], (size_t)n * rows[i] * sizeof(float)) != 0 && ++failures)
-            fprintf(stderr, "FAIL matmul() of three differs from one at a time for matrix %d, type %d, n %d\n", i, type, n);
+            fprintf(stderr, "FAIL linear() of three differs from one at a time for matrix %d, type %d, n %d\n", i, type, n);
     }
     Matrix w3 = random_matrix(type, rows[0], cols);
     float *up2 = random_floats((size_t)n * rows[0]);
     gate_up(fused[0], &w[0], &w3, x, n, &ps);
     Product gate = {single[0], &w[0]}, up = {up2, &w3};
-    matmul(&gate, 1, x, n, &ps);
-    matmul(&up, 1, x, n, &ps);
+    linear(&gate, 1, x, n, &ps);
+    linear(&up, 1, x, n, &ps);
     swiglu(single[0], up2, n * rows[0]);
     checks++;
     if (memcmp(fused[0], single[0], (size_t)n * rows[0] * sizeof(float)) != 0 && ++failures)
-        fprintf(stderr, "FAIL gate_up() differs from matmul() and swiglu(), type %d, n %d\n", type, n);
+        fprintf(stderr, "FAIL gate_up() differs from linear() and swiglu(), type %d, n %d\n", type, n);
     for (int i = 0; i < 3; i++) free_matrix(&w[i]), free(fused[i]), free(single[i]);
     free_matrix(&w3);
     free(x), free(up2);
@@ -761,7 +761,9 @@ static void test_attention(const char *table) {
 #endif
             float *q = random_floats(n * q_dim), *out = random_floats(n * q_dim), *k = random_floats(cache);
             float *v = random_floats(cache), *again = random_floats(n * q_dim);
-            float *scratch = xcalloc(attention_scratch_size(ctx, heads, hd, threads), sizeof(float), "scratch");
+            size_t plain = attention_plain_scratch(ctx, heads, hd, threads);
+            size_t fast = attention_fast_scratch(ctx, heads, hd, threads);
+            float *scratch = xcalloc(plain > fast ? plain : fast, sizeof(float), "scratch");
             uint16_t *k16 = xcalloc(cache, 2, "k16"), *v16 = xcalloc(cache, 2, "v16");
             for (size_t i = 0; i < cache && f16; i++) { // the exact result is then that of the rounded cache
                 k16[i] = f32_to_f16(k[i]), v16[i] = f32_to_f16(v[i]);

@@ -4,8 +4,8 @@
 Prints the line where forward_tokens() starts and the student's path: the
 top-level definitions (functions, structs, enums, #defines, file-scope
 variables) read to follow forward() for an f32 model, each with the comment
-right above it. From the roots forward(), load_transformer() and
-alloc_run_state() (loading and allocation are on the path), it takes in
+right above it; and the same count with loading and allocation added (the
+roots load_transformer() and alloc_run_state()). From its roots it takes in
 every definition whose name one on it uses (an identifier outside comments
 and strings), with these rules:
 
@@ -23,7 +23,8 @@ and strings), with these rules:
 import re
 import sys
 
-ROOTS = ("forward", "load_transformer", "alloc_run_state")
+MODEL_ROOTS = ("forward",)                               # the model: the target is on these
+LOADING_ROOTS = ("forward", "load_transformer", "alloc_run_state")  # and how it is loaded and given memory
 KERNEL_TABLE, OFF_PATH, TARGET = "kernels", {"Trace"}, 600
 IDENT = re.compile(r"[A-Za-z_]\w*")
 # A statement or block under `if (...trace...)` (one level of parentheses inside the condition).
@@ -103,9 +104,9 @@ def plain_f32_entries(code, f32_index):
     return head + re.sub(r"\{([^{}]*)\}", f32_entry, inner)
 
 
-def student_path(text):
-    """The definitions on the path, as (first line, name, last line), and the
-    line where forward_tokens() is defined."""
+def student_path(text, roots=MODEL_ROOTS):
+    """The definitions on the path from roots, as (first line, name, last
+    line), and the line where forward_tokens() is defined."""
     defs = definitions(text)
     cut = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(r"^#\s*ifndef\s+PLAIN\b", text, re.M)][-1:]
     cut = min(cut + [last + 1 for names, _, _, last, _ in defs if "main" in names], default=len(text))
@@ -114,9 +115,9 @@ def student_path(text):
         f32_index = names.index("WEIGHT_F32") if "WEIGHT_F32" in names else f32_index
         for name in set(names) - OFF_PATH if last < cut else ():
             by_name.setdefault(name, []).append((first, last, names, code))
-    if missing := [root for root in ROOTS if root not in by_name]:
+    if missing := [root for root in roots if root not in by_name]:
         raise ValueError(f"no definition of {', '.join(missing)} before the appendix and main()")
-    path, todo = {}, list(ROOTS)
+    path, todo = {}, list(roots)
     while todo:
         for first, last, names, code in by_name[todo.pop()]:
             if first not in path:
@@ -127,21 +128,28 @@ def student_path(text):
     return sorted((first, name, last) for first, (name, last) in path.items()), (starts or [None])[0]
 
 
+def lines_of(path):
+    """The lines the path's definitions cover."""
+    return len({line for first, _, last in path for line in range(first, last + 1)})
+
+
 def main(argv):
     if len(argv) != 2:
         print("usage: python3 tools/student_path.py run.c", file=sys.stderr)
         return 2
     try:
         with open(argv[1], encoding="utf-8") as f:
-            path, forward_tokens = student_path(f.read())
+            text = f.read()
+        path, forward_tokens = student_path(text)
+        with_loading, _ = student_path(text, LOADING_ROOTS)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         print(f"student_path.py: {argv[1]}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 1
     print(f"{'definition':<28} {'first line':>10} {'lines':>6}")
     print("".join(f"{name:<28} {first:>10} {last - first + 1:>6}\n" for first, name, last in path), end="")
-    covered = {line for first, _, last in path for line in range(first, last + 1)}
-    print(f"forward_tokens() starts at line {forward_tokens}")
-    print(f"student's path: {len(covered)} lines (target {TARGET})")
+    print(f"forward_tokens() starts at line {forward_tokens} (target {TARGET})")
+    print(f"student's path to follow forward(): {lines_of(path)} lines (target {TARGET})")
+    print(f"with loading and allocation (load_transformer(), alloc_run_state()): {lines_of(with_loading)} lines")
     return 0
 
 
