@@ -2,12 +2,13 @@
 
    ./run model.bin -i "Once upon a time"
 
-   The file reads from top to bottom like a book: the checkpoint format,
-   the structs that hold a model (Config, Weights, RunState), loading and
-   validation, the kernels as the plain loops that define them,
-   forward_tokens(), then sampling, generation, chat and the command line.
-   The tokenizer lives in tokenizer.c and is included below as part of this
-   one translation unit.
+   The file reads from top to bottom like a book: the structs that hold a
+   model (Config, Weights, RunState), the kernels as the plain loops that
+   define them (for f32 weights), forward_tokens(); then the checkpoint
+   format, loading and allocation; the other weight types (bf16, f16, q8_0,
+   q4_0, the K types); sampling, generation, chat, the trace and the command
+   line. The tokenizer lives in tokenizer.c and is included below as part
+   of this one translation unit.
 
    After main() come the readers of llama2.c's legacy checkpoints and of
    llama.cpp's GGUF files, and an appendix that holds the fast kernels:
@@ -99,7 +100,8 @@ typedef struct {
 } Config;
 
 /* A weight matrix (rows, cols) = (out, in), stored as its weight type says
-   (see the format above); w[r] is the row that makes output r. */
+   (see the checkpoint format, after forward_tokens()); w[r] is the row
+   that makes output r. */
 typedef struct {
     const void *values;      // f32, bf16, f16, q8_0: (rows, cols); q4_0: (rows, cols / 2) bytes;
                              // K types: (rows, cols / SUPER_BLOCK) blocks
@@ -142,8 +144,8 @@ typedef struct {
 } QuantizedVector;
 
 /* The input x (n, cols) of the matrix products under way, in the forms the
-   kernels take (prepare_input()), and room for them to work; the fast ones
-   may repack each thread's block of weights.
+   kernels take (prepare_input()), and room for them to work (the fast ones
+   may repack each thread's block of weights there).
    widest = max(dim, q_dim, hidden), the widest input of a product. */
 typedef struct {
     const float *x;       // (n, cols)
@@ -179,7 +181,7 @@ typedef struct {
     float *rope_cos;    // (batch, head_dim / 2) rotation of each position
     float *rope_sin;    // (batch, head_dim / 2)
     float *logits;      // (logit_rows, vocab)
-    ProductScratch products; // the input of each product in other forms, packed weights
+    ProductScratch products; // the input of each product in other forms, the products' room
     void *key_cache;    // (n_layers, n_kv_heads, ctx, head_dim) f32, or f16 if kv_f16
     void *value_cache;  // (n_layers, n_kv_heads, ctx, head_dim) likewise
     int kv_f16;         // 1: the cache holds f16 (for quantized weights)
@@ -1426,204 +1428,6 @@ static void matmul_k(float *out, int ldo, const Matrix *w, int r0, int r1, const
 }
 
 /* ----------------------------------------------------------------------------
-   The trace, for watching a model work. --trace: per token and layer, how
-   the residual stream grows, how spread out each head's attention is, and
-   where it looks. --lens K: the logit lens, what the model would predict
-   if it stopped after each layer. --attention P-Q: every head's attention
-   weights at positions P to Q, for heatmaps. Three calls in
-   forward_tokens(), each behind `if (s->trace)`, fill them in; with all
-   three views off they cost three untaken branches per layer. Everything is recomputed here with the
-   plain kernels, apart from the kernel table, so that the fast kernels stay
-   as they are. */
-
-/* What the command line asked the trace for. */
-typedef struct {
-    int stats;                  // --trace
-    int lens_k;                 // --lens: tokens shown per position and layer; 0 = off
-    int attention_first;        // --attention: the positions whose weights are kept;
-    int attention_last;         // -1 = off
-    int json;                   // --trace-format json: JSON lines instead of text
-} TraceRequest;
-
-/* What each layer did to each token of the last forward pass, filled in by
-   forward_tokens() when RunState.trace is set (NULL, and no cost,
-   otherwise) and printed by the generation code, which knows the tokens'
-   text. */
-#define TRACE_TOP 3 // attended positions shown per token and layer
-typedef struct {
-    float rms[2][3];        // [attention, MLP] x [residual before, the block's output, residual after]
-    int top[TRACE_TOP];     // the positions attended most, by weight averaged over heads; -1: none
-    float top_weight[TRACE_TOP];
-} TraceRow;
-
-struct Trace {
-    TraceRequest asked;
-    TraceRow *rows;     // (batch, n_layers)
-    float *entropy;     // (batch, n_layers, n_heads) of each head's attention weights, in bits
-    float *weights;     // (ctx) one head's attention weights
-    float *mean;        // (ctx) the weights averaged over heads
-    int n_layers, n_heads, dim;
-    const Matrix *classifier;   // --lens: the model's last steps, applied to every layer's output
-    const float *final_norm;
-    float norm_eps;
-    int *lens_top;              // (batch, n_layers, lens_k) the likeliest next tokens, most first
-    float *lens_prob;           // (batch, n_layers, lens_k) their probabilities
-    float *lens_x;              // (dim) one row of the stream, final-normed
-    float *lens_logits;         // (vocab) its logits, then probabilities
-    ProductScratch lens_in;     // lens_x as the plain kernels take it
-    float *attention;           // --attention: (slots, n_layers, n_heads, attention_last + 1)
-    int slots;                  // positions of one batch that --attention can ask for
-};
-
-/* The plain matrix products by weight type, WEIGHT_*, as the kernel table starts. */
-static MatmulKernel *const plain_matmul[WEIGHT_TYPES] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16,
-                                                          matmul_k, matmul_k, matmul_k, matmul_f16};
-
-/* Turns the trace on, with room for a whole batch. */
-static void alloc_trace(Transformer *t, const TraceRequest *asked) {
-    RunState *s = &t->state;
-    const Config *c = &t->config;
-    Trace *tr = xcalloc(1, sizeof *tr, "the trace");
-    size_t rows = mul_size(s->batch, c->n_layers), heads = mul_size(rows, c->n_heads);
-    tr->asked = *asked;
-    tr->rows = xcalloc(rows, sizeof *tr->rows, "the trace");
-    tr->entropy = xcalloc(heads, sizeof(float), "the trace");
-    tr->weights = xcalloc(s->ctx, sizeof(float), "the trace");
-    tr->mean = xcalloc(s->ctx, sizeof(float), "the trace");
-    tr->n_layers = c->n_layers, tr->n_heads = c->n_heads, tr->dim = c->dim;
-    tr->classifier = &t->weights.classifier, tr->final_norm = t->weights.final_norm, tr->norm_eps = c->norm_eps;
-    if (asked->lens_k) {
-        tr->lens_top = xcalloc(mul_size(rows, asked->lens_k), sizeof(int), "the logit lens");
-        tr->lens_prob = xcalloc(mul_size(rows, asked->lens_k), sizeof(float), "the logit lens");
-        tr->lens_x = xcalloc(c->dim, sizeof(float), "the logit lens");
-        tr->lens_logits = xcalloc(c->vocab_size, sizeof(float), "the logit lens");
-        alloc_quantized(&tr->lens_in.q, c->dim, "the logit lens"); // one row of dim
-        alloc_quantized(&tr->lens_in.rest, c->dim, "the logit lens");
-    }
-    if (asked->attention_last >= 0) {
-        int span = asked->attention_last - asked->attention_first + 1;
-        tr->slots = span < s->batch ? span : s->batch;
-        size_t per_slot = mul_size((size_t)c->n_layers * c->n_heads, (size_t)asked->attention_last + 1);
-        tr->attention = xcalloc(mul_size(tr->slots, per_slot), sizeof(float), "the attention weights");
-    }
-    s->trace = tr;
-}
-
-static void free_trace(Trace *tr) {
-    if (!tr) return;
-    free_quantized(&tr->lens_in.q);
-    free_quantized(&tr->lens_in.rest);
-    free(tr->rows), free(tr->entropy), free(tr->weights), free(tr->mean), free(tr->lens_top), free(tr->lens_prob);
-    free(tr->lens_x), free(tr->lens_logits), free(tr->attention), free(tr);
-}
-
-/* sqrt(mean(x^2)) of a row of n. */
-static float rms(const float *x, int n) {
-    double sum = 0.0;
-    for (int i = 0; i < n; i++) sum += (double)x[i] * x[i];
-    return (float)sqrt(sum / n);
-}
-
-/* top (k) = the indices of the k largest of p (n), largest first, ties to
-   the lower index: an insertion into the k kept so far, which most values
-   pass over at one comparison. */
-static void top_indices(int *top, const float *p, int n, int k) {
-    int kept = 0;
-    for (int i = 0; i < n; i++) {
-        if (kept == k && !(p[i] > p[top[k - 1]])) continue;
-        int j = kept < k ? kept++ : k - 1;
-        for (; j > 0 && p[i] > p[top[j - 1]]; j--) top[j] = top[j - 1];
-        top[j] = i;
-    }
-}
-
-/* --lens, after layer `layer`: each of the n rows of the stream x (n, dim)
-   through the final norm, the classifier and a softmax, as if it were the
-   last layer, and the lens_k likeliest tokens. */
-static void lens(Trace *tr, int layer, const float *x, int n) {
-    const Matrix *w = tr->classifier;
-    int k = tr->asked.lens_k, vocab = w->rows;
-    for (int t = 0; t < n; t++) {
-        rmsnorm(tr->lens_x, x + (size_t)t * tr->dim, tr->final_norm, 1, tr->dim, tr->norm_eps);
-        prepare_input(&tr->lens_in, TYPE_BIT(w->type), tr->lens_x, 1, w->cols);
-        #pragma omp parallel for schedule(static)
-        for (int u = 0; u < row_blocks(w); u++) {
-            int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < vocab ? r0 + ROW_BLOCK : vocab;
-            plain_matmul[w->type](tr->lens_logits + r0, vocab, w, r0, r1, &tr->lens_in);
-        }
-        softmax(tr->lens_logits, vocab);
-        size_t at = ((size_t)t * tr->n_layers + layer) * k;
-        top_indices(tr->lens_top + at, tr->lens_logits, vocab, k);
-        for (int j = 0; j < k; j++) tr->lens_prob[at + j] = tr->lens_logits[tr->lens_top[at + j]];
-    }
-}
-
-/* After a block's residual add: the stream x (n, dim) as it is now and the
-   block's output (n, dim) that was added to it. The stream before is
-   x - output, up to the rounding of one addition. After the MLP, the lens. */
-static void trace_residual(Trace *tr, int layer, int block, const float *x, const float *output, int n) {
-    int dim = tr->dim;
-    for (int t = 0; t < n; t++) {
-        const float *xt = x + (size_t)t * dim, *ot = output + (size_t)t * dim;
-        double before = 0.0;
-        for (int i = 0; i < dim; i++) before += (double)(xt[i] - ot[i]) * (xt[i] - ot[i]);
-        float *r = tr->rows[(size_t)t * tr->n_layers + layer].rms[block];
-        r[0] = (float)sqrt(before / dim), r[1] = rms(ot, dim), r[2] = rms(xt, dim);
-    }
-    if (block == TRACE_MLP && tr->asked.lens_k) lens(tr, layer, x, n);
-}
-
-static int attention_asked(const Trace *tr, int position) {
-    return position >= tr->asked.attention_first && position <= tr->asked.attention_last;
-}
-
-/* Where --attention keeps the weights (position + 1) of one head at a
-   position it asked for: the positions of one batch that it asked for
-   are consecutive, at most slots of them, so each has a slot of its own. */
-static float *attention_kept(const Trace *tr, int position, int layer, int head) {
-    size_t slot = (size_t)position % tr->slots;
-    return tr->attention + ((slot * tr->n_layers + layer) * tr->n_heads + head) * (tr->asked.attention_last + 1);
-}
-
-/* Before attention overwrites the queries q (n, q_dim): each head's
-   attention weights, softmax(q k^T / sqrt(head_dim)) over the positions it
-   sees, recomputed from the cache; their entropy per head, the TRACE_TOP
-   positions of the most weight averaged over the heads, and the weights
-   themselves at the positions --attention asked for. */
-static void trace_attention(Trace *tr, int layer, const float *q, const KVCache *kv, int pos, int n) {
-    int n_heads = kv->n_heads, group = n_heads / kv->n_kv_heads;
-    for (int t = 0; t < n; t++) {
-        int n_pos = pos + t + 1;
-        TraceRow *row = &tr->rows[(size_t)t * tr->n_layers + layer];
-        float *entropy = tr->entropy + ((size_t)t * tr->n_layers + layer) * n_heads;
-        memset(tr->mean, 0, (size_t)n_pos * sizeof(float));
-        for (int h = 0; h < n_heads; h++) {
-            attention_scores(tr->weights, q + ((size_t)t * n_heads + h) * kv->head_dim, kv, h / group, n_pos);
-            softmax(tr->weights, n_pos);
-            if (attention_asked(tr, pos + t))
-                memcpy(attention_kept(tr, pos + t, layer, h), tr->weights, (size_t)n_pos * sizeof(float));
-            double bits = 0.0;
-            for (int p = 0; p < n_pos; p++) {
-                float w = tr->weights[p];
-                if (w > 0.0f) bits -= w * log2((double)w);
-                tr->mean[p] += w / n_heads;
-            }
-            entropy[h] = (float)bits;
-        }
-        for (int j = 0; j < TRACE_TOP; j++) { // selection: TRACE_TOP is small; ties to the earlier position
-            int best = -1;
-            for (int p = 0; p < n_pos; p++) {
-                int taken = 0;
-                for (int i = 0; i < j && !taken; i++) taken = row->top[i] == p;
-                if (!taken && (best < 0 || tr->mean[p] > tr->mean[best])) best = p;
-            }
-            row->top[j] = best;
-            row->top_weight[j] = best >= 0 ? tr->mean[best] : 0.0f;
-        }
-    }
-}
-
-/* ----------------------------------------------------------------------------
    Sampling: turn logits into the next token. The steps, in this order:
      1. penalties on the raw logits, over the last repeat_window tokens seen
         (prompt included): repetition (a seen token's logit is divided by the
@@ -1976,6 +1780,19 @@ static void print_token_text(FILE *f, const Session *s, int token) {
     fputc('"', f);
 }
 
+/* top (k) = the indices of the k largest of p (n), largest first, ties to
+   the lower index: an insertion into the k kept so far, which most values
+   pass over at one comparison. */
+static void top_indices(int *top, const float *p, int n, int k) {
+    int kept = 0;
+    for (int i = 0; i < n; i++) {
+        if (kept == k && !(p[i] > p[top[k - 1]])) continue;
+        int j = kept < k ? kept++ : k - 1;
+        for (; j > 0 && p[i] > p[top[j - 1]]; j--) top[j] = top[j - 1];
+        top[j] = i;
+    }
+}
+
 /* --probs: the chosen token and the k most likely, under the distribution
    of sampling step 2 (penalised logits, temperature, softmax; temperature 1
    when greedy), before top-k, top-p and min-p cut it. probs (vocab). */
@@ -2008,146 +1825,7 @@ static int next_token(Session *s, float *logits) {
     return token;
 }
 
-/* A number of a JSON line: 7 significant digits, as a float holds; null
-   when it is not finite (a damaged model), which JSON cannot write. */
-static void print_json_number(FILE *f, float v) {
-    if (isfinite(v)) fprintf(f, "%.7g", v);
-    else fputs("null", f);
-}
-
-/* The start of a trace line of view `view` for position pos of token. */
-static void print_trace_head(const Session *s, const char *view, int pos, int layer, int token) {
-    const Trace *tr = s->transformer->state.trace;
-    if (!tr->asked.json) { fprintf(stderr, "%s pos=%d layer=%d", view, pos, layer); return; }
-    fprintf(stderr, "{\"view\": \"%s\", \"pos\": %d, \"layer\": %d, \"token\": %d, \"text\": ", view, pos, layer,
-            token);
-    print_token_text(stderr, s, token);
-}
-
-/* --trace: what layer l did at position pos (row t of the last pass). */
-static void print_trace_stats(const Session *s, int t, int l, int pos, int token) {
-    const Config *c = &s->transformer->config;
-    const Trace *tr = s->transformer->state.trace;
-    const TraceRow *row = &tr->rows[(size_t)t * c->n_layers + l];
-    const float *entropy = tr->entropy + ((size_t)t * c->n_layers + l) * c->n_heads;
-    print_trace_head(s, "trace", pos, l, token);
-    if (tr->asked.json) {
-        const char *names[5] = {"rms_in", "attn", "rms_mid", "mlp", "rms_out"};
-        float values[5] = {row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1], row->rms[TRACE_ATTENTION][2],
-                           row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]};
-        for (int i = 0; i < 5; i++) {
-            fprintf(stderr, ", \"%s\": ", names[i]);
-            print_json_number(stderr, values[i]);
-        }
-        fprintf(stderr, ", \"entropy\": [");
-        for (int h = 0; h < c->n_heads; h++) {
-            fputs(h ? ", " : "", stderr);
-            print_json_number(stderr, entropy[h]);
-        }
-        fprintf(stderr, "], \"top\": [");
-        for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++) {
-            fprintf(stderr, "%s{\"pos\": %d, \"weight\": ", j ? ", " : "", row->top[j]);
-            print_json_number(stderr, row->top_weight[j]);
-            fputc('}', stderr);
-        }
-        fprintf(stderr, "]}\n");
-        return;
-    }
-    fprintf(stderr, " rms_in=%.6g attn=%.6g rms_mid=%.6g mlp=%.6g rms_out=%.6g entropy=",
-            row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1], row->rms[TRACE_ATTENTION][2],
-            row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]);
-    for (int h = 0; h < c->n_heads; h++) fprintf(stderr, h ? ",%.4f" : "%.4f", entropy[h]);
-    fprintf(stderr, " top=");
-    for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++)
-        fprintf(stderr, j ? ",%d:%.4f" : "%d:%.4f", row->top[j], row->top_weight[j]);
-    fputc('\n', stderr);
-}
-
-/* --lens: the likeliest next tokens had layer l been the last, at position
-   pos (row t of the last pass). */
-static void print_lens(const Session *s, int t, int l, int pos, int token) {
-    const Trace *tr = s->transformer->state.trace;
-    int k = tr->asked.lens_k, json = tr->asked.json;
-    size_t at = ((size_t)t * tr->n_layers + l) * k;
-    print_trace_head(s, "lens", pos, l, token);
-    fprintf(stderr, json ? ", \"top\": [" : " top:");
-    for (int j = 0; j < k; j++) {
-        fprintf(stderr, json ? "%s{\"token\": %d, \"text\": " : " %s%d ", j && json ? ", " : "", tr->lens_top[at + j]);
-        print_token_text(stderr, s, tr->lens_top[at + j]);
-        if (json) {
-            fprintf(stderr, ", \"prob\": ");
-            print_json_number(stderr, tr->lens_prob[at + j]);
-            fputc('}', stderr);
-        } else {
-            fprintf(stderr, " %.4f", tr->lens_prob[at + j]);
-        }
-    }
-    fprintf(stderr, json ? "]}\n" : "\n");
-}
-
-/* --attention: every head's weights over positions 0 .. pos at layer l. */
-static void print_attention(const Session *s, int l, int pos, int token) {
-    const Trace *tr = s->transformer->state.trace;
-    if (tr->asked.json) {
-        print_trace_head(s, "attention", pos, l, token);
-        fprintf(stderr, ", \"weights\": [");
-    }
-    for (int h = 0; h < tr->n_heads; h++) {
-        const float *w = attention_kept(tr, pos, l, h);
-        if (tr->asked.json) {
-            fputs(h ? ", [" : "[", stderr);
-            for (int p = 0; p <= pos; p++) {
-                fputs(p ? ", " : "", stderr);
-                print_json_number(stderr, w[p]);
-            }
-            fputc(']', stderr);
-        } else {
-            fprintf(stderr, "attention pos=%d layer=%d head=%d weights=", pos, l, h);
-            for (int p = 0; p <= pos; p++) fprintf(stderr, p ? ",%.4f" : "%.4f", w[p]);
-            fputc('\n', stderr);
-        }
-    }
-    if (tr->asked.json) fprintf(stderr, "]}\n");
-}
-
-/* After a forward pass over tokens (n) from position pos, what the trace
-   was asked for, position by position:
-
-     --trace: a line naming the token, then one for each layer
-
-       trace pos=P token=ID text="..."
-       trace pos=P layer=L rms_in=R attn=A rms_mid=R mlp=M rms_out=R entropy=E0,E1,.. top=P0:W0,P1:W1,..
-
-     rms_in, rms_mid and rms_out are the RMS of the residual stream entering
-     the layer, after attention's output (of RMS attn) was added, and after
-     the MLP's (mlp) was; entropy is each head's attention, in bits (0: all
-     weight on one position; log2(P + 1): spread evenly); top, the positions
-     attended most, with their weight averaged over heads;
-
-     --lens K: one line for each layer, its K likeliest next tokens
-
-       lens pos=P layer=L top: ID "..." PROB ID "..." PROB ..
-
-     --attention: for a position asked for, one line per layer and head
-
-       attention pos=P layer=L head=H weights=W0,W1,..,WP
-
-   With --trace-format json, each of these is one JSON object per position
-   and layer instead, with the token and its text (docs/VIEWS.md). */
-static void print_trace(const Session *s, const int *tokens, int n, int pos) {
-    const Config *c = &s->transformer->config;
-    const Trace *tr = s->transformer->state.trace;
-    for (int t = 0; t < n; t++) {
-        if (tr->asked.stats && !tr->asked.json) {
-            fprintf(stderr, "trace pos=%d token=%d text=", pos + t, tokens[t]);
-            print_token_text(stderr, s, tokens[t]);
-            fputc('\n', stderr);
-        }
-        for (int l = 0; tr->asked.stats && l < c->n_layers; l++) print_trace_stats(s, t, l, pos + t, tokens[t]);
-        for (int l = 0; tr->asked.lens_k && l < c->n_layers; l++) print_lens(s, t, l, pos + t, tokens[t]);
-        for (int l = 0; attention_asked(tr, pos + t) && l < c->n_layers; l++) print_attention(s, l, pos + t, tokens[t]);
-    }
-}
+static void print_trace(const Session *s, const int *tokens, int n, int pos); // the views, after chat
 
 /* Sets the thread count for the next generated token (see ThreadChoice). */
 static void choose_threads(ThreadChoice *c) {
@@ -2499,6 +2177,334 @@ static int read_line(char *line) {
     while (n > 0 && line[n - 1] == '\r') n--;
     line[n] = '\0';
     return c != EOF || n > 0;
+}
+
+/* ----------------------------------------------------------------------------
+   The trace, for watching a model work. --trace: per token and layer, how
+   the residual stream grows, how spread out each head's attention is, and
+   where it looks. --lens K: the logit lens, what the model would predict
+   if it stopped after each layer. --attention P-Q: every head's attention
+   weights at positions P to Q, for heatmaps. Three calls in
+   forward_tokens(), each behind `if (s->trace)`, fill them in; with all
+   three views off they cost three untaken branches per layer. Everything is recomputed here with the
+   plain kernels, apart from the kernel table, so that the fast kernels stay
+   as they are. */
+
+/* What the command line asked the trace for. */
+typedef struct {
+    int stats;                  // --trace
+    int lens_k;                 // --lens: tokens shown per position and layer; 0 = off
+    int attention_first;        // --attention: the positions whose weights are kept;
+    int attention_last;         // -1 = off
+    int json;                   // --trace-format json: JSON lines instead of text
+} TraceRequest;
+
+/* What each layer did to each token of the last forward pass, filled in by
+   forward_tokens() when RunState.trace is set (NULL, and no cost,
+   otherwise) and printed by the generation code, which knows the tokens'
+   text. */
+#define TRACE_TOP 3 // attended positions shown per token and layer
+typedef struct {
+    float rms[2][3];        // [attention, MLP] x [residual before, the block's output, residual after]
+    int top[TRACE_TOP];     // the positions attended most, by weight averaged over heads; -1: none
+    float top_weight[TRACE_TOP];
+} TraceRow;
+
+struct Trace {
+    TraceRequest asked;
+    TraceRow *rows;     // (batch, n_layers)
+    float *entropy;     // (batch, n_layers, n_heads) of each head's attention weights, in bits
+    float *weights;     // (ctx) one head's attention weights
+    float *mean;        // (ctx) the weights averaged over heads
+    int n_layers, n_heads, dim;
+    const Matrix *classifier;   // --lens: the model's last steps, applied to every layer's output
+    const float *final_norm;
+    float norm_eps;
+    int *lens_top;              // (batch, n_layers, lens_k) the likeliest next tokens, most first
+    float *lens_prob;           // (batch, n_layers, lens_k) their probabilities
+    float *lens_x;              // (dim) one row of the stream, final-normed
+    float *lens_logits;         // (vocab) its logits, then probabilities
+    ProductScratch lens_in;     // lens_x as the plain kernels take it
+    float *attention;           // --attention: (slots, n_layers, n_heads, attention_last + 1)
+    int slots;                  // positions of one batch that --attention can ask for
+};
+
+/* The plain matrix products by weight type, WEIGHT_*, as the kernel table starts. */
+static MatmulKernel *const plain_matmul[WEIGHT_TYPES] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16,
+                                                          matmul_k, matmul_k, matmul_k, matmul_f16};
+
+/* Turns the trace on, with room for a whole batch. */
+static void alloc_trace(Transformer *t, const TraceRequest *asked) {
+    RunState *s = &t->state;
+    const Config *c = &t->config;
+    Trace *tr = xcalloc(1, sizeof *tr, "the trace");
+    size_t rows = mul_size(s->batch, c->n_layers), heads = mul_size(rows, c->n_heads);
+    tr->asked = *asked;
+    tr->rows = xcalloc(rows, sizeof *tr->rows, "the trace");
+    tr->entropy = xcalloc(heads, sizeof(float), "the trace");
+    tr->weights = xcalloc(s->ctx, sizeof(float), "the trace");
+    tr->mean = xcalloc(s->ctx, sizeof(float), "the trace");
+    tr->n_layers = c->n_layers, tr->n_heads = c->n_heads, tr->dim = c->dim;
+    tr->classifier = &t->weights.classifier, tr->final_norm = t->weights.final_norm, tr->norm_eps = c->norm_eps;
+    if (asked->lens_k) {
+        tr->lens_top = xcalloc(mul_size(rows, asked->lens_k), sizeof(int), "the logit lens");
+        tr->lens_prob = xcalloc(mul_size(rows, asked->lens_k), sizeof(float), "the logit lens");
+        tr->lens_x = xcalloc(c->dim, sizeof(float), "the logit lens");
+        tr->lens_logits = xcalloc(c->vocab_size, sizeof(float), "the logit lens");
+        alloc_quantized(&tr->lens_in.q, c->dim, "the logit lens"); // one row of dim
+        alloc_quantized(&tr->lens_in.rest, c->dim, "the logit lens");
+    }
+    if (asked->attention_last >= 0) {
+        int span = asked->attention_last - asked->attention_first + 1;
+        tr->slots = span < s->batch ? span : s->batch;
+        size_t per_slot = mul_size((size_t)c->n_layers * c->n_heads, (size_t)asked->attention_last + 1);
+        tr->attention = xcalloc(mul_size(tr->slots, per_slot), sizeof(float), "the attention weights");
+    }
+    s->trace = tr;
+}
+
+static void free_trace(Trace *tr) {
+    if (!tr) return;
+    free_quantized(&tr->lens_in.q);
+    free_quantized(&tr->lens_in.rest);
+    free(tr->rows), free(tr->entropy), free(tr->weights), free(tr->mean), free(tr->lens_top), free(tr->lens_prob);
+    free(tr->lens_x), free(tr->lens_logits), free(tr->attention), free(tr);
+}
+
+/* sqrt(mean(x^2)) of a row of n. */
+static float rms(const float *x, int n) {
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += (double)x[i] * x[i];
+    return (float)sqrt(sum / n);
+}
+
+/* --lens, after layer `layer`: each of the n rows of the stream x (n, dim)
+   through the final norm, the classifier and a softmax, as if it were the
+   last layer, and the lens_k likeliest tokens. */
+static void lens(Trace *tr, int layer, const float *x, int n) {
+    const Matrix *w = tr->classifier;
+    int k = tr->asked.lens_k, vocab = w->rows;
+    for (int t = 0; t < n; t++) {
+        rmsnorm(tr->lens_x, x + (size_t)t * tr->dim, tr->final_norm, 1, tr->dim, tr->norm_eps);
+        prepare_input(&tr->lens_in, TYPE_BIT(w->type), tr->lens_x, 1, w->cols);
+        #pragma omp parallel for schedule(static)
+        for (int u = 0; u < row_blocks(w); u++) {
+            int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < vocab ? r0 + ROW_BLOCK : vocab;
+            plain_matmul[w->type](tr->lens_logits + r0, vocab, w, r0, r1, &tr->lens_in);
+        }
+        softmax(tr->lens_logits, vocab);
+        size_t at = ((size_t)t * tr->n_layers + layer) * k;
+        top_indices(tr->lens_top + at, tr->lens_logits, vocab, k);
+        for (int j = 0; j < k; j++) tr->lens_prob[at + j] = tr->lens_logits[tr->lens_top[at + j]];
+    }
+}
+
+/* After a block's residual add: the stream x (n, dim) as it is now and the
+   block's output (n, dim) that was added to it. The stream before is
+   x - output, up to the rounding of one addition. After the MLP, the lens. */
+static void trace_residual(Trace *tr, int layer, int block, const float *x, const float *output, int n) {
+    int dim = tr->dim;
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * dim, *ot = output + (size_t)t * dim;
+        double before = 0.0;
+        for (int i = 0; i < dim; i++) before += (double)(xt[i] - ot[i]) * (xt[i] - ot[i]);
+        float *r = tr->rows[(size_t)t * tr->n_layers + layer].rms[block];
+        r[0] = (float)sqrt(before / dim), r[1] = rms(ot, dim), r[2] = rms(xt, dim);
+    }
+    if (block == TRACE_MLP && tr->asked.lens_k) lens(tr, layer, x, n);
+}
+
+static int attention_asked(const Trace *tr, int position) {
+    return position >= tr->asked.attention_first && position <= tr->asked.attention_last;
+}
+
+/* Where --attention keeps the weights (position + 1) of one head at a
+   position it asked for: the positions of one batch that it asked for
+   are consecutive, at most slots of them, so each has a slot of its own. */
+static float *attention_kept(const Trace *tr, int position, int layer, int head) {
+    size_t slot = (size_t)position % tr->slots;
+    return tr->attention + ((slot * tr->n_layers + layer) * tr->n_heads + head) * (tr->asked.attention_last + 1);
+}
+
+/* Before attention overwrites the queries q (n, q_dim): each head's
+   attention weights, softmax(q k^T / sqrt(head_dim)) over the positions it
+   sees, recomputed from the cache; their entropy per head, the TRACE_TOP
+   positions of the most weight averaged over the heads, and the weights
+   themselves at the positions --attention asked for. */
+static void trace_attention(Trace *tr, int layer, const float *q, const KVCache *kv, int pos, int n) {
+    int n_heads = kv->n_heads, group = n_heads / kv->n_kv_heads;
+    for (int t = 0; t < n; t++) {
+        int n_pos = pos + t + 1;
+        TraceRow *row = &tr->rows[(size_t)t * tr->n_layers + layer];
+        float *entropy = tr->entropy + ((size_t)t * tr->n_layers + layer) * n_heads;
+        memset(tr->mean, 0, (size_t)n_pos * sizeof(float));
+        for (int h = 0; h < n_heads; h++) {
+            attention_scores(tr->weights, q + ((size_t)t * n_heads + h) * kv->head_dim, kv, h / group, n_pos);
+            softmax(tr->weights, n_pos);
+            if (attention_asked(tr, pos + t))
+                memcpy(attention_kept(tr, pos + t, layer, h), tr->weights, (size_t)n_pos * sizeof(float));
+            double bits = 0.0;
+            for (int p = 0; p < n_pos; p++) {
+                float w = tr->weights[p];
+                if (w > 0.0f) bits -= w * log2((double)w);
+                tr->mean[p] += w / n_heads;
+            }
+            entropy[h] = (float)bits;
+        }
+        for (int j = 0; j < TRACE_TOP; j++) { // selection: TRACE_TOP is small; ties to the earlier position
+            int best = -1;
+            for (int p = 0; p < n_pos; p++) {
+                int taken = 0;
+                for (int i = 0; i < j && !taken; i++) taken = row->top[i] == p;
+                if (!taken && (best < 0 || tr->mean[p] > tr->mean[best])) best = p;
+            }
+            row->top[j] = best;
+            row->top_weight[j] = best >= 0 ? tr->mean[best] : 0.0f;
+        }
+    }
+}
+
+/* ---- The views' output */
+
+/* A number of a JSON line: 7 significant digits, as a float holds; null
+   when it is not finite (a damaged model), which JSON cannot write. */
+static void print_json_number(FILE *f, float v) {
+    if (isfinite(v)) fprintf(f, "%.7g", v);
+    else fputs("null", f);
+}
+
+/* The start of a trace line of view `view` for position pos of token. */
+static void print_trace_head(const Session *s, const char *view, int pos, int layer, int token) {
+    const Trace *tr = s->transformer->state.trace;
+    if (!tr->asked.json) { fprintf(stderr, "%s pos=%d layer=%d", view, pos, layer); return; }
+    fprintf(stderr, "{\"view\": \"%s\", \"pos\": %d, \"layer\": %d, \"token\": %d, \"text\": ", view, pos, layer,
+            token);
+    print_token_text(stderr, s, token);
+}
+
+/* --trace: what layer l did at position pos (row t of the last pass). */
+static void print_trace_stats(const Session *s, int t, int l, int pos, int token) {
+    const Config *c = &s->transformer->config;
+    const Trace *tr = s->transformer->state.trace;
+    const TraceRow *row = &tr->rows[(size_t)t * c->n_layers + l];
+    const float *entropy = tr->entropy + ((size_t)t * c->n_layers + l) * c->n_heads;
+    print_trace_head(s, "trace", pos, l, token);
+    if (tr->asked.json) {
+        const char *names[5] = {"rms_in", "attn", "rms_mid", "mlp", "rms_out"};
+        float values[5] = {row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1], row->rms[TRACE_ATTENTION][2],
+                           row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]};
+        for (int i = 0; i < 5; i++) {
+            fprintf(stderr, ", \"%s\": ", names[i]);
+            print_json_number(stderr, values[i]);
+        }
+        fprintf(stderr, ", \"entropy\": [");
+        for (int h = 0; h < c->n_heads; h++) {
+            fputs(h ? ", " : "", stderr);
+            print_json_number(stderr, entropy[h]);
+        }
+        fprintf(stderr, "], \"top\": [");
+        for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++) {
+            fprintf(stderr, "%s{\"pos\": %d, \"weight\": ", j ? ", " : "", row->top[j]);
+            print_json_number(stderr, row->top_weight[j]);
+            fputc('}', stderr);
+        }
+        fprintf(stderr, "]}\n");
+        return;
+    }
+    fprintf(stderr, " rms_in=%.6g attn=%.6g rms_mid=%.6g mlp=%.6g rms_out=%.6g entropy=",
+            row->rms[TRACE_ATTENTION][0], row->rms[TRACE_ATTENTION][1], row->rms[TRACE_ATTENTION][2],
+            row->rms[TRACE_MLP][1], row->rms[TRACE_MLP][2]);
+    for (int h = 0; h < c->n_heads; h++) fprintf(stderr, h ? ",%.4f" : "%.4f", entropy[h]);
+    fprintf(stderr, " top=");
+    for (int j = 0; j < TRACE_TOP && row->top[j] >= 0; j++)
+        fprintf(stderr, j ? ",%d:%.4f" : "%d:%.4f", row->top[j], row->top_weight[j]);
+    fputc('\n', stderr);
+}
+
+/* --lens: the likeliest next tokens had layer l been the last, at position
+   pos (row t of the last pass). */
+static void print_lens(const Session *s, int t, int l, int pos, int token) {
+    const Trace *tr = s->transformer->state.trace;
+    int k = tr->asked.lens_k, json = tr->asked.json;
+    size_t at = ((size_t)t * tr->n_layers + l) * k;
+    print_trace_head(s, "lens", pos, l, token);
+    fprintf(stderr, json ? ", \"top\": [" : " top:");
+    for (int j = 0; j < k; j++) {
+        fprintf(stderr, json ? "%s{\"token\": %d, \"text\": " : " %s%d ", j && json ? ", " : "", tr->lens_top[at + j]);
+        print_token_text(stderr, s, tr->lens_top[at + j]);
+        if (json) {
+            fprintf(stderr, ", \"prob\": ");
+            print_json_number(stderr, tr->lens_prob[at + j]);
+            fputc('}', stderr);
+        } else {
+            fprintf(stderr, " %.4f", tr->lens_prob[at + j]);
+        }
+    }
+    fprintf(stderr, json ? "]}\n" : "\n");
+}
+
+/* --attention: every head's weights over positions 0 .. pos at layer l. */
+static void print_attention(const Session *s, int l, int pos, int token) {
+    const Trace *tr = s->transformer->state.trace;
+    if (tr->asked.json) {
+        print_trace_head(s, "attention", pos, l, token);
+        fprintf(stderr, ", \"weights\": [");
+    }
+    for (int h = 0; h < tr->n_heads; h++) {
+        const float *w = attention_kept(tr, pos, l, h);
+        if (tr->asked.json) {
+            fputs(h ? ", [" : "[", stderr);
+            for (int p = 0; p <= pos; p++) {
+                fputs(p ? ", " : "", stderr);
+                print_json_number(stderr, w[p]);
+            }
+            fputc(']', stderr);
+        } else {
+            fprintf(stderr, "attention pos=%d layer=%d head=%d weights=", pos, l, h);
+            for (int p = 0; p <= pos; p++) fprintf(stderr, p ? ",%.4f" : "%.4f", w[p]);
+            fputc('\n', stderr);
+        }
+    }
+    if (tr->asked.json) fprintf(stderr, "]}\n");
+}
+
+/* After a forward pass over tokens (n) from position pos, what the trace
+   was asked for, position by position:
+
+     --trace: a line naming the token, then one for each layer
+
+       trace pos=P token=ID text="..."
+       trace pos=P layer=L rms_in=R attn=A rms_mid=R mlp=M rms_out=R entropy=E0,E1,.. top=P0:W0,P1:W1,..
+
+     rms_in, rms_mid and rms_out are the RMS of the residual stream entering
+     the layer, after attention's output (of RMS attn) was added, and after
+     the MLP's (mlp) was; entropy is each head's attention, in bits (0: all
+     weight on one position; log2(P + 1): spread evenly); top, the positions
+     attended most, with their weight averaged over heads;
+
+     --lens K: one line for each layer, its K likeliest next tokens
+
+       lens pos=P layer=L top: ID "..." PROB ID "..." PROB ..
+
+     --attention: for a position asked for, one line per layer and head
+
+       attention pos=P layer=L head=H weights=W0,W1,..,WP
+
+   With --trace-format json, each of these is one JSON object per position
+   and layer instead, with the token and its text (docs/VIEWS.md). */
+static void print_trace(const Session *s, const int *tokens, int n, int pos) {
+    const Config *c = &s->transformer->config;
+    const Trace *tr = s->transformer->state.trace;
+    for (int t = 0; t < n; t++) {
+        if (tr->asked.stats && !tr->asked.json) {
+            fprintf(stderr, "trace pos=%d token=%d text=", pos + t, tokens[t]);
+            print_token_text(stderr, s, tokens[t]);
+            fputc('\n', stderr);
+        }
+        for (int l = 0; tr->asked.stats && l < c->n_layers; l++) print_trace_stats(s, t, l, pos + t, tokens[t]);
+        for (int l = 0; tr->asked.lens_k && l < c->n_layers; l++) print_lens(s, t, l, pos + t, tokens[t]);
+        for (int l = 0; attention_asked(tr, pos + t) && l < c->n_layers; l++) print_attention(s, l, pos + t, tokens[t]);
+    }
 }
 
 /* ----------------------------------------------------------------------------
