@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from convert import checkpoint, kquants  # noqa: E402
-from test_smollm2 import tiny_bytelevel_vocab  # noqa: E402
+from tiny_gguf import add_bytelevel_vocab, finish, model_writer, tiny_bytelevel_vocab  # noqa: E402
 from test_gguf_sentencepiece import export_py  # noqa: E402
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
@@ -177,25 +177,10 @@ def write_kquant_gguf(path, state_dict, file_types):
     """state_dict (ours, random) as a llama GGUF file with file_types, the K
     tensors in our encoder's blocks, the others by gguf.quants; a byte-level
     vocabulary. Returns {GGUF name: (ggml type, bytes)} of the K tensors."""
-    tokens, merges = tiny_bytelevel_vocab()
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("random")
-    w.add_context_length(ARGS.max_seq_len)
-    w.add_embedding_length(ARGS.dim)
-    w.add_block_count(ARGS.n_layers)
-    w.add_feed_forward_length(ARGS.hidden_dim)
-    w.add_head_count(ARGS.n_heads)
-    w.add_head_count_kv(ARGS.n_kv_heads)
-    w.add_rope_dimension_count(ARGS.head_dim)
-    w.add_rope_freq_base(ARGS.rope_theta)
-    w.add_layer_norm_rms_eps(ARGS.norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w = model_writer(path, dim=ARGS.dim, hidden=ARGS.hidden_dim, n_layers=ARGS.n_layers, n_heads=ARGS.n_heads,
+                     n_kv_heads=ARGS.n_kv_heads, context=ARGS.max_seq_len, rope_theta=ARGS.rope_theta,
+                     eps=ARGS.norm_eps, name="random")
+    add_bytelevel_vocab(w)
     kept = {}
     for name, tensor in state_dict.items():
         values = tensor.numpy().astype(np.float32)
@@ -206,10 +191,7 @@ def write_kquant_gguf(path, state_dict, file_types):
         else:
             data = gguf.quants.quantize(values, gguf.GGMLQuantizationType[kind])
         w.add_tensor(gguf_name(name), data, raw_dtype=gguf.GGMLQuantizationType[kind])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return kept
 
 
