@@ -130,7 +130,7 @@ CASES = {   # name: write_gguf()'s arguments, and the conversion line ./run shou
     "f16": (dict(default="F16", norms="F16", tied=False), "21 F16 tensors to f32"),
     "bf16": (dict(default="BF16", tied=False), ""),   # mapped: held to export.py --dtype bf16 (see below)
     "q8_0": (dict(default="Q8_0", tied=False), "16 Q8_0 tensors to q8_0"),
-    "q4_0": (dict(default="Q4_0"), "15 Q4_0 tensors to q8_0"),
+    "q4_0": (dict(default="Q4_0"), ""),
     "q4_1": (dict(default="Q4_1"), "15 Q4_1 tensors to q8_0"),
     "q5_0": (dict(default="Q5_0", tied=False), "16 Q5_0 tensors to q8_0"),
     "q5_1": (dict(default="Q5_1"), "15 Q5_1 tensors to q8_0"),
