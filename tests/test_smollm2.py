@@ -294,9 +294,9 @@ def test_k_quant_gguf_matches_transformers(k_quant_gguf, tmp_path):
 
 def test_quantized_gguf_becomes_q8_0_unless_asked(k_quant_gguf, tmp_path):
     """--dtype's default: for a file with quantized tensors, its Q4_K, Q5_K
-    and Q6_K matrices kept (a version 3 checkpoint, a type per matrix) and
-    q8_0 for the others, said in one line; f32 for one in F32, F16 and BF16
-    only."""
+    and Q6_K matrices kept (a version 3 checkpoint, a type per matrix; Q8_0
+    and Q4_0 too, tests/test_gguf_groups.py) and q8_0 for the others, said
+    in one line; f32 for one in F32, F16 and BF16 only."""
     write_random_gguf(tmp_path / "f16.gguf", {key: "F16" for key in MIXED})
     for gguf_file, dtype in [(k_quant_gguf / "k.gguf", None), (tmp_path / "f16.gguf", "f32")]:
         out = tmp_path / f"{dtype}.bin"
