@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from convert import checkpoint, kquants  # noqa: E402
-from tiny_gguf import add_bytelevel_vocab, finish, model_writer, tiny_bytelevel_vocab  # noqa: E402
+from tiny_gguf import add_bytelevel_vocab, finish, gguf_name, model_writer, tiny_bytelevel_vocab  # noqa: E402
 from test_gguf_sentencepiece import export_py  # noqa: E402
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
@@ -149,7 +149,6 @@ def test_mix_details():
 # ----------------------------------------------------------------------------
 # 3. Files
 
-GGUF_NAMES = {ours: theirs for theirs, ours in export.GGUF_NAMES.items()}
 ARGS = export.ModelArgs(dim=256, hidden_dim=512, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64,
                         vocab_size=len(tiny_bytelevel_vocab()[0]), max_seq_len=128, rope_theta=10000.0,
                         tied=False)
@@ -158,14 +157,6 @@ K_FILE = {"tok_embeddings": "Q4_K", "attention.wq": "Q4_K", "attention.wk": "Q5_
           "attention.wo": "Q4_K", "feed_forward.w1": "Q4_K", "feed_forward.w2": "Q6_K", "feed_forward.w3": "Q4_K",
           "output": "Q6_K"}
 MIXED_FILE = dict(K_FILE, **{"attention.wo": "Q4_0", "feed_forward.w3": "F16"})
-
-
-def gguf_name(name):
-    if name in GGUF_NAMES:
-        return GGUF_NAMES[name]
-    _, i, *part, kind = name.split(".")
-    theirs = {ours: theirs for theirs, ours in export.GGUF_LAYER_NAMES.items()}[".".join(part)]
-    return f"blk.{i}.{theirs}.{kind}"
 
 
 def source_type(file_types, name):

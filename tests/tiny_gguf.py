@@ -26,6 +26,24 @@ def tiny_bytelevel_vocab():
     return tokens, merges
 
 
+def gguf_name(name):
+    """The GGUF name of our tensor name."""
+    theirs = {ours: theirs for theirs, ours in export.GGUF_NAMES.items()}
+    if name in theirs:
+        return theirs[name]
+    _, i, *part, kind = name.split(".")
+    layer = {ours: theirs for theirs, ours in export.GGUF_LAYER_NAMES.items()}[".".join(part)]
+    return f"blk.{i}.{layer}.{kind}"
+
+
+def our_name(name):
+    """gguf_name()'s inverse: our name of a GGUF tensor."""
+    if name in export.GGUF_NAMES:
+        return export.GGUF_NAMES[name]
+    _, i, part, kind = name.split(".")
+    return f"layers.{i}.{export.GGUF_LAYER_NAMES[part]}.{kind}"
+
+
 def model_writer(path, arch="llama", *, dim, hidden, n_layers, n_heads, n_kv_heads, context, rope_theta,
                  eps=1e-5, name=None):
     """A GGUFWriter of path with a model's hyperparameters as {arch}.*
