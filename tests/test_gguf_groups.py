@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from convert import checkpoint, kquants  # noqa: E402
 from tests.test_verify import ARGS as VISIBLE_ARGS, verify_line, visible_model  # noqa: E402
-from tests.tiny_gguf import (add_bytelevel_vocab, finish, gguf_name, model_writer, our_name,  # noqa: E402
-                             random_group_blocks, tiny_bytelevel_vocab)
+from tests.tiny_gguf import (add_bytelevel_vocab, args_writer, finish, gguf_name, model_writer,  # noqa: E402
+                             our_name, random_group_blocks, tiny_bytelevel_vocab)
 
 DIM, HIDDEN, N_LAYERS = 256, 512, 2     # widths of whole K blocks, for the file of several types
 LAYER_SHAPES = {"attn_q": (DIM, DIM), "attn_k": (DIM // 2, DIM), "attn_v": (DIM // 2, DIM), "attn_output": (DIM, DIM),
@@ -194,9 +194,7 @@ def test_kept_q4_0_passes_verify_within_q8_0s_bounds(tmp_path, capsys):
     85%; q4_0 1.0, 3.5, 40%)."""
     subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True)      # what --verify runs
     args = dataclasses.replace(VISIBLE_ARGS, vocab_size=len(tiny_bytelevel_vocab()[0]))
-    w = model_writer(tmp_path / "m.gguf", dim=args.dim, hidden=args.hidden_dim, n_layers=args.n_layers,
-                     n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, context=args.max_seq_len,
-                     rope_theta=args.rope_theta, name="visible")     # transformers' loader needs a name
+    w = args_writer(tmp_path / "m.gguf", args, name="visible")     # transformers' loader needs a name
     add_bytelevel_vocab(w)
     for name, tensor in visible_model(args).state_dict().items():
         kind = gguf.GGMLQuantizationType.Q4_0 if tensor.dim() == 2 else gguf.GGMLQuantizationType.F32

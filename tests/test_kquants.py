@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from convert import checkpoint, kquants  # noqa: E402
-from tiny_gguf import add_bytelevel_vocab, finish, gguf_name, model_writer, tiny_bytelevel_vocab  # noqa: E402
+from tiny_gguf import add_bytelevel_vocab, args_writer, finish, gguf_name, tiny_bytelevel_vocab  # noqa: E402
 from test_gguf_sentencepiece import export_py  # noqa: E402
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
@@ -168,9 +168,7 @@ def write_kquant_gguf(path, state_dict, file_types):
     """state_dict (ours, random) as a llama GGUF file with file_types, the K
     tensors in our encoder's blocks, the others by gguf.quants; a byte-level
     vocabulary. Returns {GGUF name: (ggml type, bytes)} of the K tensors."""
-    w = model_writer(path, dim=ARGS.dim, hidden=ARGS.hidden_dim, n_layers=ARGS.n_layers, n_heads=ARGS.n_heads,
-                     n_kv_heads=ARGS.n_kv_heads, context=ARGS.max_seq_len, rope_theta=ARGS.rope_theta,
-                     eps=ARGS.norm_eps, name="random")
+    w = args_writer(path, ARGS, name="random")
     add_bytelevel_vocab(w)
     kept = {}
     for name, tensor in state_dict.items():

@@ -63,6 +63,13 @@ def model_writer(path, arch="llama", *, dim, hidden, n_layers, n_heads, n_kv_hea
     return w
 
 
+def args_writer(path, args, name=None):
+    """model_writer() for the ModelArgs args (their heads of dim / n_heads)."""
+    return model_writer(path, dim=args.dim, hidden=args.hidden_dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                        n_kv_heads=args.n_kv_heads, context=args.max_seq_len, rope_theta=args.rope_theta,
+                        eps=args.norm_eps, name=name)
+
+
 def add_bytelevel_vocab(w):
     """tiny_bytelevel_vocab() as the writer's tokenizer: gpt2 with SmolLM2's
     pre-tokenizer, token 1 the bos and 2 the eos."""
