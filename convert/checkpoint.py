@@ -77,8 +77,8 @@ class Tensors(Mapping):
 
     A matrix stored in a type of BLOCK_TYPES (a GGUF's Q8_0, Q4_0, Q4_K,
     Q5_K or Q6_K tensor) also reads as its GGUF blocks, bit for bit
-    (add_blocks, blocks); source_types
-    names the type each matrix has in the source (a GGUF's name for it)."""
+    (add_blocks, blocks); source_types names the type each matrix has in
+    the source (a GGUF's name for it)."""
 
     def __init__(self):
         self.shapes, self._readers = {}, {}
@@ -440,17 +440,21 @@ def stored_blocks(state_dict, name, dtype):
 
 def _write_blocks(f, blocks, dtype):
     """Write a matrix's GGUF blocks of dtype as its arrays: a K type's as
-    they are, Q8_0's and Q4_0's values and scales apart (group_arrays), a
-    block of rows at a time, so that the copies stay small."""
+    they are; Q8_0's and Q4_0's values and scales apart (group_arrays), the
+    values a block of rows at a time, so that their copy stays small, the
+    scales (1/17 or 1/9 of the bytes) after them."""
+    f.write(b"\0" * (-f.tell() % ALIGN))
     if dtype in K_TYPES:
-        f.write(b"\0" * (-f.tell() % ALIGN))
         f.write(np.ascontiguousarray(blocks).data)
         return
-    step = max(1, ENCODE_ROWS_BYTES // blocks.shape[1])
-    for k in range(2):
-        f.write(b"\0" * (-f.tell() % ALIGN))
-        for r in range(0, blocks.shape[0], step):
-            f.write(group_arrays(blocks[r:r + step], dtype)[k].data)
+    step, scales = max(1, ENCODE_ROWS_BYTES // blocks.shape[1]), []
+    for r in range(0, blocks.shape[0], step):
+        values, row_scales = group_arrays(blocks[r:r + step], dtype)
+        f.write(values.data)
+        scales.append(row_scales)
+    f.write(b"\0" * (-f.tell() % ALIGN))
+    for row_scales in scales:
+        f.write(row_scales.data)
 
 
 def _write_tensor(f, w, dtype):
