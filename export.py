@@ -43,10 +43,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Beside what the command line uses, the names that the tests, bench/ and
 # fuzz/make_seeds.py reach as export.X.
-from convert.checkpoint import (HEADER, MATRIX_TYPES, WEIGHT_TYPES, check_dtype, check_matrix_types,  # noqa: E402
-                                check_max_seq_len, check_rope_frequencies, checkpoint_tensors, decode_matrix,
-                                describe_types, encode_matrix, finite_tensors, read_checkpoint,
-                                read_checkpoint_arrays, write_checkpoint)
+from convert.checkpoint import (BLOCK_TYPES, HEADER, MATRIX_TYPES, WEIGHT_TYPES, check_dtype,  # noqa: E402
+                                check_matrix_types, check_max_seq_len, check_rope_frequencies, checkpoint_tensors,
+                                decode_matrix, describe_types, encode_matrix, finite_tensors, read_checkpoint,
+                                read_checkpoint_arrays, single_type, write_checkpoint)
 from convert.errors import ExportError  # noqa: E402
 from convert.files import read_json, regular_file  # noqa: E402
 from convert.gguf_out import write_gguf  # noqa: E402
@@ -412,18 +412,19 @@ def _weight_types(asked, args, state_dict, gguf_reader):
     dtype, one type or {matrix name: type}. asked: --dtype, or None.
     A mix (q4_k_m, q5_k_m, q6_k) gives each matrix llama.cpp's type for it.
     With no --dtype: f32, but for a GGUF file with quantized tensors, its
-    Q4_K, Q5_K and Q6_K matrices kept as they are and q8_0 for the others.
-    (A GGUF matrix already in the type asked is copied, never requantized.)"""
+    Q8_0, Q4_0, Q4_K, Q5_K and Q6_K matrices kept as they are (BLOCK_TYPES)
+    and q8_0 for the others; one type when that is all of them. ./run maps
+    a GGUF file by the same rule. (A GGUF matrix already in the type asked
+    is copied, never requantized.)"""
     if asked in MIXES:
         return kquant_mix_types(args, asked)
     if asked:
         return asked
     if not (gguf_reader and gguf_quantized(gguf_reader)):
         return "f32"
-    if not state_dict.block_types:
-        return "q8_0"
-    return {name: state_dict.block_types.get(name, "q8_0")
-            for name, shape in state_dict.shapes.items() if len(shape) == 2}
+    types = {name: state_dict.block_types.get(name, "q8_0")
+             for name, shape in state_dict.shapes.items() if len(shape) == 2}
+    return single_type(types) or types
 
 
 def _type_changes(dtype, state_dict, asked):
@@ -447,13 +448,13 @@ def _type_changes(dtype, state_dict, asked):
 
 def _tolerance_type(dtype, asked):
     """The weight type whose --verify bounds a checkpoint gets: its own, or,
-    for a checkpoint of several types, the loosest of them. A GGUF's K
-    blocks kept as they are (no --dtype) count as q8_0: they lose only
-    what ./run's int8 activations do, as q8_0 does."""
-    if isinstance(dtype, str):
-        return dtype
-    kept = {t if asked or t not in K_TYPES else "q8_0" for t in dtype.values()}
-    return max(kept, key=lambda t: THRESHOLDS[t][0])
+    for a checkpoint of several types, the loosest of them. A GGUF's
+    blocks kept as they are (no --dtype: Q4_0 and the K types too) count as
+    q8_0: they lose only what ./run's int8 activations do, as q8_0 does."""
+    types = set(dtype.values()) if isinstance(dtype, dict) else {dtype}
+    if not asked:
+        types = {"q8_0" if t in BLOCK_TYPES else t for t in types}
+    return max(types, key=lambda t: THRESHOLDS[t][0])
 
 
 def _verify(report, written, theirs, checkpoint, args, dtype, tokenizer, asked):
@@ -580,12 +581,14 @@ def main(argv=None):
                              "gives it (the classifier and, in Q4_K_M and Q5_K_M, the value and down "
                              "projections of some layers in Q6_K; q8_0 where a width is not a multiple of "
                              "256). Norms stay f32. Default: f32, which keeps every weight of the source "
-                             "exactly; but for a GGUF file with quantized tensors, its Q4_K, Q5_K and Q6_K "
-                             "tensors kept as they are, bit for bit, and q8_0 for the others (Q8_0, Q4_0, "
-                             "Q5_0, Q2_K, IQ4_NL, ...: f32 would only make the file 4 to 8 times larger, and "
-                             "q8_0 keeps their quality with half the bytes of bf16), with a line saying "
-                             "which. A GGUF's K tensors already in the type asked are copied as they are; "
-                             "--dtype q8_0 (or any other single type) converts every tensor to it")
+                             "exactly; but for a GGUF file with quantized tensors, its Q8_0, Q4_0, Q4_K, "
+                             "Q5_K and Q6_K tensors kept as they are, bit for bit (as q8_0, q4_0, q4_k, q5_k "
+                             "and q6_k), and q8_0 for the others (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, IQ4_NL, F16, "
+                             "...: f32 would only make the file 4 to 8 times larger, and q8_0 keeps their "
+                             "quality with half the bytes of bf16), with a line saying which; ./run runs the "
+                             "GGUF file itself by the same rule. A GGUF's tensors already in the type asked "
+                             "are copied as they are; --dtype q8_0 (or any other single type) converts every "
+                             "other tensor to it")
     parser.add_argument("--tokenizer-out", metavar="PATH",
                         help="where the tokenizer of --meta, --hf or --gguf goes "
                              "(default: tokenizer.bin beside OUTPUT)")

@@ -28,6 +28,10 @@ WEIGHT_TYPES = {"f32": 0, "q8_0": 1, "q4_0": 2, "bf16": 3}   # weight_type of th
 MATRIX_TYPES = {**WEIGHT_TYPES, "q4_k": 4, "q5_k": 5, "q6_k": 6}   # version 3's table: these too
 WEIGHT_F32 = WEIGHT_TYPES["f32"]
 GROUP_SIZE = 32                 # weights per scale in q8_0 and q4_0
+# GGUF's Q8_0 and Q4_0 block: a group's float16 scale, then its values as
+# ours (32 int8; 16 bytes of nibbles): bytes per block
+GROUP_BLOCK_BYTES = {"q8_0": 2 + GROUP_SIZE, "q4_0": 2 + GROUP_SIZE // 2}
+BLOCK_TYPES = K_TYPES + tuple(GROUP_BLOCK_BYTES)   # the types whose GGUF blocks a checkpoint keeps
 # magic, version, 8 x i32 (dim .. max_seq_len), rope_theta, norm_eps,
 # tied_classifier, weight_type, group_size: 60 bytes, then (version 2) the
 # flags, then zeros up to 256
@@ -71,9 +75,10 @@ class Tensors(Mapping):
     Setting an entry puts a tensor in memory in its place. A dict of tensors
     serves wherever Tensors does.
 
-    A matrix stored in a K type (a GGUF's Q4_K, Q5_K or Q6_K tensor) also
-    reads as its blocks, bit for bit (add_blocks, blocks); source_types
-    names the type each matrix has in the source (a GGUF's name for it)."""
+    A matrix stored in a type of BLOCK_TYPES (a GGUF's Q8_0, Q4_0, Q4_K,
+    Q5_K or Q6_K tensor) also reads as its GGUF blocks, bit for bit
+    (add_blocks, blocks); source_types names the type each matrix has in
+    the source (a GGUF's name for it)."""
 
     def __init__(self):
         self.shapes, self._readers = {}, {}
@@ -87,8 +92,8 @@ class Tensors(Mapping):
         self._block_readers.pop(name, None)
 
     def add_blocks(self, name, dtype, read_blocks):
-        """Say that the matrix name (added) is stored in the K type dtype:
-        read_blocks() reads its (rows, bytes) uint8 blocks."""
+        """Say that the matrix name (added) is stored in dtype (of
+        BLOCK_TYPES): read_blocks() reads its (rows, bytes) uint8 GGUF blocks."""
         self.block_types[name], self._block_readers[name] = dtype, read_blocks
 
     def blocks(self, name):
@@ -136,7 +141,7 @@ def finite_tensors(state_dict, path):
 
 def _finite_blocks(state_dict, name, dtype, path):
     blocks = state_dict.blocks(name)
-    if not kquant_scales_finite(blocks, dtype):
+    if not block_scales_finite(blocks, dtype):
         raise ExportError(path, f"{name} holds NaN or infinite numbers")
     return blocks
 
@@ -190,6 +195,35 @@ def _f32_array(tensor):
 def _f32_bytes(tensor):
     """The tensor (torch or numpy) as packed little-endian float32, row-major."""
     return _f32_array(tensor).astype("<f4", copy=False).tobytes()
+
+
+def block_scales_finite(blocks, dtype):
+    """Whether every float16 scale of GGUF blocks of dtype (BLOCK_TYPES) is
+    finite, which makes every weight finite."""
+    if dtype in K_TYPES:
+        return kquant_scales_finite(blocks, dtype)
+    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, GROUP_BLOCK_BYTES[dtype])
+    return bool(np.isfinite(b[:, :2].copy().view("<f2")).all())
+
+
+def group_arrays(blocks, dtype):
+    """GGUF's Q8_0 or Q4_0 blocks (dtype q8_0 or q4_0), (rows, bytes) uint8,
+    as our matrix's arrays of dtype: values, then float16 scales (rows,
+    groups), each the same numbers in the same order."""
+    rows = blocks.shape[0]
+    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(rows, -1, GROUP_BLOCK_BYTES[dtype])
+    values = np.ascontiguousarray(b[:, :, 2:]).reshape(rows, -1)
+    scales = np.ascontiguousarray(b[:, :, :2]).view("<f2").reshape(rows, -1)
+    return [values.view(np.int8) if dtype == "q8_0" else values, scales]
+
+
+def group_blocks(values, scales):
+    """group_arrays()'s inverse: a q8_0 or q4_0 matrix's arrays as GGUF's
+    Q8_0 or Q4_0 blocks, (rows, bytes) uint8."""
+    rows, groups = scales.shape
+    blocks = np.concatenate((scales.astype("<f2").reshape(rows, groups, 1).view(np.uint8),
+                             values.view(np.uint8).reshape(rows, groups, -1)), axis=2)
+    return blocks.reshape(rows, -1)
 
 
 def quantize_q8_0(w):
@@ -372,8 +406,7 @@ def write_checkpoint(path, args, state_dict, dtype="f32", progress=None):
         for done, (name, shape) in enumerate(tensors, 1):
             blocks = stored_blocks(state_dict, name, types.get(name))
             if blocks is not None:
-                f.write(b"\0" * (-f.tell() % ALIGN))
-                f.write(np.ascontiguousarray(blocks).data)
+                _write_blocks(f, blocks, types[name])
             else:
                 _write_tensor(f, _f32_array(state_dict[name]), types.get(name))
             weights_done += math.prod(shape)
@@ -398,11 +431,30 @@ def _header(args, types):
 
 
 def stored_blocks(state_dict, name, dtype):
-    """The matrix name's blocks as state_dict stores them, if they are in the
-    K type dtype (to be copied bit for bit); else None."""
-    if isinstance(state_dict, Tensors) and dtype in K_TYPES and state_dict.block_types.get(name) == dtype:
+    """The matrix name's GGUF blocks as state_dict stores them, if they are
+    in dtype (to be copied bit for bit); else None."""
+    if isinstance(state_dict, Tensors) and dtype in BLOCK_TYPES and state_dict.block_types.get(name) == dtype:
         return state_dict.blocks(name)
     return None
+
+
+def _write_blocks(f, blocks, dtype):
+    """Write a matrix's GGUF blocks of dtype as its arrays: a K type's as
+    they are; Q8_0's and Q4_0's values and scales apart (group_arrays), the
+    values a block of rows at a time, so that their copy stays small, the
+    scales (1/17 or 1/9 of the bytes) after them."""
+    f.write(b"\0" * (-f.tell() % ALIGN))
+    if dtype in K_TYPES:
+        f.write(np.ascontiguousarray(blocks).data)
+        return
+    step, scales = max(1, ENCODE_ROWS_BYTES // blocks.shape[1]), []
+    for r in range(0, blocks.shape[0], step):
+        values, row_scales = group_arrays(blocks[r:r + step], dtype)
+        f.write(values.data)
+        scales.append(row_scales)
+    f.write(b"\0" * (-f.tell() % ALIGN))
+    for row_scales in scales:
+        f.write(row_scales.data)
 
 
 def _write_tensor(f, w, dtype):

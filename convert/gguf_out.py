@@ -2,7 +2,7 @@
 
 import os
 
-from convert.checkpoint import matrix_types, read_checkpoint_arrays
+from convert.checkpoint import group_blocks, matrix_types, read_checkpoint_arrays
 from convert.errors import ExportError, blamed_on, np
 from convert.hf_out import interleaved_to_hf
 from convert.sources import GGUF_LAYER_NAMES, GGUF_NAMES
@@ -100,12 +100,8 @@ def write_gguf(path, checkpoint, tokenizer=None):
             writer.add_tensor(names[name], arrays[0].astype(np.float32))
         elif kind in ("bf16", "q4_k", "q5_k", "q6_k"):       # bytes (rows, 2 cols), or (rows, blocks)
             writer.add_tensor(names[name], arrays[0].view(np.uint8), raw_dtype=block[kind])
-        else:                                                # (rows, groups, 2 + value bytes)
-            values, scales = arrays
-            rows, groups = scales.shape
-            blocks = np.concatenate((scales.reshape(rows, groups, 1).view(np.uint8),
-                                     values.view(np.uint8).reshape(rows, groups, -1)), axis=2)
-            writer.add_tensor(names[name], blocks.reshape(rows, -1), raw_dtype=block[kind])
+        else:                                                # q8_0, q4_0: (rows, bytes) of blocks
+            writer.add_tensor(names[name], group_blocks(*arrays), raw_dtype=block[kind])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

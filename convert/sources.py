@@ -491,11 +491,12 @@ def write_llama2c(path, args, state_dict):
 # that the package's gguf.quants dequantizes is read (F32, F16, BF16, Q4_0 ..
 # Q8_0, the K-quants Q2_K .. Q6_K, the IQ types, ...): each tensor's bytes are
 # read from the file and decoded to float32 as gguf.quants does, a few rows at
-# a time; other types are refused before anything is written. A Q4_K, Q5_K or
-# Q6_K matrix also reads as its blocks, bit for bit (Tensors.blocks), so that
-# the checkpoint can keep them.
+# a time; other types are refused before anything is written. A Q8_0, Q4_0,
+# Q4_K, Q5_K or Q6_K matrix also reads as its blocks, bit for bit
+# (Tensors.blocks), so that the checkpoint can keep them.
 
 GGUF_FLOAT_TYPES = (0, 1, 30)   # ggml types F32, F16, BF16: a source in these is not quantized
+GGUF_BLOCK_TYPES = {"q4_0": 2, "q8_0": 8, **KQUANT_GGML_TYPES}  # ours whose blocks are ggml's: its number of each
 GGUF_NAMES = {              # GGUF tensor name -> ours ({i}: the layer)
     "token_embd.weight": "tok_embeddings.weight",
     "output_norm.weight": "norm.weight",
@@ -608,7 +609,7 @@ def load_gguf(source):
         attention_bias=arch == "qwen2", scaled_rope=scaling == "linear" or "rope_freqs.weight" in tensors)
 
     def ours(rows, name):
-        """A tensor's rows (weights, or a K matrix's rows of blocks) as
+        """A tensor's rows (weights, or a matrix's rows of GGUF blocks) as
         ours: qwen2's q/k rows (weights and biases) from Hugging Face's
         layout, as load_hf() permutes them. A permutation of whole rows
         leaves each row's blocks as they are."""
@@ -644,9 +645,9 @@ def load_gguf(source):
         state_dict.add(name, shape, lambda t=t, name=name, shape=shape: read(t, name, shape))
         if len(shape) == 2:
             state_dict.source_types[name] = t.tensor_type.name
-        kquant = next((kind for kind, number in KQUANT_GGML_TYPES.items() if number == ggml_type), None)
-        if kquant and len(shape) == 2:
-            state_dict.add_blocks(name, kquant, lambda t=t, name=name, shape=shape: read_blocks(t, name, shape))
+        kept = next((kind for kind, number in GGUF_BLOCK_TYPES.items() if number == ggml_type), None)
+        if kept and len(shape) == 2:
+            state_dict.add_blocks(name, kept, lambda t=t, name=name, shape=shape: read_blocks(t, name, shape))
     if args.scaled_rope:    # llama.cpp's frequency: base / rope_freqs, times 1 / factor for linear
         if "rope_freqs.weight" not in tensors:
             divisors = np.ones(args.head_dim // 2, np.float32)

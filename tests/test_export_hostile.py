@@ -271,15 +271,13 @@ def gguf_with(metadata):
     """A GGUF file of the llama architecture with these string metadata."""
     def damage(c):
         import gguf
+        from tests.tiny_gguf import finish
         path = c.src / "bad.gguf"
         writer = gguf.GGUFWriter(str(path), "llama")
         for key, value in metadata.items():
             writer.add_string(key, value)
         writer.add_tensor("token_embd.weight", np.zeros((ARGS.vocab_size, ARGS.dim), np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        finish(writer)
         return ["--gguf", path]
     return damage
 
@@ -828,6 +826,7 @@ def test_the_default_system_turn_is_what_the_regex_finds():
 def gguf_copy(source, target, extra):
     """The GGUF file source written again as target, with the string metadata extra added."""
     import gguf
+    from tests.tiny_gguf import finish
     reader = gguf.GGUFReader(str(source))
     writer = gguf.GGUFWriter(str(target), reader.fields["general.architecture"].contents())
     for name, field in reader.fields.items():
@@ -839,10 +838,7 @@ def gguf_copy(source, target, extra):
         writer.add_string(key, value)
     for t in reader.tensors:
         writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
 
 def template_in_gguf(c):

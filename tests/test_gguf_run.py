@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from convert import kquants  # noqa: E402
 from test_all import RUN_NOOMP, RUN_PLAIN  # noqa: E402
-from tests.test_smollm2 import GGUF_DIR, GGUF_NAME, tiny_bytelevel_vocab  # noqa: E402
+from tests.test_smollm2 import GGUF_DIR, GGUF_NAME  # noqa: E402
+from tests.tiny_gguf import add_bytelevel_vocab, finish, model_writer, tiny_bytelevel_vocab  # noqa: E402
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
 PROMPT = "1 5 9 20 33 40 7"
@@ -79,29 +80,15 @@ def write_gguf(path, arch="llama", types=None, default="F32", norms="F32", tied=
     {GGUF tensor part ("token_embd", "attn_q", ..., "output"): ggml type},
     default for the others; qwen2 adds q/k/v biases."""
     types = types or {}
-    tokens, merges = tiny_bytelevel_vocab()
+    tokens, _ = tiny_bytelevel_vocab()
     head_dim = dim // n_heads
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(64)
-    w.add_embedding_length(dim)
-    w.add_block_count(n_layers)
-    w.add_feed_forward_length(hidden)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv_heads)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(50000.0)
-    w.add_layer_norm_rms_eps(1e-5)
+    w = model_writer(path, arch, dim=dim, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     context=64, rope_theta=50000.0)
     if linear:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(linear)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_bytelevel_vocab(w)
 
     def tensor(name, kind, *shape, scale=0.05, offset=0.0):
         values = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
@@ -124,10 +111,7 @@ def write_gguf(path, arch="llama", types=None, default="F32", norms="F32", tied=
     tensor("output_norm.weight", norms, dim, scale=0.1, offset=1.0)
     if not tied:
         tensor("output.weight", types.get("output", default), len(tokens), dim)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 def run(*args, check=True):
@@ -285,10 +269,7 @@ def test_byte_level_tokenizer_is_export_s(template, tmp_path):
         w.add_chat_template(TEMPLATES[template])
         for t in reader.tensors:
             w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        finish(w)
         path = tmp_path / "t.gguf"
     else:
         path = tmp_path / "m.gguf"
@@ -412,10 +393,7 @@ def rewritten(path, out, arch="llama", metadata=(), drop=(), add=()):
             w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     for name, array in add:
         w.add_tensor(name, array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return out
 
 

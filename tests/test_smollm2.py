@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 
 import gguf  # noqa: E402
+from tests.tiny_gguf import add_bytelevel_vocab, finish, model_writer, tiny_bytelevel_vocab  # noqa: E402
 
 RUN = Path(os.environ.get("RUN_BINARY", ROOT / "run"))
 
@@ -153,48 +154,17 @@ def test_dequantize_refuses_other_types():
 # ----------------------------------------------------------------------------
 # 2. A random model in a GGUF file
 
-def tiny_bytelevel_vocab():
-    """A byte-level BPE vocabulary in GPT-2's alphabet: three special tokens
-    (as SmolLM2's first three), the 256 bytes, and merges that spell a few words."""
-    alphabet = export.gpt2_bytes_to_unicode()
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [alphabet[b] for b in range(256)]
-    merges = []
-    for word in ["the", " the", " and", "ing", " is", " capital", " of", " France", "\n\n", "  "]:
-        text = "".join(alphabet[b] for b in word.encode())
-        left = text[0]
-        for c in text[1:]:
-            if left + c not in tokens:
-                tokens.append(left + c)
-                merges.append(f"{left} {c}")
-            left += c
-    return tokens, merges
-
-
-def write_random_gguf(path, tokens, merges, types_by_tensor, dim=64, hidden=96, n_layers=2, n_heads=4,
-                      n_kv_heads=2, seed=0, rope_theta=50000.0, eps=1e-5):
-    """A llama GGUF file with random weights, each tensor quantized to the
-    type types_by_tensor gives its GGUF name (without blk.N.); returns ModelArgs."""
+def write_random_gguf(path, types_by_tensor, dim=64, hidden=96, n_layers=2, n_heads=4, n_kv_heads=2, seed=0,
+                      rope_theta=50000.0, eps=1e-5):
+    """A llama GGUF file with random weights and tiny_bytelevel_vocab(), each
+    tensor quantized to the type types_by_tensor gives its GGUF name (without
+    blk.N.)."""
     rng = np.random.default_rng(seed)
-    head_dim, vocab = dim // n_heads, len(tokens)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("random")
-    w.add_context_length(128)
-    w.add_embedding_length(dim)
-    w.add_block_count(n_layers)
-    w.add_feed_forward_length(hidden)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv_heads)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(rope_theta)
-    w.add_layer_norm_rms_eps(eps)
+    head_dim, vocab = dim // n_heads, len(tiny_bytelevel_vocab()[0])
+    w = model_writer(path, dim=dim, hidden=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     context=128, rope_theta=rope_theta, eps=eps, name="random")
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (vocab - 3))
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_bytelevel_vocab(w)
     w.add_add_bos_token(False)
     w.add_chat_template("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
                         "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}")
@@ -222,10 +192,7 @@ def write_random_gguf(path, tokens, merges, types_by_tensor, dim=64, hidden=96, 
         tensor(f"blk.{i}.ffn_down.weight", (dim, hidden))
     tensor("output_norm.weight", (dim,), norm=True)
     tensor("output.weight", (vocab, dim))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 # Where the float16 scales of a block sit, by type: the byte offsets of d
@@ -260,8 +227,7 @@ MIXED = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "F1
 @pytest.fixture(scope="module")
 def random_gguf(tmp_path_factory):
     d = tmp_path_factory.mktemp("gguf")
-    tokens, merges = tiny_bytelevel_vocab()
-    write_random_gguf(d / "random.gguf", tokens, merges, MIXED)
+    write_random_gguf(d / "random.gguf", MIXED)
     p = subprocess.run([sys.executable, str(ROOT / "export.py"), d / "model.bin", "--gguf", d / "random.gguf",
                         "--dtype", "f32"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -308,8 +274,7 @@ K_TYPES = {"token_embd": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "
 @pytest.fixture(scope="module")
 def k_quant_gguf(tmp_path_factory):
     d = tmp_path_factory.mktemp("k-quants")
-    tokens, merges = tiny_bytelevel_vocab()
-    write_random_gguf(d / "k.gguf", tokens, merges, K_TYPES, dim=256, hidden=512, n_heads=4, n_kv_heads=2, seed=3)
+    write_random_gguf(d / "k.gguf", K_TYPES, dim=256, hidden=512, n_heads=4, n_kv_heads=2, seed=3)
     return d
 
 
@@ -329,11 +294,10 @@ def test_k_quant_gguf_matches_transformers(k_quant_gguf, tmp_path):
 
 def test_quantized_gguf_becomes_q8_0_unless_asked(k_quant_gguf, tmp_path):
     """--dtype's default: for a file with quantized tensors, its Q4_K, Q5_K
-    and Q6_K matrices kept (a version 3 checkpoint, a type per matrix) and
-    q8_0 for the others, said in one line; f32 for one in F32, F16 and BF16
-    only."""
-    tokens, merges = tiny_bytelevel_vocab()
-    write_random_gguf(tmp_path / "f16.gguf", tokens, merges, {key: "F16" for key in MIXED})
+    and Q6_K matrices kept (a version 3 checkpoint, a type per matrix; Q8_0
+    and Q4_0 too, tests/test_gguf_groups.py) and q8_0 for the others, said
+    in one line; f32 for one in F32, F16 and BF16 only."""
+    write_random_gguf(tmp_path / "f16.gguf", {key: "F16" for key in MIXED})
     for gguf_file, dtype in [(k_quant_gguf / "k.gguf", None), (tmp_path / "f16.gguf", "f32")]:
         out = tmp_path / f"{dtype}.bin"
         p = subprocess.run([sys.executable, str(ROOT / "export.py"), out, "--gguf", gguf_file,
@@ -399,8 +363,7 @@ def test_gguf_export_needs_no_torch(random_gguf, tmp_path):
 
 
 def test_gguf_refusals(tmp_path):
-    tokens, merges = tiny_bytelevel_vocab()
-    write_random_gguf(tmp_path / "k.gguf", tokens, merges, {"attn_q": "Q8_1"})
+    write_random_gguf(tmp_path / "k.gguf", {"attn_q": "Q8_1"})
     with pytest.raises(export.ExportError, match="attn_q.weight: ggml type Q8_1 is not one that the gguf package"):
         export.load_gguf(str(tmp_path / "k.gguf"))
     (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(60))

@@ -65,9 +65,8 @@ def test_kl_divergence_matches_torch():
 # ----------------------------------------------------------------------------
 # A random model where faults show
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """model.py's random_model (N(0, 0.02^2) weights) attends almost uniformly
+def visible_model(args):
+    """A random Llama of args in which faults show. model.py's random_model (N(0, 0.02^2) weights) attends almost uniformly
     and predicts nearly uniform distributions: there, q/k rows in the wrong
     RoPE layout moved the logits by 0.03 of their range, under the old bf16
     tolerance. Here each matrix is scaled to its fan-in so that every part
@@ -81,7 +80,7 @@ def source(tmp_path_factory):
     q4_0's rounding alone then moves it as far as a fault does.
     Widths are multiples of 256, so that every weight type holds them."""
     gen = torch.Generator().manual_seed(0)
-    model = export.Llama(ARGS)
+    model = export.Llama(args)
     gains = {"wq": 1.5, "wk": 1.5, "w1": 1.5, "w3": 1.5, "output": 3.0}    # the others 1
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -93,8 +92,14 @@ def source(tmp_path_factory):
             else:
                 gain = next((g for kind, g in gains.items() if f"{kind}.weight" in name), 1.0)
                 p.copy_(gain * noise / p.shape[1] ** 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """visible_model(ARGS) as a reference file."""
     path = tmp_path_factory.mktemp("verify") / "source.pt"
-    export.save_reference(path, ARGS, model.state_dict())
+    export.save_reference(path, ARGS, visible_model(ARGS).state_dict())
     return path
 
 
