@@ -4437,18 +4437,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4555)           gemm_rows (line 4670)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4561)           gemm_rows (line 4676)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5063)           gemm_rows_avx2 (line 5069)
-                  q8_0 q4_0     q_tile_avx2 (line 5233)           q_tiles_avx2 (line 5244)
-                  K             k_rows_avx2 (line 5370)           k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5685)         gemm_rows_avx512 (line 5691)
-                  q8_0          dot_q8_both_avx512 (line 5512)    qgemm_rows_avx512 (line 5839)
-                  q4_0          dot_q4_avx512 (line 5497)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5606)         kgemm_rows_avx512 (line 5956)
-   every CPU: attention_fast (line 4878); the K types' input quantized by
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5069)           gemm_rows_avx2 (line 5075)
+                  q8_0 q4_0     q_tile_avx2 (line 5239)           q_tiles_avx2 (line 5250)
+                  K             k_rows_avx2 (line 5376)           k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5691)         gemm_rows_avx512 (line 5697)
+                  q8_0          dot_q8_both_avx512 (line 5518)    qgemm_rows_avx512 (line 5845)
+                  q4_0          dot_q4_avx512 (line 5503)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5612)         kgemm_rows_avx512 (line 5962)
+   every CPU: attention_fast (line 4884); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches pack weights in the products' room (qgemm_room(), line 6023).
+   batches pack weights in the products' room (qgemm_room(), line 6029).
    ========================================================================= */
 
 #ifndef PLAIN
