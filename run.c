@@ -445,8 +445,8 @@ typedef size_t AttentionScratch(int ctx, int n_heads, int head_dim, int threads)
 typedef size_t ProductRoom(const Config *c, int batch);
 /* The other weight types' kernels, after loading ("Other weight types"). */
 static InputKernel quantize_input, quantize_input_q8_0;
-static MatmulKernel matmul_q8_0, matmul_q4_0, matmul_bf16, matmul_f16, matmul_k;
-static DequantizeKernel dequantize_q8_0, dequantize_q4_0, dequantize_bf16, dequantize_f16, dequantize_k;
+static MatmulKernel matmul_q8_0, matmul_q4_0, matmul_halves, matmul_k;
+static DequantizeKernel dequantize_q8_0, dequantize_q4_0, dequantize_halves, dequantize_k;
 
 typedef struct {                             // by weight type, WEIGHT_*:
     InputKernel *prepare[WEIGHT_TYPES];      //   puts x in the form the products take (NULL: as it is)
@@ -459,9 +459,9 @@ typedef struct {                             // by weight type, WEIGHT_*:
 
 static Kernels kernels = {
     {NULL, quantize_input_q8_0, quantize_input, NULL, NULL, NULL, NULL, NULL},
-    {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16, matmul_k, matmul_k, matmul_k, matmul_f16},
-    {dequantize_f32, dequantize_q8_0, dequantize_q4_0, dequantize_bf16, dequantize_k, dequantize_k, dequantize_k,
-     dequantize_f16},
+    {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_halves, matmul_k, matmul_k, matmul_k, matmul_halves},
+    {dequantize_f32, dequantize_q8_0, dequantize_q4_0, dequantize_halves, dequantize_k, dequantize_k, dequantize_k,
+     dequantize_halves},
     attention_plain, attention_plain_scratch, NULL};
 #ifndef PLAIN
 static void choose_fast_kernels(void); // the appendix
@@ -1218,14 +1218,12 @@ static void dequantize_block(float out[SUPER_BLOCK], const uint8_t *block, int t
 /* out (kn) = columns k0 .. k0 + kn - 1 of row `row` of w, as floats, one
    function per weight type (kernels.dequantize). For q8_0 and q4_0, k0 and
    kn are multiples of GROUP_SIZE; for the K types, of SUPER_BLOCK. */
-static void dequantize_bf16(float *out, const Matrix *w, int row, int k0, int kn) {
-    const uint16_t *b = (const uint16_t *)w->values + (size_t)row * w->cols + k0;
-    for (int i = 0; i < kn; i++) out[i] = bf16_to_f32(b[i]);
-}
+/* A bf16 or f16 weight as a float, exactly. */
+static float widen_half(uint16_t h, int type) { return type == WEIGHT_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
 
-static void dequantize_f16(float *out, const Matrix *w, int row, int k0, int kn) {
+static void dequantize_halves(float *out, const Matrix *w, int row, int k0, int kn) {
     const uint16_t *h = (const uint16_t *)w->values + (size_t)row * w->cols + k0;
-    for (int i = 0; i < kn; i++) out[i] = f16_to_f32(h[i]);
+    for (int i = 0; i < kn; i++) out[i] = widen_half(h[i], w->type);
 }
 
 static void dequantize_q8_0(float *out, const Matrix *w, int row, int k0, int kn) {
@@ -1333,30 +1331,16 @@ static void quantize_input_q8_0(ProductScratch *in, const float *x, int n, int c
     }
 }
 
-/* Each bf16 weight widened to float, exactly: the sums of matmul_f32() on
-   the widened weights, bit for bit. */
-static void matmul_bf16(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+/* bf16 and f16: each weight widened to float, exactly; the sums of
+   matmul_f32() on the widened weights, bit for bit. */
+static void matmul_halves(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int cols = w->cols;
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < in->n; t++) {
             const uint16_t *row = (const uint16_t *)w->values + (size_t)r * cols;
             const float *x = in->x + (size_t)t * cols;
             float sum = 0.0f;
-            for (int i = 0; i < cols; i++) sum = fmaf(bf16_to_f32(row[i]), x[i], sum);
-            out[(size_t)t * ldo + r - r0] = sum;
-        }
-}
-
-/* Each f16 weight widened to float, exactly: the sums of matmul_f32() on
-   the widened weights, bit for bit. */
-static void matmul_f16(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    int cols = w->cols;
-    for (int r = r0; r < r1; r++)
-        for (int t = 0; t < in->n; t++) {
-            const uint16_t *row = (const uint16_t *)w->values + (size_t)r * cols;
-            const float *x = in->x + (size_t)t * cols;
-            float sum = 0.0f;
-            for (int i = 0; i < cols; i++) sum = fmaf(f16_to_f32(row[i]), x[i], sum);
+            for (int i = 0; i < cols; i++) sum = fmaf(widen_half(row[i], w->type), x[i], sum);
             out[(size_t)t * ldo + r - r0] = sum;
         }
 }
@@ -2224,14 +2208,10 @@ struct Trace {
     float *lens_prob;           // (batch, n_layers, lens_k) their probabilities
     float *lens_x;              // (dim) one row of the stream, final-normed
     float *lens_logits;         // (vocab) its logits, then probabilities
-    ProductScratch lens_in;     // lens_x as the plain kernels take it
+    ProductScratch lens_in;     // lens_x as the classifier's product takes it
     float *attention;           // --attention: (slots, n_layers, n_heads, attention_last + 1)
     int slots;                  // positions of one batch that --attention can ask for
 };
-
-/* The plain matrix products by weight type, WEIGHT_*, as the kernel table starts. */
-static MatmulKernel *const plain_matmul[WEIGHT_TYPES] = {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_bf16,
-                                                          matmul_k, matmul_k, matmul_k, matmul_f16};
 
 /* Turns the trace on, with room for a whole batch. */
 static void alloc_trace(Transformer *t, const TraceRequest *asked) {
@@ -2286,12 +2266,8 @@ static void lens(Trace *tr, int layer, const float *x, int n) {
     int k = tr->asked.lens_k, vocab = w->rows;
     for (int t = 0; t < n; t++) {
         rmsnorm(tr->lens_x, x + (size_t)t * tr->dim, tr->final_norm, 1, tr->dim, tr->norm_eps);
-        prepare_input(&tr->lens_in, TYPE_BIT(w->type), tr->lens_x, 1, w->cols);
-        #pragma omp parallel for schedule(static)
-        for (int u = 0; u < row_blocks(w); u++) {
-            int r0 = u * ROW_BLOCK, r1 = r0 + ROW_BLOCK < vocab ? r0 + ROW_BLOCK : vocab;
-            plain_matmul[w->type](tr->lens_logits + r0, vocab, w, r0, r1, &tr->lens_in);
-        }
+        Product logits = {tr->lens_logits, w};
+        linear(&logits, 1, tr->lens_x, 1, &tr->lens_in);
         softmax(tr->lens_logits, vocab);
         size_t at = ((size_t)t * tr->n_layers + layer) * k;
         top_indices(tr->lens_top + at, tr->lens_logits, vocab, k);
@@ -4437,18 +4413,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4561)           gemm_rows (line 4676)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4537)           gemm_rows (line 4652)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5069)           gemm_rows_avx2 (line 5075)
-                  q8_0 q4_0     q_tile_avx2 (line 5239)           q_tiles_avx2 (line 5250)
-                  K             k_rows_avx2 (line 5376)           k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5691)         gemm_rows_avx512 (line 5697)
-                  q8_0          dot_q8_both_avx512 (line 5518)    qgemm_rows_avx512 (line 5845)
-                  q4_0          dot_q4_avx512 (line 5503)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5612)         kgemm_rows_avx512 (line 5962)
-   every CPU: attention_fast (line 4884); the K types' input quantized by
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5045)           gemm_rows_avx2 (line 5051)
+                  q8_0 q4_0     q_tile_avx2 (line 5215)           q_tiles_avx2 (line 5226)
+                  K             k_rows_avx2 (line 5352)           k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5667)         gemm_rows_avx512 (line 5673)
+                  q8_0          dot_q8_both_avx512 (line 5494)    qgemm_rows_avx512 (line 5821)
+                  q4_0          dot_q4_avx512 (line 5479)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5588)         kgemm_rows_avx512 (line 5938)
+   every CPU: attention_fast (line 4860); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches pack weights in the products' room (qgemm_room(), line 6029).
+   batches pack weights in the products' room (qgemm_room(), line 6005).
    ========================================================================= */
 
 #ifndef PLAIN

@@ -1423,6 +1423,26 @@ static size_t bl_run_end(const unsigned char *s, size_t n, size_t i, int cls) {
     return i;
 }
 
+/* End of the white-space pre-token that starts at i: "\s+(?!\S)" takes the
+   run but leaves its last character to a word that follows; "\s+" takes a
+   lone one. With newlines (Llama 3's "\s*[\r\n]+" first), a run holding a
+   CR or LF ends after the last of them. */
+static size_t bl_space_end(const unsigned char *s, size_t n, size_t i, int newlines) {
+    size_t j = i, last = i, after_newline = 0;
+    int count = 0;
+    while (j < n) {
+        BlChar d = bl_char(s, n, j);
+        if (d.cls != UC_SPACE) break;
+        last = j;
+        j += (size_t)d.len;
+        if (newlines && (s[last] == '\r' || s[last] == '\n')) after_newline = j;
+        count++;
+    }
+    if (after_newline) return after_newline;
+    if (j == n || count == 1) return j;
+    return last;
+}
+
 /* End of the pre-token that starts at i, by the GPT-2 pattern
      's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
    written out: the alternatives are tried in order, as the regex does. */
@@ -1439,19 +1459,7 @@ static size_t bl_gpt2_next(const unsigned char *s, size_t n, size_t i) {
         if (d.cls != UC_SPACE) return bl_run_end(s, n, i + 1, d.cls);
     }
     if (c.cls != UC_SPACE) return bl_run_end(s, n, i, c.cls);
-    /* white space: "\s+(?!\S)" takes the run but leaves its last character
-       to a word that follows; "\s+" takes a lone one */
-    size_t j = i, last = i;
-    int count = 0;
-    while (j < n) {
-        BlChar d = bl_char(s, n, j);
-        if (d.cls != UC_SPACE) break;
-        last = j;
-        j += (size_t)d.len;
-        count++;
-    }
-    if (j == n || count == 1) return j;
-    return last;
+    return bl_space_end(s, n, i, 0);
 }
 
 static int bl_is_newline(const unsigned char *s, size_t n, size_t i) {
@@ -1496,20 +1504,7 @@ static size_t bl_llama3_next(const unsigned char *s, size_t n, size_t i, int max
         while (bl_is_newline(s, n, j)) j++;
         return j;
     }
-    /* white space: \s*[\r\n]+ ends after the run's last CR or LF; then as GPT-2 */
-    size_t j = i, last = i, after_newline = 0;
-    int count = 0;
-    while (j < n) {
-        BlChar d = bl_char(s, n, j);
-        if (d.cls != UC_SPACE) break;
-        last = j;
-        j += (size_t)d.len;
-        if (s[last] == '\r' || s[last] == '\n') after_newline = j;
-        count++;
-    }
-    if (after_newline) return after_newline;
-    if (j == n || count == 1) return j;
-    return last;
+    return bl_space_end(s, n, i, 1);
 }
 
 typedef struct {
