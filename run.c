@@ -4407,24 +4407,29 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    always-inlined body, one call per value. tests/test_kernels.c holds
    every kernel here to its plain version on random data.
 
+   One idiom is written twice on purpose: the AVX2 and the AVX-512 version
+   of a kernel have the same shape (a body specialised on literals and the
+   switch that calls it, a row widened to floats), each in its own
+   instruction set, 8 lanes or 16; the duplicates tool pairs them.
+
    What runs where: choose_fast_kernels() fills the kernel table, and
    nothing else chooses. By the CPU, for each weight type, the kernel of
    one token (n = 1) and of a batch (n > 1), with the line each starts at
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4537)           gemm_rows (line 4652)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4542)           gemm_rows (line 4657)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5045)           gemm_rows_avx2 (line 5051)
-                  q8_0 q4_0     q_tile_avx2 (line 5215)           q_tiles_avx2 (line 5226)
-                  K             k_rows_avx2 (line 5352)           k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5667)         gemm_rows_avx512 (line 5673)
-                  q8_0          dot_q8_both_avx512 (line 5494)    qgemm_rows_avx512 (line 5821)
-                  q4_0          dot_q4_avx512 (line 5479)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5588)         kgemm_rows_avx512 (line 5938)
-   every CPU: attention_fast (line 4860); the K types' input quantized by
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5050)           gemm_rows_avx2 (line 5056)
+                  q8_0 q4_0     q_tile_avx2 (line 5220)           q_tiles_avx2 (line 5231)
+                  K             k_rows_avx2 (line 5357)           k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5672)         gemm_rows_avx512 (line 5678)
+                  q8_0          dot_q8_both_avx512 (line 5499)    qgemm_rows_avx512 (line 5826)
+                  q4_0          dot_q4_avx512 (line 5484)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5593)         kgemm_rows_avx512 (line 5943)
+   every CPU: attention_fast (line 4865); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches pack weights in the products' room (qgemm_room(), line 6005).
+   batches pack weights in the products' room (qgemm_room(), line 6010).
    ========================================================================= */
 
 #ifndef PLAIN
