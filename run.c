@@ -3122,8 +3122,8 @@ static size_t layout_legacy_checkpoint(const Config *c, const unsigned char *dat
 #define GGUF_MAX_ENTRIES (1 << 20) // keys, or tensors
 enum { GGUF_STRING = 8, GGUF_ARRAY = 9 };
 enum { GGML_F32 = 0, GGML_F16 = 1, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q5_1 = 7, GGML_Q8_0 = 8,
-       GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_BF16 = 30,
-       GGML_TYPES = 31 };
+       GGML_Q2_K = 10, GGML_Q3_K = 11, GGML_Q4_K = 12, GGML_Q5_K = 13, GGML_Q6_K = 14, GGML_IQ4_NL = 20,
+       GGML_IQ4_XS = 23, GGML_BF16 = 30, GGML_TYPES = 31 };
 /* bytes of a metadata scalar of each value type (0: not a scalar) */
 static const uint8_t GGUF_SCALAR_SIZE[13] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
 
@@ -3133,7 +3133,7 @@ static const struct { int block, bytes; const char *name; } GGML_TYPE[GGML_TYPES
     [GGML_Q4_1] = {32, 20, "Q4_1"},    [GGML_Q5_0] = {32, 22, "Q5_0"},    [GGML_Q5_1] = {32, 24, "Q5_1"},
     [GGML_Q8_0] = {32, 34, "Q8_0"},    [GGML_Q2_K] = {256, 84, "Q2_K"},   [GGML_Q3_K] = {256, 110, "Q3_K"},
     [GGML_Q4_K] = {256, 144, "Q4_K"},  [GGML_Q5_K] = {256, 176, "Q5_K"},  [GGML_Q6_K] = {256, 210, "Q6_K"},
-    [GGML_BF16] = {1, 2, "BF16"},
+    [GGML_IQ4_NL] = {32, 18, "IQ4_NL"}, [GGML_IQ4_XS] = {256, 136, "IQ4_XS"}, [GGML_BF16] = {1, 2, "BF16"},
 };
 
 typedef struct {
@@ -3316,7 +3316,7 @@ static int gguf_read_tensor_info(Gguf *g, GgufTensor *t, uint64_t *offset) {
     if (gguf_u32(g, what, &t->type) || gguf_u64(g, what, offset)) return -1;
     if (t->type >= GGML_TYPES || !GGML_TYPE[t->type].block)
         return fail(g->err, "%s: ggml type %u is not one ./run reads (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
-                    "Q2_K .. Q6_K); convert the file with export.py --gguf", what, t->type);
+                    "Q2_K .. Q6_K, IQ4_NL, IQ4_XS); convert the file with export.py --gguf", what, t->type);
     size_t elements = 1;
     for (uint32_t d = 0; d < t->n_dims; d++) elements = mul_size(elements, t->dims[d]);
     if (t->n_dims && t->dims[0] % GGML_TYPE[t->type].block)
@@ -3662,6 +3662,27 @@ static void dequantize_q2_q3_k(float *out, const unsigned char *b, int type) {
 /* out (block weights) = one block of a GGUF tensor, decoded as gguf.quants
    decodes it: every product of a half scale and a small integer is exact in
    float32, so the order of the float steps cannot change a bit. */
+/* IQ4_NL (d | 16 bytes of 4-bit indices for 32 weights) and IQ4_XS (256
+   weights: d | 16 bits, then 4 bytes, of 6-bit sub-block scales, ls - 32
+   with the low 4 bits in scales_l and the top 2 in scales_h | 128 bytes
+   of indices): each weight d (times its sub-block's scale) times the
+   index's value on a fixed non-linear grid, in gguf.quants' order of
+   float operations. */
+static void dequantize_iq4(float *out, const unsigned char *b, int type) {
+    static const int8_t grid[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+    float d = f16_to_f32(read_u16(b));
+    int subs = type == GGML_IQ4_XS ? SUPER_BLOCK / 32 : 1;
+    const unsigned char *qs = b + (type == GGML_IQ4_XS ? 8 : 2);
+    for (int s = 0; s < subs; s++) {
+        int ls = (b[4 + s / 2] >> 4 * (s % 2) & 15) | (read_u16(b + 2) >> 2 * s & 3) << 4;
+        float dl = type == GGML_IQ4_XS ? d * (float)(ls - 32) : d;
+        for (int j = 0; j < 16; j++) {
+            out[32 * s + j] = dl * (float)grid[qs[16 * s + j] & 15];
+            out[32 * s + j + 16] = dl * (float)grid[qs[16 * s + j] >> 4];
+        }
+    }
+}
+
 static void gguf_dequantize_block(float *out, const unsigned char *b, int type) {
     if (type == GGML_F32) {
         memcpy(out, b, 4);
@@ -3672,8 +3693,10 @@ static void gguf_dequantize_block(float *out, const unsigned char *b, int type) 
     } else if (type == GGML_Q8_0) { // d | q[32] int8
         float d = f16_to_f32(read_u16(b));
         for (int i = 0; i < GROUP_SIZE; i++) out[i] = d * (float)(int8_t)b[2 + i];
-    } else if (type >= GGML_Q4_K) {
+    } else if (type == GGML_Q4_K || type == GGML_Q5_K || type == GGML_Q6_K) {
         dequantize_block(out, b, WEIGHT_Q4_K + (type - GGML_Q4_K));
+    } else if (type == GGML_IQ4_NL || type == GGML_IQ4_XS) {
+        dequantize_iq4(out, b, type);
     } else if (type == GGML_Q2_K || type == GGML_Q3_K) {
         dequantize_q2_q3_k(out, b, type);
     } else { // Q4_0: d | nibbles; Q4_1: d | m | nibbles; Q5_0: d | qh | nibbles; Q5_1: d | m | qh | nibbles

@@ -52,13 +52,20 @@ def build():
         subprocess.run(["make", "-s", "run", "run-noomp", "run-plain"], cwd=ROOT, check=True)
 
 
+RANDOM_BLOCKS = ("Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS")   # types gguf.quants cannot encode
+
+
 def random_blocks(values, kind, rng):
-    """Random Q2_K or Q3_K blocks (which gguf.quants cannot encode) for a
-    tensor of values' shape, their scales small and finite."""
+    """Random blocks of one of RANDOM_BLOCKS for a tensor of values' shape,
+    their f16 scales small and finite (Q2_K's d and dmin at the end, Q3_K's
+    d at the end, the IQ4 types' d at the start)."""
     qtype = gguf.GGMLQuantizationType[kind]
     shape = gguf.quants.quant_shape_to_byte_shape(values.shape, qtype)
     blocks = rng.integers(0, 256, shape, dtype=np.uint8).reshape(-1, gguf.GGML_QUANT_SIZES[qtype][1])
     scales = rng.uniform(-0.004, 0.004, (len(blocks), 2)).astype(np.float16).view(np.uint8)
+    if kind.startswith("IQ4"):
+        blocks[:, :2] = scales[:, :2]
+        return blocks.reshape(shape)
     blocks[:, -4:] = scales if kind == "Q2_K" else blocks[:, -4:]
     blocks[:, -2:] = scales[:, :2]
     return blocks.reshape(shape)
@@ -66,8 +73,8 @@ def random_blocks(values, kind, rng):
 
 def encode(values, kind, rng):
     """values (float32) as the raw data of a GGUF tensor of ggml type kind
-    (random blocks for Q2_K and Q3_K)."""
-    if kind in ("Q2_K", "Q3_K"):
+    (random blocks for RANDOM_BLOCKS)."""
+    if kind in RANDOM_BLOCKS:
         return random_blocks(values, kind, rng)
     if kind.lower() in kquants.K_TYPES:
         return kquants.ENCODERS[kind.lower()](values)
@@ -143,6 +150,8 @@ CASES = {   # name: write_gguf()'s arguments, and the conversion line ./run shou
     "k": (dict(types=K_MIX, tied=False), ""),
     "q2_k q3_k": (dict(types={"token_embd": "Q6_K", "ffn_down": "Q3_K"}, default="Q2_K", tied=False),
                   "13 Q2_K tensors to q8_0, 2 Q3_K tensors to q8_0"),
+    "iq4_nl iq4_xs": (dict(types={"ffn_down": "IQ4_NL"}, default="IQ4_XS", tied=False),
+                       "2 IQ4_NL tensors to q8_0, 14 IQ4_XS tensors to q8_0"),
     "mixed": (dict(types=MIXED, default="Q8_0", norms="F16", tied=False), "2 F32 tensors to q8_0"),
     "qwen2": (dict(arch="qwen2", types=K_MIX, tied=False), "4 q/k matrices copied"),
     "qwen2 q8_0": (dict(arch="qwen2", default="Q8_0", n_kv_heads=1), "4 q/k matrices copied"),
