@@ -4441,18 +4441,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4542)           gemm_rows (line 4657)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4565)           gemm_rows (line 4680)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5050)           gemm_rows_avx2 (line 5056)
-                  q8_0 q4_0     q_tile_avx2 (line 5220)           q_tiles_avx2 (line 5231)
-                  K             k_rows_avx2 (line 5357)           k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5672)         gemm_rows_avx512 (line 5678)
-                  q8_0          dot_q8_both_avx512 (line 5499)    qgemm_rows_avx512 (line 5826)
-                  q4_0          dot_q4_avx512 (line 5484)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5593)         kgemm_rows_avx512 (line 5943)
-   every CPU: attention_fast (line 4865); the K types' input quantized by
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5073)           gemm_rows_avx2 (line 5079)
+                  q8_0 q4_0     q_tile_avx2 (line 5243)           q_tiles_avx2 (line 5254)
+                  K             k_rows_avx2 (line 5380)           k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5695)         gemm_rows_avx512 (line 5701)
+                  q8_0          dot_q8_both_avx512 (line 5522)    qgemm_rows_avx512 (line 5849)
+                  q4_0          dot_q4_avx512 (line 5507)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5616)         kgemm_rows_avx512 (line 5966)
+   every CPU: attention_fast (line 4888); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches pack weights in the products' room (qgemm_room(), line 6010).
+   batches pack weights in the products' room (qgemm_room(), line 6011).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -6006,6 +6006,14 @@ AVX512 static void matmul_k_avx512(float *out, int ldo, const Matrix *w, int r0,
     }
 }
 
+/* The bytes of room each thread's batch products need: an AVX-512 panel
+   of ROW_BLOCK rows of the widest input, packed (qgemm_pack_avx512()). */
+static size_t qgemm_room(const Config *c, int batch) {
+    int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
+    if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
+    return c->types_used & INTEGER_TYPES && batch > 1 ? ROW_BLOCK * (size_t)(widest + 64) * sizeof(float) : 0;
+}
+
 /* q8_0 and q4_0: one token's dot products with VNNI, a batch packed. */
 AVX512 static void matmul_q8_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
                                       const ProductScratch *in) {
@@ -6027,14 +6035,6 @@ AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int 
 #endif
 
 /* ---- The choice */
-
-/* The bytes of room each thread's batch products need: an AVX-512 panel
-   of ROW_BLOCK rows of the widest input, packed (qgemm_pack_avx512()). */
-static size_t qgemm_room(const Config *c, int batch) {
-    int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
-    if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
-    return c->types_used & INTEGER_TYPES && batch > 1 ? ROW_BLOCK * (size_t)(widest + 64) * sizeof(float) : 0;
-}
 
 /* Puts the fastest kernels that this build and CPU have into the kernel
    table (the table at the top of the appendix). main() calls it once,

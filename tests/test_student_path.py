@@ -173,4 +173,19 @@ def test_the_appendix_table_names_true_lines():
     for name, line in cited:
         signature = re.compile(r"^(?:AVX2_INLINE|AVX512_INLINE|AVX512 static|static)\b[^;]*\b" + name + r"\(")
         actual = [i + 1 for i, source in enumerate(lines) if signature.match(source) and not source.endswith(";")]
-        assert actual == [int(line)], f"{name} is cited at line {line}, defined at {actual}"
+        assert actual == [int(line)], (f"{name} is cited at line {line}, defined at {actual}: "
+                                       "python3 tools/student_path.py --renumber run.c sets them")
+
+
+def test_renumber_sets_the_table_s_lines(tmp_path):
+    """--renumber rewrites the cited lines (and nothing else) to where each
+    function is defined: a table made wrong on purpose comes back as run.c."""
+    text = (ROOT / "run.c").read_text()
+    wrong = re.sub(r"(lanes8_avx2 \(line )\d+", r"\g<1>1", text)
+    wrong = re.sub(r"(qgemm_room\(\), line )\d+", r"\g<1>2", wrong)
+    assert wrong != text
+    (tmp_path / "run.c").write_text(wrong)
+    p = subprocess.run([sys.executable, str(SCRIPT), "--renumber", str(tmp_path / "run.c")], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "run.c").read_text() == text

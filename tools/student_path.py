@@ -18,6 +18,9 @@ and strings), with these rules:
   and legacy readers, where parse_checkpoint() dispatches on the header's
   format) are never on it; nor are prototypes, nor names that run.c does not
   define (tokenizer.c's, libc's).
+
+With --renumber it rewrites the lines that the table of kernels at the head
+of run.c's appendix cites ("lanes8_avx2 (line N)") to where each is defined.
 """
 
 import re
@@ -128,18 +131,44 @@ def student_path(text, roots=MODEL_ROOTS):
     return sorted((first, name, last) for first, (name, last) in path.items()), (starts or [None])[0]
 
 
+TABLE_START, CITED = "What runs where", re.compile(r"(\w+)((?:\(\))?,? \(?line )(\d+)")
+
+
+def renumbered(text):
+    """run.c with the lines that the appendix's table of kernels cites (its
+    head, from "What runs where" to the next #ifndef PLAIN) set to where each
+    named function is defined."""
+    start = text.index(TABLE_START)
+    end = text.index("#ifndef PLAIN", start)
+    starts = {}
+    for names, _, line, _, code in definitions(text):
+        if "{" in code:
+            starts.setdefault(names[0], line)
+    def cite(m):
+        if m.group(1) not in starts:
+            raise ValueError(f"the table of kernels cites {m.group(1)}, which run.c does not define")
+        return f"{m.group(1)}{m.group(2)}{starts[m.group(1)]}"
+    return text[:start] + CITED.sub(cite, text[start:end]) + text[end:]
+
+
 def lines_of(path):
     """The lines the path's definitions cover."""
     return len({line for first, _, last in path for line in range(first, last + 1)})
 
 
 def main(argv):
+    renumber = argv[1:2] == ["--renumber"]
+    argv = argv[:1] + argv[1 + renumber:]
     if len(argv) != 2:
-        print("usage: python3 tools/student_path.py run.c", file=sys.stderr)
+        print("usage: python3 tools/student_path.py [--renumber] run.c", file=sys.stderr)
         return 2
     try:
         with open(argv[1], encoding="utf-8") as f:
             text = f.read()
+        if renumber:
+            with open(argv[1], "w", encoding="utf-8") as f:
+                f.write(renumbered(text))
+            return 0
         path, forward_tokens = student_path(text)
         with_loading, _ = student_path(text, LOADING_ROOTS)
     except (OSError, UnicodeDecodeError, ValueError) as e:
