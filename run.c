@@ -1257,14 +1257,19 @@ static void dequantize_k(float *out, const Matrix *w, int row, int k0, int kn) {
 /* ---- Quantized inputs, for the integer dot products of q8_0 and q4_0 */
 
 /* One group of 32: d = max|x| / 127 and q = round(x / d), so x ~ d q with
-   q in -127..127. Values that are not finite come out clamped, never
-   undefined. */
+   q in -127..127. A value that is not finite makes d NaN (so that a
+   damaged model's NaN reaches the logits, which end the run, instead of
+   passing on as a number) and comes out clamped in q, never undefined. */
 static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_SIZE]) {
     float lane[8] = {0}, amax = 0.0f; // max |x| in 8 lanes (vector code), then of those; NaN skipped
+    float lane_nan[8] = {0}, nan = 0.0f; // sums of x - x: 0 while every x is finite, else NaN
     for (int i = 0; i < GROUP_SIZE; i += 8)
-        for (int j = 0; j < 8; j++) lane[j] = fabsf(x[i + j]) > lane[j] ? fabsf(x[i + j]) : lane[j];
-    for (int j = 0; j < 8; j++) amax = lane[j] > amax ? lane[j] : amax;
-    *d = amax / 127.0f;
+        for (int j = 0; j < 8; j++) {
+            lane[j] = fabsf(x[i + j]) > lane[j] ? fabsf(x[i + j]) : lane[j];
+            lane_nan[j] += x[i + j] - x[i + j];
+        }
+    for (int j = 0; j < 8; j++) amax = lane[j] > amax ? lane[j] : amax, nan += lane_nan[j];
+    *d = amax / 127.0f + nan;
     float inv = *d > 0.0f ? 1.0f / *d : 0.0f;
     for (int i = 0; i < GROUP_SIZE; i++) {
         float v = x[i] * inv;
@@ -3901,23 +3906,14 @@ static void gguf_destination(Weights *w, int slot, Matrix **matrix, const float 
     *vector = vectors[(slot - GGUF_GLOBAL_SLOTS) % GGUF_LAYER_SLOTS];
 }
 
-/* Whether a tensor kept as it is holds finite numbers, as export.py checks
-   them: a block's half scales (Q8_0's and Q4_0's d; a K block's d, and
-   dmin for Q4_K and Q5_K; its other scales and levels are small integers),
-   a vector's floats. F32, BF16 and F16 matrices mapped in place are not
-   read here, as our own files' are not: that would read the whole file at
-   load (gguf_copy_row() checks the copied ones). */
+/* Whether a vector (a norm, a bias) mapped in place holds finite numbers,
+   as export.py checks them. Matrices mapped in place are not read at load,
+   as our own files' are not: that would read the whole file, which is what
+   mapping saves (a NaN among them makes NaN logits, which end the run with
+   a line of their own); gguf_copy_row() checks the copied ones. */
 static int gguf_kept_finite(const GgufPlan *p, const GgufTensor *t) {
-    if (is_k_type(p->type) || p->interleaved) {
-        int bytes = p->interleaved ? GGML_TYPE[t->type].bytes : K_BLOCK_BYTES[p->type];
-        int at = p->type == WEIGHT_Q6_K ? 208 : 0, halves = p->type == WEIGHT_Q4_K || p->type == WEIGHT_Q5_K ? 2 : 1;
-        for (size_t b = 0; b < t->bytes / bytes; b++)
-            for (int h = 0; h < halves; h++)
-                if ((read_u16(t->data + b * bytes + at + 2 * h) & 0x7c00) == 0x7c00) return 0;
-    }
-    if (!p->rows && !p->copied)
-        for (size_t i = 0; i < p->cols; i++)
-            if (!isfinite(((const float *)t->data)[i])) return 0;
+    for (size_t i = 0; !p->rows && !p->copied && i < p->cols; i++)
+        if (!isfinite(((const float *)t->data)[i])) return 0;
     return 1;
 }
 
@@ -4750,10 +4746,13 @@ static void attention_scores8(float scores[8], const float *q, const float *keys
    x = k ln 2 + r with |r| <= ln 2 / 2, exp(r) by its Taylor polynomial to
    r^7 (relative error below 1e-7), times 2^k put straight into the
    exponent. |x| is capped at 87 (exp(-87) = 1.6e-38) on its bits: a float
-   comparison would keep the compiler from vectorising. */
+   comparison would keep the compiler from vectorising. A NaN x comes out
+   NaN (its bits ORed in at the end), so that a damaged model's NaN reaches
+   the logits instead of becoming a weight of 0. */
 static inline float exp_nonpositive(float x) {
     int32_t mag;
     memcpy(&mag, &x, sizeof mag);
+    int32_t nan = -(int32_t)((mag & 0x7fffffff) > 0x7f800000) & 0x7fc00000; // 0, or a NaN's bits
     mag = (mag & 0x7fffffff) < 0x42ae0000 ? mag & 0x7fffffff : 0x42ae0000; // 0x42ae0000: 87.0f
     memcpy(&x, &mag, sizeof x);
     x = -x;
@@ -4772,9 +4771,13 @@ static inline float exp_nonpositive(float x) {
     int32_t bits;
     memcpy(&bits, &shifted, sizeof bits);
     bits = (bits - 0x4b400000 + 127) * (1 << 23); // 2^k: k + 127 into the exponent
-    float two_k;
+    float two_k, y;
     memcpy(&two_k, &bits, sizeof two_k);
-    return p * two_k;
+    y = p * two_k;
+    memcpy(&bits, &y, sizeof bits);
+    bits |= nan;
+    memcpy(&y, &bits, sizeof y);
+    return y;
 }
 
 /* w[p] = exp(w[p] - max) for p < n; returns their sum, in 8 lanes summed as a tree. */

@@ -477,9 +477,11 @@ NAN_SCALES = {  # a block's f16 scale made NaN: (types, tensor, block bytes, the
 
 
 @pytest.mark.parametrize("case", NAN_SCALES)
-def test_block_with_a_nan_scale_is_refused(tmp_path, case):
-    """As export.py refuses it (non-finite weights): the blocks are mapped,
-    and a NaN scale would make NaN logits."""
+def test_block_with_a_nan_scale_ends_the_run_in_one_line(tmp_path, case):
+    """Mapped blocks are not read at load (as our own files' weights are
+    not: that would cost the load time mapping saves); a NaN scale makes
+    NaN logits, which end the run in one line, never a silently wrong
+    token. Token 5 reads the embedding's damaged row."""
     types, tensor, block, at = NAN_SCALES[case]
     write_gguf(tmp_path / "k.gguf", types=types, default="Q8_0", tied=False, n_layers=1)
     reader = gguf.GGUFReader(str(tmp_path / "k.gguf"))
@@ -487,9 +489,9 @@ def test_block_with_a_nan_scale_is_refused(tmp_path, case):
     data = bytearray((tmp_path / "k.gguf").read_bytes())
     data[offset + at:offset + at + 2] = struct.pack("<H", 0x7E00)
     (tmp_path / "k.gguf").write_bytes(data)
-    p = run(tmp_path / "k.gguf", "--tokens", "1 2", "-n", 1, check=False)
+    p = run(tmp_path / "k.gguf", "--tokens", "1 5", "-n", 1, check=False)
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
-    assert f"tensor {tensor} holds NaN or infinite numbers" in p.stderr, p.stderr
+    assert "are not finite (NaN or inf)" in p.stderr, p.stderr
 
 
 def peak_rss_mb(*args):
