@@ -1257,19 +1257,22 @@ static void dequantize_k(float *out, const Matrix *w, int row, int k0, int kn) {
 /* ---- Quantized inputs, for the integer dot products of q8_0 and q4_0 */
 
 /* One group of 32: d = max|x| / 127 and q = round(x / d), so x ~ d q with
-   q in -127..127. A value that is not finite makes d NaN (so that a
-   damaged model's NaN reaches the logits, which end the run, instead of
-   passing on as a number) and comes out clamped in q, never undefined. */
+   q in -127..127. A value that is not finite makes d NaN or infinite (so
+   that a damaged model's NaN reaches the logits, which end the run,
+   instead of passing on as a number) and comes out clamped in q, never
+   undefined. */
 static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_SIZE]) {
-    float lane[8] = {0}, amax = 0.0f; // max |x| in 8 lanes (vector code), then of those; NaN skipped
-    float lane_nan[8] = {0}, nan = 0.0f; // sums of x - x: 0 while every x is finite, else NaN
-    for (int i = 0; i < GROUP_SIZE; i += 8)
+    uint32_t lane[8] = {0}, top = 0; // max |x| on the bits (which order floats >= 0, a NaN's above all),
+    for (int i = 0; i < GROUP_SIZE; i += 8) // in 8 lanes (vector code), then of those
         for (int j = 0; j < 8; j++) {
-            lane[j] = fabsf(x[i + j]) > lane[j] ? fabsf(x[i + j]) : lane[j];
-            lane_nan[j] += x[i + j] - x[i + j];
+            uint32_t bits;
+            memcpy(&bits, &x[i + j], sizeof bits);
+            lane[j] = (bits & 0x7fffffff) > lane[j] ? bits & 0x7fffffff : lane[j];
         }
-    for (int j = 0; j < 8; j++) amax = lane[j] > amax ? lane[j] : amax, nan += lane_nan[j];
-    *d = amax / 127.0f + nan;
+    for (int j = 0; j < 8; j++) top = lane[j] > top ? lane[j] : top;
+    float amax;
+    memcpy(&amax, &top, sizeof amax);
+    *d = amax / 127.0f;
     float inv = *d > 0.0f ? 1.0f / *d : 0.0f;
     for (int i = 0; i < GROUP_SIZE; i++) {
         float v = x[i] * inv;
