@@ -432,11 +432,13 @@ static void attention_plain(float *out, const float *q, const KVCache *kv, int p
         }
 }
 
-/* ---- The kernel table: the kernels that have faster versions are called
-   through it. It starts at the plain kernels above; in a build with the
-   appendix, choose_fast_kernels() points it at the fastest ones this CPU
-   has, once, before the first forward pass (attention: attention_fast(),
-   on every CPU, ARM included; attention_plain() only in make run-plain). */
+/* ---- The kernel table: what each weight type needs (its input's form, its
+   product, its row decoder) and attention, called through it. It starts at
+   the plain kernels (f32's above, the other types' after loading); in a
+   build with the appendix, choose_fast_kernels() points it at the fastest
+   ones this CPU has, once, before the first forward pass (attention:
+   attention_fast(), on every CPU, ARM included; attention_plain() only in
+   make run-plain). */
 typedef void InputKernel(ProductScratch *in, const float *x, int n, int cols);
 typedef void MatmulKernel(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in);
 typedef void DequantizeKernel(float *out, const Matrix *w, int row, int k0, int kn);
@@ -4440,18 +4442,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4565)           gemm_rows (line 4680)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4566)           gemm_rows (line 4681)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5073)           gemm_rows_avx2 (line 5079)
-                  q8_0 q4_0     q_tile_avx2 (line 5243)           q_tiles_avx2 (line 5254)
-                  K             k_rows_avx2 (line 5380)           k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5695)         gemm_rows_avx512 (line 5701)
-                  q8_0          dot_q8_both_avx512 (line 5522)    qgemm_rows_avx512 (line 5849)
-                  q4_0          dot_q4_avx512 (line 5507)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5616)         kgemm_rows_avx512 (line 5966)
-   every CPU: attention_fast (line 4888); the K types' input quantized by
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5081)           gemm_rows_avx2 (line 5087)
+                  q8_0 q4_0     q_tile_avx2 (line 5251)           q_tiles_avx2 (line 5262)
+                  K             k_rows_avx2 (line 5388)           k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5703)         gemm_rows_avx512 (line 5709)
+                  q8_0          dot_q8_both_avx512 (line 5530)    qgemm_rows_avx512 (line 5857)
+                  q4_0          dot_q4_avx512 (line 5515)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5624)         kgemm_rows_avx512 (line 5974)
+   every CPU: attention_fast (line 4896); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches pack weights in the products' room (qgemm_room(), line 6011).
+   batches pack weights in the products' room (qgemm_room(), line 6019).
    ========================================================================= */
 
 #ifndef PLAIN
