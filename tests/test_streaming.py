@@ -220,6 +220,15 @@ BIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_at
            num_key_value_heads=8, vocab_size=16000)
 
 
+def big_args():
+    """BIG's shape as our ModelArgs (untied, context 2048)."""
+    return export.ModelArgs(dim=BIG["hidden_size"], hidden_dim=BIG["intermediate_size"],
+                            n_layers=BIG["num_hidden_layers"], n_heads=BIG["num_attention_heads"],
+                            n_kv_heads=BIG["num_key_value_heads"],
+                            head_dim=BIG["hidden_size"] // BIG["num_attention_heads"],
+                            vocab_size=BIG["vocab_size"], max_seq_len=2048, tied=False)
+
+
 def peak_rss(argv):
     p = subprocess.run([sys.executable, "-c", PEAK_RSS, *map(str, argv)], capture_output=True, text=True,
                        timeout=600)
@@ -272,11 +281,7 @@ def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path, dtype):
 
 def write_big_meta(directory):
     """Meta's release of BIG's shape: params.json, and one bf16 consolidated.00.pth (big_tensors)."""
-    args = export.ModelArgs(dim=BIG["hidden_size"], hidden_dim=BIG["intermediate_size"],
-                            n_layers=BIG["num_hidden_layers"], n_heads=BIG["num_attention_heads"],
-                            n_kv_heads=BIG["num_key_value_heads"],
-                            head_dim=BIG["hidden_size"] // BIG["num_attention_heads"],
-                            vocab_size=BIG["vocab_size"], max_seq_len=2048, tied=False)
+    args = big_args()
     shapes = dict(checkpoint.checkpoint_tensors(args))
     directory.mkdir()
     torch.save(big_tensors(shapes), directory / "consolidated.00.pth")
@@ -308,11 +313,7 @@ GGUF_BOUND = 30 * MB
 
 
 def test_peak_memory_of_kept_gguf_blocks_is_a_few_tensors_not_the_file(tmp_path):
-    args = export.ModelArgs(dim=BIG["hidden_size"], hidden_dim=BIG["intermediate_size"],
-                            n_layers=BIG["num_hidden_layers"], n_heads=BIG["num_attention_heads"],
-                            n_kv_heads=BIG["num_key_value_heads"],
-                            head_dim=BIG["hidden_size"] // BIG["num_attention_heads"],
-                            vocab_size=BIG["vocab_size"], max_seq_len=2048, tied=False)
+    args = big_args()
     path = tmp_path / "big.gguf"
     w = args_writer(path, args)
     rng = np.random.default_rng(0)
