@@ -4442,18 +4442,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4566)           gemm_rows (line 4681)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4566)           gemm_rows (line 4692)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5081)           gemm_rows_avx2 (line 5087)
-                  q8_0 q4_0     q_tile_avx2 (line 5251)           q_tiles_avx2 (line 5262)
-                  K             k_rows_avx2 (line 5388)           k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5703)         gemm_rows_avx512 (line 5709)
-                  q8_0          dot_q8_both_avx512 (line 5530)    qgemm_rows_avx512 (line 5857)
-                  q4_0          dot_q4_avx512 (line 5515)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5624)         kgemm_rows_avx512 (line 5974)
-   every CPU: attention_fast (line 4896); the K types' input quantized by
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5096)           gemm_rows_avx2 (line 5102)
+                  q8_0 q4_0     q_tile_avx2 (line 5266)           q_tiles_avx2 (line 5277)
+                  K             k_rows_avx2 (line 5403)           k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5750)         gemm_rows_avx512 (line 5756)
+                  q8_0          dot_q8_both_avx512 (line 5545)    qgemm_rows_avx512 (line 5904)
+                  q4_0          dot_q4_avx512 (line 5530)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5639)         kgemm_rows_avx512 (line 6021)
+   every CPU: attention_fast (line 4907); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches pack weights in the products' room (qgemm_room(), line 6019).
+   batches pack weights in the products' room (qgemm_room(), line 6066).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4511,7 +4511,7 @@ static inline void prefetch_pack(const void *p) {
    the inputs stay f32. The kernels take the weight type (WEIGHT_F32,
    WEIGHT_BF16, WEIGHT_F16) as a constant, one inlined copy per type. */
 #define LANES 16
-#define GEMM_DEPTH 1024 // columns per pass: a batch tile's 8 weight rows of them (32 KiB) stay in L1
+#define GEMM_DEPTH 1024 // columns per pass: a batch tile's rows of them (24-32 KiB) stay in L1
 
 /* The 16 lanes added as ((0 + 8) + (4 + 12)) + ... : halves, then halves of those. */
 static float sum_lanes(float acc[LANES]) {
@@ -4599,11 +4599,13 @@ static inline __attribute__((always_inline)) void matvec_floats_with(float *out,
     }
 }
 
-/* Batches (n > 1) in tiles of GEMM_ROWS weight rows by up to GEMM_TOKENS
-   tokens, one pass at a time: each weight of a pass is loaded once per
-   tile and used for every token of it. */
-#define GEMM_ROWS 8    // weight rows per tile
-#define GEMM_TOKENS 3  // tokens per tile: AVX-512 keeps 8 x 3 sums in 24 of its 32 registers
+/* Batches (n > 1) in tiles of weight rows by tokens, one pass at a time:
+   each weight of a pass is loaded once per tile and used for every token
+   of it. Each CPU's tile has its own shape; the portable one and AVX2's
+   take GEMM_ROWS by GEMM_TOKENS. */
+#define GEMM_ROWS 8    // weight rows per tile: the most any CPU's tile takes
+#define GEMM_TOKENS 3  // tokens per tile: AVX2 keeps 4 rows x 3 sums, 3 inputs and a row in its 16 registers
+#define GEMM_CHUNK_BYTES (512 * 1024) // inputs of a chunk of tokens: they stay in L2 for every tile of a row block
 
 /* One tile: c (tokens, rows; row stride ldc) = x (tokens, depth; stride
    ldx) @ w (rows, depth; stride ldw)^T, for depth <= GEMM_DEPTH, added to
@@ -4634,36 +4636,45 @@ static void widen_f16(float *out, const uint16_t *in, size_t n) {
     for (; i < n; i++) out[i] = f16_to_f32(in[i]);
 }
 
-/* The batch product of f32, bf16 or f16 weights, rows r0 .. r1 - 1, with
-   the kernel full_tile for tiles of GEMM_ROWS rows: bf16 and f16 weights
-   widened once per pass into `panel`, then reused by every token of the
-   batch. Inlined into each CPU's version, so that its tile kernel is a
-   direct call. */
+/* The batch product of f32, bf16 or f16 weights, rows r0 .. r1 - 1, in
+   tiles of up to tile_rows rows by tile_tokens tokens (the kernel `tile`
+   takes any count up to those): the tokens in chunks whose inputs stay in
+   L2 while each tile of rows runs every pass over them, so that neither
+   the inputs nor the row block (a thread's ROW_BLOCK rows) leave L2; bf16
+   and f16 weights widened once per pass into `panel`, then reused by every
+   token of the chunk. Inlined into each CPU's version, with its shape as
+   literals, so that its tile kernel is a direct call. */
 static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int ldo, const Matrix *w, int r0, int r1,
-                                                                 const ProductScratch *in, GemmTileKernel *full_tile) {
+                                                                 const ProductScratch *in, GemmTileKernel *tile_kernel,
+                                                                 const int tile_rows, const int tile_tokens) {
     _Alignas(64) float panel[GEMM_ROWS * GEMM_DEPTH];
     int cols = w->cols, n = in->n;
-    for (int r = r0; r < r1; r += GEMM_ROWS) {
-        int nr = r1 - r < GEMM_ROWS ? r1 - r : GEMM_ROWS;
-        for (int k = 0; k < cols; k += GEMM_DEPTH) {
-            int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH;
-            GemmTile tile = {.w = panel, .ldc = ldo, .ldw = GEMM_DEPTH, .ldx = cols, .depth = depth, .rows = nr,
-                             .accumulate = k > 0}; // weights (nr, depth), row stride ldw
-            if (w->type == WEIGHT_F32) {
-                tile.w = (const float *)w->values + (size_t)r * cols + k;
-                tile.ldw = cols;
-            } else if (w->type == WEIGHT_F16) {
-                for (int i = 0; i < nr; i++)
-                    widen_f16(panel + i * GEMM_DEPTH, (const uint16_t *)w->values + (size_t)(r + i) * cols + k, depth);
-            } else {
-                for (int i = 0; i < nr; i++) dequantize_row(panel + i * GEMM_DEPTH, w, r + i, k, depth);
-            }
-            for (int t = 0; t < n; t += GEMM_TOKENS) {
-                tile.tokens = n - t < GEMM_TOKENS ? n - t : GEMM_TOKENS;
-                tile.c = out + (size_t)t * ldo + (r - r0);
-                tile.x = in->x + (size_t)t * cols + k;
-                if (nr == GEMM_ROWS) full_tile(&tile);
-                else gemm_tile_fast(&tile);
+    int chunk = (int)(GEMM_CHUNK_BYTES / (sizeof(float) * cols)) / tile_tokens * tile_tokens;
+    if (chunk < tile_tokens) chunk = tile_tokens;
+    for (int t0 = 0; t0 < n; t0 += chunk) {
+        int t1 = n - t0 < chunk ? n : t0 + chunk;
+        for (int r = r0; r < r1; r += tile_rows) {
+            int nr = r1 - r < tile_rows ? r1 - r : tile_rows;
+            for (int k = 0; k < cols; k += GEMM_DEPTH) {
+                int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH;
+                GemmTile tile = {.w = panel, .ldc = ldo, .ldw = GEMM_DEPTH, .ldx = cols, .depth = depth, .rows = nr,
+                                 .accumulate = k > 0}; // weights (nr, depth), row stride ldw
+                if (w->type == WEIGHT_F32) {
+                    tile.w = (const float *)w->values + (size_t)r * cols + k;
+                    tile.ldw = cols;
+                } else if (w->type == WEIGHT_F16) {
+                    for (int i = 0; i < nr; i++)
+                        widen_f16(panel + i * GEMM_DEPTH, (const uint16_t *)w->values + (size_t)(r + i) * cols + k,
+                                  depth);
+                } else {
+                    for (int i = 0; i < nr; i++) dequantize_row(panel + i * GEMM_DEPTH, w, r + i, k, depth);
+                }
+                for (int t = t0; t < t1; t += tile_tokens) {
+                    tile.tokens = t1 - t < tile_tokens ? t1 - t : tile_tokens;
+                    tile.c = out + (size_t)t * ldo + (r - r0);
+                    tile.x = in->x + (size_t)t * cols + k;
+                    tile_kernel(&tile);
+                }
             }
         }
     }
@@ -4679,7 +4690,7 @@ static inline __attribute__((always_inline)) void matmul_floats(float *out, int 
 }
 
 static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_fast);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_fast, GEMM_ROWS, GEMM_TOKENS);
 }
 
 static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -5040,6 +5051,10 @@ AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
 }
 
 static void gemm_tile_avx2(const GemmTile *g) {
+    if (g->rows < GEMM_ROWS) {
+        gemm_tile_fast(g); // a matrix's last rows, where they are not a multiple of 8
+        return;
+    }
     switch (g->tokens) {
     case 3: gemm_tile_body_avx2(g, 3); break;
     case 2: gemm_tile_body_avx2(g, 2); break;
@@ -5085,7 +5100,7 @@ static void lanes8_avx2(float lanes[8][LANES], const void *w, size_t ld, const f
 }
 
 static void gemm_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2, GEMM_ROWS, GEMM_TOKENS);
 }
 
 static void matmul_floats_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -5638,39 +5653,71 @@ AVX512_INLINE void k_rows_avx512(float *out, const Matrix *w, int r0, int r1, co
 
 /* ---- Matrix products for a batch (n > 1) on AVX-512 */
 
-/* A full tile of GEMM_ROWS rows and nt tokens: each sum in one vector of
-   the 16 lanes, the depth in steps of 16 (the last one masked). */
-AVX512_INLINE void gemm_tile_body_avx512(const GemmTile *g, const int nt) {
-    const float *w = g->w, *x = g->x;
-    int ldw = g->ldw, ldx = g->ldx, depth = g->depth;
-    __m512 acc[GEMM_TOKENS][GEMM_ROWS];
-    for (int t = 0; t < nt; t++)
-        for (int r = 0; r < GEMM_ROWS; r++) acc[t][r] = _mm512_setzero_ps();
-    for (int k = 0; k < depth; k += LANES) {
-        __mmask16 m = tail_mask(depth - k);
-        __m512 xv[GEMM_TOKENS];
-        for (int t = 0; t < nt; t++) xv[t] = _mm512_maskz_loadu_ps(m, x + (size_t)t * ldx + k);
-        for (int r = 0; r < GEMM_ROWS; r++) {
-            __m512 wv = _mm512_maskz_loadu_ps(m, w + (size_t)r * ldw + k);
-            for (int t = 0; t < nt; t++) acc[t][r] = _mm512_fmadd_ps(wv, xv[t], acc[t][r]);
-        }
+/* AVX-512's tile: 6 rows by 4 tokens, 24 sums in registers, 10 loads for
+   24 multiply-adds, its 6 rows of a pass (24 KiB) in L1 beside the inputs. */
+#define GEMM512_ROWS 6
+#define GEMM512_TOKENS 4
+
+/* acc[t][r] += w[r] * x[t] for nr rows w (stride ldw) and nt inputs x
+   (stride ldx), the 16 columns at k, those of mask alone. A literal full
+   mask makes plain loads (masked ones here run the tile at half speed). */
+AVX512_INLINE void gemm_step_avx512(__m512 acc[GEMM512_TOKENS][GEMM512_ROWS], const float *w, int ldw, const float *x,
+                                    int ldx, int k, __mmask16 mask, const int nr, const int nt) {
+    __m512 wv[GEMM512_ROWS];
+    for (int r = 0; r < nr; r++) {
+        const float *wr = w + (size_t)r * ldw + k;
+        wv[r] = mask == 0xffff ? _mm512_loadu_ps(wr) : _mm512_maskz_loadu_ps(mask, wr);
     }
     for (int t = 0; t < nt; t++) {
-        float *c = g->c + (size_t)t * g->ldc;
-        __m256 h[GEMM_ROWS];
-        for (int r = 0; r < GEMM_ROWS; r++)
-            h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[t][r]), _mm512_extractf32x8_ps(acc[t][r], 1));
-        __m256 sum = sum8_lanes(h);
-        if (g->accumulate) sum = _mm256_add_ps(_mm256_loadu_ps(c), sum);
-        _mm256_storeu_ps(c, sum);
+        const float *xt = x + (size_t)t * ldx + k;
+        __m512 xv = mask == 0xffff ? _mm512_loadu_ps(xt) : _mm512_maskz_loadu_ps(mask, xt);
+        for (int r = 0; r < nr; r++) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
     }
 }
 
-AVX512 static void gemm_tile_avx512(const GemmTile *g) {
+/* A tile of nr rows and nt tokens (literals): each sum in one vector of the
+   16 lanes, the depth in steps of 16 (a last step masked). */
+AVX512_INLINE void gemm_tile_body_avx512(const GemmTile *g, const int nr, const int nt) {
+    const float *w = g->w, *x = g->x;
+    int ldw = g->ldw, ldx = g->ldx, depth = g->depth;
+    __m512 acc[GEMM512_TOKENS][GEMM512_ROWS];
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < nr; r++) acc[t][r] = _mm512_setzero_ps();
+    int whole = depth / LANES * LANES;
+    for (int k = 0; k < whole; k += LANES) gemm_step_avx512(acc, w, ldw, x, ldx, k, 0xffff, nr, nt);
+    if (whole < depth) gemm_step_avx512(acc, w, ldw, x, ldx, whole, tail_mask(depth - whole), nr, nt);
+    __mmask8 rows = (__mmask8)((1u << nr) - 1);
+    for (int t = 0; t < nt; t++) {
+        float *c = g->c + (size_t)t * g->ldc;
+        __m256 h[8];
+        for (int r = 0; r < 8; r++)
+            h[r] = r < nr ? _mm256_add_ps(_mm512_castps512_ps256(acc[t][r]), _mm512_extractf32x8_ps(acc[t][r], 1))
+                          : _mm256_setzero_ps();
+        __m256 sum = sum8_lanes(h);
+        if (g->accumulate) sum = _mm256_add_ps(_mm256_maskz_loadu_ps(rows, c), sum);
+        _mm256_mask_storeu_ps(c, rows, sum);
+    }
+}
+
+AVX512_INLINE void gemm_tile_rows_avx512(const GemmTile *g, const int nr) {
     switch (g->tokens) {
-    case 3: gemm_tile_body_avx512(g, 3); break;
-    case 2: gemm_tile_body_avx512(g, 2); break;
-    default: gemm_tile_body_avx512(g, 1);
+    case 4: gemm_tile_body_avx512(g, nr, 4); break;
+    case 3: gemm_tile_body_avx512(g, nr, 3); break;
+    case 2: gemm_tile_body_avx512(g, nr, 2); break;
+    default: gemm_tile_body_avx512(g, nr, 1);
+    }
+}
+
+/* Up to 6 rows: 6, 2 or 1 at a time (a row block of 32 is 5 x 6 + 2). */
+AVX512 static void gemm_tile_avx512(const GemmTile *g) {
+    GemmTile part = *g;
+    for (int r = 0; r < g->rows; r += part.rows) {
+        part.rows = g->rows - r >= 6 ? 6 : g->rows - r >= 2 ? 2 : 1;
+        part.w = g->w + (size_t)r * g->ldw;
+        part.c = g->c + r;
+        if (part.rows == 6) gemm_tile_rows_avx512(&part, 6);
+        else if (part.rows == 2) gemm_tile_rows_avx512(&part, 2);
+        else gemm_tile_rows_avx512(&part, 1);
     }
 }
 
@@ -5707,7 +5754,7 @@ AVX512 static void lanes8_avx512(float lanes[8][LANES], const void *w, size_t ld
 }
 
 AVX512 static void gemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512, GEMM512_ROWS, GEMM512_TOKENS);
 }
 
 AVX512 static void matmul_floats_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,

@@ -481,7 +481,8 @@ static void test_batch_equals_one_token(const char *table, int type) {
 static void test_gemm_rows(const char *kind, MatmulKernel *gemm) {
     const char *const *names = WEIGHT_NAMES;
     int shapes[][3] = {{8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {16, 17, 3}, {11, 515, 8},
-                       {8, 8, 1}, {32, 40, 2}, {8, 7, 6}, {9, 1031, 4}, {32, 2048, 5}};
+                       {8, 8, 1}, {32, 40, 2}, {8, 7, 6}, {9, 1031, 4}, {32, 2048, 5},
+                       {14, 4100, 70}}; // tokens in chunks of 28 (GEMM_CHUNK_BYTES), columns in 5 passes
     static const int types[] = {WEIGHT_F32, WEIGHT_BF16, WEIGHT_F16};
     for (int k = 0; k < 3; k++)
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {

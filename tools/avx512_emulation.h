@@ -125,6 +125,12 @@ static inline __m256 emu_mm256_maskz_loadu_ps(__mmask8 k, const void *p) {
 #undef _mm256_maskz_loadu_ps
 #define _mm256_maskz_loadu_ps emu_mm256_maskz_loadu_ps
 
+static inline void emu_mm256_mask_storeu_ps(void *p, __mmask8 k, __m256 a) {
+    emu_masked_store(p, &a, k, 8, 4);
+}
+#undef _mm256_mask_storeu_ps
+#define _mm256_mask_storeu_ps emu_mm256_mask_storeu_ps
+
 static inline __m128i emu_mm_maskz_loadu_epi16(__mmask8 k, const void *p) {
     __m128i r;
     emu_masked_load(&r, p, k, 8, 2);
