@@ -4700,7 +4700,7 @@ static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int
 /* ---- Attention (any CPU) */
 
 #define ATTENTION_CHUNK 128  // positions per task: one token's attention at depth spreads over the threads
-#define ATTENTION_QUERIES 8  // queries of a batch done together: they share each chunk's keys and values
+#define ATTENTION_QUERIES 16 // queries of a batch done together: they share each chunk's keys and values, widened once
 #define ATTENTION_SPAN 32    // positions of a chunk widened to f32 at a time, in the thread's scratch (L1)
 
 /* Floats of scratch that attention_fast() needs: each chunk's partial
