@@ -4444,16 +4444,16 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4566)           gemm_rows (line 4692)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5096)           gemm_rows_avx2 (line 5102)
-                  q8_0 q4_0     q_tile_avx2 (line 5266)           q_tiles_avx2 (line 5277)
-                  K             k_rows_avx2 (line 5403)           k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5750)         gemm_rows_avx512 (line 5756)
-                  q8_0          dot_q8_both_avx512 (line 5545)    qgemm_rows_avx512 (line 5904)
-                  q4_0          dot_q4_avx512 (line 5530)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5639)         kgemm_rows_avx512 (line 6021)
-   every CPU: attention_fast (line 4907); the K types' input quantized by
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5111)           gemm_rows_avx2 (line 5117)
+                  q8_0 q4_0     q_tile_avx2 (line 5281)           q_tiles_avx2 (line 5292)
+                  K             k_rows_avx2 (line 5418)           k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5765)         gemm_rows_avx512 (line 5771)
+                  q8_0          dot_q8_both_avx512 (line 5560)    qgemm_rows_avx512 (line 5919)
+                  q4_0          dot_q4_avx512 (line 5545)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5654)         kgemm_rows_avx512 (line 6036)
+   every CPU: attention_fast (line 4922); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches pack weights in the products' room (qgemm_room(), line 6066).
+   batches pack weights in the products' room (qgemm_room(), line 6081).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4796,6 +4796,22 @@ static inline float exp_nonpositive(float x) {
     return y;
 }
 
+/* The largest of w[0 .. n - 1] (n >= 1), in 8 lanes that the compiler
+   vectorises (one pass in order was a chain of dependent compares): the
+   same value, but for the sign of a zero, which exp() does not see; a NaN
+   is passed over either way, and its own exp carries it on. */
+static float max_of(const float *w, int n) {
+    float lanes[8];
+    for (int l = 0; l < 8; l++) lanes[l] = w[0];
+    int p = 0;
+    for (; p + 8 <= n; p += 8)
+        for (int l = 0; l < 8; l++) lanes[l] = w[p + l] > lanes[l] ? w[p + l] : lanes[l];
+    for (; p < n; p++) lanes[0] = w[p] > lanes[0] ? w[p] : lanes[0];
+    float max = lanes[0];
+    for (int l = 1; l < 8; l++) max = lanes[l] > max ? lanes[l] : max;
+    return max;
+}
+
 /* w[p] = exp(w[p] - max) for p < n; returns their sum, in 8 lanes summed as a tree. */
 static float exp_sum(float *w, int n, float max) {
     for (int p = 0; p < n; p++) w[p] = exp_nonpositive(w[p] - max);
@@ -4861,8 +4877,7 @@ static void attention_chunk(float *parts, float *work, const float *q, const KVC
         for (int g = 0, n = (pos + t + 1 < end ? pos + t + 1 : end) - c0; g < group; g++) {
             float *w = work + (size_t)((t - first) * group + g) * ATTENTION_CHUNK;
             float *part = parts + ((size_t)(t - t0) * kv->n_heads + h * group + g) * (hd + 2);
-            float max = w[0];
-            for (int p = 1; p < n; p++) max = w[p] > max ? w[p] : max;
+            float max = max_of(w, n);
             part[0] = max;
             part[1] = exp_sum(w, n, max);
             memset(part + 2, 0, (size_t)hd * sizeof(float));
