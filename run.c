@@ -4446,15 +4446,15 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5082)           gemm_rows_avx2 (line 5088)
                   q8_0 q4_0     q_tile_avx2 (line 5252)           q_tiles_avx2 (line 5263)
-                  K             k_rows_avx2 (line 5405)           k_batch_avx2 (line 5597); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5929)         gemm_rows_avx512 (line 5935)
-                  q8_0          dot_q8_both_avx512 (line 5756)    qgemm_rows_avx512 (line 6083)
-                  q4_0          dot_q4_avx512 (line 5741)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5850)         kgemm_rows_avx512 (line 6200)
+                  K             k_rows_avx2 (line 5405)           k_batch_avx2 (line 5602); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5934)         gemm_rows_avx512 (line 5940)
+                  q8_0          dot_q8_both_avx512 (line 5761)    qgemm_rows_avx512 (line 6088)
+                  q4_0          dot_q4_avx512 (line 5746)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5855)         kgemm_rows_avx512 (line 6205)
    every CPU: attention_fast (line 4897); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
    batches and AVX2's K batches pack weights in the products' room
-   (qgemm_room(), line 6269).
+   (qgemm_room(), line 6274).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5428,7 +5428,7 @@ typedef struct {
     int cols;
 } KSliceAvx2;
 
-/* A slice in the thread's room: 12 cols bytes. */
+/* The thread's slice, in its room: 12 bytes a column. */
 static KSliceAvx2 k_slice_avx2(const ProductScratch *in, int cols) {
     char *at = (char *)in->room + (size_t)thread_num() * in->room_size;
     KSliceAvx2 s = {.values = (uint32_t *)at, .scales = (float *)(at + (size_t)8 * cols), .cols = cols};
@@ -5479,7 +5479,8 @@ AVX2_INLINE void k_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, 
     for (int b = 0; b < blocks; b++) {
         __m256i chunks[6][KSLICE], scale[KSLICE], min[KSLICE], pairs[KSLICE]; // chunks[c][i]: chunk c of row r + i
         for (int i = 0; i < KSLICE; i++) {
-            const uint8_t *block = r + i < w->rows ? (const uint8_t *)w->values + ((size_t)(r + i) * blocks + b) * bytes : NULL;
+            const uint8_t *block =
+                r + i < w->rows ? (const uint8_t *)w->values + ((size_t)(r + i) * blocks + b) * bytes : NULL;
             if (block) prefetch_pack(block);
             for (int c = 0; c < k_weight_chunks(type); c++)
                 chunks[c][i] = block ? _mm256_loadu_si256((const __m256i *)(block + k_weights_at(type) + 32 * c))
@@ -5487,22 +5488,23 @@ AVX2_INLINE void k_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, 
             k_row_scales_avx2(&scale[i], &min[i], &pairs[i], block, type);
         }
         for (int c = 0; c < k_weight_chunks(type); c++) transpose8_avx2(chunks[c]);
+        size_t g0 = (size_t)8 * b; // the block's first group
         for (int j = 0; j < 8; j++) { // columns 4j .. 4j + 3 of each group
             __m256i piece[6], q[8];
             for (int c = 0; c < k_weight_chunks(type); c++) piece[c] = chunks[c][j];
             unpack_weights_avx2(q, piece, type);
-            for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(s->values + ((size_t)(8 * b + g) * 8 + j) * KSLICE), q[g]);
+            for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(s->values + ((g0 + g) * 8 + j) * KSLICE), q[g]);
         }
         transpose8_avx2(scale);
-        for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(s->scales + (size_t)(8 * b + g) * KSLICE), scale[g]);
+        for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(s->scales + (g0 + g) * KSLICE), scale[g]);
         if (type != WEIGHT_Q6_K) {
             transpose8_avx2(min);
-            for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(s->mins + (size_t)(8 * b + g) * KSLICE), min[g]);
+            for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(s->mins + (g0 + g) * KSLICE), min[g]);
             continue;
         }
         transpose8_avx2(pairs);
         for (int g = 0; g < 8; g++) {
-            __m256i *sub = (__m256i *)(s->subs + (size_t)(8 * b + g) * 3 * KSLICE);
+            __m256i *sub = (__m256i *)(s->subs + (g0 + g) * 3 * KSLICE);
             _mm256_storeu_si256(sub, _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(pairs[g], 0xa0), 0xa0));
             _mm256_storeu_si256(sub + 1, _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(pairs[g], 0xf5), 0xf5));
             _mm256_storeu_si256(sub + 2, pairs[g]);
@@ -5528,11 +5530,13 @@ AVX2_INLINE void k_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *
     const KSliceAvx2 *s = tile->slice;
     const int run = type == WEIGHT_Q4_K ? 8 : type == WEIGHT_Q5_K ? 4 : 2;
     int cols = s->cols, groups = cols / GROUP_SIZE;
+    const uint32_t *values = s->values + (size_t)g * (GROUP_SIZE / 4) * KSLICE;
+    const int32_t *subs = s->subs + (size_t)g * 3 * KSLICE;
     for (int j0 = 0; j0 < GROUP_SIZE / 4; j0 += run) {
-        __m256i wv[8];
-        for (int j = 0; j < run; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(s->values + (size_t)(8 * g + j0 + j) * KSLICE));
-        __m256i mult = type == WEIGHT_Q6_K ? _mm256_loadu_si256((const __m256i *)(s->subs + ((size_t)3 * g + j0 / (GROUP_SIZE / 8)) * KSLICE))
-                                           : _mm256_set1_epi16(1);
+        __m256i wv[8], mult = _mm256_set1_epi16(1);
+        for (int j = 0; j < run; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(values + (j0 + j) * KSLICE));
+        if (type == WEIGHT_Q6_K) // the scale of the sub-block of columns 4 j0 ..
+            mult = _mm256_loadu_si256((const __m256i *)(subs + j0 / (GROUP_SIZE / 8) * KSLICE));
         for (int t = 0; t < nt; t++) {
             const int8_t *xq = tile->x->q + (size_t)(tile->t0 + t) * cols + g * GROUP_SIZE + 4 * j0;
             __m256i part = _mm256_setzero_si256();
@@ -5547,7 +5551,7 @@ AVX2_INLINE void k_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *
         }
     }
     if (type != WEIGHT_Q6_K) return;
-    __m256i pair = _mm256_loadu_si256((const __m256i *)(s->subs + ((size_t)3 * g + 2) * KSLICE));
+    __m256i pair = _mm256_loadu_si256((const __m256i *)(subs + 2 * KSLICE));
     for (int t = 0; t < nt; t++) {
         const int32_t *halves = tile->x->half_sums + ((size_t)(tile->t0 + t) * groups + g) * 2;
         __m256i inputs = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)halves[0] | (uint32_t)halves[1] << 16));
@@ -5578,7 +5582,8 @@ AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int
                 __m256 dx = _mm256_set1_ps(tile->x->d[at]);
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
                 if (type != WEIGHT_Q6_K)
-                    acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps((float)tile->x->group_sums[at]), _mm256_mul_ps(min, dx), acc[t]);
+                    acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps((float)tile->x->group_sums[at]), _mm256_mul_ps(min, dx),
+                                              acc[t]);
             }
         }
         for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
@@ -6265,7 +6270,7 @@ AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int 
 #if HAVE_AVX2 || HAVE_AVX512
 /* The bytes of room each thread's batch products need: an AVX-512 panel
    of ROW_BLOCK rows of the widest input, packed (qgemm_pack_avx512()), in
-   which AVX2's K panel (k_batch_avx2()) fits too. */
+   which AVX2's K slice (k_slice_avx2()) fits too. */
 static size_t qgemm_room(const Config *c, int batch) {
     int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
     if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
