@@ -4442,18 +4442,19 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4566)           gemm_rows (line 4692)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4567)           gemm_rows (line 4693)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5111)           gemm_rows_avx2 (line 5117)
-                  q8_0 q4_0     q_tile_avx2 (line 5281)           q_tiles_avx2 (line 5292)
-                  K             k_rows_avx2 (line 5418)           k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5765)         gemm_rows_avx512 (line 5771)
-                  q8_0          dot_q8_both_avx512 (line 5560)    qgemm_rows_avx512 (line 5919)
-                  q4_0          dot_q4_avx512 (line 5545)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5654)         kgemm_rows_avx512 (line 6036)
-   every CPU: attention_fast (line 4922); the K types' input quantized by
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5112)           gemm_rows_avx2 (line 5118)
+                  q8_0 q4_0     q_tile_avx2 (line 5282)           q_tiles_avx2 (line 5293)
+                  K             k_rows_avx2 (line 5435)           k_batch_avx2 (line 5632); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5996)         gemm_rows_avx512 (line 6002)
+                  q8_0          dot_q8_both_avx512 (line 5791)    qgemm_rows_avx512 (line 6150)
+                  q4_0          dot_q4_avx512 (line 5776)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5885)         kgemm_rows_avx512 (line 6267)
+   every CPU: attention_fast (line 4923); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches pack weights in the products' room (qgemm_room(), line 6081).
+   batches and AVX2's K batches pack weights in the products' room
+   (qgemm_room(), line 6336).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5325,20 +5326,45 @@ typedef struct {
 } KBlockAvx2;
 
 
-AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
-    KBlockAvx2 k;
+/* Where a block's weight bits start, and the 32-byte chunks they fill:
+   q4_k's qs; q5_k's qh and qs; q6_k's ql and qh (docs/FORMATS.md). */
+static inline int k_weights_at(const int type) { return type == WEIGHT_Q6_K ? 0 : 16; }
+static inline int k_weight_chunks(const int type) { return type == WEIGHT_Q4_K ? 4 : type == WEIGHT_Q5_K ? 5 : 6; }
+
+/* w[g]: group g's 32 weights, unsigned bytes, from a block's chunks of
+   weight bits. Byte by byte: byte i of each chunk gives byte i of each
+   group, so that 8 blocks' chunks, their bytes 4j .. 4j + 3 side by side,
+   give the groups' columns 4j .. 4j + 3 of the 8 side by side. */
+AVX2_INLINE void unpack_weights_avx2(__m256i w[8], const __m256i chunk[6], const int type) {
     __m256i fifteen = _mm256_set1_epi8(15), three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
     if (type == WEIGHT_Q6_K) {
         for (int h = 0; h < 2; h++) {
-            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(block + 64 * h));
-            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(block + 64 * h + 32));
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(block + 128 + 32 * h));
+            __m256i ql0 = chunk[2 * h], ql1 = chunk[2 * h + 1], qh = chunk[4 + h];
             __m256i low[4] = {ql0, ql1, _mm256_srli_epi16(ql0, 4), _mm256_srli_epi16(ql1, 4)};
             for (int quarter = 0; quarter < 4; quarter++) {
                 __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * quarter), three);
-                k.w[4 * h + quarter] = _mm256_or_si256(_mm256_and_si256(low[quarter], fifteen), _mm256_slli_epi16(high, 4));
+                w[4 * h + quarter] = _mm256_or_si256(_mm256_and_si256(low[quarter], fifteen), _mm256_slli_epi16(high, 4));
             }
         }
+        return;
+    }
+    const __m256i *qs = chunk + (type == WEIGHT_Q5_K);
+    for (int j = 0; j < 4; j++) {
+        w[2 * j] = _mm256_and_si256(qs[j], fifteen);
+        w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(qs[j], 4), fifteen);
+        for (int i = 0; i < 2 && type == WEIGHT_Q5_K; i++) // bit 2j + i of qh[k]: 16 more
+            w[2 * j + i] = _mm256_or_si256(w[2 * j + i],
+                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(chunk[0], 2 * j + i), one), 4));
+    }
+}
+
+AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
+    KBlockAvx2 k;
+    __m256i chunk[6];
+    for (int c = 0; c < k_weight_chunks(type); c++)
+        chunk[c] = _mm256_loadu_si256((const __m256i *)(block + k_weights_at(type) + 32 * c));
+    unpack_weights_avx2(k.w, chunk, type);
+    if (type == WEIGHT_Q6_K) {
         const int8_t *scales = (const int8_t *)(block + 192);
         for (int g = 0; g < 8; g++)
             k.pair_scales[g] = _mm256_set_m128i(_mm_set1_epi16(scales[2 * g + 1]), _mm_set1_epi16(scales[2 * g]));
@@ -5348,16 +5374,6 @@ AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
         return k;
     }
     scales_and_mins(&k.scale, &k.min, block);
-    const uint8_t *qs = block + (type == WEIGHT_Q5_K ? 48 : 16);
-    __m256i qh = type == WEIGHT_Q5_K ? _mm256_loadu_si256((const __m256i *)(block + 16)) : _mm256_setzero_si256();
-    for (int j = 0; j < 4; j++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * j));
-        k.w[2 * j] = _mm256_and_si256(v, fifteen);
-        k.w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), fifteen);
-        for (int i = 0; i < 2 && type == WEIGHT_Q5_K; i++) // bit 2j + i of qh[k]: 16 more
-            k.w[2 * j + i] = _mm256_or_si256(k.w[2 * j + i],
-                _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j + i), one), 4));
-    }
     return k;
 }
 
@@ -5394,17 +5410,17 @@ AVX2_INLINE __m256 k_block_avx2(__m256 acc, const KBlockAvx2 *k, const Quantized
     return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(inputs), _mm256_mul_ps(k->min, dx), acc);
 }
 
-#define KTILE_TOKENS 4 // tokens that share a block's unpacking
+#define KROW_TOKENS 4 // tokens that share a block's unpacking, row by row
 
-/* Rows r0 .. r1 - 1 for the nt tokens from t0 (KTILE_TOKENS at most). */
+/* Rows r0 .. r1 - 1 for the nt tokens from t0 (KROW_TOKENS at most). */
 AVX2_INLINE void k_rows_body_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
                                   int t0, const int nt, const int type) {
     int cols = w->cols, blocks = cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[type];
-    QuantizedVector x[KTILE_TOKENS];
+    QuantizedVector x[KROW_TOKENS];
     for (int t = 0; t < nt; t++) x[t] = quantized_row(&in->q, t0 + t, cols);
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = (const uint8_t *)w->values + (size_t)r * blocks * bytes;
-        __m256 acc[KTILE_TOKENS];
+        __m256 acc[KROW_TOKENS];
         for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
         for (int b = 0; b < blocks; b++) {
             for (int line = 0; line < bytes; line += 64) prefetch(row + (size_t)b * bytes + line + PREFETCH_AHEAD);
@@ -5415,19 +5431,234 @@ AVX2_INLINE void k_rows_body_avx2(float *out, int ldo, const Matrix *w, int r0, 
     }
 }
 
+/* Rows r0 .. r1 - 1 for every token: one, or a few too few to pack. */
 AVX2_INLINE void k_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
                              const int type) {
     int t = 0;
-    for (; t + KTILE_TOKENS <= in->n; t += KTILE_TOKENS) k_rows_body_avx2(out, ldo, w, r0, r1, in, t, KTILE_TOKENS, type);
+    for (; t + KROW_TOKENS <= in->n; t += KROW_TOKENS) k_rows_body_avx2(out, ldo, w, r0, r1, in, t, KROW_TOKENS, type);
     for (; t < in->n; t++) k_rows_body_avx2(out, ldo, w, r0, r1, in, t, 1, type);
+}
+
+/* A batch: a thread's rows packed, 8 at a time, side by side (a slice),
+   so that one maddubs takes 4 columns of 8 rows times the same 4 inputs of
+   a token (broadcast) and each row's sums come out in a lane of their own,
+   with no horizontal adds; the float steps are k_block_avx2()'s, lane by
+   lane. */
+#define KSLICE 8       // rows of a slice: a vector holds one int32 or float of each
+#define KTILE_TOKENS 5 // tokens per tile: 5 integer and 5 float sums in registers (measured: 4 and 6 slower)
+#define KBATCH_MIN 5   // fewer tokens go row by row: packing costs more than it saves there (measured)
+
+/* 8 rows of weights, packed: vectors of one int32 or float of each row. */
+typedef struct {
+    uint32_t *values; // (cols / 4, KSLICE): each row's 4 unsigned weights of columns 4j .. 4j + 3
+    float *scales;    // (groups, KSLICE): d scale_g (q4_k, q5_k), d (q6_k)
+    float *mins;      // (groups, KSLICE): dmin min_g (q4_k, q5_k)
+    int32_t *subs;    // q6_k, in mins' place: (groups, 3, KSLICE): the group's two sub-block
+                      // scales, each as two int16, then both as an int16 pair
+    int cols;
+} KSliceAvx2;
+
+/* The thread's slice, in its room: 12 bytes a column. */
+static KSliceAvx2 k_slice_avx2(const ProductScratch *in, int cols) {
+    char *at = (char *)in->room + (size_t)thread_num() * in->room_size;
+    KSliceAvx2 s = {.values = (uint32_t *)at, .scales = (float *)(at + (size_t)8 * cols), .cols = cols};
+    s.mins = s.scales + (size_t)cols / GROUP_SIZE * KSLICE;
+    s.subs = (int32_t *)s.mins;
+    return s;
+}
+
+/* The 8 x 8 transpose of 32-bit elements: r[i] lane j -> r[j] lane i. */
+AVX2_INLINE void transpose8_avx2(__m256i r[8]) {
+    __m256i a[8], b[8];
+    for (int i = 0; i < 8; i += 2) {
+        a[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) { // b[i + e]: rows i .. i + 3 of elements e | e + 4
+        b[i] = _mm256_unpacklo_epi64(a[i], a[i + 2]);
+        b[i + 1] = _mm256_unpackhi_epi64(a[i], a[i + 2]);
+        b[i + 2] = _mm256_unpacklo_epi64(a[i + 1], a[i + 3]);
+        b[i + 3] = _mm256_unpackhi_epi64(a[i + 1], a[i + 3]);
+    }
+    for (int e = 0; e < 4; e++) {
+        r[e] = _mm256_permute2x128_si256(b[e], b[4 + e], 0x20);
+        r[e + 4] = _mm256_permute2x128_si256(b[e], b[4 + e], 0x31);
+    }
+}
+
+/* A block's scales as vectors of its groups: d scale_g (or q6_k's d) in
+   scale, dmin min_g in min; q6_k's 16 sub-block scales as int16 in pairs.
+   Zeros for no block (a row past the matrix). */
+AVX2_INLINE void k_row_scales_avx2(__m256i *scale, __m256i *min, __m256i *pairs, const uint8_t *block, const int type) {
+    __m256 s = _mm256_setzero_ps(), m = _mm256_setzero_ps();
+    *pairs = _mm256_setzero_si256();
+    if (block && type == WEIGHT_Q6_K) {
+        s = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(read_u16(block + 208))));
+        *pairs = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(block + 192)));
+    } else if (block) {
+        scales_and_mins(&s, &m, block);
+    }
+    *scale = _mm256_castps_si256(s), *min = _mm256_castps_si256(m);
+}
+
+/* Rows r .. r + 7 of w (those past its end as zeros) into s: each block's
+   chunks of weight bits transposed, 8 rows' 4-byte pieces side by side,
+   and unpacked (unpack_weights_avx2()) 8 rows at once. */
+AVX2_INLINE void k_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, const int type) {
+    int blocks = w->cols / SUPER_BLOCK, bytes = K_BLOCK_BYTES[type];
+    for (int b = 0; b < blocks; b++) {
+        __m256i chunks[6][KSLICE], scale[KSLICE], min[KSLICE], pairs[KSLICE]; // chunks[c][i]: chunk c of row r + i
+        for (int i = 0; i < KSLICE; i++) {
+            const uint8_t *block =
+                r + i < w->rows ? (const uint8_t *)w->values + ((size_t)(r + i) * blocks + b) * bytes : NULL;
+            if (block) prefetch_pack(block);
+            for (int c = 0; c < k_weight_chunks(type); c++)
+                chunks[c][i] = block ? _mm256_loadu_si256((const __m256i *)(block + k_weights_at(type) + 32 * c))
+                                     : _mm256_setzero_si256();
+            k_row_scales_avx2(&scale[i], &min[i], &pairs[i], block, type);
+        }
+        for (int c = 0; c < k_weight_chunks(type); c++) transpose8_avx2(chunks[c]);
+        size_t g0 = (size_t)8 * b; // the block's first group
+        for (int j = 0; j < 8; j++) { // columns 4j .. 4j + 3 of each group
+            __m256i piece[6], q[8];
+            for (int c = 0; c < k_weight_chunks(type); c++) piece[c] = chunks[c][j];
+            unpack_weights_avx2(q, piece, type);
+            for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(s->values + ((g0 + g) * 8 + j) * KSLICE), q[g]);
+        }
+        transpose8_avx2(scale);
+        for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(s->scales + (g0 + g) * KSLICE), scale[g]);
+        if (type != WEIGHT_Q6_K) {
+            transpose8_avx2(min);
+            for (int g = 0; g < 8; g++) _mm256_storeu_si256((__m256i *)(s->mins + (g0 + g) * KSLICE), min[g]);
+            continue;
+        }
+        transpose8_avx2(pairs);
+        for (int g = 0; g < 8; g++) {
+            __m256i *sub = (__m256i *)(s->subs + (g0 + g) * 3 * KSLICE);
+            _mm256_storeu_si256(sub, _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(pairs[g], 0xa0), 0xa0));
+            _mm256_storeu_si256(sub + 1, _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(pairs[g], 0xf5), 0xf5));
+            _mm256_storeu_si256(sub + 2, pairs[g]);
+        }
+    }
+}
+
+/* A slice times the tokens t0 ... of x. */
+typedef struct {
+    const KSliceAvx2 *slice;
+    const QuantizedVector *x;
+    float *out;            // the slice's first output of token 0, row stride ldo
+    int ldo, rows, t0;     // rows: of the slice, those stored
+} KTileAvx2;
+
+/* sums[t]: each row's exact sum of group g with token t0 + t, one row to
+   a lane, the integer of k_block_avx2() (q6_k: each sub-block's times its
+   scale, less 32 s X_s). The maddubs results are added in int16 as many at
+   a time as stay below 32767: 8 of 4-bit weights (8 x 2 x 15 x 127), 4 of
+   5-bit, 2 of 6-bit (2 x 2 x 63 x 127). */
+AVX2_INLINE void k_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, int g, const int nt,
+                                   const int type) {
+    const KSliceAvx2 *s = tile->slice;
+    const int run = type == WEIGHT_Q4_K ? 8 : type == WEIGHT_Q5_K ? 4 : 2;
+    int cols = s->cols, groups = cols / GROUP_SIZE;
+    const uint32_t *values = s->values + (size_t)g * (GROUP_SIZE / 4) * KSLICE;
+    const int32_t *subs = s->subs + (size_t)g * 3 * KSLICE;
+    for (int j0 = 0; j0 < GROUP_SIZE / 4; j0 += run) {
+        __m256i wv[8], mult = _mm256_set1_epi16(1);
+        for (int j = 0; j < run; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(values + (j0 + j) * KSLICE));
+        if (type == WEIGHT_Q6_K) // the scale of the sub-block of columns 4 j0 ..
+            mult = _mm256_loadu_si256((const __m256i *)(subs + j0 / (GROUP_SIZE / 8) * KSLICE));
+        for (int t = 0; t < nt; t++) {
+            const int8_t *xq = tile->x->q + (size_t)(tile->t0 + t) * cols + g * GROUP_SIZE + 4 * j0;
+            __m256i part = _mm256_setzero_si256();
+            for (int j = 0; j < run; j++) {
+                int32_t four;
+                memcpy(&four, xq + 4 * j, sizeof four);
+                __m256i prod = _mm256_maddubs_epi16(wv[j], _mm256_set1_epi32(four));
+                part = j ? _mm256_add_epi16(part, prod) : prod;
+            }
+            __m256i sum = _mm256_madd_epi16(part, mult);
+            sums[t] = j0 ? _mm256_add_epi32(sums[t], sum) : sum;
+        }
+    }
+    if (type != WEIGHT_Q6_K) return;
+    __m256i pair = _mm256_loadu_si256((const __m256i *)(subs + 2 * KSLICE));
+    for (int t = 0; t < nt; t++) {
+        const int32_t *halves = tile->x->half_sums + ((size_t)(tile->t0 + t) * groups + g) * 2;
+        __m256i inputs = _mm256_set1_epi32((int32_t)((uint32_t)(uint16_t)halves[0] | (uint32_t)halves[1] << 16));
+        sums[t] = _mm256_sub_epi32(sums[t], _mm256_slli_epi32(_mm256_madd_epi16(pair, inputs), 5));
+    }
+}
+
+/* One tile of nt tokens (a literal): for each lane j, the groups j, j + 8,
+   ... in turn, each group's sum times (scale x input scale) added by a
+   fused multiply-add, and for q4_k and q5_k its inputs' sum times (min x
+   input scale) taken off by another: k_block_avx2()'s steps; then each
+   row's 8 lanes added as sum_avx2() adds them,
+   ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). */
+AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int type) {
+    const KSliceAvx2 *s = tile->slice;
+    int groups = s->cols / GROUP_SIZE;
+    __m256 lanes[8][KTILE_TOKENS];
+    for (int lane = 0; lane < 8; lane++) {
+        __m256 acc[KTILE_TOKENS];
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+        for (int g = lane; g < groups; g += 8) {
+            __m256i sums[KTILE_TOKENS];
+            k_group_sums_avx2(sums, tile, g, nt, type);
+            __m256 scale = _mm256_loadu_ps(s->scales + (size_t)g * KSLICE);
+            __m256 min = type == WEIGHT_Q6_K ? _mm256_setzero_ps() : _mm256_loadu_ps(s->mins + (size_t)g * KSLICE);
+            for (int t = 0; t < nt; t++) {
+                size_t at = (size_t)(tile->t0 + t) * groups + g;
+                __m256 dx = _mm256_set1_ps(tile->x->d[at]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
+                if (type != WEIGHT_Q6_K)
+                    acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps((float)tile->x->group_sums[at]), _mm256_mul_ps(min, dx),
+                                              acc[t]);
+            }
+        }
+        for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
+    }
+    __m256i stored = _mm256_cmpgt_epi32(_mm256_set1_epi32(tile->rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int t = 0; t < nt; t++) {
+        __m256 even = _mm256_add_ps(_mm256_add_ps(lanes[0][t], lanes[4][t]), _mm256_add_ps(lanes[2][t], lanes[6][t]));
+        __m256 odd = _mm256_add_ps(_mm256_add_ps(lanes[1][t], lanes[5][t]), _mm256_add_ps(lanes[3][t], lanes[7][t]));
+        _mm256_maskstore_ps(tile->out + (size_t)(tile->t0 + t) * tile->ldo, stored, _mm256_add_ps(even, odd));
+    }
+}
+
+/* matmul_k() for a batch, rows r0 .. r1 - 1: each slice packed into the
+   thread's room, then run for every token. Each output comes out as
+   k_rows_avx2() gives it for its token alone. */
+AVX2_INLINE void k_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                              const int type) {
+    KSliceAvx2 s = k_slice_avx2(in, w->cols);
+    for (int r = r0; r < r1; r += KSLICE) {
+        k_pack_slice_avx2(&s, w, r, type);
+        KTileAvx2 tile = {.slice = &s, .x = &in->q, .out = out + r - r0, .ldo = ldo, .rows = r1 - r};
+        for (tile.t0 = 0; tile.t0 < in->n; tile.t0 += KTILE_TOKENS)
+            switch (in->n - tile.t0 < KTILE_TOKENS ? in->n - tile.t0 : KTILE_TOKENS) {
+            case 5: k_tile_body_avx2(&tile, 5, type); break;
+            case 4: k_tile_body_avx2(&tile, 4, type); break;
+            case 3: k_tile_body_avx2(&tile, 3, type); break;
+            case 2: k_tile_body_avx2(&tile, 2, type); break;
+            default: k_tile_body_avx2(&tile, 1, type);
+            }
+    }
+}
+
+/* One token, or a few, row by row; more packed. */
+AVX2_INLINE void k_product_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                                const int type) {
+    if (in->n >= KBATCH_MIN) k_batch_avx2(out, ldo, w, r0, r1, in, type);
+    else k_rows_avx2(out, ldo, w, r0, r1, in, type);
 }
 
 /* matmul_k() on AVX2, with the quantized input. */
 static void matmul_k_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     switch (w->type) {
-    case WEIGHT_Q4_K: k_rows_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q4_K); break;
-    case WEIGHT_Q5_K: k_rows_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q5_K); break;
-    default: k_rows_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q6_K);
+    case WEIGHT_Q4_K: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q4_K); break;
+    case WEIGHT_Q5_K: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q5_K); break;
+    default: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q6_K);
     }
 }
 #endif
@@ -6076,14 +6307,6 @@ AVX512 static void matmul_k_avx512(float *out, int ldo, const Matrix *w, int r0,
     }
 }
 
-/* The bytes of room each thread's batch products need: an AVX-512 panel
-   of ROW_BLOCK rows of the widest input, packed (qgemm_pack_avx512()). */
-static size_t qgemm_room(const Config *c, int batch) {
-    int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
-    if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
-    return c->types_used & INTEGER_TYPES && batch > 1 ? ROW_BLOCK * (size_t)(widest + 64) * sizeof(float) : 0;
-}
-
 /* q8_0 and q4_0: one token's dot products with VNNI, a batch packed. */
 AVX512 static void matmul_q8_0_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
                                       const ProductScratch *in) {
@@ -6106,6 +6329,17 @@ AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int 
 
 /* ---- The choice */
 
+#if HAVE_AVX2 || HAVE_AVX512
+/* The bytes of room each thread's batch products need: an AVX-512 panel
+   of ROW_BLOCK rows of the widest input, packed (qgemm_pack_avx512()), in
+   which AVX2's K slice (k_slice_avx2()) fits too. */
+static size_t qgemm_room(const Config *c, int batch) {
+    int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
+    if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
+    return c->types_used & INTEGER_TYPES && batch > 1 ? ROW_BLOCK * (size_t)(widest + 64) * sizeof(float) : 0;
+}
+#endif
+
 /* Puts the fastest kernels that this build and CPU have into the kernel
    table (the table at the top of the appendix). main() calls it once,
    before the first forward pass. */
@@ -6118,6 +6352,7 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx2;
     kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input;
+    kernels.product_room = qgemm_room;
 #endif
 #if HAVE_AVX512
     const char *env = getenv("RUN_AVX512");

@@ -415,6 +415,7 @@ static void test_matmul(const char *table, int type) {
         {1, 32, 2}, {8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {9, 32, 1}, {40, 2048, 2},
         {70, 96, 9}, {5, 5, 2}, {16, 17, 3}, {11, 515, 8}, {8, 1030, 6},   // odd widths, the float types only
         {3, 256, 1}, {8, 256, 5}, {13, 512, 4}, {33, 768, 9}, {5, 1536, 3}, // widths of 256 blocks
+        {9, 512, 8}, {40, 256, 6}, {31, 768, 12},
     };
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1];
@@ -448,7 +449,8 @@ static void test_batch_equals_one_token(const char *table, int type) {
     const char *const *names = WEIGHT_NAMES;
     int shapes[][3] = {{1, 32, 2}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {40, 2048, 6}, {33, 288, 9},
                        {16, 17, 3}, {11, 515, 8}, {8, 1030, 6}, // odd widths, the float types only
-                       {3, 256, 5}, {13, 512, 9}, {33, 768, 7}}; // widths of 256 blocks
+                       {3, 256, 5}, {13, 512, 9}, {33, 768, 7}, // widths of 256 blocks
+                       {8, 256, 6}, {40, 512, 8}, {9, 256, 12}, {31, 1024, 11}, {1, 512, 10}, {16, 256, 4}};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
         int rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
         if (cols % block_width(type)) continue;
@@ -472,6 +474,46 @@ static void test_batch_equals_one_token(const char *table, int type) {
         free(x), free(batch), free(alone);
         free_matrix(&w);
     }
+}
+
+/* K blocks at the limits of the integer sums: every weight bit set (4-bit
+   15, 5-bit 31, 6-bit 63), every input +127 in even tokens and -127 in odd
+   ones, so that the kernels' partial sums (int16 where they can be) reach
+   their bounds. A batch of n against the exact product, and each token
+   against its product alone, bit for bit. */
+static void test_k_extremes(const char *table, int type, int n) {
+    int rows = 9, cols = 512;
+    size_t blocks = (size_t)rows * cols / SUPER_BLOCK, size = K_BLOCK_BYTES[type];
+    uint8_t *bytes = xcalloc(blocks * size, 1, "test data");
+    memset(bytes, 0xff, blocks * size);
+    for (size_t i = 0; i < blocks; i++) { // d (and dmin) 1, as f16
+        uint16_t one = 0x3c00;
+        memcpy(bytes + i * size + (type == WEIGHT_Q6_K ? 208 : 0), &one, 2);
+        if (type != WEIGHT_Q6_K) memcpy(bytes + i * size + 2, &one, 2);
+    }
+    Matrix w = {.rows = rows, .cols = cols, .type = type, .values = bytes};
+    float *x = xcalloc((size_t)n * cols, sizeof(float), "x"), *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
+    float *batch = xcalloc((size_t)n * rows, sizeof(float), "batch"), alone[9];
+    double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
+    for (int t = 0; t < n; t++)
+        for (int c = 0; c < cols; c++) x[(size_t)t * cols + c] = t % 2 ? -1.0f : 1.0f;
+    ProductScratch ps = alloc_products(n, cols), one = alloc_products(1, cols);
+    prepare_input(&ps, TYPE_BIT(type), x, n, cols);
+    prepared_values(xd, &ps, &w, x, n);
+    exact_matmul(want, mag, &w, xd, n);
+    kernels.matmul[type](batch, rows, &w, 0, rows, &ps);
+    char what[80];
+    snprintf(what, sizeof what, "%s %s at the integer limits, n = %d", table, WEIGHT_NAMES[type], n);
+    for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, batch[i], want[i], 1e-5 * mag[i] + 1e-30);
+    for (int t = 0; t < n; t++) {
+        prepare_input(&one, TYPE_BIT(type), x + (size_t)t * cols, 1, cols);
+        kernels.matmul[type](alone, rows, &w, 0, rows, &one);
+        snprintf(what, sizeof what, "%s %s at the integer limits: token %d of %d against alone", table,
+                 WEIGHT_NAMES[type], t, n);
+        for (int r = 0; r < rows; r++) expect(what, rows, cols, r, batch[(size_t)t * rows + r], alone[r], 0);
+    }
+    free_products(&ps), free_products(&one);
+    free(bytes), free(x), free(xd), free(batch), free(want), free(mag);
 }
 
 /* A batch product of f32, bf16 or f16 weights (gemm_rows() or a CPU's own):
@@ -880,6 +922,7 @@ int main(void) {
             test_matmul(table ? "fast" : "plain", type);
             test_batch_equals_one_token(table ? "fast" : "plain", type);
             for (int n = 1; n <= 4; n += 3) test_fused(type, n);
+            for (int n = 2; n <= 7 && is_k_type(type); n += 5) test_k_extremes(table ? "fast" : "plain", type, n);
         }
         gguf_layout = 1; // q8_0 and q4_0 again, in GGUF's blocks
         for (int type = WEIGHT_Q8_0; type <= WEIGHT_Q4_0; type++) {

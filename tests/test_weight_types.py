@@ -123,8 +123,9 @@ def test_matches_its_decoded_weights_and_float32(exported, name, dtype, tmp_path
     assert err <= FLOAT_TOL.get(dtype, weights_only + ACTIVATION_TOL), (err, weights_only)
 
 
+@pytest.mark.parametrize("avx512", ["1", "0"])
 @pytest.mark.parametrize("dtype", ["f32"] + DTYPES)
-def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
+def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, avx512, tmp_path, monkeypatch):
     """The prompt as matrices (batches of 16 here, so that one is partial)
     gives the logits of feeding it token by token (-b 1), bit for bit, for
     every weight type: each token's input is the same either way (quantized
@@ -133,7 +134,8 @@ def test_batched_prompt_equals_one_token_at_a_time(exported, dtype, tmp_path):
     kernels agreed, a float order that differed let an activation cross a
     rounding boundary of the next quantization, which the layers after it
     carried on: up to 2e-2 of a row's largest logit for q4_0, 7e-7 for
-    f32.)"""
+    f32.) With RUN_AVX512=0 too: the AVX2 kernels, on a CPU with AVX-512."""
+    monkeypatch.setenv("RUN_AVX512", avx512)
     args, _, path, _ = exported(config("gqa4_untied", dtype), dtype)
     prompt = prompt_for(args.vocab_size, n=40)
     rows = {}
