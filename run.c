@@ -4444,17 +4444,17 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4567)           gemm_rows (line 4693)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5112)           gemm_rows_avx2 (line 5118)
-                  q8_0 q4_0     q_tile_avx2 (line 5282)           q_tiles_avx2 (line 5293)
-                  K             k_rows_avx2 (line 5435)           k_batch_avx2 (line 5632); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 5996)         gemm_rows_avx512 (line 6002)
-                  q8_0          dot_q8_both_avx512 (line 5791)    qgemm_rows_avx512 (line 6150)
-                  q4_0          dot_q4_avx512 (line 5776)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5885)         kgemm_rows_avx512 (line 6267)
-   every CPU: attention_fast (line 4923); the K types' input quantized by
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5128)           gemm_rows_avx2 (line 5134)
+                  q8_0 q4_0     q_tile_avx2 (line 5298)           q_tiles_avx2 (line 5309)
+                  K             k_rows_avx2 (line 5451)           k_batch_avx2 (line 5648); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6012)         gemm_rows_avx512 (line 6018)
+                  q8_0          dot_q8_both_avx512 (line 5807)    qgemm_rows_avx512 (line 6166)
+                  q4_0          dot_q4_avx512 (line 5792)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 5901)         kgemm_rows_avx512 (line 6283)
+   every CPU: attention_fast (line 4927); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
    batches and AVX2's K batches pack weights in the products' room
-   (qgemm_room(), line 6336).
+   (qgemm_room(), line 6352).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4704,13 +4704,13 @@ static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int
 #define ATTENTION_QUERIES 16 // queries of a batch done together: they share each chunk's keys and values, widened once
 #define ATTENTION_SPAN 32    // positions of a chunk widened to f32 at a time, in the thread's scratch (L1)
 
-/* Floats of scratch that attention_fast() needs: each chunk's partial
-   results for ATTENTION_QUERIES queries of every head, and per thread the
-   scores of a chunk for them and a span of widened keys or values. */
+/* Floats of scratch that attention_fast() needs, per thread: each chunk's
+   partial results for ATTENTION_QUERIES queries of every head, the scores
+   of a chunk for them and a span of widened keys or values. */
 static size_t attention_fast_scratch(int ctx, int n_heads, int head_dim, int threads) {
     size_t rows = (size_t)ATTENTION_QUERIES * n_heads, chunks = ((size_t)ctx + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
     size_t work = rows * ATTENTION_CHUNK + (size_t)ATTENTION_SPAN * head_dim;
-    return mul_size(chunks, rows * (head_dim + 2)) + mul_size(threads, work);
+    return mul_size(threads, mul_size(chunks, rows * (head_dim + 2)) + work);
 }
 
 /* span (n rounded up to 8, head_dim) = positions p0 .. p0 + n - 1 of one
@@ -4914,30 +4914,46 @@ static void attention_merge(float *out, const float *part, size_t step, int last
 }
 
 /* attention_plain()'s result, computed by chunks of the positions (flash
-   decoding): for up to ATTENTION_QUERIES queries at a time, a task per kv
-   head and chunk (attention_chunk()), then per query and head the chunks'
-   parts merged in order. Each query's result comes out the same, to the
-   bit, whichever threads do its chunks and whether it comes alone or in a
-   batch: its chunks start at fixed positions, and nothing it sums depends
-   on the other queries. scratch: attention_fast_scratch() floats. */
+   decoding): per kv head and chunk (attention_chunk()) for up to
+   ATTENTION_QUERIES queries at a time, then per query and head the chunks'
+   parts merged in order. One token's chunks are spread over the threads,
+   then merged; a batch is one task per block of queries and kv head (the
+   last blocks, which see the most positions, first), which does its chunks
+   in turn and merges them, so that the threads meet once a layer. Each
+   query's result comes out the same, to the bit, whichever threads do its
+   chunks and whether it comes alone or in a batch: its chunks start at
+   fixed positions, and nothing it sums depends on the other queries.
+   scratch: attention_fast_scratch() floats; out may be q. */
 static void attention_fast(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
-    int hd = kv->head_dim, heads = kv->n_heads;
+    int hd = kv->head_dim, heads = kv->n_heads, group = heads / kv->n_kv_heads;
     size_t step = (size_t)ATTENTION_QUERIES * heads * (hd + 2); // one chunk's parts
-    size_t work = (size_t)ATTENTION_QUERIES * heads * ATTENTION_CHUNK + (size_t)ATTENTION_SPAN * hd;
-    float *parts = scratch, *works = scratch + ((size_t)kv->ctx + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK * step;
-    for (int t0 = 0; t0 < n; t0 += ATTENTION_QUERIES) {
-        int t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
-        int chunks = (pos + t1 + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
+    size_t parts_size = ((size_t)kv->ctx + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK * step;
+    size_t room = parts_size + (size_t)ATTENTION_QUERIES * heads * ATTENTION_CHUNK + (size_t)ATTENTION_SPAN * hd;
+    if (n == 1) {
+        int chunks = pos / ATTENTION_CHUNK + 1;
         #pragma omp parallel for collapse(2) schedule(dynamic, 1)
         for (int c = 0; c < chunks; c++)
             for (int h = 0; h < kv->n_kv_heads; h++)
-                attention_chunk(parts + c * step, works + (size_t)thread_num() * work, q, kv, h, c * ATTENTION_CHUNK,
-                                pos, t0, t1);
-        for (int t = t0; t < t1; t++) // a small part of the work: no second wait for the threads
-            for (int h = 0; h < heads; h++)
-                attention_merge(out + ((size_t)t * heads + h) * hd, parts + ((size_t)(t - t0) * heads + h) * (hd + 2),
-                                step, (pos + t) / ATTENTION_CHUNK, hd);
+                attention_chunk(scratch + c * step, scratch + (size_t)thread_num() * room + parts_size, q, kv, h,
+                                c * ATTENTION_CHUNK, pos, 0, 1);
+        for (int h = 0; h < heads; h++) // a small part of the work: no second wait for the threads
+            attention_merge(out + (size_t)h * hd, scratch + (size_t)h * (hd + 2), step, chunks - 1, hd);
+        return;
     }
+    int blocks = (n + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int b = blocks - 1; b >= 0; b--)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            float *parts = scratch + (size_t)thread_num() * room;
+            int t0 = b * ATTENTION_QUERIES, t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
+            for (int c = 0; c * ATTENTION_CHUNK < pos + t1; c++)
+                attention_chunk(parts + c * step, parts + parts_size, q, kv, h, c * ATTENTION_CHUNK, pos, t0, t1);
+            for (int t = t0; t < t1; t++)
+                for (int head = h * group; head < (h + 1) * group; head++)
+                    attention_merge(out + ((size_t)t * heads + head) * hd,
+                                    parts + ((size_t)(t - t0) * heads + head) * (hd + 2), step,
+                                    (pos + t) / ATTENTION_CHUNK, hd);
+        }
 }
 
 /* ---- Matrix products on AVX2
