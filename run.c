@@ -4447,14 +4447,14 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5112)           gemm_rows_avx2 (line 5118)
                   q8_0 q4_0     q_tile_avx2 (line 5302)           q_batch_avx2 (line 5758); n < 5: q_tiles_avx2
                   K             k_rows_avx2 (line 5436)           k_batch_avx2 (line 5633); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6120)         gemm_rows_avx512 (line 6126)
-                  q8_0          dot_q8_both_avx512 (line 5915)    qgemm_rows_avx512 (line 6274)
-                  q4_0          dot_q4_avx512 (line 5900)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6009)         kgemm_rows_avx512 (line 6391)
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6124)         gemm_rows_avx512 (line 6130)
+                  q8_0          dot_q8_both_avx512 (line 5919)    qgemm_rows_avx512 (line 6278)
+                  q4_0          dot_q4_avx512 (line 5904)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6013)         kgemm_rows_avx512 (line 6395)
    every CPU: attention_fast (line 4923); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
    batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6460).
+   (qgemm_room(), line 6464).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5774,12 +5774,16 @@ AVX2_INLINE void q_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int 
 
 /* matmul_q8_0() and matmul_q4_0(): batches of KBATCH_MIN tokens or more
    packed (q_batch_avx2()), fewer in tiles of 4 rows by 3 tokens (one
-   token too: with each group's sum in a lane, 4 rows of q8_0 at a time
-   run faster than one), rows and tokens left over one at a time. */
+   token: 4 rows of q4_0, or q8_0's rows one by one, which streams them
+   faster from memory), rows and tokens left over one at a time. */
 static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int t = 0;
     if (in->n >= KBATCH_MIN) {
         q_batch_avx2(out, ldo, w, r0, r1, in, w->type == WEIGHT_Q8_0);
+        return;
+    }
+    if (in->n == 1 && w->type == WEIGHT_Q8_0) {
+        for (int r = r0; r < r1; r++) q_tile_avx2(out + r - r0, ldo, w, r, in, 0, 1, 1);
         return;
     }
     for (; t + QTILE_TOKENS <= in->n; t += QTILE_TOKENS) q_tiles_avx2(out, ldo, w, r0, r1, in, t, QTILE_TOKENS);
