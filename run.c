@@ -4445,16 +4445,16 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4567)           gemm_rows (line 4693)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5128)           gemm_rows_avx2 (line 5134)
-                  q8_0 q4_0     q_tile_avx2 (line 5298)           q_tiles_avx2 (line 5309)
-                  K             k_rows_avx2 (line 5451)           k_batch_avx2 (line 5648); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6012)         gemm_rows_avx512 (line 6018)
-                  q8_0          dot_q8_both_avx512 (line 5807)    qgemm_rows_avx512 (line 6166)
-                  q4_0          dot_q4_avx512 (line 5792)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 5901)         kgemm_rows_avx512 (line 6283)
+                  q8_0 q4_0     q_tile_avx2 (line 5318)           q_batch_avx2 (line 5774); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5452)           k_batch_avx2 (line 5649); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6140)         gemm_rows_avx512 (line 6146)
+                  q8_0          dot_q8_both_avx512 (line 5935)    qgemm_rows_avx512 (line 6294)
+                  q4_0          dot_q4_avx512 (line 5920)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6029)         kgemm_rows_avx512 (line 6411)
    every CPU: attention_fast (line 4927); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches and AVX2's K batches pack weights in the products' room
-   (qgemm_room(), line 6352).
+   batches and AVX2's batches pack weights in the products' room
+   (qgemm_room(), line 6480).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5148,6 +5148,13 @@ static inline __m256i dot32_i8_avx2(__m256i a, __m256i b) {
     return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
 
+/* The 8 sums of the lanes of v[0] .. v[7], in order. Integer: exact. */
+AVX2_INLINE __m256i lane_sums8_avx2(const __m256i v[8]) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
 #define QTILE_ROWS 4   // weight rows per tile of the integer products
 #define QTILE_TOKENS 3 // tokens per tile: 4 x 3 sums (some inputs then wait in L1: measured 5-8% faster than 4 x 2)
 
@@ -5175,44 +5182,37 @@ static QTile qtile(const Matrix *w, int r, const ProductScratch *in, int t0, int
 }
 
 /* The scales of a block of ng <= 8 groups from g0: for each row i, input
-   part and token j, the row's scale of group g0 + k times the input's, as
-   q8 kernels take them, s[part][i][j][k], or (q8 0) as the q4_0 kernel
-   does, four copies side by side, s[0][i][j][4 k .. 4 k + 3], and zeros
-   after an odd count. 8 at a time, or one by one: the same products. */
-typedef float QScales[2][QTILE_ROWS][QTILE_TOKENS][32];
+   part (q8_0: two) and token j, the row's scale of group g0 + k times the
+   input's, s[part][i][j][k], zeros after ng. 8 at a time, or one by one:
+   the same products. */
+typedef float QScales[2][QTILE_ROWS][QTILE_TOKENS][8];
 AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, const int q8, const int il, const int nr,
                               const int nt) {
-    const int parts = q8 ? 2 : 1, copies = q8 ? 1 : 4, step = q_scale_step(q8, il);
+    const int parts = q8 ? 2 : 1, step = q_scale_step(q8, il);
     for (int i = 0; i < nr; i++) {
         if (ng == 8) {
             __m256 wd = _mm256_cvtph_ps(eight_halves(tile->wd[i] + (size_t)g0 * step, step));
             for (int part = 0; part < parts; part++)
-                for (int j = 0; j < nt; j++) {
-                    __m256 sj = _mm256_mul_ps(wd, _mm256_loadu_ps(tile->xd[part][j] + g0));
-                    if (q8) _mm256_store_ps(s[part][i][j], sj);
-                    for (int p = 0; p < 4 && !q8; p++) { // groups 2 p and 2 p + 1
-                        __m256i pair = _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p, 2 * p + 1, 2 * p + 1, 2 * p + 1,
-                                                         2 * p + 1);
-                        _mm256_store_ps(s[part][i][j] + 8 * p, _mm256_permutevar8x32_ps(sj, pair));
-                    }
-                }
+                for (int j = 0; j < nt; j++)
+                    _mm256_store_ps(s[part][i][j], _mm256_mul_ps(wd, _mm256_loadu_ps(tile->xd[part][j] + g0)));
             continue;
         }
-        for (int k = 0; k < ng + (ng % 2 && !q8); k++) {
+        for (int k = 0; k < 8; k++) {
             float wd = k < ng ? _cvtsh_ss(read_u16(tile->wd[i] + (size_t)(g0 + k) * step)) : 0.0f;
             for (int part = 0; part < parts; part++)
-                for (int j = 0; j < nt; j++)
-                    for (int c = 0; c < copies; c++)
-                        s[part][i][j][k * copies + c] = k < ng ? wd * tile->xd[part][j][g0 + k] : 0.0f;
+                for (int j = 0; j < nt; j++) s[part][i][j][k] = k < ng ? wd * tile->xd[part][j][g0 + k] : 0.0f;
         }
     }
 }
 
-/* acc[i][j] += the integer dot product of group g of row i and token j,
-   times s[part][i][j][k], for q8_0 weights and each part of the input,
-   part 0 first. */
-AVX2_INLINE void q8_group_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile *tile, QScales s, int g, int k,
-                               const int il, const int nr, const int nt) {
+/* Each tile output's integer sums, a vector of a lane per group of the
+   block, before lane_sums8_avx2() (q8_0) or q4_pair_sums_avx2() (q4_0)
+   adds them up: dots[part][i][j][k]. */
+typedef __m256i QDots[2][QTILE_ROWS][QTILE_TOKENS][8];
+
+/* dots[part][i][j][k] = the 32 products of group g of row i with token
+   j, in 8 lanes of 4, for q8_0 weights and each part of the input. */
+AVX2_INLINE void q8_group_avx2(QDots dots, const QTile *tile, int g, int k, const int il, const int nr, const int nt) {
     __m256i x[2][QTILE_TOKENS];
     for (int part = 0; part < 2; part++)
         for (int j = 0; j < nt; j++)
@@ -5220,22 +5220,20 @@ AVX2_INLINE void q8_group_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile
     for (int i = 0; i < nr; i++) {
         __m256i wv = _mm256_loadu_si256((const __m256i *)(tile->w[i] + (size_t)g * q_step(1, il)));
         for (int j = 0; j < nt; j++)
-            for (int part = 0; part < 2; part++)
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32_i8_avx2(wv, x[part][j])),
-                                            _mm256_broadcast_ss(&s[part][i][j][k]), acc[i][j]);
+            for (int part = 0; part < 2; part++) dots[part][i][j][k] = dot32_i8_avx2(wv, x[part][j]);
     }
 }
 
-/* acc[i][j] += the integer dot products of groups g and g + 1 (two) or g
-   alone of row i of q4_0 weights and token j, lanes 0..3 group g's, 4..7
-   group g + 1's, times s[0][i][j][8 p ..]. A row's 32 bytes of the two
-   groups hold weights 0..15 of each in their low nibbles and 16..31 in the
-   high ones: masked and shifted, they meet the inputs with the middle
-   halves of the two groups swapped. The weights are q - 8, q in 0..15:
-   each 16-bit pair of q x sums, less 8 x of the same pair, summed with
-   the other half's, stays within 3 * 2 * 15 * 127 (exact). */
-AVX2_INLINE void q4_pair_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile *tile, QScales s, int g, int p,
-                              const int two, const int il, const int nr, const int nt) {
+/* dots[0][i][j][p] = the integer dot products of groups g and g + 1 (two)
+   or g alone of row i of q4_0 weights and token j, lanes 0..3 group g's,
+   4..7 group g + 1's. A row's 32 bytes of the two groups hold weights
+   0..15 of each in their low nibbles and 16..31 in the high ones: masked
+   and shifted, they meet the inputs with the middle halves of the two
+   groups swapped. The weights are q - 8, q in 0..15: each 16-bit pair of
+   q x sums, less 8 x of the same pair, summed with the other half's, stays
+   within 3 * 2 * 15 * 127 (exact). */
+AVX2_INLINE void q4_pair_avx2(QDots dots, const QTile *tile, int g, int p, const int two, const int il, const int nr,
+                              const int nt) {
     __m256i lo[QTILE_TOKENS], hi[QTILE_TOKENS], eights[QTILE_TOKENS];
     for (int j = 0; j < nt; j++) {
         const int8_t *x = tile->x[0][j] + g * GROUP_SIZE;
@@ -5254,23 +5252,32 @@ AVX2_INLINE void q4_pair_avx2(__m256 acc[QTILE_ROWS][QTILE_TOKENS], const QTile 
         __m256i high = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15));
         for (int j = 0; j < nt; j++) {
             __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, lo[j]), _mm256_maddubs_epi16(high, hi[j]));
-            __m256i sums = _mm256_madd_epi16(_mm256_sub_epi16(pairs, eights[j]), _mm256_set1_epi16(1));
-            acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_load_ps(s[0][i][j] + 8 * p), acc[i][j]);
+            dots[0][i][j][p] = _mm256_madd_epi16(_mm256_sub_epi16(pairs, eights[j]), _mm256_set1_epi16(1));
         }
     }
 }
 
+/* The 8 group sums of 4 pairs' vectors from q4_pair_avx2(), in order. */
+AVX2_INLINE __m256i q4_pair_sums_avx2(const __m256i pair[4]) {
+    __m256i halves = _mm256_hadd_epi32(_mm256_hadd_epi32(pair[0], pair[1]), _mm256_hadd_epi32(pair[2], pair[3]));
+    return _mm256_permutevar8x32_epi32(halves, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); // was 0 2 4 6 1 3 5 7
+}
+
 /* out[j * ldo + i] = row i of the tile times token j, for nr rows and nt
    tokens of q8_0 (q8 set) or q4_0 weights: the groups in blocks of 8,
-   whose scales are multiplied 8 at a time. The tile's rows lie one after
+   each group's exact sum in a lane of its own (lane k: groups k, k + 8,
+   ...) times (weight scale x input scale) added by a fused multiply-add,
+   for q8_0 part 0's then part 1's; then the 8 lanes added by sum_avx2().
+   q_batch_avx2() takes the same steps. The tile's rows lie one after
    another, and the block reads nr / rows of them: the prefetches run
    PREFETCH_AHEAD bytes ahead of the same share of the tile's bytes, as if
    it were read front to back. */
 AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int groups, const int q8, const int il,
                                   const int nr, const int nt) {
-    const int group_bytes = q_step(q8, il);
+    const int group_bytes = q_step(q8, il), parts = q8 ? 2 : 1;
     __m256 acc[QTILE_ROWS][QTILE_TOKENS];
     _Alignas(32) QScales s;
+    QDots dots;
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nt; j++) acc[i][j] = _mm256_setzero_ps();
     for (int g0 = 0; g0 < groups; g0 += 8) {
@@ -5280,15 +5287,28 @@ AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int gr
             prefetch(tile->w[0] + (size_t)nr * g0 * group_bytes + b);
         if (!il) prefetch(tile->wd[0] + 2 * nr * g0);
         if (q8 && ng == 8)
-            for (int k = 0; k < 8; k++) q8_group_avx2(acc, tile, s, g0 + k, k, il, nr, nt);
+            for (int k = 0; k < 8; k++) q8_group_avx2(dots, tile, g0 + k, k, il, nr, nt);
         else if (q8)
-            for (int k = 0; k < ng; k++) q8_group_avx2(acc, tile, s, g0 + k, k, il, nr, nt);
+            for (int k = 0; k < 8; k++)
+                if (k < ng) q8_group_avx2(dots, tile, g0 + k, k, il, nr, nt);
+                else
+                    for (int i = 0; i < nr; i++)
+                        for (int j = 0; j < nt; j++) dots[0][i][j][k] = dots[1][i][j][k] = _mm256_setzero_si256();
         else if (ng == 8)
-            for (int k = 0; k < 8; k += 2) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, il, nr, nt);
+            for (int k = 0; k < 8; k += 2) q4_pair_avx2(dots, tile, g0 + k, k / 2, 1, il, nr, nt);
         else
-            for (int k = 0; k < ng; k += 2)
-                if (k + 1 < ng) q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 1, il, nr, nt);
-                else q4_pair_avx2(acc, tile, s, g0 + k, k / 2, 0, il, nr, nt);
+            for (int k = 0; k < 8; k += 2)
+                if (k + 1 < ng) q4_pair_avx2(dots, tile, g0 + k, k / 2, 1, il, nr, nt);
+                else if (k < ng) q4_pair_avx2(dots, tile, g0 + k, k / 2, 0, il, nr, nt);
+                else
+                    for (int i = 0; i < nr; i++)
+                        for (int j = 0; j < nt; j++) dots[0][i][j][k / 2] = _mm256_setzero_si256();
+        for (int i = 0; i < nr; i++)
+            for (int j = 0; j < nt; j++)
+                for (int part = 0; part < parts; part++) {
+                    __m256i sums = q8 ? lane_sums8_avx2(dots[part][i][j]) : q4_pair_sums_avx2(dots[0][i][j]);
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_load_ps(s[part][i][j]), acc[i][j]);
+                }
     }
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nt; j++) out[(size_t)j * ldo + i] = sum_avx2(acc[i][j]);
@@ -5314,18 +5334,6 @@ AVX2_INLINE void q_tiles_avx2(float *out, int ldo, const Matrix *w, int r0, int 
     for (; r < r1; r++) q_tile_avx2(out + (size_t)t0 * ldo + r - r0, ldo, w, r, in, t0, 1, nt);
 }
 
-/* matmul_q8_0() and matmul_q4_0() in tiles of 4 rows by 3 tokens (one
-   token: 4 rows of q4_0, or q8_0's rows one by one, which streams them
-   faster from memory), rows and tokens left over one at a time. */
-static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    int t = 0;
-    if (in->n == 1 && w->type == WEIGHT_Q8_0) {
-        for (int r = r0; r < r1; r++) q_tile_avx2(out + r - r0, ldo, w, r, in, 0, 1, 1);
-        return;
-    }
-    for (; t + QTILE_TOKENS <= in->n; t += QTILE_TOKENS) q_tiles_avx2(out, ldo, w, r0, r1, in, t, QTILE_TOKENS);
-    for (; t < in->n; t++) q_tiles_avx2(out, ldo, w, r0, r1, in, t, 1);
-}
 #endif
 
 
@@ -5391,13 +5399,6 @@ AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
     }
     scales_and_mins(&k.scale, &k.min, block);
     return k;
-}
-
-/* The 8 sums of the lanes of v[0] .. v[7], in order. Integer: exact. */
-AVX2_INLINE __m256i lane_sums8_avx2(const __m256i v[8]) {
-    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
 /* The 8 sums of adjacent pairs of the 16 int32 in lo, hi, in order. */
@@ -5676,6 +5677,133 @@ static void matmul_k_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, 
     case WEIGHT_Q5_K: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q5_K); break;
     default: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q6_K);
     }
+}
+
+/* ---- q8_0 and q4_0 batches on AVX2: packed as the K types' (k_slice_avx2()),
+   8 rows side by side, their scales as floats; q_tile_body_avx2()'s float
+   steps lane by lane. */
+
+/* Rows r .. r + 7 of w (those past its end as zeros) into s: each group's
+   weights transposed, 8 rows' 4-byte pieces side by side, q4_0's as bytes
+   0..15 in column order. */
+AVX2_INLINE void q_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, const int q8) {
+    int groups = w->cols / GROUP_SIZE;
+    for (int g = 0; g < groups; g++) {
+        __m256i v[KSLICE];
+        _Alignas(32) float d[KSLICE];
+        for (int i = 0; i < KSLICE; i++) {
+            size_t at = (size_t)(r + i) * groups + g;
+            const uint8_t *p = r + i < w->rows ? group_values(w, at) : NULL;
+            if (!p) {
+                v[i] = _mm256_setzero_si256(), d[i] = 0.0f;
+                continue;
+            }
+            prefetch_pack(p);
+            __m128i b = _mm_loadu_si128((const __m128i *)p), fifteen = _mm_set1_epi8(15);
+            v[i] = q8 ? _mm256_loadu_si256((const __m256i *)p)
+                      : _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), fifteen), _mm_and_si128(b, fifteen));
+            d[i] = group_scale(w, at);
+        }
+        transpose8_avx2(v);
+        for (int j = 0; j < 8; j++) _mm256_storeu_si256((__m256i *)(s->values + ((size_t)g * 8 + j) * KSLICE), v[j]);
+        _mm256_storeu_ps(s->scales + (size_t)g * KSLICE, _mm256_load_ps(d));
+    }
+}
+
+/* sums[t]: each row's exact sum of the products of q8_0 group g with token
+   t0 + t of x, one row to a lane: dot32_i8_avx2()'s sign trick, 4 columns
+   at a time (a 16-bit pair sum can reach 2 x 127 x 127: no two added). */
+AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, const QuantizedVector *x, int g,
+                                    const int nt) {
+    const uint32_t *values = tile->slice->values + (size_t)g * (GROUP_SIZE / 4) * KSLICE;
+    int cols = tile->slice->cols;
+    for (int j = 0; j < GROUP_SIZE / 4; j++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(values + j * KSLICE)), size = _mm256_sign_epi8(wv, wv);
+        for (int t = 0; t < nt; t++) {
+            int32_t four;
+            memcpy(&four, x->q + (size_t)(tile->t0 + t) * cols + g * GROUP_SIZE + 4 * j, sizeof four);
+            __m256i pairs = _mm256_maddubs_epi16(size, _mm256_sign_epi8(_mm256_set1_epi32(four), wv));
+            __m256i sum = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+            sums[t] = j ? _mm256_add_epi32(sums[t], sum) : sum;
+        }
+    }
+}
+
+/* One tile of nt tokens (a literal): q_tile_body_avx2()'s steps for each
+   row, lane by lane (lane k: groups k, k + 8, ...), then the 8 lanes added
+   as sum_avx2() adds them, ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). */
+AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const QuantizedVector *rest, const int nt, const int q8) {
+    const KSliceAvx2 *s = tile->slice;
+    int groups = s->cols / GROUP_SIZE;
+    __m256 lanes[8][KTILE_TOKENS];
+    for (int lane = 0; lane < 8; lane++) {
+        __m256 acc[KTILE_TOKENS];
+        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
+        for (int g = lane; g < groups; g += 8) {
+            __m256i sums[2][KTILE_TOKENS];
+            if (q8) {
+                q8_group_sums_avx2(sums[0], tile, tile->x, g, nt);
+                q8_group_sums_avx2(sums[1], tile, rest, g, nt);
+            } else {
+                k_group_sums_avx2(sums[0], tile, g, nt, WEIGHT_Q4_K); // the weights as unsigned 0..15
+                for (int t = 0; t < nt; t++) // less 8 x the inputs' sum
+                    sums[0][t] = _mm256_sub_epi32(sums[0][t],
+                        _mm256_set1_epi32(8 * tile->x->group_sums[(size_t)(tile->t0 + t) * groups + g]));
+            }
+            __m256 scale = _mm256_loadu_ps(s->scales + (size_t)g * KSLICE);
+            for (int t = 0; t < nt; t++)
+                for (int part = 0; part < 1 + q8; part++) {
+                    const QuantizedVector *x = part ? rest : tile->x;
+                    __m256 dx = _mm256_set1_ps(x->d[(size_t)(tile->t0 + t) * groups + g]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[part][t]), _mm256_mul_ps(scale, dx), acc[t]);
+                }
+        }
+        for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
+    }
+    __m256i stored = _mm256_cmpgt_epi32(_mm256_set1_epi32(tile->rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int t = 0; t < nt; t++) {
+        __m256 even = _mm256_add_ps(_mm256_add_ps(lanes[0][t], lanes[4][t]), _mm256_add_ps(lanes[2][t], lanes[6][t]));
+        __m256 odd = _mm256_add_ps(_mm256_add_ps(lanes[1][t], lanes[5][t]), _mm256_add_ps(lanes[3][t], lanes[7][t]));
+        _mm256_maskstore_ps(tile->out + (size_t)(tile->t0 + t) * tile->ldo, stored, _mm256_add_ps(even, odd));
+    }
+}
+
+/* matmul_q8_0() or matmul_q4_0() for a batch, rows r0 .. r1 - 1: each
+   slice packed into the thread's room, then run for every token. Each
+   output comes out as q_tile_body_avx2() gives it. */
+AVX2_INLINE void q_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                              const int q8) {
+    KSliceAvx2 s = k_slice_avx2(in, w->cols);
+    for (int r = r0; r < r1; r += KSLICE) {
+        q_pack_slice_avx2(&s, w, r, q8);
+        KTileAvx2 tile = {.slice = &s, .x = &in->q, .out = out + r - r0, .ldo = ldo, .rows = r1 - r};
+        for (tile.t0 = 0; tile.t0 < in->n; tile.t0 += KTILE_TOKENS)
+            switch (in->n - tile.t0 < KTILE_TOKENS ? in->n - tile.t0 : KTILE_TOKENS) {
+            case 5: q_tile_packed_avx2(&tile, &in->rest, 5, q8); break;
+            case 4: q_tile_packed_avx2(&tile, &in->rest, 4, q8); break;
+            case 3: q_tile_packed_avx2(&tile, &in->rest, 3, q8); break;
+            case 2: q_tile_packed_avx2(&tile, &in->rest, 2, q8); break;
+            default: q_tile_packed_avx2(&tile, &in->rest, 1, q8);
+            }
+    }
+}
+
+/* matmul_q8_0() and matmul_q4_0(): batches of KBATCH_MIN tokens or more
+   packed (q_batch_avx2()), fewer in tiles of 4 rows by 3 tokens (one
+   token: 4 rows of q4_0, or q8_0's rows one by one, which streams them
+   faster from memory), rows and tokens left over one at a time. */
+static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    int t = 0;
+    if (in->n >= KBATCH_MIN) {
+        q_batch_avx2(out, ldo, w, r0, r1, in, w->type == WEIGHT_Q8_0);
+        return;
+    }
+    if (in->n == 1 && w->type == WEIGHT_Q8_0) {
+        for (int r = r0; r < r1; r++) q_tile_avx2(out + r - r0, ldo, w, r, in, 0, 1, 1);
+        return;
+    }
+    for (; t + QTILE_TOKENS <= in->n; t += QTILE_TOKENS) q_tiles_avx2(out, ldo, w, r0, r1, in, t, QTILE_TOKENS);
+    for (; t < in->n; t++) q_tiles_avx2(out, ldo, w, r0, r1, in, t, 1);
 }
 #endif
 

@@ -476,11 +476,39 @@ static void test_batch_equals_one_token(const char *table, int type) {
     }
 }
 
+/* w (rows <= 9) at the limits of its integer sums, every input +127 in
+   even tokens and -127 in odd ones: a batch of n against the exact
+   product, and each token against its product alone, bit for bit. */
+static void test_extremes(const char *table, const Matrix *w, const char *limits, int n) {
+    int rows = w->rows, cols = w->cols, type = w->type;
+    float *x = xcalloc((size_t)n * cols, sizeof(float), "x"), *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
+    float *batch = xcalloc((size_t)n * rows, sizeof(float), "batch"), alone[9];
+    double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
+    for (int t = 0; t < n; t++)
+        for (int c = 0; c < cols; c++) x[(size_t)t * cols + c] = t % 2 ? -1.0f : 1.0f;
+    ProductScratch ps = alloc_products(n, cols), one = alloc_products(1, cols);
+    prepare_input(&ps, TYPE_BIT(type), x, n, cols);
+    prepared_values(xd, &ps, w, x, n);
+    exact_matmul(want, mag, w, xd, n);
+    kernels.matmul[type](batch, rows, w, 0, rows, &ps);
+    char what[120];
+    snprintf(what, sizeof what, "%s %s%s at %s, n = %d", table, WEIGHT_NAMES[type],
+             w->interleaved ? " (GGUF blocks)" : "", limits, n);
+    for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, batch[i], want[i], 1e-5 * mag[i] + 1e-30);
+    for (int t = 0; t < n; t++) {
+        prepare_input(&one, TYPE_BIT(type), x + (size_t)t * cols, 1, cols);
+        kernels.matmul[type](alone, rows, w, 0, rows, &one);
+        snprintf(what, sizeof what, "%s %s%s at %s: token %d of %d against alone", table, WEIGHT_NAMES[type],
+                 w->interleaved ? " (GGUF blocks)" : "", limits, t, n);
+        for (int r = 0; r < rows; r++) expect(what, rows, cols, r, batch[(size_t)t * rows + r], alone[r], 0);
+    }
+    free_products(&ps), free_products(&one);
+    free(x), free(xd), free(batch), free(want), free(mag);
+}
+
 /* K blocks at the limits of the integer sums: every weight bit set (4-bit
-   15, 5-bit 31, 6-bit 63), every input +127 in even tokens and -127 in odd
-   ones, so that the kernels' partial sums (int16 where they can be) reach
-   their bounds. A batch of n against the exact product, and each token
-   against its product alone, bit for bit. */
+   15, 5-bit 31, 6-bit 63), so that the kernels' partial sums (int16 where
+   they can be) reach their bounds. */
 static void test_k_extremes(const char *table, int type, int n) {
     int rows = 9, cols = 512;
     size_t blocks = (size_t)rows * cols / SUPER_BLOCK, size = K_BLOCK_BYTES[type];
@@ -492,28 +520,28 @@ static void test_k_extremes(const char *table, int type, int n) {
         if (type != WEIGHT_Q6_K) memcpy(bytes + i * size + 2, &one, 2);
     }
     Matrix w = {.rows = rows, .cols = cols, .type = type, .values = bytes};
-    float *x = xcalloc((size_t)n * cols, sizeof(float), "x"), *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
-    float *batch = xcalloc((size_t)n * rows, sizeof(float), "batch"), alone[9];
-    double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
-    for (int t = 0; t < n; t++)
-        for (int c = 0; c < cols; c++) x[(size_t)t * cols + c] = t % 2 ? -1.0f : 1.0f;
-    ProductScratch ps = alloc_products(n, cols), one = alloc_products(1, cols);
-    prepare_input(&ps, TYPE_BIT(type), x, n, cols);
-    prepared_values(xd, &ps, &w, x, n);
-    exact_matmul(want, mag, &w, xd, n);
-    kernels.matmul[type](batch, rows, &w, 0, rows, &ps);
-    char what[80];
-    snprintf(what, sizeof what, "%s %s at the integer limits, n = %d", table, WEIGHT_NAMES[type], n);
-    for (int i = 0; i < n * rows; i++) expect(what, rows, cols, i, batch[i], want[i], 1e-5 * mag[i] + 1e-30);
-    for (int t = 0; t < n; t++) {
-        prepare_input(&one, TYPE_BIT(type), x + (size_t)t * cols, 1, cols);
-        kernels.matmul[type](alone, rows, &w, 0, rows, &one);
-        snprintf(what, sizeof what, "%s %s at the integer limits: token %d of %d against alone", table,
-                 WEIGHT_NAMES[type], t, n);
-        for (int r = 0; r < rows; r++) expect(what, rows, cols, r, batch[(size_t)t * rows + r], alone[r], 0);
+    test_extremes(table, &w, "the integer limits", n);
+    free(bytes);
+}
+
+/* q8_0 and q4_0 rows at the limits of the integer sums: even rows' weights
+   q8_0 127 (q4_0 nibbles 15), odd rows' -127 (nibbles 0, weights -8), in
+   9 groups (a block of 8 and one more), each scale 1, in our layout or
+   GGUF's blocks. */
+static void test_q_extremes(const char *table, int type, int n) {
+    int rows = 9, cols = 9 * GROUP_SIZE, bytes = type == WEIGHT_Q8_0 ? cols : cols / 2;
+    uint8_t *values = xcalloc((size_t)rows * bytes, 1, "test data");
+    uint16_t *scales = xcalloc((size_t)rows * cols / GROUP_SIZE, sizeof(uint16_t), "test data");
+    for (int r = 0; r < rows; r++) {
+        int fill = type == WEIGHT_Q8_0 ? (r % 2 ? 0x81 : 0x7f) : (r % 2 ? 0x00 : 0xff);
+        memset(values + (size_t)r * bytes, fill, bytes);
     }
-    free_products(&ps), free_products(&one);
-    free(bytes), free(x), free(xd), free(batch), free(want), free(mag);
+    for (int g = 0; g < rows * cols / GROUP_SIZE; g++) scales[g] = 0x3c00;
+    Matrix w = {.rows = rows, .cols = cols, .type = type, .values = values, .scales = (const uint8_t *)scales};
+    Matrix il = interleaved_copy(&w);
+    test_extremes(table, &w, "the integer limits", n);
+    test_extremes(table, &il, "the integer limits", n);
+    free_matrix(&il), free_matrix(&w);
 }
 
 /* A batch product of f32, bf16 or f16 weights (gemm_rows() or a CPU's own):
@@ -589,14 +617,15 @@ static void test_floats_as_f32(const char *table) {
 
 #if HAVE_AVX2
 /* The AVX2 q8_0 and q4_0 kernels in their tiles (4 rows x 3 tokens, rows
-   and tokens left over): every output against the exact product, and equal
+   and tokens left over) and their batches (slices of 8 rows, tiles of 5
+   tokens, from 5 tokens on): every output against the exact product, and equal
    bit for bit to the same token's product alone (n = 1) and to its row's
    computed in blocks of other sizes, as linear() may cut them. */
 static void test_quantized_tiles(int type) {
     const char *name = type == WEIGHT_Q8_0 ? "q8_0" : "q4_0";
     int shapes[][2] = {{1, 1}, {2, 3}, {3, 8}, {4, 9}, {5, 17}, {7, 24}, {9, 2}, {13, 33}, {32, 16}, {37, 70}};
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
-        for (int n = 1; n <= 7; n++) {
+        for (int n = 1; n <= 12; n++) {
             int rows = shapes[s][0], cols = shapes[s][1] * GROUP_SIZE;
             Matrix w = random_matrix(type, rows, cols);
             float *x = random_floats((size_t)n * cols), *xd = xcalloc((size_t)n * cols, sizeof(float), "xd");
@@ -923,6 +952,8 @@ int main(void) {
             test_batch_equals_one_token(table ? "fast" : "plain", type);
             for (int n = 1; n <= 4; n += 3) test_fused(type, n);
             for (int n = 2; n <= 7 && is_k_type(type); n += 5) test_k_extremes(table ? "fast" : "plain", type, n);
+            for (int n = 1; n <= 11 && (type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0); n += 5)
+                test_q_extremes(table ? "fast" : "plain", type, n);
         }
         gguf_layout = 1; // q8_0 and q4_0 again, in GGUF's blocks
         for (int type = WEIGHT_Q8_0; type <= WEIGHT_Q4_0; type++) {
