@@ -4445,16 +4445,16 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4567)           gemm_rows (line 4693)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5128)           gemm_rows_avx2 (line 5134)
-                  q8_0 q4_0     q_tile_avx2 (line 5318)           q_batch_avx2 (line 5774); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5452)           k_batch_avx2 (line 5649); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6140)         gemm_rows_avx512 (line 6146)
-                  q8_0          dot_q8_both_avx512 (line 5935)    qgemm_rows_avx512 (line 6294)
-                  q4_0          dot_q4_avx512 (line 5920)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6029)         kgemm_rows_avx512 (line 6411)
+                  q8_0 q4_0     q_tile_avx2 (line 5318)           q_batch_avx2 (line 5776); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5452)           k_batch_avx2 (line 5656); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6142)         gemm_rows_avx512 (line 6148)
+                  q8_0          dot_q8_both_avx512 (line 5937)    qgemm_rows_avx512 (line 6296)
+                  q4_0          dot_q4_avx512 (line 5922)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6031)         kgemm_rows_avx512 (line 6413)
    every CPU: attention_fast (line 4927); the K types' input quantized by
    quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
    batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6480).
+   (qgemm_room(), line 6482).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5606,6 +5606,18 @@ AVX2_INLINE void k_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *
     }
 }
 
+/* Each row's output for the nt tokens of a tile: its 8 lanes, lanes[l][t]
+   holding lane l of every row, added as sum_avx2() adds them,
+   ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)); rows past tile->rows not stored. */
+AVX2_INLINE void store_slice_sums_avx2(const KTileAvx2 *tile, __m256 lanes[8][KTILE_TOKENS], const int nt) {
+    __m256i stored = _mm256_cmpgt_epi32(_mm256_set1_epi32(tile->rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int t = 0; t < nt; t++) {
+        __m256 even = _mm256_add_ps(_mm256_add_ps(lanes[0][t], lanes[4][t]), _mm256_add_ps(lanes[2][t], lanes[6][t]));
+        __m256 odd = _mm256_add_ps(_mm256_add_ps(lanes[1][t], lanes[5][t]), _mm256_add_ps(lanes[3][t], lanes[7][t]));
+        _mm256_maskstore_ps(tile->out + (size_t)(tile->t0 + t) * tile->ldo, stored, _mm256_add_ps(even, odd));
+    }
+}
+
 /* One tile of nt tokens (a literal): for each lane j, the groups j, j + 8,
    ... in turn, each group's sum times (scale x input scale) added by a
    fused multiply-add, and for q4_k and q5_k its inputs' sum times (min x
@@ -5635,12 +5647,7 @@ AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int
         }
         for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
     }
-    __m256i stored = _mm256_cmpgt_epi32(_mm256_set1_epi32(tile->rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int t = 0; t < nt; t++) {
-        __m256 even = _mm256_add_ps(_mm256_add_ps(lanes[0][t], lanes[4][t]), _mm256_add_ps(lanes[2][t], lanes[6][t]));
-        __m256 odd = _mm256_add_ps(_mm256_add_ps(lanes[1][t], lanes[5][t]), _mm256_add_ps(lanes[3][t], lanes[7][t]));
-        _mm256_maskstore_ps(tile->out + (size_t)(tile->t0 + t) * tile->ldo, stored, _mm256_add_ps(even, odd));
-    }
+    store_slice_sums_avx2(tile, lanes, nt);
 }
 
 /* matmul_k() for a batch, rows r0 .. r1 - 1: each slice packed into the
@@ -5760,12 +5767,7 @@ AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const QuantizedVector
         }
         for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
     }
-    __m256i stored = _mm256_cmpgt_epi32(_mm256_set1_epi32(tile->rows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int t = 0; t < nt; t++) {
-        __m256 even = _mm256_add_ps(_mm256_add_ps(lanes[0][t], lanes[4][t]), _mm256_add_ps(lanes[2][t], lanes[6][t]));
-        __m256 odd = _mm256_add_ps(_mm256_add_ps(lanes[1][t], lanes[5][t]), _mm256_add_ps(lanes[3][t], lanes[7][t]));
-        _mm256_maskstore_ps(tile->out + (size_t)(tile->t0 + t) * tile->ldo, stored, _mm256_add_ps(even, odd));
-    }
+    store_slice_sums_avx2(tile, lanes, nt);
 }
 
 /* matmul_q8_0() or matmul_q4_0() for a batch, rows r0 .. r1 - 1: each
