@@ -4442,19 +4442,20 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4567)           gemm_rows (line 4693)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4568)           gemm_rows (line 4694)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5128)           gemm_rows_avx2 (line 5134)
-                  q8_0 q4_0     q_tile_avx2 (line 5318)           q_batch_avx2 (line 5776); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5452)           k_batch_avx2 (line 5656); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6142)         gemm_rows_avx512 (line 6148)
-                  q8_0          dot_q8_both_avx512 (line 5937)    qgemm_rows_avx512 (line 6296)
-                  q4_0          dot_q4_avx512 (line 5922)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6031)         kgemm_rows_avx512 (line 6413)
-   every CPU: attention_fast (line 4927); the K types' input quantized by
-   quantize_input() where their kernels are AVX2 or AVX-512; AVX-512's
-   batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6482).
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5140)           gemm_rows_avx2 (line 5146)
+                  q8_0 q4_0     q_tile_avx2 (line 5330)           q_batch_avx2 (line 5788); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5464)           k_batch_avx2 (line 5668); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6154)         gemm_rows_avx512 (line 6160)
+                  q8_0          dot_q8_both_avx512 (line 5949)    qgemm_rows_avx512 (line 6308)
+                  q4_0          dot_q4_avx512 (line 5934)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6043)         kgemm_rows_avx512 (line 6425)
+   every CPU: attention_fast (line 4967), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6546); the K types' input
+   quantized by quantize_input() where their kernels are AVX2 or AVX-512;
+   AVX-512's batches and AVX2's batches pack weights in the products' room
+   (qgemm_room(), line 6670).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4706,10 +4707,11 @@ static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int
 
 /* Floats of scratch that attention_fast() needs, per thread: each chunk's
    partial results for ATTENTION_QUERIES queries of every head, the scores
-   of a chunk for them and a span of widened keys or values. */
+   of a chunk for them, their queries (a copy that a CPU's kernel may
+   take) and a span of widened keys or values. */
 static size_t attention_fast_scratch(int ctx, int n_heads, int head_dim, int threads) {
     size_t rows = (size_t)ATTENTION_QUERIES * n_heads, chunks = ((size_t)ctx + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
-    size_t work = rows * ATTENTION_CHUNK + (size_t)ATTENTION_SPAN * head_dim;
+    size_t work = rows * (ATTENTION_CHUNK + head_dim) + (size_t)ATTENTION_SPAN * head_dim;
     return mul_size(threads, mul_size(chunks, rows * (head_dim + 2)) + work);
 }
 
@@ -4923,12 +4925,18 @@ static void attention_merge(float *out, const float *part, size_t step, int last
    query's result comes out the same, to the bit, whichever threads do its
    chunks and whether it comes alone or in a batch: its chunks start at
    fixed positions, and nothing it sums depends on the other queries.
-   scratch: attention_fast_scratch() floats; out may be q. */
-static void attention_fast(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
+   scratch: attention_fast_scratch() floats; out may be q. A batch's
+   blocks go to batch_chunk, attention_chunk() or a CPU's version of it
+   with the same results (inlined into each, so that it is a direct call). */
+typedef void AttentionChunk(float *parts, float *work, const float *q, const KVCache *kv, int h, int c0, int pos,
+                            int t0, int t1);
+static inline __attribute__((always_inline)) void attention_with(float *out, const float *q, const KVCache *kv,
+                                                                 int pos, int n, float *scratch,
+                                                                 AttentionChunk *batch_chunk) {
     int hd = kv->head_dim, heads = kv->n_heads, group = heads / kv->n_kv_heads;
     size_t step = (size_t)ATTENTION_QUERIES * heads * (hd + 2); // one chunk's parts
     size_t parts_size = ((size_t)kv->ctx + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK * step;
-    size_t room = parts_size + (size_t)ATTENTION_QUERIES * heads * ATTENTION_CHUNK + (size_t)ATTENTION_SPAN * hd;
+    size_t room = parts_size + (size_t)ATTENTION_QUERIES * heads * (ATTENTION_CHUNK + hd) + (size_t)ATTENTION_SPAN * hd;
     if (n == 1) {
         int chunks = pos / ATTENTION_CHUNK + 1;
         #pragma omp parallel for collapse(2) schedule(dynamic, 1)
@@ -4942,18 +4950,22 @@ static void attention_fast(float *out, const float *q, const KVCache *kv, int po
     }
     int blocks = (n + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int b = blocks - 1; b >= 0; b--)
-        for (int h = 0; h < kv->n_kv_heads; h++) {
+    for (int h = 0; h < kv->n_kv_heads; h++)
+        for (int b = blocks - 1; b >= 0; b--) {
             float *parts = scratch + (size_t)thread_num() * room;
             int t0 = b * ATTENTION_QUERIES, t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
             for (int c = 0; c * ATTENTION_CHUNK < pos + t1; c++)
-                attention_chunk(parts + c * step, parts + parts_size, q, kv, h, c * ATTENTION_CHUNK, pos, t0, t1);
+                batch_chunk(parts + c * step, parts + parts_size, q, kv, h, c * ATTENTION_CHUNK, pos, t0, t1);
             for (int t = t0; t < t1; t++)
                 for (int head = h * group; head < (h + 1) * group; head++)
                     attention_merge(out + ((size_t)t * heads + head) * hd,
                                     parts + ((size_t)(t - t0) * heads + head) * (hd + 2), step,
                                     (pos + t) / ATTENTION_CHUNK, hd);
         }
+}
+
+static void attention_fast(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
+    attention_with(out, q, kv, pos, n, scratch, attention_chunk);
 }
 
 /* ---- Matrix products on AVX2
@@ -6437,6 +6449,182 @@ AVX512 static void kgemm_rows_avx512(float *out, int ldo, const Matrix *w, int r
     }
 }
 
+/* ---- Attention on AVX-512: a block of a batch's queries in the lanes
+
+   attention_chunk()'s results to the bit for a block of 16 queries, one
+   query in each lane of the vectors: each key value is broadcast once for
+   all of them (attention_chunk() loads a row of keys for every query), and
+   the weighted sum of values takes 4 queries' rows at once. Each sum keeps
+   its order: a score's 8 partial sums (over the columns of one residue mod
+   8) in 8 vectors and their tree, as attention_scores8(); the largest score
+   and the sum of weights as max_of() and exp_sum(); each output's products
+   over the positions in turn, as attention_mix_add(). Only in a build for
+   AVX2 and FMA, where attention_chunk()'s multiply-adds are rounded once,
+   as these are. */
+
+#if HAVE_AVX2
+_Static_assert(ATTENTION_QUERIES == 16, "a block's queries fill the 16 lanes of a vector");
+
+/* Keeps vector v in a register for its uses that follow, where the compiler
+   would rather load it again for each (as the memory operand of each
+   multiply-add); the emulation (tools/avx512_emulation.h) defines it away. */
+#ifndef IN_REGISTER
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#endif
+
+/* scores (nk, 16) = scale * (the 16 queries qt (head_dim, 16) . each of nk
+   keys (nk, head_dim)); nk, a literal, up to 3: 24 partial sums held in
+   registers, each load of qt used nk times. */
+AVX512_INLINE void attention_scores_lanes(float *scores, const float *qt, const float *keys, int head_dim,
+                                          __m512 scale, const int nk) {
+    __m512 acc[3][8];
+    for (int k = 0; k < nk; k++)
+        for (int l = 0; l < 8; l++) acc[k][l] = _mm512_setzero_ps();
+    for (int i = 0; i < head_dim; i += 8)
+        for (int l = 0; l < 8; l++) {
+            __m512 qv = _mm512_loadu_ps(qt + (size_t)(i + l) * 16);
+            IN_REGISTER(qv);
+            for (int k = 0; k < nk; k++)
+                acc[k][l] = _mm512_fmadd_ps(qv, _mm512_set1_ps(keys[(size_t)k * head_dim + i + l]), acc[k][l]);
+        }
+    for (int k = 0; k < nk; k++) {
+        const __m512 *a = acc[k];
+        __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])),
+                                   _mm512_add_ps(_mm512_add_ps(a[4], a[5]), _mm512_add_ps(a[6], a[7])));
+        _mm512_storeu_ps(scores + k * 16, _mm512_mul_ps(sum, scale));
+    }
+}
+
+/* out[r][d .. d + 16 nv - 1] += the sum over positions p0 .. p1 - 1 of
+   weights[p * 16 + lane + r] * values[p][d ..], for nr rows (up to 4) of
+   nv vectors (up to 4; both literals): 16 sums in registers. */
+AVX512_INLINE void attention_mix_lanes(float *const out[4], const float *weights, int lane, const float *values,
+                                       int p0, int p1, int head_dim, int d, const int nr, const int nv) {
+    __m512 acc[4][4];
+    for (int r = 0; r < nr; r++)
+        for (int v = 0; v < nv; v++) acc[r][v] = _mm512_loadu_ps(out[r] + d + 16 * v);
+    for (int p = p0; p < p1; p++) {
+        __m512 value[4];
+        for (int v = 0; v < nv; v++) value[v] = _mm512_loadu_ps(values + (size_t)p * head_dim + d + 16 * v);
+        for (int r = 0; r < nr; r++) {
+            __m512 weight = _mm512_set1_ps(weights[(size_t)p * 16 + lane + r]);
+            for (int v = 0; v < nv; v++) acc[r][v] = _mm512_fmadd_ps(weight, value[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int v = 0; v < nv; v++) _mm512_storeu_ps(out[r] + d + 16 * v, acc[r][v]);
+}
+
+/* attention_mix_lanes() over a whole row of head_dim (a multiple of 16). */
+AVX512_INLINE void attention_mix_rows(float *const out[4], const float *weights, int lane, const float *values,
+                                      int p0, int p1, int head_dim, const int nr) {
+    int d = 0;
+    for (; d + 64 <= head_dim; d += 64) attention_mix_lanes(out, weights, lane, values, p0, p1, head_dim, d, nr, 4);
+    for (; d < head_dim; d += 16) attention_mix_lanes(out, weights, lane, values, p0, p1, head_dim, d, nr, 1);
+}
+
+/* The lanes whose queries see position c0 + p of a chunk, where lane l
+   sees the positions before c0 + first_seen + l. */
+AVX512_INLINE __mmask16 lanes_seeing(int p, int first_seen) {
+    __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_cmpgt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(first_seen)), _mm512_set1_epi32(p));
+}
+
+/* Positions p0 .. p0 + n - 1 of one kv head's keys or values as floats:
+   where the cache holds them if f32, else widened into span. */
+static const float *span_floats(float *span, const void *head, int p0, int n, int head_dim, int f16) {
+    if (!f16) return (const float *)head + (size_t)p0 * head_dim;
+    widen_span(span, head, p0, n, head_dim, f16);
+    return span;
+}
+
+/* attention_chunk() for a block of more than 8 queries when head_dim is a
+   multiple of 16; fewer go to attention_chunk() itself (the lanes would
+   stand idle). work: the scores (group, ATTENTION_CHUNK, 16), the queries
+   (group, head_dim, 16), then a span of keys or values (ATTENTION_SPAN,
+   head_dim). */
+AVX512 static void attention_chunk_avx512(float *parts, float *work, const float *q, const KVCache *kv, int h, int c0,
+                                          int pos, int t0, int t1) {
+    int hd = kv->head_dim, group = kv->n_heads / kv->n_kv_heads, q_dim = kv->n_heads * hd;
+    if (hd % 16 || t1 - t0 <= ATTENTION_QUERIES / 2) {
+        attention_chunk(parts, work, q, kv, h, c0, pos, t0, t1);
+        return;
+    }
+    int end = c0 + ATTENTION_CHUNK < pos + t1 ? c0 + ATTENTION_CHUNK : pos + t1; // after the last position seen
+    int first = c0 - pos > t0 ? c0 - pos : t0;                                   // the first query that sees one
+    int first_seen = pos + t0 + 1 - c0; // lane l sees positions p < first_seen + l of the chunk
+    size_t head = (size_t)h * kv->ctx * hd * (kv->f16 ? 2 : sizeof(float));
+    const char *keys = (const char *)kv->keys + head, *values = (const char *)kv->values + head;
+    float *scores = work, *qt = scores + (size_t)group * ATTENTION_CHUNK * 16, *span = qt + (size_t)group * hd * 16;
+    __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)hd));
+    for (int g = 0; g < group; g++) // the queries, lane t - t0 (zeros after t1)
+        for (int l = 0; l < 16; l++)
+            for (int i = 0; i < hd; i++)
+                qt[((size_t)g * hd + i) * 16 + l] = t0 + l < t1 ? q[(size_t)(t0 + l) * q_dim + (size_t)(h * group + g) * hd + i] : 0;
+    for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // scores
+        int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN, j = 0;
+        const float *k = span_floats(span, keys, p0, n, hd, kv->f16);
+        for (int g = 0; g < group; g++) {
+            float *out = scores + ((size_t)g * ATTENTION_CHUNK + (p0 - c0)) * 16;
+            const float *qg = qt + (size_t)g * hd * 16;
+            for (j = 0; j + 3 <= n; j += 3) attention_scores_lanes(out + j * 16, qg, k + (size_t)j * hd, hd, scale, 3);
+            if (n - j == 2) attention_scores_lanes(out + j * 16, qg, k + (size_t)j * hd, hd, scale, 2);
+            if (n - j == 1) attention_scores_lanes(out + j * 16, qg, k + (size_t)j * hd, hd, scale, 1);
+        }
+    }
+    for (int g = 0, n = end - c0; g < group; g++) { // scores into weights: m, s
+        float *w = scores + (size_t)g * ATTENTION_CHUNK * 16;
+        _Alignas(64) float max[16], sum[16];
+        __m512 m = _mm512_loadu_ps(w);
+        for (int p = 1; p < n; p++) m = _mm512_mask_max_ps(m, lanes_seeing(p, first_seen), _mm512_loadu_ps(w + p * 16), m);
+        _mm512_store_ps(max, m);
+        for (int p = 0; p < n; p++)
+            for (int l = 0; l < 16; l++) w[p * 16 + l] = exp_nonpositive(w[p * 16 + l] - max[l]);
+        __m512 acc[8];
+        for (int l = 0; l < 8; l++) acc[l] = _mm512_setzero_ps();
+        for (int p0 = 0; p0 < n; p0 += 8)
+            for (int l = 0; l < 8 && p0 + l < n; l++)
+                acc[l] = _mm512_mask_add_ps(acc[l], lanes_seeing(p0 + l, first_seen), acc[l], _mm512_loadu_ps(w + (p0 + l) * 16));
+        _mm512_store_ps(sum, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])),
+                                           _mm512_add_ps(_mm512_add_ps(acc[4], acc[5]), _mm512_add_ps(acc[6], acc[7]))));
+        for (int t = first; t < t1; t++) {
+            float *part = parts + ((size_t)(t - t0) * kv->n_heads + h * group + g) * (hd + 2);
+            part[0] = max[t - t0];
+            part[1] = sum[t - t0];
+            memset(part + 2, 0, (size_t)hd * sizeof(float));
+        }
+    }
+    for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // o: 4 queries at a time, as far as the first of them sees
+        int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
+        const float *v = span_floats(span, values, p0, n, hd, kv->f16);
+        for (int g = 0; g < group; g++) {
+            const float *wt = scores + ((size_t)g * ATTENTION_CHUNK + (p0 - c0)) * 16;
+            for (int t = first; t < t1; t += 4) {
+                int nr = t1 - t < 4 ? t1 - t : 4, together = pos + t + 1 - p0;
+                float *out[4];
+                for (int r = 0; r < nr; r++)
+                    out[r] = parts + ((size_t)(t + r - t0) * kv->n_heads + h * group + g) * (hd + 2) + 2;
+                together = together < 0 ? 0 : together < n ? together : n;
+                switch (together > 0 ? nr : 0) {
+                case 4: attention_mix_rows(out, wt, t - t0, v, 0, together, hd, 4); break;
+                case 3: attention_mix_rows(out, wt, t - t0, v, 0, together, hd, 3); break;
+                case 2: attention_mix_rows(out, wt, t - t0, v, 0, together, hd, 2); break;
+                case 1: attention_mix_rows(out, wt, t - t0, v, 0, together, hd, 1); break;
+                }
+                for (int r = 0; r < nr; r++) { // the positions after those, which only the later queries see
+                    int seen = pos + t + r + 1 - p0 < n ? pos + t + r + 1 - p0 : n;
+                    if (seen > together) attention_mix_rows(out + r, wt, t + r - t0, v, together, seen, hd, 1);
+                }
+            }
+        }
+    }
+}
+
+static void attention_avx512(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch) {
+    attention_with(out, q, kv, pos, n, scratch, attention_chunk_avx512);
+}
+#endif
+
 /* ---- The products on AVX-512 */
 
 /* matmul_k() on AVX-512 VNNI, with the quantized input: one token row by
@@ -6513,6 +6701,9 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx512;
     kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input;
     kernels.product_room = qgemm_room;
+#if HAVE_AVX2
+    kernels.attention = attention_avx512;
+#endif
 #endif
 }
 

@@ -813,14 +813,16 @@ static void test_attention_kernels(void) {
    a cache of ctx positions, against softmax(q k^T / sqrt(head_dim)) v in
    double, within 1e-5 of the sum of |weight * value| (+ 1e-7). Shapes: MHA,
    GQA and MQA, queries and positions that cross attention_fast()'s chunks
-   and query blocks. The fast table's result must also be the same, to the
+   and query blocks, head_dim that AVX-512's lanes take whole (64, 128), in
+   part (80, 48) or not (72). The fast table's result must also be the same, to the
    bit, for each query alone and with one thread. */
 static void test_attention(const char *table) {
     int shapes[][6] = {
         // head_dim, n, pos, ctx, heads, kv heads
         {16, 1, 0, 8, 6, 2},      {64, 5, 3, 40, 6, 2},     {72, 20, 0, 20, 6, 2},  {128, 3, 30, 40, 6, 2},
         {64, 40, 0, 40, 6, 2},    {64, 1, 300, 400, 9, 3},  {64, 20, 120, 300, 9, 3}, {72, 9, 250, 260, 4, 4},
-        {6, 70, 200, 300, 3, 1},  {8, 1, 511, 512, 2, 1},   {48, 17, 255, 300, 8, 2},
+        {6, 70, 200, 300, 3, 1},  {8, 1, 511, 512, 2, 1},   {48, 17, 255, 300, 8, 2}, {128, 45, 100, 200, 4, 4},
+        {80, 50, 90, 160, 2, 1},
     };
     for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++)
         for (int f16 = 0; f16 < 2; f16++) {

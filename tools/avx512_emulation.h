@@ -16,7 +16,8 @@
      (valgrind, which cannot execute any, runs ./run-emu);
    - makes __builtin_cpu_supports() say yes to the features emulated here,
      so that choose_fast_kernels() takes the AVX-512 kernels.
-   No line of run.c changes for it.
+   No line of run.c changes for it; one macro of run.c, IN_REGISTER, is
+   defined here first (below).
 
    Adding an intrinsic. When a kernel uses one that SIMDe lacks, the build
    stops at GCC's "inlining failed in call to 'always_inline' '_mm512_foo':
@@ -230,5 +231,9 @@ static inline int emu_cpu_supports(const char *feature) {
 /* __attribute__((target("avx512f,..."))) becomes __attribute__(()): the
    emulated kernels are compiled for the build's CPU. */
 #define target(features)
+
+/* run.c's hint that keeps a vector in a register: an emulated vector is a
+   struct, which no register constraint takes. */
+#define IN_REGISTER(v) ((void)(v))
 
 #endif
