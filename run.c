@@ -444,6 +444,7 @@ typedef void MatmulKernel(float *out, int ldo, const Matrix *w, int r0, int r1, 
 typedef void DequantizeKernel(float *out, const Matrix *w, int row, int k0, int kn);
 typedef void AttentionKernel(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch);
 typedef size_t AttentionScratch(int ctx, int n_heads, int head_dim, int threads);
+typedef void SwigluKernel(float *gate, const float *up, int n);
 typedef size_t ProductRoom(const Config *c, int batch);
 /* The other weight types' kernels, after loading ("Other weight types"). */
 static InputKernel quantize_input, quantize_input_q8_0;
@@ -456,6 +457,7 @@ typedef struct {                             // by weight type, WEIGHT_*:
     DequantizeKernel *dequantize[WEIGHT_TYPES]; // a row of weights as floats
     AttentionKernel *attention;
     AttentionScratch *attention_scratch;     // the floats of scratch the attention kernel needs
+    SwigluKernel *swiglu;                    // the MLP's silu(gate) * up
     ProductRoom *product_room;               // the bytes each thread's products may work in (NULL: none)
 } Kernels;
 
@@ -464,7 +466,7 @@ static Kernels kernels = {
     {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_halves, matmul_k, matmul_k, matmul_k, matmul_halves},
     {dequantize_f32, dequantize_q8_0, dequantize_q4_0, dequantize_halves, dequantize_k, dequantize_k, dequantize_k,
      dequantize_halves},
-    attention_plain, attention_plain_scratch, NULL};
+    attention_plain, attention_plain_scratch, swiglu, NULL};
 #ifndef PLAIN
 static void choose_fast_kernels(void); // the appendix
 #endif
@@ -540,7 +542,7 @@ static void gate_up(float *h, const Matrix *w1, const Matrix *w3, const float *x
         float *up = ps->up + (size_t)thread_num() * ps->batch * ROW_BLOCK; // (n, ROW_BLOCK)
         kernels.matmul[w1->type](h + r0, hidden, w1, r0, r1, ps);
         kernels.matmul[w3->type](up, ROW_BLOCK, w3, r0, r1, ps);
-        for (int t = 0; t < n; t++) swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * ROW_BLOCK, r1 - r0);
+        for (int t = 0; t < n; t++) kernels.swiglu(h + (size_t)t * hidden + r0, up + (size_t)t * ROW_BLOCK, r1 - r0);
     }
 }
 
@@ -4442,20 +4444,20 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4568)           gemm_rows (line 4694)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4570)           gemm_rows (line 4696)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5140)           gemm_rows_avx2 (line 5146)
-                  q8_0 q4_0     q_tile_avx2 (line 5330)           q_batch_avx2 (line 5788); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5464)           k_batch_avx2 (line 5668); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6154)         gemm_rows_avx512 (line 6160)
-                  q8_0          dot_q8_both_avx512 (line 5949)    qgemm_rows_avx512 (line 6308)
-                  q4_0          dot_q4_avx512 (line 5934)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6043)         kgemm_rows_avx512 (line 6425)
-   every CPU: attention_fast (line 4967), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6546); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5160)           gemm_rows_avx2 (line 5166)
+                  q8_0 q4_0     q_tile_avx2 (line 5350)           q_batch_avx2 (line 5808); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5484)           k_batch_avx2 (line 5688); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6174)         gemm_rows_avx512 (line 6180)
+                  q8_0          dot_q8_both_avx512 (line 5969)    qgemm_rows_avx512 (line 6328)
+                  q4_0          dot_q4_avx512 (line 5954)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6063)         kgemm_rows_avx512 (line 6445)
+   every CPU: attention_fast (line 4987), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6566); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6670).
+   (qgemm_room(), line 6690).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4813,6 +4815,24 @@ static float max_of(const float *w, int n) {
     float max = lanes[0];
     for (int l = 1; l < 8; l++) max = lanes[l] > max ? lanes[l] : max;
     return max;
+}
+
+/* swiglu() with exp_nonpositive(), which the compiler vectorises (expf
+   is a call for each element): silu(g) = g / (1 + e) with e = exp(-g) for
+   g >= 0, and g e / (1 + e) with e = exp(g) below, so that exp only meets
+   arguments <= 0 (within 3e-7 of silu; below g = -87 a silu of at most
+   2e-36 in size, for one of 1e-38 or less). NaN stays NaN. */
+static void swiglu_fast(float *gate, const float *up, int n) {
+    for (int i = 0; i < n; i++) {
+        float g = gate[i], e = exp_nonpositive(-fabsf(g)), factor; // factor: e where g < 0, else 1
+        int32_t g_bits, e_bits, one_bits = 0x3f800000;
+        memcpy(&g_bits, &g, sizeof g_bits);
+        memcpy(&e_bits, &e, sizeof e_bits);
+        int32_t negative = g_bits >> 31; // all ones where the sign is set (by bits: a float comparison would
+        e_bits = (e_bits & negative) | (one_bits & ~negative); // keep the compiler from vectorising)
+        memcpy(&factor, &e_bits, sizeof factor);
+        gate[i] = g * factor / (1.0f + e) * up[i];
+    }
 }
 
 /* w[p] = exp(w[p] - max) for p < n; returns their sum, in 8 lanes summed as a tree. */
@@ -6681,6 +6701,7 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_fast;
     kernels.attention = attention_fast;
     kernels.attention_scratch = attention_fast_scratch;
+    kernels.swiglu = swiglu_fast;
 #if HAVE_AVX2
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_avx2;
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
