@@ -227,6 +227,7 @@ static int thread_num(void) {
    rms(x) = sqrt(mean(x^2) + eps). The sum runs in double so that long rows
    lose no precision. out may alias x. */
 static void rmsnorm(float *out, const float *x, const float *weight, int n, int dim, float eps) {
+    #pragma omp parallel for if (n > 1)
     for (int t = 0; t < n; t++) {
         const float *xt = x + (size_t)t * dim;
         float *ot = out + (size_t)t * dim;
@@ -255,6 +256,7 @@ static void rope_angles(float *cos_out, float *sin_out, int pos, int n, int half
    tables (n, head_dim / 2). */
 static void rope(float *x, int n, int n_heads, int head_dim, const float *cos_t, const float *sin_t) {
     int half = head_dim / 2;
+    #pragma omp parallel for if (n > 1)
     for (int t = 0; t < n; t++)
         for (int h = 0; h < n_heads; h++) {
             float *head = x + ((size_t)t * n_heads + h) * head_dim;
@@ -365,6 +367,7 @@ static uint16_t f32_to_f16(float f) {
    positions pos .. pos + n - 1. */
 static void cache_store(const KVCache *kv, const float *k, const float *v, int pos, int n) {
     int head_dim = kv->head_dim;
+    #pragma omp parallel for if (n > 1)
     for (int t = 0; t < n; t++)
         for (int h = 0; h < kv->n_kv_heads; h++) {
             size_t from = ((size_t)t * kv->n_kv_heads + h) * head_dim, to = ((size_t)h * kv->ctx + pos + t) * head_dim;
@@ -4444,20 +4447,20 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4570)           gemm_rows (line 4696)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4573)           gemm_rows (line 4699)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5160)           gemm_rows_avx2 (line 5166)
-                  q8_0 q4_0     q_tile_avx2 (line 5350)           q_batch_avx2 (line 5808); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5484)           k_batch_avx2 (line 5688); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6174)         gemm_rows_avx512 (line 6180)
-                  q8_0          dot_q8_both_avx512 (line 5969)    qgemm_rows_avx512 (line 6328)
-                  q4_0          dot_q4_avx512 (line 5954)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6063)         kgemm_rows_avx512 (line 6445)
-   every CPU: attention_fast (line 4987), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6566); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5163)           gemm_rows_avx2 (line 5169)
+                  q8_0 q4_0     q_tile_avx2 (line 5353)           q_batch_avx2 (line 5811); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5487)           k_batch_avx2 (line 5691); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6177)         gemm_rows_avx512 (line 6183)
+                  q8_0          dot_q8_both_avx512 (line 5972)    qgemm_rows_avx512 (line 6331)
+                  q4_0          dot_q4_avx512 (line 5957)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6066)         kgemm_rows_avx512 (line 6448)
+   every CPU: attention_fast (line 4990), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6569); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6690).
+   (qgemm_room(), line 6693).
    ========================================================================= */
 
 #ifndef PLAIN
