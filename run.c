@@ -4449,18 +4449,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4573)           gemm_rows (line 4699)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5163)           gemm_rows_avx2 (line 5169)
-                  q8_0 q4_0     q_tile_avx2 (line 5353)           q_batch_avx2 (line 5811); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5487)           k_batch_avx2 (line 5691); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6177)         gemm_rows_avx512 (line 6183)
-                  q8_0          dot_q8_both_avx512 (line 5972)    qgemm_rows_avx512 (line 6331)
-                  q4_0          dot_q4_avx512 (line 5957)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6066)         kgemm_rows_avx512 (line 6448)
-   every CPU: attention_fast (line 4990), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6569); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5185)           gemm_rows_avx2 (line 5191)
+                  q8_0 q4_0     q_tile_avx2 (line 5375)           q_batch_avx2 (line 5833); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5509)           k_batch_avx2 (line 5713); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6199)         gemm_rows_avx512 (line 6205)
+                  q8_0          dot_q8_both_avx512 (line 5994)    qgemm_rows_avx512 (line 6353)
+                  q4_0          dot_q4_avx512 (line 5979)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6088)         kgemm_rows_avx512 (line 6470)
+   every CPU: attention_fast (line 5012), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6591); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6693).
+   (qgemm_room(), line 6715).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4710,14 +4710,22 @@ static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int
 #define ATTENTION_QUERIES 16 // queries of a batch done together: they share each chunk's keys and values, widened once
 #define ATTENTION_SPAN 32    // positions of a chunk widened to f32 at a time, in the thread's scratch (L1)
 
-/* Floats of scratch that attention_fast() needs, per thread: each chunk's
+/* Floats of scratch that an f16 cache's keys and values take as f32, for
+   positions up to ctx of n_heads heads (kv heads are as many or fewer). */
+static size_t wide_cache_floats(int ctx, int n_heads, int head_dim) {
+    return mul_size(2, mul_size((size_t)ctx * n_heads, head_dim));
+}
+
+/* Floats of scratch that attention_fast() needs: a batch's cache widened to
+   f32 (wide_cache_floats()), then per thread each chunk's
    partial results for ATTENTION_QUERIES queries of every head, the scores
    of a chunk for them, their queries (a copy that a CPU's kernel may
    take) and a span of widened keys or values. */
 static size_t attention_fast_scratch(int ctx, int n_heads, int head_dim, int threads) {
     size_t rows = (size_t)ATTENTION_QUERIES * n_heads, chunks = ((size_t)ctx + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
     size_t work = rows * (ATTENTION_CHUNK + head_dim) + (size_t)ATTENTION_SPAN * head_dim;
-    return mul_size(threads, mul_size(chunks, rows * (head_dim + 2)) + work);
+    size_t rooms = mul_size(threads, mul_size(chunks, rows * (head_dim + 2)) + work);
+    return rooms + wide_cache_floats(ctx, n_heads, head_dim);
 }
 
 /* span (n rounded up to 8, head_dim) = positions p0 .. p0 + n - 1 of one
@@ -4960,6 +4968,8 @@ static inline __attribute__((always_inline)) void attention_with(float *out, con
     size_t step = (size_t)ATTENTION_QUERIES * heads * (hd + 2); // one chunk's parts
     size_t parts_size = ((size_t)kv->ctx + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK * step;
     size_t room = parts_size + (size_t)ATTENTION_QUERIES * heads * (ATTENTION_CHUNK + hd) + (size_t)ATTENTION_SPAN * hd;
+    float *wide = scratch;
+    scratch += wide_cache_floats(kv->ctx, heads, hd);
     if (n == 1) {
         int chunks = pos / ATTENTION_CHUNK + 1;
         #pragma omp parallel for collapse(2) schedule(dynamic, 1)
@@ -4971,6 +4981,18 @@ static inline __attribute__((always_inline)) void attention_with(float *out, con
             attention_merge(out + (size_t)h * hd, scratch + (size_t)h * (hd + 2), step, chunks - 1, hd);
         return;
     }
+    KVCache widened = *kv; // an f16 cache's positions up to pos + n widened once, not by every block of queries
+    if (kv->f16) {
+        widened.f16 = 0, widened.ctx = pos + n;
+        widened.keys = wide, widened.values = wide + (size_t)kv->n_kv_heads * widened.ctx * hd;
+        #pragma omp parallel for
+        for (int part = 0; part < 2 * kv->n_kv_heads; part++) { // keys and values of each head
+            int h = part / 2;
+            const uint16_t *from = (const uint16_t *)(part % 2 ? kv->values : kv->keys) + (size_t)h * kv->ctx * hd;
+            widen_f16((float *)(part % 2 ? widened.values : widened.keys) + (size_t)h * widened.ctx * hd, from,
+                      (size_t)widened.ctx * hd);
+        }
+    }
     int blocks = (n + ATTENTION_QUERIES - 1) / ATTENTION_QUERIES;
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int h = 0; h < kv->n_kv_heads; h++)
@@ -4978,7 +5000,7 @@ static inline __attribute__((always_inline)) void attention_with(float *out, con
             float *parts = scratch + (size_t)thread_num() * room;
             int t0 = b * ATTENTION_QUERIES, t1 = t0 + ATTENTION_QUERIES < n ? t0 + ATTENTION_QUERIES : n;
             for (int c = 0; c * ATTENTION_CHUNK < pos + t1; c++)
-                batch_chunk(parts + c * step, parts + parts_size, q, kv, h, c * ATTENTION_CHUNK, pos, t0, t1);
+                batch_chunk(parts + c * step, parts + parts_size, q, &widened, h, c * ATTENTION_CHUNK, pos, t0, t1);
             for (int t = t0; t < t1; t++)
                 for (int head = h * group; head < (h + 1) * group; head++)
                     attention_merge(out + ((size_t)t * heads + head) * hd,
