@@ -361,27 +361,12 @@ static uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | (abs + 0xfff + (abs >> 13 & 1) - 0x38000000) >> 13); // rebias 127 -> 15
 }
 
-/* ---- Attention */
-
-/* Keys and values of n new tokens, k and v (n, kv_dim), into the cache at
-   positions pos .. pos + n - 1. */
-static void cache_store(const KVCache *kv, const float *k, const float *v, int pos, int n) {
-    int head_dim = kv->head_dim;
-    #pragma omp parallel for if (n > 1)
-    for (int t = 0; t < n; t++)
-        for (int h = 0; h < kv->n_kv_heads; h++) {
-            size_t from = ((size_t)t * kv->n_kv_heads + h) * head_dim, to = ((size_t)h * kv->ctx + pos + t) * head_dim;
-            if (kv->f16) {
-                for (int i = 0; i < head_dim; i++) {
-                    ((uint16_t *)kv->keys)[to + i] = f32_to_f16(k[from + i]);
-                    ((uint16_t *)kv->values)[to + i] = f32_to_f16(v[from + i]);
-                }
-            } else {
-                memcpy((float *)kv->keys + to, k + from, (size_t)head_dim * sizeof(float));
-                memcpy((float *)kv->values + to, v + from, (size_t)head_dim * sizeof(float));
-            }
-        }
+/* out (n) = x as halves: the f16 cache's stores. */
+static void to_halves(uint16_t *out, const float *x, int n) {
+    for (int i = 0; i < n; i++) out[i] = f32_to_f16(x[i]);
 }
+
+/* ---- Attention */
 
 /* Element i of a cache's keys or values, as a float. */
 static float cache_at(const void *cache, size_t i, int f16) {
@@ -448,6 +433,8 @@ typedef void DequantizeKernel(float *out, const Matrix *w, int row, int k0, int 
 typedef void AttentionKernel(float *out, const float *q, const KVCache *kv, int pos, int n, float *scratch);
 typedef size_t AttentionScratch(int ctx, int n_heads, int head_dim, int threads);
 typedef void SwigluKernel(float *gate, const float *up, int n);
+typedef void RmsnormKernel(float *out, const float *x, const float *weight, int n, int dim, float eps);
+typedef void HalvesKernel(uint16_t *out, const float *x, int n);
 typedef size_t ProductRoom(const Config *c, int batch);
 /* The other weight types' kernels, after loading ("Other weight types"). */
 static InputKernel quantize_input, quantize_input_q8_0;
@@ -461,6 +448,8 @@ typedef struct {                             // by weight type, WEIGHT_*:
     AttentionKernel *attention;
     AttentionScratch *attention_scratch;     // the floats of scratch the attention kernel needs
     SwigluKernel *swiglu;                    // the MLP's silu(gate) * up
+    RmsnormKernel *rmsnorm;
+    HalvesKernel *to_halves;                 // floats into an f16 cache
     ProductRoom *product_room;               // the bytes each thread's products may work in (NULL: none)
 } Kernels;
 
@@ -469,10 +458,30 @@ static Kernels kernels = {
     {matmul_f32, matmul_q8_0, matmul_q4_0, matmul_halves, matmul_k, matmul_k, matmul_k, matmul_halves},
     {dequantize_f32, dequantize_q8_0, dequantize_q4_0, dequantize_halves, dequantize_k, dequantize_k, dequantize_k,
      dequantize_halves},
-    attention_plain, attention_plain_scratch, swiglu, NULL};
+    attention_plain, attention_plain_scratch, swiglu, rmsnorm, to_halves, NULL};
 #ifndef PLAIN
 static void choose_fast_kernels(void); // the appendix
 #endif
+
+/* ---- The KV cache's stores */
+
+/* Keys and values of n new tokens, k and v (n, kv_dim), into the cache at
+   positions pos .. pos + n - 1. */
+static void cache_store(const KVCache *kv, const float *k, const float *v, int pos, int n) {
+    int head_dim = kv->head_dim;
+    #pragma omp parallel for if (n > 1)
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < kv->n_kv_heads; h++) {
+            size_t from = ((size_t)t * kv->n_kv_heads + h) * head_dim, to = ((size_t)h * kv->ctx + pos + t) * head_dim;
+            if (kv->f16) {
+                kernels.to_halves((uint16_t *)kv->keys + to, k + from, head_dim);
+                kernels.to_halves((uint16_t *)kv->values + to, v + from, head_dim);
+            } else {
+                memcpy((float *)kv->keys + to, k + from, (size_t)head_dim * sizeof(float));
+                memcpy((float *)kv->values + to, v + from, (size_t)head_dim * sizeof(float));
+            }
+        }
+}
 
 /* Puts the input x (n, cols) of products with weights of the given types
    (TYPE_BIT()s) into in, in the forms their kernels take: each type's
@@ -583,7 +592,7 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
         Product qkv[3] = {{s->q, &lw->wq}, {s->k, &lw->wk}, {s->v, &lw->wv}};
         Product attention_out = {s->xb, &lw->wo}, down = {s->xb, &lw->w2};
 
-        rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);          // attention norm
+        kernels.rmsnorm(s->xb, s->x, lw->attn_norm, n, dim, c->norm_eps);  // attention norm
         linear(qkv, 3, s->xb, n, &s->products);                             // q, k, v in one pass
         if (lw->bq) add_bias(s->q, lw->bq, n, q_dim);                       // their biases (Qwen2), if stored
         if (lw->bk) add_bias(s->k, lw->bk, n, kv_dim);
@@ -597,7 +606,7 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
         add(s->x, s->xb, n * dim);                                          // residual
         if (s->trace) trace_residual(s->trace, l, TRACE_ATTENTION, s->x, s->xb, n); // --trace
 
-        rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);            // MLP norm
+        kernels.rmsnorm(s->xb, s->x, lw->ffn_norm, n, dim, c->norm_eps);    // MLP norm
         gate_up(s->hb, &lw->w1, &lw->w3, s->xb, n, &s->products);           // silu(w1 x) * (w3 x)
         linear(&down, 1, s->hb, n, &s->products);                           // down = w2 h
         add(s->x, s->xb, n * dim);                                          // residual
@@ -607,7 +616,7 @@ static float *forward_tokens(Transformer *t, const int *tokens, int n, int pos, 
     if (logit_rows == 0) return NULL;
     float *last = s->x + (size_t)(n - logit_rows) * dim;                    // (logit_rows, dim)
     Product classifier = {s->logits, &w->classifier};
-    rmsnorm(last, last, w->final_norm, logit_rows, dim, c->norm_eps);       // final norm
+    kernels.rmsnorm(last, last, w->final_norm, logit_rows, dim, c->norm_eps); // final norm
     linear(&classifier, 1, last, logit_rows, &s->products);                 // classifier
     return s->logits;
 }
@@ -2280,7 +2289,7 @@ static void lens(Trace *tr, int layer, const float *x, int n) {
     const Matrix *w = tr->classifier;
     int k = tr->asked.lens_k, vocab = w->rows;
     for (int t = 0; t < n; t++) {
-        rmsnorm(tr->lens_x, x + (size_t)t * tr->dim, tr->final_norm, 1, tr->dim, tr->norm_eps);
+        kernels.rmsnorm(tr->lens_x, x + (size_t)t * tr->dim, tr->final_norm, 1, tr->dim, tr->norm_eps);
         Product logits = {tr->lens_logits, w};
         linear(&logits, 1, tr->lens_x, 1, &tr->lens_in);
         softmax(tr->lens_logits, vocab);
@@ -4447,20 +4456,20 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4573)           gemm_rows (line 4699)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4582)           gemm_rows (line 4724)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5185)           gemm_rows_avx2 (line 5191)
-                  q8_0 q4_0     q_tile_avx2 (line 5375)           q_batch_avx2 (line 5833); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5509)           k_batch_avx2 (line 5713); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6199)         gemm_rows_avx512 (line 6205)
-                  q8_0          dot_q8_both_avx512 (line 5994)    qgemm_rows_avx512 (line 6353)
-                  q4_0          dot_q4_avx512 (line 5979)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6088)         kgemm_rows_avx512 (line 6470)
-   every CPU: attention_fast (line 5012), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6591); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5230)           gemm_rows_avx2 (line 5236)
+                  q8_0 q4_0     q_tile_avx2 (line 5420)           q_batch_avx2 (line 5878); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5554)           k_batch_avx2 (line 5758); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6244)         gemm_rows_avx512 (line 6250)
+                  q8_0          dot_q8_both_avx512 (line 6039)    qgemm_rows_avx512 (line 6398)
+                  q4_0          dot_q4_avx512 (line 6024)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6133)         kgemm_rows_avx512 (line 6515)
+   every CPU: attention_fast (line 5057), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6636); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6715).
+   (qgemm_room(), line 6760).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4632,6 +4641,22 @@ static void gemm_tile_fast(const GemmTile *g) {
             float *c = g->c + (size_t)t * g->ldc + r;
             *c = g->accumulate ? *c + sum : sum;
         }
+}
+
+/* to_halves() with F16C where the build has it: the same halves, each NaN
+   made first the quiet NaN of its sign that f32_to_f16() gives. */
+static void to_halves_fast(uint16_t *out, const float *x, int n) {
+    int i = 0;
+#if HAVE_AVX2
+    __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    __m256 quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i), nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+        v = _mm256_blendv_ps(v, _mm256_or_ps(_mm256_and_ps(v, sign), quiet), nan);
+        _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+#endif
+    for (; i < n; i++) out[i] = f32_to_f16(x[i]);
 }
 
 /* out (n) = the halves in as floats (f16 weights, and the f16 cache). */
@@ -4843,6 +4868,26 @@ static void swiglu_fast(float *gate, const float *up, int n) {
         e_bits = (e_bits & negative) | (one_bits & ~negative); // keep the compiler from vectorising)
         memcpy(&factor, &e_bits, sizeof factor);
         gate[i] = g * factor / (1.0f + e) * up[i];
+    }
+}
+
+/* rmsnorm() with each row's sum of squares in 8 lanes of doubles, summed
+   as a tree (the compiler vectorises it; rmsnorm()'s one sum is a chain of
+   dependent adds): a row's scale differs from rmsnorm()'s only where the
+   two double sums round to either side of a float's rounding boundary. */
+static void rmsnorm_fast(float *out, const float *x, const float *weight, int n, int dim, float eps) {
+    #pragma omp parallel for if (n > 1)
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * dim;
+        float *ot = out + (size_t)t * dim;
+        double acc[8] = {0};
+        int i = 0;
+        for (; i + 8 <= dim; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] += (double)xt[i + l] * xt[i + l];
+        for (int l = 0; i + l < dim; l++) acc[l] += (double)xt[i + l] * xt[i + l];
+        double sum_sq = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        float scale = (float)(1.0 / sqrt(sum_sq / dim + eps));
+        for (i = 0; i < dim; i++) ot[i] = xt[i] * scale * weight[i];
     }
 }
 
@@ -6727,6 +6772,8 @@ static void choose_fast_kernels(void) {
     kernels.attention = attention_fast;
     kernels.attention_scratch = attention_fast_scratch;
     kernels.swiglu = swiglu_fast;
+    kernels.rmsnorm = rmsnorm_fast;
+    kernels.to_halves = to_halves_fast;
 #if HAVE_AVX2
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_avx2;
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;

@@ -745,6 +745,21 @@ static void test_f16_store(void) {
     for (int i = 0; i < 37; i++) halves[i] = random_f16();
     widen_f16(wide, halves, 37);
     for (int i = 0; i < 37; i++) expect("widen_f16", i, 0, 0, wide[i], f16_to_f32(halves[i]), 0);
+    /* the table's to_halves(), vector loop and tail: f32_to_f16()'s halves
+       for every kind of float, NaNs of any payload and sign included */
+    int n = 100003;
+    float *x = xcalloc(n, sizeof(float), "floats");
+    uint16_t *got = xcalloc(n, sizeof(uint16_t), "halves");
+    for (int i = 0; i < n; i++) {
+        uint32_t bits = next_u32();
+        if (i % 4 == 0) bits = (bits & 0x8000ffffu) | (uint32_t)(0x33 + below(0x47 - 0x33 + 1)) << 23;
+        if (i % 4 == 1) bits = (bits & 0xffffe000u) | 0x1000;
+        if (i % 8 == 2) bits |= 0x7f800000u; // inf and NaNs
+        memcpy(&x[i], &bits, sizeof bits);
+    }
+    kernels.to_halves(got, x, n);
+    for (int i = 0; i < n; i++) expect("to_halves", i, 0, 0, got[i], f32_to_f16(x[i]), 0);
+    free(x), free(got);
 }
 
 /* exp_nonpositive() against exp() in double: within 2e-7 relative (what
@@ -755,6 +770,23 @@ static void test_exp(void) {
         exp_sum(w, 1, 0.0f);
         double want = exp((double)x);
         expect("exp_nonpositive", i, 0, 0, w[0], want, x >= -87.0f ? 2e-7 * want : 2e-38);
+    }
+}
+
+/* The fast table's RMSNorm against the book's rmsnorm(): within 2 float
+   roundings of each output (their scales may round apart), rows of every
+   length up to 70 and one of 4100, values up to 1e30 (the double sums). */
+static void test_rmsnorm(void) {
+    for (int dim = 1; dim <= 4100; dim = dim < 70 ? dim + 1 : 4100) {
+        int n = 3;
+        float *x = random_floats((size_t)n * dim), *weight = random_floats(dim);
+        float *want = xcalloc((size_t)n * dim, sizeof(float), "want"), *got = xcalloc((size_t)n * dim, sizeof(float), "got");
+        for (int i = 0; i < dim; i++) x[dim + i] *= 1e30f, x[2 * dim + i] *= 1e-30f;
+        rmsnorm(want, x, weight, n, dim, 1e-5f);
+        kernels.rmsnorm(got, x, weight, n, dim, 1e-5f);
+        for (int i = 0; i < n * dim; i++) expect("rmsnorm", dim, i / dim, i % dim, got[i], want[i], 2.4e-7 * fabs(want[i]));
+        free(x), free(weight), free(want), free(got);
+        if (dim == 4100) break;
     }
 }
 
@@ -993,6 +1025,7 @@ int main(void) {
     test_f16_store();
     test_exp();
     test_swiglu();
+    test_rmsnorm();
     test_attention_kernels();
     printf("test_kernels: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
