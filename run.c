@@ -421,7 +421,8 @@ static void attention_plain(float *out, const float *q, const KVCache *kv, int p
 }
 
 /* ---- The kernel table: what each weight type needs (its input's form, its
-   product, its row decoder) and attention, called through it. It starts at
+   product, its row decoder), attention, the SwiGLU, RMSNorm and the f16
+   cache's stores, called through it. It starts at
    the plain kernels (f32's above, the other types' after loading); in a
    build with the appendix, choose_fast_kernels() points it at the fastest
    ones this CPU has, once, before the first forward pass (attention:
@@ -4456,20 +4457,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4582)           gemm_rows (line 4724)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4584)           gemm_rows (line 4726)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5230)           gemm_rows_avx2 (line 5236)
-                  q8_0 q4_0     q_tile_avx2 (line 5420)           q_batch_avx2 (line 5878); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5554)           k_batch_avx2 (line 5758); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6244)         gemm_rows_avx512 (line 6250)
-                  q8_0          dot_q8_both_avx512 (line 6039)    qgemm_rows_avx512 (line 6398)
-                  q4_0          dot_q4_avx512 (line 6024)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6133)         kgemm_rows_avx512 (line 6515)
-   every CPU: attention_fast (line 5057), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6636); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5232)           gemm_rows_avx2 (line 5238)
+                  q8_0 q4_0     q_tile_avx2 (line 5422)           q_batch_avx2 (line 5880); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5556)           k_batch_avx2 (line 5760); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6246)         gemm_rows_avx512 (line 6252)
+                  q8_0          dot_q8_both_avx512 (line 6041)    qgemm_rows_avx512 (line 6400)
+                  q4_0          dot_q4_avx512 (line 6026)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6135)         kgemm_rows_avx512 (line 6517)
+   every CPU: attention_fast (line 5059), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6638); swiglu_fast (line 4863),
+   rmsnorm_fast (line 4880) and to_halves_fast (line 4650); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6760).
+   (qgemm_room(), line 6762).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4856,7 +4858,7 @@ static float max_of(const float *w, int n) {
 /* swiglu() with exp_nonpositive(), which the compiler vectorises (expf
    is a call for each element): silu(g) = g / (1 + e) with e = exp(-g) for
    g >= 0, and g e / (1 + e) with e = exp(g) below, so that exp only meets
-   arguments <= 0 (within 3e-7 of silu; below g = -87 a silu of at most
+   arguments <= 0 (within 4e-7 of silu; below g = -87 a silu of at most
    2e-36 in size, for one of 1e-38 or less). NaN stays NaN. */
 static void swiglu_fast(float *gate, const float *up, int n) {
     for (int i = 0; i < n; i++) {
