@@ -4459,19 +4459,19 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4584)           gemm_rows (line 4726)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5232)           gemm_rows_avx2 (line 5238)
-                  q8_0 q4_0     q_tile_avx2 (line 5422)           q_batch_avx2 (line 5880); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5556)           k_batch_avx2 (line 5760); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6246)         gemm_rows_avx512 (line 6252)
-                  q8_0          dot_q8_both_avx512 (line 6041)    qgemm_rows_avx512 (line 6400)
-                  q4_0          dot_q4_avx512 (line 6026)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6135)         kgemm_rows_avx512 (line 6517)
-   every CPU: attention_fast (line 5059), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6638); swiglu_fast (line 4863),
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5252)           gemm_rows_avx2 (line 5258)
+                  q8_0 q4_0     q_tile_avx2 (line 5442)           q_batch_avx2 (line 5900); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5576)           k_batch_avx2 (line 5780); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6266)         gemm_rows_avx512 (line 6272)
+                  q8_0          dot_q8_both_avx512 (line 6061)    qgemm_rows_avx512 (line 6420)
+                  q4_0          dot_q4_avx512 (line 6046)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6155)         kgemm_rows_avx512 (line 6537)
+   every CPU: attention_fast (line 5079), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6658); swiglu_fast (line 4863),
    rmsnorm_fast (line 4880) and to_halves_fast (line 4650); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6762).
+   (qgemm_room(), line 6782).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4910,6 +4910,26 @@ static float exp_sum(float *w, int n, float max) {
 #define MIX_LANES 64
 static void attention_mix_add(float *out, const float *weights, const float *values, int n, int head_dim) {
     int i0 = 0;
+#if HAVE_AVX2
+    if (head_dim % 8 == 0) { // the same sums, fused at any optimisation (-O1 contracts none): AVX-512's, to the bit
+        for (; i0 + MIX_LANES <= head_dim; i0 += MIX_LANES) {
+            __m256 acc[MIX_LANES / 8];
+            for (int j = 0; j < MIX_LANES / 8; j++) acc[j] = _mm256_loadu_ps(out + i0 + 8 * j);
+            for (int p = 0; p < n; p++)
+                for (int j = 0; j < MIX_LANES / 8; j++)
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(weights[p]),
+                                             _mm256_loadu_ps(values + (size_t)p * head_dim + i0 + 8 * j), acc[j]);
+            for (int j = 0; j < MIX_LANES / 8; j++) _mm256_storeu_ps(out + i0 + 8 * j, acc[j]);
+        }
+        for (; i0 < head_dim; i0 += 8) {
+            __m256 acc = _mm256_loadu_ps(out + i0);
+            for (int p = 0; p < n; p++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[p]), _mm256_loadu_ps(values + (size_t)p * head_dim + i0), acc);
+            _mm256_storeu_ps(out + i0, acc);
+        }
+        return;
+    }
+#endif
     for (; i0 + MIX_LANES <= head_dim; i0 += MIX_LANES) {
         float acc[MIX_LANES];
         memcpy(acc, out + i0, sizeof acc);
