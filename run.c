@@ -4467,11 +4467,11 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
                   q4_0          dot_q4_avx512 (line 6046)         qgemm_rows_avx512
                   K             k_rows_avx512 (line 6155)         kgemm_rows_avx512 (line 6537)
    every CPU: attention_fast (line 5079), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6658); swiglu_fast (line 4863),
+   of 16 queries in attention_chunk_avx512 (line 6650); swiglu_fast (line 4863),
    rmsnorm_fast (line 4880) and to_halves_fast (line 4650); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6782).
+   (qgemm_room(), line 6774).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -6642,32 +6642,24 @@ AVX512_INLINE __mmask16 lanes_seeing(int p, int first_seen) {
     return _mm512_cmpgt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(first_seen)), _mm512_set1_epi32(p));
 }
 
-/* Positions p0 .. p0 + n - 1 of one kv head's keys or values as floats:
-   where the cache holds them if f32, else widened into span. */
-static const float *span_floats(float *span, const void *head, int p0, int n, int head_dim, int f16) {
-    if (!f16) return (const float *)head + (size_t)p0 * head_dim;
-    widen_span(span, head, p0, n, head_dim, f16);
-    return span;
-}
-
 /* attention_chunk() for a block of more than 8 queries when head_dim is a
-   multiple of 16; fewer go to attention_chunk() itself (the lanes would
-   stand idle). work: the scores (group, ATTENTION_CHUNK, 16), the queries
-   (group, head_dim, 16), then a span of keys or values (ATTENTION_SPAN,
-   head_dim). */
+   multiple of 16 and the cache f32 (as a batch's comes, widened); fewer
+   queries go to attention_chunk() itself (the lanes would stand idle).
+   work: the scores (group, ATTENTION_CHUNK, 16), then the queries
+   (group, head_dim, 16). */
 AVX512 static void attention_chunk_avx512(float *parts, float *work, const float *q, const KVCache *kv, int h, int c0,
                                           int pos, int t0, int t1) {
     int hd = kv->head_dim, group = kv->n_heads / kv->n_kv_heads, q_dim = kv->n_heads * hd;
-    if (hd % 16 || t1 - t0 <= ATTENTION_QUERIES / 2) {
+    if (hd % 16 || kv->f16 || t1 - t0 <= ATTENTION_QUERIES / 2) {
         attention_chunk(parts, work, q, kv, h, c0, pos, t0, t1);
         return;
     }
     int end = c0 + ATTENTION_CHUNK < pos + t1 ? c0 + ATTENTION_CHUNK : pos + t1; // after the last position seen
     int first = c0 - pos > t0 ? c0 - pos : t0;                                   // the first query that sees one
     int first_seen = pos + t0 + 1 - c0; // lane l sees positions p < first_seen + l of the chunk
-    size_t head = (size_t)h * kv->ctx * hd * (kv->f16 ? 2 : sizeof(float));
-    const char *keys = (const char *)kv->keys + head, *values = (const char *)kv->values + head;
-    float *scores = work, *qt = scores + (size_t)group * ATTENTION_CHUNK * 16, *span = qt + (size_t)group * hd * 16;
+    const float *keys = (const float *)kv->keys + (size_t)h * kv->ctx * hd;
+    const float *values = (const float *)kv->values + (size_t)h * kv->ctx * hd;
+    float *scores = work, *qt = scores + (size_t)group * ATTENTION_CHUNK * 16;
     __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)hd));
     for (int g = 0; g < group; g++) // the queries, lane t - t0 (zeros after t1)
         for (int l = 0; l < 16; l++)
@@ -6675,7 +6667,7 @@ AVX512 static void attention_chunk_avx512(float *parts, float *work, const float
                 qt[((size_t)g * hd + i) * 16 + l] = t0 + l < t1 ? q[(size_t)(t0 + l) * q_dim + (size_t)(h * group + g) * hd + i] : 0;
     for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // scores
         int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN, j = 0;
-        const float *k = span_floats(span, keys, p0, n, hd, kv->f16);
+        const float *k = keys + (size_t)p0 * hd;
         for (int g = 0; g < group; g++) {
             float *out = scores + ((size_t)g * ATTENTION_CHUNK + (p0 - c0)) * 16;
             const float *qg = qt + (size_t)g * hd * 16;
@@ -6708,7 +6700,7 @@ AVX512 static void attention_chunk_avx512(float *parts, float *work, const float
     }
     for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // o: 4 queries at a time, as far as the first of them sees
         int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
-        const float *v = span_floats(span, values, p0, n, hd, kv->f16);
+        const float *v = values + (size_t)p0 * hd;
         for (int g = 0; g < group; g++) {
             const float *wt = scores + ((size_t)g * ATTENTION_CHUNK + (p0 - c0)) * 16;
             for (int t = first; t < t1; t += 4) {
