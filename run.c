@@ -152,6 +152,8 @@ typedef struct {
     int n;
     QuantizedVector q;    // (batch, widest)
     QuantizedVector rest; // (batch, widest) q8_0 only: what q leaves, x - d q, quantized in turn
+    int16_t *wide;        // (batch, widest) q8_0 only, as the AVX2 kernels take it: x / wide_d, rounded
+    float *wide_d;        // (batch, widest / GROUP_SIZE) its scale per group
     void *room;           // (threads, room_size) bytes the products may work in (Kernels.product_room)
     size_t room_size;
     float *up;            // (threads, batch, ROW_BLOCK) gate_up()'s up projection, a block at a time
@@ -1130,6 +1132,8 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     alloc_quantized(&ps->q, qn, "activations");
     size_t rn = c->types_used & TYPE_BIT(WEIGHT_Q8_0) ? qn : 0; // the second part, for q8_0 only
     alloc_quantized(&ps->rest, rn, "activations");
+    ps->wide = xcalloc(rn + 1, sizeof(int16_t), "activations");
+    ps->wide_d = xcalloc(rn / GROUP_SIZE + 1, sizeof(float), "activations");
     ps->room_size = kernels.product_room ? kernels.product_room(c, (int)b) : 0;
     ps->room = xcalloc(mul_size(s->threads, ps->room_size) + 1, 1, "the products' room");
     ps->batch = (int)b;
@@ -1142,7 +1146,8 @@ static void free_trace(Trace *tr); // the views' memory: see the trace
 
 static void free_run_state(RunState *s) {
     void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
-                       s->rope_sin, s->logits, s->products.room, s->products.up, s->key_cache,
+                       s->rope_sin, s->logits, s->products.room, s->products.up, s->products.wide,
+                       s->products.wide_d, s->key_cache,
                        s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
     free_quantized(&s->products.q);
@@ -1273,14 +1278,11 @@ static void dequantize_k(float *out, const Matrix *w, int row, int k0, int kn) {
 
 /* ---- Quantized inputs, for the integer dot products of q8_0 and q4_0 */
 
-/* One group of 32: d = max|x| / 127 and q = round(x / d), so x ~ d q with
-   q in -127..127. A value that is not finite makes d NaN or infinite (so
-   that a damaged model's NaN reaches the logits, which end the run,
-   instead of passing on as a number) and comes out clamped in q, never
-   undefined. */
-static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_SIZE]) {
-    uint32_t lane[8] = {0}, top = 0; // max |x| on the bits (which order floats >= 0, a NaN's above all),
-    for (int i = 0; i < GROUP_SIZE; i += 8) // in 8 lanes (vector code), then of those
+/* max |x| of a group of 32, on the bits (which order floats >= 0, a NaN's
+   above all), in 8 lanes (vector code), then of those. */
+static float group_max(const float x[GROUP_SIZE]) {
+    uint32_t lane[8] = {0}, top = 0;
+    for (int i = 0; i < GROUP_SIZE; i += 8)
         for (int j = 0; j < 8; j++) {
             uint32_t bits;
             memcpy(&bits, &x[i + j], sizeof bits);
@@ -1289,7 +1291,16 @@ static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_S
     for (int j = 0; j < 8; j++) top = lane[j] > top ? lane[j] : top;
     float amax;
     memcpy(&amax, &top, sizeof amax);
-    *d = amax / 127.0f;
+    return amax;
+}
+
+/* One group of 32: d = max|x| / 127 and q = round(x / d), so x ~ d q with
+   q in -127..127. A value that is not finite makes d NaN or infinite (so
+   that a damaged model's NaN reaches the logits, which end the run,
+   instead of passing on as a number) and comes out clamped in q, never
+   undefined. */
+static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_SIZE]) {
+    *d = group_max(x) / 127.0f;
     float inv = *d > 0.0f ? 1.0f / *d : 0.0f;
     for (int i = 0; i < GROUP_SIZE; i++) {
         float v = x[i] * inv;
@@ -4457,21 +4468,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4584)           gemm_rows (line 4726)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4595)           gemm_rows (line 4737)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5252)           gemm_rows_avx2 (line 5258)
-                  q8_0 q4_0     q_tile_avx2 (line 5442)           q_batch_avx2 (line 5900); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5576)           k_batch_avx2 (line 5780); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6266)         gemm_rows_avx512 (line 6272)
-                  q8_0          dot_q8_both_avx512 (line 6061)    qgemm_rows_avx512 (line 6420)
-                  q4_0          dot_q4_avx512 (line 6046)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6155)         kgemm_rows_avx512 (line 6537)
-   every CPU: attention_fast (line 5079), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6650); swiglu_fast (line 4863),
-   rmsnorm_fast (line 4880) and to_halves_fast (line 4650); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5263)           gemm_rows_avx2 (line 5269)
+                  q8_0 q4_0     q_tile_avx2 (line 5466)           q_batch_avx2 (line 5926); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5600)           k_batch_avx2 (line 5805); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6292)         gemm_rows_avx512 (line 6298)
+                  q8_0          dot_q8_both_avx512 (line 6087)    qgemm_rows_avx512 (line 6446)
+                  q4_0          dot_q4_avx512 (line 6072)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6181)         kgemm_rows_avx512 (line 6563)
+   every CPU: attention_fast (line 5090), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6676); swiglu_fast (line 4874),
+   rmsnorm_fast (line 4891) and to_halves_fast (line 4661); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6774).
+   (qgemm_room(), line 6800).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5263,13 +5274,29 @@ static void matmul_floats_avx2(float *out, int ldo, const Matrix *w, int r0, int
     matmul_floats(out, ldo, w, r0, r1, in, gemm_rows_avx2, lanes8_avx2);
 }
 
-/* The 32 products of int8 vectors a and b, summed in fours into 8 int32
-   lanes. maddubs multiplies unsigned by signed bytes, so a's signs move onto
-   b; |a| * |b| <= 127 * 127 keeps its 16-bit pair sums from saturating
-   (neither quantizer writes -128). */
-static inline __m256i dot32_i8_avx2(__m256i a, __m256i b) {
-    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+/* q8_0's input as the AVX2 kernels take it, in one 16-bit part: per group
+   of 32, wide_d = max |x| / 32767 and wide = x / wide_d rounded, as
+   quantize_group() does with 127 (a value that is not finite alike). About
+   15 bits, as the two int8 parts of quantize_input_q8_0() carry, in half
+   the multiplies: AVX2 has no byte products without 16-bit pair sums, and
+   madd_epi16 multiplies 16-bit values into 32 bits (a group's 32 products
+   with weights of magnitude up to 128 stay below 2^28, exact). */
+static void quantize_input_wide(ProductScratch *in, const float *x, int n, int cols) {
+    int groups = cols / GROUP_SIZE;
+    #pragma omp parallel for if (n > 1)
+    for (int t = 0; t < n; t++)
+        for (int g = 0; g < groups; g++) {
+            const float *xg = x + (size_t)t * cols + (size_t)g * GROUP_SIZE;
+            int16_t *q = in->wide + (size_t)t * cols + (size_t)g * GROUP_SIZE;
+            float d = group_max(xg) / 32767.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            in->wide_d[(size_t)t * groups + g] = d;
+            for (int i = 0; i < GROUP_SIZE; i++) {
+                float v = xg[i] * inv;
+                v = v < 32767.0f ? v : 32767.0f; // NaN becomes 32767 here, so the cast below is defined
+                v = v > -32767.0f ? v : -32767.0f;
+                q[i] = (int16_t)nearbyintf(v);
+            }
+        }
 }
 
 /* The 8 sums of the lanes of v[0] .. v[7], in order. Integer: exact. */
@@ -5284,10 +5311,10 @@ AVX2_INLINE __m256i lane_sums8_avx2(const __m256i v[8]) {
 
 /* A tile's weight rows and input tokens. */
 typedef struct {
-    const uint8_t *w[QTILE_ROWS];     // row r + i's first group: q8_0 int8, q4_0 nibbles
-    const uint8_t *wd[QTILE_ROWS];    // its first scale
-    const int8_t *x[2][QTILE_TOKENS]; // token t0 + j, quantized: part 0, and for q8_0 part 1
-    const float *xd[2][QTILE_TOKENS]; // its scales
+    const uint8_t *w[QTILE_ROWS];  // row r + i's first group: q8_0 int8, q4_0 nibbles
+    const uint8_t *wd[QTILE_ROWS]; // its first scale
+    const void *x[QTILE_TOKENS];   // token t0 + j: q8_0 16-bit (quantize_input_wide()), q4_0 int8
+    const float *xd[QTILE_TOKENS]; // its scales
 } QTile;
 
 static QTile qtile(const Matrix *w, int r, const ProductScratch *in, int t0, int nr, int nt) {
@@ -5297,58 +5324,56 @@ static QTile qtile(const Matrix *w, int r, const ProductScratch *in, int t0, int
         tile.w[i] = group_values(w, (size_t)(r + i) * groups);
         tile.wd[i] = w->scales + (size_t)(r + i) * groups * scale_step(w);
     }
-    for (int j = 0; j < nt; j++)
-        for (int part = 0; part < 1 + (w->type == WEIGHT_Q8_0); part++) {
-            QuantizedVector x = quantized_row(part ? &in->rest : &in->q, t0 + j, cols);
-            tile.x[part][j] = x.q, tile.xd[part][j] = x.d;
-        }
+    for (int j = 0; j < nt; j++) {
+        QuantizedVector x = quantized_row(&in->q, t0 + j, cols);
+        tile.x[j] = w->type == WEIGHT_Q8_0 ? (const void *)(in->wide + (size_t)(t0 + j) * cols) : x.q;
+        tile.xd[j] = w->type == WEIGHT_Q8_0 ? in->wide_d + (size_t)(t0 + j) * groups : x.d;
+    }
     return tile;
 }
 
-/* The scales of a block of ng <= 8 groups from g0: for each row i, input
-   part (q8_0: two) and token j, the row's scale of group g0 + k times the
-   input's, s[part][i][j][k], zeros after ng. 8 at a time, or one by one:
-   the same products. */
-typedef float QScales[2][QTILE_ROWS][QTILE_TOKENS][8];
+/* The scales of a block of ng <= 8 groups from g0: for each row i and
+   token j, the row's scale of group g0 + k times the input's, s[i][j][k],
+   zeros after ng. 8 at a time, or one by one: the same products. */
+typedef float QScales[QTILE_ROWS][QTILE_TOKENS][8];
 AVX2_INLINE void qtile_scales(QScales s, const QTile *tile, int g0, int ng, const int q8, const int il, const int nr,
                               const int nt) {
-    const int parts = q8 ? 2 : 1, step = q_scale_step(q8, il);
+    const int step = q_scale_step(q8, il);
     for (int i = 0; i < nr; i++) {
         if (ng == 8) {
             __m256 wd = _mm256_cvtph_ps(eight_halves(tile->wd[i] + (size_t)g0 * step, step));
-            for (int part = 0; part < parts; part++)
-                for (int j = 0; j < nt; j++)
-                    _mm256_store_ps(s[part][i][j], _mm256_mul_ps(wd, _mm256_loadu_ps(tile->xd[part][j] + g0)));
+            for (int j = 0; j < nt; j++) _mm256_store_ps(s[i][j], _mm256_mul_ps(wd, _mm256_loadu_ps(tile->xd[j] + g0)));
             continue;
         }
         for (int k = 0; k < 8; k++) {
             float wd = k < ng ? _cvtsh_ss(read_u16(tile->wd[i] + (size_t)(g0 + k) * step)) : 0.0f;
-            for (int part = 0; part < parts; part++)
-                for (int j = 0; j < nt; j++) s[part][i][j][k] = k < ng ? wd * tile->xd[part][j][g0 + k] : 0.0f;
+            for (int j = 0; j < nt; j++) s[i][j][k] = k < ng ? wd * tile->xd[j][g0 + k] : 0.0f;
         }
     }
 }
 
 /* Each tile output's integer sums, a vector of a lane per group of the
    block, before lane_sums8_avx2() (q8_0) or q4_pair_sums_avx2() (q4_0)
-   adds them up: dots[part][i][j][k]. */
-typedef __m256i QDots[2][QTILE_ROWS][QTILE_TOKENS][8];
+   adds them up: dots[i][j][k]. */
+typedef __m256i QDots[QTILE_ROWS][QTILE_TOKENS][8];
 
-/* dots[part][i][j][k] = the 32 products of group g of row i with token
-   j, in 8 lanes of 4, for q8_0 weights and each part of the input. */
+/* dots[i][j][k] = the 32 products of group g of row i of q8_0 weights,
+   widened to 16 bits, with token j's 16-bit input, in 8 lanes of 4. */
 AVX2_INLINE void q8_group_avx2(QDots dots, const QTile *tile, int g, int k, const int il, const int nr, const int nt) {
-    __m256i x[2][QTILE_TOKENS];
-    for (int part = 0; part < 2; part++)
-        for (int j = 0; j < nt; j++)
-            x[part][j] = _mm256_loadu_si256((const __m256i *)(tile->x[part][j] + g * GROUP_SIZE));
+    __m256i x[QTILE_TOKENS][2];
+    for (int j = 0; j < nt; j++)
+        for (int h = 0; h < 2; h++)
+            x[j][h] = _mm256_loadu_si256((const __m256i *)((const int16_t *)tile->x[j] + g * GROUP_SIZE + 16 * h));
     for (int i = 0; i < nr; i++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(tile->w[i] + (size_t)g * q_step(1, il)));
+        const uint8_t *w = tile->w[i] + (size_t)g * q_step(1, il);
+        __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+        __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
         for (int j = 0; j < nt; j++)
-            for (int part = 0; part < 2; part++) dots[part][i][j][k] = dot32_i8_avx2(wv, x[part][j]);
+            dots[i][j][k] = _mm256_add_epi32(_mm256_madd_epi16(lo, x[j][0]), _mm256_madd_epi16(hi, x[j][1]));
     }
 }
 
-/* dots[0][i][j][p] = the integer dot products of groups g and g + 1 (two)
+/* dots[i][j][p] = the integer dot products of groups g and g + 1 (two)
    or g alone of row i of q4_0 weights and token j, lanes 0..3 group g's,
    4..7 group g + 1's. A row's 32 bytes of the two groups hold weights
    0..15 of each in their low nibbles and 16..31 in the high ones: masked
@@ -5360,7 +5385,7 @@ AVX2_INLINE void q4_pair_avx2(QDots dots, const QTile *tile, int g, int p, const
                               const int nt) {
     __m256i lo[QTILE_TOKENS], hi[QTILE_TOKENS], eights[QTILE_TOKENS];
     for (int j = 0; j < nt; j++) {
-        const int8_t *x = tile->x[0][j] + g * GROUP_SIZE;
+        const int8_t *x = (const int8_t *)tile->x[j] + g * GROUP_SIZE;
         __m256i a = _mm256_loadu_si256((const __m256i *)x);
         __m256i b = two ? _mm256_loadu_si256((const __m256i *)(x + GROUP_SIZE)) : _mm256_setzero_si256();
         lo[j] = _mm256_permute2x128_si256(a, b, 0x20), hi[j] = _mm256_permute2x128_si256(a, b, 0x31);
@@ -5376,7 +5401,7 @@ AVX2_INLINE void q4_pair_avx2(QDots dots, const QTile *tile, int g, int p, const
         __m256i high = _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15));
         for (int j = 0; j < nt; j++) {
             __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, lo[j]), _mm256_maddubs_epi16(high, hi[j]));
-            dots[0][i][j][p] = _mm256_madd_epi16(_mm256_sub_epi16(pairs, eights[j]), _mm256_set1_epi16(1));
+            dots[i][j][p] = _mm256_madd_epi16(_mm256_sub_epi16(pairs, eights[j]), _mm256_set1_epi16(1));
         }
     }
 }
@@ -5390,15 +5415,15 @@ AVX2_INLINE __m256i q4_pair_sums_avx2(const __m256i pair[4]) {
 /* out[j * ldo + i] = row i of the tile times token j, for nr rows and nt
    tokens of q8_0 (q8 set) or q4_0 weights: the groups in blocks of 8,
    each group's exact sum in a lane of its own (lane k: groups k, k + 8,
-   ...) times (weight scale x input scale) added by a fused multiply-add,
-   for q8_0 part 0's then part 1's; then the 8 lanes added by sum_avx2().
+   ...) times (weight scale x input scale) added by a fused multiply-add;
+   then the 8 lanes added by sum_avx2().
    q_batch_avx2() takes the same steps. The tile's rows lie one after
    another, and the block reads nr / rows of them: the prefetches run
    PREFETCH_AHEAD bytes ahead of the same share of the tile's bytes, as if
    it were read front to back. */
 AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int groups, const int q8, const int il,
                                   const int nr, const int nt) {
-    const int group_bytes = q_step(q8, il), parts = q8 ? 2 : 1;
+    const int group_bytes = q_step(q8, il);
     __m256 acc[QTILE_ROWS][QTILE_TOKENS];
     _Alignas(32) QScales s;
     QDots dots;
@@ -5417,7 +5442,7 @@ AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int gr
                 if (k < ng) q8_group_avx2(dots, tile, g0 + k, k, il, nr, nt);
                 else
                     for (int i = 0; i < nr; i++)
-                        for (int j = 0; j < nt; j++) dots[0][i][j][k] = dots[1][i][j][k] = _mm256_setzero_si256();
+                        for (int j = 0; j < nt; j++) dots[i][j][k] = _mm256_setzero_si256();
         else if (ng == 8)
             for (int k = 0; k < 8; k += 2) q4_pair_avx2(dots, tile, g0 + k, k / 2, 1, il, nr, nt);
         else
@@ -5426,13 +5451,12 @@ AVX2_INLINE void q_tile_body_avx2(float *out, int ldo, const QTile *tile, int gr
                 else if (k < ng) q4_pair_avx2(dots, tile, g0 + k, k / 2, 0, il, nr, nt);
                 else
                     for (int i = 0; i < nr; i++)
-                        for (int j = 0; j < nt; j++) dots[0][i][j][k / 2] = _mm256_setzero_si256();
+                        for (int j = 0; j < nt; j++) dots[i][j][k / 2] = _mm256_setzero_si256();
         for (int i = 0; i < nr; i++)
-            for (int j = 0; j < nt; j++)
-                for (int part = 0; part < parts; part++) {
-                    __m256i sums = q8 ? lane_sums8_avx2(dots[part][i][j]) : q4_pair_sums_avx2(dots[0][i][j]);
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_load_ps(s[part][i][j]), acc[i][j]);
-                }
+            for (int j = 0; j < nt; j++) {
+                __m256i sums = q8 ? lane_sums8_avx2(dots[i][j]) : q4_pair_sums_avx2(dots[i][j]);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_load_ps(s[i][j]), acc[i][j]);
+            }
     }
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nt; j++) out[(size_t)j * ldo + i] = sum_avx2(acc[i][j]);
@@ -5591,7 +5615,8 @@ AVX2_INLINE void k_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r
 
 /* 8 rows of weights, packed: vectors of one int32 or float of each row. */
 typedef struct {
-    uint32_t *values; // (cols / 4, KSLICE): each row's 4 unsigned weights of columns 4j .. 4j + 3
+    uint32_t *values; // (cols / 4, KSLICE): each row's 4 unsigned weights of columns 4j .. 4j + 3;
+                      // q8_0: (cols / 2, KSLICE), its 2 weights of columns 2j, 2j + 1 as int16
     float *scales;    // (groups, KSLICE): d scale_g (q4_k, q5_k), d (q6_k)
     float *mins;      // (groups, KSLICE): dmin min_g (q4_k, q5_k)
     int32_t *subs;    // q6_k, in mins' place: (groups, 3, KSLICE): the group's two sub-block
@@ -5599,10 +5624,10 @@ typedef struct {
     int cols;
 } KSliceAvx2;
 
-/* The thread's slice, in its room: 12 bytes a column. */
+/* The thread's slice, in its room: 20 bytes a column. */
 static KSliceAvx2 k_slice_avx2(const ProductScratch *in, int cols) {
     char *at = (char *)in->room + (size_t)thread_num() * in->room_size;
-    KSliceAvx2 s = {.values = (uint32_t *)at, .scales = (float *)(at + (size_t)8 * cols), .cols = cols};
+    KSliceAvx2 s = {.values = (uint32_t *)at, .scales = (float *)(at + (size_t)16 * cols), .cols = cols};
     s.mins = s.scales + (size_t)cols / GROUP_SIZE * KSLICE;
     s.subs = (int32_t *)s.mins;
     return s;
@@ -5815,46 +5840,49 @@ static void matmul_k_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, 
    steps lane by lane. */
 
 /* Rows r .. r + 7 of w (those past its end as zeros) into s: each group's
-   weights transposed, 8 rows' 4-byte pieces side by side, q4_0's as bytes
-   0..15 in column order. */
+   weights transposed, 8 rows' 4-byte pieces side by side: q4_0's as bytes
+   0..15 in column order, q8_0's as int16 pairs. */
 AVX2_INLINE void q_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, const int q8) {
-    int groups = w->cols / GROUP_SIZE;
+    int groups = w->cols / GROUP_SIZE, pieces = q8 ? 16 : 8; // 4-byte pieces of a group's row
     for (int g = 0; g < groups; g++) {
-        __m256i v[KSLICE];
+        __m256i v[2][KSLICE];
         _Alignas(32) float d[KSLICE];
         for (int i = 0; i < KSLICE; i++) {
             size_t at = (size_t)(r + i) * groups + g;
             const uint8_t *p = r + i < w->rows ? group_values(w, at) : NULL;
             if (!p) {
-                v[i] = _mm256_setzero_si256(), d[i] = 0.0f;
+                v[0][i] = v[1][i] = _mm256_setzero_si256(), d[i] = 0.0f;
                 continue;
             }
             prefetch_pack(p);
             __m128i b = _mm_loadu_si128((const __m128i *)p), fifteen = _mm_set1_epi8(15);
-            v[i] = q8 ? _mm256_loadu_si256((const __m256i *)p)
-                      : _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), fifteen), _mm_and_si128(b, fifteen));
+            v[0][i] = q8 ? _mm256_cvtepi8_epi16(b)
+                         : _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), fifteen), _mm_and_si128(b, fifteen));
+            v[1][i] = q8 ? _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16))) : _mm256_setzero_si256();
             d[i] = group_scale(w, at);
         }
-        transpose8_avx2(v);
-        for (int j = 0; j < 8; j++) _mm256_storeu_si256((__m256i *)(s->values + ((size_t)g * 8 + j) * KSLICE), v[j]);
+        for (int h = 0; h < pieces / 8; h++) {
+            transpose8_avx2(v[h]);
+            for (int j = 0; j < 8; j++)
+                _mm256_storeu_si256((__m256i *)(s->values + ((size_t)g * pieces + 8 * h + j) * KSLICE), v[h][j]);
+        }
         _mm256_storeu_ps(s->scales + (size_t)g * KSLICE, _mm256_load_ps(d));
     }
 }
 
 /* sums[t]: each row's exact sum of the products of q8_0 group g with token
-   t0 + t of x, one row to a lane: dot32_i8_avx2()'s sign trick, 4 columns
-   at a time (a 16-bit pair sum can reach 2 x 127 x 127: no two added). */
-AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, const QuantizedVector *x, int g,
+   t0 + t of the 16-bit input wide, one row to a lane: madd_epi16, 2
+   columns at a time. */
+AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, const int16_t *wide, int g,
                                     const int nt) {
-    const uint32_t *values = tile->slice->values + (size_t)g * (GROUP_SIZE / 4) * KSLICE;
+    const uint32_t *values = tile->slice->values + (size_t)g * (GROUP_SIZE / 2) * KSLICE;
     int cols = tile->slice->cols;
-    for (int j = 0; j < GROUP_SIZE / 4; j++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(values + j * KSLICE)), size = _mm256_sign_epi8(wv, wv);
+    for (int j = 0; j < GROUP_SIZE / 2; j++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(values + j * KSLICE));
         for (int t = 0; t < nt; t++) {
-            int32_t four;
-            memcpy(&four, x->q + (size_t)(tile->t0 + t) * cols + g * GROUP_SIZE + 4 * j, sizeof four);
-            __m256i pairs = _mm256_maddubs_epi16(size, _mm256_sign_epi8(_mm256_set1_epi32(four), wv));
-            __m256i sum = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+            int32_t two;
+            memcpy(&two, wide + (size_t)(tile->t0 + t) * cols + g * GROUP_SIZE + 2 * j, sizeof two);
+            __m256i sum = _mm256_madd_epi16(wv, _mm256_set1_epi32(two));
             sums[t] = j ? _mm256_add_epi32(sums[t], sum) : sum;
         }
     }
@@ -5863,7 +5891,7 @@ AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 
 /* One tile of nt tokens (a literal): q_tile_body_avx2()'s steps for each
    row, lane by lane (lane k: groups k, k + 8, ...), then the 8 lanes added
    as sum_avx2() adds them, ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). */
-AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const QuantizedVector *rest, const int nt, const int q8) {
+AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const ProductScratch *in, const int nt, const int q8) {
     const KSliceAvx2 *s = tile->slice;
     int groups = s->cols / GROUP_SIZE;
     __m256 lanes[8][KTILE_TOKENS];
@@ -5871,23 +5899,21 @@ AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const QuantizedVector
         __m256 acc[KTILE_TOKENS];
         for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
         for (int g = lane; g < groups; g += 8) {
-            __m256i sums[2][KTILE_TOKENS];
+            __m256i sums[KTILE_TOKENS];
             if (q8) {
-                q8_group_sums_avx2(sums[0], tile, tile->x, g, nt);
-                q8_group_sums_avx2(sums[1], tile, rest, g, nt);
+                q8_group_sums_avx2(sums, tile, in->wide, g, nt);
             } else {
-                k_group_sums_avx2(sums[0], tile, g, nt, WEIGHT_Q4_K); // the weights as unsigned 0..15
+                k_group_sums_avx2(sums, tile, g, nt, WEIGHT_Q4_K); // the weights as unsigned 0..15
                 for (int t = 0; t < nt; t++) // less 8 x the inputs' sum
-                    sums[0][t] = _mm256_sub_epi32(sums[0][t],
+                    sums[t] = _mm256_sub_epi32(sums[t],
                         _mm256_set1_epi32(8 * tile->x->group_sums[(size_t)(tile->t0 + t) * groups + g]));
             }
             __m256 scale = _mm256_loadu_ps(s->scales + (size_t)g * KSLICE);
-            for (int t = 0; t < nt; t++)
-                for (int part = 0; part < 1 + q8; part++) {
-                    const QuantizedVector *x = part ? rest : tile->x;
-                    __m256 dx = _mm256_set1_ps(x->d[(size_t)(tile->t0 + t) * groups + g]);
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[part][t]), _mm256_mul_ps(scale, dx), acc[t]);
-                }
+            for (int t = 0; t < nt; t++) {
+                const float *xd = q8 ? in->wide_d : tile->x->d;
+                __m256 dx = _mm256_set1_ps(xd[(size_t)(tile->t0 + t) * groups + g]);
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
+            }
         }
         for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
     }
@@ -5905,11 +5931,11 @@ AVX2_INLINE void q_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int 
         KTileAvx2 tile = {.slice = &s, .x = &in->q, .out = out + r - r0, .ldo = ldo, .rows = r1 - r};
         for (tile.t0 = 0; tile.t0 < in->n; tile.t0 += KTILE_TOKENS)
             switch (in->n - tile.t0 < KTILE_TOKENS ? in->n - tile.t0 : KTILE_TOKENS) {
-            case 5: q_tile_packed_avx2(&tile, &in->rest, 5, q8); break;
-            case 4: q_tile_packed_avx2(&tile, &in->rest, 4, q8); break;
-            case 3: q_tile_packed_avx2(&tile, &in->rest, 3, q8); break;
-            case 2: q_tile_packed_avx2(&tile, &in->rest, 2, q8); break;
-            default: q_tile_packed_avx2(&tile, &in->rest, 1, q8);
+            case 5: q_tile_packed_avx2(&tile, in, 5, q8); break;
+            case 4: q_tile_packed_avx2(&tile, in, 4, q8); break;
+            case 3: q_tile_packed_avx2(&tile, in, 3, q8); break;
+            case 2: q_tile_packed_avx2(&tile, in, 2, q8); break;
+            default: q_tile_packed_avx2(&tile, in, 1, q8);
             }
     }
 }
@@ -6793,6 +6819,7 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx2;
     kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input;
+    kernels.prepare[WEIGHT_Q8_0] = quantize_input_wide;
     kernels.product_room = qgemm_room;
 #endif
 #if HAVE_AVX512
@@ -6804,6 +6831,7 @@ static void choose_fast_kernels(void) {
     if (!use_avx512) return;
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_avx512;
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
+    kernels.prepare[WEIGHT_Q8_0] = quantize_input_q8_0; // in two int8 parts, as vpdpbusd takes them
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx512;
     kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input;

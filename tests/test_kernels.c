@@ -121,16 +121,29 @@ static Matrix random_matrix(int type, int rows, int cols) {
     return m;
 }
 
+/* Whether the table's q8_0 products take their input in one 16-bit part
+   (quantize_input_wide(), AVX2) rather than two int8 parts. */
+static int q8_wide(void) {
+#if HAVE_AVX2
+    return kernels.prepare[WEIGHT_Q8_0] == quantize_input_wide;
+#else
+    return 0;
+#endif
+}
+
 /* The values that the prepared input of w's products stands for, xd (n,
    cols): for q8_0 and q4_0 weights, and K types whose kernel in the table
-   takes them quantized, the quantized x, d q (+ d' q'); else x itself. */
-static void prepared_values(float *xd, const ProductScratch *ps, const Matrix *w, const float *x, int n) {
+   takes them quantized, the quantized x, d q (+ d' q'), or for q8_0 in one
+   16-bit part (wide) its wide_d x wide; else x itself. */
+static void prepared_values(float *xd, const ProductScratch *ps, const Matrix *w, const float *x, int n, int wide) {
     int cols = w->cols, k_quantized = is_k_type(w->type) && kernels.prepare[w->type];
     for (int t = 0; t < n; t++) {
         QuantizedVector row = quantized_row(&ps->q, t, cols), rest_row = quantized_row(&ps->rest, t, cols);
         for (int c = 0; c < cols; c++) {
             float *v = xd + (size_t)t * cols + c;
-            if (w->type == WEIGHT_Q8_0) *v = row.d[c / GROUP_SIZE] * row.q[c] + rest_row.d[c / GROUP_SIZE] * rest_row.q[c];
+            size_t at = (size_t)t * cols + c;
+            if (w->type == WEIGHT_Q8_0 && wide) *v = ps->wide_d[at / GROUP_SIZE] * ps->wide[at];
+            else if (w->type == WEIGHT_Q8_0) *v = row.d[c / GROUP_SIZE] * row.q[c] + rest_row.d[c / GROUP_SIZE] * rest_row.q[c];
             else if (w->type == WEIGHT_Q4_0 || k_quantized) *v = row.d[c / GROUP_SIZE] * row.q[c];
             else *v = x[(size_t)t * cols + c];
         }
@@ -149,6 +162,8 @@ static ProductScratch alloc_products(int n, int cols) {
     ps.room = xcalloc((size_t)threads * ps.room_size + 1, 1, "room");
     alloc_quantized(&ps.q, (size_t)n * cols, "q");
     alloc_quantized(&ps.rest, (size_t)n * cols, "rest");
+    ps.wide = xcalloc((size_t)n * cols + 1, sizeof(int16_t), "wide");
+    ps.wide_d = xcalloc((size_t)n * cols / GROUP_SIZE + 1, sizeof(float), "wide");
     return ps;
 }
 
@@ -157,6 +172,8 @@ static void free_products(ProductScratch *ps) {
     free_quantized(&ps->rest);
     free(ps->room);
     free(ps->up);
+    free(ps->wide);
+    free(ps->wide_d);
 }
 
 /* ---- Number formats */
@@ -286,14 +303,18 @@ static double exact_grouped(const Matrix *w, int row, const QuantizedVector *x, 
 }
 
 #if HAVE_AVX2
-/* Row r of w times q through the AVX2 kernel for one token (for q8_0 with
-   a second part of zeros, which adds nothing). */
+/* Row r of w times q through the AVX2 kernel for one token (for q8_0 the
+   same values in its 16-bit form: 256 q at d / 256). */
 static float dot_grouped_avx2(const Matrix *w, int r, const QuantizedVector *q) {
-    ProductScratch ps = {.q = *q, .n = 1};
-    alloc_quantized(&ps.rest, w->cols, "zeros");
+    ProductScratch ps = alloc_products(1, w->cols);
+    QuantizedVector own = ps.q;
+    ps.q = *q, ps.n = 1;
+    for (int i = 0; i < w->cols; i++) ps.wide[i] = (int16_t)(256 * q->q[i]);
+    for (int g = 0; g < w->cols / GROUP_SIZE; g++) ps.wide_d[g] = q->d[g] / 256;
     float out;
     matmul_quantized_avx2(&out, 1, w, r, r + 1, &ps);
-    free_quantized(&ps.rest);
+    ps.q = own;
+    free_products(&ps);
     return out;
 }
 #endif
@@ -427,7 +448,7 @@ static void test_matmul(const char *table, int type) {
             double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
             ProductScratch ps = alloc_products(n, cols);
             prepare_input(&ps, TYPE_BIT(type), x, n, cols);
-            prepared_values(xd, &ps, &w, x, n);
+            prepared_values(xd, &ps, &w, x, n, q8_wide());
             exact_matmul(want, mag, &w, xd, n);
             for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
                 kernels.matmul[type](out + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &ps);
@@ -488,7 +509,7 @@ static void test_extremes(const char *table, const Matrix *w, const char *limits
         for (int c = 0; c < cols; c++) x[(size_t)t * cols + c] = t % 2 ? -1.0f : 1.0f;
     ProductScratch ps = alloc_products(n, cols), one = alloc_products(1, cols);
     prepare_input(&ps, TYPE_BIT(type), x, n, cols);
-    prepared_values(xd, &ps, w, x, n);
+    prepared_values(xd, &ps, w, x, n, q8_wide());
     exact_matmul(want, mag, w, xd, n);
     kernels.matmul[type](batch, rows, w, 0, rows, &ps);
     char what[120];
@@ -633,7 +654,8 @@ static void test_quantized_tiles(int type) {
             double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
             ProductScratch ps = alloc_products(n, cols);
             prepare_input(&ps, TYPE_BIT(type), x, n, cols);
-            prepared_values(xd, &ps, &w, x, n);
+            quantize_input_wide(&ps, x, n, cols); // q8_0's input as the AVX2 kernels take it
+            prepared_values(xd, &ps, &w, x, n, 1);
             exact_matmul(want, mag, &w, xd, n);
             for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
                 matmul_quantized_avx2(out + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &ps);
@@ -644,6 +666,7 @@ static void test_quantized_tiles(int type) {
                 ProductScratch one = ps;
                 one.n = 1;
                 one.q = quantized_row(&ps.q, t, cols), one.rest = quantized_row(&ps.rest, t, cols);
+                one.wide = ps.wide + (size_t)t * cols, one.wide_d = ps.wide_d + (size_t)t * (cols / GROUP_SIZE);
                 matmul_quantized_avx2(alone, 1, &w, 0, rows, &one);
                 for (int r0 = 0, size = 1; r0 < rows; r0 += size, size = size % 7 + 1) // blocks of 1, 2, .. 7 rows
                     matmul_quantized_avx2(cut + r0, 1, &w, r0, r0 + size < rows ? r0 + size : rows, &one);
