@@ -4468,21 +4468,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4595)           gemm_rows (line 4737)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4595)           gemm_rows (line 4739)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5263)           gemm_rows_avx2 (line 5269)
-                  q8_0 q4_0     q_tile_avx2 (line 5466)           q_batch_avx2 (line 5926); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5600)           k_batch_avx2 (line 5805); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6292)         gemm_rows_avx512 (line 6298)
-                  q8_0          dot_q8_both_avx512 (line 6087)    qgemm_rows_avx512 (line 6446)
-                  q4_0          dot_q4_avx512 (line 6072)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6181)         kgemm_rows_avx512 (line 6563)
-   every CPU: attention_fast (line 5090), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6676); swiglu_fast (line 4874),
-   rmsnorm_fast (line 4891) and to_halves_fast (line 4661); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5265)           gemm_rows_avx2 (line 5271)
+                  q8_0 q4_0     q_tile_avx2 (line 5468)           q_batch_avx2 (line 5928); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5602)           k_batch_avx2 (line 5807); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6294)         gemm_rows_avx512 (line 6300)
+                  q8_0          dot_q8_both_avx512 (line 6089)    qgemm_rows_avx512 (line 6448)
+                  q4_0          dot_q4_avx512 (line 6074)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6183)         kgemm_rows_avx512 (line 6565)
+   every CPU: attention_fast (line 5092), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6678); swiglu_fast (line 4876),
+   rmsnorm_fast (line 4893) and to_halves_fast (line 4661); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (qgemm_room(), line 6800).
+   (panel_room(), line 6802).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4683,42 +4683,44 @@ static void widen_f16(float *out, const uint16_t *in, size_t n) {
 
 /* The batch product of f32, bf16 or f16 weights, rows r0 .. r1 - 1, in
    tiles of up to tile_rows rows by tile_tokens tokens (the kernel `tile`
-   takes any count up to those): the tokens in chunks whose inputs stay in
-   L2 while each tile of rows runs every pass over them, so that neither
-   the inputs nor the row block (a thread's ROW_BLOCK rows) leave L2; bf16
-   and f16 weights widened once per pass into `panel`, then reused by every
-   token of the chunk. Inlined into each CPU's version, with its shape as
-   literals, so that its tile kernel is a direct call. */
+   takes any count up to those), a block of ROW_BLOCK rows at a time: the
+   tokens in chunks whose inputs stay in L2 while each tile of rows runs
+   every pass over them, so that neither the inputs nor the row block leave
+   L2; bf16 and f16 weights widened once a block into the thread's room
+   (panel_room()), then reused by every chunk. Inlined into each CPU's
+   version, with its shape as literals, so that its tile kernel is a direct
+   call. */
 static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int ldo, const Matrix *w, int r0, int r1,
                                                                  const ProductScratch *in, GemmTileKernel *tile_kernel,
                                                                  const int tile_rows, const int tile_tokens) {
-    _Alignas(64) float panel[GEMM_ROWS * GEMM_DEPTH];
     int cols = w->cols, n = in->n;
     int chunk = (int)(GEMM_CHUNK_BYTES / (sizeof(float) * cols)) / tile_tokens * tile_tokens;
     if (chunk < tile_tokens) chunk = tile_tokens;
-    for (int t0 = 0; t0 < n; t0 += chunk) {
-        int t1 = n - t0 < chunk ? n : t0 + chunk;
-        for (int r = r0; r < r1; r += tile_rows) {
-            int nr = r1 - r < tile_rows ? r1 - r : tile_rows;
-            for (int k = 0; k < cols; k += GEMM_DEPTH) {
-                int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH;
-                GemmTile tile = {.w = panel, .ldc = ldo, .ldw = GEMM_DEPTH, .ldx = cols, .depth = depth, .rows = nr,
-                                 .accumulate = k > 0}; // weights (nr, depth), row stride ldw
-                if (w->type == WEIGHT_F32) {
-                    tile.w = (const float *)w->values + (size_t)r * cols + k;
-                    tile.ldw = cols;
-                } else if (w->type == WEIGHT_F16) {
-                    for (int i = 0; i < nr; i++)
-                        widen_f16(panel + i * GEMM_DEPTH, (const uint16_t *)w->values + (size_t)(r + i) * cols + k,
-                                  depth);
-                } else {
-                    for (int i = 0; i < nr; i++) dequantize_row(panel + i * GEMM_DEPTH, w, r + i, k, depth);
-                }
-                for (int t = t0; t < t1; t += tile_tokens) {
-                    tile.tokens = t1 - t < tile_tokens ? t1 - t : tile_tokens;
-                    tile.c = out + (size_t)t * ldo + (r - r0);
-                    tile.x = in->x + (size_t)t * cols + k;
-                    tile_kernel(&tile);
+    for (int b0 = r0; b0 < r1; b0 += ROW_BLOCK) {
+        int b1 = r1 - b0 < ROW_BLOCK ? r1 : b0 + ROW_BLOCK;
+        const float *rows = (const float *)w->values + (size_t)b0 * cols; // the block's rows as floats, cols apart
+        if (w->type != WEIGHT_F32) {
+            float *wide = (float *)((char *)in->room + (size_t)thread_num() * in->room_size);
+            for (int r = b0; r < b1; r++)
+                if (w->type == WEIGHT_F16)
+                    widen_f16(wide + (size_t)(r - b0) * cols, (const uint16_t *)w->values + (size_t)r * cols, cols);
+                else dequantize_row(wide + (size_t)(r - b0) * cols, w, r, 0, cols);
+            rows = wide;
+        }
+        for (int t0 = 0; t0 < n; t0 += chunk) {
+            int t1 = n - t0 < chunk ? n : t0 + chunk;
+            for (int r = b0; r < b1; r += tile_rows) {
+                int nr = b1 - r < tile_rows ? b1 - r : tile_rows;
+                for (int k = 0; k < cols; k += GEMM_DEPTH) {
+                    GemmTile tile = {.w = rows + (size_t)(r - b0) * cols + k, .ldc = ldo, .ldw = cols, .ldx = cols,
+                                     .depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH, .rows = nr,
+                                     .accumulate = k > 0};
+                    for (int t = t0; t < t1; t += tile_tokens) {
+                        tile.tokens = t1 - t < tile_tokens ? t1 - t : tile_tokens;
+                        tile.c = out + (size_t)t * ldo + (r - r0);
+                        tile.x = in->x + (size_t)t * cols + k;
+                        tile_kernel(&tile);
+                    }
                 }
             }
         }
@@ -6307,7 +6309,7 @@ AVX512 static void matmul_floats_avx512(float *out, int ldo, const Matrix *w, in
 /* q8_0 and q4_0 weights: rows repacked so that vpdpbusd multiplies 16 of
    them at once by 4 inputs of a token. A thread's panel holds 32 rows,
    QGEMM_ROWS * (cols + 63) bytes of values and 4 * (cols + 63) of
-   scales, within ProductScratch.room_size (qgemm_room()). */
+   scales, within ProductScratch.room_size (panel_room()). */
 #define QGEMM_ROWS 32   // weight rows per packed panel: two vectors of 16 outputs
 #define QGEMM_TOKENS 4  // tokens per tile: 4 x 2 int32 sums and 4 x 2 float sums in registers
 
@@ -6793,16 +6795,16 @@ AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int 
 
 /* ---- The choice */
 
-#if HAVE_AVX2 || HAVE_AVX512
-/* The bytes of room each thread's batch products need: an AVX-512 panel
-   of ROW_BLOCK rows of the widest input, packed (qgemm_pack_avx512()), in
-   which AVX2's K slice (k_slice_avx2()) fits too. */
-static size_t qgemm_room(const Config *c, int batch) {
+/* The bytes of room each thread's batch products need: a block of
+   ROW_BLOCK rows of the widest input, as floats (gemm_rows_with()'s bf16
+   and f16 rows widened) or packed (AVX-512's qgemm_pack_avx512(), AVX2's
+   K slice, k_slice_avx2()). f32 weights alone need none. */
+static size_t panel_room(const Config *c, int batch) {
     int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
     if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
-    return c->types_used & INTEGER_TYPES && batch > 1 ? ROW_BLOCK * (size_t)(widest + 64) * sizeof(float) : 0;
+    int packed = (c->types_used & ~TYPE_BIT(WEIGHT_F32)) != 0;
+    return packed && batch > 1 ? ROW_BLOCK * (size_t)(widest + 64) * sizeof(float) : 0;
 }
-#endif
 
 /* Puts the fastest kernels that this build and CPU have into the kernel
    table (the table at the top of the appendix). main() calls it once,
@@ -6814,13 +6816,13 @@ static void choose_fast_kernels(void) {
     kernels.swiglu = swiglu_fast;
     kernels.rmsnorm = rmsnorm_fast;
     kernels.to_halves = to_halves_fast;
+    kernels.product_room = panel_room;
 #if HAVE_AVX2
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_avx2;
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx2;
     kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input;
     kernels.prepare[WEIGHT_Q8_0] = quantize_input_wide;
-    kernels.product_room = qgemm_room;
 #endif
 #if HAVE_AVX512
     const char *env = getenv("RUN_AVX512");
@@ -6835,7 +6837,6 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx512;
     kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input;
-    kernels.product_room = qgemm_room;
 #if HAVE_AVX2
     kernels.attention = attention_avx512;
 #endif
