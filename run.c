@@ -4473,16 +4473,16 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5265)           gemm_rows_avx2 (line 5271)
                   q8_0 q4_0     q_tile_avx2 (line 5468)           q_batch_avx2 (line 5928); n < 5: q_tiles_avx2
                   K             k_rows_avx2 (line 5602)           k_batch_avx2 (line 5807); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6294)         gemm_rows_avx512 (line 6300)
-                  q8_0          dot_q8_both_avx512 (line 6089)    qgemm_rows_avx512 (line 6448)
-                  q4_0          dot_q4_avx512 (line 6074)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6183)         kgemm_rows_avx512 (line 6565)
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6295)         gemm_rows_avx512 (line 6301)
+                  q8_0          dot_q8_both_avx512 (line 6090)    qgemm_rows_avx512 (line 6449)
+                  q4_0          dot_q4_avx512 (line 6075)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6184)         kgemm_rows_avx512 (line 6566)
    every CPU: attention_fast (line 5092), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6678); swiglu_fast (line 4876),
+   of 16 queries in attention_chunk_avx512 (line 6679); swiglu_fast (line 4876),
    rmsnorm_fast (line 4893) and to_halves_fast (line 4661); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6802).
+   (panel_room(), line 6803).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5949,7 +5949,8 @@ AVX2_INLINE void q_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int 
 static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int t = 0;
     if (in->n >= KBATCH_MIN) {
-        q_batch_avx2(out, ldo, w, r0, r1, in, w->type == WEIGHT_Q8_0);
+        if (w->type == WEIGHT_Q8_0) q_batch_avx2(out, ldo, w, r0, r1, in, 1); // a copy for each type
+        else q_batch_avx2(out, ldo, w, r0, r1, in, 0);
         return;
     }
     if (in->n == 1 && w->type == WEIGHT_Q8_0) {
