@@ -1294,20 +1294,29 @@ static float group_max(const float x[GROUP_SIZE]) {
     return amax;
 }
 
+/* A group's scale, *d = max|x| / top, and the factor 1 / *d (0 for a group
+   of zeros) that takes x to -top..top. */
+static float input_scale(float *d, const float x[GROUP_SIZE], float top) {
+    *d = group_max(x) / top;
+    return *d > 0.0f ? 1.0f / *d : 0.0f;
+}
+
+/* v clamped to -top..top, then rounded to the nearest integer; a NaN becomes
+   top, so that the caller's cast to an integer is defined. */
+static float round_clamped(float v, float top) {
+    v = v < top ? v : top;
+    v = v > -top ? v : -top;
+    return nearbyintf(v);
+}
+
 /* One group of 32: d = max|x| / 127 and q = round(x / d), so x ~ d q with
    q in -127..127. A value that is not finite makes d NaN or infinite (so
    that a damaged model's NaN reaches the logits, which end the run,
    instead of passing on as a number) and comes out clamped in q, never
    undefined. */
 static void quantize_group(int8_t q[GROUP_SIZE], float *d, const float x[GROUP_SIZE]) {
-    *d = group_max(x) / 127.0f;
-    float inv = *d > 0.0f ? 1.0f / *d : 0.0f;
-    for (int i = 0; i < GROUP_SIZE; i++) {
-        float v = x[i] * inv;
-        v = v < 127.0f ? v : 127.0f;   // NaN becomes 127 here, so the cast below is defined
-        v = v > -127.0f ? v : -127.0f;
-        q[i] = (int8_t)nearbyintf(v);
-    }
+    float inv = input_scale(d, x, 127.0f);
+    for (int i = 0; i < GROUP_SIZE; i++) q[i] = (int8_t)round_clamped(x[i] * inv, 127.0f);
 }
 
 /* The sums of out->q (n values) by halves of groups and by groups. */
@@ -4468,21 +4477,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4595)           gemm_rows (line 4739)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4604)           gemm_rows (line 4748)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5265)           gemm_rows_avx2 (line 5271)
-                  q8_0 q4_0     q_tile_avx2 (line 5468)           q_batch_avx2 (line 5928); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5602)           k_batch_avx2 (line 5807); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6295)         gemm_rows_avx512 (line 6301)
-                  q8_0          dot_q8_both_avx512 (line 6090)    qgemm_rows_avx512 (line 6449)
-                  q4_0          dot_q4_avx512 (line 6075)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6184)         kgemm_rows_avx512 (line 6566)
-   every CPU: attention_fast (line 5092), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6679); swiglu_fast (line 4876),
-   rmsnorm_fast (line 4893) and to_halves_fast (line 4661); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5274)           gemm_rows_avx2 (line 5280)
+                  q8_0 q4_0     q_tile_avx2 (line 5471)           q_batch_avx2 (line 5931); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5605)           k_batch_avx2 (line 5810); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6298)         gemm_rows_avx512 (line 6304)
+                  q8_0          dot_q8_both_avx512 (line 6093)    qgemm_rows_avx512 (line 6452)
+                  q4_0          dot_q4_avx512 (line 6078)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6187)         kgemm_rows_avx512 (line 6569)
+   every CPU: attention_fast (line 5101), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6682); swiglu_fast (line 4885),
+   rmsnorm_fast (line 4902) and to_halves_fast (line 4670); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6803).
+   (panel_room(), line 6806).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5290,14 +5299,8 @@ static void quantize_input_wide(ProductScratch *in, const float *x, int n, int c
         for (int g = 0; g < groups; g++) {
             const float *xg = x + (size_t)t * cols + (size_t)g * GROUP_SIZE;
             int16_t *q = in->wide + (size_t)t * cols + (size_t)g * GROUP_SIZE;
-            float d = group_max(xg) / 32767.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-            in->wide_d[(size_t)t * groups + g] = d;
-            for (int i = 0; i < GROUP_SIZE; i++) {
-                float v = xg[i] * inv;
-                v = v < 32767.0f ? v : 32767.0f; // NaN becomes 32767 here, so the cast below is defined
-                v = v > -32767.0f ? v : -32767.0f;
-                q[i] = (int16_t)nearbyintf(v);
-            }
+            float inv = input_scale(&in->wide_d[(size_t)t * groups + g], xg, 32767.0f);
+            for (int i = 0; i < GROUP_SIZE; i++) q[i] = (int16_t)round_clamped(xg[i] * inv, 32767.0f);
         }
 }
 

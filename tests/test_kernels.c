@@ -279,6 +279,25 @@ static void test_quantize_vector(void) {
                    d2 * 0.5001 + 1e-6 * fabs(x[i]) + 1e-30);
         }
         free_quantized(&rest);
+#if HAVE_AVX2
+        /* the 16-bit part of the AVX2 q8_0 products: x ~ wide_d wide, wide_d = max|x| / 32767, within wide_d / 2
+           and the rounding of x / wide_d (up to 32767 units of 2^-24 each for x and 1 / wide_d: 0.004) */
+        ProductScratch ps = alloc_products(1, n);
+        quantize_input_wide(&ps, x, 1, n);
+        for (int g = 0; g < n / GROUP_SIZE; g++) {
+            double top = 0;
+            for (int i = 0; i < GROUP_SIZE; i++) top = fmax(top, fabs(x[g * GROUP_SIZE + i]));
+            if (isfinite(top)) expect("quantize_input_wide d", n, g, 0, ps.wide_d[g], top / 32767, top / 32767 * 1e-6 + 1e-30);
+        }
+        for (int i = 0; i < n; i++) {
+            float d = ps.wide_d[i / GROUP_SIZE];
+            checks++;
+            if (ps.wide[i] < -32767) failures++, fprintf(stderr, "FAIL quantize_input_wide: %d\n", ps.wide[i]);
+            if (isfinite(x[i]) && isfinite(d))
+                expect("quantize_input_wide |x - d q|", n, i, 0, (double)d * ps.wide[i], x[i], d * 0.505 + 1e-30);
+        }
+        free_products(&ps);
+#endif
         free(x);
         free_quantized(&q);
     }
