@@ -6693,10 +6693,15 @@ AVX512 static void attention_chunk_avx512(float *parts, float *work, const float
     const float *values = (const float *)kv->values + (size_t)h * kv->ctx * hd;
     float *scores = work, *qt = scores + (size_t)group * ATTENTION_CHUNK * 16;
     __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)hd));
-    for (int g = 0; g < group; g++) // the queries, lane t - t0 (zeros after t1)
-        for (int l = 0; l < 16; l++)
-            for (int i = 0; i < hd; i++)
-                qt[((size_t)g * hd + i) * 16 + l] = t0 + l < t1 ? q[(size_t)(t0 + l) * q_dim + (size_t)(h * group + g) * hd + i] : 0;
+    for (int g = 0; g < group; g++) // the queries, lane t - t0 (zeros after t1), 16 columns at a time
+        for (int i = 0; i < hd; i += 16) {
+            __m512i rows[16];
+            for (int l = 0; l < 16; l++)
+                rows[l] = t0 + l < t1 ? _mm512_loadu_si512(q + (size_t)(t0 + l) * q_dim + (size_t)(h * group + g) * hd + i)
+                                      : _mm512_setzero_si512();
+            transpose16_avx512(rows);
+            for (int c = 0; c < 16; c++) _mm512_storeu_si512(qt + ((size_t)g * hd + i + c) * 16, rows[c]);
+        }
     for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // scores
         int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN, j = 0;
         const float *k = keys + (size_t)p0 * hd;
