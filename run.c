@@ -4789,6 +4789,15 @@ static void widen_span(float *span, const void *head, int p0, int n, int head_di
     memset(span + len, 0, (padded - len) * sizeof(float));
 }
 
+/* Positions p0 .. p0 + n - 1 of one kv head's keys or values as floats:
+   where they lie in an f32 cache, unless the reader takes rows 8 at a time
+   (eights) and n is not a multiple of 8; else widen_span()'s copy. */
+static const float *span_floats(float *span, const void *head, int p0, int n, int head_dim, int f16, int eights) {
+    if (!f16 && (!eights || n % 8 == 0)) return (const float *)head + (size_t)p0 * head_dim;
+    widen_span(span, head, p0, n, head_dim, f16);
+    return span;
+}
+
 /* scores[j] = scale * (q . keys[j]) for 8 rows of keys (8, head_dim), each
    dot product in 8 lanes summed as a tree: a position's score does not
    depend on the positions computed beside it. */
@@ -4988,12 +4997,12 @@ static void attention_chunk(float *parts, float *work, const float *q, const KVC
     float scale = 1.0f / sqrtf((float)hd);
     for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // scores, row (t - first) * group + g of work
         int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
-        widen_span(span, keys, p0, n, hd, kv->f16);
+        const float *k = span_floats(span, keys, p0, n, hd, kv->f16, 1);
         for (int t = first; t < t1; t++)
             for (int g = 0, seen = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n; g < group; g++) {
                 float *scores = work + (size_t)((t - first) * group + g) * ATTENTION_CHUNK + (p0 - c0);
                 const float *qt = q + (size_t)t * q_dim + (size_t)(h * group + g) * hd;
-                for (int j = 0; j < seen; j += 8) attention_scores8(scores + j, qt, span + (size_t)j * hd, hd, scale);
+                for (int j = 0; j < seen; j += 8) attention_scores8(scores + j, qt, k + (size_t)j * hd, hd, scale);
             }
     }
     for (int t = first; t < t1; t++) // scores into weights: m, s
@@ -5007,12 +5016,12 @@ static void attention_chunk(float *parts, float *work, const float *q, const KVC
         }
     for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // o
         int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
-        widen_span(span, values, p0, n, hd, kv->f16);
+        const float *v = span_floats(span, values, p0, n, hd, kv->f16, 0);
         for (int t = first; t < t1; t++)
             for (int g = 0, seen = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n; g < group && seen > 0; g++) {
                 const float *w = work + (size_t)((t - first) * group + g) * ATTENTION_CHUNK + (p0 - c0);
                 float *part = parts + ((size_t)(t - t0) * kv->n_heads + h * group + g) * (hd + 2);
-                attention_mix_add(part + 2, w, span, seen, hd);
+                attention_mix_add(part + 2, w, v, seen, hd);
             }
     }
 }
