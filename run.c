@@ -225,6 +225,12 @@ static int thread_num(void) {
 
 /* ---- Elementwise kernels, on n rows at a time */
 
+/* One row's out = x / sqrt(sum_sq / dim + eps) * weight, sum_sq that of x^2. */
+static void rms_scale(float *out, const float *x, const float *weight, int dim, double sum_sq, float eps) {
+    float scale = (float)(1.0 / sqrt(sum_sq / dim + eps));
+    for (int i = 0; i < dim; i++) out[i] = x[i] * scale * weight[i];
+}
+
 /* out = x / rms(x) * weight for each of the n rows of x (n, dim), with
    rms(x) = sqrt(mean(x^2) + eps). The sum runs in double so that long rows
    lose no precision. out may alias x. */
@@ -235,8 +241,7 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n, int 
         float *ot = out + (size_t)t * dim;
         double sum_sq = 0.0;
         for (int i = 0; i < dim; i++) sum_sq += (double)xt[i] * xt[i];
-        float scale = (float)(1.0 / sqrt(sum_sq / dim + eps));
-        for (int i = 0; i < dim; i++) ot[i] = xt[i] * scale * weight[i];
+        rms_scale(ot, xt, weight, dim, sum_sq, eps);
     }
 }
 
@@ -4477,21 +4482,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4604)           gemm_rows (line 4748)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4753)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5274)           gemm_rows_avx2 (line 5280)
-                  q8_0 q4_0     q_tile_avx2 (line 5471)           q_batch_avx2 (line 5931); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5605)           k_batch_avx2 (line 5810); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6298)         gemm_rows_avx512 (line 6304)
-                  q8_0          dot_q8_both_avx512 (line 6093)    qgemm_rows_avx512 (line 6452)
-                  q4_0          dot_q4_avx512 (line 6078)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6187)         kgemm_rows_avx512 (line 6569)
-   every CPU: attention_fast (line 5101), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6682); swiglu_fast (line 4885),
-   rmsnorm_fast (line 4902) and to_halves_fast (line 4670); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5287)           gemm_rows_avx2 (line 5293)
+                  q8_0 q4_0     q_tile_avx2 (line 5487)           q_batch_avx2 (line 5947); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5621)           k_batch_avx2 (line 5826); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6314)         gemm_rows_avx512 (line 6320)
+                  q8_0          dot_q8_both_avx512 (line 6109)    qgemm_rows_avx512 (line 6468)
+                  q4_0          dot_q4_avx512 (line 6094)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6203)         kgemm_rows_avx512 (line 6585)
+   every CPU: attention_fast (line 5114), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6698); swiglu_fast (line 4899),
+   rmsnorm_fast (line 4916) and to_halves_fast (line 4675); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6806).
+   (panel_room(), line 6827).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4919,8 +4924,7 @@ static void rmsnorm_fast(float *out, const float *x, const float *weight, int n,
             for (int l = 0; l < 8; l++) acc[l] += (double)xt[i + l] * xt[i + l];
         for (int l = 0; i + l < dim; l++) acc[l] += (double)xt[i + l] * xt[i + l];
         double sum_sq = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-        float scale = (float)(1.0 / sqrt(sum_sq / dim + eps));
-        for (i = 0; i < dim; i++) ot[i] = xt[i] * scale * weight[i];
+        rms_scale(ot, xt, weight, dim, sum_sq, eps);
     }
 }
 
@@ -5338,11 +5342,14 @@ static QTile qtile(const Matrix *w, int r, const ProductScratch *in, int t0, int
         tile.w[i] = group_values(w, (size_t)(r + i) * groups);
         tile.wd[i] = w->scales + (size_t)(r + i) * groups * scale_step(w);
     }
-    for (int j = 0; j < nt; j++) {
-        QuantizedVector x = quantized_row(&in->q, t0 + j, cols);
-        tile.x[j] = w->type == WEIGHT_Q8_0 ? (const void *)(in->wide + (size_t)(t0 + j) * cols) : x.q;
-        tile.xd[j] = w->type == WEIGHT_Q8_0 ? in->wide_d + (size_t)(t0 + j) * groups : x.d;
-    }
+    for (int j = 0; j < nt; j++)
+        if (w->type == WEIGHT_Q8_0) {
+            tile.x[j] = in->wide + (size_t)(t0 + j) * cols;
+            tile.xd[j] = in->wide_d + (size_t)(t0 + j) * groups;
+        } else {
+            QuantizedVector x = quantized_row(&in->q, t0 + j, cols);
+            tile.x[j] = x.q, tile.xd[j] = x.d;
+        }
     return tile;
 }
 
