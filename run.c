@@ -4484,19 +4484,19 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4753)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5287)           gemm_rows_avx2 (line 5293)
-                  q8_0 q4_0     q_tile_avx2 (line 5487)           q_batch_avx2 (line 5947); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5621)           k_batch_avx2 (line 5826); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6314)         gemm_rows_avx512 (line 6320)
-                  q8_0          dot_q8_both_avx512 (line 6109)    qgemm_rows_avx512 (line 6468)
-                  q4_0          dot_q4_avx512 (line 6094)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6203)         kgemm_rows_avx512 (line 6585)
-   every CPU: attention_fast (line 5114), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6698); swiglu_fast (line 4899),
-   rmsnorm_fast (line 4916) and to_halves_fast (line 4675); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5390)           gemm_rows_avx2 (line 5396)
+                  q8_0 q4_0     q_tile_avx2 (line 5590)           q_batch_avx2 (line 6050); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5724)           k_batch_avx2 (line 5929); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6417)         gemm_rows_avx512 (line 6423)
+                  q8_0          dot_q8_both_avx512 (line 6212)    qgemm_rows_avx512 (line 6571)
+                  q4_0          dot_q4_avx512 (line 6197)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6306)         kgemm_rows_avx512 (line 6688)
+   every CPU: attention_fast (line 5217), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6801); swiglu_fast (line 4936),
+   rmsnorm_fast (line 4953) and to_halves_fast (line 4675); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6827).
+   (panel_room(), line 6930).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4837,6 +4837,36 @@ static void attention_scores8(float scores[8], const float *q, const float *keys
     }
 }
 
+/* attention_scores8() for nq rows of queries (a literal, up to 3) and the
+   same 8 keys: scores[i] (8) of query q[i], the same sums. On AVX2 they
+   take the keys 4 at a time and share each key's loads: 12 sums in flight
+   where one query keeps 8, which the multiply-add's latency holds back. */
+static inline __attribute__((always_inline)) void attention_scores8_rows(float *const scores[3], const float *const q[3],
+                                                                         const float *keys, int head_dim, float scale,
+                                                                         const int nq) {
+#if HAVE_AVX2
+    if (nq > 1 && head_dim % 8 == 0) {
+        for (int k0 = 0; k0 < 8; k0 += 4) {
+            __m256 acc[3][4];
+            for (int r = 0; r < nq; r++)
+                for (int k = 0; k < 4; k++) acc[r][k] = _mm256_setzero_ps();
+            for (int i = 0; i < head_dim; i += 8)
+                for (int k = 0; k < 4; k++) {
+                    __m256 key = _mm256_loadu_ps(keys + (size_t)(k0 + k) * head_dim + i);
+                    for (int r = 0; r < nq; r++) acc[r][k] = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + i), key, acc[r][k]);
+                }
+            for (int r = 0; r < nq; r++) { // lanes 0-3 of the 4 keys' trees in the low half, 4-7 in the high
+                __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+                __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+                _mm_storeu_ps(scores[r] + k0, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+            }
+        }
+        return;
+    }
+#endif
+    for (int r = 0; r < nq; r++) attention_scores8(scores[r], q[r], keys, head_dim, scale);
+}
+
 /* exp(x) for x <= 0 in plain arithmetic, which the compiler vectorises:
    x = k ln 2 + r with |r| <= ln 2 / 2, exp(r) by its Taylor polynomial to
    r^7 (relative error below 1e-7), times 2^k put straight into the
@@ -4875,14 +4905,21 @@ static inline float exp_nonpositive(float x) {
     return y;
 }
 
-/* The largest of w[0 .. n - 1] (n >= 1), in 8 lanes that the compiler
-   vectorises (one pass in order was a chain of dependent compares): the
-   same value, but for the sign of a zero, which exp() does not see; a NaN
-   is passed over either way, and its own exp carries it on. */
+/* The largest of w[0 .. n - 1] (n >= 1), in 8 lanes (one pass in order was
+   a chain of dependent compares): the same value, but for the sign of a
+   zero, which exp() does not see; a NaN is passed over either way, and its
+   own exp carries it on. On AVX2 the lanes are one maxps, which makes the
+   same comparison (its second operand unless the first is greater): GCC
+   leaves the loop below scalar. */
 static float max_of(const float *w, int n) {
     float lanes[8];
     for (int l = 0; l < 8; l++) lanes[l] = w[0];
     int p = 0;
+#if HAVE_AVX2
+    __m256 m = _mm256_loadu_ps(lanes);
+    for (; p + 8 <= n; p += 8) m = _mm256_max_ps(_mm256_loadu_ps(w + p), m);
+    _mm256_storeu_ps(lanes, m);
+#endif
     for (; p + 8 <= n; p += 8)
         for (int l = 0; l < 8; l++) lanes[l] = w[p + l] > lanes[l] ? w[p + l] : lanes[l];
     for (; p < n; p++) lanes[0] = w[p] > lanes[0] ? w[p] : lanes[0];
@@ -4983,6 +5020,51 @@ static void attention_mix_add(float *out, const float *weights, const float *val
         for (int p = 0; p < n; p++) out[i0] += weights[p] * values[(size_t)p * head_dim + i0];
 }
 
+/* attention_mix_add() for nq rows (a literal, up to 3) of the same values:
+   out[i] += the sum over p < seen[i] of weights[i][p] * values[p], the same
+   sums, for seen[0] <= seen[1] <= .... On AVX2, 32 columns at a time: 12
+   sums in flight. */
+static inline __attribute__((always_inline)) void attention_mix_add_rows(float *const out[3], const float *const weights[3],
+                                                                         const float *values, const int seen[3],
+                                                                         int head_dim, const int nq) {
+#if HAVE_AVX2
+    if (nq > 1 && head_dim % 32 == 0) {
+        for (int i0 = 0; i0 < head_dim; i0 += 32) {
+            __m256 acc[3][4];
+            for (int r = 0; r < nq; r++)
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm256_loadu_ps(out[r] + i0 + 8 * j);
+            for (int p = 0; p < seen[nq - 1]; p++)
+                for (int r = 0; r < nq; r++) {
+                    if (p >= seen[r]) continue; // a position only the later rows see
+                    __m256 weight = _mm256_set1_ps(weights[r][p]);
+                    for (int j = 0; j < 4; j++)
+                        acc[r][j] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(values + (size_t)p * head_dim + i0 + 8 * j),
+                                                    acc[r][j]);
+                }
+            for (int r = 0; r < nq; r++)
+                for (int j = 0; j < 4; j++) _mm256_storeu_ps(out[r] + i0 + 8 * j, acc[r][j]);
+        }
+        return;
+    }
+#endif
+    for (int r = 0; r < nq; r++)
+        if (seen[r] > 0) attention_mix_add(out[r], weights[r], values, seen[r], head_dim);
+}
+
+/* A span's scores for nq rows (a literal) whose queries see seen[i] of its
+   keys, seen[0] <= seen[1] <= ...: all rows as far as the last sees (an
+   earlier row's scores past its own are never read). The rows' scores
+   start at scores[i]. */
+static inline __attribute__((always_inline)) void attention_span_scores(float *const scores[3], const float *const q[3],
+                                                                        const int seen[3], const float *keys, int head_dim,
+                                                                        float scale, const int nq) {
+    for (int j = 0; j < seen[nq - 1]; j += 8) {
+        float *at[3];
+        for (int r = 0; r < nq; r++) at[r] = scores[r] + j;
+        attention_scores8_rows(at, q, keys + (size_t)j * head_dim, head_dim, scale, nq);
+    }
+}
+
 /* One task of attention_fast(): kv head h, the chunk of positions c0 ..
    c0 + ATTENTION_CHUNK - 1, queries t0 .. t1 - 1 of q at positions pos +
    t. For each query that sees some of the chunk and each query head on h,
@@ -4999,15 +5081,26 @@ static void attention_chunk(float *parts, float *work, const float *q, const KVC
     const char *keys = (const char *)kv->keys + head, *values = (const char *)kv->values + head;
     float *span = work + (size_t)ATTENTION_QUERIES * kv->n_heads * ATTENTION_CHUNK; // (ATTENTION_SPAN, hd)
     float scale = 1.0f / sqrtf((float)hd);
-    for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // scores, row (t - first) * group + g of work
+    int rows = (t1 - first) * group; // row r: query first + r / group, head h * group + r % group
+    for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // scores, row r of work, three rows at a time
         int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
         const float *k = span_floats(span, keys, p0, n, hd, kv->f16, 1);
-        for (int t = first; t < t1; t++)
-            for (int g = 0, seen = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n; g < group; g++) {
-                float *scores = work + (size_t)((t - first) * group + g) * ATTENTION_CHUNK + (p0 - c0);
-                const float *qt = q + (size_t)t * q_dim + (size_t)(h * group + g) * hd;
-                for (int j = 0; j < seen; j += 8) attention_scores8(scores + j, qt, k + (size_t)j * hd, hd, scale);
+        for (int r0 = 0; r0 < rows; r0 += 3) {
+            int nq = rows - r0 < 3 ? rows - r0 : 3, seen[3];
+            float *scores[3];
+            const float *qr[3];
+            for (int i = 0; i < nq; i++) {
+                int t = first + (r0 + i) / group, g = (r0 + i) % group;
+                seen[i] = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n;
+                scores[i] = work + (size_t)(r0 + i) * ATTENTION_CHUNK + (p0 - c0);
+                qr[i] = q + (size_t)t * q_dim + (size_t)(h * group + g) * hd;
             }
+            switch (nq) {
+            case 3: attention_span_scores(scores, qr, seen, k, hd, scale, 3); break;
+            case 2: attention_span_scores(scores, qr, seen, k, hd, scale, 2); break;
+            default: attention_span_scores(scores, qr, seen, k, hd, scale, 1);
+            }
+        }
     }
     for (int t = first; t < t1; t++) // scores into weights: m, s
         for (int g = 0, n = (pos + t + 1 < end ? pos + t + 1 : end) - c0; g < group; g++) {
@@ -5021,12 +5114,22 @@ static void attention_chunk(float *parts, float *work, const float *q, const KVC
     for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // o
         int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
         const float *v = span_floats(span, values, p0, n, hd, kv->f16, 0);
-        for (int t = first; t < t1; t++)
-            for (int g = 0, seen = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n; g < group && seen > 0; g++) {
-                const float *w = work + (size_t)((t - first) * group + g) * ATTENTION_CHUNK + (p0 - c0);
-                float *part = parts + ((size_t)(t - t0) * kv->n_heads + h * group + g) * (hd + 2);
-                attention_mix_add(part + 2, w, v, seen, hd);
+        for (int r0 = 0; r0 < rows; r0 += 3) {
+            int nq = rows - r0 < 3 ? rows - r0 : 3, seen[3];
+            float *out[3];
+            const float *w[3];
+            for (int i = 0; i < nq; i++) {
+                int t = first + (r0 + i) / group, g = (r0 + i) % group;
+                seen[i] = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n;
+                w[i] = work + (size_t)(r0 + i) * ATTENTION_CHUNK + (p0 - c0);
+                out[i] = parts + ((size_t)(t - t0) * kv->n_heads + h * group + g) * (hd + 2) + 2;
             }
+            switch (nq) {
+            case 3: attention_mix_add_rows(out, w, v, seen, hd, 3); break;
+            case 2: attention_mix_add_rows(out, w, v, seen, hd, 2); break;
+            default: attention_mix_add_rows(out, w, v, seen, hd, 1);
+            }
+        }
     }
 }
 
