@@ -4484,19 +4484,19 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4753)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5390)           gemm_rows_avx2 (line 5396)
-                  q8_0 q4_0     q_tile_avx2 (line 5590)           q_batch_avx2 (line 6050); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5724)           k_batch_avx2 (line 5929); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6417)         gemm_rows_avx512 (line 6423)
-                  q8_0          dot_q8_both_avx512 (line 6212)    qgemm_rows_avx512 (line 6571)
-                  q4_0          dot_q4_avx512 (line 6197)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6306)         kgemm_rows_avx512 (line 6688)
-   every CPU: attention_fast (line 5217), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6801); swiglu_fast (line 4936),
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5399)           gemm_rows_avx2 (line 5405)
+                  q8_0 q4_0     q_tile_avx2 (line 5599)           q_batch_avx2 (line 6059); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5733)           k_batch_avx2 (line 5938); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6426)         gemm_rows_avx512 (line 6432)
+                  q8_0          dot_q8_both_avx512 (line 6221)    qgemm_rows_avx512 (line 6580)
+                  q4_0          dot_q4_avx512 (line 6206)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6315)         kgemm_rows_avx512 (line 6697)
+   every CPU: attention_fast (line 5226), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6810); swiglu_fast (line 4936),
    rmsnorm_fast (line 4953) and to_halves_fast (line 4675); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6930).
+   (panel_room(), line 6939).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5065,6 +5065,31 @@ static inline __attribute__((always_inline)) void attention_span_scores(float *c
     }
 }
 
+/* Up to three rows of a task of attention_chunk() from row r0 (of rows),
+   for its span of n positions from p0: how many of them each row's query
+   sees, the row's scores (then weights) there, its query and its output. */
+typedef struct {
+    int n, seen[3];
+    float *scores[3];
+    const float *weights[3], *q[3];
+    float *out[3];
+} AttentionRows;
+
+static AttentionRows attention_rows(float *parts, float *work, const float *q, const KVCache *kv, int h, int c0,
+                                    int pos, int t0, int first, int r0, int rows, int p0, int n) {
+    int hd = kv->head_dim, group = kv->n_heads / kv->n_kv_heads;
+    AttentionRows a = {.n = rows - r0 < 3 ? rows - r0 : 3};
+    for (int i = 0; i < a.n; i++) { // row r: query first + r / group, head h * group + r % group
+        int t = first + (r0 + i) / group, head = h * group + (r0 + i) % group;
+        a.seen[i] = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n;
+        a.scores[i] = work + (size_t)(r0 + i) * ATTENTION_CHUNK + (p0 - c0);
+        a.weights[i] = a.scores[i];
+        a.q[i] = q + ((size_t)t * kv->n_heads + head) * hd;
+        a.out[i] = parts + ((size_t)(t - t0) * kv->n_heads + head) * (hd + 2) + 2;
+    }
+    return a;
+}
+
 /* One task of attention_fast(): kv head h, the chunk of positions c0 ..
    c0 + ATTENTION_CHUNK - 1, queries t0 .. t1 - 1 of q at positions pos +
    t. For each query that sees some of the chunk and each query head on h,
@@ -5074,31 +5099,23 @@ static inline __attribute__((always_inline)) void attention_span_scores(float *c
    and values are read once for all of them. work: this thread's scratch. */
 static void attention_chunk(float *parts, float *work, const float *q, const KVCache *kv, int h, int c0, int pos,
                             int t0, int t1) {
-    int hd = kv->head_dim, group = kv->n_heads / kv->n_kv_heads, q_dim = kv->n_heads * hd;
+    int hd = kv->head_dim, group = kv->n_heads / kv->n_kv_heads;
     int end = c0 + ATTENTION_CHUNK < pos + t1 ? c0 + ATTENTION_CHUNK : pos + t1; // after the last position seen
     int first = c0 - pos > t0 ? c0 - pos : t0;                                   // the first query that sees one
     size_t head = (size_t)h * kv->ctx * hd * (kv->f16 ? 2 : sizeof(float));
     const char *keys = (const char *)kv->keys + head, *values = (const char *)kv->values + head;
     float *span = work + (size_t)ATTENTION_QUERIES * kv->n_heads * ATTENTION_CHUNK; // (ATTENTION_SPAN, hd)
     float scale = 1.0f / sqrtf((float)hd);
-    int rows = (t1 - first) * group; // row r: query first + r / group, head h * group + r % group
+    int rows = (t1 - first) * group; // a query and a query head each (attention_rows())
     for (int p0 = c0; p0 < end; p0 += ATTENTION_SPAN) { // scores, row r of work, three rows at a time
         int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
         const float *k = span_floats(span, keys, p0, n, hd, kv->f16, 1);
         for (int r0 = 0; r0 < rows; r0 += 3) {
-            int nq = rows - r0 < 3 ? rows - r0 : 3, seen[3];
-            float *scores[3];
-            const float *qr[3];
-            for (int i = 0; i < nq; i++) {
-                int t = first + (r0 + i) / group, g = (r0 + i) % group;
-                seen[i] = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n;
-                scores[i] = work + (size_t)(r0 + i) * ATTENTION_CHUNK + (p0 - c0);
-                qr[i] = q + (size_t)t * q_dim + (size_t)(h * group + g) * hd;
-            }
-            switch (nq) {
-            case 3: attention_span_scores(scores, qr, seen, k, hd, scale, 3); break;
-            case 2: attention_span_scores(scores, qr, seen, k, hd, scale, 2); break;
-            default: attention_span_scores(scores, qr, seen, k, hd, scale, 1);
+            AttentionRows a = attention_rows(parts, work, q, kv, h, c0, pos, t0, first, r0, rows, p0, n);
+            switch (a.n) {
+            case 3: attention_span_scores(a.scores, a.q, a.seen, k, hd, scale, 3); break;
+            case 2: attention_span_scores(a.scores, a.q, a.seen, k, hd, scale, 2); break;
+            default: attention_span_scores(a.scores, a.q, a.seen, k, hd, scale, 1);
             }
         }
     }
@@ -5115,19 +5132,11 @@ static void attention_chunk(float *parts, float *work, const float *q, const KVC
         int n = end - p0 < ATTENTION_SPAN ? end - p0 : ATTENTION_SPAN;
         const float *v = span_floats(span, values, p0, n, hd, kv->f16, 0);
         for (int r0 = 0; r0 < rows; r0 += 3) {
-            int nq = rows - r0 < 3 ? rows - r0 : 3, seen[3];
-            float *out[3];
-            const float *w[3];
-            for (int i = 0; i < nq; i++) {
-                int t = first + (r0 + i) / group, g = (r0 + i) % group;
-                seen[i] = pos + t + 1 - p0 < n ? pos + t + 1 - p0 : n;
-                w[i] = work + (size_t)(r0 + i) * ATTENTION_CHUNK + (p0 - c0);
-                out[i] = parts + ((size_t)(t - t0) * kv->n_heads + h * group + g) * (hd + 2) + 2;
-            }
-            switch (nq) {
-            case 3: attention_mix_add_rows(out, w, v, seen, hd, 3); break;
-            case 2: attention_mix_add_rows(out, w, v, seen, hd, 2); break;
-            default: attention_mix_add_rows(out, w, v, seen, hd, 1);
+            AttentionRows a = attention_rows(parts, work, q, kv, h, c0, pos, t0, first, r0, rows, p0, n);
+            switch (a.n) {
+            case 3: attention_mix_add_rows(a.out, a.weights, v, a.seen, hd, 3); break;
+            case 2: attention_mix_add_rows(a.out, a.weights, v, a.seen, hd, 2); break;
+            default: attention_mix_add_rows(a.out, a.weights, v, a.seen, hd, 1);
             }
         }
     }
