@@ -4762,7 +4762,7 @@ static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int
 
 #define ATTENTION_CHUNK 128  // positions per task: one token's attention at depth spreads over the threads
 #define ATTENTION_QUERIES 16 // queries of a batch done together: they share each chunk's keys and values, widened once
-#define ATTENTION_SPAN 32    // positions of a chunk widened to f32 at a time, in the thread's scratch (L1)
+#define ATTENTION_SPAN 32    // positions of a chunk at a time (an f16 cache's widened to f32 in the thread's scratch, L1)
 
 /* Floats of scratch that an f16 cache's keys and values take as f32, for
    positions up to ctx of n_heads heads (kv heads are as many or fewer). */
