@@ -854,6 +854,36 @@ static void test_swiglu(void) {
     free(gate), free(up), free(result);
 }
 
+/* attention_scores8_rows() and attention_mix_add_rows() for nq rows of a
+   span of n positions: each row to the bit what attention_scores8() and
+   attention_mix_add() give it alone, the rows seeing n or fewer positions
+   (in order, as attention_chunk() hands them over). */
+static void attention_rows_as_one(const float *span, int n, int hd, float scale, int nq) {
+    float *q[3], *weights[3], scores[3][8], alone[8], out[3][128], before[128], want[128];
+    int seen[3];
+    for (int r = 0; r < nq; r++) q[r] = random_floats(hd), weights[r] = random_floats(n);
+    for (int r = nq - 1; r >= 0; r--) seen[r] = r == nq - 1 ? n : below(seen[r + 1] + 1);
+    for (int j = 0; j < n; j += 8) {
+        float *at[3] = {scores[0], scores[1], scores[2]};
+        attention_scores8_rows(at, (const float *const *)q, span + (size_t)j * hd, hd, scale, nq);
+        for (int r = 0; r < nq; r++) {
+            attention_scores8(alone, q[r], span + (size_t)j * hd, hd, scale);
+            for (int p = j; p < j + 8 && p < n; p++)
+                expect("attention_scores8_rows", hd, nq * 100 + r, p, scores[r][p - j], alone[p - j], 0);
+        }
+    }
+    for (int i = 0; i < hd; i++) before[i] = uniform();
+    float *outs[3] = {out[0], out[1], out[2]};
+    for (int r = 0; r < nq; r++) memcpy(out[r], before, (size_t)hd * sizeof(float));
+    attention_mix_add_rows(outs, (const float *const *)weights, span, seen, hd, nq);
+    for (int r = 0; r < nq; r++) {
+        memcpy(want, before, (size_t)hd * sizeof(float));
+        if (seen[r] > 0) attention_mix_add(want, weights[r], span, seen[r], hd);
+        for (int i = 0; i < hd; i++) expect("attention_mix_add_rows", hd, nq * 100 + seen[r], i, out[r][i], want[i], 0);
+    }
+    for (int r = 0; r < nq; r++) free(q[r]), free(weights[r]);
+}
+
 /* The pieces of attention_fast() for one head: a span of the cache widened,
    eight scores, softmax's exp and sum, the mix, against double sums. */
 static void test_attention_kernels(void) {
@@ -895,6 +925,7 @@ static void test_attention_kernels(void) {
                     }
                     expect("attention_mix_add", hd, n, i, out[i], want, 1e-5 * mag + 1e-30);
                 }
+                for (int nq = 2; nq <= 3; nq++) attention_rows_as_one(span, n, hd, scale, nq);
             }
             float w[40], max = -INFINITY;
             double sum = 0;
