@@ -4484,19 +4484,19 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4753)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5399)           gemm_rows_avx2 (line 5405)
-                  q8_0 q4_0     q_tile_avx2 (line 5599)           q_batch_avx2 (line 6059); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5733)           k_batch_avx2 (line 5938); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6426)         gemm_rows_avx512 (line 6432)
-                  q8_0          dot_q8_both_avx512 (line 6221)    qgemm_rows_avx512 (line 6580)
-                  q4_0          dot_q4_avx512 (line 6206)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6315)         kgemm_rows_avx512 (line 6697)
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5401)           gemm_rows_avx2 (line 5407)
+                  q8_0 q4_0     q_tile_avx2 (line 5601)           q_batch_avx2 (line 6061); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5735)           k_batch_avx2 (line 5940); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6428)         gemm_rows_avx512 (line 6434)
+                  q8_0          dot_q8_both_avx512 (line 6223)    qgemm_rows_avx512 (line 6582)
+                  q4_0          dot_q4_avx512 (line 6208)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6317)         kgemm_rows_avx512 (line 6699)
    every CPU: attention_fast (line 5226), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6810); swiglu_fast (line 4936),
+   of 16 queries in attention_chunk_avx512 (line 6812); swiglu_fast (line 4936),
    rmsnorm_fast (line 4953) and to_halves_fast (line 4675); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6939).
+   (panel_room(), line 6941).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4644,9 +4644,9 @@ static inline __attribute__((always_inline)) void matvec_floats_with(float *out,
 
 /* Batches (n > 1) in tiles of weight rows by tokens, one pass at a time:
    each weight of a pass is loaded once per tile and used for every token
-   of it. Each CPU's tile has its own shape; the portable one and AVX2's
-   take GEMM_ROWS by GEMM_TOKENS. */
-#define GEMM_ROWS 8    // weight rows per tile: the most any CPU's tile takes
+   of it. Each CPU's tile has its own shape; the portable one takes
+   GEMM_ROWS by GEMM_TOKENS, AVX2's 4 rows by GEMM_TOKENS. */
+#define GEMM_ROWS 8    // weight rows per portable tile
 #define GEMM_TOKENS 3  // tokens per tile: AVX2 keeps 4 rows x 3 sums, 3 inputs and a row in its 16 registers
 #define GEMM_CHUNK_BYTES (512 * 1024) // inputs of a chunk of tokens: they stay in L2 for every tile of a row block
 
@@ -5323,39 +5323,41 @@ AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][4], const float *w, int 
     }
 }
 
-/* gemm_tile_fast() for a tile of GEMM_ROWS rows and nt tokens, four rows
-   at a time: their 4 x 3 sums, 3 inputs and a row fill the 16 registers.
-   The 16 lanes of a sum in two sweeps of 8: lanes 0-7 over columns 16m ..
-   16m + 7, then lanes 8-15 over 16m + 8 .. 16m + 15, added at the end. */
+/* gemm_tile_fast() for a tile of 4 rows and nt tokens: their 4 x 3 sums,
+   3 inputs and a row fill the 16 registers. Four rows (16 KiB of a pass)
+   stay in L1 while the chunk's tokens stream past them; with 8, the rows
+   alone filled a 32 KiB L1 and came from L2 for every 3 tokens. The 16
+   lanes of a sum in two sweeps of 8: lanes 0-7 over columns 16m .. 16m +
+   7, then lanes 8-15 over 16m + 8 .. 16m + 15, added at the end. */
+#define AVX2_TILE_ROWS 4
 AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
     int ldw = g->ldw, ldx = g->ldx, depth = g->depth, end = depth / LANES * LANES;
     __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256i tail[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end), lane),
                        _mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end - 8), lane)};
-    __m256 h[GEMM_TOKENS][GEMM_ROWS];
-    for (int r = 0; r < GEMM_ROWS; r += 4) {
-        const float *w = g->w + (size_t)r * ldw;
-        for (int half = 0; half < 2; half++) {
-            __m256 acc[GEMM_TOKENS][4];
-            for (int t = 0; t < nt; t++)
-                for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_ps();
-            for (int k = 8 * half; k < end; k += LANES) gemm_step_avx2(acc, w, ldw, g->x, ldx, k, NULL, nt);
-            if (end < depth) gemm_step_avx2(acc, w, ldw, g->x, ldx, end + 8 * half, &tail[half], nt);
-            for (int t = 0; t < nt; t++)
-                for (int i = 0; i < 4; i++) h[t][r + i] = half ? _mm256_add_ps(h[t][r + i], acc[t][i]) : acc[t][i];
-        }
+    __m256 h[GEMM_TOKENS][8];
+    for (int t = 0; t < nt; t++)
+        for (int i = 4; i < 8; i++) h[t][i] = _mm256_setzero_ps(); // sum8_lanes() takes 8 rows
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[GEMM_TOKENS][4];
+        for (int t = 0; t < nt; t++)
+            for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_ps();
+        for (int k = 8 * half; k < end; k += LANES) gemm_step_avx2(acc, g->w, ldw, g->x, ldx, k, NULL, nt);
+        if (end < depth) gemm_step_avx2(acc, g->w, ldw, g->x, ldx, end + 8 * half, &tail[half], nt);
+        for (int t = 0; t < nt; t++)
+            for (int i = 0; i < 4; i++) h[t][i] = half ? _mm256_add_ps(h[t][i], acc[t][i]) : acc[t][i];
     }
     for (int t = 0; t < nt; t++) {
         float *c = g->c + (size_t)t * g->ldc;
-        __m256 sum = sum8_lanes(h[t]);
-        if (g->accumulate) sum = _mm256_add_ps(_mm256_loadu_ps(c), sum);
-        _mm256_storeu_ps(c, sum);
+        __m128 sum = _mm256_castps256_ps128(sum8_lanes(h[t])); // output i in lane i
+        if (g->accumulate) sum = _mm_add_ps(_mm_loadu_ps(c), sum);
+        _mm_storeu_ps(c, sum);
     }
 }
 
 static void gemm_tile_avx2(const GemmTile *g) {
-    if (g->rows < GEMM_ROWS) {
-        gemm_tile_fast(g); // a matrix's last rows, where they are not a multiple of 8
+    if (g->rows < AVX2_TILE_ROWS) {
+        gemm_tile_fast(g); // a matrix's last rows, where they are not a multiple of 4
         return;
     }
     switch (g->tokens) {
@@ -5403,7 +5405,7 @@ static void lanes8_avx2(float lanes[8][LANES], const void *w, size_t ld, const f
 }
 
 static void gemm_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2, GEMM_ROWS, GEMM_TOKENS);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2, AVX2_TILE_ROWS, GEMM_TOKENS);
 }
 
 static void matmul_floats_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
