@@ -5387,8 +5387,8 @@ AVX2_INLINE void lanes8_body_avx2(float lanes[8][LANES], const void *w, size_t l
             __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
             for (int r = 0; r < 4; r++) {
                 const char *row = (const char *)w + ((r0 + r) * ld + i) * size;
-                if (type == WEIGHT_F32) prefetch(row);
-                else if (i % 32 == 0) __builtin_prefetch(row + 8 * ld * size); // as lanes8_avx512()
+                if (type == WEIGHT_F32 || i % 32 == 0) // the next 8 rows' line: each step reads f32's
+                    __builtin_prefetch(row + 8 * ld * size);
                 acc[r][0] = _mm256_fmadd_ps(widen8_avx2(row, type), x0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_ps(widen8_avx2(row + 8 * size, type), x1, acc[r][1]);
             }
