@@ -4482,21 +4482,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4753)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4754)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5401)           gemm_rows_avx2 (line 5407)
-                  q8_0 q4_0     q_tile_avx2 (line 5601)           q_batch_avx2 (line 6061); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5735)           k_batch_avx2 (line 5940); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6428)         gemm_rows_avx512 (line 6434)
-                  q8_0          dot_q8_both_avx512 (line 6223)    qgemm_rows_avx512 (line 6582)
-                  q4_0          dot_q4_avx512 (line 6208)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6317)         kgemm_rows_avx512 (line 6699)
-   every CPU: attention_fast (line 5226), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6812); swiglu_fast (line 4936),
-   rmsnorm_fast (line 4953) and to_halves_fast (line 4675); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5402)           gemm_rows_avx2 (line 5408)
+                  q8_0 q4_0     q_tile_avx2 (line 5602)           q_batch_avx2 (line 6062); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5736)           k_batch_avx2 (line 5941); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6429)         gemm_rows_avx512 (line 6435)
+                  q8_0          dot_q8_both_avx512 (line 6224)    qgemm_rows_avx512 (line 6583)
+                  q4_0          dot_q4_avx512 (line 6209)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6318)         kgemm_rows_avx512 (line 6700)
+   every CPU: attention_fast (line 5227), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6813); swiglu_fast (line 4937),
+   rmsnorm_fast (line 4954) and to_halves_fast (line 4676); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6941).
+   (panel_room(), line 6942).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4600,13 +4600,14 @@ static inline __attribute__((always_inline)) float dot_pass(const void *w, const
     return sum_lanes(acc);
 }
 
-/* One token's products with 8 rows of a pass: lanes[r] (LANES) += the
+/* One token's products with 8 rows of a pass: lanes[r] (LANES) = the
    lanes of row r . x over the first n columns, n a multiple of LANES, the
    rows ld weights of the type apart. The CPU's own versions follow in the
    appendix. */
 typedef void Lanes8Kernel(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int type);
 
 static void lanes8_fast(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int type) {
+    memset(lanes, 0, 8 * sizeof *lanes);
     for (int r = 0; r < 8; r++) dot_lanes(lanes[r], (const char *)w + r * ld * float_size(type), x, 0, n, type);
 }
 
@@ -4621,7 +4622,7 @@ static inline __attribute__((always_inline)) void matvec_floats_with(float *out,
         float sum[8] = {0};
         for (int k = 0; k < cols; k += GEMM_DEPTH) {
             int depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH, whole = depth / LANES * LANES;
-            float lanes[8][LANES] = {{0}};
+            float lanes[8][LANES];
             const char *at = values + ((size_t)r * cols + k) * size;
             lanes8(lanes, at, cols, x + k, whole, type);
             for (int i = 0; i < 8; i++) {
@@ -5382,7 +5383,7 @@ AVX2_INLINE void lanes8_body_avx2(float lanes[8][LANES], const void *w, size_t l
     for (int r0 = 0; r0 < 8; r0 += 4) {
         __m256 acc[4][2];
         for (int r = 0; r < 4; r++)
-            for (int h = 0; h < 2; h++) acc[r][h] = _mm256_loadu_ps(lanes[r0 + r] + 8 * h);
+            for (int h = 0; h < 2; h++) acc[r][h] = _mm256_setzero_ps();
         for (int i = 0; i < n; i += LANES) {
             __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
             for (int r = 0; r < 4; r++) {
@@ -6412,7 +6413,7 @@ AVX512_INLINE void lanes8_body_avx512(float lanes[8][LANES], const void *w, size
                                       const int type) {
     int size = float_size(type);
     __m512 acc[8];
-    for (int r = 0; r < 8; r++) acc[r] = _mm512_loadu_ps(lanes[r]);
+    for (int r = 0; r < 8; r++) acc[r] = _mm512_setzero_ps();
     for (int i = 0; i < n; i += LANES) {
         __m512 xv = _mm512_loadu_ps(x + i);
         for (int r = 0; r < 8; r++) {
