@@ -6013,13 +6013,13 @@ AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 
                                     const int nt) {
     const uint32_t *values = tile->slice->values + (size_t)g * (GROUP_SIZE / 2) * KSLICE;
     int cols = tile->slice->cols;
+    for (int t = 0; t < nt; t++) sums[t] = _mm256_setzero_si256(); // (a sum begun at j = 0 became a branch)
     for (int j = 0; j < GROUP_SIZE / 2; j++) {
         __m256i wv = _mm256_loadu_si256((const __m256i *)(values + j * KSLICE));
         for (int t = 0; t < nt; t++) {
             int32_t two;
             memcpy(&two, wide + (size_t)(tile->t0 + t) * cols + g * GROUP_SIZE + 2 * j, sizeof two);
-            __m256i sum = _mm256_madd_epi16(wv, _mm256_set1_epi32(two));
-            sums[t] = j ? _mm256_add_epi32(sums[t], sum) : sum;
+            sums[t] = _mm256_add_epi32(sums[t], _mm256_madd_epi16(wv, _mm256_set1_epi32(two)));
         }
     }
 }
