@@ -4485,18 +4485,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4754)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5402)           gemm_rows_avx2 (line 5408)
-                  q8_0 q4_0     q_tile_avx2 (line 5602)           q_batch_avx2 (line 6062); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5736)           k_batch_avx2 (line 5941); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6429)         gemm_rows_avx512 (line 6435)
-                  q8_0          dot_q8_both_avx512 (line 6224)    qgemm_rows_avx512 (line 6583)
-                  q4_0          dot_q4_avx512 (line 6209)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6318)         kgemm_rows_avx512 (line 6700)
+                  q8_0 q4_0     q_tile_avx2 (line 5602)           q_batch_avx2 (line 6073); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5736)           k_batch_avx2 (line 5945); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6447)         gemm_rows_avx512 (line 6453)
+                  q8_0          dot_q8_both_avx512 (line 6242)    qgemm_rows_avx512 (line 6601)
+                  q4_0          dot_q4_avx512 (line 6227)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6336)         kgemm_rows_avx512 (line 6718)
    every CPU: attention_fast (line 5227), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6813); swiglu_fast (line 4937),
+   of 16 queries in attention_chunk_avx512 (line 6831); swiglu_fast (line 4937),
    rmsnorm_fast (line 4954) and to_halves_fast (line 4676); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6942).
+   (panel_room(), line 6960).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5760,9 +5760,13 @@ typedef struct {
     int cols;
 } KSliceAvx2;
 
-/* The thread's slice, in its room: 20 bytes a column. */
-static KSliceAvx2 k_slice_avx2(const ProductScratch *in, int cols) {
-    char *at = (char *)in->room + (size_t)thread_num() * in->room_size;
+/* Slices packed at a time: each tile of tokens is run on all of them while
+   its inputs are in L1, not streamed from L2 or L3 again for each slice. */
+#define KSLICES (ROW_BLOCK / KSLICE)
+
+/* The thread's slice i (of KSLICES), in its room: 20 bytes a column each. */
+static KSliceAvx2 k_slice_avx2(const ProductScratch *in, int cols, int i) {
+    char *at = (char *)in->room + (size_t)thread_num() * in->room_size + (size_t)i * 20 * cols;
     KSliceAvx2 s = {.values = (uint32_t *)at, .scales = (float *)(at + (size_t)16 * cols), .cols = cols};
     s.mins = s.scales + (size_t)cols / GROUP_SIZE * KSLICE;
     s.subs = (int32_t *)s.mins;
@@ -5940,17 +5944,24 @@ AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int
    k_rows_avx2() gives it for its token alone. */
 AVX2_INLINE void k_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
                               const int type) {
-    KSliceAvx2 s = k_slice_avx2(in, w->cols);
-    for (int r = r0; r < r1; r += KSLICE) {
-        k_pack_slice_avx2(&s, w, r, type);
-        KTileAvx2 tile = {.slice = &s, .x = &in->q, .out = out + r - r0, .ldo = ldo, .rows = r1 - r};
-        for (tile.t0 = 0; tile.t0 < in->n; tile.t0 += KTILE_TOKENS)
-            switch (in->n - tile.t0 < KTILE_TOKENS ? in->n - tile.t0 : KTILE_TOKENS) {
-            case 5: k_tile_body_avx2(&tile, 5, type); break;
-            case 4: k_tile_body_avx2(&tile, 4, type); break;
-            case 3: k_tile_body_avx2(&tile, 3, type); break;
-            case 2: k_tile_body_avx2(&tile, 2, type); break;
-            default: k_tile_body_avx2(&tile, 1, type);
+    for (int b = r0; b < r1; b += KSLICES * KSLICE) {
+        KSliceAvx2 s[KSLICES];
+        int slices = 0;
+        for (int r = b; r < r1 && slices < KSLICES; r += KSLICE, slices++) {
+            s[slices] = k_slice_avx2(in, w->cols, slices);
+            k_pack_slice_avx2(&s[slices], w, r, type);
+        }
+        for (int t0 = 0; t0 < in->n; t0 += KTILE_TOKENS)
+            for (int i = 0; i < slices; i++) {
+                int r = b + i * KSLICE;
+                KTileAvx2 tile = {.slice = &s[i], .x = &in->q, .out = out + r - r0, .ldo = ldo, .rows = r1 - r, .t0 = t0};
+                switch (in->n - t0 < KTILE_TOKENS ? in->n - t0 : KTILE_TOKENS) {
+                case 5: k_tile_body_avx2(&tile, 5, type); break;
+                case 4: k_tile_body_avx2(&tile, 4, type); break;
+                case 3: k_tile_body_avx2(&tile, 3, type); break;
+                case 2: k_tile_body_avx2(&tile, 2, type); break;
+                default: k_tile_body_avx2(&tile, 1, type);
+                }
             }
     }
 }
@@ -6061,17 +6072,24 @@ AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const ProductScratch 
    output comes out as q_tile_body_avx2() gives it. */
 AVX2_INLINE void q_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
                               const int q8) {
-    KSliceAvx2 s = k_slice_avx2(in, w->cols);
-    for (int r = r0; r < r1; r += KSLICE) {
-        q_pack_slice_avx2(&s, w, r, q8);
-        KTileAvx2 tile = {.slice = &s, .x = &in->q, .out = out + r - r0, .ldo = ldo, .rows = r1 - r};
-        for (tile.t0 = 0; tile.t0 < in->n; tile.t0 += KTILE_TOKENS)
-            switch (in->n - tile.t0 < KTILE_TOKENS ? in->n - tile.t0 : KTILE_TOKENS) {
-            case 5: q_tile_packed_avx2(&tile, in, 5, q8); break;
-            case 4: q_tile_packed_avx2(&tile, in, 4, q8); break;
-            case 3: q_tile_packed_avx2(&tile, in, 3, q8); break;
-            case 2: q_tile_packed_avx2(&tile, in, 2, q8); break;
-            default: q_tile_packed_avx2(&tile, in, 1, q8);
+    for (int b = r0; b < r1; b += KSLICES * KSLICE) {
+        KSliceAvx2 s[KSLICES];
+        int slices = 0;
+        for (int r = b; r < r1 && slices < KSLICES; r += KSLICE, slices++) {
+            s[slices] = k_slice_avx2(in, w->cols, slices);
+            q_pack_slice_avx2(&s[slices], w, r, q8);
+        }
+        for (int t0 = 0; t0 < in->n; t0 += KTILE_TOKENS)
+            for (int i = 0; i < slices; i++) {
+                int r = b + i * KSLICE;
+                KTileAvx2 tile = {.slice = &s[i], .x = &in->q, .out = out + r - r0, .ldo = ldo, .rows = r1 - r, .t0 = t0};
+                switch (in->n - t0 < KTILE_TOKENS ? in->n - t0 : KTILE_TOKENS) {
+                case 5: q_tile_packed_avx2(&tile, in, 5, q8); break;
+                case 4: q_tile_packed_avx2(&tile, in, 4, q8); break;
+                case 3: q_tile_packed_avx2(&tile, in, 3, q8); break;
+                case 2: q_tile_packed_avx2(&tile, in, 2, q8); break;
+                default: q_tile_packed_avx2(&tile, in, 1, q8);
+                }
             }
     }
 }
@@ -6938,7 +6956,7 @@ AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int 
 /* The bytes of room each thread's batch products need: a block of
    ROW_BLOCK rows of the widest input, as floats (gemm_rows_with()'s bf16
    and f16 rows widened) or packed (AVX-512's qgemm_pack_avx512(), AVX2's
-   K slice, k_slice_avx2()). f32 weights alone need none. */
+   KSLICES K slices, k_slice_avx2()). f32 weights alone need none. */
 static size_t panel_room(const Config *c, int batch) {
     int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
     if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
