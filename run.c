@@ -4482,21 +4482,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4754)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4755)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5402)           gemm_rows_avx2 (line 5408)
-                  q8_0 q4_0     q_tile_avx2 (line 5602)           q_batch_avx2 (line 6073); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5736)           k_batch_avx2 (line 5945); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6447)         gemm_rows_avx512 (line 6453)
-                  q8_0          dot_q8_both_avx512 (line 6242)    qgemm_rows_avx512 (line 6601)
-                  q4_0          dot_q4_avx512 (line 6227)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6336)         kgemm_rows_avx512 (line 6718)
-   every CPU: attention_fast (line 5227), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6831); swiglu_fast (line 4937),
-   rmsnorm_fast (line 4954) and to_halves_fast (line 4676); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5404)           gemm_rows_avx2 (line 5410)
+                  q8_0 q4_0     q_tile_avx2 (line 5604)           q_batch_avx2 (line 6075); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5738)           k_batch_avx2 (line 5947); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6449)         gemm_rows_avx512 (line 6455)
+                  q8_0          dot_q8_both_avx512 (line 6244)    qgemm_rows_avx512 (line 6603)
+                  q4_0          dot_q4_avx512 (line 6229)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6338)         kgemm_rows_avx512 (line 6720)
+   every CPU: attention_fast (line 5228), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6833); swiglu_fast (line 4938),
+   rmsnorm_fast (line 4955) and to_halves_fast (line 4676); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6960).
+   (panel_room(), line 6962).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4699,17 +4699,18 @@ static void widen_f16(float *out, const uint16_t *in, size_t n) {
 /* The batch product of f32, bf16 or f16 weights, rows r0 .. r1 - 1, in
    tiles of up to tile_rows rows by tile_tokens tokens (the kernel `tile`
    takes any count up to those), a block of ROW_BLOCK rows at a time: the
-   tokens in chunks whose inputs stay in L2 while each tile of rows runs
-   every pass over them, so that neither the inputs nor the row block leave
-   L2; bf16 and f16 weights widened once a block into the thread's room
+   tokens in chunks of chunk_bytes of inputs, which stay in L2 while each
+   tile of rows runs every pass over them, so that neither the inputs nor
+   the row block leave L2; bf16 and f16 weights widened once a block into the thread's room
    (panel_room()), then reused by every chunk. Inlined into each CPU's
    version, with its shape as literals, so that its tile kernel is a direct
    call. */
 static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int ldo, const Matrix *w, int r0, int r1,
                                                                  const ProductScratch *in, GemmTileKernel *tile_kernel,
-                                                                 const int tile_rows, const int tile_tokens) {
+                                                                 const int tile_rows, const int tile_tokens,
+                                                                 const size_t chunk_bytes) {
     int cols = w->cols, n = in->n;
-    int chunk = (int)(GEMM_CHUNK_BYTES / (sizeof(float) * cols)) / tile_tokens * tile_tokens;
+    int chunk = (int)(chunk_bytes / (sizeof(float) * cols)) / tile_tokens * tile_tokens;
     if (chunk < tile_tokens) chunk = tile_tokens;
     for (int b0 = r0; b0 < r1; b0 += ROW_BLOCK) {
         int b1 = r1 - b0 < ROW_BLOCK ? r1 : b0 + ROW_BLOCK;
@@ -4752,7 +4753,7 @@ static inline __attribute__((always_inline)) void matmul_floats(float *out, int 
 }
 
 static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_fast, GEMM_ROWS, GEMM_TOKENS);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_fast, GEMM_ROWS, GEMM_TOKENS, GEMM_CHUNK_BYTES);
 }
 
 static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -5331,6 +5332,7 @@ AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][4], const float *w, int 
    lanes of a sum in two sweeps of 8: lanes 0-7 over columns 16m .. 16m +
    7, then lanes 8-15 over 16m + 8 .. 16m + 15, added at the end. */
 #define AVX2_TILE_ROWS 4
+#define AVX2_CHUNK_BYTES (256 * 1024) // gemm_rows_with()'s chunks: half of Zen 3's 512 KiB L2
 AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
     int ldw = g->ldw, ldx = g->ldx, depth = g->depth, end = depth / LANES * LANES;
     __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -5406,7 +5408,7 @@ static void lanes8_avx2(float lanes[8][LANES], const void *w, size_t ld, const f
 }
 
 static void gemm_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2, AVX2_TILE_ROWS, GEMM_TOKENS);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2, AVX2_TILE_ROWS, GEMM_TOKENS, AVX2_CHUNK_BYTES);
 }
 
 static void matmul_floats_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -6451,7 +6453,7 @@ AVX512 static void lanes8_avx512(float lanes[8][LANES], const void *w, size_t ld
 }
 
 AVX512 static void gemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512, GEMM512_ROWS, GEMM512_TOKENS);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512, GEMM512_ROWS, GEMM512_TOKENS, GEMM_CHUNK_BYTES);
 }
 
 AVX512 static void matmul_floats_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
