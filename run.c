@@ -2283,6 +2283,8 @@ static void alloc_trace(Transformer *t, const TraceRequest *asked) {
         tr->lens_logits = xcalloc(c->vocab_size, sizeof(float), "the logit lens");
         alloc_quantized(&tr->lens_in.q, c->dim, "the logit lens"); // one row of dim
         alloc_quantized(&tr->lens_in.rest, c->dim, "the logit lens");
+        tr->lens_in.wide = xcalloc(c->dim, sizeof(int16_t), "the logit lens"); // q8_0 on AVX2
+        tr->lens_in.wide_d = xcalloc(c->dim / GROUP_SIZE + 1, sizeof(float), "the logit lens");
     }
     if (asked->attention_last >= 0) {
         int span = asked->attention_last - asked->attention_first + 1;
@@ -2297,6 +2299,7 @@ static void free_trace(Trace *tr) {
     if (!tr) return;
     free_quantized(&tr->lens_in.q);
     free_quantized(&tr->lens_in.rest);
+    free(tr->lens_in.wide), free(tr->lens_in.wide_d);
     free(tr->rows), free(tr->entropy), free(tr->weights), free(tr->mean), free(tr->lens_top), free(tr->lens_prob);
     free(tr->lens_x), free(tr->lens_logits), free(tr->attention), free(tr);
 }
@@ -4482,21 +4485,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4609)           gemm_rows (line 4755)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4612)           gemm_rows (line 4758)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5404)           gemm_rows_avx2 (line 5410)
-                  q8_0 q4_0     q_tile_avx2 (line 5604)           q_batch_avx2 (line 6075); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5738)           k_batch_avx2 (line 5947); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6449)         gemm_rows_avx512 (line 6455)
-                  q8_0          dot_q8_both_avx512 (line 6244)    qgemm_rows_avx512 (line 6603)
-                  q4_0          dot_q4_avx512 (line 6229)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6338)         kgemm_rows_avx512 (line 6720)
-   every CPU: attention_fast (line 5228), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6833); swiglu_fast (line 4938),
-   rmsnorm_fast (line 4955) and to_halves_fast (line 4676); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5407)           gemm_rows_avx2 (line 5413)
+                  q8_0 q4_0     q_tile_avx2 (line 5607)           q_batch_avx2 (line 6078); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5741)           k_batch_avx2 (line 5950); n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6452)         gemm_rows_avx512 (line 6458)
+                  q8_0          dot_q8_both_avx512 (line 6247)    qgemm_rows_avx512 (line 6606)
+                  q4_0          dot_q4_avx512 (line 6232)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6341)         kgemm_rows_avx512 (line 6723)
+   every CPU: attention_fast (line 5231), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6836); swiglu_fast (line 4941),
+   rmsnorm_fast (line 4958) and to_halves_fast (line 4679); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6962).
+   (panel_room(), line 6965).
    ========================================================================= */
 
 #ifndef PLAIN

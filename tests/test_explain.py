@@ -48,10 +48,10 @@ def build():
         subprocess.run(["make", "-s", "run"], cwd=ROOT, check=True)
 
 
-def run_views(model, prompt, *flags):
+def run_views(model, prompt, *flags, env=None):
     """./run over token ids, greedy: (generated ids, stderr lines, logits bytes)."""
     p = subprocess.run([str(RUN), str(model), "--tokens", " ".join(map(str, prompt)), "-t", "0",
-                        *map(str, flags)], capture_output=True, text=True)
+                        *map(str, flags)], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
     return [int(x) for x in p.stdout.split()][len(prompt):], p.stderr.splitlines()
 
@@ -325,13 +325,16 @@ def model_lens(model, ids):
 LENS_TOL = {"q8_0": 2e-3, "q4_0": 0.08, "bf16": 6e-6}
 
 
+@pytest.mark.parametrize("avx512", ["as the CPU has it", "0"])
 @pytest.mark.parametrize("dtype", sorted(LENS_TOL))
-def test_lens_of_other_weight_types(hf_model, tmp_path, dtype):
-    """The lens reads a quantized classifier with the plain kernels of its
-    type: its top K tokens are those of model.py running the checkpoint's
-    decoded weights, each probability within LENS_TOL[dtype] relative.
-    Tokens whose reference probabilities lie within that bound of each
-    other may trade places (q4_0's noise reorders near-ties), no other."""
+def test_lens_of_other_weight_types(hf_model, tmp_path, dtype, avx512):
+    """The lens reads a quantized classifier with the kernels of its type:
+    its top K tokens are those of model.py running the checkpoint's decoded
+    weights, each probability within LENS_TOL[dtype] relative. Tokens whose
+    reference probabilities lie within that bound of each other may trade
+    places (q4_0's noise reorders near-ties), no other. RUN_AVX512=0 takes
+    the AVX2 kernels on an AVX-512 CPU: their q8_0 input is another form
+    (its 16-bit part), which the lens once lacked."""
     _, _, hf_dir = hf_model
     model = tmp_path / f"{dtype}.bin"
     subprocess.run([sys.executable, str(ROOT / "export.py"), str(model), "--hf", str(hf_dir), "--dtype", dtype],
@@ -339,7 +342,8 @@ def test_lens_of_other_weight_types(hf_model, tmp_path, dtype):
     args, state = export.read_checkpoint(model)
     decoded = export.Llama(args)
     decoded.load_state_dict(state)
-    _, lines = run_views(model, PROMPT, "-n", 0, "--lens", K, "--trace-format", "json")
+    env = dict(os.environ, RUN_AVX512=avx512) if avx512 == "0" else None
+    _, lines = run_views(model, PROMPT, "-n", 0, "--lens", K, "--trace-format", "json", env=env)
     ours, theirs = json_views(lines, "lens"), model_lens(decoded.eval(), PROMPT)
     assert set(ours) == set(theirs)
     tol = LENS_TOL[dtype]
