@@ -4487,19 +4487,19 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4612)           gemm_rows (line 4758)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5407)           gemm_rows_avx2 (line 5413)
-                  q8_0 q4_0     q_tile_avx2 (line 5607)           q_batch_avx2 (line 6078); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5741)           k_batch_avx2 (line 5950); n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6452)         gemm_rows_avx512 (line 6458)
-                  q8_0          dot_q8_both_avx512 (line 6247)    qgemm_rows_avx512 (line 6606)
-                  q4_0          dot_q4_avx512 (line 6232)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6341)         kgemm_rows_avx512 (line 6723)
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5416)           gemm_rows_avx2 (line 5422)
+                  q8_0 q4_0     q_tile_avx2 (line 5616)           packed_batch_avx2 (line 6051); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5750)           packed_batch_avx2; n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6443)         gemm_rows_avx512 (line 6449)
+                  q8_0          dot_q8_both_avx512 (line 6238)    qgemm_rows_avx512 (line 6597)
+                  q4_0          dot_q4_avx512 (line 6223)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6332)         kgemm_rows_avx512 (line 6714)
    every CPU: attention_fast (line 5231), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6836); swiglu_fast (line 4941),
+   of 16 queries in attention_chunk_avx512 (line 6827); swiglu_fast (line 4941),
    rmsnorm_fast (line 4958) and to_halves_fast (line 4679); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6965).
+   (panel_room(), line 6956).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4704,10 +4704,10 @@ static void widen_f16(float *out, const uint16_t *in, size_t n) {
    takes any count up to those), a block of ROW_BLOCK rows at a time: the
    tokens in chunks of chunk_bytes of inputs, which stay in L2 while each
    tile of rows runs every pass over them, so that neither the inputs nor
-   the row block leave L2; bf16 and f16 weights widened once a block into the thread's room
-   (panel_room()), then reused by every chunk. Inlined into each CPU's
-   version, with its shape as literals, so that its tile kernel is a direct
-   call. */
+   the row block leave L2; bf16 and f16 weights widened once a block into
+   the thread's room (panel_room()), then reused by every chunk. Inlined
+   into each CPU's version, with its shape as literals, so that its tile
+   kernel is a direct call. */
 static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int ldo, const Matrix *w, int r0, int r1,
                                                                  const ProductScratch *in, GemmTileKernel *tile_kernel,
                                                                  const int tile_rows, const int tile_tokens,
@@ -5312,6 +5312,17 @@ static inline float sum_avx2(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* The sums of 4 outputs, each of 16 lanes, h[i] holding lanes j + (j + 8)
+   of output i: sum8_lanes()'s tree for 4 outputs, output i into lane i. */
+AVX2_INLINE __m128 sum4_lanes(const __m256 h[4]) {
+    __m128 a[4], b[2];
+    for (int i = 0; i < 4; i++) // (j) + (j + 4)
+        a[i] = _mm_add_ps(_mm256_castps256_ps128(h[i]), _mm256_extractf128_ps(h[i], 1));
+    for (int i = 0; i < 2; i++) // (j) + (j + 2)
+        b[i] = _mm_add_ps(_mm_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm_shuffle_ps(a[2 * i], a[2 * i + 1], 0xee));
+    return _mm_add_ps(_mm_shuffle_ps(b[0], b[1], 0x88), _mm_shuffle_ps(b[0], b[1], 0xdd)); // 0 + 1
+}
+
 /* acc[t][i] += w[i] * x[t] for 4 rows w (stride ldw) and nt inputs x
    (stride ldx), the 8 columns at k, those of mask alone where it is given. */
 AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][4], const float *w, int ldw, const float *x, int ldx, int k,
@@ -5341,9 +5352,7 @@ AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
     __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256i tail[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end), lane),
                        _mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end - 8), lane)};
-    __m256 h[GEMM_TOKENS][8];
-    for (int t = 0; t < nt; t++)
-        for (int i = 4; i < 8; i++) h[t][i] = _mm256_setzero_ps(); // sum8_lanes() takes 8 rows
+    __m256 h[GEMM_TOKENS][4];
     for (int half = 0; half < 2; half++) {
         __m256 acc[GEMM_TOKENS][4];
         for (int t = 0; t < nt; t++)
@@ -5355,7 +5364,7 @@ AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
     }
     for (int t = 0; t < nt; t++) {
         float *c = g->c + (size_t)t * g->ldc;
-        __m128 sum = _mm256_castps256_ps128(sum8_lanes(h[t])); // output i in lane i
+        __m128 sum = sum4_lanes(h[t]); // output i in lane i
         if (g->accumulate) sum = _mm_add_ps(_mm_loadu_ps(c), sum);
         _mm_storeu_ps(c, sum);
     }
@@ -5558,7 +5567,7 @@ AVX2_INLINE __m256i q4_pair_sums_avx2(const __m256i pair[4]) {
    each group's exact sum in a lane of its own (lane k: groups k, k + 8,
    ...) times (weight scale x input scale) added by a fused multiply-add;
    then the 8 lanes added by sum_avx2().
-   q_batch_avx2() takes the same steps. The tile's rows lie one after
+   packed_batch_avx2() takes the same steps. The tile's rows lie one after
    another, and the block reads nr / rows of them: the prefetches run
    PREFETCH_AHEAD bytes ahead of the same share of the tile's bytes, as if
    it were read front to back. */
@@ -5935,56 +5944,13 @@ AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int
                 __m256 dx = _mm256_set1_ps(tile->x->d[at]);
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
                 if (type != WEIGHT_Q6_K)
-                    acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps((float)tile->x->group_sums[at]), _mm256_mul_ps(min, dx),
-                                              acc[t]);
+                    acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_set1_epi32(tile->x->group_sums[at])), // a load
+                                              _mm256_mul_ps(min, dx), acc[t]);
             }
         }
         for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
     }
     store_slice_sums_avx2(tile, lanes, nt);
-}
-
-/* matmul_k() for a batch, rows r0 .. r1 - 1: each slice packed into the
-   thread's room, then run for every token. Each output comes out as
-   k_rows_avx2() gives it for its token alone. */
-AVX2_INLINE void k_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
-                              const int type) {
-    for (int b = r0; b < r1; b += KSLICES * KSLICE) {
-        KSliceAvx2 s[KSLICES];
-        int slices = 0;
-        for (int r = b; r < r1 && slices < KSLICES; r += KSLICE, slices++) {
-            s[slices] = k_slice_avx2(in, w->cols, slices);
-            k_pack_slice_avx2(&s[slices], w, r, type);
-        }
-        for (int t0 = 0; t0 < in->n; t0 += KTILE_TOKENS)
-            for (int i = 0; i < slices; i++) {
-                int r = b + i * KSLICE;
-                KTileAvx2 tile = {.slice = &s[i], .x = &in->q, .out = out + r - r0, .ldo = ldo, .rows = r1 - r, .t0 = t0};
-                switch (in->n - t0 < KTILE_TOKENS ? in->n - t0 : KTILE_TOKENS) {
-                case 5: k_tile_body_avx2(&tile, 5, type); break;
-                case 4: k_tile_body_avx2(&tile, 4, type); break;
-                case 3: k_tile_body_avx2(&tile, 3, type); break;
-                case 2: k_tile_body_avx2(&tile, 2, type); break;
-                default: k_tile_body_avx2(&tile, 1, type);
-                }
-            }
-    }
-}
-
-/* One token, or a few, row by row; more packed. */
-AVX2_INLINE void k_product_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
-                                const int type) {
-    if (in->n >= KBATCH_MIN) k_batch_avx2(out, ldo, w, r0, r1, in, type);
-    else k_rows_avx2(out, ldo, w, r0, r1, in, type);
-}
-
-/* matmul_k() on AVX2, with the quantized input. */
-static void matmul_k_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    switch (w->type) {
-    case WEIGHT_Q4_K: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q4_K); break;
-    case WEIGHT_Q5_K: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q5_K); break;
-    default: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q6_K);
-    }
 }
 
 /* ---- q8_0 and q4_0 batches on AVX2: packed as the K types' (k_slice_avx2()),
@@ -6029,7 +5995,7 @@ AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 
                                     const int nt) {
     const uint32_t *values = tile->slice->values + (size_t)g * (GROUP_SIZE / 2) * KSLICE;
     int cols = tile->slice->cols;
-    for (int t = 0; t < nt; t++) sums[t] = _mm256_setzero_si256(); // (a sum begun at j = 0 became a branch)
+    for (int t = 0; t < nt; t++) sums[t] = _mm256_setzero_si256();
     for (int j = 0; j < GROUP_SIZE / 2; j++) {
         __m256i wv = _mm256_loadu_si256((const __m256i *)(values + j * KSLICE));
         for (int t = 0; t < nt; t++) {
@@ -6058,7 +6024,7 @@ AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const ProductScratch 
                 k_group_sums_avx2(sums, tile, g, nt, WEIGHT_Q4_K); // the weights as unsigned 0..15
                 for (int t = 0; t < nt; t++) // less 8 x the inputs' sum
                     sums[t] = _mm256_sub_epi32(sums[t],
-                        _mm256_set1_epi32(8 * tile->x->group_sums[(size_t)(tile->t0 + t) * groups + g]));
+                        _mm256_slli_epi32(_mm256_set1_epi32(tile->x->group_sums[(size_t)(tile->t0 + t) * groups + g]), 3));
             }
             __m256 scale = _mm256_loadu_ps(s->scales + (size_t)g * KSLICE);
             for (int t = 0; t < nt; t++) {
@@ -6072,42 +6038,67 @@ AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const ProductScratch 
     store_slice_sums_avx2(tile, lanes, nt);
 }
 
-/* matmul_q8_0() or matmul_q4_0() for a batch, rows r0 .. r1 - 1: each
-   slice packed into the thread's room, then run for every token. Each
-   output comes out as q_tile_body_avx2() gives it. */
-AVX2_INLINE void q_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
-                              const int q8) {
+/* One tile of nt tokens on a packed slice: type (a literal) picks the steps. */
+AVX2_INLINE void packed_tile_avx2(const KTileAvx2 *tile, const ProductScratch *in, const int nt, const int type) {
+    if (type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) q_tile_packed_avx2(tile, in, nt, type == WEIGHT_Q8_0);
+    else k_tile_body_avx2(tile, nt, type);
+}
+
+/* A batch of type (a literal), rows r0 .. r1 - 1: up to KSLICES slices
+   packed into the thread's room, then each tile of tokens run on all of
+   them. Each output comes out as the one-token kernels give it
+   (q_tile_body_avx2(), k_rows_avx2()). */
+AVX2_INLINE void packed_batch_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                                   const int type) {
     for (int b = r0; b < r1; b += KSLICES * KSLICE) {
         KSliceAvx2 s[KSLICES];
         int slices = 0;
         for (int r = b; r < r1 && slices < KSLICES; r += KSLICE, slices++) {
             s[slices] = k_slice_avx2(in, w->cols, slices);
-            q_pack_slice_avx2(&s[slices], w, r, q8);
+            if (type == WEIGHT_Q8_0 || type == WEIGHT_Q4_0) q_pack_slice_avx2(&s[slices], w, r, type == WEIGHT_Q8_0);
+            else k_pack_slice_avx2(&s[slices], w, r, type);
         }
         for (int t0 = 0; t0 < in->n; t0 += KTILE_TOKENS)
             for (int i = 0; i < slices; i++) {
                 int r = b + i * KSLICE;
-                KTileAvx2 tile = {.slice = &s[i], .x = &in->q, .out = out + r - r0, .ldo = ldo, .rows = r1 - r, .t0 = t0};
+                KTileAvx2 tile = {.slice = &s[i], .x = &in->q, .out = out + r - r0, .ldo = ldo,
+                                  .rows = r1 - r, .t0 = t0};
                 switch (in->n - t0 < KTILE_TOKENS ? in->n - t0 : KTILE_TOKENS) {
-                case 5: q_tile_packed_avx2(&tile, in, 5, q8); break;
-                case 4: q_tile_packed_avx2(&tile, in, 4, q8); break;
-                case 3: q_tile_packed_avx2(&tile, in, 3, q8); break;
-                case 2: q_tile_packed_avx2(&tile, in, 2, q8); break;
-                default: q_tile_packed_avx2(&tile, in, 1, q8);
+                case 5: packed_tile_avx2(&tile, in, 5, type); break;
+                case 4: packed_tile_avx2(&tile, in, 4, type); break;
+                case 3: packed_tile_avx2(&tile, in, 3, type); break;
+                case 2: packed_tile_avx2(&tile, in, 2, type); break;
+                default: packed_tile_avx2(&tile, in, 1, type);
                 }
             }
     }
 }
 
+/* One token, or a few, row by row; more packed. */
+AVX2_INLINE void k_product_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in,
+                                const int type) {
+    if (in->n >= KBATCH_MIN) packed_batch_avx2(out, ldo, w, r0, r1, in, type);
+    else k_rows_avx2(out, ldo, w, r0, r1, in, type);
+}
+
+/* matmul_k() on AVX2, with the quantized input. */
+static void matmul_k_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
+    switch (w->type) {
+    case WEIGHT_Q4_K: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q4_K); break;
+    case WEIGHT_Q5_K: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q5_K); break;
+    default: k_product_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q6_K);
+    }
+}
+
 /* matmul_q8_0() and matmul_q4_0(): batches of KBATCH_MIN tokens or more
-   packed (q_batch_avx2()), fewer in tiles of 4 rows by 3 tokens (one
+   packed (packed_batch_avx2()), fewer in tiles of 4 rows by 3 tokens (one
    token: 4 rows of q4_0, or q8_0's rows one by one, which streams them
    faster from memory), rows and tokens left over one at a time. */
 static void matmul_quantized_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
     int t = 0;
     if (in->n >= KBATCH_MIN) {
-        if (w->type == WEIGHT_Q8_0) q_batch_avx2(out, ldo, w, r0, r1, in, 1); // a copy for each type
-        else q_batch_avx2(out, ldo, w, r0, r1, in, 0);
+        if (w->type == WEIGHT_Q8_0) packed_batch_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q8_0); // a copy for each type
+        else packed_batch_avx2(out, ldo, w, r0, r1, in, WEIGHT_Q4_0);
         return;
     }
     if (in->n == 1 && w->type == WEIGHT_Q8_0) {
