@@ -17,10 +17,9 @@ OS := $(shell uname -s)
 # tuning; run.c's x86 kernels are compiled out and the plain ones serve.
 # No -ffast-math, because the tests hold the logits to a PyTorch reference.
 ifeq ($(ARCH),x86_64)
-CFLAGS ?= -O3 -march=x86-64-v3
-else
-CFLAGS ?= -O3
+MARCH = -march=x86-64-v3
 endif
+CFLAGS ?= -O3 $(MARCH)
 WARNINGS = -Wall -Wextra
 # OpenMP spreads matrix rows and attention heads over the cores, when the
 # compiler has it: -fopenmp if a program with it compiles and links; on macOS,
@@ -124,13 +123,16 @@ test-emu: run run-emu run-plain $(SETUP)
 # AddressSanitizer and UndefinedBehaviorSanitizer under the whole test suite.
 # -O1 -g keeps reports readable; any finding aborts the run. No OpenMP, so
 # that every report comes from our code and not from the thread runtime.
+# ./run's -march, so that the engine checked runs the kernels ./run runs
+# (AVX2 on x86-64, or AVX-512 where the CPU has it); the portable ones are
+# checked by tests/test_kernels.c under the same flags (KERNEL_TEST_CFLAGS).
 SANITIZE = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 run-asan: run.c tokenizer.c Makefile
-	$(CC) $(SANITIZE) $(WARNINGS) $(NO_OPENMP) -o $@ $< -lm
+	$(CC) $(SANITIZE) $(MARCH) $(WARNINGS) $(NO_OPENMP) -o $@ $< -lm
 
 # The plain kernels under the sanitizers too: RUN_PLAIN_BINARY below.
 run-asan-plain: run.c tokenizer.c Makefile
-	$(CC) $(SANITIZE) $(WARNINGS) $(NO_OPENMP) -DPLAIN -o $@ $< -lm
+	$(CC) $(SANITIZE) $(MARCH) $(WARNINGS) $(NO_OPENMP) -DPLAIN -o $@ $< -lm
 
 sanitize: run-asan run-asan-plain $(SETUP)
 	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan RUN_PLAIN_BINARY=$(CURDIR)/run-asan-plain \
