@@ -4488,18 +4488,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4612)           gemm_rows (line 4758)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5416)           gemm_rows_avx2 (line 5422)
-                  q8_0 q4_0     q_tile_avx2 (line 5616)           packed_batch_avx2 (line 6051); n < 5: q_tiles_avx2
+                  q8_0 q4_0     q_tile_avx2 (line 5616)           packed_batch_avx2 (line 6052); n < 5: q_tiles_avx2
                   K             k_rows_avx2 (line 5750)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6443)         gemm_rows_avx512 (line 6449)
-                  q8_0          dot_q8_both_avx512 (line 6238)    qgemm_rows_avx512 (line 6597)
-                  q4_0          dot_q4_avx512 (line 6223)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6332)         kgemm_rows_avx512 (line 6714)
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6444)         gemm_rows_avx512 (line 6450)
+                  q8_0          dot_q8_both_avx512 (line 6239)    qgemm_rows_avx512 (line 6598)
+                  q4_0          dot_q4_avx512 (line 6224)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6333)         kgemm_rows_avx512 (line 6715)
    every CPU: attention_fast (line 5231), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6827); swiglu_fast (line 4941),
+   of 16 queries in attention_chunk_avx512 (line 6828); swiglu_fast (line 4941),
    rmsnorm_fast (line 4958) and to_halves_fast (line 4679); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6956).
+   (panel_room(), line 6957).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5944,7 +5944,7 @@ AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int
                 __m256 dx = _mm256_set1_ps(tile->x->d[at]);
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
                 if (type != WEIGHT_Q6_K)
-                    acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_set1_epi32(tile->x->group_sums[at])), // a load
+                    acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_set1_epi32(tile->x->group_sums[at])),
                                               _mm256_mul_ps(min, dx), acc[t]);
             }
         }
@@ -6022,9 +6022,10 @@ AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const ProductScratch 
                 q8_group_sums_avx2(sums, tile, in->wide, g, nt);
             } else {
                 k_group_sums_avx2(sums, tile, g, nt, WEIGHT_Q4_K); // the weights as unsigned 0..15
-                for (int t = 0; t < nt; t++) // less 8 x the inputs' sum
-                    sums[t] = _mm256_sub_epi32(sums[t],
-                        _mm256_slli_epi32(_mm256_set1_epi32(tile->x->group_sums[(size_t)(tile->t0 + t) * groups + g]), 3));
+                for (int t = 0; t < nt; t++) { // less 8 x the inputs' sum
+                    __m256i inputs = _mm256_set1_epi32(tile->x->group_sums[(size_t)(tile->t0 + t) * groups + g]);
+                    sums[t] = _mm256_sub_epi32(sums[t], _mm256_slli_epi32(inputs, 3));
+                }
             }
             __m256 scale = _mm256_loadu_ps(s->scales + (size_t)g * KSLICE);
             for (int t = 0; t < nt; t++) {
