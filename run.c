@@ -141,6 +141,7 @@ typedef struct {
     float *d;            // (n / GROUP_SIZE) scale of each group
     int32_t *half_sums;  // (n / 16) the sum of each 16 values of q, and
     int32_t *group_sums; // (n / GROUP_SIZE) of each group, for the fast kernels
+    float *scaled_sums;  // (n / GROUP_SIZE) d times the group's sum, for the K types' minimums
 } QuantizedVector;
 
 /* The input x (n, cols) of the matrix products under way, in the forms the
@@ -1097,10 +1098,11 @@ static void alloc_quantized(QuantizedVector *v, size_t n, const char *what) {
     v->d = xcalloc(n / GROUP_SIZE + 1, sizeof(float), what);
     v->half_sums = xcalloc(n / 16 + 1, sizeof(int32_t), what);
     v->group_sums = xcalloc(n / GROUP_SIZE + 1, sizeof(int32_t), what);
+    v->scaled_sums = xcalloc(n / GROUP_SIZE + 1, sizeof(float), what);
 }
 
 static void free_quantized(QuantizedVector *v) {
-    free(v->q), free(v->d), free(v->half_sums), free(v->group_sums);
+    free(v->q), free(v->d), free(v->half_sums), free(v->group_sums), free(v->scaled_sums);
 }
 
 /* Allocates the activations for batches of up to `batch` tokens and a KV
@@ -1331,7 +1333,10 @@ static void sum_halves(QuantizedVector *out, int n) {
         for (int i = 0; i < 16; i++) sum += out->q[16 * h + i];
         out->half_sums[h] = sum;
     }
-    for (int g = 0; g < n / GROUP_SIZE; g++) out->group_sums[g] = out->half_sums[2 * g] + out->half_sums[2 * g + 1];
+    for (int g = 0; g < n / GROUP_SIZE; g++) {
+        out->group_sums[g] = out->half_sums[2 * g] + out->half_sums[2 * g + 1];
+        out->scaled_sums[g] = out->d[g] * (float)out->group_sums[g];
+    }
 }
 
 /* Quantizes x (n, a multiple of GROUP_SIZE) group by group. */
@@ -1358,7 +1363,8 @@ static void quantize_remainder(QuantizedVector *rest, const float *x, const Quan
 /* Row t of a batch of quantized vectors of n values each. */
 static QuantizedVector quantized_row(const QuantizedVector *x, int t, int n) {
     return (QuantizedVector){x->q + (size_t)t * n, x->d + (size_t)t * (n / GROUP_SIZE),
-                             x->half_sums + (size_t)t * (n / 16), x->group_sums + (size_t)t * (n / GROUP_SIZE)};
+                             x->half_sums + (size_t)t * (n / 16), x->group_sums + (size_t)t * (n / GROUP_SIZE),
+                             x->scaled_sums + (size_t)t * (n / GROUP_SIZE)};
 }
 
 /* The input x (n, cols) quantized into in->q, as the integer products
@@ -4485,21 +4491,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4612)           gemm_rows (line 4758)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4618)           gemm_rows (line 4764)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5416)           gemm_rows_avx2 (line 5422)
-                  q8_0 q4_0     q_tile_avx2 (line 5616)           packed_batch_avx2 (line 6052); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5750)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6444)         gemm_rows_avx512 (line 6450)
-                  q8_0          dot_q8_both_avx512 (line 6239)    qgemm_rows_avx512 (line 6598)
-                  q4_0          dot_q4_avx512 (line 6224)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6333)         kgemm_rows_avx512 (line 6715)
-   every CPU: attention_fast (line 5231), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6828); swiglu_fast (line 4941),
-   rmsnorm_fast (line 4958) and to_halves_fast (line 4679); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5422)           gemm_rows_avx2 (line 5428)
+                  q8_0 q4_0     q_tile_avx2 (line 5622)           packed_batch_avx2 (line 6057); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5757)           packed_batch_avx2; n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6449)         gemm_rows_avx512 (line 6455)
+                  q8_0          dot_q8_both_avx512 (line 6244)    qgemm_rows_avx512 (line 6603)
+                  q4_0          dot_q4_avx512 (line 6229)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6338)         kgemm_rows_avx512 (line 6720)
+   every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6833); swiglu_fast (line 4947),
+   rmsnorm_fast (line 4964) and to_halves_fast (line 4685); the K types' input
    quantized by quantize_input() where their kernels are AVX2 or AVX-512;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6957).
+   (panel_room(), line 6962).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5704,7 +5710,9 @@ AVX2_INLINE __m256i pair_sums_avx2(__m256i lo, __m256i hi) {
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
 }
 
-/* k_block_avx512(), on AVX2. */
+/* k_block_avx512(), on AVX2, but for its last step: min times the inputs'
+   scaled sums (d X, one load) rather than (min d) times X (a conversion and
+   a multiply more). */
 AVX2_INLINE __m256 k_block_avx2(__m256 acc, const KBlockAvx2 *k, const QuantizedVector *x, int g, const int type) {
     __m256i dot[8];
     for (int j = 0; j < 8; j++) {
@@ -5721,8 +5729,7 @@ AVX2_INLINE __m256 k_block_avx2(__m256 acc, const KBlockAvx2 *k, const Quantized
         return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
     }
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(k->scale, dx), acc);
-    __m256i inputs = _mm256_loadu_si256((const __m256i *)(x->group_sums + g));
-    return _mm256_fnmadd_ps(_mm256_cvtepi32_ps(inputs), _mm256_mul_ps(k->min, dx), acc);
+    return _mm256_fnmadd_ps(k->min, _mm256_loadu_ps(x->scaled_sums + g), acc);
 }
 
 #define KROW_TOKENS 4 // tokens that share a block's unpacking, row by row
@@ -5923,8 +5930,8 @@ AVX2_INLINE void store_slice_sums_avx2(const KTileAvx2 *tile, __m256 lanes[8][KT
 
 /* One tile of nt tokens (a literal): for each lane j, the groups j, j + 8,
    ... in turn, each group's sum times (scale x input scale) added by a
-   fused multiply-add, and for q4_k and q5_k its inputs' sum times (min x
-   input scale) taken off by another: k_block_avx2()'s steps; then each
+   fused multiply-add, and for q4_k and q5_k min times its inputs' scaled
+   sum taken off by another: k_block_avx2()'s steps; then each
    row's 8 lanes added as sum_avx2() adds them,
    ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). */
 AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int type) {
@@ -5943,9 +5950,7 @@ AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int
                 size_t at = (size_t)(tile->t0 + t) * groups + g;
                 __m256 dx = _mm256_set1_ps(tile->x->d[at]);
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
-                if (type != WEIGHT_Q6_K)
-                    acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_set1_epi32(tile->x->group_sums[at])),
-                                              _mm256_mul_ps(min, dx), acc[t]);
+                if (type != WEIGHT_Q6_K) acc[t] = _mm256_fnmadd_ps(min, _mm256_set1_ps(tile->x->scaled_sums[at]), acc[t]);
             }
         }
         for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
