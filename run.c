@@ -141,7 +141,7 @@ typedef struct {
     float *d;            // (n / GROUP_SIZE) scale of each group
     int32_t *half_sums;  // (n / 16) the sum of each 16 values of q, and
     int32_t *group_sums; // (n / GROUP_SIZE) of each group, for the fast kernels
-    float *scaled_sums;  // (n / GROUP_SIZE) d times the group's sum, for the K types' minimums
+    float *scaled_sums;  // (n / GROUP_SIZE) d times the group's sum: AVX2's K kernels (quantize_input_k_avx2())
 } QuantizedVector;
 
 /* The input x (n, cols) of the matrix products under way, in the forms the
@@ -1333,10 +1333,7 @@ static void sum_halves(QuantizedVector *out, int n) {
         for (int i = 0; i < 16; i++) sum += out->q[16 * h + i];
         out->half_sums[h] = sum;
     }
-    for (int g = 0; g < n / GROUP_SIZE; g++) {
-        out->group_sums[g] = out->half_sums[2 * g] + out->half_sums[2 * g + 1];
-        out->scaled_sums[g] = out->d[g] * (float)out->group_sums[g];
-    }
+    for (int g = 0; g < n / GROUP_SIZE; g++) out->group_sums[g] = out->half_sums[2 * g] + out->half_sums[2 * g + 1];
 }
 
 /* Quantizes x (n, a multiple of GROUP_SIZE) group by group. */
@@ -4491,21 +4488,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4618)           gemm_rows (line 4764)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4761)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5422)           gemm_rows_avx2 (line 5428)
-                  q8_0 q4_0     q_tile_avx2 (line 5622)           packed_batch_avx2 (line 6057); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5757)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6449)         gemm_rows_avx512 (line 6455)
-                  q8_0          dot_q8_both_avx512 (line 6244)    qgemm_rows_avx512 (line 6603)
-                  q4_0          dot_q4_avx512 (line 6229)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6338)         kgemm_rows_avx512 (line 6720)
-   every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6833); swiglu_fast (line 4947),
-   rmsnorm_fast (line 4964) and to_halves_fast (line 4685); the K types' input
-   quantized by quantize_input() where their kernels are AVX2 or AVX-512;
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5419)           gemm_rows_avx2 (line 5425)
+                  q8_0 q4_0     q_tile_avx2 (line 5619)           packed_batch_avx2 (line 6063); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5763)           packed_batch_avx2; n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6455)         gemm_rows_avx512 (line 6461)
+                  q8_0          dot_q8_both_avx512 (line 6250)    qgemm_rows_avx512 (line 6609)
+                  q4_0          dot_q4_avx512 (line 6235)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6344)         kgemm_rows_avx512 (line 6726)
+   every CPU: attention_fast (line 5234), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6839); swiglu_fast (line 4944),
+   rmsnorm_fast (line 4961) and to_halves_fast (line 4682); the K types' input
+   quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6962).
+   (panel_room(), line 6968).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5708,6 +5705,15 @@ AVX2_INLINE KBlockAvx2 unpack_block_avx2(const uint8_t *block, const int type) {
 /* The 8 sums of adjacent pairs of the 16 int32 in lo, hi, in order. */
 AVX2_INLINE __m256i pair_sums_avx2(__m256i lo, __m256i hi) {
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+/* The K types' input on AVX2: quantize_input()'s, and each group's d times
+   its sum, from which k_block_avx2() and the packed tile take the weights'
+   minimum terms. */
+static void quantize_input_k_avx2(ProductScratch *in, const float *x, int n, int cols) {
+    quantize_input(in, x, n, cols);
+    for (size_t g = 0; g < (size_t)n * (cols / GROUP_SIZE); g++)
+        in->q.scaled_sums[g] = in->q.d[g] * (float)in->q.group_sums[g];
 }
 
 /* k_block_avx512(), on AVX2, but for its last step: min times the inputs'
@@ -6981,7 +6987,7 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_avx2;
     kernels.matmul[WEIGHT_Q8_0] = kernels.matmul[WEIGHT_Q4_0] = matmul_quantized_avx2;
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx2;
-    kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input;
+    kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input_k_avx2;
     kernels.prepare[WEIGHT_Q8_0] = quantize_input_wide;
 #endif
 #if HAVE_AVX512
