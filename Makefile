@@ -136,7 +136,8 @@ run-asan-plain: run.c tokenizer.c Makefile
 
 # The suite in two halves at once, as the instrumented engine runs one
 # thread: the first holds the tests that fetch and convert the demo model
-# (make demo's steps), so that no two of them fetch it at once.
+# (make demo's steps), so that no two of them fetch it at once. MAKEFLAGS
+# emptied: the tests' own makes run without this one's jobserver.
 SANITIZE_TESTS_1 = tests/test_smollm2.py tests/test_verify.py tests/test_gguf_run.py tests/test_explain.py \
                    tests/test_tokenizer.py
 SANITIZE_TESTS_2 = $(filter-out $(SANITIZE_TESTS_1),test_all.py $(wildcard tests/test_*.py))
@@ -144,7 +145,7 @@ sanitize: run-asan run-asan-plain $(SETUP)
 	$(MAKE) -j2 --output-sync=target sanitize-1 sanitize-2
 
 sanitize-1 sanitize-2: sanitize-%: run-asan run-asan-plain $(SETUP)
-	RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan RUN_PLAIN_BINARY=$(CURDIR)/run-asan-plain \
+	MAKEFLAGS= RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan RUN_PLAIN_BINARY=$(CURDIR)/run-asan-plain \
 	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" KERNEL_TEST_CFLAGS="$(SANITIZE)" \
 	    $(PYTHON) -m pytest -q $(SANITIZE_TESTS_$*)
 
