@@ -43,7 +43,7 @@ VENV_PYTHON = .venv/bin/python
 PYTHON ?= $(VENV_PYTHON)
 SETUP = $(if $(filter $(VENV_PYTHON),$(PYTHON)),.venv/ready)
 
-.PHONY: all setup test test-arm test-emu sanitize sanitize-1 sanitize-2 fuzz demo demo-pip explain explain-text student-path bench bench-compare bench-peers bench-convert clean
+.PHONY: all setup test test-1 test-2 test-arm test-emu sanitize sanitize-1 sanitize-2 fuzz demo demo-pip explain explain-text student-path bench bench-compare bench-peers bench-convert clean
 
 all: run
 
@@ -68,8 +68,17 @@ setup: .venv/ready
 run-plain: run.c tokenizer.c Makefile
 	$(CC) $(CFLAGS) $(WARNINGS) $(or $(OPENMP),$(NO_OPENMP)) -DPLAIN -o $@ $< -lm
 
+# The suite in two halves at once, one a core: the first holds the tests
+# that fetch and convert the demo model (make demo's steps), so that no two
+# fetch it at once. MAKEFLAGS emptied: the tests' own makes run without
+# this one's jobserver.
+TESTS_1 = tests/test_smollm2.py tests/test_verify.py tests/test_gguf_run.py tests/test_explain.py tests/test_tokenizer.py
+TESTS_2 = $(filter-out $(TESTS_1),test_all.py $(wildcard tests/test_*.py))
 test: run run-noomp run-plain $(SETUP)
-	$(PYTHON) -m pytest -q test_all.py tests
+	$(MAKE) -j2 --output-sync=target test-1 test-2
+
+test-1 test-2: test-%: run run-noomp run-plain $(SETUP)
+	MAKEFLAGS= $(PYTHON) -m pytest -q $(TESTS_$*)
 
 # make test-arm: ./run cross-compiled for aarch64 out of tree (-B: through
 # VPATH, make would take the x86 ./run for the target), in
@@ -134,20 +143,14 @@ run-asan: run.c tokenizer.c Makefile
 run-asan-plain: run.c tokenizer.c Makefile
 	$(CC) $(SANITIZE) $(MARCH) $(WARNINGS) $(NO_OPENMP) -DPLAIN -o $@ $< -lm
 
-# The suite in two halves at once, as the instrumented engine runs one
-# thread: the first holds the tests that fetch and convert the demo model
-# (make demo's steps), so that no two of them fetch it at once. MAKEFLAGS
-# emptied: the tests' own makes run without this one's jobserver.
-SANITIZE_TESTS_1 = tests/test_smollm2.py tests/test_verify.py tests/test_gguf_run.py tests/test_explain.py \
-                   tests/test_tokenizer.py
-SANITIZE_TESTS_2 = $(filter-out $(SANITIZE_TESTS_1),test_all.py $(wildcard tests/test_*.py))
+# In two halves at once, as make test runs.
 sanitize: run-asan run-asan-plain $(SETUP)
 	$(MAKE) -j2 --output-sync=target sanitize-1 sanitize-2
 
 sanitize-1 sanitize-2: sanitize-%: run-asan run-asan-plain $(SETUP)
 	MAKEFLAGS= RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan RUN_PLAIN_BINARY=$(CURDIR)/run-asan-plain \
 	TOKENIZER_DRIVER_CFLAGS="$(SANITIZE)" KERNEL_TEST_CFLAGS="$(SANITIZE)" \
-	    $(PYTHON) -m pytest -q $(SANITIZE_TESTS_$*)
+	    $(PYTHON) -m pytest -q $(TESTS_$*)
 
 # libFuzzer targets (clang): the checkpoint loader, the GGUF reader, the tokenizer, and the
 # command line with the sampler (any flags, any logits, NaN and inf), each
