@@ -70,12 +70,14 @@ run-plain: run.c tokenizer.c Makefile
 
 # The suite in two halves at once, one a core: the first holds the tests
 # that fetch and convert the demo model (make demo's steps), so that no two
-# fetch it at once. MAKEFLAGS emptied: the tests' own makes run without
-# this one's jobserver.
+# fetch it at once. Each half's output when it ends (GNU make 4; macOS's
+# make 3.81 interleaves them). MAKEFLAGS emptied: the tests' own makes run
+# without this one's jobserver.
+HALVES = $(MAKE) -j2 $(if $(filter 3.%,$(MAKE_VERSION)),,--output-sync=target)
 TESTS_1 = tests/test_smollm2.py tests/test_verify.py tests/test_gguf_run.py tests/test_explain.py tests/test_tokenizer.py
 TESTS_2 = $(filter-out $(TESTS_1),test_all.py $(wildcard tests/test_*.py))
 test: run run-noomp run-plain $(SETUP)
-	$(MAKE) -j2 --output-sync=target test-1 test-2
+	$(HALVES) test-1 test-2
 
 test-1 test-2: test-%: run run-noomp run-plain $(SETUP)
 	MAKEFLAGS= $(PYTHON) -m pytest -q $(TESTS_$*)
@@ -145,7 +147,7 @@ run-asan-plain: run.c tokenizer.c Makefile
 
 # In two halves at once, as make test runs.
 sanitize: run-asan run-asan-plain $(SETUP)
-	$(MAKE) -j2 --output-sync=target sanitize-1 sanitize-2
+	$(HALVES) sanitize-1 sanitize-2
 
 sanitize-1 sanitize-2: sanitize-%: run-asan run-asan-plain $(SETUP)
 	MAKEFLAGS= RUN_BINARY=$(CURDIR)/run-asan RUN_NOOMP_BINARY=$(CURDIR)/run-asan RUN_PLAIN_BINARY=$(CURDIR)/run-asan-plain \
