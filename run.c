@@ -4488,21 +4488,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4761)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4764)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5419)           gemm_rows_avx2 (line 5425)
-                  q8_0 q4_0     q_tile_avx2 (line 5619)           packed_batch_avx2 (line 6063); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5763)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6455)         gemm_rows_avx512 (line 6461)
-                  q8_0          dot_q8_both_avx512 (line 6250)    qgemm_rows_avx512 (line 6609)
-                  q4_0          dot_q4_avx512 (line 6235)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6344)         kgemm_rows_avx512 (line 6726)
-   every CPU: attention_fast (line 5234), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6839); swiglu_fast (line 4944),
-   rmsnorm_fast (line 4961) and to_halves_fast (line 4682); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5423)           gemm_rows_avx2 (line 5429)
+                  q8_0 q4_0     q_tile_avx2 (line 5623)           packed_batch_avx2 (line 6067); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5767)           packed_batch_avx2; n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6459)         gemm_rows_avx512 (line 6465)
+                  q8_0          dot_q8_both_avx512 (line 6254)    qgemm_rows_avx512 (line 6613)
+                  q4_0          dot_q4_avx512 (line 6239)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6348)         kgemm_rows_avx512 (line 6730)
+   every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6843); swiglu_fast (line 4947),
+   rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6968).
+   (panel_room(), line 6972).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4708,25 +4708,28 @@ static void widen_f16(float *out, const uint16_t *in, size_t n) {
    tokens in chunks of chunk_bytes of inputs, which stay in L2 while each
    tile of rows runs every pass over them, so that neither the inputs nor
    the row block leave L2; bf16 and f16 weights widened once a block into
-   the thread's room (panel_room()), then reused by every chunk. Inlined
-   into each CPU's version, with its shape as literals, so that its tile
-   kernel is a direct call. */
+   the thread's room (panel_room()), then reused by every chunk, their rows
+   cols + room_pad floats apart (a pad of 16 keeps rows whose bytes are a
+   multiple of 4 KiB from sharing the L1's sets). Inlined into each CPU's
+   version, with its shape as literals, so that its tile kernel is a direct
+   call. */
 static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int ldo, const Matrix *w, int r0, int r1,
                                                                  const ProductScratch *in, GemmTileKernel *tile_kernel,
                                                                  const int tile_rows, const int tile_tokens,
-                                                                 const size_t chunk_bytes) {
+                                                                 const size_t chunk_bytes, const int room_pad) {
     int cols = w->cols, n = in->n;
     int chunk = (int)(chunk_bytes / (sizeof(float) * cols)) / tile_tokens * tile_tokens;
     if (chunk < tile_tokens) chunk = tile_tokens;
     for (int b0 = r0; b0 < r1; b0 += ROW_BLOCK) {
-        int b1 = r1 - b0 < ROW_BLOCK ? r1 : b0 + ROW_BLOCK;
-        const float *rows = (const float *)w->values + (size_t)b0 * cols; // the block's rows as floats, cols apart
+        int b1 = r1 - b0 < ROW_BLOCK ? r1 : b0 + ROW_BLOCK, ldw = cols;
+        const float *rows = (const float *)w->values + (size_t)b0 * cols; // the block's rows as floats, ldw apart
         if (w->type != WEIGHT_F32) {
             float *wide = (float *)((char *)in->room + (size_t)thread_num() * in->room_size);
+            ldw = cols + room_pad;
             for (int r = b0; r < b1; r++)
                 if (w->type == WEIGHT_F16)
-                    widen_f16(wide + (size_t)(r - b0) * cols, (const uint16_t *)w->values + (size_t)r * cols, cols);
-                else dequantize_row(wide + (size_t)(r - b0) * cols, w, r, 0, cols);
+                    widen_f16(wide + (size_t)(r - b0) * ldw, (const uint16_t *)w->values + (size_t)r * cols, cols);
+                else dequantize_row(wide + (size_t)(r - b0) * ldw, w, r, 0, cols);
             rows = wide;
         }
         for (int t0 = 0; t0 < n; t0 += chunk) {
@@ -4734,7 +4737,7 @@ static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int
             for (int r = b0; r < b1; r += tile_rows) {
                 int nr = b1 - r < tile_rows ? b1 - r : tile_rows;
                 for (int k = 0; k < cols; k += GEMM_DEPTH) {
-                    GemmTile tile = {.w = rows + (size_t)(r - b0) * cols + k, .ldc = ldo, .ldw = cols, .ldx = cols,
+                    GemmTile tile = {.w = rows + (size_t)(r - b0) * ldw + k, .ldc = ldo, .ldw = ldw, .ldx = cols,
                                      .depth = cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH, .rows = nr,
                                      .accumulate = k > 0};
                     for (int t = t0; t < t1; t += tile_tokens) {
@@ -4759,7 +4762,7 @@ static inline __attribute__((always_inline)) void matmul_floats(float *out, int 
 }
 
 static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_fast, GEMM_ROWS, GEMM_TOKENS, GEMM_CHUNK_BYTES);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_fast, GEMM_ROWS, GEMM_TOKENS, GEMM_CHUNK_BYTES, 0);
 }
 
 static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -5350,6 +5353,7 @@ AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][4], const float *w, int 
    7, then lanes 8-15 over 16m + 8 .. 16m + 15, added at the end. */
 #define AVX2_TILE_ROWS 4
 #define AVX2_CHUNK_BYTES (256 * 1024) // gemm_rows_with()'s chunks: half of Zen 3's 512 KiB L2
+#define AVX2_ROOM_PAD 16 // floats between widened rows (gemm_rows_with()): rows of 4 KiB multiples share L1 sets
 AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
     int ldw = g->ldw, ldx = g->ldx, depth = g->depth, end = depth / LANES * LANES;
     __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -5423,7 +5427,7 @@ static void lanes8_avx2(float lanes[8][LANES], const void *w, size_t ld, const f
 }
 
 static void gemm_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2, AVX2_TILE_ROWS, GEMM_TOKENS, AVX2_CHUNK_BYTES);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2, AVX2_TILE_ROWS, GEMM_TOKENS, AVX2_CHUNK_BYTES, AVX2_ROOM_PAD);
 }
 
 static void matmul_floats_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -6459,7 +6463,7 @@ AVX512 static void lanes8_avx512(float lanes[8][LANES], const void *w, size_t ld
 }
 
 AVX512 static void gemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512, GEMM512_ROWS, GEMM512_TOKENS, GEMM_CHUNK_BYTES);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512, GEMM512_ROWS, GEMM512_TOKENS, GEMM_CHUNK_BYTES, 0);
 }
 
 AVX512 static void matmul_floats_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
