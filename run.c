@@ -4502,7 +4502,7 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6972).
+   (panel_room(), line 6973).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -6966,9 +6966,10 @@ AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int 
 /* ---- The choice */
 
 /* The bytes of room each thread's batch products need: a block of
-   ROW_BLOCK rows of the widest input, as floats (gemm_rows_with()'s bf16
-   and f16 rows widened) or packed (AVX-512's qgemm_pack_avx512(), AVX2's
-   KSLICES K slices, k_slice_avx2()). f32 weights alone need none. */
+   ROW_BLOCK rows of the widest input and 64 values more, as floats
+   (gemm_rows_with()'s bf16 and f16 rows widened, AVX2_ROOM_PAD apart) or
+   packed (AVX-512's qgemm_pack_avx512(), AVX2's KSLICES K slices,
+   k_slice_avx2()). f32 weights alone need none. */
 static size_t panel_room(const Config *c, int batch) {
     int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
     if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
