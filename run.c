@@ -4490,19 +4490,19 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4764)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5423)           gemm_rows_avx2 (line 5429)
-                  q8_0 q4_0     q_tile_avx2 (line 5623)           packed_batch_avx2 (line 6067); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5767)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6459)         gemm_rows_avx512 (line 6465)
-                  q8_0          dot_q8_both_avx512 (line 6254)    qgemm_rows_avx512 (line 6613)
-                  q4_0          dot_q4_avx512 (line 6239)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6348)         kgemm_rows_avx512 (line 6730)
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5427)           gemm_rows_avx2 (line 5434)
+                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6072); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5772)           packed_batch_avx2; n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6464)         gemm_rows_avx512 (line 6470)
+                  q8_0          dot_q8_both_avx512 (line 6259)    qgemm_rows_avx512 (line 6618)
+                  q4_0          dot_q4_avx512 (line 6244)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6353)         kgemm_rows_avx512 (line 6735)
    every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6843); swiglu_fast (line 4947),
+   of 16 queries in attention_chunk_avx512 (line 6848); swiglu_fast (line 4947),
    rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6973).
+   (panel_room(), line 6978).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5397,17 +5397,17 @@ AVX2_INLINE __m256 widen8_avx2(const void *w, const int type) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
 
-/* lanes8_fast(), four rows at a time: 4 x 2 sums and the input's 16 columns in registers. */
+/* lanes8_fast(), `rows` (1 or 4) rows at a time: up to 4 x 2 sums and the input's 16 columns in registers. */
 AVX2_INLINE void lanes8_body_avx2(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n,
-                                  const int type) {
+                                  const int type, const int rows) {
     int size = float_size(type);
-    for (int r0 = 0; r0 < 8; r0 += 4) {
+    for (int r0 = 0; r0 < 8; r0 += rows) {
         __m256 acc[4][2];
-        for (int r = 0; r < 4; r++)
+        for (int r = 0; r < rows; r++)
             for (int h = 0; h < 2; h++) acc[r][h] = _mm256_setzero_ps();
         for (int i = 0; i < n; i += LANES) {
             __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-            for (int r = 0; r < 4; r++) {
+            for (int r = 0; r < rows; r++) {
                 const char *row = (const char *)w + ((r0 + r) * ld + i) * size;
                 if (type == WEIGHT_F32 || i % 32 == 0) // the next 8 rows' line: each step reads f32's
                     __builtin_prefetch(row + 8 * ld * size);
@@ -5415,15 +5415,20 @@ AVX2_INLINE void lanes8_body_avx2(float lanes[8][LANES], const void *w, size_t l
                 acc[r][1] = _mm256_fmadd_ps(widen8_avx2(row + 8 * size, type), x1, acc[r][1]);
             }
         }
-        for (int r = 0; r < 4; r++)
+        for (int r = 0; r < rows; r++)
             for (int h = 0; h < 2; h++) _mm256_storeu_ps(lanes[r0 + r] + 8 * h, acc[r][h]);
     }
 }
 
+/* bf16 rows that one pass holds whole (ld <= GEMM_DEPTH: 110m's 768
+   columns) go one at a time, the 8 rows one sequential stream, which Zen 3
+   reads faster than 4 rows side by side; f32's and longer rows' passes
+   four at a time. */
 static void lanes8_avx2(float lanes[8][LANES], const void *w, size_t ld, const float *x, int n, int type) {
-    if (type == WEIGHT_BF16) lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_BF16);
-    else if (type == WEIGHT_F16) lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_F16);
-    else lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_F32);
+    if (type == WEIGHT_BF16 && ld <= GEMM_DEPTH) lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_BF16, 1);
+    else if (type == WEIGHT_BF16) lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_BF16, 4);
+    else if (type == WEIGHT_F16) lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_F16, 4);
+    else lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_F32, 4);
 }
 
 static void gemm_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
