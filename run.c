@@ -4491,18 +4491,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4764)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5427)           gemm_rows_avx2 (line 5434)
-                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6072); n < 5: q_tiles_avx2
+                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6076); n < 5: q_tiles_avx2
                   K             k_rows_avx2 (line 5772)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6464)         gemm_rows_avx512 (line 6470)
-                  q8_0          dot_q8_both_avx512 (line 6259)    qgemm_rows_avx512 (line 6618)
-                  q4_0          dot_q4_avx512 (line 6244)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6353)         kgemm_rows_avx512 (line 6735)
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6468)         gemm_rows_avx512 (line 6474)
+                  q8_0          dot_q8_both_avx512 (line 6263)    qgemm_rows_avx512 (line 6622)
+                  q4_0          dot_q4_avx512 (line 6248)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6357)         kgemm_rows_avx512 (line 6739)
    every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6848); swiglu_fast (line 4947),
+   of 16 queries in attention_chunk_avx512 (line 6852); swiglu_fast (line 4947),
    rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6978).
+   (panel_room(), line 6982).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -6010,18 +6010,22 @@ AVX2_INLINE void q_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, 
 
 /* sums[t]: each row's exact sum of the products of q8_0 group g with token
    t0 + t of the 16-bit input wide, one row to a lane: madd_epi16, 2
-   columns at a time. */
+   columns at a time, two such pairs added before each sum (one sum's add
+   a step, which GCC follows with a register copy, per 4 columns, not 2). */
 AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, const int16_t *wide, int g,
                                     const int nt) {
     const uint32_t *values = tile->slice->values + (size_t)g * (GROUP_SIZE / 2) * KSLICE;
     int cols = tile->slice->cols;
     for (int t = 0; t < nt; t++) sums[t] = _mm256_setzero_si256();
-    for (int j = 0; j < GROUP_SIZE / 2; j++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(values + j * KSLICE));
+    for (int j = 0; j < GROUP_SIZE / 2; j += 2) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(values + j * KSLICE));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(values + (j + 1) * KSLICE));
         for (int t = 0; t < nt; t++) {
-            int32_t two;
-            memcpy(&two, wide + (size_t)(tile->t0 + t) * cols + g * GROUP_SIZE + 2 * j, sizeof two);
-            sums[t] = _mm256_add_epi32(sums[t], _mm256_madd_epi16(wv, _mm256_set1_epi32(two)));
+            int32_t two[2];
+            memcpy(two, wide + (size_t)(tile->t0 + t) * cols + g * GROUP_SIZE + 2 * j, sizeof two);
+            __m256i four = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_set1_epi32(two[0])),
+                                            _mm256_madd_epi16(w1, _mm256_set1_epi32(two[1])));
+            sums[t] = _mm256_add_epi32(sums[t], four);
         }
     }
 }
