@@ -4491,18 +4491,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4764)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5427)           gemm_rows_avx2 (line 5434)
-                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6076); n < 5: q_tiles_avx2
+                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6077); n < 5: q_tiles_avx2
                   K             k_rows_avx2 (line 5772)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6468)         gemm_rows_avx512 (line 6474)
-                  q8_0          dot_q8_both_avx512 (line 6263)    qgemm_rows_avx512 (line 6622)
-                  q4_0          dot_q4_avx512 (line 6248)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6357)         kgemm_rows_avx512 (line 6739)
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6469)         gemm_rows_avx512 (line 6475)
+                  q8_0          dot_q8_both_avx512 (line 6264)    qgemm_rows_avx512 (line 6623)
+                  q4_0          dot_q4_avx512 (line 6249)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6358)         kgemm_rows_avx512 (line 6740)
    every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6852); swiglu_fast (line 4947),
+   of 16 queries in attention_chunk_avx512 (line 6853); swiglu_fast (line 4947),
    rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6982).
+   (panel_room(), line 6983).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5894,18 +5894,19 @@ typedef struct {
 
 /* sums[t]: each row's exact sum of group g with token t0 + t, one row to
    a lane, the integer of k_block_avx2() (q6_k: each sub-block's times its
-   scale, less 32 s X_s). The maddubs results are added in int16 as many at
-   a time as stay below 32767: 8 of 4-bit weights (8 x 2 x 15 x 127), 4 of
-   5-bit, 2 of 6-bit (2 x 2 x 63 x 127). */
+   scale, less 32 s X_s). The maddubs results are added in int16 4 at a
+   time, 2 for 6-bit weights (2 x 2 x 63 x 127 stays below 32767): 8 of
+   4-bit weights would fit too, but their 8 weight vectors beside 5 sums
+   leave too few of the 16 registers. */
 AVX2_INLINE void k_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, int g, const int nt,
                                    const int type) {
     const KSliceAvx2 *s = tile->slice;
-    const int run = type == WEIGHT_Q4_K ? 8 : type == WEIGHT_Q5_K ? 4 : 2;
+    const int run = type == WEIGHT_Q6_K ? 2 : 4;
     int cols = s->cols, groups = cols / GROUP_SIZE;
     const uint32_t *values = s->values + (size_t)g * (GROUP_SIZE / 4) * KSLICE;
     const int32_t *subs = s->subs + (size_t)g * 3 * KSLICE;
     for (int j0 = 0; j0 < GROUP_SIZE / 4; j0 += run) {
-        __m256i wv[8], mult = _mm256_set1_epi16(1);
+        __m256i wv[4], mult = _mm256_set1_epi16(1);
         for (int j = 0; j < run; j++) wv[j] = _mm256_loadu_si256((const __m256i *)(values + (j0 + j) * KSLICE));
         if (type == WEIGHT_Q6_K) // the scale of the sub-block of columns 4 j0 ..
             mult = _mm256_loadu_si256((const __m256i *)(subs + j0 / (GROUP_SIZE / 8) * KSLICE));
