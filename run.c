@@ -6011,8 +6011,8 @@ AVX2_INLINE void q_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, 
 
 /* sums[t]: each row's exact sum of the products of q8_0 group g with token
    t0 + t of the 16-bit input wide, one row to a lane: madd_epi16, 2
-   columns at a time, two such pairs added before each sum (one sum's add
-   a step, which GCC follows with a register copy, per 4 columns, not 2). */
+   columns at a time, two pairs' products added before a sum takes them
+   (GCC follows each add to a sum with a register copy: one per 4 columns). */
 AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, const int16_t *wide, int g,
                                     const int nt) {
     const uint32_t *values = tile->slice->values + (size_t)g * (GROUP_SIZE / 2) * KSLICE;
