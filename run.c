@@ -4491,18 +4491,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4764)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5427)           gemm_rows_avx2 (line 5434)
-                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6077); n < 5: q_tiles_avx2
+                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6082); n < 5: q_tiles_avx2
                   K             k_rows_avx2 (line 5772)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6469)         gemm_rows_avx512 (line 6475)
-                  q8_0          dot_q8_both_avx512 (line 6264)    qgemm_rows_avx512 (line 6623)
-                  q4_0          dot_q4_avx512 (line 6249)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6358)         kgemm_rows_avx512 (line 6740)
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6474)         gemm_rows_avx512 (line 6480)
+                  q8_0          dot_q8_both_avx512 (line 6269)    qgemm_rows_avx512 (line 6628)
+                  q4_0          dot_q4_avx512 (line 6254)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6363)         kgemm_rows_avx512 (line 6745)
    every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6853); swiglu_fast (line 4947),
+   of 16 queries in attention_chunk_avx512 (line 6858); swiglu_fast (line 4947),
    rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6983).
+   (panel_room(), line 6988).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5788,7 +5788,7 @@ AVX2_INLINE void k_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r
 /* 8 rows of weights, packed: vectors of one int32 or float of each row. */
 typedef struct {
     uint32_t *values; // (cols / 4, KSLICE): each row's 4 unsigned weights of columns 4j .. 4j + 3;
-                      // q8_0: (cols / 2, KSLICE), its 2 weights of columns 2j, 2j + 1 as int16
+                      // q8_0: (cols / 2, KSLICE) byte pairs, its 2 weights of columns 2j, 2j + 1 (int8)
     float *scales;    // (groups, KSLICE): d scale_g (q4_k, q5_k), d (q6_k)
     float *mins;      // (groups, KSLICE): dmin min_g (q4_k, q5_k)
     int32_t *subs;    // q6_k, in mins' place: (groups, 3, KSLICE): the group's two sub-block
@@ -5980,7 +5980,8 @@ AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int
 
 /* Rows r .. r + 7 of w (those past its end as zeros) into s: each group's
    weights transposed, 8 rows' 4-byte pieces side by side: q4_0's as bytes
-   0..15 in column order, q8_0's as int16 pairs. */
+   0..15 in column order; q8_0's transposed as int16 pairs, then stored as
+   byte pairs (half the bytes that each tile reads). */
 AVX2_INLINE void q_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, const int q8) {
     int groups = w->cols / GROUP_SIZE, pieces = q8 ? 16 : 8; // 4-byte pieces of a group's row
     for (int g = 0; g < groups; g++) {
@@ -6003,7 +6004,10 @@ AVX2_INLINE void q_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, 
         for (int h = 0; h < pieces / 8; h++) {
             transpose8_avx2(v[h]);
             for (int j = 0; j < 8; j++)
-                _mm256_storeu_si256((__m256i *)(s->values + ((size_t)g * pieces + 8 * h + j) * KSLICE), v[h][j]);
+                if (q8)
+                    _mm_storeu_si128((__m128i *)((int8_t *)s->values + ((size_t)g * pieces + 8 * h + j) * 2 * KSLICE),
+                                     _mm_packs_epi16(_mm256_castsi256_si128(v[h][j]), _mm256_extracti128_si256(v[h][j], 1)));
+                else _mm256_storeu_si256((__m256i *)(s->values + ((size_t)g * pieces + 8 * h + j) * KSLICE), v[h][j]);
         }
         _mm256_storeu_ps(s->scales + (size_t)g * KSLICE, _mm256_load_ps(d));
     }
@@ -6011,16 +6015,17 @@ AVX2_INLINE void q_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, 
 
 /* sums[t]: each row's exact sum of the products of q8_0 group g with token
    t0 + t of the 16-bit input wide, one row to a lane: madd_epi16, 2
-   columns at a time, two pairs' products added before a sum takes them
+   columns at a time (the byte pairs widened as they are read), two pairs'
+   products added before a sum takes them
    (GCC follows each add to a sum with a register copy: one per 4 columns). */
 AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, const int16_t *wide, int g,
                                     const int nt) {
-    const uint32_t *values = tile->slice->values + (size_t)g * (GROUP_SIZE / 2) * KSLICE;
+    const int8_t *values = (const int8_t *)tile->slice->values + (size_t)g * GROUP_SIZE * KSLICE;
     int cols = tile->slice->cols;
     for (int t = 0; t < nt; t++) sums[t] = _mm256_setzero_si256();
     for (int j = 0; j < GROUP_SIZE / 2; j += 2) {
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(values + j * KSLICE));
-        __m256i w1 = _mm256_loadu_si256((const __m256i *)(values + (j + 1) * KSLICE));
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(values + j * 2 * KSLICE)));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(values + (j + 1) * 2 * KSLICE)));
         for (int t = 0; t < nt; t++) {
             int32_t two[2];
             memcpy(two, wide + (size_t)(tile->t0 + t) * cols + g * GROUP_SIZE + 2 * j, sizeof two);
