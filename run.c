@@ -4491,18 +4491,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4764)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5427)           gemm_rows_avx2 (line 5434)
-                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6082); n < 5: q_tiles_avx2
+                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6086); n < 5: q_tiles_avx2
                   K             k_rows_avx2 (line 5772)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6474)         gemm_rows_avx512 (line 6480)
-                  q8_0          dot_q8_both_avx512 (line 6269)    qgemm_rows_avx512 (line 6628)
-                  q4_0          dot_q4_avx512 (line 6254)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6363)         kgemm_rows_avx512 (line 6745)
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6478)         gemm_rows_avx512 (line 6484)
+                  q8_0          dot_q8_both_avx512 (line 6273)    qgemm_rows_avx512 (line 6632)
+                  q4_0          dot_q4_avx512 (line 6258)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6367)         kgemm_rows_avx512 (line 6749)
    every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6858); swiglu_fast (line 4947),
+   of 16 queries in attention_chunk_avx512 (line 6862); swiglu_fast (line 4947),
    rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6988).
+   (panel_room(), line 6992).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -6013,11 +6013,14 @@ AVX2_INLINE void q_pack_slice_avx2(const KSliceAvx2 *s, const Matrix *w, int r, 
     }
 }
 
+/* v, unchanged, in the register where it is: GCC otherwise follows each
+   update of a sum that a loop carries with a copy to another register. */
+AVX2_INLINE void stay_in_register(__m256i *v) { __asm__("" : "+x"(*v)); }
+
 /* sums[t]: each row's exact sum of the products of q8_0 group g with token
    t0 + t of the 16-bit input wide, one row to a lane: madd_epi16, 2
    columns at a time (the byte pairs widened as they are read), two pairs'
-   products added before a sum takes them
-   (GCC follows each add to a sum with a register copy: one per 4 columns). */
+   products added before a sum takes them. */
 AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, const int16_t *wide, int g,
                                     const int nt) {
     const int8_t *values = (const int8_t *)tile->slice->values + (size_t)g * GROUP_SIZE * KSLICE;
@@ -6032,6 +6035,7 @@ AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 
             __m256i four = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_set1_epi32(two[0])),
                                             _mm256_madd_epi16(w1, _mm256_set1_epi32(two[1])));
             sums[t] = _mm256_add_epi32(sums[t], four);
+            stay_in_register(&sums[t]);
         }
     }
 }
