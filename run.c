@@ -4491,18 +4491,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4764)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5427)           gemm_rows_avx2 (line 5434)
-                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6086); n < 5: q_tiles_avx2
+                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6089); n < 5: q_tiles_avx2
                   K             k_rows_avx2 (line 5772)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6478)         gemm_rows_avx512 (line 6484)
-                  q8_0          dot_q8_both_avx512 (line 6273)    qgemm_rows_avx512 (line 6632)
-                  q4_0          dot_q4_avx512 (line 6258)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6367)         kgemm_rows_avx512 (line 6749)
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6481)         gemm_rows_avx512 (line 6487)
+                  q8_0          dot_q8_both_avx512 (line 6276)    qgemm_rows_avx512 (line 6635)
+                  q4_0          dot_q4_avx512 (line 6261)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6370)         kgemm_rows_avx512 (line 6752)
    every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6862); swiglu_fast (line 4947),
+   of 16 queries in attention_chunk_avx512 (line 6865); swiglu_fast (line 4947),
    rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6992).
+   (panel_room(), line 6995).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -5932,6 +5932,12 @@ AVX2_INLINE void k_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *
     }
 }
 
+/* lanes[l][t] = 0 for every lane l and token t < nt. */
+AVX2_INLINE void zero_lanes_avx2(__m256 lanes[8][KTILE_TOKENS], const int nt) {
+    for (int lane = 0; lane < 8; lane++)
+        for (int t = 0; t < nt; t++) lanes[lane][t] = _mm256_setzero_ps();
+}
+
 /* Each row's output for the nt tokens of a tile: its 8 lanes, lanes[l][t]
    holding lane l of every row, added as sum_avx2() adds them,
    ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)); rows past tile->rows not stored. */
@@ -5944,32 +5950,31 @@ AVX2_INLINE void store_slice_sums_avx2(const KTileAvx2 *tile, __m256 lanes[8][KT
     }
 }
 
-/* One tile of nt tokens (a literal): for each lane j, the groups j, j + 8,
-   ... in turn, each group's sum times (scale x input scale) added by a
-   fused multiply-add, and for q4_k and q5_k min times its inputs' scaled
-   sum taken off by another: k_block_avx2()'s steps; then each
-   row's 8 lanes added as sum_avx2() adds them,
-   ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). */
+/* One tile of nt tokens (a literal): the groups in order, group g into
+   lane g mod 8 (so lane j takes groups j, j + 8, ... in turn), each
+   group's sum times (scale x input scale) added by a fused multiply-add,
+   and for q4_k and q5_k min times its inputs' scaled sum taken off by
+   another: k_block_avx2()'s steps; then each row's 8 lanes added as
+   sum_avx2() adds them, ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). The
+   lanes' sums wait in L1 between groups: read in order, the weights and
+   inputs stream from L2 faster than lane by lane, 8 groups apart. */
 AVX2_INLINE void k_tile_body_avx2(const KTileAvx2 *tile, const int nt, const int type) {
     const KSliceAvx2 *s = tile->slice;
     int groups = s->cols / GROUP_SIZE;
     __m256 lanes[8][KTILE_TOKENS];
-    for (int lane = 0; lane < 8; lane++) {
-        __m256 acc[KTILE_TOKENS];
-        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-        for (int g = lane; g < groups; g += 8) {
-            __m256i sums[KTILE_TOKENS];
-            k_group_sums_avx2(sums, tile, g, nt, type);
-            __m256 scale = _mm256_loadu_ps(s->scales + (size_t)g * KSLICE);
-            __m256 min = type == WEIGHT_Q6_K ? _mm256_setzero_ps() : _mm256_loadu_ps(s->mins + (size_t)g * KSLICE);
-            for (int t = 0; t < nt; t++) {
-                size_t at = (size_t)(tile->t0 + t) * groups + g;
-                __m256 dx = _mm256_set1_ps(tile->x->d[at]);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
-                if (type != WEIGHT_Q6_K) acc[t] = _mm256_fnmadd_ps(min, _mm256_set1_ps(tile->x->scaled_sums[at]), acc[t]);
-            }
+    zero_lanes_avx2(lanes, nt);
+    for (int g = 0; g < groups; g++) {
+        __m256 *acc = lanes[g % 8];
+        __m256i sums[KTILE_TOKENS];
+        k_group_sums_avx2(sums, tile, g, nt, type);
+        __m256 scale = _mm256_loadu_ps(s->scales + (size_t)g * KSLICE);
+        __m256 min = type == WEIGHT_Q6_K ? _mm256_setzero_ps() : _mm256_loadu_ps(s->mins + (size_t)g * KSLICE);
+        for (int t = 0; t < nt; t++) {
+            size_t at = (size_t)(tile->t0 + t) * groups + g;
+            __m256 dx = _mm256_set1_ps(tile->x->d[at]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
+            if (type != WEIGHT_Q6_K) acc[t] = _mm256_fnmadd_ps(min, _mm256_set1_ps(tile->x->scaled_sums[at]), acc[t]);
         }
-        for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
     }
     store_slice_sums_avx2(tile, lanes, nt);
 }
@@ -6041,34 +6046,32 @@ AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 
 }
 
 /* One tile of nt tokens (a literal): q_tile_body_avx2()'s steps for each
-   row, lane by lane (lane k: groups k, k + 8, ...), then the 8 lanes added
-   as sum_avx2() adds them, ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). */
+   row, the groups in order as k_tile_body_avx2() takes them (lane k:
+   groups k, k + 8, ...), then the 8 lanes added as sum_avx2() adds them,
+   ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)). */
 AVX2_INLINE void q_tile_packed_avx2(const KTileAvx2 *tile, const ProductScratch *in, const int nt, const int q8) {
     const KSliceAvx2 *s = tile->slice;
     int groups = s->cols / GROUP_SIZE;
     __m256 lanes[8][KTILE_TOKENS];
-    for (int lane = 0; lane < 8; lane++) {
-        __m256 acc[KTILE_TOKENS];
-        for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-        for (int g = lane; g < groups; g += 8) {
-            __m256i sums[KTILE_TOKENS];
-            if (q8) {
-                q8_group_sums_avx2(sums, tile, in->wide, g, nt);
-            } else {
-                k_group_sums_avx2(sums, tile, g, nt, WEIGHT_Q4_K); // the weights as unsigned 0..15
-                for (int t = 0; t < nt; t++) { // less 8 x the inputs' sum
-                    __m256i inputs = _mm256_set1_epi32(tile->x->group_sums[(size_t)(tile->t0 + t) * groups + g]);
-                    sums[t] = _mm256_sub_epi32(sums[t], _mm256_slli_epi32(inputs, 3));
-                }
-            }
-            __m256 scale = _mm256_loadu_ps(s->scales + (size_t)g * KSLICE);
-            for (int t = 0; t < nt; t++) {
-                const float *xd = q8 ? in->wide_d : tile->x->d;
-                __m256 dx = _mm256_set1_ps(xd[(size_t)(tile->t0 + t) * groups + g]);
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
+    zero_lanes_avx2(lanes, nt);
+    for (int g = 0; g < groups; g++) {
+        __m256 *acc = lanes[g % 8];
+        __m256i sums[KTILE_TOKENS];
+        if (q8) {
+            q8_group_sums_avx2(sums, tile, in->wide, g, nt);
+        } else {
+            k_group_sums_avx2(sums, tile, g, nt, WEIGHT_Q4_K); // the weights as unsigned 0..15
+            for (int t = 0; t < nt; t++) { // less 8 x the inputs' sum
+                __m256i inputs = _mm256_set1_epi32(tile->x->group_sums[(size_t)(tile->t0 + t) * groups + g]);
+                sums[t] = _mm256_sub_epi32(sums[t], _mm256_slli_epi32(inputs, 3));
             }
         }
-        for (int t = 0; t < nt; t++) lanes[lane][t] = acc[t];
+        __m256 scale = _mm256_loadu_ps(s->scales + (size_t)g * KSLICE);
+        for (int t = 0; t < nt; t++) {
+            const float *xd = q8 ? in->wide_d : tile->x->d;
+            __m256 dx = _mm256_set1_ps(xd[(size_t)(tile->t0 + t) * groups + g]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), _mm256_mul_ps(scale, dx), acc[t]);
+        }
     }
     store_slice_sums_avx2(tile, lanes, nt);
 }
