@@ -4491,18 +4491,18 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4764)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
    AVX2           f32 bf16 f16  lanes8_avx2 (line 5427)           gemm_rows_avx2 (line 5434)
-                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6089); n < 5: q_tiles_avx2
+                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6090); n < 5: q_tiles_avx2
                   K             k_rows_avx2 (line 5772)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6481)         gemm_rows_avx512 (line 6487)
-                  q8_0          dot_q8_both_avx512 (line 6276)    qgemm_rows_avx512 (line 6635)
-                  q4_0          dot_q4_avx512 (line 6261)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6370)         kgemm_rows_avx512 (line 6752)
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6482)         gemm_rows_avx512 (line 6488)
+                  q8_0          dot_q8_both_avx512 (line 6277)    qgemm_rows_avx512 (line 6636)
+                  q4_0          dot_q4_avx512 (line 6262)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6371)         kgemm_rows_avx512 (line 6753)
    every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6865); swiglu_fast (line 4947),
+   of 16 queries in attention_chunk_avx512 (line 6866); swiglu_fast (line 4947),
    rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6995).
+   (panel_room(), line 6996).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -6025,7 +6025,8 @@ AVX2_INLINE void stay_in_register(__m256i *v) { __asm__("" : "+x"(*v)); }
 /* sums[t]: each row's exact sum of the products of q8_0 group g with token
    t0 + t of the 16-bit input wide, one row to a lane: madd_epi16, 2
    columns at a time (the byte pairs widened as they are read), two pairs'
-   products added before a sum takes them. */
+   products added before a sum takes them: one update of a sum per 4
+   columns, each kept in its register (stay_in_register()). */
 AVX2_INLINE void q8_group_sums_avx2(__m256i sums[KTILE_TOKENS], const KTileAvx2 *tile, const int16_t *wide, int g,
                                     const int nt) {
     const int8_t *values = (const int8_t *)tile->slice->values + (size_t)g * GROUP_SIZE * KSLICE;
