@@ -75,6 +75,7 @@ static const int K_BLOCK_BYTES[WEIGHT_TYPES] = {[WEIGHT_Q4_K] = 144, [WEIGHT_Q5_
 #define TYPE_BIT(type) (1u << (type))
 #define K_TYPES (TYPE_BIT(WEIGHT_Q4_K) | TYPE_BIT(WEIGHT_Q5_K) | TYPE_BIT(WEIGHT_Q6_K))
 #define INTEGER_TYPES (TYPE_BIT(WEIGHT_Q8_0) | TYPE_BIT(WEIGHT_Q4_0) | K_TYPES) // products on int8 inputs
+#define FLOAT_TYPES (TYPE_BIT(WEIGHT_F32) | TYPE_BIT(WEIGHT_BF16) | TYPE_BIT(WEIGHT_F16)) // products on f32 inputs
 static int is_k_type(int type) { return (TYPE_BIT(type) & K_TYPES) != 0; }
 #define ROW_BLOCK 32  // weight rows the threads take at a time (a multiple of every kernel's tile)
 #define DEFAULT_BATCH 256 // prompt tokens per forward pass (-b)
@@ -155,6 +156,7 @@ typedef struct {
     QuantizedVector rest; // (batch, widest) q8_0 only: what q leaves, x - d q, quantized in turn
     int16_t *wide;        // (batch, widest) q8_0 only, as the AVX2 kernels take it: x / wide_d, rounded
     float *wide_d;        // (batch, widest / GROUP_SIZE) its scale per group
+    float *triples;       // (batch, widest + 16) f32, bf16 and f16 on AVX2: x packed by token triples
     void *room;           // (threads, room_size) bytes the products may work in (Kernels.product_room)
     size_t room_size;
     float *up;            // (threads, batch, ROW_BLOCK) gate_up()'s up projection, a block at a time
@@ -1141,6 +1143,8 @@ static void alloc_run_state(RunState *s, const Config *c, int ctx, int batch) {
     alloc_quantized(&ps->rest, rn, "activations");
     ps->wide = xcalloc(rn + 1, sizeof(int16_t), "activations");
     ps->wide_d = xcalloc(rn / GROUP_SIZE + 1, sizeof(float), "activations");
+    size_t fn = (c->types_used & FLOAT_TYPES) && b > 1 ? b * (widest + 16) : 0; // packed inputs, for float batches
+    ps->triples = xcalloc(fn + 1, sizeof(float), "activations");
     ps->room_size = kernels.product_room ? kernels.product_room(c, (int)b) : 0;
     ps->room = xcalloc(mul_size(s->threads, ps->room_size) + 1, 1, "the products' room");
     ps->batch = (int)b;
@@ -1154,7 +1158,7 @@ static void free_trace(Trace *tr); // the views' memory: see the trace
 static void free_run_state(RunState *s) {
     void *buffers[] = {s->x, s->xb, s->q, s->k, s->v, s->hb, s->scratch, s->rope_cos,
                        s->rope_sin, s->logits, s->products.room, s->products.up, s->products.wide,
-                       s->products.wide_d, s->key_cache,
+                       s->products.wide_d, s->products.triples, s->key_cache,
                        s->value_cache};
     for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) free(buffers[i]);
     free_quantized(&s->products.q);
@@ -4488,21 +4492,21 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    (tests/test_student_path.py holds the lines true):
 
    CPU            type          one token                         batch
-   any (portable) f32 bf16 f16  lanes8_fast (line 4615)           gemm_rows (line 4764)
+   any (portable) f32 bf16 f16  lanes8_fast (line 4619)           gemm_rows (line 4765)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5427)           gemm_rows_avx2 (line 5434)
-                  q8_0 q4_0     q_tile_avx2 (line 5628)           packed_batch_avx2 (line 6090); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5772)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6482)         gemm_rows_avx512 (line 6488)
-                  q8_0          dot_q8_both_avx512 (line 6277)    qgemm_rows_avx512 (line 6636)
-                  q4_0          dot_q4_avx512 (line 6262)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6371)         kgemm_rows_avx512 (line 6753)
-   every CPU: attention_fast (line 5237), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6866); swiglu_fast (line 4947),
-   rmsnorm_fast (line 4964) and to_halves_fast (line 4682); the K types' input
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5368)           gemm_rows_avx2 (line 5464)
+                  q8_0 q4_0     q_tile_avx2 (line 5685)           packed_batch_avx2 (line 6147); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5829)           packed_batch_avx2; n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6539)         gemm_rows_avx512 (line 6545)
+                  q8_0          dot_q8_both_avx512 (line 6334)    qgemm_rows_avx512 (line 6693)
+                  q4_0          dot_q4_avx512 (line 6319)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6428)         kgemm_rows_avx512 (line 6810)
+   every CPU: attention_fast (line 5238), on AVX-512 with a batch's blocks
+   of 16 queries in attention_chunk_avx512 (line 6923); swiglu_fast (line 4948),
+   rmsnorm_fast (line 4965) and to_halves_fast (line 4686); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 6996).
+   (panel_room(), line 7053).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4708,15 +4712,13 @@ static void widen_f16(float *out, const uint16_t *in, size_t n) {
    tokens in chunks of chunk_bytes of inputs, which stay in L2 while each
    tile of rows runs every pass over them, so that neither the inputs nor
    the row block leave L2; bf16 and f16 weights widened once a block into
-   the thread's room (panel_room()), then reused by every chunk, their rows
-   cols + room_pad floats apart (a pad of 16 keeps rows whose bytes are a
-   multiple of 4 KiB from sharing the L1's sets). Inlined into each CPU's
+   the thread's room (panel_room()), then reused by every chunk. Inlined into each CPU's
    version, with its shape as literals, so that its tile kernel is a direct
    call. */
 static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int ldo, const Matrix *w, int r0, int r1,
                                                                  const ProductScratch *in, GemmTileKernel *tile_kernel,
                                                                  const int tile_rows, const int tile_tokens,
-                                                                 const size_t chunk_bytes, const int room_pad) {
+                                                                 const size_t chunk_bytes) {
     int cols = w->cols, n = in->n;
     int chunk = (int)(chunk_bytes / (sizeof(float) * cols)) / tile_tokens * tile_tokens;
     if (chunk < tile_tokens) chunk = tile_tokens;
@@ -4725,7 +4727,6 @@ static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int
         const float *rows = (const float *)w->values + (size_t)b0 * cols; // the block's rows as floats, ldw apart
         if (w->type != WEIGHT_F32) {
             float *wide = (float *)((char *)in->room + (size_t)thread_num() * in->room_size);
-            ldw = cols + room_pad;
             for (int r = b0; r < b1; r++)
                 if (w->type == WEIGHT_F16)
                     widen_f16(wide + (size_t)(r - b0) * ldw, (const uint16_t *)w->values + (size_t)r * cols, cols);
@@ -4762,7 +4763,7 @@ static inline __attribute__((always_inline)) void matmul_floats(float *out, int 
 }
 
 static void gemm_rows(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_fast, GEMM_ROWS, GEMM_TOKENS, GEMM_CHUNK_BYTES, 0);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_fast, GEMM_ROWS, GEMM_TOKENS, GEMM_CHUNK_BYTES);
 }
 
 static void matmul_floats_fast(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -5329,66 +5330,6 @@ AVX2_INLINE __m128 sum4_lanes(const __m256 h[4]) {
     return _mm_add_ps(_mm_shuffle_ps(b[0], b[1], 0x88), _mm_shuffle_ps(b[0], b[1], 0xdd)); // 0 + 1
 }
 
-/* acc[t][i] += w[i] * x[t] for 4 rows w (stride ldw) and nt inputs x
-   (stride ldx), the 8 columns at k, those of mask alone where it is given. */
-AVX2_INLINE void gemm_step_avx2(__m256 acc[GEMM_TOKENS][4], const float *w, int ldw, const float *x, int ldx, int k,
-                                const __m256i *mask, const int nt) {
-    __m256 xv[GEMM_TOKENS];
-    for (int t = 0; t < nt; t++) {
-        const float *xt = x + (size_t)t * ldx + k;
-        xv[t] = mask ? _mm256_maskload_ps(xt, *mask) : _mm256_loadu_ps(xt);
-    }
-    for (int i = 0; i < 4; i++) {
-        const float *wi = w + (size_t)i * ldw + k;
-        __m256 wv = mask ? _mm256_maskload_ps(wi, *mask) : _mm256_loadu_ps(wi);
-        for (int t = 0; t < nt; t++) acc[t][i] = _mm256_fmadd_ps(wv, xv[t], acc[t][i]);
-    }
-}
-
-/* gemm_tile_fast() for a tile of 4 rows and nt tokens: their 4 x 3 sums,
-   3 inputs and a row fill the 16 registers. Four rows (16 KiB of a pass)
-   stay in L1 while the chunk's tokens stream past them; with 8, the rows
-   alone filled a 32 KiB L1 and came from L2 for every 3 tokens. The 16
-   lanes of a sum in two sweeps of 8: lanes 0-7 over columns 16m .. 16m +
-   7, then lanes 8-15 over 16m + 8 .. 16m + 15, added at the end. */
-#define AVX2_TILE_ROWS 4
-#define AVX2_CHUNK_BYTES (256 * 1024) // gemm_rows_with()'s chunks: half of Zen 3's 512 KiB L2
-#define AVX2_ROOM_PAD 16 // floats between widened rows (gemm_rows_with()): rows of 4 KiB multiples share L1 sets
-AVX2_INLINE void gemm_tile_body_avx2(const GemmTile *g, const int nt) {
-    int ldw = g->ldw, ldx = g->ldx, depth = g->depth, end = depth / LANES * LANES;
-    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i tail[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end), lane),
-                       _mm256_cmpgt_epi32(_mm256_set1_epi32(depth - end - 8), lane)};
-    __m256 h[GEMM_TOKENS][4];
-    for (int half = 0; half < 2; half++) {
-        __m256 acc[GEMM_TOKENS][4];
-        for (int t = 0; t < nt; t++)
-            for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_ps();
-        for (int k = 8 * half; k < end; k += LANES) gemm_step_avx2(acc, g->w, ldw, g->x, ldx, k, NULL, nt);
-        if (end < depth) gemm_step_avx2(acc, g->w, ldw, g->x, ldx, end + 8 * half, &tail[half], nt);
-        for (int t = 0; t < nt; t++)
-            for (int i = 0; i < 4; i++) h[t][i] = half ? _mm256_add_ps(h[t][i], acc[t][i]) : acc[t][i];
-    }
-    for (int t = 0; t < nt; t++) {
-        float *c = g->c + (size_t)t * g->ldc;
-        __m128 sum = sum4_lanes(h[t]); // output i in lane i
-        if (g->accumulate) sum = _mm_add_ps(_mm_loadu_ps(c), sum);
-        _mm_storeu_ps(c, sum);
-    }
-}
-
-static void gemm_tile_avx2(const GemmTile *g) {
-    if (g->rows < AVX2_TILE_ROWS) {
-        gemm_tile_fast(g); // a matrix's last rows, where they are not a multiple of 4
-        return;
-    }
-    switch (g->tokens) {
-    case 3: gemm_tile_body_avx2(g, 3); break;
-    case 2: gemm_tile_body_avx2(g, 2); break;
-    default: gemm_tile_body_avx2(g, 1);
-    }
-}
-
 /* 8 columns of an f32, bf16 or f16 row at w, as floats. */
 AVX2_INLINE __m256 widen8_avx2(const void *w, const int type) {
     if (type == WEIGHT_F32) return _mm256_loadu_ps((const float *)w);
@@ -5431,8 +5372,124 @@ static void lanes8_avx2(float lanes[8][LANES], const void *w, size_t ld, const f
     else lanes8_body_avx2(lanes, w, ld, x, n, WEIGHT_F32, 4);
 }
 
+/* AVX2's batch products of f32, bf16 and f16 weights read packed copies,
+   so that a tile reads two sequential streams, not 7 rows a row's length
+   apart: the input by token triples (pack_input_avx2(), once a product,
+   for every thread), each block of weight rows by quads (packed into the
+   thread's room, f32 copied, bf16 and f16 widened). A group of `count`
+   rows packs each pass of GEMM_DEPTH columns, padded with zeros to whole
+   steps of 16, as [sweep][step][row][8]: the 8 columns 16m .. 16m + 7 of
+   every row (sweep 0, lanes 0-7 of a sum), then 16m + 8 .. 16m + 15 (sweep
+   1, lanes 8-15). A pass takes count * GEMM_DEPTH floats, and a group
+   starts at its first row times packed_width(). The zeros add +0, as the
+   masked loads they replace did: the same bits. */
+#define AVX2_TILE_ROWS 4
+#define AVX2_CHUNK_BYTES (256 * 1024) // gemm_rows_avx2()'s chunks: half of Zen 3's 512 KiB L2
+
+/* Floats a packed row takes: cols rounded up to whole steps of 16. */
+static int packed_width(int cols) { return (cols + 15) / 16 * 16; }
+
+/* out = `count` rows (ld weights of the type apart) packed as above, the
+   first `present` of them from rows, the others zeros. */
+AVX2_INLINE void pack_group_avx2(float *out, const void *rows, size_t ld, const int type, int count, int present,
+                                 int cols) {
+    int size = float_size(type);
+    for (int k = 0; k < cols; k += GEMM_DEPTH) {
+        int steps = ((cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH) + 15) / 16;
+        for (int sweep = 0; sweep < 2; sweep++)
+            for (int m = 0; m < steps; m++)
+                for (int i = 0; i < count; i++, out += 8) {
+                    int col = k + 16 * m + 8 * sweep;
+                    const char *at = (const char *)rows + ((size_t)i * ld + col) * size;
+                    if (i < present && col + 8 <= cols) _mm256_storeu_ps(out, widen8_avx2(at, type));
+                    else
+                        for (int j = 0; j < 8; j++) out[j] = i < present && col + j < cols ? weight_at(at, j, type) : 0;
+                }
+    }
+}
+
+/* The input of a batch (n > 1) packed by token triples, the last one of
+   the tokens left, into in->triples: the prepare kernel of f32, bf16 and
+   f16 weights. One token's product reads x as it is. */
+static void pack_input_avx2(ProductScratch *in, const float *x, int n, int cols) {
+    for (int t = 0; t < n && n > 1; t += GEMM_TOKENS) {
+        int nt = n - t < GEMM_TOKENS ? n - t : GEMM_TOKENS;
+        pack_group_avx2(in->triples + (size_t)t * packed_width(cols), x + (size_t)t * cols, cols, WEIGHT_F32, nt, nt,
+                        cols);
+    }
+}
+
+/* acc[t][i] = the 8 lanes of packed row i . packed token t over a sweep
+   of `steps` steps (w and x at the sweep's start). */
+AVX2_INLINE void gemm_sweep_avx2(__m256 acc[GEMM_TOKENS][4], const float *w, const float *x, int steps, const int nt) {
+    for (int t = 0; t < nt; t++)
+        for (int i = 0; i < 4; i++) acc[t][i] = _mm256_setzero_ps();
+    for (int m = 0; m < steps; m++, w += 4 * 8, x += nt * 8) {
+        __m256 xv[GEMM_TOKENS];
+        for (int t = 0; t < nt; t++) xv[t] = _mm256_loadu_ps(x + 8 * t);
+        for (int i = 0; i < 4; i++) {
+            __m256 wv = _mm256_loadu_ps(w + 8 * i);
+            for (int t = 0; t < nt; t++) acc[t][i] = _mm256_fmadd_ps(wv, xv[t], acc[t][i]);
+        }
+    }
+}
+
+/* c (nt tokens, nr <= 4 rows; row stride ldc) = the products of a pass of
+   a packed quad of rows w with a packed group of nt tokens x, `steps`
+   steps of 16 columns, added to what c holds when accumulate is set. Its
+   4 x 3 sums, 3 inputs and a row fill the 16 registers; the 4 rows, 16
+   KiB of a pass, stay in L1 while a chunk's tokens stream past them. */
+AVX2_INLINE void gemm_tile_avx2(float *c, int ldc, const float *w, const float *x, int steps, int accumulate, int nr,
+                                const int nt) {
+    __m256 h[GEMM_TOKENS][4], acc[GEMM_TOKENS][4];
+    gemm_sweep_avx2(h, w, x, steps, nt);                                        // lanes 0-7
+    gemm_sweep_avx2(acc, w + (size_t)steps * 4 * 8, x + (size_t)steps * nt * 8, steps, nt); // lanes 8-15
+    for (int t = 0; t < nt; t++) {
+        for (int i = 0; i < 4; i++) h[t][i] = _mm256_add_ps(h[t][i], acc[t][i]); // lanes j + (j + 8)
+        float *ct = c + (size_t)t * ldc, sums[4];
+        __m128 sum = sum4_lanes(h[t]); // row i in lane i
+        if (nr == 4) {
+            _mm_storeu_ps(ct, accumulate ? _mm_add_ps(_mm_loadu_ps(ct), sum) : sum);
+            continue;
+        }
+        _mm_storeu_ps(sums, sum);
+        for (int i = 0; i < nr; i++) ct[i] = accumulate ? ct[i] + sums[i] : sums[i];
+    }
+}
+
+/* gemm_rows_with()'s order on the packed copies: a block of ROW_BLOCK rows
+   packed into the thread's room (a last quad of fewer than 4 rows padded
+   with zero rows), then the tokens in chunks whose inputs stay in L2, each
+   quad of rows running every pass over a chunk's triples. */
 static void gemm_rows_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx2, AVX2_TILE_ROWS, GEMM_TOKENS, AVX2_CHUNK_BYTES, AVX2_ROOM_PAD);
+    int cols = w->cols, n = in->n, width = packed_width(cols), size = float_size(w->type);
+    int chunk = (int)(AVX2_CHUNK_BYTES / (sizeof(float) * cols)) / GEMM_TOKENS * GEMM_TOKENS;
+    if (chunk < GEMM_TOKENS) chunk = GEMM_TOKENS;
+    float *rows = (float *)((char *)in->room + (size_t)thread_num() * in->room_size);
+    for (int b0 = r0; b0 < r1; b0 += ROW_BLOCK) {
+        int b1 = r1 - b0 < ROW_BLOCK ? r1 : b0 + ROW_BLOCK;
+        for (int r = b0; r < b1; r += AVX2_TILE_ROWS)
+            pack_group_avx2(rows + (size_t)(r - b0) * width, (const char *)w->values + (size_t)r * cols * size, cols,
+                            w->type, AVX2_TILE_ROWS, b1 - r < AVX2_TILE_ROWS ? b1 - r : AVX2_TILE_ROWS, cols);
+        for (int t0 = 0; t0 < n; t0 += chunk) {
+            int t1 = n - t0 < chunk ? n : t0 + chunk;
+            for (int r = b0; r < b1; r += AVX2_TILE_ROWS) {
+                int nr = b1 - r < AVX2_TILE_ROWS ? b1 - r : AVX2_TILE_ROWS;
+                for (int k = 0; k < cols; k += GEMM_DEPTH) {
+                    int steps = ((cols - k < GEMM_DEPTH ? cols - k : GEMM_DEPTH) + 15) / 16;
+                    const float *quad = rows + (size_t)(r - b0) * width + (size_t)AVX2_TILE_ROWS * k;
+                    for (int t = t0; t < t1; t += GEMM_TOKENS) {
+                        int nt = t1 - t < GEMM_TOKENS ? t1 - t : GEMM_TOKENS;
+                        const float *triple = in->triples + (size_t)t * width + (size_t)nt * k;
+                        float *c = out + (size_t)t * ldo + (r - r0);
+                        if (nt == 3) gemm_tile_avx2(c, ldo, quad, triple, steps, k > 0, nr, 3);
+                        else if (nt == 2) gemm_tile_avx2(c, ldo, quad, triple, steps, k > 0, nr, 2);
+                        else gemm_tile_avx2(c, ldo, quad, triple, steps, k > 0, nr, 1);
+                    }
+                }
+            }
+        }
+    }
 }
 
 static void matmul_floats_avx2(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
@@ -6486,7 +6543,7 @@ AVX512 static void lanes8_avx512(float lanes[8][LANES], const void *w, size_t ld
 }
 
 AVX512 static void gemm_rows_avx512(float *out, int ldo, const Matrix *w, int r0, int r1, const ProductScratch *in) {
-    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512, GEMM512_ROWS, GEMM512_TOKENS, GEMM_CHUNK_BYTES, 0);
+    gemm_rows_with(out, ldo, w, r0, r1, in, gemm_tile_avx512, GEMM512_ROWS, GEMM512_TOKENS, GEMM_CHUNK_BYTES);
 }
 
 AVX512 static void matmul_floats_avx512(float *out, int ldo, const Matrix *w, int r0, int r1,
@@ -6990,14 +7047,13 @@ AVX512 static void matmul_q4_0_avx512(float *out, int ldo, const Matrix *w, int 
 
 /* The bytes of room each thread's batch products need: a block of
    ROW_BLOCK rows of the widest input and 64 values more, as floats
-   (gemm_rows_with()'s bf16 and f16 rows widened, AVX2_ROOM_PAD apart) or
-   packed (AVX-512's qgemm_pack_avx512(), AVX2's KSLICES K slices,
-   k_slice_avx2()). f32 weights alone need none. */
+   (gemm_rows_with()'s bf16 and f16 rows widened, AVX2's packed quads of
+   any float type, gemm_rows_avx2()) or packed (AVX-512's
+   qgemm_pack_avx512(), AVX2's KSLICES K slices, k_slice_avx2()). */
 static size_t panel_room(const Config *c, int batch) {
     int widest = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
     if (c->n_heads * c->head_dim > widest) widest = c->n_heads * c->head_dim;
-    int packed = (c->types_used & ~TYPE_BIT(WEIGHT_F32)) != 0;
-    return packed && batch > 1 ? ROW_BLOCK * (size_t)(widest + 64) * sizeof(float) : 0;
+    return batch > 1 ? ROW_BLOCK * (size_t)(widest + 64) * sizeof(float) : 0;
 }
 
 /* Puts the fastest kernels that this build and CPU have into the kernel
@@ -7017,6 +7073,7 @@ static void choose_fast_kernels(void) {
     kernels.matmul[WEIGHT_Q4_K] = kernels.matmul[WEIGHT_Q5_K] = kernels.matmul[WEIGHT_Q6_K] = matmul_k_avx2;
     kernels.prepare[WEIGHT_Q4_K] = kernels.prepare[WEIGHT_Q5_K] = kernels.prepare[WEIGHT_Q6_K] = quantize_input_k_avx2;
     kernels.prepare[WEIGHT_Q8_0] = quantize_input_wide;
+    kernels.prepare[WEIGHT_F32] = kernels.prepare[WEIGHT_BF16] = kernels.prepare[WEIGHT_F16] = pack_input_avx2;
 #endif
 #if HAVE_AVX512
     const char *env = getenv("RUN_AVX512");
@@ -7026,6 +7083,7 @@ static void choose_fast_kernels(void) {
                  __builtin_cpu_supports("avx512vnni") && !(env && strcmp(env, "0") == 0);
     if (!use_avx512) return;
     kernels.matmul[WEIGHT_F32] = kernels.matmul[WEIGHT_BF16] = kernels.matmul[WEIGHT_F16] = matmul_floats_avx512;
+    kernels.prepare[WEIGHT_F32] = kernels.prepare[WEIGHT_BF16] = kernels.prepare[WEIGHT_F16] = NULL; // x as it is
     kernels.matmul[WEIGHT_Q8_0] = matmul_q8_0_avx512;
     kernels.prepare[WEIGHT_Q8_0] = quantize_input_q8_0; // in two int8 parts, as vpdpbusd takes them
     kernels.matmul[WEIGHT_Q4_0] = matmul_q4_0_avx512;

@@ -164,6 +164,7 @@ static ProductScratch alloc_products(int n, int cols) {
     alloc_quantized(&ps.rest, (size_t)n * cols, "rest");
     ps.wide = xcalloc((size_t)n * cols + 1, sizeof(int16_t), "wide");
     ps.wide_d = xcalloc((size_t)n * cols / GROUP_SIZE + 1, sizeof(float), "wide");
+    ps.triples = xcalloc((size_t)n * (cols + 16) + 1, sizeof(float), "triples");
     return ps;
 }
 
@@ -174,6 +175,7 @@ static void free_products(ProductScratch *ps) {
     free(ps->up);
     free(ps->wide);
     free(ps->wide_d);
+    free(ps->triples);
 }
 
 /* ---- Number formats */
@@ -584,11 +586,12 @@ static void test_q_extremes(const char *table, int type, int n) {
     free_matrix(&il), free_matrix(&w);
 }
 
-/* A batch product of f32, bf16 or f16 weights (gemm_rows() or a CPU's own):
-   every output against the exact product, and bit for bit what one
-   token's product gives for its row alone, the order every fast float
-   kernel keeps. */
-static void test_gemm_rows(const char *kind, MatmulKernel *gemm) {
+/* A batch product of f32, bf16 or f16 weights (gemm_rows() or a CPU's own,
+   with the prepare kernel it reads the input through, if any): every
+   output against the exact product, and bit for bit what one token's
+   product gives for its row alone, the order every fast float kernel
+   keeps. */
+static void test_gemm_rows(const char *kind, MatmulKernel *gemm, InputKernel *prepare) {
     const char *const *names = WEIGHT_NAMES;
     int shapes[][3] = {{8, 64, 3}, {13, 96, 4}, {24, 544, 7}, {17, 1056, 5}, {16, 17, 3}, {11, 515, 8},
                        {8, 8, 1}, {32, 40, 2}, {8, 7, 6}, {9, 1031, 4}, {32, 2048, 5},
@@ -597,11 +600,13 @@ static void test_gemm_rows(const char *kind, MatmulKernel *gemm) {
     for (int k = 0; k < 3; k++)
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
             int type = types[k], rows = shapes[s][0], cols = shapes[s][1], n = shapes[s][2];
+            if (prepare && n < 2) continue; // a prepared input is a batch's: one token's product reads x as it is
             Matrix w = random_matrix(type, rows, cols);
             float *x = random_floats((size_t)n * cols), *out = random_floats((size_t)n * rows);
             double *want = xcalloc((size_t)n * rows, sizeof(double), "want"), *mag = xcalloc((size_t)n * rows, sizeof(double), "mag");
             ProductScratch ps = alloc_products(n, cols);
             ps.x = x, ps.n = n;
+            if (prepare) prepare(&ps, x, n, cols);
             exact_matmul(want, mag, &w, x, n);
             for (int r0 = 0; r0 < rows; r0 += ROW_BLOCK)
                 gemm(out + r0, rows, &w, r0, r0 + ROW_BLOCK < rows ? r0 + ROW_BLOCK : rows, &ps);
@@ -1060,9 +1065,9 @@ int main(void) {
         test_dot_grouped(WEIGHT_Q4_0);
         test_dot_q8_both();
     }
-    test_gemm_rows("portable", gemm_rows);
+    test_gemm_rows("portable", gemm_rows, NULL);
 #if HAVE_AVX2
-    test_gemm_rows("avx2", gemm_rows_avx2);
+    test_gemm_rows("avx2", gemm_rows_avx2, pack_input_avx2);
     test_matvec_floats("avx2", lanes8_avx2);
     for (gguf_layout = 0; gguf_layout < 2; gguf_layout++) {
         test_quantized_tiles(WEIGHT_Q8_0);
@@ -1071,7 +1076,7 @@ int main(void) {
     gguf_layout = 0;
 #endif
 #if HAVE_AVX512
-    if (have_avx512) test_gemm_rows("avx512", gemm_rows_avx512);
+    if (have_avx512) test_gemm_rows("avx512", gemm_rows_avx512, NULL);
     if (have_avx512) test_matvec_floats("avx512", lanes8_avx512);
 #endif
     for (int table = 0; table < 2; table++) {
