@@ -4494,19 +4494,19 @@ static int gguf_load_tokenizer(Tokenizer *tok, const char *path, int vocab_size,
    CPU            type          one token                         batch
    any (portable) f32 bf16 f16  lanes8_fast (line 4619)           gemm_rows (line 4765)
                   q8_0 q4_0 K   the book's plain kernels, matmul_q8_0, matmul_q4_0 and matmul_k
-   AVX2           f32 bf16 f16  lanes8_avx2 (line 5368)           gemm_rows_avx2 (line 5464)
-                  q8_0 q4_0     q_tile_avx2 (line 5685)           packed_batch_avx2 (line 6147); n < 5: q_tiles_avx2
-                  K             k_rows_avx2 (line 5829)           packed_batch_avx2; n < 5: k_rows_avx2
-   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6539)         gemm_rows_avx512 (line 6545)
-                  q8_0          dot_q8_both_avx512 (line 6334)    qgemm_rows_avx512 (line 6693)
-                  q4_0          dot_q4_avx512 (line 6319)         qgemm_rows_avx512
-                  K             k_rows_avx512 (line 6428)         kgemm_rows_avx512 (line 6810)
+   AVX2           f32 bf16 f16  lanes8_avx2 (line 5368)           gemm_rows_avx2 (line 5465)
+                  q8_0 q4_0     q_tile_avx2 (line 5686)           packed_batch_avx2 (line 6148); n < 5: q_tiles_avx2
+                  K             k_rows_avx2 (line 5830)           packed_batch_avx2; n < 5: k_rows_avx2
+   AVX-512 VNNI   f32 bf16 f16  lanes8_avx512 (line 6540)         gemm_rows_avx512 (line 6546)
+                  q8_0          dot_q8_both_avx512 (line 6335)    qgemm_rows_avx512 (line 6694)
+                  q4_0          dot_q4_avx512 (line 6320)         qgemm_rows_avx512
+                  K             k_rows_avx512 (line 6429)         kgemm_rows_avx512 (line 6811)
    every CPU: attention_fast (line 5238), on AVX-512 with a batch's blocks
-   of 16 queries in attention_chunk_avx512 (line 6923); swiglu_fast (line 4948),
+   of 16 queries in attention_chunk_avx512 (line 6924); swiglu_fast (line 4948),
    rmsnorm_fast (line 4965) and to_halves_fast (line 4686); the K types' input
    quantized by quantize_input() on AVX-512, quantize_input_k_avx2() on AVX2;
    AVX-512's batches and AVX2's batches pack weights in the products' room
-   (panel_room(), line 7053).
+   (panel_room(), line 7054).
    ========================================================================= */
 
 #ifndef PLAIN
@@ -4712,9 +4712,9 @@ static void widen_f16(float *out, const uint16_t *in, size_t n) {
    tokens in chunks of chunk_bytes of inputs, which stay in L2 while each
    tile of rows runs every pass over them, so that neither the inputs nor
    the row block leave L2; bf16 and f16 weights widened once a block into
-   the thread's room (panel_room()), then reused by every chunk. Inlined into each CPU's
-   version, with its shape as literals, so that its tile kernel is a direct
-   call. */
+   the thread's room (panel_room()), then reused by every chunk. Inlined
+   into each CPU's version, with its shape as literals, so that its tile
+   kernel is a direct call. */
 static inline __attribute__((always_inline)) void gemm_rows_with(float *out, int ldo, const Matrix *w, int r0, int r1,
                                                                  const ProductScratch *in, GemmTileKernel *tile_kernel,
                                                                  const int tile_rows, const int tile_tokens,
@@ -5412,7 +5412,8 @@ AVX2_INLINE void pack_group_avx2(float *out, const void *rows, size_t ld, const 
    the tokens left, into in->triples: the prepare kernel of f32, bf16 and
    f16 weights. One token's product reads x as it is. */
 static void pack_input_avx2(ProductScratch *in, const float *x, int n, int cols) {
-    for (int t = 0; t < n && n > 1; t += GEMM_TOKENS) {
+    if (n < 2) return;
+    for (int t = 0; t < n; t += GEMM_TOKENS) {
         int nt = n - t < GEMM_TOKENS ? n - t : GEMM_TOKENS;
         pack_group_avx2(in->triples + (size_t)t * packed_width(cols), x + (size_t)t * cols, cols, WEIGHT_F32, nt, nt,
                         cols);
